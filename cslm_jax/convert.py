@@ -1,0 +1,443 @@
+"""Two-way conversion between Hugging Face `LlamaForCausalLM` folders and cslm_jax checkpoints.
+
+One mapping table (HF tensor name <-> our parameter path, with a layout hook) serves both
+directions. Weights stream tensor by tensor: import fills one preallocated tree from safetensors
+read one tensor at a time; export writes safetensors shard by shard from the restored tree, so
+neither direction ever holds two full copies of the weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from cslm_jax.checkpoint import atomic_dir, load_params, read_metadata, save_model_checkpoint
+from cslm_jax.config import ConfigError, ModelConfig, check_rope_scaling, pad_to_multiple
+from cslm_jax.vocab import (VocabInfo, existing_layout, extend_tokenizer, load_tokenizer)
+
+NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+             "float16": np.dtype(np.float16)}
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
+# HF config fields carried from the source checkpoint to the export unchanged.
+HF_PASSTHROUGH = ("bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout",
+                  "pretraining_tp")
+# Buffers some checkpoints store that carry no learned weights.
+IGNORED_TENSOR_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+class ConversionError(ValueError):
+    """A Hugging Face folder or checkpoint cannot be converted; the message names file and field."""
+
+
+# -- the mapping table -----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Mapping:
+    hf_name: str          # may hold "{i}" for the layer index
+    ours: str             # "embed", "final_norm", "lm_head" or "layers/<name>"
+    layout: str           # copy | linear | qkv | out
+    rows: str = ""        # "vocab" when the HF tensor's first dim is the vocabulary
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.hf_name
+
+
+MAPPINGS = (
+    Mapping("model.embed_tokens.weight", "embed", "copy", rows="vocab"),
+    Mapping("model.layers.{i}.input_layernorm.weight", "layers/attn_norm", "copy"),
+    Mapping("model.layers.{i}.self_attn.q_proj.weight", "layers/q_proj", "qkv"),
+    Mapping("model.layers.{i}.self_attn.k_proj.weight", "layers/k_proj", "qkv"),
+    Mapping("model.layers.{i}.self_attn.v_proj.weight", "layers/v_proj", "qkv"),
+    Mapping("model.layers.{i}.self_attn.o_proj.weight", "layers/o_proj", "out"),
+    Mapping("model.layers.{i}.post_attention_layernorm.weight", "layers/mlp_norm", "copy"),
+    Mapping("model.layers.{i}.mlp.gate_proj.weight", "layers/gate_proj", "linear"),
+    Mapping("model.layers.{i}.mlp.up_proj.weight", "layers/up_proj", "linear"),
+    Mapping("model.layers.{i}.mlp.down_proj.weight", "layers/down_proj", "linear"),
+    Mapping("model.norm.weight", "final_norm", "copy"),
+    Mapping("lm_head.weight", "lm_head", "linear", rows="vocab"),
+)
+
+
+def active_mappings(cfg: ModelConfig) -> list[Mapping]:
+    return [m for m in MAPPINGS if not (m.ours == "lm_head" and cfg.tie_word_embeddings)]
+
+
+def hf_shape(m: Mapping, cfg: ModelConfig, vocab_rows: int) -> tuple[int, ...]:
+    d, f, dh = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    name = m.ours.split("/")[-1]
+    return {
+        "embed": (vocab_rows, d), "lm_head": (vocab_rows, d), "final_norm": (d,),
+        "attn_norm": (d,), "mlp_norm": (d,),
+        "q_proj": (cfg.num_heads * dh, d), "k_proj": (cfg.num_kv_heads * dh, d),
+        "v_proj": (cfg.num_kv_heads * dh, d), "o_proj": (d, cfg.num_heads * dh),
+        "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f),
+    }[name]
+
+
+def to_ours(m: Mapping, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """HF layout -> ours (without the vocabulary extension, done by the caller)."""
+    d, dh = cfg.hidden_size, cfg.head_dim
+    if m.layout == "copy":
+        return w
+    if m.layout == "linear":
+        return w.T
+    if m.layout == "qkv":              # [N*Dh, D] -> [D, N, Dh]
+        return w.T.reshape(d, w.shape[0] // dh, dh)
+    if m.layout == "out":              # [D, H*Dh] -> [H, Dh, D]
+        return w.T.reshape(w.shape[1] // dh, dh, d)
+    raise AssertionError(m.layout)
+
+
+def to_hf(m: Mapping, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """Ours -> HF layout (inverse of `to_ours`), contiguous."""
+    d = cfg.hidden_size
+    if m.layout == "copy":
+        out = w
+    elif m.layout == "linear":
+        out = w.T
+    elif m.layout == "qkv":            # [D, N, Dh] -> [N*Dh, D]
+        out = w.reshape(d, -1).T
+    elif m.layout == "out":            # [H, Dh, D] -> [D, H*Dh]
+        out = w.reshape(-1, d).T
+    else:
+        raise AssertionError(m.layout)
+    return np.ascontiguousarray(out)
+
+
+# -- reading Hugging Face folders ----------------------------------------------------------------
+
+def read_hf_config(hf_dir: Path) -> dict:
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{path}: missing; --hf-dir must be a Hugging Face model folder")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: top level must be an object")
+    return data
+
+
+def model_config_from_hf(hf: dict, where: str) -> ModelConfig:
+    """Our ModelConfig from an HF Llama config.json (transformers v4 `rope_scaling` + `rope_theta`
+    or v5 `rope_parameters`). Refuses other architectures and unsupported options by field."""
+    archs = hf.get("architectures") or []
+    if hf.get("model_type") != "llama" or (archs and "LlamaForCausalLM" not in archs):
+        raise ConversionError(f"{where}: fields 'model_type'={hf.get('model_type')!r}, "
+                              f"'architectures'={archs!r}: only Llama (LlamaForCausalLM) "
+                              f"checkpoints are supported")
+    for field in ("attention_bias", "mlp_bias"):
+        if hf.get(field):
+            raise ConversionError(f"{where}: field '{field}' is true; Llama-3 has no biases and "
+                                  f"this model does not implement them")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"{where}: field 'hidden_act' is {hf['hidden_act']!r}; only 'silu'")
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads"):
+        if field not in hf:
+            raise ConversionError(f"{where}: missing field '{field}'")
+    rope = hf.get("rope_parameters")
+    if isinstance(rope, dict):
+        rope = dict(rope)
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = None if rope.get("rope_type", rope.get("type")) in (None, "default") else rope
+    else:
+        theta = hf.get("rope_theta", 10000.0)
+        scaling = dict(hf["rope_scaling"]) if hf.get("rope_scaling") else None
+    try:
+        check_rope_scaling(scaling, where)
+        return ModelConfig(
+            vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]), num_layers=int(hf["num_hidden_layers"]),
+            num_heads=int(hf["num_attention_heads"]),
+            num_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
+            head_dim=hf.get("head_dim"), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta), rope_scaling=scaling,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            initializer_range=float(hf.get("initializer_range", 0.02)))
+    except ConfigError as e:
+        raise ConversionError(str(e).replace("model config", where)) from None
+
+
+class SafetensorsFolder:
+    """Lazy access to the tensors of a folder: `model.safetensors`, or shards listed by
+    `model.safetensors.index.json`. Nothing is read until `get` is called."""
+
+    def __init__(self, hf_dir: Path):
+        from safetensors import safe_open
+
+        index = hf_dir / "model.safetensors.index.json"
+        single = hf_dir / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ConversionError(f"{index}: invalid index (needs field 'weight_map'): {e}") from None
+            files = sorted(set(weight_map.values()))
+        elif single.is_file():
+            files, weight_map = [single.name], None
+        else:
+            raise ConversionError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+        self.handles = {}
+        self.where: dict[str, Path] = {}
+        for name in files:
+            path = hf_dir / name
+            if not path.is_file():
+                raise ConversionError(f"{index}: lists shard {name}, which does not exist")
+            try:
+                handle = safe_open(str(path), framework="numpy")
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise ConversionError(f"{path}: not a readable safetensors file: {e}") from None
+            self.handles[path] = handle
+            for key in handle.keys():
+                self.where[key] = path
+        if weight_map is not None:
+            for key, name in weight_map.items():
+                if self.where.get(key) != hf_dir / name:
+                    raise ConversionError(f"{index}: tensor {key} is mapped to {name} but that "
+                                          f"file does not hold it")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.handles[self.where[name]].get_slice(name).get_shape())
+
+    def get(self, name: str) -> np.ndarray:
+        return self.handles[self.where[name]].get_tensor(name)
+
+
+# -- import ------------------------------------------------------------------------------------
+
+def import_hf(hf_dir, out, speech_units: int = 4096, pad_vocab_multiple: int = 128,
+              new_rows: str = "mean", dtype: str | None = None, seed: int = 0,
+              force: bool = False, log=print) -> Path:
+    """Convert an HF Llama folder into a cslm_jax model checkpoint, extending the vocabulary with
+    `speech_units` units and the CSLM control tokens (none when 0)."""
+    hf_dir = Path(hf_dir)
+    hf = read_hf_config(hf_dir)
+    base_cfg = model_config_from_hf(hf, str(hf_dir / "config.json"))
+    if new_rows not in ("mean", "normal"):
+        raise ConversionError(f"--new-rows must be 'mean' or 'normal', got {new_rows!r}")
+    tensors = SafetensorsFolder(hf_dir)
+
+    # Check every tensor's presence and shape before reading any weights.
+    base_rows = base_cfg.vocab_size
+    expected = {}
+    for m in active_mappings(base_cfg):
+        for i in range(base_cfg.num_layers) if m.per_layer else [None]:
+            name = m.hf_name.format(i=i)
+            want = hf_shape(m, base_cfg, base_rows)
+            if name not in tensors.where:
+                raise ConversionError(f"{hf_dir}: tensor {name} is missing (expected shape {want})")
+            got = tensors.shape(name)
+            if got != want:
+                raise ConversionError(f"{tensors.where[name]}: tensor {name} has shape {got}, "
+                                      f"config.json implies {want}")
+            expected[name] = m
+    unexpected = sorted(k for k in tensors.where if k not in expected
+                        and not k.endswith(IGNORED_TENSOR_SUFFIXES)
+                        and not (k == "lm_head.weight" and base_cfg.tie_word_embeddings))
+    if unexpected:
+        raise ConversionError(f"{tensors.where[unexpected[0]]}: unexpected tensor(s) {unexpected[:5]} "
+                              f"for a Llama model; is config.json the right one?")
+
+    tokenizer = load_tokenizer(hf_dir)
+    layout = existing_layout(tokenizer, str(hf_dir))
+    if layout is not None:
+        if speech_units and speech_units != layout.unit_count:
+            raise ConversionError(f"{hf_dir}: tokenizer already holds {layout.unit_count} speech units, "
+                                  f"--speech-units asks for {speech_units}")
+        if layout.size != base_rows:
+            raise ConversionError(f"{hf_dir}: tokenizer holds {layout.size} tokens with CSLM tokens, "
+                                  f"config.json field 'vocab_size' is {base_rows}")
+        info = layout
+    else:
+        info = extend_tokenizer(tokenizer, speech_units, base_rows, where=str(hf_dir))
+    padded = pad_to_multiple(info.size, pad_vocab_multiple)
+    info = dataclasses.replace(info, padded_size=padded)
+
+    store = dtype or _source_dtype(tensors, "model.embed_tokens.weight")
+    np_dtype = NP_DTYPES[store]
+    cfg = base_cfg.replace(vocab_size=padded, unpadded_vocab_size=info.size, param_dtype=store,
+                           compute_dtype=store)
+    from cslm_jax.model import param_shapes
+    shapes = param_shapes(cfg)
+    params = {"embed": np.zeros(shapes["embed"][0], np_dtype),
+              "layers": {k: np.empty(s, np_dtype) for k, (s, _) in shapes["layers"].items()},
+              "final_norm": np.empty(shapes["final_norm"][0], np_dtype)}
+    if "lm_head" in shapes:
+        params["lm_head"] = np.zeros(shapes["lm_head"][0], np_dtype)
+
+    rng = np.random.default_rng(seed)
+    for name, m in expected.items():
+        w = to_ours(m, tensors.get(name), cfg)
+        if m.per_layer:
+            layer = int(name.split(".")[2])
+            params["layers"][m.ours.split("/")[1]][layer] = w
+        elif m.rows == "vocab":
+            target = params[m.ours]
+            rows = target if m.ours == "embed" else target.T   # lm_head is [D, V]
+            rows[:base_rows] = w if m.ours == "embed" else w.T
+            _init_new_rows(rows, base_rows, info.size, new_rows, cfg.initializer_range, rng)
+        else:
+            params[m.ours][...] = w
+        del w
+    log(f"import-hf: {hf_dir} -> {out}: {cfg.num_params() / 1e6:.1f}M parameters ({store}), "
+        f"vocabulary {base_rows} + {info.size - base_rows} CSLM tokens, padded to {padded}")
+    extra = {"hf": {"config": hf, "generation_config": _read_json(hf_dir / "generation_config.json"),
+                    "source": str(hf_dir.absolute())}}
+    return save_model_checkpoint(out, params, cfg, info, tokenizer, extra, force=force)
+
+
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _source_dtype(tensors: SafetensorsFolder, name: str) -> str:
+    code = tensors.handles[tensors.where[name]].get_slice(name).get_dtype()
+    if code not in SAFETENSORS_DTYPES:
+        raise ConversionError(f"{tensors.where[name]}: tensor {name} has dtype {code}; "
+                              f"supported: {sorted(SAFETENSORS_DTYPES)}")
+    return SAFETENSORS_DTYPES[code]
+
+
+def _init_new_rows(rows: np.ndarray, start: int, stop: int, how: str, std: float, rng) -> None:
+    """Fill rows[start:stop] (the added tokens) from the base rows[:start]; padding stays zero."""
+    if stop <= start:
+        return
+    if how == "mean":
+        rows[start:stop] = rows[:start].astype(np.float64).mean(axis=0).astype(rows.dtype)
+    else:
+        rows[start:stop] = rng.normal(0.0, std, size=(stop - start, rows.shape[1])).astype(rows.dtype)
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: invalid JSON: {e}") from None
+
+
+# -- export ------------------------------------------------------------------------------------
+
+def hf_config_for(cfg: ModelConfig, vocab: VocabInfo, meta: dict, dtype: str) -> dict:
+    """config.json for `LlamaForCausalLM`, in the transformers-v4 layout that real Llama-3.1
+    folders use (`rope_theta` + `rope_scaling`); transformers v5 reads it too."""
+    source = (meta.get("hf") or {}).get("config") or {}
+    out = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": vocab.size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "initializer_range": cfg.initializer_range,
+        "attention_bias": False, "mlp_bias": False, "use_cache": True,
+        "torch_dtype": dtype,
+    }
+    for key in HF_PASSTHROUGH:
+        if key in source:
+            out[key] = source[key]
+    if vocab.unit_count:
+        out["cslm_vocab"] = {k: v for k, v in vocab.to_dict().items() if k != "padded_size"}
+    return out
+
+
+def generation_config_for(vocab: VocabInfo, meta: dict, hf_config: dict) -> dict:
+    """The source's generation config; with speech units, `<eoa>` also stops generation and the
+    reference's sampling defaults (temperature 1.0, top-p 0.7) apply."""
+    gen = dict((meta.get("hf") or {}).get("generation_config") or {})
+    for key in ("bos_token_id", "eos_token_id"):
+        if key not in gen and key in hf_config:
+            gen[key] = hf_config[key]
+    if vocab.unit_count:
+        eos = gen.get("eos_token_id")
+        eos = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+        eoa = vocab.token_id("<eoa>")
+        gen["eos_token_id"] = eos + ([eoa] if eoa not in eos else [])
+        gen.update(do_sample=True, temperature=1.0, top_p=0.7)
+    gen.pop("transformers_version", None)
+    return gen
+
+
+def plan_shards(items: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Group (name, nbytes) in order into shards of at most max_bytes (a bigger tensor alone)."""
+    shards, current, size = [], [], 0
+    for name, nbytes in items:
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def export_hf(ckpt, out, dtype: str = "bfloat16", force: bool = False,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, log=print) -> Path:
+    """Write an HF `LlamaForCausalLM` folder (config, generation config, safetensors, tokenizer)
+    from a cslm_jax model checkpoint, trimming vocabulary padding. Atomic: the folder appears
+    only when complete."""
+    from safetensors.numpy import save_file
+
+    if dtype not in NP_DTYPES:
+        raise ConversionError(f"--dtype must be one of {sorted(NP_DTYPES)}, got {dtype!r}")
+    ckpt = Path(ckpt)
+    meta, cfg, vocab = read_metadata(ckpt)
+    np_dtype = NP_DTYPES[dtype]
+    tok_dir = ckpt / "tokenizer"
+    if not tok_dir.is_dir():
+        raise ConversionError(f"{tok_dir}: missing; the checkpoint carries no tokenizer to export")
+    with atomic_dir(Path(out), force=force) as tmp:
+        params = load_params(ckpt)
+
+        def tensor(name: str, m: Mapping) -> np.ndarray:
+            if m.per_layer:
+                w = params["layers"][m.ours.split("/")[1]][int(name.split(".")[2])]
+            else:
+                w = params[m.ours]
+            w = to_hf(m, w, cfg)
+            if m.rows == "vocab":
+                w = w[:vocab.size]
+            return np.ascontiguousarray(w.astype(np_dtype, copy=False))
+
+        names = [(m.hf_name.format(i=i), m) for m in active_mappings(cfg)
+                 for i in (range(cfg.num_layers) if m.per_layer else [None])]
+        by_name = dict(names)
+        # Order by layer so a shard holds whole layers, like transformers' own save.
+        order = sorted(by_name, key=lambda n: (int(n.split(".")[2]) if ".layers." in n else
+                                               (-1 if "embed" in n else 10 ** 9), n))
+        sizes = [(n, int(np.prod(hf_shape(by_name[n], cfg, vocab.size))) * np_dtype.itemsize)
+                 for n in order]
+        shards = plan_shards(sizes, max_shard_bytes)
+        weight_map = {}
+        total = 0
+        for k, shard in enumerate(shards):
+            fname = ("model.safetensors" if len(shards) == 1
+                     else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
+            data = {n: tensor(n, by_name[n]) for n in shard}
+            save_file(data, str(tmp / fname), metadata={"format": "pt"})
+            total += sum(a.nbytes for a in data.values())
+            weight_map.update({n: fname for n in shard})
+            del data
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        del params
+        hf_config = hf_config_for(cfg, vocab, meta, dtype)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        gen = generation_config_for(vocab, meta, hf_config)
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        for f in tok_dir.iterdir():
+            shutil.copy2(f, tmp / f.name)
+    log(f"export-hf: {ckpt} -> {out}: {len(shards)} safetensors file(s), {total / 1e6:.1f} MB "
+        f"({dtype}), vocabulary {vocab.size} (padding to {vocab.padded_size} trimmed)")
+    return Path(out)
