@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "checkpoint, adding speech units and CSLM tokens to the vocabulary")
     s.add_argument("--hf-dir", required=True, help="folder with config.json, safetensors, tokenizer")
     s.add_argument("--out", required=True, help="checkpoint folder to write")
-    s.add_argument("--speech-units", type=int, default=4096,
-                   help="number of unit tokens <0>..<N-1> (0: import the text model unchanged)")
+    s.add_argument("--speech-units", type=int, default=None,
+                   help="number of unit tokens <0>..<N-1> (default 4096; 0: import the text model "
+                   "unchanged; a tokenizer that already holds CSLM tokens keeps its count)")
     s.add_argument("--pad-vocab-multiple", type=int, default=128,
                    help="pad embedding rows to this multiple (padding logits are masked)")
     s.add_argument("--new-rows", choices=("mean", "normal"), default="mean",

@@ -21,6 +21,7 @@ from cslm_jax.vocab import (VocabInfo, existing_layout, extend_tokenizer, load_t
 
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
              "float16": np.dtype(np.float16)}
+DEFAULT_SPEECH_UNITS = 4096
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
 # HF config fields carried from the source checkpoint to the export unchanged.
 HF_PASSTHROUGH = ("bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout",
@@ -213,11 +214,13 @@ class SafetensorsFolder:
 
 # -- import ------------------------------------------------------------------------------------
 
-def import_hf(hf_dir, out, speech_units: int = 4096, pad_vocab_multiple: int = 128,
+def import_hf(hf_dir, out, speech_units: int | None = None, pad_vocab_multiple: int = 128,
               new_rows: str = "mean", dtype: str | None = None, seed: int = 0,
               force: bool = False, log=print) -> Path:
     """Convert an HF Llama folder into a cslm_jax model checkpoint, extending the vocabulary with
-    `speech_units` units and the CSLM control tokens (none when 0)."""
+    `speech_units` units and the CSLM control tokens (none when 0; default 4096, CosyVoice's
+    codebook). A folder whose tokenizer already holds the CSLM tokens (one we exported) keeps
+    its layout."""
     hf_dir = Path(hf_dir)
     hf = read_hf_config(hf_dir)
     base_cfg = model_config_from_hf(hf, str(hf_dir / "config.json"))
@@ -249,7 +252,7 @@ def import_hf(hf_dir, out, speech_units: int = 4096, pad_vocab_multiple: int = 1
     tokenizer = load_tokenizer(hf_dir)
     layout = existing_layout(tokenizer, str(hf_dir))
     if layout is not None:
-        if speech_units and speech_units != layout.unit_count:
+        if speech_units is not None and speech_units != layout.unit_count:
             raise ConversionError(f"{hf_dir}: tokenizer already holds {layout.unit_count} speech units, "
                                   f"--speech-units asks for {speech_units}")
         if layout.size != base_rows:
@@ -257,7 +260,8 @@ def import_hf(hf_dir, out, speech_units: int = 4096, pad_vocab_multiple: int = 1
                                   f"config.json field 'vocab_size' is {base_rows}")
         info = layout
     else:
-        info = extend_tokenizer(tokenizer, speech_units, base_rows, where=str(hf_dir))
+        units = DEFAULT_SPEECH_UNITS if speech_units is None else speech_units
+        info = extend_tokenizer(tokenizer, units, base_rows, where=str(hf_dir))
     padded = pad_to_multiple(info.size, pad_vocab_multiple)
     info = dataclasses.replace(info, padded_size=padded)
 

@@ -1,0 +1,53 @@
+"""Test set-up: CPU only, 8 fake devices for mesh tests, small real tokenizers and HF models."""
+import os
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+SAMPLE_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Please directly answer the questions in the user's speech.",
+    "Speech units are written without spaces, like <sosp><12><907><eosp>.",
+    "直接回答用户语音中的问题。 这是输入。",
+    "用中文回答用户语音中的问题。",
+    "def f(x):\n    return x * 2  # code, numbers 12345 and symbols !?",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    from cslm_jax.vocab import train_bpe_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_tokenizer")
+    train_bpe_tokenizer(SAMPLE_TEXTS * 20, vocab_size=400).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_tokenizer_dir):
+    """A fresh copy each time: extending a tokenizer mutates it."""
+    from cslm_jax.vocab import load_tokenizer
+
+    return load_tokenizer(tiny_tokenizer_dir)
+
+
+@pytest.fixture
+def make_hf_llama(tmp_path, tiny_tokenizer_dir):
+    """Factory: a random HF Llama folder under tmp_path; returns (folder, torch model)."""
+    from cslm_jax.random_hf import write_random_hf_llama
+    from cslm_jax.vocab import load_tokenizer
+
+    counter = iter(range(1000))
+
+    def make(**kwargs):
+        out = tmp_path / f"hf{next(counter)}"
+        model = write_random_hf_llama(out, load_tokenizer(tiny_tokenizer_dir), **kwargs)
+        return out, model
+
+    return make
