@@ -27,6 +27,7 @@ from cslm_jax.vocab import VocabError, VocabInfo
 
 META_FILE = "cslm_checkpoint.json"
 CHECKPOINT_FORMAT = 1
+SAVE_CONCURRENT_GB = 1
 
 
 class CheckpointError(ValueError):
@@ -61,12 +62,14 @@ def atomic_dir(target: Path, force: bool = False):
 
 def save_model_checkpoint(path: str | Path, params: dict, cfg: ModelConfig, vocab: VocabInfo,
                           tokenizer=None, extra: dict | None = None, force: bool = False) -> Path:
-    """Write params (numpy or jax arrays, schema of cslm_jax.model) with their metadata."""
+    """Write params (jax arrays, schema of cslm_jax.model) with their metadata. (Orbax copies
+    numpy leaves whole before writing; jax arrays are written in bounded pieces.)"""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
     with atomic_dir(path, force=force) as tmp:
-        ckptr = ocp.PyTreeCheckpointer()
+        # Bounded bytes in flight: saving never needs a second full copy of the weights.
+        ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB))
         ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(params))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))

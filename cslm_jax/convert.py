@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -167,13 +168,74 @@ def model_config_from_hf(hf: dict, where: str) -> ModelConfig:
         raise ConversionError(str(e).replace("model config", where)) from None
 
 
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+class SafetensorsFile:
+    """Reads tensors from one safetensors file with plain reads into fresh buffers.
+
+    (The `safetensors` package memory-maps the file; every page it touches then counts as
+    resident memory until the map closes, which for a multi-GB shard looks like a second copy.)
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ConversionError(f"{path}: not a safetensors file (shorter than its header)")
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise ConversionError(f"{path}: not a safetensors file (header length {n} exceeds "
+                                      f"the file)")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConversionError(f"{path}: not a safetensors file (bad header: {e})") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries = {}
+        for name, e in header.items():
+            try:
+                begin, end = e["data_offsets"]
+                entry = (e["dtype"], tuple(int(d) for d in e["shape"]), int(begin), int(end))
+            except (KeyError, TypeError, ValueError):
+                raise ConversionError(f"{path}: tensor {name}: malformed header entry {e!r}") from None
+            if not 0 <= entry[2] <= entry[3] <= size - self.data_start:
+                raise ConversionError(f"{path}: tensor {name}: data offsets {e['data_offsets']} lie "
+                                      f"outside the file (truncated download?)")
+            self.entries[name] = entry
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def dtype(self, name: str) -> str:
+        code = self.entries[name][0]
+        if code not in SAFETENSORS_DTYPES:
+            raise ConversionError(f"{self.path}: tensor {name} has dtype {code}; supported: "
+                                  f"{sorted(SAFETENSORS_DTYPES)}")
+        return SAFETENSORS_DTYPES[code]
+
+    def get(self, name: str) -> np.ndarray:
+        dtype = NP_DTYPES[self.dtype(name)]
+        _, shape, begin, end = self.entries[name]
+        if end - begin != int(np.prod(shape)) * dtype.itemsize:
+            raise ConversionError(f"{self.path}: tensor {name}: {end - begin} bytes do not hold "
+                                  f"shape {shape} of {dtype}")
+        out = np.empty(shape, dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != end - begin:
+                raise ConversionError(f"{self.path}: tensor {name}: file ends early")
+        return out
+
+
 class SafetensorsFolder:
-    """Lazy access to the tensors of a folder: `model.safetensors`, or shards listed by
-    `model.safetensors.index.json`. Nothing is read until `get` is called."""
+    """The tensors of an HF folder: `model.safetensors`, or the shards listed by
+    `model.safetensors.index.json`. Headers are read up front; weights only by `get`."""
 
     def __init__(self, hf_dir: Path):
-        from safetensors import safe_open
-
         index = hf_dir / "model.safetensors.index.json"
         single = hf_dir / "model.safetensors"
         if index.is_file():
@@ -186,30 +248,29 @@ class SafetensorsFolder:
             files, weight_map = [single.name], None
         else:
             raise ConversionError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
-        self.handles = {}
-        self.where: dict[str, Path] = {}
-        for name in files:
-            path = hf_dir / name
+        self.files: dict[str, SafetensorsFile] = {}
+        for fname in files:
+            path = hf_dir / fname
             if not path.is_file():
-                raise ConversionError(f"{index}: lists shard {name}, which does not exist")
-            try:
-                handle = safe_open(str(path), framework="numpy")
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise ConversionError(f"{path}: not a readable safetensors file: {e}") from None
-            self.handles[path] = handle
-            for key in handle.keys():
-                self.where[key] = path
+                raise ConversionError(f"{index}: lists shard {fname}, which does not exist")
+            f = SafetensorsFile(path)
+            for key in f.entries:
+                self.files[key] = f
         if weight_map is not None:
-            for key, name in weight_map.items():
-                if self.where.get(key) != hf_dir / name:
-                    raise ConversionError(f"{index}: tensor {key} is mapped to {name} but that "
+            for key, fname in weight_map.items():
+                if key not in self.files or self.files[key].path.name != fname:
+                    raise ConversionError(f"{index}: tensor {key} is mapped to {fname} but that "
                                           f"file does not hold it")
+        self.where = {k: f.path for k, f in self.files.items()}
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.handles[self.where[name]].get_slice(name).get_shape())
+        return self.files[name].shape(name)
+
+    def dtype(self, name: str) -> str:
+        return self.files[name].dtype(name)
 
     def get(self, name: str) -> np.ndarray:
-        return self.handles[self.where[name]].get_tensor(name)
+        return self.files[name].get(name)
 
 
 # -- import ------------------------------------------------------------------------------------
@@ -265,32 +326,37 @@ def import_hf(hf_dir, out, speech_units: int | None = None, pad_vocab_multiple: 
     padded = pad_to_multiple(info.size, pad_vocab_multiple)
     info = dataclasses.replace(info, padded_size=padded)
 
-    store = dtype or _source_dtype(tensors, "model.embed_tokens.weight")
+    store = dtype or tensors.dtype("model.embed_tokens.weight")
     np_dtype = NP_DTYPES[store]
     cfg = base_cfg.replace(vocab_size=padded, unpadded_vocab_size=info.size, param_dtype=store,
                            compute_dtype=store)
     from cslm_jax.model import param_shapes
     shapes = param_shapes(cfg)
-    params = {"embed": np.zeros(shapes["embed"][0], np_dtype),
-              "layers": {k: np.empty(s, np_dtype) for k, (s, _) in shapes["layers"].items()},
-              "final_norm": np.empty(shapes["final_norm"][0], np_dtype)}
-    if "lm_head" in shapes:
-        params["lm_head"] = np.zeros(shapes["lm_head"][0], np_dtype)
-
     rng = np.random.default_rng(seed)
-    for name, m in expected.items():
-        w = to_ours(m, tensors.get(name), cfg)
+
+    def build(m: Mapping):
+        """One parameter of ours, filled from its HF tensor(s) one at a time, handed to JAX so
+        that the host copy is freed before the next parameter is built."""
         if m.per_layer:
-            layer = int(name.split(".")[2])
-            params["layers"][m.ours.split("/")[1]][layer] = w
+            key = m.ours.split("/")[1]
+            arr = np.empty(shapes["layers"][key][0], np_dtype)
+            for i in range(cfg.num_layers):
+                arr[i] = to_ours(m, tensors.get(m.hf_name.format(i=i)), cfg)
         elif m.rows == "vocab":
-            target = params[m.ours]
-            rows = target if m.ours == "embed" else target.T   # lm_head is [D, V]
-            rows[:base_rows] = w if m.ours == "embed" else w.T
+            arr = np.zeros(shapes[m.ours][0], np_dtype)
+            rows = arr if m.ours == "embed" else arr.T          # lm_head is [D, V]
+            rows[:base_rows] = tensors.get(m.hf_name)
             _init_new_rows(rows, base_rows, info.size, new_rows, cfg.initializer_range, rng)
         else:
-            params[m.ours][...] = w
-        del w
+            arr = np.asarray(to_ours(m, tensors.get(m.hf_name), cfg), np_dtype)
+        return jax.device_put(arr)
+
+    params: dict = {"layers": {}}
+    for m in active_mappings(cfg):
+        if m.per_layer:
+            params["layers"][m.ours.split("/")[1]] = build(m)
+        else:
+            params[m.ours] = build(m)
     log(f"import-hf: {hf_dir} -> {out}: {cfg.num_params() / 1e6:.1f}M parameters ({store}), "
         f"vocabulary {base_rows} + {info.size - base_rows} CSLM tokens, padded to {padded}")
     extra = {"hf": {"config": hf, "generation_config": _read_json(hf_dir / "generation_config.json"),
@@ -298,23 +364,13 @@ def import_hf(hf_dir, out, speech_units: int | None = None, pad_vocab_multiple: 
     return save_model_checkpoint(out, params, cfg, info, tokenizer, extra, force=force)
 
 
-SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-
-
-def _source_dtype(tensors: SafetensorsFolder, name: str) -> str:
-    code = tensors.handles[tensors.where[name]].get_slice(name).get_dtype()
-    if code not in SAFETENSORS_DTYPES:
-        raise ConversionError(f"{tensors.where[name]}: tensor {name} has dtype {code}; "
-                              f"supported: {sorted(SAFETENSORS_DTYPES)}")
-    return SAFETENSORS_DTYPES[code]
-
-
 def _init_new_rows(rows: np.ndarray, start: int, stop: int, how: str, std: float, rng) -> None:
     """Fill rows[start:stop] (the added tokens) from the base rows[:start]; padding stays zero."""
     if stop <= start:
         return
     if how == "mean":
-        rows[start:stop] = rows[:start].astype(np.float64).mean(axis=0).astype(rows.dtype)
+        # float64 accumulation without materialising a float64 copy of the whole table
+        rows[start:stop] = np.mean(rows[:start], axis=0, dtype=np.float64).astype(rows.dtype)
     else:
         rows[start:stop] = rng.normal(0.0, std, size=(stop - start, rows.shape[1])).astype(rows.dtype)
 
