@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -86,16 +85,19 @@ def write_synthetic_hf(out: Path, layers: int, hidden: int, mlp: int, heads: int
 
 
 def peak_rss_of(cmd: list[str]) -> tuple[float, float]:
-    """(peak RSS in GiB, seconds) of a command run in a fresh process."""
+    """(peak resident memory in GiB, seconds) of a command run in a fresh process."""
     t0 = time.time()
     code = f"""
-import resource, runpy, sys
+import runpy, sys
 sys.argv = {cmd!r}
 try:
     runpy.run_module('cslm_jax.cli', run_name='__main__')
 except SystemExit as e:
     if e.code: raise
-print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child would report the
+# parent's peak if that was higher.
+hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]
+print('PEAK_KB', int(hwm.split()[1]))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))

@@ -148,3 +148,12 @@ def test_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code = cli(["export-hf", "--ckpt", str(tmp_path / "empty"), "--out", str(tmp_path / "ex")])
     assert code == 2 and "cslm_checkpoint.json" in capsys.readouterr().err
+
+
+def test_truncated_safetensors(make_hf_llama, tmp_path, capsys):
+    hf_dir, _ = make_hf_llama()
+    path = hf_dir / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    err = import_error(hf_dir, tmp_path / "ck", capsys)
+    assert "model.safetensors" in err and "outside the file" in err

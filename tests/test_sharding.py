@@ -83,3 +83,22 @@ def test_rules_are_config_and_errors_are_clear():
         make_mesh({"data": 3, "fsdp": 4, "tensor": 1})
     with pytest.raises(ConfigError, match="not divisible by 3"):
         make_mesh({"data": 3, "fsdp": -1})
+
+
+def test_checkpoint_restores_into_the_current_mesh(make_hf_llama, tmp_path):
+    """A checkpoint written from host memory restores straight into a sharded layout."""
+    from cslm_jax.checkpoint import load_params, read_metadata
+    from cslm_jax.convert import import_hf
+
+    hf_dir, _ = make_hf_llama(num_kv_heads=2, num_heads=4)
+    ckpt = import_hf(hf_dir, tmp_path / "ck", speech_units=8, log=lambda *_: None)
+    _, cfg, _ = read_metadata(ckpt)
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    shardings = param_shardings(cfg, mesh)
+    sharded = load_params(ckpt, shardings=shardings)
+    host = load_params(ckpt)
+    for (path, arr), (_, want) in zip(jax.tree_util.tree_flatten_with_path(sharded)[0],
+                                      jax.tree_util.tree_flatten_with_path(shardings)[0]):
+        assert arr.sharding == want, path
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(host)):
+        np.testing.assert_array_equal(np.asarray(a), b)
