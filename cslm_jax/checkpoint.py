@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -68,8 +69,11 @@ def save_model_checkpoint(path: str | Path, params: dict, cfg: ModelConfig, voca
 
     path = Path(path).absolute()
     with atomic_dir(path, force=force) as tmp:
-        # Bounded bytes in flight: saving never needs a second full copy of the weights.
-        ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB))
+        # Bounded bytes in flight (Orbax needs room for the largest single array): saving never
+        # needs a second full copy of the weights.
+        largest = max(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(params))
+        limit_gb = max(SAVE_CONCURRENT_GB, math.ceil(largest / 1e9))
+        ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_concurrent_gb=limit_gb))
         ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(params))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))

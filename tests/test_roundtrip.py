@@ -154,3 +154,25 @@ def test_export_refuses_non_empty_target_and_never_leaves_partial_output(make_hf
 
     assert cli(["export-hf", "--ckpt", str(tmp_path / "ck"), "--out", str(target), "--force"]) == 0
     assert not (target / "keep.txt").exists() and (target / "config.json").is_file()
+
+
+def test_checkpoint_saves_an_array_larger_than_the_write_budget(tmp_path):
+    """Orbax refuses a single array bigger than its bytes-in-flight budget; a real Llama-3
+    embedding with CSLM rows (132480 x 4096 bf16 = 1.09 GB) is one. Found by the 8B benchmark."""
+    import jax.numpy as jnp
+
+    from cslm_jax.checkpoint import SAVE_CONCURRENT_GB, load_params, save_model_checkpoint
+    from cslm_jax.config import ModelConfig
+    from cslm_jax.vocab import VocabInfo
+
+    rows = int(SAVE_CONCURRENT_GB * 1e9 / (2 * 64)) + 1024        # just over the budget in bf16
+    cfg = ModelConfig(vocab_size=rows, hidden_size=64, intermediate_size=8, num_layers=1,
+                      num_heads=2, num_kv_heads=1, tie_word_embeddings=True, param_dtype="bfloat16")
+    from cslm_jax.model import param_shapes
+    params = {k: jnp.zeros(v[0], jnp.bfloat16) for k, v in param_shapes(cfg).items()
+                          if k != "layers"}
+    params["layers"] = {k: jnp.zeros(v[0], jnp.bfloat16) for k, v in param_shapes(cfg)["layers"].items()}
+    params["embed"] = params["embed"].at[-1, 0].set(3.0)
+    save_model_checkpoint(tmp_path / "ck", params, cfg, VocabInfo(rows, 0, (), rows))
+    back = load_params(tmp_path / "ck")
+    assert back["embed"].nbytes > SAVE_CONCURRENT_GB * 1e9 and float(back["embed"][-1, 0]) == 3.0
