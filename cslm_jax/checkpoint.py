@@ -61,20 +61,44 @@ def atomic_dir(target: Path, force: bool = False):
         os.rename(tmp, target)
 
 
+def _leaf_name(path) -> str:
+    """'embed', 'layers.q_proj': the folder name of one parameter under params/."""
+    return ".".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _array_bytes(a) -> int:
+    return int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+
+
+def _checkpointer(nbytes: int, restore: bool = False):
+    """An Orbax PyTree checkpointer whose bytes in flight are bounded (Orbax needs room for the
+    largest single array): neither saving nor restoring needs a second copy of the weights."""
+    import orbax.checkpoint as ocp
+
+    limit_gb = max(SAVE_CONCURRENT_GB, math.ceil(nbytes / 1e9))
+    key = "restore_concurrent_gb" if restore else "save_concurrent_gb"
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**{key: limit_gb}))
+
+
 def save_model_checkpoint(path: str | Path, params: dict, cfg: ModelConfig, vocab: VocabInfo,
                           tokenizer=None, extra: dict | None = None, force: bool = False) -> Path:
-    """Write params (jax arrays, schema of cslm_jax.model) with their metadata. (Orbax copies
-    numpy leaves whole before writing; jax arrays are written in bounded pieces.)"""
+    """Write params (schema of cslm_jax.model) with their metadata, one Orbax item per parameter
+    under params/<name>. A leaf may be an array or a zero-argument function returning one (built
+    only when its turn comes and dropped after), so a converter can stream: peak host memory is
+    then about one parameter, not one model."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
     with atomic_dir(path, force=force) as tmp:
-        # Bounded bytes in flight (Orbax needs room for the largest single array): saving never
-        # needs a second full copy of the weights.
-        largest = max(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(params))
-        limit_gb = max(SAVE_CONCURRENT_GB, math.ceil(largest / 1e9))
-        ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_concurrent_gb=limit_gb))
-        ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(params))
+        (tmp / "params").mkdir()
+        leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=callable)[0]
+        for key_path, leaf in leaves:
+            array = leaf() if callable(leaf) else leaf
+            if isinstance(array, np.ndarray):
+                array = jax.device_put(array)   # Orbax copies numpy leaves whole; jax arrays stream
+            _checkpointer(_array_bytes(array)).save(
+                tmp / "params" / _leaf_name(key_path), args=ocp.args.PyTreeSave({"value": array}))
+            del array
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
         meta = {"format": CHECKPOINT_FORMAT, "model": cfg.to_dict(), "vocab": vocab.to_dict(),
@@ -115,30 +139,6 @@ def read_metadata(path: str | Path) -> tuple[dict, ModelConfig, VocabInfo]:
     return meta, cfg, vocab
 
 
-def load_params(path: str | Path, shardings=None, dtype=None) -> dict:
-    """The parameter tree of a model checkpoint.
-
-    With `shardings` (a tree of `jax.sharding.Sharding` matching the schema), arrays are restored
-    directly into them; otherwise as host numpy arrays. `dtype` casts on restore.
-    """
-    import orbax.checkpoint as ocp
-
-    path = Path(path).absolute()
-    _, cfg, _ = read_metadata(path)
-    ckptr = ocp.PyTreeCheckpointer()
-    stored = ckptr.metadata(path / "params").item_metadata.tree
-    expected = _expected_shapes(cfg)
-    _check_tree(stored, expected, path / "params")
-    if shardings is None:
-        args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype), stored)
-    else:
-        args = jax.tree.map(
-            lambda m, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=tuple(m.shape),
-                                              dtype=dtype or m.dtype),
-            stored, shardings)
-    return ckptr.restore(path / "params", args=ocp.args.PyTreeRestore(restore_args=args))
-
-
 def _expected_shapes(cfg: ModelConfig) -> dict:
     from cslm_jax.model import param_shapes
 
@@ -147,16 +147,58 @@ def _expected_shapes(cfg: ModelConfig) -> dict:
                         and isinstance(x[1], tuple))
 
 
-def _check_tree(stored, expected, where) -> None:
-    flat_stored = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
-    flat_expected = {jax.tree_util.keystr(k): v for k, v in
-                     jax.tree_util.tree_flatten_with_path(expected, is_leaf=lambda x: isinstance(x, tuple))[0]}
-    for key, shape in flat_expected.items():
-        if key not in flat_stored:
-            raise CheckpointError(f"{where}: parameter {key} is missing")
-        if tuple(flat_stored[key].shape) != shape:
-            raise CheckpointError(f"{where}: parameter {key} has shape {tuple(flat_stored[key].shape)}, "
-                                  f"the model config expects {shape}")
-    extra = sorted(set(flat_stored) - set(flat_expected))
+def param_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of every parameter, in the order `iter_params` yields them."""
+    return {_leaf_name(k): v for k, v in jax.tree_util.tree_flatten_with_path(
+        _expected_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))[0]}
+
+
+def iter_params(path: str | Path, shardings=None, dtype=None, names=None):
+    """(name, array) per parameter, restored one at a time: host numpy arrays, or with
+    `shardings` (tree matching the schema) jax arrays placed directly in those shardings.
+    Shapes are checked against the checkpoint's model config first, naming any mismatch."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    _, cfg, _ = read_metadata(path)
+    expected = param_names(cfg)
+    stored = {p.name for p in (path / "params").iterdir() if p.is_dir()}
+    for name in expected:
+        if name not in stored:
+            raise CheckpointError(f"{path}/params: parameter '{name}' is missing")
+    extra = sorted(stored - set(expected))
     if extra:
-        raise CheckpointError(f"{where}: unexpected parameter(s) {extra} for this model config")
+        raise CheckpointError(f"{path}/params: unexpected parameter(s) {extra} for this model config")
+    metas = {}
+    for name, shape in expected.items():
+        meta = ocp.PyTreeCheckpointer().metadata(path / "params" / name).item_metadata.tree["value"]
+        if tuple(meta.shape) != shape:
+            raise CheckpointError(f"{path}/params: parameter '{name}' has shape {tuple(meta.shape)}, "
+                                  f"the model config expects {shape}")
+        metas[name] = meta
+    flat_shardings = None if shardings is None else {
+        _leaf_name(k): v for k, v in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    for name, meta in metas.items():
+        if names is not None and name not in names:
+            continue
+        nbytes = int(np.prod(meta.shape)) * np.dtype(dtype or meta.dtype).itemsize
+        if flat_shardings is None:
+            arg = ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
+        else:
+            arg = ocp.ArrayRestoreArgs(sharding=flat_shardings[name], global_shape=tuple(meta.shape),
+                                       dtype=dtype or meta.dtype)
+        restored = _checkpointer(nbytes, restore=True).restore(
+            path / "params" / name, args=ocp.args.PyTreeRestore(restore_args={"value": arg}))
+        yield name, restored["value"]
+
+
+def load_params(path: str | Path, shardings=None, dtype=None) -> dict:
+    """The whole parameter tree of a model checkpoint (see `iter_params`)."""
+    tree: dict = {}
+    for name, array in iter_params(path, shardings, dtype):
+        node = tree
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = array
+    return tree

@@ -8,15 +8,16 @@ neither direction ever holds two full copies of the weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
 
-import jax
 import ml_dtypes
 import numpy as np
 
-from cslm_jax.checkpoint import atomic_dir, load_params, read_metadata, save_model_checkpoint
+from cslm_jax.checkpoint import (atomic_dir, iter_params, param_names, read_metadata,
+                                 save_model_checkpoint)
 from cslm_jax.config import ConfigError, ModelConfig, check_rope_scaling, pad_to_multiple
 from cslm_jax.vocab import (VocabInfo, existing_layout, extend_tokenizer, load_tokenizer)
 
@@ -335,8 +336,7 @@ def import_hf(hf_dir, out, speech_units: int | None = None, pad_vocab_multiple: 
     rng = np.random.default_rng(seed)
 
     def build(m: Mapping):
-        """One parameter of ours, filled from its HF tensor(s) one at a time, handed to JAX so
-        that the host copy is freed before the next parameter is built."""
+        """One parameter of ours, filled from its HF tensor(s) read one at a time."""
         if m.per_layer:
             key = m.ours.split("/")[1]
             arr = np.empty(shapes["layers"][key][0], np_dtype)
@@ -349,14 +349,15 @@ def import_hf(hf_dir, out, speech_units: int | None = None, pad_vocab_multiple: 
             _init_new_rows(rows, base_rows, info.size, new_rows, cfg.initializer_range, rng)
         else:
             arr = np.asarray(to_ours(m, tensors.get(m.hf_name), cfg), np_dtype)
-        return jax.device_put(arr)
+        return arr
 
+    # Lazy leaves: each parameter is built when the checkpoint writer reaches it, then dropped.
     params: dict = {"layers": {}}
     for m in active_mappings(cfg):
         if m.per_layer:
-            params["layers"][m.ours.split("/")[1]] = build(m)
+            params["layers"][m.ours.split("/")[1]] = functools.partial(build, m)
         else:
-            params[m.ours] = build(m)
+            params[m.ours] = functools.partial(build, m)
     log(f"import-hf: {hf_dir} -> {out}: {cfg.num_params() / 1e6:.1f}M parameters ({store}), "
         f"vocabulary {base_rows} + {info.size - base_rows} CSLM tokens, padded to {padded}")
     extra = {"hf": {"config": hf, "generation_config": _read_json(hf_dir / "generation_config.json"),
@@ -446,7 +447,7 @@ def export_hf(ckpt, out, dtype: str = "bfloat16", force: bool = False,
     """Write an HF `LlamaForCausalLM` folder (config, generation config, safetensors, tokenizer)
     from a cslm_jax model checkpoint, trimming vocabulary padding. Atomic: the folder appears
     only when complete."""
-    from safetensors.numpy import save_file
+    from safetensors import numpy as safetensors_numpy
 
     if dtype not in NP_DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(NP_DTYPES)}, got {dtype!r}")
@@ -456,42 +457,38 @@ def export_hf(ckpt, out, dtype: str = "bfloat16", force: bool = False,
     tok_dir = ckpt / "tokenizer"
     if not tok_dir.is_dir():
         raise ConversionError(f"{tok_dir}: missing; the checkpoint carries no tokenizer to export")
+    by_ours = {m.ours.replace("/", "."): m for m in active_mappings(cfg)}
+    # HF tensors in the order parameters are restored, so shards fill as parameters stream in.
+    sizes = [(m.hf_name.format(i=i), int(np.prod(hf_shape(m, cfg, vocab.size))) * np_dtype.itemsize)
+             for m in (by_ours[name] for name in param_names(cfg))
+             for i in (range(cfg.num_layers) if m.per_layer else [None])]
+    shards = plan_shards(sizes, max_shard_bytes)
+    fname_of = {n: ("model.safetensors" if len(shards) == 1
+                    else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
+                for k, shard in enumerate(shards) for n in shard}
     with atomic_dir(Path(out), force=force) as tmp:
-        params = load_params(ckpt)
-
-        def tensor(name: str, m: Mapping) -> np.ndarray:
-            if m.per_layer:
-                w = params["layers"][m.ours.split("/")[1]][int(name.split(".")[2])]
-            else:
-                w = params[m.ours]
-            w = to_hf(m, w, cfg)
-            if m.rows == "vocab":
-                w = w[:vocab.size]
-            return np.ascontiguousarray(w.astype(np_dtype, copy=False))
-
-        names = [(m.hf_name.format(i=i), m) for m in active_mappings(cfg)
-                 for i in (range(cfg.num_layers) if m.per_layer else [None])]
-        by_name = dict(names)
-        # Order by layer so a shard holds whole layers, like transformers' own save.
-        order = sorted(by_name, key=lambda n: (int(n.split(".")[2]) if ".layers." in n else
-                                               (-1 if "embed" in n else 10 ** 9), n))
-        sizes = [(n, int(np.prod(hf_shape(by_name[n], cfg, vocab.size))) * np_dtype.itemsize)
-                 for n in order]
-        shards = plan_shards(sizes, max_shard_bytes)
-        weight_map = {}
+        pending: dict[str, np.ndarray] = {}
         total = 0
-        for k, shard in enumerate(shards):
-            fname = ("model.safetensors" if len(shards) == 1
-                     else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
-            data = {n: tensor(n, by_name[n]) for n in shard}
-            save_file(data, str(tmp / fname), metadata={"format": "pt"})
-            total += sum(a.nbytes for a in data.values())
-            weight_map.update({n: fname for n in shard})
-            del data
+        shard_iter = iter(shards)
+        current = set(next(shard_iter))
+        for name, w in iter_params(ckpt):
+            m = by_ours[name]
+            for i in (range(cfg.num_layers) if m.per_layer else [None]):
+                t = to_hf(m, w if i is None else w[i], cfg)
+                if m.rows == "vocab":
+                    t = t[:vocab.size]
+                hf_name = m.hf_name.format(i=i)
+                pending[hf_name] = np.ascontiguousarray(t.astype(np_dtype, copy=False))
+                if set(pending) == current:
+                    safetensors_numpy.save_file(pending, str(tmp / fname_of[hf_name]),
+                                                metadata={"format": "pt"})
+                    total += sum(a.nbytes for a in pending.values())
+                    pending = {}
+                    current = set(next(shard_iter, []))
+            del w
         if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            index = {"metadata": {"total_size": total}, "weight_map": fname_of}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        del params
         hf_config = hf_config_for(cfg, vocab, meta, dtype)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         gen = generation_config_for(vocab, meta, hf_config)

@@ -1,4 +1,1 @@
-"""SeqIO task and mixture registrations (data definitions only, no training code).
-
-Registrations arrive with the data issue; importing this package registers nothing yet.
-"""
+"""SeqIO task and mixture registrations for CSLM (data definitions only, no training code)."""

@@ -1,0 +1,219 @@
+"""The bundled demo corpus: small, bilingual (en, zh), generated, learnable on CPU.
+
+Speech units derive from text through a pronunciation-like mapping: every letter (en) or
+character (zh) has a fixed short unit pattern; each unit lasts a random 1-3 frames; words are
+separated by silence (unit 0). Word timings come from the construction (at `UNIT_RATE` units/s,
+before merging). So ASR and TTS are learnable, spoken questions have real timings to chunk by,
+and a model can be checked for far-below-chance transcription error after stage 1.
+
+Contents (train / validation JSONL under the output folder, plus `data.yaml` and `tokenizer/`):
+paired speech/text per language, en<->zh translation pairs, text instructions (single and
+multi-turn), spoken instructions same-language and cross-lingual.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+UNIT_COUNT = 256
+UNIT_RATE = 50.0
+SILENCE = 0
+PUNCT = ".,!?;:。，！？；："
+
+ANIMALS = [("cat", "猫"), ("dog", "狗"), ("bird", "鸟"), ("fish", "鱼"), ("horse", "马"),
+           ("cow", "牛"), ("sheep", "羊"), ("duck", "鸭子"), ("frog", "青蛙"), ("bear", "熊"),
+           ("lion", "狮子"), ("tiger", "老虎"), ("rabbit", "兔子"), ("mouse", "老鼠"),
+           ("goat", "山羊"), ("pig", "猪")]
+COLORS = [("red", "红色"), ("blue", "蓝色"), ("green", "绿色"), ("yellow", "黄色"),
+          ("black", "黑色"), ("white", "白色"), ("brown", "棕色"), ("gray", "灰色")]
+VERBS = [("run", "跑步"), ("swim", "游泳"), ("sleep", "睡觉"), ("eat", "吃饭"), ("sing", "唱歌"),
+         ("jump", "跳舞")]
+PLACES = [("park", "公园"), ("river", "河边"), ("farm", "农场"), ("forest", "森林"),
+          ("house", "房子"), ("garden", "花园")]
+EN_FILLER = ["the", "a", "big", "small", "happy", "old", "young", "sees", "likes", "near", "in",
+             "and", "with", "today", "very", "my", "your", "two", "three", "good", "day"]
+ZH_FILLER = list("我你他她们的很大小在和看见今天有一只两三个好")
+
+
+def color_of(i: int) -> int:
+    return (3 * i + 1) % len(COLORS)
+
+
+def verb_of(i: int) -> int:
+    return (5 * i + 2) % len(VERBS)
+
+
+def place_of(i: int) -> int:
+    return (7 * i + 3) % len(PLACES)
+
+
+class Pronouncer:
+    """A fixed letter/character -> unit-pattern table; `say` synthesises units with timings."""
+
+    def __init__(self, seed: int = 1234):
+        rng = random.Random(seed)
+        self.table: dict[str, list[int]] = {}
+        self.rng_seed = seed
+        letters = "abcdefghijklmnopqrstuvwxyz'0123456789"
+        for ch in letters:
+            self.table[ch] = [rng.randrange(1, 128) for _ in range(2)]
+        self._zh_rng = rng
+
+    def pattern(self, ch: str) -> list[int]:
+        if ch not in self.table:
+            if ch.isascii():
+                return []                        # punctuation and symbols are silent
+            # zh characters: 3 units from the upper half of the codebook, fixed per character
+            h = random.Random(f"{self.rng_seed}:{ch}")
+            self.table[ch] = [h.randrange(128, UNIT_COUNT) for _ in range(3)]
+        return self.table[ch]
+
+    def say(self, pieces: list[str], rng: random.Random) -> tuple[list[int], list[list[float]]]:
+        """Units (unmerged) for the timed pieces, and [start, end] seconds per piece."""
+        units: list[int] = [SILENCE] * rng.randint(2, 4)
+        times = []
+        for piece in pieces:
+            start = len(units)
+            for ch in piece.lower():
+                for u in self.pattern(ch):
+                    units.extend([u] * rng.randint(1, 3))
+            times.append([round(start / UNIT_RATE, 4), round(len(units) / UNIT_RATE, 4)])
+            units.extend([SILENCE] * rng.randint(1, 3))
+        units.extend([SILENCE] * rng.randint(1, 3))
+        return units, times
+
+
+def timed_pieces(text: str, lang: str) -> list[str]:
+    """The timed tokens of a text: words (en) or characters without punctuation (zh)."""
+    if lang == "en":
+        return text.split()
+    return [c for c in text if not (c.isspace() or c in PUNCT)]
+
+
+def _en_sentence(rng) -> str:
+    words = [rng.choice(EN_FILLER) for _ in range(rng.randint(2, 4))]
+    words.insert(rng.randrange(len(words) + 1), rng.choice(ANIMALS)[0])
+    words.insert(rng.randrange(len(words) + 1), rng.choice(COLORS)[0])
+    if rng.random() < 0.5:
+        words.append(rng.choice(PLACES)[0])
+    return " ".join(words)
+
+
+def _zh_sentence(rng) -> str:
+    chars = [rng.choice(ZH_FILLER) for _ in range(rng.randint(2, 5))]
+    chars.insert(rng.randrange(len(chars) + 1), rng.choice(ANIMALS)[1])
+    chars.insert(rng.randrange(len(chars) + 1), rng.choice(COLORS)[1])
+    return "".join(chars) + ("。" if rng.random() < 0.5 else "")
+
+
+def facts(i: int) -> dict:
+    """Question/answer pairs about animal i in both languages."""
+    (an, az), (cn, cz), (vn, vz), (pn, pz) = (ANIMALS[i], COLORS[color_of(i)], VERBS[verb_of(i)],
+                                              PLACES[place_of(i)])
+    return {
+        "color": {"en": (f"what color is the {an}?", f"the {an} is {cn}."),
+                  "zh": (f"{az}是什么颜色？", f"{az}是{cz}的。")},
+        "verb": {"en": (f"what does the {an} like to do?",
+                        f"the {an} likes to {vn}, and it lives near the {pn}."),
+                 "zh": (f"{az}喜欢做什么？", f"{az}喜欢{vz}，它住在{pz}附近。")},
+    }
+
+
+def build_corpus(seed: int = 0, scale: int = 1) -> dict[str, list[dict]]:
+    """All records by file stem (e.g. 'paired_en.train')."""
+    rng = random.Random(seed)
+    voice = Pronouncer()
+    out: dict[str, list[dict]] = {}
+
+    def paired(lang: str, text: str) -> dict:
+        units, times = voice.say(timed_pieces(text, lang), rng)
+        return {"lang": lang, "text": text, "units": units, "word_times": times}
+
+    for lang, make in (("en", _en_sentence), ("zh", _zh_sentence)):
+        out[f"paired_{lang}.train"] = [paired(lang, make(rng)) for _ in range(500 * scale)]
+        out[f"paired_{lang}.validation"] = [paired(lang, make(rng)) for _ in range(40)]
+
+    mt = []
+    for i, (an, az) in enumerate(ANIMALS):
+        for kind in facts(i).values():
+            mt.append({"src_lang": "en", "tgt_lang": "zh", "src": kind["en"][1], "tgt": kind["zh"][1]})
+            mt.append({"src_lang": "zh", "tgt_lang": "en", "src": kind["zh"][0], "tgt": kind["en"][0]})
+        for cn, cz in COLORS:
+            mt.append({"src_lang": "en", "tgt_lang": "zh", "src": f"i see a {cn} {an}.",
+                       "tgt": f"我看见一只{cz}的{az}。"})
+    rng.shuffle(mt)
+    out["mt.train"], out["mt.validation"] = mt[:-20], mt[-20:]
+
+    instruct = []
+    for i in range(len(ANIMALS)):
+        f = facts(i)
+        for lang in ("en", "zh"):
+            for kind in f.values():
+                instruct.append({"prompt": kind[lang][0], "response": kind[lang][1]})
+            instruct.append({"prompt": [f["color"][lang][0], f["verb"][lang][0]],
+                             "response": [f["color"][lang][1], f["verb"][lang][1]]})
+    out["instruct.train"] = instruct * max(1, scale)
+
+    for q_lang, a_lang in (("en", "en"), ("zh", "zh"), ("en", "zh"), ("zh", "en")):
+        rows = []
+        for i in range(len(ANIMALS)):
+            for kind in facts(i).values():
+                for _ in range(4 * scale if q_lang == a_lang else 2 * scale):
+                    q_text, a_text = kind[q_lang][0], kind[a_lang][1]
+                    q_units, _ = voice.say(timed_pieces(q_text, q_lang), rng)
+                    a_units, a_times = voice.say(timed_pieces(a_text, a_lang), rng)
+                    rows.append({"question_units": q_units, "question_text": q_text,
+                                 "question_lang": q_lang, "answer_text": a_text,
+                                 "answer_units": a_units, "answer_word_times": a_times,
+                                 "answer_lang": a_lang})
+        rng.shuffle(rows)
+        out[f"s2s_{q_lang}2{a_lang}.train"], out[f"s2s_{q_lang}2{a_lang}.validation"] = rows[:-8], rows[-8:]
+    return out
+
+
+def corpus_texts(corpus: dict[str, list[dict]], data_config: dict) -> list[str]:
+    """Every text a demo tokenizer should know: the corpus and the configured prompts."""
+    texts = []
+    for rows in corpus.values():
+        for r in rows:
+            for k in ("text", "src", "tgt", "question_text", "answer_text"):
+                if k in r:
+                    texts.append(r[k])
+            for k in ("prompt", "response"):
+                if k in r:
+                    texts.extend(r[k] if isinstance(r[k], list) else [r[k]])
+    for spec in data_config["languages"].values():
+        texts.extend(str(v) for k, v in spec.items() if k.endswith("prompt"))
+    texts.extend(["[question]", "[answer]", "Cutting Knowledge Date: December 2023", "Today Date: 26 Jul 2024"])
+    return texts
+
+
+def make_demo_data(out: str | Path, config_template: str | Path, seed: int = 0, scale: int = 1,
+                   vocab_size: int = 700, force: bool = False, log=print) -> Path:
+    """Write the demo corpus, its tokenizer (BPE with Llama-3 special tokens, not yet extended
+    with units: `import-hf` does that) and `data.yaml` into `out`."""
+    import yaml
+
+    from cslm_jax.vocab import train_bpe_tokenizer
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    template = yaml.safe_load(Path(config_template).read_text())
+    corpus = build_corpus(seed, scale)
+    for stem, rows in corpus.items():
+        with open(out / f"{stem}.jsonl", "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    template["data_dir"] = "."
+    (out / "data.yaml").write_text(yaml.safe_dump(template, allow_unicode=True, sort_keys=False))
+    tok = train_bpe_tokenizer(corpus_texts(corpus, template), vocab_size=vocab_size)
+    tok.save_pretrained(str(out / "tokenizer"))
+    n = sum(len(r) for r in corpus.values())
+    log(f"make-demo-data: {n} records in {len(corpus)} files, tokenizer of {len(tok)} tokens -> {out}")
+    return out

@@ -1,0 +1,641 @@
+"""CSLM data formats: records -> chat examples -> rendered token ids with the CSLM loss mask.
+
+Plain Python (no TensorFlow): each piece is testable alone and is what the SeqIO tasks call.
+
+Record kinds (one JSON object per line):
+  paired              {lang, text, units, [word_times]}            -> ASR and TTS examples
+  translation         {src_lang, tgt_lang, src, tgt}               -> MT, both directions
+  instruction         {prompt, response} (strings, or equal-length lists for multi-turn; the
+                      reference's own format, accepted as is, speech spans included)
+  spoken_instruction  {question_units, question_text, question_lang, answer_text,
+                       answer_units, answer_word_times, answer_lang} -> interleaved chain
+
+`word_times` / `answer_word_times` are [start, end] seconds per timed token of the text: per
+whitespace-separated word for word languages, per character (punctuation and spaces excluded)
+for character languages. A time t is unit index round(t * unit_rate) of the *unmerged* units.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+
+KINDS = ("paired", "translation", "instruction", "spoken_instruction")
+TASK_KINDS = ("asr", "tts", "mt", "instruct", "s2s")
+REQUIRED = {
+    "paired": ("lang", "text", "units"),
+    "translation": ("src_lang", "tgt_lang", "src", "tgt"),
+    "instruction": ("prompt", "response"),
+    "spoken_instruction": ("question_units", "question_text", "question_lang", "answer_text",
+                           "answer_units", "answer_word_times", "answer_lang"),
+}
+DEFAULT_PUNCTUATION = ".,!?;:。，！？；：、…"
+SPEECH_SPAN = re.compile(r"<sosp>(.*?)<eosp>", re.S)
+UNIT_TOKEN = re.compile(r"<(\d+)>")
+
+
+class RecordError(ValueError):
+    """A record is invalid; the message names file, line and field."""
+
+    def __init__(self, where: str, field: str, message: str):
+        self.where, self.field = where, field
+        super().__init__(f"{where}: field '{field}': {message}")
+
+
+# -- configuration ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LanguageConfig:
+    """Per-language templates and chunking. Prompts use {speech} (a rendered speech span),
+    {text}, {src_name}/{tgt_name} placeholders."""
+
+    name: str
+    asr_prompt: str
+    tts_prompt: str
+    mt_prompt: str                 # used when this language is the MT target
+    s2s_prompt: str                # same-language spoken question, answer in this language
+    s2s_cross_prompt: str          # spoken question in another language, answer in this one
+    chunk_unit: str = "word"       # word | char
+    chunk_size: int = 7
+
+    def __post_init__(self):
+        if self.chunk_unit not in ("word", "char"):
+            raise ValueError(f"language {self.name}: chunk_unit must be 'word' or 'char', "
+                             f"got {self.chunk_unit!r}")
+        if self.chunk_size < 1:
+            raise ValueError(f"language {self.name}: chunk_size must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class FormatConfig:
+    languages: dict[str, LanguageConfig]
+    unit_count: int
+    unit_rate: float = 50.0
+    merge_repeats: bool = True
+    chain: str = "interleaved"     # interleaved | sequential (TQ -> whole TA -> whole SA)
+    cut_at_punctuation: bool = True
+    punctuation: str = DEFAULT_PUNCTUATION
+    time_tolerance: float = 0.1    # seconds a timing may exceed the utterance
+
+    def __post_init__(self):
+        if self.chain not in ("interleaved", "sequential"):
+            raise ValueError(f"chain must be 'interleaved' or 'sequential', got {self.chain!r}")
+
+    def lang(self, code: str, where: str, field: str) -> LanguageConfig:
+        if code not in self.languages:
+            raise RecordError(where, field, f"unknown language {code!r}; configured: "
+                                            f"{sorted(self.languages)}")
+        return self.languages[code]
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+def detect_kind(record: dict) -> str | None:
+    if "question_units" in record or "answer_units" in record:
+        return "spoken_instruction"
+    if "src" in record and "tgt" in record:
+        return "translation"
+    if "units" in record:
+        return "paired"
+    if "prompt" in record and "response" in record:
+        return "instruction"
+    return None
+
+
+def parse_line(line: str, where: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RecordError(where, "<json>", f"invalid JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(record, dict):
+        raise RecordError(where, "<json>", "a record must be a JSON object")
+    return record
+
+
+def _text(record: dict, field: str, where: str) -> str:
+    value = record.get(field)
+    if not isinstance(value, str):
+        raise RecordError(where, field, f"must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise RecordError(where, field, "is empty")
+    return value
+
+
+def _units(record: dict, field: str, where: str, unit_count: int) -> list[int]:
+    value = record.get(field)
+    if not isinstance(value, list) or not value:
+        raise RecordError(where, field, "must be a non-empty list of unit ids")
+    for i, u in enumerate(value):
+        if not isinstance(u, int) or isinstance(u, bool):
+            raise RecordError(where, f"{field}[{i}]", f"unit id must be an integer, got {u!r}")
+        if not 0 <= u < unit_count:
+            raise RecordError(where, f"{field}[{i}]",
+                              f"unit id {u} is outside the codebook 0..{unit_count - 1}")
+    return value
+
+
+def check_speech_spans(text: str, where: str, field: str, unit_count: int) -> None:
+    """Reference-format strings: <sosp>/<eosp> balanced and not nested, unit ids in range."""
+    depth = 0
+    for m in re.finditer(r"<sosp>|<eosp>", text):
+        depth += 1 if m.group() == "<sosp>" else -1
+        if depth not in (0, 1):
+            raise RecordError(where, field, f"unbalanced <sosp>/<eosp> at character {m.start()}")
+    if depth:
+        raise RecordError(where, field, "unbalanced <sosp>/<eosp>: a speech span is not closed")
+    for span in SPEECH_SPAN.finditer(text):
+        body = span.group(1)
+        if UNIT_TOKEN.sub("", body):
+            raise RecordError(where, field, f"speech span at character {span.start()} holds "
+                                            f"something other than unit tokens <N>")
+        for u in UNIT_TOKEN.findall(body):
+            if int(u) >= unit_count:
+                raise RecordError(where, field, f"unit <{u}> is outside the codebook "
+                                                f"0..{unit_count - 1}")
+
+
+def timed_tokens(text: str, chunk_unit: str, punctuation: str) -> list[str]:
+    """Split text into timed tokens (words, or characters with punctuation/space attached to the
+    preceding character). Joining gives back the text (word mode: with single spaces)."""
+    if chunk_unit == "word":
+        return text.split()
+    pieces: list[str] = []
+    for ch in text:
+        if (ch.isspace() or ch in punctuation) and pieces:
+            pieces[-1] += ch
+        elif ch.isspace() or ch in punctuation:
+            pieces.append(ch)              # leading punctuation: its own (untimed) piece
+        else:
+            pieces.append(ch)
+    return pieces
+
+
+def _is_timed(piece: str, chunk_unit: str, punctuation: str) -> bool:
+    return chunk_unit == "word" or any(not (c.isspace() or c in punctuation) for c in piece)
+
+
+def _times(record: dict, field: str, where: str, n_tokens: int, n_units: int,
+           cfg: FormatConfig) -> list[tuple[float, float]]:
+    value = record.get(field)
+    if not isinstance(value, list):
+        raise RecordError(where, field, "must be a list of [start, end] pairs (seconds)")
+    if len(value) != n_tokens:
+        raise RecordError(where, field, f"has {len(value)} timings but the text has {n_tokens} "
+                                        f"timed tokens")
+    duration = n_units / cfg.unit_rate
+    out, last_start = [], 0.0
+    for i, pair in enumerate(value):
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in pair)):
+            raise RecordError(where, f"{field}[{i}]", f"must be [start, end] numbers, got {pair!r}")
+        start, end = float(pair[0]), float(pair[1])
+        if start < 0 or end < start:
+            raise RecordError(where, f"{field}[{i}]", f"[{start}, {end}] is not a valid interval")
+        if start < last_start:
+            raise RecordError(where, f"{field}[{i}]", f"start {start} is before the previous "
+                                                      f"start {last_start}: timings not monotonic")
+        if end > duration + cfg.time_tolerance:
+            raise RecordError(where, f"{field}[{i}]", f"end {end}s lies beyond the utterance "
+                                                      f"({n_units} units = {duration:.2f}s)")
+        out.append((start, end))
+        last_start = start
+    return out
+
+
+def validate_record(kind: str, record: dict, cfg: FormatConfig, where: str) -> None:
+    """Raise RecordError (file, line, field) for the first problem; return None if valid."""
+    if kind not in REQUIRED:
+        raise RecordError(where, "<kind>", f"unknown record kind {kind!r}; kinds: {KINDS}")
+    for field in REQUIRED[kind]:
+        if field not in record:
+            raise RecordError(where, field, f"missing (a {kind} record needs {REQUIRED[kind]})")
+    if kind == "paired":
+        lang = cfg.lang(record["lang"], where, "lang")
+        _text(record, "text", where)
+        units = _units(record, "units", where, cfg.unit_count)
+        if record.get("word_times") is not None:
+            n = sum(_is_timed(p, lang.chunk_unit, cfg.punctuation)
+                    for p in timed_tokens(record["text"], lang.chunk_unit, cfg.punctuation))
+            _times(record, "word_times", where, n, len(units), cfg)
+    elif kind == "translation":
+        cfg.lang(record["src_lang"], where, "src_lang")
+        cfg.lang(record["tgt_lang"], where, "tgt_lang")
+        _text(record, "src", where)
+        _text(record, "tgt", where)
+    elif kind == "instruction":
+        prompts, responses = _turns(record, where)
+        for field, turns in (("prompt", prompts), ("response", responses)):
+            for i, t in enumerate(turns):
+                name = field if isinstance(record[field], str) else f"{field}[{i}]"
+                if not isinstance(t, str) or not t.strip():
+                    raise RecordError(where, name, "must be a non-empty string")
+                check_speech_spans(t, where, name, cfg.unit_count)
+    else:
+        cfg.lang(record["question_lang"], where, "question_lang")
+        lang = cfg.lang(record["answer_lang"], where, "answer_lang")
+        _text(record, "question_text", where)
+        answer = _text(record, "answer_text", where)
+        _units(record, "question_units", where, cfg.unit_count)
+        units = _units(record, "answer_units", where, cfg.unit_count)
+        n = sum(_is_timed(p, lang.chunk_unit, cfg.punctuation)
+                for p in timed_tokens(answer, lang.chunk_unit, cfg.punctuation))
+        _times(record, "answer_word_times", where, n, len(units), cfg)
+
+
+def _turns(record: dict, where: str) -> tuple[list, list]:
+    p, r = record["prompt"], record["response"]
+    if isinstance(p, str) and isinstance(r, str):
+        return [p], [r]
+    if isinstance(p, list) and isinstance(r, list):
+        if len(p) != len(r) or not p:
+            raise RecordError(where, "response", f"multi-turn lists must have equal, non-zero "
+                                                 f"lengths (prompt {len(p)}, response {len(r)})")
+        return p, r
+    raise RecordError(where, "prompt", "prompt and response must both be strings or both lists")
+
+
+# -- units and the chain of modality ------------------------------------------------------------
+
+def merge_repeats(units: Sequence[int]) -> list[int]:
+    """Collapse consecutive repeats: [5, 5, 7, 7, 7, 5] -> [5, 7, 5]."""
+    out: list[int] = []
+    for u in units:
+        if not out or out[-1] != u:
+            out.append(u)
+    return out
+
+
+def speech(units: Iterable[int]) -> str:
+    """A speech span as the LLM sees it: <sosp><12><907><eosp> (no spaces)."""
+    return "<sosp>" + "".join(f"<{u}>" for u in units) + "<eosp>"
+
+
+def _merged_index(units: Sequence[int], raw_index: int) -> int:
+    """Index in the merged sequence where raw position `raw_index` falls: the number of runs
+    that start before it. A boundary inside a run gives the run to the earlier side."""
+    return sum(1 for i in range(min(raw_index, len(units))) if i == 0 or units[i] != units[i - 1])
+
+
+def chunk_answer(text: str, times: Sequence[tuple[float, float]], units: Sequence[int],
+                 lang: LanguageConfig, cfg: FormatConfig) -> list[tuple[str, list[int]]]:
+    """Split an answer into (text chunk, unit chunk) pairs.
+
+    Chunks hold at most `lang.chunk_size` timed tokens and, with `cut_at_punctuation`, end at a
+    token that ends in punctuation. Unit boundaries are the unit index of each chunk's first token
+    start (computed on unmerged units); with merging on, boundaries are mapped onto the merged
+    sequence, so the unit chunks concatenate to exactly the merged sequence and the text chunks
+    (joined with spaces for word languages, directly for character languages) to the text.
+    """
+    pieces = timed_tokens(text, lang.chunk_unit, cfg.punctuation)
+    timed = [_is_timed(p, lang.chunk_unit, cfg.punctuation) for p in pieces]
+    groups: list[list[int]] = []       # piece indices per chunk
+    current: list[int] = []
+    count = 0
+    for i, piece in enumerate(pieces):
+        current.append(i)
+        count += timed[i]
+        at_punct = cfg.cut_at_punctuation and piece.rstrip()[-1:] in cfg.punctuation
+        if count >= lang.chunk_size or (at_punct and count > 0):
+            groups.append(current)
+            current, count = [], 0
+    if current:
+        if groups and count == 0:      # only untimed trailing punctuation: keep with the last
+            groups[-1].extend(current)
+        else:
+            groups.append(current)
+
+    time_of = {}                       # piece index -> start time
+    t = iter(times)
+    for i, is_timed in enumerate(timed):
+        if is_timed:
+            time_of[i] = next(t)[0]
+    raw_bounds = [0]
+    for g in groups[1:]:
+        first = next((i for i in g if i in time_of), None)
+        b = len(units) if first is None else round(time_of[first] * cfg.unit_rate)
+        raw_bounds.append(min(max(b, raw_bounds[-1]), len(units)))
+    raw_bounds.append(len(units))
+
+    if cfg.merge_repeats:
+        seq = merge_repeats(units)
+        bounds = [_merged_index(units, b) for b in raw_bounds[:-1]] + [len(seq)]
+    else:
+        seq, bounds = list(units), raw_bounds
+    join = " " if lang.chunk_unit == "word" else ""
+    out = []
+    for k, g in enumerate(groups):
+        chunk_text = join.join(pieces[i] for i in g)
+        out.append((chunk_text.strip() if lang.chunk_unit == "word" else chunk_text,
+                    seq[bounds[k]:bounds[k + 1]]))
+    return out
+
+
+def interleaved_response(transcript: str, chunks: Sequence[tuple[str, Sequence[int]]]) -> str:
+    """[question] TQ [answer] TA1 <sosp>SA1<eosp> TA2 <sosp>SA2<eosp> ... <eoa>"""
+    parts = ["[question]", transcript.strip(), "[answer]"]
+    for text, units in chunks:
+        parts.append(text.strip())
+        parts.append(speech(units))
+    parts.append("<eoa>")
+    return " ".join(p for p in parts if p)
+
+
+def sequential_response(transcript: str, answer: str, units: Sequence[int]) -> str:
+    """The older chain: [question] TQ [answer] TA <sosp>SA<eosp> <eoa>"""
+    return " ".join(["[question]", transcript.strip(), "[answer]", answer.strip(), speech(units),
+                     "<eoa>"])
+
+
+# -- records -> chat examples ----------------------------------------------------------------------
+
+Messages = list  # [{"role": ..., "content": ...}, ...]
+
+
+def examples(task_kind: str, record: dict, cfg: FormatConfig, where: str) -> list[Messages]:
+    """Chat examples of one task kind from one (validated) record.
+
+    asr/tts from paired records, mt (both directions) from translation records, instruct from
+    instruction records, s2s from spoken instructions (the prompt picks same-language or
+    cross-lingual wording from the languages involved).
+    """
+    def chat(*turns: str) -> Messages:
+        roles = ("user", "assistant")
+        return [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+
+    def units_of(field: str) -> list[int]:
+        u = record[field]
+        return merge_repeats(u) if cfg.merge_repeats else list(u)
+
+    if task_kind in ("asr", "tts"):
+        lang = cfg.lang(record["lang"], where, "lang")
+        sp, text = speech(units_of("units")), record["text"].strip()
+        if task_kind == "asr":
+            return [chat(lang.asr_prompt.format(speech=sp), text)]
+        return [chat(lang.tts_prompt.format(text=text), sp)]
+    if task_kind == "mt":
+        out = []
+        for s, t, sl, tl in (("src", "tgt", "src_lang", "tgt_lang"), ("tgt", "src", "tgt_lang", "src_lang")):
+            src_lang = cfg.lang(record[sl], where, sl)
+            tgt_lang = cfg.lang(record[tl], where, tl)
+            prompt = tgt_lang.mt_prompt.format(text=record[s].strip(), src_name=src_lang.name,
+                                               tgt_name=tgt_lang.name)
+            out.append(chat(prompt, record[t].strip()))
+        return out
+    if task_kind == "instruct":
+        prompts, responses = _turns(record, where)
+        return [chat(*[x for pair in zip(prompts, responses) for x in pair])]
+    if task_kind == "s2s":
+        q_lang = record["question_lang"]
+        lang = cfg.lang(record["answer_lang"], where, "answer_lang")
+        template = lang.s2s_prompt if q_lang == record["answer_lang"] else lang.s2s_cross_prompt
+        prompt = template.format(speech=speech(units_of("question_units")))
+        times = _times(record, "answer_word_times", where,
+                       sum(_is_timed(p, lang.chunk_unit, cfg.punctuation)
+                           for p in timed_tokens(record["answer_text"], lang.chunk_unit,
+                                                 cfg.punctuation)),
+                       len(record["answer_units"]), cfg)
+        if cfg.chain == "sequential":
+            response = sequential_response(record["question_text"], record["answer_text"],
+                                           units_of("answer_units"))
+        else:
+            chunks = chunk_answer(record["answer_text"], times, record["answer_units"], lang, cfg)
+            response = interleaved_response(record["question_text"], chunks)
+        return [chat(prompt, response)]
+    raise ValueError(f"unknown task kind {task_kind!r}; kinds: {TASK_KINDS}")
+
+
+RECORD_KIND_OF_TASK = {"asr": "paired", "tts": "paired", "mt": "translation",
+                       "instruct": "instruction", "s2s": "spoken_instruction"}
+
+
+# -- rendering and the loss mask (CSLM.md section 4) ------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+    text: str
+    input_ids: list[int]
+    loss_mask: list[int]
+    truncated: bool
+
+
+class ChatRenderer:
+    """Renders chat examples with the tokenizer's own template and masks them as the reference:
+
+    labels are the input ids with every span from a user header (or the sequence start) up to,
+    not including, the next assistant header set to ignore, and the first <|begin_of_text|> too.
+    The assistant header, the response and its end-of-turn token are trained, for every turn.
+    A trailing empty assistant header is removed; EOS is appended when missing and there is room.
+    """
+
+    def __init__(self, tokenizer, max_length: int | None = None,
+                 user_header: str = "<|start_header_id|>user<|end_header_id|>",
+                 assistant_header: str = "<|start_header_id|>assistant<|end_header_id|>"):
+        self.tok = tokenizer
+        self.max_length = max_length
+        self.user = tokenizer.encode(user_header, add_special_tokens=False)
+        self.assistant = tokenizer.encode(assistant_header, add_special_tokens=False)
+        self.assistant_header_text = assistant_header
+        self.bos_id = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token
+        self.eos_id = tokenizer.eos_token_id
+
+    def render_text(self, messages: Messages) -> str:
+        text = self.tok.apply_chat_template(messages, tokenize=False)
+        stripped = text.rstrip()
+        if stripped.endswith(self.assistant_header_text):
+            text = stripped[: -len(self.assistant_header_text)]
+        return text
+
+    def __call__(self, messages: Messages) -> Rendered:
+        text = self.render_text(messages)
+        ids = self.tok.encode(text, add_special_tokens=False)
+        if self.eos_id is not None and (not ids or ids[-1] != self.eos_id) and (
+                self.max_length is None or len(ids) < self.max_length):
+            ids.append(self.eos_id)
+            text += self.eos
+        mask = loss_mask(ids, self.user, self.assistant, self.bos_id)
+        truncated = self.max_length is not None and len(ids) > self.max_length
+        if truncated:
+            ids, mask = ids[: self.max_length], mask[: self.max_length]
+        return Rendered(text, ids, mask, truncated)
+
+
+def _find(ids: Sequence[int], pattern: Sequence[int], start: int) -> int:
+    n = len(pattern)
+    for i in range(start, len(ids) - n + 1):
+        if ids[i] == pattern[0] and list(ids[i:i + n]) == list(pattern):
+            return i
+    return -1
+
+
+def loss_mask(ids: Sequence[int], user: Sequence[int], assistant: Sequence[int],
+              bos_id: int | None) -> list[int]:
+    """0/1 per token: 0 from the start / each user header up to the next assistant header."""
+    mask = [1] * len(ids)
+    starts = [0]
+    pos = 0
+    while (pos := _find(ids, user, pos)) >= 0:
+        starts.append(pos)
+        pos += len(user)
+    for s in starts:
+        a = _find(ids, assistant, s)
+        end = len(ids) if a < 0 else a
+        for i in range(s, end):
+            mask[i] = 0
+    if bos_id is not None and bos_id in ids:
+        mask[list(ids).index(bos_id)] = 0
+    return mask
+
+
+def read_jsonl(path, kind: str | None, cfg: FormatConfig, skip_bad: bool = False,
+               skipped: list | None = None) -> Iterator[tuple[str, str, dict]]:
+    """(where, kind, record) for each valid line of a JSONL file. Strict by default: the first bad
+    record raises RecordError naming file, line and field. With skip_bad, bad records are
+    appended to `skipped` (as RecordErrors) instead."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            where = f"{path}:{n}"
+            if not line.strip():
+                err = RecordError(where, "<json>", "empty line")
+            else:
+                try:
+                    record = parse_line(line, where)
+                    k = kind or detect_kind(record)
+                    if k is None:
+                        raise RecordError(where, "<kind>", "cannot tell the record kind from its "
+                                                           "fields; pass --kind")
+                    validate_record(k, record, cfg, where)
+                    yield where, k, record
+                    continue
+                except RecordError as e:
+                    err = e
+            if not skip_bad:
+                raise err
+            if skipped is not None:
+                skipped.append(err)
+
+
+def format_config_from_dict(data: dict, where: str = "data config") -> FormatConfig:
+    """FormatConfig from the `format` and `languages` sections of a data config."""
+    fmt = dict(data.get("format") or {})
+    langs_raw = data.get("languages")
+    if not isinstance(langs_raw, dict) or not langs_raw:
+        raise ValueError(f"{where}: section 'languages' is missing or empty")
+    languages = {}
+    for code, spec in langs_raw.items():
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where}: languages.{code} must be a mapping")
+        try:
+            languages[code] = LanguageConfig(**spec)
+        except TypeError as e:
+            raise ValueError(f"{where}: languages.{code}: {e}") from None
+    if "unit_count" not in fmt:
+        raise ValueError(f"{where}: field 'format.unit_count' is required (the speech codebook size)")
+    try:
+        return FormatConfig(languages=languages, **fmt)
+    except TypeError as e:
+        raise ValueError(f"{where}: section 'format': {e}") from None
+
+
+
+# -- data configuration (YAML) ---------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """One SeqIO task: a task kind over files, in a stage's mixture at `rate`."""
+
+    stage: str
+    kind: str
+    lang: str | None
+    rate: float
+    train: tuple[str, ...]
+    validation: tuple[str, ...]
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    path: str
+    data_dir: str
+    tokenizer: str | None
+    format: FormatConfig
+    max_length: int
+    shuffle_buffer: int
+    skip_bad: bool
+    stages: dict
+
+    def tasks(self, stage: str | None = None) -> list[TaskSpec]:
+        if stage is not None and stage not in self.stages:
+            raise ValueError(f"{self.path}: no stage {stage!r}; stages: {sorted(self.stages)}")
+        return [t for s, ts in self.stages.items() if stage in (None, s) for t in ts]
+
+    def mixture_name(self, stage: str) -> str:
+        return f"cslm_{stage}"
+
+
+def load_data_config(path, overrides: Sequence[str] = ()) -> DataConfig:
+    """Read a data config (see configs/data/demo.yaml); relative files resolve against
+    `data_dir` (itself relative to the config file), every file must exist."""
+    from pathlib import Path
+
+    from cslm_jax.config import apply_overrides, load_yaml
+
+    path = Path(path)
+    data = apply_overrides(load_yaml(path), list(overrides), str(path))
+    root = path.parent if data.get("data_dir") in (None, "") else (path.parent / data["data_dir"])
+    root = root.resolve()
+
+    def resolve(name: str, field: str) -> str:
+        p = Path(name) if Path(name).is_absolute() else root / name
+        if not p.is_file():
+            raise ValueError(f"{path}: field '{field}': file {p} does not exist")
+        return str(p)
+
+    fmt = format_config_from_dict(data, str(path))
+    packing = dict(data.get("packing") or {})
+    unknown = sorted(set(packing) - {"max_length", "shuffle_buffer", "skip_bad"})
+    if unknown:
+        raise ValueError(f"{path}: section 'packing': unknown field(s) {unknown}")
+    stages_raw = data.get("stages")
+    if not isinstance(stages_raw, dict) or not stages_raw:
+        raise ValueError(f"{path}: section 'stages' is missing or empty")
+    stages: dict[str, list[TaskSpec]] = {}
+    names: set[str] = set()
+    for stage, entries in stages_raw.items():
+        specs = []
+        for i, e in enumerate(entries or []):
+            where = f"stages.{stage}[{i}]"
+            if not isinstance(e, dict):
+                raise ValueError(f"{path}: field '{where}' must be a mapping")
+            unknown = sorted(set(e) - {"kind", "lang", "rate", "train", "validation", "name"})
+            if unknown:
+                raise ValueError(f"{path}: field '{where}': unknown key(s) {unknown}")
+            kind = e.get("kind")
+            if kind not in TASK_KINDS:
+                raise ValueError(f"{path}: field '{where}.kind' is {kind!r}; kinds: {TASK_KINDS}")
+            lang = e.get("lang")
+            if kind in ("asr", "tts") and lang not in fmt.languages:
+                raise ValueError(f"{path}: field '{where}.lang' is {lang!r}; {kind} tasks need a "
+                                 f"configured language: {sorted(fmt.languages)}")
+            rate = e.get("rate", 1.0)
+            if not isinstance(rate, (int, float)) or rate <= 0:
+                raise ValueError(f"{path}: field '{where}.rate' must be a positive number")
+            train = tuple(resolve(f, f"{where}.train[{j}]") for j, f in enumerate(e.get("train") or []))
+            val = tuple(resolve(f, f"{where}.validation[{j}]")
+                        for j, f in enumerate(e.get("validation") or []))
+            if not train and not val:
+                raise ValueError(f"{path}: field '{where}': no train or validation files")
+            name = e.get("name") or f"cslm_{stage}_{kind}" + (f"_{lang}" if lang else "")
+            if name in names:
+                raise ValueError(f"{path}: field '{where}': task name {name!r} is used twice; "
+                                 f"give one a 'name'")
+            names.add(name)
+            specs.append(TaskSpec(stage, kind, lang, float(rate), train, val, name))
+        stages[stage] = specs
+    tok = data.get("tokenizer")
+    return DataConfig(path=str(path), data_dir=str(root),
+                      tokenizer=None if not tok else str(Path(tok) if Path(tok).is_absolute() else root / tok),
+                      format=fmt, max_length=int(packing.get("max_length", 1024)),
+                      shuffle_buffer=int(packing.get("shuffle_buffer", 1000)),
+                      skip_bad=bool(packing.get("skip_bad", False)), stages=stages)
