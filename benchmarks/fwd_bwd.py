@@ -53,7 +53,7 @@ def main():
 
     from cslm_jax.checkpoint import load_params, read_metadata
     from cslm_jax.convert import import_hf
-    from cslm_jax.model import forward
+    from cslm_jax.model import forward, token_cross_entropy
     from cslm_jax.random_hf import llama3_rope_scaling, write_random_hf_llama
 
     torch.set_num_threads(os.cpu_count())
@@ -78,9 +78,8 @@ def main():
     tokens = args.batch * args.length
 
     def jax_loss(p, x, y):
-        logits = forward(cfg, p, x)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.take_along_axis(logp, y[..., None], axis=-1).mean()
+        total, count = token_cross_entropy(forward(cfg, p, x), y, jnp.ones_like(y))
+        return total / count
 
     step = jax.jit(jax.value_and_grad(jax_loss))
     x, y = jnp.asarray(inputs), jnp.asarray(labels)
