@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import sys
+from pathlib import Path
 
 from cslm_jax.checkpoint import CheckpointError
 from cslm_jax.config import ConfigError
@@ -30,6 +32,93 @@ def _cmd_demo(args) -> int:
     from cslm_jax.demo import run_demo
 
     return run_demo(args.out, force=args.force)
+
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _format_config(path):
+    from cslm_jax.formats import load_data_config
+
+    return load_data_config(path, check_files=False).format
+
+
+def _cmd_validate_data(args) -> int:
+    from cslm_jax.formats import read_jsonl
+
+    fmt = _format_config(args.data_config)
+    total_bad = 0
+    for path in args.files:
+        skipped: list = []
+        kinds = collections.Counter(k for _, k, _ in read_jsonl(path, args.kind, fmt,
+                                                                  args.skip_bad, skipped))
+        total_bad += len(skipped)
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "no valid records"
+        print(f"{path}: {sum(kinds.values())} valid ({summary}), {len(skipped)} skipped")
+        for err in skipped[:args.show]:
+            print(f"  skipped {err}")
+        if len(skipped) > args.show:
+            print(f"  ... and {len(skipped) - args.show} more")
+    print(f"validate-data: {len(args.files)} file(s), {total_bad} bad record(s) skipped"
+          if args.skip_bad else f"validate-data: {len(args.files)} file(s) valid")
+    return 0
+
+
+def _cmd_inspect_data(args) -> int:
+    import json
+
+    from cslm_jax.formats import (RECORD_KIND_OF_TASK, TASK_KINDS, ChatRenderer, examples,
+                                  load_data_config, read_jsonl)
+    from cslm_jax.vocab import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    cfg = load_data_config(args.data_config, check_files=bool(args.task))
+    renderer = ChatRenderer(tok, max_length=cfg.max_length)
+    shown = 0
+
+    def show(rendered, source):
+        print(json.dumps({"source": source, "text": rendered.text, "input_ids": rendered.input_ids,
+                          "loss_mask": rendered.loss_mask, "truncated": rendered.truncated},
+                         ensure_ascii=False))
+
+    if args.jsonl:
+        task_kinds = [args.kind] if args.kind in TASK_KINDS else \
+            [t for t, r in RECORD_KIND_OF_TASK.items() if r == args.kind]
+        if not task_kinds:
+            raise ConfigError(f"--kind {args.kind!r}: expected a task kind {TASK_KINDS} or a record "
+                              f"kind {sorted(set(RECORD_KIND_OF_TASK.values()))}")
+        record_kind = RECORD_KIND_OF_TASK[task_kinds[0]]
+        for where, _, record in read_jsonl(args.jsonl, record_kind, cfg.format):
+            for kind in task_kinds:
+                for messages in examples(kind, record, cfg.format, where):
+                    show(renderer(messages), f"{where} {kind}")
+                    shown += 1
+                    if shown >= args.n:
+                        return 0
+        return 0
+    import seqio
+
+    from tasks.cslm import register
+    register(cfg, args.tokenizer)
+    task = seqio.get_mixture_or_task(args.task)
+    if not isinstance(task, seqio.Task):
+        raise ConfigError(f"--task {args.task!r} is a mixture; name one of its tasks: "
+                          f"{[t.name for t in task.tasks]}")
+    ds = task.get_dataset(None, split=args.split, shuffle=False, num_epochs=1)
+    for ex in ds.take(args.n).as_numpy_iterator():
+        ids = ex["targets"].tolist()
+        mask = ex["loss_weights"].tolist()
+        print(json.dumps({"source": args.task, "text": tok.decode(ids), "input_ids": ids,
+                          "loss_mask": mask}, ensure_ascii=False))
+    return 0
+
+
+def _cmd_make_demo_data(args) -> int:
+    from cslm_jax.demo_data import make_demo_data
+
+    make_demo_data(args.out, REPO_CONFIGS / "data" / "demo.yaml", seed=args.seed,
+                   scale=args.scale, force=args.force)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +152,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace a non-empty --out")
     s.set_defaults(func=_cmd_export_hf)
 
+    demo_cfg = str(REPO_CONFIGS / "data" / "demo.yaml")
+    s = sub.add_parser("validate-data", help="check JSONL corpora (JSON, fields, unit ids, speech "
+                       "spans, timings, languages); strict unless --skip-bad")
+    s.add_argument("files", nargs="+", metavar="FILE")
+    s.add_argument("--kind", choices=("paired", "translation", "instruction", "spoken_instruction"),
+                   default=None, help="record kind (default: told from each record's fields)")
+    s.add_argument("--skip-bad", action="store_true", help="count and report bad records instead "
+                   "of stopping at the first")
+    s.add_argument("--data-config", default=demo_cfg,
+                   help="languages and codebook size come from here (default: %(default)s)")
+    s.add_argument("--show", type=int, default=5, help="skipped records to print per file")
+    s.set_defaults(func=_cmd_validate_data)
+
+    s = sub.add_parser("inspect-data", help="print rendered examples with input ids and loss mask")
+    s.add_argument("--tokenizer", required=True, help="the CSLM-extended tokenizer folder "
+                   "(a checkpoint's tokenizer/)")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--task", help="a SeqIO task registered from --data-config")
+    g.add_argument("--jsonl", help="a JSONL file, rendered as --kind")
+    s.add_argument("--kind", help="with --jsonl: task kind (asr, tts, mt, instruct, s2s) or record "
+                   "kind (paired -> asr and tts, ...)")
+    s.add_argument("--data-config", default=demo_cfg, help="default: %(default)s")
+    s.add_argument("--split", default="train")
+    s.add_argument("-n", type=int, default=3, help="examples to print")
+    s.set_defaults(func=_cmd_inspect_data)
+
+    s = sub.add_parser("make-demo-data", help="write the bundled demo corpus and its tokenizer")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--scale", type=int, default=1, help="multiply the corpus size")
+    s.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    s.set_defaults(func=_cmd_make_demo_data)
+
     s = sub.add_parser("demo", help="the bundled end-to-end run on CPU (see README)")
     s.add_argument("--out", required=True, help="folder for everything the demo writes")
     s.add_argument("--force", action="store_true", help="reuse a non-empty --out")
@@ -73,10 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cslm_jax.convert import ConversionError
+    from cslm_jax.formats import RecordError
 
+    if args.command == "inspect-data" and args.jsonl and not args.kind:
+        build_parser().error("inspect-data --jsonl needs --kind")
     try:
         return args.func(args)
-    except (ConversionError, CheckpointError, ConfigError, VocabError, FileExistsError) as e:
+    except (ConversionError, CheckpointError, ConfigError, VocabError, FileExistsError,
+            RecordError, ValueError) as e:
         print(f"cslm-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

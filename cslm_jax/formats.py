@@ -574,9 +574,9 @@ class DataConfig:
         return f"cslm_{stage}"
 
 
-def load_data_config(path, overrides: Sequence[str] = ()) -> DataConfig:
+def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = True) -> DataConfig:
     """Read a data config (see configs/data/demo.yaml); relative files resolve against
-    `data_dir` (itself relative to the config file), every file must exist."""
+    `data_dir` (itself relative to the config file); with `check_files` every file must exist."""
     from pathlib import Path
 
     from cslm_jax.config import apply_overrides, load_yaml
@@ -588,7 +588,7 @@ def load_data_config(path, overrides: Sequence[str] = ()) -> DataConfig:
 
     def resolve(name: str, field: str) -> str:
         p = Path(name) if Path(name).is_absolute() else root / name
-        if not p.is_file():
+        if check_files and not p.is_file():
             raise ValueError(f"{path}: field '{field}': file {p} does not exist")
         return str(p)
 

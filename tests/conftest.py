@@ -51,3 +51,20 @@ def make_hf_llama(tmp_path, tiny_tokenizer_dir):
         return out, model
 
     return make
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The demo corpus and an extended (CSLM) tokenizer: (data dir, tokenizer dir)."""
+    from cslm_jax.demo_data import UNIT_COUNT, make_demo_data
+    from cslm_jax.vocab import extend_tokenizer, load_tokenizer
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_data(root / "data", REPO / "configs" / "data" / "demo.yaml", log=lambda *_: None)
+    tok = load_tokenizer(root / "data" / "tokenizer")
+    extend_tokenizer(tok, UNIT_COUNT, len(tok))
+    tok.save_pretrained(str(root / "tokenizer"))
+    return root / "data", root / "tokenizer"

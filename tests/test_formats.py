@@ -1,0 +1,190 @@
+"""CSLM formats: the loss mask against the reference semantics, the interleaved chain of
+modality, and bad records named by file, line and field."""
+import json
+
+import pytest
+
+from cslm_jax.cli import main as cli
+from cslm_jax.demo_data import build_corpus
+from cslm_jax.formats import (ChatRenderer, RecordError, chunk_answer, examples,
+                              load_data_config, merge_repeats, read_jsonl, speech, timed_tokens,
+                              validate_record)
+from cslm_jax.vocab import extend_tokenizer, llama3_tokenizer, load_tokenizer
+
+from conftest import REPO
+
+SYSTEM = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+          "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>")
+CHATS = [
+    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}],
+    [{"role": "user", "content": "Please directly answer the questions in the user's speech. "
+                                 "This is input: <sosp><12><7><3><eosp>."},
+     {"role": "assistant", "content": "[question] hi there [answer] hello <sosp><1><2><eosp> "
+                                      "friend <sosp><3><eosp> <eoa>"}],
+    [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "first answer"},
+     {"role": "user", "content": "second <sosp><5><eosp>"},
+     {"role": "assistant", "content": "second answer"},
+     {"role": "user", "content": "third"}, {"role": "assistant", "content": "third answer"}],
+]
+
+
+@pytest.fixture(scope="module")
+def fmt():
+    return load_data_config(REPO / "configs" / "data" / "demo.yaml", check_files=False).format
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer():
+    tok = llama3_tokenizer()
+    extend_tokenizer(tok, 64, len(tok))
+    return tok
+
+
+def reference_mask(tok, messages):
+    """The reference semantics built independently, piece by piece: the system block and every
+    user turn are ignored; each assistant turn (header, response, <|eot_id|>) is trained."""
+    ids, mask = tok.encode(SYSTEM, add_special_tokens=False), None
+    mask = [0] * len(ids)
+    for m in messages:
+        piece = f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+        p = tok.encode(piece, add_special_tokens=False)
+        ids += p
+        mask += [int(m["role"] == "assistant")] * len(p)
+    return ids, mask
+
+
+@pytest.mark.parametrize("which", ["llama3", "demo"])
+@pytest.mark.parametrize("chat", range(len(CHATS)))
+def test_loss_mask_matches_reference(which, chat, real_tokenizer, demo):
+    tok = real_tokenizer if which == "llama3" else load_tokenizer(demo[1])
+    rendered = ChatRenderer(tok)(CHATS[chat])
+    ids, mask = reference_mask(tok, CHATS[chat])
+    assert rendered.input_ids == ids
+    assert rendered.loss_mask == mask
+    assert rendered.input_ids[0] == tok.bos_token_id and rendered.loss_mask[0] == 0
+    # every trained token is inside an assistant turn, and each turn's <|eot_id|> is trained
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    trained_eots = sum(1 for i, m in zip(ids, mask) if i == eot and m)
+    assert trained_eots == sum(m["role"] == "assistant" for m in CHATS[chat])
+    if which == "llama3":
+        assert 78191 in [i for i, m in zip(ids, mask) if m]          # "assistant" header token
+        assert 882 not in [i for i, m in zip(ids, mask) if m]        # "user" never trained
+
+
+def test_truncation_is_flagged(demo):
+    tok = load_tokenizer(demo[1])
+    r = ChatRenderer(tok, max_length=20)(CHATS[2])
+    assert r.truncated and len(r.input_ids) == 20 == len(r.loss_mask)
+
+
+def test_merge_repeats_and_speech_spans():
+    assert merge_repeats([5, 5, 7, 7, 7, 5, 1, 1]) == [5, 7, 5, 1]
+    assert speech([12, 907, 33]) == "<sosp><12><907><33><eosp>"
+
+
+def test_interleaving_on_demo_answers(fmt):
+    corpus = build_corpus(0)
+    n = 0
+    for stem in ("s2s_en2en.train", "s2s_zh2zh.train", "s2s_en2zh.train", "s2s_zh2en.train"):
+        for r in corpus[stem]:
+            lang = fmt.languages[r["answer_lang"]]
+            chunks = chunk_answer(r["answer_text"], r["answer_word_times"], r["answer_units"], lang, fmt)
+            # speech chunks concatenate to the full merged unit sequence
+            assert [u for _, us in chunks for u in us] == merge_repeats(r["answer_units"])
+            texts = [t for t, _ in chunks]
+            if lang.chunk_unit == "word":
+                assert " ".join(texts) == " ".join(r["answer_text"].split())
+            else:
+                assert "".join(texts) == r["answer_text"]
+            for t in texts[:-1]:   # every cut is at punctuation or at the chunk size
+                timed = len(timed_tokens(t, lang.chunk_unit, fmt.punctuation))
+                assert t.rstrip()[-1] in fmt.punctuation or timed == lang.chunk_size
+            for t in texts:
+                pieces = [p for p in timed_tokens(t, lang.chunk_unit, fmt.punctuation)
+                          if any(c not in fmt.punctuation and not c.isspace() for c in p)]
+                assert len(pieces) <= lang.chunk_size
+            n += 1
+    assert n > 300
+
+
+def test_chunk_boundaries_follow_timings(fmt):
+    """Units at 50/s; word starts at 0.0, 0.1, 0.2, 0.3 s = unit indices 0, 5, 10, 15 (before
+    merging). Chunk size 2 and no punctuation: cuts at raw indices 10."""
+    import dataclasses
+
+    lang = dataclasses.replace(fmt.languages["en"], chunk_size=2)
+    units = [1] * 5 + [2] * 5 + [2] * 3 + [3] * 2 + [4] * 5   # a run crosses the cut at 10
+    times = [[0.0, 0.1], [0.1, 0.2], [0.2, 0.3], [0.3, 0.4]]
+    chunks = chunk_answer("one two three four", times, units, lang, fmt)
+    assert chunks == [("one two", [1, 2]), ("three four", [3, 4])]
+    raw = chunk_answer("one two three four", times, units, lang,
+                       dataclasses.replace(fmt, merge_repeats=False))
+    assert raw == [("one two", units[:10]), ("three four", units[10:])]
+    # chunk size 4 (the ablation) gives one chunk; punctuation cuts earlier
+    assert len(chunk_answer("one two three four", times, units,
+                            dataclasses.replace(lang, chunk_size=4), fmt)) == 1
+    cut = chunk_answer("one, two three four", times, units, dataclasses.replace(lang, chunk_size=7), fmt)
+    assert [t for t, _ in cut] == ["one,", "two three four"]
+    assert [u for _, us in cut for u in us] == merge_repeats(units)
+
+
+def test_response_templates(fmt):
+    r = build_corpus(0)["s2s_en2en.train"][0]
+    msgs = examples("s2s", r, fmt, "x")[0]
+    assert msgs[0]["content"].startswith("Please directly answer the questions in the user's speech. "
+                                         "This is input: <sosp><")
+    resp = msgs[1]["content"]
+    assert resp.startswith(f"[question] {r['question_text']} [answer] ") and resp.endswith("<eosp> <eoa>")
+    import dataclasses
+    seq = examples("s2s", r, dataclasses.replace(fmt, chain="sequential"), "x")[0][1]["content"]
+    assert seq == (f"[question] {r['question_text']} [answer] {r['answer_text']} "
+                   f"{speech(merge_repeats(r['answer_units']))} <eoa>")
+    cross = build_corpus(0)["s2s_zh2en.train"][0]
+    assert examples("s2s", cross, fmt, "x")[0][0]["content"].startswith(
+        "Please answer the questions in the user's speech in English.")
+
+
+GOOD = {"lang": "en", "text": "hello world", "units": [1, 1, 2, 3, 3, 0],
+        "word_times": [[0.0, 0.04], [0.04, 0.1]]}
+BAD = [
+    ("{not json", "<json>"),
+    (json.dumps({"lang": "en", "units": [1]}), "text"),
+    (json.dumps(dict(GOOD, units=[1, 300])), "units[1]"),
+    (json.dumps(dict(GOOD, text="   ")), "text"),
+    (json.dumps(dict(GOOD, lang="fr")), "lang"),
+    (json.dumps(dict(GOOD, word_times=[[0.05, 0.1], [0.0, 0.04]])), "word_times[1]"),
+    (json.dumps(dict(GOOD, word_times=[[0.0, 0.04], [0.04, 9.0]])), "word_times[1]"),
+    (json.dumps(dict(GOOD, word_times=[[0.0, 0.04]])), "word_times"),
+    (json.dumps({"prompt": "x <sosp><1><2> y", "response": "z"}), "prompt"),
+    (json.dumps({"prompt": ["a", "b"], "response": ["c"]}), "response"),
+    (json.dumps({"prompt": "say <sosp><1><999><eosp>", "response": "ok"}), "prompt"),
+    ("", "<json>"),
+]
+
+
+@pytest.mark.parametrize("line,field", BAD)
+def test_bad_records_name_file_line_and_field(tmp_path, fmt, line, field):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + line + "\n")
+    with pytest.raises(RecordError) as err:
+        list(read_jsonl(path, None, fmt))
+    assert str(err.value).startswith(f"{path}:2: field '{field}'")
+
+
+def test_validate_data_cli_strict_and_skip_bad(tmp_path, capsys):
+    path = tmp_path / "mixed.jsonl"
+    lines = [json.dumps(GOOD)] + [line for line, _ in BAD] + [json.dumps(GOOD)]
+    path.write_text("\n".join(lines) + "\n")
+    assert cli(["validate-data", str(path)]) == 2
+    assert f"{path}:2: field '<json>'" in capsys.readouterr().err
+    assert cli(["validate-data", str(path), "--skip-bad", "--show", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: 2 valid (2 paired), {len(BAD)} skipped" in out
+
+
+def test_demo_corpus_is_valid(fmt):
+    corpus = build_corpus(0)
+    for stem, rows in corpus.items():
+        for i, r in enumerate(rows):
+            from cslm_jax.formats import detect_kind
+            validate_record(detect_kind(r), r, fmt, f"{stem}:{i + 1}")
