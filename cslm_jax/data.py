@@ -234,8 +234,22 @@ class PackedLMConverter(seqio.FeatureConverter):
 
     def _convert_features(self, ds, task_feature_lengths):
         length = task_feature_lengths["targets"]
-        lengths = {k: length for k in ("targets", "loss_weights", "task_ids")}
-        ds = seqio.utils.trim_and_pack_dataset(ds, lengths)
+        features = ("targets", "loss_weights", "task_ids")
+        # seqio's packer takes each feature's length to be its count of non-zero values; token id
+        # 0 is a real token and most loss weights and task ids are 0, so everything is shifted by
+        # one while packing and shifted back after (padding becomes 0 again).
+        ds = ds.map(lambda ex: {k: ex[k] + 1 for k in features},
+                    num_parallel_calls=tf.data.AUTOTUNE)
+        ds = seqio.utils.trim_and_pack_dataset(ds, {k: length for k in features})
+
+        def unshift(ex):
+            real = ex["targets_segment_ids"] > 0
+            out = dict(ex)
+            for k in features:
+                out[k] = tf.where(real, ex[k] - 1, tf.zeros_like(ex[k]))
+            return out
+
+        ds = ds.map(unshift, num_parallel_calls=tf.data.AUTOTUNE)
 
         def to_model(ex):
             tokens, seg = ex["targets"], ex["targets_segment_ids"]
