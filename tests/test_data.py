@@ -198,3 +198,22 @@ def test_third_language_by_configuration_only(tmp_path, demo):
     assert "[answer] der hund ist braun, <sosp>" in joined     # chunk cut at the comma
     batch = next(BatchIterator("cslm_german", max_length=512, batch_size=2, seed=0))
     assert batch["loss_weights"].sum() > 0
+
+
+def test_seqio_vocabulary_over_the_extended_tokenizer(demo):
+    import tensorflow as tf
+
+    from cslm_jax.data import HFVocabulary
+
+    vocab = HFVocabulary(demo[1])
+    tok = load_tokenizer(demo[1])
+    text = "the red cat <sosp><12><207><eosp> 猫是红色的。"
+    ids = vocab.encode(text)
+    assert ids == tok.encode(text, add_special_tokens=False)
+    span = [tok.convert_tokens_to_ids(t) for t in ("<sosp>", "<12>", "<207>", "<eosp>")]
+    start = ids.index(span[0])
+    assert ids[start:start + 4] == span           # each speech token is one id
+    assert vocab.decode(ids) == text
+    assert vocab.encode_tf(tf.constant(text)).numpy().tolist() == ids
+    assert vocab.decode_tf(tf.constant(ids)).numpy().decode() == text
+    assert vocab.vocab_size == len(tok) and vocab.eos_id == tok.convert_tokens_to_ids("<|eot_id|>")
