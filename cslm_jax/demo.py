@@ -1,9 +1,10 @@
 """`cslm-jax demo`: the bundled end-to-end run on CPU.
 
-What runs today (the foundation): a tiny tokenizer with Llama-3's special tokens -> a random
+What runs today: the demo corpus and its tokenizer (Llama-3 special tokens) -> a random
 `transformers` Llama -> `import-hf` with speech units -> our JAX forward checked against PyTorch
--> `export-hf` -> reloaded by `transformers` and checked again. Training (stage 1 and 2) and
-streaming decoding join this run as their issues land.
+-> `export-hf` -> reloaded by `transformers` and checked again -> the SeqIO stage mixtures
+producing packed, masked batches. Training (stage 1 and 2) and streaming decoding join this run
+as their issues land.
 """
 from __future__ import annotations
 
@@ -15,17 +16,6 @@ import numpy as np
 from cslm_jax.config import load_model_config
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_TEXTS = [
-    "please directly answer the questions in the user's speech",
-    "the weather is nice today and we are going to the park",
-    "what is the capital of france? the capital of france is paris.",
-    "translate this sentence into chinese, please",
-    "直接回答用户语音中的问题。",
-    "今天天气很好，我们去公园吧。",
-    "法国的首都是哪里？法国的首都是巴黎。",
-    "用中文回答用户语音中的问题。",
-]
-DEMO_UNITS = 256
 
 
 def run_demo(out: str | Path, force: bool = False) -> int:
@@ -41,7 +31,8 @@ def run_demo(out: str | Path, force: bool = False) -> int:
     from cslm_jax.convert import export_hf, import_hf
     from cslm_jax.model import forward
     from cslm_jax.random_hf import write_random_hf_llama
-    from cslm_jax.vocab import train_bpe_tokenizer
+    from cslm_jax.demo_data import UNIT_COUNT, make_demo_data
+    from cslm_jax.vocab import load_tokenizer
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
@@ -49,11 +40,12 @@ def run_demo(out: str | Path, force: bool = False) -> int:
     t0 = time.time()
     tiny = load_model_config(REPO / "configs" / "model" / "tiny.yaml")
 
-    print("[1/5] tokenizer: byte-level BPE with Llama-3's special tokens and chat template")
-    tok = train_bpe_tokenizer(DEMO_TEXTS * 10, vocab_size=400)
-    print(f"      {len(tok)} tokens")
+    print("[1/6] demo corpus (en, zh) and its BPE tokenizer with Llama-3's special tokens")
+    make_demo_data(out / "data", REPO / "configs" / "data" / "demo.yaml", force=True,
+                   log=lambda m: print("      " + m))
+    tok = load_tokenizer(out / "data" / "tokenizer")
 
-    print("[2/5] a random-weight transformers LlamaForCausalLM (configs/model/tiny.yaml shape)")
+    print("[2/6] a random-weight transformers LlamaForCausalLM (configs/model/tiny.yaml shape)")
     hf_dir = out / "hf_base"
     if hf_dir.exists():
         import shutil
@@ -64,13 +56,13 @@ def run_demo(out: str | Path, force: bool = False) -> int:
         head_dim=tiny.head_dim, rope_scaling=tiny.rope_scaling, rope_theta=tiny.rope_theta,
         max_position_embeddings=tiny.max_position_embeddings)
 
-    print(f"[3/5] import-hf with {DEMO_UNITS} speech units")
-    ckpt = import_hf(hf_dir, out / "ckpt", speech_units=DEMO_UNITS, force=True,
+    print(f"[3/6] import-hf with {UNIT_COUNT} speech units")
+    ckpt = import_hf(hf_dir, out / "ckpt", speech_units=UNIT_COUNT, force=True,
                      log=lambda m: print("      " + m))
     _, cfg, vocab = read_metadata(ckpt)
     params = load_params(ckpt)
 
-    print("[4/5] our JAX forward vs PyTorch on the same tokens (beyond the original rope context)")
+    print("[4/6] our JAX forward vs PyTorch on the same tokens (beyond the original rope context)")
     rng = np.random.default_rng(0)
     ids = rng.integers(0, vocab.base_size, size=(2, 2 * tiny.rope_scaling["original_max_position_embeddings"]))
     with torch.no_grad():
@@ -79,7 +71,7 @@ def run_demo(out: str | Path, force: bool = False) -> int:
     diff = np.abs(ours[..., :vocab.base_size] - ref).max()
     print(f"      max |logit difference| = {diff:.2e} over {ids.size} tokens")
 
-    print("[5/5] export-hf and reload with transformers")
+    print("[5/6] export-hf and reload with transformers")
     export = export_hf(ckpt, out / "hf_export", dtype="float32", force=True,
                        log=lambda m: print("      " + m))
     back = LlamaForCausalLM.from_pretrained(str(export), attn_implementation="eager").eval()
@@ -97,8 +89,35 @@ def run_demo(out: str | Path, force: bool = False) -> int:
           f"{vocab.unit_count} units + {len(vocab.control_tokens)} control tokens")
     print(f"      '<sosp><12><207><33><eosp>' -> {speech}")
     print(f"      chat prompt of {len(pids)} tokens: max |logit difference| vs export = {diff2:.2e}")
-    ok = diff < 1e-4 and diff2 < 1e-4 and len(speech) == 5
+
+    print("[6/6] SeqIO stage mixtures over the corpus, with the checkpoint's extended tokenizer")
+    from cslm_jax.data import BatchIterator, stats_report
+    from cslm_jax.formats import load_data_config
+    from tasks.cslm import register
+
+    data_cfg = load_data_config(out / "data" / "data.yaml")
+    register(data_cfg, ckpt / "tokenizer")
+    batches_ok = True
+    for stage in data_cfg.stages:
+        it = BatchIterator(data_cfg.mixture_name(stage), max_length=data_cfg.max_length,
+                           batch_size=8, seed=0)
+        batch = [next(it) for _ in range(4)][-1]
+        names = [t.name for t in data_cfg.tasks(stage)]
+        seen = sorted({names[i] for i in batch["task_ids"][batch["loss_weights"] > 0]})
+        fill = (batch["segment_ids"] > 0).mean()
+        trained = batch["loss_weights"].sum() / max((batch["segment_ids"] > 0).sum(), 1)
+        print(f"      {data_cfg.mixture_name(stage)}: rows {fill:.0%} full, {trained:.0%} of tokens "
+              f"trained; tasks in this batch: {', '.join(seen)}")
+        batches_ok &= fill > 0.3 and 0 < trained < 1
+    docs = [etok.decode(batch["tokens"][r][batch["segment_ids"][r] == sid])
+            for r in range(len(batch["tokens"])) for sid in range(1, batch["segment_ids"][r].max() + 1)]
+    answer = next((d[d.rfind("[question]"):] for d in docs if "[question]" in d), "")
+    batches_ok &= "<sosp>" in answer
+    print(f"      an interleaved stage-2 answer: {answer[:300]}{'...' if len(answer) > 300 else ''}")
+    skipped = sum(c.get("skipped", 0) for c in stats_report().values())
+    print(f"      records processed so far: {sum(c.get('records', 0) for c in stats_report().values())}"
+          f", skipped {skipped}")
+    ok = diff < 1e-4 and diff2 < 1e-4 and len(speech) == 5 and batches_ok and skipped == 0
     print(f"demo {'OK' if ok else 'FAILED'} in {time.time() - t0:.0f}s; outputs in {out}")
-    print("not yet in this run: SeqIO data, stage 1/2 training, streaming decoding "
-          "(tracked by their issues)")
+    print("not yet in this run: stage 1/2 training, streaming decoding (tracked by their issues)")
     return 0 if ok else 1
