@@ -292,7 +292,7 @@ def import_hf(hf_dir, out, speech_units: int | None = None, pad_vocab_multiple: 
 
     # Check every tensor's presence and shape before reading any weights.
     base_rows = base_cfg.vocab_size
-    expected = {}
+    expected: set[str] = set()
     for m in active_mappings(base_cfg):
         for i in range(base_cfg.num_layers) if m.per_layer else [None]:
             name = m.hf_name.format(i=i)
@@ -303,7 +303,7 @@ def import_hf(hf_dir, out, speech_units: int | None = None, pad_vocab_multiple: 
             if got != want:
                 raise ConversionError(f"{tensors.where[name]}: tensor {name} has shape {got}, "
                                       f"config.json implies {want}")
-            expected[name] = m
+            expected.add(name)
     unexpected = sorted(k for k in tensors.where if k not in expected
                         and not k.endswith(IGNORED_TENSOR_SUFFIXES)
                         and not (k == "lm_head.weight" and base_cfg.tie_word_embeddings))
