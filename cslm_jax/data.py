@@ -2,10 +2,10 @@
 preprocessor (templates + loss mask, in the pipeline), a packing feature converter that carries
 the loss mask and task ids, and a batch iterator whose position can be saved and restored.
 
-Pipeline per task: JSONL lines (file, line number) -> shard by host (`seqio.ShardInfo`) ->
-validate + format + render + tokenize + mask (Python, via tf.py_function; strict errors name file,
-line and field; `skip_bad` counts) -> shuffle (seeded) -> mixture sampling (seeded rates) ->
-pack to `max_length` -> batch. Every stage is deterministic for a seed, and the tf.data iterator
+Pipeline per task: JSONL records -> validate + format + render + tokenize + mask, once, into a
+cached TFRecord (Python; strict errors name file, line and field; `skip_bad` counts) -> read
+(pure TensorFlow from here on) -> shard by host (`seqio.ShardInfo`) -> shuffle (seeded) ->
+mixture sampling (seeded rates) -> pack to `max_length` -> batch. Every stage is deterministic for a seed, and the tf.data iterator
 state (shuffle buffers included) is checkpointed, so a resume continues with exactly the batch an
 uninterrupted run would have seen.
 """
@@ -24,7 +24,7 @@ import seqio  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from cslm_jax.formats import (RECORD_KIND_OF_TASK, ChatRenderer, DataConfig, RecordError,  # noqa: E402
-                              TaskSpec, detect_kind, examples, parse_line, validate_record)
+                              TaskSpec, examples)
 
 # TensorFlow must not grab accelerators that JAX owns.
 tf.config.set_visible_devices([], "GPU")
@@ -35,7 +35,7 @@ except (ValueError, RuntimeError):
 
 
 class DataError(RuntimeError):
-    """The input pipeline stopped on bad data; the message names file, line and field."""
+    """The input pipeline stopped, or a saved position does not fit it; the message says where."""
 
 
 # -- vocabulary ---------------------------------------------------------------------------------
@@ -97,22 +97,18 @@ class HFVocabulary(seqio.Vocabulary):
 # -- statistics: nothing is dropped silently ----------------------------------------------------
 
 class PipelineStats:
-    """Per-task counters filled by the preprocessing functions (thread-safe)."""
+    """Per task split ("<task>:<split>"): records, examples, truncated, tokens, skipped, as the
+    preparation counted them, with the first skipped records' messages."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.skip_examples: dict[str, list[str]] = collections.defaultdict(list)
 
-    def add(self, task: str, **counts):
+    def record(self, name: str, counts: dict, skipped: list[str]):
         with self._lock:
-            self.counts[task].update(counts)
-
-    def skip(self, task: str, error: RecordError):
-        with self._lock:
-            self.counts[task]["skipped"] += 1
-            if len(self.skip_examples[task]) < 5:
-                self.skip_examples[task].append(str(error))
+            self.counts[name] = collections.Counter(counts)
+            self.skip_examples[name] = list(skipped)
 
     def report(self) -> dict:
         with self._lock:
@@ -122,80 +118,110 @@ class PipelineStats:
 STATS = PipelineStats()
 
 
-# -- sources and preprocessing --------------------------------------------------------------------
+# -- preparation: records -> tokenized, masked examples (once, cached) ------------------------------
 
-def jsonl_dataset(files: list[str]) -> tf.data.Dataset:
-    """Lines of the files in order, as {file, line (1-based), text}."""
-    def lines_of(i):
-        path = tf.gather(tf.constant(files), i)
-        ds = tf.data.TextLineDataset(path)
-        return ds.enumerate(start=1).map(lambda n, text: {"file": path, "line": n, "text": text})
-
-    return tf.data.Dataset.range(len(files)).flat_map(lines_of)
+PREPARE_VERSION = 1
 
 
-def jsonl_source(spec: TaskSpec) -> seqio.FunctionDataSource:
-    splits = {"train": spec.train, "validation": spec.validation}
-    splits = {k: v for k, v in splits.items() if v}
+def _cache_key(spec: TaskSpec, split: str, files: tuple, cfg: DataConfig, tokenizer_dir: str) -> str:
+    import dataclasses
+    import hashlib
+
+    tok_files = sorted(Path(tokenizer_dir).glob("*.json"))
+    key = {"version": PREPARE_VERSION, "kind": spec.kind, "lang": spec.lang, "split": split,
+           "files": [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files],
+           "format": dataclasses.asdict(cfg.format), "max_length": cfg.max_length,
+           "skip_bad": cfg.skip_bad,
+           "tokenizer": [hashlib.sha256(f.read_bytes()).hexdigest() for f in tok_files]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_split(spec: TaskSpec, split: str, cfg: DataConfig, tokenizer_dir: str,
+                  stats: PipelineStats = None) -> Path:
+    """Validate, format, render, tokenize and mask one task split into a TFRecord file (cached
+    under `<data_dir>/.cslm_cache/`, keyed by the files, the config and the tokenizer).
+
+    Strict by default: the first bad record raises RecordError naming file, line and field, before
+    any training starts. With `skip_bad`, bad records are counted (and the first few kept) in the
+    split's stats.json. Python runs here once, so the tf.data pipeline that reads the result is pure
+    TensorFlow: fast, checkpointable, and free of Python callbacks that could deadlock on the GIL
+    when an iterator is torn down.
+    """
+    import shutil
+    import uuid
+
+    from cslm_jax.formats import read_jsonl
+    from cslm_jax.vocab import load_tokenizer
+
+    files = spec.train if split == "train" else spec.validation
+    if not files:
+        raise ValueError(f"task {spec.name} has no '{split}' files")
+    out = Path(cfg.data_dir) / ".cslm_cache" / f"{spec.name}.{split}.{_cache_key(spec, split, files, cfg, tokenizer_dir)}"
+    if not (out / "stats.json").is_file():
+        record_kind = RECORD_KIND_OF_TASK[spec.kind]
+        renderer = ChatRenderer(load_tokenizer(tokenizer_dir), cfg.max_length)
+        counts = collections.Counter(records=0, examples=0, truncated=0, tokens=0, skipped=0)
+        skipped: list = []
+        tmp = out.with_name(out.name + f".tmp-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir(parents=True)
+        try:
+            with tf.io.TFRecordWriter(str(tmp / "examples.tfrecord")) as writer:
+                for path in files:
+                    for where, _, record in read_jsonl(path, record_kind, cfg.format, cfg.skip_bad,
+                                                       skipped):
+                        if spec.kind in ("asr", "tts") and record["lang"] != spec.lang:
+                            err = RecordError(where, "lang", f"is {record['lang']!r} but task "
+                                                             f"{spec.name} is for {spec.lang!r}")
+                            if not cfg.skip_bad:
+                                raise err
+                            skipped.append(err)
+                            continue
+                        counts["records"] += 1
+                        for messages in examples(spec.kind, record, cfg.format, where):
+                            r = renderer(messages)
+                            counts.update(examples=1, truncated=int(r.truncated), tokens=len(r.input_ids))
+                            feature = {
+                                "targets": tf.train.Feature(int64_list=tf.train.Int64List(value=r.input_ids)),
+                                "loss_weights": tf.train.Feature(int64_list=tf.train.Int64List(value=r.loss_mask))}
+                            writer.write(tf.train.Example(features=tf.train.Features(
+                                feature=feature)).SerializeToString())
+            counts["skipped"] = len(skipped)
+            (tmp / "stats.json").write_text(json.dumps(
+                {"counts": counts, "skipped": [str(e) for e in skipped[:20]]}, ensure_ascii=False))
+            try:
+                os.rename(tmp, out)
+            except OSError:              # another host or process prepared it first: same content
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if stats is not None:
+        saved = json.loads((out / "stats.json").read_text())
+        stats.record(f"{spec.name}:{split}", saved["counts"], saved["skipped"])
+    return out
+
+
+def prepared_source(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str,
+                    stats: PipelineStats) -> seqio.FunctionDataSource:
+    splits = [s for s, files in (("train", spec.train), ("validation", spec.validation)) if files]
+    features = {"targets": tf.io.VarLenFeature(tf.int64), "loss_weights": tf.io.VarLenFeature(tf.int64)}
+
+    def parse(raw):
+        ex = tf.io.parse_single_example(raw, features)
+        return {k: tf.cast(tf.sparse.to_dense(v), tf.int32) for k, v in ex.items()}
 
     def dataset_fn(split, shuffle_files, seed=None):
         if split not in splits:
-            raise ValueError(f"task {spec.name} has no '{split}' files; configured: {sorted(splits)}")
-        return jsonl_dataset(splits[split])
+            raise ValueError(f"task {spec.name} has no '{split}' files; configured: {splits}")
+        path = prepare_split(spec, split, cfg, tokenizer_dir, stats)
+        return tf.data.TFRecordDataset(str(path / "examples.tfrecord")).map(parse)
 
-    return seqio.FunctionDataSource(dataset_fn, splits=list(splits), caching_permitted=False)
+    return seqio.FunctionDataSource(dataset_fn, splits=splits, caching_permitted=False)
 
 
-def make_example_fn(spec: TaskSpec, cfg: DataConfig, renderer: ChatRenderer, task_index: int,
-                    stats: PipelineStats):
-    """Python: (file, line, text) -> flat ids, flat loss mask, row lengths (several examples per
-    record for MT; zero for a skipped record)."""
-    record_kind = RECORD_KIND_OF_TASK[spec.kind]
-
-    def fn(file, line, text):
-        where = f"{file.numpy().decode()}:{int(line.numpy())}"
-        try:
-            raw = text.numpy().decode("utf-8")
-            if not raw.strip():
-                raise RecordError(where, "<json>", "empty line")
-            record = parse_line(raw, where)
-            kind = detect_kind(record)
-            if kind != record_kind:
-                raise RecordError(where, "<kind>", f"task {spec.name} ({spec.kind}) needs "
-                                                   f"{record_kind} records, this looks like {kind}")
-            validate_record(record_kind, record, cfg.format, where)
-            if spec.kind in ("asr", "tts") and record["lang"] != spec.lang:
-                raise RecordError(where, "lang", f"is {record['lang']!r} but task {spec.name} is "
-                                                 f"for language {spec.lang!r}")
-            rendered = [renderer(m) for m in examples(spec.kind, record, cfg.format, where)]
-        except RecordError as e:
-            if not cfg.skip_bad:
-                raise
-            stats.skip(spec.name, e)
-            return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32)
-        stats.add(spec.name, records=1, examples=len(rendered),
-                  truncated=sum(r.truncated for r in rendered),
-                  tokens=sum(len(r.input_ids) for r in rendered))
-        ids = np.asarray([i for r in rendered for i in r.input_ids], np.int32)
-        mask = np.asarray([m for r in rendered for m in r.loss_mask], np.int32)
-        return ids, mask, np.asarray([len(r.input_ids) for r in rendered], np.int32)
-
+def add_task_ids(task_index: int):
     def preprocess(ds: tf.data.Dataset) -> tf.data.Dataset:
-        def to_rows(ex):
-            ids, mask, lengths = tf.py_function(fn, [ex["file"], ex["line"], ex["text"]],
-                                                [tf.int32, tf.int32, tf.int32])
-            ids.set_shape([None])
-            mask.set_shape([None])
-            lengths.set_shape([None])
-            rows = {"targets": tf.RaggedTensor.from_row_lengths(ids, lengths),
-                    "loss_weights": tf.RaggedTensor.from_row_lengths(mask, lengths)}
-            return tf.data.Dataset.from_tensor_slices(rows)
-
-        def add_task(ex):
-            return dict(ex, task_ids=tf.fill(tf.shape(ex["targets"]), task_index))
-
-        return ds.flat_map(to_rows).map(add_task)
-
+        return ds.map(lambda ex: dict(ex, task_ids=tf.fill(tf.shape(ex["targets"]), task_index)))
     return preprocess
 
 
@@ -295,8 +321,6 @@ class BatchIterator:
                                feature_converter=PackedLMConverter())
         ds = ds.batch(batch_size, drop_remainder=num_epochs is None)
         options = tf.data.Options()
-        # py_function preprocessing is stateless for our purposes: let tf.data checkpoint around it
-        options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
         options.deterministic = True
         self._ds = ds.with_options(options).prefetch(2)
         self._it = iter(self._ds)
@@ -309,7 +333,7 @@ class BatchIterator:
         try:
             batch = next(self._it)
         except tf.errors.OpError as e:
-            raise DataError(_our_message(e)) from None
+            raise DataError(f"input pipeline {self.name} ({self.split}): {e.message}") from None
         self.position += 1
         return {k: v.numpy() for k, v in batch.items()}
 
@@ -331,15 +355,6 @@ class BatchIterator:
                             f"reads {self.name!r}")
         tf.train.Checkpoint(iterator=self._it).read(str(directory / "iterator")).assert_consumed()
         self.position = int(meta["batches"])
-
-
-def _our_message(error: Exception) -> str:
-    """The RecordError text inside a TensorFlow error raised from py_function."""
-    text = getattr(error, "message", str(error))
-    for line in text.splitlines():
-        if "field '" in line and ".jsonl:" in line or "RecordError" in line:
-            return line.split("RecordError: ", 1)[-1].strip()
-    return text
 
 
 def stats_report() -> dict:

@@ -114,9 +114,11 @@ def run_demo(out: str | Path, force: bool = False) -> int:
     answer = next((d[d.rfind("[question]"):] for d in docs if "[question]" in d), "")
     batches_ok &= "<sosp>" in answer
     print(f"      an interleaved stage-2 answer: {answer[:300]}{'...' if len(answer) > 300 else ''}")
-    skipped = sum(c.get("skipped", 0) for c in stats_report().values())
-    print(f"      records processed so far: {sum(c.get('records', 0) for c in stats_report().values())}"
-          f", skipped {skipped}")
+    ours = {t.name for t in data_cfg.tasks()}
+    counts = [c for name, c in stats_report().items() if name.split(":")[0] in ours]
+    skipped = sum(c.get("skipped", 0) for c in counts)
+    print(f"      records prepared: {sum(c.get('records', 0) for c in counts)}, skipped {skipped}, "
+          f"truncated examples {sum(c.get('truncated', 0) for c in counts)}")
     ok = diff < 1e-4 and diff2 < 1e-4 and len(speech) == 5 and batches_ok and skipped == 0
     print(f"demo {'OK' if ok else 'FAILED'} in {time.time() - t0:.0f}s; outputs in {out}")
     print("not yet in this run: stage 1/2 training, streaming decoding (tracked by their issues)")

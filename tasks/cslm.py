@@ -1,7 +1,8 @@
 """CSLM tasks and mixtures, registered from a data config (configs/data/*.yaml).
 
 One SeqIO task per stage entry, named `cslm_<stage>_<kind>[_<lang>]` (or the entry's `name`),
-reading JSONL files through the CSLM preprocessor; one mixture per stage, `cslm_<stage>`, with the
+reading JSONL files prepared (validated, rendered, tokenized, masked; cached) by
+`cslm_jax.data.prepare_split`; one mixture per stage, `cslm_<stage>`, with the
 configured rates. Adding a language is configuration only: a `languages.<code>` section with its
 templates and chunking, and stage entries pointing at its files.
 """
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import seqio
 
-from cslm_jax.data import STATS, HFVocabulary, jsonl_source, make_example_fn, output_features
-from cslm_jax.formats import ChatRenderer, DataConfig
+from cslm_jax.data import STATS, HFVocabulary, add_task_ids, output_features, prepared_source
+from cslm_jax.formats import DataConfig
 
 
 def register(cfg: DataConfig, tokenizer_dir: str | Path, stages=None) -> list[str]:
@@ -22,7 +23,6 @@ def register(cfg: DataConfig, tokenizer_dir: str | Path, stages=None) -> list[st
     encode to single ids. Registering again replaces earlier registrations of the same names.
     """
     vocab = HFVocabulary(tokenizer_dir)
-    renderer = ChatRenderer(vocab.tokenizer, max_length=cfg.max_length)
     if "<sosp>" not in vocab.tokenizer.get_vocab():
         raise ValueError(f"{tokenizer_dir}: tokenizer has no CSLM tokens (<sosp>, units); use the "
                          f"tokenizer of an imported checkpoint (cslm-jax import-hf)")
@@ -32,8 +32,8 @@ def register(cfg: DataConfig, tokenizer_dir: str | Path, stages=None) -> list[st
         for index, spec in enumerate(specs):
             seqio.TaskRegistry.remove(spec.name)
             seqio.TaskRegistry.add(
-                spec.name, source=jsonl_source(spec),
-                preprocessors=[make_example_fn(spec, cfg, renderer, index, STATS)],
+                spec.name, source=prepared_source(spec, cfg, vocab.tokenizer_dir, STATS),
+                preprocessors=[add_task_ids(index)],
                 output_features=output_features(vocab, len(specs)),
                 shuffle_buffer_size=cfg.shuffle_buffer)
         name = cfg.mixture_name(stage)

@@ -10,8 +10,8 @@ import yaml
 from conftest import REPO
 
 import seqio  # noqa: E402
-from cslm_jax.data import STATS, BatchIterator, DataError  # noqa: E402
-from cslm_jax.formats import ChatRenderer, examples, load_data_config  # noqa: E402
+from cslm_jax.data import STATS, BatchIterator  # noqa: E402
+from cslm_jax.formats import ChatRenderer, RecordError, examples, load_data_config  # noqa: E402
 from cslm_jax.vocab import load_tokenizer  # noqa: E402
 from tasks.cslm import register  # noqa: E402
 
@@ -139,10 +139,11 @@ def test_strict_pipeline_error_names_the_record(tmp_path, demo):
     f = write_jsonl(tmp_path / "p.jsonl", [good, good, dict(good, units=[1, 4000]), good])
     cfg = small_config(tmp_path, {"strict": [{"kind": "asr", "lang": "en", "train": [f]}]})
     register(cfg, demo[1])
-    it = BatchIterator("cslm_strict", max_length=512, batch_size=1, seed=0, shuffle=False,
-                       num_epochs=1)
-    with pytest.raises(DataError, match=r"p\.jsonl:3: field 'units\[1\]'"):
-        list(it)
+    # records are prepared before the pipeline runs: the error comes before any batch
+    with pytest.raises(RecordError, match=r"p\.jsonl:3: field 'units\[1\]'"):
+        BatchIterator("cslm_strict", max_length=512, batch_size=1, seed=0, shuffle=False,
+                      num_epochs=1)
+    assert not list((tmp_path / ".cslm_cache").glob("*")), "no half-prepared cache is left"
 
 
 def test_skip_bad_counts_match(tmp_path, demo):
@@ -152,14 +153,13 @@ def test_skip_bad_counts_match(tmp_path, demo):
     cfg = small_config(tmp_path, {"skipping": [{"kind": "asr", "lang": "en", "train": [f]}]},
                        skip_bad=True)
     register(cfg, demo[1])
-    before = STATS.report().get("cslm_skipping_asr_en", {})
     ds = seqio.get_mixture_or_task("cslm_skipping_asr_en").get_dataset(
         None, split="train", shuffle=False, num_epochs=1)
     assert len(list(ds.as_numpy_iterator())) == 3
-    after = STATS.report()["cslm_skipping_asr_en"]
-    assert after.get("skipped", 0) - before.get("skipped", 0) == 3
-    assert after["records"] - before.get("records", 0) == 3
-    assert any("q.jsonl:2" in m for m in STATS.skip_examples["cslm_skipping_asr_en"])
+    counts = STATS.report()["cslm_skipping_asr_en:train"]
+    assert counts["skipped"] == 3 and counts["records"] == 3 and counts["examples"] == 3
+    messages = STATS.skip_examples["cslm_skipping_asr_en:train"]
+    assert [m.split(": field")[0].rsplit(":", 1)[1] for m in messages] == ["2", "3", "5"]
 
 
 def test_third_language_by_configuration_only(tmp_path, demo):
