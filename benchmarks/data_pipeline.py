@@ -36,7 +36,6 @@ def main():
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from cslm_jax.config import load_model_config
     from cslm_jax.data import BatchIterator
