@@ -175,6 +175,12 @@ def _is_timed(piece: str, chunk_unit: str, punctuation: str) -> bool:
     return chunk_unit == "word" or any(not (c.isspace() or c in punctuation) for c in piece)
 
 
+def timed_count(text: str, lang: "LanguageConfig", cfg: "FormatConfig") -> int:
+    """How many [start, end] timings a text needs: its timed tokens."""
+    return sum(_is_timed(p, lang.chunk_unit, cfg.punctuation)
+               for p in timed_tokens(text, lang.chunk_unit, cfg.punctuation))
+
+
 def _times(record: dict, field: str, where: str, n_tokens: int, n_units: int,
            cfg: FormatConfig) -> list[tuple[float, float]]:
     value = record.get(field)
@@ -215,9 +221,7 @@ def validate_record(kind: str, record: dict, cfg: FormatConfig, where: str) -> N
         _text(record, "text", where)
         units = _units(record, "units", where, cfg.unit_count)
         if record.get("word_times") is not None:
-            n = sum(_is_timed(p, lang.chunk_unit, cfg.punctuation)
-                    for p in timed_tokens(record["text"], lang.chunk_unit, cfg.punctuation))
-            _times(record, "word_times", where, n, len(units), cfg)
+            _times(record, "word_times", where, timed_count(record["text"], lang, cfg), len(units), cfg)
     elif kind == "translation":
         cfg.lang(record["src_lang"], where, "src_lang")
         cfg.lang(record["tgt_lang"], where, "tgt_lang")
@@ -238,9 +242,7 @@ def validate_record(kind: str, record: dict, cfg: FormatConfig, where: str) -> N
         answer = _text(record, "answer_text", where)
         _units(record, "question_units", where, cfg.unit_count)
         units = _units(record, "answer_units", where, cfg.unit_count)
-        n = sum(_is_timed(p, lang.chunk_unit, cfg.punctuation)
-                for p in timed_tokens(answer, lang.chunk_unit, cfg.punctuation))
-        _times(record, "answer_word_times", where, n, len(units), cfg)
+        _times(record, "answer_word_times", where, timed_count(answer, lang, cfg), len(units), cfg)
 
 
 def _turns(record: dict, where: str) -> tuple[list, list]:
@@ -391,10 +393,7 @@ def examples(task_kind: str, record: dict, cfg: FormatConfig, where: str) -> lis
         template = lang.s2s_prompt if q_lang == record["answer_lang"] else lang.s2s_cross_prompt
         prompt = template.format(speech=speech(units_of("question_units")))
         times = _times(record, "answer_word_times", where,
-                       sum(_is_timed(p, lang.chunk_unit, cfg.punctuation)
-                           for p in timed_tokens(record["answer_text"], lang.chunk_unit,
-                                                 cfg.punctuation)),
-                       len(record["answer_units"]), cfg)
+                       timed_count(record["answer_text"], lang, cfg), len(record["answer_units"]), cfg)
         if cfg.chain == "sequential":
             response = sequential_response(record["question_text"], record["answer_text"],
                                            units_of("answer_units"))
