@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from cslm_jax.config import ModelConfig
-from cslm_jax.model import forward
+from cslm_jax.model import forward, token_losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +51,8 @@ def loss_sums(model_cfg: ModelConfig, params, batch, unit_range: tuple[int, int]
     batch: tokens, positions, segment_ids, targets, loss_weights, each [B, T]."""
     logits = forward(model_cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"],
                      rules)
-    flat = logits.reshape(-1, logits.shape[-1])
+    token_loss = token_losses(logits, batch["targets"])
     targets = batch["targets"].reshape(-1)
-    token_loss = (jax.nn.logsumexp(flat, axis=-1)
-                  - jnp.take_along_axis(flat, targets[:, None], axis=-1)[:, 0])
     w = batch["loss_weights"].reshape(-1).astype(jnp.float32)
     is_unit = ((targets >= unit_range[0]) & (targets < unit_range[1])).astype(jnp.float32)
     wu, wt = w * is_unit, w * (1.0 - is_unit)
