@@ -153,7 +153,7 @@ def param_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         _expected_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))[0]}
 
 
-def iter_params(path: str | Path, shardings=None, dtype=None, names=None):
+def iter_params(path: str | Path, shardings=None, dtype=None):
     """(name, array) per parameter, restored one at a time: host numpy arrays, or with
     `shardings` (tree matching the schema) jax arrays placed directly in those shardings.
     Shapes are checked against the checkpoint's model config first, naming any mismatch."""
@@ -179,8 +179,6 @@ def iter_params(path: str | Path, shardings=None, dtype=None, names=None):
     flat_shardings = None if shardings is None else {
         _leaf_name(k): v for k, v in jax.tree_util.tree_flatten_with_path(shardings)[0]}
     for name, meta in metas.items():
-        if names is not None and name not in names:
-            continue
         nbytes = int(np.prod(meta.shape)) * np.dtype(dtype or meta.dtype).itemsize
         if flat_shardings is None:
             arg = ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)

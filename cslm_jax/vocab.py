@@ -8,7 +8,6 @@ This metadata travels with every checkpoint and is trimmed away on export.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 CONTROL_TOKENS = ("<sosp>", "<eosp>", "<eoa>", "[question]", "[answer]")
@@ -228,7 +227,3 @@ def check_layout(tokenizer, info: VocabInfo, where: str) -> None:
         if vocab.get(name) != info.token_id(name):
             raise VocabError(f"{where}: token {name!r} has id {vocab.get(name)}, "
                              f"expected {info.token_id(name)}")
-
-
-def save_vocab_info(info: VocabInfo, path: Path) -> None:
-    path.write_text(json.dumps(info.to_dict(), indent=2) + "\n")
