@@ -200,3 +200,95 @@ def load_params(path: str | Path, shardings=None, dtype=None) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = array
     return tree
+
+
+# -- training checkpoints: Orbax CheckpointManager with separate items ---------------------------
+
+TRAIN_ITEMS = ("state", "data", "config")
+
+
+def _data_handler_classes():
+    """A synchronous Orbax handler for the input pipeline's position (one tf.data iterator
+    checkpoint per process: every host reads its own shard). Built lazily: Orbax and TensorFlow
+    load only when a trainer needs them."""
+    global _DATA_HANDLER
+    if _DATA_HANDLER is not None:
+        return _DATA_HANDLER
+    import dataclasses as dc
+
+    import orbax.checkpoint as ocp
+
+    class DataPositionHandler(ocp.CheckpointHandler):
+        def save(self, directory, args):
+            args.iterator.save(Path(directory) / f"process_{jax.process_index()}")
+
+        def restore(self, directory, args):
+            where = Path(directory) / f"process_{jax.process_index()}"
+            if not where.is_dir():
+                raise CheckpointError(f"{directory}: no data position for process "
+                                      f"{jax.process_index()}; was it written with "
+                                      f"{jax.process_count()} processes?")
+            args.iterator.restore(where)
+            return args.iterator.position
+
+        def metadata(self, directory):
+            return None
+
+    @ocp.args.register_with_handler(DataPositionHandler, for_save=True)
+    @dc.dataclass
+    class DataPositionSave(ocp.args.CheckpointArgs):
+        iterator: object
+
+    @ocp.args.register_with_handler(DataPositionHandler, for_restore=True)
+    @dc.dataclass
+    class DataPositionRestore(ocp.args.CheckpointArgs):
+        iterator: object
+
+    _DATA_HANDLER = (DataPositionHandler, DataPositionSave, DataPositionRestore)
+    return _DATA_HANDLER
+
+
+_DATA_HANDLER = None
+
+
+def train_checkpoint_manager(directory: str | Path, every: int, keep: int, async_save: bool = True):
+    """Orbax CheckpointManager over `directory` with items `state` (train state: step, params,
+    optimizer state), `data` (input pipeline position) and `config` (the run config, model config
+    and vocabulary as JSON). Saves go to a temporary folder renamed on commit, so a process killed
+    mid-save leaves the previous checkpoint as the latest complete one."""
+    import orbax.checkpoint as ocp
+
+    handler, _, _ = _data_handler_classes()
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=every, max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(
+        Path(directory).absolute(), options=options, item_names=TRAIN_ITEMS,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": handler(),
+                       "config": ocp.JsonCheckpointHandler()})
+
+
+def train_save_args(state, iterator, config: dict):
+    import orbax.checkpoint as ocp
+
+    _, save, _ = _data_handler_classes()
+    return ocp.args.Composite(state=ocp.args.StandardSave(state), data=save(iterator),
+                              config=ocp.args.JsonSave(config))
+
+
+def train_restore_args(abstract_state, iterator=None):
+    """Restore args: the state straight into `abstract_state`'s shardings (the current mesh,
+    whatever mesh wrote it); the data position into `iterator` when given."""
+    import orbax.checkpoint as ocp
+
+    _, _, restore = _data_handler_classes()
+    items = {"state": ocp.args.StandardRestore(abstract_state), "config": ocp.args.JsonRestore()}
+    if iterator is not None:
+        items["data"] = restore(iterator)
+    return ocp.args.Composite(**items)
+
+
+def read_train_config(manager, step: int) -> dict:
+    import orbax.checkpoint as ocp
+
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

@@ -28,6 +28,29 @@ def _cmd_export_hf(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from cslm_jax.train import run_from_cli
+
+    return run_from_cli(args.config, args.run_dir, args.overrides, args.init_from)
+
+
+TRAIN_EPILOG = """\
+overrides (key=value, values parsed as YAML; sections of the run config, see configs/demo.yaml):
+  train.steps=N                 optimizer steps (the cosine schedule's length)
+  checkpoint.every=N            save a checkpoint every N steps (and at the end and on SIGTERM)
+  checkpoint.keep=K             keep the last K checkpoints
+  checkpoint.async_save=false   save in the foreground
+  train.global_batch_size=288 train.micro_batch_size=32   accumulation = global / micro
+  mesh.data=1 mesh.fsdp=-1 mesh.tensor=1                  -1 takes the remaining devices
+  optimizer.learning_rate=6e-5 optimizer.warmup_ratio=0.03 optimizer.clip_norm=1.0
+  model.remat_policy=dots_no_batch model.compute_dtype=bfloat16
+  data.config=FILE data.stage=pretrain data.max_length=1024 train.on_nonfinite=stop|skip
+
+exit codes: 0 done; 75 preempted (SIGTERM: checkpoint written, rerun the same command to
+resume); 3 non-finite loss (last checkpoint intact); 2 bad configuration or data.
+"""
+
+
 def _cmd_demo(args) -> int:
     from cslm_jax.demo import run_demo
 
@@ -152,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace a non-empty --out")
     s.set_defaults(func=_cmd_export_hf)
 
+    s = sub.add_parser("train", help="train one CSLM stage on the device mesh (resumes "
+                       "automatically from RUN_DIR's latest checkpoint)", epilog=TRAIN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--config", required=True, help="run config YAML (configs/cslm_pretrain.yaml, "
+                   "configs/cslm_sft.yaml, configs/demo.yaml)")
+    s.add_argument("--run-dir", required=True, help="folder for checkpoints, metrics and the "
+                   "final model; rerunning with the same folder resumes")
+    s.add_argument("--init-from", default=None, help="model checkpoint to start from (import-hf "
+                   "output, or a finished run folder: its parameters, not its optimizer state); "
+                   "overrides the config's init_from; ignored when RUN_DIR has a checkpoint")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    s.set_defaults(func=_cmd_train)
+
     demo_cfg = str(REPO_CONFIGS / "data" / "demo.yaml")
     s = sub.add_parser("validate-data", help="check JSONL corpora (JSON, fields, unit ids, speech "
                        "spans, timings, languages); strict unless --skip-bad")
@@ -196,13 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cslm_jax.convert import ConversionError
     from cslm_jax.formats import RecordError
+    from cslm_jax.train import TrainError
 
     if args.command == "inspect-data" and args.jsonl and not args.kind:
         build_parser().error("inspect-data --jsonl needs --kind")
     try:
         return args.func(args)
     except (ConversionError, CheckpointError, ConfigError, VocabError, FileExistsError,
-            RecordError, ValueError) as e:
+            RecordError, ValueError, TrainError) as e:
         print(f"cslm-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

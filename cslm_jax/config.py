@@ -185,3 +185,214 @@ def pad_to_multiple(n: int, multiple: int) -> int:
     if multiple <= 0:
         raise ConfigError(f"padding multiple must be positive, got {multiple}")
     return int(math.ceil(n / multiple) * multiple)
+
+
+# -- run configuration (cslm-jax train) ------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup and cosine decay to zero, global-norm clipping. Defaults are the
+    reference's (PyTorch AdamW betas/eps, weight decay 0, HF Trainer's clip 1.0, warmup 3%)."""
+
+    learning_rate: float = 6e-5
+    total_steps: int = 1000
+    warmup_ratio: float = 0.03
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+
+    def schedule(self):
+        import optax
+
+        warmup = int(round(self.warmup_ratio * self.total_steps))
+        if warmup == 0:      # as HF's cosine schedule: no warmup means the peak rate at step 0
+            return optax.cosine_decay_schedule(self.learning_rate, max(self.total_steps, 1))
+        return optax.warmup_cosine_decay_schedule(
+            0.0, self.learning_rate, warmup, max(self.total_steps, warmup + 1), end_value=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    config: str                    # a data config (configs/data/*.yaml)
+    stage: str                     # one of its stages: the mixture cslm_<stage> is trained
+    max_length: int | None = None  # packed row length; None: the data config's packing.max_length
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    steps: int                              # optimizer steps (the schedule's length)
+    global_batch_size: int                  # packed rows per optimizer step, all hosts together
+    micro_batch_size: int | None = None     # rows per forward/backward; accumulation = global/micro
+    log_every: int = 1
+    on_nonfinite: str = "stop"              # stop | skip
+    max_skipped_steps: int = 10             # with skip: stop after this many skipped steps
+    peak_flops_per_device: float | None = None   # for MFU; None: known TPU/GPU table or measured
+    progress_bar: bool = True
+    num_devices: int | None = None          # use the first N devices (None: all)
+
+    @property
+    def accumulation(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size or self.global_batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    every: int = 500               # save every N steps (and at the end, and on SIGTERM)
+    keep: int = 3                  # keep the last K
+    async_save: bool = True        # write in the background while training continues
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One training run (`cslm-jax train --config CFG.yaml`); see configs/demo.yaml."""
+
+    data: DataSection
+    train: TrainSection
+    init_from: str | None = None   # model checkpoint (import-hf output) or a finished run dir
+    model: dict = dataclasses.field(default_factory=dict)   # overrides of training-side fields
+    mesh: dict = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+    sharding_rules: dict | None = None     # logical axis -> mesh axes; None: DEFAULT_RULES
+    optimizer: OptimizerConfig = OptimizerConfig()
+    checkpoint: CheckpointSection = CheckpointSection()
+    path: str = ""                 # the file it was read from (informational)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+RUN_MODEL_FIELDS = ("param_dtype", "compute_dtype", "remat_policy", "scan_layers")
+RUN_PATH_FIELDS = (("init_from",), ("data", "config"))
+
+
+def _section(cls, data, where: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a mapping, got {data!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and f.name not in data]
+    if missing:
+        raise ConfigError(f"{where}: missing required field(s) {missing}")
+    return cls(**data)
+
+
+def _resolve_paths(data: dict, base: Path) -> dict:
+    """Relative paths in a config file resolve against that file's folder."""
+    for keys in RUN_PATH_FIELDS:
+        node = data
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            p = Path(node[keys[-1]]).expanduser()
+            node[keys[-1]] = str(p if p.is_absolute() else (base / p).resolve())
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _load_with_bases(path: Path, seen: tuple = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config file {path}: 'base' chain loops back on itself")
+    data = _resolve_paths(load_yaml(path), path.parent)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+    return _merge(_load_with_bases(base_path, seen + (path,)), data)
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """A run config from YAML (`base: other.yaml` inherits and deep-merges) and `key=value`
+    overrides. Paths in files resolve against the file's folder; paths in overrides against the
+    working directory. Every section is validated; errors name the file and field."""
+    where = str(path)
+    data = _load_with_bases(Path(path))
+    for section in ("data", "train", "model", "mesh", "optimizer", "checkpoint"):
+        if data.get(section) is None:
+            data[section] = {}          # so that `section.key=value` overrides always apply
+    data = apply_overrides(data, list(overrides), where)
+    # overridden paths are relative to the working directory
+    over_keys = {tuple(parse_override(o)[0]) for o in overrides}
+    for keys in RUN_PATH_FIELDS:
+        if keys in over_keys:
+            _resolve_paths(data, Path.cwd())
+    return run_config_from_dict(data, where)
+
+
+def run_config_from_dict(data: dict, where: str = "run config") -> RunConfig:
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {sorted(known - {'path'})}")
+    for name in ("data", "train"):
+        if name not in data:
+            raise ConfigError(f"{where}: missing section '{name}'")
+    for name in ("data", "train"):
+        if not data[name]:
+            raise ConfigError(f"{where}: section '{name}' is empty")
+    model = dict(data.get("model") or {})
+    bad = sorted(set(model) - set(RUN_MODEL_FIELDS))
+    if bad:
+        raise ConfigError(f"{where}: section 'model': field(s) {bad} cannot change in training (the "
+                          f"architecture comes from init_from); allowed: {list(RUN_MODEL_FIELDS)}")
+    train = _section(TrainSection, data["train"], f"{where}: section 'train'")
+    optimizer = _section(OptimizerConfig, dict(data.get("optimizer") or {}, total_steps=train.steps),
+                         f"{where}: section 'optimizer'")
+    cfg = RunConfig(data=_section(DataSection, data["data"], f"{where}: section 'data'"), train=train,
+                    init_from=data.get("init_from"), model=model,
+                    mesh=dict(data.get("mesh") or {"data": 1, "fsdp": -1, "tensor": 1}),
+                    sharding_rules=data.get("sharding_rules"), optimizer=optimizer,
+                    checkpoint=_section(CheckpointSection, data.get("checkpoint"),
+                                        f"{where}: section 'checkpoint'"),
+                    path=str(where))
+    validate_run_config(cfg, where)
+    return cfg
+
+
+def validate_run_config(cfg: RunConfig, where: str) -> None:
+    t = cfg.train
+
+    def positive(value, field):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{where}: field '{field}' must be a positive integer, got {value!r}")
+
+    positive(t.steps, "train.steps")
+    positive(t.global_batch_size, "train.global_batch_size")
+    positive(t.log_every, "train.log_every")
+    positive(cfg.checkpoint.every, "checkpoint.every")
+    positive(cfg.checkpoint.keep, "checkpoint.keep")
+    if t.micro_batch_size is not None:
+        positive(t.micro_batch_size, "train.micro_batch_size")
+        if t.global_batch_size % t.micro_batch_size:
+            raise ConfigError(f"{where}: field 'train.global_batch_size' ({t.global_batch_size}) must "
+                              f"be a multiple of 'train.micro_batch_size' ({t.micro_batch_size})")
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"{where}: field 'train.on_nonfinite' must be 'stop' or 'skip', got "
+                          f"{t.on_nonfinite!r}")
+    if t.num_devices is not None:
+        positive(t.num_devices, "train.num_devices")
+    if cfg.data.max_length is not None:
+        positive(cfg.data.max_length, "data.max_length")
+    for name in ("learning_rate", "eps", "clip_norm"):
+        if not float(getattr(cfg.optimizer, name)) > 0:
+            raise ConfigError(f"{where}: field 'optimizer.{name}' must be positive")
+    if not 0 <= cfg.optimizer.warmup_ratio < 1:
+        raise ConfigError(f"{where}: field 'optimizer.warmup_ratio' must be in [0, 1)")
+    for name, allowed in (("compute_dtype", DTYPES), ("param_dtype", DTYPES),
+                          ("remat_policy", REMAT_POLICIES)):
+        if name in cfg.model and cfg.model[name] not in allowed:
+            raise ConfigError(f"{where}: field 'model.{name}' must be one of {allowed}, got "
+                              f"{cfg.model[name]!r}")

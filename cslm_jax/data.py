@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -25,6 +26,16 @@ import tensorflow as tf  # noqa: E402
 
 from cslm_jax.formats import (RECORD_KIND_OF_TASK, ChatRenderer, DataConfig, RecordError,  # noqa: E402
                               TaskSpec, examples)
+
+class _QuietUncachedWarning(logging.Filter):
+    """seqio advises caching FunctionDataSource tasks; ours read TFRecords prepared and cached
+    by `prepare_split`, so the advice does not apply and would only bury real messages."""
+
+    def filter(self, record):
+        return "uncached FunctionDataset" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietUncachedWarning())
 
 # TensorFlow must not grab accelerators that JAX owns.
 tf.config.set_visible_devices([], "GPU")

@@ -7,36 +7,12 @@ speech-unit targets separately.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import optax
 
-from cslm_jax.config import ModelConfig
+from cslm_jax.config import ModelConfig, OptimizerConfig
 from cslm_jax.model import forward, token_losses
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW with linear warmup and cosine decay to zero, global-norm clipping. Defaults are the
-    reference's (PyTorch AdamW betas/eps, weight decay 0, HF Trainer's clip 1.0, warmup 3%)."""
-
-    learning_rate: float = 6e-5
-    total_steps: int = 1000
-    warmup_ratio: float = 0.03
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    clip_norm: float = 1.0
-
-    def schedule(self):
-        warmup = int(round(self.warmup_ratio * self.total_steps))
-        if warmup == 0:      # as HF's cosine schedule: no warmup means the peak rate at step 0
-            return optax.cosine_decay_schedule(self.learning_rate, max(self.total_steps, 1))
-        return optax.warmup_cosine_decay_schedule(
-            0.0, self.learning_rate, warmup, max(self.total_steps, warmup + 1), end_value=0.0)
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
@@ -46,9 +22,12 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
                     weight_decay=cfg.weight_decay))
 
 
-def loss_sums(model_cfg: ModelConfig, params, batch, unit_range: tuple[int, int], rules=None):
-    """Sums over one micro-batch: (loss, weight, text loss, text weight, unit loss, unit weight).
-    batch: tokens, positions, segment_ids, targets, loss_weights, each [B, T]."""
+def loss_sums(model_cfg: ModelConfig, params, batch, unit_range: tuple[int, int], rules=None,
+              num_tasks: int = 1) -> dict:
+    """Sums over one micro-batch, float32 scalars unless noted: loss, weight (trained tokens),
+    text_loss/text_weight, unit_loss/unit_weight, and task_loss/task_weight [num_tasks] split by
+    the task each target comes from. batch: tokens, positions, segment_ids, targets,
+    loss_weights, [task_ids], each [B, T] int32."""
     logits = forward(model_cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"],
                      rules)
     token_loss = token_losses(logits, batch["targets"])
@@ -56,41 +35,59 @@ def loss_sums(model_cfg: ModelConfig, params, batch, unit_range: tuple[int, int]
     w = batch["loss_weights"].reshape(-1).astype(jnp.float32)
     is_unit = ((targets >= unit_range[0]) & (targets < unit_range[1])).astype(jnp.float32)
     wu, wt = w * is_unit, w * (1.0 - is_unit)
-    return jnp.stack([jnp.sum(token_loss * w), jnp.sum(w), jnp.sum(token_loss * wt), jnp.sum(wt),
-                      jnp.sum(token_loss * wu), jnp.sum(wu)])
+    weighted = token_loss * w
+    task_ids = batch.get("task_ids")
+    task_ids = jnp.zeros_like(targets) if task_ids is None else task_ids.reshape(-1)
+    return {"loss": jnp.sum(weighted), "weight": jnp.sum(w),
+            "text_loss": jnp.sum(token_loss * wt), "text_weight": jnp.sum(wt),
+            "unit_loss": jnp.sum(token_loss * wu), "unit_weight": jnp.sum(wu),
+            "task_loss": jax.ops.segment_sum(weighted, task_ids, num_segments=num_tasks),
+            "task_weight": jax.ops.segment_sum(w, task_ids, num_segments=num_tasks)}
 
 
 def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
-                    unit_range: tuple[int, int], rules=None):
+                    unit_range: tuple[int, int], rules=None, num_tasks: int = 1):
     """step(params, opt_state, batch) -> (params, opt_state, metrics).
 
     `batch` leaves are [k, b, T]: k micro-batches accumulated with `lax.scan` (gradients of the
-    summed loss, divided once by the global trained-token count)."""
+    summed loss, divided once by the global trained-token count). A step whose loss or gradient
+    norm is not finite leaves params and optimizer state unchanged (metrics["finite"] is 0): the
+    caller then stops or counts a skipped step, and never holds a poisoned state."""
 
     def micro(params, mb):
         def f(p):
-            sums = loss_sums(model_cfg, p, mb, unit_range, rules)
-            return sums[0], sums
+            sums = loss_sums(model_cfg, p, mb, unit_range, rules, num_tasks)
+            return sums["loss"], sums
         grads, sums = jax.grad(f, has_aux=True)(params)
         return grads, sums
 
     def step(params, opt_state, batch):
         zeros = jax.tree.map(jnp.zeros_like, params)
+        sums0 = {k: jnp.zeros((num_tasks,) if k.startswith("task_") else (), jnp.float32)
+                 for k in ("loss", "weight", "text_loss", "text_weight", "unit_loss",
+                           "unit_weight", "task_loss", "task_weight")}
 
         def body(carry, mb):
             g_acc, s_acc = carry
             g, s = micro(params, mb)
-            return (jax.tree.map(jnp.add, g_acc, g), s_acc + s), None
+            return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
 
-        (grads, sums), _ = jax.lax.scan(body, (zeros, jnp.zeros(6, jnp.float32)), batch)
-        denom = jnp.maximum(sums[1], 1.0)
+        (grads, sums), _ = jax.lax.scan(body, (zeros, sums0), batch)
+        denom = jnp.maximum(sums["weight"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics = {"loss": sums[0] / denom, "tokens_trained": sums[1],
-                   "text_loss": sums[2] / jnp.maximum(sums[3], 1.0),
-                   "unit_loss": sums[4] / jnp.maximum(sums[5], 1.0),
-                   "grad_norm": optax.global_norm(grads)}
-        return params, opt_state, metrics
+        grad_norm = optax.global_norm(grads)
+        loss = sums["loss"] / denom
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        metrics = {"loss": loss, "tokens_trained": sums["weight"],
+                   "text_loss": sums["text_loss"] / jnp.maximum(sums["text_weight"], 1.0),
+                   "unit_loss": sums["unit_loss"] / jnp.maximum(sums["unit_weight"], 1.0),
+                   "text_tokens": sums["text_weight"], "unit_tokens": sums["unit_weight"],
+                   "task_loss": sums["task_loss"] / jnp.maximum(sums["task_weight"], 1.0),
+                   "task_tokens": sums["task_weight"],
+                   "grad_norm": grad_norm, "finite": finite.astype(jnp.int32)}
+        return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 
     return step

@@ -1,0 +1,567 @@
+"""`cslm-jax train`: one CSLM stage on any device mesh, resumable after preemption.
+
+    cslm-jax train --config configs/demo.yaml --run-dir runs/stage1 [key=value ...]
+
+The run: a mesh from config -> parameters from `init_from` (a model checkpoint written by
+`import-hf`, or a finished run's `model/`) placed directly in their shardings -> the stage's
+SeqIO mixture, per host -> a jit-compiled step (explicit in/out shardings, donated state,
+gradient accumulation) -> metrics each step (JSON lines, TensorBoard, progress bar) -> Orbax
+checkpoints (items `state`, `data`, `config`) every N steps, keep K, async -> on SIGTERM a
+checkpoint and exit code 75 -> at the end `RUN_DIR/model/`, a model checkpoint that `export-hf`
+converts and `--init-from` starts the next stage from.
+
+Run folder:
+    config.yaml        the resolved run config (also inside every checkpoint, item `config`)
+    tokenizer/         the CSLM tokenizer the run trains with
+    checkpoints/<N>/   Orbax: state (step, params, optimizer state), data (pipeline position per
+                       process), config (run + model config + vocabulary)
+    metrics.jsonl      one JSON object per logged step (`step`, `loss`, ...)
+    tensorboard/       the same scalars as TensorBoard events
+    model/             the final parameters as a model checkpoint (when the run completes)
+
+Exit codes: 0 done; 75 preempted (SIGTERM): a checkpoint was written, run the same command
+again to resume; 3 a non-finite loss stopped the run (the last checkpoint is intact); 2 bad
+configuration or data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from jax.sharding import NamedSharding, PartitionSpec
+
+from cslm_jax.config import ConfigError, ModelConfig, RunConfig
+from cslm_jax.vocab import VocabInfo
+
+EXIT_OK = 0
+EXIT_NONFINITE = 3
+EXIT_PREEMPTED = 75          # sysexits' EX_TEMPFAIL: temporary failure, run again to resume
+
+# Peak dense bf16 FLOP/s per chip, by `device_kind` prefix, for MFU. CPUs are measured instead.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+              "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+              "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+
+
+class TrainError(RuntimeError):
+    """The run cannot start or continue; the message says why and what to do."""
+
+
+# -- FLOPs and MFU ------------------------------------------------------------------------------
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), as PaLM (Chowdhery et al. 2022,
+    appendix B) and MaxText count them:
+
+        6 * N_matmul + 12 * L * H * Dh * T
+
+    N_matmul: parameters that take part in matmuls (every layer weight and the LM head; the
+    embedding lookup is a gather, not a matmul, unless it is tied as the head). The attention
+    term counts QK^T and PV over the full T x T square (not halved for causality), as PaLM does.
+    Remat recomputation is not counted: MFU measures useful work.
+    """
+    d, f, l = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    attn_proj = d * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    n_matmul = l * (attn_proj + 3 * d * f) + cfg.vocab_size * d
+    return 6.0 * n_matmul + 12.0 * l * cfg.num_heads * cfg.head_dim * seq_len
+
+
+def measure_matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n x n dense matmul on the default device, median of `repeats`."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n ** 3 / sorted(times)[len(times) // 2]
+
+
+def peak_flops_per_device(configured: float | None, compute_dtype: str) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure comes from)."""
+    if configured:
+        return float(configured), "config"
+    kind = jax.devices()[0].device_kind
+    for prefix, value in PEAK_FLOPS.items():
+        if kind.startswith(prefix):
+            return value, f"{kind} datasheet (bf16 dense)"
+    peak = measure_matmul_peak(jnp.dtype(compute_dtype))
+    # on CPU every fake device shares the same cores: the host's peak is split among them
+    per_device = peak / max(jax.local_device_count(), 1) if jax.devices()[0].platform == "cpu" else peak
+    return per_device, f"measured {compute_dtype} 2048^2 matmul on {kind}"
+
+
+# -- shardings of the train state -------------------------------------------------------------------
+
+def _keys(path) -> tuple:
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def opt_state_shardings(abstract_opt_state, params_sharding: dict, params_shape: dict, mesh):
+    """Optimizer-state leaves shaped like a parameter (Adam's mu and nu) share its sharding;
+    everything else (counts) is replicated. Matched by the trailing dict keys of the leaf's path."""
+    flat_sh = {_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_sharding)[0]}
+    flat_shape = {_keys(p): tuple(s.shape) for p, s in
+                  jax.tree_util.tree_flatten_with_path(params_shape)[0]}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        keys = _keys(path)
+        for n in range(len(keys)):
+            tail = keys[n:]
+            if tail in flat_sh and flat_shape[tail] == tuple(leaf.shape):
+                return flat_sh[tail]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
+
+
+# -- metrics output ---------------------------------------------------------------------------------
+
+class MetricsWriter:
+    """JSON lines + TensorBoard + a progress bar (or plain lines when not on a terminal).
+    Only process 0 writes; the others keep quiet."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress_bar: bool,
+                 log=print):
+        self.enabled = jax.process_index() == 0
+        self.log = log
+        self.path = run_dir / "metrics.jsonl"
+        self._tb = None
+        self._bar = None
+        if not self.enabled:
+            return
+        self._truncate_after(start_step)
+        self._file = open(self.path, "a", encoding="utf-8")
+        import tensorflow as tf
+        self._tf = tf
+        self._tb = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
+        if progress_bar and sys.stderr.isatty():
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: drop their earlier lines."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        with self._tb.as_default():
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tf.summary.scalar(k, v, step=row["step"])
+        short = (f"loss {row['loss']:.4f} (text {row['text_loss']:.3f}, units {row['unit_loss']:.3f}) "
+                 f"lr {row['learning_rate']:.2e} |g| {row['grad_norm']:.2f} "
+                 f"{row['tokens_per_s']:.0f} tok/s mfu {row['mfu']:.1%}")
+        if self._bar is not None:
+            self._bar.n = row["step"]
+            self._bar.set_postfix_str(short, refresh=True)
+        else:
+            self.log(f"step {row['step']}: {short}")
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        self._tb.flush()
+        if self._bar is not None:
+            self._bar.close()
+
+
+# -- preemption ------------------------------------------------------------------------------------
+
+class PreemptionFlag:
+    """Set by SIGTERM (the TPU VM preemption notice, `kill`, Kubernetes); read between steps.
+    With several processes, any process's flag stops all of them at the same step."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.raised = True
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:           # not the main thread: the caller handles signals itself
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self) -> bool:
+        if jax.process_count() == 1:
+            return self.raised
+        from jax.experimental import multihost_utils
+        flags = multihost_utils.process_allgather(np.int32(self.raised))
+        return bool(np.max(flags))
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+def resolve_init(path: str | Path) -> Path:
+    """A model checkpoint folder: itself, or a run folder's `model/`."""
+    from cslm_jax.checkpoint import META_FILE
+
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return path
+    if (path / "model" / META_FILE).is_file():
+        return path / "model"
+    if (path / "checkpoints").is_dir():
+        raise TrainError(f"--init-from {path}: this run has no model/ yet (it did not finish); "
+                         f"resume it to the end first (`cslm-jax train` with --run-dir {path})")
+    raise TrainError(f"--init-from {path}: not a model checkpoint (no {META_FILE}; write one with "
+                     f"`cslm-jax import-hf`) and not a finished run folder")
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training run holds besides its state (built by `prepare_run`)."""
+
+    cfg: RunConfig
+    run_dir: Path
+    model_cfg: ModelConfig
+    vocab: VocabInfo
+    source_meta: dict
+    mesh: object
+    rules: dict | None
+    param_sh: dict
+    state_sh: dict
+    batch_sh: NamedSharding
+    optimizer: object
+    task_names: list
+    mixture: str
+    max_length: int
+
+
+def _config_item(run: Run) -> dict:
+    return {"run": run.cfg.to_dict(), "model": run.model_cfg.to_dict(),
+            "vocab": run.vocab.to_dict(), "source": run.source_meta}
+
+
+def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=print) -> tuple[Run, int | None, Path | None]:
+    """Model/vocab (from the latest checkpoint when resuming, else from init_from), mesh,
+    shardings, data registration. Returns (run, step to resume from or None, init checkpoint)."""
+    from cslm_jax.checkpoint import read_metadata, read_train_config
+    from cslm_jax.formats import load_data_config
+    from cslm_jax.model import param_shapes, param_shardings
+    from cslm_jax.sharding import make_mesh, named_sharding
+    from cslm_jax.train_step import make_optimizer
+    from tasks.cslm import register
+
+    latest = manager.latest_step()
+    init = None
+    overrides = dict(cfg.model)
+    if latest is not None:
+        saved = read_train_config(manager, latest)
+        model_cfg = ModelConfig.from_dict(saved["model"], where=f"{run_dir} checkpoint {latest}")
+        model_cfg = model_cfg.replace(**overrides)
+        vocab = VocabInfo.from_dict(saved["vocab"], where=f"{run_dir} checkpoint {latest}")
+        source_meta = saved.get("source", {})
+        if init_from or cfg.init_from:
+            log(f"train: resuming {run_dir} from step {latest}; init_from is not used")
+    else:
+        where = init_from or cfg.init_from
+        if not where:
+            raise TrainError("train: nothing to start from: set init_from in the config or pass "
+                             "--init-from (a checkpoint written by `cslm-jax import-hf`)")
+        init = resolve_init(where)
+        meta, model_cfg, vocab = read_metadata(init)
+        model_cfg = model_cfg.replace(**overrides)
+        source_meta = {k: v for k, v in meta.items() if k not in ("format", "model", "vocab")}
+        source_meta["init_from"] = str(init)
+        if jax.process_index() == 0 and not (run_dir / "tokenizer").is_dir():
+            if not (init / "tokenizer").is_dir():
+                raise TrainError(f"{init}/tokenizer: missing; the checkpoint carries no tokenizer")
+            shutil.copytree(init / "tokenizer", run_dir / "tokenizer")
+    if vocab.unit_count == 0:
+        raise TrainError(f"{init or run_dir}: the vocabulary has no speech units; import the base "
+                         f"model with `cslm-jax import-hf --speech-units N`")
+
+    t = cfg.train
+    devices = jax.devices()
+    if t.num_devices is not None:
+        if t.num_devices > len(devices):
+            raise ConfigError(f"train.num_devices is {t.num_devices} but only {len(devices)} "
+                              f"devices exist")
+        devices = devices[:t.num_devices]
+    mesh = make_mesh(cfg.mesh, devices)
+    rules = cfg.sharding_rules
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = t.micro_batch_size or t.global_batch_size
+    if micro % batch_ways:
+        raise ConfigError(f"train.micro_batch_size ({micro}) must be a multiple of the mesh's "
+                          f"data x fsdp size ({batch_ways}): each device needs whole rows")
+    if t.global_batch_size % jax.process_count():
+        raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                          f"the process count ({jax.process_count()})")
+
+    param_sh = param_shardings(model_cfg, mesh, rules)
+    pdtype = jnp.dtype(model_cfg.param_dtype)
+    abstract_params = jax.tree.map(lambda spec: jax.ShapeDtypeStruct(spec[0], pdtype),
+                                   param_shapes(model_cfg),
+                                   is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
+                                   and isinstance(x[1], tuple))
+    optimizer = make_optimizer(cfg.optimizer)
+    opt_sh = opt_state_shardings(jax.eval_shape(optimizer.init, abstract_params), param_sh,
+                                 abstract_params, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state_sh = {"step": replicated, "skipped": replicated, "params": param_sh, "opt_state": opt_sh}
+    batch_sh = named_sharding(mesh, (None, "batch", "length"), rules, what="batch")
+
+    data_overrides = [] if cfg.data.max_length is None else [f"packing.max_length={cfg.data.max_length}"]
+    data_cfg = load_data_config(cfg.data.config, data_overrides)
+    if cfg.data.stage not in data_cfg.stages:
+        raise ConfigError(f"data.stage is {cfg.data.stage!r}; {cfg.data.config} has stages "
+                          f"{sorted(data_cfg.stages)}")
+    [mixture] = register(data_cfg, run_dir / "tokenizer", stages=[cfg.data.stage])
+    task_names = [s.name for s in data_cfg.tasks(cfg.data.stage)]
+    run = Run(cfg, run_dir, model_cfg, vocab, source_meta, mesh, rules, param_sh, state_sh,
+              batch_sh, optimizer, task_names, mixture, data_cfg.max_length)
+    return run, latest, init
+
+
+def abstract_state(run: Run):
+    from cslm_jax.model import param_shapes
+
+    pdtype = jnp.dtype(run.model_cfg.param_dtype)
+    params = jax.tree.map(lambda spec, sh: jax.ShapeDtypeStruct(spec[0], pdtype, sharding=sh),
+                          param_shapes(run.model_cfg), run.param_sh,
+                          is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
+                          and isinstance(x[1], tuple))
+    opt = jax.eval_shape(run.optimizer.init, params)
+    opt = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), opt,
+                       run.state_sh["opt_state"])
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=run.state_sh["step"])
+    return {"step": scalar, "skipped": scalar, "params": params, "opt_state": opt}
+
+
+def initial_state(run: Run, init: Path) -> dict:
+    """Parameters restored straight into their shardings; a fresh optimizer state."""
+    from cslm_jax.checkpoint import load_params
+
+    params = load_params(init, shardings=run.param_sh, dtype=jnp.dtype(run.model_cfg.param_dtype))
+    opt_state = jax.jit(run.optimizer.init, out_shardings=run.state_sh["opt_state"])(params)
+    def zero():      # two buffers: step and skipped are donated separately
+        return jax.device_put(jnp.zeros((), jnp.int32), run.state_sh["step"])
+    return {"step": zero(), "skipped": zero(), "params": params, "opt_state": opt_state}
+
+
+def make_train_fn(run: Run):
+    """The jit-compiled step: (state, batch [k, b, T]) -> (state, metrics); state donated."""
+    from cslm_jax.train_step import make_train_step
+
+    vocab = run.vocab
+    step = make_train_step(run.model_cfg, run.optimizer,
+                           (vocab.unit_offset, vocab.unit_offset + vocab.unit_count),
+                           run.rules, num_tasks=len(run.task_names))
+    schedule = run.cfg.optimizer.schedule()
+
+    def train_fn(state, batch):
+        params, opt_state, metrics = step(state["params"], state["opt_state"], batch)
+        applied = state["step"] - state["skipped"]      # optax counts only applied updates
+        metrics["learning_rate"] = schedule(applied)
+        new = {"step": state["step"] + 1, "skipped": state["skipped"] + 1 - metrics["finite"],
+               "params": params, "opt_state": opt_state}
+        return new, metrics
+
+    replicated = NamedSharding(run.mesh, PartitionSpec())
+    return jax.jit(train_fn, in_shardings=(run.state_sh, run.batch_sh),
+                   out_shardings=(run.state_sh, replicated), donate_argnums=(0,))
+
+
+def global_batch(run: Run, local: dict) -> dict:
+    """Host rows [rows, T] -> global arrays [k, b, T] sharded over the batch axes. Each process
+    passes its own rows; together they form the global batch."""
+    k = run.cfg.train.accumulation
+    out = {}
+    for name in ("tokens", "positions", "segment_ids", "targets", "loss_weights", "task_ids"):
+        x = np.asarray(local[name], np.int32)
+        x = x.reshape(k, x.shape[0] // k, *x.shape[1:])
+        out[name] = jax.make_array_from_process_local_data(run.batch_sh, x)
+    return out
+
+
+def _row(run: Run, step: int, m: dict, elapsed: float, tokens: int, flops_tok: float,
+         peak: float, skipped: int) -> dict:
+    row = {"step": step, "loss": float(m["loss"]), "text_loss": float(m["text_loss"]),
+           "unit_loss": float(m["unit_loss"]), "learning_rate": float(m["learning_rate"]),
+           "grad_norm": float(m["grad_norm"]), "trained_tokens": int(m["tokens_trained"]),
+           "text_tokens": int(m["text_tokens"]), "unit_tokens": int(m["unit_tokens"]),
+           "step_time_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+           "mfu": flops_tok * tokens / elapsed / (peak * run.mesh.size) if elapsed > 0 else 0.0,
+           "skipped_steps": skipped, "finite": bool(m["finite"])}
+    for name, loss, count in zip(run.task_names, np.asarray(m["task_loss"]),
+                                 np.asarray(m["task_tokens"])):
+        if count > 0:
+            row[f"loss/{name}"] = float(loss)
+    return row
+
+
+def train(cfg: RunConfig, run_dir: str | Path, init_from: str | Path | None = None,
+          log=print, on_step=None) -> int:
+    """Run (or resume) one stage; returns an exit code (module docstring). `on_step(step)` is
+    called after each step is dispatched (tests use it to deliver signals at a known step)."""
+    from cslm_jax.checkpoint import (save_model_checkpoint, train_checkpoint_manager,
+                                     train_restore_args, train_save_args)
+    from cslm_jax.data import BatchIterator
+    from cslm_jax.vocab import load_tokenizer
+
+    run_dir = Path(run_dir).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = cfg.train
+    manager = train_checkpoint_manager(run_dir / "checkpoints", cfg.checkpoint.every,
+                                       cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    try:
+        run, latest, init = prepare_run(cfg, run_dir, manager, init_from, log)
+        if jax.process_index() == 0:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False,
+                                                                allow_unicode=True))
+        log(f"train: {run.mixture} ({len(run.task_names)} tasks), {run.model_cfg.num_params() / 1e6:.1f}M "
+            f"params, mesh {dict(run.mesh.shape)} over {run.mesh.size} {jax.devices()[0].platform} "
+            f"device(s), {jax.process_count()} process(es); batch {t.global_batch_size} x "
+            f"{run.max_length} = {t.accumulation} x {t.micro_batch_size or t.global_batch_size}; "
+            f"{t.steps} steps, checkpoint every {cfg.checkpoint.every} (keep {cfg.checkpoint.keep})")
+        data = BatchIterator(run.mixture, max_length=run.max_length,
+                             batch_size=t.global_batch_size // jax.process_count(),
+                             seed=cfg.data.seed, shard_index=jax.process_index(),
+                             num_shards=jax.process_count())
+        with jax.set_mesh(run.mesh):
+            if latest is not None:
+                restored = manager.restore(latest, args=train_restore_args(abstract_state(run), data))
+                state = restored["state"]
+                log(f"train: resumed from {run_dir / 'checkpoints' / str(latest)} (step {latest}, "
+                    f"data position {data.position} batches)")
+            else:
+                state = initial_state(run, init)
+                log(f"train: initialised from {init}")
+            start = int(state["step"])
+            if start >= t.steps:
+                log(f"train: already at step {start} of {t.steps}")
+            train_fn = make_train_fn(run)
+            flops_tok = flops_per_token(run.model_cfg, run.max_length)
+            peak, peak_src = peak_flops_per_device(t.peak_flops_per_device, run.model_cfg.compute_dtype)
+            log(f"train: {flops_tok / 1e6:.1f} MFLOP/token (6N + 12LHDhT); peak "
+                f"{peak / 1e12:.3f} TFLOP/s per device ({peak_src})")
+            writer = MetricsWriter(run_dir, t.steps, start, t.progress_bar, log)
+            code = _loop(run, manager, data, state, train_fn, writer, start, flops_tok, peak,
+                         log, on_step, train_save_args)
+            writer.close()
+            manager.wait_until_finished()
+            if code != EXIT_OK:
+                return code
+            final = manager.latest_step()
+            save_model_checkpoint(run_dir / "model", _final_params(run, manager, final),
+                                  run.model_cfg, run.vocab, load_tokenizer(run_dir / "tokenizer"),
+                                  extra=run.source_meta, force=True)
+            log(f"train: done at step {final}; model checkpoint {run_dir / 'model'} "
+                f"(export with `cslm-jax export-hf --ckpt {run_dir / 'model'} --out DIR`)")
+            return EXIT_OK
+    finally:
+        manager.close()
+
+
+def _final_params(run: Run, manager, step: int):
+    import orbax.checkpoint as ocp
+
+    from cslm_jax.checkpoint import train_restore_args
+
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=train_restore_args(abstract_state(run))["state"]))
+    return restored["state"]["params"]
+
+
+def _loop(run: Run, manager, data, state, train_fn, writer, start, flops_tok, peak, log, on_step,
+          save_args) -> int:
+    t = run.cfg.train
+    tokens_per_step = t.global_batch_size * run.max_length
+    config_item = _config_item(run)
+    pending = None                # (step, metrics) not yet fetched: fetching waits for the device
+    last = time.perf_counter()
+    skipped = int(state["skipped"])
+
+    def flush():
+        """Fetch the pending step's metrics (blocks until it ran); False if the run must stop."""
+        nonlocal pending, last, skipped
+        if pending is None:
+            return True
+        step, m = pending
+        pending = None
+        m = jax.device_get(m)
+        now = time.perf_counter()
+        elapsed, last = now - last, now
+        if not m["finite"]:
+            skipped += 1
+            if t.on_nonfinite == "stop":
+                log(f"train: step {step}: loss {float(m['loss'])} / grad norm "
+                    f"{float(m['grad_norm'])} is not finite; stopping. Parameters were left as they "
+                    f"were before the step; the last checkpoint is intact. Lower the learning rate, "
+                    f"check the data, or set train.on_nonfinite=skip.")
+                return False
+            log(f"train: step {step}: non-finite loss, update skipped ({skipped} so far)")
+            if skipped > t.max_skipped_steps:
+                log(f"train: more than train.max_skipped_steps ({t.max_skipped_steps}) skipped "
+                    f"steps; stopping")
+                return False
+        if step % t.log_every == 0 or step == t.steps or not m["finite"]:
+            writer.write(_row(run, step, m, elapsed, tokens_per_step, flops_tok, peak, skipped))
+        return True
+
+    with PreemptionFlag() as preempt:
+        for step in range(start + 1, t.steps + 1):
+            batch = global_batch(run, next(data))
+            state, metrics = train_fn(state, batch)
+            if not flush():
+                manager.wait_until_finished()
+                return EXIT_NONFINITE
+            pending = (step, metrics)
+            if on_step is not None:
+                on_step(step)
+            stop = preempt.agreed()
+            if stop or step == t.steps or manager.should_save(step):
+                if not flush():           # never checkpoint a step that was not finite
+                    manager.wait_until_finished()
+                    return EXIT_NONFINITE
+                manager.save(step, args=save_args(state, data, config_item), force=True)
+            if stop:
+                manager.wait_until_finished()
+                log(f"train: SIGTERM: checkpoint of step {step} written; exiting with code "
+                    f"{EXIT_PREEMPTED}. Run the same command again to resume.")
+                return EXIT_PREEMPTED
+        if not flush():
+            manager.wait_until_finished()
+            return EXIT_NONFINITE
+    return EXIT_OK
+
+
+def run_from_cli(config: str, run_dir: str, overrides: list[str], init_from: str | None) -> int:
+    from cslm_jax.config import load_run_config
+
+    cfg = load_run_config(config, overrides)
+    if jax.process_index() == 0:
+        print(f"# run config ({config}{' + ' + ' '.join(overrides) if overrides else ''})")
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="", flush=True)
+    return train(cfg, run_dir, init_from=init_from)
+
