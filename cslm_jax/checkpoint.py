@@ -251,17 +251,34 @@ def _data_handler_classes():
 _DATA_HANDLER = None
 
 
+ORBAX_TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+def remove_partial_checkpoints(directory: str | Path) -> list[str]:
+    """Delete the temporary folders of saves that never committed (a process killed mid-save);
+    returns their names. Done here, synchronously, because Orbax 0.12's own background clean-up
+    (`cleanup_tmp_directories`) races with the next save of the same step and can crash it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    partial = sorted(p for p in directory.iterdir() if ORBAX_TMP_MARK in p.name)
+    for p in partial:
+        shutil.rmtree(p)
+    return [p.name for p in partial]
+
+
 def train_checkpoint_manager(directory: str | Path, every: int, keep: int, async_save: bool = True):
     """Orbax CheckpointManager over `directory` with items `state` (train state: step, params,
     optimizer state), `data` (input pipeline position) and `config` (the run config, model config
     and vocabulary as JSON). Saves go to a temporary folder renamed on commit, so a process killed
-    mid-save leaves the previous checkpoint as the latest complete one."""
+    mid-save leaves the previous checkpoint as the latest complete one; `remove_partial_checkpoints`
+    clears such leftovers before a run resumes."""
     import orbax.checkpoint as ocp
 
     handler, _, _ = _data_handler_classes()
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every, max_to_keep=keep, create=True,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=False)
     return ocp.CheckpointManager(
         Path(directory).absolute(), options=options, item_names=TRAIN_ITEMS,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": handler(),

@@ -280,6 +280,16 @@ def _section(cls, data, where: str):
                and f.default_factory is dataclasses.MISSING and f.name not in data]
     if missing:
         raise ConfigError(f"{where}: missing required field(s) {missing}")
+    data = dict(data)
+    for f in dataclasses.fields(cls):
+        # YAML reads `1e-5` (no dot) as a string: numbers are coerced by the field's type
+        if f.name in data and str(f.type).startswith("float") and data[f.name] is not None \
+                and not isinstance(data[f.name], bool):
+            try:
+                data[f.name] = float(data[f.name])
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: field '{f.name}' must be a number, got "
+                                  f"{data[f.name]!r}") from None
     return cls(**data)
 
 

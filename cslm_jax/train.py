@@ -424,14 +424,20 @@ def train(cfg: RunConfig, run_dir: str | Path, init_from: str | Path | None = No
           log=print, on_step=None) -> int:
     """Run (or resume) one stage; returns an exit code (module docstring). `on_step(step)` is
     called after each step is dispatched (tests use it to deliver signals at a known step)."""
-    from cslm_jax.checkpoint import (save_model_checkpoint, train_checkpoint_manager,
-                                     train_restore_args, train_save_args)
+    from cslm_jax.checkpoint import (remove_partial_checkpoints, save_model_checkpoint,
+                                     train_checkpoint_manager, train_restore_args, train_save_args)
     from cslm_jax.data import BatchIterator
     from cslm_jax.vocab import load_tokenizer
 
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
+    if jax.process_index() == 0:
+        for name in remove_partial_checkpoints(run_dir / "checkpoints"):
+            log(f"train: removed {run_dir / 'checkpoints' / name}, a save that never committed")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("cslm_jax: partial checkpoints removed")
     manager = train_checkpoint_manager(run_dir / "checkpoints", cfg.checkpoint.every,
                                        cfg.checkpoint.keep, cfg.checkpoint.async_save)
     try:
@@ -512,6 +518,7 @@ def _loop(run: Run, manager, data, state, train_fn, writer, start, flops_tok, pe
         m = jax.device_get(m)
         now = time.perf_counter()
         elapsed, last = now - last, now
+        go_on = True
         if not m["finite"]:
             skipped += 1
             if t.on_nonfinite == "stop":
@@ -519,15 +526,16 @@ def _loop(run: Run, manager, data, state, train_fn, writer, start, flops_tok, pe
                     f"{float(m['grad_norm'])} is not finite; stopping. Parameters were left as they "
                     f"were before the step; the last checkpoint is intact. Lower the learning rate, "
                     f"check the data, or set train.on_nonfinite=skip.")
-                return False
-            log(f"train: step {step}: non-finite loss, update skipped ({skipped} so far)")
-            if skipped > t.max_skipped_steps:
-                log(f"train: more than train.max_skipped_steps ({t.max_skipped_steps}) skipped "
-                    f"steps; stopping")
-                return False
+                go_on = False
+            elif skipped > t.max_skipped_steps:
+                log(f"train: step {step}: more than train.max_skipped_steps "
+                    f"({t.max_skipped_steps}) non-finite steps skipped; stopping")
+                go_on = False
+            else:
+                log(f"train: step {step}: non-finite loss, update skipped ({skipped} so far)")
         if step % t.log_every == 0 or step == t.steps or not m["finite"]:
             writer.write(_row(run, step, m, elapsed, tokens_per_step, flops_tok, peak, skipped))
-        return True
+        return go_on
 
     with PreemptionFlag() as preempt:
         for step in range(start + 1, t.steps + 1):
@@ -540,7 +548,7 @@ def _loop(run: Run, manager, data, state, train_fn, writer, start, flops_tok, pe
             if on_step is not None:
                 on_step(step)
             stop = preempt.agreed()
-            if stop or step == t.steps or manager.should_save(step):
+            if stop or step == t.steps or step % run.cfg.checkpoint.every == 0:
                 if not flush():           # never checkpoint a step that was not finite
                     manager.wait_until_finished()
                     return EXIT_NONFINITE
