@@ -1,8 +1,8 @@
 """The bundled demo corpus: small, bilingual (en, zh), generated, learnable on CPU.
 
-Speech units derive from text through a pronunciation-like mapping: every letter (en) or
-character (zh) has a fixed short unit pattern; each unit lasts a random 1-3 frames; words are
-separated by silence (unit 0). Word timings come from the construction (at `UNIT_RATE` units/s,
+Speech units derive from text through a pronunciation-like mapping: every word (en) or
+character (zh) has a fixed unit; each unit lasts a random 1-3 frames; words are separated by
+silence (unit 0). Word timings come from the construction (at `UNIT_RATE` units/s,
 before merging). So ASR and TTS are learnable, spoken questions have real timings to chunk by,
 and a model can be checked for far-below-chance transcription error after stage 1.
 
@@ -49,26 +49,46 @@ def place_of(i: int) -> int:
     return (7 * i + 3) % len(PLACES)
 
 
+def _known_symbols() -> tuple[list[str], list[str]]:
+    """Every English word and Chinese character the corpus can say, in a fixed order."""
+    en_texts, zh_texts = list(EN_FILLER), list(ZH_FILLER)
+    for i in range(len(ANIMALS)):
+        for kind in facts(i).values():
+            en_texts.extend(kind["en"])
+            zh_texts.extend(kind["zh"])
+    for group in (ANIMALS, COLORS, VERBS, PLACES):
+        en_texts.extend(e for e, _ in group)
+        zh_texts.extend(z for _, z in group)
+    en = sorted({w.strip(PUNCT).lower() for t in en_texts for w in t.split()} - {""})
+    zh = sorted({c for t in zh_texts for c in t if not (c.isspace() or c in PUNCT)})
+    return en, zh
+
+
 class Pronouncer:
-    """A fixed letter/character -> unit-pattern table; `say` synthesises units with timings."""
+    """A fixed word (en) / character (zh) -> speech-unit table; `say` synthesises units with
+    timings. Each English word is one unit from the lower half of the codebook, each Chinese
+    character one from the upper half, held for 1-3 frames (repeats merge away), with silence
+    (unit 0) between words. A toy "speech" whose ASR a few-million-parameter model learns in
+    minutes on a CPU: the demo checks the pipeline, not acoustics."""
 
     def __init__(self, seed: int = 1234):
-        rng = random.Random(seed)
-        self.table: dict[str, list[int]] = {}
         self.rng_seed = seed
-        letters = "abcdefghijklmnopqrstuvwxyz'0123456789"
-        for ch in letters:
-            self.table[ch] = [rng.randrange(1, 128) for _ in range(2)]
-        self._zh_rng = rng
+        en, zh = _known_symbols()
+        rng = random.Random(seed)
+        en_codes = rng.sample(range(1, UNIT_COUNT // 2), len(en))
+        zh_codes = rng.sample(range(UNIT_COUNT // 2, UNIT_COUNT), len(zh))
+        self.table: dict[str, list[int]] = {w: [c] for w, c in zip(en, en_codes)}
+        self.table.update({ch: [c] for ch, c in zip(zh, zh_codes)})
 
-    def pattern(self, ch: str) -> list[int]:
-        if ch not in self.table:
-            if ch.isascii():
-                return []                        # punctuation and symbols are silent
-            # zh characters: 3 units from the upper half of the codebook, fixed per character
-            h = random.Random(f"{self.rng_seed}:{ch}")
-            self.table[ch] = [h.randrange(128, UNIT_COUNT) for _ in range(3)]
-        return self.table[ch]
+    def pattern(self, piece: str) -> list[int]:
+        key = piece.strip(PUNCT).lower()
+        if not key:
+            return []                            # punctuation is silent
+        if key not in self.table:                # a word outside the demo's vocabulary
+            h = random.Random(f"{self.rng_seed}:{key}")
+            lo, hi = (1, UNIT_COUNT // 2) if key.isascii() else (UNIT_COUNT // 2, UNIT_COUNT)
+            self.table[key] = [h.randrange(lo, hi)]
+        return self.table[key]
 
     def say(self, pieces: list[str], rng: random.Random) -> tuple[list[int], list[list[float]]]:
         """Units (unmerged) for the timed pieces, and [start, end] seconds per piece."""
@@ -76,9 +96,8 @@ class Pronouncer:
         times = []
         for piece in pieces:
             start = len(units)
-            for ch in piece.lower():
-                for u in self.pattern(ch):
-                    units.extend([u] * rng.randint(1, 3))
+            for u in self.pattern(piece):
+                units.extend([u] * rng.randint(1, 3))
             times.append([round(start / UNIT_RATE, 4), round(len(units) / UNIT_RATE, 4)])
             units.extend([SILENCE] * rng.randint(1, 3))
         units.extend([SILENCE] * rng.randint(1, 3))

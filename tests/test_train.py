@@ -107,9 +107,9 @@ def test_step_on_meshes_equals_single_device(demo, base_ckpt, tmp_path):
             np.testing.assert_allclose(a["task_loss"], b["task_loss"], rtol=2e-5)
         # Adam divides by sqrt(v): an embedding row of a token seen once has a near-zero
         # gradient whose last bits follow the reduction order, so a few such weights move by
-        # ~1e-6 more or less; a real sharding error moves weights by ~lr = 1e-2.
+        # ~1e-5 more or less; a real sharding error moves weights by ~lr = 1e-2.
         for x, y in zip(jax.tree.leaves(ref_p), jax.tree.leaves(p)):
-            np.testing.assert_allclose(x, y, atol=1e-5)
+            np.testing.assert_allclose(x, y, atol=1e-4)
 
 
 # -- preemption: SIGTERM, checkpoint, exit 75, automatic resume -----------------------------------
