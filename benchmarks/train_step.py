@@ -1,0 +1,247 @@
+"""Train-step tokens/s and MFU: cslm_jax's jit-compiled step (make_train_step + make_optimizer:
+optax AdamW + global-norm clipping, donated params/optimizer state) against the reference's
+stack (`transformers` LlamaForCausalLM + torch.optim.AdamW + clip_grad_norm_), same config,
+same weights (the HF model imported through `import-hf`), same batch and length, fp32, in one
+run; also this machine's dense float32 matmul peak, measured in the same run, for MFU.
+
+    python benchmarks/train_step.py          # ~125M params (100M in matmuls), batch 4 x 512, CPU
+
+A step is forward + backward + clipping + AdamW update, on both sides. Prints tokens/s of each,
+the ratio, the model FLOP/s of each and MFU against the measured matmul peak (one FLOP formula
+for both stacks: `flops_per_token` below).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def flops_per_token(hidden: int, mlp: int, layers: int, heads: int, kv_heads: int, head_dim: int,
+                    vocab: int, seq_len: int, tied: bool = False) -> float:
+    """Model training FLOPs per token, as PaLM (Chowdhery et al. 2022, app. B) and MaxText count
+    them (the same formula as `cslm_jax.train.flops_per_token`):
+
+        6 * N_matmul + 12 * L * H * Dh * T
+
+    6 = 2 FLOPs per multiply-add x (forward + 2x backward). N_matmul: the parameters used in
+    matmuls, i.e. every layer projection (q, k, v, o, gate, up, down) and the LM head
+    (vocab x hidden, whether tied or not); the input embedding is a gather and RMSNorm scales
+    are elementwise, so neither counts. 12 * L * H * Dh * T: QK^T and PV (2 matmuls x 2 FLOPs x
+    3 for fwd+bwd) over the full T x T square, NOT halved for causality (PaLM's convention).
+    Remat recomputation and optimizer FLOPs are not counted: MFU measures useful model work.
+    """
+    del tied   # the head is a matmul either way
+    attn_proj = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    n_matmul = layers * (attn_proj + 3 * hidden * mlp) + vocab * hidden
+    return 6.0 * n_matmul + 12.0 * layers * heads * head_dim * seq_len
+
+
+def timed(fn, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def jax_matmul_peak(n: int, repeats: int) -> float:
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    t = timed(lambda: f(a, b).block_until_ready(), 1, repeats)
+    return 2.0 * n ** 3 / statistics.median(t)
+
+
+def torch_matmul_peak(n: int, repeats: int) -> float:
+    import torch
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = timed(lambda: a @ b, 1, repeats)
+    return 2.0 * n ** 3 / statistics.median(t)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--mlp", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per stack (median reported)")
+    ap.add_argument("--remat", default="none")
+    ap.add_argument("--no-scan", action="store_true", help="unrolled layers (scan_layers=false)")
+    ap.add_argument("--torch-attn", default="sdpa", choices=("sdpa", "eager"),
+                    help="transformers attention (sdpa: transformers' default)")
+    ap.add_argument("--torch-adamw", default="fused", choices=("fused", "foreach", "forloop"),
+                    help="torch AdamW implementation (fused: HF Trainer's default with torch>=2.8)")
+    ap.add_argument("--skip-torch", action="store_true", help="ours only (for quick iterations)")
+    ap.add_argument("--skip-peak", action="store_true")
+    ap.add_argument("--sequential", action="store_true",
+                    help="all steps of one stack, then the other (default: interleaved A B A B)")
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from cslm_jax.checkpoint import load_params, read_metadata
+    from cslm_jax.config import OptimizerConfig
+    from cslm_jax.convert import import_hf
+    from cslm_jax.random_hf import llama3_rope_scaling, write_random_hf_llama
+    from cslm_jax.train_step import make_optimizer, make_train_step
+
+    torch.set_num_threads(os.cpu_count())
+    print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores; "
+          f"python {platform.python_version()}; jax {jax.__version__} ({jax.devices()[0].platform}, "
+          f"{jax.device_count()} device); torch {torch.__version__} ({torch.get_num_threads()} "
+          f"threads, {torch.get_num_interop_threads()} interop); transformers {transformers.__version__}")
+    print(f"load average at the start: {os.getloadavg()}")
+    print(f"env: XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')!r}")
+
+    # -- the machine's dense matmul peak, measured now ------------------------------------------
+    peaks = {}
+    if not args.skip_peak:
+        for n in (2048, 4096):
+            peaks[f"jax {n}^2"] = jax_matmul_peak(n, 5)
+            peaks[f"torch {n}^2"] = torch_matmul_peak(n, 5)
+        for k, v in peaks.items():
+            print(f"float32 matmul {k:11s}: {v / 1e9:6.1f} GFLOP/s (median of 5)")
+    peak = max(peaks.get("jax 2048^2", 0), peaks.get("jax 4096^2", 0)) or float("nan")
+
+    # -- the same random HF model for both stacks -----------------------------------------------
+    vocab = {f"w{i}": i for i in range(args.vocab - 1)} | {"<|begin_of_text|>": args.vocab - 1}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0")),
+                                  bos_token="<|begin_of_text|>", eos_token="<|begin_of_text|>")
+    work = Path(tempfile.mkdtemp(prefix="cslm_train_step_"))
+    write_random_hf_llama(work / "hf", tok, hidden_size=args.hidden, intermediate_size=args.mlp,
+                          num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
+                          rope_scaling=llama3_rope_scaling(8192), max_position_embeddings=131072,
+                          weight_std=0.02)
+    ckpt = import_hf(work / "hf", work / "ckpt", speech_units=0, log=lambda *_: None)
+    _, cfg, _ = read_metadata(ckpt)
+    cfg = cfg.replace(compute_dtype="float32", param_dtype="float32", remat_policy=args.remat,
+                      scan_layers=not args.no_scan)
+    n_params = cfg.num_params()
+    fpt = flops_per_token(cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
+                          cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, args.length,
+                          cfg.tie_word_embeddings)
+    tokens = args.batch * args.length
+    print(f"config: {n_params / 1e6:.1f}M params ({(n_params - cfg.vocab_size * cfg.hidden_size) / 1e6:.1f}M "
+          f"without the input embedding), hidden {cfg.hidden_size}, layers {cfg.num_layers}, heads "
+          f"{cfg.num_heads}/{cfg.num_kv_heads} x {cfg.head_dim}, MLP {cfg.intermediate_size}, vocab "
+          f"{cfg.vocab_size}, untied; batch {args.batch} x length {args.length} = {tokens} tokens/step; "
+          f"fp32; remat {args.remat}, scan_layers {cfg.scan_layers}")
+    print(f"model FLOPs: {fpt / 1e6:.1f} MFLOP/token (6 * N_matmul + 12 * L * H * Dh * T, attention "
+          f"not halved for causality) = {fpt * tokens / 1e12:.3f} TFLOP/step")
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, args.vocab, size=(args.batch, args.length + 1)).astype(np.int32)
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+    opt_cfg = OptimizerConfig(learning_rate=1e-4, total_steps=1000, warmup_ratio=0.0)
+
+    # -- ours: jit(make_train_step), donated params and optimizer state --------------------------
+    params = jax.device_put(load_params(ckpt))
+    optimizer = make_optimizer(opt_cfg)
+    opt_state = optimizer.init(params)
+    step = jax.jit(make_train_step(cfg, optimizer, (args.vocab // 2, args.vocab)), donate_argnums=(0, 1))
+    B, T = args.batch, args.length
+    batch = {"tokens": inputs, "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)),
+             "segment_ids": np.ones((B, T), np.int32), "targets": labels,
+             "loss_weights": np.ones((B, T), np.int32)}
+    batch = {k: jnp.asarray(v)[None] for k, v in batch.items()}   # one micro-batch: [1, B, T]
+    t0 = time.perf_counter()
+    compiled = step.lower(params, opt_state, batch).compile()
+    print(f"cslm_jax compile: {time.perf_counter() - t0:.1f} s")
+    state = {"params": params, "opt": opt_state, "loss": None}
+    del params, opt_state
+
+    def run_jax():
+        state["params"], state["opt"], m = compiled(state["params"], state["opt"], batch)
+        state["loss"] = float(m["loss"])   # blocks until the step is done
+
+    stacks = {"cslm_jax (jit, optax AdamW)": run_jax}
+
+    # -- the reference's stack: transformers + torch AdamW + clip_grad_norm_ ---------------------
+    if not args.skip_torch:
+        model = LlamaForCausalLM.from_pretrained(str(work / "hf"), attn_implementation=args.torch_attn,
+                                                 dtype=torch.float32)
+        model.train()
+        kw = {"fused": True} if args.torch_adamw == "fused" else {"foreach": args.torch_adamw == "foreach"}
+        opt = torch.optim.AdamW(model.parameters(), lr=opt_cfg.learning_rate, betas=(opt_cfg.b1, opt_cfg.b2),
+                                eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay, **kw)
+        tx, ty = torch.tensor(inputs, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+        tstate = {}
+
+        def run_torch():
+            opt.zero_grad(set_to_none=True)
+            logits = model(tx).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                     ty.reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.clip_norm)
+            opt.step()
+            tstate["loss"] = loss.item()
+
+        stacks[f"transformers ({args.torch_attn}) + torch AdamW ({args.torch_adamw})"] = run_torch
+
+    # warm-up, then the stacks' steps interleaved (A B A B ...): a shared machine's background
+    # load then falls on both alike
+    for fn in stacks.values():
+        for _ in range(args.warmup):
+            fn()
+    results = {name: [] for name in stacks}
+    if args.sequential:
+        for name, fn in stacks.items():
+            results[name] = timed(fn, 0, args.steps)
+    else:
+        for _ in range(args.steps):
+            for name, fn in stacks.items():
+                results[name].append(timed(fn, 0, 1)[0])
+    print(f"losses after {args.warmup + args.steps} steps: cslm_jax {state['loss']:.4f}"
+          + ("" if args.skip_torch else f", torch {tstate['loss']:.4f}"))
+    print(f"load average at the end: {os.getloadavg()}")
+    if not args.skip_peak:   # again after the steps; the better of the two is the machine's peak
+        p = max(jax_matmul_peak(2048, 5), jax_matmul_peak(4096, 5))
+        print(f"float32 matmul jax, measured again after the steps: {p / 1e9:.1f} GFLOP/s")
+        peak = max(peak, p)
+
+    # -- report ------------------------------------------------------------------------------------
+    print()
+    print(f"{'stack':48s} {'tokens/s':>9s} {'ms/step':>8s} {'GFLOP/s':>8s} {'MFU':>6s}   steps (s)")
+    for name, times in results.items():
+        t = statistics.median(times)
+        flops = fpt * tokens / t
+        print(f"{name:48s} {tokens / t:9.1f} {t * 1e3:8.0f} {flops / 1e9:8.1f} {flops / peak:6.1%}   "
+              + " ".join(f"{x:.2f}" for x in times))
+    if len(results) == 2:
+        (a, ta), (b, tb) = results.items()
+        print(f"ratio cslm_jax / transformers (tokens/s): {statistics.median(tb) / statistics.median(ta):.2f}x")
+    print(f"MFU against the measured JAX float32 matmul peak {peak / 1e9:.1f} GFLOP/s "
+          f"(best of 2048^2 and 4096^2)")
+
+
+if __name__ == "__main__":
+    main()
