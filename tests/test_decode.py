@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from cslm_jax import cpu_kernels
 from cslm_jax.convert import export_hf, import_hf
 from cslm_jax.decode import (End, EventParser, SpeechChunk, TextChunk, Transcript, decode_step,
                              decoding_params, default_stop_ids, generate, generate_stream, left_pad,
@@ -114,12 +115,18 @@ def test_decoding_layout_gives_the_same_tokens(text_model):
     m = text_model
     split = decoding_params(m.cfg, m.params)
     assert isinstance(split["layers"], tuple) and len(split["layers"]) == m.cfg.num_layers
-    d, hd = m.cfg.hidden_size, m.cfg.num_heads * m.cfg.head_dim
+    cfg = m.cfg
+    d, hd, f = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size
+    # on CPU in float32 the matrices are in the native kernel's panel layout
+    assert (split["head"].ndim == 3) == cpu_kernels.available()
+    qkv, gate_up = split["layers"][1]["qkv"], split["layers"][1]["gate_up"]
+    if qkv.ndim == 3:
+        qkv = cpu_kernels.from_panels(qkv, hd + 2 * cfg.num_kv_heads * cfg.head_dim)
+        gate_up = cpu_kernels.from_panels(gate_up, 2 * f)
     layer = m.params["layers"]
-    np.testing.assert_array_equal(np.asarray(split["layers"][1]["qkv"][:, :hd]),
+    np.testing.assert_array_equal(np.asarray(qkv[:, :hd]),
                                   np.asarray(layer["q_proj"][1]).reshape(d, -1))
-    np.testing.assert_array_equal(np.asarray(split["layers"][1]["gate_up"][:, m.cfg.intermediate_size:]),
-                                  np.asarray(layer["up_proj"][1]))
+    np.testing.assert_array_equal(np.asarray(gate_up[:, f:]), np.asarray(layer["up_proj"][1]))
     assert decoding_params(m.cfg, split) is split
     assert generate(m.cfg, split, PROMPTS, max_new_tokens=N, greedy=True) == \
         generate(m.cfg, m.params, PROMPTS, max_new_tokens=N, greedy=True)
