@@ -7,7 +7,8 @@ same random prompts, exactly `--new` tokens per row (no stop token), fp32, all C
 the whole call, prefill included, median of `--repeats` (the runs alternate) after one warm-up
 each (which compiles ours). PyTorch runs with all cores and with one thread; the faster counts.
 The greedy tokens are compared too (they should agree: same weights, same arithmetic up to
-rounding).
+rounding). On x86-64 CPUs ours multiplies with the native kernel (`cslm_jax.cpu_kernels`, built
+at first use); `CSLM_JAX_CPU_KERNELS=0` measures XLA's own dot instead.
 
     python benchmarks/decode.py                                   # ~41M params, 2 cores: minutes
     python benchmarks/decode.py --hidden 768 --layers 12 --vocab 32000 --new 128
@@ -61,6 +62,7 @@ def main():
     import torch
     from transformers import LlamaForCausalLM
 
+    from cslm_jax import cpu_kernels
     from cslm_jax.convert import export_hf, import_hf
     from cslm_jax.decode import decoding_params, generate, load_for_decoding
     from cslm_jax.random_hf import llama3_rope_scaling, placeholder_tokenizer, write_random_hf_llama
@@ -83,7 +85,8 @@ def main():
         n_params = cfg.num_params()
         print(f"machine: {platform.machine()} {os.cpu_count()} cores, load average "
               f"{os.getloadavg()[0]:.1f}, jax {jax.__version__}, torch {torch.__version__}, "
-              f"transformers attention: {hf.config._attn_implementation}", flush=True)
+              f"transformers attention: {hf.config._attn_implementation}; {cpu_kernels.status()}",
+              flush=True)
         print(f"model: {n_params / 1e6:.1f}M params, hidden {args.hidden}, layers {args.layers}, "
               f"heads {args.heads}/{args.kv_heads}, MLP {args.mlp}, vocab {args.vocab}, fp32; "
               f"prompt {args.prompt} tokens, {args.new} new tokens per row, greedy", flush=True)

@@ -13,7 +13,9 @@ L layers, K kv heads, Dh head dim, V vocabulary rows):
   layer [B, K, S, Dh] in the compute dtype (grouped-query: K kv heads, not H). `decode_step`
   feeds one token per row and appends its keys/values at one slot. Both take the parameters in
   the decoding layout (`decoding_params`: arrays of their own per layer, q/k/v and gate/up fused;
-  a step then reads each weight once, without copying it out of a stacked array).
+  a step then reads each weight once, without copying it out of a stacked array). On CPU in
+  float32 the matrices are stored in the panel layout of the native kernel (`cpu_kernels`) and
+  multiplied by it: XLA's dot repacks each weight matrix per call at these few rows.
 * `generate` runs the whole sampling loop as one `jax.lax.while_loop` inside one jit (no Python
   per token) and leaves it as soon as every row has produced a stop id or N tokens exist.
   `generate_stream` runs the *same* compiled loop in chunks of `chunk_size` steps and yields

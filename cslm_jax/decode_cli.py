@@ -391,6 +391,10 @@ def run_decode(args, out=None) -> int:
         f"({cfg.num_layers} layers x {cfg.hidden_size}, {vocab.unit_count} units) loaded in "
         f"{time.perf_counter() - t_load:.1f}s; answers in {args.lang}"
         f"{' (cross-lingual prompt)' if args.cross_lingual else ''}")
+    import jax
+    if jax.default_backend() == "cpu":
+        from cslm_jax import cpu_kernels
+        say(f"decode: {cpu_kernels.status()}")
 
     from cslm_jax.formats import merge_repeats, speech
 
