@@ -394,7 +394,11 @@ def run_decode(args, out=None) -> int:
     import jax
     if jax.default_backend() == "cpu":
         from cslm_jax import cpu_kernels
-        say(f"decode: {cpu_kernels.status()}")
+        if params["head"].ndim == 3 or not cpu_kernels.available():
+            say(f"decode: {cpu_kernels.status()}")
+        else:
+            say(f"decode: CPU decoding kernel: not used for {cfg.compute_dtype} (float32 only: "
+                f"--compute-dtype float32 uses it)")
 
     from cslm_jax.formats import merge_repeats, speech
 

@@ -145,16 +145,20 @@ def test_stream_prints_events_in_order(cslm, tmp_path, capsys):
         assert stamps == sorted(stamps)
 
 
-def test_a_run_folder_is_accepted_as_ckpt(cslm, tmp_path, capsys):
+def test_a_run_folder_is_accepted_as_ckpt_in_either_compute_dtype(cslm, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "model").symlink_to(cslm.ckpt)
     single = tmp_path / "one.txt"
     single.write_text("<sosp> <1> <2> <eosp>\n")                   # spaces are removed
-    code, _, err = decode(tmp_path, capsys, "--lang", "en", "--unit", str(single), "--ckpt",
-                          str(run), "--greedy")
-    assert code == 0, err
-    assert read_jsonl(tmp_path / "out" / "responses.jsonl")[0]["output_ids"] == cslm.answer_ids
+    # float32 on CPU multiplies with the native kernel; bfloat16 with XLA's dot (and says so)
+    for i, (dtype, says) in enumerate([("float32", "CPU decoding kernel: on"),
+                                       ("bfloat16", "not used for bfloat16")]):
+        code, out, err = decode(tmp_path, capsys, "--lang", "en", "--unit", str(single), "--ckpt",
+                                str(run), "--greedy", "--compute-dtype", dtype)
+        assert code == 0, err
+        assert says in out
+        assert read_jsonl(tmp_path / "out" / "responses.jsonl")[i]["output_ids"] == cslm.answer_ids
 
 
 # -- the reference's file formats ------------------------------------------------------------------
