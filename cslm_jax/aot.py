@@ -293,9 +293,8 @@ def _run(cfg: RunConfig, model: ModelConfig, vocab, layout, num_tasks: int, seq_
     """A `cslm_jax.train.Run` for compiling only: no run folder, no data pipeline."""
     from cslm_jax.train import Run
 
-    return Run(cfg, None, model, vocab, {}, layout.mesh, layout.rules, layout.param_sh,
-               layout.state_sh, layout.batch_sh, layout.optimizer,
-               [f"task{i}" for i in range(num_tasks)], "", seq_len)
+    return Run(cfg, None, model, vocab, {}, layout, [f"task{i}" for i in range(num_tasks)], "",
+               seq_len)
 
 
 def _abstract_batch(layout, accumulation: int, rows: int, seq_len: int) -> dict:

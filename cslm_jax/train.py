@@ -245,12 +245,7 @@ class Run:
     model_cfg: ModelConfig
     vocab: VocabInfo
     source_meta: dict
-    mesh: object
-    rules: dict | None
-    param_sh: dict
-    state_sh: dict
-    batch_sh: NamedSharding
-    optimizer: object
+    layout: "Layout"               # mesh, shardings, optimizer
     task_names: list
     mixture: str
     max_length: int
@@ -372,9 +367,8 @@ def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=prin
                           f"{sorted(data_cfg.stages)}")
     [mixture] = register(data_cfg, run_dir / "tokenizer", stages=[cfg.data.stage])
     task_names = [s.name for s in data_cfg.tasks(cfg.data.stage)]
-    run = Run(cfg, run_dir, model_cfg, vocab, source_meta, layout.mesh, layout.rules,
-              layout.param_sh, layout.state_sh, layout.batch_sh, layout.optimizer, task_names,
-              mixture, data_cfg.max_length, data_shards)
+    run = Run(cfg, run_dir, model_cfg, vocab, source_meta, layout, task_names, mixture,
+              data_cfg.max_length, data_shards)
     return run, latest, init
 
 
@@ -383,13 +377,13 @@ def abstract_state(run: Run):
 
     pdtype = jnp.dtype(run.model_cfg.param_dtype)
     params = jax.tree.map(lambda spec, sh: jax.ShapeDtypeStruct(spec[0], pdtype, sharding=sh),
-                          param_shapes(run.model_cfg), run.param_sh,
+                          param_shapes(run.model_cfg), run.layout.param_sh,
                           is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
                           and isinstance(x[1], tuple))
-    opt = jax.eval_shape(run.optimizer.init, params)
+    opt = jax.eval_shape(run.layout.optimizer.init, params)
     opt = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), opt,
-                       run.state_sh["opt_state"])
-    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=run.state_sh["step"])
+                       run.layout.state_sh["opt_state"])
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=run.layout.state_sh["step"])
     return {"step": scalar, "skipped": scalar, "params": params, "opt_state": opt}
 
 
@@ -397,10 +391,10 @@ def initial_state(run: Run, init: Path) -> dict:
     """Parameters restored straight into their shardings; a fresh optimizer state."""
     from cslm_jax.checkpoint import load_params
 
-    params = load_params(init, shardings=run.param_sh, dtype=jnp.dtype(run.model_cfg.param_dtype))
-    opt_state = jax.jit(run.optimizer.init, out_shardings=run.state_sh["opt_state"])(params)
+    params = load_params(init, shardings=run.layout.param_sh, dtype=jnp.dtype(run.model_cfg.param_dtype))
+    opt_state = jax.jit(run.layout.optimizer.init, out_shardings=run.layout.state_sh["opt_state"])(params)
     def zero():      # two buffers: step and skipped are donated separately
-        return jax.device_put(jnp.zeros((), jnp.int32), run.state_sh["step"])
+        return jax.device_put(jnp.zeros((), jnp.int32), run.layout.state_sh["step"])
     return {"step": zero(), "skipped": zero(), "params": params, "opt_state": opt_state}
 
 
@@ -409,9 +403,9 @@ def make_train_fn(run: Run):
     from cslm_jax.train_step import make_train_step
 
     vocab = run.vocab
-    step = make_train_step(run.model_cfg, run.optimizer,
+    step = make_train_step(run.model_cfg, run.layout.optimizer,
                            (vocab.unit_offset, vocab.unit_offset + vocab.unit_count),
-                           run.rules, num_tasks=len(run.task_names))
+                           run.layout.rules, num_tasks=len(run.task_names))
     schedule = run.cfg.optimizer.schedule()
 
     def train_fn(state, batch):
@@ -422,9 +416,9 @@ def make_train_fn(run: Run):
                "params": params, "opt_state": opt_state}
         return new, metrics
 
-    replicated = NamedSharding(run.mesh, PartitionSpec())
-    return jax.jit(train_fn, in_shardings=(run.state_sh, run.batch_sh),
-                   out_shardings=(run.state_sh, replicated), donate_argnums=(0,))
+    replicated = NamedSharding(run.layout.mesh, PartitionSpec())
+    return jax.jit(train_fn, in_shardings=(run.layout.state_sh, run.layout.batch_sh),
+                   out_shardings=(run.layout.state_sh, replicated), donate_argnums=(0,))
 
 
 def global_batch(run: Run, local: dict) -> dict:
@@ -437,7 +431,7 @@ def global_batch(run: Run, local: dict) -> dict:
         x = x.reshape(k, x.shape[0] // k, *x.shape[1:])
         # explicit global shape: JAX then checks this process's rows are what its devices hold
         shape = (k, run.cfg.train.global_batch_size // k, *x.shape[2:])
-        out[name] = jax.make_array_from_process_local_data(run.batch_sh, x, shape)
+        out[name] = jax.make_array_from_process_local_data(run.layout.batch_sh, x, shape)
     return out
 
 
@@ -448,7 +442,7 @@ def _row(run: Run, step: int, m: dict, elapsed: float, tokens: int, flops_tok: f
            "grad_norm": float(m["grad_norm"]), "trained_tokens": int(m["tokens_trained"]),
            "text_tokens": int(m["text_tokens"]), "unit_tokens": int(m["unit_tokens"]),
            "step_time_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-           "mfu": flops_tok * tokens / elapsed / (peak * run.mesh.size) if elapsed > 0 else 0.0,
+           "mfu": flops_tok * tokens / elapsed / (peak * run.layout.mesh.size) if elapsed > 0 else 0.0,
            "skipped_steps": skipped, "finite": bool(m["finite"])}
     for name, loss, count in zip(run.task_names, np.asarray(m["task_loss"]),
                                  np.asarray(m["task_tokens"])):
@@ -488,7 +482,7 @@ def train(cfg: RunConfig, run_dir: str | Path, init_from: str | Path | None = No
             (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False,
                                                                 allow_unicode=True))
         log(f"train: {run.mixture} ({len(run.task_names)} tasks), {run.model_cfg.num_params() / 1e6:.1f}M "
-            f"params, mesh {dict(run.mesh.shape)} over {run.mesh.size} {jax.devices()[0].platform} "
+            f"params, mesh {dict(run.layout.mesh.shape)} over {run.layout.mesh.size} {jax.devices()[0].platform} "
             f"device(s), {jax.process_count()} process(es); batch {t.global_batch_size} x "
             f"{run.max_length} = {t.accumulation} x {t.micro_batch_size or t.global_batch_size}; "
             f"{t.steps} steps, checkpoint every {cfg.checkpoint.every} (keep {cfg.checkpoint.keep}); "
@@ -500,7 +494,7 @@ def train(cfg: RunConfig, run_dir: str | Path, init_from: str | Path | None = No
             num_shards=run.data_shards, global_batch=t.global_batch_size,
             accumulation=t.accumulation, process_index=jax.process_index(),
             process_count=jax.process_count())
-        with jax.set_mesh(run.mesh):
+        with jax.set_mesh(run.layout.mesh):
             if latest is not None:
                 restored = manager.restore(latest, args=train_restore_args(abstract_state(run), data))
                 state = restored["state"]

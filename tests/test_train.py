@@ -71,7 +71,7 @@ def one_step(demo, base_ckpt, tmp_path, mesh, num_devices, batch):
     run_dir = tmp_path / f"mesh_{num_devices}_{'_'.join(map(str, mesh.values()))}"
     manager = train_checkpoint_manager(run_dir / "checkpoints", 3, 1)
     run, _, init = prepare_run(cfg, run_dir, manager, log=quiet)
-    with jax.set_mesh(run.mesh):
+    with jax.set_mesh(run.layout.mesh):
         state = initial_state(run, init)
         step = make_train_fn(run)
         metrics = []
@@ -152,7 +152,7 @@ def test_checkpoint_written_on_8_devices_restores_on_4(demo, base_ckpt, tmp_path
                    "train.micro_batch_size=8")
     manager = train_checkpoint_manager(run_dir / "checkpoints", 3, 5)
     run, latest, _ = prepare_run(cfg4, run_dir, manager, log=quiet)
-    assert latest == 2 and dict(run.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert latest == 2 and dict(run.layout.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
     restored = manager.restore(latest, args=train_restore_args(abstract_state(run)))["state"]
     manager.close()
     gate = restored["params"]["layers"]["gate_proj"]
@@ -272,7 +272,7 @@ def test_stage2_inits_from_stage1_parameters_without_optimizer_state(demo, base_
         train(sft, stage2, init_from=unfinished, log=quiet)
     manager = train_checkpoint_manager(stage2 / "checkpoints", 1, 5)
     run, _, init = prepare_run(sft, stage2, manager, init_from=stage1, log=quiet)
-    with jax.set_mesh(run.mesh):
+    with jax.set_mesh(run.layout.mesh):
         state = initial_state(run, init)
     manager.close()
     assert init == stage1 / "model" and int(state["step"]) == 0
