@@ -4,8 +4,8 @@ A decoding step multiplies a handful of rows (the batch) by every weight matrix 
 bound by reading the weights. XLA:CPU repacks the weight matrix on every call at that shape; this
 kernel (`kernels/small_matmul.cc`, an XLA FFI custom call run on XLA's intra-op threads) reads
 weights stored once in its own layout, `panel_layout(w)` [ceil(N/32), K, 32]. Measured on the
-2-core development VM (fp32, weights not cache-resident): 2.6-2.7x XLA's dot at 8 rows and
-1.1-2x at 1 row (`benchmarks/RESULTS.md`).
+2-core development VM (fp32, weights not cache-resident): 2.0-2.6x XLA's dot at 8 rows and
+1.1-1.7x at 1 row (`benchmarks/cpu_matmul.py`, `benchmarks/RESULTS.md`).
 
 The kernel is compiled at first use with the machine's C++ compiler (`$CXX`, else c++, g++,
 clang++, else `python -m ziglang c++` when the `ziglang` package is installed) for the host CPU

@@ -87,7 +87,7 @@ def decoding_params(cfg: ModelConfig, params: dict) -> dict:
 
     On CPU in float32, where the native kernel builds (`cpu_kernels`), every matrix above is
     stored in the kernel's panel layout [ceil(Out / 32), In, 32] instead, and steps multiply with
-    it (2.6x XLA's dot at 8 rows on 2 cores: XLA repacks each weight matrix per call).
+    it (2.0-2.6x XLA's dot at 8 rows on 2 cores: XLA repacks each weight matrix per call).
 
     Building the layout copies the weights once (a tied embedding also gets a transposed copy as
     the head); drop the stacked tree afterwards to keep one copy in memory. `generate` and
