@@ -30,113 +30,85 @@ namespace {
 
 constexpr int64_t NB = 32;  // panel width (columns)
 
+// The vector type of the build's ISA and the few operations the kernel uses.
 #if defined(__AVX512F__)
 // 2 zmm per row of a panel; MR rows x KU interleaved k accumulators <= 16 zmm (of 32).
 constexpr int MR = 8;
-constexpr int ACC_ROWS = 8;
+using V = __m512;
+constexpr int W = 16;  // floats per vector
+inline V vzero() { return _mm512_setzero_ps(); }
+inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline V vset1(float a) { return _mm512_set1_ps(a); }
+inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+inline void vstore(float* p, V a) { _mm512_storeu_ps(p, a); }
 #elif defined(__AVX2__) && defined(__FMA__)
 // 4 ymm per row; <= 12 accumulators (of 16 ymm) leaves room for the weight loads.
 constexpr int MR = 3;
-constexpr int ACC_ROWS = 3;
+using V = __m256;
+constexpr int W = 8;
+inline V vzero() { return _mm256_setzero_ps(); }
+inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+inline V vset1(float a) { return _mm256_set1_ps(a); }
+inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+inline void vstore(float* p, V a) { _mm256_storeu_ps(p, a); }
 #else
 #error "cslm_jax small_matmul needs AVX-512F or AVX2+FMA (-march=native on such a CPU)"
 #endif
+constexpr int NV = NB / W;  // vectors per panel row
 
-// R rows of x times one panel; y rows get columns [c0, c0 + ncols).
+// acc[r] += x[r * ldx] * w[0 : NB] for R rows: one k step of one accumulator set.
+template <int R>
+inline void fma_step(V (&acc)[R][NV], const float* __restrict x, int64_t ldx,
+                     const float* __restrict w) {
+  V wv[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) wv[v] = vload(w + v * W);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const V xv = vset1(x[r * ldx]);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = vfma(xv, wv[v], acc[r][v]);
+  }
+}
+
+// R rows of x times one panel; y rows get the panel's first ncols columns.
 template <int R>
 inline void panel_rows(const float* __restrict x, int64_t ldx, const float* __restrict wp,
                        int64_t k, float* __restrict y, int64_t ldy, int64_t ncols) {
   // KU accumulator sets over interleaved k keep enough independent FMA chains in flight
   // when R is small (FMA latency x throughput ~ 8 chains).
-  constexpr int KU = (ACC_ROWS / R) > 0 ? (ACC_ROWS / R) : 1;
-#if defined(__AVX512F__)
-  using V = __m512;
-  constexpr int W = 16;
-#define CSLM_LOAD _mm512_loadu_ps
-#define CSLM_ZERO _mm512_setzero_ps
-#define CSLM_SET1 _mm512_set1_ps
-#define CSLM_FMA _mm512_fmadd_ps
-#define CSLM_ADD _mm512_add_ps
-#else
-  using V = __m256;
-  constexpr int W = 8;
-#define CSLM_LOAD _mm256_loadu_ps
-#define CSLM_ZERO _mm256_setzero_ps
-#define CSLM_SET1 _mm256_set1_ps
-#define CSLM_FMA _mm256_fmadd_ps
-#define CSLM_ADD _mm256_add_ps
-#endif
-  constexpr int NV = NB / W;
+  constexpr int KU = (MR / R) > 0 ? (MR / R) : 1;
   V acc[KU][R][NV];
 #pragma GCC unroll 8
   for (int u = 0; u < KU; ++u)
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[u][r][v] = CSLM_ZERO();
+      for (int v = 0; v < NV; ++v) acc[u][r][v] = vzero();
   int64_t kk = 0;
   for (; kk + KU <= k; kk += KU) {
 #pragma GCC unroll 8
-    for (int u = 0; u < KU; ++u) {
-      const float* w = wp + (kk + u) * NB;
-      V wv[NV];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) wv[v] = CSLM_LOAD(w + v * W);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const V xv = CSLM_SET1(x[r * ldx + kk + u]);
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[u][r][v] = CSLM_FMA(xv, wv[v], acc[u][r][v]);
-      }
-    }
+    for (int u = 0; u < KU; ++u) fma_step<R>(acc[u], x + kk + u, ldx, wp + (kk + u) * NB);
   }
-  for (; kk < k; ++kk) {
-    const float* w = wp + kk * NB;
-    V wv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) wv[v] = CSLM_LOAD(w + v * W);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const V xv = CSLM_SET1(x[r * ldx + kk]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[0][r][v] = CSLM_FMA(xv, wv[v], acc[0][r][v]);
-    }
-  }
+  for (; kk < k; ++kk) fma_step<R>(acc[0], x + kk, ldx, wp + kk * NB);
 #pragma GCC unroll 8
   for (int u = 1; u < KU; ++u)
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[0][r][v] = CSLM_ADD(acc[0][r][v], acc[u][r][v]);
-  if (ncols == NB) {
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) acc[0][r][v] = vadd(acc[0][r][v], acc[u][r][v]);
+  for (int r = 0; r < R; ++r) {
+    if (ncols == NB) {
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) {
-#if defined(__AVX512F__)
-        _mm512_storeu_ps(y + r * ldy + v * W, acc[0][r][v]);
-#else
-        _mm256_storeu_ps(y + r * ldy + v * W, acc[0][r][v]);
-#endif
-      }
-  } else {  // the last, partial panel
-    alignas(64) float tmp[NB];
-    for (int r = 0; r < R; ++r) {
-      for (int v = 0; v < NV; ++v) {
-#if defined(__AVX512F__)
-        _mm512_store_ps(tmp + v * W, acc[0][r][v]);
-#else
-        _mm256_store_ps(tmp + v * W, acc[0][r][v]);
-#endif
-      }
+      for (int v = 0; v < NV; ++v) vstore(y + r * ldy + v * W, acc[0][r][v]);
+    } else {  // the last, partial panel
+      float tmp[NB];
+      for (int v = 0; v < NV; ++v) vstore(tmp + v * W, acc[0][r][v]);
       for (int64_t c = 0; c < ncols; ++c) y[r * ldy + c] = tmp[c];
     }
   }
-#undef CSLM_LOAD
-#undef CSLM_ZERO
-#undef CSLM_SET1
-#undef CSLM_FMA
-#undef CSLM_ADD
 }
 
 void panel(const float* x, int64_t m, int64_t k, const float* wp, float* y, int64_t n, int64_t p) {
