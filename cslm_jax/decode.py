@@ -118,11 +118,12 @@ def decoding_params(cfg: ModelConfig, params: dict) -> dict:
     return out
 
 
-def _matmul(x: jax.Array, w: jax.Array, n: int) -> jax.Array:
-    """x [M, In] @ a weight matrix of the decoding layout: [In, n], or the CPU kernel's panels."""
+def _matmul(x: jax.Array, w: jax.Array, n: int, out_dtype=None) -> jax.Array:
+    """x [M, In] @ a weight matrix of the decoding layout: [In, n], or the CPU kernel's panels
+    (float32, as is its product). `out_dtype`: XLA dot's preferred element type."""
     if w.ndim == 3:
         return cpu_kernels.matmul(x, w, n)
-    return x @ w
+    return jnp.dot(x, w, preferred_element_type=out_dtype)
 
 
 def _proj(x: jax.Array, w: jax.Array, out_shape) -> jax.Array:
@@ -155,9 +156,7 @@ def _finish_layer(cfg: ModelConfig, x, p, o):
 def _logits(cfg: ModelConfig, params, x):
     """x [B, D] last hidden states -> float32 logits [B, V], vocabulary padding rows masked."""
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    head = params["head"]
-    logits = (cpu_kernels.matmul(x, head, cfg.vocab_size) if head.ndim == 3
-              else jnp.dot(x, head, preferred_element_type=jnp.float32))
+    logits = _matmul(x, params["head"], cfg.vocab_size, out_dtype=jnp.float32)
     if cfg.real_vocab_size < cfg.vocab_size:
         logits = jnp.where(jnp.arange(cfg.vocab_size) < cfg.real_vocab_size, logits, NEG)
     return logits
