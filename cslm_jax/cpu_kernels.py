@@ -47,7 +47,7 @@ class KernelBuildError(RuntimeError):
 
 
 _lock = threading.Lock()
-_state: dict = {}                            # "ok": bool, "reason": str, "path": Path
+_state: dict = {}                            # "ok": bool, "reason": str
 
 
 def _cpu_flags() -> str:
@@ -151,8 +151,7 @@ def _load() -> dict:
                 try:
                     lib = build(compiler)
                     register(lib)
-                    _state.update(ok=True, reason=f"built with {' '.join(compiler)} for {why}",
-                                  path=lib)
+                    _state.update(ok=True, reason=f"built with {' '.join(compiler)} for {why}")
                     return _state
                 except KernelBuildError as e:
                     reasons.append(str(e))
