@@ -28,7 +28,7 @@ def write_synthetic_hf(out: Path, layers: int, hidden: int, mlp: int, heads: int
     from safetensors.numpy import save_file
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from cslm_jax.vocab import llama3_tokenizer
+    from cslm_jax.model.vocab import llama3_tokenizer
 
     tok = llama3_tokenizer()
     vocab = len(tok)
@@ -91,7 +91,7 @@ def peak_rss_of(cmd: list[str]) -> tuple[float, float]:
 import runpy, sys
 sys.argv = {cmd!r}
 try:
-    runpy.run_module('cslm_jax.cli', run_name='__main__')
+    runpy.run_module('cslm_jax.cli.main', run_name='__main__')
 except SystemExit as e:
     if e.code: raise
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child would report the

@@ -1,4 +1,4 @@
-"""Decoding-step matmuls on CPU: the native kernel (`cslm_jax.cpu_kernels`, its AVX-512 and its
+"""Decoding-step matmuls on CPU: the native kernel (`cslm_jax.kernels.cpu_matmul`, its AVX-512 and its
 AVX2+FMA code path) vs XLA's dot, in one run, ratio printed.
 
 Each case multiplies M rows by a chain of distinct weight matrices (together larger than the
@@ -36,7 +36,7 @@ def main():
     import jax.numpy as jnp
     import numpy as np
 
-    from cslm_jax import cpu_kernels
+    from cslm_jax.kernels import cpu_matmul as cpu_kernels
 
     if not cpu_kernels.available():
         sys.exit(f"cpu_matmul: {cpu_kernels.status()}")

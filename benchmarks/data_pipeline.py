@@ -38,11 +38,11 @@ def main():
     import jax.numpy as jnp
 
     from cslm_jax.config import load_model_config
-    from cslm_jax.data import BatchIterator
-    from cslm_jax.demo_data import UNIT_COUNT, make_demo_data
-    from cslm_jax.formats import examples, load_data_config, read_jsonl
-    from cslm_jax.model import forward, init_params, token_cross_entropy
-    from cslm_jax.vocab import extend_tokenizer, load_tokenizer
+    from cslm_jax.data.pipeline import BatchIterator
+    from cslm_jax.demo.corpus import UNIT_COUNT, make_demo_data
+    from cslm_jax.data.formats import examples, load_data_config, read_jsonl
+    from cslm_jax.model.llama import forward, init_params, token_cross_entropy
+    from cslm_jax.model.vocab import extend_tokenizer, load_tokenizer
     from tasks.cslm import register
 
     work = Path(tempfile.mkdtemp(prefix="cslm_data_bench_"))
@@ -72,7 +72,7 @@ def main():
     ref = ref_tokens / (time.perf_counter() - t0)
 
     # ours, stage 1: preparation (validate + format + render + tokenize + mask, once per corpus)
-    from cslm_jax.data import STATS, prepare_split
+    from cslm_jax.data.pipeline import STATS, prepare_split
     t0 = time.perf_counter()
     for spec in cfg.tasks("pretrain"):
         prepare_split(spec, "train", cfg, str(work / "tok"), STATS)

@@ -1,4 +1,4 @@
-"""Decode tokens/s: cslm_jax's KV-cache decoder (`cslm_jax.decode.generate`) vs `transformers`
+"""Decode tokens/s: cslm_jax's KV-cache decoder (`cslm_jax.infer.decode.generate`) vs `transformers`
 `generate` (PyTorch) on the same exported model, at batch 1 and batch 8, in one run.
 
 A random `transformers` Llama is imported (`import_hf`), exported again (`export_hf`, the folder
@@ -7,7 +7,7 @@ same random prompts, exactly `--new` tokens per row (no stop token), fp32, all C
 the whole call, prefill included, median of `--repeats` (the runs alternate) after one warm-up
 each (which compiles ours). PyTorch runs with all cores and with one thread; the faster counts.
 The greedy tokens are compared too (they should agree: same weights, same arithmetic up to
-rounding). On x86-64 CPUs ours multiplies with the native kernel (`cslm_jax.cpu_kernels`, built
+rounding). On x86-64 CPUs ours multiplies with the native kernel (`cslm_jax.kernels.cpu_matmul`, built
 at first use); `CSLM_JAX_CPU_KERNELS=0` measures XLA's own dot instead.
 
     python benchmarks/decode.py                                   # ~41M params, 2 cores: minutes
@@ -62,10 +62,10 @@ def main():
     import torch
     from transformers import LlamaForCausalLM
 
-    from cslm_jax import cpu_kernels
-    from cslm_jax.convert import export_hf, import_hf
-    from cslm_jax.decode import decoding_params, generate, load_for_decoding
-    from cslm_jax.random_hf import llama3_rope_scaling, placeholder_tokenizer, write_random_hf_llama
+    from cslm_jax.kernels import cpu_matmul as cpu_kernels
+    from cslm_jax.convert.hf import export_hf, import_hf
+    from cslm_jax.infer.decode import decoding_params, generate, load_for_decoding
+    from cslm_jax.demo.random_hf import llama3_rope_scaling, placeholder_tokenizer, write_random_hf_llama
 
     torch.set_num_threads(os.cpu_count())
     # a placeholder tokenizer of the right size: the benchmark feeds random ids

@@ -5,7 +5,7 @@ Two measurements on the same spoken questions (the S2S validation files of a cor
 demo corpus, written to a temporary folder):
 
 1. **From the formatted references, no model** (always). Each reference answer is formatted
-   under both chains exactly as training formats it (`cslm_jax.formats.examples`, chunking by the
+   under both chains exactly as training formats it (`cslm_jax.data.formats.examples`, chunking by the
    answer's word timings) and tokenized with the CSLM tokenizer. Counted per answer: the tokens a
    decoder must generate before the first speech token (before the first `<sosp>`: TQ + TA1
    interleaved, TQ + the whole TA sequential) and up to the end of the first speech chunk
@@ -93,7 +93,7 @@ def join_records(records, k: int, unit_rate: float) -> list[tuple[str, str, dict
 
 
 def reference_counts(records, fmt, tok, vocab) -> dict:
-    from cslm_jax.formats import examples, validate_record
+    from cslm_jax.data.formats import examples, validate_record
 
     sosp, eosp = vocab.token_id("<sosp>"), vocab.token_id("<eosp>")
     rows = []
@@ -138,11 +138,11 @@ def train_demo_models(out: Path) -> tuple[Path, Path, Path]:
     import yaml
 
     from cslm_jax.config import load_model_config, load_run_config
-    from cslm_jax.convert import import_hf
-    from cslm_jax.demo_data import UNIT_COUNT, make_demo_data
-    from cslm_jax.random_hf import write_random_hf_llama
-    from cslm_jax.train import EXIT_OK, train
-    from cslm_jax.vocab import load_tokenizer
+    from cslm_jax.convert.hf import import_hf
+    from cslm_jax.demo.corpus import UNIT_COUNT, make_demo_data
+    from cslm_jax.demo.random_hf import write_random_hf_llama
+    from cslm_jax.train.loop import EXIT_OK, train
+    from cslm_jax.model.vocab import load_tokenizer
 
     data = out / "data"
     if not (data / "data.yaml").is_file():
@@ -181,9 +181,9 @@ def measured(records, data_cfg_path: Path, models: list[Path], max_new_tokens: i
              repeats: int = 3) -> dict:
     """Greedy batch-1 answers of each model to the same questions, with the decoder's timings
     (each question decoded `repeats` times: the median of each time is kept)."""
-    from cslm_jax.decode import decoding_params, load_for_decoding
-    from cslm_jax.decode_cli import chat_prompt_ids, decode_questions
-    from cslm_jax.formats import load_data_config, merge_repeats, speech
+    from cslm_jax.infer.decode import decoding_params, load_for_decoding
+    from cslm_jax.infer.responses import chat_prompt_ids, decode_questions
+    from cslm_jax.data.formats import load_data_config, merge_repeats, speech
 
     fmt = load_data_config(data_cfg_path, check_files=False).format
     out = {}
@@ -261,9 +261,9 @@ def main():
                     "with each model; the median time counts")
     args = ap.parse_args()
 
-    from cslm_jax.demo_data import UNIT_COUNT, make_demo_data
-    from cslm_jax.formats import load_data_config
-    from cslm_jax.vocab import existing_layout, extend_tokenizer, load_tokenizer
+    from cslm_jax.demo.corpus import UNIT_COUNT, make_demo_data
+    from cslm_jax.data.formats import load_data_config
+    from cslm_jax.model.vocab import existing_layout, extend_tokenizer, load_tokenizer
 
     tmp = tempfile.TemporaryDirectory(prefix="cslm_latency_")
     models = [Path(m) for m in args.models] if args.models else None

@@ -8,7 +8,7 @@ run; also this machine's dense float32 matmul peak, measured in the same run, fo
 
 A step is forward + backward + clipping + AdamW update, on both sides. Prints tokens/s of each,
 the ratio, the model FLOP/s of each and MFU against the measured matmul peak (one FLOP formula
-for both stacks: `cslm_jax.train.flops_per_token`).
+for both stacks: `cslm_jax.train.loop.flops_per_token`).
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def run(work: Path):
     ap.add_argument("--skip-torch", action="store_true", help="ours only (for quick iterations)")
     ap.add_argument("--skip-peak", action="store_true")
     ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="cslm_jax.cpu_malloc.keep_freed_memory() before importing JAX and torch (one "
+                    help="cslm_jax.train.cpu_malloc.keep_freed_memory() before importing JAX and torch (one "
                          "glibc arena, no mmap, no trim: steps stop page-faulting their temporaries; "
                          "applies to the whole process, so to both stacks)")
     ap.add_argument("--sequential", action="store_true",
@@ -81,7 +81,7 @@ def run(work: Path):
     args = ap.parse_args()
     malloc_tuned = False
     if args.keep_freed_memory:
-        from cslm_jax.cpu_malloc import keep_freed_memory
+        from cslm_jax.train.cpu_malloc import keep_freed_memory
         malloc_tuned = keep_freed_memory()
 
     import jax
@@ -91,12 +91,12 @@ def run(work: Path):
     import transformers
     from transformers import LlamaForCausalLM
 
-    from cslm_jax.checkpoint import load_params, read_metadata
+    from cslm_jax.storage.checkpoint import load_params, read_metadata
     from cslm_jax.config import OptimizerConfig
-    from cslm_jax.convert import import_hf
-    from cslm_jax.random_hf import llama3_rope_scaling, placeholder_tokenizer, write_random_hf_llama
-    from cslm_jax.train import flops_per_token, measure_matmul_peak
-    from cslm_jax.train_step import make_optimizer, make_train_step
+    from cslm_jax.convert.hf import import_hf
+    from cslm_jax.demo.random_hf import llama3_rope_scaling, placeholder_tokenizer, write_random_hf_llama
+    from cslm_jax.train.loop import flops_per_token, measure_matmul_peak
+    from cslm_jax.train.step import make_optimizer, make_train_step
 
     torch.set_num_threads(os.cpu_count())
     print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores; "

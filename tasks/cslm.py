@@ -2,7 +2,7 @@
 
 One SeqIO task per stage entry, named `cslm_<stage>_<kind>[_<lang>]` (or the entry's `name`),
 reading JSONL files prepared (validated, rendered, tokenized, masked; cached) by
-`cslm_jax.data.prepare_split`; one mixture per stage, `cslm_<stage>`, with the
+`cslm_jax.data.pipeline.prepare_split`; one mixture per stage, `cslm_<stage>`, with the
 configured rates. Adding a language is configuration only: a `languages.<code>` section with its
 templates and chunking, and stage entries pointing at its files.
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import seqio
 
-from cslm_jax.data import STATS, HFVocabulary, add_task_ids, output_features, prepared_source
-from cslm_jax.formats import DataConfig
+from cslm_jax.data.pipeline import STATS, HFVocabulary, add_task_ids, output_features, prepared_source
+from cslm_jax.data.formats import DataConfig
 
 
 def register(cfg: DataConfig, tokenizer_dir: str | Path, stages=None) -> list[str]:

@@ -22,7 +22,7 @@ SAMPLE_TEXTS = [
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
-    from cslm_jax.vocab import train_bpe_tokenizer
+    from cslm_jax.model.vocab import train_bpe_tokenizer
 
     path = tmp_path_factory.mktemp("tiny_tokenizer")
     train_bpe_tokenizer(SAMPLE_TEXTS * 20, vocab_size=400).save_pretrained(str(path))
@@ -32,7 +32,7 @@ def tiny_tokenizer_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_tokenizer(tiny_tokenizer_dir):
     """A fresh copy each time: extending a tokenizer mutates it."""
-    from cslm_jax.vocab import load_tokenizer
+    from cslm_jax.model.vocab import load_tokenizer
 
     return load_tokenizer(tiny_tokenizer_dir)
 
@@ -40,8 +40,8 @@ def tiny_tokenizer(tiny_tokenizer_dir):
 @pytest.fixture
 def make_hf_llama(tmp_path, tiny_tokenizer_dir):
     """Factory: a random HF Llama folder under tmp_path; returns (folder, torch model)."""
-    from cslm_jax.random_hf import write_random_hf_llama
-    from cslm_jax.vocab import load_tokenizer
+    from cslm_jax.demo.random_hf import write_random_hf_llama
+    from cslm_jax.model.vocab import load_tokenizer
 
     counter = iter(range(1000))
 
@@ -59,8 +59,8 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """The demo corpus and an extended (CSLM) tokenizer: (data dir, tokenizer dir)."""
-    from cslm_jax.demo_data import UNIT_COUNT, make_demo_data
-    from cslm_jax.vocab import extend_tokenizer, load_tokenizer
+    from cslm_jax.demo.corpus import UNIT_COUNT, make_demo_data
+    from cslm_jax.model.vocab import extend_tokenizer, load_tokenizer
 
     root = tmp_path_factory.mktemp("demo")
     make_demo_data(root / "data", REPO / "configs" / "data" / "demo.yaml", log=lambda *_: None)

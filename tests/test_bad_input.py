@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from cslm_jax.cli import main as cli
-from cslm_jax.random_hf import llama3_rope_scaling
+from cslm_jax.cli.main import main as cli
+from cslm_jax.demo.random_hf import llama3_rope_scaling
 
 
 def edit_json(path, change):

@@ -7,9 +7,9 @@ import textwrap
 
 import pytest
 
-import cslm_jax.aot as aot
-from cslm_jax.aot import GENERATIONS, libtpu_available, parse_topology
-from cslm_jax.cli import main
+import cslm_jax.tpu.aot as aot
+from cslm_jax.tpu.aot import GENERATIONS, libtpu_available, parse_topology
+from cslm_jax.cli.main import main
 from cslm_jax.config import ConfigError
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]

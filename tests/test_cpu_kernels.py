@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cslm_jax import cpu_kernels
+from cslm_jax.kernels import cpu_matmul as cpu_kernels
 from cslm_jax.config import ModelConfig
-from cslm_jax.decode import decoding_params, generate
-from cslm_jax.model import init_params
+from cslm_jax.infer.decode import decoding_params, generate
+from cslm_jax.model.llama import init_params
 
 
 def test_kernel_is_built_on_a_supported_cpu():

@@ -14,7 +14,7 @@ def run_py(code: str) -> str:
 def test_cli_module_does_not_import_jax():
     """`main` must be able to call mallopt before any thread exists: importing the CLI (which
     parses arguments first) must not pull in JAX."""
-    assert run_py("import sys, cslm_jax.cli; print('jax' in sys.modules)") == "False"
+    assert run_py("import sys, cslm_jax.cli.main; print('jax' in sys.modules)") == "False"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
@@ -23,7 +23,7 @@ def test_keep_freed_memory_serves_large_blocks_from_the_heap():
     not returned on free; without it glibc maps and unmaps such a block."""
     code = """
 import ctypes, sys
-from cslm_jax.cpu_malloc import keep_freed_memory
+from cslm_jax.train.cpu_malloc import keep_freed_memory
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p; libc.sbrk.restype = ctypes.c_void_p
 libc.sbrk.argtypes = [ctypes.c_long]; libc.free.argtypes = [ctypes.c_void_p]
@@ -43,10 +43,10 @@ print(in_heap)
 def test_cli_asks_for_the_cpu_only_where_no_accelerator_exists():
     """No TPU chip, no CUDA plugin, JAX_PLATFORMS unset -> cpu (libtpu stays quiet); a value the
     user set is kept."""
-    from cslm_jax.distributed import tpu_chips_on_host
+    from cslm_jax.parallel.distributed import tpu_chips_on_host
     if tpu_chips_on_host():
         pytest.skip("a TPU host: the CLI leaves JAX_PLATFORMS alone there")
-    code = ("import os, sys; from cslm_jax.cli import _quiet_tpu_probe; _quiet_tpu_probe(); "
+    code = ("import os, sys; from cslm_jax.cli.main import _quiet_tpu_probe; _quiet_tpu_probe(); "
             "print(os.environ.get('JAX_PLATFORMS'))")
     import os
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}

@@ -10,9 +10,9 @@ import yaml
 from conftest import REPO
 
 import seqio  # noqa: E402
-from cslm_jax.data import STATS, BatchIterator  # noqa: E402
-from cslm_jax.formats import ChatRenderer, RecordError, examples, load_data_config  # noqa: E402
-from cslm_jax.vocab import load_tokenizer  # noqa: E402
+from cslm_jax.data.pipeline import STATS, BatchIterator  # noqa: E402
+from cslm_jax.data.formats import ChatRenderer, RecordError, examples, load_data_config  # noqa: E402
+from cslm_jax.model.vocab import load_tokenizer  # noqa: E402
 from tasks.cslm import register  # noqa: E402
 
 
@@ -203,7 +203,7 @@ def test_third_language_by_configuration_only(tmp_path, demo):
 def test_seqio_vocabulary_over_the_extended_tokenizer(demo):
     import tensorflow as tf
 
-    from cslm_jax.data import HFVocabulary
+    from cslm_jax.data.pipeline import HFVocabulary
 
     vocab = HFVocabulary(demo[1])
     tok = load_tokenizer(demo[1])

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from cslm_jax import cpu_kernels
-from cslm_jax.convert import export_hf, import_hf
-from cslm_jax.decode import (End, EventParser, SpeechChunk, TextChunk, Transcript, decode_step,
+from cslm_jax.kernels import cpu_matmul as cpu_kernels
+from cslm_jax.convert.hf import export_hf, import_hf
+from cslm_jax.infer.decode import (End, EventParser, SpeechChunk, TextChunk, Transcript, decode_step,
                              decoding_params, default_stop_ids, generate, generate_stream, left_pad,
                              load_for_decoding, parse_events, prefill, start_state,
                              stream_events)
-from cslm_jax.model import forward
-from cslm_jax.random_hf import llama3_rope_scaling, write_random_hf_llama
-from cslm_jax.vocab import load_tokenizer
+from cslm_jax.model.llama import forward
+from cslm_jax.demo.random_hf import llama3_rope_scaling, write_random_hf_llama
+from cslm_jax.model.vocab import load_tokenizer
 
 N = 20                      # new tokens in the comparisons (one compiled loop shape per batch size)
 PROMPTS = [[5, 17, 99], [400, 3, 8, 9, 200, 101, 55, 7, 12], list(range(30, 47))]

@@ -8,13 +8,13 @@ import pytest
 import torch
 import yaml
 
-from cslm_jax.cli import main as cli
-from cslm_jax.convert import import_hf
-from cslm_jax.decode_cli import (REFERENCE_PROMPTS, UnitFileError, append_results,
+from cslm_jax.cli.main import main as cli
+from cslm_jax.convert.hf import import_hf
+from cslm_jax.infer.responses import (REFERENCE_PROMPTS, UnitFileError, append_results,
                                  format_unit_line, parse_unit_line, read_results, read_unit_file,
                                  write_unit_file)
-from cslm_jax.random_hf import write_random_hf_llama
-from cslm_jax.vocab import extend_tokenizer, load_tokenizer
+from cslm_jax.demo.random_hf import write_random_hf_llama
+from cslm_jax.model.vocab import extend_tokenizer, load_tokenizer
 from conftest import REPO
 
 UNITS = 16

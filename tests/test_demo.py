@@ -2,7 +2,7 @@
 parities, falling losses, held-out ASR far below chance, streamed answers that reassemble)."""
 import pytest
 
-from cslm_jax.cli import main as cli
+from cslm_jax.cli.main import main as cli
 
 
 @pytest.mark.slow

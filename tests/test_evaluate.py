@@ -1,7 +1,7 @@
 """Error rates: Levenshtein over normalised words (WER) or characters (CER), corpus-level."""
 import pytest
 
-from cslm_jax.evaluate import edit_distance, error_rate, normalize_tokens
+from cslm_jax.eval.metrics import edit_distance, error_rate, normalize_tokens
 
 
 def test_edit_distance_counts_substitutions_insertions_deletions():
@@ -27,7 +27,7 @@ import json  # noqa: E402
 
 import sacrebleu  # noqa: E402
 
-from cslm_jax.evaluate import (LANGUAGE_IDS, UnitLexicon, bleu, bleu_tokenize, chrf,  # noqa: E402
+from cslm_jax.eval.metrics import (LANGUAGE_IDS, UnitLexicon, bleu, bleu_tokenize, chrf,  # noqa: E402
                                language_id, mixed_error_rate, off_target, register_language_id,
                                script_language)
 
@@ -102,7 +102,7 @@ def test_unit_lexicon_reads_units_back_as_text(tmp_path):
 
 
 def test_demo_lexicon_reads_the_demo_corpus_back_exactly():
-    from cslm_jax.demo_data import build_corpus
+    from cslm_jax.demo.corpus import build_corpus
 
     corpus = build_corpus(seed=0)
     lex = UnitLexicon.demo()

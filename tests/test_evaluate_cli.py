@@ -7,10 +7,10 @@ import pytest
 import sacrebleu
 import yaml
 
-from cslm_jax.cli import main as cli
-from cslm_jax.convert import import_hf
-from cslm_jax.random_hf import write_random_hf_llama
-from cslm_jax.vocab import extend_tokenizer, load_tokenizer
+from cslm_jax.cli.main import main as cli
+from cslm_jax.convert.hf import import_hf
+from cslm_jax.demo.random_hf import write_random_hf_llama
+from cslm_jax.model.vocab import extend_tokenizer, load_tokenizer
 from test_decode_cli import write_bigram_cslm
 
 UNITS = 16

@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from cslm_jax.cli import main as cli
-from cslm_jax.demo_data import build_corpus
-from cslm_jax.formats import (ChatRenderer, RecordError, chunk_answer, examples,
+from cslm_jax.cli.main import main as cli
+from cslm_jax.demo.corpus import build_corpus
+from cslm_jax.data.formats import (ChatRenderer, RecordError, chunk_answer, examples,
                               load_data_config, merge_repeats, read_jsonl, speech, timed_tokens,
                               validate_record)
-from cslm_jax.vocab import extend_tokenizer, llama3_tokenizer, load_tokenizer
+from cslm_jax.model.vocab import extend_tokenizer, llama3_tokenizer, load_tokenizer
 
 from conftest import REPO
 
@@ -186,5 +186,5 @@ def test_demo_corpus_is_valid(fmt):
     corpus = build_corpus(0)
     for stem, rows in corpus.items():
         for i, r in enumerate(rows):
-            from cslm_jax.formats import detect_kind
+            from cslm_jax.data.formats import detect_kind
             validate_record(detect_kind(r), r, fmt, f"{stem}:{i + 1}")

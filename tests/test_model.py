@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cslm_jax.config import ConfigError, ModelConfig, load_model_config
-from cslm_jax.model import Llama, forward, init_params, param_shapes
+from cslm_jax.model.llama import Llama, forward, init_params, param_shapes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 

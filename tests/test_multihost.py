@@ -18,22 +18,22 @@ import pytest
 from test_train import base_ckpt, losses, model_params, quiet  # noqa: F401  (fixture reused)
 
 from cslm_jax.config import load_run_config
-from cslm_jax.distributed import (DistributedError, ProcessInput, resolve_process_group,
+from cslm_jax.parallel.distributed import (DistributedError, ProcessInput, resolve_process_group,
                                   shards_of_process)
-from cslm_jax.train import EXIT_OK, EXIT_PREEMPTED, train
+from cslm_jax.train.loop import EXIT_OK, EXIT_PREEMPTED, train
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 CHILD = textwrap.dedent("""
     import functools, os, signal, sys
-    import cslm_jax.train as T
+    import cslm_jax.train.loop as T
     stop_at = int(os.environ.get("STOP_AT", "0"))
     if stop_at:        # this process alone gets the SIGTERM; the other must stop with it
         def sigterm(step):
             if step == stop_at:
                 os.kill(os.getpid(), signal.SIGTERM)
         T.train = functools.partial(T.train, on_step=sigterm)
-    from cslm_jax.cli import main
+    from cslm_jax.cli.main import main
     code = main(sys.argv[1:])
     # leave the job cleanly, then skip TensorFlow/XLA's native teardown (seconds per process)
     import jax

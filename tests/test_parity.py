@@ -5,10 +5,10 @@ import torch
 
 import jax.numpy as jnp
 
-from cslm_jax.checkpoint import load_params, read_metadata
-from cslm_jax.convert import import_hf
-from cslm_jax.model import forward
-from cslm_jax.random_hf import llama3_rope_scaling
+from cslm_jax.storage.checkpoint import load_params, read_metadata
+from cslm_jax.convert.hf import import_hf
+from cslm_jax.model.llama import forward
+from cslm_jax.demo.random_hf import llama3_rope_scaling
 
 ORIGINAL_MAX = 32   # llama3 rope scaling's original context; the test sequences are longer
 

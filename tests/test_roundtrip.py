@@ -7,8 +7,8 @@ import torch
 from safetensors.numpy import load_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from cslm_jax.cli import main as cli
-from cslm_jax.random_hf import llama3_rope_scaling
+from cslm_jax.cli.main import main as cli
+from cslm_jax.demo.random_hf import llama3_rope_scaling
 
 
 def load_hf(path):
@@ -81,7 +81,7 @@ def test_speech_unit_extension_exports_a_loadable_cslm_model(make_hf_llama, tmp_
 
 @pytest.mark.parametrize("new_rows", ["mean", "normal"])
 def test_new_rows_initialisation(make_hf_llama, tmp_path, new_rows):
-    from cslm_jax.checkpoint import load_params
+    from cslm_jax.storage.checkpoint import load_params
 
     hf_dir, model = make_hf_llama()
     base = model.config.vocab_size
@@ -161,14 +161,14 @@ def test_checkpoint_saves_an_array_larger_than_the_write_budget(tmp_path):
     embedding with CSLM rows (132480 x 4096 bf16 = 1.09 GB) is one. Found by the 8B benchmark."""
     import jax.numpy as jnp
 
-    from cslm_jax.checkpoint import SAVE_CONCURRENT_GB, load_params, save_model_checkpoint
+    from cslm_jax.storage.checkpoint import SAVE_CONCURRENT_GB, load_params, save_model_checkpoint
     from cslm_jax.config import ModelConfig
-    from cslm_jax.vocab import VocabInfo
+    from cslm_jax.model.vocab import VocabInfo
 
     rows = int(SAVE_CONCURRENT_GB * 1e9 / (2 * 64)) + 1024        # just over the budget in bf16
     cfg = ModelConfig(vocab_size=rows, hidden_size=64, intermediate_size=8, num_layers=1,
                       num_heads=2, num_kv_heads=1, tie_word_embeddings=True, param_dtype="bfloat16")
-    from cslm_jax.model import param_shapes
+    from cslm_jax.model.llama import param_shapes
     params = {k: jnp.zeros(v[0], jnp.bfloat16) for k, v in param_shapes(cfg).items()
                           if k != "layers"}
     params["layers"] = {k: jnp.zeros(v[0], jnp.bfloat16) for k, v in param_shapes(cfg)["layers"].items()}

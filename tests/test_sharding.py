@@ -6,8 +6,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from cslm_jax.config import ConfigError, ModelConfig
-from cslm_jax.model import forward, init_params, param_shardings
-from cslm_jax.sharding import DEFAULT_RULES, logical_to_spec, make_mesh
+from cslm_jax.model.llama import forward, init_params, param_shardings
+from cslm_jax.parallel.sharding import DEFAULT_RULES, logical_to_spec, make_mesh
 
 CFG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=16, compute_dtype="float32",
@@ -87,8 +87,8 @@ def test_rules_are_config_and_errors_are_clear():
 
 def test_checkpoint_restores_into_the_current_mesh(make_hf_llama, tmp_path):
     """A checkpoint written from host memory restores straight into a sharded layout."""
-    from cslm_jax.checkpoint import load_params, read_metadata
-    from cslm_jax.convert import import_hf
+    from cslm_jax.storage.checkpoint import load_params, read_metadata
+    from cslm_jax.convert.hf import import_hf
 
     hf_dir, _ = make_hf_llama(num_kv_heads=2, num_heads=4)
     ckpt = import_hf(hf_dir, tmp_path / "ck", speech_units=8, log=lambda *_: None)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cslm_jax.config import ConfigError, load_run_config
-from cslm_jax.train import (EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, TrainError, abstract_state,
+from cslm_jax.train.loop import (EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, TrainError, abstract_state,
                             flops_per_token, global_batch, initial_state, make_train_fn,
                             prepare_run, train)
 
@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def base_ckpt(tmp_path_factory, demo):
     """A tiny random HF Llama imported with the demo's 256 speech units."""
-    from cslm_jax.convert import import_hf
-    from cslm_jax.demo_data import UNIT_COUNT
-    from cslm_jax.random_hf import write_random_hf_llama
-    from cslm_jax.vocab import load_tokenizer
+    from cslm_jax.convert.hf import import_hf
+    from cslm_jax.demo.corpus import UNIT_COUNT
+    from cslm_jax.demo.random_hf import write_random_hf_llama
+    from cslm_jax.model.vocab import load_tokenizer
 
     data_dir, _ = demo
     root = tmp_path_factory.mktemp("train_base")
@@ -53,7 +53,7 @@ def losses(run_dir):
 
 
 def model_params(run_dir):
-    from cslm_jax.checkpoint import load_params
+    from cslm_jax.storage.checkpoint import load_params
     return load_params(Path(run_dir) / "model")
 
 
@@ -64,7 +64,7 @@ def quiet(*_):
 # -- the step on every mesh equals the single-device step -----------------------------------------
 
 def one_step(demo, base_ckpt, tmp_path, mesh, num_devices, batch):
-    from cslm_jax.checkpoint import train_checkpoint_manager
+    from cslm_jax.storage.checkpoint import train_checkpoint_manager
 
     cfg = run_cfg(demo, base_ckpt, f"train.num_devices={num_devices}", "train.global_batch_size=16",
                   "train.micro_batch_size=8", *[f"mesh.{k}={v}" for k, v in mesh.items()])
@@ -85,8 +85,8 @@ def one_step(demo, base_ckpt, tmp_path, mesh, num_devices, batch):
 
 
 def test_step_on_meshes_equals_single_device(demo, base_ckpt, tmp_path):
-    from cslm_jax.data import BatchIterator
-    from cslm_jax.formats import load_data_config
+    from cslm_jax.data.pipeline import BatchIterator
+    from cslm_jax.data.formats import load_data_config
     from tasks.cslm import register
 
     data_dir, tok_dir = demo
@@ -141,7 +141,7 @@ def test_sigterm_and_resume_reproduce_an_uninterrupted_run(demo, base_ckpt, tmp_
 
 
 def test_checkpoint_written_on_8_devices_restores_on_4(demo, base_ckpt, tmp_path):
-    from cslm_jax.checkpoint import train_checkpoint_manager, train_restore_args
+    from cslm_jax.storage.checkpoint import train_checkpoint_manager, train_restore_args
 
     run_dir = tmp_path / "run"
     cfg8 = run_cfg(demo, base_ckpt, "train.steps=2", "mesh.fsdp=-1", "train.micro_batch_size=8")
@@ -189,7 +189,7 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(demo, base_ckpt, tm
                 await asyncio.sleep(600)
             return await original(self)
         atomicity.AtomicRenameTemporaryPath.finalize = stalled
-        from cslm_jax.cli import main
+        from cslm_jax.cli.main import main
         sys.exit(main(["train", "--config", {str(REPO / "configs" / "demo.yaml")!r},
                        "--run-dir", {str(run_dir)!r}] + {overrides!r}))
     """)
@@ -209,7 +209,7 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(demo, base_ckpt, tm
     ckpts = run_dir / "checkpoints"
     assert partial.exists() and not (ckpts / "4").exists()           # ...but never committed
 
-    from cslm_jax.checkpoint import train_checkpoint_manager
+    from cslm_jax.storage.checkpoint import train_checkpoint_manager
     manager = train_checkpoint_manager(ckpts, 2, 5)
     assert manager.latest_step() == 2 and list(manager.all_steps()) == [2]
     manager.close()
@@ -223,7 +223,7 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(demo, base_ckpt, tm
 # -- non-finite losses ------------------------------------------------------------------------------
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(demo, base_ckpt, tmp_path):
-    from cslm_jax.checkpoint import train_checkpoint_manager
+    from cslm_jax.storage.checkpoint import train_checkpoint_manager
 
     # a learning rate this large overflows the weights within a few steps
     cfg = run_cfg(demo, base_ckpt, "train.num_devices=1", "optimizer.learning_rate=1e30",
@@ -253,7 +253,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(demo, base_ckpt, tmp
 # -- stage 2 from stage 1, configs, FLOPs --------------------------------------------------------
 
 def test_stage2_inits_from_stage1_parameters_without_optimizer_state(demo, base_ckpt, tmp_path):
-    from cslm_jax.checkpoint import train_checkpoint_manager
+    from cslm_jax.storage.checkpoint import train_checkpoint_manager
 
     stage1 = tmp_path / "stage1"
     assert train(run_cfg(demo, base_ckpt, "train.steps=2", "train.num_devices=1"), stage1,
@@ -312,7 +312,7 @@ def test_bad_run_configs_name_the_field(demo, base_ckpt, tmp_path):
 
 
 def test_cli_train_help_names_the_step_and_checkpoint_keys():
-    out = subprocess.run([sys.executable, "-m", "cslm_jax.cli", "train", "--help"], text=True,
+    out = subprocess.run([sys.executable, "-m", "cslm_jax.cli.main", "train", "--help"], text=True,
                          capture_output=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 0
     assert "train.steps=N" in out.stdout and "checkpoint.every=N" in out.stdout

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cslm_jax.config import ModelConfig
-from cslm_jax.model import init_params
-from cslm_jax.train_step import OptimizerConfig, make_optimizer, make_train_step
+from cslm_jax.model.llama import init_params
+from cslm_jax.train.step import OptimizerConfig, make_optimizer, make_train_step
 
 
 def test_schedule_warmup_then_cosine():

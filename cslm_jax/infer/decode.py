@@ -46,13 +46,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cslm_jax import cpu_kernels
+from cslm_jax.kernels import cpu_matmul as cpu_kernels
 from cslm_jax.config import ModelConfig
-from cslm_jax.model import (_attention_fwd, apply_rope, attend, attention_mask, rms_norm,
+from cslm_jax.model.llama import (_attention_fwd, apply_rope, attend, attention_mask, rms_norm,
                             rope_cos_sin, rope_inv_freq)
-from cslm_jax.vocab import VocabInfo
+from cslm_jax.model.vocab import VocabInfo
 
-NEG = float(np.finfo(np.float32).min)   # the "never" logit, as cslm_jax.model masks padding rows
+NEG = float(np.finfo(np.float32).min)   # the "never" logit, as cslm_jax.model.llama masks padding rows
 
 
 class DecodeError(ValueError):
@@ -482,9 +482,9 @@ def load_for_decoding(path: str | Path, *, compute_dtype: str | None = None,
     (`compute_dtype` overrides the checkpoint's), in the model's stacked layout (`forward`
     takes them); pass them through `decoding_params` once before decoding many times.
     """
-    from cslm_jax.checkpoint import META_FILE, load_params, read_metadata
-    from cslm_jax.convert import import_hf
-    from cslm_jax.vocab import check_layout, existing_layout, load_tokenizer
+    from cslm_jax.storage.checkpoint import META_FILE, load_params, read_metadata
+    from cslm_jax.convert.hf import import_hf
+    from cslm_jax.model.vocab import check_layout, existing_layout, load_tokenizer
 
     path = Path(path)
 

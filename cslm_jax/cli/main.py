@@ -11,12 +11,12 @@ from pathlib import Path
 from cslm_jax.config import ConfigError
 
 # Commands that run training steps: on XLA:CPU each step allocates its temporaries afresh, which
-# glibc serves with mmap/munmap (see cslm_jax.cpu_malloc). CSLM_JAX_KEEP_FREED_MEMORY=0 opts out.
+# glibc serves with mmap/munmap (see cslm_jax.train.cpu_malloc). CSLM_JAX_KEEP_FREED_MEMORY=0 opts out.
 TRAINING_COMMANDS = ("train", "demo")
 
 
 def _cmd_import_hf(args) -> int:
-    from cslm_jax.convert import import_hf
+    from cslm_jax.convert.hf import import_hf
 
     import_hf(args.hf_dir, args.out, speech_units=args.speech_units,
               pad_vocab_multiple=args.pad_vocab_multiple, new_rows=args.new_rows,
@@ -25,7 +25,7 @@ def _cmd_import_hf(args) -> int:
 
 
 def _cmd_export_hf(args) -> int:
-    from cslm_jax.convert import export_hf
+    from cslm_jax.convert.hf import export_hf
 
     export_hf(args.ckpt, args.out, dtype=args.dtype, force=args.force,
               max_shard_bytes=int(args.max_shard_size_mb * 1024 ** 2))
@@ -33,8 +33,8 @@ def _cmd_export_hf(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from cslm_jax.distributed import initialize
-    from cslm_jax.train import run_from_cli
+    from cslm_jax.parallel.distributed import initialize
+    from cslm_jax.train.loop import run_from_cli
 
     initialize(args.coordinator, args.num_processes, args.process_id)   # before any device use
     return run_from_cli(args.config, args.run_dir, args.overrides, args.init_from,
@@ -59,22 +59,22 @@ resume); 3 non-finite loss (last checkpoint intact); 2 bad configuration or data
 
 
 def _cmd_demo(args) -> int:
-    from cslm_jax.demo import run_demo
+    from cslm_jax.demo.run import run_demo
 
     return run_demo(args.out, force=args.force)
 
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _format_config(path):
-    from cslm_jax.formats import load_data_config
+    from cslm_jax.data.formats import load_data_config
 
     return load_data_config(path, check_files=False).format
 
 
 def _cmd_validate_data(args) -> int:
-    from cslm_jax.formats import read_jsonl
+    from cslm_jax.data.formats import read_jsonl
 
     fmt = _format_config(args.data_config)
     total_bad = 0
@@ -97,9 +97,9 @@ def _cmd_validate_data(args) -> int:
 def _cmd_inspect_data(args) -> int:
     import json
 
-    from cslm_jax.formats import (RECORD_KIND_OF_TASK, TASK_KINDS, ChatRenderer, examples,
+    from cslm_jax.data.formats import (RECORD_KIND_OF_TASK, TASK_KINDS, ChatRenderer, examples,
                                   load_data_config, read_jsonl)
-    from cslm_jax.vocab import load_tokenizer
+    from cslm_jax.model.vocab import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
     cfg = load_data_config(args.data_config, check_files=bool(args.task))
@@ -144,7 +144,7 @@ def _cmd_inspect_data(args) -> int:
 
 
 def _cmd_make_demo_data(args) -> int:
-    from cslm_jax.demo_data import make_demo_data
+    from cslm_jax.demo.corpus import make_demo_data
 
     make_demo_data(args.out, REPO_CONFIGS / "data" / "demo.yaml", seed=args.seed,
                    scale=args.scale, force=args.force)
@@ -152,19 +152,19 @@ def _cmd_make_demo_data(args) -> int:
 
 
 def _cmd_decode(args) -> int:
-    from cslm_jax.decode_cli import run_decode
+    from cslm_jax.infer.responses import run_decode
 
     return run_decode(args)
 
 
 def _cmd_evaluate(args) -> int:
-    from cslm_jax.evaluate_cli import run_evaluate
+    from cslm_jax.eval.run import run_evaluate
 
     return run_evaluate(args)
 
 
 def _cmd_compile(args) -> int:
-    from cslm_jax.aot import run_compile
+    from cslm_jax.tpu.aot import run_compile
 
     return run_compile(args.config, args.topology, args.overrides, model_path=args.model,
                        speech_units=args.speech_units, pad_vocab_multiple=args.pad_vocab_multiple)
@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "task's reference units back exactly), demo, none, or a JSON file "
                    "{\"silence\": [0], \"table\": {\"cat\": [17], ...}}")
     s.add_argument("--language-id", default="script", help="off-target language identifier "
-                   "(cslm_jax.evaluate.LANGUAGE_IDS; default: script-based zh/en)")
+                   "(cslm_jax.eval.metrics.LANGUAGE_IDS; default: script-based zh/en)")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. "
                    "data.config=runs/demo_data/data.yaml")
     s.set_defaults(func=_cmd_evaluate)
@@ -349,7 +349,7 @@ def _quiet_tpu_probe() -> None:
     topology API either way."""
     import importlib.util
 
-    from cslm_jax.distributed import tpu_chips_on_host
+    from cslm_jax.parallel.distributed import tpu_chips_on_host
 
     if os.environ.get("JAX_PLATFORMS") or tpu_chips_on_host():
         return
@@ -363,13 +363,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_tpu_probe()                  # before anything imports JAX
     if args.command in TRAINING_COMMANDS and os.environ.get("CSLM_JAX_KEEP_FREED_MEMORY", "1") != "0":
-        from cslm_jax.cpu_malloc import keep_freed_memory
+        from cslm_jax.train.cpu_malloc import keep_freed_memory
         keep_freed_memory()    # before JAX starts its threads; a no-op where it does not apply
-    from cslm_jax.checkpoint import CheckpointError
-    from cslm_jax.convert import ConversionError
-    from cslm_jax.formats import RecordError
-    from cslm_jax.train import TrainError
-    from cslm_jax.vocab import VocabError
+    from cslm_jax.storage.checkpoint import CheckpointError
+    from cslm_jax.convert.hf import ConversionError
+    from cslm_jax.data.formats import RecordError
+    from cslm_jax.train.loop import TrainError
+    from cslm_jax.model.vocab import VocabError
 
     if args.command == "inspect-data" and args.jsonl and not args.kind:
         build_parser().error("inspect-data --jsonl needs --kind")

@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from cslm_jax.evaluate import (UnitLexicon, bleu, bleu_tokenize, chrf, edit_distance,
+from cslm_jax.eval.metrics import (UnitLexicon, bleu, bleu_tokenize, chrf, edit_distance,
                                language_id, merge_units, mixed_error_rate, normalize_tokens,
                                off_target)
 
@@ -62,7 +62,7 @@ def load_data(config: str | Path, overrides=()):
     """The data config behind `config`: a run config (its data.config; overrides as for train)
     or a data config (overrides of its own fields)."""
     from cslm_jax.config import load_run_config, load_yaml
-    from cslm_jax.formats import load_data_config
+    from cslm_jax.data.formats import load_data_config
 
     path = config_file(config)
     raw = load_yaml(path)
@@ -76,7 +76,7 @@ def default_checkpoint(config: str | Path) -> Path:
     """The model a run config stands for, when that is known: the config.yaml that `cslm-jax
     train` writes into its run folder sits beside the run's final model/. Any other config
     does not say which run it trained, so --ckpt is needed."""
-    from cslm_jax.checkpoint import META_FILE
+    from cslm_jax.storage.checkpoint import META_FILE
 
     path = config_file(config)
     if path.name == "config.yaml" and (path.parent / "model" / META_FILE).is_file():
@@ -112,7 +112,7 @@ def find_task(data_cfg, name: str, split: str):
 def build_items(spec, files, fmt, max_examples: int | None, skip_bad: bool = False) -> list[dict]:
     """One item per chat example of the split's records: prompt text, reference text, the
     language(s) and unit of scoring, and the record fields the kind needs."""
-    from cslm_jax.formats import RECORD_KIND_OF_TASK, examples, merge_repeats, read_jsonl
+    from cslm_jax.data.formats import RECORD_KIND_OF_TASK, examples, merge_repeats, read_jsonl
 
     items: list[dict] = []
     for path in files:
@@ -163,7 +163,7 @@ def choose_lexicon(choice: str, items: list[dict], kind: str, fmt) -> tuple[Unit
 
 def resolve_checkpoint(ckpt: str) -> Path:
     """A model checkpoint, a train run folder (its model/), or a Hugging Face folder."""
-    from cslm_jax.checkpoint import META_FILE
+    from cslm_jax.storage.checkpoint import META_FILE
 
     path = Path(ckpt)
     if (path / META_FILE).is_file() or (path / "config.json").is_file():
@@ -183,8 +183,8 @@ def default_max_new_tokens(items, tokenizer) -> int:
 def decode_items(cfg, params, tok, vocab, items, *, batch_size: int, max_new_tokens: int,
                  log=lambda _: None) -> list[list[int]]:
     """Greedy generations (ids, stop id included) for every item's prompt, in batches."""
-    from cslm_jax.decode import default_stop_ids, generate
-    from cslm_jax.decode_cli import _pad_id, chat_prompt_ids
+    from cslm_jax.infer.decode import default_stop_ids, generate
+    from cslm_jax.infer.responses import _pad_id, chat_prompt_ids
 
     stops = default_stop_ids(tok, vocab)
     prompts = [chat_prompt_ids(tok, it["prompt"], it["where"]) for it in items]
@@ -210,7 +210,7 @@ def score(kind: str, items: list[dict], generations: list[list[int]], tok, vocab
           lang_units: dict | None = None) -> tuple[dict, list[dict]]:
     """(metrics, per-example rows). lang_units: language -> "word"|"char" (the data config's
     chunk_unit), for transcripts of spoken questions (default "word")."""
-    from cslm_jax.decode import (End, SpeechChunk, TextChunk, Transcript, default_stop_ids,
+    from cslm_jax.infer.decode import (End, SpeechChunk, TextChunk, Transcript, default_stop_ids,
                                  parse_events)
 
     stops = set(default_stop_ids(tok, vocab))
@@ -362,7 +362,7 @@ def run_evaluate(args, out=None) -> int:
 
     model_path = (resolve_checkpoint(args.ckpt) if args.ckpt
                   else default_checkpoint(args.config))
-    from cslm_jax.decode import decoding_params, load_for_decoding
+    from cslm_jax.infer.decode import decoding_params, load_for_decoding
 
     t0 = time.perf_counter()
     out_path = Path(args.output) if args.output else Path(f"eval_{args.task}_{args.split}.json")

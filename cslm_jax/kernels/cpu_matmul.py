@@ -38,7 +38,7 @@ import numpy as np
 
 TARGET = "cslm_small_matmul"
 PANEL = 32                                  # columns per panel (NB in the C++ source)
-SOURCE = Path(__file__).with_name("kernels") / "small_matmul.cc"
+SOURCE = Path(__file__).with_name("small_matmul.cc")
 ENV = "CSLM_JAX_CPU_KERNELS"
 
 

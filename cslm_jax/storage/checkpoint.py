@@ -3,7 +3,7 @@
 A model checkpoint is a folder:
 
     cslm_checkpoint.json   format version, model config, vocabulary layout, HF passthrough fields
-    params/                Orbax PyTree checkpoint of the parameter tree (schema: cslm_jax.model)
+    params/                Orbax PyTree checkpoint of the parameter tree (schema: cslm_jax.model.llama)
     tokenizer/             the (extended) tokenizer, loadable with `transformers.AutoTokenizer`
 
 It is written into a hidden sibling folder and renamed into place as the last step, so a crash
@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from cslm_jax.config import ConfigError, ModelConfig
-from cslm_jax.vocab import VocabError, VocabInfo
+from cslm_jax.model.vocab import VocabError, VocabInfo
 
 META_FILE = "cslm_checkpoint.json"
 CHECKPOINT_FORMAT = 1
@@ -43,7 +43,7 @@ def atomic_dir(target: Path, force: bool = False):
     multi-host run, the folder on shared storage) every process gets the same folder: process 0
     creates and renames it, the others wait for it at barriers, so all can join Orbax saves.
     """
-    from cslm_jax.distributed import barrier, broadcast_int
+    from cslm_jax.parallel.distributed import barrier, broadcast_int
 
     target = Path(target).absolute()
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
@@ -98,7 +98,7 @@ def _checkpointer(nbytes: int, restore: bool = False):
 
 def save_model_checkpoint(path: str | Path, params: dict, cfg: ModelConfig, vocab: VocabInfo,
                           tokenizer=None, extra: dict | None = None, force: bool = False) -> Path:
-    """Write params (schema of cslm_jax.model) with their metadata, one Orbax item per parameter
+    """Write params (schema of cslm_jax.model.llama) with their metadata, one Orbax item per parameter
     under params/<name>. A leaf may be an array or a zero-argument function returning one (built
     only when its turn comes and dropped after), so a converter can stream: peak host memory is
     then about one parameter, not one model."""
@@ -159,7 +159,7 @@ def read_metadata(path: str | Path) -> tuple[dict, ModelConfig, VocabInfo]:
 
 
 def _expected_shapes(cfg: ModelConfig) -> dict:
-    from cslm_jax.model import param_shapes
+    from cslm_jax.model.llama import param_shapes
 
     return jax.tree.map(lambda spec: tuple(spec[0]), param_shapes(cfg),
                         is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
@@ -228,7 +228,7 @@ TRAIN_ITEMS = ("state", "data", "config")
 
 def _data_handler_classes():
     """A synchronous Orbax handler for the input pipeline's position. Every process saves its
-    own part into the item's folder (`cslm_jax.distributed.ProcessInput`: one tf.data iterator
+    own part into the item's folder (`cslm_jax.parallel.distributed.ProcessInput`: one tf.data iterator
     checkpoint per data shard it reads). Built lazily: Orbax and TensorFlow load only when a
     trainer needs them."""
     global _DATA_HANDLER

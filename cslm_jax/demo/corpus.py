@@ -226,7 +226,7 @@ def make_demo_data(out: str | Path, config_template: str | Path, seed: int = 0, 
     with units: `import-hf` does that) and `data.yaml` into `out`."""
     import yaml
 
-    from cslm_jax.vocab import train_bpe_tokenizer
+    from cslm_jax.model.vocab import train_bpe_tokenizer
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

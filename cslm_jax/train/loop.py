@@ -41,7 +41,7 @@ import yaml
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cslm_jax.config import ConfigError, ModelConfig, RunConfig
-from cslm_jax.vocab import VocabInfo
+from cslm_jax.model.vocab import VocabInfo
 
 EXIT_OK = 0
 EXIT_NONFINITE = 3
@@ -222,7 +222,7 @@ class PreemptionFlag:
 
 def resolve_init(path: str | Path) -> Path:
     """A model checkpoint folder: itself, or a run folder's `model/`."""
-    from cslm_jax.checkpoint import META_FILE
+    from cslm_jax.storage.checkpoint import META_FILE
 
     path = Path(path)
     if (path / META_FILE).is_file():
@@ -249,7 +249,7 @@ class Run:
     task_names: list
     mixture: str
     max_length: int
-    data_shards: int = 1           # input shards (cslm_jax.distributed); fixed for the whole run
+    data_shards: int = 1           # input shards (cslm_jax.parallel.distributed); fixed for the whole run
 
 
 def _config_item(run: Run) -> dict:
@@ -273,9 +273,9 @@ class Layout:
 def train_layout(cfg: RunConfig, model_cfg: ModelConfig, devices, process_count: int) -> Layout:
     """The mesh over `devices` (config `mesh`) and the shardings of the state and the batch.
     Raises ConfigError when the mesh does not fit the devices or the batch does not split."""
-    from cslm_jax.model import param_shapes, param_shardings
-    from cslm_jax.sharding import make_mesh, named_sharding
-    from cslm_jax.train_step import make_optimizer
+    from cslm_jax.model.llama import param_shapes, param_shardings
+    from cslm_jax.parallel.sharding import make_mesh, named_sharding
+    from cslm_jax.train.step import make_optimizer
 
     t = cfg.train
     mesh = make_mesh(cfg.mesh, devices)
@@ -310,9 +310,9 @@ def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=prin
     shardings, data registration. Returns (run, step to resume from or None, init checkpoint).
     `data_shards`: input shards of a new run (default: one per process); a resumed run keeps
     its checkpoint's count."""
-    from cslm_jax.checkpoint import read_metadata, read_train_config
-    from cslm_jax.distributed import barrier
-    from cslm_jax.formats import load_data_config
+    from cslm_jax.storage.checkpoint import read_metadata, read_train_config
+    from cslm_jax.parallel.distributed import barrier
+    from cslm_jax.data.formats import load_data_config
     from tasks.cslm import register
 
     latest = manager.latest_step()
@@ -373,7 +373,7 @@ def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=prin
 
 
 def abstract_state(run: Run):
-    from cslm_jax.model import param_shapes
+    from cslm_jax.model.llama import param_shapes
 
     pdtype = jnp.dtype(run.model_cfg.param_dtype)
     params = jax.tree.map(lambda spec, sh: jax.ShapeDtypeStruct(spec[0], pdtype, sharding=sh),
@@ -389,7 +389,7 @@ def abstract_state(run: Run):
 
 def initial_state(run: Run, init: Path) -> dict:
     """Parameters restored straight into their shardings; a fresh optimizer state."""
-    from cslm_jax.checkpoint import load_params
+    from cslm_jax.storage.checkpoint import load_params
 
     params = load_params(init, shardings=run.layout.param_sh, dtype=jnp.dtype(run.model_cfg.param_dtype))
     opt_state = jax.jit(run.layout.optimizer.init, out_shardings=run.layout.state_sh["opt_state"])(params)
@@ -400,7 +400,7 @@ def initial_state(run: Run, init: Path) -> dict:
 
 def make_train_fn(run: Run):
     """The jit-compiled step: (state, batch [k, b, T]) -> (state, metrics); state donated."""
-    from cslm_jax.train_step import make_train_step
+    from cslm_jax.train.step import make_train_step
 
     vocab = run.vocab
     step = make_train_step(run.model_cfg, run.layout.optimizer,
@@ -456,13 +456,13 @@ def train(cfg: RunConfig, run_dir: str | Path, init_from: str | Path | None = No
     """Run (or resume) one stage; returns an exit code (module docstring). `on_step(step)` is
     called after each step is dispatched (tests use it to deliver signals at a known step).
     `data_shards`: input shards of a new run (default: one per process, see
-    cslm_jax.distributed). With several processes, all of them call this with the same
+    cslm_jax.parallel.distributed). With several processes, all of them call this with the same
     arguments and a `run_dir` they all see."""
-    from cslm_jax.checkpoint import (remove_partial_checkpoints, save_model_checkpoint,
+    from cslm_jax.storage.checkpoint import (remove_partial_checkpoints, save_model_checkpoint,
                                      train_checkpoint_manager, train_restore_args, train_save_args)
-    from cslm_jax.data import BatchIterator
-    from cslm_jax.distributed import ProcessInput, check_shared_dir
-    from cslm_jax.vocab import load_tokenizer
+    from cslm_jax.data.pipeline import BatchIterator
+    from cslm_jax.parallel.distributed import ProcessInput, check_shared_dir
+    from cslm_jax.model.vocab import load_tokenizer
 
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -532,7 +532,7 @@ def train(cfg: RunConfig, run_dir: str | Path, init_from: str | Path | None = No
 def _final_params(run: Run, manager, step: int):
     import orbax.checkpoint as ocp
 
-    from cslm_jax.checkpoint import train_restore_args
+    from cslm_jax.storage.checkpoint import train_restore_args
 
     restored = manager.restore(step, args=ocp.args.Composite(
         state=train_restore_args(abstract_state(run))["state"]))

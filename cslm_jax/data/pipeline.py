@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import seqio  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from cslm_jax.formats import (RECORD_KIND_OF_TASK, ChatRenderer, DataConfig, RecordError,  # noqa: E402
+from cslm_jax.data.formats import (RECORD_KIND_OF_TASK, ChatRenderer, DataConfig, RecordError,  # noqa: E402
                               TaskSpec, examples)
 
 class _QuietUncachedWarning(logging.Filter):
@@ -62,7 +62,7 @@ class HFVocabulary(seqio.Vocabulary):
     @property
     def tokenizer(self):
         if self._tok is None:
-            from cslm_jax.vocab import load_tokenizer
+            from cslm_jax.model.vocab import load_tokenizer
             self._tok = load_tokenizer(self.tokenizer_dir)
         return self._tok
 
@@ -161,8 +161,8 @@ def prepare_split(spec: TaskSpec, split: str, cfg: DataConfig, tokenizer_dir: st
     import shutil
     import uuid
 
-    from cslm_jax.formats import read_jsonl
-    from cslm_jax.vocab import load_tokenizer
+    from cslm_jax.data.formats import read_jsonl
+    from cslm_jax.model.vocab import load_tokenizer
 
     files = spec.train if split == "train" else spec.validation
     if not files:

@@ -16,10 +16,10 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from cslm_jax.checkpoint import (atomic_dir, iter_params, param_names, read_metadata,
+from cslm_jax.storage.checkpoint import (atomic_dir, iter_params, param_names, read_metadata,
                                  save_model_checkpoint)
 from cslm_jax.config import ConfigError, ModelConfig, check_rope_scaling, pad_to_multiple
-from cslm_jax.vocab import (VocabInfo, existing_layout, extend_tokenizer, load_tokenizer)
+from cslm_jax.model.vocab import (VocabInfo, existing_layout, extend_tokenizer, load_tokenizer)
 
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
              "float16": np.dtype(np.float16)}
@@ -331,7 +331,7 @@ def import_hf(hf_dir, out, speech_units: int | None = None, pad_vocab_multiple: 
     np_dtype = NP_DTYPES[store]
     cfg = base_cfg.replace(vocab_size=padded, unpadded_vocab_size=info.size, param_dtype=store,
                            compute_dtype=store)
-    from cslm_jax.model import param_shapes
+    from cslm_jax.model.llama import param_shapes
     shapes = param_shapes(cfg)
     rng = np.random.default_rng(seed)
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from cslm_jax.config import ModelConfig, OptimizerConfig
-from cslm_jax.model import forward, token_losses
+from cslm_jax.model.llama import forward, token_losses
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:

@@ -31,7 +31,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from cslm_jax.config import ModelConfig
-from cslm_jax.sharding import constrain
+from cslm_jax.parallel.sharding import constrain
 
 LAYER_PARAMS = {
     "attn_norm": ("layers", "norm"),
@@ -344,7 +344,7 @@ def _is_spec(x) -> bool:
 
 def param_shardings(cfg: ModelConfig, mesh, rules=None) -> dict:
     """NamedSharding per parameter from its logical axis names and the rules table."""
-    from cslm_jax.sharding import named_sharding
+    from cslm_jax.parallel.sharding import named_sharding
 
     def one(path, spec):
         shape, names = spec

@@ -140,7 +140,7 @@ def compile_model_config(cfg: RunConfig, model_path: str | None, speech_units: i
     extended with the CSLM vocabulary exactly as `cslm-jax import-hf` would, else the model
     checkpoint the config's `init_from` names. The run's `model` section applies on top."""
     from cslm_jax.config import load_model_config
-    from cslm_jax.vocab import CONTROL_TOKENS, VocabInfo
+    from cslm_jax.model.vocab import CONTROL_TOKENS, VocabInfo
 
     if model_path:
         base = load_model_config(model_path)
@@ -150,8 +150,8 @@ def compile_model_config(cfg: RunConfig, model_path: str | None, speech_units: i
         vocab = VocabInfo(base.vocab_size, speech_units, controls, padded)
         model = base.replace(vocab_size=padded, unpadded_vocab_size=size)
     elif cfg.init_from:
-        from cslm_jax.checkpoint import read_metadata
-        from cslm_jax.train import resolve_init
+        from cslm_jax.storage.checkpoint import read_metadata
+        from cslm_jax.train.loop import resolve_init
 
         _, model, vocab = read_metadata(resolve_init(cfg.init_from))
     else:
@@ -163,7 +163,7 @@ def compile_model_config(cfg: RunConfig, model_path: str | None, speech_units: i
 def stage_shape(cfg: RunConfig) -> tuple[int, int]:
     """(number of tasks in the stage's mixture, packed row length), from the data config
     (its corpus files need not exist here)."""
-    from cslm_jax.formats import load_data_config
+    from cslm_jax.data.formats import load_data_config
 
     over = [] if cfg.data.max_length is None else [f"packing.max_length={cfg.data.max_length}"]
     data_cfg = load_data_config(cfg.data.config, over, check_files=False)
@@ -176,7 +176,7 @@ def stage_shape(cfg: RunConfig) -> tuple[int, int]:
 def check_mesh(cfg: RunConfig, topo: Topology) -> dict:
     """The mesh the config asks for on this slice, checked against its chip count and the batch
     (before libtpu or the compiler are involved). Returns {axis: size}."""
-    from cslm_jax.sharding import MESH_AXES
+    from cslm_jax.parallel.sharding import MESH_AXES
 
     shape = dict(cfg.mesh)
     unknown = sorted(set(shape) - set(MESH_AXES))
@@ -225,7 +225,7 @@ class CompileReport:
     code_bytes: int
     peak_bytes: int                   # XLA's own peak estimate where it gives one (else 0)
     xla_flops: float                  # one step, all chips: XLA cost analysis (see xla_step_flops)
-    model_flops: float                # one step, 6N + 12LHDhT per token (cslm_jax.train)
+    model_flops: float                # one step, 6N + 12LHDhT per token (cslm_jax.train.loop)
     compile_s: float
     error: str | None = None          # the compiler refused (e.g. out of HBM)
 
@@ -290,8 +290,8 @@ def _cost_flops(stage) -> float:
 
 
 def _run(cfg: RunConfig, model: ModelConfig, vocab, layout, num_tasks: int, seq_len: int):
-    """A `cslm_jax.train.Run` for compiling only: no run folder, no data pipeline."""
-    from cslm_jax.train import Run
+    """A `cslm_jax.train.loop.Run` for compiling only: no run folder, no data pipeline."""
+    from cslm_jax.train.loop import Run
 
     return Run(cfg, None, model, vocab, {}, layout, [f"task{i}" for i in range(num_tasks)], "",
                seq_len)
@@ -318,7 +318,7 @@ def xla_step_flops(cfg: RunConfig, model: ModelConfig, vocab, num_tasks: int, se
     HLO (JAX emits it), so it is counted too."""
     import jax
 
-    from cslm_jax.train import abstract_state, make_train_fn, train_layout
+    from cslm_jax.train.loop import abstract_state, make_train_fn, train_layout
 
     t = cfg.train
     flat_cfg = dataclasses.replace(
@@ -335,13 +335,13 @@ def xla_step_flops(cfg: RunConfig, model: ModelConfig, vocab, num_tasks: int, se
 
 def compile_train_step(cfg: RunConfig, topo: Topology, model: ModelConfig, vocab,
                        num_tasks: int, seq_len: int, log=print) -> CompileReport:
-    """Lower and compile `cslm_jax.train`'s step for the topology; memory and FLOPs per chip.
+    """Lower and compile `cslm_jax.train.loop`'s step for the topology; memory and FLOPs per chip.
     Mesh and batch errors (ConfigError) come before anything is compiled."""
     import time
 
     import jax
 
-    from cslm_jax.train import abstract_state, flops_per_token, make_train_fn, train_layout
+    from cslm_jax.train.loop import abstract_state, flops_per_token, make_train_fn, train_layout
 
     devices = topology_devices(topo)
     hosts = len({d.process_index for d in devices})

@@ -17,7 +17,7 @@ import numpy as np
 
 from cslm_jax.config import load_model_config, load_run_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ASR_EXAMPLES = 24            # held-out utterances per language
 S2S_EXAMPLES = 4             # held-out spoken questions per direction
 
@@ -40,9 +40,9 @@ def asr_eval(model_dir: Path, data_dir: Path, data_cfg, n: int = ASR_EXAMPLES) -
     """Greedy ASR on the first n held-out utterances of each language: {lang: (rate, chance)},
     rate = WER (en) / CER (zh); chance = the rate of answering with another held-out sentence
     of the same language (fluent, unrelated)."""
-    from cslm_jax.decode import default_stop_ids, generate, load_for_decoding
-    from cslm_jax.evaluate import error_rate
-    from cslm_jax.formats import merge_repeats, speech
+    from cslm_jax.infer.decode import default_stop_ids, generate, load_for_decoding
+    from cslm_jax.eval.metrics import error_rate
+    from cslm_jax.data.formats import merge_repeats, speech
 
     cfg, params, tok, vocab = load_for_decoding(model_dir)
     stops = default_stop_ids(tok, vocab)
@@ -70,9 +70,9 @@ def asr_eval(model_dir: Path, data_dir: Path, data_cfg, n: int = ASR_EXAMPLES) -
 def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES) -> dict:
     """Decode held-out spoken questions (same-language and cross-lingual), stream the events of
     each answer and compare transcript and answer text with the references."""
-    from cslm_jax.decode import (EventParser, SpeechChunk, TextChunk, Transcript, default_stop_ids,
+    from cslm_jax.infer.decode import (EventParser, SpeechChunk, TextChunk, Transcript, default_stop_ids,
                                  generate_stream, load_for_decoding)
-    from cslm_jax.formats import merge_repeats, speech
+    from cslm_jax.data.formats import merge_repeats, speech
 
     cfg, params, tok, vocab = load_for_decoding(model_dir)
     stops = default_stop_ids(tok, vocab)
@@ -142,14 +142,14 @@ def run_demo(out: str | Path, force: bool = False) -> int:
     except ImportError as e:
         raise SystemExit(f"the demo needs PyTorch (CPU) for its reference model: "
                          f"pip install -r requirements-dev.txt ({e})")
-    from cslm_jax.checkpoint import load_params, read_metadata
-    from cslm_jax.convert import export_hf, import_hf
-    from cslm_jax.demo_data import UNIT_COUNT, make_demo_data
-    from cslm_jax.formats import load_data_config
-    from cslm_jax.model import forward
-    from cslm_jax.random_hf import write_random_hf_llama
-    from cslm_jax.train import EXIT_OK, train
-    from cslm_jax.vocab import load_tokenizer
+    from cslm_jax.storage.checkpoint import load_params, read_metadata
+    from cslm_jax.convert.hf import export_hf, import_hf
+    from cslm_jax.demo.corpus import UNIT_COUNT, make_demo_data
+    from cslm_jax.data.formats import load_data_config
+    from cslm_jax.model.llama import forward
+    from cslm_jax.demo.random_hf import write_random_hf_llama
+    from cslm_jax.train.loop import EXIT_OK, train
+    from cslm_jax.model.vocab import load_tokenizer
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:

@@ -214,8 +214,8 @@ class UnitLexicon:
 
     @classmethod
     def demo(cls) -> "UnitLexicon":
-        """The demo corpus' pronunciation table (cslm_jax.demo_data.Pronouncer), silence unit 0."""
-        from cslm_jax.demo_data import SILENCE, Pronouncer
+        """The demo corpus' pronunciation table (cslm_jax.demo.corpus.Pronouncer), silence unit 0."""
+        from cslm_jax.demo.corpus import SILENCE, Pronouncer
 
         return cls(Pronouncer().table, [SILENCE], name="demo")
 

@@ -149,7 +149,7 @@ def prompt_template(lang: str, cross_lingual: bool, data_config: str | Path | No
             raise UnitFileError(f"--lang {lang!r}: the reference prompts cover {sorted(REFERENCE_PROMPTS)}; "
                                 f"give --data-config for other languages")
         return REFERENCE_PROMPTS[lang][int(cross_lingual)], REFERENCE_CHUNK_UNIT[lang]
-    from cslm_jax.formats import load_data_config
+    from cslm_jax.data.formats import load_data_config
 
     fmt = load_data_config(data_config, check_files=False).format
     if lang not in fmt.languages:
@@ -207,7 +207,7 @@ def decode_questions(cfg, params, tokenizer, vocab, prompts: Sequence[Sequence[i
     on_event(index, event, seconds) is called as soon as each event completes (streaming).
     Sampling is reproducible for a seed and batch size (batch k uses seed + its first index).
     """
-    from cslm_jax.decode import (EventParser, SpeechChunk, default_stop_ids, generate_stream,
+    from cslm_jax.infer.decode import (EventParser, SpeechChunk, default_stop_ids, generate_stream,
                                  start_state)
 
     if batch_size < 1:
@@ -276,7 +276,7 @@ def _pad_id(tokenizer, cfg) -> int:
 
 def answer_record(a: Answer, tokenizer, vocab, chunk_unit: str) -> dict:
     """The responses.jsonl record of an answer (events split by kind, text chunks joined)."""
-    from cslm_jax.decode import End, SpeechChunk, TextChunk, Transcript
+    from cslm_jax.infer.decode import End, SpeechChunk, TextChunk, Transcript
 
     texts = [e.text for e in a.events if isinstance(e, TextChunk)]
     end = next((e for e in a.events if isinstance(e, End)), None)
@@ -326,7 +326,7 @@ def latency_summary(records: Sequence[dict]) -> dict:
 
 def describe_event(index: int, ev, seconds: float) -> str:
     """One line per streamed event (for --stream)."""
-    from cslm_jax.decode import End, SpeechChunk, TextChunk, Transcript
+    from cslm_jax.infer.decode import End, SpeechChunk, TextChunk, Transcript
 
     head = f"[{index + 1}] {seconds:7.3f}s"
     if isinstance(ev, Transcript):
@@ -345,7 +345,7 @@ def describe_event(index: int, ev, seconds: float) -> str:
 
 def resolve_model(ckpt: str | None, hf_dir: str | None) -> Path:
     """The folder to load: a model checkpoint, a finished run folder (its model/), or an HF folder."""
-    from cslm_jax.checkpoint import META_FILE
+    from cslm_jax.storage.checkpoint import META_FILE
 
     if ckpt is not None:
         path = Path(ckpt)
@@ -363,7 +363,7 @@ def resolve_model(ckpt: str | None, hf_dir: str | None) -> Path:
 
 def run_decode(args, out=None) -> int:
     """The `decode` command (argparse namespace of cli.build_parser); progress to `out` (stdout)."""
-    from cslm_jax.decode import decoding_params, load_for_decoding
+    from cslm_jax.infer.decode import decoding_params, load_for_decoding
 
     def say(msg: str) -> None:
         print(msg, file=out or sys.stdout, flush=True)
@@ -371,7 +371,7 @@ def run_decode(args, out=None) -> int:
     template, chunk_unit = prompt_template(args.lang, args.cross_lingual, args.data_config)
     merge = True
     if args.data_config is not None:
-        from cslm_jax.formats import load_data_config
+        from cslm_jax.data.formats import load_data_config
         merge = load_data_config(args.data_config, check_files=False).format.merge_repeats
     questions = read_unit_file(args.unit)          # syntax first: fail before loading a model
     model_path = resolve_model(args.ckpt, args.hf_dir)
@@ -393,14 +393,14 @@ def run_decode(args, out=None) -> int:
         f"{' (cross-lingual prompt)' if args.cross_lingual else ''}")
     import jax
     if jax.default_backend() == "cpu":
-        from cslm_jax import cpu_kernels
+        from cslm_jax.kernels import cpu_matmul as cpu_kernels
         if params["head"].ndim == 3 or not cpu_kernels.available():
             say(f"decode: {cpu_kernels.status()}")
         else:
             say(f"decode: CPU decoding kernel: not used for {cfg.compute_dtype} (float32 only: "
                 f"--compute-dtype float32 uses it)")
 
-    from cslm_jax.formats import merge_repeats, speech
+    from cslm_jax.data.formats import merge_repeats, speech
 
     prompts = []
     for i, units in enumerate(questions):

@@ -1,0 +1,1 @@
+"""The cslm-jax command line (main)."""

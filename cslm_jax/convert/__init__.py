@@ -1,0 +1,1 @@
+"""Conversion between Hugging Face Llama folders and cslm_jax checkpoints (hf)."""

@@ -1,0 +1,1 @@
+"""Storage: model checkpoints and training checkpoints (Orbax)."""

@@ -1,0 +1,1 @@
+"""TPU: ahead-of-time compiles of the train step for a slice (aot)."""
