@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cslm_jax.model import llama as model
+from cslm_jax.model import layers as model
+from cslm_jax.model import llama
 from cslm_jax.config import ModelConfig
 from cslm_jax.model.llama import attend, attention_mask, forward, init_params
 
@@ -42,7 +43,7 @@ def test_attention_and_gradient_match_autodiff(t, blocks):
     def loss(fn):
         return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask)) * w)
 
-    ours = lambda q, k, v, m: model._causal_attend(q, k, v, m, blocks)  # noqa: E731
+    ours = lambda q, k, v, m: model.causal_attend(q, k, v, m, blocks)  # noqa: E731
     ref_val, ref_grads = jax.jit(jax.value_and_grad(loss(reference_attend), argnums=(0, 1, 2)))(q, k, v)
     val, grads = jax.jit(jax.value_and_grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
     np.testing.assert_allclose(val, ref_val, rtol=1e-5)
@@ -59,21 +60,21 @@ def test_forward_with_causal_blocks_matches_one_block():
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                       num_kv_heads=2, compute_dtype="float32")
     t = 256
-    assert model._causal_blocks(t) == 2 and model._causal_blocks(1024) == 8
-    assert model._causal_blocks(96) == 1
+    assert model.causal_blocks(t) == 2 and model.causal_blocks(1024) == 8
+    assert model.causal_blocks(96) == 1
     params = init_params(cfg, seed=3)
     tokens = jax.random.randint(jax.random.key(1), (2, t), 0, 64)
     seg = packed_segments(2, t, 5)
 
     def loss(p, blocks_fn):
-        orig = model._causal_blocks
-        model._causal_blocks = blocks_fn
+        orig = llama.causal_blocks          # what Llama.__call__ asks for the block count
+        llama.causal_blocks = blocks_fn
         try:
             return jnp.mean(jax.nn.log_softmax(forward(cfg, p, tokens, segment_ids=seg))[..., 0])
         finally:
-            model._causal_blocks = orig
+            llama.causal_blocks = orig
 
-    split = jax.jit(jax.value_and_grad(lambda p: loss(p, model._causal_blocks)))
+    split = jax.jit(jax.value_and_grad(lambda p: loss(p, model.causal_blocks)))
     one = jax.jit(jax.value_and_grad(lambda p: loss(p, lambda _t: 1)))
     (split_val, split_grads), (one_val, one_grads) = split(params), one(params)
     np.testing.assert_allclose(split_val, one_val, rtol=1e-6)

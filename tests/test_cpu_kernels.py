@@ -110,12 +110,12 @@ def test_turned_off_decodes_with_xla_dot_and_the_same_tokens(fresh_state):
     params = init_params(cfg, 0)
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
     with_kernel = decoding_params(cfg, params)
-    assert with_kernel["head"].ndim == 3
+    assert with_kernel["lm_head"].ndim == 3
     fresh_state.setattr(cpu_kernels, "_state", {})
     fresh_state.setenv(cpu_kernels.ENV, "0")
     assert not cpu_kernels.available() and "turned off" in cpu_kernels.status()
     plain = decoding_params(cfg, params)
-    assert plain["head"].shape == (64, 300) and plain["layers"][0]["qkv"].ndim == 2
+    assert plain["lm_head"].shape == (64, 300) and plain["layers"][0]["qkv"].ndim == 2
     assert generate(cfg, plain, prompts, max_new_tokens=12, greedy=True) == \
         generate(cfg, with_kernel, prompts, max_new_tokens=12, greedy=True)
 

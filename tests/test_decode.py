@@ -118,7 +118,7 @@ def test_decoding_layout_gives_the_same_tokens(text_model):
     cfg = m.cfg
     d, hd, f = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size
     # on CPU in float32 the matrices are in the native kernel's panel layout
-    assert (split["head"].ndim == 3) == cpu_kernels.available()
+    assert (split["lm_head"].ndim == 3) == cpu_kernels.available()
     qkv, gate_up = split["layers"][1]["qkv"], split["layers"][1]["gate_up"]
     if qkv.ndim == 3:
         qkv = cpu_kernels.from_panels(qkv, hd + 2 * cfg.num_kv_heads * cfg.head_dim)

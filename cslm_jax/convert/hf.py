@@ -1,7 +1,7 @@
 """Two-way conversion between Hugging Face `LlamaForCausalLM` folders and cslm_jax checkpoints.
 
-One mapping table (HF tensor name <-> our parameter path, with a layout hook) serves both
-directions. Weights stream tensor by tensor: import fills one preallocated tree from safetensors
+One table (`cslm_jax.model.schema.WEIGHTS`: HF tensor name <-> our parameter path, with a
+layout) serves both directions. Weights stream tensor by tensor: import fills one preallocated tree from safetensors
 read one tensor at a time; export writes safetensors shard by shard from the restored tree, so
 neither direction ever holds two full copies of the weights.
 """
@@ -19,6 +19,7 @@ import numpy as np
 from cslm_jax.storage.checkpoint import (atomic_dir, iter_params, param_names, read_metadata,
                                  save_model_checkpoint)
 from cslm_jax.config import ConfigError, ModelConfig, check_rope_scaling, pad_to_multiple
+from cslm_jax.model.schema import Weight, hf_shape, param_shapes, weights
 from cslm_jax.model.vocab import (VocabInfo, existing_layout, extend_tokenizer, load_tokenizer)
 
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -36,79 +37,35 @@ class ConversionError(ValueError):
     """A Hugging Face folder or checkpoint cannot be converted; the message names file and field."""
 
 
-# -- the mapping table -----------------------------------------------------------------------------
+# -- layouts (the table of weights, HF names included, is cslm_jax.model.schema) ----------------
 
-@dataclasses.dataclass(frozen=True)
-class Mapping:
-    hf_name: str          # may hold "{i}" for the layer index
-    ours: str             # "embed", "final_norm", "lm_head" or "layers/<name>"
-    layout: str           # copy | linear | qkv | out
-    rows: str = ""        # "vocab" when the HF tensor's first dim is the vocabulary
-
-    @property
-    def per_layer(self) -> bool:
-        return "{i}" in self.hf_name
-
-
-MAPPINGS = (
-    Mapping("model.embed_tokens.weight", "embed", "copy", rows="vocab"),
-    Mapping("model.layers.{i}.input_layernorm.weight", "layers/attn_norm", "copy"),
-    Mapping("model.layers.{i}.self_attn.q_proj.weight", "layers/q_proj", "qkv"),
-    Mapping("model.layers.{i}.self_attn.k_proj.weight", "layers/k_proj", "qkv"),
-    Mapping("model.layers.{i}.self_attn.v_proj.weight", "layers/v_proj", "qkv"),
-    Mapping("model.layers.{i}.self_attn.o_proj.weight", "layers/o_proj", "out"),
-    Mapping("model.layers.{i}.post_attention_layernorm.weight", "layers/mlp_norm", "copy"),
-    Mapping("model.layers.{i}.mlp.gate_proj.weight", "layers/gate_proj", "linear"),
-    Mapping("model.layers.{i}.mlp.up_proj.weight", "layers/up_proj", "linear"),
-    Mapping("model.layers.{i}.mlp.down_proj.weight", "layers/down_proj", "linear"),
-    Mapping("model.norm.weight", "final_norm", "copy"),
-    Mapping("lm_head.weight", "lm_head", "linear", rows="vocab"),
-)
-
-
-def active_mappings(cfg: ModelConfig) -> list[Mapping]:
-    return [m for m in MAPPINGS if not (m.ours == "lm_head" and cfg.tie_word_embeddings)]
-
-
-def hf_shape(m: Mapping, cfg: ModelConfig, vocab_rows: int) -> tuple[int, ...]:
-    d, f, dh = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    name = m.ours.split("/")[-1]
-    return {
-        "embed": (vocab_rows, d), "lm_head": (vocab_rows, d), "final_norm": (d,),
-        "attn_norm": (d,), "mlp_norm": (d,),
-        "q_proj": (cfg.num_heads * dh, d), "k_proj": (cfg.num_kv_heads * dh, d),
-        "v_proj": (cfg.num_kv_heads * dh, d), "o_proj": (d, cfg.num_heads * dh),
-        "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f),
-    }[name]
-
-
-def to_ours(m: Mapping, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+def to_ours(m: Weight, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     """HF layout -> ours (without the vocabulary extension, done by the caller)."""
     d, dh = cfg.hidden_size, cfg.head_dim
-    if m.layout == "copy":
+    if m.hf_layout == "copy":
         return w
-    if m.layout == "linear":
+    if m.hf_layout == "linear":
         return w.T
-    if m.layout == "qkv":              # [N*Dh, D] -> [D, N, Dh]
+    if m.hf_layout == "qkv":              # [N*Dh, D] -> [D, N, Dh]
         return w.T.reshape(d, w.shape[0] // dh, dh)
-    if m.layout == "out":              # [D, H*Dh] -> [H, Dh, D]
+    if m.hf_layout == "out":              # [D, H*Dh] -> [H, Dh, D]
         return w.T.reshape(w.shape[1] // dh, dh, d)
-    raise AssertionError(m.layout)
+    raise AssertionError(m.hf_layout)
 
 
-def to_hf(m: Mapping, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+def to_hf(m: Weight, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     """Ours -> HF layout (inverse of `to_ours`), contiguous."""
     d = cfg.hidden_size
-    if m.layout == "copy":
+    if m.hf_layout == "copy":
         out = w
-    elif m.layout == "linear":
+    elif m.hf_layout == "linear":
         out = w.T
-    elif m.layout == "qkv":            # [D, N, Dh] -> [N*Dh, D]
+    elif m.hf_layout == "qkv":            # [D, N, Dh] -> [N*Dh, D]
         out = w.reshape(d, -1).T
-    elif m.layout == "out":            # [H, Dh, D] -> [D, H*Dh]
+    elif m.hf_layout == "out":            # [H, Dh, D] -> [D, H*Dh]
         out = w.reshape(-1, d).T
     else:
-        raise AssertionError(m.layout)
+        raise AssertionError(m.hf_layout)
     return np.ascontiguousarray(out)
 
 
@@ -293,7 +250,7 @@ def import_hf(hf_dir, out, speech_units: int | None = None, pad_vocab_multiple: 
     # Check every tensor's presence and shape before reading any weights.
     base_rows = base_cfg.vocab_size
     expected: set[str] = set()
-    for m in active_mappings(base_cfg):
+    for m in weights(base_cfg):
         for i in range(base_cfg.num_layers) if m.per_layer else [None]:
             name = m.hf_name.format(i=i)
             want = hf_shape(m, base_cfg, base_rows)
@@ -331,20 +288,19 @@ def import_hf(hf_dir, out, speech_units: int | None = None, pad_vocab_multiple: 
     np_dtype = NP_DTYPES[store]
     cfg = base_cfg.replace(vocab_size=padded, unpadded_vocab_size=info.size, param_dtype=store,
                            compute_dtype=store)
-    from cslm_jax.model.llama import param_shapes
     shapes = param_shapes(cfg)
     rng = np.random.default_rng(seed)
 
-    def build(m: Mapping):
+    def build(m: Weight):
         """One parameter of ours, filled from its HF tensor(s) read one at a time."""
         if m.per_layer:
-            key = m.ours.split("/")[1]
+            key = m.name
             arr = np.empty(shapes["layers"][key][0], np_dtype)
             for i in range(cfg.num_layers):
                 arr[i] = to_ours(m, tensors.get(m.hf_name.format(i=i)), cfg)
-        elif m.rows == "vocab":
-            arr = np.zeros(shapes[m.ours][0], np_dtype)
-            rows = arr if m.ours == "embed" else arr.T          # lm_head is [D, V]
+        elif m.vocab_rows:
+            arr = np.zeros(shapes[m.path][0], np_dtype)
+            rows = arr if m.axes[0] == "vocab" else arr.T    # embed [V, D], lm_head [D, V]
             rows[:base_rows] = tensors.get(m.hf_name)
             _init_new_rows(rows, base_rows, info.size, new_rows, cfg.initializer_range, rng)
         else:
@@ -353,11 +309,11 @@ def import_hf(hf_dir, out, speech_units: int | None = None, pad_vocab_multiple: 
 
     # Lazy leaves: each parameter is built when the checkpoint writer reaches it, then dropped.
     params: dict = {"layers": {}}
-    for m in active_mappings(cfg):
+    for m in weights(cfg):
         if m.per_layer:
-            params["layers"][m.ours.split("/")[1]] = functools.partial(build, m)
+            params["layers"][m.name] = functools.partial(build, m)
         else:
-            params[m.ours] = functools.partial(build, m)
+            params[m.path] = functools.partial(build, m)
     log(f"import-hf: {hf_dir} -> {out}: {cfg.num_params() / 1e6:.1f}M parameters ({store}), "
         f"vocabulary {base_rows} + {info.size - base_rows} CSLM tokens, padded to {padded}")
     extra = {"hf": {"config": hf, "generation_config": _read_json(hf_dir / "generation_config.json"),
@@ -457,7 +413,7 @@ def export_hf(ckpt, out, dtype: str = "bfloat16", force: bool = False,
     tok_dir = ckpt / "tokenizer"
     if not tok_dir.is_dir():
         raise ConversionError(f"{tok_dir}: missing; the checkpoint carries no tokenizer to export")
-    by_ours = {m.ours.replace("/", "."): m for m in active_mappings(cfg)}
+    by_ours = {m.path.replace("/", "."): m for m in weights(cfg)}
     # HF tensors in the order parameters are restored, so shards fill as parameters stream in.
     sizes = [(m.hf_name.format(i=i), int(np.prod(hf_shape(m, cfg, vocab.size))) * np_dtype.itemsize)
              for m in (by_ours[name] for name in param_names(cfg))
@@ -475,7 +431,7 @@ def export_hf(ckpt, out, dtype: str = "bfloat16", force: bool = False,
             m = by_ours[name]
             for i in (range(cfg.num_layers) if m.per_layer else [None]):
                 t = to_hf(m, w if i is None else w[i], cfg)
-                if m.rows == "vocab":
+                if m.vocab_rows:
                     t = t[:vocab.size]
                 hf_name = m.hf_name.format(i=i)
                 pending[hf_name] = np.ascontiguousarray(t.astype(np_dtype, copy=False))

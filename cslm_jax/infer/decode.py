@@ -11,11 +11,11 @@ L layers, K kv heads, Dh head dim, V vocabulary rows):
   it would alone (masked scores are exp(min) = 0 in the softmax).
 * `prefill` runs the prompts through the model once and fills the cache `KVCache(k, v)`, per
   layer [B, K, S, Dh] in the compute dtype (grouped-query: K kv heads, not H). `decode_step`
-  feeds one token per row and appends its keys/values at one slot. Both take the parameters in
-  the decoding layout (`decoding_params`: arrays of their own per layer, q/k/v and gate/up fused;
-  a step then reads each weight once, without copying it out of a stacked array). On CPU in
-  float32 the matrices are stored in the panel layout of the native kernel (`cpu_kernels`) and
-  multiplied by it: XLA's dot reads weights at half the speed at these few rows.
+  feeds one token per row and appends its keys/values at one slot. Both are the model's own
+  `Llama.prefill` / `Llama.decode_step` (`cslm_jax.model.llama`: the decoder layer training runs,
+  with a cache), jitted here, on the parameters in the decoding layout (`decoding_params`: weights
+  of their own per layer, q/k/v and gate/up fused, on CPU in float32 in the native kernel's
+  panel layout).
 * `generate` runs the whole sampling loop as one `jax.lax.while_loop` inside one jit (no Python
   per token) and leaves it as soon as every row has produced a stop id or N tokens exist.
   `generate_stream` runs the *same* compiled loop in chunks of `chunk_size` steps and yields
@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import tempfile
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
@@ -46,13 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cslm_jax.kernels import cpu_matmul as cpu_kernels
 from cslm_jax.config import ModelConfig
-from cslm_jax.model.llama import (_attention_fwd, apply_rope, attend, attention_mask, rms_norm,
-                            rope_cos_sin, rope_inv_freq)
+from cslm_jax.model.llama import NEG, KVCache, bind, config_key, decoding_params  # noqa: F401
 from cslm_jax.model.vocab import VocabInfo
-
-NEG = float(np.finfo(np.float32).min)   # the "never" logit, as cslm_jax.model.llama masks padding rows
 
 
 class DecodeError(ValueError):
@@ -60,170 +55,15 @@ class DecodeError(ValueError):
 
 
 # -- the cached model ------------------------------------------------------------------------------
-
-class KVCache(NamedTuple):
-    """Keys and values, one array per layer: k, v tuples of L arrays [B, K, S, Dh] in the compute
-    dtype (kv heads before slots: attention reads each head's keys as one contiguous matrix, no
-    transpose per step). Slot s of row b holds the token at RoPE position s - pad[b] (keys
-    already rotated)."""
-    k: tuple
-    v: tuple
-
-
-def decoding_params(cfg: ModelConfig, params: dict) -> dict:
-    """Parameters laid out for decoding, from the model's stacked tree (or returned as they are
-    when already in this layout). Device arrays in the compute dtype:
-
-        {"embed": [V, D], "final_norm": [D], "head": [D, V],
-         "layers": ({"attn_norm", "mlp_norm": [D], "qkv": [D, (H + 2K) Dh], "o": [H Dh, D],
-                     "gate_up": [D, 2F], "down": [F, D]}, ... one dict per layer)}
-
-    Why, measured on 2 CPU cores with a 41M-parameter model: a decoding step reads every weight
-    once for a few rows of activations. One array per layer: slicing layer l out of a stacked
-    array inside the step (a scan over layers) makes XLA copy the slice first, doubling the
-    traffic (14.3 -> 10.7 ms per step at batch 1, 37.5 -> 21.9 at batch 8). q, k and v side by
-    side, and gate and up, make one matmul each instead of three and two (fewer, larger
-    operations; each output column is the same dot product, so no number changes).
-
-    On CPU in float32, where the native kernel builds (`cpu_kernels`), every matrix above is
-    stored in the kernel's panel layout [ceil(Out / 32), In, 32] instead, and steps multiply with
-    it (2.0-2.6x XLA's dot at 8 rows on 2 cores: XLA's dot reads weights at 11-14 GB/s there).
-
-    Building the layout copies the weights once (a tied embedding also gets a transposed copy as
-    the head); drop the stacked tree afterwards to keep one copy in memory. `generate` and
-    friends call this themselves, so the stacked tree works everywhere but pays that copy per call.
-    """
-    cd = jnp.dtype(cfg.compute_dtype)
-    if isinstance(params.get("layers"), (tuple, list)):
-        return params                                   # already in the decoding layout
-    kernel = (cd == jnp.float32 and jax.default_backend() == "cpu" and cpu_kernels.available())
-    matrix = cpu_kernels.panel_layout if kernel else (lambda a: a)
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    out = {"embed": jnp.asarray(params["embed"], cd),
-           "final_norm": jnp.asarray(params["final_norm"], cd),
-           "head": matrix(jnp.asarray(head, cd))}
-    stacked = params["layers"]
-    layers = []
-    for i in range(cfg.num_layers):
-        w = {name: jnp.asarray(a[i], cd) for name, a in stacked.items()}
-        d = w["q_proj"].shape[0]
-        layers.append({
-            "attn_norm": w["attn_norm"], "mlp_norm": w["mlp_norm"],
-            "qkv": matrix(jnp.concatenate([w[k].reshape(d, -1)
-                                           for k in ("q_proj", "k_proj", "v_proj")], axis=1)),
-            "o": matrix(w["o_proj"].reshape(-1, d)),
-            "gate_up": matrix(jnp.concatenate([w["gate_proj"], w["up_proj"]], axis=1)),
-            "down": matrix(w["down_proj"])})
-    out["layers"] = tuple(layers)
-    return out
-
-
-def _matmul(x: jax.Array, w: jax.Array, n: int, out_dtype=None) -> jax.Array:
-    """x [M, In] @ a weight matrix of the decoding layout: [In, n], or the CPU kernel's panels
-    (float32, as is its product). `out_dtype`: XLA dot's preferred element type."""
-    if w.ndim == 3:
-        return cpu_kernels.matmul(x, w, n)
-    return jnp.dot(x, w, preferred_element_type=out_dtype)
-
-
-def _proj(x: jax.Array, w: jax.Array, out_shape) -> jax.Array:
-    """x [B, T, In] @ w [In, Out] -> [B, T, *out_shape] as one 2-D matmul (as model.py does, so
-    the cached path computes the same numbers as `forward`)."""
-    b, t = x.shape[:2]
-    return _matmul(x.reshape(b * t, -1), w, math.prod(out_shape)).reshape(b, t, *out_shape)
-
-
-def _qkv(cfg: ModelConfig, x, p, cos, sin):
-    """Pre-norm attention inputs of one layer: q [B, T, H, Dh], k, v [B, T, K, Dh], RoPE applied."""
-    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    nh, nk, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qkv = _proj(h, p["qkv"], (nh + 2 * nk, dh))
-    q, k, v = qkv[:, :, :nh], qkv[:, :, nh:nh + nk], qkv[:, :, nh + nk:]
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-
-def _finish_layer(cfg: ModelConfig, x, p, o):
-    """Output projection + residual, then the SwiGLU MLP + residual. x [B, T, D], o [B, T, H, Dh]."""
-    b, t, d = x.shape
-    x = x + _proj(o.reshape(b, t, -1), p["o"], (d,))
-    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    f = cfg.intermediate_size
-    gate_up = _proj(h, p["gate_up"], (2 * f,))
-    act = jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]
-    return x + _proj(act, p["down"], (d,))
-
-
-def _logits(cfg: ModelConfig, params, x):
-    """x [B, D] last hidden states -> float32 logits [B, V], vocabulary padding rows masked."""
-    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    logits = _matmul(x, params["head"], cfg.vocab_size, out_dtype=jnp.float32)
-    if cfg.real_vocab_size < cfg.vocab_size:
-        logits = jnp.where(jnp.arange(cfg.vocab_size) < cfg.real_vocab_size, logits, NEG)
-    return logits
-
-
-def _embed(cfg: ModelConfig, params, tokens):
-    return jnp.take(params["embed"], tokens, axis=0).astype(jnp.dtype(cfg.compute_dtype))
-
-
-def _cos_sin(cfg: ModelConfig, positions, dtype):
-    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
-    return cos.astype(dtype), sin.astype(dtype)
-
+# The model computation itself is `cslm_jax.model.llama.Llama.prefill` / `decode_step`: the same
+# decoder layer as training, with a cache. Here: the jitted programs around them.
 
 def _prefill(cfg: ModelConfig, params, tokens, pad, cache_len: int):
-    """tokens [B, P] int32 left-padded, pad [B] int32, params in the decoding layout ->
-    (logits [B, V] f32 of the last prompt token, KVCache with slots [0, P) filled and
-    [P, cache_len) zero)."""
-    b, p_len = tokens.shape
-    x = _embed(cfg, params, tokens)
-    slots = jnp.arange(p_len, dtype=jnp.int32)[None, :]
-    positions = jnp.maximum(slots - pad[:, None], 0)
-    cos, sin = _cos_sin(cfg, positions, x.dtype)
-    # Padding slots get segment 0, prompt tokens segment 1: prompt queries see only their own
-    # row's real, earlier tokens (padding queries see padding; their outputs are never used).
-    mask = attention_mask((slots >= pad[:, None]).astype(jnp.int32))
-    widths = ((0, 0), (0, 0), (0, cache_len - p_len), (0, 0))
-    ks, vs = [], []
-    for p in params["layers"]:
-        q, k, v = _qkv(cfg, x, p, cos, sin)
-        x = _finish_layer(cfg, x, p, attend(q, k, v, mask))
-        ks.append(jnp.pad(k.transpose(0, 2, 1, 3), widths))
-        vs.append(jnp.pad(v.transpose(0, 2, 1, 3), widths))
-    return _logits(cfg, params, x[:, -1]), KVCache(tuple(ks), tuple(vs))
-
-
-def _cached_attention(q, ck, cv, mask):
-    """One new query per row against the cache: q [B, 1, H, Dh], ck, cv [B, K, S, Dh], mask
-    [B, S] bool -> [B, 1, H, Dh]. The arithmetic of `model.attend` (float32 scores and softmax,
-    probabilities cast back to q's dtype), with the group's G = H / K queries as rows."""
-    b, _, h, dh = q.shape
-    kvh = ck.shape[1]
-    qm = q.reshape(b, kvh, h // kvh, dh)                          # [B, K, G, Dh]
-    out, _ = _attention_fwd(qm, ck, cv, mask[:, None, None, :])
-    return out.reshape(b, 1, h, dh)
+    return bind(cfg, params).prefill(tokens, pad, cache_len)
 
 
 def _decode_step(cfg: ModelConfig, params, cache: KVCache, token, index, pad):
-    """token [B] int32 goes to cache slot `index` (int32 scalar, same for all rows) at position
-    index - pad[b]; params in the decoding layout. Returns (logits [B, V] f32 for the following
-    token, updated cache)."""
-    x = _embed(cfg, params, token[:, None])                       # [B, 1, D]
-    cos, sin = _cos_sin(cfg, (index - pad)[:, None], x.dtype)
-    slots = jnp.arange(cache.k[0].shape[2], dtype=jnp.int32)
-    # [B, S]: the row's own real tokens up to and including this one.
-    mask = (slots[None, :] >= pad[:, None]) & (slots[None, :] <= index)
-    ks, vs = [], []
-    # A Python loop over layers, not a scan: each layer's weights and cache are arrays of their
-    # own (see decoding_params); the cache slot is updated in place (the loop state is donated).
-    for p, ck, cv in zip(params["layers"], cache.k, cache.v):
-        q, k, v = _qkv(cfg, x, p, cos, sin)
-        ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), (0, 0, index, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), (0, 0, index, 0))
-        x = _finish_layer(cfg, x, p, _cached_attention(q, ck, cv, mask))
-        ks.append(ck)
-        vs.append(cv)
-    return _logits(cfg, params, x[:, 0]), KVCache(tuple(ks), tuple(vs))
+    return bind(cfg, params).decode_step(cache, token, index, pad)
 
 
 # -- sampling and the generation loop ------------------------------------------------------------
@@ -299,10 +139,6 @@ def _run(cfg: ModelConfig, greedy: bool, constraint, params, state: DecodeState,
     return jax.lax.while_loop(cond, body, state)
 
 
-def _cfg_key(cfg: ModelConfig) -> str:
-    return json.dumps(cfg.to_dict(), sort_keys=True)
-
-
 @functools.lru_cache(maxsize=16)
 def _programs(cfg_key: str):
     """Jitted prefill/step for one model config (ModelConfig holds a dict, so it cannot be a jit
@@ -327,14 +163,14 @@ def prefill(cfg: ModelConfig, params: dict, tokens, pad, cache_len: int):
     tokens = jnp.asarray(tokens, jnp.int32)
     if cache_len < tokens.shape[1]:
         raise DecodeError(f"cache_len {cache_len} is shorter than the prompts ({tokens.shape[1]})")
-    return _programs(_cfg_key(cfg))[1](decoding_params(cfg, params), tokens,
+    return _programs(config_key(cfg))[1](decoding_params(cfg, params), tokens,
                                        jnp.asarray(pad, jnp.int32), cache_len=cache_len)
 
 
 def decode_step(cfg: ModelConfig, params: dict, cache: KVCache, token, index: int, pad):
     """Jitted single step: token [B] int32 written at cache slot `index` -> (logits [B, V] float32
     for the next token, new KVCache). The caller keeps index < S."""
-    return _programs(_cfg_key(cfg))[2](decoding_params(cfg, params), cache,
+    return _programs(config_key(cfg))[2](decoding_params(cfg, params), cache,
                                        jnp.asarray(token, jnp.int32), jnp.asarray(index, jnp.int32),
                                        jnp.asarray(pad, jnp.int32))
 
@@ -389,7 +225,7 @@ def _start(cfg, params, prompts, max_new_tokens, stop_ids, greedy, temperature, 
         cache=cache, logits=logits, t=jnp.zeros((), jnp.int32), pad=jnp.asarray(pad),
         finished=jnp.zeros((b,), bool), in_speech=jnp.asarray(in_speech),
         out=jnp.full((b, max_new_tokens), pad_id, jnp.int32), key=jax.random.PRNGKey(seed))
-    run = _loop_program(_cfg_key(cfg), bool(greedy), constraint)
+    run = _loop_program(config_key(cfg), bool(greedy), constraint)
     # Stop ids padded with -1 (matches nothing) to a multiple of 8: their count is part of the
     # compiled shape, and one or two more stop ids should not recompile the loop.
     width = max(8, -(-len(stop_ids) // 8) * 8)

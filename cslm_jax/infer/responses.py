@@ -394,7 +394,7 @@ def run_decode(args, out=None) -> int:
     import jax
     if jax.default_backend() == "cpu":
         from cslm_jax.kernels import cpu_matmul as cpu_kernels
-        if params["head"].ndim == 3 or not cpu_kernels.available():
+        if params["lm_head"].ndim == 3 or not cpu_kernels.available():
             say(f"decode: {cpu_kernels.status()}")
         else:
             say(f"decode: CPU decoding kernel: not used for {cfg.compute_dtype} (float32 only: "

@@ -1,213 +1,49 @@
 """The Llama-3 decoder in Flax NNX, computed exactly as `transformers` computes `LlamaForCausalLM`.
 
-Parameter schema (the checkpoint's tree, independent of the module library; L layers, D hidden,
-H query heads, K kv heads, Dh head dim, F MLP width, V vocabulary rows):
+The modules here are the one definition of the decoder: `DecoderLayer` holds one block's weights
+(created from the rows of `cslm_jax.model.schema`) and its computation; training, prefill and
+KV-cache decoding all run `DecoderLayer.__call__` (with or without a cache). `Llama` holds the
+embedding, the layers, the final norm and the head.
 
-    embed                 [V, D]          (vocab, embed)
-    layers/attn_norm      [L, D]          (layers, norm)
-    layers/q_proj         [L, D, H, Dh]   (layers, embed, heads, head_dim)
-    layers/k_proj         [L, D, K, Dh]   (layers, embed, kv_heads, head_dim)
-    layers/v_proj         [L, D, K, Dh]   (layers, embed, kv_heads, head_dim)
-    layers/o_proj         [L, H, Dh, D]   (layers, heads, head_dim, embed)
-    layers/mlp_norm       [L, D]          (layers, norm)
-    layers/gate_proj      [L, D, F]       (layers, embed, mlp)
-    layers/up_proj        [L, D, F]       (layers, embed, mlp)
-    layers/down_proj      [L, F, D]       (layers, mlp, embed)
-    final_norm            [D]             (norm,)
-    lm_head               [D, V]          (embed, vocab)   absent when embeddings are tied
+The layers come in two layouts of the same parameters:
 
-Layers are stacked on a leading axis so the forward can `lax.scan` over them (compile time does
-not grow with depth); the same tree runs unscanned with `scan_layers: false`.
+* **stacked** (training, checkpoints, conversion): one `DecoderLayer` whose weights carry a
+  leading `layers` axis; the forward `lax.scan`s over it (compile time does not grow with depth)
+  or, with `scan_layers: false`, slices it layer by layer.
+* **decoding** (`decoding_params`): one `DecoderLayer` per layer with weights of their own (a
+  step then reads each weight once instead of copying a slice out of a stack first), in the
+  compute dtype, matmul weights as matrices [In, Out] with q/k/v and gate/up side by side
+  (`schema.FUSED`: one matmul each), stored in the native CPU kernel's panel layout where it
+  serves (`cslm_jax.kernels.cpu_matmul`).
+
+The functional view the optimizer, Orbax and the converters work with is the parameter tree of
+`nnx.state(model, nnx.Param)` as plain arrays (`Llama.params()`, `init_params`); `bind` turns
+such a tree back into a module (inside jit), and `forward` is `bind(...)(tokens, ...)`.
 RoPE uses HF's rotate-half layout, so conversion is transposes and reshapes only.
 """
 from __future__ import annotations
 
 import functools
+import json
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from cslm_jax.config import ModelConfig
+from cslm_jax.kernels import cpu_matmul
+from cslm_jax.model import schema
+from cslm_jax.model.layers import (apply_rope, attend, attention_mask, cached_attention,
+                                   causal_attend, causal_blocks, dense, rms_norm, rope_cos_sin,
+                                   rope_inv_freq)
+from cslm_jax.model.schema import FUSED, param_shapes  # noqa: F401  (param_shapes: public API)
 from cslm_jax.parallel.sharding import constrain
 
-LAYER_PARAMS = {
-    "attn_norm": ("layers", "norm"),
-    "q_proj": ("layers", "embed", "heads", "head_dim"),
-    "k_proj": ("layers", "embed", "kv_heads", "head_dim"),
-    "v_proj": ("layers", "embed", "kv_heads", "head_dim"),
-    "o_proj": ("layers", "heads", "head_dim", "embed"),
-    "mlp_norm": ("layers", "norm"),
-    "gate_proj": ("layers", "embed", "mlp"),
-    "up_proj": ("layers", "embed", "mlp"),
-    "down_proj": ("layers", "mlp", "embed"),
-}
-
-
-def param_shapes(cfg: ModelConfig) -> dict:
-    """{name: (shape, logical names)} for every parameter, in the schema above."""
-    L, D, H, K, Dh, F, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
-                            cfg.head_dim, cfg.intermediate_size, cfg.vocab_size)
-    layer_shapes = {
-        "attn_norm": (L, D), "q_proj": (L, D, H, Dh), "k_proj": (L, D, K, Dh),
-        "v_proj": (L, D, K, Dh), "o_proj": (L, H, Dh, D), "mlp_norm": (L, D),
-        "gate_proj": (L, D, F), "up_proj": (L, D, F), "down_proj": (L, F, D),
-    }
-    out = {"embed": ((V, D), ("vocab", "embed")),
-           "layers": {k: (s, LAYER_PARAMS[k]) for k, s in layer_shapes.items()},
-           "final_norm": ((D,), ("norm",))}
-    if not cfg.tie_word_embeddings:
-        out["lm_head"] = ((D, V), ("embed", "vocab"))
-    return out
-
-
-def _dtype(name: str):
-    return jnp.dtype(name)
-
-
-# -- building blocks (pure functions, shapes in docstrings) -----------------------------------------
-
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """x [..., D] any float dtype; variance in float32 as HF does; returns x's dtype."""
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return scale.astype(x.dtype) * normed.astype(x.dtype)
-
-
-def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-    """[Dh/2] float32 inverse frequencies, with llama3 rope scaling when configured."""
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-    if cfg.rope_type != "llama3":
-        return inv_freq
-    rs = cfg.rope_scaling
-    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-    old_len = rs["original_max_position_embeddings"]
-    low_freq_wavelen = old_len / low
-    high_freq_wavelen = old_len / high
-    wavelen = 2 * math.pi / inv_freq
-    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return jnp.where(is_medium, smoothed, scaled)
-
-
-def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """positions [B, T] int -> cos, sin [B, T, Dh] float32 (HF's concatenated halves)."""
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, N, Dh]; cos/sin [B, T, Dh] already in x's dtype."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
-
-
-def attention_mask(segment_ids: jax.Array, kv_segment_ids: jax.Array | None = None,
-                   q_index: jax.Array | None = None, kv_index: jax.Array | None = None) -> jax.Array:
-    """[B, Tq, Tk] bool: causal by index within the row, and only within the same segment.
-
-    Packed documents never attend to each other; positions may restart per document, which is
-    why causality uses the index in the row, not the position.
-    """
-    kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
-    tq, tk = segment_ids.shape[1], kv_segment_ids.shape[1]
-    q_index = jnp.arange(tq) if q_index is None else q_index
-    kv_index = jnp.arange(tk) if kv_index is None else kv_index
-    causal = q_index[..., :, None] >= kv_index[..., None, :]
-    same = segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    return causal & same
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q [B, T, H, Dh]; k, v [B, S, K, Dh]; mask [B, T, S] bool.
-
-    Scores and softmax in float32 (as HF's eager path), probabilities cast back to q's dtype.
-    Returns [B, T, H, Dh].
-
-    Computed per kv head with the group's queries stacked along the rows, q [B, K, G*T, Dh]:
-    both products are then plain batched matmuls, and the softmax runs along the minor axis
-    (XLA:CPU otherwise picks transposed layouts and copies the [B, K, G, T, S] scores around).
-    The gradient is written by hand (`_attention`): it recomputes the probabilities from q and k
-    and the saved row max and sum instead of keeping [B, K, G, T, S] probabilities alive
-    between the forward and the backward pass.
-    """
-    b, t, h, dh = q.shape
-    kvh = k.shape[2]
-    g = h // kvh
-    qm = q.reshape(b, t, kvh, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, dh)
-    mm = jnp.broadcast_to(mask[:, None, None], (b, 1, g, t, mask.shape[-1])).reshape(b, 1, g * t, -1)
-    out = _attention(qm, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mm)
-    return out.reshape(b, kvh, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
-
-
-def _masked_scores(qm, km, mm):
-    scores = jnp.einsum("bkmd,bksd->bkms", qm, km, preferred_element_type=jnp.float32)
-    scores = scores * (qm.shape[-1] ** -0.5)
-    return jnp.where(mm, scores, jnp.finfo(jnp.float32).min)
-
-
-@jax.custom_vjp
-def _attention(qm, km, vm, mm):
-    """qm [B, K, M, Dh] (M = G*T), km, vm [B, K, S, Dh], mm [B, 1, M, S] bool -> [B, K, M, Dh]."""
-    return _attention_fwd(qm, km, vm, mm)[0]
-
-
-def _attention_fwd(qm, km, vm, mm):
-    scores = _masked_scores(qm, km, mm)
-    row_max = jnp.max(scores, axis=-1, keepdims=True)
-    unnormalized = jnp.exp(scores - row_max)
-    row_sum = jnp.sum(unnormalized, axis=-1, keepdims=True)
-    # jax.nn.softmax's exact arithmetic: exp(x - max) / sum
-    probs = (unnormalized / row_sum).astype(qm.dtype)
-    out = jnp.einsum("bkms,bksd->bkmd", probs, vm)
-    return out, (qm, km, vm, mm, out, row_max, row_sum)
-
-
-def _attention_bwd(res, d_out):
-    qm, km, vm, mm, out, row_max, row_sum = res
-    # the forward's probabilities, recomputed with the same operations
-    probs = jnp.exp(_masked_scores(qm, km, mm) - row_max) / row_sum
-    d_v = jnp.einsum("bkms,bkmd->bksd", probs.astype(vm.dtype), d_out)
-    d_probs = jnp.einsum("bkmd,bksd->bkms", d_out, vm, preferred_element_type=jnp.float32)
-    # softmax backward: sum_s d_probs * probs == sum_d d_out * out (one row of out = probs @ v)
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    d_scores = (probs * (d_probs - delta) * (qm.shape[-1] ** -0.5)).astype(qm.dtype)
-    d_q = jnp.einsum("bkms,bksd->bkmd", d_scores, km)
-    d_k = jnp.einsum("bkms,bkmd->bksd", d_scores, qm)
-    return d_q, d_k, d_v, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-def _causal_blocks(length: int) -> int:
-    """How many query blocks `_causal_attend` splits a row of `length` tokens into: blocks of at
-    least 128 queries, at most 8 blocks (beyond that the saving is small and the graph large)."""
-    for n in (8, 4, 2):
-        if length % n == 0 and length // n >= 128:
-            return n
-    return 1
-
-
-def _causal_attend(q, k, v, mask, blocks: int):
-    """`attend` for self-attention under a mask that is causal by index (forward's): query block
-    i only reads keys [0, (i+1)*T/blocks), skipping the blocks above the diagonal that the mask
-    zeroes anyway (their probabilities are exactly 0: same result, about half the work)."""
-    t = q.shape[1]
-    if blocks <= 1 or t % blocks or k.shape[1] != t:
-        return attend(q, k, v, mask)
-    c = t // blocks
-    outs = [attend(q[:, i * c:(i + 1) * c], k[:, :(i + 1) * c], v[:, :(i + 1) * c],
-                   mask[:, i * c:(i + 1) * c, :(i + 1) * c]) for i in range(blocks)]
-    return jnp.concatenate(outs, axis=1)
-
+NEG = float(np.finfo(np.float32).min)   # the "never" logit of vocabulary padding rows
 
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -217,130 +53,358 @@ REMAT = {
 }
 
 
-def decoder_layer(cfg: ModelConfig, rules, x: jax.Array, p: dict, cos: jax.Array, sin: jax.Array,
-                  mask: jax.Array, blocks: int = 1) -> jax.Array:
-    """One pre-norm Llama block. x [B, T, D] in compute dtype; p holds one layer's params.
-    With blocks > 1 the mask must be causal by index (see _causal_attend)."""
-    cd = x.dtype
-    b, t, d = x.shape
+class LayerCache(NamedTuple):
+    """One layer's keys and values [B, K, S, Dh] in the compute dtype (kv heads before slots:
+    attention reads each head's keys as one contiguous matrix). Keys are stored rotated."""
+    k: jax.Array
+    v: jax.Array
 
-    def proj(inp, w, out_shape):
-        # 2-D matmuls: XLA:CPU runs the gradients of batched 3-D einsums at about half speed.
-        flat = inp.reshape(b * t, -1) @ w.astype(cd).reshape(-1, math.prod(out_shape))
-        return flat.reshape(b, t, *out_shape)
 
-    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q = proj(h, p["q_proj"], p["q_proj"].shape[1:])
-    k = proj(h, p["k_proj"], p["k_proj"].shape[1:])
-    v = proj(h, p["v_proj"], p["v_proj"].shape[1:])
-    q = checkpoint_name(constrain(q, ("batch", "length", "act_heads", None), rules), "qkv_proj")
-    k = checkpoint_name(constrain(k, ("batch", "length", "act_kv_heads", None), rules), "qkv_proj")
-    v = checkpoint_name(constrain(v, ("batch", "length", "act_kv_heads", None), rules), "qkv_proj")
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o = _causal_attend(q, k, v, mask, blocks)
-    attn = checkpoint_name(proj(o.reshape(b, t, -1), p["o_proj"], (d,)), "attn_out")
-    x = constrain(x + attn, ("batch", "length", "act_embed"), rules)
-    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    gate = proj(h, p["gate_proj"], p["gate_proj"].shape[1:])
-    up = proj(h, p["up_proj"], p["up_proj"].shape[1:])
-    act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"), rules)
-    mlp = checkpoint_name(proj(act, p["down_proj"], (d,)), "mlp_out")
-    return constrain(x + mlp, ("batch", "length", "act_embed"), rules)
+class KVCache(NamedTuple):
+    """The whole model's cache: k, v tuples of L arrays [B, K, S, Dh]. Slot s of row b holds the
+    token at RoPE position s - pad[b] (see `cslm_jax.infer.decode`)."""
+    k: tuple
+    v: tuple
+
+
+def _new_param(w: schema.Weight, shape, dtype, rngs, cfg: ModelConfig, axes) -> nnx.Param:
+    if w.init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = nnx.initializers.normal(cfg.initializer_range)(rngs.params(), shape, dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+def packed_names(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...]]]:
+    """The decoding layout of one layer, in table order: (attribute, the weights it holds); a
+    fused group (`schema.FUSED`) appears once, at its first member's place."""
+    group_of = {m: g for g, members in FUSED.items() for m in members}
+    out, seen = [], set()
+    for w in schema.layer_weights(cfg):
+        name = group_of.get(w.name, w.name)
+        if name not in seen:
+            seen.add(name)
+            out.append((name, FUSED.get(name, (w.name,))))
+    return out
+
+
+class DecoderLayer(nnx.Module):
+    """One pre-norm Llama block: attention (GQA, RoPE) and a SwiGLU MLP, each with a residual.
+
+    `layers=L` stacks L layers' weights on a leading axis (training); `packed=True` is the
+    decoding layout (module docstring); its weights are filled by `decoding_params`.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layers: int | None = None,
+                 packed: bool = False):
+        self.cfg = cfg
+        self.packed = packed
+        dtype = jnp.dtype(cfg.compute_dtype if packed else cfg.param_dtype)
+        if packed:
+            for name, members in packed_names(cfg):
+                rows = [schema.weight("layers/" + m) for m in members]
+                if rows[0].contracts:
+                    shape = (rows[0].in_out(cfg)[0], sum(r.in_out(cfg)[1] for r in rows))
+                else:
+                    shape = rows[0].shape(cfg)
+                setattr(self, name, nnx.Param(jnp.zeros(shape, dtype)))
+            return
+        for w in schema.layer_weights(cfg):
+            shape, axes = w.shape(cfg), w.axes
+            if layers is not None:
+                shape, axes = (layers, *shape), ("layers", *axes)
+            setattr(self, w.name, _new_param(w, shape, dtype, rngs, cfg, axes))
+
+    def _project(self, h: jax.Array, names: tuple[str, ...]) -> list[jax.Array]:
+        """h [B, T, In] through the weights `names` (which share that input) -> one
+        [B, T, *out] per weight. Each is a 2-D matmul (XLA:CPU runs the gradients of batched
+        3-D einsums at about half speed); packed, a fused group is one matmul, split after."""
+        b, t = h.shape[:2]
+        rows = [schema.weight("layers/" + n) for n in names]
+        outs = [r.shape(self.cfg)[r.contracts:] for r in rows]
+        flat = h.reshape(b * t, -1)
+        if self.packed:
+            group = next((g for g, m in FUSED.items() if m == tuple(names)), names[0])
+            sizes = [math.prod(o) for o in outs]
+            y = dense(flat, getattr(self, group)[...], sum(sizes))
+            parts = jnp.split(y, np.cumsum(sizes)[:-1].tolist(), axis=1) if len(sizes) > 1 else [y]
+        else:
+            parts = [dense(flat, getattr(self, n)[...].astype(h.dtype).reshape(flat.shape[1], -1),
+                           math.prod(o)) for n, o in zip(names, outs)]
+        return [p.reshape(b, t, *o) for p, o in zip(parts, outs)]
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, *,
+                 rules=None, blocks: int = 1, cache: LayerCache | None = None,
+                 index: jax.Array | int = 0) -> tuple[jax.Array, LayerCache | None]:
+        """x [B, T, D] in the compute dtype; cos, sin [B, T, Dh]; mask [B, T, S] bool.
+
+        Without a cache: self-attention among the T tokens (training); with blocks > 1 the mask
+        must be causal by index (`causal_attend` skips the blocks above the diagonal).
+        With a cache: this call's keys and values are written to slots [index, index + T)
+        first; a single token (T == 1) whose mask spans the cache's S slots then attends to the
+        cache (a decoding step), otherwise the tokens attend to each other (prefill).
+        Returns (x, the updated cache or None).
+        """
+        cfg = self.cfg
+        b, t, _ = x.shape
+        h = rms_norm(x, self.attn_norm[...], cfg.rms_norm_eps)
+        q, k, v = self._project(h, FUSED["qkv"])
+        q = checkpoint_name(constrain(q, ("batch", "length", "act_heads", None), rules), "qkv_proj")
+        k = checkpoint_name(constrain(k, ("batch", "length", "act_kv_heads", None), rules), "qkv_proj")
+        v = checkpoint_name(constrain(v, ("batch", "length", "act_kv_heads", None), rules), "qkv_proj")
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            o = causal_attend(q, k, v, mask, blocks)
+        else:
+            at = (0, 0, index, 0)
+            cache = LayerCache(
+                jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), at),
+                jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), at))
+            if t == 1 and mask.shape[-1] == cache.k.shape[2]:
+                o = cached_attention(q, cache.k, cache.v, mask)
+            else:
+                o = attend(q, k, v, mask)
+        [attn] = self._project(o.reshape(b, t, -1), ("o_proj",))
+        x = constrain(x + checkpoint_name(attn, "attn_out"), ("batch", "length", "act_embed"), rules)
+        h = rms_norm(x, self.mlp_norm[...], cfg.rms_norm_eps)
+        gate, up = self._project(h, FUSED["gate_up"])
+        act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"), rules)
+        [mlp] = self._project(act, ("down_proj",))
+        x = constrain(x + checkpoint_name(mlp, "mlp_out"), ("batch", "length", "act_embed"), rules)
+        return x, cache
+
+
+def _rules_key(rules) -> tuple | None:
+    if rules is None:
+        return None
+    return tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v)
+                        for k, v in dict(rules).items()))
+
+
+class Llama(nnx.Module):
+    """Llama-3 causal LM. `model(tokens, positions, segment_ids)` -> float32 logits [B, T, V];
+    `prefill` and `decode_step` run the same layers with a KV cache (decoding layout)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, rules=None, decoding: bool = False):
+        self.cfg = cfg
+        self.rules = _rules_key(rules)
+        self.decoding = decoding
+        dtype = jnp.dtype(cfg.compute_dtype if decoding else cfg.param_dtype)
+        for w in schema.weights(cfg):          # table order: the initialisers' random order
+            if w.per_layer:
+                if not hasattr(self, "layers"):
+                    self.layers = (nnx.List([DecoderLayer(cfg, rngs=rngs, packed=True)
+                                             for _ in range(cfg.num_layers)]) if decoding else
+                                   DecoderLayer(cfg, rngs=rngs, layers=cfg.num_layers))
+            elif decoding and w.contracts:
+                continue                         # the packed head comes below
+            else:
+                setattr(self, w.path, _new_param(w, w.shape(cfg), dtype, rngs, cfg, w.axes))
+        if decoding:     # the head as a matrix [D, V], a copy of the embedding's transpose if tied
+            self.lm_head = nnx.Param(jnp.zeros((cfg.hidden_size, cfg.vocab_size), dtype))
+
+    def params(self) -> dict:
+        """The parameter tree (schema in `cslm_jax.model.schema`) as plain arrays."""
+        return nnx.state(self, nnx.Param).to_pure_dict()
+
+    # -- the pieces every path shares ---------------------------------------------------------
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(self.cfg.compute_dtype))
+
+    def _rope(self, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg))
+        return cos.astype(dtype), sin.astype(dtype)
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        """x [N, D] last hidden states -> float32 logits [N, V] (2-D matmul: XLA:CPU's gradient
+        of the 3-D einsum form is several times slower); padding rows not yet masked."""
+        cfg = self.cfg
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        if self.decoding or not cfg.tie_word_embeddings:
+            head = self.lm_head[...]
+        else:
+            head = self.embed[...].T
+        if head.ndim == 2:
+            head = head.astype(x.dtype)
+        return dense(x, head, cfg.vocab_size, out_dtype=jnp.float32)
+
+    def _mask_padding_rows(self, logits: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        if cfg.real_vocab_size < cfg.vocab_size:
+            logits = jnp.where(jnp.arange(cfg.vocab_size) < cfg.real_vocab_size, logits, NEG)
+        return logits
+
+    def _layer_list(self) -> list[DecoderLayer]:
+        if self.decoding:
+            return list(self.layers)
+        graphdef, state = nnx.split(self.layers)
+        return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+                for i in range(self.cfg.num_layers)]
+
+    # -- training / scoring ---------------------------------------------------------------------
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """Logits [B, T, V] float32 for tokens [B, T] int32.
+
+        positions [B, T] (default 0..T-1) drive RoPE; segment_ids [B, T] (default all 1) keep
+        packed documents apart. Logits of vocabulary padding rows are set to a large negative
+        number.
+        """
+        cfg = self.cfg
+        rules = None if self.rules is None else dict(self.rules)
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        x = constrain(self._embed(tokens), ("batch", "length", "act_embed"), rules)
+        cos, sin = self._rope(positions, x.dtype)
+        mask = attention_mask(segment_ids)
+        # attention_mask is causal by index: blocks above the diagonal can be skipped
+        blocks = causal_blocks(t)
+
+        if self.decoding:
+            for layer in self.layers:
+                x, _ = layer(x, cos, sin, mask, rules=rules, blocks=blocks)
+        else:
+            graphdef, stacked = nnx.split(self.layers)
+
+            def layer(x, state, cos, sin, mask):
+                return nnx.merge(graphdef, state)(x, cos, sin, mask, rules=rules, blocks=blocks)[0]
+
+            if cfg.remat_policy != "none":
+                layer = jax.checkpoint(layer, policy=REMAT[cfg.remat_policy],
+                                       prevent_cse=not cfg.scan_layers)
+            if cfg.scan_layers:
+                x, _ = jax.lax.scan(lambda c, s: (layer(c, s, cos, sin, mask), None), x, stacked)
+            else:
+                for i in range(cfg.num_layers):
+                    x = layer(x, jax.tree.map(lambda a: a[i], stacked), cos, sin, mask)
+
+        logits = self._logits(x.reshape(b * t, -1)).reshape(b, t, -1)
+        logits = constrain(logits, ("batch", "length", "act_vocab"), rules)
+        return self._mask_padding_rows(logits)
+
+    # -- decoding with a KV cache ---------------------------------------------------------------
+
+    def prefill(self, tokens: jax.Array, pad: jax.Array, cache_len: int):
+        """tokens [B, P] int32 left-padded, pad [B] int32 -> (logits [B, V] float32 of the last
+        prompt token, KVCache with slots [0, P) filled and [P, cache_len) zero)."""
+        cfg = self.cfg
+        b, p_len = tokens.shape
+        x = self._embed(tokens)
+        slots = jnp.arange(p_len, dtype=jnp.int32)[None, :]
+        cos, sin = self._rope(jnp.maximum(slots - pad[:, None], 0), x.dtype)
+        # Padding slots get segment 0, prompt tokens segment 1: prompt queries see only their
+        # own row's real, earlier tokens (padding queries see padding; their outputs are unused).
+        mask = attention_mask((slots >= pad[:, None]).astype(jnp.int32))
+        empty = jnp.zeros((b, cfg.num_kv_heads, cache_len, cfg.head_dim), x.dtype)
+        ks, vs = [], []
+        for layer in self._layer_list():
+            x, cache = layer(x, cos, sin, mask, cache=LayerCache(empty, empty), index=0)
+            ks.append(cache.k)
+            vs.append(cache.v)
+        return self._mask_padding_rows(self._logits(x[:, -1])), KVCache(tuple(ks), tuple(vs))
+
+    def decode_step(self, cache: KVCache, token: jax.Array, index: jax.Array, pad: jax.Array):
+        """token [B] int32 goes to cache slot `index` (int32 scalar, same for all rows) at
+        position index - pad[b]. Returns (logits [B, V] float32 for the following token, the
+        updated KVCache)."""
+        x = self._embed(token[:, None])                                   # [B, 1, D]
+        cos, sin = self._rope((index - pad)[:, None], x.dtype)
+        slots = jnp.arange(cache.k[0].shape[2], dtype=jnp.int32)
+        # [B, 1, S]: the row's own real tokens up to and including this one.
+        mask = ((slots[None, :] >= pad[:, None]) & (slots[None, :] <= index))[:, None, :]
+        ks, vs = [], []
+        # A Python loop over layers, not a scan: each layer's weights and cache are arrays of
+        # their own; the cache slot is updated in place (the caller donates the cache).
+        for layer, ck, cv in zip(self._layer_list(), cache.k, cache.v):
+            x, new = layer(x, cos, sin, mask, cache=LayerCache(ck, cv), index=index)
+            ks.append(new.k)
+            vs.append(new.v)
+        return self._mask_padding_rows(self._logits(x[:, 0])), KVCache(tuple(ks), tuple(vs))
+
+
+# -- the functional view --------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=32)
+def _skeleton(cfg_key: str, rules_key, decoding: bool):
+    """(graphdef, abstract state) of a Llama for one config (built once, without allocating)."""
+    cfg = ModelConfig.from_dict(json.loads(cfg_key))
+    rules = None if rules_key is None else dict(rules_key)
+    model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), rules=rules, decoding=decoding))
+    return nnx.split(model)
+
+
+def config_key(cfg: ModelConfig) -> str:
+    """A hashable, canonical form of a config (ModelConfig holds a dict, so is not hashable)."""
+    return json.dumps(cfg.to_dict(), sort_keys=True)
+
+
+def is_decoding_layout(params: dict) -> bool:
+    return isinstance(params.get("layers"), (tuple, list))
+
+
+def bind(cfg: ModelConfig, params: dict, rules=None) -> Llama:
+    """The module holding `params` (a plain tree, stacked or decoding layout); cheap enough to
+    call inside a jitted function, where it costs trace time only."""
+    decoding = is_decoding_layout(params)
+    graphdef, abstract = _skeleton(config_key(cfg), _rules_key(rules), decoding)
+    if decoding:
+        params = {**params, "layers": dict(enumerate(params["layers"]))}
+    state = jax.tree.map(lambda a: a, abstract)          # a fresh copy to fill
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
 
 
 def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array | None = None,
             segment_ids: jax.Array | None = None, rules=None) -> jax.Array:
-    """Logits [B, T, V] float32 for tokens [B, T] int32.
+    """`Llama.__call__` on a parameter tree: logits [B, T, V] float32 for tokens [B, T]."""
+    return bind(cfg, params, rules)(tokens, positions, segment_ids)
 
-    positions [B, T] (default 0..T-1) drive RoPE; segment_ids [B, T] (default all 1) keep packed
-    documents apart. Logits of vocabulary padding rows are set to a large negative number.
+
+def decoding_params(cfg: ModelConfig, params: dict) -> dict:
+    """The parameters in the decoding layout (module docstring), from the stacked tree (or as
+    they are when already in it). Device arrays in the compute dtype:
+
+        {"embed": [V, D], "final_norm": [D], "lm_head": [D, V],
+         "layers": ({"attn_norm", "mlp_norm": [D], "qkv": [D, (H + 2K) Dh], "o_proj": [H Dh, D],
+                     "gate_up": [D, 2F], "down_proj": [F, D]}, ... one dict per layer)}
+
+    On CPU in float32, where the native kernel builds, every matrix is stored in the kernel's
+    panel layout [ceil(Out / 32), In, 32] instead. Building the layout copies the weights once (a
+    tied embedding also gets a transposed copy as the head); drop the stacked tree afterwards to
+    keep one copy in memory. Decoding calls this itself, so the stacked tree works everywhere but
+    pays that copy per call. Why this layout: benchmarks/RESULTS.md ("Decoding").
     """
-    b, t = tokens.shape
-    cd = _dtype(cfg.compute_dtype)
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    if segment_ids is None:
-        segment_ids = jnp.ones((b, t), jnp.int32)
-    x = jnp.take(params["embed"], tokens, axis=0).astype(cd)
-    x = constrain(x, ("batch", "length", "act_embed"), rules)
-    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
-    cos, sin = cos.astype(cd), sin.astype(cd)
-    mask = attention_mask(segment_ids)
-
-    # attention_mask is causal by index: blocks above the diagonal can be skipped
-    layer = functools.partial(decoder_layer, cfg, rules, blocks=_causal_blocks(t))
-    if cfg.remat_policy != "none":
-        layer = jax.checkpoint(layer, policy=REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-    stacked = params["layers"]
-    if cfg.scan_layers:
-        def body(carry, layer_params):
-            return layer(carry, layer_params, cos, sin, mask), None
-        x, _ = jax.lax.scan(body, x, stacked)
-    else:
-        for i in range(cfg.num_layers):
-            x = layer(x, jax.tree.map(lambda a: a[i], stacked), cos, sin, mask)
-
-    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    if is_decoding_layout(params):
+        return params
+    cd = jnp.dtype(cfg.compute_dtype)
+    kernel = cd == jnp.float32 and jax.default_backend() == "cpu" and cpu_matmul.available()
+    matrix = cpu_matmul.panel_layout if kernel else (lambda a: a)
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    # As a 2-D matmul: XLA:CPU's gradient of the 3-D einsum form is several times slower.
-    logits = jnp.dot(x.reshape(b * t, -1), head.astype(cd),
-                     preferred_element_type=jnp.float32).reshape(b, t, -1)
-    logits = constrain(logits, ("batch", "length", "act_vocab"), rules)
-    if cfg.real_vocab_size < cfg.vocab_size:
-        valid = jnp.arange(cfg.vocab_size) < cfg.real_vocab_size
-        logits = jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
-    return logits
-
-
-# -- the NNX module ------------------------------------------------------------------------------
-
-class LayerStack(nnx.Module):
-    """The decoder layers' parameters, stacked on a leading `layers` axis."""
-
-    def __init__(self, cfg: ModelConfig, shapes: dict, rngs: nnx.Rngs):
-        dtype = _dtype(cfg.param_dtype)
-        normal = nnx.initializers.normal(cfg.initializer_range)
-        for name, (shape, names) in shapes.items():
-            if name.endswith("_norm"):
-                value = jnp.ones(shape, dtype)
-            else:
-                value = normal(rngs.params(), shape, dtype)
-            setattr(self, name, nnx.Param(value, logical_axes=names))
-
-
-class Llama(nnx.Module):
-    """Llama-3 causal LM. `model(tokens, positions, segment_ids)` -> float32 logits [B, T, V]."""
-
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, rules=None):
-        self.cfg = cfg
-        self.rules = None if rules is None else tuple(sorted(
-            (k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(rules).items()))
-        shapes = param_shapes(cfg)
-        dtype = _dtype(cfg.param_dtype)
-        normal = nnx.initializers.normal(cfg.initializer_range)
-        (shape, names) = shapes["embed"]
-        self.embed = nnx.Param(normal(rngs.params(), shape, dtype), logical_axes=names)
-        self.layers = LayerStack(cfg, shapes["layers"], rngs)
-        (shape, names) = shapes["final_norm"]
-        self.final_norm = nnx.Param(jnp.ones(shape, dtype), logical_axes=names)
-        if "lm_head" in shapes:
-            (shape, names) = shapes["lm_head"]
-            self.lm_head = nnx.Param(normal(rngs.params(), shape, dtype), logical_axes=names)
-
-    def params(self) -> dict:
-        """The parameter tree (schema in the module docstring) as plain arrays."""
-        return nnx.state(self, nnx.Param).to_pure_dict()
-
-    def __call__(self, tokens, positions=None, segment_ids=None):
-        rules = None if self.rules is None else dict(self.rules)
-        return forward(self.cfg, self.params(), tokens, positions, segment_ids, rules)
+    out = {"embed": jnp.asarray(params["embed"], cd),
+           "final_norm": jnp.asarray(params["final_norm"], cd),
+           "lm_head": matrix(jnp.asarray(head, cd))}
+    stacked = params["layers"]
+    layers = []
+    for i in range(cfg.num_layers):
+        layer = {}
+        for name, members in packed_names(cfg):
+            rows = [schema.weight("layers/" + m) for m in members]
+            if not rows[0].contracts:
+                layer[name] = jnp.asarray(stacked[name][i], cd)
+                continue
+            mats = [jnp.asarray(stacked[r.name][i], cd).reshape(r.in_out(cfg)) for r in rows]
+            layer[name] = matrix(mats[0] if len(mats) == 1 else jnp.concatenate(mats, axis=1))
+        layers.append(layer)
+    out["layers"] = tuple(layers)
+    return out
 
 
 # -- parameters on a mesh -------------------------------------------------------------------------
-
-def _is_spec(x) -> bool:
-    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)
-
 
 def param_shardings(cfg: ModelConfig, mesh, rules=None) -> dict:
     """NamedSharding per parameter from its logical axis names and the rules table."""
@@ -350,7 +414,7 @@ def param_shardings(cfg: ModelConfig, mesh, rules=None) -> dict:
         shape, names = spec
         return named_sharding(mesh, names, rules, shape, what=f"parameter {jax.tree_util.keystr(path)}")
 
-    return jax.tree_util.tree_map_with_path(one, param_shapes(cfg), is_leaf=_is_spec)
+    return jax.tree_util.tree_map_with_path(one, param_shapes(cfg), is_leaf=schema.is_spec)
 
 
 def init_params(cfg: ModelConfig, seed: int = 0, mesh=None, rules=None) -> dict:

@@ -159,11 +159,9 @@ def read_metadata(path: str | Path) -> tuple[dict, ModelConfig, VocabInfo]:
 
 
 def _expected_shapes(cfg: ModelConfig) -> dict:
-    from cslm_jax.model.llama import param_shapes
+    from cslm_jax.model.schema import is_spec, param_shapes
 
-    return jax.tree.map(lambda spec: tuple(spec[0]), param_shapes(cfg),
-                        is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
-                        and isinstance(x[1], tuple))
+    return jax.tree.map(lambda spec: tuple(spec[0]), param_shapes(cfg), is_leaf=is_spec)
 
 
 def param_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

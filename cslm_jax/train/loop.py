@@ -273,7 +273,8 @@ class Layout:
 def train_layout(cfg: RunConfig, model_cfg: ModelConfig, devices, process_count: int) -> Layout:
     """The mesh over `devices` (config `mesh`) and the shardings of the state and the batch.
     Raises ConfigError when the mesh does not fit the devices or the batch does not split."""
-    from cslm_jax.model.llama import param_shapes, param_shardings
+    from cslm_jax.model.llama import param_shardings
+    from cslm_jax.model.schema import is_spec, param_shapes
     from cslm_jax.parallel.sharding import make_mesh, named_sharding
     from cslm_jax.train.step import make_optimizer
 
@@ -292,9 +293,7 @@ def train_layout(cfg: RunConfig, model_cfg: ModelConfig, devices, process_count:
     param_sh = param_shardings(model_cfg, mesh, rules)
     pdtype = jnp.dtype(model_cfg.param_dtype)
     abstract_params = jax.tree.map(lambda spec: jax.ShapeDtypeStruct(spec[0], pdtype),
-                                   param_shapes(model_cfg),
-                                   is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
-                                   and isinstance(x[1], tuple))
+                                   param_shapes(model_cfg), is_leaf=is_spec)
     optimizer = make_optimizer(cfg.optimizer)
     opt_sh = opt_state_shardings(jax.eval_shape(optimizer.init, abstract_params), param_sh,
                                  abstract_params, mesh)
@@ -373,13 +372,11 @@ def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=prin
 
 
 def abstract_state(run: Run):
-    from cslm_jax.model.llama import param_shapes
+    from cslm_jax.model.schema import is_spec, param_shapes
 
     pdtype = jnp.dtype(run.model_cfg.param_dtype)
     params = jax.tree.map(lambda spec, sh: jax.ShapeDtypeStruct(spec[0], pdtype, sharding=sh),
-                          param_shapes(run.model_cfg), run.layout.param_sh,
-                          is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
-                          and isinstance(x[1], tuple))
+                          param_shapes(run.model_cfg), run.layout.param_sh, is_leaf=is_spec)
     opt = jax.eval_shape(run.layout.optimizer.init, params)
     opt = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), opt,
                        run.layout.state_sh["opt_state"])
