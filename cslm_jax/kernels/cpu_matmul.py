@@ -1,12 +1,10 @@
 """A native CPU kernel for decoding steps: y = x @ W for few rows, weights in panel layout.
 
 A decoding step multiplies a handful of rows (the batch) by every weight matrix once, so it is
-bound by reading the weights. XLA:CPU's dot reads them at 11-14 GB/s at 8 rows on 2 cores (as if
-it repacked the weight matrix on every call; one row streams at ~25). This kernel
-(`kernels/small_matmul.cc`, an XLA FFI custom call run on XLA's intra-op threads) reads weights
-stored once in its own layout, `panel_layout(w)` [ceil(N/32), K, 32]. Measured on the
-2-core development VM (fp32, weights not cache-resident): 2.0-2.6x XLA's dot at 8 rows and
-1.1-1.7x at 1 row (`benchmarks/cpu_matmul.py`, `benchmarks/RESULTS.md`).
+bound by reading the weights, and XLA:CPU's dot reads them far below memory bandwidth at a few
+rows. This kernel (`small_matmul.cc`, an XLA FFI custom call run on XLA's intra-op threads) reads
+weights stored once in its own layout, `panel_layout(w)` [ceil(N/32), K, 32]. Measured speeds
+against XLA's dot: `benchmarks/cpu_matmul.py`, recorded in `benchmarks/RESULTS.md`.
 
 The kernel is compiled at first use with the machine's C++ compiler (`$CXX`, else c++, g++,
 clang++, else `python -m ziglang c++` when the `ziglang` package is installed) for the host CPU

@@ -1,10 +1,10 @@
 """Keep freed host memory in the process for XLA:CPU (and PyTorch CPU) training steps.
 
-XLA:CPU allocates an executable's temporaries as one block per run (3.3 GB for a 125M-parameter
-Llama step at 4 x 512) with posix_memalign from the calling thread's glibc arena. glibc serves
-blocks that large with a fresh mmap and returns them with munmap when the run ends, so every step
-page-faults its whole temporary block back in (about 830,000 minor faults and 2 s of kernel
-time per step there; measured with `benchmarks/train_step.py`).
+XLA:CPU allocates an executable's temporaries as one block per run (gigabytes for a 125M-parameter
+Llama step) with posix_memalign from the calling thread's glibc arena. glibc serves blocks that
+large with a fresh mmap and returns them with munmap when the run ends, so every step page-faults
+its whole temporary block back in (the figures: `benchmarks/RESULTS.md`, measured with
+`benchmarks/train_step.py`).
 
 `keep_freed_memory()` sets glibc to serve every allocation from the main heap (one arena, no
 mmap) and never to trim it: the second step reuses the first step's pages and faults nothing.
