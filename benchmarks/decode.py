@@ -64,7 +64,7 @@ def main():
 
     from cslm_jax.kernels import cpu_matmul as cpu_kernels
     from cslm_jax.convert.hf import export_hf, import_hf
-    from cslm_jax.infer.decode import decoding_params, generate, load_for_decoding
+    from cslm_jax.infer.decode import GREEDY, decoding_params, generate, load_for_decoding
     from cslm_jax.demo.random_hf import llama3_rope_scaling, placeholder_tokenizer, write_random_hf_llama
 
     torch.set_num_threads(os.cpu_count())
@@ -97,7 +97,7 @@ def main():
             prompts = rng.integers(0, args.vocab - 1, size=(b, args.prompt))
 
             def ours():
-                return generate(cfg, params, prompts.tolist(), max_new_tokens=args.new, greedy=True)
+                return generate(cfg, params, prompts.tolist(), max_new_tokens=args.new, sampling=GREEDY)
 
             ids = torch.tensor(prompts)
             mask = torch.ones_like(ids)

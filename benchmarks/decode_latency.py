@@ -181,7 +181,7 @@ def measured(records, data_cfg_path: Path, models: list[Path], max_new_tokens: i
              repeats: int = 3) -> dict:
     """Greedy batch-1 answers of each model to the same questions, with the decoder's timings
     (each question decoded `repeats` times: the median of each time is kept)."""
-    from cslm_jax.infer.decode import decoding_params, load_for_decoding
+    from cslm_jax.infer.decode import GREEDY, decoding_params, load_for_decoding
     from cslm_jax.infer.responses import chat_prompt_ids, decode_questions
     from cslm_jax.data.formats import load_data_config, merge_repeats, speech
 
@@ -198,7 +198,7 @@ def measured(records, data_cfg_path: Path, models: list[Path], max_new_tokens: i
             prompts.append(chat_prompt_ids(tok, template.format(
                 speech=speech(merge_repeats(r["question_units"]))), where))
         runs = [[a for batch in decode_questions(cfg, params, tok, vocab, prompts,
-                                                 max_new_tokens=max_new_tokens, greedy=True)
+                                                 max_new_tokens=max_new_tokens, sampling=GREEDY)
                  for a in batch.answers] for _ in range(repeats)]
         answers = runs[0]
         for i, a in enumerate(answers):           # greedy: the same tokens every run

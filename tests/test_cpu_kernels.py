@@ -8,7 +8,7 @@ import pytest
 
 from cslm_jax.kernels import cpu_matmul as cpu_kernels
 from cslm_jax.config import ModelConfig
-from cslm_jax.infer.decode import decoding_params, generate
+from cslm_jax.infer.decode import GREEDY, decoding_params, generate
 from cslm_jax.model.llama import init_params
 
 
@@ -116,8 +116,8 @@ def test_turned_off_decodes_with_xla_dot_and_the_same_tokens(fresh_state):
     assert not cpu_kernels.available() and "turned off" in cpu_kernels.status()
     plain = decoding_params(cfg, params)
     assert plain["lm_head"].shape == (64, 300) and plain["layers"][0]["qkv"].ndim == 2
-    assert generate(cfg, plain, prompts, max_new_tokens=12, greedy=True) == \
-        generate(cfg, with_kernel, prompts, max_new_tokens=12, greedy=True)
+    assert generate(cfg, plain, prompts, max_new_tokens=12, sampling=GREEDY) == \
+        generate(cfg, with_kernel, prompts, max_new_tokens=12, sampling=GREEDY)
 
 
 def test_required_but_unbuildable_is_an_error(fresh_state, tmp_path):

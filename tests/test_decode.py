@@ -1,5 +1,6 @@
 """KV-cache decoding against transformers and full recomputation; sampling; constrained decoding;
 streaming events that reassemble into the generated ids."""
+import dataclasses
 from types import SimpleNamespace
 
 import jax
@@ -10,7 +11,7 @@ import torch
 
 from cslm_jax.kernels import cpu_matmul as cpu_kernels
 from cslm_jax.convert.hf import export_hf, import_hf
-from cslm_jax.infer.decode import (End, EventParser, SpeechChunk, TextChunk, Transcript, decode_step,
+from cslm_jax.infer.decode import (GREEDY, End, EventParser, Sampling, SpeechChunk, TextChunk, Transcript, decode_step,
                              decoding_params, default_stop_ids, generate, generate_stream, left_pad,
                              load_for_decoding, parse_events, prefill, start_state,
                              stream_events)
@@ -66,33 +67,33 @@ def hf_greedy(model, prompts, n=N):
 def test_greedy_matches_transformers_one_by_one(text_model):
     m = text_model
     for prompt in PROMPTS:
-        ours = generate(m.cfg, m.params, [prompt], max_new_tokens=N, greedy=True)
+        ours = generate(m.cfg, m.params, [prompt], max_new_tokens=N, sampling=GREEDY)
         assert ours == hf_greedy(m.torch, [prompt])
         assert len(ours[0]) == N
 
 
 def test_greedy_padded_batch_matches_transformers_and_single_rows(text_model):
     m = text_model
-    ours = generate(m.cfg, m.params, PROMPTS, max_new_tokens=N, greedy=True)
+    ours = generate(m.cfg, m.params, PROMPTS, max_new_tokens=N, sampling=GREEDY)
     assert ours == hf_greedy(m.torch, PROMPTS)
-    assert ours == [generate(m.cfg, m.params, [p], max_new_tokens=N, greedy=True)[0] for p in PROMPTS]
+    assert ours == [generate(m.cfg, m.params, [p], max_new_tokens=N, sampling=GREEDY)[0] for p in PROMPTS]
     # the rows really differ (a broken mask that leaked one row into another would show)
     assert len({tuple(r) for r in ours}) == len(PROMPTS)
 
 
 def test_stop_ids_end_rows_and_finished_rows_keep_padding(text_model):
     m = text_model
-    full = generate(m.cfg, m.params, PROMPTS, max_new_tokens=N, greedy=True)
+    full = generate(m.cfg, m.params, PROMPTS, max_new_tokens=N, sampling=GREEDY)
     stop = full[0][5]
     first = full[0].index(stop)
     pad_id = 3
-    ours = generate(m.cfg, m.params, PROMPTS, max_new_tokens=N, greedy=True, stop_ids=[stop],
+    ours = generate(m.cfg, m.params, PROMPTS, max_new_tokens=N, sampling=GREEDY, stop_ids=[stop],
                     pad_id=pad_id)
     for row, ref in zip(ours, full):
         want = ref[:ref.index(stop) + 1] if stop in ref else ref
         assert row == want
     assert ours[0] == full[0][:first + 1]
-    steps = np.stack(list(generate_stream(m.cfg, m.params, PROMPTS, max_new_tokens=N, greedy=True,
+    steps = np.stack(list(generate_stream(m.cfg, m.params, PROMPTS, max_new_tokens=N, sampling=GREEDY,
                                           stop_ids=[stop], pad_id=pad_id)), axis=1)
     assert (steps[0, first + 1:] == pad_id).all() and steps[0, first] == stop
     # other rows kept going after row 0 stopped (unless they stopped too)
@@ -101,9 +102,9 @@ def test_stop_ids_end_rows_and_finished_rows_keep_padding(text_model):
 
 def test_greedy_stream_equals_generate(text_model):
     m = text_model
-    ref = generate(m.cfg, m.params, PROMPTS, max_new_tokens=N, greedy=True)
+    ref = generate(m.cfg, m.params, PROMPTS, max_new_tokens=N, sampling=GREEDY)
     for chunk in (1, 7):
-        steps = list(generate_stream(m.cfg, m.params, PROMPTS, max_new_tokens=N, greedy=True,
+        steps = list(generate_stream(m.cfg, m.params, PROMPTS, max_new_tokens=N, sampling=GREEDY,
                                      chunk_size=chunk))
         assert len(steps) == N and steps[0].shape == (len(PROMPTS),)
         assert np.stack(steps, axis=1).tolist() == ref
@@ -128,8 +129,8 @@ def test_decoding_layout_gives_the_same_tokens(text_model):
                                   np.asarray(layer["q_proj"][1]).reshape(d, -1))
     np.testing.assert_array_equal(np.asarray(gate_up[:, f:]), np.asarray(layer["up_proj"][1]))
     assert decoding_params(m.cfg, split) is split
-    assert generate(m.cfg, split, PROMPTS, max_new_tokens=N, greedy=True) == \
-        generate(m.cfg, m.params, PROMPTS, max_new_tokens=N, greedy=True)
+    assert generate(m.cfg, split, PROMPTS, max_new_tokens=N, sampling=GREEDY) == \
+        generate(m.cfg, m.params, PROMPTS, max_new_tokens=N, sampling=GREEDY)
 
 
 # -- the cache against full recomputation ---------------------------------------------------------
@@ -183,23 +184,25 @@ def test_cached_step_logits_equal_full_forward(cslm_model):
 
 def test_sampling_is_seeded_and_top_p_tiny_is_greedy(text_model):
     m = text_model
-    kw = dict(max_new_tokens=N, temperature=1.0, top_p=0.95)
-    a = generate(m.cfg, m.params, PROMPTS, seed=1, **kw)
-    assert a == generate(m.cfg, m.params, PROMPTS, seed=1, **kw)
-    b = generate(m.cfg, m.params, PROMPTS, seed=2, **kw)
+    nucleus = Sampling(temperature=1.0, top_p=0.95)
+    a = generate(m.cfg, m.params, PROMPTS, max_new_tokens=N, sampling=nucleus.seeded(1))
+    assert a == generate(m.cfg, m.params, PROMPTS, max_new_tokens=N, sampling=nucleus.seeded(1))
+    b = generate(m.cfg, m.params, PROMPTS, max_new_tokens=N, sampling=nucleus.seeded(2))
     assert sum(x != y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) > N   # most tokens differ
-    greedy = generate(m.cfg, m.params, PROMPTS, max_new_tokens=N, greedy=True)
+    greedy = generate(m.cfg, m.params, PROMPTS, max_new_tokens=N, sampling=GREEDY)
     assert a != greedy
-    assert generate(m.cfg, m.params, PROMPTS, max_new_tokens=N, top_p=1e-6, seed=3) == greedy
+    assert generate(m.cfg, m.params, PROMPTS, max_new_tokens=N,
+                    sampling=Sampling(top_p=1e-6, seed=3)) == greedy
     # the sampled stream is the same computation as the sampled loop
-    steps = generate_stream(m.cfg, m.params, PROMPTS, seed=1, chunk_size=3, **kw)
+    steps = generate_stream(m.cfg, m.params, PROMPTS, max_new_tokens=N, chunk_size=3,
+                            sampling=nucleus.seeded(1))
     assert np.stack(list(steps), axis=1).tolist() == a
 
 
 def test_top_p_limits_the_candidates(text_model):
     """With top_p 0.7 every sampled token lies in the nucleus of the model's distribution."""
     m = text_model
-    outs = generate(m.cfg, m.params, PROMPTS, max_new_tokens=N, seed=5, top_p=0.7)
+    outs = generate(m.cfg, m.params, PROMPTS, max_new_tokens=N, sampling=Sampling(seed=5, top_p=0.7))
     full = full_logits(m.cfg, m.params, [p + o for p, o in zip(PROMPTS, outs)])
     for b, (prompt, out) in enumerate(zip(PROMPTS, outs)):
         for j, tok in enumerate(out):
@@ -232,7 +235,8 @@ def test_constrained_decoding_keeps_units_inside_speech(cslm_model):
     params["embed"] = m.params["embed"].at[lo:hi + 1].multiply(6.0)
     text = m.tok("[question] hi [answer] The fox", add_special_tokens=False).input_ids
     prompts = [text + [v.token_id("<sosp>")], text + [v.token_id("<sosp>"), lo + 3], text]
-    kw = dict(max_new_tokens=N, temperature=1.5, top_p=1.0, seed=0, vocab=v)
+    hot = Sampling(temperature=1.5, top_p=1.0, seed=0)
+    kw = dict(max_new_tokens=N, vocab=v)
 
     def violations(outs):
         bad = 0
@@ -242,9 +246,10 @@ def test_constrained_decoding_keeps_units_inside_speech(cslm_model):
                 bad += speechy != inside
         return bad
 
-    free = generate(m.cfg, params, prompts, **kw)
+    free = generate(m.cfg, params, prompts, sampling=hot, **kw)
     assert violations(free) > 3
-    ours = generate(m.cfg, params, prompts, constrain_speech=True, **kw)
+    ours = generate(m.cfg, params, prompts,
+                    sampling=dataclasses.replace(hot, constrain_speech=True), **kw)
     assert violations(ours) == 0
     flat = [t for row in ours for t in row]
     assert any(lo <= t < hi for t in flat) and eosp in flat        # both sides were exercised
@@ -329,7 +334,8 @@ def test_events_of_generated_output(cslm_model):
     m = cslm_model
     v = m.vocab
     prompt = m.tok("[question] hi [answer] The fox <sosp>", add_special_tokens=False).input_ids
-    kw = dict(max_new_tokens=N, temperature=1.5, top_p=1.0, seed=4, constrain_speech=True)
+    kw = dict(max_new_tokens=N, sampling=Sampling(temperature=1.5, top_p=1.0, seed=4,
+                                                  constrain_speech=True))
     stops = default_stop_ids(m.tok, v)
     assert v.token_id("<eoa>") in stops and m.tok.eos_token_id in stops
     generated = generate(m.cfg, m.params, [prompt], stop_ids=stops, vocab=v, **kw)[0]
@@ -351,7 +357,7 @@ def test_load_for_decoding_from_hf_folders(cslm_model, text_model, tmp_path):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(m.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     prompt = m.tok("[question] hi [answer]", add_special_tokens=False).input_ids
-    ours = generate(cfg, params, [prompt], max_new_tokens=N, greedy=True)
+    ours = generate(cfg, params, [prompt], max_new_tokens=N, sampling=GREEDY)
     # transformers decodes the exported folder (speech units included) to the same tokens
     from transformers import LlamaForCausalLM
     hf = LlamaForCausalLM.from_pretrained(str(exported), attn_implementation="eager",

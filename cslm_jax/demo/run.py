@@ -40,7 +40,7 @@ def asr_eval(model_dir: Path, data_dir: Path, data_cfg, n: int = ASR_EXAMPLES) -
     """Greedy ASR on the first n held-out utterances of each language: {lang: (rate, chance)},
     rate = WER (en) / CER (zh); chance = the rate of answering with another held-out sentence
     of the same language (fluent, unrelated)."""
-    from cslm_jax.infer.decode import default_stop_ids, generate, load_for_decoding
+    from cslm_jax.infer.decode import GREEDY, default_stop_ids, generate, load_for_decoding
     from cslm_jax.eval.metrics import error_rate
     from cslm_jax.data.formats import merge_repeats, speech
 
@@ -55,7 +55,7 @@ def asr_eval(model_dir: Path, data_dir: Path, data_cfg, n: int = ASR_EXAMPLES) -
         spec = data_cfg.format.languages[lang]
         prompts = [_prompt_ids(tok, spec.asr_prompt.format(speech=speech(merge_repeats(r["units"]))))
                    for r in records]
-        gen = generate(cfg, params, prompts, max_new_tokens=48, stop_ids=stops, greedy=True,
+        gen = generate(cfg, params, prompts, max_new_tokens=48, stop_ids=stops, sampling=GREEDY,
                        vocab=vocab)
         hyps = [tok.decode([i for i in g if i not in stops], skip_special_tokens=True).strip()
                 for g in gen]
@@ -70,7 +70,7 @@ def asr_eval(model_dir: Path, data_dir: Path, data_cfg, n: int = ASR_EXAMPLES) -
 def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES) -> dict:
     """Decode held-out spoken questions (same-language and cross-lingual), stream the events of
     each answer and compare transcript and answer text with the references."""
-    from cslm_jax.infer.decode import (EventParser, SpeechChunk, TextChunk, Transcript, default_stop_ids,
+    from cslm_jax.infer.decode import (GREEDY, EventParser, SpeechChunk, TextChunk, Transcript, default_stop_ids,
                                  generate_stream, load_for_decoding)
     from cslm_jax.data.formats import merge_repeats, speech
 
@@ -91,7 +91,7 @@ def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES) -
         t0 = time.perf_counter()
         first_speech = [None] * len(records)
         for step_tokens in generate_stream(cfg, params, prompts, max_new_tokens=200,
-                                           stop_ids=stops, greedy=True, vocab=vocab,
+                                           stop_ids=stops, sampling=GREEDY, vocab=vocab,
                                            chunk_size=8):
             for b, token in enumerate(step_tokens.tolist()):
                 if parsers[b].state == "ended":

@@ -183,7 +183,7 @@ def default_max_new_tokens(items, tokenizer) -> int:
 def decode_items(cfg, params, tok, vocab, items, *, batch_size: int, max_new_tokens: int,
                  log=lambda _: None) -> list[list[int]]:
     """Greedy generations (ids, stop id included) for every item's prompt, in batches."""
-    from cslm_jax.infer.decode import default_stop_ids, generate
+    from cslm_jax.infer.decode import GREEDY, default_stop_ids, generate
     from cslm_jax.infer.responses import _pad_id, chat_prompt_ids
 
     stops = default_stop_ids(tok, vocab)
@@ -192,7 +192,7 @@ def decode_items(cfg, params, tok, vocab, items, *, batch_size: int, max_new_tok
     t0 = time.perf_counter()
     for start in range(0, len(prompts), batch_size):
         out += generate(cfg, params, prompts[start:start + batch_size],
-                        max_new_tokens=max_new_tokens, stop_ids=stops, greedy=True, vocab=vocab,
+                        max_new_tokens=max_new_tokens, stop_ids=stops, sampling=GREEDY, vocab=vocab,
                         pad_id=_pad_id(tok, cfg))
         log(f"  decoded {len(out)}/{len(prompts)} ({time.perf_counter() - t0:.1f}s)")
     return out

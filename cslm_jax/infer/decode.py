@@ -23,8 +23,8 @@ L layers, K kv heads, Dh head dim, V vocabulary rows):
 * Sampling: greedy, or temperature then top-p (the reference's defaults: 1.0, 0.7). Row b's
   random draw at step t uses `fold_in(fold_in(PRNGKey(seed), t), b)`: reproducible for a seed
   and independent of how the loop is chunked. Finished rows emit `pad_id`.
-* Optional constrained decoding (`constrain_speech=True`): inside a speech span only unit tokens
-  and `<eosp>` may be drawn, outside it neither units nor `<eosp>`. The per-row `in_speech` flag
+* Optional constrained decoding (`Sampling(constrain_speech=True)`): inside a speech span only
+  unit tokens and `<eosp>` may be drawn, outside it neither units nor `<eosp>`. The per-row `in_speech` flag
   travels in the loop state, so the mask is computed inside the jit.
 
 Streaming events: `EventParser` consumes generated ids one at a time and returns typed events
@@ -67,6 +67,42 @@ def _decode_step(cfg: ModelConfig, params, cache: KVCache, token, index, pad):
 
 
 # -- sampling and the generation loop ------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How each next token is chosen.
+
+    greedy: argmax; else temperature, then top-p (nucleus) over the tempered distribution (the
+    reference's defaults: 1.0 and 0.7), reproducible for `seed`. constrain_speech: inside a
+    speech span only units and `<eosp>` may be drawn, outside it neither (needs a vocabulary)."""
+    greedy: bool = False
+    temperature: float = 1.0
+    top_p: float = 0.7
+    seed: int = 0
+    constrain_speech: bool = False
+
+    def check(self) -> None:
+        if not self.greedy and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise DecodeError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got "
+                              f"{self.temperature}, {self.top_p}")
+
+    def seeded(self, seed: int) -> "Sampling":
+        return dataclasses.replace(self, seed=seed)
+
+
+GREEDY = Sampling(greedy=True)
+
+
+class LoopConstants(NamedTuple):
+    """The loop's arguments that stay fixed during a generation (arrays, so that other values
+    reuse the compiled loop): stop_ids [W] int32 (padded with -1), sosp_eosp [2] int32,
+    temperature and top_p float32 scalars, pad_id int32 scalar."""
+    stop_ids: jax.Array
+    sosp_eosp: jax.Array
+    temperature: jax.Array
+    top_p: jax.Array
+    pad_id: jax.Array
+
 
 class DecodeState(NamedTuple):
     """The generation loop's carry (B rows, N = max_new_tokens).
@@ -111,12 +147,12 @@ def _speech_mask(logits, in_speech, constraint):
 
 
 def _run(cfg: ModelConfig, greedy: bool, constraint, params, state: DecodeState, limit,
-         stop_ids, sosp_eosp, temperature, top_p, pad_id):
+         c: LoopConstants):
     """Advance the loop until t == limit, t == N or every row is finished."""
     b, n = state.out.shape
     p_len = state.cache.k[0].shape[2] - n
     rows = jnp.arange(b, dtype=jnp.int32)
-    sosp, eosp = sosp_eosp[0], sosp_eosp[1]
+    sosp, eosp = c.sosp_eosp[0], c.sosp_eosp[1]
 
     def cond(s: DecodeState):
         return (s.t < jnp.minimum(limit, n)) & ~jnp.all(s.finished)
@@ -128,10 +164,10 @@ def _run(cfg: ModelConfig, greedy: bool, constraint, params, state: DecodeState,
         else:
             step_key = jax.random.fold_in(s.key, s.t)
             keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(rows)
-            tok = sample_logits(logits, keys, temperature, top_p)
-        tok = jnp.where(s.finished, pad_id, tok)                  # finished rows keep padding
+            tok = sample_logits(logits, keys, c.temperature, c.top_p)
+        tok = jnp.where(s.finished, c.pad_id, tok)                  # finished rows keep padding
         out = jax.lax.dynamic_update_slice(s.out, tok[:, None], (0, s.t))
-        finished = s.finished | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        finished = s.finished | jnp.any(tok[:, None] == c.stop_ids[None, :], axis=-1)
         in_speech = jnp.where(tok == sosp, True, jnp.where(tok == eosp, False, s.in_speech))
         next_logits, cache = _decode_step(cfg, params, s.cache, tok, p_len + s.t, s.pad)
         return DecodeState(cache, next_logits, s.t + 1, s.pad, finished, in_speech, out, s.key)
@@ -197,21 +233,19 @@ def _control_id(vocab: VocabInfo | None, name: str) -> int:
     return vocab.token_id(name)
 
 
-def _start(cfg, params, prompts, max_new_tokens, stop_ids, greedy, temperature, top_p, seed,
-           pad_id, vocab, constrain_speech, prompt_bucket):
-    """Prefill and the loop's initial state plus the compiled loop and its fixed arguments."""
+def _start(cfg, params, prompts, max_new_tokens: int, stop_ids, sampling: Sampling, pad_id: int,
+           vocab, prompt_bucket: int):
+    """Prefill and the loop's initial state plus the compiled loop and its constants."""
     if max_new_tokens < 1:
         raise DecodeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not greedy and not (temperature > 0 and 0 < top_p <= 1):
-        raise DecodeError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got "
-                          f"{temperature}, {top_p}")
+    sampling.check()
     for t in list(stop_ids) + [pad_id]:
         if not 0 <= int(t) < cfg.real_vocab_size:
             raise DecodeError(f"token id {t} (stop or pad id) is outside the vocabulary "
                               f"(0..{cfg.real_vocab_size - 1})")
     constraint = None
     sosp, eosp = _control_id(vocab, "<sosp>"), _control_id(vocab, "<eosp>")
-    if constrain_speech:
+    if sampling.constrain_speech:
         if vocab is None or not vocab.unit_count or eosp < 0:
             raise DecodeError("constrain_speech needs a vocabulary with speech units and <eosp>")
         constraint = (vocab.unit_offset, vocab.unit_offset + vocab.unit_count, eosp)
@@ -224,15 +258,17 @@ def _start(cfg, params, prompts, max_new_tokens, stop_ids, greedy, temperature, 
     state = DecodeState(
         cache=cache, logits=logits, t=jnp.zeros((), jnp.int32), pad=jnp.asarray(pad),
         finished=jnp.zeros((b,), bool), in_speech=jnp.asarray(in_speech),
-        out=jnp.full((b, max_new_tokens), pad_id, jnp.int32), key=jax.random.PRNGKey(seed))
-    run = _loop_program(config_key(cfg), bool(greedy), constraint)
+        out=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+        key=jax.random.PRNGKey(sampling.seed))
+    run = _loop_program(config_key(cfg), bool(sampling.greedy), constraint)
     # Stop ids padded with -1 (matches nothing) to a multiple of 8: their count is part of the
     # compiled shape, and one or two more stop ids should not recompile the loop.
     width = max(8, -(-len(stop_ids) // 8) * 8)
     stops = list(stop_ids) + [-1] * (width - len(stop_ids))
-    fixed = (jnp.asarray(stops, jnp.int32), jnp.asarray([sosp, eosp], jnp.int32),
-             jnp.float32(temperature), jnp.float32(top_p), jnp.int32(pad_id))
-    return params, state, run, fixed
+    constants = LoopConstants(jnp.asarray(stops, jnp.int32), jnp.asarray([sosp, eosp], jnp.int32),
+                              jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
+                              jnp.int32(pad_id))
+    return params, state, run, constants
 
 
 def _trim(row: np.ndarray, n: int, stops: set[int]) -> list[int]:
@@ -246,30 +282,27 @@ def _trim(row: np.ndarray, n: int, stops: set[int]) -> list[int]:
 
 
 def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *,
-             max_new_tokens: int, stop_ids: Sequence[int] = (), greedy: bool = False,
-             temperature: float = 1.0, top_p: float = 0.7, seed: int = 0, pad_id: int = 0,
-             vocab: VocabInfo | None = None, constrain_speech: bool = False,
+             max_new_tokens: int, sampling: Sampling = Sampling(), stop_ids: Sequence[int] = (),
+             pad_id: int = 0, vocab: VocabInfo | None = None,
              prompt_bucket: int = 64) -> list[list[int]]:
     """Generate up to `max_new_tokens` ids per prompt; the whole loop is one jitted while_loop.
 
     prompts: token-id lists (B rows, any lengths >= 1; no BOS is added). Returns each row's new ids,
-    ending with its stop id when one was produced. Greedy (argmax) or temperature + top-p
-    sampling, reproducible for a seed. `vocab` names the CSLM tokens: needed for
-    `constrain_speech` (units only inside <sosp>...<eosp>, none outside).
+    ending with its stop id when one was produced. `sampling`: greedy (`GREEDY`) or temperature +
+    top-p, reproducible for a seed (`Sampling`). `vocab` names the CSLM tokens: needed for
+    `sampling.constrain_speech` (units only inside <sosp>...<eosp>, none outside).
     """
-    params, state, run, fixed = _start(cfg, params, prompts, max_new_tokens, stop_ids, greedy,
-                                       temperature, top_p, seed, pad_id, vocab, constrain_speech,
-                                       prompt_bucket)
-    state = run(params, state, jnp.int32(max_new_tokens), *fixed)
+    params, state, run, constants = _start(cfg, params, prompts, max_new_tokens, stop_ids,
+                                           sampling, pad_id, vocab, prompt_bucket)
+    state = run(params, state, jnp.int32(max_new_tokens), constants)
     out, n = np.asarray(state.out), int(state.t)
     stops = {int(s) for s in stop_ids}
     return [_trim(row, n, stops) for row in out]
 
 
 def generate_stream(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *,
-                    max_new_tokens: int, stop_ids: Sequence[int] = (), greedy: bool = False,
-                    temperature: float = 1.0, top_p: float = 0.7, seed: int = 0, pad_id: int = 0,
-                    vocab: VocabInfo | None = None, constrain_speech: bool = False,
+                    max_new_tokens: int, sampling: Sampling = Sampling(),
+                    stop_ids: Sequence[int] = (), pad_id: int = 0, vocab: VocabInfo | None = None,
                     prompt_bucket: int = 64, chunk_size: int = 1) -> Iterator[np.ndarray]:
     """`generate`, yielding each step's tokens as a numpy [B] int32 array (pad_id for rows that
     have finished) until every row has stopped or max_new_tokens steps were made.
@@ -279,12 +312,11 @@ def generate_stream(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[i
     """
     if chunk_size < 1:
         raise DecodeError(f"chunk_size must be >= 1, got {chunk_size}")
-    params, state, run, fixed = _start(cfg, params, prompts, max_new_tokens, stop_ids, greedy,
-                                       temperature, top_p, seed, pad_id, vocab, constrain_speech,
-                                       prompt_bucket)
+    params, state, run, constants = _start(cfg, params, prompts, max_new_tokens, stop_ids,
+                                           sampling, pad_id, vocab, prompt_bucket)
     done = 0
     while done < max_new_tokens:
-        state = run(params, state, jnp.int32(min(done + chunk_size, max_new_tokens)), *fixed)
+        state = run(params, state, jnp.int32(min(done + chunk_size, max_new_tokens)), constants)
         t = int(state.t)
         if t == done:
             return                                   # every row finished

@@ -196,19 +196,18 @@ class DecodedBatch:
 
 
 def decode_questions(cfg, params, tokenizer, vocab, prompts: Sequence[Sequence[int]], *,
-                     batch_size: int = 1, max_new_tokens: int = 2048, greedy: bool = False,
-                     temperature: float = 1.0, top_p: float = 0.7, seed: int = 0,
-                     chunk_size: int = 1, constrain_speech: bool = False,
-                     stop_ids: Sequence[int] | None = None,
+                     batch_size: int = 1, max_new_tokens: int = 2048, sampling=None,
+                     chunk_size: int = 1, stop_ids: Sequence[int] | None = None,
                      on_event: Callable[[int, object, float], None] | None = None,
                      log: Callable[[str], None] = lambda _: None) -> Iterator[DecodedBatch]:
     """Decode prompts in batches of `batch_size`, yielding each batch when it is done.
 
     on_event(index, event, seconds) is called as soon as each event completes (streaming).
-    Sampling is reproducible for a seed and batch size (batch k uses seed + its first index).
+    sampling: a `cslm_jax.infer.decode.Sampling` (default: its defaults, the reference's top-p);
+    reproducible for a seed and batch size (the batch starting at prompt k uses seed + k).
     """
-    from cslm_jax.infer.decode import (EventParser, SpeechChunk, default_stop_ids, generate_stream,
-                                 start_state)
+    from cslm_jax.infer.decode import (EventParser, Sampling, SpeechChunk, default_stop_ids,
+                                       generate_stream, start_state)
 
     if batch_size < 1:
         raise UnitFileError(f"--batch-size must be >= 1, got {batch_size}")
@@ -216,16 +215,16 @@ def decode_questions(cfg, params, tokenizer, vocab, prompts: Sequence[Sequence[i
     sosp = vocab.token_id("<sosp>")
     bucket = 64
     compiled: set = set()
-    kw = dict(max_new_tokens=max_new_tokens, stop_ids=stops, greedy=greedy,
-              temperature=temperature, top_p=top_p, vocab=vocab, pad_id=_pad_id(tokenizer, cfg),
-              constrain_speech=constrain_speech, prompt_bucket=bucket, chunk_size=chunk_size)
+    sampling = Sampling() if sampling is None else sampling
+    kw = dict(max_new_tokens=max_new_tokens, stop_ids=stops, vocab=vocab,
+              pad_id=_pad_id(tokenizer, cfg), prompt_bucket=bucket, chunk_size=chunk_size)
     for start in range(0, len(prompts), batch_size):
         batch = [list(p) for p in prompts[start:start + batch_size]]
         shape = (len(batch), -(-max(map(len, batch)) // bucket))
         compile_s = 0.0
         if shape not in compiled:                 # compile outside the timed region
             t0 = time.perf_counter()
-            next(iter(generate_stream(cfg, params, batch, seed=seed + start, **kw)))
+            next(iter(generate_stream(cfg, params, batch, sampling=sampling.seeded(sampling.seed + start), **kw)))
             compiled.add(shape)
             compile_s = time.perf_counter() - t0
             log(f"compiled for batch {shape[0]} x prompt <= {shape[1] * bucket} tokens in "
@@ -244,7 +243,7 @@ def decode_questions(cfg, params, tokenizer, vocab, prompts: Sequence[Sequence[i
                 if on_event is not None:
                     on_event(a.index, ev, now)
 
-        for step in generate_stream(cfg, params, batch, seed=seed + start, **kw):
+        for step in generate_stream(cfg, params, batch, sampling=sampling.seeded(sampling.seed + start), **kw):
             now = time.perf_counter() - t0
             for b, tok in enumerate(step.tolist()):
                 a, parser = answers[b], parsers[b]
@@ -363,7 +362,7 @@ def resolve_model(ckpt: str | None, hf_dir: str | None) -> Path:
 
 def run_decode(args, out=None) -> int:
     """The `decode` command (argparse namespace of cli.build_parser); progress to `out` (stdout)."""
-    from cslm_jax.infer.decode import decoding_params, load_for_decoding
+    from cslm_jax.infer.decode import Sampling, decoding_params, load_for_decoding
 
     def say(msg: str) -> None:
         print(msg, file=out or sys.stdout, flush=True)
@@ -412,9 +411,10 @@ def run_decode(args, out=None) -> int:
     decode_s = compile_s = 0.0
     for done in decode_questions(
             cfg, params, tok, vocab, prompts, batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
-            top_p=args.top_p, seed=args.seed, chunk_size=args.chunk_size,
-            constrain_speech=args.constrain_speech, on_event=on_event, log=say):
+            max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
+            sampling=Sampling(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed, constrain_speech=args.constrain_speech),
+            on_event=on_event, log=say):
         decode_s += done.decode_s
         compile_s += done.compile_s
         batch = [answer_record(a, tok, vocab, chunk_unit) for a in done.answers]
