@@ -40,11 +40,12 @@ def real_tokenizer():
     return tok
 
 
-def reference_mask(tok, messages):
-    """The reference semantics built independently, piece by piece: the system block and every
-    user turn are ignored; each assistant turn (header, response, <|eot_id|>) is trained."""
-    ids, mask = tok.encode(SYSTEM, add_special_tokens=False), None
-    mask = [0] * len(ids)
+def piecewise_mask(tok, messages, system_trained: bool):
+    """The expected mask built piece by piece from the rendered turns: the system block (BOS
+    excepted) trained or not, every user turn ignored, each assistant turn (header, response,
+    <|eot_id|>) trained."""
+    ids = tok.encode(SYSTEM, add_special_tokens=False)
+    mask = [0] + [int(system_trained)] * (len(ids) - 1)
     for m in messages:
         piece = f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
         p = tok.encode(piece, add_special_tokens=False)
@@ -53,22 +54,76 @@ def reference_mask(tok, messages):
     return ids, mask
 
 
+def reference_loop(tok, ids):
+    """The authors' loop as CSLM.md section 4 states it, step by step: labels = ids; begin = 0;
+    at each user header begin = i; at each assistant header labels[begin:i] = ignore; finally
+    the first <|begin_of_text|> is ignored."""
+    user = tok.encode("<|start_header_id|>user<|end_header_id|>", add_special_tokens=False)
+    assistant = tok.encode("<|start_header_id|>assistant<|end_header_id|>", add_special_tokens=False)
+    labels = list(ids)
+    begin = 0
+    for i in range(len(ids)):
+        if ids[i:i + len(user)] == user:
+            begin = i
+        if ids[i:i + len(assistant)] == assistant:
+            for j in range(begin, i):
+                labels[j] = -100
+    labels[ids.index(tok.bos_token_id)] = -100
+    return [int(x != -100) for x in labels]
+
+
 @pytest.mark.parametrize("which", ["llama3", "demo"])
 @pytest.mark.parametrize("chat", range(len(CHATS)))
 def test_loss_mask_matches_reference(which, chat, real_tokenizer, demo):
+    """Default (`reference`): the authors' loop, which trains the system block; `assistant_only`
+    masks it. Both train every assistant turn and no user turn."""
     tok = real_tokenizer if which == "llama3" else load_tokenizer(demo[1])
     rendered = ChatRenderer(tok)(CHATS[chat])
-    ids, mask = reference_mask(tok, CHATS[chat])
+    ids, mask = piecewise_mask(tok, CHATS[chat], system_trained=True)
     assert rendered.input_ids == ids
-    assert rendered.loss_mask == mask
-    assert rendered.input_ids[0] == tok.bos_token_id and rendered.loss_mask[0] == 0
-    # every trained token is inside an assistant turn, and each turn's <|eot_id|> is trained
-    eot = tok.convert_tokens_to_ids("<|eot_id|>")
-    trained_eots = sum(1 for i, m in zip(ids, mask) if i == eot and m)
-    assert trained_eots == sum(m["role"] == "assistant" for m in CHATS[chat])
+    assert rendered.loss_mask == mask == reference_loop(tok, ids)
+    only = ChatRenderer(tok, mask="assistant_only")(CHATS[chat])
+    assert (only.input_ids, only.loss_mask) == piecewise_mask(tok, CHATS[chat], system_trained=False)
+    system_len = len(tok.encode(SYSTEM, add_special_tokens=False))
+    differ = [i for i, (a, b) in enumerate(zip(rendered.loss_mask, only.loss_mask)) if a != b]
+    assert differ == list(range(1, system_len))          # exactly the system block, BOS excepted
+    if which == "llama3":
+        assert system_len == 26 and len(differ) == 25    # CSLM.md: 25 trained system tokens
+    for r in (rendered, only):
+        assert r.input_ids[0] == tok.bos_token_id and r.loss_mask[0] == 0
+        # every trained token outside the system block is in an assistant turn: each turn's
+        # <|eot_id|> is trained, the user turns' are not
+        eot = tok.convert_tokens_to_ids("<|eot_id|>")
+        trained_eots = sum(1 for i, m in zip(ids[system_len:], r.loss_mask[system_len:]) if i == eot and m)
+        assert trained_eots == sum(m["role"] == "assistant" for m in CHATS[chat])
     if which == "llama3":
         assert 78191 in [i for i, m in zip(ids, mask) if m]          # "assistant" header token
         assert 882 not in [i for i, m in zip(ids, mask) if m]        # "user" never trained
+
+
+def test_eos_appended_for_a_base_tokenizer(real_tokenizer):
+    """As the reference's `tokenize`: the tokenizer's EOS is appended when the last id is not EOS
+    and there is room. A base Llama-3.1 tokenizer's EOS is <|end_of_text|> (trained: it follows
+    the last assistant header); the Instruct one's is <|eot_id|>, already last."""
+    import copy
+
+    base = copy.deepcopy(real_tokenizer)
+    base.eos_token = "<|end_of_text|>"
+    eot, end = base.convert_tokens_to_ids("<|eot_id|>"), base.convert_tokens_to_ids("<|end_of_text|>")
+    r = ChatRenderer(base)(CHATS[0])
+    assert r.input_ids[-2:] == [eot, end] and r.loss_mask[-2:] == [1, 1]
+    assert r.text.endswith("<|eot_id|><|end_of_text|>")
+    assert r.loss_mask == reference_loop(base, r.input_ids)
+    full = len(r.input_ids)
+    no_room = ChatRenderer(base, max_length=full - 1)(CHATS[0])
+    assert no_room.input_ids[-1] == eot and len(no_room.input_ids) == full - 1 and not no_room.truncated
+    assert ChatRenderer(real_tokenizer)(CHATS[0]).input_ids[-1] == eot          # nothing added
+
+
+def test_loss_mask_option_is_checked(fmt):
+    assert fmt.loss_mask == "reference"
+    with pytest.raises(ValueError, match="loss_mask"):
+        type(fmt)(**{**fmt.__dict__, "loss_mask": "system_too"})
 
 
 def test_truncation_is_flagged(demo):

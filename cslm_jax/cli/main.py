@@ -103,7 +103,7 @@ def _cmd_inspect_data(args) -> int:
 
     tok = load_tokenizer(args.tokenizer)
     cfg = load_data_config(args.data_config, check_files=bool(args.task))
-    renderer = ChatRenderer(tok, max_length=cfg.max_length)
+    renderer = ChatRenderer(tok, max_length=cfg.max_length, mask=cfg.format.loss_mask)
     shown = 0
 
     def show(rendered, source):

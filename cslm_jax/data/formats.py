@@ -31,6 +31,7 @@ REQUIRED = {
                            "answer_units", "answer_word_times", "answer_lang"),
 }
 DEFAULT_PUNCTUATION = ".,!?;:。，！？；：、…"
+LOSS_MASKS = ("reference", "assistant_only")
 SPEECH_SPAN = re.compile(r"<sosp>(.*?)<eosp>", re.S)
 UNIT_TOKEN = re.compile(r"<(\d+)>")
 
@@ -77,10 +78,13 @@ class FormatConfig:
     cut_at_punctuation: bool = True
     punctuation: str = DEFAULT_PUNCTUATION
     time_tolerance: float = 0.1    # seconds a timing may exceed the utterance
+    loss_mask: str = "reference"   # reference | assistant_only (see `loss_mask`)
 
     def __post_init__(self):
         if self.chain not in ("interleaved", "sequential"):
             raise ValueError(f"chain must be 'interleaved' or 'sequential', got {self.chain!r}")
+        if self.loss_mask not in LOSS_MASKS:
+            raise ValueError(f"loss_mask must be one of {LOSS_MASKS}, got {self.loss_mask!r}")
 
     def lang(self, code: str, where: str, field: str) -> LanguageConfig:
         if code not in self.languages:
@@ -419,19 +423,26 @@ class Rendered:
 
 
 class ChatRenderer:
-    """Renders chat examples with the tokenizer's own template and masks them as the reference:
+    """Renders chat examples with the tokenizer's own template and masks them (`loss_mask`).
 
-    labels are the input ids with every span from a user header (or the sequence start) up to,
-    not including, the next assistant header set to ignore, and the first <|begin_of_text|> too.
-    The assistant header, the response and its end-of-turn token are trained, for every turn.
-    A trailing empty assistant header is removed; EOS is appended when missing and there is room.
+    `mask`: "reference" (default) is the authors' rule, which trains the system block the
+    Llama-3.1 template renders before the first user turn; "assistant_only" trains assistant
+    turns only. Either way each assistant header, response and end-of-turn token is trained and
+    the first <|begin_of_text|> is not. A trailing empty assistant header is removed; the
+    tokenizer's EOS is appended when the last id is not EOS and there is room (as the reference's
+    `tokenize`: `<|eot_id|>` for an Instruct tokenizer, already last; `<|end_of_text|>` for a
+    base one).
     """
 
     def __init__(self, tokenizer, max_length: int | None = None,
                  user_header: str = "<|start_header_id|>user<|end_header_id|>",
-                 assistant_header: str = "<|start_header_id|>assistant<|end_header_id|>"):
+                 assistant_header: str = "<|start_header_id|>assistant<|end_header_id|>",
+                 mask: str = "reference"):
+        if mask not in LOSS_MASKS:
+            raise ValueError(f"loss mask must be one of {LOSS_MASKS}, got {mask!r}")
         self.tok = tokenizer
         self.max_length = max_length
+        self.mask = mask
         self.user = tokenizer.encode(user_header, add_special_tokens=False)
         self.assistant = tokenizer.encode(assistant_header, add_special_tokens=False)
         self.assistant_header_text = assistant_header
@@ -453,7 +464,7 @@ class ChatRenderer:
                 self.max_length is None or len(ids) < self.max_length):
             ids.append(self.eos_id)
             text += self.eos
-        mask = loss_mask(ids, self.user, self.assistant, self.bos_id)
+        mask = loss_mask(ids, self.user, self.assistant, self.bos_id, self.mask)
         truncated = self.max_length is not None and len(ids) > self.max_length
         if truncated:
             ids, mask = ids[: self.max_length], mask[: self.max_length]
@@ -469,19 +480,36 @@ def _find(ids: Sequence[int], pattern: Sequence[int], start: int) -> int:
 
 
 def loss_mask(ids: Sequence[int], user: Sequence[int], assistant: Sequence[int],
-              bos_id: int | None) -> list[int]:
-    """0/1 per token: 0 from the start / each user header up to the next assistant header."""
+              bos_id: int | None, mode: str = "reference") -> list[int]:
+    """0/1 per token (1: trained), then the first `bos_id` set to 0.
+
+    reference: the authors' loop (`cslm/train/pretrain.py`, `sft.py`): `begin` starts at 0 and
+      moves to each user header met; at each assistant header [begin, header) is masked. The
+      Llama-3.1 template renders a system block before the first user header, so `begin` has
+      already left it when the first assistant header comes: the system block is trained.
+    assistant_only: [start, next assistant header) is masked for the sequence start and for each
+      user header (to the end when no assistant header follows): only assistant turns train.
+    """
     mask = [1] * len(ids)
-    starts = [0]
-    pos = 0
+    users, pos = [], 0
     while (pos := _find(ids, user, pos)) >= 0:
-        starts.append(pos)
+        users.append(pos)
         pos += len(user)
-    for s in starts:
-        a = _find(ids, assistant, s)
-        end = len(ids) if a < 0 else a
-        for i in range(s, end):
-            mask[i] = 0
+    if mode == "reference":
+        u, begin, pos = 0, 0, 0
+        while (pos := _find(ids, assistant, pos)) >= 0:
+            while u < len(users) and users[u] < pos:
+                begin = users[u]
+                u += 1
+            mask[begin:pos] = [0] * (pos - begin)
+            pos += len(assistant)
+    elif mode == "assistant_only":
+        for s in [0] + users:
+            a = _find(ids, assistant, s)
+            end = len(ids) if a < 0 else a
+            mask[s:end] = [0] * (end - s)
+    else:
+        raise ValueError(f"loss mask must be one of {LOSS_MASKS}, got {mode!r}")
     if bos_id is not None and bos_id in ids:
         mask[list(ids).index(bos_id)] = 0
     return mask

@@ -170,7 +170,8 @@ def prepare_split(spec: TaskSpec, split: str, cfg: DataConfig, tokenizer_dir: st
     out = Path(cfg.data_dir) / ".cslm_cache" / f"{spec.name}.{split}.{_cache_key(spec, split, files, cfg, tokenizer_dir)}"
     if not (out / "stats.json").is_file():
         record_kind = RECORD_KIND_OF_TASK[spec.kind]
-        renderer = ChatRenderer(load_tokenizer(tokenizer_dir), cfg.max_length)
+        renderer = ChatRenderer(load_tokenizer(tokenizer_dir), cfg.max_length,
+                                mask=cfg.format.loss_mask)
         counts = collections.Counter(records=0, examples=0, truncated=0, tokens=0, skipped=0)
         skipped: list = []
         tmp = out.with_name(out.name + f".tmp-{uuid.uuid4().hex[:8]}")
