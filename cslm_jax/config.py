@@ -16,6 +16,7 @@ import yaml
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 ROPE_TYPES = ("default", "llama3")
+CROSS_ENTROPY = ("auto", "full", "chunked")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -50,6 +51,12 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     remat_policy: str = "none"
     scan_layers: bool = True
+    # The training loss: "full" logits [B, T, V] in float32, or "chunked" (the LM head and the
+    # cross-entropy `loss_chunk` positions of each row at a time, rematerialised: the full
+    # logits never exist); "auto": chunked for vocabularies of 32768+ rows when rows are longer
+    # than one chunk (the CSLM Llama-3 case), else full.
+    cross_entropy: str = "auto"
+    loss_chunk: int = 512
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -74,6 +81,12 @@ class ModelConfig:
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{where}: field '{name}' must be one of {DTYPES}, "
                                   f"got {getattr(self, name)!r}")
+        if self.cross_entropy not in CROSS_ENTROPY:
+            raise ConfigError(f"{where}: field 'cross_entropy' must be one of {CROSS_ENTROPY}, "
+                              f"got {self.cross_entropy!r}")
+        if not isinstance(self.loss_chunk, int) or self.loss_chunk <= 0:
+            raise ConfigError(f"{where}: field 'loss_chunk' must be a positive integer, got "
+                              f"{self.loss_chunk!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"{where}: field 'remat_policy' must be one of {REMAT_POLICIES}, "
                               f"got {self.remat_policy!r}")
@@ -85,6 +98,15 @@ class ModelConfig:
     @property
     def rope_type(self) -> str:
         return "default" if not self.rope_scaling else self.rope_scaling["rope_type"]
+
+    def loss_chunk_for(self, seq_len: int) -> int | None:
+        """Positions per chunk of the chunked cross-entropy for rows of `seq_len`, or None for
+        the full logits (see `cross_entropy`)."""
+        if self.cross_entropy == "full":
+            return None
+        if self.cross_entropy == "auto" and (self.vocab_size < 32768 or seq_len <= self.loss_chunk):
+            return None
+        return min(self.loss_chunk, seq_len)
 
     @property
     def real_vocab_size(self) -> int:
@@ -263,7 +285,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-RUN_MODEL_FIELDS = ("param_dtype", "compute_dtype", "remat_policy", "scan_layers")
+RUN_MODEL_FIELDS = ("param_dtype", "compute_dtype", "remat_policy", "scan_layers",
+                    "cross_entropy", "loss_chunk")
 RUN_PATH_FIELDS = (("init_from",), ("data", "config"))
 
 

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cslm_jax.config import ModelConfig
 from cslm_jax.model.llama import init_params
@@ -64,3 +65,42 @@ def test_tiny_model_overfits_a_tiny_batch():
     assert first > 4.0                      # ~ln(128) at the start
     assert float(m["loss"]) < 0.3           # memorised
     assert float(m["text_loss"]) >= 0 and float(m["unit_loss"]) >= 0
+
+
+@pytest.mark.parametrize("chunk,tied", [(8, False), (7, True)])
+def test_chunked_cross_entropy_equals_full_logits(chunk, tied):
+    """The chunked loss (LM head applied `chunk` positions at a time, rematerialised) gives the
+    loss sums of the full logits, text/unit and per-task split included, and their gradients,
+    with vocabulary padding rows masked and a length (24) that is no multiple of 7 or 100."""
+    from cslm_jax.train.step import loss_sums
+
+    cfg = CFG.replace(unpadded_vocab_size=120, tie_word_embeddings=tied)
+    full_cfg = cfg.replace(cross_entropy="full")
+    chunked_cfg = cfg.replace(cross_entropy="chunked", loss_chunk=chunk)
+    assert full_cfg.loss_chunk_for(24) is None and chunked_cfg.loss_chunk_for(24) == min(chunk, 24)
+    params = init_params(cfg, seed=4)
+    b = {k: jnp.asarray(v) for k, v in batch(3, seed=5).items()}
+    b["targets"] = b["targets"] % 120                    # targets are real tokens
+    b["task_ids"] = jnp.asarray(np.random.default_rng(6).integers(0, 3, (3, 24)), jnp.int32)
+
+    def sums(c):
+        def f(p):
+            s = loss_sums(c, p, b, UNITS, num_tasks=3)
+            return s["loss"], s
+        return jax.jit(jax.grad(f, has_aux=True))(params)
+
+    grad_f, all_f = sums(full_cfg)
+    grad_c, all_c = sums(chunked_cfg)
+    for k in all_f:
+        np.testing.assert_allclose(all_c[k], all_f[k], rtol=1e-6, atol=1e-6, err_msg=k)
+    assert float(all_f["unit_weight"]) > 0 and float(all_f["text_weight"]) > 0
+    worst = max(float(jnp.abs(a - c).max()) for a, c in zip(jax.tree.leaves(grad_f), jax.tree.leaves(grad_c)))
+    assert worst < 1e-6, worst
+
+
+def test_cross_entropy_auto_chunks_large_vocabularies_only():
+    big = CFG.replace(vocab_size=132480, cross_entropy="auto", loss_chunk=512)
+    assert big.loss_chunk_for(4096) == 512 and big.loss_chunk_for(512) is None
+    assert CFG.replace(cross_entropy="auto").loss_chunk_for(4096) is None
+    with pytest.raises(Exception, match="cross_entropy"):
+        CFG.replace(cross_entropy="sometimes")

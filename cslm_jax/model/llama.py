@@ -216,18 +216,24 @@ class Llama(nnx.Module):
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg))
         return cos.astype(dtype), sin.astype(dtype)
 
-    def _logits(self, x: jax.Array) -> jax.Array:
-        """x [N, D] last hidden states -> float32 logits [N, V] (2-D matmul: XLA:CPU's gradient
-        of the 3-D einsum form is several times slower); padding rows not yet masked."""
-        cfg = self.cfg
-        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-        if self.decoding or not cfg.tie_word_embeddings:
+    def head_matrix(self) -> jax.Array:
+        """The LM head as [D, V] (the embedding's transpose when tied) in the compute dtype, or the
+        CPU kernel's panels in the decoding layout."""
+        if self.decoding or not self.cfg.tie_word_embeddings:
             head = self.lm_head[...]
         else:
             head = self.embed[...].T
-        if head.ndim == 2:
-            head = head.astype(x.dtype)
-        return dense(x, head, cfg.vocab_size, out_dtype=jnp.float32)
+        return head.astype(jnp.dtype(self.cfg.compute_dtype)) if head.ndim == 2 else head
+
+    def head_logits(self, x: jax.Array) -> jax.Array:
+        """x [N, D] final-normed hidden states -> float32 logits [N, V], vocabulary padding rows
+        masked (2-D matmul: XLA:CPU's gradient of the 3-D einsum form is several times slower)."""
+        return self._mask_padding_rows(
+            dense(x, self.head_matrix(), self.cfg.vocab_size, out_dtype=jnp.float32))
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        """x [N, D] last hidden states -> float32 logits [N, V], padding rows masked."""
+        return self.head_logits(rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps))
 
     def _mask_padding_rows(self, logits: jax.Array) -> jax.Array:
         cfg = self.cfg
@@ -252,6 +258,16 @@ class Llama(nnx.Module):
         packed documents apart. Logits of vocabulary padding rows are set to a large negative
         number.
         """
+        rules = None if self.rules is None else dict(self.rules)
+        h = self.hidden_states(tokens, positions, segment_ids)
+        b, t, _ = h.shape
+        logits = self.head_logits(h.reshape(b * t, -1)).reshape(b, t, -1)
+        return constrain(logits, ("batch", "length", "act_vocab"), rules)
+
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None) -> jax.Array:
+        """The final-normed hidden states [B, T, D] (compute dtype) that `head_logits` turns into
+        logits: the whole model but the head (`chunked_token_losses` applies it chunk by chunk)."""
         cfg = self.cfg
         rules = None if self.rules is None else dict(self.rules)
         b, t = tokens.shape
@@ -282,10 +298,7 @@ class Llama(nnx.Module):
             else:
                 for i in range(cfg.num_layers):
                     x = layer(x, jax.tree.map(lambda a: a[i], stacked), cos, sin, mask)
-
-        logits = self._logits(x.reshape(b * t, -1)).reshape(b, t, -1)
-        logits = constrain(logits, ("batch", "length", "act_vocab"), rules)
-        return self._mask_padding_rows(logits)
+        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
 
     # -- decoding with a KV cache ---------------------------------------------------------------
 
@@ -306,7 +319,7 @@ class Llama(nnx.Module):
             x, cache = layer(x, cos, sin, mask, cache=LayerCache(empty, empty), index=0)
             ks.append(cache.k)
             vs.append(cache.v)
-        return self._mask_padding_rows(self._logits(x[:, -1])), KVCache(tuple(ks), tuple(vs))
+        return self._logits(x[:, -1]), KVCache(tuple(ks), tuple(vs))
 
     def decode_step(self, cache: KVCache, token: jax.Array, index: jax.Array, pad: jax.Array):
         """token [B] int32 goes to cache slot `index` (int32 scalar, same for all rows) at
@@ -324,7 +337,7 @@ class Llama(nnx.Module):
             x, new = layer(x, cos, sin, mask, cache=LayerCache(ck, cv), index=index)
             ks.append(new.k)
             vs.append(new.v)
-        return self._mask_padding_rows(self._logits(x[:, 0])), KVCache(tuple(ks), tuple(vs))
+        return self._logits(x[:, 0]), KVCache(tuple(ks), tuple(vs))
 
 
 # -- the functional view --------------------------------------------------------------------------
@@ -434,6 +447,35 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
     flat = logits.reshape(-1, logits.shape[-1])
     target_logit = jnp.take_along_axis(flat, targets.reshape(-1, 1), axis=-1)[:, 0]
     return jax.nn.logsumexp(flat, axis=-1) - target_logit
+
+
+def chunked_token_losses(model: Llama, hidden: jax.Array, targets: jax.Array,
+                         chunk: int) -> jax.Array:
+    """`token_losses` without the full logits: per-token cross-entropy [B*T] float32 from the
+    final hidden states [B, T, D] (`Llama.hidden_states`) and int targets [B, T], applying the LM
+    head to `chunk` positions of every row at a time inside a rematerialised loop. Only one
+    chunk's float32 logits [B, chunk, V] are ever live, forward and backward (the backward
+    recomputes them); the batch axis keeps its sharding. T need not be a multiple of `chunk`."""
+    b, t, d = hidden.shape
+    rules = None if model.rules is None else dict(model.rules)
+    pad = (-t) % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    n = (t + pad) // chunk
+    hs = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)                 # [n, B, c, D]
+    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)                   # [n, B, c]
+    head = model.head_matrix()
+
+    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+    def one(head, h, tgt):
+        logits = dense(h.reshape(b * chunk, d), head, model.cfg.vocab_size, out_dtype=jnp.float32)
+        logits = model._mask_padding_rows(logits)
+        logits = constrain(logits.reshape(b, chunk, -1), ("batch", "length", "act_vocab"), rules)
+        return token_losses(logits, tgt).reshape(b, chunk)
+
+    losses = jax.lax.map(lambda xs: one(head, *xs), (hs, ts))          # [n, B, c]
+    return losses.swapaxes(0, 1).reshape(b, -1)[:, :t].reshape(-1)
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple:

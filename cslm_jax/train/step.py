@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from cslm_jax.config import ModelConfig, OptimizerConfig
-from cslm_jax.model.llama import forward, token_losses
+from cslm_jax.model.llama import bind, chunked_token_losses, token_losses
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
@@ -27,10 +27,16 @@ def loss_sums(model_cfg: ModelConfig, params, batch, unit_range: tuple[int, int]
     """Sums over one micro-batch, float32 scalars unless noted: loss, weight (trained tokens),
     text_loss/text_weight, unit_loss/unit_weight, and task_loss/task_weight [num_tasks] split by
     the task each target comes from. batch: tokens, positions, segment_ids, targets,
-    loss_weights, [task_ids], each [B, T] int32."""
-    logits = forward(model_cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"],
-                     rules)
-    token_loss = token_losses(logits, batch["targets"])
+    loss_weights, [task_ids], each [B, T] int32. The per-token losses come from the full logits
+    or chunk by chunk (`ModelConfig.cross_entropy`); the sums are the same either way."""
+    model = bind(model_cfg, params, rules)
+    chunk = model_cfg.loss_chunk_for(batch["tokens"].shape[1])
+    if chunk is None:
+        logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+        token_loss = token_losses(logits, batch["targets"])
+    else:
+        hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+        token_loss = chunked_token_losses(model, hidden, batch["targets"], chunk)
     targets = batch["targets"].reshape(-1)
     w = batch["loss_weights"].reshape(-1).astype(jnp.float32)
     is_unit = ((targets >= unit_range[0]) & (targets < unit_range[1])).astype(jnp.float32)
