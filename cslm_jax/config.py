@@ -17,6 +17,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 ROPE_TYPES = ("default", "llama3")
 CROSS_ENTROPY = ("auto", "full", "chunked")
+ATTENTION = ("auto", "einsum", "splash")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -57,6 +58,10 @@ class ModelConfig:
     # than one chunk (the CSLM Llama-3 case), else full.
     cross_entropy: str = "auto"
     loss_chunk: int = 512
+    # Training self-attention: "einsum" (XLA; a hand-written gradient), "splash" (the Pallas
+    # splash-attention kernel: Mosaic on TPU, interpret mode elsewhere), "auto": splash when the
+    # devices are TPUs. Decoding with a KV cache always uses the einsum path.
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -81,6 +86,9 @@ class ModelConfig:
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{where}: field '{name}' must be one of {DTYPES}, "
                                   f"got {getattr(self, name)!r}")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"{where}: field 'attention' must be one of {ATTENTION}, "
+                              f"got {self.attention!r}")
         if self.cross_entropy not in CROSS_ENTROPY:
             raise ConfigError(f"{where}: field 'cross_entropy' must be one of {CROSS_ENTROPY}, "
                               f"got {self.cross_entropy!r}")
@@ -286,7 +294,7 @@ class RunConfig:
 
 
 RUN_MODEL_FIELDS = ("param_dtype", "compute_dtype", "remat_policy", "scan_layers",
-                    "cross_entropy", "loss_chunk")
+                    "cross_entropy", "loss_chunk", "attention")
 RUN_PATH_FIELDS = (("init_from",), ("data", "config"))
 
 

@@ -114,3 +114,18 @@ def test_replicated_large_model_does_not_fit(tmp_path, capsys):
     assert out.rstrip().endswith("DOES NOT FIT")
     assert "1.19B params" in out
     assert "RESOURCE_EXHAUSTED" in out and "exceeds available HBM" in out   # the TPU compiler's word
+
+
+@NEEDS_LIBTPU
+def test_splash_attention_compiles_for_v5e(tmp_path, capsys):
+    """model.attention=splash: the Pallas kernel compiles (Mosaic, inside shard_map) as part of
+    the real train step for a v5e slice, and the report says which kernels the step uses."""
+    model = tmp_path / "heads128.yaml"
+    model.write_text(textwrap.dedent(TINY).replace("head_dim: 32", "head_dim: 128"))
+    code = main(["compile", "--config", str(REPO / "configs" / "demo.yaml"), "--model", str(model),
+                 "--speech-units", "256", "--topology", "v5e:2x2", "train.micro_batch_size=4",
+                 "model.attention=splash"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "attention splash (on TPU), cross-entropy full logits" in out
+    assert out.rstrip().endswith("FITS")

@@ -36,6 +36,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from cslm_jax.config import ModelConfig
 from cslm_jax.kernels import cpu_matmul
+from cslm_jax.kernels.splash import splash_attend, target_platform
 from cslm_jax.model import schema
 from cslm_jax.model.layers import (apply_rope, attend, attention_mask, cached_attention,
                                    causal_attend, causal_blocks, dense, rms_norm, rope_cos_sin,
@@ -51,6 +52,12 @@ REMAT = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj", "attn_out", "mlp_out"),
 }
+
+
+def uses_splash(cfg: ModelConfig) -> bool:
+    """Whether training self-attention goes through the splash kernel (`ModelConfig.attention`;
+    "auto": when the traced computation runs on TPUs)."""
+    return cfg.attention == "splash" or (cfg.attention == "auto" and target_platform() == "tpu")
 
 
 class LayerCache(NamedTuple):
@@ -133,13 +140,16 @@ class DecoderLayer(nnx.Module):
                            math.prod(o)) for n, o in zip(names, outs)]
         return [p.reshape(b, t, *o) for p, o in zip(parts, outs)]
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, *,
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None, *,
                  rules=None, blocks: int = 1, cache: LayerCache | None = None,
-                 index: jax.Array | int = 0) -> tuple[jax.Array, LayerCache | None]:
+                 index: jax.Array | int = 0,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
         """x [B, T, D] in the compute dtype; cos, sin [B, T, Dh]; mask [B, T, S] bool.
 
-        Without a cache: self-attention among the T tokens (training); with blocks > 1 the mask
-        must be causal by index (`causal_attend` skips the blocks above the diagonal).
+        Without a cache: causal self-attention among the T tokens (training). Through the splash
+        kernel when `uses_splash(cfg)` (then `segment_ids` [B, T] replace the mask, which may be
+        None), else the einsum path, where blocks > 1 skips the blocks above the diagonal (the
+        mask must then be causal by index).
         With a cache: this call's keys and values are written to slots [index, index + T)
         first; a single token (T == 1) whose mask spans the cache's S slots then attends to the
         cache (a decoding step), otherwise the tokens attend to each other (prefill).
@@ -153,7 +163,9 @@ class DecoderLayer(nnx.Module):
         k = checkpoint_name(constrain(k, ("batch", "length", "act_kv_heads", None), rules), "qkv_proj")
         v = checkpoint_name(constrain(v, ("batch", "length", "act_kv_heads", None), rules), "qkv_proj")
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
+        if cache is None and uses_splash(cfg):
+            o = splash_attend(q, k, v, segment_ids)
+        elif cache is None:
             o = causal_attend(q, k, v, mask, blocks)
         else:
             at = (0, 0, index, 0)
@@ -277,18 +289,20 @@ class Llama(nnx.Module):
             segment_ids = jnp.ones((b, t), jnp.int32)
         x = constrain(self._embed(tokens), ("batch", "length", "act_embed"), rules)
         cos, sin = self._rope(positions, x.dtype)
-        mask = attention_mask(segment_ids)
-        # attention_mask is causal by index: blocks above the diagonal can be skipped
+        # the splash kernel takes the segment ids; the einsum path a [B, T, T] mask, causal by
+        # index (so blocks above the diagonal can be skipped)
+        mask = None if uses_splash(cfg) else attention_mask(segment_ids)
         blocks = causal_blocks(t)
+        kw = dict(rules=rules, blocks=blocks, segment_ids=segment_ids)
 
         if self.decoding:
             for layer in self.layers:
-                x, _ = layer(x, cos, sin, mask, rules=rules, blocks=blocks)
+                x, _ = layer(x, cos, sin, mask, **kw)
         else:
             graphdef, stacked = nnx.split(self.layers)
 
             def layer(x, state, cos, sin, mask):
-                return nnx.merge(graphdef, state)(x, cos, sin, mask, rules=rules, blocks=blocks)[0]
+                return nnx.merge(graphdef, state)(x, cos, sin, mask, **kw)[0]
 
             if cfg.remat_policy != "none":
                 layer = jax.checkpoint(layer, policy=REMAT[cfg.remat_policy],
