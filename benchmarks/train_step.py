@@ -8,7 +8,7 @@ run; also this machine's dense float32 matmul peak, measured in the same run, fo
 
 A step is forward + backward + clipping + AdamW update, on both sides. Prints tokens/s of each,
 the ratio, the model FLOP/s of each and MFU against the measured matmul peak (one FLOP formula
-for both stacks: `cslm_jax.train.loop.flops_per_token`).
+for both stacks: `cslm_jax.train.metrics.flops_per_token`).
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def run(work: Path):
     from cslm_jax.config import OptimizerConfig
     from cslm_jax.convert.hf import import_hf
     from cslm_jax.demo.random_hf import llama3_rope_scaling, placeholder_tokenizer, write_random_hf_llama
-    from cslm_jax.train.loop import flops_per_token, measure_matmul_peak
+    from cslm_jax.train.metrics import flops_per_token, measure_matmul_peak
     from cslm_jax.train.step import make_optimizer, make_train_step
 
     torch.set_num_threads(os.cpu_count())

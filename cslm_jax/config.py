@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from cslm_jax.errors import CslmError
+
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 ROPE_TYPES = ("default", "llama3")
@@ -21,7 +23,7 @@ ATTENTION = ("auto", "einsum", "splash")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-class ConfigError(ValueError):
+class ConfigError(CslmError):
     """A configuration value is missing, unknown or inconsistent; the message names the field."""
 
 

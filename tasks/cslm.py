@@ -14,6 +14,7 @@ import seqio
 
 from cslm_jax.data.pipeline import STATS, HFVocabulary, add_task_ids, output_features, prepared_source
 from cslm_jax.data.formats import DataConfig
+from cslm_jax.model.vocab import VocabError
 
 
 def register(cfg: DataConfig, tokenizer_dir: str | Path, stages=None) -> list[str]:
@@ -24,7 +25,7 @@ def register(cfg: DataConfig, tokenizer_dir: str | Path, stages=None) -> list[st
     """
     vocab = HFVocabulary(tokenizer_dir)
     if "<sosp>" not in vocab.tokenizer.get_vocab():
-        raise ValueError(f"{tokenizer_dir}: tokenizer has no CSLM tokens (<sosp>, units); use the "
+        raise VocabError(f"{tokenizer_dir}: tokenizer has no CSLM tokens (<sosp>, units); use the "
                          f"tokenizer of an imported checkpoint (cslm-jax import-hf)")
     mixtures = []
     for stage in stages or list(cfg.stages):

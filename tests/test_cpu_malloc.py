@@ -46,7 +46,7 @@ def test_cli_asks_for_the_cpu_only_where_no_accelerator_exists():
     from cslm_jax.parallel.distributed import tpu_chips_on_host
     if tpu_chips_on_host():
         pytest.skip("a TPU host: the CLI leaves JAX_PLATFORMS alone there")
-    code = ("import os, sys; from cslm_jax.cli.main import _quiet_tpu_probe; _quiet_tpu_probe(); "
+    code = ("import os, sys; from cslm_jax.cli.setup import quiet_tpu_probe; quiet_tpu_probe(); "
             "print(os.environ.get('JAX_PLATFORMS'))")
     import os
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}

@@ -10,14 +10,16 @@ import yaml
 
 from cslm_jax.cli.main import main as cli
 from cslm_jax.convert.hf import import_hf
-from cslm_jax.infer.responses import (REFERENCE_PROMPTS, UnitFileError, append_results,
-                                 format_unit_line, parse_unit_line, read_results, read_unit_file,
-                                 write_unit_file)
+from cslm_jax.config import ConfigError
+from cslm_jax.infer.responses import (UnitFileError, append_results, format_unit_line,
+                                      parse_unit_line, prompt_template, read_results,
+                                      read_unit_file, write_unit_file)
 from cslm_jax.demo.random_hf import write_random_hf_llama
 from cslm_jax.model.vocab import extend_tokenizer, load_tokenizer
 from conftest import REPO
 
 UNITS = 16
+REFERENCE_DATA = REPO / "configs" / "data" / "cslm_en_zh.yaml"     # decode's default data config
 # The answer the model is built to give: no token twice, so a bigram model can say it.
 ANSWER = "[question]What[answer]The<sosp><3><12><5><eosp>fox<eoa>"
 QUESTIONS = [[1, 1, 2, 7, 7, 7, 0], [15, 3], [4, 4, 4, 4]]
@@ -98,7 +100,7 @@ def test_decode_writes_the_reference_files_and_the_answer(cslm, tmp_path, capsys
         assert result == r["result"] == ANSWER
         # the prompt is the reference's English template around the merged units, chat-rendered
         merged = [u for i, u in enumerate(units) if i == 0 or units[i - 1] != u]
-        text = REFERENCE_PROMPTS["en"][0].format(
+        text = prompt_template("en", False, REFERENCE_DATA)[0].format(
             speech="<sosp>" + format_unit_line(merged) + "<eosp>")
         want = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}],
                                                   tokenize=False, add_generation_prompt=True),
@@ -130,6 +132,28 @@ def test_decode_writes_the_reference_files_and_the_answer(cslm, tmp_path, capsys
     assert all(r["answer"] == "Thefox" for r in zh)                 # zh chunks join without spaces
     prompt = tok.decode(zh[0]["input_ids"])
     assert "用中文回答用户语音中的问题。 这是输入: <sosp><1><2><7><0><eosp>。" in prompt
+
+
+def test_any_language_of_the_data_config_can_answer(cslm, tmp_path, capsys):
+    """--lang is a language of --data-config (default: en and zh), not a fixed list; an unknown
+    one exits 2 naming the config's languages."""
+    code, _, err = decode(tmp_path, capsys, "--lang", "fr", "--unit", str(cslm.units), "--ckpt",
+                          str(cslm.ckpt), "--greedy")
+    assert code == 2 and "--lang 'fr'" in err and "its languages: en, zh" in err, err
+    assert not (tmp_path / "out").exists()
+    cfg = yaml.safe_load(REFERENCE_DATA.read_text())
+    cfg["languages"]["fr"] = dict(cfg["languages"]["en"], name="French",
+                                  s2s_prompt="Réponds à la question orale. Entrée : {speech}.")
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    code, _, err = decode(tmp_path, capsys, "--lang", "fr", "--unit", str(cslm.units), "--ckpt",
+                          str(cslm.ckpt), "--greedy", "--data-config", str(data))
+    assert code == 0, err
+    records = read_jsonl(tmp_path / "out" / "responses.jsonl")
+    assert [r["lang"] for r in records] == ["fr"] * 3
+    assert all(r["output_ids"] == cslm.answer_ids and r["answer"] == "The fox" for r in records)
+    assert "Réponds à la question orale. Entrée : <sosp><1><2><7><0><eosp>." in \
+        cslm.tok.decode(records[0]["input_ids"])
 
 
 def test_stream_prints_events_in_order(cslm, tmp_path, capsys):
@@ -188,14 +212,19 @@ def test_responses_json_round_trip(tmp_path):
     assert "直接回答" in lines[1]                                      # UTF-8, not \\u escapes
 
 
-def test_reference_prompts_match_the_reference_data_config():
-    """The default prompts are those of configs/data/cslm_en_zh.yaml (CSLM.md section 5)."""
-    cfg = yaml.safe_load((REPO / "configs" / "data" / "cslm_en_zh.yaml").read_text())
-    for lang, (same, cross) in REFERENCE_PROMPTS.items():
-        assert cfg["languages"][lang]["s2s_prompt"] == same
-        assert cfg["languages"][lang]["s2s_cross_prompt"] == cross
-    assert REFERENCE_PROMPTS["en"][0].format(speech="<sosp><1><eosp>") == (
+def test_default_prompts_are_the_reference_recipes():
+    """The default data config (configs/data/cslm_en_zh.yaml) holds the reference recipe's
+    prompts (CSLM.md section 5) and chunk units."""
+    assert prompt_template("en", False, REFERENCE_DATA)[0].format(speech="<sosp><1><eosp>") == (
         "Please directly answer the questions in the user's speech. This is input: <sosp><1><eosp>.")
+    assert prompt_template("en", True, REFERENCE_DATA) == (
+        "Please answer the questions in the user's speech in English. This is input: {speech}.",
+        "word")
+    assert prompt_template("zh", False, REFERENCE_DATA) == (
+        "直接回答用户语音中的问题。 这是输入: {speech}。", "char")
+    assert prompt_template("zh", True, REFERENCE_DATA)[0] == "用中文回答用户语音中的问题。 这是输入: {speech}。"
+    with pytest.raises(ConfigError, match="--lang 'fr'.*its languages: en, zh"):
+        prompt_template("fr", False, REFERENCE_DATA)
 
 
 # -- bad input -------------------------------------------------------------------------------------

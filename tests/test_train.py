@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from cslm_jax.config import ConfigError, load_run_config
+from cslm_jax.storage.checkpoint import CheckpointError
 from cslm_jax.train.loop import (EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, TrainError, abstract_state,
-                            flops_per_token, global_batch, initial_state, make_train_fn,
-                            prepare_run, train)
+                            global_batch, initial_state, make_train_fn, prepare_run, train)
+from cslm_jax.train.metrics import flops_per_token
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -268,7 +269,7 @@ def test_stage2_inits_from_stage1_parameters_without_optimizer_state(demo, base_
         train(sft, stage2, log=quiet)
     unfinished = tmp_path / "unfinished"
     (unfinished / "checkpoints").mkdir(parents=True)
-    with pytest.raises(TrainError, match="did not finish"):
+    with pytest.raises(CheckpointError, match="did not finish"):
         train(sft, stage2, init_from=unfinished, log=quiet)
     manager = train_checkpoint_manager(stage2 / "checkpoints", 1, 5)
     run, _, init = prepare_run(sft, stage2, manager, init_from=stage1, log=quiet)

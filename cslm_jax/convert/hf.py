@@ -18,6 +18,7 @@ import numpy as np
 
 from cslm_jax.storage.checkpoint import (atomic_dir, iter_params, param_names, read_metadata,
                                  save_model_checkpoint)
+from cslm_jax.errors import CslmError, check_output_dir
 from cslm_jax.config import ConfigError, ModelConfig, check_rope_scaling, pad_to_multiple
 from cslm_jax.model.schema import Weight, hf_shape, param_shapes, weights
 from cslm_jax.model.vocab import (VocabInfo, existing_layout, extend_tokenizer, load_tokenizer)
@@ -33,7 +34,7 @@ HF_PASSTHROUGH = ("bos_token_id", "eos_token_id", "pad_token_id", "attention_dro
 IGNORED_TENSOR_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-class ConversionError(ValueError):
+class ConversionError(CslmError):
     """A Hugging Face folder or checkpoint cannot be converted; the message names file and field."""
 
 
@@ -241,6 +242,7 @@ def import_hf(hf_dir, out, speech_units: int | None = None, pad_vocab_multiple: 
     codebook). A folder whose tokenizer already holds the CSLM tokens (one we exported) keeps
     its layout."""
     hf_dir = Path(hf_dir)
+    check_output_dir(out, force)           # before reading any weights
     hf = read_hf_config(hf_dir)
     base_cfg = model_config_from_hf(hf, str(hf_dir / "config.json"))
     if new_rows not in ("mean", "normal"):
@@ -408,6 +410,7 @@ def export_hf(ckpt, out, dtype: str = "bfloat16", force: bool = False,
     if dtype not in NP_DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(NP_DTYPES)}, got {dtype!r}")
     ckpt = Path(ckpt)
+    check_output_dir(out, force)
     meta, cfg, vocab = read_metadata(ckpt)
     np_dtype = NP_DTYPES[dtype]
     tok_dir = ckpt / "tokenizer"

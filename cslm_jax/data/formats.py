@@ -21,6 +21,9 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 
+from cslm_jax.config import ConfigError
+from cslm_jax.errors import CslmError, DataError
+
 KINDS = ("paired", "translation", "instruction", "spoken_instruction")
 TASK_KINDS = ("asr", "tts", "mt", "instruct", "s2s")
 REQUIRED = {
@@ -36,7 +39,7 @@ SPEECH_SPAN = re.compile(r"<sosp>(.*?)<eosp>", re.S)
 UNIT_TOKEN = re.compile(r"<(\d+)>")
 
 
-class RecordError(ValueError):
+class RecordError(CslmError):
     """A record is invalid; the message names file, line and field."""
 
     def __init__(self, where: str, field: str, message: str):
@@ -62,10 +65,10 @@ class LanguageConfig:
 
     def __post_init__(self):
         if self.chunk_unit not in ("word", "char"):
-            raise ValueError(f"language {self.name}: chunk_unit must be 'word' or 'char', "
-                             f"got {self.chunk_unit!r}")
+            raise ConfigError(f"language {self.name}: chunk_unit must be 'word' or 'char', "
+                              f"got {self.chunk_unit!r}")
         if self.chunk_size < 1:
-            raise ValueError(f"language {self.name}: chunk_size must be >= 1")
+            raise ConfigError(f"language {self.name}: chunk_size must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +85,9 @@ class FormatConfig:
 
     def __post_init__(self):
         if self.chain not in ("interleaved", "sequential"):
-            raise ValueError(f"chain must be 'interleaved' or 'sequential', got {self.chain!r}")
+            raise ConfigError(f"chain must be 'interleaved' or 'sequential', got {self.chain!r}")
         if self.loss_mask not in LOSS_MASKS:
-            raise ValueError(f"loss_mask must be one of {LOSS_MASKS}, got {self.loss_mask!r}")
+            raise ConfigError(f"loss_mask must be one of {LOSS_MASKS}, got {self.loss_mask!r}")
 
     def lang(self, code: str, where: str, field: str) -> LanguageConfig:
         if code not in self.languages:
@@ -520,7 +523,11 @@ def read_jsonl(path, kind: str | None, cfg: FormatConfig, skip_bad: bool = False
     """(where, kind, record) for each valid line of a JSONL file. Strict by default: the first bad
     record raises RecordError naming file, line and field. With skip_bad, bad records are
     appended to `skipped` (as RecordErrors) instead."""
-    with open(path, encoding="utf-8") as f:
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    with f:
         for n, line in enumerate(f, start=1):
             where = f"{path}:{n}"
             if not line.strip():
@@ -548,21 +555,21 @@ def format_config_from_dict(data: dict, where: str = "data config") -> FormatCon
     fmt = dict(data.get("format") or {})
     langs_raw = data.get("languages")
     if not isinstance(langs_raw, dict) or not langs_raw:
-        raise ValueError(f"{where}: section 'languages' is missing or empty")
+        raise ConfigError(f"{where}: section 'languages' is missing or empty")
     languages = {}
     for code, spec in langs_raw.items():
         if not isinstance(spec, dict):
-            raise ValueError(f"{where}: languages.{code} must be a mapping")
+            raise ConfigError(f"{where}: languages.{code} must be a mapping")
         try:
             languages[code] = LanguageConfig(**spec)
         except TypeError as e:
-            raise ValueError(f"{where}: languages.{code}: {e}") from None
+            raise ConfigError(f"{where}: languages.{code}: {e}") from None
     if "unit_count" not in fmt:
-        raise ValueError(f"{where}: field 'format.unit_count' is required (the speech codebook size)")
+        raise ConfigError(f"{where}: field 'format.unit_count' is required (the speech codebook size)")
     try:
         return FormatConfig(languages=languages, **fmt)
     except TypeError as e:
-        raise ValueError(f"{where}: section 'format': {e}") from None
+        raise ConfigError(f"{where}: section 'format': {e}") from None
 
 
 
@@ -594,7 +601,7 @@ class DataConfig:
 
     def tasks(self, stage: str | None = None) -> list[TaskSpec]:
         if stage is not None and stage not in self.stages:
-            raise ValueError(f"{self.path}: no stage {stage!r}; stages: {sorted(self.stages)}")
+            raise ConfigError(f"{self.path}: no stage {stage!r}; stages: {sorted(self.stages)}")
         return [t for s, ts in self.stages.items() if stage in (None, s) for t in ts]
 
     def mixture_name(self, stage: str) -> str:
@@ -616,17 +623,17 @@ def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = Tr
     def resolve(name: str, field: str) -> str:
         p = Path(name) if Path(name).is_absolute() else root / name
         if check_files and not p.is_file():
-            raise ValueError(f"{path}: field '{field}': file {p} does not exist")
+            raise ConfigError(f"{path}: field '{field}': file {p} does not exist")
         return str(p)
 
     fmt = format_config_from_dict(data, str(path))
     packing = dict(data.get("packing") or {})
     unknown = sorted(set(packing) - {"max_length", "shuffle_buffer", "skip_bad"})
     if unknown:
-        raise ValueError(f"{path}: section 'packing': unknown field(s) {unknown}")
+        raise ConfigError(f"{path}: section 'packing': unknown field(s) {unknown}")
     stages_raw = data.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:
-        raise ValueError(f"{path}: section 'stages' is missing or empty")
+        raise ConfigError(f"{path}: section 'stages' is missing or empty")
     stages: dict[str, list[TaskSpec]] = {}
     names: set[str] = set()
     for stage, entries in stages_raw.items():
@@ -634,29 +641,29 @@ def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = Tr
         for i, e in enumerate(entries or []):
             where = f"stages.{stage}[{i}]"
             if not isinstance(e, dict):
-                raise ValueError(f"{path}: field '{where}' must be a mapping")
+                raise ConfigError(f"{path}: field '{where}' must be a mapping")
             unknown = sorted(set(e) - {"kind", "lang", "rate", "train", "validation", "name"})
             if unknown:
-                raise ValueError(f"{path}: field '{where}': unknown key(s) {unknown}")
+                raise ConfigError(f"{path}: field '{where}': unknown key(s) {unknown}")
             kind = e.get("kind")
             if kind not in TASK_KINDS:
-                raise ValueError(f"{path}: field '{where}.kind' is {kind!r}; kinds: {TASK_KINDS}")
+                raise ConfigError(f"{path}: field '{where}.kind' is {kind!r}; kinds: {TASK_KINDS}")
             lang = e.get("lang")
             if kind in ("asr", "tts") and lang not in fmt.languages:
-                raise ValueError(f"{path}: field '{where}.lang' is {lang!r}; {kind} tasks need a "
-                                 f"configured language: {sorted(fmt.languages)}")
+                raise ConfigError(f"{path}: field '{where}.lang' is {lang!r}; {kind} tasks need a "
+                                  f"configured language: {sorted(fmt.languages)}")
             rate = e.get("rate", 1.0)
             if not isinstance(rate, (int, float)) or rate <= 0:
-                raise ValueError(f"{path}: field '{where}.rate' must be a positive number")
+                raise ConfigError(f"{path}: field '{where}.rate' must be a positive number")
             train = tuple(resolve(f, f"{where}.train[{j}]") for j, f in enumerate(e.get("train") or []))
             val = tuple(resolve(f, f"{where}.validation[{j}]")
                         for j, f in enumerate(e.get("validation") or []))
             if not train and not val:
-                raise ValueError(f"{path}: field '{where}': no train or validation files")
+                raise ConfigError(f"{path}: field '{where}': no train or validation files")
             name = e.get("name") or f"cslm_{stage}_{kind}" + (f"_{lang}" if lang else "")
             if name in names:
-                raise ValueError(f"{path}: field '{where}': task name {name!r} is used twice; "
-                                 f"give one a 'name'")
+                raise ConfigError(f"{path}: field '{where}': task name {name!r} is used twice; "
+                                  f"give one a 'name'")
             names.add(name)
             specs.append(TaskSpec(stage, kind, lang, float(rate), train, val, name))
         stages[stage] = specs

@@ -18,35 +18,34 @@ import os
 import threading
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+import seqio
+import tensorflow as tf
 
-import numpy as np  # noqa: E402
-import seqio  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from cslm_jax.config import ConfigError
+from cslm_jax.data.formats import (RECORD_KIND_OF_TASK, ChatRenderer, DataConfig, RecordError,
+                                   TaskSpec, examples)
+from cslm_jax.errors import DataError
 
-from cslm_jax.data.formats import (RECORD_KIND_OF_TASK, ChatRenderer, DataConfig, RecordError,  # noqa: E402
-                              TaskSpec, examples)
 
-class _QuietUncachedWarning(logging.Filter):
+class QuietUncachedWarning(logging.Filter):
     """seqio advises caching FunctionDataSource tasks; ours read TFRecords prepared and cached
-    by `prepare_split`, so the advice does not apply and would only bury real messages."""
+    by `prepare_split`, so the advice does not apply and would only bury real messages.
+    Installed on the `absl` logger by the command line (`cslm_jax.cli.setup`), not on import."""
 
     def filter(self, record):
         return "uncached FunctionDataset" not in record.getMessage()
 
 
-logging.getLogger("absl").addFilter(_QuietUncachedWarning())
-
-# TensorFlow must not grab accelerators that JAX owns.
-tf.config.set_visible_devices([], "GPU")
-try:
-    tf.config.set_visible_devices([], "TPU")
-except (ValueError, RuntimeError):
-    pass
-
-
-class DataError(RuntimeError):
-    """The input pipeline stopped, or a saved position does not fit it; the message says where."""
+def keep_tensorflow_off_accelerators() -> None:
+    """TensorFlow (only the input pipeline uses it) must not take the GPUs/TPUs JAX owns. Only
+    possible before TensorFlow sets up its devices (its first op); later calls change nothing.
+    Called by the command line at start and by the pipeline before its first TensorFlow op."""
+    for kind in ("GPU", "TPU"):
+        try:
+            tf.config.set_visible_devices([], kind)
+        except (ValueError, RuntimeError):      # no such device type, or devices already set up
+            pass
 
 
 # -- vocabulary ---------------------------------------------------------------------------------
@@ -166,7 +165,8 @@ def prepare_split(spec: TaskSpec, split: str, cfg: DataConfig, tokenizer_dir: st
 
     files = spec.train if split == "train" else spec.validation
     if not files:
-        raise ValueError(f"task {spec.name} has no '{split}' files")
+        raise ConfigError(f"task {spec.name} has no '{split}' files")
+    keep_tensorflow_off_accelerators()
     out = Path(cfg.data_dir) / ".cslm_cache" / f"{spec.name}.{split}.{_cache_key(spec, split, files, cfg, tokenizer_dir)}"
     if not (out / "stats.json").is_file():
         record_kind = RECORD_KIND_OF_TASK[spec.kind]
@@ -224,7 +224,7 @@ def prepared_source(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str,
 
     def dataset_fn(split, shuffle_files, seed=None):
         if split not in splits:
-            raise ValueError(f"task {spec.name} has no '{split}' files; configured: {splits}")
+            raise ConfigError(f"task {spec.name} has no '{split}' files; configured: {splits}")
         path = prepare_split(spec, split, cfg, tokenizer_dir, stats)
         return tf.data.TFRecordDataset(str(path / "examples.tfrecord")).map(parse)
 
@@ -325,6 +325,7 @@ class BatchIterator:
     def __init__(self, name: str, *, split: str = "train", max_length: int, batch_size: int,
                  seed: int = 0, shard_index: int = 0, num_shards: int = 1,
                  num_epochs: int | None = None, shuffle: bool = True):
+        keep_tensorflow_off_accelerators()
         self.name, self.split = name, split
         shard = seqio.ShardInfo(index=shard_index, num_shards=num_shards) if num_shards > 1 else None
         ds = seqio.get_dataset(name, sequence_lengths(max_length), dataset_split=split,

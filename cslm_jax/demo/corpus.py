@@ -226,12 +226,12 @@ def make_demo_data(out: str | Path, config_template: str | Path, seed: int = 0, 
     with units: `import-hf` does that) and `data.yaml` into `out`."""
     import yaml
 
+    from cslm_jax.errors import check_output_dir
     from cslm_jax.model.vocab import train_bpe_tokenizer
 
     out = Path(out)
+    check_output_dir(out, force)
     if out.exists() and any(out.iterdir()):
-        if not force:
-            raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     template = yaml.safe_load(Path(config_template).read_text())

@@ -150,10 +150,10 @@ def run_demo(out: str | Path, force: bool = False) -> int:
     from cslm_jax.demo.random_hf import write_random_hf_llama
     from cslm_jax.train.loop import EXIT_OK, train
     from cslm_jax.model.vocab import load_tokenizer
+    from cslm_jax.errors import check_output_dir
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} exists and is not empty; pass --force to reuse it")
+    check_output_dir(out, force, "pass --force to reuse it")
     if force and out.exists():
         import shutil
         shutil.rmtree(out)

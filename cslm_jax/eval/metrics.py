@@ -14,7 +14,15 @@ import re
 import unicodedata
 from collections.abc import Callable, Sequence
 
+from cslm_jax.data.formats import merge_repeats
+from cslm_jax.errors import CslmError
+
 _PUNCT = re.compile(r"[^\w\s']", re.UNICODE)
+
+
+class EvaluationError(CslmError, ValueError):
+    """Bad evaluation input (task, split, checkpoint, language identifier, unit lexicon); the
+    message says what. (Also a ValueError: callers of these measures catch that.)"""
 
 
 def edit_distance(ref: Sequence, hyp: Sequence) -> int:
@@ -146,7 +154,8 @@ register_language_id("script", ("en", "zh"), script_language)
 
 def language_id(name: str) -> LanguageId:
     if name not in LANGUAGE_IDS:
-        raise ValueError(f"unknown language identifier {name!r}; registered: {sorted(LANGUAGE_IDS)}")
+        raise EvaluationError(f"unknown language identifier {name!r}; registered: "
+                              f"{sorted(LANGUAGE_IDS)}")
     return LANGUAGE_IDS[name]
 
 
@@ -186,9 +195,9 @@ class UnitLexicon:
         self.silence = {int(s) for s in silence}
         self.by_units: dict[tuple[int, ...], str] = {}
         for token, units in table.items():
-            key = tuple(merge_units(int(u) for u in units if int(u) not in self.silence))
+            key = tuple(merge_repeats([int(u) for u in units if int(u) not in self.silence]))
             if not key:
-                raise ValueError(f"{name}: token {token!r} has no non-silence units")
+                raise EvaluationError(f"{name}: token {token!r} has no non-silence units")
             self.by_units.setdefault(key, token)     # first spelling wins for homophones
         self.longest = max((len(k) for k in self.by_units), default=0)
 
@@ -201,15 +210,17 @@ class UnitLexicon:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ValueError(f"unit lexicon {path}: file not found") from None
+            raise EvaluationError(f"unit lexicon {path}: file not found") from None
+        except OSError as e:
+            raise EvaluationError(f"unit lexicon {path}: cannot read: {e.strerror or e}") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"unit lexicon {path}: invalid JSON ({e})") from None
+            raise EvaluationError(f"unit lexicon {path}: invalid JSON ({e})") from None
         table = data.get("table", data) if isinstance(data, dict) else None
         silence = data.get("silence", []) if isinstance(data, dict) and "table" in data else []
         if not isinstance(table, dict) or not table or not all(
                 isinstance(v, list) and all(isinstance(u, int) for u in v) for v in table.values()):
-            raise ValueError(f"unit lexicon {path}: expected {{\"table\": {{token: [unit, ...]}}, "
-                             f"\"silence\": [unit, ...]}}")
+            raise EvaluationError(f"unit lexicon {path}: expected {{\"table\": {{token: [unit, ...]}}, "
+                                  f"\"silence\": [unit, ...]}}")
         return cls(table, silence, name=str(path))
 
     @classmethod
@@ -220,7 +231,7 @@ class UnitLexicon:
         return cls(Pronouncer().table, [SILENCE], name="demo")
 
     def tokens(self, units: Sequence[int]) -> list[str]:
-        seq = [u for u in merge_units(int(u) for u in units) if u not in self.silence]
+        seq = [u for u in merge_repeats([int(u) for u in units]) if u not in self.silence]
         out, i = [], 0
         while i < len(seq):
             for n in range(min(self.longest, len(seq) - i), 0, -1):
@@ -240,12 +251,3 @@ class UnitLexicon:
             glue = "" if text and _is_han(text[-1]) and _is_han(token[0]) else " "
             text = token if not text else text + glue + token
         return text
-
-
-def merge_units(units) -> list[int]:
-    """Collapse consecutive repeats (as formats.merge_repeats)."""
-    out: list[int] = []
-    for u in units:
-        if not out or out[-1] != u:
-            out.append(u)
-    return out

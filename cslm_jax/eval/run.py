@@ -30,20 +30,16 @@ needs no flag; `demo` forces that table, `none` switches consistency off, a file
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
-from cslm_jax.eval.metrics import (UnitLexicon, bleu, bleu_tokenize, chrf, edit_distance,
-                               language_id, merge_units, mixed_error_rate, normalize_tokens,
-                               off_target)
+from cslm_jax.data.formats import merge_repeats
+from cslm_jax.eval.metrics import (EvaluationError, UnitLexicon, bleu, bleu_tokenize, chrf,
+                                   edit_distance, language_id, mixed_error_rate,
+                                   normalize_tokens, off_target)
 
 SUPPORTED = ("asr", "mt", "s2s", "tts")
 SPEECH_KINDS = ("asr", "s2s", "tts")
-
-
-class EvaluationError(ValueError):
-    """Bad evaluation input (task, split, checkpoint, lexicon); the message says what."""
 
 
 # -- the task and its records --------------------------------------------------------------------
@@ -76,11 +72,11 @@ def default_checkpoint(config: str | Path) -> Path:
     """The model a run config stands for, when that is known: the config.yaml that `cslm-jax
     train` writes into its run folder sits beside the run's final model/. Any other config
     does not say which run it trained, so --ckpt is needed."""
-    from cslm_jax.storage.checkpoint import META_FILE
+    from cslm_jax.storage.checkpoint import META_FILE, resolve_model_dir
 
     path = config_file(config)
     if path.name == "config.yaml" and (path.parent / "model" / META_FILE).is_file():
-        return path.parent / "model"
+        return resolve_model_dir(path.parent, flag="--config")
     raise EvaluationError(f"--ckpt is required: {path} is not the config.yaml of a finished train "
                           f"run folder (one with model/), so it does not name a model")
 
@@ -112,7 +108,7 @@ def find_task(data_cfg, name: str, split: str):
 def build_items(spec, files, fmt, max_examples: int | None, skip_bad: bool = False) -> list[dict]:
     """One item per chat example of the split's records: prompt text, reference text, the
     language(s) and unit of scoring, and the record fields the kind needs."""
-    from cslm_jax.data.formats import RECORD_KIND_OF_TASK, examples, merge_repeats, read_jsonl
+    from cslm_jax.data.formats import RECORD_KIND_OF_TASK, examples, read_jsonl
 
     items: list[dict] = []
     for path in files:
@@ -160,19 +156,6 @@ def choose_lexicon(choice: str, items: list[dict], kind: str, fmt) -> tuple[Unit
 
 
 # -- decoding ----------------------------------------------------------------------------------
-
-def resolve_checkpoint(ckpt: str) -> Path:
-    """A model checkpoint, a train run folder (its model/), or a Hugging Face folder."""
-    from cslm_jax.storage.checkpoint import META_FILE
-
-    path = Path(ckpt)
-    if (path / META_FILE).is_file() or (path / "config.json").is_file():
-        return path
-    if (path / "model" / META_FILE).is_file():
-        return path / "model"
-    raise EvaluationError(f"--ckpt {path}: neither a model checkpoint ({META_FILE}), a train run "
-                          f"folder with model/, nor a Hugging Face folder (config.json)")
-
 
 def default_max_new_tokens(items, tokenizer) -> int:
     """Twice the longest reference answer in tokens plus 16, at most 2048 (the reference cap)."""
@@ -247,7 +230,7 @@ def score(kind: str, items: list[dict], generations: list[list[int]], tok, vocab
     if kind == "tts":
         spoken = [[u for e in evs if isinstance(e, SpeechChunk) for u in e.units] for evs in parsed]
         ref_units = [it["reference_units"] for it in items]
-        edits = sum(edit_distance(r, merge_units(h)) for r, h in zip(ref_units, spoken))
+        edits = sum(edit_distance(r, merge_repeats(h)) for r, h in zip(ref_units, spoken))
         metrics["unit_error_rate"] = edits / max(sum(map(len, ref_units)), 1)
         metrics["with_speech"] = sum(bool(s) for s in spoken) / len(items)
         read = [lexicon.to_text(s) for s in spoken] if lexicon else None
@@ -340,56 +323,62 @@ def format_table(result: dict) -> str:
 
 # -- the command -----------------------------------------------------------------------------------
 
-def run_evaluate(args, out=None) -> int:
-    """The `evaluate` command (argparse namespace of cli.build_parser)."""
-    def say(msg: str) -> None:
-        print(msg, file=out or sys.stdout, flush=True)
+def evaluate_task(*, config: str | Path, task: str, ckpt: str | None = None,
+                  split: str = "validation", max_examples: int | None = None, batch_size: int = 8,
+                  max_new_tokens: int | None = None, output: str | Path | None = None,
+                  unit_lexicon: str = "auto", language_id_name: str = "script",
+                  overrides=(), log=print) -> dict:
+    """The `evaluate` command: decode `task`'s `split` records greedily with the model `ckpt`
+    (default: the run's model/ when `config` is a run folder), score them, write the result as
+    JSON to `output` (default eval_TASK_SPLIT.json) and log the table. Returns the result."""
+    from cslm_jax.storage.checkpoint import resolve_model_dir
 
-    if args.batch_size < 1:
-        raise EvaluationError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_examples is not None and args.max_examples < 1:
-        raise EvaluationError(f"--max-examples must be >= 1, got {args.max_examples}")
-    language_id(args.language_id)                         # unknown names fail before decoding
-    data_cfg = load_data(args.config, args.overrides)
-    spec, files = find_task(data_cfg, args.task, args.split)
+    say = log
+    if batch_size < 1:
+        raise EvaluationError(f"--batch-size must be >= 1, got {batch_size}")
+    if max_examples is not None and max_examples < 1:
+        raise EvaluationError(f"--max-examples must be >= 1, got {max_examples}")
+    language_id(language_id_name)                         # unknown names fail before decoding
+    data_cfg = load_data(config, overrides)
+    spec, files = find_task(data_cfg, task, split)
     fmt = data_cfg.format
-    items = build_items(spec, files, fmt, args.max_examples, data_cfg.skip_bad)
+    items = build_items(spec, files, fmt, max_examples, data_cfg.skip_bad)
     if not items:
-        raise EvaluationError(f"--task {args.task!r}: no records in {args.split} files {files}")
-    lexicon, lexicon_note = choose_lexicon(args.unit_lexicon, items, spec.kind, fmt)
+        raise EvaluationError(f"--task {task!r}: no records in {split} files {files}")
+    lexicon, lexicon_note = choose_lexicon(unit_lexicon, items, spec.kind, fmt)
     if spec.kind == "tts" and lexicon is None:
         say(f"evaluate: no unit lexicon ({lexicon_note}); TTS is scored by unit error rate only")
 
-    model_path = (resolve_checkpoint(args.ckpt) if args.ckpt
-                  else default_checkpoint(args.config))
+    model_path = (resolve_model_dir(ckpt, flag="--ckpt", hf=True) if ckpt
+                  else default_checkpoint(config))
     from cslm_jax.infer.decode import decoding_params, load_for_decoding
 
     t0 = time.perf_counter()
-    out_path = Path(args.output) if args.output else Path(f"eval_{args.task}_{args.split}.json")
+    out_path = Path(output) if output else Path(f"eval_{task}_{split}.json")
     cfg, params, tok, vocab = load_for_decoding(model_path, tmp_dir=out_path.parent.resolve()
                                                 if out_path.parent.exists() else None)
     if spec.kind in SPEECH_KINDS and (not vocab.unit_count or "<sosp>" not in vocab.control_tokens):
         raise EvaluationError(f"--ckpt {model_path}: the model's vocabulary has no speech units "
-                              f"(a text-only model) but {args.task} is a {spec.kind} task; "
+                              f"(a text-only model) but {task} is a {spec.kind} task; "
                               f"evaluate a CSLM checkpoint (import-hf with speech units, then train)")
     if spec.kind in SPEECH_KINDS and vocab.unit_count < fmt.unit_count:
         raise EvaluationError(f"--ckpt {model_path}: {vocab.unit_count} speech units, but the data "
                               f"config's codebook has {fmt.unit_count}")
     params = decoding_params(cfg, params)
-    max_new = args.max_new_tokens or default_max_new_tokens(items, tok)
-    say(f"evaluate: {args.task} ({spec.kind}), {len(items)} example(s) from {args.split} "
+    max_new = max_new_tokens or default_max_new_tokens(items, tok)
+    say(f"evaluate: {task} ({spec.kind}), {len(items)} example(s) from {split} "
         f"{', '.join(files)}; model {model_path} loaded in {time.perf_counter() - t0:.1f}s; "
-        f"greedy, batch {args.batch_size}, up to {max_new} new tokens")
+        f"greedy, batch {batch_size}, up to {max_new} new tokens")
     t1 = time.perf_counter()
-    generations = decode_items(cfg, params, tok, vocab, items, batch_size=args.batch_size,
+    generations = decode_items(cfg, params, tok, vocab, items, batch_size=batch_size,
                                max_new_tokens=max_new, log=say)
     decode_s = time.perf_counter() - t1
     metrics, rows = score(spec.kind, items, generations, tok, vocab, lexicon=lexicon,
-                          lid_name=args.language_id,
+                          lid_name=language_id_name,
                           lang_units={k: v.chunk_unit for k, v in fmt.languages.items()})
-    result = {"task": args.task, "kind": spec.kind, "split": args.split, "files": files,
+    result = {"task": task, "kind": spec.kind, "split": split, "files": files,
               "data_config": data_cfg.path, "ckpt": str(model_path), "greedy": True,
-              "max_new_tokens": max_new, "batch_size": args.batch_size, "decode_s": decode_s,
+              "max_new_tokens": max_new, "batch_size": batch_size, "decode_s": decode_s,
               "unit_lexicon": lexicon.name if lexicon else None, "unit_lexicon_note": lexicon_note,
               "metrics": metrics, "examples": rows}
     if out_path.parent and not out_path.parent.exists():
@@ -399,4 +388,4 @@ def run_evaluate(args, out=None) -> int:
     if spec.kind == "s2s":
         say(f"unit lexicon: {lexicon_note}")
     say(f"evaluate: wrote {out_path}")
-    return 0
+    return result

@@ -46,11 +46,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from cslm_jax.config import ModelConfig
+from cslm_jax.errors import CslmError
 from cslm_jax.model.llama import NEG, KVCache, bind, config_key, decoding_params  # noqa: F401
 from cslm_jax.model.vocab import VocabInfo
 
 
-class DecodeError(ValueError):
+class DecodeError(CslmError):
     """Bad decoding input (empty prompt, unknown folder, ...); the message says what."""
 
 

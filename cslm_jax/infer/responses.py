@@ -28,24 +28,14 @@ import dataclasses
 import json
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-# The prompts of the reference recipe (CSLM.md section 5): per answer language, (same-language
-# question, question in another language). {speech} is the rendered span <sosp><12>...<eosp>.
-REFERENCE_PROMPTS = {
-    "en": ("Please directly answer the questions in the user's speech. This is input: {speech}.",
-           "Please answer the questions in the user's speech in English. This is input: {speech}."),
-    "zh": ("直接回答用户语音中的问题。 这是输入: {speech}。",
-           "用中文回答用户语音中的问题。 这是输入: {speech}。"),
-}
-# How text chunks join into the answer when no data config says (word languages: spaces).
-REFERENCE_CHUNK_UNIT = {"en": "word", "zh": "char"}
+from cslm_jax.config import ConfigError
+from cslm_jax.errors import CslmError
 
-
-class UnitFileError(ValueError):
+class UnitFileError(CslmError):
     """A unit file (or its model) cannot be decoded; the message names the file and line."""
 
 
@@ -142,18 +132,21 @@ def read_results(path: str | Path) -> list[str]:
 
 # -- prompts ----------------------------------------------------------------------------------------
 
-def prompt_template(lang: str, cross_lingual: bool, data_config: str | Path | None = None) -> tuple[str, str]:
-    """(prompt template with {speech}, chunk unit "word"|"char") for an answer language."""
-    if data_config is None:
-        if lang not in REFERENCE_PROMPTS:
-            raise UnitFileError(f"--lang {lang!r}: the reference prompts cover {sorted(REFERENCE_PROMPTS)}; "
-                                f"give --data-config for other languages")
-        return REFERENCE_PROMPTS[lang][int(cross_lingual)], REFERENCE_CHUNK_UNIT[lang]
+def prompt_template(lang: str, cross_lingual: bool, data_config: str | Path) -> tuple[str, str]:
+    """(prompt template with {speech}, chunk unit "word"|"char") for an answer language: the
+    language's `s2s_prompt` / `s2s_cross_prompt` in the data config (configs/data/cslm_en_zh.yaml
+    holds the reference recipe's, CSLM.md section 5). An unknown language is a ConfigError naming
+    the config's languages."""
     from cslm_jax.data.formats import load_data_config
 
     fmt = load_data_config(data_config, check_files=False).format
+    return _prompt(fmt, lang, cross_lingual, data_config)
+
+
+def _prompt(fmt, lang: str, cross_lingual: bool, data_config) -> tuple[str, str]:
     if lang not in fmt.languages:
-        raise UnitFileError(f"{data_config}: no language {lang!r}; configured: {sorted(fmt.languages)}")
+        raise ConfigError(f"--lang {lang!r}: {data_config} has no language {lang!r}; its "
+                          f"languages: {', '.join(sorted(fmt.languages))}")
     spec = fmt.languages[lang]
     return (spec.s2s_cross_prompt if cross_lingual else spec.s2s_prompt), spec.chunk_unit
 
@@ -342,54 +335,60 @@ def describe_event(index: int, ev, seconds: float) -> str:
 
 # -- the command ----------------------------------------------------------------------------------
 
-def resolve_model(ckpt: str | None, hf_dir: str | None) -> Path:
-    """The folder to load: a model checkpoint, a finished run folder (its model/), or an HF folder."""
-    from cslm_jax.storage.checkpoint import META_FILE
+def model_folder(ckpt: str | None, hf_dir: str | None) -> Path:
+    """The folder to load: `ckpt` (a model checkpoint or a finished run folder: its model/) or
+    `hf_dir` (a Hugging Face folder, export-hf output)."""
+    from cslm_jax.storage.checkpoint import resolve_model_dir
 
     if ckpt is not None:
-        path = Path(ckpt)
-        if not (path / META_FILE).is_file() and (path / "model" / META_FILE).is_file():
-            return path / "model"              # a run folder of `cslm-jax train`
-        if not (path / META_FILE).is_file():
-            raise UnitFileError(f"--ckpt {path}: no {META_FILE} (neither a model checkpoint nor "
-                                f"a run folder with model/); for a Hugging Face folder use --hf-dir")
-        return path
+        return resolve_model_dir(ckpt, flag="--ckpt")
     path = Path(hf_dir)
     if not (path / "config.json").is_file():
         raise UnitFileError(f"--hf-dir {path}: no config.json (not a Hugging Face model folder)")
     return path
 
 
-def run_decode(args, out=None) -> int:
-    """The `decode` command (argparse namespace of cli.build_parser); progress to `out` (stdout)."""
+def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str,
+                     data_config: str | Path, cross_lingual: bool = False,
+                     ckpt: str | None = None, hf_dir: str | None = None, sampling=None,
+                     max_new_tokens: int = 2048, batch_size: int = 1, chunk_size: int = 1,
+                     stream: bool = False, compute_dtype: str | None = None,
+                     log: Callable[[str], None] = print) -> dict:
+    """The `decode` command: answer every question of `unit_file` in `lang` (a language of
+    `data_config`, which gives the prompt, chunk unit and merge_repeats), appending
+    OUTPUT_DIR/responses.json and responses.jsonl batch by batch and writing
+    latency_summary.json. The model is `ckpt` or `hf_dir`; `sampling` a `decode.Sampling`
+    (default: the reference's, temperature 1.0 and top-p 0.7). Progress goes to `log`; returns
+    the latency summary."""
+    from cslm_jax.data.formats import load_data_config
     from cslm_jax.infer.decode import Sampling, decoding_params, load_for_decoding
 
-    def say(msg: str) -> None:
-        print(msg, file=out or sys.stdout, flush=True)
+    sampling = Sampling() if sampling is None else sampling
 
-    template, chunk_unit = prompt_template(args.lang, args.cross_lingual, args.data_config)
-    merge = True
-    if args.data_config is not None:
-        from cslm_jax.data.formats import load_data_config
-        merge = load_data_config(args.data_config, check_files=False).format.merge_repeats
-    questions = read_unit_file(args.unit)          # syntax first: fail before loading a model
-    model_path = resolve_model(args.ckpt, args.hf_dir)
-    out_dir = Path(args.output_dir)
+    def say(msg: str) -> None:
+        log(msg)
+
+    fmt = load_data_config(data_config, check_files=False).format
+    template, chunk_unit = _prompt(fmt, lang, cross_lingual, data_config)
+    merge = fmt.merge_repeats
+    questions = read_unit_file(unit_file)          # syntax first: fail before loading a model
+    model_path = model_folder(ckpt, hf_dir)
+    out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     t_load = time.perf_counter()
     cfg, params, tok, vocab = load_for_decoding(model_path, tmp_dir=out_dir,
-                                                compute_dtype=args.compute_dtype)
+                                                compute_dtype=compute_dtype)
     if not vocab.unit_count or "<sosp>" not in vocab.control_tokens:
         raise UnitFileError(f"{model_path}: the model's vocabulary has no speech units "
                             f"(a text-only model); decode a CSLM checkpoint (import-hf with "
                             f"speech units, then train)")
-    check_codebook(questions, vocab.unit_count, args.unit, model_path)
+    check_codebook(questions, vocab.unit_count, unit_file, model_path)
     params = decoding_params(cfg, params)             # once, not per batch (a copy per call)
-    say(f"decode: {len(questions)} question(s) from {args.unit}; model {model_path} "
+    say(f"decode: {len(questions)} question(s) from {unit_file}; model {model_path} "
         f"({cfg.num_layers} layers x {cfg.hidden_size}, {vocab.unit_count} units) loaded in "
-        f"{time.perf_counter() - t_load:.1f}s; answers in {args.lang}"
-        f"{' (cross-lingual prompt)' if args.cross_lingual else ''}")
+        f"{time.perf_counter() - t_load:.1f}s; answers in {lang}"
+        f"{' (cross-lingual prompt)' if cross_lingual else ''}")
     import jax
     if jax.default_backend() == "cpu":
         from cslm_jax.kernels import cpu_matmul as cpu_kernels
@@ -406,43 +405,41 @@ def run_decode(args, out=None) -> int:
         units = merge_repeats(units) if merge else units
         prompts.append(chat_prompt_ids(tok, template.format(speech=speech(units)),
                                        f"{model_path} (line {i + 1})"))
-    on_event = (lambda i, ev, s: say(describe_event(i, ev, s))) if args.stream else None
+    on_event = (lambda i, ev, s: say(describe_event(i, ev, s))) if stream else None
     records: list[dict] = []
     decode_s = compile_s = 0.0
     for done in decode_questions(
-            cfg, params, tok, vocab, prompts, batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
-            sampling=Sampling(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
-                              seed=args.seed, constrain_speech=args.constrain_speech),
+            cfg, params, tok, vocab, prompts, batch_size=batch_size,
+            max_new_tokens=max_new_tokens, chunk_size=chunk_size, sampling=sampling,
             on_event=on_event, log=say):
         decode_s += done.decode_s
         compile_s += done.compile_s
         batch = [answer_record(a, tok, vocab, chunk_unit) for a in done.answers]
         for r in batch:
-            r.update(source=str(args.unit), line=r["index"] + 1, lang=args.lang,
-                     cross_lingual=bool(args.cross_lingual))
+            r.update(source=str(unit_file), line=r["index"] + 1, lang=lang,
+                     cross_lingual=bool(cross_lingual))
         # Appended batch by batch, both files in step: an interrupted run keeps what it finished.
         append_results(out_dir / "responses.json", [r["result"] for r in batch])
         with open(out_dir / "responses.jsonl", "a", encoding="utf-8") as f:
             for r in batch:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         records += batch
-        if not args.stream:
+        if not stream:
             for r in batch:
                 t = r["timing"]
                 say(f"[{r['line']}] {t['generated_tokens']} tokens, {len(r['speech_chunks'])} speech "
                     f"chunk(s), first speech chunk after {_secs(t['time_to_first_speech_chunk_s'])}, "
                     f"total {_secs(t['total_s'])} ({r['finish']})")
     summary = latency_summary(records)
-    summary.update(unit_file=str(args.unit), model=str(model_path), batch_size=args.batch_size,
-                   chunk_size=args.chunk_size, greedy=bool(args.greedy), decode_s=decode_s,
+    summary.update(unit_file=str(unit_file), model=str(model_path), batch_size=batch_size,
+                   chunk_size=chunk_size, greedy=bool(sampling.greedy), decode_s=decode_s,
                    compile_s=compile_s,
                    tokens_per_s=sum(len(r["output_ids"]) for r in records) / max(decode_s, 1e-9))
     (out_dir / "latency_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     say(format_summary(summary))
     say(f"decode: appended {len(records)} line(s) to {out_dir / 'responses.json'} and "
         f"{out_dir / 'responses.jsonl'}")
-    return 0
+    return summary
 
 
 def _secs(v) -> str:

@@ -34,13 +34,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cslm_jax.errors import CslmError
+
 TARGET = "cslm_small_matmul"
 PANEL = 32                                  # columns per panel (NB in the C++ source)
 SOURCE = Path(__file__).with_name("small_matmul.cc")
 ENV = "CSLM_JAX_CPU_KERNELS"
 
 
-class KernelBuildError(RuntimeError):
+class KernelBuildError(CslmError):
     """The kernel could not be compiled or loaded; the message says which step and why."""
 
 

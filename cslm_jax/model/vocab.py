@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from cslm_jax.errors import CslmError
+
 CONTROL_TOKENS = ("<sosp>", "<eosp>", "<eoa>", "[question]", "[answer]")
 VOCAB_FORMAT = 1
 
@@ -42,7 +44,7 @@ LLAMA31_CHAT_TEMPLATE = (
 )
 
 
-class VocabError(ValueError):
+class VocabError(CslmError):
     """Vocabulary metadata or tokenizer is missing or inconsistent; the message names the source."""
 
 

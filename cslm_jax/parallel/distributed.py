@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cslm_jax.errors import CslmError
+
 ENV_COORDINATOR = "CSLM_JAX_COORDINATOR"          # host:port of process 0
 ENV_NUM_PROCESSES = "CSLM_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "CSLM_JAX_PROCESS_ID"
@@ -27,7 +29,7 @@ _GOOGLE_PCI_VENDOR = "0x1ae0"
 _TPU_PCI_DEVICES = {"0x005e", "0x0062", "0x0063", "0x006f", "0x0076"}   # v4, v5p, v5e, v6e, 7x
 
 
-class DistributedError(ValueError):
+class DistributedError(CslmError):
     """The processes of a multi-host run cannot be joined or disagree; the message says why."""
 
 

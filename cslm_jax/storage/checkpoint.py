@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from cslm_jax.config import ConfigError, ModelConfig
+from cslm_jax.errors import CslmError
 from cslm_jax.model.vocab import VocabError, VocabInfo
 
 META_FILE = "cslm_checkpoint.json"
@@ -31,7 +32,7 @@ CHECKPOINT_FORMAT = 1
 SAVE_CONCURRENT_GB = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CslmError):
     """A checkpoint is missing, incomplete or inconsistent; the message names the path and field."""
 
 
@@ -322,3 +323,22 @@ def read_train_config(manager, step: int) -> dict:
     import orbax.checkpoint as ocp
 
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+def resolve_model_dir(path: str | Path, flag: str = "--ckpt", hf: bool = False) -> Path:
+    """The model a user names, as a folder to load: a model checkpoint (itself), a `cslm-jax
+    train` run folder (its `model/`, written when the run completes) or, with `hf`, a Hugging
+    Face folder (`config.json`: export-hf output). CheckpointError otherwise, naming `flag` and
+    saying what is missing (a run that has not finished has checkpoints/ but no model/ yet)."""
+    path = Path(path)
+    if (path / META_FILE).is_file() or (hf and (path / "config.json").is_file()):
+        return path
+    if (path / "model" / META_FILE).is_file():
+        return path / "model"
+    if (path / "checkpoints").is_dir():
+        raise CheckpointError(f"{flag} {path}: this run has no model/ yet (it did not finish); "
+                              f"resume it to the end first (`cslm-jax train` with --run-dir {path})")
+    hf_kind = ", a Hugging Face folder (config.json)," if hf else ""
+    raise CheckpointError(f"{flag} {path}: neither a model checkpoint ({META_FILE}; write one with "
+                          f"`cslm-jax import-hf`){hf_kind} nor a finished train run folder (with "
+                          f"model/)")

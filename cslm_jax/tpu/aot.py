@@ -19,28 +19,34 @@ import re
 from pathlib import Path
 
 from cslm_jax.config import ConfigError, ModelConfig, RunConfig, pad_to_multiple
-
-GIB = 1024 ** 3
+from cslm_jax.tpu.chips import CHIPS, GIB, Chip
 
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    """A TPU generation as libtpu names it, with the datasheet figures this report needs."""
+    """A TPU generation as libtpu names it; its datasheet figures come from `chips.CHIPS`."""
 
     libtpu_name: str        # the prefix libtpu's topology names use
     accelerator: str        # Cloud TPU accelerator-type prefix (v5p-8 counts TensorCores)
     cores_per_chip: int     # in that count
     dims: int               # 2: AxB chips (v5e, v6e); 3: AxBxC (v4, v5p)
     chip_config: str        # "megacore": one JAX device per chip (two TensorCores fused)
-    hbm_gib: float          # HBM per chip
-    peak_bf16: float        # dense bf16 FLOP/s per chip
+    chip: Chip              # HBM and bf16 peak per chip
+
+    @property
+    def hbm_gib(self) -> float:
+        return self.chip.hbm_gib
+
+    @property
+    def peak_bf16(self) -> float:
+        return self.chip.peak_bf16
 
 
 GENERATIONS = {
-    "v4": Generation("v4", "v4", 2, 3, "megacore", 32, 275e12),
-    "v5e": Generation("v5e", "v5litepod", 1, 2, "default", 16, 197e12),
-    "v5p": Generation("v5p", "v5p", 2, 3, "megacore", 95, 459e12),
-    "v6e": Generation("v6e", "v6e", 1, 2, "default", 32, 918e12),
+    "v4": Generation("v4", "v4", 2, 3, "megacore", CHIPS["v4"]),
+    "v5e": Generation("v5e", "v5litepod", 1, 2, "default", CHIPS["v5e"]),
+    "v5p": Generation("v5p", "v5p", 2, 3, "megacore", CHIPS["v5p"]),
+    "v6e": Generation("v6e", "v6e", 1, 2, "default", CHIPS["v6e"]),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 EXAMPLES = "v4:2x2x4, v5e:8x8, v5p:4x4x4"
@@ -65,7 +71,7 @@ class Topology:
 
     @property
     def hbm_bytes(self) -> int:
-        return int(self.spec.hbm_gib * GIB)
+        return self.spec.chip.hbm_bytes
 
     @property
     def accelerator_type(self) -> str:
@@ -150,10 +156,9 @@ def compile_model_config(cfg: RunConfig, model_path: str | None, speech_units: i
         vocab = VocabInfo(base.vocab_size, speech_units, controls, padded)
         model = base.replace(vocab_size=padded, unpadded_vocab_size=size)
     elif cfg.init_from:
-        from cslm_jax.storage.checkpoint import read_metadata
-        from cslm_jax.train.loop import resolve_init
+        from cslm_jax.storage.checkpoint import read_metadata, resolve_model_dir
 
-        _, model, vocab = read_metadata(resolve_init(cfg.init_from))
+        _, model, vocab = read_metadata(resolve_model_dir(cfg.init_from, flag="init_from"))
     else:
         raise ConfigError(f"{cfg.path}: init_from is not set, so the model is unknown: pass "
                           f"--model (e.g. configs/model/llama3_1_8b.yaml)")
@@ -225,7 +230,7 @@ class CompileReport:
     code_bytes: int
     peak_bytes: int                   # XLA's own peak estimate where it gives one (else 0)
     xla_flops: float                  # one step, all chips: XLA cost analysis (see xla_step_flops)
-    model_flops: float                # one step, 6N + 12LHDhT per token (cslm_jax.train.loop)
+    model_flops: float                # one step, 6N + 12LHDhT per token (cslm_jax.train.metrics)
     compile_s: float
     error: str | None = None          # the compiler refused (e.g. out of HBM)
 
@@ -346,7 +351,8 @@ def compile_train_step(cfg: RunConfig, topo: Topology, model: ModelConfig, vocab
 
     import jax
 
-    from cslm_jax.train.loop import abstract_state, flops_per_token, make_train_fn, train_layout
+    from cslm_jax.train.loop import abstract_state, make_train_fn, train_layout
+    from cslm_jax.train.metrics import flops_per_token
 
     devices = topology_devices(topo)
     hosts = len({d.process_index for d in devices})
@@ -387,9 +393,10 @@ def compile_train_step(cfg: RunConfig, topo: Topology, model: ModelConfig, vocab
                          stat("peak_memory_in_bytes"), xla_flops, model_flops, elapsed, error)
 
 
-def run_compile(config: str, topology: str, overrides: list[str], model_path: str | None = None,
-                speech_units: int = 4096, pad_vocab_multiple: int = 128, log=print) -> int:
-    """`cslm-jax compile`: 0 when the step fits the slice, 1 when it does not."""
+def check_fit(config: str, topology: str, overrides: list[str], model_path: str | None = None,
+              speech_units: int = 4096, pad_vocab_multiple: int = 128, log=print) -> CompileReport:
+    """Will the run config's train step fit the TPU slice? Input errors (topology, mesh, batch,
+    files) are ConfigErrors raised before anything is compiled. `report.fits` says."""
     import jax
 
     from cslm_jax.config import load_run_config
@@ -404,7 +411,4 @@ def run_compile(config: str, topology: str, overrides: list[str], model_path: st
     # compiling for a topology needs no local accelerator; never start one (or libtpu's TPU
     # search) on this host
     jax.config.update("jax_platforms", "cpu")
-    report = compile_train_step(cfg, topo, model, vocab, num_tasks, seq_len, log)
-    for line in report.lines():
-        log(line)
-    return 0 if report.fits else 1
+    return compile_train_step(cfg, topo, model, vocab, num_tasks, seq_len, log)

@@ -26,11 +26,7 @@ configuration or data.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import shutil
-import signal
-import sys
 import time
 from pathlib import Path
 
@@ -41,66 +37,18 @@ import yaml
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cslm_jax.config import ConfigError, ModelConfig, RunConfig
+from cslm_jax.errors import CslmError
 from cslm_jax.model.vocab import VocabInfo
+from cslm_jax.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
+from cslm_jax.train.preemption import PreemptionFlag
 
 EXIT_OK = 0
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75          # sysexits' EX_TEMPFAIL: temporary failure, run again to resume
 
-# Peak dense bf16 FLOP/s per chip, by `device_kind` prefix, for MFU. CPUs are measured instead.
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-              "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-              "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
 
-
-class TrainError(RuntimeError):
+class TrainError(CslmError):
     """The run cannot start or continue; the message says why and what to do."""
-
-
-# -- FLOPs and MFU ------------------------------------------------------------------------------
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), as PaLM (Chowdhery et al. 2022,
-    appendix B) and MaxText count them:
-
-        6 * N_matmul + 12 * L * H * Dh * T
-
-    N_matmul: parameters that take part in matmuls (every layer weight and the LM head; the
-    embedding lookup is a gather, not a matmul, unless it is tied as the head). The attention
-    term counts QK^T and PV over the full T x T square (not halved for causality), as PaLM does.
-    Remat recomputation is not counted: MFU measures useful work.
-    """
-    d, f, l = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    attn_proj = d * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-    n_matmul = l * (attn_proj + 3 * d * f) + cfg.vocab_size * d
-    return 6.0 * n_matmul + 12.0 * l * cfg.num_heads * cfg.head_dim * seq_len
-
-
-def measure_matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an n x n dense matmul on the default device, median of `repeats`."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2.0 * n ** 3 / sorted(times)[len(times) // 2]
-
-
-def peak_flops_per_device(configured: float | None, compute_dtype: str) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the figure comes from)."""
-    if configured:
-        return float(configured), "config"
-    kind = jax.devices()[0].device_kind
-    for prefix, value in PEAK_FLOPS.items():
-        if kind.startswith(prefix):
-            return value, f"{kind} datasheet (bf16 dense)"
-    peak = measure_matmul_peak(jnp.dtype(compute_dtype))
-    # on CPU every fake device shares the same cores: the host's peak is split among them
-    per_device = peak / max(jax.local_device_count(), 1) if jax.devices()[0].platform == "cpu" else peak
-    return per_device, f"measured {compute_dtype} 2048^2 matmul on {kind}"
 
 
 # -- shardings of the train state -------------------------------------------------------------------
@@ -128,113 +76,7 @@ def opt_state_shardings(abstract_opt_state, params_sharding: dict, params_shape:
     return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 
-# -- metrics output ---------------------------------------------------------------------------------
-
-class MetricsWriter:
-    """JSON lines + TensorBoard + a progress bar (or plain lines when not on a terminal).
-    Only process 0 writes; the others keep quiet."""
-
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress_bar: bool,
-                 log=print):
-        self.enabled = jax.process_index() == 0
-        self.log = log
-        self.path = run_dir / "metrics.jsonl"
-        self._tb = None
-        self._bar = None
-        if not self.enabled:
-            return
-        self._truncate_after(start_step)
-        self._file = open(self.path, "a", encoding="utf-8")
-        import tensorflow as tf
-        self._tf = tf
-        self._tb = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
-        if progress_bar and sys.stderr.isatty():
-            from tqdm import tqdm
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-
-    def _truncate_after(self, step: int) -> None:
-        """A resumed run repeats the steps after its checkpoint: drop their earlier lines."""
-        if not self.path.is_file():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-        with self._tb.as_default():
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tf.summary.scalar(k, v, step=row["step"])
-        short = (f"loss {row['loss']:.4f} (text {row['text_loss']:.3f}, units {row['unit_loss']:.3f}) "
-                 f"lr {row['learning_rate']:.2e} |g| {row['grad_norm']:.2f} "
-                 f"{row['tokens_per_s']:.0f} tok/s mfu {row['mfu']:.1%}")
-        if self._bar is not None:
-            self._bar.n = row["step"]
-            self._bar.set_postfix_str(short, refresh=True)
-        else:
-            self.log(f"step {row['step']}: {short}")
-
-    def close(self) -> None:
-        if not self.enabled:
-            return
-        self._file.close()
-        self._tb.flush()
-        if self._bar is not None:
-            self._bar.close()
-
-
-# -- preemption ------------------------------------------------------------------------------------
-
-class PreemptionFlag:
-    """Set by SIGTERM (the TPU VM preemption notice, `kill`, Kubernetes); read between steps.
-    With several processes, any process's flag stops all of them at the same step."""
-
-    def __init__(self):
-        self.raised = False
-        self._previous = None
-
-    def __enter__(self):
-        def handler(signum, frame):
-            self.raised = True
-        try:
-            self._previous = signal.signal(signal.SIGTERM, handler)
-        except ValueError:           # not the main thread: the caller handles signals itself
-            self._previous = None
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def agreed(self) -> bool:
-        if jax.process_count() == 1:
-            return self.raised
-        from jax.experimental import multihost_utils
-        flags = multihost_utils.process_allgather(np.int32(self.raised))
-        return bool(np.max(flags))
-
-
 # -- the run ---------------------------------------------------------------------------------------
-
-def resolve_init(path: str | Path) -> Path:
-    """A model checkpoint folder: itself, or a run folder's `model/`."""
-    from cslm_jax.storage.checkpoint import META_FILE
-
-    path = Path(path)
-    if (path / META_FILE).is_file():
-        return path
-    if (path / "model" / META_FILE).is_file():
-        return path / "model"
-    if (path / "checkpoints").is_dir():
-        raise TrainError(f"--init-from {path}: this run has no model/ yet (it did not finish); "
-                         f"resume it to the end first (`cslm-jax train` with --run-dir {path})")
-    raise TrainError(f"--init-from {path}: not a model checkpoint (no {META_FILE}; write one with "
-                     f"`cslm-jax import-hf`) and not a finished run folder")
-
 
 @dataclasses.dataclass
 class Run:
@@ -309,7 +151,7 @@ def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=prin
     shardings, data registration. Returns (run, step to resume from or None, init checkpoint).
     `data_shards`: input shards of a new run (default: one per process); a resumed run keeps
     its checkpoint's count."""
-    from cslm_jax.storage.checkpoint import read_metadata, read_train_config
+    from cslm_jax.storage.checkpoint import read_metadata, read_train_config, resolve_model_dir
     from cslm_jax.parallel.distributed import barrier
     from cslm_jax.data.formats import load_data_config
     from tasks.cslm import register
@@ -335,7 +177,7 @@ def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=prin
         if not where:
             raise TrainError("train: nothing to start from: set init_from in the config or pass "
                              "--init-from (a checkpoint written by `cslm-jax import-hf`)")
-        init = resolve_init(where)
+        init = resolve_model_dir(where, flag="--init-from")
         meta, model_cfg, vocab = read_metadata(init)
         model_cfg = model_cfg.replace(**overrides)
         source_meta = {k: v for k, v in meta.items() if k not in ("format", "model", "vocab")}
@@ -599,19 +441,3 @@ def _loop(run: Run, manager, data, state, train_fn, writer, start, flops_tok, pe
             manager.wait_until_finished()
             return EXIT_NONFINITE
     return EXIT_OK
-
-
-def run_from_cli(config: str, run_dir: str, overrides: list[str], init_from: str | None,
-                 data_shards: int | None = None) -> int:
-    """`cslm-jax train`. With several processes only process 0 prints (the others' errors still
-    reach stderr): every worker's log would otherwise repeat the same lines."""
-    from cslm_jax.config import load_run_config
-
-    cfg = load_run_config(config, overrides)
-    primary = jax.process_index() == 0
-    if primary:
-        print(f"# run config ({config}{' + ' + ' '.join(overrides) if overrides else ''})")
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="", flush=True)
-    return train(cfg, run_dir, init_from=init_from, data_shards=data_shards,
-                 log=print if primary else (lambda *args, **kwargs: None))
-

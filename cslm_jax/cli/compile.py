@@ -1,0 +1,29 @@
+"""`cslm-jax compile`: will a run fit a TPU slice? (cslm_jax.tpu.aot)"""
+
+
+def add_parser(sub):
+    s = sub.add_parser("compile", help="ahead-of-time compile the train step for a TPU slice on "
+                       "this (CPU) host: per-chip memory vs HBM, FLOPs per step, FITS / DOES NOT "
+                       "FIT (exit 0 / 1; needs the libtpu package)",
+                       epilog="topologies: v4:AxBxC, v5p:AxBxC, v5e:AxB, v6e:AxB in chips, e.g. "
+                       "v4:2x2x4 (v4-32), v5p:4x4x4 (v5p-128), v5e:8x8 (v5litepod-64)")
+    s.add_argument("--config", required=True, help="run config YAML (as for train)")
+    s.add_argument("--topology", required=True, help="TPU slice, e.g. v5p:2x2x1")
+    s.add_argument("--model", default=None, help="base model YAML (configs/model/*.yaml), extended "
+                   "with the CSLM vocabulary as import-hf would; default: the config's init_from "
+                   "checkpoint")
+    s.add_argument("--speech-units", type=int, default=4096, help="with --model (default 4096)")
+    s.add_argument("--pad-vocab-multiple", type=int, default=128, help="with --model (default 128)")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="run config overrides "
+                   "(mesh.tensor=4, train.micro_batch_size=32, model.remat_policy=full, ...)")
+    return s
+
+
+def run(args) -> int:
+    from cslm_jax.tpu.aot import check_fit
+
+    report = check_fit(args.config, args.topology, args.overrides, model_path=args.model,
+                       speech_units=args.speech_units, pad_vocab_multiple=args.pad_vocab_multiple)
+    for line in report.lines():
+        print(line)
+    return 0 if report.fits else 1

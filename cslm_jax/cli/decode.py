@@ -1,0 +1,53 @@
+"""`cslm-jax decode`: spoken questions -> streamed CSLM answers (cslm_jax.infer.responses)."""
+from cslm_jax.cli import REPO_CONFIGS
+
+
+def add_parser(sub):
+    s = sub.add_parser("decode", help="answer spoken questions (one unit sequence per line) with "
+                       "streamed transcript / text / speech chunks, as the reference's "
+                       "decode_general.py; appends OUT/responses.json and OUT/responses.jsonl")
+    s.add_argument("--lang", required=True, help="answer language: a language of --data-config "
+                   "(the default config has en and zh)")
+    s.add_argument("--cross-lingual", action="store_true", help="the questions are spoken in "
+                   "another language (the reference's decode_general_cross.py prompt)")
+    s.add_argument("--unit", required=True, metavar="FILE", help="one question per line as unit "
+                   "tokens, <12><907><33> (spaces are removed)")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ckpt", help="cslm_jax model checkpoint (or a train run folder)")
+    g.add_argument("--hf-dir", help="Hugging Face folder with the CSLM tokens (export-hf output)")
+    s.add_argument("--output-dir", required=True, help="responses.json, responses.jsonl and "
+                   "latency_summary.json go here")
+    s.add_argument("--data-config", default=str(REPO_CONFIGS / "data" / "cslm_en_zh.yaml"),
+                   help="the languages, their prompts (s2s_prompt, s2s_cross_prompt) and chunk "
+                   "unit, and merge_repeats come from this data config (default: %(default)s, "
+                   "the reference recipe's prompts, CSLM.md section 5)")
+    s.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    s.add_argument("--temperature", type=float, default=1.0, help="default: %(default)s (reference)")
+    s.add_argument("--top-p", type=float, default=0.7, help="default: %(default)s (reference)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-new-tokens", type=int, default=2048, help="default: %(default)s (reference)")
+    s.add_argument("--batch-size", type=int, default=1)
+    s.add_argument("--chunk-size", type=int, default=1, help="decoding steps per host round trip "
+                   "(1: every token reaches the host, and the timings, as soon as it exists)")
+    s.add_argument("--stream", action="store_true", help="print each event (transcript, text "
+                   "chunk, speech chunk, end) as soon as it completes")
+    s.add_argument("--constrain-speech", action="store_true", help="only units and <eosp> inside "
+                   "a speech span, neither outside")
+    s.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="default: the checkpoint's")
+    return s
+
+
+def run(args) -> int:
+    from cslm_jax.infer.decode import Sampling
+    from cslm_jax.infer.responses import decode_unit_file
+
+    sampling = Sampling(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
+                        seed=args.seed, constrain_speech=args.constrain_speech)
+    decode_unit_file(unit_file=args.unit, output_dir=args.output_dir, lang=args.lang,
+                     data_config=args.data_config, cross_lingual=args.cross_lingual,
+                     ckpt=args.ckpt, hf_dir=args.hf_dir, sampling=sampling,
+                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                     chunk_size=args.chunk_size, stream=args.stream,
+                     compute_dtype=args.compute_dtype, log=lambda msg: print(msg, flush=True))
+    return 0

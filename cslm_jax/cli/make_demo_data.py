@@ -1,0 +1,19 @@
+"""`cslm-jax make-demo-data`: the bundled demo corpus and its tokenizer."""
+from cslm_jax.cli import REPO_CONFIGS
+
+
+def add_parser(sub):
+    s = sub.add_parser("make-demo-data", help="write the bundled demo corpus and its tokenizer")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--scale", type=int, default=1, help="multiply the corpus size")
+    s.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    return s
+
+
+def run(args) -> int:
+    from cslm_jax.demo.corpus import make_demo_data
+
+    make_demo_data(args.out, REPO_CONFIGS / "data" / "demo.yaml", seed=args.seed,
+                   scale=args.scale, force=args.force)
+    return 0
