@@ -123,3 +123,15 @@ def test_no_start_up_noise_reaches_the_terminal(demo, tmp_path):
         assert not [n for n in NOISE if n in done.stderr], done.stderr
         assert done.stderr == "", done.stderr
         assert done.stdout.strip()
+
+
+def test_the_package_never_reaches_back_into_the_command_line():
+    """Core modules take explicit arguments: none imports cslm_jax.cli or argparse."""
+    offenders = []
+    for path in [*(REPO / "cslm_jax").rglob("*.py"), *(REPO / "tasks").rglob("*.py")]:
+        if (REPO / "cslm_jax" / "cli") in path.parents:
+            continue
+        text = path.read_text(encoding="utf-8")
+        if "import argparse" in text or "from cslm_jax.cli" in text or "import cslm_jax.cli" in text:
+            offenders.append(str(path.relative_to(REPO)))
+    assert not offenders, offenders

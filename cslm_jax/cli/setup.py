@@ -79,7 +79,9 @@ def start_tensorflow() -> None:
     with filtered_stderr():
         from cslm_jax.data.pipeline import QuietUncachedWarning, keep_tensorflow_off_accelerators
         keep_tensorflow_off_accelerators()
-    logging.getLogger("absl").addFilter(QuietUncachedWarning())
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, QuietUncachedWarning) for f in absl.filters):
+        absl.addFilter(QuietUncachedWarning())
 
 
 def prepare(*, trains: bool, tensorflow: bool) -> None:

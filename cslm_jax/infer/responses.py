@@ -86,6 +86,8 @@ def read_unit_file(path: str | Path) -> list[list[int]]:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UnitFileError(f"{path}: unit file not found") from None
+    except OSError as e:
+        raise UnitFileError(f"{path}: cannot read the unit file: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise UnitFileError(f"{path}: not UTF-8 text ({e})") from None
     lines = raw.splitlines()
@@ -365,9 +367,7 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
 
     sampling = Sampling() if sampling is None else sampling
 
-    def say(msg: str) -> None:
-        log(msg)
-
+    say = log
     fmt = load_data_config(data_config, check_files=False).format
     template, chunk_unit = _prompt(fmt, lang, cross_lingual, data_config)
     merge = fmt.merge_repeats
