@@ -129,3 +129,17 @@ def test_splash_attention_compiles_for_v5e(tmp_path, capsys):
     assert code == 0, out
     assert "attention splash (on TPU), cross-entropy full logits" in out
     assert out.rstrip().endswith("FITS")
+
+
+def test_one_chip_table_serves_mfu_and_compile():
+    """MFU's datasheet peak (by jax device_kind) and compile's HBM and peak come from the same
+    entries of cslm_jax.tpu.chips.CHIPS; the longest device_kind prefix wins."""
+    from cslm_jax.tpu.chips import CHIPS, chip_of_device_kind
+
+    assert all(GENERATIONS[g].chip is CHIPS[g] for g in GENERATIONS)
+    assert chip_of_device_kind("TPU v5 lite") is CHIPS["v5e"]           # not "TPU v5" (v5p)
+    assert chip_of_device_kind("TPU v5") is CHIPS["v5p"]
+    assert chip_of_device_kind("TPU v4") is CHIPS["v4"]
+    assert chip_of_device_kind("NVIDIA H100 80GB HBM3").peak_bf16 == 989e12
+    assert chip_of_device_kind("cpu") is None
+    assert parse_topology("v5e:2x2").spec.peak_bf16 == CHIPS["v5e"].peak_bf16 == 197e12
