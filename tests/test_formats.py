@@ -5,6 +5,7 @@ import json
 import pytest
 
 from cslm_jax.cli.main import main as cli
+from cslm_jax.config import ConfigError
 from cslm_jax.demo.corpus import build_corpus
 from cslm_jax.data.formats import (ChatRenderer, RecordError, chunk_answer, examples,
                               load_data_config, merge_repeats, read_jsonl, speech, timed_tokens,
@@ -122,7 +123,7 @@ def test_eos_appended_for_a_base_tokenizer(real_tokenizer):
 
 def test_loss_mask_option_is_checked(fmt):
     assert fmt.loss_mask == "reference"
-    with pytest.raises(ValueError, match="loss_mask"):
+    with pytest.raises(ConfigError, match="loss_mask"):
         type(fmt)(**{**fmt.__dict__, "loss_mask": "system_too"})
 
 
