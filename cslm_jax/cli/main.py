@@ -9,6 +9,7 @@ from pathlib import Path
 
 # Nothing imported here may import JAX: `main` tunes glibc malloc for training commands first.
 from cslm_jax.config import ConfigError
+from cslm_jax.resources import config_path
 
 # Commands that run training steps: on XLA:CPU each step allocates its temporaries afresh, which
 # glibc serves with mmap/munmap (see cslm_jax.train.cpu_malloc). CSLM_JAX_KEEP_FREED_MEMORY=0 opts out.
@@ -62,9 +63,6 @@ def _cmd_demo(args) -> int:
     from cslm_jax.demo.run import run_demo
 
     return run_demo(args.out, force=args.force)
-
-
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _format_config(path):
@@ -128,7 +126,7 @@ def _cmd_inspect_data(args) -> int:
         return 0
     import seqio
 
-    from tasks.cslm import register
+    from cslm_jax.tasks.cslm import register
     register(cfg, args.tokenizer)
     task = seqio.get_mixture_or_task(args.task)
     if not isinstance(task, seqio.Task):
@@ -146,7 +144,7 @@ def _cmd_inspect_data(args) -> int:
 def _cmd_make_demo_data(args) -> int:
     from cslm_jax.demo.corpus import make_demo_data
 
-    make_demo_data(args.out, REPO_CONFIGS / "data" / "demo.yaml", seed=args.seed,
+    make_demo_data(args.out, config_path("data", "demo.yaml"), seed=args.seed,
                    scale=args.scale, force=args.force)
     return 0
 
@@ -225,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     s.set_defaults(func=_cmd_train)
 
-    demo_cfg = str(REPO_CONFIGS / "data" / "demo.yaml")
+    demo_cfg = str(config_path("data", "demo.yaml"))
     s = sub.add_parser("validate-data", help="check JSONL corpora (JSON, fields, unit ids, speech "
                        "spans, timings, languages); strict unless --skip-bad")
     s.add_argument("files", nargs="+", metavar="FILE")
