@@ -43,7 +43,7 @@ def main():
     from cslm_jax.data.formats import examples, load_data_config, read_jsonl
     from cslm_jax.model.llama import forward, init_params, token_cross_entropy
     from cslm_jax.model.vocab import extend_tokenizer, load_tokenizer
-    from tasks.cslm import register
+    from cslm_jax.tasks.cslm import register
 
     work = Path(tempfile.mkdtemp(prefix="cslm_data_bench_"))
     make_demo_data(work / "data", REPO / "configs" / "data" / "demo.yaml", log=lambda *_: None)

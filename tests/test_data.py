@@ -13,7 +13,7 @@ import seqio  # noqa: E402
 from cslm_jax.data.pipeline import STATS, BatchIterator  # noqa: E402
 from cslm_jax.data.formats import ChatRenderer, RecordError, examples, load_data_config  # noqa: E402
 from cslm_jax.model.vocab import load_tokenizer  # noqa: E402
-from tasks.cslm import register  # noqa: E402
+from cslm_jax.tasks.cslm import register  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,7 @@ def one_step(demo, base_ckpt, tmp_path, mesh, num_devices, batch):
 def test_step_on_meshes_equals_single_device(demo, base_ckpt, tmp_path):
     from cslm_jax.data.pipeline import BatchIterator
     from cslm_jax.data.formats import load_data_config
-    from tasks.cslm import register
+    from cslm_jax.tasks.cslm import register
 
     data_dir, tok_dir = demo
     data_cfg = load_data_config(data_dir / "data.yaml", ["packing.max_length=128"])

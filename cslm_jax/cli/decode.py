@@ -1,5 +1,5 @@
 """`cslm-jax decode`: spoken questions -> streamed CSLM answers (cslm_jax.infer.responses)."""
-from cslm_jax.cli import REPO_CONFIGS
+from cslm_jax.resources import config_path
 
 
 def add_parser(sub):
@@ -17,7 +17,7 @@ def add_parser(sub):
     g.add_argument("--hf-dir", help="Hugging Face folder with the CSLM tokens (export-hf output)")
     s.add_argument("--output-dir", required=True, help="responses.json, responses.jsonl and "
                    "latency_summary.json go here")
-    s.add_argument("--data-config", default=str(REPO_CONFIGS / "data" / "cslm_en_zh.yaml"),
+    s.add_argument("--data-config", default=str(config_path("data", "cslm_en_zh.yaml")),
                    help="the languages, their prompts (s2s_prompt, s2s_cross_prompt) and chunk "
                    "unit, and merge_repeats come from this data config (default: %(default)s, "
                    "the reference recipe's prompts, CSLM.md section 5)")

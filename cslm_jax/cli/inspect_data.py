@@ -1,7 +1,7 @@
 """`cslm-jax inspect-data`: rendered examples with input ids and loss mask (cslm_jax.data.checks)."""
 import json
 
-from cslm_jax.cli import REPO_CONFIGS
+from cslm_jax.resources import config_path
 
 
 def uses_tensorflow(args) -> bool:
@@ -17,7 +17,7 @@ def add_parser(sub):
     g.add_argument("--jsonl", help="a JSONL file, rendered as --kind")
     s.add_argument("--kind", help="with --jsonl: task kind (asr, tts, mt, instruct, s2s) or record "
                    "kind (paired -> asr and tts, ...)")
-    s.add_argument("--data-config", default=str(REPO_CONFIGS / "data" / "demo.yaml"),
+    s.add_argument("--data-config", default=str(config_path("data", "demo.yaml")),
                    help="default: %(default)s")
     s.add_argument("--split", default="train")
     s.add_argument("-n", type=int, default=3, help="examples to print")

@@ -1,5 +1,5 @@
 """`cslm-jax make-demo-data`: the bundled demo corpus and its tokenizer."""
-from cslm_jax.cli import REPO_CONFIGS
+from cslm_jax.resources import config_path
 
 
 def add_parser(sub):
@@ -14,6 +14,6 @@ def add_parser(sub):
 def run(args) -> int:
     from cslm_jax.demo.corpus import make_demo_data
 
-    make_demo_data(args.out, REPO_CONFIGS / "data" / "demo.yaml", seed=args.seed,
+    make_demo_data(args.out, config_path("data", "demo.yaml"), seed=args.seed,
                    scale=args.scale, force=args.force)
     return 0

@@ -1,5 +1,5 @@
 """`cslm-jax validate-data`: check JSONL corpora (cslm_jax.data.checks)."""
-from cslm_jax.cli import REPO_CONFIGS
+from cslm_jax.resources import config_path
 
 
 def add_parser(sub):
@@ -10,7 +10,7 @@ def add_parser(sub):
                    default=None, help="record kind (default: told from each record's fields)")
     s.add_argument("--skip-bad", action="store_true", help="count and report bad records instead "
                    "of stopping at the first")
-    s.add_argument("--data-config", default=str(REPO_CONFIGS / "data" / "demo.yaml"),
+    s.add_argument("--data-config", default=str(config_path("data", "demo.yaml")),
                    help="languages and codebook size come from here (default: %(default)s)")
     s.add_argument("--show", type=int, default=5, help="skipped records to print per file")
     return s

@@ -54,7 +54,7 @@ def task_examples(*, task: str, split: str, data_config: str | Path,
     import seqio
 
     from cslm_jax.model.vocab import load_tokenizer
-    from tasks.cslm import register
+    from cslm_jax.tasks.cslm import register
 
     tok = load_tokenizer(tokenizer_dir)
     cfg = load_data_config(data_config)

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from cslm_jax.config import load_model_config, load_run_config
+from cslm_jax.resources import config_path
 
-REPO = Path(__file__).resolve().parents[2]
 ASR_EXAMPLES = 24            # held-out utterances per language
 S2S_EXAMPLES = 4             # held-out spoken questions per direction
 
@@ -159,10 +159,10 @@ def run_demo(out: str | Path, force: bool = False) -> int:
         shutil.rmtree(out)
     t0 = time.time()
     checks: dict[str, bool] = {}
-    shape = load_model_config(REPO / "configs" / "model" / "demo.yaml")
+    shape = load_model_config(config_path("model", "demo.yaml"))
 
     _say("[1/8] demo corpus (en, zh) and its BPE tokenizer with Llama-3's special tokens")
-    make_demo_data(out / "data", REPO / "configs" / "data" / "demo.yaml", force=True,
+    make_demo_data(out / "data", config_path("data", "demo.yaml"), force=True,
                    log=lambda m: _say("      " + m))
     tok = load_tokenizer(out / "data" / "tokenizer")
     data_cfg = load_data_config(out / "data" / "data.yaml")
@@ -195,7 +195,7 @@ def run_demo(out: str | Path, force: bool = False) -> int:
     data_override = f"data.config={out / 'data' / 'data.yaml'}"
     _say("[4/8] stage 1, continual pre-training: cslm-jax train --config configs/demo.yaml")
     stage1 = out / "stage1"
-    cfg1 = load_run_config(REPO / "configs" / "demo.yaml",
+    cfg1 = load_run_config(config_path("demo.yaml"),
                            [f"init_from={ckpt}", data_override, "train.progress_bar=false"])
     checks["stage 1 ran"] = train(cfg1, stage1, log=lambda m: _say("      " + m)) == EXIT_OK
     fell1 = _loss_fell(stage1, "stage 1")
@@ -216,8 +216,8 @@ def run_demo(out: str | Path, force: bool = False) -> int:
     _say("[6/8] stage 2, interleaved instruction tuning from stage 1's parameters: "
          "cslm-jax train --config configs/demo_sft.yaml --init-from RUN_DIR_1")
     stage2 = out / "stage2"
-    cfg2 = load_run_config(REPO / "configs" / "demo_sft.yaml", [data_override,
-                                                                "train.progress_bar=false"])
+    cfg2 = load_run_config(config_path("demo_sft.yaml"), [data_override,
+                                                          "train.progress_bar=false"])
     checks["stage 2 ran"] = train(cfg2, stage2, init_from=stage1,
                                   log=lambda m: _say("      " + m)) == EXIT_OK
     checks["stage 2 loss fell"] = _loss_fell(stage2, "stage 2")

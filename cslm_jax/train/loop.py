@@ -154,7 +154,7 @@ def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=prin
     from cslm_jax.storage.checkpoint import read_metadata, read_train_config, resolve_model_dir
     from cslm_jax.parallel.distributed import barrier
     from cslm_jax.data.formats import load_data_config
-    from tasks.cslm import register
+    from cslm_jax.tasks.cslm import register
 
     latest = manager.latest_step()
     init = None
