@@ -103,7 +103,9 @@ def test_step_on_meshes_equals_single_device(demo, base_ckpt, tmp_path):
         if mesh["fsdp"] > 1:
             assert "fsdp" in str(specs["gate_proj"])           # really sharded, not replicated
         for a, b in zip(ref_m, m):
-            np.testing.assert_allclose(a["loss"], b["loss"], rtol=2e-6)
+            # float32 sums over the batch's tokens in another order (per device, then across
+            # devices): a few 1e-6 apart; a sharding error would be off by far more
+            np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
             np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=2e-5)
             np.testing.assert_allclose(a["task_loss"], b["task_loss"], rtol=2e-5)
         # Adam divides by sqrt(v): an embedding row of a token seen once has a near-zero
