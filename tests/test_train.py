@@ -91,7 +91,12 @@ def test_step_on_meshes_equals_single_device(demo, base_ckpt, tmp_path):
     from cslm_jax.tasks.cslm import register
 
     data_dir, tok_dir = demo
-    data_cfg = load_data_config(data_dir / "data.yaml", ["packing.max_length=128"])
+    # assistant_only: with the reference mask every example's identical system block trains too,
+    # and Adam's first step turns the reduction-order noise of those many coherent float32
+    # gradient terms into weight differences up to 3e-4 (measured), which would hide the ~1e-2
+    # of a sharding error less clearly than this batch does
+    data_cfg = load_data_config(data_dir / "data.yaml", ["packing.max_length=128",
+                                                          "format.loss_mask=assistant_only"])
     [mixture] = register(data_cfg, tok_dir, stages=["pretrain"])
     batch = next(BatchIterator(mixture, max_length=128, batch_size=16, seed=5))
     assert batch["loss_weights"].sum() > 50
@@ -103,9 +108,7 @@ def test_step_on_meshes_equals_single_device(demo, base_ckpt, tmp_path):
         if mesh["fsdp"] > 1:
             assert "fsdp" in str(specs["gate_proj"])           # really sharded, not replicated
         for a, b in zip(ref_m, m):
-            # float32 sums over the batch's tokens in another order (per device, then across
-            # devices): a few 1e-6 apart; a sharding error would be off by far more
-            np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+            np.testing.assert_allclose(a["loss"], b["loss"], rtol=2e-6)
             np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=2e-5)
             np.testing.assert_allclose(a["task_loss"], b["task_loss"], rtol=2e-5)
         # Adam divides by sqrt(v): an embedding row of a token seen once has a near-zero
