@@ -280,3 +280,100 @@ def test_missing_inputs_are_named(cslm, tmp_path, capsys):
     assert code == 2 and str(tmp_path) in err and "cslm_checkpoint.json" in err
     with pytest.raises(UnitFileError, match="f.txt:3: no unit tokens"):
         parse_unit_line("<sosp><eosp>", "f.txt:3")
+
+
+# -- the reference's prompt and result (--prompt-style reference) ---------------------------------
+
+@pytest.mark.parametrize("which", ["llama3", "demo"])
+def test_reference_prompt_is_decode_generals(which, tiny_tokenizer_dir):
+    """[user, assistant ""] through the tokenizer's own template: the Llama-3.1 template closes
+    the empty assistant turn (so nothing is stripped), and tokenizer(text) adds a second BOS."""
+    from cslm_jax.infer.responses import REFERENCE_STRIP, reference_prompt
+    from cslm_jax.model.vocab import llama3_tokenizer
+
+    tok = llama3_tokenizer() if which == "llama3" else load_tokenizer(tiny_tokenizer_dir)
+    extend_tokenizer(tok, UNITS, len(tok))
+    text = "Please directly answer the questions in the user's speech. This is input: <sosp><1><2><eosp>."
+    rendered, ids = reference_prompt(tok, text, "test")
+    full = tok.apply_chat_template([{"role": "user", "content": text},
+                                    {"role": "assistant", "content": ""}], tokenize=False)
+    assert not full.endswith(REFERENCE_STRIP) and rendered == full
+    assert rendered.endswith(f"{text}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n<|eot_id|>")
+    bos = tok.bos_token_id
+    assert ids[:2] == [bos, bos] and ids[2] != bos and ids == tok(rendered).input_ids
+    assert ids[-1] == tok.convert_tokens_to_ids("<|eot_id|>")
+
+
+def test_reference_tags_are_the_scripts():
+    from cslm_jax.infer.responses import reference_tag
+
+    assert reference_tag(prompt_template("en", False, REFERENCE_DATA)[0]) == "This is input: <sosp>"
+    assert reference_tag(prompt_template("en", True, REFERENCE_DATA)[0]) == "This is input: <sosp>"
+    assert reference_tag(prompt_template("zh", False, REFERENCE_DATA)[0]) == "这是输入: <sosp>"
+    assert reference_tag(prompt_template("zh", True, REFERENCE_DATA)[0]) == "这是输入: <sosp>"
+
+
+def test_prompt_style_reference_writes_what_the_reference_writes(cslm, tmp_path, capsys):
+    """A model that answers the reference prompt (after its closed empty assistant turn it goes
+    on with the answer): greedy `decode --prompt-style reference` writes the responses.json that
+    the reference's extraction rule builds from transformers' `generate` on the same prompt, and
+    responses.jsonl still parses the answer."""
+    from transformers import LlamaForCausalLM
+
+    from cslm_jax.infer.decode import default_stop_ids
+    from cslm_jax.infer.responses import reference_prompt
+    from cslm_jax.storage.checkpoint import read_metadata
+
+    tok = cslm.tok
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    write_bigram_cslm(tmp_path / "ref_hf", tok, cslm.answer_ids, eot)
+    code, _, err = decode(tmp_path, capsys, "--lang", "en", "--unit", str(cslm.units), "--hf-dir",
+                          str(tmp_path / "ref_hf"), "--greedy", "--prompt-style", "reference")
+    assert code == 0, err
+    results = read_results(tmp_path / "out" / "responses.json")
+    records = read_jsonl(tmp_path / "out" / "responses.jsonl")
+
+    hf = LlamaForCausalLM.from_pretrained(str(tmp_path / "ref_hf"), attn_implementation="eager",
+                                          dtype=torch.float32).eval()
+    stops = default_stop_ids(tok, read_metadata(cslm.ckpt)[2])
+    template = prompt_template("en", False, REFERENCE_DATA)[0]
+    for units, result, r in zip(QUESTIONS, results, records):
+        text = template.format(speech="<sosp>" + format_unit_line(units) + "<eosp>")   # not merged
+        rendered = tok.apply_chat_template([{"role": "user", "content": text},
+                                            {"role": "assistant", "content": ""}], tokenize=False)
+        ids = tok(rendered, return_tensors="pt").input_ids
+        assert r["input_ids"] == ids[0].tolist() == reference_prompt(tok, text, "t")[1]
+        with torch.no_grad():
+            seq = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                              max_new_tokens=24, eos_token_id=stops, pad_token_id=0)
+        decoded = tok.batch_decode(seq, skip_special_tokens=True)[0] + "<eoa>"
+        start = decoded.index("This is input: <sosp>") + len("This is input: <sosp>")
+        want = decoded[start:decoded.index("<eoa>", start)]
+        assert result == r["result"] == want
+        # the question's units, the empty assistant turn's header text, then the answer
+        assert want == format_unit_line(units) + "<eosp>.assistant\n\n" + ANSWER[:-len("<eoa>")]
+        assert r["output_ids"] == cslm.answer_ids and r["prompt_style"] == "reference"
+        assert r["transcript"] == "What" and r["text_chunks"] == ["The", "fox"]
+        assert r["speech_chunks"] == [[3, 12, 5]] and r["finish"] == "eoa" and r["problems"] == []
+
+
+def test_the_assistant_header_opened_after_a_reference_prompt_is_no_event(cslm):
+    """With --prompt-style reference the model first opens an assistant header: those ids are
+    held back and dropped; a generation that does not start with it is parsed whole."""
+    from cslm_jax.infer.decode import EventParser, parse_events
+    from cslm_jax.infer.responses import ASSISTANT_HEADER, SkipPrefix
+    from cslm_jax.storage.checkpoint import read_metadata
+
+    tok, vocab = cslm.tok, read_metadata(cslm.ckpt)[2]
+    header = tok.encode(ASSISTANT_HEADER, add_special_tokens=False)
+    assert len(header) > 2
+
+    def events(ids):
+        p = SkipPrefix(EventParser(tok, vocab), header)
+        return [e for t in ids for e in p.feed(t)] + p.close()
+
+    answer = cslm.answer_ids
+    assert events(header + answer) == parse_events(answer, tok, vocab)
+    assert events(answer) == parse_events(answer, tok, vocab)
+    assert events(header[:2] + answer) == parse_events(header[:2] + answer, tok, vocab)
+    assert events(header[:2]) == parse_events(header[:2], tok, vocab)         # cut off inside it

@@ -244,3 +244,39 @@ def test_demo_corpus_is_valid(fmt):
         for i, r in enumerate(rows):
             from cslm_jax.data.formats import detect_kind
             validate_record(detect_kind(r), r, fmt, f"{stem}:{i + 1}")
+
+
+def test_inspect_data_shows_the_reference_mask_and_the_option_switches_it(real_tokenizer, tmp_path,
+                                                                          capsys):
+    """inspect-data with the true Llama-3.1 tokenizer (single and multi-turn instructions): with
+    the default data config the mask is the reference loop's, re-derived step by step, and the
+    rule is named; `format.loss_mask: assistant_only` masks exactly the system block too."""
+    import yaml
+
+    tok_dir = tmp_path / "tok"
+    real_tokenizer.save_pretrained(str(tok_dir))
+    records = tmp_path / "instruct.jsonl"
+    records.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"prompt": "What is 2+2?", "response": "4."},
+        {"prompt": ["first", "second <sosp><5><eosp>"], "response": ["one", "two"]}]) + "\n")
+
+    def inspect(config):
+        assert cli(["inspect-data", "--tokenizer", str(tok_dir), "--jsonl", str(records), "--kind",
+                    "instruct", "--data-config", str(config), "-n", "5"]) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    default = inspect(REPO / "configs" / "data" / "demo.yaml")
+    assert len(default) == 2
+    for ex in default:
+        assert ex["loss_mask_rule"] == "reference"
+        assert ex["loss_mask"] == reference_loop(real_tokenizer, ex["input_ids"])
+    data = yaml.safe_load((REPO / "configs" / "data" / "demo.yaml").read_text())
+    data["format"]["loss_mask"] = "assistant_only"
+    other = tmp_path / "assistant_only.yaml"
+    other.write_text(yaml.safe_dump(data, allow_unicode=True))
+    switched = inspect(other)
+    system_len = len(real_tokenizer.encode(SYSTEM, add_special_tokens=False))
+    for a, b in zip(default, switched):
+        assert b["loss_mask_rule"] == "assistant_only" and a["input_ids"] == b["input_ids"]
+        assert [i for i, (x, y) in enumerate(zip(a["loss_mask"], b["loss_mask"])) if x != y] == \
+            list(range(1, system_len))

@@ -21,6 +21,11 @@ def add_parser(sub):
                    help="the languages, their prompts (s2s_prompt, s2s_cross_prompt) and chunk "
                    "unit, and merge_repeats come from this data config (default: %(default)s, "
                    "the reference recipe's prompts, CSLM.md section 5)")
+    s.add_argument("--prompt-style", choices=("training", "reference"), default="training",
+                   help="training (default): the prompt the model was trained on (user turn + "
+                   "assistant header); reference: the prompt and responses.json 'result' exactly "
+                   "as the authors' decode_general.py builds them (for numbers comparable with "
+                   "the paper's; see README)")
     s.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
     s.add_argument("--temperature", type=float, default=1.0, help="default: %(default)s (reference)")
     s.add_argument("--top-p", type=float, default=0.7, help="default: %(default)s (reference)")
@@ -49,5 +54,6 @@ def run(args) -> int:
                      ckpt=args.ckpt, hf_dir=args.hf_dir, sampling=sampling,
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                      chunk_size=args.chunk_size, stream=args.stream,
-                     compute_dtype=args.compute_dtype, log=lambda msg: print(msg, flush=True))
+                     compute_dtype=args.compute_dtype, prompt_style=args.prompt_style,
+                     log=lambda msg: print(msg, flush=True))
     return 0

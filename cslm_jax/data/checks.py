@@ -41,7 +41,8 @@ def jsonl_examples(*, jsonl: str | Path, kind: str, data_config: str | Path,
             for messages in examples(task_kind, record, cfg.format, where):
                 r = renderer(messages)
                 yield {"source": f"{where} {task_kind}", "text": r.text, "input_ids": r.input_ids,
-                       "loss_mask": r.loss_mask, "truncated": r.truncated}
+                       "loss_mask": r.loss_mask, "loss_mask_rule": cfg.format.loss_mask,
+                       "truncated": r.truncated}
                 shown += 1
                 if shown >= n:
                     return
@@ -71,4 +72,4 @@ def task_examples(*, task: str, split: str, data_config: str | Path,
     for ex in ds.take(n).as_numpy_iterator():
         ids = ex["targets"].tolist()
         yield {"source": task, "text": tok.decode(ids), "input_ids": ids,
-               "loss_mask": ex["loss_weights"].tolist()}
+               "loss_mask": ex["loss_weights"].tolist(), "loss_mask_rule": cfg.format.loss_mask}

@@ -164,6 +164,52 @@ def chat_prompt_ids(tokenizer, text: str, where: str) -> list[int]:
     return tokenizer.encode(rendered, add_special_tokens=False)
 
 
+PROMPT_STYLES = ("training", "reference")
+# decode_general.py's `preprocess` strips this suffix when the rendered prompt ends with it (the
+# Llama-3.1 template never renders it for an empty assistant message: nothing is stripped).
+REFERENCE_STRIP = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+# What the model opens after the reference prompt's closed, empty assistant turn: a new assistant
+# header. Its tokens are generated but belong to no streamed event (see `decode_questions`).
+ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def reference_prompt(tokenizer, text: str, where: str) -> tuple[str, list[int]]:
+    """The prompt exactly as the reference's decode_general.py / decode_general_cross.py build
+    it: [user `text`, assistant ""] rendered with the tokenizer's own chat template (no generation
+    prompt), `REFERENCE_STRIP` removed if the text ends with it, then `tokenizer(text)` with its
+    special tokens added. With a Llama-3.1 tokenizer the prompt therefore ends with a closed,
+    empty assistant turn (`...assistant<|end_header_id|>\n\n<|eot_id|>`) and starts with two
+    `<|begin_of_text|>` (the template's and the tokenizer's). Returns (text, ids)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UnitFileError(f"{where}: the tokenizer has no chat template; CSLM prompts are "
+                            f"rendered with it")
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}, {"role": "assistant", "content": ""}], tokenize=False)
+    if rendered.endswith(REFERENCE_STRIP):
+        rendered = rendered[:-len(REFERENCE_STRIP)]
+    return rendered, list(tokenizer(rendered).input_ids)
+
+
+def reference_tag(template: str) -> str:
+    """The text the reference's `postprocess` cuts its result from: the prompt template's last
+    sentence up to the speech span, plus `<sosp>` ("This is input: <sosp>", "这是输入: <sosp>" for
+    the recipe's prompts)."""
+    before = template.split("{speech}")[0]
+    last = max(before.rfind(". "), before.rfind("。"), before.rfind("! "), before.rfind("? "))
+    return (before[last + 1:] if last >= 0 else before).lstrip() + "<sosp>"
+
+
+def reference_result(prompt_ids: Sequence[int], output_ids: Sequence[int], tokenizer,
+                     tag: str) -> str:
+    """The reference's `result`: prompt and generation decoded together (special tokens
+    skipped), then the text between the first `tag` and the first `<eoa>` after it (to the end
+    when no `<eoa>` follows; "" when the tag is missing). It therefore starts with the question's
+    units and holds the text of the assistant header the model opened."""
+    text = tokenizer.decode(list(prompt_ids) + list(output_ids), skip_special_tokens=True)
+    match = re.search(f"{re.escape(tag)}(.*?){re.escape('<eoa>')}", text + "<eoa>", re.DOTALL)
+    return match.group(1) if match else ""
+
+
 # -- decoding with timings ------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -193,11 +239,15 @@ class DecodedBatch:
 def decode_questions(cfg, params, tokenizer, vocab, prompts: Sequence[Sequence[int]], *,
                      batch_size: int = 1, max_new_tokens: int = 2048, sampling=None,
                      chunk_size: int = 1, stop_ids: Sequence[int] | None = None,
+                     answer_prefix: Sequence[int] = (),
                      on_event: Callable[[int, object, float], None] | None = None,
                      log: Callable[[str], None] = lambda _: None) -> Iterator[DecodedBatch]:
     """Decode prompts in batches of `batch_size`, yielding each batch when it is done.
 
     on_event(index, event, seconds) is called as soon as each event completes (streaming).
+    answer_prefix: ids the model is expected to generate first (the assistant header it opens
+    after the reference prompt); when an answer starts with them they are kept in its output ids
+    but not parsed into events (else they are parsed like any text).
     sampling: a `cslm_jax.infer.decode.Sampling` (default: its defaults, the reference's top-p);
     reproducible for a seed and batch size (the batch starting at prompt k uses seed + k).
     """
@@ -226,6 +276,7 @@ def decode_questions(cfg, params, tokenizer, vocab, prompts: Sequence[Sequence[i
                 f"{compile_s:.1f}s")
         answers = [Answer(start + b, p, batch_size=len(batch)) for b, p in enumerate(batch)]
         parsers = [EventParser(tokenizer, vocab, stops, start_state(p, vocab)) for p in batch]
+        parsers = [SkipPrefix(p, answer_prefix) for p in parsers]
         t0 = time.perf_counter()
 
         def emit(b: int, events, now: float):
@@ -261,6 +312,42 @@ def decode_questions(cfg, params, tokenizer, vocab, prompts: Sequence[Sequence[i
         yield DecodedBatch(answers, now, compile_s)
 
 
+class SkipPrefix:
+    """An `EventParser` that first holds back generated ids while they spell a prefix of
+    `prefix`: the whole prefix is dropped (it belongs to no event), anything else is parsed
+    from its first id after all (also when the stream ends inside the prefix)."""
+
+    def __init__(self, parser, prefix: Sequence[int] = ()):
+        self.parser, self.prefix = parser, [int(t) for t in prefix]
+        self.held: list[int] | None = [] if self.prefix else None
+
+    @property
+    def state(self) -> str:
+        return self.parser.state
+
+    def _release(self) -> list:
+        pending, self.held = self.held or [], None
+        events: list = []
+        for t in pending:
+            if self.parser.state != "ended":
+                events += self.parser.feed(t)
+        return events
+
+    def feed(self, tok: int) -> list:
+        if self.held is None:
+            return self.parser.feed(tok)
+        self.held.append(int(tok))
+        if self.held == self.prefix[:len(self.held)]:
+            if len(self.held) == len(self.prefix):
+                self.held = None
+            return []
+        return self._release()
+
+    def close(self) -> list:
+        events = self._release()
+        return events + (self.parser.close() if self.parser.state != "ended" else [])
+
+
 def _pad_id(tokenizer, cfg) -> int:
     """The tokenizer's pad id (the reference pads with 128002), else 0: finished rows emit it,
     and it never reaches an answer."""
@@ -268,15 +355,16 @@ def _pad_id(tokenizer, cfg) -> int:
     return int(pad) if pad is not None and 0 <= pad < cfg.real_vocab_size else 0
 
 
-def answer_record(a: Answer, tokenizer, vocab, chunk_unit: str) -> dict:
-    """The responses.jsonl record of an answer (events split by kind, text chunks joined)."""
+def answer_record(a: Answer, tokenizer, vocab, chunk_unit: str, result: str | None = None) -> dict:
+    """The responses.jsonl record of an answer (events split by kind, text chunks joined).
+    `result`: responses.json's text for it (default: `result_text` of the generated ids)."""
     from cslm_jax.infer.decode import End, SpeechChunk, TextChunk, Transcript
 
     texts = [e.text for e in a.events if isinstance(e, TextChunk)]
     end = next((e for e in a.events if isinstance(e, End)), None)
     return {
         "index": a.index,
-        "result": result_text(a.output_ids, tokenizer),
+        "result": result_text(a.output_ids, tokenizer) if result is None else result,
         "transcript": next((e.text for e in a.events if isinstance(e, Transcript)), None),
         "answer": (" " if chunk_unit == "word" else "").join(texts),
         "text_chunks": texts,
@@ -355,17 +443,28 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
                      ckpt: str | None = None, hf_dir: str | None = None, sampling=None,
                      max_new_tokens: int = 2048, batch_size: int = 1, chunk_size: int = 1,
                      stream: bool = False, compute_dtype: str | None = None,
+                     prompt_style: str = "training",
                      log: Callable[[str], None] = print) -> dict:
     """The `decode` command: answer every question of `unit_file` in `lang` (a language of
     `data_config`, which gives the prompt, chunk unit and merge_repeats), appending
     OUTPUT_DIR/responses.json and responses.jsonl batch by batch and writing
     latency_summary.json. The model is `ckpt` or `hf_dir`; `sampling` a `decode.Sampling`
     (default: the reference's, temperature 1.0 and top-p 0.7). Progress goes to `log`; returns
-    the latency summary."""
+    the latency summary.
+
+    prompt_style "training" (default): the user turn plus the assistant header, as training
+    renders it, with units merged as the data config says; responses.json holds the generated
+    text. "reference": the prompt and `result` exactly as the reference's decode scripts make
+    them (`reference_prompt`, `reference_result`; the line's units as given), for numbers
+    comparable with the paper's; responses.jsonl keeps the parsed fields either way."""
     from cslm_jax.data.formats import load_data_config
     from cslm_jax.infer.decode import Sampling, decoding_params, load_for_decoding
 
     sampling = Sampling() if sampling is None else sampling
+    if prompt_style not in PROMPT_STYLES:
+        raise ConfigError(f"--prompt-style must be one of {', '.join(PROMPT_STYLES)}, got "
+                          f"{prompt_style!r}")
+    reference = prompt_style == "reference"
 
     say = log
     fmt = load_data_config(data_config, check_files=False).format
@@ -402,22 +501,29 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
 
     prompts = []
     for i, units in enumerate(questions):
-        units = merge_repeats(units) if merge else units
-        prompts.append(chat_prompt_ids(tok, template.format(speech=speech(units)),
-                                       f"{model_path} (line {i + 1})"))
+        where = f"{model_path} (line {i + 1})"
+        if reference:                       # the reference inserts the line's units as given
+            prompts.append(reference_prompt(tok, template.format(speech=speech(units)), where)[1])
+        else:
+            units = merge_repeats(units) if merge else units
+            prompts.append(chat_prompt_ids(tok, template.format(speech=speech(units)), where))
+    tag = reference_tag(template)
+    header = tok.encode(ASSISTANT_HEADER, add_special_tokens=False) if reference else ()
     on_event = (lambda i, ev, s: say(describe_event(i, ev, s))) if stream else None
     records: list[dict] = []
     decode_s = compile_s = 0.0
     for done in decode_questions(
             cfg, params, tok, vocab, prompts, batch_size=batch_size,
             max_new_tokens=max_new_tokens, chunk_size=chunk_size, sampling=sampling,
-            on_event=on_event, log=say):
+            answer_prefix=header, on_event=on_event, log=say):
         decode_s += done.decode_s
         compile_s += done.compile_s
-        batch = [answer_record(a, tok, vocab, chunk_unit) for a in done.answers]
+        batch = [answer_record(a, tok, vocab, chunk_unit,
+                               reference_result(a.input_ids, a.output_ids, tok, tag)
+                               if reference else None) for a in done.answers]
         for r in batch:
             r.update(source=str(unit_file), line=r["index"] + 1, lang=lang,
-                     cross_lingual=bool(cross_lingual))
+                     cross_lingual=bool(cross_lingual), prompt_style=prompt_style)
         # Appended batch by batch, both files in step: an interrupted run keeps what it finished.
         append_results(out_dir / "responses.json", [r["result"] for r in batch])
         with open(out_dir / "responses.jsonl", "a", encoding="utf-8") as f:
