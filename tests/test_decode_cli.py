@@ -99,12 +99,14 @@ def test_decode_writes_the_reference_files_and_the_answer(cslm, tmp_path, capsys
         assert r["finish"] == "eoa" and r["problems"] == []
         assert result == r["result"] == ANSWER
         # the prompt is the reference's English template around the merged units, chat-rendered
+        # and tokenized as training tokenizes under the data config's (reference) rule:
+        # the tokenizer's BOS in front of the template's
         merged = [u for i, u in enumerate(units) if i == 0 or units[i - 1] != u]
         text = prompt_template("en", False, REFERENCE_DATA)[0].format(
             speech="<sosp>" + format_unit_line(merged) + "<eosp>")
         want = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}],
-                                                  tokenize=False, add_generation_prompt=True),
-                          add_special_tokens=False)
+                                                  tokenize=False, add_generation_prompt=True))
+        assert want[:2] == [tok.bos_token_id] * 2
         assert r["input_ids"] == want
         t = r["timing"]
         sosp = cslm.answer_ids.index(tok.convert_tokens_to_ids("<sosp>"))

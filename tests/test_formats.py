@@ -56,75 +56,73 @@ def piecewise_mask(tok, messages, system_trained: bool):
 
 
 def reference_loop(tok, ids):
-    """The authors' loop as CSLM.md section 4 states it, step by step: labels = ids; begin = 0;
-    at each user header begin = i; at each assistant header labels[begin:i] = ignore; finally
-    the first <|begin_of_text|> is ignored."""
+    """The authors' loop (cslm/train/pretrain.py and sft.py), step by step: labels = ids;
+    begin = 0; at each assistant header: stop if nothing follows it, else labels[begin:i] =
+    ignore; at each user header begin = i; finally labels[0] = ignore if ids[0] is BOS."""
     user = tok.encode("<|start_header_id|>user<|end_header_id|>", add_special_tokens=False)
     assistant = tok.encode("<|start_header_id|>assistant<|end_header_id|>", add_special_tokens=False)
     labels = list(ids)
     begin = 0
     for i in range(len(ids)):
-        if ids[i:i + len(user)] == user:
-            begin = i
         if ids[i:i + len(assistant)] == assistant:
+            if i + len(assistant) >= len(ids):
+                break
             for j in range(begin, i):
                 labels[j] = -100
-    labels[ids.index(tok.bos_token_id)] = -100
+        if ids[i:i + len(user)] == user:
+            begin = i
+    if ids[0] == tok.bos_token_id:
+        labels[0] = -100
     return [int(x != -100) for x in labels]
 
 
 @pytest.mark.parametrize("which", ["llama3", "demo"])
 @pytest.mark.parametrize("chat", range(len(CHATS)))
 def test_loss_mask_matches_reference(which, chat, real_tokenizer, demo):
-    """Default (`reference`): the authors' loop, which trains the system block; `assistant_only`
-    masks it. Both train every assistant turn and no user turn."""
+    """Default (`reference`): the authors' tokenization and loop: `tokenizer(text)` adds its own
+    <|begin_of_text|> in front of the template's, and the loop trains the system block (the
+    template's BOS included); `assistant_only` tokenizes the text as it is and masks the system
+    block. Both train every assistant turn and no user turn."""
     tok = real_tokenizer if which == "llama3" else load_tokenizer(demo[1])
+    bos = tok.bos_token_id
     rendered = ChatRenderer(tok)(CHATS[chat])
     ids, mask = piecewise_mask(tok, CHATS[chat], system_trained=True)
-    assert rendered.input_ids == ids
-    assert rendered.loss_mask == mask == reference_loop(tok, ids)
+    assert rendered.input_ids == [bos] + ids                       # two BOS, as the reference's
+    assert rendered.loss_mask == [0, 1] + mask[1:] == reference_loop(tok, rendered.input_ids)
     only = ChatRenderer(tok, mask="assistant_only")(CHATS[chat])
     assert (only.input_ids, only.loss_mask) == piecewise_mask(tok, CHATS[chat], system_trained=False)
     system_len = len(tok.encode(SYSTEM, add_special_tokens=False))
-    differ = [i for i, (a, b) in enumerate(zip(rendered.loss_mask, only.loss_mask)) if a != b]
-    assert differ == list(range(1, system_len))          # exactly the system block, BOS excepted
+    differ = [i for i, (a, b) in enumerate(zip(rendered.loss_mask[1:], only.loss_mask)) if a != b]
+    assert differ == list(range(system_len))          # exactly the system block, its BOS included
     if which == "llama3":
-        assert system_len == 26 and len(differ) == 25    # CSLM.md: 25 trained system tokens
-    for r in (rendered, only):
-        assert r.input_ids[0] == tok.bos_token_id and r.loss_mask[0] == 0
-        # every trained token outside the system block is in an assistant turn: each turn's
-        # <|eot_id|> is trained, the user turns' are not
-        eot = tok.convert_tokens_to_ids("<|eot_id|>")
-        trained_eots = sum(1 for i, m in zip(ids[system_len:], r.loss_mask[system_len:]) if i == eot and m)
-        assert trained_eots == sum(m["role"] == "assistant" for m in CHATS[chat])
+        assert system_len == 26                        # CSLM.md: 25 system tokens after the BOS
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    for r, offset in ((rendered, 1), (only, 0)):
+        assert r.input_ids[0] == bos and r.loss_mask[0] == 0
+        # each assistant turn's <|eot_id|> is trained, the user turns' are not
+        body = list(zip(r.input_ids[offset + system_len:], r.loss_mask[offset + system_len:]))
+        assert sum(1 for i, m in body if i == eot and m) == \
+            sum(m["role"] == "assistant" for m in CHATS[chat])
     if which == "llama3":
         assert 78191 in [i for i, m in zip(ids, mask) if m]          # "assistant" header token
         assert 882 not in [i for i, m in zip(ids, mask) if m]        # "user" never trained
 
 
-def test_eos_appended_for_a_base_tokenizer(real_tokenizer):
-    """As the reference's `tokenize`: the tokenizer's EOS is appended when the last id is not EOS
-    and there is room. A base Llama-3.1 tokenizer's EOS is <|end_of_text|> (trained: it follows
-    the last assistant header); the Instruct one's is <|eot_id|>, already last."""
-    import copy
-
-    base = copy.deepcopy(real_tokenizer)
-    base.eos_token = "<|end_of_text|>"
-    eot, end = base.convert_tokens_to_ids("<|eot_id|>"), base.convert_tokens_to_ids("<|end_of_text|>")
-    r = ChatRenderer(base)(CHATS[0])
-    assert r.input_ids[-2:] == [eot, end] and r.loss_mask[-2:] == [1, 1]
-    assert r.text.endswith("<|eot_id|><|end_of_text|>")
-    assert r.loss_mask == reference_loop(base, r.input_ids)
-    full = len(r.input_ids)
-    no_room = ChatRenderer(base, max_length=full - 1)(CHATS[0])
-    assert no_room.input_ids[-1] == eot and len(no_room.input_ids) == full - 1 and not no_room.truncated
-    assert ChatRenderer(real_tokenizer)(CHATS[0]).input_ids[-1] == eot          # nothing added
-
-
-def test_loss_mask_option_is_checked(fmt):
-    assert fmt.loss_mask == "reference"
-    with pytest.raises(ConfigError, match="loss_mask"):
-        type(fmt)(**{**fmt.__dict__, "loss_mask": "system_too"})
+def test_reference_truncates_before_the_eos_and_masks_what_is_left(real_tokenizer):
+    """The reference's `tokenize` truncates to max_length first (no EOS then), and its loop only
+    sees the kept ids: a user turn whose assistant header was cut off stays trained (what the
+    authors' code does), unlike assistant_only, which masks the full sequence first."""
+    full = ChatRenderer(real_tokenizer)(CHATS[2])
+    header = real_tokenizer.encode("<|start_header_id|>user<|end_header_id|>", add_special_tokens=False)
+    last_user = max(i for i in range(len(full.input_ids)) if full.input_ids[i:i + 3] == header)
+    user3 = last_user + 5                               # the third user turn, "\n\nthird" included
+    cut = ChatRenderer(real_tokenizer, max_length=user3)(CHATS[2])
+    assert cut.truncated and cut.input_ids == full.input_ids[:user3]
+    assert cut.loss_mask == reference_loop(real_tokenizer, cut.input_ids)
+    assert cut.input_ids[-1] != real_tokenizer.eos_token_id
+    only = ChatRenderer(real_tokenizer, max_length=user3 - 1, mask="assistant_only")(CHATS[2])
+    assert only.truncated and only.loss_mask[-3:] == [0, 0, 0]
+    assert cut.loss_mask[-3:] == [1, 1, 1]
 
 
 def test_truncation_is_flagged(demo):
@@ -277,6 +275,7 @@ def test_inspect_data_shows_the_reference_mask_and_the_option_switches_it(real_t
     switched = inspect(other)
     system_len = len(real_tokenizer.encode(SYSTEM, add_special_tokens=False))
     for a, b in zip(default, switched):
-        assert b["loss_mask_rule"] == "assistant_only" and a["input_ids"] == b["input_ids"]
-        assert [i for i, (x, y) in enumerate(zip(a["loss_mask"], b["loss_mask"])) if x != y] == \
-            list(range(1, system_len))
+        bos = real_tokenizer.bos_token_id
+        assert b["loss_mask_rule"] == "assistant_only" and a["input_ids"] == [bos] + b["input_ids"]
+        assert [i for i, (x, y) in enumerate(zip(a["loss_mask"][1:], b["loss_mask"])) if x != y] == \
+            list(range(system_len))

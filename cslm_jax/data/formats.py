@@ -460,9 +460,41 @@ class ChatRenderer:
             text = stripped[: -len(self.assistant_header_text)]
         return text
 
+    @property
+    def adds_special_tokens(self) -> bool:
+        """Whether rendered text is tokenized with the tokenizer's own special tokens added, as
+        the reference's `tokenize` does (`tokenizer(text)`: a Llama-3 tokenizer prepends
+        `<|begin_of_text|>` to the one the chat template already wrote, so sequences start with
+        two); `assistant_only` tokenizes the rendered text as it is (one)."""
+        return self.mask == "reference"
+
+    def encode(self, text: str) -> list[int]:
+        """Rendered text -> ids, as training tokenizes it (`adds_special_tokens`)."""
+        return self.tok.encode(text, add_special_tokens=self.adds_special_tokens)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """A user turn plus the assistant header, tokenized as training tokenizes its examples:
+        the prompt a model trained with this renderer answers."""
+        rendered = self.tok.apply_chat_template([{"role": "user", "content": text}],
+                                                tokenize=False, add_generation_prompt=True)
+        return self.encode(rendered)
+
     def __call__(self, messages: Messages) -> Rendered:
         text = self.render_text(messages)
-        ids = self.tok.encode(text, add_special_tokens=False)
+        ids = self.encode(text)
+        if self.adds_special_tokens:
+            # the reference's order: truncate to max_length, then EOS if there is room, then mask
+            # what is left (its loop never sees the truncated tail)
+            truncated = self.max_length is not None and len(ids) > self.max_length
+            if truncated:
+                ids = ids[: self.max_length]
+            if self.eos_id is not None and ids[-1] != self.eos_id and (
+                    self.max_length is None or len(ids) < self.max_length):
+                ids.append(self.eos_id)
+            mask = loss_mask(ids, self.user, self.assistant, self.bos_id, self.mask)
+            text = self.tok.decode(ids, skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False)
+            return Rendered(text, ids, mask, truncated)
         if self.eos_id is not None and (not ids or ids[-1] != self.eos_id) and (
                 self.max_length is None or len(ids) < self.max_length):
             ids.append(self.eos_id)
@@ -484,12 +516,14 @@ def _find(ids: Sequence[int], pattern: Sequence[int], start: int) -> int:
 
 def loss_mask(ids: Sequence[int], user: Sequence[int], assistant: Sequence[int],
               bos_id: int | None, mode: str = "reference") -> list[int]:
-    """0/1 per token (1: trained), then the first `bos_id` set to 0.
+    """0/1 per token (1: trained) under one of two rules:
 
     reference: the authors' loop (`cslm/train/pretrain.py`, `sft.py`): `begin` starts at 0 and
-      moves to each user header met; at each assistant header [begin, header) is masked. The
-      Llama-3.1 template renders a system block before the first user header, so `begin` has
-      already left it when the first assistant header comes: the system block is trained.
+      moves to each user header met; at each assistant header [begin, header) is masked (the
+      loop stops at an assistant header with nothing after it); then position 0 is masked if it
+      is `bos_id`. The Llama-3.1 template renders a system block before the first user header,
+      so `begin` has already left it when the first assistant header comes: the system block is
+      trained (and so is a second `<|begin_of_text|>` at position 1).
     assistant_only: [start, next assistant header) is masked for the sequence start and for each
       user header (to the end when no assistant header follows): only assistant turns train.
     """
@@ -500,13 +534,16 @@ def loss_mask(ids: Sequence[int], user: Sequence[int], assistant: Sequence[int],
         pos += len(user)
     if mode == "reference":
         u, begin, pos = 0, 0, 0
-        while (pos := _find(ids, assistant, pos)) >= 0:
+        while (pos := _find(ids, assistant, pos)) >= 0 and pos + len(assistant) < len(ids):
             while u < len(users) and users[u] < pos:
                 begin = users[u]
                 u += 1
             mask[begin:pos] = [0] * (pos - begin)
             pos += len(assistant)
-    elif mode == "assistant_only":
+        if bos_id is not None and ids and ids[0] == bos_id:
+            mask[0] = 0
+        return mask
+    if mode == "assistant_only":
         for s in [0] + users:
             a = _find(ids, assistant, s)
             end = len(ids) if a < 0 else a

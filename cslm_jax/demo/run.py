@@ -26,12 +26,6 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _prompt_ids(tok, text: str) -> list[int]:
-    rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                       add_generation_prompt=True)
-    return tok.encode(rendered, add_special_tokens=False)
-
-
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -41,6 +35,7 @@ def asr_eval(model_dir: Path, data_dir: Path, data_cfg, n: int = ASR_EXAMPLES) -
     rate = WER (en) / CER (zh); chance = the rate of answering with another held-out sentence
     of the same language (fluent, unrelated)."""
     from cslm_jax.infer.decode import GREEDY, default_stop_ids, generate, load_for_decoding
+    from cslm_jax.infer.responses import chat_prompt_ids
     from cslm_jax.eval.metrics import error_rate
     from cslm_jax.data.formats import merge_repeats, speech
 
@@ -53,7 +48,8 @@ def asr_eval(model_dir: Path, data_dir: Path, data_cfg, n: int = ASR_EXAMPLES) -
             continue
         records = _read_jsonl(path)[:n]
         spec = data_cfg.format.languages[lang]
-        prompts = [_prompt_ids(tok, spec.asr_prompt.format(speech=speech(merge_repeats(r["units"]))))
+        prompts = [chat_prompt_ids(tok, spec.asr_prompt.format(speech=speech(merge_repeats(r["units"]))),
+                                   str(path), data_cfg.format.loss_mask)
                    for r in records]
         gen = generate(cfg, params, prompts, max_new_tokens=48, stop_ids=stops, sampling=GREEDY,
                        vocab=vocab)
@@ -70,8 +66,9 @@ def asr_eval(model_dir: Path, data_dir: Path, data_cfg, n: int = ASR_EXAMPLES) -
 def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES) -> dict:
     """Decode held-out spoken questions (same-language and cross-lingual), stream the events of
     each answer and compare transcript and answer text with the references."""
-    from cslm_jax.infer.decode import (GREEDY, EventParser, SpeechChunk, TextChunk, Transcript, default_stop_ids,
-                                 generate_stream, load_for_decoding)
+    from cslm_jax.infer.decode import (GREEDY, EventParser, SpeechChunk, TextChunk, Transcript,
+                                       default_stop_ids, generate_stream, load_for_decoding)
+    from cslm_jax.infer.responses import chat_prompt_ids
     from cslm_jax.data.formats import merge_repeats, speech
 
     cfg, params, tok, vocab = load_for_decoding(model_dir)
@@ -83,7 +80,8 @@ def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES) -
         records = _read_jsonl(path)[:n]
         spec = data_cfg.format.languages[a_lang]
         template = spec.s2s_prompt if q_lang == a_lang else spec.s2s_cross_prompt
-        prompts = [_prompt_ids(tok, template.format(speech=speech(merge_repeats(r["question_units"]))))
+        prompts = [chat_prompt_ids(tok, template.format(speech=speech(merge_repeats(
+                                       r["question_units"]))), str(path), data_cfg.format.loss_mask)
                    for r in records]
         parsers = [EventParser(tok, vocab, stops) for _ in records]
         events = [[] for _ in records]
@@ -151,6 +149,7 @@ def run_demo(out: str | Path, force: bool = False) -> int:
     from cslm_jax.train.loop import EXIT_OK, train
     from cslm_jax.model.vocab import load_tokenizer
     from cslm_jax.errors import check_output_dir
+    from cslm_jax.infer.responses import chat_prompt_ids
 
     out = Path(out)
     check_output_dir(out, force, "pass --force to reuse it")
@@ -229,8 +228,8 @@ def run_demo(out: str | Path, force: bool = False) -> int:
     _, cfg2m, vocab2 = read_metadata(stage2 / "model")
     trained = load_params(stage2 / "model")
     etok = load_tokenizer(export)
-    pids = _prompt_ids(etok, "Please directly answer the questions in the user's speech. "
-                             "This is input: <sosp><12><207><33><eosp>.")
+    pids = chat_prompt_ids(etok, "Please directly answer the questions in the user's speech. "
+                                 "This is input: <sosp><12><207><33><eosp>.", str(export))
     with torch.no_grad():
         exported = back(torch.tensor([pids])).logits.numpy()
     ours = np.asarray(forward(cfg2m.replace(compute_dtype="float32"), trained, jnp.asarray([pids])))

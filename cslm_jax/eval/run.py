@@ -164,13 +164,14 @@ def default_max_new_tokens(items, tokenizer) -> int:
 
 
 def decode_items(cfg, params, tok, vocab, items, *, batch_size: int, max_new_tokens: int,
-                 log=lambda _: None) -> list[list[int]]:
-    """Greedy generations (ids, stop id included) for every item's prompt, in batches."""
+                 loss_mask: str = "reference", log=lambda _: None) -> list[list[int]]:
+    """Greedy generations (ids, stop id included) for every item's prompt (tokenized as training
+    tokenizes under `loss_mask`, the data config's), in batches."""
     from cslm_jax.infer.decode import GREEDY, default_stop_ids, generate
     from cslm_jax.infer.responses import _pad_id, chat_prompt_ids
 
     stops = default_stop_ids(tok, vocab)
-    prompts = [chat_prompt_ids(tok, it["prompt"], it["where"]) for it in items]
+    prompts = [chat_prompt_ids(tok, it["prompt"], it["where"], loss_mask) for it in items]
     out: list[list[int]] = []
     t0 = time.perf_counter()
     for start in range(0, len(prompts), batch_size):
@@ -371,7 +372,7 @@ def evaluate_task(*, config: str | Path, task: str, ckpt: str | None = None,
         f"greedy, batch {batch_size}, up to {max_new} new tokens")
     t1 = time.perf_counter()
     generations = decode_items(cfg, params, tok, vocab, items, batch_size=batch_size,
-                               max_new_tokens=max_new, log=say)
+                               max_new_tokens=max_new, loss_mask=fmt.loss_mask, log=say)
     decode_s = time.perf_counter() - t1
     metrics, rows = score(spec.kind, items, generations, tok, vocab, lexicon=lexicon,
                           lid_name=language_id_name,

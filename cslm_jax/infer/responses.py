@@ -153,15 +153,17 @@ def _prompt(fmt, lang: str, cross_lingual: bool, data_config) -> tuple[str, str]
     return (spec.s2s_cross_prompt if cross_lingual else spec.s2s_prompt), spec.chunk_unit
 
 
-def chat_prompt_ids(tokenizer, text: str, where: str) -> list[int]:
-    """The user turn rendered with the tokenizer's chat template plus the assistant header, as
-    training renders it (CSLM.md section 2)."""
+def chat_prompt_ids(tokenizer, text: str, where: str, loss_mask: str = "reference") -> list[int]:
+    """The user turn rendered with the tokenizer's chat template plus the assistant header,
+    tokenized as training tokenizes its examples under the data config's `format.loss_mask`
+    (`ChatRenderer.prompt_ids`: "reference" adds the tokenizer's special tokens, as the
+    authors' training does) (CSLM.md section 2)."""
+    from cslm_jax.data.formats import ChatRenderer
+
     if not getattr(tokenizer, "chat_template", None):
         raise UnitFileError(f"{where}: the tokenizer has no chat template; CSLM prompts are "
                             f"rendered with it")
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-    return tokenizer.encode(rendered, add_special_tokens=False)
+    return ChatRenderer(tokenizer, mask=loss_mask).prompt_ids(text)
 
 
 PROMPT_STYLES = ("training", "reference")
@@ -506,7 +508,8 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
             prompts.append(reference_prompt(tok, template.format(speech=speech(units)), where)[1])
         else:
             units = merge_repeats(units) if merge else units
-            prompts.append(chat_prompt_ids(tok, template.format(speech=speech(units)), where))
+            prompts.append(chat_prompt_ids(tok, template.format(speech=speech(units)), where,
+                                           fmt.loss_mask))
     tag = reference_tag(template)
     header = tok.encode(ASSISTANT_HEADER, add_special_tokens=False) if reference else ()
     on_event = (lambda i, ev, s: say(describe_event(i, ev, s))) if stream else None
