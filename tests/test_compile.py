@@ -143,3 +143,45 @@ def test_one_chip_table_serves_mfu_and_compile():
     assert chip_of_device_kind("NVIDIA H100 80GB HBM3").peak_bf16 == 989e12
     assert chip_of_device_kind("cpu") is None
     assert parse_topology("v5e:2x2").spec.peak_bf16 == CHIPS["v5e"].peak_bf16 == 197e12
+
+
+def test_search_order_lightest_remat_then_largest_micro_batch(demo_args):
+    """The search's order on a memory model (no compiler): a policy whose smallest micro-batch
+    does not fit is skipped after one attempt; for the first that fits, the largest fitting
+    micro-batch is found by bisection."""
+    from types import SimpleNamespace
+
+    from cslm_jax.tpu.aot import REMAT_ORDER, micro_batch_candidates, search_fit
+
+    assert micro_batch_candidates(32, 4) == [32, 16, 8, 4]
+    assert micro_batch_candidates(288, 16) == [288, 144, 96, 48, 32, 16]
+    need = {"none": 9.0, "dots": 5.0, "dots_no_batch": 2.0, "qkv_proj": 1.5, "full": 1.0}
+
+    def fit(extra):
+        policy = extra[0].split("=")[1]
+        micro = int(extra[1].split("=")[1])
+        return SimpleNamespace(fits=need[policy] * micro <= 20, error=None, used_bytes=0,
+                               policy=policy, micro=micro)
+
+    config, model = demo_args[1], demo_args[3]
+    result = search_fit(config, "v5e:2x2", ["train.global_batch_size=32"], model_path=model,
+                        speech_units=256, fit=fit, log=lambda *_: None)
+    tried = [(p, m) for p, m, _ in result.attempts]
+    assert tried[:2] == [("none", 4), ("dots", 4)]          # 36 and 20: dots fits at 4
+    assert (result.best.policy, result.best.micro) == ("dots", 4)
+    assert REMAT_ORDER[0] == "none" and REMAT_ORDER[-1] == "full"
+    result = search_fit(config, "v5e:2x2", ["train.global_batch_size=32"], model_path=model,
+                        speech_units=256, fit=fit, policies=("dots_no_batch",), log=lambda *_: None)
+    assert (result.best.policy, result.best.micro) == ("dots_no_batch", 8)   # 2*8 <= 20 < 2*16
+    assert [m for _, m, _ in result.attempts] == [4, 16, 8]
+
+
+@NEEDS_LIBTPU
+def test_compile_search_on_v5e(demo_args, capsys):
+    """A tiny model fits v5e:2x2 without remat at the whole global batch (8 rows)."""
+    code = main(["compile", *demo_args, "--topology", "v5e:2x2", "--search"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "search: remat none          micro-batch     4: fits" in out
+    assert "search: remat none          micro-batch     8: fits" in out
+    assert "remat none" in out and "1 micro-batch(es) of 8" in out and out.rstrip().endswith("FITS")

@@ -14,14 +14,28 @@ def add_parser(sub):
                    "checkpoint")
     s.add_argument("--speech-units", type=int, default=4096, help="with --model (default 4096)")
     s.add_argument("--pad-vocab-multiple", type=int, default=128, help="with --model (default 128)")
+    s.add_argument("--search", action="store_true", help="find the lightest remat policy (none, "
+                   "dots, dots_no_batch, qkv_proj, full) with which some micro-batch fits, and the "
+                   "largest micro-batch that fits with it; prints every attempt, then its report")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="run config overrides "
                    "(mesh.tensor=4, train.micro_batch_size=32, model.remat_policy=full, ...)")
     return s
 
 
 def run(args) -> int:
-    from cslm_jax.tpu.aot import check_fit
+    from cslm_jax.tpu.aot import check_fit, search_fit
 
+    if args.search:
+        result = search_fit(args.config, args.topology, args.overrides, model_path=args.model,
+                            speech_units=args.speech_units,
+                            pad_vocab_multiple=args.pad_vocab_multiple)
+        if result.best is None:
+            print(f"search: nothing fits {args.topology}, not even full remat at the smallest "
+                  f"micro-batch; DOES NOT FIT")
+            return 1
+        for line in result.best.lines():
+            print(line)
+        return 0
     report = check_fit(args.config, args.topology, args.overrides, model_path=args.model,
                        speech_units=args.speech_units, pad_vocab_multiple=args.pad_vocab_multiple)
     for line in report.lines():

@@ -412,3 +412,68 @@ def check_fit(config: str, topology: str, overrides: list[str], model_path: str 
     # search) on this host
     jax.config.update("jax_platforms", "cpu")
     return compile_train_step(cfg, topo, model, vocab, num_tasks, seq_len, log)
+
+
+# -- searching for the lightest setting that fits ---------------------------------------------------
+
+# Remat policies from the least recomputation to the most: none recomputes nothing; dots keeps
+# every matmul result; dots_no_batch recomputes attention's batched products; qkv_proj keeps only
+# q/k/v and the two block outputs; full recomputes the whole forward.
+REMAT_ORDER = ("none", "dots", "dots_no_batch", "qkv_proj", "full")
+
+
+def micro_batch_candidates(global_batch: int, ways: int) -> list[int]:
+    """Micro-batches that divide the global batch and give every data x fsdp shard whole rows,
+    largest first."""
+    return [m for m in range(global_batch, 0, -1) if global_batch % m == 0 and m % ways == 0]
+
+
+@dataclasses.dataclass
+class SearchResult:
+    best: CompileReport | None               # the lightest remat, then the largest micro-batch
+    attempts: list                           # (remat, micro-batch, CompileReport) in order
+
+
+def search_fit(config: str, topology: str, overrides: list[str], model_path: str | None = None,
+               speech_units: int = 4096, pad_vocab_multiple: int = 128,
+               policies: tuple[str, ...] = REMAT_ORDER, log=print, fit=None) -> SearchResult:
+    """The lightest remat policy (`REMAT_ORDER`) with which some micro-batch fits the slice, and
+    the largest micro-batch that fits with it: per policy, the smallest micro-batch first (if
+    even that does not fit, the next policy), then a binary search over the larger ones (memory
+    grows with the micro-batch). `fit(overrides) -> CompileReport` compiles one setting
+    (default: `check_fit` with these arguments)."""
+    from cslm_jax.config import load_run_config
+
+    topo = parse_topology(topology)
+    cfg = load_run_config(config, overrides)
+    sizes = check_mesh(cfg, topo)
+    candidates = micro_batch_candidates(cfg.train.global_batch_size, sizes["data"] * sizes["fsdp"])
+    if not candidates:
+        raise ConfigError(f"train.global_batch_size ({cfg.train.global_batch_size}) has no divisor "
+                          f"that is a multiple of the mesh's data x fsdp size on {topo.name}")
+    fit = fit or (lambda extra: check_fit(config, topology, list(overrides) + extra, model_path,
+                                          speech_units, pad_vocab_multiple, log=lambda *_: None))
+    attempts: list = []
+
+    def attempt(policy: str, micro: int) -> CompileReport:
+        report = fit([f"model.remat_policy={policy}", f"train.micro_batch_size={micro}"])
+        attempts.append((policy, micro, report))
+        log(f"search: remat {policy:<13} micro-batch {micro:>5}: "
+            f"{'fits' if report.fits else 'does not fit'}"
+            + ("" if report.error else f" ({gib(report.used_bytes)} of {gib(topo.hbm_bytes)})"))
+        return report
+
+    for policy in policies:
+        smallest = attempt(policy, candidates[-1])
+        if not smallest.fits:
+            continue
+        best, lo, hi = smallest, 0, len(candidates) - 1     # candidates[hi] fits
+        while lo < hi:                                       # largest fitting: smallest index
+            mid = (lo + hi) // 2
+            report = attempt(policy, candidates[mid])
+            if report.fits:
+                best, hi = report, mid
+            else:
+                lo = mid + 1
+        return SearchResult(best, attempts)
+    return SearchResult(None, attempts)
