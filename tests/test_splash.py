@@ -10,15 +10,7 @@ from cslm_jax.config import ConfigError, ModelConfig
 from cslm_jax.kernels.splash import block_size, splash_attend, target_platform
 from cslm_jax.model.layers import attend, attention_mask
 from cslm_jax.model.llama import forward, init_params, uses_splash
-
-
-def segments(b, t, seed):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(b):
-        cuts = np.sort(rng.choice(np.arange(1, t), size=3, replace=False))
-        rows.append(np.searchsorted(cuts, np.arange(t), side="right") + 1)
-    return jnp.asarray(np.stack(rows), jnp.int32)
+from test_attention import packed_segments as segments   # four packed segments per row
 
 
 @pytest.mark.parametrize("t,heads,kv_heads", [(256, 8, 2), (200, 4, 4), (384, 4, 1)])
