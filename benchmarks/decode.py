@@ -5,42 +5,50 @@ A random `transformers` Llama is imported (`import_hf`), exported again (`export
 users take to GPUs) and both decoders load that exported folder. Both decode greedily, from the
 same random prompts, exactly `--new` tokens per row (no stop token), fp32, all CPU cores. Timed:
 the whole call, prefill included, median of `--repeats` (the runs alternate) after one warm-up
-each (which compiles ours). PyTorch runs with all cores and with one thread; the faster counts.
+each (which compiles ours). PyTorch runs with all usable cores and with one thread
+(`--torch-threads`); the faster counts.
 The greedy tokens are compared too (they should agree: same weights, same arithmetic up to
 rounding). On x86-64 CPUs ours multiplies with the native kernel (`cslm_jax.kernels.cpu_matmul`, built
 at first use); `CSLM_JAX_CPU_KERNELS=0` measures XLA's own dot instead.
 
     python benchmarks/decode.py                                   # ~41M params, 2 cores: minutes
     python benchmarks/decode.py --hidden 768 --layers 12 --vocab 32000 --new 128
+    python benchmarks/decode.py --repo /work/base     # another checkout's cslm_jax (before/after)
+    python benchmarks/decode.py --busy 1              # with one busy-looping process alongside
+    python benchmarks/decode.py --xla-threads 1       # XLA's intra-op pool at one thread
+
+Each run prints the load average (1/5/15 min) at the start and the end, the usable cores, the
+threads each side uses, and per side the min/median/max over the repeats with what the rest of
+the machine took meanwhile (`load_probe.Probe`: other processes' CPU in cores, our threads'
+run-queue wait), which is what the ratio depends on on a shared machine (RESULTS.md, "Refactor
+(issue 18)").
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import load_probe  # noqa: E402  (benchmarks/load_probe.py, next to this script)
 
 
 def timed_round_robin(fns: dict, repeats: int):
-    """{name: (median wall time, output)}: the functions run in turn `repeats` times (a machine
+    """{name: (wall times, probes, output)}: the functions run in turn `repeats` times (a machine
     shared with other jobs slows all alike), after one warm-up call each (which compiles the JAX
-    programs)."""
+    programs); each timed call with a `load_probe.Probe` (what the rest of the machine took)."""
     outs = {name: fn() for name, fn in fns.items()}
-    times = {name: [] for name in fns}
+    probes = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(times[name]), outs[name]) for name in fns}
+            with load_probe.Probe() as p:
+                fn()
+            probes[name].append(p)
+    return {name: ([p.wall for p in probes[name]], probes[name], outs[name]) for name in fns}
 
 
 def main():
@@ -55,19 +63,44 @@ def main():
     ap.add_argument("--new", type=int, default=128, help="generated tokens per row")
     ap.add_argument("--batches", default="1,8", help="batch sizes, comma-separated")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--torch-threads", default="all,1",
+                    help="PyTorch thread counts to time, comma-separated ('all': the usable cores); "
+                         "the fastest counts")
+    load_probe.add_arguments(ap)
     args = ap.parse_args()
+    root = load_probe.use_repo(args.repo)
+    with load_probe.Busy(args.busy, args.busy_seconds):
+        run(args, root)
 
-    import jax
+
+def run(args, root):
+    print(f"load average at the start: {load_probe.load_average()}", flush=True)
+    jax = load_probe.start_jax(args.xla_threads)
     import numpy as np
     import torch
     from transformers import LlamaForCausalLM
 
-    from cslm_jax.kernels import cpu_matmul as cpu_kernels
-    from cslm_jax.convert.hf import export_hf, import_hf
-    from cslm_jax.infer.decode import GREEDY, decoding_params, generate, load_for_decoding
-    from cslm_jax.demo.random_hf import llama3_rope_scaling, placeholder_tokenizer, write_random_hf_llama
+    import cslm_jax
+    try:
+        from cslm_jax.kernels import cpu_matmul as cpu_kernels
+        from cslm_jax.convert.hf import export_hf, import_hf
+        from cslm_jax.infer.decode import decoding_params, generate, load_for_decoding
+        from cslm_jax.demo.random_hf import llama3_rope_scaling, placeholder_tokenizer, write_random_hf_llama
+    except ImportError:   # the flat layout before the packages (commit 059734b and earlier)
+        from cslm_jax import cpu_kernels
+        from cslm_jax.convert import export_hf, import_hf
+        from cslm_jax.decode import decoding_params, generate, load_for_decoding
+        from cslm_jax.random_hf import llama3_rope_scaling, placeholder_tokenizer, write_random_hf_llama
+    try:
+        from cslm_jax.infer.decode import GREEDY
+        greedy = {"sampling": GREEDY}
+    except ImportError:   # before the Sampling config (5965149): a flag
+        greedy = {"greedy": True}
 
-    torch.set_num_threads(os.cpu_count())
+    cores = load_probe.usable_cores()
+    torch_threads = sorted({cores if t == "all" else int(t) for t in args.torch_threads.split(",")},
+                           reverse=True)
+    torch.set_num_threads(torch_threads[0])
     # a placeholder tokenizer of the right size: the benchmark feeds random ids
     tok = placeholder_tokenizer(args.vocab)
     work = Path(tempfile.mkdtemp(prefix="cslm_decode_bench_"))
@@ -83,10 +116,10 @@ def main():
         hf = LlamaForCausalLM.from_pretrained(str(exported), dtype=torch.float32).eval()
         hf.generation_config.eos_token_id = None
         n_params = cfg.num_params()
-        print(f"machine: {platform.machine()} {os.cpu_count()} cores, load average "
-              f"{os.getloadavg()[0]:.1f}, jax {jax.__version__}, torch {torch.__version__}, "
-              f"transformers attention: {hf.config._attn_implementation}; {cpu_kernels.status()}",
-              flush=True)
+        print(f"cslm_jax: {Path(cslm_jax.__file__).parent} ({_git_head(root)}); jax {jax.__version__}, "
+              f"torch {torch.__version__}, transformers attention: {hf.config._attn_implementation}; "
+              f"{cpu_kernels.status()}", flush=True)
+        print(load_probe.describe(torch) + f" (timed with {torch_threads})", flush=True)
         print(f"model: {n_params / 1e6:.1f}M params, hidden {args.hidden}, layers {args.layers}, "
               f"heads {args.heads}/{args.kv_heads}, MLP {args.mlp}, vocab {args.vocab}, fp32; "
               f"prompt {args.prompt} tokens, {args.new} new tokens per row, greedy", flush=True)
@@ -97,7 +130,7 @@ def main():
             prompts = rng.integers(0, args.vocab - 1, size=(b, args.prompt))
 
             def ours():
-                return generate(cfg, params, prompts.tolist(), max_new_tokens=args.new, sampling=GREEDY)
+                return generate(cfg, params, prompts.tolist(), max_new_tokens=args.new, **greedy)
 
             ids = torch.tensor(prompts)
             mask = torch.ones_like(ids)
@@ -114,26 +147,42 @@ def main():
 
             # PyTorch at its best: all cores, and one thread (its thread pool waits for every
             # thread at each op, which a core taken by another job stalls).
-            fns = {"cslm_jax": ours} | {f"transformers, {t} thread(s)": theirs(t)
-                                        for t in sorted({os.cpu_count(), 1}, reverse=True)}
+            fns = {"cslm_jax": ours} | {f"transformers, {t} thread(s)": theirs(t) for t in torch_threads}
             timed = timed_round_robin(fns, args.repeats)
-            t_ours, out_ours = timed.pop("cslm_jax")
-            best = min(timed, key=lambda k: timed[k][0])
-            t_theirs, out_theirs = timed[best]
+            med = {name: statistics.median(ts) for name, (ts, _, _) in timed.items()}
+            t_ours, out_ours = med["cslm_jax"], timed["cslm_jax"][2]
+            best = min((k for k in timed if k != "cslm_jax"), key=med.get)
+            t_theirs, out_theirs = med[best], timed[best][2]
             same = sum(x == y for ra, rb in zip(out_ours, out_theirs) for x, y in zip(ra, rb))
             tokens = b * args.new
             results.append((b, tokens / t_ours, tokens / t_theirs))
-            print(f"batch {b}: cslm_jax {tokens / t_ours:8.1f} tokens/s ({t_ours:.2f}s)", flush=True)
-            for name, (t, _) in timed.items():
-                print(f"         {name:<28} {tokens / t:8.1f} tokens/s ({t:.2f}s)"
-                      f"{'  <- best' if name == best else ''}")
-            print(f"         ratio cslm_jax / best transformers: {t_theirs / t_ours:.2f}x; greedy "
-                  f"tokens equal: {same}/{tokens}", flush=True)
+            # per round: ours against the faster PyTorch setting of the same round
+            rounds = [min(timed[k][0][i] for k in timed if k != "cslm_jax") / timed["cslm_jax"][0][i]
+                      for i in range(args.repeats)]
+            print(f"batch {b}: tokens/s median (min/median/max over {args.repeats} runs) and the machine "
+                  f"meanwhile (medians over the runs)", flush=True)
+            for name, (ts, probes, _) in timed.items():
+                print(f"         {name:<28} {tokens / med[name]:8.1f} tokens/s "
+                      f"({load_probe.spread([tokens / t for t in ts])}) "
+                      f"{'<- best transformers ' if name == best else ''}"
+                      f"[{load_probe.probes_summary(probes)}]")
+            print(f"         ratio cslm_jax / best transformers: {t_theirs / t_ours:.2f}x (per round "
+                  f"{load_probe.spread(rounds, '{:.2f}')}); greedy tokens equal: {same}/{tokens}",
+                  flush=True)
         print("summary: " + ", ".join(f"batch {b} {o / t:.2f}x" for b, o, t in results) +
-              f" (load average at the end {os.getloadavg()[0]:.1f})")
+              f" (load average at the end {load_probe.load_average()})")
     finally:
         import shutil
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _git_head(root: Path) -> str:
+    import subprocess
+    try:
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], text=True,
+                              capture_output=True).stdout.strip() or "not a git checkout"
+    except OSError:
+        return "git not found"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,14 @@ run; also this machine's dense float32 matmul peak, measured in the same run, fo
 A step is forward + backward + clipping + AdamW update, on both sides. Prints tokens/s of each,
 the ratio, the model FLOP/s of each and MFU against the measured matmul peak (one FLOP formula
 for both stacks: `cslm_jax.train.metrics.flops_per_token`).
+
+    python benchmarks/train_step.py --keep-freed-memory --repo /work/base   # another checkout
+    python benchmarks/train_step.py --busy 1 --xla-threads 1 --torch-threads 1
+
+Also printed: the load average (1/5/15 min) at the start and the end, the usable cores, the
+threads each stack uses, and per stack the min/median/max over the steps with what the rest of
+the machine took meanwhile (`load_probe.Probe`: other processes' CPU in cores, our threads'
+run-queue wait); see RESULTS.md, "Refactor (issue 18)".
 """
 from __future__ import annotations
 
@@ -17,13 +25,13 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import load_probe  # noqa: E402  (benchmarks/load_probe.py, next to this script)
 
 
 def timed(fn, warmup: int, steps: int) -> list[float]:
@@ -44,15 +52,16 @@ def torch_matmul_peak(n: int, repeats: int) -> float:
     return 2.0 * n ** 3 / statistics.median(t)
 
 
-def main():
-    work = Path(tempfile.mkdtemp(prefix="cslm_train_step_"))
+def git_head(root: Path) -> str:
+    import subprocess
     try:
-        run(work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], text=True,
+                              capture_output=True).stdout.strip() or "not a git checkout"
+    except OSError:
+        return "git not found"
 
 
-def run(work: Path):
+def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--mlp", type=int, default=2048)
@@ -78,32 +87,65 @@ def run(work: Path):
                          "applies to the whole process, so to both stacks)")
     ap.add_argument("--sequential", action="store_true",
                     help="all steps of one stack, then the other (default: interleaved A B A B)")
+    ap.add_argument("--torch-threads", type=int, default=0,
+                    help="PyTorch intra-op threads (default: one per usable core)")
+    load_probe.add_arguments(ap)
     args = ap.parse_args()
+    root = load_probe.use_repo(args.repo)
+    with load_probe.Busy(args.busy, args.busy_seconds):
+        run_benchmark(args, root)
+
+
+def run_benchmark(args, root: Path):
+    work = Path(tempfile.mkdtemp(prefix="cslm_train_step_"))
+    try:
+        _run_benchmark(args, root, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_benchmark(args, root: Path, work: Path):
+    print(f"load average at the start: {load_probe.load_average()}", flush=True)
     malloc_tuned = False
     if args.keep_freed_memory:
-        from cslm_jax.train.cpu_malloc import keep_freed_memory
+        try:
+            from cslm_jax.train.cpu_malloc import keep_freed_memory
+        except ImportError:   # the flat layout before the packages (commit 059734b and earlier)
+            from cslm_jax.cpu_malloc import keep_freed_memory
         malloc_tuned = keep_freed_memory()
 
-    import jax
+    jax = load_probe.start_jax(args.xla_threads)
     import jax.numpy as jnp
     import numpy as np
     import torch
     import transformers
     from transformers import LlamaForCausalLM
 
-    from cslm_jax.storage.checkpoint import load_params, read_metadata
+    import cslm_jax
     from cslm_jax.config import OptimizerConfig
-    from cslm_jax.convert.hf import import_hf
-    from cslm_jax.demo.random_hf import llama3_rope_scaling, placeholder_tokenizer, write_random_hf_llama
-    from cslm_jax.train.metrics import flops_per_token, measure_matmul_peak
-    from cslm_jax.train.step import make_optimizer, make_train_step
+    try:
+        from cslm_jax.storage.checkpoint import load_params, read_metadata
+        from cslm_jax.convert.hf import import_hf
+        from cslm_jax.demo.random_hf import llama3_rope_scaling, placeholder_tokenizer, write_random_hf_llama
+        from cslm_jax.train.step import make_optimizer, make_train_step
+        try:
+            from cslm_jax.train.metrics import flops_per_token, measure_matmul_peak
+        except ImportError:   # before train/metrics.py (21c5896 and earlier)
+            from cslm_jax.train.loop import flops_per_token, measure_matmul_peak
+    except ImportError:   # the flat layout before the packages (commit 059734b and earlier)
+        from cslm_jax.checkpoint import load_params, read_metadata
+        from cslm_jax.convert import import_hf
+        from cslm_jax.random_hf import llama3_rope_scaling, placeholder_tokenizer, write_random_hf_llama
+        from cslm_jax.train import flops_per_token, measure_matmul_peak
+        from cslm_jax.train_step import make_optimizer, make_train_step
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.torch_threads or load_probe.usable_cores())
     print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores; "
           f"python {platform.python_version()}; jax {jax.__version__} ({jax.devices()[0].platform}, "
           f"{jax.device_count()} device); torch {torch.__version__} ({torch.get_num_threads()} "
           f"threads, {torch.get_num_interop_threads()} interop); transformers {transformers.__version__}")
-    print(f"load average at the start: {os.getloadavg()}")
+    print(f"cslm_jax: {Path(cslm_jax.__file__).parent} ({git_head(root)})")
+    print(load_probe.describe(torch))
     print(f"env: XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')!r}; glibc keep_freed_memory: "
           f"{'applied' if malloc_tuned else 'no'}")
@@ -197,13 +239,15 @@ def run(work: Path):
             fn()
     results = {name: [] for name in stacks}
     cpu = {name: [] for name in stacks}
+    probes = {name: [] for name in stacks}
     round_peaks = []
 
     def one_step(name, fn):
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn()
-        results[name].append(time.perf_counter() - t0)
-        cpu[name].append(time.process_time() - c0)
+        with load_probe.Probe() as p:
+            fn()
+        results[name].append(p.wall)
+        cpu[name].append(p.cpu)
+        probes[name].append(p)
 
     if args.sequential:
         for name, fn in stacks.items():
@@ -217,7 +261,7 @@ def run(work: Path):
                 one_step(name, fn)
     print(f"losses after {args.warmup + args.steps} steps: cslm_jax {state['loss']:.4f}"
           + ("" if args.skip_torch else f", torch {tstate['loss']:.4f}"))
-    print(f"load average at the end: {os.getloadavg()}")
+    print(f"load average at the end: {load_probe.load_average()}")
     if not args.skip_peak:
         round_peaks.append(max(measure_matmul_peak(n=2048, repeats=5), measure_matmul_peak(n=4096, repeats=5)))
         print("float32 matmul jax, measured between the rounds and after: "
@@ -232,10 +276,14 @@ def run(work: Path):
         flops = fpt * tokens / t
         print(f"{name:48s} {tokens / t:9.1f} {t * 1e3:8.0f} {flops / 1e9:8.1f} {flops / peak:6.1%} "
               f"{statistics.median(cpu[name]):6.1f}   " + " ".join(f"{x:.2f}" for x in times))
+    for name, times in results.items():
+        print(f"{name:48s} tokens/s min/median/max {load_probe.spread([tokens / t for t in times])}; "
+              f"{load_probe.probes_summary(probes[name])}")
     if len(results) == 2:
         (a, ta), (b, tb) = results.items()
         print(f"ratio cslm_jax / transformers (tokens/s, median step times): "
-              f"{statistics.median(tb) / statistics.median(ta):.2f}x")
+              f"{statistics.median(tb) / statistics.median(ta):.2f}x (per round "
+              f"{load_probe.spread([y / x for x, y in zip(ta, tb)], '{:.2f}')})")
     print(f"MFU: model FLOP/s / the best JAX float32 matmul measured in this run, {peak / 1e9:.1f} GFLOP/s. "
           f"CPU s: process CPU time per step (both threads)")
 
