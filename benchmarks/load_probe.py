@@ -74,7 +74,9 @@ def start_jax(xla_threads: int = 0):
 
 
 def xla_pool_threads() -> int:
-    """Threads of XLA:CPU's intra-op pool (named tf_XLAEigen) in this process."""
+    """Threads of XLA:CPU's intra-op pool (named tf_XLAEigen) in this process. One pool of one
+    thread per usable core with one CPU device; with `--xla_force_host_platform_device_count=8`
+    (the tests' setting) 8 were counted on 2 cores."""
     n = 0
     for tid in os.listdir("/proc/self/task"):
         try:
