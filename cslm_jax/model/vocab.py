@@ -232,6 +232,14 @@ def require_cslm_tokens(tokenizer, where: str, unit_count: int | None = None) ->
                          f"`cslm-jax import-hf`, or an export-hf folder)")
 
 
+def require_model_cslm_tokens(model_dir: str | Path, unit_count: int | None = None) -> None:
+    """`require_cslm_tokens` on a model folder's tokenizer (a checkpoint's tokenizer/, or a
+    Hugging Face folder itself), before its weights are loaded."""
+    model_dir = Path(model_dir)
+    tok_dir = model_dir / "tokenizer" if (model_dir / "cslm_checkpoint.json").is_file() else model_dir
+    require_cslm_tokens(load_tokenizer(tok_dir), str(tok_dir), unit_count)
+
+
 def check_layout(tokenizer, info: VocabInfo, where: str) -> None:
     """The tokenizer's ids agree with the layout: units and control tokens where it says."""
     vocab = tokenizer.get_vocab()
