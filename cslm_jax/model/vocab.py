@@ -227,7 +227,9 @@ def require_cslm_tokens(tokenizer, where: str, unit_count: int | None = None) ->
         wanted.append(unit_token(unit_count - 1))
     missing = [t for t in wanted if t not in vocab]
     if missing:
-        raise VocabError(f"{where}: the tokenizer lacks the CSLM token(s) {' '.join(missing)}; "
+        text_only = " (no speech units: a text-only tokenizer)" if unit_token(0) in missing else ""
+        raise VocabError(f"{where}: the tokenizer lacks the CSLM token(s) {' '.join(missing)}"
+                         f"{text_only}; "
                          f"give the CSLM-extended tokenizer (a checkpoint's tokenizer/, written by "
                          f"`cslm-jax import-hf`, or an export-hf folder)")
 

@@ -11,7 +11,9 @@ checkpoint and exit code 75 -> at the end `RUN_DIR/model/`, a model checkpoint t
 converts and `--init-from` starts the next stage from.
 
 Run folder:
-    config.yaml        the resolved run config (also inside every checkpoint, item `config`)
+    config.yaml        the resolved run config it started with (the current one is inside
+                       every checkpoint, item `config`); config.<N>.yaml: a changed config that
+                       a resume at step N brought in
     tokenizer/         the CSLM tokenizer the run trains with
     checkpoints/<N>/   Orbax: state (step, params, optimizer state), data (pipeline position per
                        process), config (run + model config + vocabulary)
@@ -19,9 +21,10 @@ Run folder:
     tensorboard/       the same scalars as TensorBoard events
     model/             the final parameters as a model checkpoint (when the run completes)
 
-Exit codes: 0 done; 75 preempted (SIGTERM): a checkpoint was written, run the same command
-again to resume; 3 a non-finite loss stopped the run (the last checkpoint is intact); 2 bad
-configuration or data.
+Exit codes: 0 done; 75 preempted (SIGTERM or Ctrl-C): a checkpoint was written, run the same
+command again to resume; 130 a second Ctrl-C aborted without one; 3 a non-finite loss stopped
+the run (the last checkpoint is intact); 2 bad configuration or data, or a resume whose config
+changes the optimisation (RESUME_FIXED) without allow_config_change.
 """
 from __future__ import annotations
 
