@@ -561,7 +561,7 @@ def _loop(run: Run, manager, data, state, train_fn, writer, start, flops_tok, pe
                 manager.save(step, args=save_args(state, data, config_item), force=True)
             if stop:
                 manager.wait_until_finished()
-                log(f"train: {preempt.signal_name or 'another process was stopped'}: checkpoint of step {step} written; "
+                log(f"train: {preempt.signal_name or 'SIGTERM/SIGINT to another process'}: checkpoint of step {step} written; "
                     f"exiting with code {EXIT_PREEMPTED}. Run the same command again to resume.")
                 return EXIT_PREEMPTED
         if not flush():
