@@ -311,7 +311,7 @@ def test_6_a_failed_start_leaves_nothing_behind(demo, ckpt, tmp_path, capsys):
     assert not (tmp_path / "answers").exists()
 
 
-# -- 7. Files follow the process umask ---------------------------------------------------------------
+# -- 7. Files follow the process umask -------------------------------------------------------------
 
 def modes(root: Path) -> dict:
     return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode)

@@ -5,8 +5,8 @@ from cslm_jax.resources import config_path
 def add_parser(sub):
     s = sub.add_parser("decode", help="answer spoken questions (one unit sequence per line) with "
                        "streamed transcript / text / speech chunks, as the reference's "
-                       "decode_general.py; writes OUT/responses.json and OUT/responses.jsonl (--append: "
-                       "adds to a folder that holds answers already)")
+                       "decode_general.py; writes OUT/responses.json and OUT/responses.jsonl "
+                       "(--append: adds to a folder that holds answers already)")
     s.add_argument("--lang", required=True, help="answer language: a language of --data-config "
                    "(the default config has en and zh)")
     s.add_argument("--cross-lingual", action="store_true", help="the questions are spoken in "

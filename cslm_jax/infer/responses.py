@@ -513,7 +513,7 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
     model_path = model_folder(ckpt, hf_dir)
     from cslm_jax.model.vocab import require_model_cslm_tokens
     require_model_cslm_tokens(model_path)             # before the weights load
-    tmp_root = out_dir.absolute()          # an HF folder's temporary checkpoint goes near the output
+    tmp_root = out_dir.absolute()       # an HF folder's temporary checkpoint goes near the output
     while not tmp_root.exists():
         tmp_root = tmp_root.parent
 

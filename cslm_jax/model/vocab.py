@@ -238,7 +238,8 @@ def require_model_cslm_tokens(model_dir: str | Path, unit_count: int | None = No
     """`require_cslm_tokens` on a model folder's tokenizer (a checkpoint's tokenizer/, or a
     Hugging Face folder itself), before its weights are loaded."""
     model_dir = Path(model_dir)
-    tok_dir = model_dir / "tokenizer" if (model_dir / "cslm_checkpoint.json").is_file() else model_dir
+    is_checkpoint = (model_dir / "cslm_checkpoint.json").is_file()
+    tok_dir = model_dir / "tokenizer" if is_checkpoint else model_dir
     require_cslm_tokens(load_tokenizer(tok_dir), str(tok_dir), unit_count)
 
 

@@ -111,8 +111,9 @@ def preflight(config, overrides, run_dir, init_from=None) -> RunConfig:
             raise TrainError("train: nothing to start from: set init_from in the config or pass "
                              "--init-from (a checkpoint written by `cslm-jax import-hf`)")
         resolve_model_dir(where, flag="--init-from" if init_from else "init_from")
-    data_overrides = [] if cfg.data.max_length is None else [f"packing.max_length={cfg.data.max_length}"]
-    data_cfg = load_data_config(cfg.data.config, data_overrides)
+    length = cfg.data.max_length
+    data_cfg = load_data_config(cfg.data.config, [] if length is None else
+                                [f"packing.max_length={length}"])
     if cfg.data.stage not in data_cfg.stages:
         raise ConfigError(f"data.stage is {cfg.data.stage!r}; {cfg.data.config} has stages "
                           f"{sorted(data_cfg.stages)}")
@@ -146,7 +147,8 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
         if key in RESUME_IGNORED or a.get(key, "(unset)") == b.get(key, "(unset)"):
             continue
         line = f"{key}: {a.get(key, '(unset)')} -> {b.get(key, '(unset)')}"
-        (fixed if any(key == f or key.startswith(f + ".") for f in RESUME_FIXED) else free).append(line)
+        is_fixed = any(key == f or key.startswith(f + ".") for f in RESUME_FIXED)
+        (fixed if is_fixed else free).append(line)
     return fixed, free
 
 
@@ -396,7 +398,10 @@ def train(cfg: RunConfig, run_dir: str | Path, init_from: str | Path | None = No
             elif run_dir.is_dir():
                 for name in set(os.listdir(run_dir)) - before:
                     p = run_dir / name
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
         raise
 
 
@@ -561,8 +566,9 @@ def _loop(run: Run, manager, data, state, train_fn, writer, start, flops_tok, pe
                 manager.save(step, args=save_args(state, data, config_item), force=True)
             if stop:
                 manager.wait_until_finished()
-                log(f"train: {preempt.signal_name or 'SIGTERM/SIGINT to another process'}: checkpoint of step {step} written; "
-                    f"exiting with code {EXIT_PREEMPTED}. Run the same command again to resume.")
+                name = preempt.signal_name or "SIGTERM/SIGINT to another process"
+                log(f"train: {name}: checkpoint of step {step} written; exiting with code "
+                    f"{EXIT_PREEMPTED}. Run the same command again to resume.")
                 return EXIT_PREEMPTED
         if not flush():
             manager.wait_until_finished()
