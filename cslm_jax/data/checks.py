@@ -36,7 +36,7 @@ def jsonl_examples(*, jsonl: str | Path, kind: str, data_config: str | Path,
                           f"kind {sorted(set(RECORD_KIND_OF_TASK.values()))}")
     cfg = load_data_config(data_config, check_files=False)
     tok = load_tokenizer(tokenizer_dir)
-    require_cslm_tokens(tok, str(tokenizer_dir), cfg.format.unit_count)
+    require_cslm_tokens(tok, str(tokenizer_dir))
     renderer = ChatRenderer(tok, max_length=cfg.max_length,
                             mask=cfg.format.loss_mask)
     shown = 0
@@ -64,7 +64,7 @@ def task_examples(*, task: str, split: str, data_config: str | Path,
 
     tok = load_tokenizer(tokenizer_dir)
     cfg = load_data_config(data_config)
-    require_cslm_tokens(tok, str(tokenizer_dir), cfg.format.unit_count)
+    require_cslm_tokens(tok, str(tokenizer_dir))
     register(cfg, tokenizer_dir)
     names = [s.name for s in cfg.tasks()] + [cfg.mixture_name(stage) for stage in cfg.stages]
     if task not in names:
