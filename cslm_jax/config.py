@@ -366,13 +366,34 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     for section in ("data", "train", "model", "mesh", "optimizer", "checkpoint"):
         if data.get(section) is None:
             data[section] = {}          # so that `section.key=value` overrides always apply
-    data = apply_overrides(data, list(overrides), where)
-    # overridden paths are relative to the working directory
-    over_keys = {tuple(parse_override(o)[0]) for o in overrides}
-    for keys in RUN_PATH_FIELDS:
-        if keys in over_keys:
-            _resolve_paths(data, Path.cwd())
-    return run_config_from_dict(data, where)
+    try:
+        data = apply_overrides(data, list(overrides), where)
+        # overridden paths are relative to the working directory
+        over_keys = {tuple(parse_override(o)[0]) for o in overrides}
+        for keys in RUN_PATH_FIELDS:
+            if keys in over_keys:
+                _resolve_paths(data, Path.cwd())
+        return run_config_from_dict(data, where)
+    except ConfigError as e:
+        raise _blame_override(e, overrides, where) from None
+
+
+def _blame_override(error: ConfigError, overrides, where: str) -> ConfigError:
+    """An error about a field some `key=value` override set names that override and the command
+    line, not the config file."""
+    message = str(error)
+    rest = message[len(where) + 2:] if message.startswith(f"{where}: ") else message
+    message = message.split("; known", 1)[0]          # not the list of known fields
+    for text in reversed(list(overrides)):
+        if "=" not in text:
+            continue
+        key = text.split("=", 1)[0]
+        section, _, field = key.partition(".")
+        if f"'{key}'" in message or f"{text!r}" in message or (
+                field and f"section '{section}'" in message
+                and (f"'{field}'" in message or f"['{field}']" in message)):
+            return ConfigError(f"command-line override {text!r}: {rest}")
+    return error
 
 
 def run_config_from_dict(data: dict, where: str = "run config") -> RunConfig:

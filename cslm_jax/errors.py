@@ -28,7 +28,11 @@ class OutputExistsError(CslmError):
 
 
 def check_output_dir(path: str | Path, force: bool, hint: str = "pass --force to replace it") -> None:
-    """Refuse a non-empty `path` (or a file there) unless `force`."""
+    """Refuse a non-empty `path` unless `force`, and a file there always (`force` replaces
+    folders only: a file is not an output this command wrote)."""
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not force:
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{path} is a file, not a folder; give a folder path (--force "
+                                f"replaces folders only)")
+    if path.exists() and any(path.iterdir()) and not force:
         raise OutputExistsError(f"{path} exists and is not empty; {hint}")

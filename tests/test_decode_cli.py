@@ -121,9 +121,10 @@ def test_decode_writes_the_reference_files_and_the_answer(cslm, tmp_path, capsys
     assert summary["tokens_before_first_speech"]["mean"] == sosp
     assert "time to first speech chunk" in out
 
-    # A second run appends (as the reference does); the cross-lingual prompt is the other one.
+    # A second run appends with --append (as the reference does); the cross-lingual prompt is
+    # the other one.
     code, _, err = decode(tmp_path, capsys, "--lang", "zh", "--cross-lingual", "--unit",
-                          str(cslm.units), "--hf-dir", str(cslm.hf), "--seed", "1")
+                          str(cslm.units), "--hf-dir", str(cslm.hf), "--seed", "1", "--append")
     assert code == 0, err
     records = read_jsonl(tmp_path / "out" / "responses.jsonl")
     assert len(records) == len(read_results(tmp_path / "out" / "responses.json")) == 6
@@ -181,7 +182,8 @@ def test_a_run_folder_is_accepted_as_ckpt_in_either_compute_dtype(cslm, tmp_path
     for i, (dtype, says) in enumerate([("float32", "CPU decoding kernel: on"),
                                        ("bfloat16", "not used for bfloat16")]):
         code, out, err = decode(tmp_path, capsys, "--lang", "en", "--unit", str(single), "--ckpt",
-                                str(run), "--greedy", "--compute-dtype", dtype)
+                                str(run), "--greedy", "--compute-dtype", dtype,
+                                *(["--append"] if i else []))
         assert code == 0, err
         assert says in out
         assert read_jsonl(tmp_path / "out" / "responses.jsonl")[i]["output_ids"] == cslm.answer_ids

@@ -5,7 +5,8 @@ from cslm_jax.resources import config_path
 def add_parser(sub):
     s = sub.add_parser("decode", help="answer spoken questions (one unit sequence per line) with "
                        "streamed transcript / text / speech chunks, as the reference's "
-                       "decode_general.py; appends OUT/responses.json and OUT/responses.jsonl")
+                       "decode_general.py; writes OUT/responses.json and OUT/responses.jsonl "
+                       "(--append: adds to a folder that holds answers already)")
     s.add_argument("--lang", required=True, help="answer language: a language of --data-config "
                    "(the default config has en and zh)")
     s.add_argument("--cross-lingual", action="store_true", help="the questions are spoken in "
@@ -26,6 +27,8 @@ def add_parser(sub):
                    "assistant header); reference: the prompt and responses.json 'result' exactly "
                    "as the authors' decode_general.py builds them (for numbers comparable with "
                    "the paper's; see README)")
+    s.add_argument("--append", action="store_true", help="add the answers after those an "
+                   "existing --output-dir already holds (without it such a folder is refused)")
     s.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
     s.add_argument("--temperature", type=float, default=1.0, help="default: %(default)s (reference)")
     s.add_argument("--top-p", type=float, default=0.7, help="default: %(default)s (reference)")
@@ -55,5 +58,6 @@ def run(args) -> int:
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                      chunk_size=args.chunk_size, stream=args.stream,
                      compute_dtype=args.compute_dtype, prompt_style=args.prompt_style,
+                     append=args.append,
                      log=lambda msg: print(msg, flush=True))
     return 0

@@ -4,7 +4,8 @@
 def add_parser(sub):
     s = sub.add_parser("export-hf", help="write a Hugging Face LlamaForCausalLM folder from a "
                        "cslm_jax checkpoint")
-    s.add_argument("--ckpt", required=True, help="cslm_jax model checkpoint folder")
+    s.add_argument("--ckpt", required=True, help="cslm_jax model checkpoint folder, or a finished "
+                   "train run folder (its model/)")
     s.add_argument("--out", required=True, help="folder to write (must be empty unless --force)")
     s.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     s.add_argument("--max-shard-size-mb", type=float, default=5 * 1024,

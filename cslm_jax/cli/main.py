@@ -28,20 +28,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A CslmError (bad input, configuration, data or checkpoint) is printed as
     one line, `cslm-jax COMMAND: error: MESSAGE`, and returns exit code 2; anything else is a bug
-    and propagates with its traceback (exit code 1)."""
+    and propagates with its traceback (exit code 1). Ctrl-C outside a training loop (which
+    checkpoints first, exit code 75) ends the command with one line and exit code 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
     module = args.module
-    if hasattr(module, "check"):
-        module.check(args, args.subparser)
-    setup.prepare(trains=getattr(module, "TRAINS", False),
-                  tensorflow=module.uses_tensorflow(args) if hasattr(module, "uses_tensorflow")
-                  else False)
+    setup.prepare(trains=getattr(module, "TRAINS", False), tensorflow=False)
     try:
+        # Arguments and paths are checked before any heavy work (TensorFlow's start-up included)
+        if hasattr(module, "check"):
+            module.check(args, args.subparser)
+        if hasattr(module, "uses_tensorflow") and module.uses_tensorflow(args):
+            setup.start_tensorflow()
         return module.run(args)
     except CslmError as e:
         print(f"cslm-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"cslm-jax {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

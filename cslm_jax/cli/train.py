@@ -16,7 +16,9 @@ overrides (key=value, values parsed as YAML; sections of the run config, see con
   data.config=FILE data.stage=pretrain data.max_length=1024 train.on_nonfinite=stop|skip
 
 exit codes: 0 done; 75 preempted (SIGTERM: checkpoint written, rerun the same command to
-resume); 3 non-finite loss (last checkpoint intact); 2 bad configuration or data.
+resume); 3 non-finite loss (last checkpoint intact); 2 bad configuration or data, or a
+resume whose config changes the optimisation (see --allow-config-change). Ctrl-C (SIGINT)
+does what SIGTERM does; a second Ctrl-C aborts at once (exit 130) without a checkpoint.
 """
 
 
@@ -46,8 +48,19 @@ def add_parser(sub):
     g.add_argument("--data-shards", type=int, default=None,
                    help="input shards of a new run (default: one per process); fixed for the "
                    "run, so it can resume on any process count that divides it")
+    s.add_argument("--allow-config-change", action="store_true", help="resume even though the "
+                   "config changes how the run optimises (optimizer, steps, batch, data, model "
+                   "fields); without it such a resume is refused with the list of changes")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return s
+
+
+def check(args, parser) -> None:
+    """Before TensorFlow starts or anything is printed or written: the run folder, the config,
+    and (for a new run) init_from and the data config's stage."""
+    from cslm_jax.train.loop import preflight
+
+    preflight(args.config, args.overrides, args.run_dir, init_from=args.init_from)
 
 
 def run(args) -> int:
@@ -68,4 +81,5 @@ def run(args) -> int:
         print(f"# run config ({args.config}{extra})")
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="", flush=True)
     return train(cfg, args.run_dir, init_from=args.init_from, data_shards=args.data_shards,
+                 allow_config_change=args.allow_config_change,
                  log=print if primary else (lambda *a, **k: None))

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from cslm_jax.storage.checkpoint import (atomic_dir, iter_params, param_names, read_metadata,
-                                 save_model_checkpoint)
+                                 resolve_model_dir, save_model_checkpoint)
 from cslm_jax.errors import CslmError, check_output_dir
 from cslm_jax.config import ConfigError, ModelConfig, check_rope_scaling, pad_to_multiple
 from cslm_jax.model.schema import Weight, hf_shape, param_shapes, weights
@@ -409,8 +409,8 @@ def export_hf(ckpt, out, dtype: str = "bfloat16", force: bool = False,
 
     if dtype not in NP_DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(NP_DTYPES)}, got {dtype!r}")
-    ckpt = Path(ckpt)
     check_output_dir(out, force)
+    ckpt = resolve_model_dir(ckpt, flag="--ckpt")      # a checkpoint, or a run folder's model/
     meta, cfg, vocab = read_metadata(ckpt)
     np_dtype = NP_DTYPES[dtype]
     tok_dir = ckpt / "tokenizer"

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cslm_jax.config import ConfigError
+from cslm_jax.errors import DataError
 from cslm_jax.data.formats import (RECORD_KIND_OF_TASK, TASK_KINDS, ChatRenderer, FormatConfig,
                                    examples, load_data_config, read_jsonl)
 
@@ -17,6 +18,8 @@ def validate_file(path: str | Path, *, fmt: FormatConfig, kind: str | None = Non
     `skip_bad`: the first bad record raises RecordError naming file, line and field."""
     skipped: list = []
     kinds = collections.Counter(k for _, k, _ in read_jsonl(path, kind, fmt, skip_bad, skipped))
+    if not kinds and not skipped:
+        raise DataError(f"{path}: empty (no records); a corpus needs at least one JSON line")
     return kinds, skipped
 
 
@@ -24,7 +27,7 @@ def jsonl_examples(*, jsonl: str | Path, kind: str, data_config: str | Path,
                    tokenizer_dir: str | Path, n: int) -> Iterator[dict]:
     """The first `n` rendered examples of a JSONL file, as `kind` (a task kind, or a record kind:
     every task kind it feeds): {source, text, input_ids, loss_mask, truncated}."""
-    from cslm_jax.model.vocab import load_tokenizer
+    from cslm_jax.model.vocab import load_tokenizer, require_cslm_tokens
 
     task_kinds = [kind] if kind in TASK_KINDS else \
         [t for t, r in RECORD_KIND_OF_TASK.items() if r == kind]
@@ -32,7 +35,9 @@ def jsonl_examples(*, jsonl: str | Path, kind: str, data_config: str | Path,
         raise ConfigError(f"--kind {kind!r}: expected a task kind {TASK_KINDS} or a record "
                           f"kind {sorted(set(RECORD_KIND_OF_TASK.values()))}")
     cfg = load_data_config(data_config, check_files=False)
-    renderer = ChatRenderer(load_tokenizer(tokenizer_dir), max_length=cfg.max_length,
+    tok = load_tokenizer(tokenizer_dir)
+    require_cslm_tokens(tok, str(tokenizer_dir))
+    renderer = ChatRenderer(tok, max_length=cfg.max_length,
                             mask=cfg.format.loss_mask)
     shown = 0
     record_kind = RECORD_KIND_OF_TASK[task_kinds[0]]
@@ -54,11 +59,12 @@ def task_examples(*, task: str, split: str, data_config: str | Path,
     tokenizer): {source, text, input_ids, loss_mask}."""
     import seqio
 
-    from cslm_jax.model.vocab import load_tokenizer
+    from cslm_jax.model.vocab import load_tokenizer, require_cslm_tokens
     from cslm_jax.tasks.cslm import register
 
     tok = load_tokenizer(tokenizer_dir)
     cfg = load_data_config(data_config)
+    require_cslm_tokens(tok, str(tokenizer_dir))
     register(cfg, tokenizer_dir)
     names = [s.name for s in cfg.tasks()] + [cfg.mixture_name(stage) for stage in cfg.stages]
     if task not in names:

@@ -555,17 +555,28 @@ def loss_mask(ids: Sequence[int], user: Sequence[int], assistant: Sequence[int],
     return mask
 
 
+def _lines(f, path) -> Iterator[str]:
+    """The lines of a file opened in binary, decoded; DataError naming the file and line where
+    one is not UTF-8."""
+    for n, raw in enumerate(f, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the "
+                            f"line); JSONL corpora must be UTF-8") from None
+
+
 def read_jsonl(path, kind: str | None, cfg: FormatConfig, skip_bad: bool = False,
                skipped: list | None = None) -> Iterator[tuple[str, str, dict]]:
     """(where, kind, record) for each valid line of a JSONL file. Strict by default: the first bad
     record raises RecordError naming file, line and field. With skip_bad, bad records are
     appended to `skipped` (as RecordErrors) instead."""
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     with f:
-        for n, line in enumerate(f, start=1):
+        for n, line in enumerate(_lines(f, path), start=1):
             where = f"{path}:{n}"
             if not line.strip():
                 err = RecordError(where, "<json>", "empty line")

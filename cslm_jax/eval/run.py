@@ -352,6 +352,9 @@ def evaluate_task(*, config: str | Path, task: str, ckpt: str | None = None,
 
     model_path = (resolve_model_dir(ckpt, flag="--ckpt", hf=True) if ckpt
                   else default_checkpoint(config))
+    if spec.kind in SPEECH_KINDS:                       # before the weights load
+        from cslm_jax.model.vocab import require_model_cslm_tokens
+        require_model_cslm_tokens(model_path)
     from cslm_jax.infer.decode import decoding_params, load_for_decoding
 
     t0 = time.perf_counter()

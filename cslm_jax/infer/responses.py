@@ -440,12 +440,41 @@ def model_folder(ckpt: str | None, hf_dir: str | None) -> Path:
     return path
 
 
+def check_decode_arguments(sampling, *, batch_size: int, max_new_tokens: int,
+                           chunk_size: int) -> None:
+    """The decode command's numbers, named by their flags (before any model loads)."""
+    for flag, value in (("--batch-size", batch_size), ("--max-new-tokens", max_new_tokens),
+                        ("--chunk-size", chunk_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{flag} must be a positive integer, got {value}")
+    if not sampling.greedy:
+        if not sampling.temperature > 0:
+            raise ConfigError(f"--temperature must be > 0 when sampling (or pass --greedy), got "
+                              f"{sampling.temperature}")
+        if not 0 < sampling.top_p <= 1:
+            raise ConfigError(f"--top-p must be in (0, 1], got {sampling.top_p}")
+
+
+ANSWER_FILES = ("responses.json", "responses.jsonl")
+
+
+def check_decode_output(out_dir: Path, append: bool) -> None:
+    """--output-dir must be a folder (or not exist yet); one that holds answers already is
+    refused unless `append` (the new answers are then added after them)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--output-dir {out_dir}: is a file, not a folder")
+    held = [n for n in ANSWER_FILES if (out_dir / n).is_file() and (out_dir / n).stat().st_size]
+    if held and not append:
+        raise ConfigError(f"--output-dir {out_dir}: already holds answers ({', '.join(held)}); "
+                          f"pass --append to add these after them, or give another folder")
+
+
 def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str,
                      data_config: str | Path, cross_lingual: bool = False,
                      ckpt: str | None = None, hf_dir: str | None = None, sampling=None,
                      max_new_tokens: int = 2048, batch_size: int = 1, chunk_size: int = 1,
                      stream: bool = False, compute_dtype: str | None = None,
-                     prompt_style: str = "training",
+                     prompt_style: str = "training", append: bool = False,
                      log: Callable[[str], None] = print) -> dict:
     """The `decode` command: answer every question of `unit_file` in `lang` (a language of
     `data_config`, which gives the prompt, chunk unit and merge_repeats), appending
@@ -458,7 +487,11 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
     renders it, with units merged as the data config says; responses.json holds the generated
     text. "reference": the prompt and `result` exactly as the reference's decode scripts make
     them (`reference_prompt`, `reference_result`; the line's units as given), for numbers
-    comparable with the paper's; responses.jsonl keeps the parsed fields either way."""
+    comparable with the paper's; responses.jsonl keeps the parsed fields either way.
+
+    Every argument and path is checked before the model loads; an output folder that already
+    holds answers is refused unless `append`; the folder is created with the first answers (a
+    failed start leaves none behind)."""
     from cslm_jax.data.formats import load_data_config
     from cslm_jax.infer.decode import Sampling, decoding_params, load_for_decoding
 
@@ -467,6 +500,10 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
         raise ConfigError(f"--prompt-style must be one of {', '.join(PROMPT_STYLES)}, got "
                           f"{prompt_style!r}")
     reference = prompt_style == "reference"
+    check_decode_arguments(sampling, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           chunk_size=chunk_size)
+    out_dir = Path(output_dir)
+    check_decode_output(out_dir, append)
 
     say = log
     fmt = load_data_config(data_config, check_files=False).format
@@ -474,11 +511,14 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
     merge = fmt.merge_repeats
     questions = read_unit_file(unit_file)          # syntax first: fail before loading a model
     model_path = model_folder(ckpt, hf_dir)
-    out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from cslm_jax.model.vocab import require_model_cslm_tokens
+    require_model_cslm_tokens(model_path)             # before the weights load
+    tmp_root = out_dir.absolute()       # an HF folder's temporary checkpoint goes near the output
+    while not tmp_root.exists():
+        tmp_root = tmp_root.parent
 
     t_load = time.perf_counter()
-    cfg, params, tok, vocab = load_for_decoding(model_path, tmp_dir=out_dir,
+    cfg, params, tok, vocab = load_for_decoding(model_path, tmp_dir=tmp_root,
                                                 compute_dtype=compute_dtype)
     if not vocab.unit_count or "<sosp>" not in vocab.control_tokens:
         raise UnitFileError(f"{model_path}: the model's vocabulary has no speech units "
@@ -528,6 +568,7 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
             r.update(source=str(unit_file), line=r["index"] + 1, lang=lang,
                      cross_lingual=bool(cross_lingual), prompt_style=prompt_style)
         # Appended batch by batch, both files in step: an interrupted run keeps what it finished.
+        out_dir.mkdir(parents=True, exist_ok=True)
         append_results(out_dir / "responses.json", [r["result"] for r in batch])
         with open(out_dir / "responses.jsonl", "a", encoding="utf-8") as f:
             for r in batch:
@@ -544,6 +585,7 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
                    chunk_size=chunk_size, greedy=bool(sampling.greedy), decode_s=decode_s,
                    compile_s=compile_s,
                    tokens_per_s=sum(len(r["output_ids"]) for r in records) / max(decode_s, 1e-9))
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "latency_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     say(format_summary(summary))
     say(f"decode: appended {len(records)} line(s) to {out_dir / 'responses.json'} and "

@@ -217,6 +217,32 @@ def extend_tokenizer(tokenizer, unit_count: int, base_size: int, where: str = "t
     return info
 
 
+def require_cslm_tokens(tokenizer, where: str, unit_count: int | None = None) -> None:
+    """Refuse a tokenizer that lacks the CSLM tokens (the control tokens and the units
+    `<0>`..`<unit_count - 1>`, each one token): with it `<sosp>` and `<12>` would be split into
+    characters and the data or prompts silently mean something else. VocabError names them."""
+    vocab = tokenizer.get_vocab()
+    wanted = list(CONTROL_TOKENS) + [unit_token(0)]
+    if unit_count:
+        wanted.append(unit_token(unit_count - 1))
+    missing = [t for t in wanted if t not in vocab]
+    if missing:
+        text_only = " (no speech units: a text-only tokenizer)" if unit_token(0) in missing else ""
+        raise VocabError(f"{where}: the tokenizer lacks the CSLM token(s) {' '.join(missing)}"
+                         f"{text_only}; "
+                         f"give the CSLM-extended tokenizer (a checkpoint's tokenizer/, written by "
+                         f"`cslm-jax import-hf`, or an export-hf folder)")
+
+
+def require_model_cslm_tokens(model_dir: str | Path, unit_count: int | None = None) -> None:
+    """`require_cslm_tokens` on a model folder's tokenizer (a checkpoint's tokenizer/, or a
+    Hugging Face folder itself), before its weights are loaded."""
+    model_dir = Path(model_dir)
+    is_checkpoint = (model_dir / "cslm_checkpoint.json").is_file()
+    tok_dir = model_dir / "tokenizer" if is_checkpoint else model_dir
+    require_cslm_tokens(load_tokenizer(tok_dir), str(tok_dir), unit_count)
+
+
 def check_layout(tokenizer, info: VocabInfo, where: str) -> None:
     """The tokenizer's ids agree with the layout: units and control tokens where it says."""
     vocab = tokenizer.get_vocab()

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from cslm_jax.config import ConfigError, ModelConfig
-from cslm_jax.errors import CslmError
+from cslm_jax.errors import CslmError, check_output_dir
 from cslm_jax.model.vocab import VocabError, VocabInfo
 
 META_FILE = "cslm_checkpoint.json"
@@ -47,8 +47,7 @@ def atomic_dir(target: Path, force: bool = False):
     from cslm_jax.parallel.distributed import barrier, broadcast_int
 
     target = Path(target).absolute()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
-        raise FileExistsError(f"{target} exists and is not empty; pass --force to replace it")
+    check_output_dir(target, force)
     primary = jax.process_index() == 0
     tag = f"{broadcast_int(uuid.uuid4().int >> 68):08x}"    # process 0's 60 random bits
     tmp = target.parent / f".{target.name}.partial-{tag}"
@@ -64,8 +63,36 @@ def atomic_dir(target: Path, force: bool = False):
         raise
     barrier(f"cslm_jax: {tmp} written")
     if primary:
+        apply_umask(tmp)
         _replace_dir(tmp, target)
     barrier(f"cslm_jax: {target} in place")
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (os.umask would set it
+    for a moment, under other threads' feet)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def apply_umask(root: Path) -> None:
+    """Give every file and folder under `root` (itself included) the mode the process umask
+    gives new ones (0644 / 0755 under umask 0022): some writers (safetensors) create files
+    0600, which others on a shared file system could not read."""
+    umask = process_umask()
+    for dirpath, dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~umask)
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~umask)
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:

@@ -11,7 +11,9 @@ checkpoint and exit code 75 -> at the end `RUN_DIR/model/`, a model checkpoint t
 converts and `--init-from` starts the next stage from.
 
 Run folder:
-    config.yaml        the resolved run config (also inside every checkpoint, item `config`)
+    config.yaml        the resolved run config it started with (the current one is inside
+                       every checkpoint, item `config`); config.<N>.yaml: a changed config that
+                       a resume at step N brought in
     tokenizer/         the CSLM tokenizer the run trains with
     checkpoints/<N>/   Orbax: state (step, params, optimizer state), data (pipeline position per
                        process), config (run + model config + vocabulary)
@@ -19,13 +21,15 @@ Run folder:
     tensorboard/       the same scalars as TensorBoard events
     model/             the final parameters as a model checkpoint (when the run completes)
 
-Exit codes: 0 done; 75 preempted (SIGTERM): a checkpoint was written, run the same command
-again to resume; 3 a non-finite loss stopped the run (the last checkpoint is intact); 2 bad
-configuration or data.
+Exit codes: 0 done; 75 preempted (SIGTERM or Ctrl-C): a checkpoint was written, run the same
+command again to resume; 130 a second Ctrl-C aborted without one; 3 a non-finite loss stopped
+the run (the last checkpoint is intact); 2 bad configuration or data, or a resume whose config
+changes the optimisation (RESUME_FIXED) without allow_config_change.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import time
 from pathlib import Path
@@ -74,6 +78,78 @@ def opt_state_shardings(abstract_opt_state, params_sharding: dict, params_shape:
         return replicated
 
     return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
+
+
+# -- checks before the run starts ------------------------------------------------------------------
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a committed training checkpoint (a resume, not a new run)."""
+    ckpts = Path(run_dir) / "checkpoints"
+    return ckpts.is_dir() and any(p.name.isdigit() and p.is_dir() for p in ckpts.iterdir())
+
+
+def check_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainError(f"--run-dir {run_dir}: is a file, not a folder; give a folder (a new one "
+                         f"starts a run, an existing run folder resumes it)")
+
+
+def preflight(config, overrides, run_dir, init_from=None) -> RunConfig:
+    """What `cslm-jax train` checks before TensorFlow starts and before anything is printed or
+    written: the run folder, the config (overrides named as such), and for a new run its
+    init_from and the data config's stage. Raises CslmError; returns the run config."""
+    from cslm_jax.config import load_run_config
+    from cslm_jax.data.formats import load_data_config
+    from cslm_jax.storage.checkpoint import resolve_model_dir
+
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir)
+    cfg = load_run_config(config, overrides)
+    if not has_checkpoint(run_dir):
+        where = init_from or cfg.init_from
+        if not where:
+            raise TrainError("train: nothing to start from: set init_from in the config or pass "
+                             "--init-from (a checkpoint written by `cslm-jax import-hf`)")
+        resolve_model_dir(where, flag="--init-from" if init_from else "init_from")
+    length = cfg.data.max_length
+    data_cfg = load_data_config(cfg.data.config, [] if length is None else
+                                [f"packing.max_length={length}"])
+    if cfg.data.stage not in data_cfg.stages:
+        raise ConfigError(f"data.stage is {cfg.data.stage!r}; {cfg.data.config} has stages "
+                          f"{sorted(data_cfg.stages)}")
+    return cfg
+
+
+# Fields of a run config that change how an existing run optimises: a resume that changes one is
+# refused unless allowed (--allow-config-change). Every other field may change (shown on resume).
+RESUME_FIXED = ("optimizer", "train.steps", "train.global_batch_size", "train.micro_batch_size",
+                "data", "model")
+RESUME_IGNORED = ("path", "optimizer.total_steps")      # informational / follows train.steps
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(fixed, free): 'field: old -> new' for each field that differs between two run configs
+    (dicts), split by whether a resume may change it freely (RESUME_FIXED)."""
+    a, b = _flatten(old), _flatten(new)
+    fixed, free = [], []
+    for key in sorted(set(a) | set(b)):
+        if key in RESUME_IGNORED or a.get(key, "(unset)") == b.get(key, "(unset)"):
+            continue
+        line = f"{key}: {a.get(key, '(unset)')} -> {b.get(key, '(unset)')}"
+        is_fixed = any(key == f or key.startswith(f + ".") for f in RESUME_FIXED)
+        (fixed if is_fixed else free).append(line)
+    return fixed, free
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -206,6 +282,9 @@ def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=prin
     if cfg.data.stage not in data_cfg.stages:
         raise ConfigError(f"data.stage is {cfg.data.stage!r}; {cfg.data.config} has stages "
                           f"{sorted(data_cfg.stages)}")
+    from cslm_jax.model.vocab import load_tokenizer, require_cslm_tokens
+    require_cslm_tokens(load_tokenizer(run_dir / "tokenizer"), str(run_dir / "tokenizer"),
+                        data_cfg.format.unit_count)
     [mixture] = register(data_cfg, run_dir / "tokenizer", stages=[cfg.data.stage])
     task_names = [s.name for s in data_cfg.tasks(cfg.data.stage)]
     run = Run(cfg, run_dir, model_cfg, vocab, source_meta, layout, task_names, mixture,
@@ -291,19 +370,48 @@ def _row(run: Run, step: int, m: dict, elapsed: float, tokens: int, flops_tok: f
 
 
 def train(cfg: RunConfig, run_dir: str | Path, init_from: str | Path | None = None,
-          log=print, on_step=None, data_shards: int | None = None) -> int:
+          log=print, on_step=None, data_shards: int | None = None,
+          allow_config_change: bool = False) -> int:
     """Run (or resume) one stage; returns an exit code (module docstring). `on_step(step)` is
     called after each step is dispatched (tests use it to deliver signals at a known step).
     `data_shards`: input shards of a new run (default: one per process, see
     cslm_jax.parallel.distributed). With several processes, all of them call this with the same
-    arguments and a `run_dir` they all see."""
+    arguments and a `run_dir` they all see.
+
+    A resume whose config changes a RESUME_FIXED field is refused (TrainError listing every
+    change) unless `allow_config_change`; other changes are logged. config.yaml keeps the config
+    the run started with, config.<step>.yaml each changed config from the step it resumed at. A
+    new run that fails before its first checkpoint leaves the file system as it was."""
+    run_dir = Path(run_dir).absolute()
+    check_run_dir(run_dir)
+    fresh = not has_checkpoint(run_dir)
+    before = set(os.listdir(run_dir)) if run_dir.is_dir() else None
+    top = run_dir                     # the topmost folder this call creates
+    while not top.parent.exists():
+        top = top.parent
+    try:
+        return _train(cfg, run_dir, init_from, log, on_step, data_shards, allow_config_change)
+    except BaseException:
+        if fresh and not has_checkpoint(run_dir) and jax.process_index() == 0:
+            if before is None:
+                shutil.rmtree(top, ignore_errors=True)
+            elif run_dir.is_dir():
+                for name in set(os.listdir(run_dir)) - before:
+                    p = run_dir / name
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
+        raise
+
+
+def _train(cfg, run_dir: Path, init_from, log, on_step, data_shards, allow_config_change) -> int:
     from cslm_jax.storage.checkpoint import (remove_partial_checkpoints, save_model_checkpoint,
                                      train_checkpoint_manager, train_restore_args, train_save_args)
     from cslm_jax.data.pipeline import BatchIterator
     from cslm_jax.parallel.distributed import ProcessInput, check_shared_dir
     from cslm_jax.model.vocab import load_tokenizer
 
-    run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     check_shared_dir(run_dir)
     t = cfg.train
@@ -316,10 +424,11 @@ def train(cfg: RunConfig, run_dir: str | Path, init_from: str | Path | None = No
     manager = train_checkpoint_manager(run_dir / "checkpoints", cfg.checkpoint.every,
                                        cfg.checkpoint.keep, cfg.checkpoint.async_save)
     try:
+        if manager.latest_step() is not None:
+            _check_resume_config(cfg, run_dir, manager, allow_config_change, log)
         run, latest, init = prepare_run(cfg, run_dir, manager, init_from, log, data_shards)
-        if jax.process_index() == 0:
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False,
-                                                                allow_unicode=True))
+        if jax.process_index() == 0 and not (run_dir / "config.yaml").exists():
+            _write_config(run_dir / "config.yaml", cfg)
         log(f"train: {run.mixture} ({len(run.task_names)} tasks), {run.model_cfg.num_params() / 1e6:.1f}M "
             f"params, mesh {dict(run.layout.mesh.shape)} over {run.layout.mesh.size} {jax.devices()[0].platform} "
             f"device(s), {jax.process_count()} process(es); batch {t.global_batch_size} x "
@@ -366,6 +475,29 @@ def train(cfg: RunConfig, run_dir: str | Path, init_from: str | Path | None = No
             return EXIT_OK
     finally:
         manager.close()
+
+
+def _write_config(path: Path, cfg: RunConfig) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+def _check_resume_config(cfg: RunConfig, run_dir: Path, manager, allow: bool, log) -> None:
+    """Compare the config with the latest checkpoint's (see `train`)."""
+    from cslm_jax.storage.checkpoint import read_train_config
+
+    latest = manager.latest_step()
+    saved = read_train_config(manager, latest).get("run", {})
+    fixed, free = config_changes(saved, cfg.to_dict())
+    if fixed and not allow:
+        raise TrainError(f"{run_dir}: resuming at step {latest} with a config that changes how the "
+                         f"run optimises: {'; '.join(fixed)}. Rerun with the run's settings, start "
+                         f"a new --run-dir (--init-from {run_dir} takes its parameters), or pass "
+                         f"--allow-config-change to resume with these")
+    if fixed or free:
+        log(f"train: resuming at step {latest} with changed settings: {'; '.join(fixed + free)}"
+            f" (kept in {run_dir / f'config.{latest}.yaml'}; config.yaml keeps the first)")
+        if jax.process_index() == 0:
+            _write_config(run_dir / f"config.{latest}.yaml", cfg)
 
 
 def _final_params(run: Run, manager, step: int):
@@ -434,7 +566,8 @@ def _loop(run: Run, manager, data, state, train_fn, writer, start, flops_tok, pe
                 manager.save(step, args=save_args(state, data, config_item), force=True)
             if stop:
                 manager.wait_until_finished()
-                log(f"train: SIGTERM: checkpoint of step {step} written; exiting with code "
+                name = preempt.signal_name or "SIGTERM/SIGINT to another process"
+                log(f"train: {name}: checkpoint of step {step} written; exiting with code "
                     f"{EXIT_PREEMPTED}. Run the same command again to resume.")
                 return EXIT_PREEMPTED
         if not flush():

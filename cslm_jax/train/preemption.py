@@ -1,33 +1,54 @@
-"""Preemption: SIGTERM (a TPU VM's preemption notice) sets a flag the training loop reads
-between steps; with several processes, any one's flag stops them all at the same step."""
+"""Preemption and interruption: SIGTERM (a TPU VM's preemption notice, `kill`) and SIGINT (Ctrl-C
+at a terminal) set a flag the training loop reads between steps: it finishes the step, writes a
+checkpoint and exits with code 75. A second SIGINT aborts at once (exit code 130) without one.
+With several processes, any one's flag stops them all at the same step."""
 from __future__ import annotations
 
+import os
 import signal
+import sys
 
 import jax
 import numpy as np
 
+EXIT_ABORTED = 130           # the shell's code for a process ended by Ctrl-C
+
 
 class PreemptionFlag:
-    """Set by SIGTERM (the TPU VM preemption notice, `kill`, Kubernetes); read between steps.
-    With several processes, any process's flag stops all of them at the same step."""
+    """Set by SIGTERM or a first SIGINT; read between steps. A second SIGINT ends the process at
+    once with code 130, saying so. With several processes, any process's flag stops all of them
+    at the same step."""
 
     def __init__(self):
         self.raised = False
-        self._previous = None
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame):
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            _say("train: second Ctrl-C (SIGINT): aborting now, without a checkpoint; the run "
+                 "resumes from its last complete checkpoint")
+            os._exit(EXIT_ABORTED)
+        if signum == signal.SIGINT:
+            _say("train: Ctrl-C (SIGINT): finishing this step and writing a checkpoint; press "
+                 "Ctrl-C again to abort without one")
+        if not self.raised:
+            self.signal_name = name
+        self.raised = True
 
     def __enter__(self):
-        def handler(signum, frame):
-            self.raised = True
-        try:
-            self._previous = signal.signal(signal.SIGTERM, handler)
-        except ValueError:           # not the main thread: the caller handles signals itself
-            self._previous = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:       # not the main thread: the caller handles signals itself
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
     def agreed(self) -> bool:
         if jax.process_count() == 1:
@@ -35,3 +56,12 @@ class PreemptionFlag:
         from jax.experimental import multihost_utils
         flags = multihost_utils.process_allgather(np.int32(self.raised))
         return bool(np.max(flags))
+
+
+def _say(message: str) -> None:
+    """A line on stderr from a signal handler (os.write: no buffered stream is re-entered)."""
+    try:
+        sys.stdout.flush()
+    except Exception:
+        pass
+    os.write(2, (message + "\n").encode())
