@@ -21,6 +21,7 @@ from cslm_jax.config import load_run_config
 from cslm_jax.errors import CslmError
 from cslm_jax.train.loop import EXIT_OK, EXIT_PREEMPTED, TrainError, train
 from conftest import REPO
+from test_train import base_ckpt  # noqa: F401  (the fixture, shared)
 
 CONFIG = REPO / "configs" / "demo.yaml"
 CLI = [sys.executable, "-c",
@@ -44,19 +45,10 @@ def one_error_line(err: str, command: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, demo):
-    """A tiny random HF Llama imported with the demo's 256 speech units."""
-    from cslm_jax.convert.hf import import_hf
-    from cslm_jax.demo.corpus import UNIT_COUNT
-    from cslm_jax.demo.random_hf import write_random_hf_llama
-    from cslm_jax.model.vocab import load_tokenizer
-
-    data_dir, _ = demo
-    root = tmp_path_factory.mktemp("failclean_base")
-    write_random_hf_llama(root / "hf", load_tokenizer(data_dir / "tokenizer"), hidden_size=32,
-                          intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                          weight_std=0.05)
-    return import_hf(root / "hf", root / "ckpt", speech_units=UNIT_COUNT, log=quiet)
+def ckpt(base_ckpt):
+    """The tiny random HF Llama with the demo's 256 speech units that test_train builds (once per
+    session; its HF folder is the checkpoint's sibling `hf/`)."""
+    return base_ckpt
 
 
 def overrides(demo, ckpt, *extra):
