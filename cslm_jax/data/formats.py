@@ -634,6 +634,7 @@ class TaskSpec:
     train: tuple[str, ...]
     validation: tuple[str, ...]
     name: str
+    tfds: object = None            # a `sources.TfdsSpec` when the entry reads a TFDS dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -662,6 +663,7 @@ def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = Tr
     from pathlib import Path
 
     from cslm_jax.config import apply_overrides, load_yaml
+    from cslm_jax.data.sources import TFDS_KEYS, tfds_spec_from_entry
 
     path = Path(path)
     data = apply_overrides(load_yaml(path), list(overrides), str(path))
@@ -690,7 +692,8 @@ def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = Tr
             where = f"stages.{stage}[{i}]"
             if not isinstance(e, dict):
                 raise ConfigError(f"{path}: field '{where}' must be a mapping")
-            unknown = sorted(set(e) - {"kind", "lang", "rate", "train", "validation", "name"})
+            unknown = sorted(set(e) - {"kind", "lang", "rate", "train", "validation", "name",
+                                       *TFDS_KEYS})
             if unknown:
                 raise ConfigError(f"{path}: field '{where}': unknown key(s) {unknown}")
             kind = e.get("kind")
@@ -706,14 +709,20 @@ def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = Tr
             train = tuple(resolve(f, f"{where}.train[{j}]") for j, f in enumerate(e.get("train") or []))
             val = tuple(resolve(f, f"{where}.validation[{j}]")
                         for j, f in enumerate(e.get("validation") or []))
-            if not train and not val:
-                raise ConfigError(f"{path}: field '{where}': no train or validation files")
+            tfds = None if "tfds" not in e else \
+                tfds_spec_from_entry(e, where, path, kind, root, fmt.languages)
+            if tfds is None and set(e) & set(TFDS_KEYS):
+                raise ConfigError(f"{path}: field '{where}': {sorted(set(e) & set(TFDS_KEYS))} "
+                                  f"need a 'tfds' dataset name")
+            if not train and not val and tfds is None:
+                raise ConfigError(f"{path}: field '{where}': no train or validation files (or "
+                                  f"tfds dataset)")
             name = e.get("name") or f"cslm_{stage}_{kind}" + (f"_{lang}" if lang else "")
             if name in names:
                 raise ConfigError(f"{path}: field '{where}': task name {name!r} is used twice; "
                                   f"give one a 'name'")
             names.add(name)
-            specs.append(TaskSpec(stage, kind, lang, float(rate), train, val, name))
+            specs.append(TaskSpec(stage, kind, lang, float(rate), train, val, name, tfds))
         stages[stage] = specs
     tok = data.get("tokenizer")
     return DataConfig(path=str(path), data_dir=str(root),

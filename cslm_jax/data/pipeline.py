@@ -23,8 +23,8 @@ import seqio
 import tensorflow as tf
 
 from cslm_jax.config import ConfigError
-from cslm_jax.data.formats import (RECORD_KIND_OF_TASK, ChatRenderer, DataConfig, RecordError,
-                                   TaskSpec, examples)
+from cslm_jax.data.formats import ChatRenderer, DataConfig, RecordError, TaskSpec, examples
+from cslm_jax.data.sources import task_records, task_splits, tfds_cache_key
 from cslm_jax.errors import DataError
 
 
@@ -143,6 +143,8 @@ def _cache_key(spec: TaskSpec, split: str, files: tuple, cfg: DataConfig, tokeni
            "format": dataclasses.asdict(cfg.format), "max_length": cfg.max_length,
            "skip_bad": cfg.skip_bad,
            "tokenizer": [hashlib.sha256(f.read_bytes()).hexdigest() for f in tok_files]}
+    if spec.tfds is not None:
+        key["tfds"] = tfds_cache_key(spec, split)
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -160,16 +162,14 @@ def prepare_split(spec: TaskSpec, split: str, cfg: DataConfig, tokenizer_dir: st
     import shutil
     import uuid
 
-    from cslm_jax.data.formats import read_jsonl
     from cslm_jax.model.vocab import load_tokenizer
 
     files = spec.train if split == "train" else spec.validation
-    if not files:
+    if split not in task_splits(spec):
         raise ConfigError(f"task {spec.name} has no '{split}' files")
     keep_tensorflow_off_accelerators()
     out = Path(cfg.data_dir) / ".cslm_cache" / f"{spec.name}.{split}.{_cache_key(spec, split, files, cfg, tokenizer_dir)}"
     if not (out / "stats.json").is_file():
-        record_kind = RECORD_KIND_OF_TASK[spec.kind]
         renderer = ChatRenderer(load_tokenizer(tokenizer_dir), cfg.max_length,
                                 mask=cfg.format.loss_mask)
         counts = collections.Counter(records=0, examples=0, truncated=0, tokens=0, skipped=0)
@@ -178,25 +178,23 @@ def prepare_split(spec: TaskSpec, split: str, cfg: DataConfig, tokenizer_dir: st
         tmp.mkdir(parents=True)
         try:
             with tf.io.TFRecordWriter(str(tmp / "examples.tfrecord")) as writer:
-                for path in files:
-                    for where, _, record in read_jsonl(path, record_kind, cfg.format, cfg.skip_bad,
-                                                       skipped):
-                        if spec.kind in ("asr", "tts") and record["lang"] != spec.lang:
-                            err = RecordError(where, "lang", f"is {record['lang']!r} but task "
-                                                             f"{spec.name} is for {spec.lang!r}")
-                            if not cfg.skip_bad:
-                                raise err
-                            skipped.append(err)
-                            continue
-                        counts["records"] += 1
-                        for messages in examples(spec.kind, record, cfg.format, where):
-                            r = renderer(messages)
-                            counts.update(examples=1, truncated=int(r.truncated), tokens=len(r.input_ids))
-                            feature = {
-                                "targets": tf.train.Feature(int64_list=tf.train.Int64List(value=r.input_ids)),
-                                "loss_weights": tf.train.Feature(int64_list=tf.train.Int64List(value=r.loss_mask))}
-                            writer.write(tf.train.Example(features=tf.train.Features(
-                                feature=feature)).SerializeToString())
+                for where, record in task_records(spec, split, cfg.format, cfg.skip_bad, skipped):
+                    if spec.kind in ("asr", "tts") and record["lang"] != spec.lang:
+                        err = RecordError(where, "lang", f"is {record['lang']!r} but task "
+                                                         f"{spec.name} is for {spec.lang!r}")
+                        if not cfg.skip_bad:
+                            raise err
+                        skipped.append(err)
+                        continue
+                    counts["records"] += 1
+                    for messages in examples(spec.kind, record, cfg.format, where):
+                        r = renderer(messages)
+                        counts.update(examples=1, truncated=int(r.truncated), tokens=len(r.input_ids))
+                        feature = {
+                            "targets": tf.train.Feature(int64_list=tf.train.Int64List(value=r.input_ids)),
+                            "loss_weights": tf.train.Feature(int64_list=tf.train.Int64List(value=r.loss_mask))}
+                        writer.write(tf.train.Example(features=tf.train.Features(
+                            feature=feature)).SerializeToString())
             counts["skipped"] = len(skipped)
             (tmp / "stats.json").write_text(json.dumps(
                 {"counts": counts, "skipped": [str(e) for e in skipped[:20]]}, ensure_ascii=False))
@@ -215,7 +213,7 @@ def prepare_split(spec: TaskSpec, split: str, cfg: DataConfig, tokenizer_dir: st
 
 def prepared_source(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str,
                     stats: PipelineStats) -> seqio.FunctionDataSource:
-    splits = [s for s, files in (("train", spec.train), ("validation", spec.validation)) if files]
+    splits = task_splits(spec)
     features = {"targets": tf.io.VarLenFeature(tf.int64), "loss_weights": tf.io.VarLenFeature(tf.int64)}
 
     def parse(raw):

@@ -1,0 +1,181 @@
+"""Where a task's records come from: JSONL files, or a TensorFlow Datasets (TFDS) dataset.
+
+A data config's stage entry names files (`train`, `validation`) or a TFDS dataset:
+
+    - kind: mt
+      rate: 1.0
+      tfds: wmt17_translate/zh-en:1.0.0     # name[/config]:version (seqio needs the version)
+      tfds_data_dir: /data/tfds              # optional (default: TFDS's own, $TFDS_DATA_DIR)
+      splits: {train: train, validation: validation}   # our split -> TFDS split (default:
+                                                       # {train: train}; slicing: "train[:1%]")
+      fields: {src: zh, tgt: en}             # record field -> TFDS feature (nested: "a/b")
+      constants: {src_lang: zh, tgt_lang: en}  # record fields with one value for every example
+
+Each TFDS example becomes a record of the task's record kind (`formats.RECORD_KIND_OF_TASK`),
+read through `seqio.TfdsDataSource` and validated like a JSONL line (errors name the dataset,
+split, example index and field); from there preparation is the same for both (format, render
+with the chat template, tokenize, mask, cache), so a TFDS task's examples equal those of a JSONL
+file holding the same records.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+from cslm_jax.config import ConfigError
+from cslm_jax.data.formats import (REQUIRED, RECORD_KIND_OF_TASK, RecordError, read_jsonl,
+                                   validate_record)
+
+TFDS_KEYS = ("tfds", "tfds_data_dir", "splits", "fields", "constants")
+SPLITS = ("train", "validation")
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSpec:
+    """A TFDS dataset as a task's source: name with version, data dir, our split -> TFDS split,
+    record field -> feature path, record field -> constant."""
+
+    name: str
+    data_dir: str | None
+    splits: tuple[tuple[str, str], ...]
+    fields: tuple[tuple[str, str], ...]
+    constants: tuple[tuple[str, object], ...]
+
+
+def tfds_spec_from_entry(entry: dict, where: str, path, kind: str, root: Path,
+                         languages) -> TfdsSpec:
+    """The TFDS source of a data config's stage entry; ConfigError naming the field otherwise."""
+    name = entry["tfds"]
+    if not isinstance(name, str) or ":" not in name:
+        raise ConfigError(f"{path}: field '{where}.tfds' is {name!r}; give name[/config]:version, "
+                          f"e.g. wmt17_translate/zh-en:1.0.0 (a version pins the data)")
+    if entry.get("train") or entry.get("validation"):
+        raise ConfigError(f"{path}: field '{where}': give files (train/validation) or a tfds "
+                          f"dataset, not both")
+    data_dir = entry.get("tfds_data_dir")
+    if data_dir is not None:
+        if not isinstance(data_dir, str) or not data_dir:
+            raise ConfigError(f"{path}: field '{where}.tfds_data_dir' must be a path")
+        if "://" not in data_dir and not Path(data_dir).is_absolute():
+            data_dir = str(root / data_dir)
+    splits = entry.get("splits", {"train": "train"})
+    if not isinstance(splits, dict) or not splits or \
+            not all(isinstance(v, str) and v for v in splits.values()):
+        raise ConfigError(f"{path}: field '{where}.splits' must map our splits {SPLITS} to TFDS "
+                          f"split names")
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise ConfigError(f"{path}: field '{where}.splits': unknown split(s) {unknown}; "
+                          f"splits: {SPLITS}")
+    fields = entry.get("fields") or {}
+    constants = entry.get("constants") or {}
+    for key, value in (("fields", fields), ("constants", constants)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: field '{where}.{key}' must be a mapping")
+    if not all(isinstance(v, str) and v for v in fields.values()):
+        raise ConfigError(f"{path}: field '{where}.fields' maps record fields to TFDS feature "
+                          f"names (strings)")
+    both = sorted(set(fields) & set(constants))
+    if both:
+        raise ConfigError(f"{path}: field '{where}': {both} in both 'fields' and 'constants'")
+    record_kind = RECORD_KIND_OF_TASK[kind]
+    missing = [f for f in REQUIRED[record_kind] if f not in fields and f not in constants]
+    if missing:
+        raise ConfigError(f"{path}: field '{where}.fields': a {kind} task reads {record_kind} "
+                          f"records, which need {list(REQUIRED[record_kind])}; map {missing} "
+                          f"(fields: from a TFDS feature; constants: one value)")
+    for field, value in constants.items():
+        if field.endswith("lang") and value not in languages:
+            raise ConfigError(f"{path}: field '{where}.constants.{field}' is {value!r}; "
+                              f"configured languages: {sorted(languages)}")
+    return TfdsSpec(name, data_dir, tuple(splits.items()), tuple(fields.items()),
+                    tuple(constants.items()))
+
+
+def task_splits(spec) -> list[str]:
+    """The splits a task has: those with files, or those its TFDS source maps."""
+    if spec.tfds is not None:
+        return [s for s, _ in spec.tfds.splits]
+    return [s for s, files in (("train", spec.train), ("validation", spec.validation)) if files]
+
+
+def tfds_cache_key(spec, split: str) -> dict | None:
+    """What identifies a TFDS split's records, for the preparation cache (None: a file task)."""
+    if spec.tfds is None:
+        return None
+    return dataclasses.asdict(spec.tfds) | {"split": dict(spec.tfds.splits).get(split)}
+
+
+def _python(value, where: str, field: str):
+    """A TFDS (numpy) value as JSON would have it: text, ints, floats, lists."""
+    import numpy as np
+
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RecordError(where, field, f"not UTF-8 text ({e.reason})") from None
+    if isinstance(value, np.ndarray):
+        return [_python(v, where, field) for v in value.tolist()] if value.dtype == object \
+            else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, list):
+        return [_python(v, where, field) for v in value]
+    return value
+
+
+def tfds_examples(spec, split: str) -> Iterator[tuple[str, dict]]:
+    """(where, example) for each example of a TFDS task split (numpy values), in dataset order,
+    read through `seqio.TfdsDataSource`."""
+    import seqio
+
+    t = spec.tfds
+    source = seqio.TfdsDataSource(tfds_name=t.name, tfds_data_dir=t.data_dir,
+                                  splits=dict(t.splits))
+    tfds_split = dict(t.splits)[split]
+    try:
+        ds = source.get_dataset(split, shuffle=False)
+    except Exception as e:                  # noqa: BLE001 - TFDS raises many kinds; name the source
+        raise ConfigError(f"task {spec.name}: TFDS dataset {t.name} split {tfds_split!r} "
+                          f"(data_dir {t.data_dir or 'TFDS default'}) cannot be read: "
+                          f"{type(e).__name__}: {e}") from None
+    for n, example in enumerate(ds.as_numpy_iterator()):
+        yield f"tfds:{t.name}:{tfds_split}[{n}]", example
+
+
+def tfds_record(t: TfdsSpec, example: dict, where: str) -> dict:
+    """A TFDS example as a record: mapped fields (text decoded, arrays as lists), constants."""
+    record = {}
+    for field, feature in t.fields:
+        value = example
+        for part in feature.split("/"):
+            if not isinstance(value, dict) or part not in value:
+                raise RecordError(where, field, f"TFDS feature {feature!r} not in the example "
+                                                f"(features: {sorted(example)})")
+            value = value[part]
+        record[field] = _python(value, where, field)
+    record.update(dict(t.constants))
+    return record
+
+
+def task_records(spec, split: str, fmt, skip_bad: bool, skipped: list) -> Iterator[tuple[str, dict]]:
+    """(where, record) for each valid record of a task split, from its files or TFDS dataset.
+    Strict unless `skip_bad` (then bad records are appended to `skipped`), as `read_jsonl`."""
+    record_kind = RECORD_KIND_OF_TASK[spec.kind]
+    if spec.tfds is None:
+        for path in (spec.train if split == "train" else spec.validation):
+            for where, _, record in read_jsonl(path, record_kind, fmt, skip_bad, skipped):
+                yield where, record
+        return
+    for where, example in tfds_examples(spec, split):
+        try:
+            record = tfds_record(spec.tfds, example, where)
+            validate_record(record_kind, record, fmt, where)
+        except RecordError as e:
+            if not skip_bad:
+                raise
+            skipped.append(e)
+            continue
+        yield where, record
