@@ -384,3 +384,27 @@ def test_cli_join_timings(tmp_path, s2s_records, capsys):
     assert cli(args) == 2
     assert capsys.readouterr().err == (f"cslm-jax join-timings: error: {tmp_path / 'out.jsonl'} "
                                        f"exists; pass --force to replace it\n")
+
+
+def test_paired_records_get_word_times_from_an_alignments_jsonl(tmp_path, demo):
+    data_dir, _ = demo
+    cfg = load_data_config(data_dir / "data.yaml", check_files=False).format
+    rows = [json.loads(line) for line in (data_dir / "paired_zh.validation.jsonl").read_text().splitlines()][:3]
+    rows = [dict(r, id=f"zh{i}") for i, r in enumerate(rows)]
+    lines = []
+    for r in rows:                    # ctc-forced-aligner results, one per line, with the record id
+        chars = [c for c in r["text"] if c.strip() and c not in cfg.punctuation]
+        lines.append(json.dumps({"id": r["id"], "segments": [
+            {"start": a, "end": b, "text": c} for c, (a, b) in zip(chars, r["word_times"])]},
+            ensure_ascii=False))
+    (tmp_path / "ctc.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "paired.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in r.items() if k != "word_times"}, ensure_ascii=False) + "\n"
+        for r in rows))
+    counts = join_timings(tmp_path / "paired.jsonl", tmp_path / "ctc.jsonl", "ctc",
+                          tmp_path / "out.jsonl", cfg, log=lambda *_: None)
+    assert counts["joined"] == 3
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    for new, old in zip(out, rows):
+        validate_record("paired", new, cfg, new["id"])
+        assert sum(new["word_times"], []) == pytest.approx(sum(old["word_times"], []), abs=1e-4)

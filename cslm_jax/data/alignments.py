@@ -422,6 +422,9 @@ def word_times(text: str, words: list[AlignedWord], chunk_unit: str, punctuation
 
     for j, w in enumerate(words):
         label = w.text.strip()
+        if w.start is None:
+            raise AlignmentError(f"{where}: aligner word {j + 1} {label!r} has no timing "
+                                 f"(fill_untimed gives it one)")
         desc = f"aligner word {j + 1} {label!r} ({w.start:.3f}-{w.end:.3f}s)"
         if label.casefold() == WILDCARD:
             if chunk_unit != "word":
