@@ -158,7 +158,8 @@ def test_whisperx_both_layouts_and_untimed_words(tmp_path):
     # a segment whisperX could not align keeps its own span, as one piece
     unaligned = {"segments": [{"start": 0.0, "end": 1.0, "text": " Hi there", "words": []}]}
     (tmp_path / "u.json").write_text(json.dumps(unaligned))
-    assert read_alignment(tmp_path / "u.json", "whisperx") == [AlignedWord(" Hi there", 0.0, 1.0)]
+    assert read_alignment(tmp_path / "u.json", "whisperx") == [AlignedWord(" Hi there", 0.0, 1.0,
+                                                                           coarse=True)]
     assert word_times("Hi there", read_alignment(tmp_path / "u.json", "whisperx"), "word",
                       PUNCT, "x") == [[0.0, 0.2857], [0.2857, 1.0]]    # 2 and 5 characters of 7
 
@@ -408,3 +409,34 @@ def test_paired_records_get_word_times_from_an_alignments_jsonl(tmp_path, demo):
     for new, old in zip(out, rows):
         validate_record("paired", new, cfg, new["id"])
         assert sum(new["word_times"], []) == pytest.approx(sum(old["word_times"], []), abs=1e-4)
+
+
+def test_join_counts_untimed_words_and_unaligned_segments(tmp_path, s2s_records):
+    cfg, records = s2s_records
+    a, b = records[0], records[1]                     # English answers
+    (tmp_path / "align").mkdir()
+    words = aligner_words(a, cfg)
+    (tmp_path / "align" / f"{a['id']}.json").write_text(json.dumps({"segments": [
+        {"start": words[0][1], "end": words[-1][2], "text": " " + a["answer_text"]}]}))
+    words = aligner_words(b, cfg)
+    (tmp_path / "align" / f"{b['id']}.json").write_text(json.dumps({"word_segments": [
+        {"word": w} if i == 1 else {"word": w, "start": s, "end": e}
+        for i, (w, s, e) in enumerate(words)]}))
+    bare = tmp_path / "records.jsonl"
+    bare.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "answer_word_times"})
+                            + "\n" for r in (a, b)))
+    lines = []
+    counts = join_timings(bare, tmp_path / "align", "whisperx", tmp_path / "out.jsonl", cfg,
+                          log=lines.append)
+    assert (counts["joined"], counts["untimed_words"], counts["coarse_segments"]) == (2, 1, 1)
+    assert "1 untimed word(s) interpolated, 1 segment(s) without word timings" in lines[0]
+    new_a, new_b = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    # the unaligned segment is spread over the answer's characters: first start, last end kept
+    assert new_a["answer_word_times"][0][0] == a["answer_word_times"][0][0]
+    assert new_a["answer_word_times"][-1][1] == pytest.approx(a["answer_word_times"][-1][1])
+    # the untimed word fills the gap between its neighbours
+    assert new_b["answer_word_times"][1] == [b["answer_word_times"][0][1], b["answer_word_times"][2][0]]
+    assert new_b["answer_word_times"][2:] == b["answer_word_times"][2:]
+    with pytest.raises(AlignmentError, match=r"word 2 .* has no timing"):
+        join_timings(bare, tmp_path / "align", "whisperx", tmp_path / "out2.jsonl", cfg,
+                     untimed="error")

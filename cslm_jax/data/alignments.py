@@ -69,6 +69,7 @@ class AlignedWord:
     text: str
     start: float | None
     end: float | None
+    coarse: bool = False      # a whole segment the aligner gave no word timings for
 
 
 # -- readers ------------------------------------------------------------------------------------
@@ -122,7 +123,7 @@ def parse_textgrid(text: str, where: str) -> dict[str, list[tuple[float, float, 
         pos += 1
         return value
 
-    if take(str, "the file type 'ooTextFile'").split()[0] != "ooTextFile" or \
+    if take(str, "the file type 'ooTextFile'").split()[:1] != ["ooTextFile"] or \
             take(str, "the object class 'TextGrid'") != "TextGrid":
         raise AlignmentError(f"{where}: not a Praat TextGrid text file (binary TextGrids are not "
                              f"read: save it as a text file)")
@@ -217,7 +218,8 @@ def whisperx_words(data, where: str) -> list[AlignedWord]:
                 out += [_word(w, where, f"segments[{i}].words[{j}]", "word")
                         for j, w in enumerate(words)]
             elif isinstance(seg.get("text"), str) and seg["text"].strip():
-                out.append(_word(seg, where, f"segments[{i}]", "text"))
+                w = _word(seg, where, f"segments[{i}]", "text")
+                out.append(dataclasses.replace(w, coarse=True))
         return out
     if isinstance(data.get("word_segments"), list):
         return [_word(w, where, f"word_segments[{i}]", "word")
@@ -399,7 +401,8 @@ def fill_untimed(words: list[AlignedWord], duration: float, where: str,
         hi = max(hi, lo)
         step = (hi - lo) / (j - i)
         for k in range(i, j):
-            out[k] = AlignedWord(out[k].text, lo + step * (k - i), lo + step * (k - i + 1))
+            out[k] = dataclasses.replace(out[k], start=lo + step * (k - i),
+                                         end=lo + step * (k - i + 1))
         i = j
     return out, len(missing)
 
@@ -503,7 +506,7 @@ def join_timings(records, alignments, fmt: str, out, cfg: FormatConfig, *, id_fi
     records, out = Path(records), Path(out)
     index = Alignments(alignments, fmt, tier, id_field)
     counts = collections.Counter(records=0, joined=0, missing=0, bad=0, untimed_words=0,
-                                 replaced=0)
+                                 coarse_segments=0, replaced=0)
     missing_ids: list[str] = []
     bad: list[str] = []
     seen: dict[str, str] = {}
@@ -571,13 +574,15 @@ def join_timings(records, alignments, fmt: str, out, cfg: FormatConfig, *, id_fi
                     continue
                 counts["joined"] += 1
                 counts["untimed_words"] += n_untimed
+                counts["coarse_segments"] += sum(w.coarse for w in words)
                 yield json.dumps(joined, ensure_ascii=False) + "\n"
 
     _write_lines_atomic(out, lines(), force)
     counts["unused_alignments"] = index.unused()
     log(f"join-timings: {counts['joined']} of {counts['records']} record(s) joined to {fmt} "
         f"timings -> {out}; {counts['missing']} without alignment, {counts['bad']} bad, "
-        f"{counts['untimed_words']} untimed word(s) interpolated, "
+        f"{counts['untimed_words']} untimed word(s) interpolated, {counts['coarse_segments']} "
+        f"segment(s) without word timings spread over their characters, "
         f"{counts['unused_alignments']} alignment(s) unused")
     for rid in missing_ids[:5]:
         log(f"  no alignment: {rid}")
