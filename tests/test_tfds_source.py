@@ -118,3 +118,17 @@ def test_tfds_entry_errors_name_the_field(tmp_path, entry, message):
     path = write_config(tmp_path, {"pretrain": [dict(kind="mt", **entry)]})
     with pytest.raises(ConfigError, match=message):
         load_data_config(path)
+
+
+def test_a_dataset_not_prepared_is_an_error_not_a_download(tmp_path):
+    from cslm_jax.data.sources import task_records
+    from cslm_jax.errors import DataError
+
+    entry = {"kind": "mt", "tfds": WMT, "tfds_data_dir": "empty", "fields": {"src": "zh", "tgt": "en"},
+             "constants": {"src_lang": "zh", "tgt_lang": "en"}}
+    cfg = load_data_config(write_config(tmp_path, {"pretrain": [entry]}))
+    with pytest.raises(DataError, match=r"TFDS dataset wmt17_translate/zh-en:1.0.0 split 'train' "
+                                        r"\(data dir .*empty\) cannot be read: .*could not find data"
+                                        r".*tfds build wmt17_translate/zh-en"):
+        next(task_records(cfg.tasks("pretrain")[0], "train", cfg.format, False, []))
+    assert not (tmp_path / "empty").exists(), "nothing was downloaded or prepared"

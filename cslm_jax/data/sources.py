@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cslm_jax.config import ConfigError
+from cslm_jax.errors import DataError
 from cslm_jax.data.formats import (REQUIRED, RECORD_KIND_OF_TASK, RecordError, read_jsonl,
                                    validate_record)
 
@@ -132,15 +133,18 @@ def tfds_examples(spec, split: str) -> Iterator[tuple[str, dict]]:
     import seqio
 
     t = spec.tfds
+    # read_only: never download and prepare here (seqio would, on every host at once)
     source = seqio.TfdsDataSource(tfds_name=t.name, tfds_data_dir=t.data_dir,
-                                  splits=dict(t.splits))
+                                  splits=dict(t.splits), read_only=True)
     tfds_split = dict(t.splits)[split]
     try:
         ds = source.get_dataset(split, shuffle=False)
     except Exception as e:                  # noqa: BLE001 - TFDS raises many kinds; name the source
-        raise ConfigError(f"task {spec.name}: TFDS dataset {t.name} split {tfds_split!r} "
-                          f"(data_dir {t.data_dir or 'TFDS default'}) cannot be read: "
-                          f"{type(e).__name__}: {e}") from None
+        raise DataError(f"task {spec.name}: TFDS dataset {t.name} split {tfds_split!r} (data "
+                        f"dir {t.data_dir or 'TFDS default'}) cannot be read: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''} (training never downloads: "
+                        f"prepare it once with `tfds build {t.name.split(':')[0]} --data_dir "
+                        f"DIR`)") from None
     for n, example in enumerate(ds.as_numpy_iterator()):
         yield f"tfds:{t.name}:{tfds_split}[{n}]", example
 
