@@ -46,6 +46,9 @@ def use_emulator_defaults() -> None:
         return
     _ENV_DONE = True
     os.environ.setdefault("EPATH_USE_TF", "false")
+    # epath caches its reading of EPATH_USE_TF on first use of any path, local ones included
+    from etils.epath import gpath
+    getattr(gpath._is_tf_installed, "cache_clear", lambda: None)()
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
     if emulator:
         url = emulator if "://" in emulator else f"http://{emulator}"
@@ -122,7 +125,9 @@ def check_bucket(p, flag: str | None = None) -> None:
                            f"the name)") from None
     except (PermissionError, OSError, ValueError) as e:
         msg = str(e) or type(e).__name__
-        if "403" in msg or "401" in msg or isinstance(e, PermissionError) or "ermission" in msg:
+        code = getattr(e, "code", None)
+        if code in (401, 403) or isinstance(e, PermissionError) or \
+                any(w in msg for w in ("Forbidden", "Unauthorized", "ermission", "403", "401")):
             raise StorageError(f"{where}: no permission to read gs://{bucket} ({msg.splitlines()[0]}); "
                                f"check the credentials (gcloud auth application-default login, or "
                                f"the TPU VM's service account)") from None
@@ -183,18 +188,12 @@ def copytree(src, dst) -> None:
             child.copy(dst / child.name, overwrite=True)
 
 
-_STAGED: dict[str, Path] = {}
-
-
 def local_dir(p, what: str = "folder") -> Path:
-    """A local folder holding `p`'s files: `p` itself when local, else a copy downloaded once
-    per process into a temporary folder (for libraries that read local files only, such as
-    `transformers`' tokenizers and models)."""
+    """A local folder holding `p`'s files: `p` itself when local, else a fresh copy downloaded
+    into a temporary folder removed at exit (for libraries that read local files only, such as
+    `transformers`' tokenizers and models). Not cached: a replaced remote folder is read anew."""
     if not is_remote(p):
         return Path(os.fspath(p))
-    key = str(p)
-    if key in _STAGED and _STAGED[key].is_dir():
-        return _STAGED[key]
     src = path(p)
     if not src.is_dir():
         raise StorageError(f"{p}: no such {what}")
@@ -202,7 +201,6 @@ def local_dir(p, what: str = "folder") -> Path:
     import atexit
     atexit.register(shutil.rmtree, tmp, True)
     copytree(src, tmp)
-    _STAGED[key] = tmp
     return tmp
 
 
