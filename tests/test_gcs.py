@@ -31,7 +31,7 @@ def gcs(tmp_path_factory):
         os.environ.pop(k, None)
     os.environ.update(server.env())
     fs._ENV_DONE = False                  # derive the emulator defaults from this server
-    fs.use_emulator_defaults()
+    fs.configure_gcs()
     yield server
     server.stop()
     for k, v in saved.items():
@@ -276,3 +276,38 @@ def test_a_bucket_without_permission_is_refused_with_a_clear_error(tmp_path):
     assert r.returncode == 2, r.stderr[-3000:]
     assert "--ckpt gs://private/ckpt: no permission to read gs://private" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_two_processes_share_one_run_folder_in_a_bucket(demo, base_ckpt, tmp_path, gcs, bucket):
+    """A two-process job (one JAX job, gloo collectives) trains into one gs:// run folder: both
+    join every Orbax save there, each writes its own data position, it stops on a SIGTERM to one
+    process and resumes; the trace equals the same run in one process on local disk."""
+    from test_multihost import overrides, run_two_processes
+
+    from cslm_jax.config import load_run_config
+
+    url, name = bucket
+    args = overrides(demo, base_ckpt)
+    run_dir = f"{url}/two"
+    env = gcs.env()
+    saved = os.environ.copy()
+    os.environ.update(env)
+    try:
+        codes, outs = run_two_processes(tmp_path / "two", args, stop_at=(1, 3), run_dir_arg=run_dir)
+        assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], outs[0][-3000:] + outs[1][-3000:]
+        assert steps_in_bucket(gcs, name, "two/checkpoints/") == [2, 3]
+        shards = {o.split("/")[4] for o in gcs.objects(name, "two/checkpoints/3/data/")}
+        assert shards == {"shard_0", "shard_1", "commit_success.txt"}   # each process its own
+        codes, outs = run_two_processes(tmp_path / "two", args, run_dir_arg=run_dir)
+        assert codes == [EXIT_OK, EXIT_OK], outs[0][-3000:] + outs[1][-3000:]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    steps, multi_loss = gcs_losses(fs.path(run_dir))
+    single = tmp_path / "one_process"
+    cfg = load_run_config(REPO / "configs" / "demo.yaml", args + ["train.num_devices=4"])
+    assert train(cfg, single, log=quiet, data_shards=2) == EXIT_OK
+    ref_steps, ref_loss = losses(single)
+    assert steps == ref_steps == list(range(1, 7))
+    np.testing.assert_allclose(multi_loss, ref_loss, rtol=1e-6)     # gloo's sum order: 1 ulp
+    assert not any("/." in o or "orbax-checkpoint-tmp" in o for o in gcs.objects(name, "two/"))

@@ -10,7 +10,7 @@ One client for GCS: `epath` through `fsspec`/`gcsfs` (we set `EPATH_USE_TF=false
 set it; TensorFlow's own GCS file system ignores `STORAGE_EMULATOR_HOST`, so it could not be
 tested against a local server, and one client means one set of credentials). Orbax writes array
 data through TensorStore's GCS driver (`TENSORSTORE_GCS_HTTP_URL` for another endpoint). With
-`STORAGE_EMULATOR_HOST` set (a local fake-gcs-server, as the tests use), `use_emulator_defaults`
+`STORAGE_EMULATOR_HOST` set (a local fake-gcs-server, as the tests use), `configure_gcs`
 points TensorStore at it too and turns off what an emulator lacks (gcsfs' gRPC bucket-layout
 probe, real credentials).
 
@@ -38,9 +38,10 @@ class StorageError(CslmError):
     failed; the message names the path."""
 
 
-def use_emulator_defaults() -> None:
-    """Environment for GCS access, set once before the first remote path is used (not on
-    import). Only defaults: a variable the user set is kept."""
+def configure_gcs() -> None:
+    """Set up GCS access once, before the first remote path is used (not on import): epath on
+    gcsfs, no listing cache, and with STORAGE_EMULATOR_HOST the emulator defaults. Environment
+    variables are only defaults: one the user set is kept."""
     global _ENV_DONE
     if _ENV_DONE:
         return
@@ -49,6 +50,11 @@ def use_emulator_defaults() -> None:
     # epath caches its reading of EPATH_USE_TF on first use of any path, local ones included
     from etils.epath import gpath
     getattr(gpath._is_tf_installed, "cache_clear", lambda: None)()
+    # gcsfs caches folder listings per process: another host's (or Orbax's TensorStore) writes
+    # would stay invisible (process 1 not seeing process 0's files). Every lookup asks GCS.
+    import fsspec.config
+    for proto in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(proto, {}).setdefault("use_listings_cache", False)
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
     if emulator:
         url = emulator if "://" in emulator else f"http://{emulator}"
@@ -87,7 +93,7 @@ def path(p, flag: str | None = None):
         bucket = s.split("://", 1)[1].split("/", 1)[0]
         if not bucket:
             raise StorageError(f"{where}: no bucket name; write gs://BUCKET/path")
-        use_emulator_defaults()
+        configure_gcs()
         return epath.Path(s.rstrip("/") if s.count("/") > 3 else s)
     first = s.split("/", 1)[0].lower()
     if first.endswith(":") and first[:-1] in ("gs", "s3", "az", "hf", "http", "https"):
@@ -112,7 +118,7 @@ def check_bucket(p, flag: str | None = None) -> None:
     work starts (a missing bucket, no permission or no credentials, each said as such)."""
     if not is_remote(p):
         return
-    use_emulator_defaults()
+    configure_gcs()
     import gcsfs
 
     bucket = bucket_of(p)
