@@ -24,10 +24,12 @@ Commands:
             ~/cslm_logs/train.log on each worker; with --wait, watch it until it ends
   run       create (if needed) + setup + train + watch; after a preemption delete, recreate,
             set up and train again (resumes from the last checkpoint), up to --max-restarts
-  status    the slice's state and, per worker, whether training runs or how it exited
+  status    the slice's state, per worker whether training runs or how it exited, and the run
+            folder's progress: last metrics line and committed checkpoints (a gs:// run folder
+            is read from here with gcloud storage, a mounted one through worker 0)
   logs      the last --lines lines of each worker's log (--log-worker N for one worker)
   stop      SIGTERM training on every worker: it writes a checkpoint and exits with code 75
-  delete    delete the TPU VM / queued resource (the run folder on the bucket stays)
+  delete    delete the TPU VM / queued resource (a gs:// run folder stays in its bucket)
 
 Options (environment variable in brackets):
   --name NAME           TPU name [TPU_NAME, default cslm]
@@ -40,8 +42,10 @@ Options (environment variable in brackets):
   --spot                spot capacity (cheaper, preemptible; use with run)
   --queued              create through a queued resource (waits for capacity)
   --config FILE         run config, relative to the project (train, run)
-  --run-dir DIR         run folder every worker sees, e.g. /mnt/BUCKET/runs/stage1 (train, run)
-  --bucket BUCKET       mount gs://BUCKET at /mnt/BUCKET on every worker with gcsfuse (setup)
+  --run-dir DIR         run folder every worker sees (train, run, status): gs://BUCKET/runs/stage1
+                        (written directly, with Orbax's commit files) or a shared mount
+  --bucket BUCKET       optional: also mount gs://BUCKET at /mnt/BUCKET on every worker with
+                        gcsfuse (setup), for tools that need local paths
   --repo URL [--ref R]  clone this git repository on the workers instead of copying the checkout
   --python VERSION      Python for the workers' environment (installed by uv) [default 3.11]
   --wait                train: watch until training ends; exit with its code
@@ -52,10 +56,10 @@ Options (environment variable in brackets):
   --dry-run             print every gcloud command instead of running it
   -h, --help            this text
 
-Example: a v5p-32 spot slice, stage 1, run folder and data on a bucket:
-  $PROG --zone us-east5-a --type v5p-32 --spot --bucket my-bucket \\
-      --config configs/cslm_pretrain.yaml --run-dir /mnt/my-bucket/runs/stage1 run -- \\
-      --init-from /mnt/my-bucket/ckpt/llama31_cslm data.config=/mnt/my-bucket/data/cslm.yaml
+Example: a v5p-32 spot slice, stage 1, run folder, checkpoint and data in a bucket:
+  $PROG --zone us-east5-a --type v5p-32 --spot \\
+      --config configs/cslm_pretrain.yaml --run-dir gs://my-bucket/runs/stage1 run -- \\
+      --init-from gs://my-bucket/ckpt/llama31_cslm data.config=gs://my-bucket/data/cslm.yaml
 
 Before booking: cslm-jax compile --config CFG --model MODEL.yaml --topology v5p:2x2x4 tells
 whether the step fits the slice (README "Running on a TPU pod").
@@ -388,8 +392,40 @@ cmd_status() {
     local state
     state=$(tpu_state)
     echo "$NAME ($ZONE): $state"
-    [ "$state" = READY ] || [ "$DRY_RUN" = 1 ] || return 0
-    on_workers all "$REMOTE_STATUS"
+    if [ "$state" = READY ] || [ "$DRY_RUN" = 1 ]; then
+        on_workers all "$REMOTE_STATUS"
+    fi
+    [ -n "$RUN_DIR" ] && run_progress
+    return 0
+}
+
+# The run folder's progress, whether or not the slice still exists: its last metrics line and its
+# committed checkpoints (a step folder with Orbax's commit_success.txt; on a mount, any step folder).
+run_progress() {
+    local last ckpts
+    if [[ "$RUN_DIR" == gs://* ]]; then
+        if [ "$DRY_RUN" = 1 ]; then
+            quote "$GCLOUD" storage cat "$RUN_DIR/metrics.jsonl"
+            quote "$GCLOUD" storage ls "$RUN_DIR/checkpoints/*/commit_success.txt"
+            return 0
+        fi
+        last=$("$GCLOUD" storage cat "$RUN_DIR/metrics.jsonl" 2>/dev/null | tail -n 1) || true
+        ckpts=$("$GCLOUD" storage ls "$RUN_DIR/checkpoints/*/commit_success.txt" 2>/dev/null \
+            | sed -E 's#.*/checkpoints/([0-9]+)/commit_success.txt#\1#' | sort -n | tr '\n' ' ') || true
+    else
+        local script out
+        script="echo \"last: \$(tail -n 1 $(quote "$RUN_DIR/metrics.jsonl") 2>/dev/null)\"; echo \"ckpts: \$(ls $(quote "$RUN_DIR/checkpoints") 2>/dev/null | grep -E '^[0-9]+\$' | sort -n | tr '\\n' ' ')\""
+        if [ "$DRY_RUN" = 1 ]; then
+            on_workers 0 "$script"
+            return 0
+        fi
+        out=$(query_gcloud compute tpus tpu-vm ssh "$NAME" "${LOCATION[@]}" --worker=0 --command="$script") || true
+        last=$(echo "$out" | sed -n 's/^last: //p')
+        ckpts=$(echo "$out" | sed -n 's/^ckpts: //p')
+    fi
+    echo "run folder $RUN_DIR"
+    echo "  last metrics: ${last:-(none yet)}"
+    echo "  checkpoints:  ${ckpts:-(none committed yet)}"
 }
 
 cmd_logs() {

@@ -30,7 +30,12 @@ class OutputExistsError(CslmError):
 def check_output_dir(path: str | Path, force: bool, hint: str = "pass --force to replace it") -> None:
     """Refuse a non-empty `path` unless `force`, and a file there always (`force` replaces
     folders only: a file is not an output this command wrote)."""
-    path = Path(path)
+    from cslm_jax.storage.fs import path as storage_path
+
+    from cslm_jax.storage.fs import check_bucket
+
+    path = storage_path(path)           # local or gs://; a mangled or unsupported URL is refused
+    check_bucket(path)
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"{path} is a file, not a folder; give a folder path (--force "
                                 f"replaces folders only)")

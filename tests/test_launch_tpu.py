@@ -110,9 +110,13 @@ def test_dry_run_train_runs_one_command_on_all_workers():
     assert "cslm-jax train --config configs/cslm_pretrain.yaml --run-dir /mnt/bkt/runs/stage1" in cmd
     assert cmd.count("cslm-jax train") == 1 and "$HOME/cslm_logs/train.log" in cmd
     # stop / status / logs also address every worker
-    for sub in ("stop", "status", "logs"):
+    for sub in ("stop", "logs"):
         lines = gcloud_lines(launch("--dry-run", *COMMON, sub).stdout)
         assert lines and all("--worker=all" in argv for argv in lines if "ssh" in argv), sub
+    # status: every worker's job, then the (mounted) run folder's progress through worker 0
+    workers, progress = gcloud_lines(launch("--dry-run", *COMMON, "status").stdout)
+    assert "--worker=all" in workers and "--worker=0" in progress
+    assert "/mnt/bkt/runs/stage1/metrics.jsonl" in command_of(progress)
     [one] = gcloud_lines(launch("--dry-run", *COMMON, "--log-worker", "3", "logs").stdout)
     assert "--worker=3" in one
 
@@ -172,7 +176,7 @@ def test_worker_scripts_start_log_and_exit(worker_home):
         "train", "--config", "configs/cslm_pretrain.yaml", "--run-dir", "/mnt/bkt/runs/stage1",
         "--init-from", "/mnt/bkt/ckpt", "data.config=/mnt/bkt/my data.yaml", "train.steps=5"]
     assert "step 1: loss 5.0" in (logs / "train.log").read_text()
-    [status] = gcloud_lines(launch("--dry-run", *COMMON, "status").stdout)
+    status, _ = gcloud_lines(launch("--dry-run", *COMMON, "status").stdout)
     assert "exited with 0" in on_worker(worker_home, command_of(status)).stdout
 
 
@@ -268,3 +272,46 @@ def test_dry_run_of_run_prints_one_cycle():
     verbs = [argv[4] for argv in gcloud_lines(out.stdout)]
     assert verbs == ["create", "scp", "ssh", "ssh"]          # create, copy, install, train
     assert "dry run: would now poll" in out.stderr
+
+
+# -- status reads the run folder's progress ---------------------------------------------------------
+
+FAKE_GCLOUD_STORAGE = """\
+#!{python}
+# A fake gcloud: no TPU VM; `storage cat` / `storage ls` over a local folder standing for gs://.
+import glob, os, sys
+root = os.environ["FAKE_GCS_ROOT"]
+args = sys.argv[1:]
+if args[:2] == ["storage", "cat"]:
+    sys.stdout.write(open(os.path.join(root, args[2][len("gs://"):])).read())
+elif args[:2] == ["storage", "ls"]:
+    hits = sorted(glob.glob(os.path.join(root, args[2][len("gs://"):])))
+    if not hits:
+        sys.exit("ERROR: (gcloud.storage.ls) One or more URLs matched no objects.")
+    print("\\n".join("gs://" + os.path.relpath(h, root) for h in hits))
+elif args[3:4] == ["describe"]:
+    sys.exit("ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND")
+"""
+
+
+def test_status_reads_progress_from_a_gs_run_folder(tmp_path):
+    """With the slice gone, `status` still tells how far a gs:// run got: the last metrics line
+    and the committed checkpoints (a step folder without Orbax's commit file is not one)."""
+    root = tmp_path / "gcs"
+    run = root / "bkt" / "runs" / "stage1"
+    for step in (200, 400, 600):
+        (run / "checkpoints" / str(step)).mkdir(parents=True)
+        if step != 600:                                     # 600: a save cut short
+            (run / "checkpoints" / str(step) / "commit_success.txt").write_text("ok")
+    (run / "metrics.jsonl").write_text('{"step": 599, "loss": 2.5}\n{"step": 600, "loss": 2.4}\n')
+    fake = tmp_path / "gcloud"
+    fake.write_text(FAKE_GCLOUD_STORAGE.format(python=sys.executable))
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    out = launch("--zone", "us-east5-a", "--run-dir", "gs://bkt/runs/stage1", "status",
+                 env={"GCLOUD": str(fake), "FAKE_GCS_ROOT": str(root)})
+    assert "cslm (us-east5-a): GONE" in out.stdout
+    assert 'last metrics: {"step": 600, "loss": 2.4}' in out.stdout
+    assert "checkpoints:  200 400 " in out.stdout and "600 " not in out.stdout.split("checkpoints:")[1]
+    fresh = launch("--zone", "us-east5-a", "--run-dir", "gs://bkt/runs/none", "status",
+                   env={"GCLOUD": str(fake), "FAKE_GCS_ROOT": str(root)})
+    assert "last metrics: (none yet)" in fresh.stdout and "(none committed yet)" in fresh.stdout

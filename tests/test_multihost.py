@@ -58,8 +58,10 @@ def overrides(demo, base_ckpt):
             "checkpoint.every=2", "checkpoint.keep=5", "train.peak_flops_per_device=1e9"]
 
 
-def run_two_processes(run_dir, args, stop_at=None, timeout=300):
-    """Both processes of one job; returns their exit codes (stderr shown on failure)."""
+def run_two_processes(run_dir, args, stop_at=None, timeout=300, run_dir_arg=None):
+    """Both processes of one job; returns their exit codes (stderr shown on failure).
+    `run_dir` (local) holds the compile cache; `run_dir_arg` (default: run_dir) is the --run-dir
+    the processes get (a gs:// one in tests/test_gcs.py)."""
     port = free_port()
     procs = []
     for i in range(2):
@@ -70,7 +72,7 @@ def run_two_processes(run_dir, args, stop_at=None, timeout=300):
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    STOP_AT=str(stop_at[1] if stop_at and stop_at[0] == i else 0))
         cmd = [sys.executable, "-c", CHILD, "train", "--config", str(REPO / "configs" / "demo.yaml"),
-               "--run-dir", str(run_dir), "--coordinator", f"127.0.0.1:{port}",
+               "--run-dir", str(run_dir_arg or run_dir), "--coordinator", f"127.0.0.1:{port}",
                "--num-processes", "2", "--process-id", str(i), *args]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))

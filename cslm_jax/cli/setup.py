@@ -91,5 +91,7 @@ def prepare(*, trains: bool, tensorflow: bool) -> None:
         from cslm_jax.train.cpu_malloc import keep_freed_memory
         keep_freed_memory()            # before JAX starts its threads; a no-op where it does not apply
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")     # TensorFlow's run-time INFO/WARNING logs
+    # gs:// through one client (gcsfs) whatever is imported first (cslm_jax.storage.fs)
+    os.environ.setdefault("EPATH_USE_TF", "false")
     if tensorflow:
         start_tensorflow()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import shutil
 from pathlib import Path
 
 import ml_dtypes
@@ -19,6 +18,7 @@ import numpy as np
 from cslm_jax.storage.checkpoint import (atomic_dir, iter_params, param_names, read_metadata,
                                  resolve_model_dir, save_model_checkpoint)
 from cslm_jax.errors import CslmError, check_output_dir
+from cslm_jax.storage import fs
 from cslm_jax.config import ConfigError, ModelConfig, check_rope_scaling, pad_to_multiple
 from cslm_jax.model.schema import Weight, hf_shape, param_shapes, weights
 from cslm_jax.model.vocab import (VocabInfo, existing_layout, extend_tokenizer, load_tokenizer)
@@ -241,8 +241,8 @@ def import_hf(hf_dir, out, speech_units: int | None = None, pad_vocab_multiple: 
     `speech_units` units and the CSLM control tokens (none when 0; default 4096, CosyVoice's
     codebook). A folder whose tokenizer already holds the CSLM tokens (one we exported) keeps
     its layout."""
-    hf_dir = Path(hf_dir)
     check_output_dir(out, force)           # before reading any weights
+    hf_dir = fs.local_dir(fs.path(hf_dir, "--hf-dir"), "Hugging Face folder")   # gs://: staged
     hf = read_hf_config(hf_dir)
     base_cfg = model_config_from_hf(hf, str(hf_dir / "config.json"))
     if new_rows not in ("mean", "normal"):
@@ -425,7 +425,7 @@ def export_hf(ckpt, out, dtype: str = "bfloat16", force: bool = False,
     fname_of = {n: ("model.safetensors" if len(shards) == 1
                     else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
                 for k, shard in enumerate(shards) for n in shard}
-    with atomic_dir(Path(out), force=force) as tmp:
+    with atomic_dir(out, force=force, staged=True, last="config.json") as tmp:
         pending: dict[str, np.ndarray] = {}
         total = 0
         shard_iter = iter(shards)
@@ -453,7 +453,7 @@ def export_hf(ckpt, out, dtype: str = "bfloat16", force: bool = False,
         gen = generation_config_for(vocab, meta, hf_config)
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         for f in tok_dir.iterdir():
-            shutil.copy2(f, tmp / f.name)
+            f.copy(fs.path(tmp / f.name), overwrite=True)
     log(f"export-hf: {ckpt} -> {out}: {len(shards)} safetensors file(s), {total / 1e6:.1f} MB "
         f"({dtype}), vocabulary {vocab.size} (padding to {vocab.padded_size} trimmed)")
-    return Path(out)
+    return fs.path(out)

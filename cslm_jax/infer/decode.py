@@ -355,9 +355,11 @@ def load_for_decoding(path: str | Path, *, compute_dtype: str | None = None,
     from cslm_jax.convert.hf import import_hf
     from cslm_jax.model.vocab import check_layout, existing_layout, load_tokenizer
 
-    path = Path(path)
+    from cslm_jax.storage import fs
 
-    def read(ckpt: Path):
+    path = fs.path(path)
+
+    def read(ckpt):
         _, cfg, vocab = read_metadata(ckpt)
         tokenizer = load_tokenizer(ckpt / "tokenizer")
         check_layout(tokenizer, vocab, str(ckpt / "tokenizer"))
@@ -366,6 +368,7 @@ def load_for_decoding(path: str | Path, *, compute_dtype: str | None = None,
     if (path / META_FILE).is_file():
         cfg, params, tokenizer, vocab = read(path)
     elif (path / "config.json").is_file():
+        path = fs.local_dir(path, "Hugging Face folder")      # transformers reads local files
         layout = existing_layout(load_tokenizer(path), str(path))
         with tempfile.TemporaryDirectory(dir=tmp_dir, prefix="cslm_decode_") as tmp:
             ckpt = import_hf(path, Path(tmp) / "ckpt", speech_units=None if layout else 0, log=log)

@@ -434,7 +434,9 @@ def model_folder(ckpt: str | None, hf_dir: str | None) -> Path:
 
     if ckpt is not None:
         return resolve_model_dir(ckpt, flag="--ckpt")
-    path = Path(hf_dir)
+    from cslm_jax.storage import fs
+
+    path = fs.path(hf_dir, "--hf-dir")
     if not (path / "config.json").is_file():
         raise UnitFileError(f"--hf-dir {path}: no config.json (not a Hugging Face model folder)")
     return path

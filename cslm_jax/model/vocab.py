@@ -105,9 +105,14 @@ class VocabInfo:
 # -- tokenizers ------------------------------------------------------------------------------------
 
 def load_tokenizer(path: str | Path):
-    """A `transformers` fast tokenizer from a folder (tokenizer.json and its config)."""
+    """A `transformers` fast tokenizer from a folder (tokenizer.json and its config), local or
+    gs:// (downloaded once per process: transformers reads local files)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    from cslm_jax.storage import fs
+
+    if fs.is_remote(path):
+        path = fs.local_dir(fs.path(path), "tokenizer folder")
     path = Path(path)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise VocabError(f"{path}: no tokenizer.json or tokenizer_config.json; the CSLM vocabulary "
@@ -237,7 +242,9 @@ def require_cslm_tokens(tokenizer, where: str, unit_count: int | None = None) ->
 def require_model_cslm_tokens(model_dir: str | Path, unit_count: int | None = None) -> None:
     """`require_cslm_tokens` on a model folder's tokenizer (a checkpoint's tokenizer/, or a
     Hugging Face folder itself), before its weights are loaded."""
-    model_dir = Path(model_dir)
+    from cslm_jax.storage import fs
+
+    model_dir = fs.path(model_dir)
     is_checkpoint = (model_dir / "cslm_checkpoint.json").is_file()
     tok_dir = model_dir / "tokenizer" if is_checkpoint else model_dir
     require_cslm_tokens(load_tokenizer(tok_dir), str(tok_dir), unit_count)

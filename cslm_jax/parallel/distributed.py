@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -145,9 +146,11 @@ def check_shared_dir(path: str | Path) -> None:
     Process 0 writes a token there; every process reads it back; all fail together if one cannot."""
     import jax
 
+    from cslm_jax.storage import fs
+
     if jax.process_count() == 1:
         return
-    path = Path(path)
+    path = fs.path(path)
     token = broadcast_int(int.from_bytes(os.urandom(7), "little"))
     probe = path / ".shared_dir_check"
     if jax.process_index() == 0:
@@ -160,12 +163,13 @@ def check_shared_dir(path: str | Path) -> None:
     failed = any_process(not seen)
     barrier("cslm_jax: shared run dir probe read")
     if jax.process_index() == 0:
-        probe.unlink(missing_ok=True)
+        if probe.exists():
+            probe.unlink()
     if failed:
         raise DistributedError(
             f"{path}: not every process sees what process 0 wrote there; a multi-host run needs "
-            f"a run folder on storage all hosts share (NFS / Filestore, or a bucket mounted with "
-            f"gcsfuse: launch_tpu.sh --bucket)")
+            f"a run folder on storage all hosts share (gs://bucket/path, NFS / Filestore, or a "
+            f"bucket mounted with gcsfuse)")
 
 
 # -- this process's share of the input ---------------------------------------------------------------
@@ -220,14 +224,31 @@ class ProcessInput:
             out[name] = joined.reshape(-1, *joined.shape[2:])
         return out
 
-    def save(self, directory: str | Path) -> None:
-        for shard, it in zip(self.shards, self.iterators):
-            it.save(Path(directory) / f"shard_{shard}")
+    def save(self, directory) -> None:
+        """Each shard's tf.data iterator checkpoint into `directory`/shard_<k> (TensorFlow writes
+        local files: for a gs:// folder it writes locally first and uploads)."""
+        from cslm_jax.storage import fs
 
-    def restore(self, directory: str | Path) -> None:
         for shard, it in zip(self.shards, self.iterators):
-            where = Path(directory) / f"shard_{shard}"
+            dst = fs.path(directory) / f"shard_{shard}"
+            if not fs.is_remote(dst):
+                it.save(Path(os.fspath(dst)))
+                continue
+            with tempfile.TemporaryDirectory(prefix="cslm_jax-data-") as tmp:
+                it.save(Path(tmp))
+                fs.upload_dir(tmp, dst)
+
+    def restore(self, directory) -> None:
+        from cslm_jax.storage import fs
+
+        for shard, it in zip(self.shards, self.iterators):
+            where = fs.path(directory) / f"shard_{shard}"
             if not where.is_dir():
                 raise DistributedError(f"{directory}: no position for data shard {shard}; the "
                                        f"checkpoint was written with a different shard count")
-            it.restore(where)
+            if not fs.is_remote(where):
+                it.restore(Path(os.fspath(where)))
+                continue
+            with tempfile.TemporaryDirectory(prefix="cslm_jax-data-") as tmp:
+                fs.copytree(where, tmp)
+                it.restore(Path(tmp))

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 
 from cslm_jax.config import ConfigError, ModelConfig
 from cslm_jax.errors import CslmError, check_output_dir
+from cslm_jax.storage import fs
 from cslm_jax.model.vocab import VocabError, VocabInfo
 
 META_FILE = "cslm_checkpoint.json"
@@ -37,18 +39,29 @@ class CheckpointError(CslmError):
 
 
 @contextlib.contextmanager
-def atomic_dir(target: Path, force: bool = False):
-    """Yield a temporary sibling folder; on success it replaces `target`, on failure it is removed.
+def atomic_dir(target, force: bool = False, staged: bool = False, last: str | None = None):
+    """Yield a folder to write an output into; the output at `target` is complete or absent.
 
     A non-empty `target` is refused unless `force` is set. With several JAX processes (a
     multi-host run, the folder on shared storage) every process gets the same folder: process 0
-    creates and renames it, the others wait for it at barriers, so all can join Orbax saves.
+    creates and commits it, the others wait for it at barriers, so all can join Orbax saves.
+
+    On a local disk the folder is a hidden temporary sibling renamed into place on success and
+    removed on failure. Where a rename is not atomic (GCS, gcsfuse: `fs.commit_file_mode`), the
+    output is written in place and `last` (the file readers require: a checkpoint's metadata,
+    an HF folder's config.json) is written last; a replaced output loses its `last` file first.
+    With `staged` the caller gets a local temporary folder there (for writers that need local
+    files), whose files are uploaded on success, `last` at the end.
     """
     from cslm_jax.parallel.distributed import barrier, broadcast_int
 
-    target = Path(target).absolute()
+    target = fs.path(target)
     check_output_dir(target, force)
     primary = jax.process_index() == 0
+    if fs.commit_file_mode(target):
+        with _commit_file_dir(target, primary, staged, last) as out:
+            yield out
+        return
     tag = f"{broadcast_int(uuid.uuid4().int >> 68):08x}"    # process 0's 60 random bits
     tmp = target.parent / f".{target.name}.partial-{tag}"
     if primary:
@@ -56,16 +69,49 @@ def atomic_dir(target: Path, force: bool = False):
         tmp.mkdir()
     barrier(f"cslm_jax: {tmp} created")
     try:
-        yield tmp
+        yield Path(os.fspath(tmp))
     except BaseException:
         if primary:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     barrier(f"cslm_jax: {tmp} written")
     if primary:
-        apply_umask(tmp)
-        _replace_dir(tmp, target)
+        apply_umask(Path(os.fspath(tmp)))
+        _replace_dir(Path(os.fspath(tmp)), Path(os.fspath(target)))
     barrier(f"cslm_jax: {target} in place")
+
+
+@contextlib.contextmanager
+def _commit_file_dir(target, primary: bool, staged: bool, last: str | None):
+    from cslm_jax.parallel.distributed import barrier
+
+    if primary:
+        if target.exists():                    # replacing (force): unmark it first
+            if last is not None and (target / last).exists():
+                (target / last).unlink()
+            fs.rmtree(target)
+        target.mkdir(parents=True, exist_ok=True)
+    barrier(f"cslm_jax: {target} created")
+    local = Path(tempfile.mkdtemp(prefix="cslm_jax-out-")) if staged and primary else None
+    try:
+        yield local if staged else target
+        barrier(f"cslm_jax: {target} written")
+        if primary and staged:
+            names = sorted(p.name for p in local.iterdir())
+            for name in [n for n in names if n != last] + ([last] if last in names else []):
+                src = local / name
+                if src.is_dir():
+                    fs.copytree(src, target / name)
+                else:
+                    fs.path(src).copy(target / name, overwrite=True)
+    except BaseException:
+        if primary:
+            fs.rmtree(target)
+        raise
+    finally:
+        if local is not None:
+            shutil.rmtree(local, ignore_errors=True)
+    barrier(f"cslm_jax: {target} committed")
 
 
 def process_umask() -> int:
@@ -124,6 +170,17 @@ def _checkpointer(nbytes: int, restore: bool = False):
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**{key: limit_gb}))
 
 
+def save_tokenizer(tokenizer, dst) -> None:
+    """`tokenizer.save_pretrained` to a local or remote folder (transformers writes local files:
+    a remote one is written locally first and uploaded)."""
+    if not fs.is_remote(dst):
+        tokenizer.save_pretrained(os.fspath(dst))
+        return
+    with tempfile.TemporaryDirectory(prefix="cslm_jax-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        fs.upload_dir(tmp, dst)
+
+
 def save_model_checkpoint(path: str | Path, params: dict, cfg: ModelConfig, vocab: VocabInfo,
                           tokenizer=None, extra: dict | None = None, force: bool = False) -> Path:
     """Write params (schema of cslm_jax.model.llama) with their metadata, one Orbax item per parameter
@@ -132,9 +189,9 @@ def save_model_checkpoint(path: str | Path, params: dict, cfg: ModelConfig, voca
     then about one parameter, not one model."""
     import orbax.checkpoint as ocp
 
-    path = Path(path).absolute()
+    path = fs.path(path)
     primary = jax.process_index() == 0        # other processes only join the Orbax saves
-    with atomic_dir(path, force=force) as tmp:
+    with atomic_dir(path, force=force, last=META_FILE) as tmp:
         if primary:
             (tmp / "params").mkdir()
         leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=callable)[0]
@@ -146,7 +203,7 @@ def save_model_checkpoint(path: str | Path, params: dict, cfg: ModelConfig, voca
                 tmp / "params" / _leaf_name(key_path), args=ocp.args.PyTreeSave({"value": array}))
             del array
         if primary and tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            save_tokenizer(tokenizer, tmp / "tokenizer")
         meta = {"format": CHECKPOINT_FORMAT, "model": cfg.to_dict(), "vocab": vocab.to_dict(),
                 **(extra or {})}
         if primary:
@@ -155,8 +212,9 @@ def save_model_checkpoint(path: str | Path, params: dict, cfg: ModelConfig, voca
 
 
 def read_metadata(path: str | Path) -> tuple[dict, ModelConfig, VocabInfo]:
-    """(raw metadata, model config, vocabulary layout) of a model checkpoint, validated."""
-    path = Path(path)
+    """(raw metadata, model config, vocabulary layout) of a model checkpoint, validated. The
+    metadata file is written last: a folder without it is an unfinished write, never read."""
+    path = fs.path(path)
     meta_file = path / META_FILE
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
@@ -204,7 +262,7 @@ def iter_params(path: str | Path, shardings=None, dtype=None):
     Shapes are checked against the checkpoint's model config first, naming any mismatch."""
     import orbax.checkpoint as ocp
 
-    path = Path(path).absolute()
+    path = fs.path(path)
     _, cfg, _ = read_metadata(path)
     expected = param_names(cfg)
     stored = {p.name for p in (path / "params").iterdir() if p.is_dir()}
@@ -266,10 +324,10 @@ def _data_handler_classes():
 
     class DataPositionHandler(ocp.CheckpointHandler):
         def save(self, directory, args):
-            args.iterator.save(Path(directory))
+            args.iterator.save(directory)
 
         def restore(self, directory, args):
-            args.iterator.restore(Path(directory))
+            args.iterator.restore(directory)
             return args.iterator.position
 
         def metadata(self, directory):
@@ -295,33 +353,57 @@ _DATA_HANDLER = None
 ORBAX_TMP_MARK = ".orbax-checkpoint-tmp"
 
 
-def remove_partial_checkpoints(directory: str | Path) -> list[str]:
-    """Delete the temporary folders of saves that never committed (a process killed mid-save);
-    returns their names. Done here, synchronously, because Orbax 0.12's own background clean-up
+COMMIT_FILE = "commit_success.txt"      # Orbax's marker where a rename is not atomic
+
+
+def is_committed_step(step_dir) -> bool:
+    """A training checkpoint step folder that Orbax finished: renamed into place (local disk), or
+    holding its commit file where folders are committed by a marker (GCS, gcsfuse)."""
+    step_dir = fs.path(step_dir)
+    if not (step_dir.name.isdigit() and step_dir.is_dir()):
+        return False
+    return not fs.commit_file_mode(step_dir) or (step_dir / COMMIT_FILE).exists()
+
+
+def remove_partial_checkpoints(directory) -> list[str]:
+    """Delete the saves that never committed (a process killed mid-save); returns their names:
+    Orbax's temporary folders on a local disk, step folders without their commit file on GCS or
+    gcsfuse. Done here, synchronously, because Orbax 0.12's own background clean-up
     (`cleanup_tmp_directories`) races with the next save of the same step and can crash it."""
-    directory = Path(directory)
+    directory = fs.path(directory)
     if not directory.is_dir():
         return []
-    partial = sorted(p for p in directory.iterdir() if ORBAX_TMP_MARK in p.name)
+    commit_file = fs.commit_file_mode(directory)
+    partial = sorted((p for p in directory.iterdir()
+                      if ORBAX_TMP_MARK in p.name
+                      or (commit_file and p.name.isdigit() and not (p / COMMIT_FILE).exists())),
+                     key=lambda p: p.name)
     for p in partial:
-        shutil.rmtree(p)
+        fs.rmtree(p)
     return [p.name for p in partial]
 
 
-def train_checkpoint_manager(directory: str | Path, every: int, keep: int, async_save: bool = True):
+def train_checkpoint_manager(directory, every: int, keep: int, async_save: bool = True):
     """Orbax CheckpointManager over `directory` with items `state` (train state: step, params,
     optimizer state), `data` (input pipeline position) and `config` (the run config, model config
-    and vocabulary as JSON). Saves go to a temporary folder renamed on commit, so a process killed
-    mid-save leaves the previous checkpoint as the latest complete one; `remove_partial_checkpoints`
-    clears such leftovers before a run resumes."""
+    and vocabulary as JSON). On a local disk saves go to a temporary folder renamed on commit; on
+    GCS and gcsfuse (`fs.commit_file_mode`) into the step folder with a commit file written last.
+    Either way a process killed mid-save leaves the previous checkpoint as the latest complete
+    one; `remove_partial_checkpoints` clears such leftovers before a run resumes. Keeping the
+    last `keep` deletes older steps wherever they are."""
     import orbax.checkpoint as ocp
 
+    directory = fs.path(directory)
     handler, _, _ = _data_handler_classes()
+    atomicity = ocp.path.atomicity
+    temporary = (atomicity.CommitFileTemporaryPath if fs.commit_file_mode(directory)
+                 else atomicity.AtomicRenameTemporaryPath)
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every, max_to_keep=keep, create=True,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=False)
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=False,
+        temporary_path_class=temporary)
     return ocp.CheckpointManager(
-        Path(directory).absolute(), options=options, item_names=TRAIN_ITEMS,
+        directory, options=options, item_names=TRAIN_ITEMS,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": handler(),
                        "config": ocp.JsonCheckpointHandler()})
 
@@ -357,7 +439,8 @@ def resolve_model_dir(path: str | Path, flag: str = "--ckpt", hf: bool = False) 
     train` run folder (its `model/`, written when the run completes) or, with `hf`, a Hugging
     Face folder (`config.json`: export-hf output). CheckpointError otherwise, naming `flag` and
     saying what is missing (a run that has not finished has checkpoints/ but no model/ yet)."""
-    path = Path(path)
+    path = fs.path(path, flag)
+    fs.check_bucket(path, flag)
     if (path / META_FILE).is_file() or (hf and (path / "config.json").is_file()):
         return path
     if (path / "model" / META_FILE).is_file():

@@ -28,9 +28,8 @@ changes the optimisation (RESUME_FIXED) without allow_config_change.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from cslm_jax.config import ConfigError, ModelConfig, RunConfig
 from cslm_jax.errors import CslmError
 from cslm_jax.model.vocab import VocabInfo
+from cslm_jax.storage import fs
 from cslm_jax.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
 from cslm_jax.train.preemption import PreemptionFlag
 
@@ -82,10 +82,12 @@ def opt_state_shardings(abstract_opt_state, params_sharding: dict, params_shape:
 
 # -- checks before the run starts ------------------------------------------------------------------
 
-def has_checkpoint(run_dir: Path) -> bool:
+def has_checkpoint(run_dir) -> bool:
     """Whether `run_dir` holds a committed training checkpoint (a resume, not a new run)."""
-    ckpts = Path(run_dir) / "checkpoints"
-    return ckpts.is_dir() and any(p.name.isdigit() and p.is_dir() for p in ckpts.iterdir())
+    from cslm_jax.storage.checkpoint import is_committed_step
+
+    ckpts = fs.path(run_dir) / "checkpoints"
+    return ckpts.is_dir() and any(is_committed_step(p) for p in ckpts.iterdir())
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -102,7 +104,8 @@ def preflight(config, overrides, run_dir, init_from=None) -> RunConfig:
     from cslm_jax.data.formats import load_data_config
     from cslm_jax.storage.checkpoint import resolve_model_dir
 
-    run_dir = Path(run_dir)
+    run_dir = fs.path(run_dir, "--run-dir")
+    fs.check_bucket(run_dir, "--run-dir")
     check_run_dir(run_dir)
     cfg = load_run_config(config, overrides)
     if not has_checkpoint(run_dir):
@@ -110,7 +113,9 @@ def preflight(config, overrides, run_dir, init_from=None) -> RunConfig:
         if not where:
             raise TrainError("train: nothing to start from: set init_from in the config or pass "
                              "--init-from (a checkpoint written by `cslm-jax import-hf`)")
-        resolve_model_dir(where, flag="--init-from" if init_from else "init_from")
+        flag = "--init-from" if init_from else "init_from"
+        fs.check_bucket(fs.path(where, flag), flag)
+        resolve_model_dir(where, flag=flag)
     length = cfg.data.max_length
     data_cfg = load_data_config(cfg.data.config, [] if length is None else
                                 [f"packing.max_length={length}"])
@@ -261,7 +266,7 @@ def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=prin
         if jax.process_index() == 0 and not (run_dir / "tokenizer").is_dir():
             if not (init / "tokenizer").is_dir():
                 raise TrainError(f"{init}/tokenizer: missing; the checkpoint carries no tokenizer")
-            shutil.copytree(init / "tokenizer", run_dir / "tokenizer")
+            fs.copytree(init / "tokenizer", run_dir / "tokenizer")
         barrier("cslm_jax: tokenizer copied into the run folder")
     if vocab.unit_count == 0:
         raise TrainError(f"{init or run_dir}: the vocabulary has no speech units; import the base "
@@ -285,7 +290,8 @@ def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=prin
     from cslm_jax.model.vocab import load_tokenizer, require_cslm_tokens
     require_cslm_tokens(load_tokenizer(run_dir / "tokenizer"), str(run_dir / "tokenizer"),
                         data_cfg.format.unit_count)
-    [mixture] = register(data_cfg, run_dir / "tokenizer", stages=[cfg.data.stage])
+    [mixture] = register(data_cfg, fs.local_dir(run_dir / "tokenizer", "tokenizer folder"),
+                         stages=[cfg.data.stage])
     task_names = [s.name for s in data_cfg.tasks(cfg.data.stage)]
     run = Run(cfg, run_dir, model_cfg, vocab, source_meta, layout, task_names, mixture,
               data_cfg.max_length, data_shards)
@@ -382,10 +388,10 @@ def train(cfg: RunConfig, run_dir: str | Path, init_from: str | Path | None = No
     change) unless `allow_config_change`; other changes are logged. config.yaml keeps the config
     the run started with, config.<step>.yaml each changed config from the step it resumed at. A
     new run that fails before its first checkpoint leaves the file system as it was."""
-    run_dir = Path(run_dir).absolute()
+    run_dir = fs.path(run_dir, "--run-dir")
     check_run_dir(run_dir)
     fresh = not has_checkpoint(run_dir)
-    before = set(os.listdir(run_dir)) if run_dir.is_dir() else None
+    before = fs.listdir(run_dir) if run_dir.is_dir() else None
     top = run_dir                     # the topmost folder this call creates
     while not top.parent.exists():
         top = top.parent
@@ -393,15 +399,12 @@ def train(cfg: RunConfig, run_dir: str | Path, init_from: str | Path | None = No
         return _train(cfg, run_dir, init_from, log, on_step, data_shards, allow_config_change)
     except BaseException:
         if fresh and not has_checkpoint(run_dir) and jax.process_index() == 0:
-            if before is None:
-                shutil.rmtree(top, ignore_errors=True)
-            elif run_dir.is_dir():
-                for name in set(os.listdir(run_dir)) - before:
-                    p = run_dir / name
-                    if p.is_dir():
-                        shutil.rmtree(p, ignore_errors=True)
-                    else:
-                        p.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                if before is None:
+                    fs.rmtree(top)
+                elif run_dir.is_dir():
+                    for name in fs.listdir(run_dir) - before:
+                        fs.rmtree(run_dir / name)
         raise
 
 

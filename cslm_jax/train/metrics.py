@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,22 +64,41 @@ def peak_flops_per_device(configured: float | None, compute_dtype: str) -> tuple
 
 class MetricsWriter:
     """JSON lines + TensorBoard + a progress bar (or plain lines when not on a terminal).
-    Only process 0 writes; the others keep quiet."""
+    Only process 0 writes; the others keep quiet.
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress_bar: bool,
-                 log=print):
+    For a run folder in a bucket (gs://) both are written to a local staging folder and copied
+    to the run folder every `sync_every_s` seconds and on close (an object cannot be appended
+    to: metrics.jsonl is rewritten whole, TensorBoard event files likewise)."""
+
+    def __init__(self, run_dir, total_steps: int, start_step: int, progress_bar: bool,
+                 log=print, sync_every_s: float = 30.0):
+        from cslm_jax.storage import fs
+
         self.enabled = jax.process_index() == 0
         self.log = log
-        self.path = run_dir / "metrics.jsonl"
+        self.run_dir = fs.path(run_dir)
+        self.remote = fs.is_remote(self.run_dir)
+        self.sync_every_s = sync_every_s
         self._tb = None
         self._bar = None
         if not self.enabled:
             return
+        if self.remote:
+            import tempfile
+            self._stage = Path(tempfile.mkdtemp(prefix="cslm_jax-metrics-"))
+            remote_metrics = self.run_dir / "metrics.jsonl"
+            if remote_metrics.exists():
+                (self._stage / "metrics.jsonl").write_text(remote_metrics.read_text())
+            local_dir = self._stage
+        else:
+            local_dir = Path(os.fspath(self.run_dir))
+        self.path = local_dir / "metrics.jsonl"
         self._truncate_after(start_step)
         self._file = open(self.path, "a", encoding="utf-8")
         import tensorflow as tf
         self._tf = tf
-        self._tb = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
+        self._tb = tf.summary.create_file_writer(str(local_dir / "tensorboard"))
+        self._last_sync = time.monotonic()
         if progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -90,6 +110,17 @@ class MetricsWriter:
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
+
+    def sync(self) -> None:
+        """Copy the staged files to a gs:// run folder (a no-op for a local one)."""
+        if not (self.enabled and self.remote):
+            return
+        from cslm_jax.storage import fs
+
+        self._file.flush()
+        self._tb.flush()
+        fs.upload_dir(self._stage, self.run_dir)
+        self._last_sync = time.monotonic()
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -108,11 +139,17 @@ class MetricsWriter:
             self._bar.set_postfix_str(short, refresh=True)
         else:
             self.log(f"step {row['step']}: {short}")
+        if self.remote and time.monotonic() - self._last_sync >= self.sync_every_s:
+            self.sync()
 
     def close(self) -> None:
         if not self.enabled:
             return
-        self._file.close()
         self._tb.flush()
+        self.sync()
+        self._file.close()
+        if self.remote:
+            import shutil
+            shutil.rmtree(self._stage, ignore_errors=True)
         if self._bar is not None:
             self._bar.close()

@@ -1,0 +1,215 @@
+"""Paths that may be local or in a Google Cloud Storage bucket (`gs://bucket/path`).
+
+Every path a user gives (run folders, checkpoints, data configs and their files, outputs) goes
+through `path()`: a local path becomes an absolute `etils.epath.Path` on the local file system,
+`gs://bucket/path` an `epath.Path` on GCS, and any other `scheme://` is refused, as is a local path
+that is a mangled URL (`gs:/bucket`, what `pathlib` makes of `gs://bucket`): such a path must
+never silently become a local folder named `gs:`.
+
+One client for GCS: `epath` through `fsspec`/`gcsfs` (we set `EPATH_USE_TF=false` unless the user
+set it; TensorFlow's own GCS file system ignores `STORAGE_EMULATOR_HOST`, so it could not be
+tested against a local server, and one client means one set of credentials). Orbax writes array
+data through TensorStore's GCS driver (`TENSORSTORE_GCS_HTTP_URL` for another endpoint). With
+`STORAGE_EMULATOR_HOST` set (a local fake-gcs-server, as the tests use), `configure_gcs`
+points TensorStore at it too and turns off what an emulator lacks (gcsfs' gRPC bucket-layout
+probe, real credentials).
+
+Atomicity (`commit_file_mode`): on a local disk a folder is written under a temporary name and
+renamed into place. On GCS a "rename" is a copy and delete of every object, and so it is on a
+bucket mounted with gcsfuse; there the folder is written in place and a commit marker is written
+last, and a folder without its marker is never read as whole. `CSLM_JAX_ATOMICITY=rename|commit_file`
+overrides the detection (gcsfuse mounts are found in /proc/mounts).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from cslm_jax.errors import CslmError
+
+REMOTE_SCHEMES = ("gs",)
+_ENV_DONE = False
+
+
+class StorageError(CslmError):
+    """A path names unsupported storage, a bucket is missing or not accessible, or a transfer
+    failed; the message names the path."""
+
+
+def configure_gcs() -> None:
+    """Set up GCS access once, before the first remote path is used (not on import): epath on
+    gcsfs, no listing cache, and with STORAGE_EMULATOR_HOST the emulator defaults. Environment
+    variables are only defaults: one the user set is kept."""
+    global _ENV_DONE
+    if _ENV_DONE:
+        return
+    _ENV_DONE = True
+    os.environ.setdefault("EPATH_USE_TF", "false")
+    # epath caches its reading of EPATH_USE_TF on first use of any path, local ones included
+    from etils.epath import gpath
+    getattr(gpath._is_tf_installed, "cache_clear", lambda: None)()
+    # gcsfs caches folder listings per process: another host's (or Orbax's TensorStore) writes
+    # would stay invisible (process 1 not seeing process 0's files). Every lookup asks GCS.
+    import fsspec.config
+    for proto in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(proto, {}).setdefault("use_listings_cache", False)
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if emulator:
+        url = emulator if "://" in emulator else f"http://{emulator}"
+        os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
+        # An emulator takes any bearer token; TensorStore would otherwise look for credentials.
+        os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+        # gcsfs probes bucket layout over gRPC (Storage Control API), which emulators lack.
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+def scheme_of(p) -> str | None:
+    s = os.fspath(p) if not isinstance(p, str) else p
+    if "://" in s:
+        return s.split("://", 1)[0].lower()
+    return None
+
+
+def is_remote(p) -> bool:
+    return scheme_of(str(p)) in REMOTE_SCHEMES
+
+
+def path(p, flag: str | None = None):
+    """An `epath.Path` for `p` (str, pathlib.Path or epath.Path): absolute if local. Raises
+    StorageError for a scheme we do not support or a mangled URL, naming `flag` if given."""
+    from etils import epath
+
+    if isinstance(p, epath.Path) and not isinstance(p, Path):
+        return p
+    s = os.fspath(p)
+    where = f"{flag} {s}" if flag else s
+    scheme = scheme_of(s)
+    if scheme is not None:
+        if scheme not in REMOTE_SCHEMES:
+            raise StorageError(f"{where}: {scheme}:// paths are not supported; use a local path or "
+                               f"gs://bucket/path")
+        bucket = s.split("://", 1)[1].split("/", 1)[0]
+        if not bucket:
+            raise StorageError(f"{where}: no bucket name; write gs://BUCKET/path")
+        configure_gcs()
+        return epath.Path(s.rstrip("/") if s.count("/") > 3 else s)
+    first = s.split("/", 1)[0].lower()
+    if first.endswith(":") and first[:-1] in ("gs", "s3", "az", "hf", "http", "https"):
+        raise StorageError(f"{where}: looks like a URL that lost a slash ({first}//...); write "
+                           f"{first}//bucket/path")
+    return epath.Path(os.path.abspath(s))
+
+
+def local(p) -> Path:
+    """A pathlib.Path for a local `p`; StorageError if `p` is remote."""
+    if is_remote(p):
+        raise StorageError(f"{p}: expected a local path here")
+    return Path(os.fspath(p))
+
+
+def bucket_of(p) -> str:
+    return str(p).split("://", 1)[1].split("/", 1)[0]
+
+
+def check_bucket(p, flag: str | None = None) -> None:
+    """For a gs:// path: the bucket exists and can be listed, else a StorageError before any
+    work starts (a missing bucket, no permission or no credentials, each said as such)."""
+    if not is_remote(p):
+        return
+    configure_gcs()
+    import gcsfs
+
+    bucket = bucket_of(p)
+    where = f"{flag} {p}" if flag else str(p)
+    try:
+        fs = gcsfs.GCSFileSystem()
+        fs.ls(bucket, detail=False)
+    except FileNotFoundError:
+        raise StorageError(f"{where}: bucket gs://{bucket} does not exist (create it, or check "
+                           f"the name)") from None
+    except (PermissionError, OSError, ValueError) as e:
+        msg = str(e) or type(e).__name__
+        code = getattr(e, "code", None)
+        if code in (401, 403) or isinstance(e, PermissionError) or \
+                any(w in msg for w in ("Forbidden", "Unauthorized", "ermission", "403", "401")):
+            raise StorageError(f"{where}: no permission to read gs://{bucket} ({msg.splitlines()[0]}); "
+                               f"check the credentials (gcloud auth application-default login, or "
+                               f"the TPU VM's service account)") from None
+        raise StorageError(f"{where}: cannot reach gs://{bucket}: {msg.splitlines()[0]}") from None
+
+
+def _gcsfuse_mounts(mounts_file: str = "/proc/mounts") -> list[str]:
+    try:
+        lines = Path(mounts_file).read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 3 and parts[2] in ("fuse.gcsfuse", "fuse.gcsfuse-fuse"):
+            out.append(parts[1].replace("\\040", " "))
+    return out
+
+
+def commit_file_mode(p, mounts_file: str = "/proc/mounts") -> bool:
+    """Whether folders under `p` are committed by a marker file written last (GCS, gcsfuse)
+    instead of a rename (local disks). CSLM_JAX_ATOMICITY=rename|commit_file overrides."""
+    forced = os.environ.get("CSLM_JAX_ATOMICITY", "auto").lower()
+    if forced in ("rename", "commit_file"):
+        return forced == "commit_file"
+    if forced != "auto":
+        raise StorageError(f"CSLM_JAX_ATOMICITY is {forced!r}; use auto, rename or commit_file")
+    if is_remote(p):
+        return True
+    target = os.path.abspath(os.fspath(p))
+    return any(target == m or target.startswith(m.rstrip("/") + "/")
+               for m in _gcsfuse_mounts(mounts_file))
+
+
+def rmtree(p) -> None:
+    """Remove a folder (local or remote) and everything under it; absent is fine."""
+    p = path(p)
+    if p.exists():
+        if p.is_dir():
+            p.rmtree()
+        else:
+            p.unlink()
+
+
+def listdir(p) -> set[str]:
+    p = path(p)
+    return {c.name for c in p.iterdir()} if p.is_dir() else set()
+
+
+def copytree(src, dst) -> None:
+    """Copy a folder file by file (local <-> remote in any direction)."""
+    src, dst = path(src), path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for child in src.iterdir():
+        if child.is_dir():
+            copytree(child, dst / child.name)
+        else:
+            child.copy(dst / child.name, overwrite=True)
+
+
+def local_dir(p, what: str = "folder") -> Path:
+    """A local folder holding `p`'s files: `p` itself when local, else a fresh copy downloaded
+    into a temporary folder removed at exit (for libraries that read local files only, such as
+    `transformers`' tokenizers and models). Not cached: a replaced remote folder is read anew."""
+    if not is_remote(p):
+        return Path(os.fspath(p))
+    src = path(p)
+    if not src.is_dir():
+        raise StorageError(f"{p}: no such {what}")
+    tmp = Path(tempfile.mkdtemp(prefix="cslm_jax-staged-"))
+    import atexit
+    atexit.register(shutil.rmtree, tmp, True)
+    copytree(src, tmp)
+    return tmp
+
+
+def upload_dir(local_src, dst) -> None:
+    """Copy a local folder's files to `dst` (local or remote)."""
+    copytree(path(local_src), path(dst))

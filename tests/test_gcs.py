@@ -1,0 +1,313 @@
+"""Run folders, checkpoints and model folders in a GCS bucket, against a real GCS server
+(fake-gcs-server, started here on 127.0.0.1; see tests/fake_gcs.py)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from fake_gcs import FakeGcs
+from test_train import base_ckpt, losses, model_params, quiet, run_cfg  # noqa: F401  (fixture reused)
+
+from cslm_jax.storage import fs
+from cslm_jax.train.loop import EXIT_OK, EXIT_PREEMPTED, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    server = FakeGcs(tmp_path_factory.mktemp("fake_gcs"))
+    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+                                             "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+                                             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "EPATH_USE_TF")}
+    for k in saved:
+        os.environ.pop(k, None)
+    os.environ.update(server.env())
+    fs._ENV_DONE = False                  # derive the emulator defaults from this server
+    fs.configure_gcs()
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    fs._ENV_DONE = False
+
+
+_buckets = iter(range(10_000))
+
+
+@pytest.fixture
+def bucket(gcs):
+    name = f"bucket-{next(_buckets)}"
+    return gcs.create_bucket(name), name
+
+
+def gcs_losses(run_dir):
+    rows = [json.loads(x) for x in fs.path(run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows], np.array([r["loss"] for r in rows])
+
+
+def gcs_params(run_dir):
+    from cslm_jax.storage.checkpoint import load_params
+    return load_params(fs.path(run_dir) / "model")
+
+
+def steps_in_bucket(gcs, name, prefix):
+    return sorted({int(o[len(prefix):].split("/")[0]) for o in gcs.objects(name, prefix)
+                   if o[len(prefix):].split("/")[0].isdigit()})
+
+
+def test_paths_refuse_what_is_not_local_or_gs():
+    with pytest.raises(fs.StorageError, match="s3:// paths are not supported"):
+        fs.path("s3://bucket/run", "--run-dir")
+    with pytest.raises(fs.StorageError, match="lost a slash"):
+        fs.path("gs:/bucket/run", "--run-dir")           # what pathlib makes of gs://bucket/run
+    with pytest.raises(fs.StorageError, match="no bucket name"):
+        fs.path("gs:///run")
+    assert str(fs.path("gs://b/x/")) == "gs://b/x"
+    assert str(fs.path("rel/x")) == os.path.abspath("rel/x")
+
+
+def test_commit_file_mode_detects_gcsfuse_mounts(tmp_path, monkeypatch):
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/sda1 / ext4 rw 0 0\n"
+                      "my-bucket /mnt/bucket fuse.gcsfuse rw,nosuid 0 0\n")
+    monkeypatch.delenv("CSLM_JAX_ATOMICITY", raising=False)
+    assert fs.commit_file_mode("/mnt/bucket/run/checkpoints", mounts_file=str(mounts))
+    assert fs.commit_file_mode("/mnt/bucket", mounts_file=str(mounts))
+    assert not fs.commit_file_mode("/mnt/bucket2/run", mounts_file=str(mounts))
+    assert not fs.commit_file_mode(str(tmp_path), mounts_file=str(mounts))
+    assert fs.commit_file_mode("gs://b/run")
+    monkeypatch.setenv("CSLM_JAX_ATOMICITY", "commit_file")
+    assert fs.commit_file_mode(str(tmp_path), mounts_file=str(mounts))
+    monkeypatch.setenv("CSLM_JAX_ATOMICITY", "rename")
+    assert not fs.commit_file_mode("/mnt/bucket/run", mounts_file=str(mounts))
+    monkeypatch.setenv("CSLM_JAX_ATOMICITY", "atomic")
+    with pytest.raises(fs.StorageError, match="CSLM_JAX_ATOMICITY"):
+        fs.commit_file_mode(str(tmp_path))
+
+
+def test_sigterm_and_resume_in_a_bucket_reproduce_a_local_run(demo, base_ckpt, tmp_path, gcs, bucket):
+    url, name = bucket
+    cfg = run_cfg(demo, base_ckpt, "train.num_devices=2", "checkpoint.keep=2")
+    assert train(cfg, tmp_path / "local", log=quiet) == EXIT_OK
+    steps, straight = losses(tmp_path / "local")
+
+    def sigterm_at_4(step):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    run_dir = fs.path(f"{url}/runs/demo")
+    assert train(cfg, run_dir, log=quiet, on_step=sigterm_at_4) == EXIT_PREEMPTED
+    assert steps_in_bucket(gcs, name, "runs/demo/checkpoints/") == [3, 4]
+    assert gcs_losses(run_dir)[0] == [1, 2, 3, 4]
+    assert not (run_dir / "model").exists()
+    assert train(cfg, run_dir, log=quiet) == EXIT_OK                 # automatic resume
+    got_steps, resumed = gcs_losses(run_dir)
+    assert got_steps == steps
+    np.testing.assert_array_equal(resumed, straight)                # bit-identical trace
+    for a, b in zip(jax.tree.leaves(model_params(tmp_path / "local")),
+                    jax.tree.leaves(gcs_params(run_dir))):
+        np.testing.assert_array_equal(a, b)
+    # keep=2 deleted the older steps in the bucket too; every kept step is committed
+    assert steps_in_bucket(gcs, name, "runs/demo/checkpoints/") == [6, 8]
+    objects = gcs.objects(name, "runs/demo/")
+    assert "runs/demo/checkpoints/8/commit_success.txt" in objects
+    assert "runs/demo/config.yaml" in objects and "runs/demo/model/cslm_checkpoint.json" in objects
+    assert any(o.startswith("runs/demo/tensorboard/") for o in objects)
+    assert not any("/." in o or "orbax-checkpoint-tmp" in o for o in objects)
+
+
+def test_sigkill_during_async_save_to_a_bucket_keeps_the_previous_checkpoint(
+        demo, base_ckpt, tmp_path, gcs, bucket):
+    """The child stalls Orbax's commit of step 4 in the bucket (every object written, the commit
+    file not) and is SIGKILLed there: step 2 stays the latest checkpoint, the uncommitted step 4
+    is never restored, and the resume removes it and finishes the run."""
+    url, name = bucket
+    run_dir = f"{url}/killed"
+    marker = tmp_path / "stalled"
+    data_dir, _ = demo
+    overrides = [f"init_from={base_ckpt}", f"data.config={data_dir / 'data.yaml'}",
+                 "data.max_length=128", "train.global_batch_size=8", "train.micro_batch_size=4",
+                 "train.progress_bar=false", "train.steps=8", "checkpoint.every=2",
+                 "checkpoint.keep=5", "train.num_devices=1"]
+    child = textwrap.dedent(f"""
+        import asyncio, sys
+        from pathlib import Path
+        from orbax.checkpoint._src.path import atomicity
+        original = atomicity.CommitFileTemporaryPath.finalize
+        async def stalled(self):
+            if self.get_final().name == "4":
+                Path({str(marker)!r}).write_text(str(self.get_final()))
+                await asyncio.sleep(600)
+            return await original(self)
+        atomicity.CommitFileTemporaryPath.finalize = stalled
+        from cslm_jax.cli.main import main
+        sys.exit(main(["train", "--config", {str(REPO / "configs" / "demo.yaml")!r},
+                       "--run-dir", {run_dir!r}] + {overrides!r}))
+    """)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **gcs.env())
+    proc = subprocess.Popen([sys.executable, "-c", child], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not marker.exists():
+        assert proc.poll() is None, f"child exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "the child never reached the save of step 4"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    objects = gcs.objects(name, "killed/checkpoints/4/")
+    assert any("/state/" in o for o in objects)                       # the data is in the bucket...
+    assert "killed/checkpoints/4/commit_success.txt" not in objects   # ...but never committed
+
+    from cslm_jax.config import load_run_config
+    from cslm_jax.storage.checkpoint import train_checkpoint_manager
+    manager = train_checkpoint_manager(f"{run_dir}/checkpoints", 2, 5)
+    assert manager.latest_step() == 2 and list(manager.all_steps()) == [2]
+    manager.close()
+    cfg = load_run_config(REPO / "configs" / "demo.yaml", overrides + ["train.log_every=1"])
+    logged = []
+    assert train(cfg, run_dir, log=logged.append) == EXIT_OK
+    assert any("removed" in line and "never committed" in line for line in logged)
+    assert steps_in_bucket(gcs, name, "killed/checkpoints/") == [2, 4, 6, 8]
+    assert all(f"killed/checkpoints/{s}/commit_success.txt" in gcs.objects(name, "killed/")
+               for s in (2, 4, 6, 8))
+    assert gcs_losses(fs.path(run_dir))[0][0] == 3                   # resumed after step 2
+
+
+def test_import_export_and_decode_load_through_a_bucket(make_hf_llama, tmp_path, gcs, bucket):
+    """import-hf writes into the bucket; export-hf from the bucket (to the bucket and to local
+    disk) equals export-hf from the same checkpoint on local disk; decoding loads it."""
+    from safetensors.numpy import load_file
+
+    from cslm_jax.convert.hf import export_hf, import_hf
+    from cslm_jax.infer.decode import load_for_decoding
+
+    url, name = bucket
+    hf_dir, _ = make_hf_llama()
+    import_hf(hf_dir, tmp_path / "ckpt", speech_units=16, log=quiet)
+    import_hf(hf_dir, f"{url}/ckpt", speech_units=16, log=quiet)
+    objects = gcs.objects(name, "ckpt/")
+    assert "ckpt/cslm_checkpoint.json" in objects and "ckpt/tokenizer/tokenizer.json" in objects
+
+    export_hf(tmp_path / "ckpt", tmp_path / "hf_local", dtype="float32", log=quiet)
+    export_hf(f"{url}/ckpt", tmp_path / "hf_from_bucket", dtype="float32", log=quiet)
+    export_hf(f"{url}/ckpt", f"{url}/hf", dtype="float32", log=quiet)
+    assert "hf/config.json" in gcs.objects(name, "hf/")
+    hf_in_bucket = fs.local_dir(f"{url}/hf")
+    for other in (tmp_path / "hf_from_bucket", hf_in_bucket):
+        assert sorted(p.name for p in other.iterdir()) == sorted(p.name for p in (tmp_path / "hf_local").iterdir())
+        a, b = load_file(tmp_path / "hf_local" / "model.safetensors"), load_file(other / "model.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+        assert (other / "config.json").read_text() == (tmp_path / "hf_local" / "config.json").read_text()
+
+    _, local_params, _, _ = load_for_decoding(tmp_path / "ckpt")
+    _, bucket_params, tok, vocab = load_for_decoding(f"{url}/ckpt")
+    assert vocab.unit_count == 16
+    for x, y in zip(jax.tree.leaves(local_params), jax.tree.leaves(bucket_params)):
+        np.testing.assert_array_equal(x, y)
+    # replacing needs --force; the replaced checkpoint is whole again
+    from cslm_jax.errors import OutputExistsError
+    with pytest.raises(OutputExistsError):
+        import_hf(hf_dir, f"{url}/ckpt", speech_units=16, log=quiet)
+    import_hf(hf_dir, f"{url}/ckpt", speech_units=8, force=True, log=quiet)
+    assert load_for_decoding(f"{url}/ckpt")[3].unit_count == 8
+
+
+def cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "cslm_jax.cli.main", *args], capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+
+
+def test_missing_bucket_is_refused_before_any_step(demo, base_ckpt, gcs):
+    data_dir, _ = demo
+    r = cli("train", "--config", str(REPO / "configs" / "demo.yaml"), "--run-dir",
+            "gs://no-such-bucket/run", f"init_from={base_ckpt}", f"data.config={data_dir / 'data.yaml'}",
+            env=gcs.env())
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "gs://no-such-bucket does not exist" in r.stderr
+    assert "Traceback" not in r.stderr and "step" not in r.stdout
+    assert not Path("gs:").exists()
+    r = cli("export-hf", "--ckpt", "gs://no-such-bucket/ckpt", "--out", "/tmp/never-written",
+            env=gcs.env())
+    assert r.returncode == 2 and "--ckpt gs://no-such-bucket/ckpt: bucket gs://no-such-bucket does not exist" in r.stderr
+
+
+def test_a_bucket_without_permission_is_refused_with_a_clear_error(tmp_path):
+    """A server that answers every request 403 (as GCS does without permission) stands in for a
+    bucket we may not read: the command stops at once with an error naming the path."""
+    import http.server
+    import threading
+
+    class Forbidden(http.server.BaseHTTPRequestHandler):
+        def _deny(self):
+            body = json.dumps({"error": {"code": 403, "message": "caller does not have "
+                                         "storage.objects.list access"}}).encode()
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_DELETE = _deny
+
+        def log_message(self, *_):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forbidden)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        r = cli("export-hf", "--ckpt", "gs://private/ckpt", "--out", str(tmp_path / "out"),
+                env={"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{server.server_address[1]}"},
+                timeout=120)
+    finally:
+        server.shutdown()
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "--ckpt gs://private/ckpt: no permission to read gs://private" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_processes_share_one_run_folder_in_a_bucket(demo, base_ckpt, tmp_path, gcs, bucket):
+    """A two-process job (one JAX job, gloo collectives) trains into one gs:// run folder: both
+    join every Orbax save there, each writes its own data position, it stops on a SIGTERM to one
+    process and resumes; the trace equals the same run in one process on local disk."""
+    from test_multihost import overrides, run_two_processes
+
+    from cslm_jax.config import load_run_config
+
+    url, name = bucket
+    args = overrides(demo, base_ckpt)
+    run_dir = f"{url}/two"
+    env = gcs.env()
+    saved = os.environ.copy()
+    os.environ.update(env)
+    try:
+        codes, outs = run_two_processes(tmp_path / "two", args, stop_at=(1, 3), run_dir_arg=run_dir)
+        assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], outs[0][-3000:] + outs[1][-3000:]
+        assert steps_in_bucket(gcs, name, "two/checkpoints/") == [2, 3]
+        shards = {o.split("/")[4] for o in gcs.objects(name, "two/checkpoints/3/data/")}
+        assert shards == {"shard_0", "shard_1", "commit_success.txt"}   # each process its own
+        codes, outs = run_two_processes(tmp_path / "two", args, run_dir_arg=run_dir)
+        assert codes == [EXIT_OK, EXIT_OK], outs[0][-3000:] + outs[1][-3000:]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    steps, multi_loss = gcs_losses(fs.path(run_dir))
+    single = tmp_path / "one_process"
+    cfg = load_run_config(REPO / "configs" / "demo.yaml", args + ["train.num_devices=4"])
+    assert train(cfg, single, log=quiet, data_shards=2) == EXIT_OK
+    ref_steps, ref_loss = losses(single)
+    assert steps == ref_steps == list(range(1, 7))
+    np.testing.assert_allclose(multi_loss, ref_loss, rtol=1e-6)     # gloo's sum order: 1 ulp
+    assert not any("/." in o or "orbax-checkpoint-tmp" in o for o in gcs.objects(name, "two/"))
