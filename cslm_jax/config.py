@@ -195,8 +195,11 @@ def apply_overrides(data: dict, overrides: list[str], where: str) -> dict:
     return data
 
 
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
+def load_yaml(path) -> dict:
+    """A YAML mapping from a local or gs:// file."""
+    from cslm_jax.storage import fs
+
+    path = fs.path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -327,12 +330,14 @@ def _section(cls, data, where: str):
 
 
 def _resolve_paths(data: dict, base: Path) -> dict:
-    """Relative paths in a config file resolve against that file's folder."""
+    """Relative paths in a config file resolve against that file's folder; URLs stay as given."""
     for keys in RUN_PATH_FIELDS:
         node = data
         for k in keys[:-1]:
             node = node.get(k) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            if "://" in node[keys[-1]]:             # gs://...: checked where it is opened
+                continue
             p = Path(node[keys[-1]]).expanduser()
             node[keys[-1]] = str(p if p.is_absolute() else (base / p).resolve())
     return data

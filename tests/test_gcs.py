@@ -106,6 +106,11 @@ def test_sigterm_and_resume_in_a_bucket_reproduce_a_local_run(demo, base_ckpt, t
         if step == 4:
             os.kill(os.getpid(), signal.SIGTERM)
 
+    # the bucket run reads its data config and JSONL files from the bucket too
+    data_dir, _ = demo
+    fs.upload_dir(data_dir, f"{url}/data")
+    cfg = run_cfg(demo, base_ckpt, "train.num_devices=2", "checkpoint.keep=2",
+                  f"data.config={url}/data/data.yaml")
     run_dir = fs.path(f"{url}/runs/demo")
     assert train(cfg, run_dir, log=quiet, on_step=sigterm_at_4) == EXIT_PREEMPTED
     assert steps_in_bucket(gcs, name, "runs/demo/checkpoints/") == [3, 4]
@@ -311,3 +316,21 @@ def test_two_processes_share_one_run_folder_in_a_bucket(demo, base_ckpt, tmp_pat
     assert steps == ref_steps == list(range(1, 7))
     np.testing.assert_allclose(multi_loss, ref_loss, rtol=1e-6)     # gloo's sum order: 1 ulp
     assert not any("/." in o or "orbax-checkpoint-tmp" in o for o in gcs.objects(name, "two/"))
+
+
+def test_a_data_config_in_a_bucket_resolves_and_checks_its_files(demo, gcs, bucket):
+    from cslm_jax.config import ConfigError
+    from cslm_jax.data.formats import load_data_config
+
+    url, _ = bucket
+    data_dir, _ = demo
+    fs.upload_dir(data_dir, f"{url}/d")
+    cfg = load_data_config(f"{url}/d/data.yaml")
+    files = [f for specs in cfg.stages.values() for s in specs for f in s.train]
+    assert files and all(f.startswith(f"{url}/d/") for f in files)
+    text = (data_dir / "data.yaml").read_text()
+    first = Path(files[0]).name if "://" not in files[0] else files[0].rsplit("/", 1)[1]
+    fs.path(f"{url}/d/broken.yaml").write_text(text.replace(first, "missing.jsonl", 1))
+    with pytest.raises(ConfigError, match=rf"{url}/d/broken.yaml: field 'stages\..*': file "
+                                          rf"{url}/d/missing.jsonl does not exist"):
+        load_data_config(f"{url}/d/broken.yaml")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -571,8 +572,10 @@ def read_jsonl(path, kind: str | None, cfg: FormatConfig, skip_bad: bool = False
     """(where, kind, record) for each valid line of a JSONL file. Strict by default: the first bad
     record raises RecordError naming file, line and field. With skip_bad, bad records are
     appended to `skipped` (as RecordErrors) instead."""
+    from cslm_jax.storage import fs
+
     try:
-        f = open(path, "rb")
+        f = fs.path(path).open("rb") if fs.is_remote(path) else open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     with f:
@@ -660,18 +663,21 @@ class DataConfig:
 def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = True) -> DataConfig:
     """Read a data config (see configs/data/demo.yaml); relative files resolve against
     `data_dir` (itself relative to the config file); with `check_files` every file must exist."""
-    from pathlib import Path
-
     from cslm_jax.config import apply_overrides, load_yaml
     from cslm_jax.data.sources import TFDS_KEYS, tfds_spec_from_entry
+    from cslm_jax.storage import fs
 
-    path = Path(path)
+    path = fs.path(path, "data config")             # local or gs://; files too
     data = apply_overrides(load_yaml(path), list(overrides), str(path))
-    root = path.parent if data.get("data_dir") in (None, "") else (path.parent / data["data_dir"])
-    root = root.resolve()
+    data_dir = data.get("data_dir")
+    root = path.parent if data_dir in (None, "") else \
+        fs.path(data_dir) if fs.is_remote(data_dir) or os.path.isabs(data_dir) else path.parent / data_dir
+
+    def absolute(name: str):
+        return fs.path(name) if fs.is_remote(name) or os.path.isabs(name) else root / name
 
     def resolve(name: str, field: str) -> str:
-        p = Path(name) if Path(name).is_absolute() else root / name
+        p = absolute(name)
         if check_files and not p.is_file():
             raise ConfigError(f"{path}: field '{field}': file {p} does not exist")
         return str(p)
@@ -726,7 +732,7 @@ def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = Tr
         stages[stage] = specs
     tok = data.get("tokenizer")
     return DataConfig(path=str(path), data_dir=str(root),
-                      tokenizer=None if not tok else str(Path(tok) if Path(tok).is_absolute() else root / tok),
+                      tokenizer=None if not tok else str(absolute(tok)),
                       format=fmt, max_length=int(packing.get("max_length", 1024)),
                       shuffle_buffer=int(packing.get("shuffle_buffer", 1000)),
                       skip_bad=bool(packing.get("skip_bad", False)), stages=stages)

@@ -26,6 +26,7 @@ from cslm_jax.config import ConfigError
 from cslm_jax.data.formats import ChatRenderer, DataConfig, RecordError, TaskSpec, examples
 from cslm_jax.data.sources import task_records, task_splits, tfds_cache_key
 from cslm_jax.errors import DataError
+from cslm_jax.storage import fs
 
 
 class QuietUncachedWarning(logging.Filter):
@@ -133,13 +134,26 @@ STATS = PipelineStats()
 PREPARE_VERSION = 1
 
 
+def cache_root(data_dir) -> Path:
+    """Where prepared splits are cached: `<data_dir>/.cslm_cache/` for local data; for data in a
+    bucket a local folder ($CSLM_JAX_DATA_CACHE, default ~/.cache/cslm_jax/data/<hash of the
+    data_dir>): each host prepares what it reads next to it, never writing into the bucket."""
+    import hashlib
+
+    if not fs.is_remote(data_dir):
+        return Path(data_dir) / ".cslm_cache"
+    base = os.environ.get("CSLM_JAX_DATA_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "cslm_jax", "data")
+    return Path(base) / hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
+
+
 def _cache_key(spec: TaskSpec, split: str, files: tuple, cfg: DataConfig, tokenizer_dir: str) -> str:
     import dataclasses
     import hashlib
 
     tok_files = sorted(Path(tokenizer_dir).glob("*.json"))
     key = {"version": PREPARE_VERSION, "kind": spec.kind, "lang": spec.lang, "split": split,
-           "files": [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files],
+           "files": [(f, *fs.size_and_mtime(f)) for f in files],
            "format": dataclasses.asdict(cfg.format), "max_length": cfg.max_length,
            "skip_bad": cfg.skip_bad,
            "tokenizer": [hashlib.sha256(f.read_bytes()).hexdigest() for f in tok_files]}
@@ -168,7 +182,7 @@ def prepare_split(spec: TaskSpec, split: str, cfg: DataConfig, tokenizer_dir: st
     if split not in task_splits(spec):
         raise ConfigError(f"task {spec.name} has no '{split}' files")
     keep_tensorflow_off_accelerators()
-    out = Path(cfg.data_dir) / ".cslm_cache" / f"{spec.name}.{split}.{_cache_key(spec, split, files, cfg, tokenizer_dir)}"
+    out = cache_root(cfg.data_dir) / f"{spec.name}.{split}.{_cache_key(spec, split, files, cfg, tokenizer_dir)}"
     if not (out / "stats.json").is_file():
         renderer = ChatRenderer(load_tokenizer(tokenizer_dir), cfg.max_length,
                                 mask=cfg.format.loss_mask)

@@ -210,6 +210,16 @@ def local_dir(p, what: str = "folder") -> Path:
     return tmp
 
 
+def size_and_mtime(p) -> tuple[int, float]:
+    """(bytes, modification time) of a local or gs:// file: what a cache key needs to notice a
+    changed input."""
+    if not is_remote(p):
+        st = os.stat(os.fspath(p))
+        return st.st_size, st.st_mtime
+    st = path(p).stat()
+    return int(st.length), float(st.mtime)
+
+
 def upload_dir(local_src, dst) -> None:
     """Copy a local folder's files to `dst` (local or remote)."""
     copytree(path(local_src), path(dst))
