@@ -334,3 +334,47 @@ def test_a_data_config_in_a_bucket_resolves_and_checks_its_files(demo, gcs, buck
     with pytest.raises(ConfigError, match=rf"{url}/d/broken.yaml: field 'stages\..*': file "
                                           rf"{url}/d/missing.jsonl does not exist"):
         load_data_config(f"{url}/d/broken.yaml")
+
+
+def test_commit_file_mode_on_a_mount_writes_in_place_and_marks_last(tmp_path, monkeypatch):
+    """What a gcsfuse mount gets (forced here with CSLM_JAX_ATOMICITY on a local folder): model
+    checkpoints written in place with their metadata last, a failed save removed; training steps
+    committed by Orbax's commit file, uncommitted ones removed before a resume."""
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from cslm_jax.config import ModelConfig
+    from cslm_jax.model.vocab import VocabInfo
+    from cslm_jax.storage.checkpoint import (META_FILE, CheckpointError, read_metadata,
+                                             remove_partial_checkpoints, save_model_checkpoint,
+                                             train_checkpoint_manager)
+
+    monkeypatch.setenv("CSLM_JAX_ATOMICITY", "commit_file")
+    cfg = ModelConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=8, unpadded_vocab_size=128)
+    vocab = VocabInfo(base_size=128, unit_count=0, control_tokens=(), padded_size=128)
+    written = []
+
+    def failing():
+        written.append(sorted(p.name for p in (tmp_path / "model").iterdir()))
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_model_checkpoint(tmp_path / "model", {"embed": jnp.ones((128, 16)), "norm": failing},
+                              cfg, vocab)
+    assert written == [["params"]]                  # in place, no hidden sibling, no metadata yet
+    assert not (tmp_path / "model").exists()        # the failed save is removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    manager = train_checkpoint_manager(tmp_path / "ckpts", every=1, keep=3, async_save=False)
+    manager.save(1, args=ocp.args.Composite(config=ocp.args.JsonSave({"a": 1})))
+    manager.wait_until_finished()
+    manager.close()
+    assert (tmp_path / "ckpts" / "1" / "commit_success.txt").is_file()
+    (tmp_path / "ckpts" / "2" / "config").mkdir(parents=True)       # a save cut short
+    assert remove_partial_checkpoints(tmp_path / "ckpts") == ["2"]
+    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["1"]
+    with pytest.raises(CheckpointError, match=f"{META_FILE}: missing"):
+        (tmp_path / "half").mkdir()
+        (tmp_path / "half" / "params").mkdir()
+        read_metadata(tmp_path / "half")
