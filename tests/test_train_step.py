@@ -104,3 +104,32 @@ def test_cross_entropy_auto_chunks_large_vocabularies_only():
     assert CFG.replace(cross_entropy="auto").loss_chunk_for(4096) is None
     with pytest.raises(Exception, match="cross_entropy"):
         CFG.replace(cross_entropy="sometimes")
+
+
+def test_adam_with_moments_stored_in_float32_is_optax_adamw_and_bfloat16_stays_close():
+    import optax
+
+    from cslm_jax.config import OptimizerConfig
+    from cslm_jax.train.step import make_optimizer, scale_by_adam_stored_as
+
+    key = jax.random.PRNGKey(0)
+    params = {"a": jax.random.normal(key, (64, 32)), "b": {"c": jnp.ones((7,))}}
+    grads = [jax.tree.map(lambda p, i=i: jnp.sin(p * (i + 1)) * 1e-3, params) for i in range(5)]
+    ref_tx = optax.scale_by_adam(0.9, 0.999, 1e-8)
+    ours = scale_by_adam_stored_as(jnp.float32, 0.9, 0.999, 1e-8)
+    low = scale_by_adam_stored_as(jnp.bfloat16, 0.9, 0.999, 1e-8)
+    s_ref, s_ours, s_low = ref_tx.init(params), ours.init(params), low.init(params)
+    assert jax.tree.leaves(s_low.mu)[0].dtype == jnp.bfloat16
+    assert jax.tree.leaves(s_low.nu)[0].dtype == jnp.bfloat16
+    for g in grads:
+        u_ref, s_ref = ref_tx.update(g, s_ref)
+        u_ours, s_ours = ours.update(g, s_ours)
+        u_low, s_low = low.update(g, s_low)
+        for x, y, z in zip(jax.tree.leaves(u_ref), jax.tree.leaves(u_ours), jax.tree.leaves(u_low)):
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(x, z, rtol=2e-2, atol=2e-2)   # bf16: 8 bits of mantissa
+    # the configured optimizer: float32 moments are optax.adamw, bfloat16 moments are stored so
+    cfg = OptimizerConfig(learning_rate=1e-3, total_steps=10, moment_dtype="bfloat16")
+    state = make_optimizer(cfg).init(params)
+    dtypes = {x.dtype for x in jax.tree.leaves(state) if x.ndim > 0}
+    assert dtypes == {jnp.dtype(jnp.bfloat16)}

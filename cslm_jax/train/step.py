@@ -16,10 +16,43 @@ from cslm_jax.model.llama import bind, chunked_token_losses, token_losses
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    if cfg.moment_dtype == "float32":
+        return optax.chain(
+            optax.clip_by_global_norm(cfg.clip_norm),
+            optax.adamw(cfg.schedule(), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay))
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(cfg.schedule(), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                    weight_decay=cfg.weight_decay))
+        scale_by_adam_stored_as(jnp.dtype(cfg.moment_dtype), cfg.b1, cfg.b2, cfg.eps),
+        optax.add_decayed_weights(cfg.weight_decay),
+        optax.scale_by_learning_rate(cfg.schedule()))
+
+
+def scale_by_adam_stored_as(dtype, b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """Adam's direction (as optax.scale_by_adam, bias-corrected, eps outside the root) with both
+    moments kept in `dtype` between steps: each step computes in float32 and rounds the new
+    moments to `dtype` once. With float32 it is optax.scale_by_adam exactly (tested)."""
+
+    def init(params):
+        zeros = lambda p: jnp.zeros(p.shape, dtype)      # noqa: E731
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32),
+                                      mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params))
+
+    def update(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        f32 = lambda x: x.astype(jnp.float32)             # noqa: E731
+        mu = jax.tree.map(lambda g, m: b1 * f32(m) + (1 - b1) * f32(g), updates, state.mu)
+        nu = jax.tree.map(lambda g, v: b2 * f32(v) + (1 - b2) * jnp.square(f32(g)), updates, state.nu)
+        c1 = 1 - b1 ** count.astype(jnp.float32)
+        c2 = 1 - b2 ** count.astype(jnp.float32)
+        out = jax.tree.map(lambda m, v, g: ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype),
+                           mu, nu, updates)
+        cast = lambda x: x.astype(dtype)                  # noqa: E731
+        return out, optax.ScaleByAdamState(count=count, mu=jax.tree.map(cast, mu),
+                                           nu=jax.tree.map(cast, nu))
+
+    return optax.GradientTransformation(init, update)
 
 
 def loss_sums(model_cfg: ModelConfig, params, batch, unit_range: tuple[int, int], rules=None,
