@@ -481,7 +481,20 @@ class ChatRenderer:
 
     def __call__(self, messages: Messages) -> Rendered:
         text = self.render_text(messages)
-        ids = self.encode(text)
+        raw = self.encode(text)
+        ids, mask, truncated = self.finish_ids(list(raw))
+        if self.adds_special_tokens:
+            text = self.tok.decode(ids, skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False)
+        elif self.eos_id is not None and (not raw or raw[-1] != self.eos_id) and (
+                self.max_length is None or len(raw) < self.max_length):
+            text += self.eos
+        return Rendered(text, ids, mask, truncated)
+
+    def finish_ids(self, ids: list[int]) -> tuple[list[int], list[int], bool]:
+        """Encoded rendered text -> (ids, loss mask, truncated): EOS, truncation and the mask,
+        in the order of the chosen rule (what `__call__` does after rendering and encoding;
+        the batched preparation, cslm_jax.data.prepare, calls it too)."""
         if self.adds_special_tokens:
             # the reference's order: truncate to max_length, then EOS if there is room, then mask
             # what is left (its loop never sees the truncated tail)
@@ -491,26 +504,29 @@ class ChatRenderer:
             if self.eos_id is not None and ids[-1] != self.eos_id and (
                     self.max_length is None or len(ids) < self.max_length):
                 ids.append(self.eos_id)
-            mask = loss_mask(ids, self.user, self.assistant, self.bos_id, self.mask)
-            text = self.tok.decode(ids, skip_special_tokens=False,
-                                   clean_up_tokenization_spaces=False)
-            return Rendered(text, ids, mask, truncated)
+            return ids, loss_mask(ids, self.user, self.assistant, self.bos_id, self.mask), truncated
         if self.eos_id is not None and (not ids or ids[-1] != self.eos_id) and (
                 self.max_length is None or len(ids) < self.max_length):
             ids.append(self.eos_id)
-            text += self.eos
         mask = loss_mask(ids, self.user, self.assistant, self.bos_id, self.mask)
         truncated = self.max_length is not None and len(ids) > self.max_length
         if truncated:
             ids, mask = ids[: self.max_length], mask[: self.max_length]
-        return Rendered(text, ids, mask, truncated)
+        return ids, mask, truncated
 
 
 def _find(ids: Sequence[int], pattern: Sequence[int], start: int) -> int:
-    n = len(pattern)
-    for i in range(start, len(ids) - n + 1):
-        if ids[i] == pattern[0] and list(ids[i:i + n]) == list(pattern):
+    """First index >= start where `pattern` occurs in `ids`, or -1 (candidates by list.index)."""
+    n, ids, pattern = len(pattern), list(ids), list(pattern)
+    i = start
+    while i <= len(ids) - n:
+        try:
+            i = ids.index(pattern[0], i, len(ids) - n + 1)
+        except ValueError:
+            return -1
+        if ids[i:i + n] == pattern:
             return i
+        i += 1
     return -1
 
 
@@ -646,6 +662,7 @@ class DataConfig:
     shuffle_buffer: int
     skip_bad: bool
     stages: dict
+    cache_dir: str | None = None   # a cache `cslm-jax prepare-data` wrote (None: in-process)
 
     def tasks(self, stage: str | None = None) -> list[TaskSpec]:
         if stage is not None and stage not in self.stages:
@@ -720,4 +737,15 @@ def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = Tr
                       tokenizer=None if not tok else str(Path(tok) if Path(tok).is_absolute() else root / tok),
                       format=fmt, max_length=int(packing.get("max_length", 1024)),
                       shuffle_buffer=int(packing.get("shuffle_buffer", 1000)),
-                      skip_bad=bool(packing.get("skip_bad", False)), stages=stages)
+                      skip_bad=bool(packing.get("skip_bad", False)), stages=stages,
+                      cache_dir=_cache_dir(data.get("cache_dir"), root))
+
+
+def _cache_dir(value, root) -> str | None:
+    """`cache_dir:` of a data config: a URL (gs://...) as is, a relative path against data_dir."""
+    from pathlib import Path
+
+    if value in (None, ""):
+        return None
+    value = str(value)
+    return value if "://" in value or Path(value).is_absolute() else str(root / value)
