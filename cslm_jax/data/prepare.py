@@ -261,7 +261,7 @@ def serialize(ids: list[int], mask: list[int]) -> bytes:
 
     feature = {"targets": tf.train.Feature(int64_list=tf.train.Int64List(value=ids)),
                "loss_weights": tf.train.Feature(int64_list=tf.train.Int64List(value=mask))}
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 def new_counts() -> dict:
@@ -303,16 +303,19 @@ class Preparer:
         self.record_kind = RECORD_KIND_OF_TASK[spec.kind]
         self.counts = new_counts()
 
-    def _skip(self, file_index: int, line_no: int, err: Exception) -> None:
+    def _skip(self, counts: dict, file_index: int, line_no: int, err: Exception) -> None:
         if not self.cfg.skip_bad:
             raise err
-        self.counts["skipped"] += 1
-        if len(self.counts["skipped_messages"]) < MAX_SKIP_MESSAGES:
-            self.counts["skipped_messages"].append((file_index, line_no, str(err)))
+        counts["skipped"] += 1
+        if len(counts["skipped_messages"]) < MAX_SKIP_MESSAGES:
+            counts["skipped_messages"].append((file_index, line_no, str(err)))
 
-    def lines(self, path: str, file_index: int, numbered, num_shards: int):
+    def lines(self, path: str, file_index: int, numbered, num_shards: int,
+              counts: dict | None = None):
         """(shard, serialized example) for the examples of `numbered` ((line number, raw bytes)
-        of `path`, the split's file number `file_index`), in line order."""
+        of `path`, the split's file number `file_index`), in line order; counted in `counts`
+        (default: `self.counts`; several threads may share a Preparer, each with its counts)."""
+        counts = self.counts if counts is None else counts
         pending = []                  # (line number, messages)
         spec, fmt = self.spec, self.cfg.format
         for n, raw in numbered:
@@ -323,32 +326,31 @@ class Preparer:
                 raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the "
                                 f"line); JSONL corpora must be UTF-8") from None
             if not line.strip():
-                self._skip(file_index, n, RecordError(where, "<json>", "empty line"))
+                self._skip(counts, file_index, n, RecordError(where, "<json>", "empty line"))
                 continue
             try:
                 record = parse_line(line, where)
                 validate_record(self.record_kind, record, fmt, where)
             except RecordError as e:
-                self._skip(file_index, n, e)
+                self._skip(counts, file_index, n, e)
                 continue
             if spec.kind in ("asr", "tts") and record["lang"] != spec.lang:
-                self._skip(file_index, n, RecordError(where, "lang", f"is {record['lang']!r} but "
+                self._skip(counts, file_index, n, RecordError(where, "lang", f"is {record['lang']!r} but "
                                                                      f"task {spec.name} is for "
                                                                      f"{spec.lang!r}"))
                 continue
-            self.counts["records"] += 1
+            counts["records"] += 1
             for messages in examples(spec.kind, record, fmt, where):
                 pending.append((n, messages))
             if len(pending) >= self.batch_size:
-                yield from self._flush(pending, file_index, num_shards)
+                yield from self._flush(pending, file_index, num_shards, counts)
                 pending = []
         if pending:
-            yield from self._flush(pending, file_index, num_shards)
+            yield from self._flush(pending, file_index, num_shards, counts)
 
-    def _flush(self, pending, file_index: int, num_shards: int):
+    def _flush(self, pending, file_index: int, num_shards: int, c: dict):
         msgs = [m for _, m in pending]
         all_ids = self.chat.ids(msgs) if self.fast else [self.chat.slow(m) for m in msgs]
-        c = self.counts
         for (n, _), ids in zip(pending, all_ids):
             ids, mask, truncated = self.renderer.finish_ids(ids)
             c["examples"] += 1
