@@ -271,6 +271,33 @@ def test_strict_error_leaves_no_completed_and_a_rerun_completes(tmp_path, demo):
         register(other, demo[1], cache_dir=out)
 
 
+def test_urls_are_read_and_written_through_gfile(tmp_path, demo):
+    """Inputs, tokenizer and output given as URLs (file:// here, gs:// on a cluster) go through
+    tf.io.gfile: the same bytes as local paths."""
+    rows = [{"src_lang": "en", "tgt_lang": "zh", "src": f"the cat {i}", "tgt": f"猫 {i}"}
+            for i in range(40)]
+    f = write_jsonl(tmp_path / "mt.jsonl", rows)
+    cfg = small_config(tmp_path, {"u": [{"kind": "mt", "train": [f"file://{tmp_path / f}"]}]})
+    prepare_data(cfg, "u", f"file://{demo[1]}", f"file://{tmp_path / 'c'}", num_shards=2,
+                 range_bytes=512, pipeline_args=IN_MEMORY, log=lambda *_: None)
+    assert (tmp_path / "c" / "cslm_u_mt" / "COMPLETED").is_file()
+    local = small_config(tmp_path, {"u": [{"kind": "mt", "train": [f]}]})
+    prepare_task_local(local.tasks("u")[0], local, demo[1], tmp_path / "l", num_shards=2)
+    for name in ("train.tfrecord-00000-of-00002", "train.tfrecord-00001-of-00002"):
+        assert filecmp.cmp(tmp_path / "l" / name, tmp_path / "c" / "cslm_u_mt" / name, shallow=False)
+
+
+def test_serialize_batch_is_tensorflows_deterministic_encoding():
+    from cslm_jax.data.prepare import serialize, serialize_batch
+
+    rng = random.Random(0)
+    ids = [[rng.choice([0, 1, 127, 128, 16383, 16384, 2 ** 21 - 1, 2 ** 21, 132356,
+                        rng.randrange(200000)]) for _ in range(rng.randrange(1, 300))]
+           for _ in range(300)]
+    masks = [[rng.randrange(2) for _ in x] for x in ids]
+    assert serialize_batch(ids, masks) == [serialize(i, m) for i, m in zip(ids, masks)]
+
+
 def test_skip_bad_counts_in_stats(tmp_path, demo):
     good = {"lang": "en", "text": "hi", "units": [1, 2]}
     rows = [good, "{broken", dict(good, lang="xx"), good, dict(good, text=""), good] * 3

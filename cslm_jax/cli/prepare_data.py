@@ -46,12 +46,15 @@ def check(args, parser) -> None:
     if args.num_workers is not None and args.num_workers < 1:
         parser.error(f"--num-workers must be >= 1, got {args.num_workers}")
     tok = Path(args.tokenizer)
-    if (tok / "tokenizer").is_dir():
-        tok = tok / "tokenizer"
-    if not (tok / "tokenizer.json").is_file() and not (tok / "tokenizer_config.json").is_file():
-        raise CslmError(f"--tokenizer {args.tokenizer}: no tokenizer there (expected an imported "
-                        f"checkpoint or its tokenizer/ folder)")
-    args.tokenizer_dir = str(tok)
+    if "://" in args.tokenizer:            # gs://...: workers copy it (cslm_jax.data.prepare)
+        args.tokenizer_dir = args.tokenizer
+    else:
+        if (tok / "tokenizer").is_dir():
+            tok = tok / "tokenizer"
+        if not (tok / "tokenizer.json").is_file() and not (tok / "tokenizer_config.json").is_file():
+            raise CslmError(f"--tokenizer {args.tokenizer}: no tokenizer there (expected an "
+                            f"imported checkpoint or its tokenizer/ folder)")
+        args.tokenizer_dir = str(tok)
     overrides = [] if args.max_length is None else [f"packing.max_length={args.max_length}"]
     args.cfg = load_data_config(args.data_config, overrides)
     args.cfg.tasks(args.stage)          # ConfigError naming the stages when unknown
@@ -65,8 +68,10 @@ def run(args) -> int:
     from cslm_jax.data.beam_prepare import prepare_data
     from cslm_jax.model.vocab import load_tokenizer, require_cslm_tokens
 
-    require_cslm_tokens(load_tokenizer(args.tokenizer_dir), args.tokenizer_dir,
-                        args.cfg.format.unit_count)
+    from cslm_jax.data.prepare import local_tokenizer_dir
+
+    require_cslm_tokens(load_tokenizer(local_tokenizer_dir(args.tokenizer_dir)),
+                        args.tokenizer_dir, args.cfg.format.unit_count)
     result = prepare_data(args.cfg, args.stage, args.tokenizer_dir, args.out, tasks=args.tasks,
                           num_shards=args.num_shards, runner=args.runner,
                           num_workers=args.num_workers, range_bytes=int(args.range_mb * (1 << 20)),

@@ -148,6 +148,12 @@ def _write_split_meta(item, out: str, keys: dict, num_shards: int):
     return task, split
 
 
+def _write_error(error, tmp: str):
+    _gfile().makedirs(f"{tmp}/errors")
+    with _gfile().GFile(f"{tmp}/errors/{uuid.uuid4().hex}.json", "w") as f:
+        f.write(json.dumps(error, ensure_ascii=False))
+
+
 def _plan(job, range_bytes: int):
     from cslm_jax.data.prepare import plan_ranges
 
@@ -176,7 +182,8 @@ def prepare_data(cfg: DataConfig, stage: str, tokenizer_dir: str | Path, out: st
             raise CslmError(f"--tasks: {unknown} not in stage {stage!r} of {cfg.path}; tasks: "
                             f"{sorted(known)}")
         specs = [s for s in specs if s.name in tasks]
-    tokenizer_dir = str(Path(tokenizer_dir).absolute())
+    if "://" not in str(tokenizer_dir):
+        tokenizer_dir = str(Path(tokenizer_dir).absolute())
     out = str(out)
     gfile = _gfile()
     gfile.makedirs(out)
@@ -234,14 +241,12 @@ def prepare_data(cfg: DataConfig, stage: str, tokenizer_dir: str | Path, out: st
             _ = (results.counts
                  | "count" >> beam.CombinePerKey(_Counts.make())
                  | "write stats" >> beam.Map(_write_split_meta, out, keys, num_shards))
-            _ = (results.errors
-                 | "errors" >> beam.Map(lambda e: json.dumps(e, ensure_ascii=False))
-                 | "write errors" >> beam.io.WriteToText(f"{tmp}/errors", shard_name_template=""))
+            _ = results.errors | "write errors" >> beam.Map(_write_error, tmp)
             del shards
         errors = []
-        if gfile.exists(f"{tmp}/errors"):
-            with gfile.GFile(f"{tmp}/errors") as f:
-                errors = [json.loads(line) for line in f if line.strip()]
+        for path in gfile.glob(f"{tmp}/errors/*.json"):
+            with gfile.GFile(path) as f:
+                errors.append(json.load(f))
         if errors:
             order = {s.name: i for i, s in enumerate(todo)}
             first = min(errors, key=lambda e: (order[e[0]], e[1] != "train", e[2], e[3]))

@@ -133,6 +133,8 @@ def _units(record: dict, field: str, where: str, unit_count: int) -> list[int]:
     value = record.get(field)
     if not isinstance(value, list) or not value:
         raise RecordError(where, field, "must be a non-empty list of unit ids")
+    if all(type(u) is int for u in value) and 0 <= min(value) and max(value) < unit_count:
+        return value                   # the common case, checked without a Python loop body
     for i, u in enumerate(value):
         if not isinstance(u, int) or isinstance(u, bool):
             raise RecordError(where, f"{field}[{i}]", f"unit id must be an integer, got {u!r}")
@@ -686,6 +688,8 @@ def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = Tr
     root = root.resolve()
 
     def resolve(name: str, field: str) -> str:
+        if "://" in str(name):         # gs://... (read through tf.io.gfile by prepare-data)
+            return str(name)
         p = Path(name) if Path(name).is_absolute() else root / name
         if check_files and not p.is_file():
             raise ConfigError(f"{path}: field '{field}': file {p} does not exist")

@@ -198,6 +198,13 @@ class CslmTask(seqio.Task):
                 self._cslm_stats.record(f"{self.name}:{split}", counts, saved["skipped_messages"])
         return self._cslm_dir
 
+    def get_dataset(self, *args, **kwargs):
+        """seqio's Task.get_dataset without its in-memory cache of small splits: reading stays
+        as it was (and as for large ones), and a saved iterator position never carries a copy
+        of the cached examples."""
+        kwargs["try_in_mem_cache"] = False
+        return super().get_dataset(*args, **kwargs)
+
     def num_files(self, split: str) -> int:
         with tf.io.gfile.GFile(os.path.join(self.cache_dir, f"info.{split}.json")) as f:
             return int(json.load(f)["num_shards"])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -56,12 +57,40 @@ def splits_of(spec: TaskSpec) -> dict[str, tuple]:
             if files}
 
 
+def _is_url(path) -> bool:
+    return "://" in str(path)
+
+
 def tokenizer_digest(tokenizer_dir: str | Path) -> str:
+    import tensorflow as tf
+
     h = hashlib.sha256()
-    for f in sorted(Path(tokenizer_dir).glob("*.json")):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
+    for f in sorted(tf.io.gfile.glob(os.path.join(str(tokenizer_dir), "*.json"))):
+        h.update(os.path.basename(f).encode())
+        with tf.io.gfile.GFile(f, "rb") as g:
+            h.update(g.read())
     return h.hexdigest()[:16]
+
+
+_LOCAL_TOKENIZERS: dict = {}
+
+
+def local_tokenizer_dir(tokenizer_dir: str | Path) -> str:
+    """A tokenizer folder on a URL (gs://...) copied to a local temporary folder, once per
+    process (workers of a cluster job); a local folder as it is."""
+    if not _is_url(tokenizer_dir):
+        return str(tokenizer_dir)
+    if str(tokenizer_dir) not in _LOCAL_TOKENIZERS:
+        import tempfile
+
+        import tensorflow as tf
+
+        local = tempfile.mkdtemp(prefix="cslm_tokenizer_")
+        for f in tf.io.gfile.glob(os.path.join(str(tokenizer_dir), "*")):
+            if not tf.io.gfile.isdir(f):
+                tf.io.gfile.copy(f, os.path.join(local, os.path.basename(f)))
+        _LOCAL_TOKENIZERS[str(tokenizer_dir)] = local
+    return _LOCAL_TOKENIZERS[str(tokenizer_dir)]
 
 
 def task_key(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Path, num_shards: int) -> dict:
@@ -257,11 +286,70 @@ def _fill(skel: str, sentinels: list, contents: list) -> str:
 # -- records -> serialized examples ----------------------------------------------------------------
 
 def serialize(ids: list[int], mask: list[int]) -> bytes:
+    """The tf.train.Example {targets: ids, loss_weights: mask} (int64 lists), serialized as
+    `SerializeToString(deterministic=True)` does (map keys sorted): `serialize_batch` builds the
+    same bytes without a protobuf object per example."""
     import tensorflow as tf
 
     feature = {"targets": tf.train.Feature(int64_list=tf.train.Int64List(value=ids)),
                "loss_weights": tf.train.Feature(int64_list=tf.train.Int64List(value=mask))}
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
+        deterministic=True)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _packed_varints(values: list) -> list[bytes]:
+    """Per list of non-negative ints (< 2**35): its values as concatenated protobuf varints,
+    computed for the whole batch at once with numpy."""
+    import numpy as np
+
+    lengths = np.fromiter(map(len, values), np.int64, len(values))
+    flat = np.fromiter(itertools.chain.from_iterable(values), np.int64, int(lengths.sum()))
+    if flat.size and (flat.min() < 0 or flat.max() >= 1 << 35):
+        raise ValueError("token ids must lie in [0, 2**35)")
+    nbytes = np.ones_like(flat)
+    for k in range(1, 5):
+        nbytes += flat >= (1 << (7 * k))
+    out = np.zeros((flat.size, 5), np.uint8)
+    for k in range(5):
+        byte = (flat >> (7 * k)) & 0x7F
+        more = nbytes > k + 1
+        out[:, k] = byte | (more << 7)
+    keep = np.arange(5)[None, :] < nbytes[:, None]
+    data = out[keep].tobytes()                  # row-major: each value's bytes in order
+    ends = np.cumsum(np.bincount(np.repeat(np.arange(len(values)), lengths), weights=nbytes,
+                                 minlength=len(values)).astype(np.int64))
+    starts = np.concatenate([[0], ends[:-1]])
+    return [data[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+
+
+def _int64_feature(payload: bytes) -> bytes:
+    int64_list = (b"\x0a" + _varint(len(payload)) + payload) if payload else b""
+    return b"\x1a" + _varint(len(int64_list)) + int64_list
+
+
+def _entry(key: bytes, feature: bytes) -> bytes:
+    entry = b"\x0a" + _varint(len(key)) + key + b"\x12" + _varint(len(feature)) + feature
+    return b"\x0a" + _varint(len(entry)) + entry
+
+
+def serialize_batch(ids: list, masks: list) -> list[bytes]:
+    """`serialize` of each (ids, mask) pair, byte for byte (tests/test_prepare_data.py)."""
+    out = []
+    if masks and max(max(m, default=0) for m in masks) > 1:
+        raise ValueError("loss weights must be 0 or 1")
+    for t, w in zip(_packed_varints(ids), map(bytes, masks)):   # 0/1: one byte each
+        features = _entry(b"loss_weights", _int64_feature(w)) + _entry(b"targets", _int64_feature(t))
+        out.append(b"\x0a" + _varint(len(features)) + features)
+    return out
 
 
 def new_counts() -> dict:
@@ -295,7 +383,7 @@ class Preparer:
         from cslm_jax.model.vocab import load_tokenizer
 
         self.spec, self.cfg = spec, cfg
-        tok = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_dir)
+        tok = tokenizer if tokenizer is not None else load_tokenizer(local_tokenizer_dir(tokenizer_dir))
         self.renderer = ChatRenderer(tok, cfg.max_length, mask=cfg.format.loss_mask)
         self.chat = FastChat(self.renderer)
         self.fast = fast
@@ -351,7 +439,8 @@ class Preparer:
     def _flush(self, pending, file_index: int, num_shards: int, c: dict):
         msgs = [m for _, m in pending]
         all_ids = self.chat.ids(msgs) if self.fast else [self.chat.slow(m) for m in msgs]
-        for (n, _), ids in zip(pending, all_ids):
+        done_ids, done_masks = [], []
+        for ids in all_ids:
             ids, mask, truncated = self.renderer.finish_ids(ids)
             c["examples"] += 1
             c["truncated"] += int(truncated)
@@ -360,14 +449,19 @@ class Preparer:
             c["targets_max_tokens"] = max(c["targets_max_tokens"], len(ids))
             c["loss_weights_max_tokens"] = max(c["loss_weights_max_tokens"], len(mask))
             c["trained_tokens"] += sum(mask)
-            yield shard_of(file_index, n, num_shards), serialize(ids, mask)
+            done_ids.append(ids)
+            done_masks.append(mask)
+        data = (serialize_batch(done_ids, done_masks) if self.fast else
+                [serialize(i, m) for i, m in zip(done_ids, done_masks)])
+        for (n, _), example in zip(pending, data):
+            yield shard_of(file_index, n, num_shards), example
 
 
 def numbered_lines(path: str, start: int = 0, end: int | None = None, first_line: int = 1):
     """(line number, raw bytes) of the lines of `path` that start in [start, end) (`start` is a
     line start, `first_line` its number), as iterating the file in binary mode gives them."""
     opener = open
-    if "://" in str(path):
+    if _is_url(path):
         import tensorflow as tf
         opener = tf.io.gfile.GFile
     try:
@@ -389,10 +483,15 @@ def numbered_lines(path: str, start: int = 0, end: int | None = None, first_line
 def plan_ranges(path: str, range_bytes: int) -> list[tuple[int, int, int]]:
     """(start byte, end byte, number of the first line) of ranges of about `range_bytes`, each
     starting at a line start: one sequential pass counting newlines."""
-    size = os.path.getsize(path)
+    opener = open
+    if _is_url(path):
+        import tensorflow as tf
+        size, opener = tf.io.gfile.stat(path).length, tf.io.gfile.GFile
+    else:
+        size = os.path.getsize(path)
     starts = [(0, 1)]
     if size > range_bytes:
-        with open(path, "rb") as f:
+        with opener(path, "rb") as f:
             pos, lines, want = 0, 0, range_bytes
             while True:
                 chunk = f.read(1 << 23)
@@ -470,11 +569,13 @@ def check_cache(task_dir: str | Path, key: dict) -> None:
 
 
 def prepare_task_local(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Path,
-                       task_dir: str | Path, num_shards: int = 1, fast: bool = True) -> dict:
+                       task_dir: str | Path, num_shards: int = 1, fast: bool = True,
+                       tokenizer=None) -> dict:
     """Prepare every split of a task in this process into `task_dir` (the SeqIO cache layout,
     the same bytes `cslm-jax prepare-data` writes for the same shard count). Written in a
     folder of its own (unique per process) and renamed into place whole, COMPLETED inside; a
-    failure leaves nothing. Returns {split: counts}."""
+    failure leaves nothing. `tokenizer`: the tokenizer of `tokenizer_dir`, already loaded.
+    Returns {split: counts}."""
     import shutil
     import uuid
 
@@ -486,7 +587,7 @@ def prepare_task_local(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Pat
     tmp.mkdir(parents=True)
     out = {}
     try:
-        prep = Preparer(spec, cfg, tokenizer_dir, fast=fast)
+        prep = Preparer(spec, cfg, tokenizer_dir, fast=fast, tokenizer=tokenizer)
         for split, files in splits_of(spec).items():
             prep.counts = new_counts()
             writers = [tf.io.TFRecordWriter(str(tmp / shard_name(split, s, num_shards)))
