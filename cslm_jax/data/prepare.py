@@ -64,8 +64,10 @@ def _is_url(path) -> bool:
 def tokenizer_digest(tokenizer_dir: str | Path) -> str:
     import tensorflow as tf
 
-    h = hashlib.sha256()
-    for f in sorted(tf.io.gfile.glob(os.path.join(str(tokenizer_dir), "*.json"))):
+    h = hashlib.sha256()          # every file: vocabulary, config and the chat template (.jinja)
+    for f in sorted(tf.io.gfile.glob(os.path.join(str(tokenizer_dir), "*"))):
+        if tf.io.gfile.isdir(f):
+            continue
         h.update(os.path.basename(f).encode())
         with tf.io.gfile.GFile(f, "rb") as g:
             h.update(g.read())
