@@ -39,14 +39,12 @@ def read_examples(task_dir, split="train"):
     """(targets, loss_weights) of every example of a prepared split, per shard file in order."""
     import tensorflow as tf
 
-    features = {k: tf.io.VarLenFeature(tf.int64) for k in ("targets", "loss_weights")}
     out = {}
     for f in sorted(Path(task_dir).glob(f"{split}.tfrecord-*")):
         rows = []
         for raw in tf.data.TFRecordDataset(str(f)).as_numpy_iterator():
-            ex = tf.io.parse_single_example(raw, features)
-            rows.append(tuple(tuple(tf.sparse.to_dense(ex[k]).numpy().tolist())
-                              for k in ("targets", "loss_weights")))
+            feature = tf.train.Example.FromString(raw).features.feature
+            rows.append(tuple(tuple(feature[k].int64_list.value) for k in ("targets", "loss_weights")))
         out[f.name] = rows
     return out
 
@@ -199,17 +197,17 @@ def test_per_host_data_position_restores(prepared, tmp_path):
 
     def host(process_index):
         return ProcessInput(
-            lambda shard, rows: BatchIterator("cslm_pretrain", max_length=cfg.max_length,
+            lambda shard, rows: BatchIterator("cslm_pretrain_asr_en", max_length=cfg.max_length,
                                               batch_size=rows, seed=3, shard_index=shard,
-                                              num_shards=4),
-            num_shards=4, global_batch=8, accumulation=1, process_index=process_index,
+                                              num_shards=2),
+            num_shards=2, global_batch=8, accumulation=1, process_index=process_index,
             process_count=2)
 
     a = host(1)
     for _ in range(3):
         next(a)
     a.save(tmp_path / "pos")
-    assert sorted(p.name for p in (tmp_path / "pos").iterdir()) == ["shard_2", "shard_3"]
+    assert sorted(p.name for p in (tmp_path / "pos").iterdir()) == ["shard_1"]
     expected = [next(a) for _ in range(3)]
     b = host(1)
     b.restore(tmp_path / "pos")
@@ -295,6 +293,22 @@ def test_serialize_batch_is_tensorflows_deterministic_encoding():
            for _ in range(300)]
     masks = [[rng.randrange(2) for _ in x] for x in ids]
     assert serialize_batch(ids, masks) == [serialize(i, m) for i, m in zip(ids, masks)]
+
+
+def test_record_writer_writes_tensorflows_tfrecord_bytes(tmp_path):
+    import tensorflow as tf
+
+    from cslm_jax.data.prepare import RecordWriter
+
+    records = [os.urandom(random.Random(i).randrange(0, 3000)) for i in range(50)]
+    ours = RecordWriter(str(tmp_path / "ours"))
+    with tf.io.TFRecordWriter(str(tmp_path / "tf")) as theirs:
+        for r in records:
+            ours.write(r)
+            theirs.write(r)
+    ours.close()
+    assert (tmp_path / "ours").read_bytes() == (tmp_path / "tf").read_bytes()
+    assert list(tf.data.TFRecordDataset(str(tmp_path / "ours")).as_numpy_iterator()) == records
 
 
 def test_skip_bad_counts_in_stats(tmp_path, demo):

@@ -52,14 +52,12 @@ class _PrepareRange:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")   # one core per worker
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         with _IMPORT_LOCK:       # transformers' lazy imports are not safe from several threads
-            import tensorflow  # noqa: F401
             from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
 
     def process(self, job):
         import apache_beam as beam
-        import tensorflow as tf
 
-        from cslm_jax.data.prepare import Preparer, numbered_lines
+        from cslm_jax.data.prepare import Preparer, numbered_lines, record_writer
 
         task, split, file_index, path, range_index, start, end, first_line = job
         prep = self.preparers.get(task)
@@ -69,7 +67,7 @@ class _PrepareRange:
                                                        self.tokenizer_dir, fast=self.fast)
         counts = new_counts()
         folder = f"{self.tmp}/{task}/{split}"
-        _gfile().makedirs(folder)
+        _makedirs(folder)
         tag = f"f{file_index:05d}-r{range_index:06d}"
         writers, error = {}, None
         try:
@@ -78,7 +76,7 @@ class _PrepareRange:
                                           self.num_shards, counts):
                 w = writers.get(shard)
                 if w is None:
-                    w = writers[shard] = tf.io.TFRecordWriter(f"{folder}/{tag}.s{shard:05d}")
+                    w = writers[shard] = record_writer(f"{folder}/{tag}.s{shard:05d}")
                 w.write(data)
         except CslmError as e:            # strict: the range's first bad record
             line = getattr(e, "where", f"{path}:0").rsplit(":", 1)[-1]
@@ -96,21 +94,38 @@ class _PrepareRange:
             yield beam.pvalue.TaggedOutput("errors", error)
 
 
+def _makedirs(path: str) -> None:
+    if "://" in path:
+        _gfile().makedirs(path)
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def _open(path: str, mode: str):
+    return _gfile().GFile(path, mode) if "://" in path else open(path, mode)
+
+
+def _rename(src: str, dst: str) -> None:
+    if "://" in src:
+        _gfile().rename(src, dst, overwrite=True)
+    else:
+        os.replace(src, dst)
+
+
 def _write_shard(item, out: str, num_shards: int):
     """Concatenate a shard's pieces (TFRecord files) in (file, range) order into its file."""
     (task, split, shard), pieces = item
-    gfile = _gfile()
     final = f"{out}/{task}/{shard_name(split, shard, num_shards)}"
     tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-    with gfile.GFile(tmp, "wb") as f:
+    with _open(tmp, "wb") as f:
         for _, _, piece in sorted(p for p in pieces if p is not None):
-            with gfile.GFile(piece, "rb") as src:
+            with _open(piece, "rb") as src:
                 while True:
                     block = src.read(8 << 20)
                     if not block:
                         break
                     f.write(block)
-    gfile.rename(tmp, final, overwrite=True)
+    _rename(tmp, final)
     return final
 
 
@@ -149,8 +164,8 @@ def _write_split_meta(item, out: str, keys: dict, num_shards: int):
 
 
 def _write_error(error, tmp: str):
-    _gfile().makedirs(f"{tmp}/errors")
-    with _gfile().GFile(f"{tmp}/errors/{uuid.uuid4().hex}.json", "w") as f:
+    _makedirs(f"{tmp}/errors")
+    with _open(f"{tmp}/errors/{uuid.uuid4().hex}.json", "w") as f:
         f.write(json.dumps(error, ensure_ascii=False))
 
 

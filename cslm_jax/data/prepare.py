@@ -459,6 +459,36 @@ class Preparer:
             yield shard_of(file_index, n, num_shards), example
 
 
+class RecordWriter:
+    """A TFRecord file written without TensorFlow (the bytes tf.io.TFRecordWriter writes:
+    length, masked CRC-32C of the length, data, masked CRC-32C of the data), so Beam workers
+    need not import TensorFlow. Local paths only (URLs go through tf.io.TFRecordWriter)."""
+
+    def __init__(self, path: str):
+        import google_crc32c
+
+        self._crc = google_crc32c.value
+        self._f = open(path, "wb")
+
+    def _masked(self, data: bytes) -> bytes:
+        crc = self._crc(data)
+        return ((((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF).to_bytes(4, "little")
+
+    def write(self, data: bytes) -> None:
+        length = len(data).to_bytes(8, "little")
+        self._f.write(length + self._masked(length) + data + self._masked(data))
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def record_writer(path: str):
+    if _is_url(path):
+        import tensorflow as tf
+        return tf.io.TFRecordWriter(path)
+    return RecordWriter(path)
+
+
 def numbered_lines(path: str, start: int = 0, end: int | None = None, first_line: int = 1):
     """(line number, raw bytes) of the lines of `path` that start in [start, end) (`start` is a
     line start, `first_line` its number), as iterating the file in binary mode gives them."""
@@ -532,12 +562,18 @@ def stats_json(counts: dict) -> dict:
 
 def write_json(path: str, data: dict) -> None:
     """Whole or absent: written to a temporary name, then renamed."""
-    import tensorflow as tf
-
     tmp = f"{path}.tmp-{os.urandom(4).hex()}"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(json.dumps(data, ensure_ascii=False, indent=1))
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    text = json.dumps(data, ensure_ascii=False, indent=1)
+    if _is_url(path):
+        import tensorflow as tf
+
+        with tf.io.gfile.GFile(tmp, "w") as f:
+            f.write(text)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    else:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
 
 
 def completed_key(task_dir: str | Path) -> dict | None:
@@ -581,8 +617,6 @@ def prepare_task_local(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Pat
     import shutil
     import uuid
 
-    import tensorflow as tf
-
     task_dir = Path(task_dir)
     key = task_key(spec, cfg, tokenizer_dir, num_shards)
     tmp = task_dir.with_name(task_dir.name + f".tmp-{uuid.uuid4().hex[:8]}")
@@ -592,7 +626,7 @@ def prepare_task_local(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Pat
         prep = Preparer(spec, cfg, tokenizer_dir, fast=fast, tokenizer=tokenizer)
         for split, files in splits_of(spec).items():
             prep.counts = new_counts()
-            writers = [tf.io.TFRecordWriter(str(tmp / shard_name(split, s, num_shards)))
+            writers = [record_writer(str(tmp / shard_name(split, s, num_shards)))
                        for s in range(num_shards)]
             try:
                 for file_index, path in enumerate(files):
