@@ -108,8 +108,6 @@ def main():
     if not args.no_beam:
         import yaml
 
-        from cslm_jax.data.beam_prepare import prepare_data
-
         big = work / "big"
         big.mkdir()
         data = yaml.safe_load((work / "data" / "data.yaml").read_text())
@@ -126,16 +124,27 @@ def main():
         data["stages"] = {"pretrain": entries}
         (big / "data.yaml").write_text(yaml.safe_dump(data, allow_unicode=True))
         big_cfg = load_data_config(big / "data.yaml")
+        import subprocess
+        beam_cpu = {}
         for r in range(args.beam_rounds):
             for workers in ((1, 2) if r % 2 == 0 else (2, 1)):
+                # the real command in its own process: os.wait4 gives the CPU time of the whole
+                # job (driver and worker processes), which a busy machine does not distort
                 out = work / f"beam_{workers}_{r}"
                 t0 = time.perf_counter()
-                prepare_data(big_cfg, "pretrain", work / "tok", out, num_shards=64,
-                             num_workers=workers, log=lambda *_: None)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "cslm_jax.cli.main", "prepare-data", "--data-config",
+                     str(big / "data.yaml"), "--stage", "pretrain", "--tokenizer", str(work / "tok"),
+                     "--out", str(out), "--num-workers", str(workers), "--range-mb", "1"],
+                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                _, status, usage = os.wait4(proc.pid, 0)
                 dt = time.perf_counter() - t0
+                if status:
+                    raise SystemExit(f"prepare-data with {workers} worker(s) failed ({status})")
                 beam_tokens = sum(read_stats(out / s.name, "train")["targets_tokens"]
                                   for s in big_cfg.tasks("pretrain"))
                 beam_rates.setdefault(workers, []).append(beam_tokens / dt)
+                beam_cpu.setdefault(workers, []).append(usage.ru_utime + usage.ru_stime)
                 shutil.rmtree(out, ignore_errors=True)
 
     register(cfg, work / "tok", stages=["pretrain"])
@@ -185,9 +194,10 @@ def main():
     print(f"ratio ours / reference (preparation):      {prep / ref:.2f}x (exact path {exact / ref:.2f}x)")
     if beam_rates:
         one, two = statistics.median(beam_rates[1]), statistics.median(beam_rates[2])
+        cpu1, cpu2 = statistics.median(beam_cpu[1]), statistics.median(beam_cpu[2])
         print(f"Beam DirectRunner, 1 worker:               {one:9.0f} tokens/s  ({beam_tokens} tokens, "
-              f"demo x{args.scale}, start-up included)")
-        print(f"Beam DirectRunner, 2 workers:              {two:9.0f} tokens/s")
+              f"demo x{args.scale}, start-up included; job CPU {cpu1:.0f} s)")
+        print(f"Beam DirectRunner, 2 workers:              {two:9.0f} tokens/s  (job CPU {cpu2:.0f} s)")
         print(f"ratio 2 workers / 1 worker:                {two / one:.2f}x")
     print(f"ours, serving (SeqIO cslm_pretrain packed): {ours:8.0f} tokens/s  (rows {fill:.0%} full)")
     print(f"tiny demo model fwd+bwd consumes:          {train:9.0f} tokens/s")

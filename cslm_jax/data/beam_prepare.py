@@ -183,7 +183,8 @@ def prepare_data(cfg: DataConfig, stage: str, tokenizer_dir: str | Path, out: st
                  pipeline_args=(), fast: bool = True, log=print) -> dict:
     """Prepare a stage's tasks (or the named `tasks`) into `out/<task>/` with Beam. Returns
     {task: "prepared" | "kept"}. Raises CslmError (one line) for bad input; a strict data error
-    is the first bad record in file order."""
+    is the first bad record in file order. One job per `out` at a time: a job removes what an
+    interrupted one left there (tasks without COMPLETED, temporary pieces)."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -218,6 +219,9 @@ def prepare_data(cfg: DataConfig, stage: str, tokenizer_dir: str | Path, out: st
             gfile.rmtree(task_dir)
         gfile.makedirs(task_dir)
         todo.append(spec)
+    for stale in gfile.glob(f"{out}/.prepare-tmp-*"):    # an interrupted job's pieces
+        log(f"prepare-data: removing {stale}, left by an interrupted job")
+        gfile.rmtree(stale)
     if not todo:
         return result
     tmp = f"{out}/.prepare-tmp-{uuid.uuid4().hex[:8]}"
