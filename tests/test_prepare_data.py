@@ -22,7 +22,7 @@ from conftest import REPO
 
 import seqio  # noqa: E402
 from cslm_jax.data.beam_prepare import prepare_data  # noqa: E402
-from cslm_jax.data.formats import (ChatRenderer, RecordError, examples, load_data_config,  # noqa: E402
+from cslm_jax.data.formats import (ChatRenderer, examples, load_data_config,  # noqa: E402
                                    read_jsonl)
 from cslm_jax.data.pipeline import BatchIterator  # noqa: E402
 from cslm_jax.data.prepare import (CacheError, FastChat, plan_ranges, prepare_task_local,  # noqa: E402

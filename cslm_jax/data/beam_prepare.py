@@ -23,7 +23,7 @@ import threading
 import uuid
 from pathlib import Path
 
-from cslm_jax.data.formats import DataConfig, TaskSpec
+from cslm_jax.data.formats import DataConfig
 from cslm_jax.data.prepare import (MAX_SKIP_MESSAGES, CacheError, completed_key, info_json,
                                    merge_counts, new_counts, shard_name, splits_of, stats_json,
                                    task_key, write_json)
