@@ -498,3 +498,25 @@ def test_train_from_a_prepared_cache_equals_in_process(demo, base_ckpt, tmp_path
     with pytest.raises(CacheError, match="different tokenizer"):
         train(cfg, tmp_path / "other", log=lambda *_: None, data_cache=str(tmp_path / "other_cache"))
     assert not (tmp_path / "other").exists()       # refused before anything was written
+
+
+def test_concurrent_in_process_preparations_never_share_a_file(tmp_path, demo):
+    """Two processes preparing the same task at once (hosts of one job without a prepared cache)
+    each write into a folder of their own and rename it into place: one wins, the other's copy
+    is dropped, and the cache is whole; no temporary folder is left."""
+    rows = [{"lang": "en", "text": f"hello {i}", "units": [1, 2, 3]} for i in range(3000)]
+    f = write_jsonl(tmp_path / "p.jsonl", rows)
+    small_config(tmp_path, {"c": [{"kind": "asr", "lang": "en", "train": [f]}]})
+    code = ("import sys; from cslm_jax.data.formats import load_data_config; "
+            "from cslm_jax.data.prepare import prepare_task_local; "
+            "cfg = load_data_config(sys.argv[1]); "
+            "prepare_task_local(cfg.tasks('c')[0], cfg, sys.argv[2], sys.argv[3], num_shards=2)")
+    target = tmp_path / "cache" / "cslm_c_asr_en"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "data.yaml"), str(demo[1]),
+                               str(target)], cwd=REPO, stderr=subprocess.PIPE) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["cslm_c_asr_en"]
+    assert (target / "COMPLETED").is_file()
+    assert read_stats(target, "train")["examples"] == 3000
+    assert sum(len(r) for r in read_examples(target).values()) == 3000
