@@ -2,7 +2,11 @@
 
 Compares, in one run:
   * ours, preparation: validate + format + render + tokenize + mask every stage-1 record into the
-    cached TFRecords the tasks read (done once per corpus/config/tokenizer) -> tokens/s;
+    cached TFRecords the tasks read (done once per corpus/config/tokenizer) -> tokens/s, in this
+    process on one core (the batched path, and the exact per-example Jinja path), alternated with
+    the reference loop below (medians of --rounds);
+  * `cslm-jax prepare-data` on Apache Beam's DirectRunner with 1 and 2 worker processes on the
+    demo corpus repeated --scale times (wall time from submission, start-up included) -> tokens/s;
   * ours, serving: the SeqIO mixture `cslm_pretrain` (seeded mixture sampling, shuffling,
     packing, pure tf.data) -> packed non-padding tokens/s;
   * the reference's way: a Python loop calling the `transformers` tokenizer's
@@ -10,7 +14,7 @@ Compares, in one run:
   * the consumer: forward+backward tokens/s of the demo model (configs/model/tiny.yaml with the
     demo vocabulary) on the same batch shape — the rate the pipeline must stay ahead of.
 
-    python benchmarks/data_pipeline.py [--batches 40] [--batch-size 8]
+    python benchmarks/data_pipeline.py [--batches 40] [--batch-size 8] [--rounds 3] [--scale 30]
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")    # per core: the Rust tokenizer on one thread
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -32,7 +37,13 @@ def main():
     ap.add_argument("--batches", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--shuffle-buffer", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3, help="alternated rounds of reference / ours")
+    ap.add_argument("--scale", type=int, default=30, help="Beam corpus: the demo's stage-1 files "
+                    "repeated this many times")
+    ap.add_argument("--beam-rounds", type=int, default=1)
+    ap.add_argument("--no-beam", action="store_true")
     args = ap.parse_args()
+    import statistics
 
     import jax
     import jax.numpy as jnp
@@ -54,32 +65,89 @@ def main():
     # A small shuffle buffer, so that the timed batches are produced during the timing rather than
     # served from buffers filled during the warm-up.
     cfg = load_data_config(work / "data" / "data.yaml", [f"packing.shuffle_buffer={args.shuffle_buffer}"])
-    register(cfg, work / "tok", stages=["pretrain"])
     length = cfg.max_length
 
-    # the reference's way: apply_chat_template per example, in Python. Run first: a live tf.data
-    # pipeline's background threads would slow a Python loop beside it.
-    ref_tokens, t0, n = 0, time.perf_counter(), 0
-    budget = args.batches * args.batch_size * length // 2
-    for spec in cfg.tasks("pretrain"):
-        for where, _, record in read_jsonl(spec.train[0], None, cfg.format):
-            for messages in examples(spec.kind, record, cfg.format, where):
-                ids = tok.apply_chat_template(messages, tokenize=True)
-                ref_tokens += len(ids["input_ids"] if hasattr(ids, "keys") else ids)
-                n += 1
-            if ref_tokens >= budget // len(cfg.tasks("pretrain")) * (1 + cfg.tasks("pretrain").index(spec)):
-                break
-    ref = ref_tokens / (time.perf_counter() - t0)
+    # the reference's way: apply_chat_template per example, in Python. Run before any tf.data
+    # pipeline exists: its background threads would slow a Python loop beside it. Alternated
+    # with ours (same examples, one core each), medians over --rounds.
+    import shutil
 
-    # ours, stage 1: preparation (validate + format + render + tokenize + mask, once per corpus)
-    from cslm_jax.data.pipeline import STATS, prepare_split
-    t0 = time.perf_counter()
-    for spec in cfg.tasks("pretrain"):
-        prepare_split(spec, "train", cfg, str(work / "tok"), STATS)
-    prep_s = time.perf_counter() - t0
-    prep_tokens = sum(c["tokens"] for name, c in STATS.report().items()
-                      if name.startswith("cslm_pretrain_"))
-    prep = prep_tokens / prep_s
+    from cslm_jax.data.prepare import prepare_task_local, read_stats
+
+    def reference():
+        tokens, n, t0 = 0, 0, time.perf_counter()
+        for spec in cfg.tasks("pretrain"):
+            for where, _, record in read_jsonl(spec.train[0], None, cfg.format):
+                for messages in examples(spec.kind, record, cfg.format, where):
+                    ids = tok.apply_chat_template(messages, tokenize=True)
+                    tokens += len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+                    n += 1
+        return tokens / (time.perf_counter() - t0), n
+
+    def ours(fast, root):
+        shutil.rmtree(root, ignore_errors=True)
+        t0 = time.perf_counter()
+        tokens = 0
+        for spec in cfg.tasks("pretrain"):
+            counts = prepare_task_local(spec, cfg, str(work / "tok"), root / spec.name, fast=fast,
+                                        tokenizer=tok)
+            tokens += counts["train"]["targets_tokens"]
+        return tokens / (time.perf_counter() - t0), tokens
+
+    ref_runs, fast_runs, exact_runs = [], [], []
+    for _ in range(args.rounds):
+        ref_runs.append(reference()[0])
+        fast_runs.append(ours(True, work / "prep_fast")[0])
+        exact_runs.append(ours(False, work / "prep_exact")[0])
+    ref, n = statistics.median(ref_runs), reference()[1]
+    prep, prep_tokens = statistics.median(fast_runs), ours(True, work / "prep_fast")[1]
+    exact = statistics.median(exact_runs)
+
+    # Beam DirectRunner, 1 and 2 worker processes, on a larger copy of the stage-1 corpus
+    beam_rates = {}
+    if not args.no_beam:
+        import yaml
+
+        big = work / "big"
+        big.mkdir()
+        data = yaml.safe_load((work / "data" / "data.yaml").read_text())
+        data["data_dir"] = str(big)
+        data["tokenizer"] = str(work / "data" / "tokenizer")
+        entries = []
+        for spec in cfg.tasks("pretrain"):
+            name = Path(spec.train[0]).name
+            (big / name).write_text(Path(spec.train[0]).read_text() * args.scale)
+            entry = {"kind": spec.kind, "name": spec.name, "train": [name]}
+            if spec.lang:
+                entry["lang"] = spec.lang
+            entries.append(entry)
+        data["stages"] = {"pretrain": entries}
+        (big / "data.yaml").write_text(yaml.safe_dump(data, allow_unicode=True))
+        big_cfg = load_data_config(big / "data.yaml")
+        import subprocess
+        beam_cpu = {}
+        for r in range(args.beam_rounds):
+            for workers in ((1, 2) if r % 2 == 0 else (2, 1)):
+                # the real command in its own process: os.wait4 gives the CPU time of the whole
+                # job (driver and worker processes), which a busy machine does not distort
+                out = work / f"beam_{workers}_{r}"
+                t0 = time.perf_counter()
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "cslm_jax.cli.main", "prepare-data", "--data-config",
+                     str(big / "data.yaml"), "--stage", "pretrain", "--tokenizer", str(work / "tok"),
+                     "--out", str(out), "--num-workers", str(workers), "--range-mb", "1"],
+                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                _, status, usage = os.wait4(proc.pid, 0)
+                dt = time.perf_counter() - t0
+                if status:
+                    raise SystemExit(f"prepare-data with {workers} worker(s) failed ({status})")
+                beam_tokens = sum(read_stats(out / s.name, "train")["targets_tokens"]
+                                  for s in big_cfg.tasks("pretrain"))
+                beam_rates.setdefault(workers, []).append(beam_tokens / dt)
+                beam_cpu.setdefault(workers, []).append(usage.ru_utime + usage.ru_stime)
+                shutil.rmtree(out, ignore_errors=True)
+
+    register(cfg, work / "tok", stages=["pretrain"])
 
     # ours, stage 2: serving packed batches from the prepared records (pure tf.data)
     it = BatchIterator("cslm_pretrain", max_length=length, batch_size=args.batch_size, seed=0)
@@ -116,11 +184,21 @@ def main():
         jax.block_until_ready(step(params, jb))
     train = 5 * args.batch_size * length * fill / (time.perf_counter() - t0)
 
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores; batch {args.batch_size} x {length}, "
-          f"{args.batches} batches after 2 warm-up ({warm:.1f}s incl. graph build and buffers)")
-    print(f"reference (apply_chat_template loop):      {ref:9.0f} tokens/s  ({n} examples, unpacked)")
-    print(f"ours, preparation (validate+render+mask):  {prep:9.0f} tokens/s  ({prep_tokens} tokens, once)")
-    print(f"ratio ours / reference (preparation):      {prep / ref:.2f}x")
+    print(f"machine: {platform.machine()} {os.cpu_count()} cores, load average {os.getloadavg()}; "
+          f"batch {args.batch_size} x {length}, {args.batches} batches after 2 warm-up "
+          f"({warm:.1f}s incl. graph build and buffers); medians of {args.rounds} alternated rounds")
+    print(f"reference (apply_chat_template loop):      {ref:9.0f} tokens/s  ({n} examples, unpacked, one core)")
+    print(f"ours, preparation (batched, one core):     {prep:9.0f} tokens/s  ({prep_tokens} tokens, "
+          f"validate+render+tokenize+mask+write)  runs {[round(x) for x in fast_runs]}")
+    print(f"ours, preparation (exact Jinja path):      {exact:9.0f} tokens/s")
+    print(f"ratio ours / reference (preparation):      {prep / ref:.2f}x (exact path {exact / ref:.2f}x)")
+    if beam_rates:
+        one, two = statistics.median(beam_rates[1]), statistics.median(beam_rates[2])
+        cpu1, cpu2 = statistics.median(beam_cpu[1]), statistics.median(beam_cpu[2])
+        print(f"Beam DirectRunner, 1 worker:               {one:9.0f} tokens/s  ({beam_tokens} tokens, "
+              f"demo x{args.scale}, start-up included; job CPU {cpu1:.0f} s)")
+        print(f"Beam DirectRunner, 2 workers:              {two:9.0f} tokens/s  (job CPU {cpu2:.0f} s)")
+        print(f"ratio 2 workers / 1 worker:                {two / one:.2f}x")
     print(f"ours, serving (SeqIO cslm_pretrain packed): {ours:8.0f} tokens/s  (rows {fill:.0%} full)")
     print(f"tiny demo model fwd+bwd consumes:          {train:9.0f} tokens/s")
     print(f"pipeline / training consumption:           {ours / train:.2f}x "

@@ -76,13 +76,17 @@ def test_tfds_mt_task_renders_and_masks_as_the_jsonl_path(tmp_path, demo):
     assert from_tfds == from_jsonl              # token ids and loss masks, in order
     assert validation == from_jsonl[:4]
     assert all(0 in m and 1 in m for _, m in from_tfds), "masks hold trained and masked tokens"
-    # the prepared split is cached like a file task's, keyed by the dataset and split
-    caches = sorted(p.name.split(".")[0:2] for p in (tmp_path / ".cslm_cache").iterdir())
-    assert ["mt_tfds", "train"] in caches and ["mt_tfds", "validation"] in caches
+    # the prepared task is cached like a file task's (SeqIO layout), keyed by the dataset
+    [cache] = [p for p in (tmp_path / ".cslm_cache").iterdir() if p.name.startswith("mt_tfds.")]
+    assert (cache / "COMPLETED").is_file()
+    assert {p.name.split("-")[0] for p in cache.glob("*.tfrecord-*")} == {"train.tfrecord",
+                                                                         "validation.tfrecord"}
+    completed = json.loads((cache / "COMPLETED").read_text())
+    assert completed["tfds"]["train"]["split"] == "train[:12]"
 
 
 def test_a_bad_tfds_example_is_named_and_skip_bad_counts_it(tmp_path, demo):
-    from cslm_jax.data.pipeline import PipelineStats, prepare_split
+    from cslm_jax.data.prepare import prepare_task_local
 
     _, tok_dir = demo
     entry = {"kind": "mt", "name": "mt_tfds", "tfds": WMT, "fields": {"src": "zh", "tgt": "en"},
@@ -92,14 +96,14 @@ def test_a_bad_tfds_example_is_named_and_skip_bad_counts_it(tmp_path, demo):
     mock, _ = mocked_wmt({"train": pairs})
     with mock, pytest.raises(RecordError, match=r"tfds:wmt17_translate/zh-en:1.0.0:train\[1\]: "
                                                 r"field 'src': is empty"):
-        prepare_split(cfg.tasks("pretrain")[0], "train", cfg, str(tok_dir))
-    assert not list((tmp_path / ".cslm_cache").glob("*")), "no half-prepared cache is left"
+        prepare_task_local(cfg.tasks("pretrain")[0], cfg, str(tok_dir), tmp_path / "cache" / "t")
+    assert not list((tmp_path / "cache").glob("*")), "no half-prepared cache is left"
     cfg = load_data_config(write_config(tmp_path, {"pretrain": [entry]}), ["packing.skip_bad=true"])
-    stats = PipelineStats()
     with mocked_wmt({"train": pairs})[0]:
-        prepare_split(cfg.tasks("pretrain")[0], "train", cfg, str(tok_dir), stats)
-    counts = stats.report()["mt_tfds:train"]
+        counts = prepare_task_local(cfg.tasks("pretrain")[0], cfg, str(tok_dir),
+                                    tmp_path / "cache" / "t")["train"]
     assert (counts["records"], counts["examples"], counts["skipped"]) == (2, 4, 1)
+    assert "field 'src': is empty" in counts["skipped_messages"][0][2]
 
 
 @pytest.mark.parametrize("entry, message", [

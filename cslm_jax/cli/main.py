@@ -11,8 +11,8 @@ from cslm_jax.cli import setup
 from cslm_jax.errors import CslmError
 
 # One module of cslm_jax.cli per command, in the order `cslm-jax --help` lists them.
-COMMANDS = ("import_hf", "export_hf", "train", "validate_data", "inspect_data", "make_demo_data",
-            "demo", "decode", "compile", "evaluate", "join_timings")
+COMMANDS = ("import_hf", "export_hf", "train", "validate_data", "inspect_data", "prepare_data",
+            "make_demo_data", "demo", "decode", "compile", "evaluate", "join_timings")
 
 
 def build_parser() -> argparse.ArgumentParser:

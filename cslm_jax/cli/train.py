@@ -48,6 +48,10 @@ def add_parser(sub):
     g.add_argument("--data-shards", type=int, default=None,
                    help="input shards of a new run (default: one per process); fixed for the "
                    "run, so it can resume on any process count that divides it")
+    s.add_argument("--data-cache", default=None, metavar="DIR",
+                   help="read the stage's examples from a cache written by `cslm-jax prepare-data` "
+                   "(default: the data config's cache_dir; without one they are prepared "
+                   "in-process, fine for small corpora)")
     s.add_argument("--allow-config-change", action="store_true", help="resume even though the "
                    "config changes how the run optimises (optimizer, steps, batch, data, model "
                    "fields); without it such a resume is refused with the list of changes")
@@ -60,7 +64,8 @@ def check(args, parser) -> None:
     and (for a new run) init_from and the data config's stage."""
     from cslm_jax.train.loop import preflight
 
-    preflight(args.config, args.overrides, args.run_dir, init_from=args.init_from)
+    preflight(args.config, args.overrides, args.run_dir, init_from=args.init_from,
+              data_cache=args.data_cache)
 
 
 def run(args) -> int:
@@ -81,5 +86,5 @@ def run(args) -> int:
         print(f"# run config ({args.config}{extra})")
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="", flush=True)
     return train(cfg, args.run_dir, init_from=args.init_from, data_shards=args.data_shards,
-                 allow_config_change=args.allow_config_change,
+                 allow_config_change=args.allow_config_change, data_cache=args.data_cache,
                  log=print if primary else (lambda *a, **k: None))

@@ -134,6 +134,8 @@ def _units(record: dict, field: str, where: str, unit_count: int) -> list[int]:
     value = record.get(field)
     if not isinstance(value, list) or not value:
         raise RecordError(where, field, "must be a non-empty list of unit ids")
+    if all(type(u) is int for u in value) and 0 <= min(value) and max(value) < unit_count:
+        return value                   # the common case, checked without a Python loop body
     for i, u in enumerate(value):
         if not isinstance(u, int) or isinstance(u, bool):
             raise RecordError(where, f"{field}[{i}]", f"unit id must be an integer, got {u!r}")
@@ -482,7 +484,20 @@ class ChatRenderer:
 
     def __call__(self, messages: Messages) -> Rendered:
         text = self.render_text(messages)
-        ids = self.encode(text)
+        raw = self.encode(text)
+        ids, mask, truncated = self.finish_ids(list(raw))
+        if self.adds_special_tokens:
+            text = self.tok.decode(ids, skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False)
+        elif self.eos_id is not None and (not raw or raw[-1] != self.eos_id) and (
+                self.max_length is None or len(raw) < self.max_length):
+            text += self.eos
+        return Rendered(text, ids, mask, truncated)
+
+    def finish_ids(self, ids: list[int]) -> tuple[list[int], list[int], bool]:
+        """Encoded rendered text -> (ids, loss mask, truncated): EOS, truncation and the mask,
+        in the order of the chosen rule (what `__call__` does after rendering and encoding;
+        the batched preparation, cslm_jax.data.prepare, calls it too)."""
         if self.adds_special_tokens:
             # the reference's order: truncate to max_length, then EOS if there is room, then mask
             # what is left (its loop never sees the truncated tail)
@@ -492,26 +507,29 @@ class ChatRenderer:
             if self.eos_id is not None and ids[-1] != self.eos_id and (
                     self.max_length is None or len(ids) < self.max_length):
                 ids.append(self.eos_id)
-            mask = loss_mask(ids, self.user, self.assistant, self.bos_id, self.mask)
-            text = self.tok.decode(ids, skip_special_tokens=False,
-                                   clean_up_tokenization_spaces=False)
-            return Rendered(text, ids, mask, truncated)
+            return ids, loss_mask(ids, self.user, self.assistant, self.bos_id, self.mask), truncated
         if self.eos_id is not None and (not ids or ids[-1] != self.eos_id) and (
                 self.max_length is None or len(ids) < self.max_length):
             ids.append(self.eos_id)
-            text += self.eos
         mask = loss_mask(ids, self.user, self.assistant, self.bos_id, self.mask)
         truncated = self.max_length is not None and len(ids) > self.max_length
         if truncated:
             ids, mask = ids[: self.max_length], mask[: self.max_length]
-        return Rendered(text, ids, mask, truncated)
+        return ids, mask, truncated
 
 
 def _find(ids: Sequence[int], pattern: Sequence[int], start: int) -> int:
-    n = len(pattern)
-    for i in range(start, len(ids) - n + 1):
-        if ids[i] == pattern[0] and list(ids[i:i + n]) == list(pattern):
+    """First index >= start where `pattern` occurs in `ids`, or -1 (candidates by list.index)."""
+    n, ids, pattern = len(pattern), list(ids), list(pattern)
+    i = start
+    while i <= len(ids) - n:
+        try:
+            i = ids.index(pattern[0], i, len(ids) - n + 1)
+        except ValueError:
+            return -1
+        if ids[i:i + n] == pattern:
             return i
+        i += 1
     return -1
 
 
@@ -650,6 +668,7 @@ class DataConfig:
     shuffle_buffer: int
     skip_bad: bool
     stages: dict
+    cache_dir: str | None = None   # a cache `cslm-jax prepare-data` wrote (None: in-process)
 
     def tasks(self, stage: str | None = None) -> list[TaskSpec]:
         if stage is not None and stage not in self.stages:
@@ -677,6 +696,8 @@ def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = Tr
         return fs.path(name) if fs.is_remote(name) or os.path.isabs(name) else root / name
 
     def resolve(name: str, field: str) -> str:
+        if "://" in str(name) and not fs.is_remote(name):
+            return str(name)        # another URL (file://...): read through tf.io.gfile as given
         p = absolute(name)
         if check_files and not p.is_file():
             raise ConfigError(f"{path}: field '{field}': file {p} does not exist")
@@ -735,4 +756,15 @@ def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = Tr
                       tokenizer=None if not tok else str(absolute(tok)),
                       format=fmt, max_length=int(packing.get("max_length", 1024)),
                       shuffle_buffer=int(packing.get("shuffle_buffer", 1000)),
-                      skip_bad=bool(packing.get("skip_bad", False)), stages=stages)
+                      skip_bad=bool(packing.get("skip_bad", False)), stages=stages,
+                      cache_dir=_cache_dir(data.get("cache_dir"), root))
+
+
+def _cache_dir(value, root) -> str | None:
+    """`cache_dir:` of a data config: a URL (gs://...) as is, a relative path against data_dir."""
+    from pathlib import Path
+
+    if value in (None, ""):
+        return None
+    value = str(value)
+    return value if "://" in value or Path(value).is_absolute() else str(root / value)

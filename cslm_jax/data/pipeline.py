@@ -3,8 +3,10 @@ preprocessor (templates + loss mask, in the pipeline), a packing feature convert
 the loss mask and task ids, and a batch iterator whose position can be saved and restored.
 
 Pipeline per task: JSONL records -> validate + format + render + tokenize + mask, once, into a
-cached TFRecord (Python; strict errors name file, line and field; `skip_bad` counts) -> read
-(pure TensorFlow from here on) -> shard by host (`seqio.ShardInfo`) -> shuffle (seeded) ->
+cache in SeqIO's layout (`cslm_jax.data.prepare`: in this process for small corpora, or by
+`cslm-jax prepare-data` on Apache Beam; strict errors name file, line and field; `skip_bad`
+counts) -> read with `use_cached=True` (pure TensorFlow from here on) -> shard by host
+(`seqio.ShardInfo`: whole files of a prepared cache) -> shuffle (seeded) ->
 mixture sampling (seeded rates) -> pack to `max_length` -> batch. Every stage is deterministic for a seed, and the tf.data iterator
 state (shuffle buffers included) is checkpointed, so a resume continues with exactly the batch an
 uninterrupted run would have seen.
@@ -23,15 +25,14 @@ import seqio
 import tensorflow as tf
 
 from cslm_jax.config import ConfigError
-from cslm_jax.data.formats import ChatRenderer, DataConfig, RecordError, TaskSpec, examples
-from cslm_jax.data.sources import task_records, task_splits, tfds_cache_key
+from cslm_jax.data.formats import DataConfig, TaskSpec
 from cslm_jax.errors import DataError
 from cslm_jax.storage import fs
 
 
 class QuietUncachedWarning(logging.Filter):
     """seqio advises caching FunctionDataSource tasks; ours read TFRecords prepared and cached
-    by `prepare_split`, so the advice does not apply and would only bury real messages.
+    (`cslm_jax.data.prepare`), so the advice does not apply and would only bury real messages.
     Installed on the `absl` logger by the command line (`cslm_jax.cli.setup`), not on import."""
 
     def filter(self, record):
@@ -131,13 +132,26 @@ STATS = PipelineStats()
 
 # -- preparation: records -> tokenized, masked examples (once, cached) ------------------------------
 
-PREPARE_VERSION = 1
+def local_cache_dir(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str) -> Path:
+    """Where the in-process path caches a task (SeqIO layout, one shard per split):
+    `<data_dir>/.cslm_cache/<task>.<key>`, keyed by the files (size, mtime), the config and the
+    tokenizer, so any change prepares again."""
+    import hashlib
+
+    from cslm_jax.data.prepare import splits_of, task_key
+
+    key = task_key(spec, cfg, tokenizer_dir, 1)
+    key["stat"] = [(f, *fs.size_and_mtime(f))
+                   for files in splits_of(spec).values() for f in files]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cache_root(cfg.data_dir) / f"{spec.name}.{digest}"
 
 
 def cache_root(data_dir) -> Path:
-    """Where prepared splits are cached: `<data_dir>/.cslm_cache/` for local data; for data in a
-    bucket a local folder ($CSLM_JAX_DATA_CACHE, default ~/.cache/cslm_jax/data/<hash of the
-    data_dir>): each host prepares what it reads next to it, never writing into the bucket."""
+    """Where the in-process path caches prepared tasks: `<data_dir>/.cslm_cache/` for local data;
+    for data in a bucket a local folder ($CSLM_JAX_DATA_CACHE, default
+    ~/.cache/cslm_jax/data/<hash of the data_dir>): each host prepares next to it, never writing
+    into the bucket."""
     import hashlib
 
     if not fs.is_remote(data_dir):
@@ -147,100 +161,68 @@ def cache_root(data_dir) -> Path:
     return Path(base) / hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
 
 
-def _cache_key(spec: TaskSpec, split: str, files: tuple, cfg: DataConfig, tokenizer_dir: str) -> str:
-    import dataclasses
-    import hashlib
+class CslmTask(seqio.Task):
+    """A SeqIO task over a prepared cache (SeqIO layout, `cslm_jax.data.prepare`).
 
-    tok_files = sorted(Path(tokenizer_dir).glob("*.json"))
-    key = {"version": PREPARE_VERSION, "kind": spec.kind, "lang": spec.lang, "split": split,
-           "files": [(f, *fs.size_and_mtime(f)) for f in files],
-           "format": dataclasses.asdict(cfg.format), "max_length": cfg.max_length,
-           "skip_bad": cfg.skip_bad,
-           "tokenizer": [hashlib.sha256(f.read_bytes()).hexdigest() for f in tok_files]}
-    if spec.tfds is not None:
-        key["tfds"] = tfds_cache_key(spec, split)
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def prepare_split(spec: TaskSpec, split: str, cfg: DataConfig, tokenizer_dir: str,
-                  stats: PipelineStats = None) -> Path:
-    """Validate, format, render, tokenize and mask one task split into a TFRecord file (cached
-    under `<data_dir>/.cslm_cache/`, keyed by the files, the config and the tokenizer).
-
-    Strict by default: the first bad record raises RecordError naming file, line and field, before
-    any training starts. With `skip_bad`, bad records are counted (and the first few kept) in the
-    split's stats.json. Python runs here once, so the tf.data pipeline that reads the result is pure
-    TensorFlow: fast, checkpointable, and free of Python callbacks that could deadlock on the GIL
-    when an iterator is torn down.
+    Either a cache `cslm-jax prepare-data` wrote (`prepared=True`: checked against the data
+    config and tokenizer when registered; read with file-level sharding, so each host opens only
+    its own shard files), or the in-process cache of a small corpus, prepared by `prepare` the
+    first time it is read (validate, format, render, tokenize, mask: strict errors name file,
+    line and field; `skip_bad` counts). Training reads it with `use_cached=True`; the source
+    reads the same files for callers that do not (inspection, tests).
     """
-    import shutil
-    import uuid
 
-    from cslm_jax.model.vocab import load_tokenizer
+    def __init__(self, name, *, task_dir: str, prepare=None, prepared: bool = False,
+                 stats: PipelineStats | None = None, splits=(), **kwargs):
+        self._cslm_dir, self._cslm_prepare, self.prepared = str(task_dir), prepare, prepared
+        self._cslm_stats, self._cslm_splits = stats, tuple(splits)
+        self._cslm_recorded = False
+        super().__init__(name, source=self._make_source(), **kwargs)
 
-    files = spec.train if split == "train" else spec.validation
-    if split not in task_splits(spec):
-        raise ConfigError(f"task {spec.name} has no '{split}' files")
-    keep_tensorflow_off_accelerators()
-    out = cache_root(cfg.data_dir) / f"{spec.name}.{split}.{_cache_key(spec, split, files, cfg, tokenizer_dir)}"
-    if not (out / "stats.json").is_file():
-        renderer = ChatRenderer(load_tokenizer(tokenizer_dir), cfg.max_length,
-                                mask=cfg.format.loss_mask)
-        counts = collections.Counter(records=0, examples=0, truncated=0, tokens=0, skipped=0)
-        skipped: list = []
-        tmp = out.with_name(out.name + f".tmp-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir(parents=True)
-        try:
-            with tf.io.TFRecordWriter(str(tmp / "examples.tfrecord")) as writer:
-                for where, record in task_records(spec, split, cfg.format, cfg.skip_bad, skipped):
-                    if spec.kind in ("asr", "tts") and record["lang"] != spec.lang:
-                        err = RecordError(where, "lang", f"is {record['lang']!r} but task "
-                                                         f"{spec.name} is for {spec.lang!r}")
-                        if not cfg.skip_bad:
-                            raise err
-                        skipped.append(err)
-                        continue
-                    counts["records"] += 1
-                    for messages in examples(spec.kind, record, cfg.format, where):
-                        r = renderer(messages)
-                        counts.update(examples=1, truncated=int(r.truncated), tokens=len(r.input_ids))
-                        feature = {
-                            "targets": tf.train.Feature(int64_list=tf.train.Int64List(value=r.input_ids)),
-                            "loss_weights": tf.train.Feature(int64_list=tf.train.Int64List(value=r.loss_mask))}
-                        writer.write(tf.train.Example(features=tf.train.Features(
-                            feature=feature)).SerializeToString())
-            counts["skipped"] = len(skipped)
-            (tmp / "stats.json").write_text(json.dumps(
-                {"counts": counts, "skipped": [str(e) for e in skipped[:20]]}, ensure_ascii=False))
-            try:
-                os.rename(tmp, out)
-            except OSError:              # another host or process prepared it first: same content
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    if stats is not None:
-        saved = json.loads((out / "stats.json").read_text())
-        stats.record(f"{spec.name}:{split}", saved["counts"], saved["skipped"])
-    return out
+    def _make_source(self) -> seqio.FunctionDataSource:
+        features = {"targets": tf.io.VarLenFeature(tf.int64),
+                    "loss_weights": tf.io.VarLenFeature(tf.int64)}
 
+        def parse(raw):
+            ex = tf.io.parse_single_example(raw, features)
+            return {k: tf.cast(tf.sparse.to_dense(v), tf.int32) for k, v in ex.items()}
 
-def prepared_source(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str,
-                    stats: PipelineStats) -> seqio.FunctionDataSource:
-    splits = task_splits(spec)
-    features = {"targets": tf.io.VarLenFeature(tf.int64), "loss_weights": tf.io.VarLenFeature(tf.int64)}
+        def dataset_fn(split, shuffle_files, seed=None):
+            if split not in self._cslm_splits:
+                raise ConfigError(f"task {self.name} has no '{split}' files; configured: "
+                                  f"{list(self._cslm_splits)}")
+            files = sorted(tf.io.gfile.glob(os.path.join(self.cache_dir, f"{split}.tfrecord-*")))
+            return tf.data.TFRecordDataset(files).map(parse)
 
-    def parse(raw):
-        ex = tf.io.parse_single_example(raw, features)
-        return {k: tf.cast(tf.sparse.to_dense(v), tf.int32) for k, v in ex.items()}
+        return seqio.FunctionDataSource(dataset_fn, splits=list(self._cslm_splits))
 
-    def dataset_fn(split, shuffle_files, seed=None):
-        if split not in splits:
-            raise ConfigError(f"task {spec.name} has no '{split}' files; configured: {splits}")
-        path = prepare_split(spec, split, cfg, tokenizer_dir, stats)
-        return tf.data.TFRecordDataset(str(path / "examples.tfrecord")).map(parse)
+    @property
+    def cache_dir(self) -> str:
+        from cslm_jax.data.prepare import completed_key, read_stats
 
-    return seqio.FunctionDataSource(dataset_fn, splits=splits, caching_permitted=False)
+        if self._cslm_prepare is not None and completed_key(self._cslm_dir) is None:
+            keep_tensorflow_off_accelerators()
+            self._cslm_prepare()
+        if self._cslm_stats is not None and not self._cslm_recorded:
+            self._cslm_recorded = True
+            for split in self._cslm_splits:
+                saved = read_stats(self._cslm_dir, split)
+                counts = {"records": saved["records"], "examples": saved["examples"],
+                          "truncated": saved["truncated"], "tokens": saved["targets_tokens"],
+                          "trained_tokens": saved["trained_tokens"], "skipped": saved["skipped"]}
+                self._cslm_stats.record(f"{self.name}:{split}", counts, saved["skipped_messages"])
+        return self._cslm_dir
+
+    def get_dataset(self, *args, **kwargs):
+        """seqio's Task.get_dataset without its in-memory cache of small splits: reading stays
+        as it was (and as for large ones), and a saved iterator position never carries a copy
+        of the cached examples."""
+        kwargs["try_in_mem_cache"] = False
+        return super().get_dataset(*args, **kwargs)
+
+    def num_files(self, split: str) -> int:
+        with tf.io.gfile.GFile(os.path.join(self.cache_dir, f"info.{split}.json")) as f:
+            return int(json.load(f)["num_shards"])
 
 
 def add_task_ids(task_index: int):
@@ -327,6 +309,24 @@ def sequence_lengths(max_length: int) -> dict:
 
 # -- iteration with a resumable position ----------------------------------------------------------
 
+def check_file_sharding(name: str, split: str, num_shards: int) -> None:
+    """A prepared cache is read with file-level sharding (each host opens only its own shard
+    files): its file count must divide by the data shards. (In-process caches of small corpora
+    hold one file per split and are sharded by example, as SeqIO does when files are fewer.)"""
+    from cslm_jax.data.prepare import CacheError
+
+    provider = seqio.get_mixture_or_task(name)
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    for task in tasks:
+        if isinstance(task, CslmTask) and task.prepared:
+            files = task.num_files(split)
+            if files % num_shards:
+                raise CacheError(f"{task.cache_dir}: {files} '{split}' shard files cannot be split "
+                                 f"evenly over {num_shards} data shards (hosts); prepare the cache "
+                                 f"with a --num-shards that {num_shards} divides (e.g. "
+                                 f"{num_shards * max(1, files // num_shards)})")
+
+
 class BatchIterator:
     """Numpy batches from a registered mixture or task, for one host.
 
@@ -340,9 +340,11 @@ class BatchIterator:
         keep_tensorflow_off_accelerators()
         self.name, self.split = name, split
         shard = seqio.ShardInfo(index=shard_index, num_shards=num_shards) if num_shards > 1 else None
+        if shard is not None:
+            check_file_sharding(name, split, num_shards)
         ds = seqio.get_dataset(name, sequence_lengths(max_length), dataset_split=split,
                                shuffle=shuffle, num_epochs=num_epochs, shard_info=shard,
-                               use_cached=False, seed=seed,
+                               use_cached=True, seed=seed,
                                feature_converter=PackedLMConverter())
         ds = ds.batch(batch_size, drop_remainder=num_epochs is None)
         options = tf.data.Options()

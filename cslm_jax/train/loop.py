@@ -96,12 +96,24 @@ def check_run_dir(run_dir: Path) -> None:
                          f"starts a run, an existing run folder resumes it)")
 
 
-def preflight(config, overrides, run_dir, init_from=None) -> RunConfig:
+def _load_data_config(cfg: RunConfig, data_cache=None):
+    """The run's data config. Training from a prepared cache (`--data-cache` or the data
+    config's `cache_dir`) does not need the JSONL files on this host."""
+    from cslm_jax.data.formats import load_data_config
+
+    length = cfg.data.max_length
+    overrides = [] if length is None else [f"packing.max_length={length}"]
+    data_cfg = load_data_config(cfg.data.config, overrides, check_files=False)
+    if data_cache is None and data_cfg.cache_dir is None:
+        data_cfg = load_data_config(cfg.data.config, overrides)
+    return data_cfg
+
+
+def preflight(config, overrides, run_dir, init_from=None, data_cache=None) -> RunConfig:
     """What `cslm-jax train` checks before TensorFlow starts and before anything is printed or
     written: the run folder, the config (overrides named as such), and for a new run its
     init_from and the data config's stage. Raises CslmError; returns the run config."""
     from cslm_jax.config import load_run_config
-    from cslm_jax.data.formats import load_data_config
     from cslm_jax.storage.checkpoint import resolve_model_dir
 
     run_dir = fs.path(run_dir, "--run-dir")
@@ -116,9 +128,7 @@ def preflight(config, overrides, run_dir, init_from=None) -> RunConfig:
         flag = "--init-from" if init_from else "init_from"
         fs.check_bucket(fs.path(where, flag), flag)
         resolve_model_dir(where, flag=flag)
-    length = cfg.data.max_length
-    data_cfg = load_data_config(cfg.data.config, [] if length is None else
-                                [f"packing.max_length={length}"])
+    data_cfg = _load_data_config(cfg, data_cache)
     if cfg.data.stage not in data_cfg.stages:
         raise ConfigError(f"data.stage is {cfg.data.stage!r}; {cfg.data.config} has stages "
                           f"{sorted(data_cfg.stages)}")
@@ -227,15 +237,17 @@ def train_layout(cfg: RunConfig, model_cfg: ModelConfig, devices, process_count:
 
 
 def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=print,
-                data_shards: int | None = None) -> tuple[Run, int | None, Path | None]:
+                data_shards: int | None = None,
+                data_cache: str | None = None) -> tuple[Run, int | None, Path | None]:
     """Model/vocab (from the latest checkpoint when resuming, else from init_from), mesh,
     shardings, data registration. Returns (run, step to resume from or None, init checkpoint).
     `data_shards`: input shards of a new run (default: one per process); a resumed run keeps
-    its checkpoint's count."""
+    its checkpoint's count. `data_cache`: a cache written by `cslm-jax prepare-data` (default:
+    the data config's `cache_dir`; without one, process 0 prepares the stage in-process first
+    and the others wait, then read what it wrote)."""
     from cslm_jax.storage.checkpoint import read_metadata, read_train_config, resolve_model_dir
-    from cslm_jax.parallel.distributed import barrier
-    from cslm_jax.data.formats import load_data_config
-    from cslm_jax.tasks.cslm import register
+    from cslm_jax.parallel.distributed import any_process, barrier
+    from cslm_jax.tasks.cslm import prepare_stage, register
 
     latest = manager.latest_step()
     init = None
@@ -282,16 +294,23 @@ def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=prin
     layout = train_layout(cfg, model_cfg, devices, jax.process_count())
     data_shards = jax.process_count() if data_shards is None else int(data_shards)
 
-    data_overrides = [] if cfg.data.max_length is None else [f"packing.max_length={cfg.data.max_length}"]
-    data_cfg = load_data_config(cfg.data.config, data_overrides)
+    data_cfg = _load_data_config(cfg, data_cache)
     if cfg.data.stage not in data_cfg.stages:
         raise ConfigError(f"data.stage is {cfg.data.stage!r}; {cfg.data.config} has stages "
                           f"{sorted(data_cfg.stages)}")
     from cslm_jax.model.vocab import load_tokenizer, require_cslm_tokens
     require_cslm_tokens(load_tokenizer(run_dir / "tokenizer"), str(run_dir / "tokenizer"),
                         data_cfg.format.unit_count)
-    [mixture] = register(data_cfg, fs.local_dir(run_dir / "tokenizer", "tokenizer folder"),
-                         stages=[cfg.data.stage])
+    tokenizer_dir = fs.local_dir(run_dir / "tokenizer", "tokenizer folder")   # gs://: staged
+    failed = None
+    if data_cache is None and jax.process_index() == 0:
+        try:
+            prepare_stage(data_cfg, tokenizer_dir, cfg.data.stage)
+        except CslmError as e:              # every process stops, not only process 0
+            failed = e
+    if any_process(failed is not None):
+        raise failed or TrainError("process 0 could not prepare the data (its error says why)")
+    [mixture] = register(data_cfg, tokenizer_dir, stages=[cfg.data.stage], cache_dir=data_cache)
     task_names = [s.name for s in data_cfg.tasks(cfg.data.stage)]
     run = Run(cfg, run_dir, model_cfg, vocab, source_meta, layout, task_names, mixture,
               data_cfg.max_length, data_shards)
@@ -377,7 +396,7 @@ def _row(run: Run, step: int, m: dict, elapsed: float, tokens: int, flops_tok: f
 
 def train(cfg: RunConfig, run_dir: str | Path, init_from: str | Path | None = None,
           log=print, on_step=None, data_shards: int | None = None,
-          allow_config_change: bool = False) -> int:
+          allow_config_change: bool = False, data_cache: str | None = None) -> int:
     """Run (or resume) one stage; returns an exit code (module docstring). `on_step(step)` is
     called after each step is dispatched (tests use it to deliver signals at a known step).
     `data_shards`: input shards of a new run (default: one per process, see
@@ -396,7 +415,8 @@ def train(cfg: RunConfig, run_dir: str | Path, init_from: str | Path | None = No
     while not top.parent.exists():
         top = top.parent
     try:
-        return _train(cfg, run_dir, init_from, log, on_step, data_shards, allow_config_change)
+        return _train(cfg, run_dir, init_from, log, on_step, data_shards, allow_config_change,
+                      data_cache)
     except BaseException:
         if fresh and not has_checkpoint(run_dir) and jax.process_index() == 0:
             with contextlib.suppress(OSError):
@@ -408,7 +428,8 @@ def train(cfg: RunConfig, run_dir: str | Path, init_from: str | Path | None = No
         raise
 
 
-def _train(cfg, run_dir: Path, init_from, log, on_step, data_shards, allow_config_change) -> int:
+def _train(cfg, run_dir: Path, init_from, log, on_step, data_shards, allow_config_change,
+           data_cache=None) -> int:
     from cslm_jax.storage.checkpoint import (remove_partial_checkpoints, save_model_checkpoint,
                                      train_checkpoint_manager, train_restore_args, train_save_args)
     from cslm_jax.data.pipeline import BatchIterator
@@ -429,7 +450,8 @@ def _train(cfg, run_dir: Path, init_from, log, on_step, data_shards, allow_confi
     try:
         if manager.latest_step() is not None:
             _check_resume_config(cfg, run_dir, manager, allow_config_change, log)
-        run, latest, init = prepare_run(cfg, run_dir, manager, init_from, log, data_shards)
+        run, latest, init = prepare_run(cfg, run_dir, manager, init_from, log, data_shards,
+                                        data_cache)
         if jax.process_index() == 0 and not (run_dir / "config.yaml").exists():
             _write_config(run_dir / "config.yaml", cfg)
         log(f"train: {run.mixture} ({len(run.task_names)} tasks), {run.model_cfg.num_params() / 1e6:.1f}M "

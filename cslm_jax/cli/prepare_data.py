@@ -1,0 +1,82 @@
+"""`cslm-jax prepare-data`: prepare a stage's tasks into the SeqIO cache layout on Apache Beam
+(cslm_jax.data.beam_prepare); training reads it with `--data-cache DIR` or `cache_dir:`."""
+import shlex
+
+DEFAULT_NUM_SHARDS = 64          # as cslm_jax.data.beam_prepare (not imported here: Beam is heavy)
+
+
+def add_parser(sub):
+    s = sub.add_parser("prepare-data", help="validate, render, tokenize and mask a stage's corpora "
+                       "into sharded SeqIO caches on Apache Beam (DirectRunner here, Dataflow/"
+                       "Flink/Spark on a cluster)")
+    s.add_argument("--data-config", required=True, help="data config (configs/data/*.yaml)")
+    s.add_argument("--stage", required=True, help="the stage whose tasks to prepare (pretrain, sft)")
+    s.add_argument("--tasks", nargs="+", default=None, metavar="NAME",
+                   help="only these tasks of the stage (default: all)")
+    s.add_argument("--tokenizer", required=True, help="the CSLM tokenizer training uses: an "
+                   "imported checkpoint (import-hf output) or its tokenizer/ folder")
+    s.add_argument("--out", required=True, help="cache folder: one subfolder per task")
+    s.add_argument("--num-shards", type=int, default=DEFAULT_NUM_SHARDS,
+                   help="TFRecord files per split; hosts read whole files, so use a multiple of "
+                   "the host count (default: %(default)s)")
+    s.add_argument("--runner", default="DirectRunner", help="Beam runner (default: %(default)s)")
+    s.add_argument("--num-workers", type=int, default=None,
+                   help="DirectRunner worker processes (default: one per CPU core)")
+    s.add_argument("--range-mb", type=float, default=64.0,
+                   help="large files are split into byte ranges of about this size (MiB)")
+    s.add_argument("--max-length", type=int, default=None,
+                   help="override packing.max_length (must equal the training run's data.max_length)")
+    s.add_argument("--no-fast-render", action="store_true",
+                   help="render every example with the tokenizer's Jinja template (slower; the "
+                   "same output)")
+    s.add_argument("--pipeline-options", default="", metavar="'--opt=value ...'",
+                   help="more Beam pipeline options, one quoted string (e.g. Dataflow's --project, "
+                   "--region, --temp_location, --requirements_file)")
+    return s
+
+
+def check(args, parser) -> None:
+    from pathlib import Path
+
+    from cslm_jax.data.formats import load_data_config
+    from cslm_jax.errors import CslmError
+
+    if args.num_shards < 1:
+        parser.error(f"--num-shards must be >= 1, got {args.num_shards}")
+    if args.num_workers is not None and args.num_workers < 1:
+        parser.error(f"--num-workers must be >= 1, got {args.num_workers}")
+    tok = Path(args.tokenizer)
+    if "://" in args.tokenizer:            # gs://...: workers copy it (cslm_jax.data.prepare)
+        args.tokenizer_dir = args.tokenizer
+    else:
+        if (tok / "tokenizer").is_dir():
+            tok = tok / "tokenizer"
+        if not (tok / "tokenizer.json").is_file() and not (tok / "tokenizer_config.json").is_file():
+            raise CslmError(f"--tokenizer {args.tokenizer}: no tokenizer there (expected an "
+                            f"imported checkpoint or its tokenizer/ folder)")
+        args.tokenizer_dir = str(tok)
+    overrides = [] if args.max_length is None else [f"packing.max_length={args.max_length}"]
+    args.cfg = load_data_config(args.data_config, overrides)
+    args.cfg.tasks(args.stage)          # ConfigError naming the stages when unknown
+
+
+def uses_tensorflow(args) -> bool:
+    return True
+
+
+def run(args) -> int:
+    from cslm_jax.data.beam_prepare import prepare_data
+    from cslm_jax.model.vocab import load_tokenizer, require_cslm_tokens
+
+    from cslm_jax.data.prepare import local_tokenizer_dir
+
+    require_cslm_tokens(load_tokenizer(local_tokenizer_dir(args.tokenizer_dir)),
+                        args.tokenizer_dir, args.cfg.format.unit_count)
+    result = prepare_data(args.cfg, args.stage, args.tokenizer_dir, args.out, tasks=args.tasks,
+                          num_shards=args.num_shards, runner=args.runner,
+                          num_workers=args.num_workers, range_bytes=int(args.range_mb * (1 << 20)),
+                          pipeline_args=shlex.split(args.pipeline_options),
+                          fast=not args.no_fast_render)
+    for task, what in result.items():
+        print(f"prepare-data: {task}: {what} -> {args.out}/{task}")
+    return 0

@@ -1,0 +1,702 @@
+"""Preparation of CSLM examples, shared by the in-process path and `cslm-jax prepare-data` (Beam):
+JSONL lines -> validate, format, render, tokenize, mask -> serialized tf.train.Examples, written
+in the SeqIO cache layout per task:
+
+    <cache>/<task>/{split}.tfrecord-XXXXX-of-NNNNN    examples (features targets, loss_weights)
+    <cache>/<task>/info.{split}.json                  features, num_shards, seqio_version, key
+    <cache>/<task>/stats.{split}.json                 examples, tokens per feature, truncated,
+                                                      skipped (with the first messages)
+    <cache>/<task>/COMPLETED                          written last: the cache is whole
+
+Both paths call the same `Preparer` and assign each example to the shard `shard_of(file, line)`;
+a shard holds its examples in (file, line) order. So the Beam output and the in-process output
+are the same bytes, and training reads either with identical batches.
+
+Speed: the per-example Python work is batched. `FastChat` renders a chat template once per role
+sequence (with sentinel contents) instead of calling Jinja per example, tokenizes the constant
+parts of the template once, and sends only the variable pieces (each delimited by added tokens,
+so the tokenizer splits there anyway) through the Rust tokenizer's batch API. It refuses to
+apply (falling back to the exact path) whenever that equality cannot be shown for the template
+and tokenizer at hand, and re-checks a sample of examples against Jinja while it runs.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+from pathlib import Path
+
+from cslm_jax.data.formats import (RECORD_KIND_OF_TASK, ChatRenderer, DataConfig, RecordError,
+                                   TaskSpec, examples, parse_line, validate_record)
+from cslm_jax.errors import DataError
+
+PREPARE_VERSION = 2
+FEATURES = ("targets", "loss_weights")
+SHARD_STRIDE = 104729            # a prime: consecutive lines of a file go round-robin over shards
+MAX_SKIP_MESSAGES = 20
+
+
+class CacheError(DataError):
+    """A prepared cache is missing, incomplete or was prepared for other data; says what to do."""
+
+
+def shard_of(file_index: int, line_no: int, num_shards: int) -> int:
+    """The shard an example of line `line_no` (1-based) of the split's file `file_index` goes to."""
+    return (file_index * SHARD_STRIDE + line_no - 1) % num_shards
+
+
+def shard_name(split: str, shard: int, num_shards: int) -> str:
+    return f"{split}.tfrecord-{shard:05d}-of-{num_shards:05d}"
+
+
+def splits_of(spec: TaskSpec) -> dict[str, tuple]:
+    """{split: files}; a TFDS task's splits have no files (its records come from the dataset)."""
+    if spec.tfds is not None:
+        from cslm_jax.data.sources import task_splits
+        return {s: () for s in task_splits(spec)}
+    return {s: files for s, files in (("train", spec.train), ("validation", spec.validation))
+            if files}
+
+
+def _is_url(path) -> bool:
+    return "://" in str(path)
+
+
+def tokenizer_digest(tokenizer_dir: str | Path) -> str:
+    import tensorflow as tf
+
+    h = hashlib.sha256()          # every file: vocabulary, config and the chat template (.jinja)
+    for f in sorted(tf.io.gfile.glob(os.path.join(str(tokenizer_dir), "*"))):
+        if tf.io.gfile.isdir(f):
+            continue
+        h.update(os.path.basename(f).encode())
+        with tf.io.gfile.GFile(f, "rb") as g:
+            h.update(g.read())
+    return h.hexdigest()[:16]
+
+
+_LOCAL_TOKENIZERS: dict = {}
+
+
+def local_tokenizer_dir(tokenizer_dir: str | Path) -> str:
+    """A tokenizer folder on a URL (gs://...) copied to a local temporary folder, once per
+    process (workers of a cluster job); a local folder as it is."""
+    if not _is_url(tokenizer_dir):
+        return str(tokenizer_dir)
+    if str(tokenizer_dir).startswith("gs://"):
+        from cslm_jax.storage import fs
+        return str(fs.local_dir(tokenizer_dir, "tokenizer folder"))
+    if str(tokenizer_dir) not in _LOCAL_TOKENIZERS:
+        import tempfile
+
+        import tensorflow as tf
+
+        local = tempfile.mkdtemp(prefix="cslm_tokenizer_")
+        for f in tf.io.gfile.glob(os.path.join(str(tokenizer_dir), "*")):
+            if not tf.io.gfile.isdir(f):
+                tf.io.gfile.copy(f, os.path.join(local, os.path.basename(f)))
+        _LOCAL_TOKENIZERS[str(tokenizer_dir)] = local
+    return _LOCAL_TOKENIZERS[str(tokenizer_dir)]
+
+
+def task_key(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Path, num_shards: int) -> dict:
+    """What a task's prepared examples depend on (besides the files' contents): checked when
+    training reads a prepared cache, so a cache made with another tokenizer, template, length or
+    set of files is refused instead of silently trained on."""
+    from cslm_jax.data.sources import tfds_cache_key
+
+    key = {"version": PREPARE_VERSION, "task": spec.name, "kind": spec.kind, "lang": spec.lang,
+            "files": {s: [os.path.basename(f) for f in fs] for s, fs in splits_of(spec).items()},
+            "format": json.loads(json.dumps(dataclasses.asdict(cfg.format), default=str)),
+            "max_length": cfg.max_length, "skip_bad": cfg.skip_bad, "num_shards": num_shards,
+            "tokenizer": tokenizer_digest(tokenizer_dir)}
+    if spec.tfds is not None:
+        key["tfds"] = {s: tfds_cache_key(spec, s) for s in splits_of(spec)}
+    return key
+
+
+# -- fast chat rendering + tokenization ------------------------------------------------------------
+
+_S0, _S1 = "\ue000", "\ue001"    # private-use characters around sentinel contents
+
+
+def _sentinel(i: int) -> str:
+    return f"{_S0}{i}{_S1}"
+
+
+@dataclasses.dataclass
+class _Plan:
+    """How to build the ids of one role sequence: ids = prefix + fixed[0] + piece(0) + fixed[1]
+    + ... ; piece(i) = heads[i] + transform(content_i) + tails[i], tokenized alone."""
+
+    strip: bool
+    fixed: list                  # ids of the constant stretches between variable pieces
+    heads: list                  # constant text before each content inside its piece
+    tails: list                  # constant text after each content inside its piece
+
+
+class FastChat:
+    """`ids(batch)` == [renderer.encode(renderer.render_text(m)) for m in batch], batched.
+
+    Per role sequence the template is rendered once with sentinel contents. It is used only when
+    (a) every sentinel appears once, in order, and the content enters the text either verbatim
+    or stripped (Jinja's `trim` is `str.strip`), the same on two different probes; (b) the part
+    after the last content survives `render_text`'s trailing-header removal unchanged; (c) the
+    tokenizer has no normalizer and the added tokens around each content have no
+    lstrip/rstrip/single_word, and no added token can match across a content boundary; then the
+    text splits at those added tokens exactly as the whole text would, so each piece is
+    tokenized alone. Otherwise that role sequence renders with Jinja and tokenizes the whole
+    text (still through the batch API). The first examples of each role sequence and every
+    `verify_every`-th are also rendered the slow way and compared: a difference raises.
+    """
+
+    def __init__(self, renderer: ChatRenderer, verify_every: int = 1000):
+        self.r = renderer
+        self.bt = renderer.tok.backend_tokenizer
+        self.special = renderer.adds_special_tokens
+        self.verify_every = verify_every
+        self.plans: dict[tuple, _Plan | None] = {}
+        self.checked: collections.Counter = collections.Counter()
+        self.count = 0
+        self.added = {i: t for i, t in self.bt.get_added_tokens_decoder().items()}
+        self.added_texts = sorted({t.content for t in self.added.values()})
+        self.prefix = self._prefix()
+
+    def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
+        return [e.ids for e in self.bt.encode_batch(texts, add_special_tokens=special)]
+
+    def _prefix(self) -> list[int] | None:
+        """The ids the post-processor adds in front (the reference's second <|begin_of_text|>);
+        None when it adds anything else (then pieces are not used)."""
+        if not self.special:
+            return []
+        prefix = None
+        for probe in ("a", "Hello world 12", "<|eot_id|> x"):
+            plain = self._encode([probe], False)[0]
+            full = self._encode([probe], True)[0]
+            if full[len(full) - len(plain):] != plain:
+                return None
+            p = full[: len(full) - len(plain)]
+            if prefix is not None and p != prefix:
+                return None
+            prefix = p
+        return prefix
+
+    def _plan(self, roles: tuple) -> _Plan | None:
+        def render(contents):
+            return self.r.render_text([{"role": r, "content": c} for r, c in zip(roles, contents)])
+
+        n = len(roles)
+        sentinels = [_sentinel(i) for i in range(n)]
+        skel = render(sentinels)
+        pos = [skel.find(s) for s in sentinels]
+        if any(p < 0 or skel.count(s) != 1 for p, s in zip(pos, sentinels)) or pos != sorted(pos):
+            return None
+        # how content enters the text: verbatim or stripped, independent of the content
+        padded = [f" \n\t{s}x \n" for s in sentinels]
+        out = render(padded)
+        if out == _fill(skel, sentinels, padded):
+            strip = False
+        elif out == _fill(skel, sentinels, [f"{s}x" for s in sentinels]):
+            strip = True
+        else:
+            return None
+        # render_text removes a trailing assistant header: safe when that decision never
+        # depends on the content (the template's text after the last content decides it)
+        raw = self.r.tok.apply_chat_template([{"role": r, "content": c}
+                                              for r, c in zip(roles, sentinels)], tokenize=False)
+        tail = raw[raw.find(sentinels[-1]) + len(sentinels[-1]):].rstrip()
+        header = self.r.assistant_header_text
+        if not tail or (len(tail) < len(header) and header.endswith(tail)):
+            return None
+        if self.prefix is None or self.bt.normalizer is not None:
+            return None
+        # added tokens in the skeleton (offsets are in characters)
+        enc = self.bt.encode(skel, add_special_tokens=False)
+        spans = [(s, e, self.added[i]) for i, (s, e) in zip(enc.ids, enc.offsets) if i in self.added]
+        longest = max(map(len, self.added_texts), default=0)
+        fixed_bounds, heads, tails = [], [], []
+        prev = 0
+        for i, (p, s) in enumerate(zip(pos, sentinels)):
+            end = p + len(s)
+            left = [sp for sp in spans if sp[1] <= p and sp[0] >= prev]
+            right = [sp for sp in spans if sp[0] >= end and (i + 1 == n or sp[1] <= pos[i + 1])]
+            if not left or not right:
+                return None
+            lt, rt = left[-1], right[0]
+            for tok in (lt[2], rt[2]):
+                if tok.lstrip or tok.rstrip or tok.single_word:
+                    return None
+            cut_l, cut_r = lt[1], rt[0]
+            if (_S0 in skel[max(cut_l - longest, 0):cut_l]
+                    or _S0 in skel[cut_r:cut_r + longest]):
+                return None
+            before = skel[:cut_l]
+            for t in self.added_texts:       # no added token can straddle a cut
+                for k in range(1, len(t)):
+                    if before.endswith(t[:k]) or skel.startswith(t[k:], cut_r):
+                        return None
+            fixed_bounds.append((prev, cut_l))
+            heads.append(skel[cut_l:p])
+            tails.append(skel[end:cut_r])
+            prev = cut_r
+        fixed_bounds.append((prev, len(skel)))
+        fixed = self._encode([skel[a:b] for a, b in fixed_bounds], False)
+        return _Plan(strip, fixed, heads, tails)
+
+    def slow(self, messages) -> list[int]:
+        return self.r.encode(self.r.render_text(messages))
+
+    def ids(self, batch: list) -> list[list[int]]:
+        """Token ids of each chat example of `batch` (see the class docstring)."""
+        out: list = [None] * len(batch)
+        pieces, where, whole, whole_at = [], [], [], []
+        for j, messages in enumerate(batch):
+            roles = tuple(m["role"] for m in messages)
+            plan = self.plans.get(roles, ...)
+            if plan is ...:
+                plan = self.plans[roles] = self._plan(roles)
+            contents = [m["content"] for m in messages]
+            if plan is None or len(messages[0]) != 2 or not all(
+                    isinstance(c, str) and _S0 not in c and len(m) == 2
+                    for c, m in zip(contents, messages)):
+                whole.append(self.r.render_text(messages))
+                whole_at.append(j)
+                continue
+            where.append((j, plan, len(pieces)))
+            for c, h, t in zip(contents, plan.heads, plan.tails):
+                pieces.append(h + (c.strip() if plan.strip else c) + t)
+        piece_ids = self._encode(pieces, False) if pieces else []
+        for j, plan, k in where:
+            ids = list(self.prefix)
+            for i, fixed in enumerate(plan.fixed[:-1]):
+                ids += fixed
+                ids += piece_ids[k + i]
+            ids += plan.fixed[-1]
+            out[j] = ids
+        for j, ids in zip(whole_at, self._encode(whole, self.special) if whole else []):
+            out[j] = ids
+        for j, messages in enumerate(batch):        # sample check against the exact path
+            roles = tuple(m["role"] for m in messages)
+            self.count += 1
+            if self.checked[roles] < 4 or self.count % self.verify_every == 0:
+                self.checked[roles] += 1
+                if out[j] != self.slow(messages):
+                    raise DataError(f"fast chat rendering differs from the tokenizer's template for "
+                                    f"roles {roles}; prepare with fast rendering off "
+                                    f"(--no-fast-render) and report this")
+        return out
+
+
+def _fill(skel: str, sentinels: list, contents: list) -> str:
+    for s, c in zip(sentinels, contents):
+        skel = skel.replace(s, c)
+    return skel
+
+
+# -- records -> serialized examples ----------------------------------------------------------------
+
+def serialize(ids: list[int], mask: list[int]) -> bytes:
+    """The tf.train.Example {targets: ids, loss_weights: mask} (int64 lists), serialized as
+    `SerializeToString(deterministic=True)` does (map keys sorted): `serialize_batch` builds the
+    same bytes without a protobuf object per example."""
+    import tensorflow as tf
+
+    feature = {"targets": tf.train.Feature(int64_list=tf.train.Int64List(value=ids)),
+               "loss_weights": tf.train.Feature(int64_list=tf.train.Int64List(value=mask))}
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
+        deterministic=True)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _packed_varints(values: list) -> list[bytes]:
+    """Per list of non-negative ints (< 2**35): its values as concatenated protobuf varints,
+    computed for the whole batch at once with numpy."""
+    import numpy as np
+
+    lengths = np.fromiter(map(len, values), np.int64, len(values))
+    flat = np.fromiter(itertools.chain.from_iterable(values), np.int64, int(lengths.sum()))
+    if flat.size and (flat.min() < 0 or flat.max() >= 1 << 35):
+        raise ValueError("token ids must lie in [0, 2**35)")
+    nbytes = np.ones_like(flat)
+    for k in range(1, 5):
+        nbytes += flat >= (1 << (7 * k))
+    out = np.zeros((flat.size, 5), np.uint8)
+    for k in range(5):
+        byte = (flat >> (7 * k)) & 0x7F
+        more = nbytes > k + 1
+        out[:, k] = byte | (more << 7)
+    keep = np.arange(5)[None, :] < nbytes[:, None]
+    data = out[keep].tobytes()                  # row-major: each value's bytes in order
+    ends = np.cumsum(np.bincount(np.repeat(np.arange(len(values)), lengths), weights=nbytes,
+                                 minlength=len(values)).astype(np.int64))
+    starts = np.concatenate([[0], ends[:-1]])
+    return [data[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+
+
+def _int64_feature(payload: bytes) -> bytes:
+    int64_list = (b"\x0a" + _varint(len(payload)) + payload) if payload else b""
+    return b"\x1a" + _varint(len(int64_list)) + int64_list
+
+
+def _entry(key: bytes, feature: bytes) -> bytes:
+    entry = b"\x0a" + _varint(len(key)) + key + b"\x12" + _varint(len(feature)) + feature
+    return b"\x0a" + _varint(len(entry)) + entry
+
+
+def serialize_batch(ids: list, masks: list) -> list[bytes]:
+    """`serialize` of each (ids, mask) pair, byte for byte (tests/test_prepare_data.py)."""
+    out = []
+    if masks and max(max(m, default=0) for m in masks) > 1:
+        raise ValueError("loss weights must be 0 or 1")
+    for t, w in zip(_packed_varints(ids), map(bytes, masks)):   # 0/1: one byte each
+        features = _entry(b"loss_weights", _int64_feature(w)) + _entry(b"targets", _int64_feature(t))
+        out.append(b"\x0a" + _varint(len(features)) + features)
+    return out
+
+
+def new_counts() -> dict:
+    return {"records": 0, "examples": 0, "truncated": 0, "skipped": 0, "targets_tokens": 0,
+            "targets_max_tokens": 0, "loss_weights_tokens": 0, "loss_weights_max_tokens": 0,
+            "trained_tokens": 0, "skipped_messages": []}
+
+
+def merge_counts(a: dict, b: dict) -> dict:
+    """Sum of two counts dicts; skipped messages kept in (file, line) order, the first 20."""
+    out = {}
+    for k in a:
+        if k == "skipped_messages":
+            out[k] = sorted(a[k] + b[k])[:MAX_SKIP_MESSAGES]
+        elif k.endswith("_max_tokens"):
+            out[k] = max(a[k], b[k])
+        else:
+            out[k] = a[k] + b[k]
+    return out
+
+
+class Preparer:
+    """Lines of a task's JSONL file -> (shard, serialized example), as `read_jsonl` +
+    `examples` + `ChatRenderer` do, with the per-example work batched. Strict: the first bad
+    record raises RecordError (file, line, field); with `cfg.skip_bad` bad records are counted
+    in `counts` (and the first messages kept) instead. `fast=False` renders every example with
+    the tokenizer's Jinja template (the exact path; same output)."""
+
+    def __init__(self, spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Path,
+                 fast: bool = True, batch_size: int = 256, tokenizer=None):
+        from cslm_jax.model.vocab import load_tokenizer
+
+        self.spec, self.cfg = spec, cfg
+        tok = tokenizer if tokenizer is not None else load_tokenizer(local_tokenizer_dir(tokenizer_dir))
+        self.renderer = ChatRenderer(tok, cfg.max_length, mask=cfg.format.loss_mask)
+        self.chat = FastChat(self.renderer)
+        self.fast = fast
+        self.batch_size = batch_size
+        self.record_kind = RECORD_KIND_OF_TASK[spec.kind]
+        self.counts = new_counts()
+
+    def _skip(self, counts: dict, file_index: int, line_no: int, err: Exception) -> None:
+        if not self.cfg.skip_bad:
+            raise err
+        counts["skipped"] += 1
+        if len(counts["skipped_messages"]) < MAX_SKIP_MESSAGES:
+            counts["skipped_messages"].append((file_index, line_no, str(err)))
+
+    def lines(self, path: str, file_index: int, numbered, num_shards: int,
+              counts: dict | None = None):
+        """(shard, serialized example) for the examples of `numbered` ((line number, raw bytes)
+        of `path`, the split's file number `file_index`), in line order; counted in `counts`
+        (default: `self.counts`; several threads may share a Preparer, each with its counts)."""
+        counts = self.counts if counts is None else counts
+        pending = []                  # (line number, messages)
+        spec, fmt = self.spec, self.cfg.format
+        for n, raw in numbered:
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the "
+                                f"line); JSONL corpora must be UTF-8") from None
+            if not line.strip():
+                self._skip(counts, file_index, n, RecordError(where, "<json>", "empty line"))
+                continue
+            try:
+                record = parse_line(line, where)
+                validate_record(self.record_kind, record, fmt, where)
+            except RecordError as e:
+                self._skip(counts, file_index, n, e)
+                continue
+            if spec.kind in ("asr", "tts") and record["lang"] != spec.lang:
+                self._skip(counts, file_index, n, RecordError(where, "lang", f"is {record['lang']!r} but "
+                                                                     f"task {spec.name} is for "
+                                                                     f"{spec.lang!r}"))
+                continue
+            counts["records"] += 1
+            for messages in examples(spec.kind, record, fmt, where):
+                pending.append((n, messages))
+            if len(pending) >= self.batch_size:
+                yield from self._flush(pending, file_index, num_shards, counts)
+                pending = []
+        if pending:
+            yield from self._flush(pending, file_index, num_shards, counts)
+
+    def tfds_split(self, split: str, num_shards: int, counts: dict | None = None):
+        """(shard, serialized example) for a TFDS task's split: its examples (`sources`), mapped
+        to records and validated as JSONL lines are, then prepared as `lines` prepares them
+        (example i takes the place of line i of file 0)."""
+        from cslm_jax.data.sources import task_records
+
+        counts = self.counts if counts is None else counts
+        spec, fmt = self.spec, self.cfg.format
+        skipped: list = []
+        pending = []
+        n = 0
+        for n, (where, record) in enumerate(task_records(spec, split, fmt, self.cfg.skip_bad,
+                                                          skipped), start=1):
+            for err in skipped:
+                self._skip(counts, 0, n, err)
+            skipped.clear()
+            counts["records"] += 1
+            for messages in examples(spec.kind, record, fmt, where):
+                pending.append((n, messages))
+            if len(pending) >= self.batch_size:
+                yield from self._flush(pending, 0, num_shards, counts)
+                pending = []
+        for err in skipped:
+            self._skip(counts, 0, n + 1, err)
+        if pending:
+            yield from self._flush(pending, 0, num_shards, counts)
+
+    def _flush(self, pending, file_index: int, num_shards: int, c: dict):
+        msgs = [m for _, m in pending]
+        all_ids = self.chat.ids(msgs) if self.fast else [self.chat.slow(m) for m in msgs]
+        done_ids, done_masks = [], []
+        for ids in all_ids:
+            ids, mask, truncated = self.renderer.finish_ids(ids)
+            c["examples"] += 1
+            c["truncated"] += int(truncated)
+            c["targets_tokens"] += len(ids)
+            c["loss_weights_tokens"] += len(mask)
+            c["targets_max_tokens"] = max(c["targets_max_tokens"], len(ids))
+            c["loss_weights_max_tokens"] = max(c["loss_weights_max_tokens"], len(mask))
+            c["trained_tokens"] += sum(mask)
+            done_ids.append(ids)
+            done_masks.append(mask)
+        data = (serialize_batch(done_ids, done_masks) if self.fast else
+                [serialize(i, m) for i, m in zip(done_ids, done_masks)])
+        for (n, _), example in zip(pending, data):
+            yield shard_of(file_index, n, num_shards), example
+
+
+class RecordWriter:
+    """A TFRecord file written without TensorFlow (the bytes tf.io.TFRecordWriter writes:
+    length, masked CRC-32C of the length, data, masked CRC-32C of the data), so Beam workers
+    need not import TensorFlow. Local paths only (URLs go through tf.io.TFRecordWriter)."""
+
+    def __init__(self, path: str):
+        import google_crc32c
+
+        self._crc = google_crc32c.value
+        self._f = open(path, "wb")
+
+    def _masked(self, data: bytes) -> bytes:
+        crc = self._crc(data)
+        return ((((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF).to_bytes(4, "little")
+
+    def write(self, data: bytes) -> None:
+        length = len(data).to_bytes(8, "little")
+        self._f.write(length + self._masked(length) + data + self._masked(data))
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def record_writer(path: str):
+    if _is_url(path):
+        import tensorflow as tf
+        return tf.io.TFRecordWriter(path)
+    return RecordWriter(path)
+
+
+def numbered_lines(path: str, start: int = 0, end: int | None = None, first_line: int = 1):
+    """(line number, raw bytes) of the lines of `path` that start in [start, end) (`start` is a
+    line start, `first_line` its number), as iterating the file in binary mode gives them."""
+    opener = open
+    if str(path).startswith("gs://"):           # the one GCS client of cslm_jax.storage.fs
+        from cslm_jax.storage import fs
+        opener = lambda p, mode: fs.path(p).open(mode)      # noqa: E731
+    elif _is_url(path):
+        import tensorflow as tf
+        opener = tf.io.gfile.GFile
+    try:
+        f = opener(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    with f:
+        f.seek(start)
+        pos, n = start, first_line
+        while end is None or pos < end:
+            raw = f.readline()
+            if not raw:
+                break
+            yield n, raw
+            pos += len(raw)
+            n += 1
+
+
+def plan_ranges(path: str, range_bytes: int) -> list[tuple[int, int, int]]:
+    """(start byte, end byte, number of the first line) of ranges of about `range_bytes`, each
+    starting at a line start: one sequential pass counting newlines."""
+    opener = open
+    if _is_url(path):
+        import tensorflow as tf
+        size, opener = tf.io.gfile.stat(path).length, tf.io.gfile.GFile
+    else:
+        size = os.path.getsize(path)
+    starts = [(0, 1)]
+    if size > range_bytes:
+        with opener(path, "rb") as f:
+            pos, lines, want = 0, 0, range_bytes
+            while True:
+                chunk = f.read(1 << 23)
+                if not chunk:
+                    break
+                while want <= pos + len(chunk):
+                    i = chunk.find(b"\n", max(want - 1 - pos, 0))
+                    if i < 0:
+                        break
+                    start = pos + i + 1
+                    if start >= size:
+                        want = size + 1
+                        break
+                    starts.append((start, 1 + lines + chunk.count(b"\n", 0, i + 1)))
+                    want = start + range_bytes
+                lines += chunk.count(b"\n")
+                pos += len(chunk)
+    return [(s, starts[k + 1][0] if k + 1 < len(starts) else size, line)
+            for k, (s, line) in enumerate(starts)]
+
+
+# -- the cache layout --------------------------------------------------------------------------------
+
+def info_json(num_shards: int, key: dict) -> dict:
+    import seqio
+
+    return {"features": {f: {"dtype": "int32", "shape": [None]} for f in FEATURES},
+            "num_shards": num_shards, "seqio_version": seqio.__version__, "cslm": key}
+
+
+def stats_json(counts: dict) -> dict:
+    out = {k: v for k, v in counts.items() if k != "skipped_messages"}
+    out["skipped_messages"] = [m for _, _, m in sorted(counts["skipped_messages"])]
+    return out
+
+
+def write_json(path: str, data: dict) -> None:
+    """Whole or absent: written to a temporary name, then renamed."""
+    tmp = f"{path}.tmp-{os.urandom(4).hex()}"
+    text = json.dumps(data, ensure_ascii=False, indent=1)
+    if _is_url(path):
+        import tensorflow as tf
+
+        with tf.io.gfile.GFile(tmp, "w") as f:
+            f.write(text)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    else:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+
+def completed_key(task_dir: str | Path) -> dict | None:
+    """The key a complete cache was prepared with; None when the cache is not complete."""
+    import tensorflow as tf
+
+    path = os.path.join(str(task_dir), "COMPLETED")
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+
+
+def check_cache(task_dir: str | Path, key: dict) -> None:
+    """Raise CacheError unless `task_dir` holds a complete cache prepared with `key` (the shard
+    count excepted: any prepared count is read)."""
+    found = completed_key(task_dir)
+    if found is None:
+        raise CacheError(f"{task_dir}: no prepared cache (COMPLETED missing); prepare it with "
+                         f"`cslm-jax prepare-data --out {Path(task_dir).parent} ...` (an interrupted "
+                         f"preparation is completed by running it again)")
+    diff = sorted(k for k in set(key) | set(found)
+                  if k != "num_shards" and found.get(k) != key.get(k))
+    if diff:
+        raise CacheError(f"{task_dir}: prepared with different {', '.join(diff)} than this data "
+                         f"config and tokenizer; prepare again into a new --out")
+
+
+def prepare_task_local(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Path,
+                       task_dir: str | Path, num_shards: int = 1, fast: bool = True,
+                       tokenizer=None) -> dict:
+    """Prepare every split of a task in this process into `task_dir` (the SeqIO cache layout,
+    the same bytes `cslm-jax prepare-data` writes for the same shard count). Written in a
+    folder of its own (unique per process) and renamed into place whole, COMPLETED inside; a
+    failure leaves nothing. `tokenizer`: the tokenizer of `tokenizer_dir`, already loaded.
+    Returns {split: counts}."""
+    import shutil
+    import uuid
+
+    task_dir = Path(task_dir)
+    key = task_key(spec, cfg, tokenizer_dir, num_shards)
+    tmp = task_dir.with_name(task_dir.name + f".tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    out = {}
+    try:
+        prep = Preparer(spec, cfg, tokenizer_dir, fast=fast, tokenizer=tokenizer)
+        for split, files in splits_of(spec).items():
+            prep.counts = new_counts()
+            writers = [record_writer(str(tmp / shard_name(split, s, num_shards)))
+                       for s in range(num_shards)]
+            try:
+                if spec.tfds is not None:
+                    for shard, data in prep.tfds_split(split, num_shards):
+                        writers[shard].write(data)
+                for file_index, path in enumerate(files):
+                    for shard, data in prep.lines(path, file_index, numbered_lines(path), num_shards):
+                        writers[shard].write(data)
+            finally:
+                for w in writers:
+                    w.close()
+            out[split] = prep.counts
+            (tmp / f"info.{split}.json").write_text(json.dumps(info_json(num_shards, key), indent=1))
+            (tmp / f"stats.{split}.json").write_text(json.dumps(stats_json(prep.counts),
+                                                                ensure_ascii=False, indent=1))
+        (tmp / "COMPLETED").write_text(json.dumps(key, indent=1))
+        try:
+            os.rename(tmp, task_dir)
+        except OSError:           # another process prepared it first: the same content
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_stats(task_dir: str | Path, split: str) -> dict:
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(os.path.join(str(task_dir), f"stats.{split}.json")) as f:
+        return json.load(f)
