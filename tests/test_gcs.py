@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -13,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 from fake_gcs import FakeGcs
-from test_train import base_ckpt, losses, model_params, quiet, run_cfg  # noqa: F401  (fixture reused)
+from test_train import (base_ckpt, kill_overrides, losses, model_params, quiet,  # noqa: F401
+                        run_cfg, stalled_save_child)
 
 from cslm_jax.storage import fs
 from cslm_jax.train.loop import EXIT_OK, EXIT_PREEMPTED, train
@@ -140,26 +140,8 @@ def test_sigkill_during_async_save_to_a_bucket_keeps_the_previous_checkpoint(
     url, name = bucket
     run_dir = f"{url}/killed"
     marker = tmp_path / "stalled"
-    data_dir, _ = demo
-    overrides = [f"init_from={base_ckpt}", f"data.config={data_dir / 'data.yaml'}",
-                 "data.max_length=128", "train.global_batch_size=8", "train.micro_batch_size=4",
-                 "train.progress_bar=false", "train.steps=8", "checkpoint.every=2",
-                 "checkpoint.keep=5", "train.num_devices=1"]
-    child = textwrap.dedent(f"""
-        import asyncio, sys
-        from pathlib import Path
-        from orbax.checkpoint._src.path import atomicity
-        original = atomicity.CommitFileTemporaryPath.finalize
-        async def stalled(self):
-            if self.get_final().name == "4":
-                Path({str(marker)!r}).write_text(str(self.get_final()))
-                await asyncio.sleep(600)
-            return await original(self)
-        atomicity.CommitFileTemporaryPath.finalize = stalled
-        from cslm_jax.cli.main import main
-        sys.exit(main(["train", "--config", {str(REPO / "configs" / "demo.yaml")!r},
-                       "--run-dir", {run_dir!r}] + {overrides!r}))
-    """)
+    overrides = kill_overrides(demo, base_ckpt)
+    child = stalled_save_child(run_dir, overrides, "CommitFileTemporaryPath", marker)
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **gcs.env())
     proc = subprocess.Popen([sys.executable, "-c", child], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)

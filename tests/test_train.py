@@ -174,31 +174,45 @@ def test_checkpoint_written_on_8_devices_restores_on_4(demo, base_ckpt, tmp_path
 
 # -- SIGKILL during an async save -----------------------------------------------------------------
 
+def kill_overrides(demo, base_ckpt) -> list[str]:
+    """The run the SIGKILL-during-save tests interrupt: 8 steps, a checkpoint every 2."""
+    data_dir, _ = demo
+    return [f"init_from={base_ckpt}", f"data.config={data_dir / 'data.yaml'}",
+            "data.max_length=128", "train.global_batch_size=8", "train.micro_batch_size=4",
+            "train.progress_bar=false", "train.steps=8", "checkpoint.every=2",
+            "checkpoint.keep=5", "train.num_devices=1"]
+
+
+def stalled_save_child(run_dir: str, overrides: list[str], temporary_class: str, marker) -> str:
+    """Python source of a `cslm-jax train` process whose Orbax commit of step 4 (the class
+    `temporary_class` of orbax's atomicity module finalizes it) stalls after every file is
+    written: it writes the step's final path to `marker` and sleeps, to be SIGKILLed there."""
+    return textwrap.dedent(f"""
+        import asyncio, sys
+        from pathlib import Path
+        from orbax.checkpoint._src.path import atomicity
+        cls = atomicity.{temporary_class}
+        original = cls.finalize
+        async def stalled(self):
+            if self.get_final().name == "4":
+                Path({str(marker)!r}).write_text(str(self.get()))
+                await asyncio.sleep(600)
+            return await original(self)
+        cls.finalize = stalled
+        from cslm_jax.cli.main import main
+        sys.exit(main(["train", "--config", {str(REPO / "configs" / "demo.yaml")!r},
+                       "--run-dir", {run_dir!r}] + {overrides!r}))
+    """)
+
+
 def test_sigkill_during_async_save_keeps_previous_checkpoint(demo, base_ckpt, tmp_path):
     """The child process stalls Orbax's commit of step 4 (all its files are written, the
     rename that commits it is not done) and is SIGKILLed there: step 2 stays the latest complete
     checkpoint, the partial one is ignored and cleaned up, and the resume finishes the run."""
     run_dir = tmp_path / "killed"
-    data_dir, _ = demo
-    overrides = [f"init_from={base_ckpt}", f"data.config={data_dir / 'data.yaml'}",
-                 "data.max_length=128", "train.global_batch_size=8", "train.micro_batch_size=4",
-                 "train.progress_bar=false", "train.steps=8", "checkpoint.every=2",
-                 "checkpoint.keep=5", "train.num_devices=1"]
-    child = textwrap.dedent(f"""
-        import asyncio, sys
-        from pathlib import Path
-        from orbax.checkpoint._src.path import atomicity
-        original = atomicity.AtomicRenameTemporaryPath.finalize
-        async def stalled(self):
-            if self._final_path.name == "4":
-                (Path({str(run_dir)!r}) / "stalled").write_text(str(self.get()))
-                await asyncio.sleep(600)
-            return await original(self)
-        atomicity.AtomicRenameTemporaryPath.finalize = stalled
-        from cslm_jax.cli.main import main
-        sys.exit(main(["train", "--config", {str(REPO / "configs" / "demo.yaml")!r},
-                       "--run-dir", {str(run_dir)!r}] + {overrides!r}))
-    """)
+    overrides = kill_overrides(demo, base_ckpt)
+    child = stalled_save_child(str(run_dir), overrides, "AtomicRenameTemporaryPath",
+                               run_dir / "stalled")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     proc = subprocess.Popen([sys.executable, "-c", child], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
