@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from cslm_jax.data.audio import (AudioError, ManifestError, load_audio, probe_seconds,
-                                 read_manifest, resample)
+from cslm_jax.data.audio import (AudioError, ManifestError, index_manifest, load_audio,
+                                 probe_seconds, read_manifest, resample)
 from cslm_jax.speech.extract import (COMPLETE_FILE, SKIPPED_FILE, ExtractError, Options,
                                      batch_rows, bucket_length, extract, marker_name, shard_name)
 from conftest import REPO
@@ -130,6 +130,12 @@ def test_manifests_jsonl_and_plain_lists(tmp_path):
     bad.write_text('{"audio": "a.wav"}\n[1]\n')
     entries = read_manifest(bad, strict=False)
     assert entries[0].error is None and "bad.jsonl:2: field '<json>'" in entries[1].error
+    # read a group at a time, from the offsets of one scan (blank lines are not entries)
+    (tmp_path / "g.txt").write_text("a.wav\n\nb.wav\nc.wav\n\n\nd.wav\ne.wav\n")
+    index = index_manifest(tmp_path / "g.txt", group=2)
+    assert index.entries == 5 and index.groups == 3 and not index.jsonl
+    assert [[(e.line, e.record["audio"]) for e in index.read(g)] for g in range(3)] == [
+        [(1, "a.wav"), (3, "b.wav")], [(4, "c.wav"), (7, "d.wav")], [(8, "e.wav")]]
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ManifestError, match="lists no audio"):
         read_manifest(tmp_path / "empty.jsonl")
@@ -147,3 +153,363 @@ def test_buckets_keep_the_compiled_shapes_few():
         Options(on_bad="ignore")
     with pytest.raises(ExtractError, match="--buckets"):
         Options(buckets=(4.0, 2.0))
+
+
+# -- extraction -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tokdir(tmp_path_factory):
+    """A random-weight speech_tokenizer_v1 folder (random codebook), narrow and shallow."""
+    from cslm_jax.speech import save_random_tokenizer
+    path = tmp_path_factory.mktemp("speech_tokenizer") / "v1"
+    save_random_tokenizer(path, "v1", seed=0, n_state=64, n_head=2, n_layer=1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def encoder(tokdir):
+    """The tokenizer as extraction runs it, sharded over a `data` mesh (2 of the 8 fake CPU
+    devices: small batches; the command itself takes all local devices)."""
+    import jax
+
+    from cslm_jax.speech.extract import open_tokenizer
+    return open_tokenizer(tokdir, devices=jax.local_devices()[:2])
+
+
+@pytest.fixture(scope="session")
+def alone(tokdir):
+    """The same folder's tokenizer on one device, unsharded."""
+    from cslm_jax.speech import load_speech_tokenizer
+    return load_speech_tokenizer(tokdir)
+
+
+def direct(tok, wave):
+    """The tokenizer called on one utterance alone (its own padding, no mesh)."""
+    return np.asarray(tok.encode([wave])[0])
+
+
+def data_config(tmp_path, unit_count):
+    """The demo data config with the tokenizer's codebook size."""
+    import yaml
+    cfg = yaml.safe_load((REPO / "configs" / "data" / "demo.yaml").read_text())
+    cfg["format"]["unit_count"] = unit_count
+    path = tmp_path / "data.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    return path
+
+
+def write_corpus(root, n=7, seed=0):
+    """n utterances of 0.4..4.6 s: 16 kHz mono wav, 44.1 kHz stereo flac, 8 kHz ogg, in turn;
+    returns the manifest and each line's 16 kHz waveform."""
+    root.mkdir(parents=True, exist_ok=True)
+    lines, waves = [], []
+    for i in range(n):
+        seconds = 0.4 + (i * 0.7) % 4.2
+        kind = i % 3
+        if kind == 0:
+            name, x, rate = f"u{i}.wav", speechlike(seconds, SR, seed + i), SR
+            sf.write(root / name, x, rate, subtype="FLOAT")
+        elif kind == 1:
+            name, rate = f"u{i}.flac", 44100
+            x = speechlike(seconds, rate, seed + i)
+            sf.write(root / name, np.stack([x, 0.5 * x], 1), rate)
+        else:
+            name, rate = f"u{i}.ogg", 8000
+            sf.write(root / name, speechlike(seconds, rate, seed + i), rate, format="OGG",
+                     subtype="VORBIS")
+        lines.append({"id": f"utt{i}", "audio": name, "text": f"utterance number {i}",
+                      "lang": "en" if i % 2 else "zh"})
+        waves.append(load_audio(root / name))
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return manifest, lines, waves
+
+
+def read_out(out):
+    done = json.loads((out / COMPLETE_FILE).read_text())
+    return [json.loads(line) for s in done["shards"] for line in (out / s).read_text().splitlines()]
+
+
+def test_records_hold_the_tokenizers_codes_and_validate(tmp_path, tokdir, encoder, alone):
+    from cslm_jax.cli.main import main as cli
+
+    manifest, lines, waves = write_corpus(tmp_path / "audio")
+    out = tmp_path / "units"
+    opts = Options(batch_size=3, shard_size=3, progress=False)
+    summary = extract(manifest, out, encoder, tokenizer_dir=tokdir, opts=opts)
+    assert summary.complete and summary.records == 7 and summary.skipped == 0
+    assert summary.files == 7 and summary.audio_seconds == pytest.approx(
+        sum(len(w) for w in waves) / SR)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["extract.json", COMPLETE_FILE, SKIPPED_FILE]
+        + [f(i, 3) for i in range(3) for f in (shard_name, marker_name)])
+    records = read_out(out)
+    assert [r["id"] for r in records] == [x["id"] for x in lines]          # manifest order
+    reference = alone.encode(waves)                     # the tokenizer called directly
+    for r, line, wave, codes in zip(records, lines, waves, reference):
+        assert {k: v for k, v in r.items() if k != "units"} == line      # fields passed on
+        assert r["units"] == codes.tolist()
+        assert abs(len(r["units"]) - len(wave) / SR * encoder.units_per_second) <= 1
+    cfg = data_config(tmp_path, encoder.codebook_size)
+    files = [str(out / s) for s in json.loads((out / COMPLETE_FILE).read_text())["shards"]]
+    assert cli(["validate-data", *files, "--data-config", str(cfg)]) == 0
+    assert (out / SKIPPED_FILE).read_text() == ""
+
+
+def test_long_audio_is_windowed_without_losing_its_tail_or_refused(tmp_path, tokdir, encoder, alone):
+    root = tmp_path / "audio"
+    root.mkdir()
+    long = speechlike(71.3, 22050, seed=3)             # three 30 s windows, the last partial
+    sf.write(root / "long.flac", long, 22050)
+    sf.write(root / "short.wav", speechlike(2.0, SR, seed=4), SR)
+    manifest = root / "m.jsonl"
+    manifest.write_text('{"audio": "short.wav", "text": "a", "lang": "en"}\n'
+                        '{"audio": "long.flac", "text": "b", "lang": "en"}\n')
+    out = tmp_path / "units"
+    extract(manifest, out, encoder, tokenizer_dir=tokdir, opts=Options(progress=False))
+    short, windowed = read_out(out)
+    wave = load_audio(root / "long.flac")
+    assert len(wave) == pytest.approx(71.3 * SR, abs=1)
+    # one code per 20 ms of the whole utterance: the tail after the last full window is there
+    assert abs(len(windowed["units"]) - 71.3 * encoder.units_per_second) <= 1
+    assert windowed["units"] == direct(alone, wave).tolist()
+    # refused: strict stops naming the file; skip lists it and keeps the rest
+    with pytest.raises(ExtractError, match=r"m\.jsonl:2: field 'audio': .*long\.flac: 71\.3 s is "
+                                           r"longer than 30 s \(--long-audio refuse"):
+        extract(manifest, tmp_path / "refused", encoder, tokenizer_dir=tokdir,
+                opts=Options(progress=False, long_audio="refuse"))
+    s = extract(manifest, tmp_path / "skipped", encoder, tokenizer_dir=tokdir,
+                opts=Options(progress=False, long_audio="refuse", on_bad="skip"))
+    assert s.records == 1 and s.skipped == 1
+    assert read_out(tmp_path / "skipped") == [short]
+    listed = [json.loads(x) for x in (tmp_path / "skipped" / SKIPPED_FILE).read_text().splitlines()]
+    assert [x["audio"] for x in listed] == [str(root / "long.flac")]
+
+
+def bad_corpus(root):
+    root.mkdir(parents=True, exist_ok=True)
+    sf.write(root / "good0.wav", speechlike(1.0, SR, 1), SR)
+    sf.write(root / "good1.wav", speechlike(1.5, SR, 2), SR)
+    (root / "junk.wav").write_bytes(b"this is not audio" * 50)
+    sf.write(root / "empty.wav", np.zeros(0, np.float32), SR)
+    x = speechlike(1.0, SR, 3)
+    x[100:200] = np.inf
+    sf.write(root / "inf.wav", x, SR, subtype="FLOAT")
+    lines = ['{"audio": "good0.wav", "text": "a", "lang": "en"}',
+             '{"audio": "missing.wav", "text": "b", "lang": "en"}',
+             '{"audio": "junk.wav", "text": "c", "lang": "en"}',
+             '{"audio": "empty.wav", "text": "d", "lang": "en"}',
+             '{"audio": "inf.wav", "text": "e", "lang": "en"}',
+             '{"audio": "good1.wav", "text": "f", "lang": "en"}']
+    manifest = root / "m.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def test_bad_files_stop_strict_runs_and_are_listed_in_skip_mode(tmp_path, tokdir, encoder):
+    from cslm_jax.cli.main import main as cli
+
+    manifest = bad_corpus(tmp_path / "audio")
+    args = ["extract-units", "--manifest", str(manifest), "--tokenizer", str(tokdir),
+            "--no-progress", "--shard-size", "4"]
+    proc = subprocess.run([sys.executable, "-m", "cslm_jax.cli.main", *args,
+                           "--out", str(tmp_path / "strict")], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"cslm-jax extract-units: error: {manifest}:2: field 'audio': {manifest.parent}/missing.wav: "
+        f"missing (no such file) (--on-bad skip counts and lists such lines instead of stopping)")
+    assert not (tmp_path / "strict" / COMPLETE_FILE).exists()
+    assert cli([*args, "--out", str(tmp_path / "skip"), "--on-bad", "skip"]) == 0
+    assert [r["text"] for r in read_out(tmp_path / "skip")] == ["a", "f"]
+    listed = [json.loads(x) for x in (tmp_path / "skip" / SKIPPED_FILE).read_text().splitlines()]
+    assert [(x["where"], x["reason"].split(" ")[0]) for x in listed] == [
+        (f"{manifest}:2", "missing"), (f"{manifest}:3", "unreadable:"), (f"{manifest}:4", "empty"),
+        (f"{manifest}:5", "non-finite")]
+    done = json.loads((tmp_path / "skip" / COMPLETE_FILE).read_text())
+    assert done["records"] == 2 and done["skipped"] == 4
+    # a bad manifest line is one more skipped line (strict: an error naming file, line, field)
+    manifest.write_text(manifest.read_text() + '{"text": "no audio"}\n')
+    with pytest.raises(ManifestError, match=r"m\.jsonl:7: field 'audio': missing"):
+        extract(manifest, tmp_path / "strict2", encoder, tokenizer_dir=tokdir,
+                opts=Options(progress=False))
+    s = extract(manifest, tmp_path / "skip2", encoder, tokenizer_dir=tokdir,
+                opts=Options(progress=False, on_bad="skip"))
+    assert s.records == 2 and s.skipped == 5
+
+
+def test_spoken_instruction_records_get_question_and_answer_units(tmp_path, tokdir, encoder, alone):
+    from cslm_jax.cli.main import main as cli
+
+    root = tmp_path / "audio"
+    root.mkdir()
+    q, a = speechlike(1.7, 44100, 5), speechlike(2.3, SR, 6)
+    sf.write(root / "q.wav", q, 44100)
+    sf.write(root / "a.flac", a, SR)
+    line = {"question_audio": "q.wav", "question_text": "what is two plus two",
+            "question_lang": "en", "answer_audio": "a.flac", "answer_text": "four",
+            "answer_word_times": [[0.2, 0.9]], "answer_lang": "en"}
+    manifest = root / "s2s.jsonl"
+    manifest.write_text(json.dumps(line) + "\n" + json.dumps({**line, "answer_audio": "q.wav"}) + "\n")
+    out = tmp_path / "units"
+    extract(manifest, out, encoder, tokenizer_dir=tokdir, opts=Options(progress=False))
+    first, second = read_out(out)
+    assert first["question_units"] == direct(alone, load_audio(root / "q.wav")).tolist()
+    assert first["answer_units"] == direct(alone, load_audio(root / "a.flac")).tolist()
+    assert second["answer_units"] == first["question_units"]
+    assert {k: v for k, v in first.items() if not k.endswith("_units")} == line
+    cfg = data_config(tmp_path, encoder.codebook_size)
+    assert cli(["validate-data", str(out / shard_name(0, 1)), "--kind", "spoken_instruction",
+                "--data-config", str(cfg)]) == 0
+
+
+def test_records_checked_against_a_data_config(tmp_path, tokdir, encoder):
+    manifest, lines, _ = write_corpus(tmp_path / "audio", n=3)
+    text = manifest.read_text().replace('"lang": "zh"', '"lang": "fr"', 1)
+    manifest.write_text(text)
+    from cslm_jax.data.formats import load_data_config
+    fmt = load_data_config(data_config(tmp_path, encoder.codebook_size), check_files=False).format
+    with pytest.raises(ExtractError, match=r"manifest\.jsonl:1: field 'lang': the output record "
+                                           r"would not validate: unknown language 'fr'"):
+        extract(manifest, tmp_path / "a", encoder, tokenizer_dir=tokdir, fmt=fmt,
+                opts=Options(progress=False))
+    s = extract(manifest, tmp_path / "b", encoder, tokenizer_dir=tokdir, fmt=fmt,
+                opts=Options(progress=False, on_bad="skip"))
+    assert s.records == 2 and s.skipped == 1
+    wrong = load_data_config(data_config(tmp_path, encoder.codebook_size + 1),
+                             check_files=False).format
+    with pytest.raises(ExtractError, match="unit_count"):
+        extract(manifest, tmp_path / "c", encoder, tokenizer_dir=tokdir, fmt=wrong)
+    # a path list without text: units only, counted in the summary
+    (tmp_path / "list.txt").write_text("audio/u0.wav\n")
+    s = extract(tmp_path / "list.txt", tmp_path / "d", encoder, tokenizer_dir=tokdir,
+                opts=Options(progress=False, lang="en"))
+    assert read_out(tmp_path / "d")[0].keys() == {"audio", "units", "lang"}
+    assert s.untexted == 1 and "without 'text'" in "\n".join(s.lines())
+
+
+KILLED_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import cslm_jax.speech.extract as E
+    out = Path(sys.argv[sys.argv.index("--out") + 1])
+    encode = E._encode
+    def killed_once_a_shard_is_done(*args, **kwargs):
+        # a real SIGKILL in the middle of the second shard: nothing gets to clean up
+        if any(out.glob("*.done.json")):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return encode(*args, **kwargs)
+    E._encode = killed_once_a_shard_is_done
+    from cslm_jax.cli.main import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_a_killed_run_resumes_to_the_same_output_and_a_finished_one_is_not_redone(
+        tmp_path, tokdir, encoder, capsys):
+    from cslm_jax.cli.main import main as cli
+
+    manifest, _, _ = write_corpus(tmp_path / "audio")
+    out = tmp_path / "units"
+    args = ["extract-units", "--manifest", str(manifest), "--tokenizer", str(tokdir),
+            "--out", str(out), "--shard-size", "2", "--batch-size", "2", "--no-progress"]
+    proc = subprocess.run([sys.executable, "-c", KILLED_CHILD, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["extract.json", marker_name(0, 4),
+                                                     shard_name(0, 4)]
+    first = (out / shard_name(0, 4)).stat().st_mtime_ns
+    assert cli(args) == 0                                   # the same command resumes
+    assert "3 shard(s) extracted here; 7 record(s) in 4 shard(s)" in capsys.readouterr().out
+    assert (out / shard_name(0, 4)).stat().st_mtime_ns == first          # kept, not redone
+    whole = tmp_path / "uninterrupted"
+    extract(manifest, whole, encoder, tokenizer_dir=tokdir,
+            opts=Options(shard_size=2, batch_size=2, progress=False))
+    for i in range(4):
+        assert (out / shard_name(i, 4)).read_bytes() == (whole / shard_name(i, 4)).read_bytes()
+    assert len(read_out(out)) == 7
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert cli(args) == 0                                   # finished: nothing is redone
+    assert "already complete: nothing redone" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+
+def test_the_output_folder_holds_one_extraction(tmp_path, tokdir, encoder):
+    manifest, _, _ = write_corpus(tmp_path / "audio", n=3)
+    out = tmp_path / "units"
+    opts = Options(progress=False)
+    extract(manifest, out, encoder, tokenizer_dir=tokdir, opts=opts)
+    # another manifest, shard size or long-audio rule into the same folder: refused, naming why
+    other = manifest.parent / "other.jsonl"
+    other.write_text(manifest.read_text().splitlines()[0] + "\n")
+    from cslm_jax.errors import OutputExistsError
+    with pytest.raises(OutputExistsError, match=r"holds another extraction \(manifest_sha256: .*"
+                                                r"pass --force to discard it"):
+        extract(other, out, encoder, tokenizer_dir=tokdir, opts=opts)
+    with pytest.raises(OutputExistsError, match=r"shard_size: 1000 there, 2 now"):
+        extract(manifest, out, encoder, tokenizer_dir=tokdir, opts=Options(progress=False,
+                                                                           shard_size=2))
+    s = extract(other, out, encoder, tokenizer_dir=tokdir, opts=opts, force=True)
+    assert s.state == "done" and s.records == 1 and len(read_out(out)) == 1
+    # a folder holding something else: refused unless --force
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="holds no extraction"):
+        extract(manifest, foreign, encoder, tokenizer_dir=tokdir, opts=opts)
+    assert (foreign / "notes.txt").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputExistsError, match="is a file"):
+        extract(manifest, tmp_path / "afile", encoder, tokenizer_dir=tokdir, opts=opts)
+
+
+TWO_PROCESS_CHILD = textwrap.dedent("""
+    import os, sys
+    from cslm_jax.cli.main import main
+    code = main(sys.argv[1:])
+    import jax
+    jax.distributed.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+""")
+
+
+def test_two_processes_extract_disjoint_shares_whose_union_is_the_manifest(tmp_path, tokdir,
+                                                                             encoder):
+    from test_multihost import free_port
+
+    manifest, lines, _ = write_corpus(tmp_path / "audio", n=9)
+    out = tmp_path / "units"
+    port = free_port()
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        cmd = [sys.executable, "-c", TWO_PROCESS_CHILD, "extract-units", "--manifest",
+               str(manifest), "--tokenizer", str(tokdir), "--out", str(out), "--shard-size", "2",
+               "--batch-size", "2", "--no-progress", "--coordinator", f"127.0.0.1:{port}",
+               "--num-processes", "2", "--process-id", str(i)]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = []
+    deadline = time.time() + 240
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=max(deadline - time.time(), 1))[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("the two-process extraction hung")
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    owners = {}
+    for i in range(5):
+        owners.setdefault(json.loads((out / marker_name(i, 5)).read_text())["process"], []).append(i)
+    assert owners == {0: [0, 2, 4], 1: [1, 3]}                      # disjoint, union = all 5
+    assert "3 shard(s) extracted here" in outs[0] and "2 shard(s) extracted here" in outs[1]
+    records = read_out(out)
+    assert [r["id"] for r in records] == [x["id"] for x in lines]   # every line, once, in order
+    single = tmp_path / "one_process"
+    extract(manifest, single, encoder, tokenizer_dir=tokdir,
+            opts=Options(shard_size=2, batch_size=2, progress=False))
+    assert read_out(single) == records

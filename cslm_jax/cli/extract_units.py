@@ -45,6 +45,10 @@ def add_parser(sub):
     s.add_argument("--buckets", default=None, metavar="S1,S2,...",
                    help="padded lengths in seconds (default 2,4,6,8,10,12,15,20,25,30; longer "
                    "audio pads to multiples of the last): one compiled shape each")
+    s.add_argument("--precision", choices=("highest", "high", "default"), default="highest",
+                   help="matmul precision: highest matches the s3tokenizer package's float32 on "
+                   "any backend; default is faster on TPU (more codes differ where two codewords "
+                   "nearly tie)")
     s.add_argument("--workers", type=int, default=4, help="threads reading and resampling audio")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--force", action="store_true", help="discard what --out holds and start over")
@@ -106,7 +110,7 @@ def run(args) -> int:
         from cslm_jax.data.formats import load_data_config
         fmt = load_data_config(args.data_config, check_files=False).format
     opts = options(args)
-    encoder = open_tokenizer(args.tokenizer, long_audio=opts.long_audio)
+    encoder = open_tokenizer(args.tokenizer, precision=args.precision)
     summary = extract(args.manifest, args.out, encoder, tokenizer_dir=args.tokenizer, opts=opts,
                       force=args.force, fmt=fmt)
     if primary or summary.shards_done_here:

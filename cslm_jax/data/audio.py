@@ -109,54 +109,82 @@ class ManifestEntry:
     error: str | None = None
 
 
-def file_sha256(path: str | Path) -> str:
+@dataclasses.dataclass(frozen=True)
+class ManifestIndex:
+    """One pass over a manifest: its checksum, how many entries (non-blank lines) it has, and
+    where each group of `group` entries starts, so that a group is read alone later (a corpus
+    manifest can have millions of lines; no process holds them all)."""
+
+    path: Path
+    sha256: str
+    entries: int
+    jsonl: bool
+    group: int
+    starts: tuple[tuple[int, int], ...]         # (byte offset, line number) of each group
+
+    @property
+    def groups(self) -> int:
+        return max(1, -(-self.entries // self.group))
+
+    def read(self, g: int, strict: bool = True) -> list[ManifestEntry]:
+        """The entries of group `g` (see `read_manifest` for `strict`)."""
+        offset, line = self.starts[g]
+        entries: list[ManifestEntry] = []
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            for n, raw in enumerate(f, start=line):
+                if len(entries) == self.group:
+                    break
+                if not raw.strip():
+                    continue
+                where = f"{self.path}:{n}"
+                try:
+                    try:
+                        text = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise ManifestError(f"{where}: not UTF-8 text; a manifest must be "
+                                            f"UTF-8") from None
+                    record, audio = _parse(text, where, self.path.parent, self.jsonl)
+                except ManifestError as e:
+                    if strict:
+                        raise
+                    entries.append(ManifestEntry(n, where, None, {}, str(e)))
+                    continue
+                entries.append(ManifestEntry(n, where, record, audio))
+        return entries
+
+
+def index_manifest(path: str | Path, group: int) -> ManifestIndex:
+    """Scan a manifest once (checksum, entry count, group starts); ManifestError if it cannot be
+    read or lists nothing."""
+    path = Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _is_jsonl(path: Path, lines: list[str]) -> bool:
-    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        return True
-    first = next((s.strip() for s in lines if s.strip()), "")
-    return first.startswith("{")
+    starts, entries, offset, first = [], 0, 0, None
+    try:
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                h.update(raw)
+                if raw.strip():
+                    if entries % group == 0:
+                        starts.append((offset, n))
+                    if first is None:
+                        first = raw.strip()
+                    entries += 1
+                offset += len(raw)
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read the manifest: {e.strerror or e}") from None
+    if not entries:
+        raise ManifestError(f"{path}: the manifest lists no audio")
+    jsonl = path.suffix.lower() in (".jsonl", ".json", ".ndjson") or first.startswith(b"{")
+    return ManifestIndex(path, h.hexdigest(), entries, jsonl, group, tuple(starts))
 
 
 def read_manifest(path: str | Path, strict: bool = True) -> list[ManifestEntry]:
-    """The entries of a manifest, in order. Strict: the first bad line raises ManifestError
-    naming file, line and field; otherwise bad lines come back with `error` set (and are then
-    counted and reported as skipped)."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read the manifest: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ManifestError(f"{path}:{line}: not UTF-8 text; a manifest must be UTF-8") from None
-    lines = text.splitlines()
-    jsonl = _is_jsonl(path, lines)
-    root = path.parent
-    entries: list[ManifestEntry] = []
-    for n, line in enumerate(lines, start=1):
-        where = f"{path}:{n}"
-        if not line.strip():
-            continue                        # blank lines separate nothing: ignored
-        try:
-            record, audio = _parse(line, where, root, jsonl)
-        except ManifestError as e:
-            if strict:
-                raise
-            entries.append(ManifestEntry(n, where, None, {}, str(e)))
-            continue
-        entries.append(ManifestEntry(n, where, record, audio))
-    if not entries:
-        raise ManifestError(f"{path}: the manifest lists no audio")
-    return entries
+    """The entries of a whole manifest, in order. Strict: the first bad line raises
+    ManifestError naming file, line and field; otherwise bad lines come back with `error` set
+    (and are then counted and reported as skipped). Blank lines are ignored."""
+    index = index_manifest(path, group=1 << 62)
+    return index.read(0, strict)
 
 
 def _parse(line: str, where: str, root: Path, jsonl: bool) -> tuple[dict, dict[str, str]]:

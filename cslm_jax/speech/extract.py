@@ -1,6 +1,6 @@
 """Speech units from audio at corpus scale (`cslm-jax extract-units`).
 
-A manifest (`cslm_jax.data.audio.read_manifest`) is cut into fixed shards of `shard_size` lines.
+A manifest (`cslm_jax.data.audio.index_manifest`) is cut into fixed shards of `shard_size` lines.
 Each shard's audio is read by a pool of threads (soundfile + soxr, ahead of the device), sorted
 by length and cut into batches padded to a few bucket lengths, so that a handful of compiled
 shapes serve the whole corpus; each batch runs through the speech tokenizer, data-parallel over
@@ -43,7 +43,7 @@ from typing import Protocol
 import numpy as np
 
 from cslm_jax.data.audio import (AUDIO_FIELDS, SAMPLE_RATE, AudioError, ManifestEntry,
-                                 file_sha256, load_audio, probe_seconds, read_manifest)
+                                 index_manifest, load_audio, probe_seconds)
 from cslm_jax.errors import CslmError, OutputExistsError
 
 FORMAT = "cslm_jax.extract_units/1"
@@ -68,6 +68,7 @@ class Encoder(Protocol):
     units_per_second: float
     sample_rate: int
     batch_multiple: int            # batch rows must be a multiple of this (the local devices)
+    min_samples: int               # shorter audio cannot be tokenized (a bad file)
 
     def __call__(self, waves: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
         """waves [B, N] float32 (zero-padded), lengths [B] -> the codes of each row."""
@@ -153,7 +154,8 @@ def identity(*, manifest_sha256: str, manifest_lines: int, encoder: Encoder,
             "num_shards": max(1, math.ceil(manifest_lines / opts.shard_size)),
             "tokenizer": {"dir": str(Path(tokenizer_dir).resolve()), "version": encoder.version,
                           "codebook_size": int(encoder.codebook_size),
-                          "units_per_second": float(encoder.units_per_second)},
+                          "units_per_second": float(encoder.units_per_second),
+                          "precision": getattr(encoder, "precision", None)},
             "long_audio": opts.long_audio, "lang": opts.lang}
 
 
@@ -296,6 +298,10 @@ def extract_shard(entries: Sequence[ManifestEntry], encoder: Encoder, opts: Opti
                 fail.add(item.entry, where, item.field, item.path,
                          f"{len(wave) / sr:.1f} s is longer than {MAX_SECONDS:.0f} s "
                          f"(--long-audio refuse)")
+            elif len(wave) < getattr(encoder, "min_samples", 1):
+                fail.add(item.entry, where, item.field, item.path,
+                         f"too short: {len(wave)} samples at {sr} Hz (the tokenizer needs at "
+                         f"least {encoder.min_samples})")
             elif item.entry not in fail.by_entry:
                 rows.append(item)
                 waves.append(wave)
@@ -306,14 +312,15 @@ def extract_shard(entries: Sequence[ManifestEntry], encoder: Encoder, opts: Opti
                     fail.add(item.entry, entries[item.entry].where, item.field, item.path,
                              f"too short: {len(wave)} samples give no units")
                     continue
-                if c.min() < 0 or c.max() >= encoder.codebook_size:
-                    raise ExtractError(f"{item.path}: the tokenizer returned a code outside "
+                if c.min() < 0 or c.max() >= encoder.codebook_size:     # a bug, not bad input
+                    raise RuntimeError(f"{item.path}: the tokenizer returned a code outside "
                                        f"0..{encoder.codebook_size - 1}")
                 codes[(item.entry, item.field)] = [int(u) for u in c]
                 result.files += 1
                 result.audio_seconds += len(wave) / sr
-        if on_batch is not None:
-            on_batch(len(batch), sum(len(w) for w in waves) / sr)
+        if on_batch is not None:         # progress in manifest lines (s2s lines have 2 files)
+            on_batch(sum(1 / len(entries[i.entry].audio) for i in batch),
+                     sum(len(w) for w in waves) / sr)
     for k, e in enumerate(entries):
         if k in fail.by_entry:
             continue
@@ -353,9 +360,10 @@ def _encode(encoder: Encoder, waves: list[np.ndarray], opts: Options) -> list[np
     rows = batch_rows(padded, opts.batch_size, encoder.batch_multiple, sr)
     rows = max(rows, int(math.ceil(len(waves) / encoder.batch_multiple) * encoder.batch_multiple))
     batch = np.zeros((rows, padded), np.float32)
-    lengths = np.zeros(rows, np.int32)
-    for r in range(rows):              # filler rows repeat the first (their codes are dropped)
-        w = waves[r] if r < len(waves) else waves[0]
+    # filler rows: the shortest silence the tokenizer takes (one window if the batch is long);
+    # their codes are dropped
+    lengths = np.full(rows, max(getattr(encoder, "min_samples", 1), 1), np.int32)
+    for r, w in enumerate(waves):
         batch[r, :len(w)] = w
         lengths[r] = len(w)
     out = encoder(batch, lengths)
@@ -419,11 +427,11 @@ def extract(manifest: str | Path, out: str | Path, encoder: Encoder, *, tokenize
     if fmt is not None and fmt.unit_count != encoder.codebook_size:
         raise ExtractError(f"the data config's format.unit_count is {fmt.unit_count} but the "
                            f"tokenizer ({encoder.version}) has {encoder.codebook_size} codes")
-    entries = read_manifest(manifest, strict=opts.on_bad == "strict")
-    ident = identity(manifest_sha256=file_sha256(manifest), manifest_lines=len(entries),
+    index = index_manifest(manifest, opts.shard_size)
+    ident = identity(manifest_sha256=index.sha256, manifest_lines=index.entries,
                      encoder=encoder, tokenizer_dir=tokenizer_dir, opts=opts)
-    index, count = jax.process_index(), jax.process_count()
-    primary = index == 0
+    proc, count = jax.process_index(), jax.process_count()
+    primary = proc == 0
     error = None
     if primary:
         try:
@@ -443,17 +451,18 @@ def extract(manifest: str | Path, out: str | Path, encoder: Encoder, *, tokenize
     done = done_shards(out, num)
     barrier("cslm_jax: extract-units shards listed")
     pending = [i for i in range(num) if i not in done]
-    mine = pending[index::count]
+    mine = pending[proc::count]
 
     start = time.perf_counter()
     files = audio = 0.0
+    done_lines = 0
     size = opts.shard_size
     bar = None
     if opts.progress and mine:
         from tqdm import tqdm
-        total = sum(len(e.audio) for i in mine for e in entries[i * size:(i + 1) * size])
-        bar = tqdm(total=total, unit="file", dynamic_ncols=True, file=sys.stderr,
-                   desc=f"extract-units" + (f" [process {index}]" if count > 1 else ""))
+        total = sum(min(size, index.entries - i * size) for i in mine)
+        bar = tqdm(total=total, unit="line", dynamic_ncols=True, file=sys.stderr,
+                   desc=f"extract-units" + (f" [process {proc}]" if count > 1 else ""))
     seen = {"audio": 0.0}
 
     def on_batch(n: int, seconds: float) -> None:
@@ -468,17 +477,21 @@ def extract(manifest: str | Path, out: str | Path, encoder: Encoder, *, tokenize
         with cf.ThreadPoolExecutor(opts.workers) as pool:
             for i in mine:
                 t0 = time.perf_counter()
-                res = extract_shard(entries[i * size:(i + 1) * size], encoder, opts, pool,
-                                    fmt=fmt, on_batch=on_batch)
+                lines = index.read(i, strict=opts.on_bad == "strict")
+                res = extract_shard(lines, encoder, opts, pool, fmt=fmt, on_batch=on_batch)
                 write_atomic(out / shard_name(i, num), "".join(
                     json.dumps(r, ensure_ascii=False) + "\n" for r in res.records))
                 write_atomic(out / marker_name(i, num), json.dumps({
-                    "shard": i, "lines": [i * size + 1, min((i + 1) * size, len(entries))],
+                    "shard": i, "lines": [lines[0].line, lines[-1].line],
                     "records": len(res.records), "skipped": res.skipped, "files": res.files,
                     "audio_seconds": res.audio_seconds, "untexted": _untexted(res.records),
-                    "seconds": time.perf_counter() - t0, "process": index}) + "\n")
+                    "seconds": time.perf_counter() - t0, "process": proc}) + "\n")
                 files += res.files
                 audio += res.audio_seconds
+                if bar is not None:          # skipped lines too: the bar ends on the shard
+                    done_lines += len(lines)
+                    bar.n = done_lines
+                    bar.refresh()
     finally:
         if bar is not None:
             bar.close()
@@ -518,3 +531,55 @@ def _finish(out: Path, num: int, ident: dict, *, state: str, here: list[int], fi
     return Summary(state=state, complete=len(markers) == num, out=out, records=records, skipped=len(skipped), files=files,
                    audio_seconds=audio, wall_seconds=wall, shards_done_here=list(here),
                    shards=shards, untexted=untexted)
+
+
+class TokenizerEncoder:
+    """A `cslm_jax.speech.SpeechTokenizer` as the Encoder extraction runs: batches sharded over a
+    `data` mesh of this process's devices (every host runs its own batches)."""
+
+    def __init__(self, tokenizer, batch_multiple: int):
+        self.tokenizer = tokenizer
+        self.version = tokenizer.version
+        self.codebook_size = int(tokenizer.codebook_size)
+        self.units_per_second = float(tokenizer.units_per_second)
+        self.sample_rate = int(tokenizer.sample_rate)
+        self.min_samples = int(tokenizer.min_samples)
+        self.precision = tokenizer.precision
+        self.batch_multiple = batch_multiple
+
+    def __call__(self, waves: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+        # audio over 30 s arrives here only with --long-audio window (refusal happens earlier):
+        # the tokenizer windows it (30 s windows every 26 s, stitched, tail kept)
+        return self.tokenizer.encode(waves, lengths, long_audio="window")
+
+
+def open_tokenizer(tokenizer_dir: str | Path, precision: str = "highest",
+                   devices: Sequence | None = None) -> TokenizerEncoder:
+    """The speech tokenizer of `tokenizer_dir` (`cslm-jax import-speech-tokenizer` output),
+    data-parallel over a `data` mesh of `devices` (default: `jax.local_devices()`)."""
+    import jax
+    from jax.sharding import Mesh
+
+    from cslm_jax.speech import load_speech_tokenizer
+
+    devices = list(devices if devices is not None else jax.local_devices())
+    mesh = Mesh(np.array(devices), ("data",))
+    tok = load_speech_tokenizer(tokenizer_dir, precision=precision, mesh=mesh, batch_axis="data")
+    if jax.process_count() > 1:
+        _place_host_inputs(tok)
+    return TokenizerEncoder(tok, len(devices))
+
+
+def _place_host_inputs(tok) -> None:
+    """In a multi-process job, `jax.jit` refuses numpy arguments that have a non-trivial
+    sharding, even on a mesh of this process's own devices: put them on the tokenizer's batch
+    sharding first. (SpeechTokenizer passes numpy to its jitted steps; this wraps the two steps
+    `encode` runs. The fix belongs in `SpeechTokenizer._jit`; until it is there, it lives here.)"""
+    import jax
+
+    for name in ("_wave_step", "_mel_step"):
+        step = getattr(tok, name)
+
+        def placed(params, *arrays, _step=step):
+            return _step(params, *(jax.device_put(a, tok._batch_sharding) for a in arrays))
+        tok.__dict__[name] = placed          # where functools.cached_property keeps its value
