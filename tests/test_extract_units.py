@@ -5,6 +5,7 @@ killed run resumes to the same output and a finished one is not redone; bad file
 (strict) or are counted and listed (skip); two processes split the manifest between them."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -266,7 +267,8 @@ def test_long_audio_is_windowed_without_losing_its_tail_or_refused(tmp_path, tok
     manifest.write_text('{"audio": "short.wav", "text": "a", "lang": "en"}\n'
                         '{"audio": "long.flac", "text": "b", "lang": "en"}\n')
     out = tmp_path / "units"
-    extract(manifest, out, encoder, tokenizer_dir=tokdir, opts=Options(progress=False))
+    extract(manifest, out, encoder, tokenizer_dir=tokdir, opts=Options(progress=False,
+                                                                      batch_size=2))
     short, windowed = read_out(out)
     wave = load_audio(root / "long.flac")
     assert len(wave) == pytest.approx(71.3 * SR, abs=1)
@@ -419,8 +421,15 @@ def test_a_killed_run_resumes_to_the_same_output_and_a_finished_one_is_not_redon
     assert sorted(p.name for p in out.iterdir()) == ["extract.json", marker_name(0, 4),
                                                      shard_name(0, 4)]
     first = (out / shard_name(0, 4)).stat().st_mtime_ns
-    assert cli(args) == 0                                   # the same command resumes
-    assert "3 shard(s) extracted here; 7 record(s) in 4 shard(s)" in capsys.readouterr().out
+    assert cli([a for a in args if a != "--no-progress"]) == 0      # the same command resumes
+    printed = capsys.readouterr().out
+    assert "3 shard(s) extracted here; 7 record(s) in 4 shard(s)" in printed
+    # progress, not on a terminal: a line per shard with the rate; the summary's figures
+    assert re.search(r"shard 2/4 written \(1/3 here, 2 records, 0 skipped\): [0-9.]+ h audio/s, "
+                     r"RTF [0-9.]+", printed), printed
+    assert "shard 1/4" not in printed
+    assert re.search(r"5 audio file\(s\), [0-9.]+ h of audio in [0-9.]+ s: [0-9.]+ h of audio/s, "
+                     r"real-time factor [0-9.]+", printed), printed
     assert (out / shard_name(0, 4)).stat().st_mtime_ns == first          # kept, not redone
     whole = tmp_path / "uninterrupted"
     extract(manifest, whole, encoder, tokenizer_dir=tokdir,
@@ -449,6 +458,15 @@ def test_the_output_folder_holds_one_extraction(tmp_path, tokdir, encoder):
     with pytest.raises(OutputExistsError, match=r"shard_size: 1000 there, 2 now"):
         extract(manifest, out, encoder, tokenizer_dir=tokdir, opts=Options(progress=False,
                                                                            shard_size=2))
+    # the same weights elsewhere resume (here: find it complete); other weights are refused
+    copy = tmp_path / "copied_tokenizer"
+    shutil.copytree(tokdir, copy)
+    assert extract(manifest, out, encoder, tokenizer_dir=copy, opts=opts).state == "complete"
+    from cslm_jax.speech import save_random_tokenizer
+    save_random_tokenizer(tmp_path / "other_tokenizer", "v1", seed=1, n_state=64, n_head=2,
+                          n_layer=1)
+    with pytest.raises(OutputExistsError, match=r"holds another extraction \(tokenizer: "):
+        extract(manifest, out, encoder, tokenizer_dir=tmp_path / "other_tokenizer", opts=opts)
     s = extract(other, out, encoder, tokenizer_dir=tokdir, opts=opts, force=True)
     assert s.state == "done" and s.records == 1 and len(read_out(out)) == 1
     # a folder holding something else: refused unless --force

@@ -152,14 +152,32 @@ def identity(*, manifest_sha256: str, manifest_lines: int, encoder: Encoder,
     return {"format": FORMAT, "manifest_sha256": manifest_sha256,
             "manifest_entries": manifest_lines, "shard_size": opts.shard_size,
             "num_shards": max(1, math.ceil(manifest_lines / opts.shard_size)),
-            "tokenizer": {"dir": str(Path(tokenizer_dir).resolve()), "version": encoder.version,
+            "tokenizer": {"sha256": tokenizer_fingerprint(tokenizer_dir),
+                          "version": encoder.version,
                           "codebook_size": int(encoder.codebook_size),
                           "units_per_second": float(encoder.units_per_second),
                           "precision": getattr(encoder, "precision", None)},
             "long_audio": opts.long_audio, "lang": opts.lang}
 
 
-def prepare_output(out: Path, ident: dict, manifest: str, force: bool) -> str:
+def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
+    """A checksum of the tokenizer folder's files (names and contents): the same weights
+    resume an extraction wherever the folder lies; other weights do not."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(tokenizer_dir)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts)):
+        h.update(str(path.relative_to(root)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def prepare_output(out: Path, ident: dict, manifest: str, force: bool,
+                   tokenizer_dir: str = "") -> str:
     """Make `out` ready for `ident` (process 0 only). Returns 'new', 'resume' or 'complete'.
 
     An empty or missing folder starts a new extraction. A folder holding the same extraction
@@ -197,7 +215,8 @@ def prepare_output(out: Path, ident: dict, manifest: str, force: bool) -> str:
     for stale in out.glob(".*.partial-*"):          # a killed run's unfinished writes
         stale.unlink(missing_ok=True)
     if state == "new":
-        write_atomic(plan, json.dumps({**ident, "manifest": str(manifest)}, indent=2) + "\n")
+        write_atomic(plan, json.dumps({**ident, "manifest": str(manifest),
+                                       "tokenizer_dir": str(tokenizer_dir)}, indent=2) + "\n")
     return state
 
 
@@ -435,7 +454,8 @@ def extract(manifest: str | Path, out: str | Path, encoder: Encoder, *, tokenize
     error = None
     if primary:
         try:
-            prepare_output(out, ident, str(manifest.resolve()), force)
+            prepare_output(out, ident, str(manifest.resolve()), force,
+                           str(Path(tokenizer_dir).resolve()))
         except CslmError as e:
             error = e
     if any_process(error is not None):
@@ -458,24 +478,28 @@ def extract(manifest: str | Path, out: str | Path, encoder: Encoder, *, tokenize
     done_lines = 0
     size = opts.shard_size
     bar = None
-    if opts.progress and mine:
+    where = f" [process {proc}]" if count > 1 else ""
+    if opts.progress and mine and sys.stderr.isatty():
         from tqdm import tqdm
         total = sum(min(size, index.entries - i * size) for i in mine)
         bar = tqdm(total=total, unit="line", dynamic_ncols=True, file=sys.stderr,
-                   desc=f"extract-units" + (f" [process {proc}]" if count > 1 else ""))
+                   desc=f"extract-units{where}")
     seen = {"audio": 0.0}
 
-    def on_batch(n: int, seconds: float) -> None:
+    def rate() -> str:
+        wall = max(time.perf_counter() - start, 1e-9)
+        return (f"{seen['audio'] / 3600 / wall:.4f} h audio/s, RTF "
+                f"{wall / max(seen['audio'], 1e-9):.4f}")
+
+    def on_batch(n: float, seconds: float) -> None:
         seen["audio"] += seconds
         if bar is not None:
-            wall = max(time.perf_counter() - start, 1e-9)
             bar.update(n)
-            bar.set_postfix_str(f"{seen['audio'] / 3600 / wall:.4f} h audio/s, RTF "
-                                f"{wall / max(seen['audio'], 1e-9):.4f}", refresh=False)
+            bar.set_postfix_str(rate(), refresh=False)
 
     try:
         with cf.ThreadPoolExecutor(opts.workers) as pool:
-            for i in mine:
+            for here, i in enumerate(mine, start=1):
                 t0 = time.perf_counter()
                 lines = index.read(i, strict=opts.on_bad == "strict")
                 res = extract_shard(lines, encoder, opts, pool, fmt=fmt, on_batch=on_batch)
@@ -488,10 +512,14 @@ def extract(manifest: str | Path, out: str | Path, encoder: Encoder, *, tokenize
                     "seconds": time.perf_counter() - t0, "process": proc}) + "\n")
                 files += res.files
                 audio += res.audio_seconds
+                done_lines += len(lines)
                 if bar is not None:          # skipped lines too: the bar ends on the shard
-                    done_lines += len(lines)
                     bar.n = done_lines
                     bar.refresh()
+                elif opts.progress:          # not a terminal (a log file): a line per shard
+                    log(f"extract-units{where}: shard {i + 1}/{num} written "
+                        f"({here}/{len(mine)} here, "
+                        f"{len(res.records)} records, {len(res.skipped)} skipped): {rate()}")
     finally:
         if bar is not None:
             bar.close()
