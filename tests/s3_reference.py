@@ -94,3 +94,92 @@ def with_data_codebook(tok, seed=0):
     return SpeechTokenizer(tok.config, {k: np.asarray(v) if k != "blocks" else
                                         {b: np.asarray(x) for b, x in v.items()}
                                         for k, v in params.items()})
+
+
+CONV_NAMES = {   # the official files' conv initializer names (s3tokenizer.utils.onnx2torch)
+    "v1": ("onnx::Conv_1519", "onnx::Conv_1520", "onnx::Conv_1521", "onnx::Conv_1522"),
+    "v1_25hz": ("encoders.conv1.weight", "encoders.conv1.bias", "encoders.conv2.weight",
+                "encoders.conv2.bias"),
+    "v2_25hz": ("onnx::Conv_2216", "onnx::Conv_2217", "onnx::Conv_2218", "onnx::Conv_2219"),
+}
+
+
+def write_official_onnx(path, cfg, sd):
+    """An ONNX file laid out as the official tokenizer files are, as far as weights go: the same
+    initializer names for the convs, positions and quantizer, block weights as anonymous
+    initializers consumed by nodes named `/blocks.N/...` (MatMul [in, out], Add with the bias on
+    either side, v1's LayerNorm as Mul/Add_1, v2's as LayerNormalization, the FSMN Conv), the v1
+    codebook [D, K] feeding `/quantizer/rq/model/layers.0/_codebook/Pow_1` (and a MatMul), the
+    first conv's stride in its attribute. The graph is not meant to run."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits, nodes = [], []
+    counter = iter(range(3000, 100000))
+
+    def init(arr, name=None):
+        name = name or f"onnx::Anon_{next(counter)}"
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr, np.float32), name))
+        return name
+
+    def node(op, name, inputs, **attrs):
+        out = f"{name}_output_0"
+        nodes.append(helper.make_node(op, inputs, [out], name=name, **attrs))
+        return out
+
+    c1w, c1b, c2w, c2b = CONV_NAMES[cfg.version]
+    x = node("Conv", "/conv1/Conv", ["mel", init(sd["encoder.conv1.weight"], c1w),
+                                     init(sd["encoder.conv1.bias"], c1b)],
+             strides=[cfg.stride], pads=[1, 1], kernel_shape=[3])
+    x = node("Conv", "/conv2/Conv", [x, init(sd["encoder.conv2.weight"], c2w),
+                                     init(sd["encoder.conv2.bias"], c2b)],
+             strides=[2], pads=[1, 1], kernel_shape=[3])
+    if cfg.arch == "v1":
+        x = node("Add", "/Add", [x, init(sd["encoder.positional_embedding"],
+                                         "encoders.positional_embedding")])
+    eps = node("Constant", "/Constant_eps", [],
+               value=helper.make_tensor("eps", TensorProto.FLOAT, [], [1e-5]))
+    for i in range(cfg.n_layer):
+        p, b = f"/blocks.{i}", f"encoder.blocks.{i}"
+
+        def layer_norm(ln, x):
+            if cfg.arch == "v2":
+                return node("LayerNormalization", f"{p}/{ln}/LayerNormalization",
+                            [x, init(sd[f"{b}.{ln}.weight"]), init(sd[f"{b}.{ln}.bias"])])
+            y = node("Add", f"{p}/{ln}/Add", [x, eps])
+            y = node("Mul", f"{p}/{ln}/Mul", [y, init(sd[f"{b}.{ln}.weight"])])
+            return node("Add", f"{p}/{ln}/Add_1", [init(sd[f"{b}.{ln}.bias"]), y])
+
+        def linear(mod, x, bias=True):
+            key = f"{b}.{mod.replace('/', '.').replace('mlp.mlp', 'mlp')}"
+            y = node("MatMul", f"{p}/{mod}/MatMul", [x, init(sd[f"{key}.weight"].T)])
+            if bias:
+                y = node("Add", f"{p}/{mod}/Add", [init(sd[f"{key}.bias"]), y])
+            return y
+
+        y = layer_norm("attn_ln", x)
+        q, k, v = linear("attn/query", y), linear("attn/key", y, False), linear("attn/value", y)
+        if cfg.arch == "v2":
+            node("Conv", f"{p}/attn/fsmn_block/Conv",
+                 [v, init(sd[f"{b}.attn.fsmn_block.weight"])], group=cfg.n_state)
+        x = linear("attn/out", node("Mul", f"{p}/attn/Mul_qkv", [q, k]))
+        y = layer_norm("mlp_ln", x)
+        x = linear("mlp/mlp.2", linear("mlp/mlp.0", y))
+    if cfg.arch == "v1":
+        e = init(np.asarray(sd["quantizer._codebook.embed"]).T)
+        node("MatMul", "/quantizer/rq/model/layers.0/_codebook/MatMul", [x, e])
+        two = node("Constant", "/quantizer/Constant_2", [],
+                   value=helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]))
+        x = node("Pow", "/quantizer/rq/model/layers.0/_codebook/Pow_1", [e, two])
+    else:
+        x = node("MatMul", "/quantizer/project_down/MatMul",
+                 [x, init(np.asarray(sd["quantizer._codebook.project_down.weight"]).T,
+                          "onnx::MatMul_2536")])
+        x = node("Add", "/quantizer/project_down/Add",
+                 [init(sd["quantizer._codebook.project_down.bias"], "quantizer.project_in.bias"), x])
+    graph = helper.make_graph(
+        nodes, "speech_tokenizer", [helper.make_tensor_value_info("mel", TensorProto.FLOAT,
+                                                                   [1, cfg.n_mels, None])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], initializer=inits)
+    onnx.save(helper.make_model(graph), str(path))
+    return path
