@@ -146,7 +146,7 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.
 def init_random(version: str = "v1", seed: int = 0, **sizes) -> tuple[S3Config, dict]:
     """A random-weight tokenizer (for tests and benchmarks): `sizes` override `S3Config` fields
     (default: the official sizes). Weights ~ N(0, 1/fan_in), LayerNorm gains near 1, a random
-    unit-free codebook (the package initialises its codebook to zeros, which would make every
+    codebook of unit-norm rows (the package initialises its codebook to zeros, which would make every
     code 0), v1's sinusoidal position table."""
     cfg = S3Config(version=version, **sizes)
     rng = np.random.default_rng(seed)
@@ -158,9 +158,10 @@ def init_random(version: str = "v1", seed: int = 0, **sizes) -> tuple[S3Config, 
         if name.endswith("ln_w"):
             return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         if name.endswith("_b") or name.endswith("ln_b"):
-            return (0.1 * rng.standard_normal(shape)).astype(np.float32)
-        if name == "codebook":
-            return rng.standard_normal(shape).astype(np.float32)
+            return (0.02 * rng.standard_normal(shape)).astype(np.float32)
+        if name == "codebook":              # unit rows: the choice depends on direction only
+            e = rng.standard_normal(shape)
+            return (e / np.linalg.norm(e, axis=-1, keepdims=True)).astype(np.float32)
         fan_in = int(np.prod(shape[:-1])) if len(shape) <= 2 else int(np.prod(shape[1:-1]))
         if name in ("conv1_w", "conv2_w"):
             fan_in = shape[0] * shape[1]

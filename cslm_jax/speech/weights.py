@@ -189,9 +189,25 @@ def _block_name(node_name: str) -> str | None:
     return "encoder." + k
 
 
-def read_onnx(path: Path, version: str) -> dict:
+def read_onnx(path: Path, version: str | None = None) -> dict:
     """The state dict (s3tokenizer names and layouts) held by an official ONNX tokenizer file.
-    Refuses a first conv whose stride contradicts `version` (v1 is 1, v1_25hz and v2 are 2)."""
+    With `version`: refuses a first conv whose stride contradicts it (v1: 1, v1_25hz, v2: 2)."""
+    sd, stride = _read_onnx(Path(path))
+    if version is not None:
+        _check_stride(path, stride, version)
+    return sd
+
+
+def _check_stride(path, stride, version: str) -> None:
+    want = VERSIONS[canonical_version(version)].stride
+    if stride is not None and stride != want:
+        raise SpeechTokenizerError(
+            f"{path}: the first conv has stride {stride}, {version} has {want}; wrong --version "
+            f"(v1: 50 Hz, stride 1; v1_25hz / v2_25hz: 2)")
+
+
+def _read_onnx(path: Path) -> tuple[dict, int | None]:
+    """(state dict, the first conv's stride if the file says it)."""
     try:
         import onnx
         from onnx import numpy_helper
@@ -205,7 +221,7 @@ def read_onnx(path: Path, version: str) -> dict:
     inits = {t.name: t for t in model.graph.initializer}
     if not inits:
         raise SpeechTokenizerError(f"{path}: an ONNX file without initializers (no weights)")
-    sd = {}
+    sd, stride = {}, None
 
     def arr(name):
         a = numpy_helper.to_array(inits[name]).copy()
@@ -219,11 +235,8 @@ def read_onnx(path: Path, version: str) -> dict:
                 sd[ONNX_CONV[name]] = arr(name)
                 if name in ("onnx::Conv_1519", "encoders.conv1.weight", "onnx::Conv_2216"):
                     strides = [list(a.ints) for a in node.attribute if a.name == "strides"]
-                    want = VERSIONS[canonical_version(version)].stride
-                    if strides and strides[0] and strides[0][0] != want:
-                        raise SpeechTokenizerError(
-                            f"{path}: the first conv has stride {strides[0][0]}, {version} has "
-                            f"{want}; wrong --version (v1: 50 Hz, stride 1; v1_25hz / v2_25hz: 2)")
+                    if strides and strides[0]:
+                        stride = int(strides[0][0])
             elif name == "encoders.positional_embedding":
                 sd["encoder.positional_embedding"] = arr(name)
             elif name == "quantizer.project_in.bias":
@@ -244,7 +257,7 @@ def read_onnx(path: Path, version: str) -> dict:
                 if k is not None:
                     a = arr(name)
                     sd[k] = a.T if a.ndim == 2 else a
-    return sd
+    return sd, stride
 
 
 def read_state_dict(path: Path) -> dict:
@@ -284,8 +297,9 @@ def read_weights(path, version: str, n_head: int | None = None) -> tuple[S3Confi
     if not path.is_file():
         raise SpeechTokenizerError(f"{path}: no such file")
     version = canonical_version(version)
+    stride = None
     if path.suffix.lower() == ".onnx":
-        sd = read_onnx(path, version)
+        sd, stride = _read_onnx(path)
     else:
         sd = read_state_dict(path)
     if version == "v2_25hz" and "encoder.positional_embedding" in sd and not any(
@@ -293,6 +307,7 @@ def read_weights(path, version: str, n_head: int | None = None) -> tuple[S3Confi
         raise SpeechTokenizerError(f"{path}: holds a v1 tokenizer (absolute positions, no FSMN), "
                                    f"not v2_25hz; pass --version v1 or v1_25hz")
     cfg = infer_config(sd, version, str(path), n_head)
+    _check_stride(path, stride, version)
     return cfg, from_state_dict(sd, cfg, str(path))
 
 
