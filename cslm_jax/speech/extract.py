@@ -51,6 +51,7 @@ PLAN_FILE = "extract.json"
 COMPLETE_FILE = "COMPLETE.json"
 SKIPPED_FILE = "skipped.jsonl"
 MAX_SECONDS = 30.0               # the tokenizer's window; longer audio is windowed or refused
+LONG_SAMPLES = 3001 * 160        # from here on, more than the window's 3000 mel frames of 10 ms
 DEFAULT_BUCKETS = (2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0)
 ON_BAD = ("strict", "skip")
 LONG_AUDIO = ("window", "refuse")
@@ -289,7 +290,7 @@ def extract_shard(entries: Sequence[ManifestEntry], encoder: Encoder, opts: Opti
     for item, seconds in zip(items, pool.map(_probe, items)):
         if isinstance(seconds, AudioError):
             fail.add(item.entry, entries[item.entry].where, item.field, item.path, seconds.reason)
-        elif seconds > MAX_SECONDS and opts.long_audio == "refuse":
+        elif seconds * sr >= LONG_SAMPLES * sr // SAMPLE_RATE and opts.long_audio == "refuse":
             fail.add(item.entry, entries[item.entry].where, item.field, item.path,
                      f"{seconds:.1f} s is longer than {MAX_SECONDS:.0f} s (--long-audio refuse; "
                      f"'window' tokenizes it in overlapping windows)")
@@ -313,7 +314,7 @@ def extract_shard(entries: Sequence[ManifestEntry], encoder: Encoder, opts: Opti
             where = entries[item.entry].where
             if isinstance(wave, AudioError):
                 fail.add(item.entry, where, item.field, item.path, wave.reason)
-            elif len(wave) > MAX_SECONDS * sr and opts.long_audio == "refuse":
+            elif len(wave) >= LONG_SAMPLES * sr // SAMPLE_RATE and opts.long_audio == "refuse":
                 fail.add(item.entry, where, item.field, item.path,
                          f"{len(wave) / sr:.1f} s is longer than {MAX_SECONDS:.0f} s "
                          f"(--long-audio refuse)")
@@ -446,12 +447,18 @@ def extract(manifest: str | Path, out: str | Path, encoder: Encoder, *, tokenize
     if fmt is not None and fmt.unit_count != encoder.codebook_size:
         raise ExtractError(f"the data config's format.unit_count is {fmt.unit_count} but the "
                            f"tokenizer ({encoder.version}) has {encoder.codebook_size} codes")
-    index = index_manifest(manifest, opts.shard_size)
-    ident = identity(manifest_sha256=index.sha256, manifest_lines=index.entries,
-                     encoder=encoder, tokenizer_dir=tokenizer_dir, opts=opts)
     proc, count = jax.process_index(), jax.process_count()
     primary = proc == 0
     error = None
+    try:          # every process reads the manifest and the tokenizer folder itself
+        index = index_manifest(manifest, opts.shard_size)
+        ident = identity(manifest_sha256=index.sha256, manifest_lines=index.entries,
+                         encoder=encoder, tokenizer_dir=tokenizer_dir, opts=opts)
+    except CslmError as e:
+        error = e
+    if any_process(error is not None):
+        raise error or ExtractError(f"{manifest}: another process of this job cannot read the "
+                                    f"manifest (its log says why)")
     if primary:
         try:
             prepare_output(out, ident, str(manifest.resolve()), force,
