@@ -531,3 +531,25 @@ def test_two_processes_extract_disjoint_shares_whose_union_is_the_manifest(tmp_p
     extract(manifest, single, encoder, tokenizer_dir=tokdir,
             opts=Options(shard_size=2, batch_size=2, progress=False))
     assert read_out(single) == records
+
+
+@pytest.mark.parametrize("version,sizes", [("v2_25hz", dict(n_state=128, n_head=2, n_layer=1)),
+                                           ("v1_25hz", dict(n_state=64, n_head=2, n_layer=1))])
+def test_other_tokenizer_versions(tmp_path, version, sizes):
+    """The 25 Hz tokenizers (v2: FSQ to 6561 codes) through the same command."""
+    import jax
+
+    from cslm_jax.speech import load_speech_tokenizer, save_random_tokenizer
+    from cslm_jax.speech.extract import open_tokenizer
+
+    tokdir = save_random_tokenizer(tmp_path / version, version, seed=2, **sizes)
+    enc = open_tokenizer(tokdir, devices=jax.local_devices()[:2])
+    manifest, _, waves = write_corpus(tmp_path / "audio", n=3)
+    extract(manifest, tmp_path / "units", enc, tokenizer_dir=tokdir, opts=Options(progress=False))
+    records = read_out(tmp_path / "units")
+    reference = load_speech_tokenizer(tokdir).encode(waves)
+    assert [r["units"] for r in records] == [c.tolist() for c in reference]
+    assert enc.units_per_second == 25
+    assert all(abs(len(r["units"]) - len(w) / SR * 25) <= 1 for r, w in zip(records, waves))
+    assert json.loads((tmp_path / "units" / COMPLETE_FILE).read_text())["tokenizer"][
+        "codebook_size"] == enc.codebook_size == (6561 if version == "v2_25hz" else 4096)
