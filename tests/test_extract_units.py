@@ -421,6 +421,8 @@ def test_a_killed_run_resumes_to_the_same_output_and_a_finished_one_is_not_redon
     assert sorted(p.name for p in out.iterdir()) == ["extract.json", marker_name(0, 4),
                                                      shard_name(0, 4)]
     first = (out / shard_name(0, 4)).stat().st_mtime_ns
+    # what a kill during a write leaves: a hidden partial file, never a shard that looks whole
+    (out / f".{shard_name(1, 4)}.partial-0badf00d").write_text('{"half": ')
     assert cli([a for a in args if a != "--no-progress"]) == 0      # the same command resumes
     printed = capsys.readouterr().out
     assert "3 shard(s) extracted here; 7 record(s) in 4 shard(s)" in printed
@@ -431,6 +433,7 @@ def test_a_killed_run_resumes_to_the_same_output_and_a_finished_one_is_not_redon
     assert re.search(r"5 audio file\(s\), [0-9.]+ h of audio in [0-9.]+ s: [0-9.]+ h of audio/s, "
                      r"real-time factor [0-9.]+", printed), printed
     assert (out / shard_name(0, 4)).stat().st_mtime_ns == first          # kept, not redone
+    assert not list(out.glob(".*"))                                     # partial file removed
     whole = tmp_path / "uninterrupted"
     extract(manifest, whole, encoder, tokenizer_dir=tokdir,
             opts=Options(shard_size=2, batch_size=2, progress=False))
