@@ -236,7 +236,19 @@ def test_records_hold_the_tokenizers_codes_and_validate(tmp_path, tokdir, encode
     manifest, lines, waves = write_corpus(tmp_path / "audio")
     out = tmp_path / "units"
     opts = Options(batch_size=3, shard_size=3, progress=False)
-    summary = extract(manifest, out, encoder, tokenizer_dir=tokdir, opts=opts)
+    shapes = []
+
+    class Recording:            # the real encoder; remembers the padded shapes it was given
+        def __getattr__(self, name):
+            return getattr(encoder, name)
+
+        def __call__(self, batch, lengths):
+            shapes.append(batch.shape)
+            return encoder(batch, lengths)
+
+    summary = extract(manifest, out, Recording(), tokenizer_dir=tokdir, opts=opts)
+    # lengths 0.4..4.6 s: padded to the 2, 4 and 6 s buckets, rows always 3 -> 4 (2 devices)
+    assert set(shapes) <= {(4, 32000), (4, 64000), (4, 96000)} and len(shapes) >= 3
     assert summary.complete and summary.records == 7 and summary.skipped == 0
     assert summary.files == 7 and summary.audio_seconds == pytest.approx(
         sum(len(w) for w in waves) / SR)
