@@ -360,3 +360,30 @@ def test_commit_file_mode_on_a_mount_writes_in_place_and_marks_last(tmp_path, mo
         (tmp_path / "half").mkdir()
         (tmp_path / "half" / "params").mkdir()
         read_metadata(tmp_path / "half")
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["extract-units", "--manifest", "gs://b/m.jsonl", "--tokenizer", "/tmp", "--out", "/tmp/u"],
+     "--manifest gs://b/m.jsonl"),
+    (["extract-units", "--manifest", "MANIFEST", "--tokenizer", "/tmp", "--out", "gs://b/units"],
+     "--out gs://b/units"),
+    (["import-speech-tokenizer", "--from", "/tmp/x.onnx", "--version", "v1", "--out", "gs://b/t"],
+     "--out gs://b/t"),
+])
+def test_commands_without_bucket_support_refuse_gs_paths(argv, flag, tmp_path):
+    """What cannot write to a bucket yet says so instead of writing a local folder named gs:."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("")
+    r = cli(*[str(manifest) if a == "MANIFEST" else a for a in argv], timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"{flag}: " in r.stderr and "local paths only" in r.stderr
+    assert not Path("gs:").exists()
+
+
+def test_local_only_path_arguments_refuse_urls():
+    r = cli("decode", "--lang", "en", "--unit", "gs://b/q.txt", "--ckpt", "/tmp/x",
+            "--output-dir", "/tmp/never", timeout=120)
+    assert r.returncode == 2 and "--unit gs://b/q.txt: `cslm-jax decode` reads and writes local" in r.stderr
+    r = cli("demo", "--out", "gs://b/demo", timeout=120)
+    assert r.returncode == 2 and "--out gs://b/demo:" in r.stderr
+    assert not Path("gs:").exists()

@@ -2,6 +2,10 @@
 from cslm_jax.resources import config_path
 
 
+# Path arguments that must be local (cslm_jax.cli.main.refuse_urls)
+LOCAL_PATHS = ('unit', 'output_dir')
+
+
 def add_parser(sub):
     s = sub.add_parser("decode", help="answer spoken questions (one unit sequence per line) with "
                        "streamed transcript / text / speech chunks, as the reference's "

@@ -7,6 +7,10 @@ def uses_tensorflow(args) -> bool:
     return True
 
 
+# Path arguments that must be local (cslm_jax.cli.main.refuse_urls)
+LOCAL_PATHS = ('out',)
+
+
 def add_parser(sub):
     s = sub.add_parser("demo", help="the bundled end-to-end run on CPU (see README)")
     s.add_argument("--out", required=True, help="folder for everything the demo writes")

@@ -1,6 +1,10 @@
 """`cslm-jax evaluate`: decode a task's validation records and score them (cslm_jax.eval.run)."""
 
 
+# Path arguments that must be local (cslm_jax.cli.main.refuse_urls)
+LOCAL_PATHS = ('output',)
+
+
 def add_parser(sub):
     s = sub.add_parser("evaluate", help="decode a SeqIO task's validation records greedily and "
                        "score them (ASR WER/CER, MT BLEU/chrF, spoken QA transcript and answer "

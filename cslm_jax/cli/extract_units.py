@@ -89,6 +89,13 @@ def check(args, parser) -> None:
     from cslm_jax.speech.extract import ExtractError
 
     options(args)
+    for flag, value in (("--manifest", args.manifest), ("--tokenizer", args.tokenizer),
+                        ("--out", args.out), ("--data-config", args.data_config)):
+        if value is not None and "://" in str(value):
+            raise ExtractError(f"{flag} {value}: extract-units reads and writes local paths only "
+                               f"(audio is read by libsndfile); copy the audio to local disk or "
+                               f"mount the bucket with gcsfuse, then copy the unit shards to "
+                               f"gs:// for training")
     if not Path(args.manifest).is_file():
         raise ExtractError(f"--manifest {args.manifest}: no such file")
     if not Path(args.tokenizer).is_dir():

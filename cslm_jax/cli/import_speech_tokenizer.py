@@ -23,6 +23,10 @@ def check(args, parser):
     from cslm_jax.errors import check_output_dir
     from cslm_jax.speech.s3 import SpeechTokenizerError
 
+    for flag, value in (("--from", args.src), ("--out", args.out)):
+        if "://" in str(value):
+            raise SpeechTokenizerError(f"{flag} {value}: import-speech-tokenizer reads and writes "
+                                       f"local paths only")
     if not Path(args.src).is_file():
         raise SpeechTokenizerError(f"--from {args.src}: no such file")
     check_output_dir(args.out, args.force)

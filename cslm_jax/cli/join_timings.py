@@ -2,6 +2,10 @@
 from cslm_jax.resources import config_path
 
 
+# Path arguments that must be local (cslm_jax.cli.main.refuse_urls)
+LOCAL_PATHS = ('records', 'alignments', 'out')
+
+
 def add_parser(sub):
     s = sub.add_parser("join-timings", help="fill spoken_instruction (and paired) records' word "
                        "timings from MFA TextGrids, whisperX JSON or ctc-forced-aligner output, "

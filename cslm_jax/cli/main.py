@@ -26,6 +26,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def refuse_urls(args, names) -> None:
+    """A command's path arguments that are local only (`LOCAL_PATHS` of its module) must not be
+    URLs: `gs://b/x` would otherwise become a local folder `gs:/b/x`. Every other path argument
+    reaches `cslm_jax.storage.fs`, which takes gs:// or refuses the path itself."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and "://" in str(value):
+            flag = "--" + name.replace("_", "-")
+            raise CslmError(f"{flag} {value}: `cslm-jax {args.command}` reads and writes local "
+                            f"paths only here; give a local path (or a gcsfuse mount)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A CslmError (bad input, configuration, data or checkpoint) is printed as
     one line, `cslm-jax COMMAND: error: MESSAGE`, and returns exit code 2; anything else is a bug
@@ -37,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     setup.prepare(trains=getattr(module, "TRAINS", False), tensorflow=False)
     try:
         # Arguments and paths are checked before any heavy work (TensorFlow's start-up included)
+        refuse_urls(args, getattr(module, "LOCAL_PATHS", ()))
         if hasattr(module, "check"):
             module.check(args, args.subparser)
         if hasattr(module, "uses_tensorflow") and module.uses_tensorflow(args):

@@ -2,6 +2,10 @@
 from cslm_jax.resources import config_path
 
 
+# Path arguments that must be local (cslm_jax.cli.main.refuse_urls)
+LOCAL_PATHS = ('out',)
+
+
 def add_parser(sub):
     s = sub.add_parser("make-demo-data", help="write the bundled demo corpus and its tokenizer")
     s.add_argument("--out", required=True)
