@@ -10,7 +10,7 @@ Every side goes from 16 kHz waveforms to a list of codes per utterance, over the
   length buckets do), so less padding is computed.
 Random weights at the official sizes of `--version` (v1: 6 x 1280, 20 heads, 4096 codes).
 Compiles happen in a warm-up pass (timed, reported, not counted). Sides alternate within each
-repeat; medians; the load average is printed before and after (this VM is shared).
+repeat, in reversed order every other repeat; medians; the load average is printed before and after (this VM is shared).
 
     python benchmarks/extract_units.py [--version v1] [--batch 32] [--utterances 64] [--repeats 3]
 """
@@ -101,7 +101,9 @@ def main() -> int:
           f"{args.max_seconds} s each), batch {b}, {args.version}")
     times = {k: [] for k in sides}
     for r in range(args.repeats):
-        for name, fn in sides.items():
+        # the order flips every repeat (A B C, C B A, ...): a load that rises or falls on this
+        # shared machine favours no side
+        for name, fn in (list(sides.items()) if r % 2 == 0 else list(sides.items())[::-1]):
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
