@@ -64,7 +64,6 @@ class SpeechTokenizer:
     @functools.cached_property
     def _wave_step(self):
         """wave [B, N], lengths [B] -> codes [B, T'], code_len [B] (mel + encoder + quantizer)."""
-        import jax
         cfg, prec = self.config, self.precision
 
         def step(params, wave, lengths):

@@ -1,0 +1,123 @@
+"""Speech-unit extraction throughput on this CPU: cslm_jax's S3 tokenizer (JAX) against the
+`s3tokenizer` package's batched PyTorch model, same audio, same weights, batch 32.
+
+Every side goes from 16 kHz waveforms to a list of codes per utterance, over the same corpus of
+`--utterances` speech-like synthetic utterances (uniform `--min-seconds`..`--max-seconds`):
+- `s3tokenizer`: batches of 32 in corpus order, as its `s3tokenizer` CLI's DataLoader makes them:
+  per-utterance `log_mel_spectrogram`, `padding` to the longest, `model.quantize`;
+- `cslm_jax`: the same batches, `SpeechTokenizer.encode` (padded to a multiple of 1 s);
+- `cslm_jax sorted`: batches of 32 after sorting the corpus by length (what `extract-units`'
+  length buckets do), so less padding is computed.
+Random weights at the official sizes of `--version` (v1: 6 x 1280, 20 heads, 4096 codes).
+Compiles happen in a warm-up pass (timed, reported, not counted). Sides alternate within each
+repeat, in reversed order every other repeat; medians; the load average is printed before and after (this VM is shared).
+
+    python benchmarks/extract_units.py [--version v1] [--batch 32] [--utterances 64] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+# s3tokenizer.utils imports torchaudio (to read files only, unused here): a bare stand-in.
+sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--version", default="v1", choices=("v1", "v1_25hz", "v2_25hz"))
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--utterances", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--min-seconds", type=float, default=1.0)
+    p.add_argument("--max-seconds", type=float, default=5.0)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    args = p.parse_args()
+
+    import jax
+    import torch
+
+    from s3_reference import package_mels, package_model, speechlike
+    from cslm_jax.speech import random_speech_tokenizer
+    from cslm_jax.speech.weights import to_state_dict
+
+    torch.set_num_threads(args.threads)
+    print(f"load average before: {os.getloadavg()}; cpus {os.cpu_count()}; torch threads "
+          f"{torch.get_num_threads()}; jax {jax.__version__} ({jax.devices()[0].platform}); "
+          f"torch {torch.__version__}")
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(int(args.min_seconds * 16000), int(args.max_seconds * 16000) + 1,
+                           args.utterances)
+    waves = speechlike(lengths.tolist(), seed=1)
+    audio_s = float(lengths.sum()) / 16000
+    tok = random_speech_tokenizer(args.version, seed=0)
+    model = package_model(tok.config, to_state_dict(tok.config, tok.params))
+    b = args.batch
+    corpus = [list(range(i, min(i + b, len(waves)))) for i in range(0, len(waves), b)]
+    order = np.argsort(lengths, kind="stable")
+    by_length = [order[i:i + b].tolist() for i in range(0, len(waves), b)]
+
+    def ours(batches):
+        def run():
+            out = {}
+            for idx in batches:
+                for i, c in zip(idx, tok.encode([waves[i] for i in idx])):
+                    out[i] = c
+            return [out[i] for i in range(len(waves))]
+        return run
+
+    def theirs():
+        out = []
+        for idx in corpus:
+            with torch.inference_mode():
+                _, mel, mel_len = package_mels([waves[i] for i in idx])
+                codes, code_len = model.quantize(mel, mel_len)
+            out += [codes[j, :int(code_len[j])].numpy() for j in range(len(idx))]
+        return out
+
+    sides = {"s3tokenizer": theirs, "cslm_jax": ours(corpus), "cslm_jax sorted": ours(by_length)}
+    results = {}
+    for name, fn in sides.items():
+        t0 = time.perf_counter()
+        results[name] = fn()
+        print(f"warm-up {name}: {time.perf_counter() - t0:.1f} s"
+              + (" (compiles included)" if name != "s3tokenizer" else ""))
+    ref = results["s3tokenizer"]
+    for name in ("cslm_jax", "cslm_jax sorted"):
+        same = sum(int((x == y).sum()) for x, y in zip(results[name], ref)) / sum(map(len, ref))
+        print(f"{name}: codes equal to the package's: {same:.3%}")
+    print(f"{args.utterances} utterances, {audio_s:.1f} s of audio ({args.min_seconds}-"
+          f"{args.max_seconds} s each), batch {b}, {args.version}")
+    times = {k: [] for k in sides}
+    for r in range(args.repeats):
+        # the order flips every repeat (A B C, C B A, ...): a load that rises or falls on this
+        # shared machine favours no side
+        for name, fn in (list(sides.items()) if r % 2 == 0 else list(sides.items())[::-1]):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+            print(f"  repeat {r}: {name} {times[name][-1]:.2f} s (load {os.getloadavg()[0]:.1f})",
+                  flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in med.items():
+        print(f"{k:16s} median {v:6.2f} s: {audio_s / v:6.2f} s of audio per s, real-time factor "
+              f"{v / audio_s:.4f}, {audio_s / v:.2f} h of audio per hour")
+    for k in ("cslm_jax", "cslm_jax sorted"):
+        print(f"ratio {k} / s3tokenizer throughput: {med['s3tokenizer'] / med[k]:.2f}x")
+    print(f"load average after: {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
