@@ -10,13 +10,20 @@ import types
 
 import numpy as np
 
-if "torchaudio" not in sys.modules:
+_STUB = "torchaudio" not in sys.modules
+if _STUB:
     sys.modules["torchaudio"] = types.ModuleType("torchaudio")
 
 import s3tokenizer  # noqa: E402
 import torch  # noqa: E402
 from s3tokenizer.model import ModelConfig as ModelConfigV1, S3Tokenizer  # noqa: E402
 from s3tokenizer.model_v2 import ModelConfig as ModelConfigV2, S3TokenizerV2  # noqa: E402
+
+# The package holds its own reference now; the stand-in leaves sys.modules so that nothing else
+# (transformers probes `importlib.util.find_spec("torchaudio")`, which fails on a module without
+# a spec) takes torchaudio for installed.
+if _STUB:
+    del sys.modules["torchaudio"]
 
 TINY = dict(n_state=128, n_head=2, n_layer=2)
 
