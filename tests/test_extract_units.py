@@ -509,7 +509,7 @@ TWO_PROCESS_CHILD = textwrap.dedent("""
 
 def test_two_processes_extract_disjoint_shares_whose_union_is_the_manifest(tmp_path, tokdir,
                                                                              encoder):
-    from test_multihost import free_port
+    from test_multihost import communicate_all, free_port
 
     manifest, lines, _ = write_corpus(tmp_path / "audio", n=9)
     out = tmp_path / "units"
@@ -524,16 +524,8 @@ def test_two_processes_extract_disjoint_shares_whose_union_is_the_manifest(tmp_p
                "--num-processes", "2", "--process-id", str(i)]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
-    outs = []
-    deadline = time.time() + 240
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=max(deadline - time.time(), 1))[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("the two-process extraction hung")
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    codes, outs = communicate_all(procs, 240, "the two-process extraction")
+    assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     owners = {}
     for i in range(5):
         owners.setdefault(json.loads((out / marker_name(i, 5)).read_text())["process"], []).append(i)

@@ -76,6 +76,12 @@ def run_two_processes(run_dir, args, stop_at=None, timeout=300, run_dir_arg=None
                "--num-processes", "2", "--process-id", str(i), *args]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
+    return communicate_all(procs, timeout, "the two-process run")
+
+
+def communicate_all(procs, timeout: float, what: str) -> tuple[list[int], list[str]]:
+    """(exit codes, outputs) of processes of one job; all are killed and the test fails if they
+    are not done within `timeout` seconds together (one hung process would hang the others)."""
     deadline = time.time() + timeout
     outs = []
     for p in procs:
@@ -84,9 +90,8 @@ def run_two_processes(run_dir, args, stop_at=None, timeout=300, run_dir_arg=None
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            pytest.fail("the two-process run hung")
-    codes = [p.returncode for p in procs]
-    return codes, outs
+            pytest.fail(f"{what} hung")
+    return [p.returncode for p in procs], outs
 
 
 def test_two_processes_stop_resume_and_match_one_process(demo, base_ckpt, tmp_path):  # noqa: F811

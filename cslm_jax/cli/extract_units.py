@@ -1,6 +1,8 @@
 """`cslm-jax extract-units`: audio manifest -> speech-unit corpus (cslm_jax.speech.extract)."""
 import argparse
 
+from cslm_jax.cli import setup
+
 EPILOG = """\
 manifest: JSON lines with an 'audio' path and optional 'text', 'lang', 'id' (any other field is
 passed on), or 'question_audio' / 'answer_audio' for spoken-instruction (s2s) records, whose
@@ -52,14 +54,7 @@ def add_parser(sub):
     s.add_argument("--workers", type=int, default=4, help="threads reading and resampling audio")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--force", action="store_true", help="discard what --out holds and start over")
-    g = s.add_argument_group("multi-host (on a Cloud TPU VM slice nothing is needed: every worker "
-                             "runs the same command and takes its share of the shards)")
-    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="process 0's address, elsewhere (env CSLM_JAX_COORDINATOR)")
-    g.add_argument("--num-processes", type=int, default=None,
-                   help="processes in the job (env CSLM_JAX_NUM_PROCESSES)")
-    g.add_argument("--process-id", type=int, default=None,
-                   help="this process, 0..N-1 (env CSLM_JAX_PROCESS_ID)")
+    setup.add_multihost_arguments(s, "takes its share of the shards")
     return s
 
 

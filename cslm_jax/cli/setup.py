@@ -84,6 +84,20 @@ def start_tensorflow() -> None:
         absl.addFilter(QuietUncachedWarning())
 
 
+def add_multihost_arguments(parser, how: str):
+    """The flags of a multi-process job outside a Cloud TPU VM (where JAX finds the workers
+    itself); `how` ends the group's title: what each worker does on a slice. Returns the group."""
+    g = parser.add_argument_group(f"multi-host (on a Cloud TPU VM slice nothing is needed: every "
+                                  f"worker runs the same command and {how})")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="process 0's address, elsewhere (env CSLM_JAX_COORDINATOR)")
+    g.add_argument("--num-processes", type=int, default=None,
+                   help="processes in the job (env CSLM_JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, default=None,
+                   help="this process, 0..N-1 (env CSLM_JAX_PROCESS_ID)")
+    return g
+
+
 def prepare(*, trains: bool, tensorflow: bool) -> None:
     """Everything a command needs before it starts (see the module docstring)."""
     quiet_tpu_probe()                  # before anything imports JAX

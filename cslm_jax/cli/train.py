@@ -1,6 +1,8 @@
 """`cslm-jax train`: one CSLM stage (cslm_jax.train.loop)."""
 import argparse
 
+from cslm_jax.cli import setup
+
 TRAINS = True          # glibc malloc keeps freed memory (cslm_jax.cli.setup)
 
 EPILOG = """\
@@ -37,14 +39,7 @@ def add_parser(sub):
     s.add_argument("--init-from", default=None, help="model checkpoint to start from (import-hf "
                    "output, or a finished run folder: its parameters, not its optimizer state); "
                    "overrides the config's init_from; ignored when RUN_DIR has a checkpoint")
-    g = s.add_argument_group("multi-host (on a Cloud TPU VM slice nothing is needed: every worker "
-                             "runs the same command and JAX finds the others)")
-    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="process 0's address, elsewhere (env CSLM_JAX_COORDINATOR)")
-    g.add_argument("--num-processes", type=int, default=None,
-                   help="processes in the job (env CSLM_JAX_NUM_PROCESSES)")
-    g.add_argument("--process-id", type=int, default=None,
-                   help="this process, 0..N-1 (env CSLM_JAX_PROCESS_ID)")
+    g = setup.add_multihost_arguments(s, "JAX finds the others")
     g.add_argument("--data-shards", type=int, default=None,
                    help="input shards of a new run (default: one per process); fixed for the "
                    "run, so it can resume on any process count that divides it")
