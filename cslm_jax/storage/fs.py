@@ -102,13 +102,6 @@ def path(p, flag: str | None = None):
     return epath.Path(os.path.abspath(s))
 
 
-def local(p) -> Path:
-    """A pathlib.Path for a local `p`; StorageError if `p` is remote."""
-    if is_remote(p):
-        raise StorageError(f"{p}: expected a local path here")
-    return Path(os.fspath(p))
-
-
 def bucket_of(p) -> str:
     return str(p).split("://", 1)[1].split("/", 1)[0]
 
