@@ -51,16 +51,6 @@ def bucket(gcs):
     return gcs.create_bucket(name), name
 
 
-def gcs_losses(run_dir):
-    rows = [json.loads(x) for x in fs.path(run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["step"] for r in rows], np.array([r["loss"] for r in rows])
-
-
-def gcs_params(run_dir):
-    from cslm_jax.storage.checkpoint import load_params
-    return load_params(fs.path(run_dir) / "model")
-
-
 def steps_in_bucket(gcs, name, prefix):
     return sorted({int(o[len(prefix):].split("/")[0]) for o in gcs.objects(name, prefix)
                    if o[len(prefix):].split("/")[0].isdigit()})
@@ -114,14 +104,14 @@ def test_sigterm_and_resume_in_a_bucket_reproduce_a_local_run(demo, base_ckpt, t
     run_dir = fs.path(f"{url}/runs/demo")
     assert train(cfg, run_dir, log=quiet, on_step=sigterm_at_4) == EXIT_PREEMPTED
     assert steps_in_bucket(gcs, name, "runs/demo/checkpoints/") == [3, 4]
-    assert gcs_losses(run_dir)[0] == [1, 2, 3, 4]
+    assert losses(run_dir)[0] == [1, 2, 3, 4]
     assert not (run_dir / "model").exists()
     assert train(cfg, run_dir, log=quiet) == EXIT_OK                 # automatic resume
-    got_steps, resumed = gcs_losses(run_dir)
+    got_steps, resumed = losses(run_dir)
     assert got_steps == steps
     np.testing.assert_array_equal(resumed, straight)                # bit-identical trace
     for a, b in zip(jax.tree.leaves(model_params(tmp_path / "local")),
-                    jax.tree.leaves(gcs_params(run_dir))):
+                    jax.tree.leaves(model_params(run_dir))):
         np.testing.assert_array_equal(a, b)
     # keep=2 deleted the older steps in the bucket too; every kept step is committed
     assert steps_in_bucket(gcs, name, "runs/demo/checkpoints/") == [6, 8]
@@ -168,7 +158,7 @@ def test_sigkill_during_async_save_to_a_bucket_keeps_the_previous_checkpoint(
     assert steps_in_bucket(gcs, name, "killed/checkpoints/") == [2, 4, 6, 8]
     assert all(f"killed/checkpoints/{s}/commit_success.txt" in gcs.objects(name, "killed/")
                for s in (2, 4, 6, 8))
-    assert gcs_losses(fs.path(run_dir))[0][0] == 3                   # resumed after step 2
+    assert losses(fs.path(run_dir))[0][0] == 3                   # resumed after step 2
 
 
 def test_import_export_and_decode_load_through_a_bucket(make_hf_llama, tmp_path, gcs, bucket):
@@ -290,7 +280,7 @@ def test_two_processes_share_one_run_folder_in_a_bucket(demo, base_ckpt, tmp_pat
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    steps, multi_loss = gcs_losses(fs.path(run_dir))
+    steps, multi_loss = losses(fs.path(run_dir))
     single = tmp_path / "one_process"
     cfg = load_run_config(REPO / "configs" / "demo.yaml", args + ["train.num_devices=4"])
     assert train(cfg, single, log=quiet, data_shards=2) == EXIT_OK

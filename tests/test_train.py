@@ -49,13 +49,16 @@ def run_cfg(demo, base_ckpt, *overrides):
 
 
 def losses(run_dir):
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    """(steps, losses) of a run folder's metrics.jsonl (local or gs://)."""
+    from cslm_jax.storage import fs
+    rows = [json.loads(line) for line in (fs.path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r["step"] for r in rows], np.array([r["loss"] for r in rows])
 
 
 def model_params(run_dir):
+    from cslm_jax.storage import fs
     from cslm_jax.storage.checkpoint import load_params
-    return load_params(Path(run_dir) / "model")
+    return load_params(fs.path(run_dir) / "model")
 
 
 def quiet(*_):

@@ -125,9 +125,7 @@ def preflight(config, overrides, run_dir, init_from=None, data_cache=None) -> Ru
         if not where:
             raise TrainError("train: nothing to start from: set init_from in the config or pass "
                              "--init-from (a checkpoint written by `cslm-jax import-hf`)")
-        flag = "--init-from" if init_from else "init_from"
-        fs.check_bucket(fs.path(where, flag), flag)
-        resolve_model_dir(where, flag=flag)
+        resolve_model_dir(where, flag="--init-from" if init_from else "init_from")
     data_cfg = _load_data_config(cfg, data_cache)
     if cfg.data.stage not in data_cfg.stages:
         raise ConfigError(f"data.stage is {cfg.data.stage!r}; {cfg.data.config} has stages "
@@ -299,9 +297,9 @@ def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=prin
         raise ConfigError(f"data.stage is {cfg.data.stage!r}; {cfg.data.config} has stages "
                           f"{sorted(data_cfg.stages)}")
     from cslm_jax.model.vocab import load_tokenizer, require_cslm_tokens
-    require_cslm_tokens(load_tokenizer(run_dir / "tokenizer"), str(run_dir / "tokenizer"),
+    tokenizer_dir = fs.local_dir(run_dir / "tokenizer", "tokenizer folder")   # gs://: staged once
+    require_cslm_tokens(load_tokenizer(tokenizer_dir), str(run_dir / "tokenizer"),
                         data_cfg.format.unit_count)
-    tokenizer_dir = fs.local_dir(run_dir / "tokenizer", "tokenizer folder")   # gs://: staged
     failed = None
     if data_cache is None and jax.process_index() == 0:
         try:
