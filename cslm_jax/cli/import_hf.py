@@ -9,6 +9,10 @@ def add_parser(sub):
     s.add_argument("--speech-units", type=int, default=None,
                    help="number of unit tokens <0>..<N-1> (default 4096; 0: import the text model "
                    "unchanged; a tokenizer that already holds CSLM tokens keeps its count)")
+    s.add_argument("--speech-tokenizer", default=None, metavar="VERSION|DIR",
+                   help="take the number of unit tokens from the speech tokenizer the corpus was "
+                   "extracted with: a version (v1: 4096, v1_25hz: 4096, v2_25hz: 6561), an "
+                   "import-speech-tokenizer folder or an extract-units output folder")
     s.add_argument("--pad-vocab-multiple", type=int, default=128,
                    help="pad embedding rows to this multiple (padding logits are masked)")
     s.add_argument("--new-rows", choices=("mean", "normal"), default="mean",
@@ -25,5 +29,6 @@ def run(args) -> int:
 
     import_hf(args.hf_dir, args.out, speech_units=args.speech_units,
               pad_vocab_multiple=args.pad_vocab_multiple, new_rows=args.new_rows,
-              dtype=args.dtype, seed=args.seed, force=args.force)
+              dtype=args.dtype, seed=args.seed, force=args.force,
+              speech_tokenizer=args.speech_tokenizer)
     return 0

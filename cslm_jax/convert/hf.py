@@ -236,11 +236,23 @@ class SafetensorsFolder:
 
 def import_hf(hf_dir, out, speech_units: int | None = None, pad_vocab_multiple: int = 128,
               new_rows: str = "mean", dtype: str | None = None, seed: int = 0,
-              force: bool = False, log=print) -> Path:
+              force: bool = False, log=print, speech_tokenizer: str | None = None) -> Path:
     """Convert an HF Llama folder into a cslm_jax model checkpoint, extending the vocabulary with
     `speech_units` units and the CSLM control tokens (none when 0; default 4096, CosyVoice's
-    codebook). A folder whose tokenizer already holds the CSLM tokens (one we exported) keeps
-    its layout."""
+    codebook; `speech_tokenizer`, a version or a tokenizer / extract-units folder, gives its
+    codebook size). A folder whose tokenizer already holds the CSLM tokens (one we exported)
+    keeps its layout."""
+    if speech_tokenizer is not None:
+        from cslm_jax.speech.units import SpeechUnitsError, speech_units_info
+        try:
+            info = speech_units_info(speech_tokenizer, "--speech-tokenizer")
+        except SpeechUnitsError as e:
+            raise ConversionError(str(e)) from None
+        if speech_units is not None and speech_units != info.codebook_size:
+            raise ConversionError(f"--speech-units {speech_units} disagrees with --speech-tokenizer "
+                                  f"{speech_tokenizer} ({info.source}: {info.codebook_size} codes); "
+                                  f"give one of them")
+        speech_units = info.codebook_size
     check_output_dir(out, force)           # before reading any weights
     hf_dir = fs.local_dir(fs.path(hf_dir, "--hf-dir"), "Hugging Face folder")   # gs://: staged
     hf = read_hf_config(hf_dir)

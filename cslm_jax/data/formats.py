@@ -619,8 +619,9 @@ def read_jsonl(path, kind: str | None, cfg: FormatConfig, skip_bad: bool = False
                 skipped.append(err)
 
 
-def format_config_from_dict(data: dict, where: str = "data config") -> FormatConfig:
-    """FormatConfig from the `format` and `languages` sections of a data config."""
+def format_config_from_dict(data: dict, where: str = "data config", root=None) -> FormatConfig:
+    """FormatConfig from the `format` and `languages` sections of a data config (`root`: the
+    folder a relative `format.speech_tokenizer` resolves against)."""
     fmt = dict(data.get("format") or {})
     langs_raw = data.get("languages")
     if not isinstance(langs_raw, dict) or not langs_raw:
@@ -633,13 +634,40 @@ def format_config_from_dict(data: dict, where: str = "data config") -> FormatCon
             languages[code] = LanguageConfig(**spec)
         except TypeError as e:
             raise ConfigError(f"{where}: languages.{code}: {e}") from None
+    if "speech_tokenizer" in fmt:
+        _units_from_tokenizer(fmt, where, root)
     if "unit_count" not in fmt:
-        raise ConfigError(f"{where}: field 'format.unit_count' is required (the speech codebook size)")
+        raise ConfigError(f"{where}: field 'format.unit_count' is required (the speech codebook "
+                          f"size; or 'format.speech_tokenizer': a version or tokenizer folder)")
     try:
         return FormatConfig(languages=languages, **fmt)
     except TypeError as e:
         raise ConfigError(f"{where}: section 'format': {e}") from None
 
+
+def _units_from_tokenizer(fmt: dict, where: str, root) -> None:
+    """`format.speech_tokenizer` (a version, a tokenizer folder or an extract-units folder) sets
+    unit_count and unit_rate; either given as well must agree with it."""
+    from cslm_jax.speech.units import ALIASES, UNITS, SpeechUnitsError, speech_units_info
+
+    spec = fmt.pop("speech_tokenizer")
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"{where}: field 'format.speech_tokenizer' must be a version name or a "
+                          f"folder, got {spec!r}")
+    name = spec                 # a version, or a folder (relative: against data_dir)
+    if ALIASES.get(spec, spec) not in UNITS and root is not None and "://" not in spec \
+            and not os.path.isabs(os.path.expanduser(spec)):
+        name = str(root / spec)
+    try:
+        info = speech_units_info(name, f"{where}: field 'format.speech_tokenizer'")
+    except SpeechUnitsError as e:
+        raise ConfigError(str(e)) from None
+    for field, value in (("unit_count", info.codebook_size), ("unit_rate", info.units_per_second)):
+        if field in fmt and fmt[field] != value:
+            raise ConfigError(f"{where}: field 'format.{field}' is {fmt[field]} but "
+                              f"'format.speech_tokenizer' ({info.source}) gives {value:g}; drop "
+                              f"'format.{field}' or make them agree")
+        fmt[field] = value
 
 
 # -- data configuration (YAML) ---------------------------------------------------------------------
@@ -703,7 +731,7 @@ def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = Tr
             raise ConfigError(f"{path}: field '{field}': file {p} does not exist")
         return str(p)
 
-    fmt = format_config_from_dict(data, str(path))
+    fmt = format_config_from_dict(data, str(path), root=root)
     packing = dict(data.get("packing") or {})
     unknown = sorted(set(packing) - {"max_length", "shuffle_buffer", "skip_bad"})
     if unknown:
