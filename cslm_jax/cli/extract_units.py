@@ -10,6 +10,11 @@ passed on), or 'question_audio' / 'answer_audio' for spoken-instruction (s2s) re
 Relative paths resolve against the manifest's folder. Audio: wav/flac/ogg/mp3 at any rate, any
 channels (averaged to mono, resampled to 16 kHz).
 
+--tfds NAME:VERSION instead of a manifest reads a prepared TFDS audio dataset (e.g.
+librispeech:2.1.1 --tfds-split train_clean100 --lang en): each example's Audio feature is
+tokenized and its text / id / number features are copied into the record (--tfds-fields maps
+them otherwise, e.g. question_audio=q,answer_audio=a for spoken instructions).
+
 output (--out): units-SSSSS-of-NNNNN.jsonl shards (paired / spoken_instruction records with raw
 codes, before repeat merging), a .done.json marker per shard, skipped.jsonl and COMPLETE.json at
 the end. Rerunning the same command resumes a killed run (finished shards are kept) and does
@@ -25,8 +30,18 @@ def add_parser(sub):
     s = sub.add_parser("extract-units", help="tokenize the audio of a manifest into speech "
                        "units (paired / s2s JSONL corpora), on every device of every host",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--manifest", required=True, help="JSONL (audio, text, lang, id) or a list "
-                   "of audio paths")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", help="JSONL (audio, text, lang, id) or a list of audio paths")
+    src.add_argument("--tfds", metavar="NAME[/CONFIG]:VERSION", help="a prepared TFDS audio "
+                     "dataset instead of a manifest, e.g. librispeech:2.1.1 (never downloaded)")
+    s.add_argument("--tfds-split", default="train", help="with --tfds: the split, slicing "
+                   "allowed (train_clean100, train_clean100[:5000])")
+    s.add_argument("--tfds-data-dir", default=None, help="with --tfds: where it was prepared "
+                   "(default: TFDS's own, $TFDS_DATA_DIR; gs:// is read by TFDS itself)")
+    s.add_argument("--tfds-fields", default=None, metavar="FIELD=FEATURE,...",
+                   help="with --tfds: record field -> feature (audio / question_audio / "
+                   "answer_audio name Audio features); default: the one Audio feature is 'audio' "
+                   "and every text or number feature keeps its name")
     s.add_argument("--tokenizer", required=True, help="speech tokenizer folder "
                    "(import-speech-tokenizer output)")
     s.add_argument("--out", required=True, help="output folder; the same command resumes it")
@@ -77,6 +92,32 @@ def options(args):
                    workers=args.workers, progress=not args.no_progress)
 
 
+def uses_tensorflow(args) -> bool:
+    return args.tfds is not None
+
+
+def tfds_source(args):
+    """--tfds and its flags as a `TfdsAudio` source (None without --tfds)."""
+    from cslm_jax.data.audio import TfdsAudio
+    from cslm_jax.speech.extract import ExtractError
+
+    if args.tfds is None:
+        if args.tfds_fields is not None or args.tfds_data_dir is not None \
+                or args.tfds_split != "train":
+            raise ExtractError("--tfds-split, --tfds-data-dir and --tfds-fields go with --tfds")
+        return None
+    fields = []
+    for part in (args.tfds_fields or "").split(","):
+        if not part.strip():
+            continue
+        field, sep, feature = part.partition("=")
+        if not sep or not field.strip() or not feature.strip():
+            raise ExtractError(f"--tfds-fields {args.tfds_fields!r}: expected FIELD=FEATURE "
+                               f"pairs separated by commas")
+        fields.append((field.strip(), feature.strip()))
+    return TfdsAudio(args.tfds, args.tfds_split, args.tfds_data_dir, tuple(fields))
+
+
 def check(args, parser) -> None:
     """Flags, the manifest and the tokenizer folder, before JAX starts."""
     from pathlib import Path
@@ -84,6 +125,7 @@ def check(args, parser) -> None:
     from cslm_jax.speech.extract import ExtractError
 
     options(args)
+    tfds_source(args)
     for flag, value in (("--manifest", args.manifest), ("--tokenizer", args.tokenizer),
                         ("--out", args.out), ("--data-config", args.data_config)):
         if value is not None and "://" in str(value):
@@ -91,7 +133,7 @@ def check(args, parser) -> None:
                                f"(audio is read by libsndfile); copy the audio to local disk or "
                                f"mount the bucket with gcsfuse, then copy the unit shards to "
                                f"gs:// for training")
-    if not Path(args.manifest).is_file():
+    if args.manifest is not None and not Path(args.manifest).is_file():
         raise ExtractError(f"--manifest {args.manifest}: no such file")
     if not Path(args.tokenizer).is_dir():
         raise ExtractError(f"--tokenizer {args.tokenizer}: no such folder")
@@ -113,7 +155,8 @@ def run(args) -> int:
         fmt = load_data_config(args.data_config, check_files=False).format
     opts = options(args)
     encoder = open_tokenizer(args.tokenizer, precision=args.precision)
-    summary = extract(args.manifest, args.out, encoder, tokenizer_dir=args.tokenizer, opts=opts,
+    source = tfds_source(args) or args.manifest
+    summary = extract(source, args.out, encoder, tokenizer_dir=args.tokenizer, opts=opts,
                       force=args.force, fmt=fmt)
     if primary or summary.shards_done_here:
         for line in summary.lines():

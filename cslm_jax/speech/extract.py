@@ -1,6 +1,8 @@
 """Speech units from audio at corpus scale (`cslm-jax extract-units`).
 
-A manifest (`cslm_jax.data.audio.index_manifest`) is cut into fixed shards of `shard_size` lines.
+A manifest (`cslm_jax.data.audio.index_manifest`), or a TFDS dataset split (`TfdsAudio`: its
+examples' audio is read from the dataset, in its order), is cut into fixed shards of `shard_size`
+lines.
 Each shard's audio is read by a pool of threads (soundfile + soxr, ahead of the device), sorted
 by length and cut into batches padded to a few bucket lengths, so that a handful of compiled
 shapes serve the whole corpus; each batch runs through the speech tokenizer, data-parallel over
@@ -42,8 +44,9 @@ from typing import Protocol
 
 import numpy as np
 
-from cslm_jax.data.audio import (AUDIO_FIELDS, SAMPLE_RATE, AudioError, ManifestEntry,
-                                 index_manifest, load_audio, probe_seconds)
+from cslm_jax.data.audio import (AUDIO_FIELDS, SAMPLE_RATE, AudioError, ManifestEntry, TfdsAudio,
+                                 array_audio, array_seconds, index_manifest, load_audio,
+                                 probe_seconds)
 from cslm_jax.errors import CslmError, OutputExistsError
 
 FORMAT = "cslm_jax.extract_units/1"
@@ -232,8 +235,9 @@ def done_shards(out: Path, count: int) -> set[int]:
 class _Item:
     entry: int                  # index of the entry in the shard
     field: str                  # audio | question_audio | answer_audio
-    path: str
+    path: str                   # a file, or a label for audio held in memory (TFDS)
     seconds: float = 0.0
+    array: tuple | None = None  # (samples or encoded bytes, rate) for audio held in memory
 
 
 @dataclasses.dataclass
@@ -261,6 +265,8 @@ class _Failures:
 
 def _probe(item: _Item):
     try:
+        if item.array is not None:
+            return array_seconds(item.array[0], item.array[1], item.path)
         return probe_seconds(item.path)
     except AudioError as e:
         return e
@@ -268,6 +274,8 @@ def _probe(item: _Item):
 
 def _load(item: _Item, sample_rate: int):
     try:
+        if item.array is not None:
+            return array_audio(item.array[0], item.array[1], item.path, sample_rate)
         return load_audio(item.path, sample_rate)
     except AudioError as e:
         return e
@@ -284,7 +292,7 @@ def extract_shard(entries: Sequence[ManifestEntry], encoder: Encoder, opts: Opti
         if e.error is not None:
             fail.add(k, e.where, "<line>", None, e.error)
             continue
-        items.extend(_Item(k, f, p) for f, p in e.audio.items())
+        items.extend(_Item(k, f, p, array=(e.arrays or {}).get(f)) for f, p in e.audio.items())
     # headers first: durations for the batches, and missing / unreadable files found early
     usable = []
     for item, seconds in zip(items, pool.map(_probe, items)):
@@ -434,16 +442,20 @@ class Summary:
         return lines
 
 
-def extract(manifest: str | Path, out: str | Path, encoder: Encoder, *, tokenizer_dir: str | Path,
+def extract(manifest, out: str | Path, encoder: Encoder, *, tokenizer_dir: str | Path,
             opts: Options = Options(), force: bool = False, fmt=None,
             log: Callable[[str], None] = print) -> Summary:
-    """Extract the units of `manifest` into `out` with `encoder` (see the module docstring).
+    """Extract the units of `manifest` (a manifest file, or a `cslm_jax.data.audio.TfdsAudio`
+    dataset split) into `out` with `encoder` (see the module docstring).
     Multi-process: every process calls this with the same arguments after joining the job."""
     import jax
 
     from cslm_jax.parallel.distributed import any_process, barrier, check_shared_dir
 
-    manifest, out = Path(manifest), Path(out).absolute()
+    tfds_source = isinstance(manifest, TfdsAudio)
+    if not tfds_source:
+        manifest = Path(manifest)
+    out = Path(out).absolute()
     if fmt is not None and fmt.unit_count != encoder.codebook_size:
         raise ExtractError(f"the data config's format.unit_count is {fmt.unit_count} but the "
                            f"tokenizer ({encoder.version}) has {encoder.codebook_size} codes")
@@ -451,7 +463,8 @@ def extract(manifest: str | Path, out: str | Path, encoder: Encoder, *, tokenize
     primary = proc == 0
     error = None
     try:          # every process reads the manifest and the tokenizer folder itself
-        index = index_manifest(manifest, opts.shard_size)
+        index = manifest.index(opts.shard_size) if tfds_source else \
+            index_manifest(manifest, opts.shard_size)
         ident = identity(manifest_sha256=index.sha256, manifest_lines=index.entries,
                          encoder=encoder, tokenizer_dir=tokenizer_dir, opts=opts)
     except CslmError as e:
@@ -461,7 +474,7 @@ def extract(manifest: str | Path, out: str | Path, encoder: Encoder, *, tokenize
                                     f"manifest (its log says why)")
     if primary:
         try:
-            prepare_output(out, ident, str(manifest.resolve()), force,
+            prepare_output(out, ident, str(manifest if tfds_source else manifest.resolve()), force,
                            str(Path(tokenizer_dir).resolve()))
         except CslmError as e:
             error = e
