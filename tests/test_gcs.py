@@ -353,10 +353,6 @@ def test_commit_file_mode_on_a_mount_writes_in_place_and_marks_last(tmp_path, mo
 
 
 @pytest.mark.parametrize("argv, flag", [
-    (["extract-units", "--manifest", "gs://b/m.jsonl", "--tokenizer", "/tmp", "--out", "/tmp/u"],
-     "--manifest gs://b/m.jsonl"),
-    (["extract-units", "--manifest", "MANIFEST", "--tokenizer", "/tmp", "--out", "gs://b/units"],
-     "--out gs://b/units"),
     (["import-speech-tokenizer", "--from", "/tmp/x.onnx", "--version", "v1", "--out", "gs://b/t"],
      "--out gs://b/t"),
 ])
@@ -377,3 +373,63 @@ def test_local_only_path_arguments_refuse_urls():
     r = cli("demo", "--out", "gs://b/demo", timeout=120)
     assert r.returncode == 2 and "--out gs://b/demo:" in r.stderr
     assert not Path("gs:").exists()
+
+
+def test_extract_units_reads_and_writes_a_bucket(tmp_path, gcs, bucket):
+    """Manifest, audio and tokenizer in a bucket, units written to it: the same records as a
+    local run; the same command then finds the bucket's extraction complete; a missing bucket is
+    refused before any work."""
+    import soundfile as sf
+
+    from cslm_jax.cli.main import main
+    from cslm_jax.speech import save_random_tokenizer
+
+    url, name = bucket
+    local = tmp_path / "corpus"
+    local.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, seconds in enumerate((0.6, 1.9, 1.1, 2.6, 0.9)):
+        fname = f"u{i}.{'flac' if i % 2 else 'wav'}"
+        sf.write(local / fname, 0.2 * rng.standard_normal(int(seconds * 16000)), 16000)
+        lines.append({"id": f"u{i}", "audio": fname, "text": f"word {i}", "lang": "en"})
+    (local / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    save_random_tokenizer(tmp_path / "tok", "v1", seed=0, n_state=64, n_head=2, n_layer=1)
+    fs.upload_dir(local, f"{url}/corpus")
+    fs.upload_dir(tmp_path / "tok", f"{url}/tok")
+    common = ["--shard-size", "2", "--batch-size", "2", "--no-progress"]
+    assert main(["extract-units", "--manifest", str(local / "m.jsonl"), "--tokenizer",
+                 str(tmp_path / "tok"), "--out", str(tmp_path / "units"), *common]) == 0
+    remote = ["extract-units", "--manifest", f"{url}/corpus/m.jsonl", "--tokenizer", f"{url}/tok",
+              "--out", f"{url}/units", *common]
+    assert main(remote) == 0
+
+    def records(root):
+        done = json.loads(fs.path(f"{root}/COMPLETE.json").read_text())
+        return [json.loads(line) for s in done["shards"]
+                for line in fs.path(f"{root}/{s}").read_text().splitlines()]
+
+    here, there = records(tmp_path / "units"), records(f"{url}/units")
+    assert here == there and all(r["units"] for r in there)      # fields passed on as written
+    assert [r["audio"] for r in there] == [x["audio"] for x in lines]
+    plan = json.loads(fs.path(f"{url}/units/extract.json").read_text())
+    assert plan["tokenizer_dir"] == f"{url}/tok" and plan["manifest"] == f"{url}/corpus/m.jsonl"
+    assert sorted(o.split("/", 1)[1] for o in gcs.objects(name, "units/")) == sorted(
+        ["extract.json", "COMPLETE.json", "skipped.jsonl"]
+        + [f"units-{i:05d}-of-00003.{k}" for i in range(3) for k in ("jsonl", "done.json")])
+    assert main(remote) == 0                       # complete: nothing redone
+    # a local list of gs:// audio URLs
+    (tmp_path / "list.txt").write_text("".join(f"{url}/corpus/{x['audio']}\n" for x in lines))
+    assert main(["extract-units", "--manifest", str(tmp_path / "list.txt"), "--tokenizer",
+                 str(tmp_path / "tok"), "--out", str(tmp_path / "units2"), *common]) == 0
+    assert [r["units"] for r in records(tmp_path / "units2")] == [r["units"] for r in here]
+    (tmp_path / "list.txt").write_text(f"{url}/corpus/missing.wav\n")
+    from cslm_jax.speech.extract import ExtractError, Options, extract, open_tokenizer
+    with pytest.raises(ExtractError, match=f"{url}/corpus/missing.wav: missing"):
+        extract(tmp_path / "list.txt", tmp_path / "units3", open_tokenizer(tmp_path / "tok"),
+                tokenizer_dir=tmp_path / "tok", opts=Options(progress=False))
+    assert not Path("gs:").exists()
+    r = cli("extract-units", "--manifest", f"{url}/corpus/m.jsonl", "--tokenizer", f"{url}/tok",
+            "--out", "gs://no-such-bucket/units", env=gcs.env(), timeout=120)
+    assert r.returncode == 2 and "--out gs://no-such-bucket/units: bucket gs://no-such-bucket " \
+        "does not exist" in r.stderr, r.stderr[-2000:]

@@ -7,8 +7,9 @@ EPILOG = """\
 manifest: JSON lines with an 'audio' path and optional 'text', 'lang', 'id' (any other field is
 passed on), or 'question_audio' / 'answer_audio' for spoken-instruction (s2s) records, whose
 'question_units' / 'answer_units' are filled; or a plain list of audio paths, one a line.
-Relative paths resolve against the manifest's folder. Audio: wav/flac/ogg/mp3 at any rate, any
-channels (averaged to mono, resampled to 16 kHz).
+Relative paths resolve against the manifest's folder (in a bucket too; gs:// audio paths are
+read as they are). Audio: wav/flac/ogg/mp3 at any rate, any channels (averaged to mono,
+resampled to 16 kHz).
 
 --tfds NAME:VERSION instead of a manifest reads a prepared TFDS audio dataset (e.g.
 librispeech:2.1.1 --tfds-split train_clean100 --lang en): each example's Audio feature is
@@ -31,7 +32,8 @@ def add_parser(sub):
                        "units (paired / s2s JSONL corpora), on every device of every host",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--manifest", help="JSONL (audio, text, lang, id) or a list of audio paths")
+    src.add_argument("--manifest", help="JSONL (audio, text, lang, id) or a list of audio paths "
+                     "(local or gs://, as the audio it names)")
     src.add_argument("--tfds", metavar="NAME[/CONFIG]:VERSION", help="a prepared TFDS audio "
                      "dataset instead of a manifest, e.g. librispeech:2.1.1 (never downloaded)")
     s.add_argument("--tfds-split", default="train", help="with --tfds: the split, slicing "
@@ -43,8 +45,9 @@ def add_parser(sub):
                    "answer_audio name Audio features); default: the one Audio feature is 'audio' "
                    "and every text or number feature keeps its name")
     s.add_argument("--tokenizer", required=True, help="speech tokenizer folder "
-                   "(import-speech-tokenizer output)")
-    s.add_argument("--out", required=True, help="output folder; the same command resumes it")
+                   "(import-speech-tokenizer output; local or gs://)")
+    s.add_argument("--out", required=True, help="output folder (local or gs://); the same "
+                   "command resumes it")
     s.add_argument("--batch-size", type=int, default=32, help="utterances per batch up to 30 s "
                    "(rounded up to a multiple of the local devices; fewer for longer audio)")
     s.add_argument("--on-bad", choices=("strict", "skip"), default="strict",
@@ -119,25 +122,22 @@ def tfds_source(args):
 
 
 def check(args, parser) -> None:
-    """Flags, the manifest and the tokenizer folder, before JAX starts."""
-    from pathlib import Path
-
+    """Flags, the manifest and the tokenizer folder (local or gs://), before JAX starts."""
     from cslm_jax.speech.extract import ExtractError
+    from cslm_jax.storage import fs
 
     options(args)
     tfds_source(args)
     for flag, value in (("--manifest", args.manifest), ("--tokenizer", args.tokenizer),
                         ("--out", args.out), ("--data-config", args.data_config)):
-        if value is not None and "://" in str(value):
-            raise ExtractError(f"{flag} {value}: extract-units reads and writes local paths only "
-                               f"(audio is read by libsndfile); copy the audio to local disk or "
-                               f"mount the bucket with gcsfuse, then copy the unit shards to "
-                               f"gs:// for training")
-    if args.manifest is not None and not Path(args.manifest).is_file():
+        if value is not None:
+            fs.path(value, flag)                # gs:// or local; other schemes are refused
+            fs.check_bucket(value, flag)
+    if args.manifest is not None and not fs.path(args.manifest).is_file():
         raise ExtractError(f"--manifest {args.manifest}: no such file")
-    if not Path(args.tokenizer).is_dir():
+    if not fs.path(args.tokenizer).is_dir():
         raise ExtractError(f"--tokenizer {args.tokenizer}: no such folder")
-    if args.data_config is not None and not Path(args.data_config).is_file():
+    if args.data_config is not None and not fs.path(args.data_config).is_file():
         raise ExtractError(f"--data-config {args.data_config}: no such file")
 
 
@@ -154,10 +154,13 @@ def run(args) -> int:
         from cslm_jax.data.formats import load_data_config
         fmt = load_data_config(args.data_config, check_files=False).format
     opts = options(args)
-    encoder = open_tokenizer(args.tokenizer, precision=args.precision)
+    from cslm_jax.storage import fs
+
+    tokenizer = fs.local_dir(args.tokenizer, "speech tokenizer folder")   # gs://: downloaded
+    encoder = open_tokenizer(tokenizer, precision=args.precision)
     source = tfds_source(args) or args.manifest
-    summary = extract(source, args.out, encoder, tokenizer_dir=args.tokenizer, opts=opts,
-                      force=args.force, fmt=fmt)
+    summary = extract(source, args.out, encoder, tokenizer_dir=tokenizer, opts=opts,
+                      force=args.force, fmt=fmt, tokenizer_source=str(args.tokenizer))
     if primary or summary.shards_done_here:
         for line in summary.lines():
             print(line, flush=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cslm_jax.errors import CslmError
+from cslm_jax.storage import fs
 
 SAMPLE_RATE = 16000
 # the fields of a manifest record that name audio files, and the unit fields they fill
@@ -43,17 +44,27 @@ def _soundfile():
     return soundfile
 
 
+def _opened(path):
+    """(label, what soundfile reads) for a local path or a gs:// URL (an open file object);
+    AudioError if it does not exist."""
+    p = fs.path(path) if fs.is_remote(path) else Path(path)
+    if not p.is_file():
+        raise AudioError(path, "missing (no such file)" if not p.exists() else "not a file")
+    return str(p), (p.open("rb") if fs.is_remote(path) else str(p))
+
+
 def probe_seconds(path: str | Path) -> float:
-    """The duration of an audio file from its header (no decoding); AudioError if it is missing,
-    unreadable or empty."""
+    """The duration of an audio file (local or gs://) from its header (no decoding); AudioError
+    if it is missing, unreadable or empty."""
     sf = _soundfile()
-    path = Path(path)
-    if not path.is_file():
-        raise AudioError(path, "missing (no such file)" if not path.exists() else "not a file")
+    path, source = _opened(path)
     try:
-        info = sf.info(str(path))
+        info = sf.info(source)
     except Exception as e:          # libsndfile's errors (LibsndfileError, RuntimeError, ...)
         raise AudioError(path, f"unreadable: {_reason(e)}") from None
+    finally:
+        if not isinstance(source, str):
+            source.close()
     if info.frames <= 0 or info.samplerate <= 0:
         raise AudioError(path, "empty (no samples)")
     return info.frames / info.samplerate
@@ -68,13 +79,14 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """The file as a mono float32 waveform at `sample_rate` (channels averaged, resampled with
     soxr's high-quality filter where the file's rate differs)."""
     sf = _soundfile()
-    path = Path(path)
-    if not path.is_file():
-        raise AudioError(path, "missing (no such file)" if not path.exists() else "not a file")
+    path, source = _opened(path)
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(source, dtype="float32", always_2d=True)
     except Exception as e:
         raise AudioError(path, f"unreadable: {_reason(e)}") from None
+    finally:
+        if not isinstance(source, str):
+            source.close()
     return _mono_checked(data, rate, path, sample_rate)
 
 
@@ -136,7 +148,7 @@ class ManifestIndex:
         """The entries of group `g` (see `read_manifest` for `strict`)."""
         offset, line = self.starts[g]
         entries: list[ManifestEntry] = []
-        with open(self.path, "rb") as f:
+        with self.path.open("rb") as f:
             f.seek(offset)
             for n, raw in enumerate(f, start=line):
                 if len(entries) == self.group:
@@ -163,11 +175,11 @@ class ManifestIndex:
 def index_manifest(path: str | Path, group: int) -> ManifestIndex:
     """Scan a manifest once (checksum, entry count, group starts); ManifestError if it cannot be
     read or lists nothing."""
-    path = Path(path)
+    path = fs.path(path, "--manifest")          # local or gs://
     h = hashlib.sha256()
     starts, entries, offset, first = [], 0, 0, None
     try:
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             for n, raw in enumerate(f, start=1):
                 h.update(raw)
                 if raw.strip():
@@ -228,7 +240,11 @@ def _parse(line: str, where: str, root: Path, jsonl: bool) -> tuple[dict, dict[s
     return record, audio
 
 
-def _resolve(name: str, root: Path) -> Path:
+def _resolve(name: str, root):
+    """An audio path of a manifest: a gs:// URL as is, else absolute or relative to the
+    manifest's folder (which may itself be in a bucket)."""
+    if fs.is_remote(name):
+        return name
     p = Path(name).expanduser()
     return p if p.is_absolute() else root / p
 

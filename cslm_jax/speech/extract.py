@@ -34,7 +34,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -48,6 +47,7 @@ from cslm_jax.data.audio import (AUDIO_FIELDS, SAMPLE_RATE, AudioError, Manifest
                                  array_audio, array_seconds, index_manifest, load_audio,
                                  probe_seconds)
 from cslm_jax.errors import CslmError, OutputExistsError
+from cslm_jax.storage import fs
 
 FORMAT = "cslm_jax.extract_units/1"
 PLAN_FILE = "extract.json"
@@ -137,7 +137,10 @@ def marker_name(index: int, count: int) -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to a hidden sibling, then rename it over `path`: readers see the old file or
-    the whole new one, never a part."""
+    the whole new one, never a part. In a bucket one object upload is that already."""
+    if fs.is_remote(path):
+        path.write_text(text)
+        return
     tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -211,13 +214,14 @@ def prepare_output(out: Path, ident: dict, manifest: str, force: bool,
                                     f"discard its contents")
     if force and out.is_dir():
         for child in out.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
+            if fs.is_remote(child) or not os.path.islink(os.fspath(child)):
+                fs.rmtree(child)
             else:
                 child.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.partial-*"):          # a killed run's unfinished writes
-        stale.unlink(missing_ok=True)
+    if not fs.is_remote(out):
+        for stale in out.glob(".*.partial-*"):      # a killed run's unfinished writes
+            stale.unlink(missing_ok=True)
     if state == "new":
         write_atomic(plan, json.dumps({**ident, "manifest": str(manifest),
                                        "tokenizer_dir": str(tokenizer_dir)}, indent=2) + "\n")
@@ -225,8 +229,9 @@ def prepare_output(out: Path, ident: dict, manifest: str, force: bool,
 
 
 def done_shards(out: Path, count: int) -> set[int]:
+    names = fs.listdir(out)                     # one listing (a bucket: one request, not 2N)
     return {i for i in range(count)
-            if (out / marker_name(i, count)).is_file() and (out / shard_name(i, count)).is_file()}
+            if marker_name(i, count) in names and shard_name(i, count) in names}
 
 
 # -- one shard ------------------------------------------------------------------------------------
@@ -444,9 +449,11 @@ class Summary:
 
 def extract(manifest, out: str | Path, encoder: Encoder, *, tokenizer_dir: str | Path,
             opts: Options = Options(), force: bool = False, fmt=None,
-            log: Callable[[str], None] = print) -> Summary:
-    """Extract the units of `manifest` (a manifest file, or a `cslm_jax.data.audio.TfdsAudio`
-    dataset split) into `out` with `encoder` (see the module docstring).
+            log: Callable[[str], None] = print, tokenizer_source: str | None = None) -> Summary:
+    """Extract the units of `manifest` (a manifest file, local or gs://, or a
+    `cslm_jax.data.audio.TfdsAudio` dataset split) into `out` (local or gs://) with `encoder`
+    (see the module docstring); `tokenizer_dir` is the tokenizer's local folder (its files are
+    the extraction's identity), `tokenizer_source` where it came from, if elsewhere (recorded).
     Multi-process: every process calls this with the same arguments after joining the job."""
     import jax
 
@@ -454,8 +461,8 @@ def extract(manifest, out: str | Path, encoder: Encoder, *, tokenizer_dir: str |
 
     tfds_source = isinstance(manifest, TfdsAudio)
     if not tfds_source:
-        manifest = Path(manifest)
-    out = Path(out).absolute()
+        manifest = fs.path(manifest, "--manifest")     # local (absolute) or gs://
+    out = fs.path(out, "--out")                 # local (absolute) or gs://
     if fmt is not None and fmt.unit_count != encoder.codebook_size:
         raise ExtractError(f"the data config's format.unit_count is {fmt.unit_count} but the "
                            f"tokenizer ({encoder.version}) has {encoder.codebook_size} codes")
@@ -474,8 +481,8 @@ def extract(manifest, out: str | Path, encoder: Encoder, *, tokenizer_dir: str |
                                     f"manifest (its log says why)")
     if primary:
         try:
-            prepare_output(out, ident, str(manifest if tfds_source else manifest.resolve()), force,
-                           str(Path(tokenizer_dir).resolve()))
+            prepare_output(out, ident, str(manifest), force,
+                           tokenizer_source or str(Path(tokenizer_dir).resolve()))
         except CslmError as e:
             error = e
     if any_process(error is not None):
