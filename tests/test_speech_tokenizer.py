@@ -129,6 +129,30 @@ def test_codes_match_the_package(version, waves):
         np.testing.assert_array_equal(a, b)
 
 
+def test_length_groups_give_the_same_codes():
+    """A list of 21 utterances of 0.2-10 s runs as length-sorted groups of 8 rows (a partial group
+    of 5 first), each padded to its own longest row: codes equal to the whole batch padded to its
+    longest row; a padded array is not regrouped unless asked."""
+    from cslm_jax.speech.tokenizer import GROUP_ROWS
+
+    rng = np.random.default_rng(4)
+    lengths = rng.integers(3200, 160000, 21).tolist()
+    waves = speechlike(lengths, seed=9)
+    tok = random_speech_tokenizer("v1", seed=2, **TINY)
+    groups = tok._length_groups(np.array(lengths), 160000, 16000)
+    assert [len(i) for i, _ in groups] == [5, 8, 8] and GROUP_ROWS == 8
+    assert sorted(np.concatenate([i for i, _ in groups]).tolist()) == list(range(21))
+    widths = [w for _, w in groups]
+    assert widths == sorted(widths) and widths[0] < 160000
+    for idx, w in groups:
+        assert max(lengths[i] for i in idx) <= w
+    whole = tok.encode(waves, regroup=False)
+    for a, b in zip(tok.encode(waves), whole):
+        np.testing.assert_array_equal(a, b)
+    # all of one length: nothing to gain, one batch
+    assert tok._length_groups(np.full(21, 40000), 48000, 16000) is None
+
+
 def test_sharded_over_a_mesh_equals_one_device(waves):
     """The batch axis sharded over 4 (fake CPU) devices, the batch padded from 5 to 8 rows:
     the same codes as on one device."""

@@ -8,13 +8,40 @@ from typing import Sequence
 import numpy as np
 
 from cslm_jax.speech import mel as melmod
-from cslm_jax.speech.s3 import (WINDOW_FRAMES, S3Config, SpeechTokenizerError, check_params,
-                                code_lengths, encode_mel, encoder, merge_windows, window_starts)
+from cslm_jax.speech.s3 import (PRECISIONS, WINDOW_FRAMES, S3Config, SpeechTokenizerError,
+                                check_params, code_lengths, encode_mel, encoder, merge_windows,
+                                window_starts)
 
 LONG_AUDIO_MODES = ("window", "window_package", "refuse")
 # Samples that give exactly WINDOW_FRAMES mel frames at most: a batch of utterances all <= 30 s
 # never needs more of its padded waveform than this.
 _SHORT_MAX_SAMPLES = (WINDOW_FRAMES + 1) * melmod.HOP - 1
+GROUP_ROWS = 8              # rows of a length group (`SpeechTokenizer.encode(regroup=True)`)
+REGROUP_GAIN = 0.2          # regroup a batch when that cuts its padded samples by this much
+
+
+def extraction_step(cfg: S3Config, precision: str = "highest", unroll: bool = False):
+    """The step `encode` (and so `cslm-jax extract-units`) compiles for a batch of utterances
+    <= 30 s: `(params, wave [B, N] float32, lengths [B] int32) -> (codes [B, T'] int32,
+    code_len [B])`, log-mel front end + encoder + quantizer. `cslm-jax compile --speech-tokenizer`
+    compiles the same function for a TPU (`cslm_jax.tpu.aot.compile_extraction_step`)."""
+    def step(params, wave, lengths):
+        mel, mel_len = melmod.log_mel(wave, lengths, cfg.n_mels)
+        return encode_mel(params, cfg, mel, mel_len, precision, unroll)
+    return step
+
+
+def jit_step(fn, mesh=None, batch_axis=None, n_batched_in: int = 2, n_out: int = 2):
+    """`jax.jit(fn)`; with a mesh, weights (the first argument) replicated and the batch axis of
+    the other arguments and of the outputs sharded over `batch_axis` (default: all mesh axes)."""
+    import jax
+    if mesh is None:
+        return jax.jit(fn)
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    axis = batch_axis if batch_axis is not None else tuple(mesh.axis_names)
+    batch, replicated = NamedSharding(mesh, P(axis)), NamedSharding(mesh, P())
+    return jax.jit(fn, in_shardings=(replicated,) + (batch,) * n_batched_in,
+                   out_shardings=(batch,) * n_out)
 
 
 class SpeechTokenizer:
@@ -24,7 +51,8 @@ class SpeechTokenizer:
     `codebook_size` (4096 or 6561), `units_per_second` (50 or 25), `sample_rate` (16000),
     `config` (`S3Config`), `params`, `precision` (matmul precision: "highest" matches the
     package's float32 on any backend; "default" is faster on TPU, at the cost of more codes that
-    differ where two codewords nearly tie), `mesh`/`batch_axis` (None: one device).
+    differ where two codewords nearly tie; "bfloat16" computes what a TPU's "default" does on
+    any backend), `mesh`/`batch_axis` (None: one device).
     """
 
     sample_rate = melmod.SAMPLE_RATE
@@ -35,8 +63,9 @@ class SpeechTokenizer:
         import jax
 
         check_params(config, params)
-        if precision not in ("highest", "high", "default"):
-            raise SpeechTokenizerError(f"precision {precision!r}: choose highest, high or default")
+        if precision not in PRECISIONS:
+            raise SpeechTokenizerError(f"precision {precision!r}: choose one of "
+                                       f"{', '.join(PRECISIONS)}")
         self.config = config
         self.version = config.version
         self.name = config.spec.name
@@ -64,12 +93,7 @@ class SpeechTokenizer:
     @functools.cached_property
     def _wave_step(self):
         """wave [B, N], lengths [B] -> codes [B, T'], code_len [B] (mel + encoder + quantizer)."""
-        cfg, prec = self.config, self.precision
-
-        def step(params, wave, lengths):
-            mel, mel_len = melmod.log_mel(wave, lengths, cfg.n_mels)
-            return encode_mel(params, cfg, mel, mel_len, prec)
-        return self._jit(step, 2, 2)
+        return self._jit(extraction_step(self.config, self.precision), 2, 2)
 
     @functools.cached_property
     def _mel_step(self):
@@ -84,11 +108,7 @@ class SpeechTokenizer:
         return self._jit(lambda params, mel, mel_len: encoder(params, cfg, mel, mel_len, prec), 2, 2)
 
     def _jit(self, fn, n_batched_in, n_out):
-        import jax
-        if self.mesh is None:
-            return jax.jit(fn)
-        return jax.jit(fn, in_shardings=(self._replicated,) + (self._batch_sharding,) * n_batched_in,
-                       out_shardings=(self._batch_sharding,) * n_out)
+        return jit_step(fn, self.mesh, self.batch_axis, n_batched_in, n_out)
 
     # -- inputs --------------------------------------------------------------------------------
 
@@ -156,7 +176,7 @@ class SpeechTokenizer:
         return np.asarray(h)[:b], np.asarray(n)[:b]
 
     def encode(self, waves, lengths=None, *, long_audio: str = "window",
-               pad_multiple: int = 16000) -> list[np.ndarray]:
+               pad_multiple: int = 16000, regroup: bool | None = None) -> list[np.ndarray]:
         """Codes of each utterance: `waves` is a padded `[B, N]` float32 array with `lengths[B]`
         (samples), or a list of 1-D arrays (padded here to a multiple of `pad_multiple` samples).
         16 kHz mono float32 in [-1, 1]. Returns B int32 arrays of raw codes (`units_per_second`
@@ -167,10 +187,17 @@ class SpeechTokenizer:
         where the package's last window would be <= 4 s (see `s3.window_starts`);
         `"window_package"` reproduces the package exactly; `"refuse"` raises SpeechTokenizerError
         naming the utterance. Compiles once per padded shape (and once for the [B, 3000] window
-        batch if there are long utterances)."""
+        batch if there are long utterances).
+
+        `regroup` (default: True for a list of waveforms, False for a padded array, whose caller
+        chose the padding, e.g. extract-units' length buckets): a batch of utterances <= 30 s of
+        mixed lengths runs as length-sorted groups of `GROUP_ROWS` rows, each padded to its own
+        longest row, where that cuts the padded samples by a fifth or more: less padded work,
+        the same codes (an utterance's codes do not depend on its batch)."""
         if long_audio not in LONG_AUDIO_MODES:
             raise SpeechTokenizerError(f"long_audio {long_audio!r}: choose one of "
                                        f"{', '.join(LONG_AUDIO_MODES)}")
+        list_input = lengths is None
         batch, lengths = self._batch(waves, lengths, pad_multiple)
         b = batch.shape[0]
         if b == 0:
@@ -182,12 +209,44 @@ class SpeechTokenizer:
             raise SpeechTokenizerError(f"utterance {i}: {lengths[i] / self.sample_rate:.2f} s, over "
                                        f"the tokenizer's 30 s window (long audio refused)")
         if not long.any():
+            if regroup is None:
+                regroup = list_input
+            groups = self._length_groups(lengths, batch.shape[1], pad_multiple) if regroup else None
+            if groups is not None:
+                out = [None] * b
+                for idx, width in groups:
+                    wave = batch[idx, :width]
+                    for i, c in zip(idx, self.encode(wave, lengths[idx], pad_multiple=pad_multiple,
+                                                     regroup=False)):
+                        out[i] = c
+                return out
             wave = batch[:, :min(batch.shape[1], _SHORT_MAX_SAMPLES)]
             wave, lens = self._pad_rows(wave, lengths.astype(np.int32), fill_len=melmod.MIN_SAMPLES)
             codes, code_len = self._wave_step(self.params, wave, lens)
             codes, code_len = np.asarray(codes), np.asarray(code_len)
             return [codes[i, :code_len[i]].copy() for i in range(b)]
         return self._encode_long(batch, lengths, long_audio)
+
+    def _length_groups(self, lengths, width: int, pad_multiple: int):
+        """Rows sorted by length in groups of `GROUP_ROWS` (a multiple of the mesh's rows), each
+        padded to its own longest row (rounded up to `pad_multiple` samples): [(row indices,
+        padded width)], shortest first (a partial group, padded with filler rows, is the
+        shortest). None when that does not cut the padded samples by `REGROUP_GAIN` or more."""
+        rows = -(-max(GROUP_ROWS, self._rows_multiple) // self._rows_multiple) * self._rows_multiple
+        b = len(lengths)
+        if b <= rows:
+            return None
+        order = np.argsort(lengths, kind="stable")
+        cuts = [0] + list(range(b % rows or rows, b + 1, rows))
+        groups = []
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            idx = order[lo:hi]
+            longest = int(lengths[idx].max())
+            groups.append((idx, min(width, -(-longest // pad_multiple) * pad_multiple)))
+        whole = -(-b // self._rows_multiple) * self._rows_multiple * width
+        if sum(rows * w for _, w in groups) > (1 - REGROUP_GAIN) * whole:
+            return None
+        return groups
 
     def _encode_long(self, batch, lengths, mode) -> list[np.ndarray]:
         mel, mel_len = self.log_mel(batch, lengths)
