@@ -5,9 +5,10 @@ Every side goes from 16 kHz waveforms to a list of codes per utterance, over the
 `--utterances` speech-like synthetic utterances (uniform `--min-seconds`..`--max-seconds`):
 - `s3tokenizer`: batches of 32 in corpus order, as its `s3tokenizer` CLI's DataLoader makes them:
   per-utterance `log_mel_spectrogram`, `padding` to the longest, `model.quantize`;
-- `cslm_jax`: the same batches, `SpeechTokenizer.encode` (padded to a multiple of 1 s; a list of
-  mixed lengths runs as length-sorted groups of 8 rows, each padded to its own longest row,
-  where that cuts the padded samples by a fifth: `--regroup off` pads each batch as a whole);
+- `cslm_jax`: the same batches, `SpeechTokenizer.encode` (padded to a multiple of 1 s; the
+  encoder's projections and MLP run on the valid frames packed into rows, attention on the
+  padded batch, as `encode` does for a list of mixed lengths: `--pack off` runs all of it
+  padded);
 - `cslm_jax sorted`: batches of 32 after sorting the corpus by length (what `extract-units`'
   length buckets do), so less padding is computed.
 Random weights at the official sizes of `--version` (v1: 6 x 1280, 20 heads, 4096 codes).
@@ -15,7 +16,7 @@ Compiles happen in a warm-up pass (timed, reported, not counted). Sides alternat
 repeat, in reversed order every other repeat; medians; the load average is printed before and after (this VM is shared).
 
     python benchmarks/extract_units.py [--version v1] [--batch 32] [--utterances 64] [--repeats 3]
-        [--regroup auto|off] [--precision highest|bfloat16|...]
+        [--pack auto|off] [--precision highest|bfloat16|...]
     python benchmarks/extract_units.py --agreement bfloat16 [--version v1] [--utterances 32]
 
 `--agreement P`: no timing; the codes of precision P against `highest` (the package's float32)
@@ -52,8 +53,9 @@ def main() -> int:
     p.add_argument("--min-seconds", type=float, default=1.0)
     p.add_argument("--max-seconds", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--regroup", choices=("auto", "off"), default="auto",
-                   help="ours: length groups inside a batch (auto, encode's default) or not")
+    p.add_argument("--pack", choices=("auto", "off"), default="auto",
+                   help="ours: dense layers on the packed valid frames (auto, encode's default "
+                   "for lists) or on the padded batch")
     p.add_argument("--precision", default="highest",
                    choices=("highest", "high", "default", "bfloat16"))
     p.add_argument("--agreement", default=None, choices=("high", "default", "bfloat16"),
@@ -79,7 +81,7 @@ def main() -> int:
     waves = speechlike(lengths.tolist(), seed=1)
     audio_s = float(lengths.sum()) / 16000
     tok = random_speech_tokenizer(args.version, seed=0, precision=args.precision)
-    regroup = None if args.regroup == "auto" else False
+    pack = None if args.pack == "auto" else False
     model = package_model(tok.config, to_state_dict(tok.config, tok.params))
     b = args.batch
     corpus = [list(range(i, min(i + b, len(waves)))) for i in range(0, len(waves), b)]
@@ -90,7 +92,7 @@ def main() -> int:
         def run():
             out = {}
             for idx in batches:
-                for i, c in zip(idx, tok.encode([waves[i] for i in idx], regroup=regroup)):
+                for i, c in zip(idx, tok.encode([waves[i] for i in idx], pack=pack)):
                     out[i] = c
             return [out[i] for i in range(len(waves))]
         return run
@@ -117,7 +119,7 @@ def main() -> int:
         print(f"{name}: codes equal to the package's: {same:.3%}")
     print(f"{args.utterances} utterances, {audio_s:.1f} s of audio ({args.min_seconds}-"
           f"{args.max_seconds} s each), batch {b}, {args.version}, precision {args.precision}, "
-          f"regroup {args.regroup}")
+          f"pack {args.pack}")
     times = {k: [] for k in sides}
     for r in range(args.repeats):
         # the order flips every repeat (A B C, C B A, ...): a load that rises or falls on this

@@ -2,6 +2,9 @@
 codebook: the package's is zeros until weights are loaded): the log-mel front end, the encoder
 output, code lengths and codes, for v1, v1_25hz and v2_25hz, batched and one by one, and > 30 s
 audio through the package's windows. See tests/s3_reference.py for the package import."""
+import functools
+
+import jax
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,7 @@ from s3_reference import (TINY, near_ties, package_mels, package_model, s3tokeni
                           speechlike, with_data_codebook)
 from cslm_jax.speech import SpeechTokenizerError, random_speech_tokenizer
 from cslm_jax.speech.mel import log_mel_jit, mel_filters
-from cslm_jax.speech.s3 import code_lengths, merge_windows, window_starts
+from cslm_jax.speech.s3 import code_lengths, encoder, merge_windows, window_starts
 from cslm_jax.speech.weights import to_state_dict
 
 VERSIONS = ("v1", "v1_25hz", "v2_25hz")
@@ -89,6 +92,10 @@ def _compare(tok, waves, ours, check_hidden=True):
         np.testing.assert_array_equal(our_len, mel_len.numpy())
         our_h, our_hlen = tok.hidden(our_mel[:, :mel.shape[2]], our_len)
         np.testing.assert_array_equal(our_hlen, hidden_len.numpy())
+        # the packed layout (dense layers on the valid frames only) within the same bound
+        rows = -(-int(hidden_len.sum()) // 256) * 256
+        packed = jax.jit(functools.partial(encoder, cfg=cfg, packed=rows))
+        packed_h = np.asarray(packed(tok.params, mel=our_mel[:, :mel.shape[2]], mel_len=our_len)[0])
     bad = total = 0
     for i in range(len(waves)):
         n = int(code_len[i])
@@ -96,6 +103,8 @@ def _compare(tok, waves, ours, check_hidden=True):
         ref = codes[i, :n].numpy()
         if check_hidden:
             err = np.abs(our_h[i, :n] - hidden[i, :n].numpy()).max()
+            assert err < 1e-4, (i, err)
+            err = np.abs(packed_h[i, :n] - hidden[i, :n].numpy()).max()
             assert err < 1e-4, (i, err)
         ties = near_ties(cfg, tok.params, hidden[i, :n].numpy(), TIE_TOL)
         differ = ours[i] != ref
@@ -129,28 +138,26 @@ def test_codes_match_the_package(version, waves):
         np.testing.assert_array_equal(a, b)
 
 
-def test_length_groups_give_the_same_codes():
-    """A list of 21 utterances of 0.2-10 s runs as length-sorted groups of 8 rows (a partial group
-    of 5 first), each padded to its own longest row: codes equal to the whole batch padded to its
-    longest row; a padded array is not regrouped unless asked."""
-    from cslm_jax.speech.tokenizer import GROUP_ROWS
+def test_packed_frames_give_the_same_codes():
+    """A list of 21 utterances of 0.2-10 s: the encoder's dense layers run on the valid frames
+    packed into rows (a multiple of 256), not on the padded batch: codes equal to the padded
+    layout's; a padded array is not packed unless asked; a batch without padding is not packed."""
+    from cslm_jax.speech.tokenizer import PACK_MULTIPLE
 
     rng = np.random.default_rng(4)
     lengths = rng.integers(3200, 160000, 21).tolist()
     waves = speechlike(lengths, seed=9)
     tok = random_speech_tokenizer("v1", seed=2, **TINY)
-    groups = tok._length_groups(np.array(lengths), 160000, 16000)
-    assert [len(i) for i, _ in groups] == [5, 8, 8] and GROUP_ROWS == 8
-    assert sorted(np.concatenate([i for i, _ in groups]).tolist()) == list(range(21))
-    widths = [w for _, w in groups]
-    assert widths == sorted(widths) and widths[0] < 160000
-    for idx, w in groups:
-        assert max(lengths[i] for i in idx) <= w
-    whole = tok.encode(waves, regroup=False)
+    rows = tok._packed_rows(np.array(lengths), 160000)
+    valid = int(tok.code_lengths(np.array(lengths)).sum())
+    assert rows % PACK_MULTIPLE == 0 and valid <= rows < valid + PACK_MULTIPLE
+    assert rows < 0.85 * 21 * 500
+    whole = tok.encode(waves, pack=False)
+    assert not hasattr(tok, "_packed_steps")
     for a, b in zip(tok.encode(waves), whole):
         np.testing.assert_array_equal(a, b)
-    # all of one length: nothing to gain, one batch
-    assert tok._length_groups(np.full(21, 40000), 48000, 16000) is None
+    assert list(tok._packed_steps) == [rows]
+    assert tok._packed_rows(np.full(21, 40000), 48000) == 0          # little padding: not packed
 
 
 def test_sharded_over_a_mesh_equals_one_device(waves):

@@ -244,11 +244,14 @@ def _rope_tables(t: int, dh: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def encoder(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest",
-            unroll: bool = False):
+            unroll: bool = False, packed: int = 0):
     """`mel [B, T, n_mels]`, `mel_len [B]` -> (`hidden [B, T', n_state]` float32, `code_len [B]`).
     Rows past `code_len` hold values of no meaning. Traceable (use under jit). `unroll`: the
     blocks as straight-line code instead of a loop (same results; XLA's cost analysis counts a
-    loop body once, so FLOP counts need it)."""
+    loop body once, so FLOP counts need it). `packed` (static; 0: off): the blocks' projections
+    and MLP run on the valid frames only, gathered into `packed` rows (at least
+    `sum(code_len)`), and attention on the padded [B, T'] layout: the same results with no
+    dense work on padded frames."""
     import jax
     import jax.numpy as jnp
 
@@ -290,6 +293,24 @@ def encoder(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest
                                        f"positions of {cfg.version}; window long audio")
         cos, sin = (jnp.asarray(a)[None, :, None, :] for a in _rope_tables(t2, dh))
     vmask = valid[..., None].astype(f32)                         # [B, T', 1]
+    if packed:
+        flat = valid.reshape(-1)
+        rows = jnp.nonzero(flat, size=packed, fill_value=0)[0]      # packed row -> padded frame
+        slot = jnp.where(flat, jnp.cumsum(flat) - 1, packed)       # padded frame -> packed row
+
+        def to_padded(a):                                           # [P, n] -> [B, T', n]
+            a = jnp.concatenate([a, jnp.zeros((1, a.shape[-1]), a.dtype)])
+            return a[slot].reshape(b, t2, a.shape[-1])
+
+        def to_rows(a):                                             # [B, T', n] -> [P, n]
+            return a.reshape(-1, a.shape[-1])[rows]
+    else:
+        def to_padded(a):
+            return a.reshape(b, t2, a.shape[-1])
+
+        def to_rows(a):
+            return a.reshape(-1, a.shape[-1])
+    x = to_rows(x)
 
     def ln(x, w, bb):
         mu = jnp.mean(x, -1, keepdims=True)
@@ -307,9 +328,9 @@ def encoder(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest
 
     def block(x, p):
         y = ln(x, p["attn_ln_w"], p["attn_ln_b"])
-        q = dense(y, p["q_w"], p["q_b"]).reshape(b, t2, h, dh)
-        k = dense(y, p["k_w"]).reshape(b, t2, h, dh)
-        v = dense(y, p["v_w"], p["v_b"])
+        q = to_padded(dense(y, p["q_w"], p["q_b"])).reshape(b, t2, h, dh)
+        k = to_padded(dense(y, p["k_w"])).reshape(b, t2, h, dh)
+        v = to_padded(dense(y, p["v_w"], p["v_b"]))
         if cfg.arch == "v2":
             q = q * cos + rot_half(q) * sin
             k = k * cos + rot_half(k) * sin
@@ -325,16 +346,16 @@ def encoder(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest
         v = v.reshape(b, t2, h, dh).transpose(0, 2, 1, 3)
         w = jax.nn.softmax(pp.matmul(q, k) + bias, axis=-1)
         o = pp.matmul(w, v).transpose(0, 2, 1, 3).reshape(b, t2, d)
-        o = dense(o, p["o_w"], p["o_b"])
+        o = dense(to_rows(o), p["o_w"], p["o_b"])
         if cfg.arch == "v2":
-            o = o + mem
+            o = o + to_rows(mem)
         x = x + o
         y = ln(x, p["mlp_ln_w"], p["mlp_ln_b"])
         x = x + dense(gelu(dense(y, p["fc1_w"], p["fc1_b"])), p["fc2_w"], p["fc2_b"])
         return x, None
 
     x, _ = jax.lax.scan(block, x, params["blocks"], unroll=bool(unroll))
-    return x, len2
+    return to_padded(x), len2
 
 
 def quantize(params: dict, cfg: S3Config, hidden, precision: str = "highest"):
@@ -358,9 +379,9 @@ def quantize(params: dict, cfg: S3Config, hidden, precision: str = "highest"):
 
 
 def encode_mel(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest",
-               unroll: bool = False):
+               unroll: bool = False, packed: int = 0):
     """mel -> (codes [B, T'] int32, code_len [B]); traceable."""
-    hidden, code_len = encoder(params, cfg, mel, mel_len, precision, unroll)
+    hidden, code_len = encoder(params, cfg, mel, mel_len, precision, unroll, packed)
     return quantize(params, cfg, hidden, precision), code_len
 
 

@@ -16,18 +16,19 @@ LONG_AUDIO_MODES = ("window", "window_package", "refuse")
 # Samples that give exactly WINDOW_FRAMES mel frames at most: a batch of utterances all <= 30 s
 # never needs more of its padded waveform than this.
 _SHORT_MAX_SAMPLES = (WINDOW_FRAMES + 1) * melmod.HOP - 1
-GROUP_ROWS = 8              # rows of a length group (`SpeechTokenizer.encode(regroup=True)`)
-REGROUP_GAIN = 0.2          # regroup a batch when that cuts its padded samples by this much
+PACK_MULTIPLE = 256         # packed rows are rounded up to this (one compiled shape per size)
+PACK_GAIN = 0.15            # pack a batch's frames when that cuts the dense rows by this much
 
 
-def extraction_step(cfg: S3Config, precision: str = "highest", unroll: bool = False):
+def extraction_step(cfg: S3Config, precision: str = "highest", unroll: bool = False,
+                    packed: int = 0):
     """The step `encode` (and so `cslm-jax extract-units`) compiles for a batch of utterances
     <= 30 s: `(params, wave [B, N] float32, lengths [B] int32) -> (codes [B, T'] int32,
     code_len [B])`, log-mel front end + encoder + quantizer. `cslm-jax compile --speech-tokenizer`
     compiles the same function for a TPU (`cslm_jax.tpu.aot.compile_extraction_step`)."""
     def step(params, wave, lengths):
         mel, mel_len = melmod.log_mel(wave, lengths, cfg.n_mels)
-        return encode_mel(params, cfg, mel, mel_len, precision, unroll)
+        return encode_mel(params, cfg, mel, mel_len, precision, unroll, packed)
     return step
 
 
@@ -176,7 +177,7 @@ class SpeechTokenizer:
         return np.asarray(h)[:b], np.asarray(n)[:b]
 
     def encode(self, waves, lengths=None, *, long_audio: str = "window",
-               pad_multiple: int = 16000, regroup: bool | None = None) -> list[np.ndarray]:
+               pad_multiple: int = 16000, pack: bool | None = None) -> list[np.ndarray]:
         """Codes of each utterance: `waves` is a padded `[B, N]` float32 array with `lengths[B]`
         (samples), or a list of 1-D arrays (padded here to a multiple of `pad_multiple` samples).
         16 kHz mono float32 in [-1, 1]. Returns B int32 arrays of raw codes (`units_per_second`
@@ -189,11 +190,13 @@ class SpeechTokenizer:
         naming the utterance. Compiles once per padded shape (and once for the [B, 3000] window
         batch if there are long utterances).
 
-        `regroup` (default: True for a list of waveforms, False for a padded array, whose caller
-        chose the padding, e.g. extract-units' length buckets): a batch of utterances <= 30 s of
-        mixed lengths runs as length-sorted groups of `GROUP_ROWS` rows, each padded to its own
-        longest row, where that cuts the padded samples by a fifth or more: less padded work,
-        the same codes (an utterance's codes do not depend on its batch)."""
+        `pack` (default: True for a list of waveforms on one device, False for a padded array,
+        whose caller chose the padding, e.g. extract-units' length buckets): for a batch of
+        utterances <= 30 s of mixed lengths, the encoder's projections and MLP run on the valid
+        frames only, packed into rows (`s3.encoder(packed=...)`), where that cuts those rows by
+        `PACK_GAIN` or more; attention keeps the padded layout. The same codes; one compiled
+        shape per packed size (a multiple of `PACK_MULTIPLE` frames).
+        """
         if long_audio not in LONG_AUDIO_MODES:
             raise SpeechTokenizerError(f"long_audio {long_audio!r}: choose one of "
                                        f"{', '.join(LONG_AUDIO_MODES)}")
@@ -209,44 +212,33 @@ class SpeechTokenizer:
             raise SpeechTokenizerError(f"utterance {i}: {lengths[i] / self.sample_rate:.2f} s, over "
                                        f"the tokenizer's 30 s window (long audio refused)")
         if not long.any():
-            if regroup is None:
-                regroup = list_input
-            groups = self._length_groups(lengths, batch.shape[1], pad_multiple) if regroup else None
-            if groups is not None:
-                out = [None] * b
-                for idx, width in groups:
-                    wave = batch[idx, :width]
-                    for i, c in zip(idx, self.encode(wave, lengths[idx], pad_multiple=pad_multiple,
-                                                     regroup=False)):
-                        out[i] = c
-                return out
             wave = batch[:, :min(batch.shape[1], _SHORT_MAX_SAMPLES)]
             wave, lens = self._pad_rows(wave, lengths.astype(np.int32), fill_len=melmod.MIN_SAMPLES)
-            codes, code_len = self._wave_step(self.params, wave, lens)
+            packed = self._packed_rows(lens, wave.shape[1]) if (
+                list_input if pack is None else pack) else 0
+            step = self._packed_step(packed) if packed else self._wave_step
+            codes, code_len = step(self.params, wave, lens)
             codes, code_len = np.asarray(codes), np.asarray(code_len)
             return [codes[i, :code_len[i]].copy() for i in range(b)]
         return self._encode_long(batch, lengths, long_audio)
 
-    def _length_groups(self, lengths, width: int, pad_multiple: int):
-        """Rows sorted by length in groups of `GROUP_ROWS` (a multiple of the mesh's rows), each
-        padded to its own longest row (rounded up to `pad_multiple` samples): [(row indices,
-        padded width)], shortest first (a partial group, padded with filler rows, is the
-        shortest). None when that does not cut the padded samples by `REGROUP_GAIN` or more."""
-        rows = -(-max(GROUP_ROWS, self._rows_multiple) // self._rows_multiple) * self._rows_multiple
-        b = len(lengths)
-        if b <= rows:
-            return None
-        order = np.argsort(lengths, kind="stable")
-        cuts = [0] + list(range(b % rows or rows, b + 1, rows))
-        groups = []
-        for lo, hi in zip(cuts[:-1], cuts[1:]):
-            idx = order[lo:hi]
-            longest = int(lengths[idx].max())
-            groups.append((idx, min(width, -(-longest // pad_multiple) * pad_multiple)))
-        whole = -(-b // self._rows_multiple) * self._rows_multiple * width
-        if sum(rows * w for _, w in groups) > (1 - REGROUP_GAIN) * whole:
-            return None
-        return groups
+    def _packed_rows(self, lengths, width: int) -> int:
+        """Rows of the packed layout for this batch (its valid encoder frames rounded up to
+        `PACK_MULTIPLE`), or 0 where packing does not pay (under `PACK_GAIN` fewer rows than the
+        padded layout) or cannot be used (a mesh: packed rows would cross its shards)."""
+        if self._rows_multiple != 1 or self.mesh is not None:
+            return 0
+        stride = self.config.stride
+        valid = int(code_lengths(np.asarray(lengths) // melmod.HOP, stride).sum())
+        padded = len(lengths) * int(code_lengths(width // melmod.HOP, stride))
+        rows = -(-max(valid, 1) // PACK_MULTIPLE) * PACK_MULTIPLE
+        return rows if rows <= (1 - PACK_GAIN) * padded else 0
+
+    def _packed_step(self, rows: int):
+        steps = self.__dict__.setdefault("_packed_steps", {})
+        if rows not in steps:
+            steps[rows] = self._jit(extraction_step(self.config, self.precision, packed=rows), 2, 2)
+        return steps[rows]
 
     def _encode_long(self, batch, lengths, mode) -> list[np.ndarray]:
         mel, mel_len = self.log_mel(batch, lengths)
