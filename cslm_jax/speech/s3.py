@@ -244,7 +244,7 @@ def _rope_tables(t: int, dh: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def encoder(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest",
-            unroll: bool = False, packed: int = 0):
+            unroll: bool = False, packed: int = 0, _rows: bool = False):
     """`mel [B, T, n_mels]`, `mel_len [B]` -> (`hidden [B, T', n_state]` float32, `code_len [B]`).
     Rows past `code_len` hold values of no meaning. Traceable (use under jit). `unroll`: the
     blocks as straight-line code instead of a loop (same results; XLA's cost analysis counts a
@@ -355,6 +355,8 @@ def encoder(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest
         return x, None
 
     x, _ = jax.lax.scan(block, x, params["blocks"], unroll=bool(unroll))
+    if _rows:                                   # encode_mel: quantize the packed rows
+        return x, len2, to_padded
     return to_padded(x), len2
 
 
@@ -380,7 +382,13 @@ def quantize(params: dict, cfg: S3Config, hidden, precision: str = "highest"):
 
 def encode_mel(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest",
                unroll: bool = False, packed: int = 0):
-    """mel -> (codes [B, T'] int32, code_len [B]); traceable."""
+    """mel -> (codes [B, T'] int32, code_len [B]); traceable. With `packed`, the quantizer too
+    runs on the valid frames only."""
+    if packed:
+        rows, code_len, to_padded = encoder(params, cfg, mel, mel_len, precision, unroll, packed,
+                                            _rows=True)
+        codes = quantize(params, cfg, rows[None], precision)[0]
+        return to_padded(codes[:, None])[..., 0], code_len
     hidden, code_len = encoder(params, cfg, mel, mel_len, precision, unroll, packed)
     return quantize(params, cfg, hidden, precision), code_len
 
