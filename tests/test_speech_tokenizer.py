@@ -160,6 +160,27 @@ def test_packed_frames_give_the_same_codes():
     assert tok._packed_rows(np.full(21, 40000), 48000) == 0          # little padding: not packed
 
 
+def test_bfloat16_precision_rounds_the_products_only(waves):
+    """precision="bfloat16" (what a TPU computes at "default", on any backend): the encoder's
+    products take bfloat16 operands, so its output moves by about bfloat16's rounding (not 0,
+    not more), and most codes stay those of "highest"."""
+    from cslm_jax.speech import SpeechTokenizer
+
+    ref = with_data_codebook(random_speech_tokenizer("v1", seed=3, **TINY))
+    bf16 = SpeechTokenizer(ref.config, ref.params, precision="bfloat16")
+    mel, mel_len = ref.log_mel(waves)
+    h1, n = ref.hidden(mel, mel_len)
+    h2, _ = bf16.hidden(mel, mel_len)
+    rel = max(np.abs(h1[i, :n[i]] - h2[i, :n[i]]).max() / np.abs(h1[i, :n[i]]).max()
+              for i in range(len(n)))
+    assert 1e-4 < rel < 5e-2, rel
+    a, b = ref.encode(waves), bf16.encode(waves)
+    same = sum(int((x == y).sum()) for x, y in zip(a, b)) / sum(len(x) for x in a)
+    assert same > 0.8, same
+    with pytest.raises(SpeechTokenizerError, match="choose one of highest, high, default, bfloat16"):
+        SpeechTokenizer(ref.config, ref.params, precision="fp8")
+
+
 def test_sharded_over_a_mesh_equals_one_device(waves):
     """The batch axis sharded over 4 (fake CPU) devices, the batch padded from 5 to 8 rows:
     the same codes as on one device."""
