@@ -20,7 +20,7 @@ Public API (stable; `cslm-jax extract-units` is built on it):
   `pad_multiple` samples, so bucket by length for few shapes). Utterances over 30 s are encoded
   in the package's 30 s windows (26 s stride) and stitched (`long_audio="window"`, which keeps
   the tail the package can drop; `"window_package"`: bit-for-bit the package; `"refuse"`: raise).
-  `pack` (default: on for a list of mixed lengths on one device): the encoder's dense layers and
+  `pack` (default: on for a list of mixed lengths on one CPU device): the encoder's dense layers and
   the quantizer run on the valid frames only, packed into rows (same codes, less padded work).
   Raises `SpeechTokenizerError` (a `CslmError`) naming the utterance index for fewer than
   `tok.min_samples` (201) samples or non-finite samples.

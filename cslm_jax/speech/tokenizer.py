@@ -190,8 +190,9 @@ class SpeechTokenizer:
         naming the utterance. Compiles once per padded shape (and once for the [B, 3000] window
         batch if there are long utterances).
 
-        `pack` (default: True for a list of waveforms on one device, False for a padded array,
-        whose caller chose the padding, e.g. extract-units' length buckets): for a batch of
+        `pack` (default: True for a list of waveforms on one CPU device; False for a padded
+        array, whose caller chose the padding, e.g. extract-units' length buckets, and on
+        accelerators, where each packed size would be one more slow compile): for a batch of
         utterances <= 30 s of mixed lengths, the encoder's projections and MLP run on the valid
         frames only, packed into rows (`s3.encoder(packed=...)`), where that cuts those rows by
         `PACK_GAIN` or more; attention keeps the padded layout. The same codes; one compiled
@@ -214,8 +215,9 @@ class SpeechTokenizer:
         if not long.any():
             wave = batch[:, :min(batch.shape[1], _SHORT_MAX_SAMPLES)]
             wave, lens = self._pad_rows(wave, lengths.astype(np.int32), fill_len=melmod.MIN_SAMPLES)
-            packed = self._packed_rows(lens, wave.shape[1]) if (
-                list_input if pack is None else pack) else 0
+            if pack is None:
+                pack = list_input and self._on_cpu
+            packed = self._packed_rows(lens, wave.shape[1]) if pack else 0
             step = self._packed_step(packed) if packed else self._wave_step
             codes, code_len = step(self.params, wave, lens)
             codes, code_len = np.asarray(codes), np.asarray(code_len)
@@ -233,6 +235,12 @@ class SpeechTokenizer:
         padded = len(lengths) * int(code_lengths(width // melmod.HOP, stride))
         rows = -(-max(valid, 1) // PACK_MULTIPLE) * PACK_MULTIPLE
         return rows if rows <= (1 - PACK_GAIN) * padded else 0
+
+    @functools.cached_property
+    def _on_cpu(self) -> bool:
+        import jax
+        leaf = jax.tree.leaves(self.params)[0]
+        return all(d.platform == "cpu" for d in leaf.devices())
 
     def _packed_step(self, rows: int):
         steps = self.__dict__.setdefault("_packed_steps", {})
