@@ -25,7 +25,7 @@ def extraction_step(cfg: S3Config, precision: str = "highest", unroll: bool = Fa
     """The step `encode` (and so `cslm-jax extract-units`) compiles for a batch of utterances
     <= 30 s: `(params, wave [B, N] float32, lengths [B] int32) -> (codes [B, T'] int32,
     code_len [B])`, log-mel front end + encoder + quantizer. `cslm-jax compile --speech-tokenizer`
-    compiles the same function for a TPU (`cslm_jax.tpu.aot.compile_extraction_step`)."""
+    compiles the same function for a TPU (`cslm_jax.tpu.extraction.compile_extraction_step`)."""
     def step(params, wave, lengths):
         mel, mel_len = melmod.log_mel(wave, lengths, cfg.n_mels)
         return encode_mel(params, cfg, mel, mel_len, precision, unroll, packed)
@@ -193,9 +193,9 @@ class SpeechTokenizer:
         `pack` (default: True for a list of waveforms on one CPU device; False for a padded
         array, whose caller chose the padding, e.g. extract-units' length buckets, and on
         accelerators, where each packed size would be one more slow compile): for a batch of
-        utterances <= 30 s of mixed lengths, the encoder's projections and MLP run on the valid
-        frames only, packed into rows (`s3.encoder(packed=...)`), where that cuts those rows by
-        `PACK_GAIN` or more; attention keeps the padded layout. The same codes; one compiled
+        utterances <= 30 s of mixed lengths, the encoder's projections, MLP and quantizer run
+        on the valid frames only, packed into rows (`s3.encoder(packed=...)`), where that cuts
+        those rows by `PACK_GAIN` or more; attention and the convs keep the padded layout. The same codes; one compiled
         shape per packed size (a multiple of `PACK_MULTIPLE` frames).
         """
         if long_audio not in LONG_AUDIO_MODES:
