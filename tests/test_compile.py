@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 import cslm_jax.tpu.aot as aot
+import cslm_jax.tpu.extraction as extraction
 from cslm_jax.tpu.aot import GENERATIONS, libtpu_available, parse_topology
 from cslm_jax.cli.main import main
 from cslm_jax.config import ConfigError
@@ -185,3 +186,73 @@ def test_compile_search_on_v5e(demo_args, capsys):
     assert "search: remat none          micro-batch     4: fits" in out
     assert "search: remat none          micro-batch     8: fits" in out
     assert "remat none" in out and "1 micro-batch(es) of 8" in out and out.rstrip().endswith("FITS")
+
+
+# -- the speech-unit extraction step (cslm-jax compile --speech-tokenizer) ----------------------
+
+SPEECH_TINY = ["n_state=128", "n_head=2", "n_layer=1"]
+
+
+def test_extraction_compile_refuses_bad_input_before_any_compile(monkeypatch, capsys):
+    def never(*args, **kwargs):
+        raise AssertionError("libtpu / the compiler was reached")
+
+    monkeypatch.setattr(aot, "topology_devices", never)
+    monkeypatch.setattr(extraction, "topology_devices", never)
+    cases = [
+        (["--speech-tokenizer", "v3", "--topology", "v5e:1x1"], "unknown speech tokenizer version"),
+        (["--speech-tokenizer", "v1", "--topology", "v5e:2x2", "--batch", "6"],
+         "--batch 6: must be a positive multiple of the 4 chip(s) of v5e:2x2"),
+        (["--speech-tokenizer", "v1", "--topology", "v5p:1x1x1", "--seconds", "31"],
+         "--seconds 31: the extraction step takes rows of 0.1 to 30 s"),
+        (["--speech-tokenizer", "v1", "--topology", "v5p:1x1", "--batch", "4"], "3-D shapes"),
+        (["--speech-tokenizer", "v1", "--topology", "v5e:1x1", "train.micro_batch_size=4"],
+         "overrides are tokenizer sizes"),
+        (["--speech-tokenizer", "v2", "--topology", "v5e:1x1", "n_state=128", "n_head=4"],
+         "head dim must be 64"),
+    ]
+    for args, message in cases:
+        assert main(["compile", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert "cslm-jax compile: error:" in err and message in err, err
+    with pytest.raises(SystemExit):
+        main(["compile", "--topology", "v5e:1x1"])                  # neither --config nor speech
+    assert "--config is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("version", ["v1", "v2_25hz"])
+def test_extraction_flops_xla_count_agrees_with_hand_count(version):
+    """XLA's count of the whole step (blocks unrolled: a loop body counts once) against the
+    matrix products counted by hand: XLA adds the FFT and elementwise work, a few percent."""
+    from cslm_jax.tpu.extraction import hand_flops, speech_config, xla_flops
+
+    cfg = speech_config(version, ["n_layer=3"])
+    for batch, samples in [(2, 5 * 16000), (1, 30 * 16000)]:
+        ratio = xla_flops(cfg, batch, samples, "highest") / hand_flops(cfg, batch, samples)
+        assert 1.0 <= ratio < 1.1, (batch, samples, ratio)
+    # linear in the layers: 3 blocks counted 3 times, not once
+    one = speech_config(version, ["n_layer=1"])
+    assert xla_flops(cfg, 2, 80000, "highest") - xla_flops(one, 2, 80000, "highest") == \
+        pytest.approx(hand_flops(cfg, 2, 80000) - hand_flops(one, 2, 80000), rel=0.05)
+
+
+@NEEDS_LIBTPU
+@pytest.mark.parametrize("topology", ["v5e:1x1", "v5p:1x1x1"])
+def test_extraction_step_compiles_for_one_tpu_chip(topology, capsys):
+    """The real extract-units step (log-mel + encoder + quantizer), small sizes, compiled for one
+    v5e / v5p chip: positive memory, FLOPs per second of audio and hours per chip-hour."""
+    code = main(["compile", "--speech-tokenizer", "v1", "--topology", topology, "--batch", "2",
+                 "--seconds", "2", *SPEECH_TINY])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.rstrip().endswith("FITS")
+    assert "speech_tokenizer_v1 (v1): 1 x 128, 2 heads, 4096 codes" in out
+    assert "batch      2 x 2 s (2 row(s) per chip): 4 s of audio per step" in out
+    total = float(re.search(r"total ([0-9.]+) MiB of", out).group(1))
+    assert total > 0
+    fpas = float(re.search(r"= ([0-9.e+]+) per second of audio", out).group(1))
+    ratio = float(re.search(r"\(XLA / hand ([0-9.]+)\)", out).group(1))
+    hours = float(re.search(r"bound      ([0-9,]+) h of audio per chip-hour", out).group(1)
+                  .replace(",", ""))
+    assert fpas > 0 and 1.0 <= ratio < 1.2 and hours > 0
+    assert "/ 6 bf16 pass(es) per float32 product (highest)" in out

@@ -2,6 +2,9 @@
 codebook: the package's is zeros until weights are loaded): the log-mel front end, the encoder
 output, code lengths and codes, for v1, v1_25hz and v2_25hz, batched and one by one, and > 30 s
 audio through the package's windows. See tests/s3_reference.py for the package import."""
+import functools
+
+import jax
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,7 @@ from s3_reference import (TINY, near_ties, package_mels, package_model, s3tokeni
                           speechlike, with_data_codebook)
 from cslm_jax.speech import SpeechTokenizerError, random_speech_tokenizer
 from cslm_jax.speech.mel import log_mel_jit, mel_filters
-from cslm_jax.speech.s3 import code_lengths, merge_windows, window_starts
+from cslm_jax.speech.s3 import code_lengths, encoder, merge_windows, window_starts
 from cslm_jax.speech.weights import to_state_dict
 
 VERSIONS = ("v1", "v1_25hz", "v2_25hz")
@@ -89,6 +92,10 @@ def _compare(tok, waves, ours, check_hidden=True):
         np.testing.assert_array_equal(our_len, mel_len.numpy())
         our_h, our_hlen = tok.hidden(our_mel[:, :mel.shape[2]], our_len)
         np.testing.assert_array_equal(our_hlen, hidden_len.numpy())
+        # the packed layout (dense layers on the valid frames only) within the same bound
+        rows = -(-int(hidden_len.sum()) // 256) * 256
+        packed = jax.jit(functools.partial(encoder, cfg=cfg, packed=rows))
+        packed_h = np.asarray(packed(tok.params, mel=our_mel[:, :mel.shape[2]], mel_len=our_len)[0])
     bad = total = 0
     for i in range(len(waves)):
         n = int(code_len[i])
@@ -96,6 +103,8 @@ def _compare(tok, waves, ours, check_hidden=True):
         ref = codes[i, :n].numpy()
         if check_hidden:
             err = np.abs(our_h[i, :n] - hidden[i, :n].numpy()).max()
+            assert err < 1e-4, (i, err)
+            err = np.abs(packed_h[i, :n] - hidden[i, :n].numpy()).max()
             assert err < 1e-4, (i, err)
         ties = near_ties(cfg, tok.params, hidden[i, :n].numpy(), TIE_TOL)
         differ = ours[i] != ref
@@ -127,6 +136,49 @@ def test_codes_match_the_package(version, waves):
         padded[i, :len(w)] = w
     for a, b in zip(tok.encode(padded, np.array(LENGTHS)), ours):
         np.testing.assert_array_equal(a, b)
+
+
+def test_packed_frames_give_the_same_codes():
+    """A list of 21 utterances of 0.2-10 s: the encoder's dense layers run on the valid frames
+    packed into rows (a multiple of 256), not on the padded batch: codes equal to the padded
+    layout's; a padded array is not packed unless asked; a batch without padding is not packed."""
+    from cslm_jax.speech.tokenizer import PACK_MULTIPLE
+
+    rng = np.random.default_rng(4)
+    lengths = rng.integers(3200, 160000, 21).tolist()
+    waves = speechlike(lengths, seed=9)
+    tok = random_speech_tokenizer("v1", seed=2, **TINY)
+    rows = tok._packed_rows(np.array(lengths), 160000)
+    valid = int(tok.code_lengths(np.array(lengths)).sum())
+    assert rows % PACK_MULTIPLE == 0 and valid <= rows < valid + PACK_MULTIPLE
+    assert rows < 0.85 * 21 * 500
+    whole = tok.encode(waves, pack=False)
+    assert not hasattr(tok, "_packed_steps")
+    for a, b in zip(tok.encode(waves), whole):
+        np.testing.assert_array_equal(a, b)
+    assert list(tok._packed_steps) == [rows]
+    assert tok._packed_rows(np.full(21, 40000), 48000) == 0          # little padding: not packed
+
+
+def test_bfloat16_precision_rounds_the_products_only(waves):
+    """precision="bfloat16" (what a TPU computes at "default", on any backend): the encoder's
+    products take bfloat16 operands, so its output moves by about bfloat16's rounding (not 0,
+    not more), and most codes stay those of "highest"."""
+    from cslm_jax.speech import SpeechTokenizer
+
+    ref = with_data_codebook(random_speech_tokenizer("v1", seed=3, **TINY))
+    bf16 = SpeechTokenizer(ref.config, ref.params, precision="bfloat16")
+    mel, mel_len = ref.log_mel(waves)
+    h1, n = ref.hidden(mel, mel_len)
+    h2, _ = bf16.hidden(mel, mel_len)
+    rel = max(np.abs(h1[i, :n[i]] - h2[i, :n[i]]).max() / np.abs(h1[i, :n[i]]).max()
+              for i in range(len(n)))
+    assert 1e-4 < rel < 5e-2, rel
+    a, b = ref.encode(waves), bf16.encode(waves)
+    same = sum(int((x == y).sum()) for x, y in zip(a, b)) / sum(len(x) for x in a)
+    assert same > 0.8, same
+    with pytest.raises(SpeechTokenizerError, match="choose one of highest, high, default, bfloat16"):
+        SpeechTokenizer(ref.config, ref.params, precision="fp8")
 
 
 def test_sharded_over_a_mesh_equals_one_device(waves):

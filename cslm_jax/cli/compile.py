@@ -1,13 +1,18 @@
-"""`cslm-jax compile`: will a run fit a TPU slice? (cslm_jax.tpu.aot)"""
+"""`cslm-jax compile`: will a run fit a TPU slice? (cslm_jax.tpu.aot) With --speech-tokenizer:
+the speech-unit extraction step instead (cslm_jax.tpu.extraction)."""
 
 
 def add_parser(sub):
     s = sub.add_parser("compile", help="ahead-of-time compile the train step for a TPU slice on "
                        "this (CPU) host: per-chip memory vs HBM, FLOPs per step, FITS / DOES NOT "
-                       "FIT (exit 0 / 1; needs the libtpu package)",
+                       "FIT (exit 0 / 1; needs the libtpu package); with --speech-tokenizer the "
+                       "extract-units step: memory per chip, FLOPs per second of audio, hours of "
+                       "audio per chip-hour",
                        epilog="topologies: v4:AxBxC, v5p:AxBxC, v5e:AxB, v6e:AxB in chips, e.g. "
-                       "v4:2x2x4 (v4-32), v5p:4x4x4 (v5p-128), v5e:8x8 (v5litepod-64)")
-    s.add_argument("--config", required=True, help="run config YAML (as for train)")
+                       "v4:2x2x4 (v4-32), v5p:4x4x4 (v5p-128), v5e:8x8 (v5litepod-64); one chip: "
+                       "v5e:1x1, v5p:1x1x1")
+    s.add_argument("--config", default=None, help="run config YAML (as for train); required "
+                   "unless --speech-tokenizer")
     s.add_argument("--topology", required=True, help="TPU slice, e.g. v5p:2x2x1")
     s.add_argument("--model", default=None, help="base model YAML (configs/model/*.yaml), extended "
                    "with the CSLM vocabulary as import-hf would; default: the config's init_from "
@@ -17,14 +22,42 @@ def add_parser(sub):
     s.add_argument("--search", action="store_true", help="find the lightest remat policy (none, "
                    "dots, dots_no_batch, qkv_proj, full) with which some micro-batch fits, and the "
                    "largest micro-batch that fits with it; prints every attempt, then its report")
+    g = s.add_argument_group("speech-unit extraction (instead of a train step)")
+    g.add_argument("--speech-tokenizer", default=None, metavar="VERSION",
+                   help="compile the extract-units step of this S3 tokenizer (v1, v1_25hz, "
+                   "v2_25hz) at its official sizes (overrides: n_state=, n_head=, n_layer=)")
+    g.add_argument("--batch", type=int, default=32, help="rows per step, all chips together "
+                   "(default 32, extract-units' --batch-size)")
+    g.add_argument("--seconds", type=float, default=30.0, help="padded row length, the bucket "
+                   "(default 30, the longest)")
+    g.add_argument("--precision", default="highest",
+                   choices=("highest", "high", "default", "bfloat16"),
+                   help="matmul precision, as extract-units --precision (default highest)")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="run config overrides "
                    "(mesh.tensor=4, train.micro_batch_size=32, model.remat_policy=full, ...)")
     return s
 
 
+def check(args, parser) -> None:
+    if args.speech_tokenizer is None and args.config is None:
+        parser.error("--config is required (or --speech-tokenizer VERSION to compile the "
+                     "speech-unit extraction step)")
+    if args.speech_tokenizer is not None and (args.config or args.search or args.model):
+        parser.error("--speech-tokenizer compiles the extraction step: it takes no --config, "
+                     "--model or --search")
+
+
 def run(args) -> int:
     from cslm_jax.tpu.aot import check_fit, search_fit
 
+    if args.speech_tokenizer is not None:
+        from cslm_jax.tpu.extraction import compile_extraction_step
+
+        report = compile_extraction_step(args.speech_tokenizer, args.topology, args.batch,
+                                         args.seconds, args.precision, args.overrides)
+        for line in report.lines():
+            print(line)
+        return 0 if report.fits else 1
     if args.search:
         result = search_fit(args.config, args.topology, args.overrides, model_path=args.model,
                             speech_units=args.speech_units,

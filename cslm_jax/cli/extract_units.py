@@ -65,10 +65,11 @@ def add_parser(sub):
     s.add_argument("--buckets", default=None, metavar="S1,S2,...",
                    help="padded lengths in seconds (default 2,4,6,8,10,12,15,20,25,30; longer "
                    "audio pads to multiples of the last): one compiled shape each")
-    s.add_argument("--precision", choices=("highest", "high", "default"), default="highest",
+    s.add_argument("--precision", choices=("highest", "high", "default", "bfloat16"),
+                   default="highest",
                    help="matmul precision: highest matches the s3tokenizer package's float32 on "
                    "any backend; default is faster on TPU (more codes differ where two codewords "
-                   "nearly tie)")
+                   "nearly tie); bfloat16 computes what a TPU's default does on any backend")
     s.add_argument("--workers", type=int, default=4, help="threads reading and resampling audio")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--force", action="store_true", help="discard what --out holds and start over")

@@ -14,11 +14,14 @@ Public API (stable; `cslm-jax extract-units` is built on it):
   -> SpeechTokenizer`. With a `jax.sharding.Mesh` (devices of this process), the batch axis of
   every step is sharded over `batch_axis` (default: all mesh axes) and the weights replicated;
   batches are padded with dummy rows to a multiple of that size.
-- `SpeechTokenizer.encode(waves, lengths=None, *, long_audio="window", pad_multiple=16000)`:
+- `SpeechTokenizer.encode(waves, lengths=None, *, long_audio="window", pad_multiple=16000,
+  pack=None)`:
   compiled once per padded `[B, N]` shape (list inputs are padded to a multiple of
   `pad_multiple` samples, so bucket by length for few shapes). Utterances over 30 s are encoded
   in the package's 30 s windows (26 s stride) and stitched (`long_audio="window"`, which keeps
   the tail the package can drop; `"window_package"`: bit-for-bit the package; `"refuse"`: raise).
+  `pack` (default: on for a list of mixed lengths on one CPU device): the encoder's dense layers and
+  the quantizer run on the valid frames only, packed into rows (same codes, less padded work).
   Raises `SpeechTokenizerError` (a `CslmError`) naming the utterance index for fewer than
   `tok.min_samples` (201) samples or non-finite samples.
 - `tok.code_lengths(n_samples)`: codes an utterance of that many samples gets (<= 30 s).

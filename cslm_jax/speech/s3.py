@@ -190,10 +190,48 @@ def check_params(cfg: S3Config, params: dict, where: str = "parameters") -> None
 
 # -- the encoder ---------------------------------------------------------------------------------
 
+PRECISIONS = ("highest", "high", "default", "bfloat16")
+
+
 def _precision(name: str):
     import jax
     return {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH,
-            "default": jax.lax.Precision.DEFAULT}[name]
+            "default": jax.lax.Precision.DEFAULT, "bfloat16": None}[name]
+
+
+class _Products:
+    """The encoder's matrix products at one precision. `highest`/`high`/`default` are XLA
+    precisions on float32 operands (XLA:CPU computes float32 at all three; a TPU computes
+    `highest` in about six bfloat16 passes, `high` in three, `default` in one). `bfloat16` rounds
+    the operands to bfloat16 and accumulates in float32 on every backend: what a TPU's one-pass
+    `default` computes, so its effect on the codes can be measured on a CPU."""
+
+    def __init__(self, name: str):
+        import jax.numpy as jnp
+        self.bf16 = name == "bfloat16"
+        self.prec = _precision(name)
+        self.kw = ({"preferred_element_type": jnp.float32} if self.bf16
+                   else {"precision": self.prec})
+
+    def cast(self, *xs):
+        import jax.numpy as jnp
+        return tuple(x.astype(jnp.bfloat16) for x in xs) if self.bf16 else xs
+
+    def dot(self, a, b):
+        import jax.numpy as jnp
+        return jnp.dot(*self.cast(a, b), **self.kw)
+
+    def matmul(self, a, b):
+        import jax.numpy as jnp
+        return jnp.matmul(*self.cast(a, b), **self.kw)
+
+    def einsum(self, spec, a, b):
+        import jax.numpy as jnp
+        return jnp.einsum(spec, *self.cast(a, b), **self.kw)
+
+    def conv(self, x, w, **kw):
+        import jax
+        return jax.lax.conv_general_dilated(*self.cast(x, w), **kw, **self.kw)
 
 
 def _rope_tables(t: int, dh: int) -> tuple[np.ndarray, np.ndarray]:
@@ -205,13 +243,19 @@ def _rope_tables(t: int, dh: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([cos, cos], -1), np.concatenate([sin, sin], -1)
 
 
-def encoder(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest"):
+def encoder(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest",
+            unroll: bool = False, packed: int = 0, _rows: bool = False):
     """`mel [B, T, n_mels]`, `mel_len [B]` -> (`hidden [B, T', n_state]` float32, `code_len [B]`).
-    Rows past `code_len` hold values of no meaning. Traceable (use under jit)."""
+    Rows past `code_len` hold values of no meaning. Traceable (use under jit). `unroll`: the
+    blocks as straight-line code instead of a loop (same results; XLA's cost analysis counts a
+    loop body once, so FLOP counts need it). `packed` (static; 0: off): the blocks' projections
+    and MLP run on the valid frames only, gathered into `packed` rows (at least
+    `sum(code_len)`), and attention on the padded [B, T'] layout: the same results with no
+    dense work on padded frames."""
     import jax
     import jax.numpy as jnp
 
-    prec = _precision(precision)
+    pp = _Products(precision)
     f32 = jnp.float32
     x = jnp.asarray(mel, f32)
     mel_len = jnp.asarray(mel_len, jnp.int32)
@@ -221,9 +265,8 @@ def encoder(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest
         return (jnp.arange(n)[None, :] < lengths[:, None])
 
     def conv(x, w, bias, stride):
-        y = jax.lax.conv_general_dilated(x, w.astype(f32), window_strides=(stride,),
-                                         padding=[(1, 1)], dimension_numbers=("NWC", "WIO", "NWC"),
-                                         precision=prec)
+        y = pp.conv(x, w.astype(f32), window_strides=(stride,), padding=[(1, 1)],
+                    dimension_numbers=("NWC", "WIO", "NWC"))
         return y + bias
 
     gelu = functools.partial(jax.nn.gelu, approximate=False)
@@ -250,6 +293,24 @@ def encoder(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest
                                        f"positions of {cfg.version}; window long audio")
         cos, sin = (jnp.asarray(a)[None, :, None, :] for a in _rope_tables(t2, dh))
     vmask = valid[..., None].astype(f32)                         # [B, T', 1]
+    if packed:
+        flat = valid.reshape(-1)
+        rows = jnp.nonzero(flat, size=packed, fill_value=0)[0]      # packed row -> padded frame
+        slot = jnp.where(flat, jnp.cumsum(flat) - 1, packed)       # padded frame -> packed row
+
+        def to_padded(a):                                           # [P, n] -> [B, T', n]
+            a = jnp.concatenate([a, jnp.zeros((1, a.shape[-1]), a.dtype)])
+            return a[slot].reshape(b, t2, a.shape[-1])
+
+        def to_rows(a):                                             # [B, T', n] -> [P, n]
+            return a.reshape(-1, a.shape[-1])[rows]
+    else:
+        def to_padded(a):
+            return a.reshape(b, t2, a.shape[-1])
+
+        def to_rows(a):
+            return a.reshape(-1, a.shape[-1])
+    x = to_rows(x)
 
     def ln(x, w, bb):
         mu = jnp.mean(x, -1, keepdims=True)
@@ -258,7 +319,7 @@ def encoder(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest
 
     def dense(x, w, bb=None):
         # A 2-D matmul over all frames: XLA:CPU runs these faster than the batched 3-D einsum.
-        y = jnp.dot(x.reshape(-1, x.shape[-1]), w.astype(f32), precision=prec)
+        y = pp.dot(x.reshape(-1, x.shape[-1]), w.astype(f32))
         y = y.reshape(x.shape[:-1] + (w.shape[-1],))
         return y if bb is None else y + bb
 
@@ -267,59 +328,68 @@ def encoder(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest
 
     def block(x, p):
         y = ln(x, p["attn_ln_w"], p["attn_ln_b"])
-        q = dense(y, p["q_w"], p["q_b"]).reshape(b, t2, h, dh)
-        k = dense(y, p["k_w"]).reshape(b, t2, h, dh)
-        v = dense(y, p["v_w"], p["v_b"])
+        q = to_padded(dense(y, p["q_w"], p["q_b"])).reshape(b, t2, h, dh)
+        k = to_padded(dense(y, p["k_w"])).reshape(b, t2, h, dh)
+        v = to_padded(dense(y, p["v_w"], p["v_b"]))
         if cfg.arch == "v2":
             q = q * cos + rot_half(q) * sin
             k = k * cos + rot_half(k) * sin
             vin = v * vmask
-            mem = jax.lax.conv_general_dilated(
+            mem = pp.conv(
                 vin, p["fsmn_w"].astype(f32)[:, None, :], window_strides=(1,),
                 padding=[((FSMN_KERNEL - 1) // 2, FSMN_KERNEL - 1 - (FSMN_KERNEL - 1) // 2)],
-                dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=d, precision=prec)
+                dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=d)
             mem = (mem + vin) * vmask
         # heads first, then plain batched matmuls (XLA:CPU runs these faster than the einsums)
         q = (q * scale).transpose(0, 2, 1, 3)                           # [B, H, T, Dh]
         k = (k * scale).transpose(0, 2, 3, 1)                           # [B, H, Dh, T]
         v = v.reshape(b, t2, h, dh).transpose(0, 2, 1, 3)
-        w = jax.nn.softmax(jnp.matmul(q, k, precision=prec) + bias, axis=-1)
-        o = jnp.matmul(w, v, precision=prec).transpose(0, 2, 1, 3).reshape(b, t2, d)
-        o = dense(o, p["o_w"], p["o_b"])
+        w = jax.nn.softmax(pp.matmul(q, k) + bias, axis=-1)
+        o = pp.matmul(w, v).transpose(0, 2, 1, 3).reshape(b, t2, d)
+        o = dense(to_rows(o), p["o_w"], p["o_b"])
         if cfg.arch == "v2":
-            o = o + mem
+            o = o + to_rows(mem)
         x = x + o
         y = ln(x, p["mlp_ln_w"], p["mlp_ln_b"])
         x = x + dense(gelu(dense(y, p["fc1_w"], p["fc1_b"])), p["fc2_w"], p["fc2_b"])
         return x, None
 
-    x, _ = jax.lax.scan(block, x, params["blocks"])
-    return x, len2
+    x, _ = jax.lax.scan(block, x, params["blocks"], unroll=bool(unroll))
+    if _rows:                                   # encode_mel: quantize the packed rows
+        return x, len2, to_padded
+    return to_padded(x), len2
 
 
 def quantize(params: dict, cfg: S3Config, hidden, precision: str = "highest"):
     """`hidden [B, T', D]` -> codes `[B, T']` int32 (the package's VQ argmax or FSQ)."""
     import jax.numpy as jnp
 
-    prec = _precision(precision)
+    pp = _Products(precision)
     x = jnp.asarray(hidden, jnp.float32)
     if cfg.arch == "v1":
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
         e = params["codebook"].astype(jnp.float32)                       # [K, D]
         dist = -(jnp.sum(x * x, -1, keepdims=True)
-                 - 2.0 * jnp.einsum("btd,kd->btk", x, e, precision=prec)
+                 - 2.0 * pp.einsum("btd,kd->btk", x, e)
                  + jnp.sum(e * e, -1)[None, None, :])
         return jnp.argmax(dist, axis=-1).astype(jnp.int32)
-    hproj = jnp.einsum("btd,de->bte", x, params["proj_w"].astype(jnp.float32), precision=prec)
+    hproj = pp.einsum("btd,de->bte", x, params["proj_w"].astype(jnp.float32))
     hproj = jnp.tanh(hproj + params["proj_b"]) * 0.9990000128746033
     digits = jnp.round(hproj) + 1.0
     powers = jnp.asarray(3.0 ** np.arange(8), jnp.float32)
     return jnp.sum(digits * powers, -1).astype(jnp.int32)
 
 
-def encode_mel(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest"):
-    """mel -> (codes [B, T'] int32, code_len [B]); traceable."""
-    hidden, code_len = encoder(params, cfg, mel, mel_len, precision)
+def encode_mel(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest",
+               unroll: bool = False, packed: int = 0):
+    """mel -> (codes [B, T'] int32, code_len [B]); traceable. With `packed`, the quantizer too
+    runs on the valid frames only."""
+    if packed:
+        rows, code_len, to_padded = encoder(params, cfg, mel, mel_len, precision, unroll, packed,
+                                            _rows=True)
+        codes = quantize(params, cfg, rows[None], precision)[0]
+        return to_padded(codes[:, None])[..., 0], code_len
+    hidden, code_len = encoder(params, cfg, mel, mel_len, precision, unroll, packed)
     return quantize(params, cfg, hidden, precision), code_len
 
 

@@ -8,13 +8,41 @@ from typing import Sequence
 import numpy as np
 
 from cslm_jax.speech import mel as melmod
-from cslm_jax.speech.s3 import (WINDOW_FRAMES, S3Config, SpeechTokenizerError, check_params,
-                                code_lengths, encode_mel, encoder, merge_windows, window_starts)
+from cslm_jax.speech.s3 import (PRECISIONS, WINDOW_FRAMES, S3Config, SpeechTokenizerError,
+                                check_params, code_lengths, encode_mel, encoder, merge_windows,
+                                window_starts)
 
 LONG_AUDIO_MODES = ("window", "window_package", "refuse")
 # Samples that give exactly WINDOW_FRAMES mel frames at most: a batch of utterances all <= 30 s
 # never needs more of its padded waveform than this.
 _SHORT_MAX_SAMPLES = (WINDOW_FRAMES + 1) * melmod.HOP - 1
+PACK_MULTIPLE = 256         # packed rows are rounded up to this (one compiled shape per size)
+PACK_GAIN = 0.15            # pack a batch's frames when that cuts the dense rows by this much
+
+
+def extraction_step(cfg: S3Config, precision: str = "highest", unroll: bool = False,
+                    packed: int = 0):
+    """The step `encode` (and so `cslm-jax extract-units`) compiles for a batch of utterances
+    <= 30 s: `(params, wave [B, N] float32, lengths [B] int32) -> (codes [B, T'] int32,
+    code_len [B])`, log-mel front end + encoder + quantizer. `cslm-jax compile --speech-tokenizer`
+    compiles the same function for a TPU (`cslm_jax.tpu.extraction.compile_extraction_step`)."""
+    def step(params, wave, lengths):
+        mel, mel_len = melmod.log_mel(wave, lengths, cfg.n_mels)
+        return encode_mel(params, cfg, mel, mel_len, precision, unroll, packed)
+    return step
+
+
+def jit_step(fn, mesh=None, batch_axis=None, n_batched_in: int = 2, n_out: int = 2):
+    """`jax.jit(fn)`; with a mesh, weights (the first argument) replicated and the batch axis of
+    the other arguments and of the outputs sharded over `batch_axis` (default: all mesh axes)."""
+    import jax
+    if mesh is None:
+        return jax.jit(fn)
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    axis = batch_axis if batch_axis is not None else tuple(mesh.axis_names)
+    batch, replicated = NamedSharding(mesh, P(axis)), NamedSharding(mesh, P())
+    return jax.jit(fn, in_shardings=(replicated,) + (batch,) * n_batched_in,
+                   out_shardings=(batch,) * n_out)
 
 
 class SpeechTokenizer:
@@ -24,7 +52,8 @@ class SpeechTokenizer:
     `codebook_size` (4096 or 6561), `units_per_second` (50 or 25), `sample_rate` (16000),
     `config` (`S3Config`), `params`, `precision` (matmul precision: "highest" matches the
     package's float32 on any backend; "default" is faster on TPU, at the cost of more codes that
-    differ where two codewords nearly tie), `mesh`/`batch_axis` (None: one device).
+    differ where two codewords nearly tie; "bfloat16" computes what a TPU's "default" does on
+    any backend), `mesh`/`batch_axis` (None: one device).
     """
 
     sample_rate = melmod.SAMPLE_RATE
@@ -35,8 +64,9 @@ class SpeechTokenizer:
         import jax
 
         check_params(config, params)
-        if precision not in ("highest", "high", "default"):
-            raise SpeechTokenizerError(f"precision {precision!r}: choose highest, high or default")
+        if precision not in PRECISIONS:
+            raise SpeechTokenizerError(f"precision {precision!r}: choose one of "
+                                       f"{', '.join(PRECISIONS)}")
         self.config = config
         self.version = config.version
         self.name = config.spec.name
@@ -64,12 +94,7 @@ class SpeechTokenizer:
     @functools.cached_property
     def _wave_step(self):
         """wave [B, N], lengths [B] -> codes [B, T'], code_len [B] (mel + encoder + quantizer)."""
-        cfg, prec = self.config, self.precision
-
-        def step(params, wave, lengths):
-            mel, mel_len = melmod.log_mel(wave, lengths, cfg.n_mels)
-            return encode_mel(params, cfg, mel, mel_len, prec)
-        return self._jit(step, 2, 2)
+        return self._jit(extraction_step(self.config, self.precision), 2, 2)
 
     @functools.cached_property
     def _mel_step(self):
@@ -84,11 +109,7 @@ class SpeechTokenizer:
         return self._jit(lambda params, mel, mel_len: encoder(params, cfg, mel, mel_len, prec), 2, 2)
 
     def _jit(self, fn, n_batched_in, n_out):
-        import jax
-        if self.mesh is None:
-            return jax.jit(fn)
-        return jax.jit(fn, in_shardings=(self._replicated,) + (self._batch_sharding,) * n_batched_in,
-                       out_shardings=(self._batch_sharding,) * n_out)
+        return jit_step(fn, self.mesh, self.batch_axis, n_batched_in, n_out)
 
     # -- inputs --------------------------------------------------------------------------------
 
@@ -156,7 +177,7 @@ class SpeechTokenizer:
         return np.asarray(h)[:b], np.asarray(n)[:b]
 
     def encode(self, waves, lengths=None, *, long_audio: str = "window",
-               pad_multiple: int = 16000) -> list[np.ndarray]:
+               pad_multiple: int = 16000, pack: bool | None = None) -> list[np.ndarray]:
         """Codes of each utterance: `waves` is a padded `[B, N]` float32 array with `lengths[B]`
         (samples), or a list of 1-D arrays (padded here to a multiple of `pad_multiple` samples).
         16 kHz mono float32 in [-1, 1]. Returns B int32 arrays of raw codes (`units_per_second`
@@ -167,10 +188,20 @@ class SpeechTokenizer:
         where the package's last window would be <= 4 s (see `s3.window_starts`);
         `"window_package"` reproduces the package exactly; `"refuse"` raises SpeechTokenizerError
         naming the utterance. Compiles once per padded shape (and once for the [B, 3000] window
-        batch if there are long utterances)."""
+        batch if there are long utterances).
+
+        `pack` (default: True for a list of waveforms on one CPU device; False for a padded
+        array, whose caller chose the padding, e.g. extract-units' length buckets, and on
+        accelerators, where each packed size would be one more slow compile): for a batch of
+        utterances <= 30 s of mixed lengths, the encoder's projections, MLP and quantizer run
+        on the valid frames only, packed into rows (`s3.encoder(packed=...)`), where that cuts
+        those rows by `PACK_GAIN` or more; attention and the convs keep the padded layout. The same codes; one compiled
+        shape per packed size (a multiple of `PACK_MULTIPLE` frames).
+        """
         if long_audio not in LONG_AUDIO_MODES:
             raise SpeechTokenizerError(f"long_audio {long_audio!r}: choose one of "
                                        f"{', '.join(LONG_AUDIO_MODES)}")
+        list_input = lengths is None
         batch, lengths = self._batch(waves, lengths, pad_multiple)
         b = batch.shape[0]
         if b == 0:
@@ -184,10 +215,38 @@ class SpeechTokenizer:
         if not long.any():
             wave = batch[:, :min(batch.shape[1], _SHORT_MAX_SAMPLES)]
             wave, lens = self._pad_rows(wave, lengths.astype(np.int32), fill_len=melmod.MIN_SAMPLES)
-            codes, code_len = self._wave_step(self.params, wave, lens)
+            if pack is None:
+                pack = list_input and self._on_cpu
+            packed = self._packed_rows(lens, wave.shape[1]) if pack else 0
+            step = self._packed_step(packed) if packed else self._wave_step
+            codes, code_len = step(self.params, wave, lens)
             codes, code_len = np.asarray(codes), np.asarray(code_len)
             return [codes[i, :code_len[i]].copy() for i in range(b)]
         return self._encode_long(batch, lengths, long_audio)
+
+    def _packed_rows(self, lengths, width: int) -> int:
+        """Rows of the packed layout for this batch (its valid encoder frames rounded up to
+        `PACK_MULTIPLE`), or 0 where packing does not pay (under `PACK_GAIN` fewer rows than the
+        padded layout) or cannot be used (a mesh: packed rows would cross its shards)."""
+        if self._rows_multiple != 1 or self.mesh is not None:
+            return 0
+        stride = self.config.stride
+        valid = int(code_lengths(np.asarray(lengths) // melmod.HOP, stride).sum())
+        padded = len(lengths) * int(code_lengths(width // melmod.HOP, stride))
+        rows = -(-max(valid, 1) // PACK_MULTIPLE) * PACK_MULTIPLE
+        return rows if rows <= (1 - PACK_GAIN) * padded else 0
+
+    @functools.cached_property
+    def _on_cpu(self) -> bool:
+        import jax
+        leaf = jax.tree.leaves(self.params)[0]
+        return all(d.platform == "cpu" for d in leaf.devices())
+
+    def _packed_step(self, rows: int):
+        steps = self.__dict__.setdefault("_packed_steps", {})
+        if rows not in steps:
+            steps[rows] = self._jit(extraction_step(self.config, self.precision, packed=rows), 2, 2)
+        return steps[rows]
 
     def _encode_long(self, batch, lengths, mode) -> list[np.ndarray]:
         mel, mel_len = self.log_mel(batch, lengths)

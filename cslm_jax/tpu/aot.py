@@ -106,6 +106,13 @@ def libtpu_available() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
+def host_bounds(topo: Topology) -> tuple[int, int, int]:
+    """Chips per host as libtpu wants them: a TPU VM holds up to 2x2x1 chips (4), and a slice
+    smaller than that (one chip: v5e:1x1, v5p:1x1x1; two: v5e:2x1) is all on one host."""
+    shape = tuple(topo.shape) + (1,) * (3 - len(topo.shape))
+    return tuple(min(s, b) for s, b in zip(shape, (2, 2, 1)))
+
+
 def topology_devices(topo: Topology) -> list:
     """The slice's devices as the TPU compiler sees them (compile-only: nothing can run on them).
     Raises ConfigError when libtpu is missing or rejects the shape."""
@@ -127,7 +134,7 @@ def topology_devices(topo: Topology) -> list:
     try:
         desc = topologies.get_topology_desc(
             platform="tpu", topology_name=topo.name, chip_config_name=topo.spec.chip_config,
-            chips_per_host_bounds=(2, 2, 1), num_slices=1)
+            chips_per_host_bounds=host_bounds(topo), num_slices=1)
     except (jax.errors.JaxRuntimeError, RuntimeError, ValueError) as e:
         raise ConfigError(f"--topology {topo.name}: libtpu does not accept this slice shape: "
                           f"{str(e).splitlines()[0]}") from None
