@@ -620,21 +620,5 @@ def open_tokenizer(tokenizer_dir: str | Path, precision: str = "highest",
     devices = list(devices if devices is not None else jax.local_devices())
     mesh = Mesh(np.array(devices), ("data",))
     tok = load_speech_tokenizer(tokenizer_dir, precision=precision, mesh=mesh, batch_axis="data")
-    if jax.process_count() > 1:
-        _place_host_inputs(tok)
     return TokenizerEncoder(tok, len(devices))
 
-
-def _place_host_inputs(tok) -> None:
-    """In a multi-process job, `jax.jit` refuses numpy arguments that have a non-trivial
-    sharding, even on a mesh of this process's own devices: put them on the tokenizer's batch
-    sharding first. (SpeechTokenizer passes numpy to its jitted steps; this wraps the two steps
-    `encode` runs. The fix belongs in `SpeechTokenizer._jit`; until it is there, it lives here.)"""
-    import jax
-
-    for name in ("_wave_step", "_mel_step"):
-        step = getattr(tok, name)
-
-        def placed(params, *arrays, _step=step):
-            return _step(params, *(jax.device_put(a, tok._batch_sharding) for a in arrays))
-        tok.__dict__[name] = placed          # where functools.cached_property keeps its value

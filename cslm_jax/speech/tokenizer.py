@@ -34,15 +34,33 @@ def extraction_step(cfg: S3Config, precision: str = "highest", unroll: bool = Fa
 
 def jit_step(fn, mesh=None, batch_axis=None, n_batched_in: int = 2, n_out: int = 2):
     """`jax.jit(fn)`; with a mesh, weights (the first argument) replicated and the batch axis of
-    the other arguments and of the outputs sharded over `batch_axis` (default: all mesh axes)."""
+    the other arguments and of the outputs sharded over `batch_axis` (default: all mesh axes).
+    With a mesh, numpy batch arguments are put on that sharding before the call: in a
+    multi-process job `jax.jit` refuses host arrays with a non-trivial sharding, even on a mesh of
+    this process's own devices (each host runs its own batches). `.lower` is the jitted one's."""
     import jax
     if mesh is None:
         return jax.jit(fn)
     from jax.sharding import NamedSharding, PartitionSpec as P
     axis = batch_axis if batch_axis is not None else tuple(mesh.axis_names)
     batch, replicated = NamedSharding(mesh, P(axis)), NamedSharding(mesh, P())
-    return jax.jit(fn, in_shardings=(replicated,) + (batch,) * n_batched_in,
-                   out_shardings=(batch,) * n_out)
+    return _PlacedStep(jax.jit(fn, in_shardings=(replicated,) + (batch,) * n_batched_in,
+                               out_shardings=(batch,) * n_out), batch)
+
+
+class _PlacedStep:
+    """A jitted step on a mesh whose host (numpy) batch arguments are placed first."""
+
+    def __init__(self, jitted, sharding):
+        self.jitted, self.sharding = jitted, sharding
+
+    def __call__(self, params, *arrays):
+        import jax
+        return self.jitted(params, *(jax.device_put(a, self.sharding) if isinstance(a, np.ndarray)
+                                     else a for a in arrays))
+
+    def lower(self, *args, **kwargs):
+        return self.jitted.lower(*args, **kwargs)
 
 
 class SpeechTokenizer:
