@@ -467,14 +467,29 @@ def _entry(key: bytes, feature: bytes) -> bytes:
     return b"\x0a" + _varint(len(entry)) + entry
 
 
+_SMALL_VARINTS = [_varint(n) for n in range(1 << 14)]      # lengths below 16 KiB: a table
+
+
+def _len_varint(n: int) -> bytes:
+    return _SMALL_VARINTS[n] if n < 16384 else _varint(n)
+
+
 def serialize_batch(ids: list, masks: list) -> list[bytes]:
     """`serialize` of each (ids, mask) pair, byte for byte (tests/test_prepare_data.py)."""
     out = []
     if masks and max(max(m, default=0) for m in masks) > 1:
         raise ValueError("loss weights must be 0 or 1")
+    v = _len_varint
     for t, w in zip(_packed_varints(ids), map(bytes, masks)):   # 0/1: one byte each
-        features = _entry(b"loss_weights", _int64_feature(w)) + _entry(b"targets", _int64_feature(t))
-        out.append(b"\x0a" + _varint(len(features)) + features)
+        # Features{feature: {"loss_weights": Feature{int64_list{packed w}}, "targets": ...}}
+        lw = (b"\x0a" + v(len(w)) + w) if w else b""
+        lw = b"\x1a" + v(len(lw)) + lw
+        lw = b"\x0a\x0closs_weights\x12" + v(len(lw)) + lw
+        tg = (b"\x0a" + v(len(t)) + t) if t else b""
+        tg = b"\x1a" + v(len(tg)) + tg
+        tg = b"\x0a\x07targets\x12" + v(len(tg)) + tg
+        features = b"\x0a" + v(len(lw)) + lw + b"\x0a" + v(len(tg)) + tg
+        out.append(b"\x0a" + v(len(features)) + features)
     return out
 
 
