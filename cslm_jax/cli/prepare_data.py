@@ -23,7 +23,8 @@ def add_parser(sub):
     s.add_argument("--num-workers", type=int, default=None,
                    help="DirectRunner worker processes (default: one per CPU core)")
     s.add_argument("--range-mb", type=float, default=64.0,
-                   help="large files are split into byte ranges of about this size (MiB)")
+                   help="large files are split into byte ranges of at most about this size "
+                   "(MiB); with DirectRunner each worker takes one contiguous share of every file")
     s.add_argument("--max-length", type=int, default=None,
                    help="override packing.max_length (must equal the training run's data.max_length)")
     s.add_argument("--no-fast-render", action="store_true",

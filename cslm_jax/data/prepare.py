@@ -15,9 +15,13 @@ are the same bytes, and training reads either with identical batches.
 Speed: the per-example Python work is batched. `FastChat` renders a chat template once per role
 sequence (with sentinel contents) instead of calling Jinja per example, tokenizes the constant
 parts of the template once, and sends only the variable pieces (each delimited by added tokens,
-so the tokenizer splits there anyway) through the Rust tokenizer's batch API. It refuses to
-apply (falling back to the exact path) whenever that equality cannot be shown for the template
-and tokenizer at hand, and re-checks a sample of examples against Jinja while it runs.
+so the tokenizer splits there anyway) through the Rust tokenizer's batch API, each distinct text
+once per batch (texts repeated within a batch, the template's constants, are kept across
+batches). Speech spans of asr/tts/s2s contents (`fast_examples` -> `SpeechText`) are turned
+into ids arithmetically. It refuses to apply (falling back to the exact path) whenever that
+equality cannot be shown for the template and tokenizer at hand, and re-checks a sample of
+examples against Jinja while it runs. Plans, checks and the tokenizer are made once per process
+(per tokenizer and loss-mask rule).
 """
 from __future__ import annotations
 
