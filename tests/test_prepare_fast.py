@@ -110,6 +110,17 @@ def test_speech_spans_as_ids_equal_jinja_on_the_true_llama31_tokenizer(mask):
     assert fast.ids(batch) == [renderer.encode(renderer.render_text(m)) for m in batch]
 
 
+def test_units_the_tokenizer_lacks_are_tokenized_as_text(demo):
+    tok = load_tokenizer(demo[1])
+    renderer = ChatRenderer(tok, 4096)
+    fast = FastChat(renderer, verify_every=10 ** 9)
+    batch = [[{"role": "user", "content": speech_text(["a ", [1, 255, 256, 9999], " b"])},
+              {"role": "assistant", "content": speech_text(["", [3, -1], ""])}],
+             [{"role": "user", "content": speech_text(["ok ", [1, 2], ""])},
+              {"role": "assistant", "content": "fine"}]]
+    assert fast.ids(batch) == [renderer.encode(renderer.render_text(m)) for m in batch]
+
+
 def test_speech_spans_left_to_the_tokenizer_when_a_token_could_run_into_them(demo):
     tok = load_tokenizer(demo[1])
     tok.add_tokens(["<sosp><1"])         # a longer match at a span's start: ids not computed

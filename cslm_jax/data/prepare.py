@@ -184,7 +184,7 @@ class FastChat:
         return [e.ids for e in encode(texts, add_special_tokens=special)]
 
     def _span_ids(self):
-        """(id of <sosp>, id of <eosp>, ids of the units <0>, <1>, ...) when a speech span
+        """(id of <sosp>, id of <eosp>, {unit: id of <unit>}) when a speech span
         `<sosp><u1><u2>...<eosp>` is provably tokenized as exactly those added tokens wherever
         it stands in a text, so its ids can be computed instead of tokenized; else None.
         Shown here once per tokenizer: each is an added token without lstrip/rstrip/
@@ -211,7 +211,8 @@ class FastChat:
             for k in range(1, len(t)):
                 if t[:k] in span_set or "<sosp>".startswith(t[k:]) or "<sosp>" in t[k:]:
                     return None
-        return by_text["<sosp>"][0], by_text["<eosp>"][0], [by_text[n][0] for n in names[2:]]
+        return (by_text["<sosp>"][0], by_text["<eosp>"][0],
+                {u: by_text[n][0] for u, n in enumerate(names[2:])})
 
     def _prefix(self) -> list[int] | None:
         """The ids the post-processor adds in front (the reference's second <|begin_of_text|>);
@@ -350,18 +351,23 @@ class FastChat:
                 text_ids[k] = ids
         if spans is not None:
             sosp, eosp, unit_ids = spans
-            unit = unit_ids.__getitem__
+            unit = unit_ids.__getitem__          # KeyError: a unit the tokenizer lacks
         for j, plan, segs in where:
             ids = list(self.prefix)
-            for fixed, content in zip(plan.fixed, segs):
-                ids += fixed
-                for k, p in enumerate(content):
-                    if k % 2:
-                        ids.append(sosp)
-                        ids += map(unit, p)
-                        ids.append(eosp)
-                    else:
-                        ids += text_ids[p]
+            try:
+                for fixed, content in zip(plan.fixed, segs):
+                    ids += fixed
+                    for k, p in enumerate(content):
+                        if k % 2:
+                            ids.append(sosp)
+                            ids += map(unit, p)
+                            ids.append(eosp)
+                        else:
+                            ids += text_ids[p]
+            except KeyError:                     # then "<u>" is text: the exact path
+                whole.append(self.r.render_text(batch[j]))
+                whole_at.append(j)
+                continue
             ids += plan.fixed[-1]
             out[j] = ids
         if repeated:
@@ -481,10 +487,16 @@ def _len_varint(n: int) -> bytes:
 def serialize_batch(ids: list, masks: list) -> list[bytes]:
     """`serialize` of each (ids, mask) pair, byte for byte (tests/test_prepare_data.py)."""
     out = []
-    if masks and max(max(m, default=0) for m in masks) > 1:
-        raise ValueError("loss weights must be 0 or 1")
+    try:
+        weights = list(map(bytes, masks))                    # 0/1: one byte each
+    except ValueError:                                       # outside 0..255
+        weights = None
+    if weights is None or b"".join(weights).translate(None, b"\x00\x01"):
+        if masks and max(max(m, default=0) for m in masks) > 1:
+            raise ValueError("loss weights must be 0 or 1")
+        weights = list(map(bytes, masks))                    # negative: bytes() raises
     v = _len_varint
-    for t, w in zip(_packed_varints(ids), map(bytes, masks)):   # 0/1: one byte each
+    for t, w in zip(_packed_varints(ids), weights):
         # Features{feature: {"loss_weights": Feature{int64_list{packed w}}, "targets": ...}}
         lw = (b"\x0a" + v(len(w)) + w) if w else b""
         lw = b"\x1a" + v(len(lw)) + lw
