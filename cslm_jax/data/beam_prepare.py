@@ -83,8 +83,6 @@ class _PrepareUnit:
                 yield from self._range(unit, job)
 
     def _range(self, unit: int, job):
-        import apache_beam as beam
-
         from cslm_jax.data.prepare import numbered_lines, record_writer
 
         task, split, file_index, path, start, end, first_line = job
