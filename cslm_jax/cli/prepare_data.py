@@ -23,7 +23,8 @@ def add_parser(sub):
     s.add_argument("--num-workers", type=int, default=None,
                    help="DirectRunner worker processes (default: one per CPU core)")
     s.add_argument("--range-mb", type=float, default=64.0,
-                   help="large files are split into byte ranges of about this size (MiB)")
+                   help="large files are split into byte ranges of at most about this size "
+                   "(MiB); with DirectRunner each worker takes one contiguous share of every file")
     s.add_argument("--max-length", type=int, default=None,
                    help="override packing.max_length (must equal the training run's data.max_length)")
     s.add_argument("--no-fast-render", action="store_true",
@@ -61,17 +62,47 @@ def check(args, parser) -> None:
 
 
 def uses_tensorflow(args) -> bool:
-    return True
+    """Only URLs (read and written through tf.io.gfile) and TFDS tasks need TensorFlow here;
+    local preparation starts without it (seconds of the job's serial start-up)."""
+    paths = [args.tokenizer_dir, args.out] + [f for s in args.cfg.tasks(args.stage)
+                                              for f in (*s.train, *s.validation)]
+    return (any("://" in str(p) for p in paths)
+            or any(s.tfds is not None for s in args.cfg.tasks(args.stage)))
+
+
+def _check_tokenizer(tokenizer_dir: str, unit_count: int) -> None:
+    """`require_cslm_tokens` on the tokenizer; its tokenizer.json read with the `tokenizers`
+    library first (no transformers import: seconds of start-up), the full check (and its error)
+    where that does not find every CSLM token."""
+    from pathlib import Path
+
+    from cslm_jax.data.prepare import local_tokenizer_dir
+    from cslm_jax.model.vocab import load_tokenizer, require_cslm_tokens
+
+    local = Path(local_tokenizer_dir(tokenizer_dir))
+    if (local / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        class _Vocab:
+            def __init__(self, tok):
+                self.tok = tok
+
+            def get_vocab(self):
+                return self.tok.get_vocab(with_added_tokens=True)
+
+        try:
+            require_cslm_tokens(_Vocab(Tokenizer.from_file(str(local / "tokenizer.json"))),
+                                tokenizer_dir, unit_count)
+            return
+        except Exception:            # noqa: BLE001 - the full check below decides and reports
+            pass
+    require_cslm_tokens(load_tokenizer(local), tokenizer_dir, unit_count)
 
 
 def run(args) -> int:
     from cslm_jax.data.beam_prepare import prepare_data
-    from cslm_jax.model.vocab import load_tokenizer, require_cslm_tokens
 
-    from cslm_jax.data.prepare import local_tokenizer_dir
-
-    require_cslm_tokens(load_tokenizer(local_tokenizer_dir(args.tokenizer_dir)),
-                        args.tokenizer_dir, args.cfg.format.unit_count)
+    _check_tokenizer(args.tokenizer_dir, args.cfg.format.unit_count)
     result = prepare_data(args.cfg, args.stage, args.tokenizer_dir, args.out, tasks=args.tasks,
                           num_shards=args.num_shards, runner=args.runner,
                           num_workers=args.num_workers, range_bytes=int(args.range_mb * (1 << 20)),

@@ -1,23 +1,33 @@
 """`cslm-jax prepare-data` on Apache Beam: the in-process preparation (cslm_jax.data.prepare),
 parallel over input files and byte ranges of large files, writing the SeqIO cache layout.
 
-    files --plan (one pass counting newlines)--> byte ranges starting at line starts
-          --reshuffle--> Preparer per range: examples appended to per-(range, shard) pieces
-                         in a temporary folder; counts and (strict) the range's first error
-          --group by shard--> each shard file = its pieces in (file, range) order, written under
+    files --plan (in this process: one pass counting newlines)--> byte ranges starting at line
+          starts, grouped into work units (DirectRunner: one per worker, each a contiguous
+          1/N of every file, so the workers get equal shares; other runners: one per range)
+          --by unit--> one fused step per unit: Preparer over its ranges, examples appended to
+                         per-(file, unit, shard) pieces in a temporary folder; the unit's counts
+                         and (strict) its first error written there as small JSON files
+          --group by shard--> each shard file = its pieces in (file, line) order, written under
                          a temporary name and renamed: whole or absent
-          --combine per split--> stats.{split}.json, info.{split}.json
-    then, in this process, after the job succeeded: COMPLETED per task, last.
+    then, in this process, after the job succeeded: counts summed into stats.{split}.json,
+    info.{split}.json, and COMPLETED per task, last.
 
 A shard holds its examples in (file, line) order, exactly as the in-process writer puts them, so
 the output is the same bytes for the same shard count. An interrupted job leaves no COMPLETED:
 running the same command again prepares the unfinished tasks from scratch (finished ones, whose
 COMPLETED matches, are kept). Strict mode: each range stops at its first bad record; the job's
 error is the first one in file order, as the in-process path reports it.
+
+Fixed costs are kept out of the workers' way: a worker imports neither TensorFlow nor seqio
+(TFRecords are written by `RecordWriter`, the SeqIO version read from the package metadata); it
+loads transformers and the tokenizer once, when its first unit starts. With local paths this
+process does not import TensorFlow either. Planning reads every input once here (sequentially):
+on a cluster with many large remote files that pass is the job's serial part.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import uuid
@@ -40,8 +50,9 @@ def _gfile():
     return tf.io.gfile
 
 
-class _PrepareRange:
-    """DoFn body (built lazily so this module imports without Beam): prepare one byte range."""
+class _PrepareUnit:
+    """DoFn body (built lazily so this module imports without Beam): prepare one work unit (a
+    list of byte ranges) in one call."""
 
     def __init__(self, specs: dict, cfg: DataConfig, tokenizer_dir: str, num_shards: int,
                  tmp: str, fast: bool):
@@ -52,24 +63,34 @@ class _PrepareRange:
     def setup(self):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")   # one core per worker
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        with _IMPORT_LOCK:       # transformers' lazy imports are not safe from several threads
-            from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
 
-    def process(self, job):
-        import apache_beam as beam
+    def _preparer(self, task: str):
+        from cslm_jax.data.prepare import Preparer
 
-        from cslm_jax.data.prepare import Preparer, numbered_lines, record_writer
-
-        task, split, file_index, path, range_index, start, end, first_line = job
         prep = self.preparers.get(task)
         if prep is None:
-            with _IMPORT_LOCK:
-                prep = self.preparers[task] = Preparer(self.specs[task], self.cfg,
-                                                       self.tokenizer_dir, fast=self.fast)
+            with _IMPORT_LOCK:   # transformers' lazy imports are not safe from several threads
+                prep = self.preparers.get(task)
+                if prep is None:
+                    prep = self.preparers[task] = Preparer(self.specs[task], self.cfg,
+                                                           self.tokenizer_dir, fast=self.fast)
+        return prep
+
+    def process(self, item):
+        unit, groups = item
+        for jobs in groups:
+            for job in jobs:
+                yield from self._range(unit, job)
+
+    def _range(self, unit: int, job):
+        from cslm_jax.data.prepare import numbered_lines, record_writer
+
+        task, split, file_index, path, start, end, first_line = job
+        prep = self._preparer(task)
         counts = new_counts()
         folder = f"{self.tmp}/{task}/{split}"
         _makedirs(folder)
-        tag = f"f{file_index:05d}-r{range_index:06d}"
+        tag = f"f{file_index:05d}-l{first_line:012d}"
         writers, error = {}, None
         try:
             for shard, data in prep.lines(path, file_index,
@@ -86,13 +107,11 @@ class _PrepareRange:
         finally:
             for w in writers.values():
                 w.close()
-        for shard in sorted(writers):
-            yield beam.pvalue.TaggedOutput("pieces", ((task, split, shard),
-                                                      (file_index, range_index,
-                                                       f"{folder}/{tag}.s{shard:05d}")))
-        yield beam.pvalue.TaggedOutput("counts", ((task, split), counts))
+        _write_small_json(f"{self.tmp}/counts/{task}.{split}.{tag}.json", [task, split, counts])
         if error is not None:
-            yield beam.pvalue.TaggedOutput("errors", error)
+            _write_small_json(f"{self.tmp}/errors/{task}.{split}.{tag}.json", error)
+        for shard in sorted(writers):
+            yield (task, split, shard), (file_index, first_line, f"{folder}/{tag}.s{shard:05d}")
 
 
 def _makedirs(path: str) -> None:
@@ -130,52 +149,61 @@ def _write_shard(item, out: str, num_shards: int):
     return final
 
 
-class _Counts:
-    """CombineFn over count dicts (sums; max lengths; the first skip messages)."""
-
-    @staticmethod
-    def make():
-        import apache_beam as beam
-
-        class CountsFn(beam.CombineFn):
-            def create_accumulator(self):
-                return new_counts()
-
-            def add_input(self, acc, counts):
-                return merge_counts(acc, counts)
-
-            def merge_accumulators(self, accs):
-                accs = list(accs)
-                out = accs[0]
-                for a in accs[1:]:
-                    out = merge_counts(out, a)
-                return out
-
-            def extract_output(self, acc):
-                return acc
-
-        return CountsFn()
+def _write_small_json(path: str, data) -> None:
+    _makedirs(os.path.dirname(path))
+    with _open(path, "w") as f:
+        f.write(json.dumps(data, ensure_ascii=False))
 
 
-def _write_split_meta(item, out: str, keys: dict, num_shards: int):
-    (task, split), counts = item
-    write_json(f"{out}/{task}/stats.{split}.json", stats_json(counts))
-    write_json(f"{out}/{task}/info.{split}.json", info_json(num_shards, keys[task]))
-    return task, split
+def _exists(path: str) -> bool:
+    return _gfile().exists(path) if "://" in path else os.path.exists(path)
 
 
-def _write_error(error, tmp: str):
-    _makedirs(f"{tmp}/errors")
-    with _open(f"{tmp}/errors/{uuid.uuid4().hex}.json", "w") as f:
-        f.write(json.dumps(error, ensure_ascii=False))
+def _glob(pattern: str) -> list:
+    if "://" in pattern:
+        return _gfile().glob(pattern)
+    import glob
+    return glob.glob(pattern)
 
 
-def _plan(job, range_bytes: int):
+def _rmtree(path: str) -> None:
+    if "://" in path:
+        _gfile().rmtree(path)
+    else:
+        import shutil
+        shutil.rmtree(path)
+
+
+def plan_units(jobs: list, range_bytes: int, units: int | None) -> list[list]:
+    """Work units from `jobs` ((task, split, file index, path) per input file): lists of
+    (task, split, file index, path, start, end, first line) byte ranges. `units` given (the
+    DirectRunner's worker count): that many units, unit k holding the k-th contiguous 1/units
+    of every file (cut at line starts), so each worker gets an equal share of every task; None:
+    one unit per range of about `range_bytes`."""
     from cslm_jax.data.prepare import plan_ranges
 
-    task, split, file_index, path = job
-    for range_index, (start, end, line) in enumerate(plan_ranges(path, range_bytes)):
-        yield task, split, file_index, path, range_index, start, end, line
+    planned: dict = {}
+    out: list[list] = [[] for _ in range(units)] if units else []
+    for task, split, file_index, path in jobs:
+        if units:
+            size = os.path.getsize(path) if "://" not in path else _gfile().stat(path).length
+            rb = max(1, min(range_bytes, math.ceil(size / units)))
+        else:
+            rb = range_bytes
+        ranges = planned.get((path, rb))
+        if ranges is None:
+            ranges = planned[(path, rb)] = plan_ranges(path, rb)
+        if not units:
+            out += [[(task, split, file_index, path, s, e, line)] for s, e, line in ranges]
+            continue
+        # contiguous runs of about equally many (equal-sized) ranges, merged into one per unit
+        n = len(ranges)
+        for u in range(units):
+            first, last = u * n // units, (u + 1) * n // units
+            if last > first:
+                out[u].append((task, split, file_index, path, ranges[first][0],
+                               ranges[last - 1][1], ranges[first][2]))
+    return [u for u in out if u]
 
 
 def prepare_data(cfg: DataConfig, stage: str, tokenizer_dir: str | Path, out: str | Path, *,
@@ -202,8 +230,7 @@ def prepare_data(cfg: DataConfig, stage: str, tokenizer_dir: str | Path, out: st
     if "://" not in str(tokenizer_dir):
         tokenizer_dir = str(Path(tokenizer_dir).absolute())
     out = str(out)
-    gfile = _gfile()
-    gfile.makedirs(out)
+    _makedirs(out)
     keys = {s.name: task_key(s, cfg, tokenizer_dir, num_shards) for s in specs}
     result, todo = {}, []
     for spec in specs:
@@ -216,8 +243,8 @@ def prepare_data(cfg: DataConfig, stage: str, tokenizer_dir: str | Path, out: st
                 continue
             raise CacheError(f"{task_dir}: already holds a cache prepared with other settings; "
                              f"choose another --out or delete it")
-        if gfile.exists(task_dir):          # an interrupted run's partial output
-            gfile.rmtree(task_dir)
+        if _exists(task_dir):               # an interrupted run's partial output
+            _rmtree(task_dir)
         if spec.tfds is not None:           # one reader for a dataset: prepared in this process
             if "://" in out:
                 raise CslmError(f"--out {out}: task {spec.name} reads a TFDS dataset, which is "
@@ -227,11 +254,11 @@ def prepare_data(cfg: DataConfig, stage: str, tokenizer_dir: str | Path, out: st
                                num_shards, fast=fast)
             result[spec.name] = "prepared"
             continue
-        gfile.makedirs(task_dir)
+        _makedirs(task_dir)
         todo.append(spec)
-    for stale in gfile.glob(f"{out}/.prepare-tmp-*"):    # an interrupted job's pieces
+    for stale in _glob(f"{out}/.prepare-tmp-*"):    # an interrupted job's pieces
         log(f"prepare-data: removing {stale}, left by an interrupted job")
-        gfile.rmtree(stale)
+        _rmtree(stale)
     if not todo:
         return result
     tmp = f"{out}/.prepare-tmp-{uuid.uuid4().hex[:8]}"
@@ -240,59 +267,68 @@ def prepare_data(cfg: DataConfig, stage: str, tokenizer_dir: str | Path, out: st
     seeds = [((s.name, split, shard), None) for s in todo for split in splits_of(s)
              for shard in range(num_shards)]
     args = [f"--runner={runner}", *pipeline_args]
-    if runner == "DirectRunner" and not any(a.startswith("--direct_num_workers") for a in args):
-        args.append(f"--direct_num_workers={num_workers or os.cpu_count() or 1}")
+    workers = None
+    if runner == "DirectRunner":
+        given = [a for a in args if a.startswith("--direct_num_workers")]
+        workers = int(given[-1].split("=", 1)[1]) if given and "=" in given[-1] else \
+            (num_workers or os.cpu_count() or 1)
+        if not given:
+            args.append(f"--direct_num_workers={workers}")
     if runner == "DirectRunner" and not any(a.startswith("--direct_running_mode") for a in args):
         args.append("--direct_running_mode=multi_processing")
     options = PipelineOptions(args)
-    body = _PrepareRange({s.name: s for s in todo}, cfg, tokenizer_dir, num_shards, tmp, fast)
+    # DirectRunner hands the i-th key of a grouped collection to worker i % N (in the order
+    # the keys arrive): one unit per worker, in order, gives each worker one equal share
+    units = plan_units(jobs, range_bytes, workers)
+    body = _PrepareUnit({s.name: s for s in todo}, cfg, tokenizer_dir, num_shards, tmp, fast)
 
-    class PrepareRange(beam.DoFn):
+    class PrepareUnit(beam.DoFn):
         def setup(self):
             body.setup()
 
-        def process(self, job):
-            yield from body.process(job)
+        def process(self, item):
+            yield from body.process(item)
 
-    log(f"prepare-data: {len(todo)} task(s), {len(jobs)} file(s) -> {out} ({num_shards} shards "
-        f"per split, runner {runner})")
+    log(f"prepare-data: {len(todo)} task(s), {len(jobs)} file(s) in {len(units)} unit(s) -> "
+        f"{out} ({num_shards} shards per split, runner {runner})")
     try:
         with beam.Pipeline(options=options) as p:
-            ranges = (p | "files" >> beam.Create(jobs)
-                      | "plan" >> beam.FlatMap(_plan, range_bytes)
-                      | "spread" >> beam.Reshuffle())
-            results = ranges | "prepare" >> beam.ParDo(PrepareRange()).with_outputs(
-                "pieces", "counts", "errors")
-            shards = ((results.pieces, p | "all shards" >> beam.Create(seeds))
-                      | "flatten" >> beam.Flatten()
-                      | "by shard" >> beam.GroupByKey()
-                      | "write shards" >> beam.Map(_write_shard, out, num_shards))
-            _ = (results.counts
-                 | "count" >> beam.CombinePerKey(_Counts.make())
-                 | "write stats" >> beam.Map(_write_split_meta, out, keys, num_shards))
-            _ = results.errors | "write errors" >> beam.Map(_write_error, tmp)
-            del shards
+            pieces = (p | "units" >> beam.Create(list(enumerate(units)))
+                      | "spread" >> beam.GroupByKey()
+                      | "prepare" >> beam.ParDo(PrepareUnit()))
+            _ = ((pieces, p | "all shards" >> beam.Create(seeds))
+                 | "flatten" >> beam.Flatten()
+                 | "by shard" >> beam.GroupByKey()
+                 | "write shards" >> beam.Map(_write_shard, out, num_shards))
         errors = []
-        for path in gfile.glob(f"{tmp}/errors/*.json"):
-            with gfile.GFile(path) as f:
+        for path in _glob(f"{tmp}/errors/*.json"):
+            with _open(path, "r") as f:
                 errors.append(json.load(f))
         if errors:
             order = {s.name: i for i, s in enumerate(todo)}
             first = min(errors, key=lambda e: (order[e[0]], e[1] != "train", e[2], e[3]))
             raise DataError(first[5])
+        counts: dict = {}
+        for path in _glob(f"{tmp}/counts/*.json"):
+            with _open(path, "r") as f:
+                task, split, c = json.load(f)
+            c["skipped_messages"] = [tuple(m) for m in c["skipped_messages"]]
+            counts[task, split] = merge_counts(counts.get((task, split), new_counts()), c)
         for spec in todo:
             task_dir = f"{out}/{spec.name}"
             for split in splits_of(spec):
-                missing = [f for f in [f"info.{split}.json", f"stats.{split}.json"] +
-                           [shard_name(split, s, num_shards) for s in range(num_shards)]
-                           if not gfile.exists(f"{task_dir}/{f}")]
+                write_json(f"{task_dir}/stats.{split}.json",
+                           stats_json(counts.get((spec.name, split), new_counts())))
+                write_json(f"{task_dir}/info.{split}.json", info_json(num_shards, keys[spec.name]))
+                missing = [f for f in [shard_name(split, s, num_shards) for s in range(num_shards)]
+                           if not _exists(f"{task_dir}/{f}")]
                 if missing:
                     raise CacheError(f"{task_dir}: the job finished without writing {missing[:3]}")
             write_json(f"{task_dir}/COMPLETED", keys[spec.name])
             result[spec.name] = "prepared"
     finally:
-        if gfile.exists(tmp):
-            gfile.rmtree(tmp)
+        if _exists(tmp):
+            _rmtree(tmp)
     return result
 
 

@@ -17,7 +17,9 @@ for character languages. A time t is unit index round(t * unit_rate) of the *unm
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import operator
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -130,11 +132,16 @@ def _text(record: dict, field: str, where: str) -> str:
     return value
 
 
+_INT = {int}
+_NUMBER_TYPES = {int, float}
+_PAIR_TYPES = {list, tuple}
+
+
 def _units(record: dict, field: str, where: str, unit_count: int) -> list[int]:
     value = record.get(field)
     if not isinstance(value, list) or not value:
         raise RecordError(where, field, "must be a non-empty list of unit ids")
-    if all(type(u) is int for u in value) and 0 <= min(value) and max(value) < unit_count:
+    if set(map(type, value)) == _INT and 0 <= min(value) and max(value) < unit_count:
         return value                   # the common case, checked without a Python loop body
     for i, u in enumerate(value):
         if not isinstance(u, int) or isinstance(u, bool):
@@ -186,9 +193,26 @@ def _is_timed(piece: str, chunk_unit: str, punctuation: str) -> bool:
 
 
 def timed_count(text: str, lang: "LanguageConfig", cfg: "FormatConfig") -> int:
-    """How many [start, end] timings a text needs: its timed tokens."""
-    return sum(_is_timed(p, lang.chunk_unit, cfg.punctuation)
-               for p in timed_tokens(text, lang.chunk_unit, cfg.punctuation))
+    """How many [start, end] timings a text needs: its timed tokens (word mode: the words;
+    char mode: the characters that are neither whitespace nor punctuation, each of which
+    starts a timed piece of `timed_tokens`; tests/test_formats.py checks both against the
+    pieces)."""
+    if lang.chunk_unit == "word":
+        return len(text.split())
+    return len(_timed_chars(cfg.punctuation).findall(text))
+
+
+_TIMED_CHARS: dict = {}
+
+
+def _timed_chars(punctuation: str):
+    """A regex matching one character that is not whitespace (`\\s` of a str pattern is
+    str.isspace) and not in `punctuation`."""
+    rx = _TIMED_CHARS.get(punctuation)
+    if rx is None:
+        body = "".join(re.escape(c) for c in punctuation)
+        rx = _TIMED_CHARS[punctuation] = re.compile(f"[^\\s{body}]")
+    return rx
 
 
 def _times(record: dict, field: str, where: str, n_tokens: int, n_units: int,
@@ -200,6 +224,16 @@ def _times(record: dict, field: str, where: str, n_tokens: int, n_units: int,
         raise RecordError(where, field, f"has {len(value)} timings but the text has {n_tokens} "
                                         f"timed tokens")
     duration = n_units / cfg.unit_rate
+    if (value and set(map(type, value)) <= _PAIR_TYPES and set(map(len, value)) == {2}
+            and set(map(type, itertools.chain.from_iterable(value))) <= _NUMBER_TYPES):
+        # the common case without a Python loop body: every check of the loop below passes
+        # (NaN fails a comparison here and goes to the loop, which reports what it reports)
+        starts = list(map(float, map(operator.itemgetter(0), value)))
+        ends = list(map(float, map(operator.itemgetter(1), value)))
+        if (all(map(operator.le, [0.0, *starts[:-1]], starts))     # >= 0, monotonic
+                and all(map(operator.le, starts, ends))
+                and max(ends) <= duration + cfg.time_tolerance):
+            return list(zip(starts, ends))
     out, last_start = [], 0.0
     for i, pair in enumerate(value):
         if (not isinstance(pair, (list, tuple)) or len(pair) != 2
@@ -271,16 +305,13 @@ def _turns(record: dict, where: str) -> tuple[list, list]:
 
 def merge_repeats(units: Sequence[int]) -> list[int]:
     """Collapse consecutive repeats: [5, 5, 7, 7, 7, 5] -> [5, 7, 5]."""
-    out: list[int] = []
-    for u in units:
-        if not out or out[-1] != u:
-            out.append(u)
-    return out
+    return [u for u, _ in itertools.groupby(units)]
 
 
 def speech(units: Iterable[int]) -> str:
     """A speech span as the LLM sees it: <sosp><12><907><eosp> (no spaces)."""
-    return "<sosp>" + "".join(f"<{u}>" for u in units) + "<eosp>"
+    units = list(units)
+    return "<sosp><" + "><".join(map(str, units)) + "><eosp>" if units else "<sosp><eosp>"
 
 
 def _merged_index(units: Sequence[int], raw_index: int) -> int:
@@ -520,7 +551,9 @@ class ChatRenderer:
 
 def _find(ids: Sequence[int], pattern: Sequence[int], start: int) -> int:
     """First index >= start where `pattern` occurs in `ids`, or -1 (candidates by list.index)."""
-    n, ids, pattern = len(pattern), list(ids), list(pattern)
+    n = len(pattern)
+    ids = ids if type(ids) is list else list(ids)
+    pattern = pattern if type(pattern) is list else list(pattern)
     i = start
     while i <= len(ids) - n:
         try:
@@ -531,6 +564,36 @@ def _find(ids: Sequence[int], pattern: Sequence[int], start: int) -> int:
             return i
         i += 1
     return -1
+
+
+def _find_all(ids: list, pattern: Sequence[int]) -> list[int]:
+    """The starts of the occurrences of `pattern` in `ids` met scanning left to right, each
+    search resuming after the previous occurrence (what repeated `_find` calls give)."""
+    out, n = [], len(pattern)
+    if not n:
+        return _find_all_slow(ids, pattern)
+    pattern = list(pattern)
+    first, limit, i = pattern[0], len(ids) - n + 1, 0
+    index = ids.index
+    while i < limit:
+        try:
+            i = index(first, i, limit)
+        except ValueError:
+            break
+        if ids[i:i + n] == pattern:
+            out.append(i)
+            i += n
+        else:
+            i += 1
+    return out
+
+
+def _find_all_slow(ids, pattern) -> list[int]:
+    out, pos = [], 0
+    while (pos := _find(ids, pattern, pos)) >= 0:
+        out.append(pos)
+        pos += len(pattern)
+    return out
 
 
 def loss_mask(ids: Sequence[int], user: Sequence[int], assistant: Sequence[int],
@@ -546,19 +609,18 @@ def loss_mask(ids: Sequence[int], user: Sequence[int], assistant: Sequence[int],
     assistant_only: [start, next assistant header) is masked for the sequence start and for each
       user header (to the end when no assistant header follows): only assistant turns train.
     """
+    ids = ids if type(ids) is list else list(ids)
     mask = [1] * len(ids)
-    users, pos = [], 0
-    while (pos := _find(ids, user, pos)) >= 0:
-        users.append(pos)
-        pos += len(user)
+    users = _find_all(ids, user)
     if mode == "reference":
-        u, begin, pos = 0, 0, 0
-        while (pos := _find(ids, assistant, pos)) >= 0 and pos + len(assistant) < len(ids):
+        u, begin = 0, 0
+        for pos in _find_all(ids, assistant):
+            if pos + len(assistant) >= len(ids):
+                break
             while u < len(users) and users[u] < pos:
                 begin = users[u]
                 u += 1
             mask[begin:pos] = [0] * (pos - begin)
-            pos += len(assistant)
         if bos_id is not None and ids and ids[0] == bos_id:
             mask[0] = 0
         return mask

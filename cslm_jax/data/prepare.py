@@ -15,9 +15,13 @@ are the same bytes, and training reads either with identical batches.
 Speed: the per-example Python work is batched. `FastChat` renders a chat template once per role
 sequence (with sentinel contents) instead of calling Jinja per example, tokenizes the constant
 parts of the template once, and sends only the variable pieces (each delimited by added tokens,
-so the tokenizer splits there anyway) through the Rust tokenizer's batch API. It refuses to
-apply (falling back to the exact path) whenever that equality cannot be shown for the template
-and tokenizer at hand, and re-checks a sample of examples against Jinja while it runs.
+so the tokenizer splits there anyway) through the Rust tokenizer's batch API, each distinct text
+once per batch (texts repeated within a batch, the template's constants, are kept across
+batches). Speech spans of asr/tts/s2s contents (`fast_examples` -> `SpeechText`) are turned
+into ids arithmetically. It refuses to apply (falling back to the exact path) whenever that
+equality cannot be shown for the template and tokenizer at hand, and re-checks a sample of
+examples against Jinja while it runs. Plans, checks and the tokenizer are made once per process
+(per tokenizer and loss-mask rule).
 """
 from __future__ import annotations
 
@@ -66,14 +70,20 @@ def _is_url(path) -> bool:
 
 
 def tokenizer_digest(tokenizer_dir: str | Path) -> str:
-    import tensorflow as tf
-
     h = hashlib.sha256()          # every file: vocabulary, config and the chat template (.jinja)
-    for f in sorted(tf.io.gfile.glob(os.path.join(str(tokenizer_dir), "*"))):
-        if tf.io.gfile.isdir(f):
+    if _is_url(tokenizer_dir):
+        import tensorflow as tf
+
+        files, isdir, opener = (tf.io.gfile.glob(os.path.join(str(tokenizer_dir), "*")),
+                                tf.io.gfile.isdir, tf.io.gfile.GFile)
+    else:                         # the same files as tf.io.gfile.glob("*") (dot files included)
+        files = [os.path.join(str(tokenizer_dir), n) for n in os.listdir(tokenizer_dir)]
+        isdir, opener = os.path.isdir, open
+    for f in sorted(files):
+        if isdir(f):
             continue
         h.update(os.path.basename(f).encode())
-        with tf.io.gfile.GFile(f, "rb") as g:
+        with opener(f, "rb") as g:
             h.update(g.read())
     return h.hexdigest()[:16]
 
@@ -153,6 +163,8 @@ class FastChat:
     `verify_every`-th are also rendered the slow way and compared: a difference raises.
     """
 
+    CACHE_SIZE = 4096            # texts seen twice in a batch (template constants), kept
+
     def __init__(self, renderer: ChatRenderer, verify_every: int = 1000):
         self.r = renderer
         self.bt = renderer.tok.backend_tokenizer
@@ -164,9 +176,43 @@ class FastChat:
         self.added = {i: t for i, t in self.bt.get_added_tokens_decoder().items()}
         self.added_texts = sorted({t.content for t in self.added.values()})
         self.prefix = self._prefix()
+        self.cache: dict[str, list[int]] = {}
+        self.span_ids = self._span_ids()
 
     def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
-        return [e.ids for e in self.bt.encode_batch(texts, add_special_tokens=special)]
+        encode = getattr(self.bt, "encode_batch_fast", self.bt.encode_batch)   # no offsets
+        return [e.ids for e in encode(texts, add_special_tokens=special)]
+
+    def _span_ids(self):
+        """(id of <sosp>, id of <eosp>, {unit: id of <unit>}) when a speech span
+        `<sosp><u1><u2>...<eosp>` is provably tokenized as exactly those added tokens wherever
+        it stands in a text, so its ids can be computed instead of tokenized; else None.
+        Shown here once per tokenizer: each is an added token without lstrip/rstrip/
+        single_word (and the tokenizer has no normalizer); no added token extends one of them
+        (a longer match at the same start would win); no added token ends with a proper prefix
+        of `<sosp>` or contains `<sosp>` after its start (it could start in the text before the
+        span and run into it). The text around a span then splits there, as at any added token."""
+        if self.bt.normalizer is not None:
+            return None
+        by_text = {t.content: (i, t) for i, t in self.added.items()}
+        names = ["<sosp>", "<eosp>"]
+        u = 0
+        while f"<{u}>" in by_text:
+            names.append(f"<{u}>")
+            u += 1
+        if "<sosp>" not in by_text or "<eosp>" not in by_text or u == 0:
+            return None
+        for name in names:
+            tok = by_text[name][1]
+            if tok.lstrip or tok.rstrip or tok.single_word:
+                return None
+        span_set = set(names)
+        for t in self.added_texts:
+            for k in range(1, len(t)):
+                if t[:k] in span_set or "<sosp>".startswith(t[k:]) or "<sosp>" in t[k:]:
+                    return None
+        return (by_text["<sosp>"][0], by_text["<eosp>"][0],
+                {u: by_text[n][0] for u, n in enumerate(names[2:])})
 
     def _prefix(self) -> list[int] | None:
         """The ids the post-processor adds in front (the reference's second <|begin_of_text|>);
@@ -251,9 +297,23 @@ class FastChat:
         return self.r.encode(self.r.render_text(messages))
 
     def ids(self, batch: list) -> list[list[int]]:
-        """Token ids of each chat example of `batch` (see the class docstring)."""
+        """Token ids of each chat example of `batch` (see the class docstring). A content that
+        is a `SpeechText` (a str that knows its speech spans) has its spans' ids computed (see
+        `_span_ids`); the text between them is tokenized, each distinct text once."""
         out: list = [None] * len(batch)
-        pieces, where, whole, whole_at = [], [], [], []
+        texts: dict[str, int] = {}          # distinct text segment -> index
+        repeated: set = set()               # indices of texts met twice: likely constant
+
+        def ref(text: str) -> int:
+            k = texts.get(text)
+            if k is None:
+                k = texts[text] = len(texts)
+            else:
+                repeated.add(k)
+            return k
+
+        where, whole, whole_at = [], [], []
+        spans = self.span_ids
         for j, messages in enumerate(batch):
             roles = tuple(m["role"] for m in messages)
             plan = self.plans.get(roles, ...)
@@ -266,17 +326,57 @@ class FastChat:
                 whole.append(self.r.render_text(messages))
                 whole_at.append(j)
                 continue
-            where.append((j, plan, len(pieces)))
+            segs = []                       # per content: text indices and unit lists
             for c, h, t in zip(contents, plan.heads, plan.tails):
-                pieces.append(h + (c.strip() if plan.strip else c) + t)
-        piece_ids = self._encode(pieces, False) if pieces else []
-        for j, plan, k in where:
+                parts = getattr(c, "parts", None) if spans is not None else None
+                if parts is None:
+                    segs.append((ref(h + (c.strip() if plan.strip else c) + t),))
+                    continue
+                if plan.strip:
+                    parts = _strip_parts(parts)
+                parts = [h + parts[0], *parts[1:-1], parts[-1] + t] if len(parts) > 1 else \
+                    [h + parts[0] + t]
+                segs.append(tuple(p if k % 2 else ref(p) for k, p in enumerate(parts)))
+            where.append((j, plan, segs))
+        cache, todo = self.cache, []
+        text_ids: list = [None] * len(texts)
+        for text, k in texts.items():
+            hit = cache.get(text)
+            if hit is None:
+                todo.append(k)
+            text_ids[k] = hit
+        if todo:
+            keys = list(texts)
+            for k, ids in zip(todo, self._encode([keys[k] for k in todo], False)):
+                text_ids[k] = ids
+        if spans is not None:
+            sosp, eosp, unit_ids = spans
+            unit = unit_ids.__getitem__          # KeyError: a unit the tokenizer lacks
+        for j, plan, segs in where:
             ids = list(self.prefix)
-            for i, fixed in enumerate(plan.fixed[:-1]):
-                ids += fixed
-                ids += piece_ids[k + i]
+            try:
+                for fixed, content in zip(plan.fixed, segs):
+                    ids += fixed
+                    for k, p in enumerate(content):
+                        if k % 2:
+                            ids.append(sosp)
+                            ids += map(unit, p)
+                            ids.append(eosp)
+                        else:
+                            ids += text_ids[p]
+            except KeyError:                     # then "<u>" is text: the exact path
+                whole.append(self.r.render_text(batch[j]))
+                whole_at.append(j)
+                continue
             ids += plan.fixed[-1]
             out[j] = ids
+        if repeated:
+            keys = list(texts)
+            for k in repeated:
+                if keys[k] not in cache:
+                    if len(cache) >= self.CACHE_SIZE:
+                        cache.clear()
+                    cache[keys[k]] = text_ids[k]
         for j, ids in zip(whole_at, self._encode(whole, self.special) if whole else []):
             out[j] = ids
         for j, messages in enumerate(batch):        # sample check against the exact path
@@ -289,6 +389,28 @@ class FastChat:
                                     f"roles {roles}; prepare with fast rendering off "
                                     f"(--no-fast-render) and report this")
         return out
+
+
+class SpeechText(str):
+    """A content string that knows its speech spans: `parts` = [text, units, text, units, ...,
+    text], the string being text + speech(units) + text + ... (`speech_text` builds both)."""
+
+    __slots__ = ("parts",)
+
+
+def speech_text(parts: list) -> SpeechText:
+    from cslm_jax.data.formats import speech
+
+    s = SpeechText("".join(p if k % 2 == 0 else speech(p) for k, p in enumerate(parts)))
+    s.parts = parts
+    return s
+
+
+def _strip_parts(parts: list) -> list:
+    """The parts of the stripped string (spans start and end with '<': never stripped)."""
+    if len(parts) == 1:
+        return [parts[0].strip()]
+    return [parts[0].lstrip(), *parts[1:-1], parts[-1].rstrip()]
 
 
 def _fill(skel: str, sentinels: list, contents: list) -> str:
@@ -355,14 +477,35 @@ def _entry(key: bytes, feature: bytes) -> bytes:
     return b"\x0a" + _varint(len(entry)) + entry
 
 
+_SMALL_VARINTS = [_varint(n) for n in range(1 << 14)]      # lengths below 16 KiB: a table
+
+
+def _len_varint(n: int) -> bytes:
+    return _SMALL_VARINTS[n] if n < 16384 else _varint(n)
+
+
 def serialize_batch(ids: list, masks: list) -> list[bytes]:
     """`serialize` of each (ids, mask) pair, byte for byte (tests/test_prepare_data.py)."""
     out = []
-    if masks and max(max(m, default=0) for m in masks) > 1:
-        raise ValueError("loss weights must be 0 or 1")
-    for t, w in zip(_packed_varints(ids), map(bytes, masks)):   # 0/1: one byte each
-        features = _entry(b"loss_weights", _int64_feature(w)) + _entry(b"targets", _int64_feature(t))
-        out.append(b"\x0a" + _varint(len(features)) + features)
+    try:
+        weights = list(map(bytes, masks))                    # 0/1: one byte each
+    except ValueError:                                       # outside 0..255
+        weights = None
+    if weights is None or b"".join(weights).translate(None, b"\x00\x01"):
+        if masks and max(max(m, default=0) for m in masks) > 1:
+            raise ValueError("loss weights must be 0 or 1")
+        weights = list(map(bytes, masks))                    # negative: bytes() raises
+    v = _len_varint
+    for t, w in zip(_packed_varints(ids), weights):
+        # Features{feature: {"loss_weights": Feature{int64_list{packed w}}, "targets": ...}}
+        lw = (b"\x0a" + v(len(w)) + w) if w else b""
+        lw = b"\x1a" + v(len(lw)) + lw
+        lw = b"\x0a\x0closs_weights\x12" + v(len(lw)) + lw
+        tg = (b"\x0a" + v(len(t)) + t) if t else b""
+        tg = b"\x1a" + v(len(tg)) + tg
+        tg = b"\x0a\x07targets\x12" + v(len(tg)) + tg
+        features = b"\x0a" + v(len(lw)) + lw + b"\x0a" + v(len(tg)) + tg
+        out.append(b"\x0a" + v(len(features)) + features)
     return out
 
 
@@ -385,6 +528,123 @@ def merge_counts(a: dict, b: dict) -> dict:
     return out
 
 
+_TOKENIZERS: dict = {}
+_FAST_CHATS: dict = {}
+
+
+def _load_tokenizer(path: str):
+    """load_tokenizer(path), once per process while the folder's files are unchanged (the
+    Preparers of a job's tasks share it, and with it the FastChat plans)."""
+    from cslm_jax.model.vocab import load_tokenizer
+
+    stamp = tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size)
+                         for e in os.scandir(path) if e.is_file()))
+    hit = _TOKENIZERS.get(path)
+    if hit is None or hit[0] != stamp:
+        hit = _TOKENIZERS[path] = (stamp, load_tokenizer(path))
+    return hit[1]
+
+
+def _fast_chat(renderer: ChatRenderer) -> "FastChat":
+    """One FastChat per tokenizer object and loss-mask rule (what its plans depend on; not the
+    maximum length): its plans, checks and cache of constant texts are made once per process."""
+    key = (id(renderer.tok), renderer.mask)
+    hit = _FAST_CHATS.get(key)
+    if hit is None or hit[0] is not renderer.tok:
+        hit = _FAST_CHATS[key] = (renderer.tok, FastChat(renderer))
+    return hit[1]
+
+
+def _template_around(template: str, field: str):
+    """(before, after) when `template.format(**{field: x}) == before + x + after` for every
+    string x: the template's only replacement field is `field`, once, without conversion or
+    format spec (literal text as str.format unescapes it); else None."""
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError:
+        return None
+    fields = [(name, spec, conv) for _, name, spec, conv in parsed if name is not None]
+    if fields != [(field, "", None)]:
+        return None
+    before, after, seen = [], [], False
+    for literal, name, _, _ in parsed:
+        (after if seen else before).append(literal)
+        if name is not None:
+            seen = True
+    return "".join(before), "".join(after)
+
+
+_TEMPLATES: dict = {}
+
+
+def _around(template: str, field: str):
+    key = (template, field)
+    if key not in _TEMPLATES:
+        _TEMPLATES[key] = _template_around(template, field)
+    return _TEMPLATES[key]
+
+
+def fast_examples(task_kind: str, record: dict, cfg, where: str) -> list:
+    """`examples(...)` with the speech spans of asr, tts and s2s contents kept as unit lists
+    (`SpeechText`): the same strings (tests/test_prepare_data.py), whose spans FastChat turns
+    into ids without the tokenizer. Other kinds, and templates `_template_around` cannot split,
+    are `examples` itself."""
+    from cslm_jax.data.formats import (_times, chunk_answer, merge_repeats, timed_count)
+
+    if task_kind in ("asr", "tts"):
+        lang = cfg.lang(record["lang"], where, "lang")
+        units = record["units"]
+        units = merge_repeats(units) if cfg.merge_repeats else list(units)
+        text = record["text"].strip()
+        if task_kind == "asr":
+            around = _around(lang.asr_prompt, "speech")
+            if around is None:
+                return examples(task_kind, record, cfg, where)
+            return [[{"role": "user", "content": speech_text([around[0], units, around[1]])},
+                     {"role": "assistant", "content": text}]]
+        return [[{"role": "user", "content": lang.tts_prompt.format(text=text)},
+                 {"role": "assistant", "content": speech_text(["", units, ""])}]]
+    if task_kind == "s2s":
+        q_lang = record["question_lang"]
+        lang = cfg.lang(record["answer_lang"], where, "answer_lang")
+        template = lang.s2s_prompt if q_lang == record["answer_lang"] else lang.s2s_cross_prompt
+        around = _around(template, "speech")
+        if around is None:
+            return examples(task_kind, record, cfg, where)
+
+        def units_of(field):
+            u = record[field]
+            return merge_repeats(u) if cfg.merge_repeats else list(u)
+
+        prompt = speech_text([around[0], units_of("question_units"), around[1]])
+        times = _times(record, "answer_word_times", where,
+                       timed_count(record["answer_text"], lang, cfg), len(record["answer_units"]), cfg)
+        if cfg.chain == "sequential":
+            items = ["[question]", record["question_text"].strip(), "[answer]",
+                     record["answer_text"].strip(), units_of("answer_units"), "<eoa>"]
+        else:
+            items = ["[question]", record["question_text"].strip(), "[answer]"]
+            for text, units in chunk_answer(record["answer_text"], times, record["answer_units"],
+                                            lang, cfg):
+                items += [text.strip(), list(units)]
+            items.append("<eoa>")
+        keep_empty = cfg.chain == "sequential"  # sequential_response joins all its items,
+        parts, cur, first = [], "", True        # interleaved_response the non-empty ones
+        for item in items:
+            if isinstance(item, list):
+                parts += [cur if first else cur + " ", item]
+                cur, first = "", False
+            elif item or keep_empty:
+                cur += item if first else " " + item
+                first = False
+        parts.append(cur)
+        return [[{"role": "user", "content": prompt},
+                 {"role": "assistant", "content": speech_text(parts)}]]
+    return examples(task_kind, record, cfg, where)
+
+
 class Preparer:
     """Lines of a task's JSONL file -> (shard, serialized example), as `read_jsonl` +
     `examples` + `ChatRenderer` do, with the per-example work batched. Strict: the first bad
@@ -394,12 +654,10 @@ class Preparer:
 
     def __init__(self, spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Path,
                  fast: bool = True, batch_size: int = 256, tokenizer=None):
-        from cslm_jax.model.vocab import load_tokenizer
-
         self.spec, self.cfg = spec, cfg
-        tok = tokenizer if tokenizer is not None else load_tokenizer(local_tokenizer_dir(tokenizer_dir))
+        tok = tokenizer if tokenizer is not None else _load_tokenizer(local_tokenizer_dir(tokenizer_dir))
         self.renderer = ChatRenderer(tok, cfg.max_length, mask=cfg.format.loss_mask)
-        self.chat = FastChat(self.renderer)
+        self.chat = _fast_chat(self.renderer)
         self.fast = fast
         self.batch_size = batch_size
         self.record_kind = RECORD_KIND_OF_TASK[spec.kind]
@@ -442,7 +700,7 @@ class Preparer:
                                                                      f"{spec.lang!r}"))
                 continue
             counts["records"] += 1
-            for messages in examples(spec.kind, record, fmt, where):
+            for messages in (fast_examples if self.fast else examples)(spec.kind, record, fmt, where):
                 pending.append((n, messages))
             if len(pending) >= self.batch_size:
                 yield from self._flush(pending, file_index, num_shards, counts)
@@ -467,7 +725,7 @@ class Preparer:
                 self._skip(counts, 0, n, err)
             skipped.clear()
             counts["records"] += 1
-            for messages in examples(spec.kind, record, fmt, where):
+            for messages in (fast_examples if self.fast else examples)(spec.kind, record, fmt, where):
                 pending.append((n, messages))
             if len(pending) >= self.batch_size:
                 yield from self._flush(pending, 0, num_shards, counts)
@@ -589,11 +847,25 @@ def plan_ranges(path: str, range_bytes: int) -> list[tuple[int, int, int]]:
 
 # -- the cache layout --------------------------------------------------------------------------------
 
-def info_json(num_shards: int, key: dict) -> dict:
-    import seqio
+def seqio_version() -> str:
+    """seqio.__version__, without importing seqio (and TensorFlow) where it is not imported yet:
+    the installed distribution's version (tests/test_prepare_data.py checks they agree)."""
+    import sys
 
+    if "seqio" in sys.modules:
+        return sys.modules["seqio"].__version__
+    if "seqio" not in _SEQIO_VERSION:
+        from importlib.metadata import version
+        _SEQIO_VERSION["seqio"] = version("seqio")
+    return _SEQIO_VERSION["seqio"]
+
+
+_SEQIO_VERSION: dict = {}
+
+
+def info_json(num_shards: int, key: dict) -> dict:
     return {"features": {f: {"dtype": "int32", "shape": [None]} for f in FEATURES},
-            "num_shards": num_shards, "seqio_version": seqio.__version__, "cslm": key}
+            "num_shards": num_shards, "seqio_version": seqio_version(), "cslm": key}
 
 
 def stats_json(counts: dict) -> dict:
@@ -620,13 +892,19 @@ def write_json(path: str, data: dict) -> None:
 
 def completed_key(task_dir: str | Path) -> dict | None:
     """The key a complete cache was prepared with; None when the cache is not complete."""
-    import tensorflow as tf
-
     path = os.path.join(str(task_dir), "COMPLETED")
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path) as f:
-        text = f.read()
+    if _is_url(path):
+        import tensorflow as tf
+
+        if not tf.io.gfile.exists(path):
+            return None
+        with tf.io.gfile.GFile(path) as f:
+            text = f.read()
+    else:
+        if not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     try:
         return json.loads(text)
     except json.JSONDecodeError:
