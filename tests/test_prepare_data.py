@@ -275,9 +275,13 @@ def test_urls_are_read_and_written_through_gfile(tmp_path, demo):
             for i in range(40)]
     f = write_jsonl(tmp_path / "mt.jsonl", rows)
     cfg = small_config(tmp_path, {"u": [{"kind": "mt", "train": [f"file://{tmp_path / f}"]}]})
+    logged = []
     prepare_data(cfg, "u", f"file://{demo[1]}", f"file://{tmp_path / 'c'}", num_shards=2,
-                 range_bytes=512, pipeline_args=IN_MEMORY, log=lambda *_: None)
+                 range_bytes=512, pipeline_args=IN_MEMORY, log=logged.append)
     assert (tmp_path / "c" / "cslm_u_mt" / "COMPLETED").is_file()
+    # remote files are planned by the workers (several ranges of this file), not here
+    assert any("ranges planned by the workers" in m for m in logged), logged
+    assert os.path.getsize(tmp_path / f) > 3 * 512
     local = small_config(tmp_path, {"u": [{"kind": "mt", "train": [f]}]})
     prepare_task_local(local.tasks("u")[0], local, demo[1], tmp_path / "l", num_shards=2)
     for name in ("train.tfrecord-00000-of-00002", "train.tfrecord-00001-of-00002"):

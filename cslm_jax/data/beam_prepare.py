@@ -1,9 +1,10 @@
 """`cslm-jax prepare-data` on Apache Beam: the in-process preparation (cslm_jax.data.prepare),
 parallel over input files and byte ranges of large files, writing the SeqIO cache layout.
 
-    files --plan (in this process: one pass counting newlines)--> byte ranges starting at line
-          starts, grouped into work units (DirectRunner: one per worker, each a contiguous
-          1/N of every file, so the workers get equal shares; other runners: one per range)
+    files --plan (one pass counting newlines: here for local files on the DirectRunner, else
+          by the workers, file by file)--> byte ranges starting at line starts, grouped into
+          work units (DirectRunner, local files: one per worker, each a contiguous 1/N of every
+          file, so the workers get equal shares; otherwise: one per range)
           --by unit--> one fused step per unit: Preparer over its ranges, examples appended to
                          per-(file, unit, shard) pieces in a temporary folder; the unit's counts
                          and (strict) its first error written there as small JSON files
@@ -21,8 +22,9 @@ error is the first one in file order, as the in-process path reports it.
 Fixed costs are kept out of the workers' way: a worker imports neither TensorFlow nor seqio
 (TFRecords are written by `RecordWriter`, the SeqIO version read from the package metadata); it
 loads transformers and the tokenizer once, when its first unit starts. With local paths this
-process does not import TensorFlow either. Planning reads every input once here (sequentially):
-on a cluster with many large remote files that pass is the job's serial part.
+process does not import TensorFlow either. Planning (a pass counting newlines, so that errors and
+shards know each line's number) reads local files here, for the DirectRunner's equal shares; on
+other runners, or with remote files, the workers plan the files, in parallel.
 """
 from __future__ import annotations
 
@@ -206,6 +208,13 @@ def plan_units(jobs: list, range_bytes: int, units: int | None) -> list[list]:
     return [u for u in out if u]
 
 
+def _plan_file(job, range_bytes: int):
+    """A file's byte ranges (one pass counting newlines, run by a worker), keyed one unit each."""
+    for unit in plan_units([job], range_bytes, None):
+        task, split, file_index, _, start = unit[0][:5]
+        yield f"{task}/{split}/{file_index:05d}/{start:015d}", unit
+
+
 def prepare_data(cfg: DataConfig, stage: str, tokenizer_dir: str | Path, out: str | Path, *,
                  tasks=None, num_shards: int = DEFAULT_NUM_SHARDS, runner: str = "DirectRunner",
                  num_workers: int | None = None, range_bytes: int = DEFAULT_RANGE_BYTES,
@@ -277,9 +286,13 @@ def prepare_data(cfg: DataConfig, stage: str, tokenizer_dir: str | Path, out: st
     if runner == "DirectRunner" and not any(a.startswith("--direct_running_mode") for a in args):
         args.append("--direct_running_mode=multi_processing")
     options = PipelineOptions(args)
-    # DirectRunner hands the i-th key of a grouped collection to worker i % N (in the order
-    # the keys arrive): one unit per worker, in order, gives each worker one equal share
-    units = plan_units(jobs, range_bytes, workers)
+    # Local files on the DirectRunner are planned here, into one unit per worker (it hands the
+    # i-th key of a grouped collection to worker i % N, in the order the keys arrive: each worker
+    # gets one equal share). Anything else (remote files, a cluster) is planned by the workers,
+    # file by file in parallel: the newline-counting pass over a corpus in a bucket must not be
+    # the launching machine's serial job.
+    plan_here = runner == "DirectRunner" and not any("://" in str(j[3]) for j in jobs)
+    units = plan_units(jobs, range_bytes, workers) if plan_here else None
     body = _PrepareUnit({s.name: s for s in todo}, cfg, tokenizer_dir, num_shards, tmp, fast)
 
     class PrepareUnit(beam.DoFn):
@@ -289,11 +302,15 @@ def prepare_data(cfg: DataConfig, stage: str, tokenizer_dir: str | Path, out: st
         def process(self, item):
             yield from body.process(item)
 
-    log(f"prepare-data: {len(todo)} task(s), {len(jobs)} file(s) in {len(units)} unit(s) -> "
+    where = f"{len(units)} unit(s)" if plan_here else "ranges planned by the workers"
+    log(f"prepare-data: {len(todo)} task(s), {len(jobs)} file(s) in {where} -> "
         f"{out} ({num_shards} shards per split, runner {runner})")
     try:
         with beam.Pipeline(options=options) as p:
-            pieces = (p | "units" >> beam.Create(list(enumerate(units)))
+            keyed = (p | "units" >> beam.Create(list(enumerate(units))) if plan_here else
+                     p | "files" >> beam.Create(jobs) | "plan" >> beam.FlatMap(_plan_file,
+                                                                               range_bytes))
+            pieces = (keyed
                       | "spread" >> beam.GroupByKey()
                       | "prepare" >> beam.ParDo(PrepareUnit()))
             _ = ((pieces, p | "all shards" >> beam.Create(seeds))
