@@ -216,7 +216,9 @@ def _timed_chars(punctuation: str):
 
 
 def _times(record: dict, field: str, where: str, n_tokens: int, n_units: int,
-           cfg: FormatConfig) -> list[tuple[float, float]]:
+           cfg: FormatConfig, shortcut: bool = True) -> list[tuple[float, float]]:
+    """The [start, end] pairs of `field`, checked; `shortcut=False` runs the exact loop alone
+    (what the shortcut is tested against)."""
     value = record.get(field)
     if not isinstance(value, list):
         raise RecordError(where, field, "must be a list of [start, end] pairs (seconds)")
@@ -224,7 +226,7 @@ def _times(record: dict, field: str, where: str, n_tokens: int, n_units: int,
         raise RecordError(where, field, f"has {len(value)} timings but the text has {n_tokens} "
                                         f"timed tokens")
     duration = n_units / cfg.unit_rate
-    if (value and set(map(type, value)) <= _PAIR_TYPES and set(map(len, value)) == {2}
+    if (shortcut and value and set(map(type, value)) <= _PAIR_TYPES and set(map(len, value)) == {2}
             and set(map(type, itertools.chain.from_iterable(value))) <= _NUMBER_TYPES):
         # the common case without a Python loop body: every check of the loop below passes
         # (NaN fails a comparison here and goes to the loop, which reports what it reports)
