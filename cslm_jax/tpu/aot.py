@@ -220,8 +220,30 @@ def check_mesh(cfg: RunConfig, topo: Topology) -> dict:
 
 # -- compile and report ---------------------------------------------------------------------------
 
+class MemoryFit:
+    """Per-chip memory of a compiled step (fields argument_bytes ... peak_bytes, `topology`,
+    `error` of a report dataclass) and whether it fits the chip's HBM."""
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Every buffer XLA assigns, as if all were live at once (an upper bound)."""
+        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+                + self.code_bytes)
+
+    @property
+    def used_bytes(self) -> int:
+        """Per-chip HBM the step needs: XLA's peak of live buffers (arguments included), which
+        is what the TPU compiler checks against the chip's HBM; the upper bound where the
+        compiler gives no peak."""
+        return self.peak_bytes or self.allocated_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.error is None and self.used_bytes <= self.topology.hbm_bytes
+
+
 @dataclasses.dataclass
-class CompileReport:
+class CompileReport(MemoryFit):
     topology: Topology
     mesh: dict
     hosts: int
@@ -240,23 +262,6 @@ class CompileReport:
     model_flops: float                # one step, 6N + 12LHDhT per token (cslm_jax.train.metrics)
     compile_s: float
     error: str | None = None          # the compiler refused (e.g. out of HBM)
-
-    @property
-    def allocated_bytes(self) -> int:
-        """Every buffer XLA assigns, as if all were live at once (an upper bound)."""
-        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-                + self.code_bytes)
-
-    @property
-    def used_bytes(self) -> int:
-        """Per-chip HBM the step needs: XLA's peak of live buffers (arguments included), which
-        is what the TPU compiler checks against the chip's HBM; the upper bound where the
-        compiler gives no peak."""
-        return self.peak_bytes or self.allocated_bytes
-
-    @property
-    def fits(self) -> bool:
-        return self.error is None and self.used_bytes <= self.topology.hbm_bytes
 
     def lines(self) -> list[str]:
         t, m = self.topology, self.model
@@ -378,32 +383,34 @@ def compile_train_step(cfg: RunConfig, topo: Topology, model: ModelConfig, vocab
         f"({t.accumulation} x {micro}), remat {model.remat_policy}: compiling...")
     batch = _abstract_batch(layout, t.accumulation, micro, seq_len)
     start = time.perf_counter()
-    error = None
-    stats = None
-    compiled = None
     with jax.set_mesh(layout.mesh):
-        lowered = make_train_fn(run).lower(abstract_state(run), batch)
-        try:
-            compiled = lowered.compile()
-        except jax.errors.JaxRuntimeError as e:
-            msg = str(e)
-            if "RESOURCE_EXHAUSTED" not in msg and "memory" not in msg.lower():
-                raise
-            error = " ".join(msg.split())[:600]
+        memory, error = compile_memory(make_train_fn(run).lower(abstract_state(run), batch))
     elapsed = time.perf_counter() - start
-    if compiled is not None:
-        stats = compiled.memory_analysis()
     xla_flops = xla_step_flops(cfg, model, vocab, num_tasks, seq_len)
     model_flops = flops_per_token(model, seq_len) * t.global_batch_size * seq_len
-
-    def stat(name):
-        return int(getattr(stats, name, 0) or 0) if stats is not None else 0
-
     return CompileReport(topo, mesh, hosts, model, seq_len, t.global_batch_size, micro,
-                         t.accumulation, stat("argument_size_in_bytes"),
-                         stat("output_size_in_bytes"), stat("alias_size_in_bytes"),
-                         stat("temp_size_in_bytes"), stat("generated_code_size_in_bytes"),
-                         stat("peak_memory_in_bytes"), xla_flops, model_flops, elapsed, error)
+                         t.accumulation, *memory, xla_flops, model_flops, elapsed, error)
+
+
+MEMORY_STATS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+                "temp_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes")
+
+
+def compile_memory(lowered) -> tuple[list[int], str | None]:
+    """Compile `lowered`: the per-chip memory figures of the executable (MEMORY_STATS, in that
+    order: the reports' argument / output / alias / temp / code / peak bytes) and None; or zeros
+    and the compiler's message where it refused for memory (anything else raises)."""
+    import jax
+
+    try:
+        stats = lowered.compile().memory_analysis()
+    except jax.errors.JaxRuntimeError as e:
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg and "memory" not in msg.lower():
+            raise
+        return [0] * len(MEMORY_STATS), " ".join(msg.split())[:600]
+    return [int(getattr(stats, name, 0) or 0) if stats is not None else 0
+            for name in MEMORY_STATS], None
 
 
 def check_fit(config: str, topology: str, overrides: list[str], model_path: str | None = None,

@@ -20,7 +20,8 @@ import dataclasses
 import time
 
 from cslm_jax.config import ConfigError
-from cslm_jax.tpu.aot import Topology, gib, parse_topology, topology_devices
+from cslm_jax.tpu.aot import (MemoryFit, Topology, compile_memory, gib, parse_topology,
+                              topology_devices)
 
 # bfloat16 MXU passes per float32 product at each precision: XLA:TPU computes HIGHEST as six
 # bf16 products of the operands' hi/lo parts (bf16_6x), HIGH as three (bf16_3x), DEFAULT as one.
@@ -52,7 +53,7 @@ def hand_flops(cfg, batch: int, samples: int) -> float:
 
 
 @dataclasses.dataclass
-class ExtractionReport:
+class ExtractionReport(MemoryFit):
     topology: Topology
     config: object                # cslm_jax.speech.s3.S3Config
     batch: int                    # rows, all chips together
@@ -86,19 +87,6 @@ class ExtractionReport:
         """The compute bound: seconds of audio one chip can tokenize per second (= hours per
         hour) at its dense bf16 peak, each float32 product costing `passes` bf16 products."""
         return self.topology.spec.peak_bf16 / self.passes / self.flops_per_audio_second
-
-    @property
-    def allocated_bytes(self) -> int:
-        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-                + self.code_bytes)
-
-    @property
-    def used_bytes(self) -> int:
-        return self.peak_bytes or self.allocated_bytes
-
-    @property
-    def fits(self) -> bool:
-        return self.error is None and self.used_bytes <= self.topology.hbm_bytes
 
     def lines(self) -> list[str]:
         t, c = self.topology, self.config
@@ -214,23 +202,8 @@ def compile_extraction_step(version: str, topology: str, batch: int, seconds: fl
         f"precision {precision}: compiling...")
     step = jit_step(extraction_step(cfg, precision), mesh, "data")
     start = time.perf_counter()
-    error, stats = None, None
-    lowered = step.lower(*_abstract(cfg, batch, samples, mesh))
-    try:
-        stats = lowered.compile().memory_analysis()
-    except jax.errors.JaxRuntimeError as e:
-        msg = str(e)
-        if "RESOURCE_EXHAUSTED" not in msg and "memory" not in msg.lower():
-            raise
-        error = " ".join(msg.split())[:600]
+    memory, error = compile_memory(step.lower(*_abstract(cfg, batch, samples, mesh)))
     elapsed = time.perf_counter() - start
-
-    def stat(name):
-        return int(getattr(stats, name, 0) or 0) if stats is not None else 0
-
-    return ExtractionReport(topo, cfg, batch, samples / SAMPLE_RATE, precision,
-                            stat("argument_size_in_bytes"), stat("output_size_in_bytes"),
-                            stat("alias_size_in_bytes"), stat("temp_size_in_bytes"),
-                            stat("generated_code_size_in_bytes"), stat("peak_memory_in_bytes"),
+    return ExtractionReport(topo, cfg, batch, samples / SAMPLE_RATE, precision, *memory,
                             xla_flops(cfg, batch, samples, precision),
                             hand_flops(cfg, batch, samples), elapsed, error)
