@@ -8,7 +8,8 @@ The codebook size and the unit rate of the units a corpus holds decide the CSLM 
 - a tokenizer folder (`cslm-jax import-speech-tokenizer` output: `speech_tokenizer.json`);
 - an extraction folder (`cslm-jax extract-units` output: `extract.json` records the tokenizer).
 
-Nothing here imports JAX: data configs are read in Beam workers and before a job starts.
+Nothing here imports JAX (nor do the modules whose tables it reads): data configs are
+read in Beam workers and before a job starts.
 """
 from __future__ import annotations
 
@@ -17,13 +18,11 @@ import json
 from pathlib import Path
 
 from cslm_jax.errors import CslmError
+from cslm_jax.speech.extract import PLAN_FILE as EXTRACTION_FILE
+from cslm_jax.speech.s3 import ALIASES, VERSIONS      # plain tables: s3 imports JAX lazily
+from cslm_jax.speech.weights import CONFIG_FILE as TOKENIZER_FILE
 
-# kept equal to s3.VERSIONS (tests/test_speech_units.py checks): name -> (codebook, units/s)
-UNITS = {"v1": (4096, 50.0), "v1_25hz": (4096, 25.0), "v2_25hz": (3 ** 8, 25.0)}
-ALIASES = {"v2": "v2_25hz", "speech_tokenizer_v1": "v1", "speech_tokenizer_v1_25hz": "v1_25hz",
-           "speech_tokenizer_v2_25hz": "v2_25hz"}
-TOKENIZER_FILE = "speech_tokenizer.json"      # = weights.CONFIG_FILE
-EXTRACTION_FILE = "extract.json"              # = extract.PLAN_FILE
+UNITS = {k: (v.codebook_size, float(v.units_per_second)) for k, v in VERSIONS.items()}
 
 
 class SpeechUnitsError(CslmError):
