@@ -35,6 +35,7 @@ from pathlib import Path
 
 from cslm_jax.data.formats import (RECORD_KIND_OF_TASK, ChatRenderer, DataConfig, RecordError,
                                    TaskSpec, examples, parse_line, validate_record)
+from cslm_jax.data.wordtok import WordTokens
 from cslm_jax.errors import DataError
 
 PREPARE_VERSION = 2
@@ -178,6 +179,7 @@ class FastChat:
         self.prefix = self._prefix()
         self.cache: dict[str, list[int]] = {}
         self.span_ids = self._span_ids()
+        self.words = WordTokens.for_tokenizer(self.bt) if self.prefix is not None else None
 
     def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
         encode = getattr(self.bt, "encode_batch_fast", self.bt.encode_batch)   # no offsets
@@ -299,7 +301,87 @@ class FastChat:
     def ids(self, batch: list) -> list[list[int]]:
         """Token ids of each chat example of `batch` (see the class docstring). A content that
         is a `SpeechText` (a str that knows its speech spans) has its spans' ids computed (see
-        `_span_ids`); the text between them is tokenized, each distinct text once."""
+        `_span_ids`); the text between them, and plain contents, are tokenized word by word
+        (`WordTokens`) where the tokenizer allows, else through its batch API
+        (`_ids_batched`)."""
+        out: list = [None] * len(batch)
+        rest = []                           # examples for _ids_batched
+        words, cache, plans = self.words, self.cache, self.plans
+        spans = self.span_ids
+        if words is None:
+            rest = list(range(len(batch)))
+        else:
+            text_ids = words.ids
+            if spans is not None:
+                sosp, eosp, unit_ids = spans
+                unit = unit_ids.__getitem__      # KeyError: a unit the tokenizer lacks
+
+            def tokens(text: str) -> list[int]:
+                hit = cache.get(text)
+                if hit is None:
+                    hit = text_ids(text)
+                    if hit is None:
+                        raise KeyError(text)
+                    if len(cache) >= self.CACHE_SIZE:
+                        cache.clear()
+                    cache[text] = hit
+                return hit
+
+        for j, messages in enumerate(batch) if words is not None else ():
+            roles = tuple(m["role"] for m in messages)
+            plan = plans.get(roles, ...)
+            if plan is ...:
+                plan = plans[roles] = self._plan(roles)
+            if plan is None or len(messages[0]) != 2:
+                rest.append(j)
+                continue
+            ids = list(self.prefix)
+            try:
+                for fixed, m, h, t in zip(plan.fixed, messages, plan.heads, plan.tails):
+                    c = m["content"]
+                    if len(m) != 2 or not isinstance(c, str) or _S0 in c:
+                        raise KeyError(c)
+                    ids += fixed
+                    parts = getattr(c, "parts", None) if spans is not None else None
+                    if parts is None:
+                        ids += tokens(h + (c.strip() if plan.strip else c) + t)
+                        continue
+                    if plan.strip:
+                        parts = _strip_parts(parts)
+                    last = len(parts) - 1
+                    for k, p in enumerate(parts):
+                        if k % 2:
+                            ids.append(sosp)
+                            ids += map(unit, p)
+                            ids.append(eosp)
+                        else:
+                            p = (h + p if k == 0 else p) + (t if k == last else "")
+                            if p:
+                                ids += tokens(p)
+            except KeyError:                     # a text or unit for the batched/exact path
+                rest.append(j)
+                continue
+            ids += plan.fixed[-1]
+            out[j] = ids
+        if rest:
+            for j, ids in zip(rest, self._ids_batched([batch[j] for j in rest])):
+                out[j] = ids
+        for j, messages in enumerate(batch):        # sample check against the exact path
+            roles = tuple(m["role"] for m in messages)
+            self.count += 1
+            if self.checked[roles] < 4 or self.count % self.verify_every == 0:
+                self.checked[roles] += 1
+                if out[j] != self.slow(messages):
+                    raise DataError(f"fast chat rendering differs from the tokenizer's template for "
+                                    f"roles {roles}; prepare with fast rendering off "
+                                    f"(--no-fast-render) and report this")
+        return out
+
+
+    def _ids_batched(self, batch: list) -> list[list[int]]:
+        """`ids` for examples whose texts `WordTokens` does not take: a content that is a
+        `SpeechText` has its spans' ids computed (see `_span_ids`); the text between them goes
+        through the tokenizer's batch API, each distinct text once."""
         out: list = [None] * len(batch)
         texts: dict[str, int] = {}          # distinct text segment -> index
         repeated: set = set()               # indices of texts met twice: likely constant
@@ -379,17 +461,7 @@ class FastChat:
                     cache[keys[k]] = text_ids[k]
         for j, ids in zip(whole_at, self._encode(whole, self.special) if whole else []):
             out[j] = ids
-        for j, messages in enumerate(batch):        # sample check against the exact path
-            roles = tuple(m["role"] for m in messages)
-            self.count += 1
-            if self.checked[roles] < 4 or self.count % self.verify_every == 0:
-                self.checked[roles] += 1
-                if out[j] != self.slow(messages):
-                    raise DataError(f"fast chat rendering differs from the tokenizer's template for "
-                                    f"roles {roles}; prepare with fast rendering off "
-                                    f"(--no-fast-render) and report this")
         return out
-
 
 class SpeechText(str):
     """A content string that knows its speech spans: `parts` = [text, units, text, units, ...,
