@@ -17,7 +17,7 @@ from conftest import REPO
 from cslm_jax.data import formats
 from cslm_jax.data.formats import (ChatRenderer, RecordError, examples, load_data_config,
                                    read_jsonl)
-from cslm_jax.data.prepare import (FastChat, SpeechText, _template_around, fast_examples,
+from cslm_jax.data.prepare import (FastChat, SpeechText, _template_around, fast_examples, plain,
                                    speech_text, tokenizer_digest)
 from cslm_jax.model.vocab import load_tokenizer
 
@@ -92,7 +92,7 @@ def test_speech_spans_as_ids_equal_jinja_on_the_demo_tokenizer(demo):
         assert fast.span_ids is not None
         batch = _speech_conversations(random.Random(0), 300, 256)
         got = fast.ids(batch)
-        assert got == [renderer.encode(renderer.render_text(m)) for m in batch]
+        assert got == [renderer.encode(renderer.render_text(plain(m))) for m in batch]
         again = fast.ids(batch)           # template constants now come from the cache
         assert again == got and fast.cache
 
@@ -107,7 +107,7 @@ def test_speech_spans_as_ids_equal_jinja_on_the_true_llama31_tokenizer(mask):
     fast = FastChat(renderer, verify_every=10 ** 9)
     assert fast.span_ids is not None
     batch = _speech_conversations(random.Random(1), 200, 64)
-    assert fast.ids(batch) == [renderer.encode(renderer.render_text(m)) for m in batch]
+    assert fast.ids(batch) == [renderer.encode(renderer.render_text(plain(m))) for m in batch]
 
 
 def test_units_the_tokenizer_lacks_are_tokenized_as_text(demo):
@@ -118,7 +118,7 @@ def test_units_the_tokenizer_lacks_are_tokenized_as_text(demo):
               {"role": "assistant", "content": speech_text(["", [3, -1], ""])}],
              [{"role": "user", "content": speech_text(["ok ", [1, 2], ""])},
               {"role": "assistant", "content": "fine"}]]
-    assert fast.ids(batch) == [renderer.encode(renderer.render_text(m)) for m in batch]
+    assert fast.ids(batch) == [renderer.encode(renderer.render_text(plain(m))) for m in batch]
 
 
 def test_speech_spans_left_to_the_tokenizer_when_a_token_could_run_into_them(demo):
@@ -128,7 +128,36 @@ def test_speech_spans_left_to_the_tokenizer_when_a_token_could_run_into_them(dem
     fast = FastChat(renderer, verify_every=10 ** 9)
     assert fast.span_ids is None
     batch = _speech_conversations(random.Random(2), 60, 256)
-    assert fast.ids(batch) == [renderer.encode(renderer.render_text(m)) for m in batch]
+    assert fast.ids(batch) == [renderer.encode(renderer.render_text(plain(m))) for m in batch]
+
+
+def test_header_positions_read_off_the_template_give_the_searched_loss_mask(demo):
+    """FastChat._mark: the user/assistant header positions it reports give the mask the search
+    gives, before and after truncation, for both rules; a content holding a header is searched."""
+    tok = load_tokenizer(demo[1])
+    rng = random.Random(3)
+    words = ["hello", "world", "直接", "回答", "12", "'s", " ", "\n"]
+    batch = [[{"role": ("user", "assistant")[i % 2],
+               "content": "".join(rng.choice(words) for _ in range(rng.randrange(1, 12)))}
+              for i in range(rng.choice([2, 4, 6]))] for _ in range(100)]
+    batch += _speech_conversations(rng, 100, 256)
+    batch += [[{"role": "user", "content": "<|start_header_id|>assistant<|end_header_id|> hi"},
+               {"role": "assistant", "content": "ok"}],
+              [{"role": "user", "content": "q"},
+               {"role": "assistant", "content": "a <|start_header_id|>user<|end_header_id|> b"}],
+              [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+               {"role": "user", "content": "<|start_header_id|>"}, {"role": "assistant", "content": "b"}]]
+    for mask in ("reference", "assistant_only"):
+        for max_length in (4096, 40, 12):
+            renderer = ChatRenderer(tok, max_length, mask=mask)
+            fast = FastChat(renderer, verify_every=10 ** 9)
+            found: list = []
+            ids = fast.ids(batch, found)
+            assert len(found) == len(batch)
+            assert sum(f is not None for f in found) > len(batch) // 2
+            assert all(f is None for f in found[-3:])       # headers inside a content: searched
+            for i, f in zip(ids, found):
+                assert renderer.finish_ids(list(i), f) == renderer.finish_ids(list(i))
 
 
 # -- validation shortcuts ---------------------------------------------------------------------------

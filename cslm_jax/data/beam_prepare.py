@@ -85,7 +85,7 @@ class _PrepareUnit:
                 yield from self._range(unit, job)
 
     def _range(self, unit: int, job):
-        from cslm_jax.data.prepare import numbered_lines, record_writer
+        from cslm_jax.data.prepare import numbered_lines, record_writer, write_batch
 
         task, split, file_index, path, start, end, first_line = job
         prep = self._preparer(task)
@@ -95,13 +95,11 @@ class _PrepareUnit:
         tag = f"f{file_index:05d}-l{first_line:012d}"
         writers, error = {}, None
         try:
-            for shard, data in prep.lines(path, file_index,
-                                          numbered_lines(path, start, end, first_line),
-                                          self.num_shards, counts):
-                w = writers.get(shard)
-                if w is None:
-                    w = writers[shard] = record_writer(f"{folder}/{tag}.s{shard:05d}")
-                w.write(data)
+            for batch in prep.line_batches(path, file_index,
+                                           numbered_lines(path, start, end, first_line),
+                                           self.num_shards, counts):
+                write_batch(writers, batch,
+                            lambda shard: record_writer(f"{folder}/{tag}.s{shard:05d}"))
         except CslmError as e:            # strict: the range's first bad record
             line = getattr(e, "where", f"{path}:0").rsplit(":", 1)[-1]
             error = (task, split, file_index, int(line) if line.isdigit() else 0,

@@ -527,24 +527,28 @@ class ChatRenderer:
             text += self.eos
         return Rendered(text, ids, mask, truncated)
 
-    def finish_ids(self, ids: list[int]) -> tuple[list[int], list[int], bool]:
+    def finish_ids(self, ids: list[int], found: tuple | None = None
+                   ) -> tuple[list[int], list[int], bool]:
         """Encoded rendered text -> (ids, loss mask, truncated): EOS, truncation and the mask,
         in the order of the chosen rule (what `__call__` does after rendering and encoding;
-        the batched preparation, cslm_jax.data.prepare, calls it too)."""
+        the batched preparation, cslm_jax.data.prepare, calls it too). `found`: the header
+        positions in `ids` when already known (`loss_mask`)."""
         if self.adds_special_tokens:
             # the reference's order: truncate to max_length, then EOS if there is room, then mask
             # what is left (its loop never sees the truncated tail)
             truncated = self.max_length is not None and len(ids) > self.max_length
             if truncated:
                 ids = ids[: self.max_length]
+                found = None                    # positions cut off: search what is left
             if self.eos_id is not None and ids[-1] != self.eos_id and (
                     self.max_length is None or len(ids) < self.max_length):
                 ids.append(self.eos_id)
-            return ids, loss_mask(ids, self.user, self.assistant, self.bos_id, self.mask), truncated
+            return ids, loss_mask(ids, self.user, self.assistant, self.bos_id, self.mask,
+                                  found), truncated
         if self.eos_id is not None and (not ids or ids[-1] != self.eos_id) and (
                 self.max_length is None or len(ids) < self.max_length):
             ids.append(self.eos_id)
-        mask = loss_mask(ids, self.user, self.assistant, self.bos_id, self.mask)
+        mask = loss_mask(ids, self.user, self.assistant, self.bos_id, self.mask, found)
         truncated = self.max_length is not None and len(ids) > self.max_length
         if truncated:
             ids, mask = ids[: self.max_length], mask[: self.max_length]
@@ -599,7 +603,7 @@ def _find_all_slow(ids, pattern) -> list[int]:
 
 
 def loss_mask(ids: Sequence[int], user: Sequence[int], assistant: Sequence[int],
-              bos_id: int | None, mode: str = "reference") -> list[int]:
+              bos_id: int | None, mode: str = "reference", found: tuple | None = None) -> list[int]:
     """0/1 per token (1: trained) under one of two rules:
 
     reference: the authors' loop (`cslm/train/pretrain.py`, `sft.py`): `begin` starts at 0 and
@@ -610,13 +614,17 @@ def loss_mask(ids: Sequence[int], user: Sequence[int], assistant: Sequence[int],
       trained (and so is a second `<|begin_of_text|>` at position 1).
     assistant_only: [start, next assistant header) is masked for the sequence start and for each
       user header (to the end when no assistant header follows): only assistant turns train.
+
+    `found`: (user starts, assistant starts), every occurrence of each pattern in `ids`, when the
+    caller knows them (the fast preparation reads them off the template: FastChat._mark, for
+    patterns that cannot overlap themselves); otherwise they are searched.
     """
     ids = ids if type(ids) is list else list(ids)
     mask = [1] * len(ids)
-    users = _find_all(ids, user)
+    users = _find_all(ids, user) if found is None else found[0]
     if mode == "reference":
         u, begin = 0, 0
-        for pos in _find_all(ids, assistant):
+        for pos in (_find_all(ids, assistant) if found is None else found[1]):
             if pos + len(assistant) >= len(ids):
                 break
             while u < len(users) and users[u] < pos:
@@ -628,7 +636,8 @@ def loss_mask(ids: Sequence[int], user: Sequence[int], assistant: Sequence[int],
         return mask
     if mode == "assistant_only":
         for s in [0] + users:
-            a = _find(ids, assistant, s)
+            a = (_find(ids, assistant, s) if found is None else
+                 next((x for x in found[1] if x >= s), -1))
             end = len(ids) if a < 0 else a
             mask[s:end] = [0] * (end - s)
     else:

@@ -33,8 +33,11 @@ import json
 import os
 from pathlib import Path
 
+import orjson
+
 from cslm_jax.data.formats import (RECORD_KIND_OF_TASK, ChatRenderer, DataConfig, RecordError,
-                                   TaskSpec, examples, parse_line, validate_record)
+                                   TaskSpec, _times, chunk_answer, examples, merge_repeats,
+                                   parse_line, speech, timed_count, validate_record)
 from cslm_jax.data.wordtok import WordTokens
 from cslm_jax.errors import DataError
 
@@ -147,6 +150,8 @@ class _Plan:
     fixed: list                  # ids of the constant stretches between variable pieces
     heads: list                  # constant text before each content inside its piece
     tails: list                  # constant text after each content inside its piece
+    marks: list | None = None    # per fixed piece: (user header offsets, assistant header offsets)
+    headers: int = 0             # header-start ids in the prefix and the fixed pieces
 
 
 class FastChat:
@@ -293,18 +298,66 @@ class FastChat:
             prev = cut_r
         fixed_bounds.append((prev, len(skel)))
         fixed = self._encode([skel[a:b] for a, b in fixed_bounds], False)
-        return _Plan(strip, fixed, heads, tails)
+        plan = _Plan(strip, fixed, heads, tails)
+        self._mark(plan)
+        return plan
+
+    def _mark(self, plan: _Plan) -> None:
+        """Where the loss mask's header patterns lie in the plan's constant pieces, so that
+        `loss_mask` need not search each example (`ids(..., found=)`). Set only when the
+        search would find exactly these: the user and assistant patterns start with the same
+        id H, which occurs nowhere else in them (so occurrences cannot overlap); every H of a
+        piece decides within the piece whether each pattern starts there (none could run into
+        the following content, or into an EOS appended after the last piece); and an example
+        whose contents hold no H (counted per example: `headers`) has no other occurrence."""
+        user, assistant = list(self.r.user), list(self.r.assistant)
+        if (not user or not assistant or user[0] != assistant[0] or user[0] in user[1:]
+                or user[0] in assistant[1:] or self.prefix is None):
+            return
+        h = user[0]
+        marks, headers = [], self.prefix.count(h)
+        if headers:
+            return                                   # (a BOS is never a header)
+        for piece in plan.fixed:
+            found = ([], [])
+            for p, i in enumerate(piece):
+                if i != h:
+                    continue
+                headers += 1
+                for k, pattern in enumerate((user, assistant)):
+                    n = min(len(pattern), len(piece) - p)
+                    if piece[p:p + n] == pattern[:n]:
+                        if n < len(pattern):
+                            return                   # decided by what follows the piece
+                        found[k].append(p)
+            marks.append(found if found[0] or found[1] else None)
+        plan.marks, plan.headers = marks, headers
+
+    def _found(self, plan: _Plan, starts: list, ids: list) -> tuple | None:
+        """(user header starts, assistant header starts) in `ids`, built by `plan` with its fixed
+        pieces at `starts`; None when a content holds a header-start id (then search)."""
+        if ids.count(self.r.user[0]) != plan.headers:
+            return None
+        users, assistants = [], []
+        for base, mark in zip(starts, plan.marks):
+            if mark is not None:
+                users += [base + o for o in mark[0]]
+                assistants += [base + o for o in mark[1]]
+        return users, assistants
 
     def slow(self, messages) -> list[int]:
-        return self.r.encode(self.r.render_text(messages))
+        return self.r.encode(self.r.render_text(plain(messages)))
 
-    def ids(self, batch: list) -> list[list[int]]:
+    def ids(self, batch: list, found: list | None = None) -> list[list[int]]:
         """Token ids of each chat example of `batch` (see the class docstring). A content that
-        is a `SpeechText` (a str that knows its speech spans) has its spans' ids computed (see
+        is a `SpeechText` (parts: text, units, text, ...) has its spans' ids computed (see
         `_span_ids`); the text between them, and plain contents, are tokenized word by word
         (`WordTokens`) where the tokenizer allows, else through its batch API
-        (`_ids_batched`)."""
+        (`_ids_batched`). `found`, a list, receives per example the positions of the user and
+        assistant header patterns (`_mark`; `loss_mask(..., found=)`), or None where
+        `loss_mask` must search."""
         out: list = [None] * len(batch)
+        marked: list = [None] * len(batch)
         rest = []                           # examples for _ids_batched
         words, cache, plans = self.words, self.cache, self.plans
         spans = self.span_ids
@@ -319,6 +372,8 @@ class FastChat:
             def tokens(text: str) -> list[int]:
                 hit = cache.get(text)
                 if hit is None:
+                    if _S0 in text:
+                        raise KeyError(text)
                     hit = text_ids(text)
                     if hit is None:
                         raise KeyError(text)
@@ -336,14 +391,20 @@ class FastChat:
                 rest.append(j)
                 continue
             ids = list(self.prefix)
+            starts = []
             try:
                 for fixed, m, h, t in zip(plan.fixed, messages, plan.heads, plan.tails):
                     c = m["content"]
-                    if len(m) != 2 or not isinstance(c, str) or _S0 in c:
+                    if len(m) != 2:
                         raise KeyError(c)
+                    starts.append(len(ids))
                     ids += fixed
-                    parts = getattr(c, "parts", None) if spans is not None else None
-                    if parts is None:
+                    if c.__class__ is SpeechText and spans is not None:
+                        parts = c.parts
+                    else:
+                        c = str(c) if c.__class__ is SpeechText else c
+                        if not isinstance(c, str):
+                            raise KeyError(c)
                         ids += tokens(h + (c.strip() if plan.strip else c) + t)
                         continue
                     if plan.strip:
@@ -361,11 +422,17 @@ class FastChat:
             except KeyError:                     # a text or unit for the batched/exact path
                 rest.append(j)
                 continue
+            starts.append(len(ids))
             ids += plan.fixed[-1]
+            if plan.marks is not None:
+                marked[j] = self._found(plan, starts, ids)
             out[j] = ids
+        if found is not None:
+            found[:] = marked
         if rest:
-            for j, ids in zip(rest, self._ids_batched([batch[j] for j in rest])):
-                out[j] = ids
+            more: list = []
+            for j, ids, f in zip(rest, self._ids_batched([batch[j] for j in rest], more), more):
+                out[j], marked[j] = ids, f
         for j, messages in enumerate(batch):        # sample check against the exact path
             roles = tuple(m["role"] for m in messages)
             self.count += 1
@@ -378,11 +445,12 @@ class FastChat:
         return out
 
 
-    def _ids_batched(self, batch: list) -> list[list[int]]:
+    def _ids_batched(self, batch: list, found: list) -> list[list[int]]:
         """`ids` for examples whose texts `WordTokens` does not take: a content that is a
         `SpeechText` has its spans' ids computed (see `_span_ids`); the text between them goes
         through the tokenizer's batch API, each distinct text once."""
         out: list = [None] * len(batch)
+        found[:] = [None] * len(batch)
         texts: dict[str, int] = {}          # distinct text segment -> index
         repeated: set = set()               # indices of texts met twice: likely constant
 
@@ -403,15 +471,16 @@ class FastChat:
                 plan = self.plans[roles] = self._plan(roles)
             contents = [m["content"] for m in messages]
             if plan is None or len(messages[0]) != 2 or not all(
-                    isinstance(c, str) and _S0 not in c and len(m) == 2
+                    isinstance(c, (str, SpeechText)) and _S0 not in str(c) and len(m) == 2
                     for c, m in zip(contents, messages)):
-                whole.append(self.r.render_text(messages))
+                whole.append(self.r.render_text(plain(messages)))
                 whole_at.append(j)
                 continue
             segs = []                       # per content: text indices and unit lists
             for c, h, t in zip(contents, plan.heads, plan.tails):
-                parts = getattr(c, "parts", None) if spans is not None else None
+                parts = c.parts if c.__class__ is SpeechText and spans is not None else None
                 if parts is None:
+                    c = str(c)
                     segs.append((ref(h + (c.strip() if plan.strip else c) + t),))
                     continue
                 if plan.strip:
@@ -436,8 +505,10 @@ class FastChat:
             unit = unit_ids.__getitem__          # KeyError: a unit the tokenizer lacks
         for j, plan, segs in where:
             ids = list(self.prefix)
+            starts = []
             try:
                 for fixed, content in zip(plan.fixed, segs):
+                    starts.append(len(ids))
                     ids += fixed
                     for k, p in enumerate(content):
                         if k % 2:
@@ -447,10 +518,13 @@ class FastChat:
                         else:
                             ids += text_ids[p]
             except KeyError:                     # then "<u>" is text: the exact path
-                whole.append(self.r.render_text(batch[j]))
+                whole.append(self.r.render_text(plain(batch[j])))
                 whole_at.append(j)
                 continue
+            starts.append(len(ids))
             ids += plan.fixed[-1]
+            if plan.marks is not None:
+                found[j] = self._found(plan, starts, ids)
             out[j] = ids
         if repeated:
             keys = list(texts)
@@ -463,19 +537,40 @@ class FastChat:
             out[j] = ids
         return out
 
-class SpeechText(str):
-    """A content string that knows its speech spans: `parts` = [text, units, text, units, ...,
-    text], the string being text + speech(units) + text + ... (`speech_text` builds both)."""
+class SpeechText:
+    """A chat content given by its parts [text, units, text, units, ..., text]: the content is
+    text + speech(units) + text + ... (`str(content)`; it compares equal to that string). The
+    string is built only where it is needed (Jinja, the exact path, the sample checks: `plain`);
+    FastChat turns the parts into ids without it."""
 
     __slots__ = ("parts",)
 
+    def __init__(self, parts: list):
+        self.parts = parts
+
+    def __str__(self) -> str:
+        return "".join(p if k % 2 == 0 else speech(p) for k, p in enumerate(self.parts))
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (str, SpeechText)):
+            return str(self) == str(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def __repr__(self) -> str:
+        return f"SpeechText({str(self)!r})"
+
 
 def speech_text(parts: list) -> SpeechText:
-    from cslm_jax.data.formats import speech
+    return SpeechText(parts)
 
-    s = SpeechText("".join(p if k % 2 == 0 else speech(p) for k, p in enumerate(parts)))
-    s.parts = parts
-    return s
+
+def plain(messages: list) -> list:
+    """Messages with `SpeechText` contents turned into their strings (for Jinja)."""
+    return [{**m, "content": str(m["content"])} if m.get("content").__class__ is SpeechText else m
+            for m in messages]
 
 
 def _strip_parts(parts: list) -> list:
@@ -663,8 +758,6 @@ def fast_examples(task_kind: str, record: dict, cfg, where: str) -> list:
     (`SpeechText`): the same strings (tests/test_prepare_data.py), whose spans FastChat turns
     into ids without the tokenizer. Other kinds, and templates `_template_around` cannot split,
     are `examples` itself."""
-    from cslm_jax.data.formats import (_times, chunk_answer, merge_repeats, timed_count)
-
     if task_kind in ("asr", "tts"):
         lang = cfg.lang(record["lang"], where, "lang")
         units = record["units"]
@@ -674,10 +767,10 @@ def fast_examples(task_kind: str, record: dict, cfg, where: str) -> list:
             around = _around(lang.asr_prompt, "speech")
             if around is None:
                 return examples(task_kind, record, cfg, where)
-            return [[{"role": "user", "content": speech_text([around[0], units, around[1]])},
+            return [[{"role": "user", "content": SpeechText([around[0], units, around[1]])},
                      {"role": "assistant", "content": text}]]
         return [[{"role": "user", "content": lang.tts_prompt.format(text=text)},
-                 {"role": "assistant", "content": speech_text(["", units, ""])}]]
+                 {"role": "assistant", "content": SpeechText(["", units, ""])}]]
     if task_kind == "s2s":
         q_lang = record["question_lang"]
         lang = cfg.lang(record["answer_lang"], where, "answer_lang")
@@ -690,7 +783,7 @@ def fast_examples(task_kind: str, record: dict, cfg, where: str) -> list:
             u = record[field]
             return merge_repeats(u) if cfg.merge_repeats else list(u)
 
-        prompt = speech_text([around[0], units_of("question_units"), around[1]])
+        prompt = SpeechText([around[0], units_of("question_units"), around[1]])
         times = _times(record, "answer_word_times", where,
                        timed_count(record["answer_text"], lang, cfg), len(record["answer_units"]), cfg)
         if cfg.chain == "sequential":
@@ -713,8 +806,26 @@ def fast_examples(task_kind: str, record: dict, cfg, where: str) -> list:
                 first = False
         parts.append(cur)
         return [[{"role": "user", "content": prompt},
-                 {"role": "assistant", "content": speech_text(parts)}]]
+                 {"role": "assistant", "content": SpeechText(parts)}]]
     return examples(task_kind, record, cfg, where)
+
+
+def fast_parse_line(line: str, where: str) -> dict:
+    """`parse_line(line, where)` (json) through orjson, several times faster; what orjson rejects
+    (NaN/Infinity and lone surrogates, which json accepts; bad JSON, for json's message) and
+    non-object records go to `parse_line`. Floats are read to the same correctly rounded values
+    and duplicate keys keep the last, as json does. The one value orjson reads differently is an
+    integer beyond 64 bits (a float, json an int), which makes a record invalid either way
+    (unit ids must be integers below the codebook size, times are read through float(), the
+    other checked fields are strings): `Preparer` re-reads a record that fails validation with
+    `parse_line`, so its error and the decision are json's."""
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return parse_line(line, where)
+    if type(record) is not dict:
+        return parse_line(line, where)
+    return record
 
 
 class Preparer:
@@ -742,14 +853,16 @@ class Preparer:
         if len(counts["skipped_messages"]) < MAX_SKIP_MESSAGES:
             counts["skipped_messages"].append((file_index, line_no, str(err)))
 
-    def lines(self, path: str, file_index: int, numbered, num_shards: int,
-              counts: dict | None = None):
-        """(shard, serialized example) for the examples of `numbered` ((line number, raw bytes)
-        of `path`, the split's file number `file_index`), in line order; counted in `counts`
-        (default: `self.counts`; several threads may share a Preparer, each with its counts)."""
+    def line_batches(self, path: str, file_index: int, numbered, num_shards: int,
+                     counts: dict | None = None):
+        """Lists of (shard, serialized example) for the examples of `numbered` ((line number,
+        raw bytes) of `path`, the split's file number `file_index`), in line order; counted in
+        `counts` (default: `self.counts`; several threads may share a Preparer, each with its
+        counts)."""
         counts = self.counts if counts is None else counts
         pending = []                  # (line number, messages)
         spec, fmt = self.spec, self.cfg.format
+        parse = fast_parse_line if self.fast else parse_line
         for n, raw in numbered:
             where = f"{path}:{n}"
             try:
@@ -761,8 +874,14 @@ class Preparer:
                 self._skip(counts, file_index, n, RecordError(where, "<json>", "empty line"))
                 continue
             try:
-                record = parse_line(line, where)
-                validate_record(self.record_kind, record, fmt, where)
+                try:
+                    record = parse(line, where)
+                    validate_record(self.record_kind, record, fmt, where)
+                except RecordError:
+                    if parse is parse_line:
+                        raise
+                    record = parse_line(line, where)    # json's reading decides, in its words
+                    validate_record(self.record_kind, record, fmt, where)
             except RecordError as e:
                 self._skip(counts, file_index, n, e)
                 continue
@@ -775,15 +894,15 @@ class Preparer:
             for messages in (fast_examples if self.fast else examples)(spec.kind, record, fmt, where):
                 pending.append((n, messages))
             if len(pending) >= self.batch_size:
-                yield from self._flush(pending, file_index, num_shards, counts)
+                yield self._flush(pending, file_index, num_shards, counts)
                 pending = []
         if pending:
-            yield from self._flush(pending, file_index, num_shards, counts)
+            yield self._flush(pending, file_index, num_shards, counts)
 
-    def tfds_split(self, split: str, num_shards: int, counts: dict | None = None):
-        """(shard, serialized example) for a TFDS task's split: its examples (`sources`), mapped
-        to records and validated as JSONL lines are, then prepared as `lines` prepares them
-        (example i takes the place of line i of file 0)."""
+    def tfds_batches(self, split: str, num_shards: int, counts: dict | None = None):
+        """Lists of (shard, serialized example) for a TFDS task's split: its examples
+        (`sources`), mapped to records and validated as JSONL lines are, then prepared as
+        `line_batches` prepares them (example i takes the place of line i of file 0)."""
         from cslm_jax.data.sources import task_records
 
         counts = self.counts if counts is None else counts
@@ -800,32 +919,34 @@ class Preparer:
             for messages in (fast_examples if self.fast else examples)(spec.kind, record, fmt, where):
                 pending.append((n, messages))
             if len(pending) >= self.batch_size:
-                yield from self._flush(pending, 0, num_shards, counts)
+                yield self._flush(pending, 0, num_shards, counts)
                 pending = []
         for err in skipped:
             self._skip(counts, 0, n + 1, err)
         if pending:
-            yield from self._flush(pending, 0, num_shards, counts)
+            yield self._flush(pending, 0, num_shards, counts)
 
-    def _flush(self, pending, file_index: int, num_shards: int, c: dict):
+    def _flush(self, pending, file_index: int, num_shards: int, c: dict) -> list:
         msgs = [m for _, m in pending]
-        all_ids = self.chat.ids(msgs) if self.fast else [self.chat.slow(m) for m in msgs]
-        done_ids, done_masks = [], []
-        for ids in all_ids:
-            ids, mask, truncated = self.renderer.finish_ids(ids)
-            c["examples"] += 1
-            c["truncated"] += int(truncated)
-            c["targets_tokens"] += len(ids)
-            c["loss_weights_tokens"] += len(mask)
-            c["targets_max_tokens"] = max(c["targets_max_tokens"], len(ids))
-            c["loss_weights_max_tokens"] = max(c["loss_weights_max_tokens"], len(mask))
-            c["trained_tokens"] += sum(mask)
-            done_ids.append(ids)
-            done_masks.append(mask)
+        found: list = [None] * len(msgs)
+        all_ids = self.chat.ids(msgs, found) if self.fast else [self.chat.slow(m) for m in msgs]
+        done = list(map(self.renderer.finish_ids, all_ids, found))
+        done_ids = [d[0] for d in done]
+        done_masks = [d[1] for d in done]
+        lengths, mask_lengths = list(map(len, done_ids)), list(map(len, done_masks))
+        c["examples"] += len(done)
+        c["truncated"] += sum(d[2] for d in done)
+        c["targets_tokens"] += sum(lengths)
+        c["loss_weights_tokens"] += sum(mask_lengths)
+        c["targets_max_tokens"] = max(c["targets_max_tokens"], *lengths)
+        c["loss_weights_max_tokens"] = max(c["loss_weights_max_tokens"], *mask_lengths)
+        c["trained_tokens"] += sum(map(sum, done_masks))
         data = (serialize_batch(done_ids, done_masks) if self.fast else
                 [serialize(i, m) for i, m in zip(done_ids, done_masks)])
-        for (n, _), example in zip(pending, data):
-            yield shard_of(file_index, n, num_shards), example
+        if num_shards == 1:
+            return [(0, example) for example in data]
+        return [(shard_of(file_index, n, num_shards), example)
+                for (n, _), example in zip(pending, data)]
 
 
 class RecordWriter:
@@ -847,8 +968,35 @@ class RecordWriter:
         length = len(data).to_bytes(8, "little")
         self._f.write(length + self._masked(length) + data + self._masked(data))
 
+    def write_many(self, records) -> None:
+        """`write` each of `records`, in one write."""
+        masked = self._masked
+        out = []
+        for data in records:
+            length = len(data).to_bytes(8, "little")
+            out += (length, masked(length), data, masked(data))
+        self._f.write(b"".join(out))
+
     def close(self) -> None:
         self._f.close()
+
+
+def write_batch(writers, batch: list, open_writer=None) -> None:
+    """Write a batch of (shard, record) to `writers` (a list or dict by shard; a missing one is
+    `open_writer(shard)`), each shard's records in one write where the writer can."""
+    by_shard: dict = {}
+    for shard, data in batch:
+        by_shard.setdefault(shard, []).append(data)
+    for shard, records in by_shard.items():
+        w = writers[shard] if open_writer is None or shard in writers else None
+        if w is None:
+            w = writers[shard] = open_writer(shard)
+        many = getattr(w, "write_many", None)
+        if many is not None:
+            many(records)
+        else:
+            for data in records:
+                w.write(data)
 
 
 def record_writer(path: str):
@@ -1022,11 +1170,12 @@ def prepare_task_local(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Pat
                        for s in range(num_shards)]
             try:
                 if spec.tfds is not None:
-                    for shard, data in prep.tfds_split(split, num_shards):
-                        writers[shard].write(data)
+                    for batch in prep.tfds_batches(split, num_shards):
+                        write_batch(writers, batch)
                 for file_index, path in enumerate(files):
-                    for shard, data in prep.lines(path, file_index, numbered_lines(path), num_shards):
-                        writers[shard].write(data)
+                    for batch in prep.line_batches(path, file_index, numbered_lines(path),
+                                                   num_shards):
+                        write_batch(writers, batch)
             finally:
                 for w in writers:
                     w.close()
