@@ -297,6 +297,13 @@ def test_serialize_batch_is_tensorflows_deterministic_encoding():
            for _ in range(300)]
     masks = [[rng.randrange(2) for _ in x] for x in ids]
     assert serialize_batch(ids, masks) == [serialize(i, m) for i, m in zip(ids, masks)]
+    # below 2**21 each id's varint comes from a table (above: numpy); empty examples too
+    small = [[i for i in x if i < 2 ** 21] for x in ids] + [[]]
+    masks = [[rng.randrange(2) for _ in x] for x in small]
+    assert serialize_batch(small, masks) == [serialize(i, m) for i, m in zip(small, masks)]
+    for bad in ([[1, -1]], [[1, 2 ** 35]]):
+        with pytest.raises(ValueError):
+            serialize_batch(bad, [[1, 1]])
 
 
 def test_record_writer_writes_tensorflows_tfrecord_bytes(tmp_path):
@@ -306,12 +313,17 @@ def test_record_writer_writes_tensorflows_tfrecord_bytes(tmp_path):
 
     records = [os.urandom(random.Random(i).randrange(0, 3000)) for i in range(50)]
     ours = RecordWriter(str(tmp_path / "ours"))
+    many = RecordWriter(str(tmp_path / "many"))
     with tf.io.TFRecordWriter(str(tmp_path / "tf")) as theirs:
         for r in records:
             ours.write(r)
             theirs.write(r)
+    many.write_many(records[:20])
+    many.write_many(records[20:])
     ours.close()
+    many.close()
     assert (tmp_path / "ours").read_bytes() == (tmp_path / "tf").read_bytes()
+    assert (tmp_path / "many").read_bytes() == (tmp_path / "tf").read_bytes()
     assert list(tf.data.TFRecordDataset(str(tmp_path / "ours")).as_numpy_iterator()) == records
 
 

@@ -289,6 +289,10 @@ def test_local_tokenizer_digest_equals_the_gfile_one(demo, tmp_path):
     (tok / ".hidden").write_text("x")            # tf.io.gfile.glob("*") lists dot files too
     (tok / "sub").mkdir()
     assert tokenizer_digest(tok) == tokenizer_digest(f"file://{tok}")
+    before = tokenizer_digest(tok)                     # kept per folder while its files stand
+    (tok / ".hidden").write_text("y")                  # same size, new content and time
+    assert tokenizer_digest(tok) != before
+    assert tokenizer_digest(tok) == tokenizer_digest(f"file://{tok}")
 
 
 def test_seqio_version_without_importing_seqio():

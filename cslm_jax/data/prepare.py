@@ -73,7 +73,27 @@ def _is_url(path) -> bool:
     return "://" in str(path)
 
 
+_DIGESTS: dict = {}
+
+
+def _folder_stamp(path: str) -> tuple:
+    return tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size)
+                        for e in os.scandir(path) if e.is_file()))
+
+
 def tokenizer_digest(tokenizer_dir: str | Path) -> str:
+    """A digest of every file of the tokenizer folder (vocabulary, config and the chat template);
+    a local folder's is kept while its files' names, sizes and times are unchanged."""
+    if _is_url(tokenizer_dir):
+        return _tokenizer_digest(tokenizer_dir)
+    stamp = _folder_stamp(str(tokenizer_dir))
+    hit = _DIGESTS.get(str(tokenizer_dir))
+    if hit is None or hit[0] != stamp:
+        hit = _DIGESTS[str(tokenizer_dir)] = (stamp, _tokenizer_digest(tokenizer_dir))
+    return hit[1]
+
+
+def _tokenizer_digest(tokenizer_dir: str | Path) -> str:
     h = hashlib.sha256()          # every file: vocabulary, config and the chat template (.jinja)
     if _is_url(tokenizer_dir):
         import tensorflow as tf
@@ -150,7 +170,7 @@ class _Plan:
     fixed: list                  # ids of the constant stretches between variable pieces
     heads: list                  # constant text before each content inside its piece
     tails: list                  # constant text after each content inside its piece
-    marks: list | None = None    # per fixed piece: (user header offsets, assistant header offsets)
+    marks: tuple | None = None   # (user headers, assistant headers): (fixed piece, offset) each
     headers: int = 0             # header-start ids in the prefix and the fixed pieces
 
 
@@ -178,6 +198,7 @@ class FastChat:
         self.verify_every = verify_every
         self.plans: dict[tuple, _Plan | None] = {}
         self.checked: collections.Counter = collections.Counter()
+        self.checked_enough: set = set()             # role sequences checked 4 times
         self.count = 0
         self.added = {i: t for i, t in self.bt.get_added_tokens_decoder().items()}
         self.added_texts = sorted({t.content for t in self.added.values()})
@@ -315,11 +336,10 @@ class FastChat:
                 or user[0] in assistant[1:] or self.prefix is None):
             return
         h = user[0]
-        marks, headers = [], self.prefix.count(h)
+        marks, headers = ([], []), self.prefix.count(h)
         if headers:
             return                                   # (a BOS is never a header)
-        for piece in plan.fixed:
-            found = ([], [])
+        for f, piece in enumerate(plan.fixed):
             for p, i in enumerate(piece):
                 if i != h:
                     continue
@@ -329,8 +349,7 @@ class FastChat:
                     if piece[p:p + n] == pattern[:n]:
                         if n < len(pattern):
                             return                   # decided by what follows the piece
-                        found[k].append(p)
-            marks.append(found if found[0] or found[1] else None)
+                        marks[k].append((f, p))
         plan.marks, plan.headers = marks, headers
 
     def _found(self, plan: _Plan, starts: list, ids: list) -> tuple | None:
@@ -338,12 +357,8 @@ class FastChat:
         pieces at `starts`; None when a content holds a header-start id (then search)."""
         if ids.count(self.r.user[0]) != plan.headers:
             return None
-        users, assistants = [], []
-        for base, mark in zip(starts, plan.marks):
-            if mark is not None:
-                users += [base + o for o in mark[0]]
-                assistants += [base + o for o in mark[1]]
-        return users, assistants
+        users, assistants = plan.marks
+        return [starts[f] + o for f, o in users], [starts[f] + o for f, o in assistants]
 
     def slow(self, messages) -> list[int]:
         return self.r.encode(self.r.render_text(plain(messages)))
@@ -382,8 +397,9 @@ class FastChat:
                     cache[text] = hit
                 return hit
 
+        roles_of = [tuple([m["role"] for m in messages]) for messages in batch]
         for j, messages in enumerate(batch) if words is not None else ():
-            roles = tuple(m["role"] for m in messages)
+            roles = roles_of[j]
             plan = plans.get(roles, ...)
             if plan is ...:
                 plan = plans[roles] = self._plan(roles)
@@ -427,23 +443,25 @@ class FastChat:
             if plan.marks is not None:
                 marked[j] = self._found(plan, starts, ids)
             out[j] = ids
-        if found is not None:
-            found[:] = marked
         if rest:
             more: list = []
             for j, ids, f in zip(rest, self._ids_batched([batch[j] for j in rest], more), more):
                 out[j], marked[j] = ids, f
-        for j, messages in enumerate(batch):        # sample check against the exact path
-            roles = tuple(m["role"] for m in messages)
-            self.count += 1
-            if self.checked[roles] < 4 or self.count % self.verify_every == 0:
-                self.checked[roles] += 1
-                if out[j] != self.slow(messages):
-                    raise DataError(f"fast chat rendering differs from the tokenizer's template for "
-                                    f"roles {roles}; prepare with fast rendering off "
-                                    f"(--no-fast-render) and report this")
+        if found is not None:
+            found[:] = marked
+        base, self.count = self.count, self.count + len(batch)
+        for j, roles in enumerate(roles_of):        # sample check against the exact path
+            # the first 4 examples of each role sequence, then every verify_every-th example
+            if roles in self.checked_enough and (base + j + 1) % self.verify_every:
+                continue
+            self.checked[roles] += 1
+            if self.checked[roles] >= 4:
+                self.checked_enough.add(roles)
+            if out[j] != self.slow(batch[j]):
+                raise DataError(f"fast chat rendering differs from the tokenizer's template for "
+                                f"roles {roles}; prepare with fast rendering off "
+                                f"(--no-fast-render) and report this")
         return out
-
 
     def _ids_batched(self, batch: list, found: list) -> list[list[int]]:
         """`ids` for examples whose texts `WordTokens` does not take: a content that is a
@@ -651,6 +669,22 @@ def _len_varint(n: int) -> bytes:
     return _SMALL_VARINTS[n] if n < 16384 else _varint(n)
 
 
+# _VARINTS[n] == _varint(n) for n < L, then L Nones: a negative id (which would index from the end)
+# meets a None, which b"".join refuses, as it refuses a non-integer; an id >= 2L is an IndexError
+_VARINTS: list = []
+_VARINT_TABLE_LIMIT = 1 << 21      # larger ids: numpy (_packed_varints)
+
+
+def _grow_varints(largest: int) -> bool:
+    size = max(1 << 14, 1 << largest.bit_length())
+    if size > _VARINT_TABLE_LIMIT:
+        return False
+    have = _VARINTS[: len(_VARINTS) // 2]
+    have += [_varint(n) for n in range(len(have), size)]
+    _VARINTS[:] = have + [None] * size
+    return True
+
+
 def serialize_batch(ids: list, masks: list) -> list[bytes]:
     """`serialize` of each (ids, mask) pair, byte for byte (tests/test_prepare_data.py)."""
     out = []
@@ -662,8 +696,17 @@ def serialize_batch(ids: list, masks: list) -> list[bytes]:
         if masks and max(max(m, default=0) for m in masks) > 1:
             raise ValueError("loss weights must be 0 or 1")
         weights = list(map(bytes, masks))                    # negative: bytes() raises
+    try:                                                     # each id's varint from a table
+        packed = [b"".join(map(_VARINTS.__getitem__, i)) for i in ids]
+    except (IndexError, TypeError):
+        nonempty = [i for i in ids if i]
+        if (all(type(x) is int for i in nonempty for x in i) and min(map(min, nonempty)) >= 0
+                and _grow_varints(max(map(max, nonempty)))):
+            packed = [b"".join(map(_VARINTS.__getitem__, i)) for i in ids]
+        else:
+            packed = _packed_varints(ids)                    # (raises for negative ids)
     v = _len_varint
-    for t, w in zip(_packed_varints(ids), weights):
+    for t, w in zip(packed, weights):
         # Features{feature: {"loss_weights": Feature{int64_list{packed w}}, "targets": ...}}
         lw = (b"\x0a" + v(len(w)) + w) if w else b""
         lw = b"\x1a" + v(len(lw)) + lw
@@ -704,8 +747,7 @@ def _load_tokenizer(path: str):
     Preparers of a job's tasks share it, and with it the FastChat plans)."""
     from cslm_jax.model.vocab import load_tokenizer
 
-    stamp = tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size)
-                         for e in os.scandir(path) if e.is_file()))
+    stamp = _folder_stamp(path)
     hit = _TOKENIZERS.get(path)
     if hit is None or hit[0] != stamp:
         hit = _TOKENIZERS[path] = (stamp, load_tokenizer(path))
@@ -870,7 +912,7 @@ class Preparer:
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the "
                                 f"line); JSONL corpora must be UTF-8") from None
-            if not line.strip():
+            if not line or line.isspace():
                 self._skip(counts, file_index, n, RecordError(where, "<json>", "empty line"))
                 continue
             try:
