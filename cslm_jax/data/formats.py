@@ -216,9 +216,11 @@ def _timed_chars(punctuation: str):
 
 
 def _times(record: dict, field: str, where: str, n_tokens: int, n_units: int,
-           cfg: FormatConfig, shortcut: bool = True) -> list[tuple[float, float]]:
-    """The [start, end] pairs of `field`, checked; `shortcut=False` runs the exact loop alone
-    (what the shortcut is tested against)."""
+           cfg: FormatConfig, shortcut: bool = True, values: bool = True
+           ) -> list[tuple[float, float]] | None:
+    """The [start, end] pairs of `field`, checked (`values=False`: checked only, None
+    returned); `shortcut=False` runs the exact loop alone (what the shortcut is tested
+    against)."""
     value = record.get(field)
     if not isinstance(value, list):
         raise RecordError(where, field, "must be a list of [start, end] pairs (seconds)")
@@ -226,16 +228,16 @@ def _times(record: dict, field: str, where: str, n_tokens: int, n_units: int,
         raise RecordError(where, field, f"has {len(value)} timings but the text has {n_tokens} "
                                         f"timed tokens")
     duration = n_units / cfg.unit_rate
-    if (shortcut and value and set(map(type, value)) <= _PAIR_TYPES and set(map(len, value)) == {2}
-            and set(map(type, itertools.chain.from_iterable(value))) <= _NUMBER_TYPES):
+    if shortcut and value and set(map(type, value)) <= _PAIR_TYPES and set(map(len, value)) == {2}:
         # the common case without a Python loop body: every check of the loop below passes
         # (NaN fails a comparison here and goes to the loop, which reports what it reports)
-        starts = list(map(float, map(operator.itemgetter(0), value)))
-        ends = list(map(float, map(operator.itemgetter(1), value)))
-        if (all(map(operator.le, [0.0, *starts[:-1]], starts))     # >= 0, monotonic
-                and all(map(operator.le, starts, ends))
-                and max(ends) <= duration + cfg.time_tolerance):
-            return list(zip(starts, ends))
+        flat = list(itertools.chain.from_iterable(value))
+        if set(map(type, flat)) <= _NUMBER_TYPES:
+            starts, ends = flat[0::2], flat[1::2]
+            if (starts[0] >= 0 and all(map(operator.le, starts, starts[1:]))     # monotonic
+                    and all(map(operator.le, starts, ends))
+                    and max(ends) <= duration + cfg.time_tolerance):
+                return list(zip(map(float, starts), map(float, ends))) if values else None
     out, last_start = [], 0.0
     for i, pair in enumerate(value):
         if (not isinstance(pair, (list, tuple)) or len(pair) != 2
@@ -267,7 +269,8 @@ def validate_record(kind: str, record: dict, cfg: FormatConfig, where: str) -> N
         _text(record, "text", where)
         units = _units(record, "units", where, cfg.unit_count)
         if record.get("word_times") is not None:
-            _times(record, "word_times", where, timed_count(record["text"], lang, cfg), len(units), cfg)
+            _times(record, "word_times", where, timed_count(record["text"], lang, cfg), len(units), cfg,
+                   values=False)
     elif kind == "translation":
         cfg.lang(record["src_lang"], where, "src_lang")
         cfg.lang(record["tgt_lang"], where, "tgt_lang")
@@ -288,7 +291,8 @@ def validate_record(kind: str, record: dict, cfg: FormatConfig, where: str) -> N
         answer = _text(record, "answer_text", where)
         _units(record, "question_units", where, cfg.unit_count)
         units = _units(record, "answer_units", where, cfg.unit_count)
-        _times(record, "answer_word_times", where, timed_count(answer, lang, cfg), len(units), cfg)
+        _times(record, "answer_word_times", where, timed_count(answer, lang, cfg), len(units), cfg,
+               values=False)
 
 
 def _turns(record: dict, where: str) -> tuple[list, list]:

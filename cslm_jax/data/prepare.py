@@ -376,6 +376,7 @@ class FastChat:
         rest = []                           # examples for _ids_batched
         words, cache, plans = self.words, self.cache, self.plans
         spans = self.span_ids
+        header = self.r.user[0] if self.r.user else None
         if words is None:
             rest = list(range(len(batch)))
         else:
@@ -423,8 +424,9 @@ class FastChat:
                             raise KeyError(c)
                         ids += tokens(h + (c.strip() if plan.strip else c) + t)
                         continue
-                    if plan.strip:
-                        parts = _strip_parts(parts)
+                    if plan.strip:                   # (`_strip_parts`)
+                        parts = ([parts[0].strip()] if len(parts) == 1 else
+                                 [parts[0].lstrip(), *parts[1:-1], parts[-1].rstrip()])
                     last = len(parts) - 1
                     for k, p in enumerate(parts):
                         if k % 2:
@@ -440,8 +442,10 @@ class FastChat:
                 continue
             starts.append(len(ids))
             ids += plan.fixed[-1]
-            if plan.marks is not None:
-                marked[j] = self._found(plan, starts, ids)
+            marks = plan.marks
+            if marks is not None and ids.count(header) == plan.headers:    # (`_found`)
+                marked[j] = ([starts[f] + o for f, o in marks[0]],
+                             [starts[f] + o for f, o in marks[1]])
             out[j] = ids
         if rest:
             more: list = []
@@ -972,12 +976,10 @@ class Preparer:
         msgs = [m for _, m in pending]
         found: list = [None] * len(msgs)
         all_ids = self.chat.ids(msgs, found) if self.fast else [self.chat.slow(m) for m in msgs]
-        done = list(map(self.renderer.finish_ids, all_ids, found))
-        done_ids = [d[0] for d in done]
-        done_masks = [d[1] for d in done]
+        done_ids, done_masks, truncated = zip(*map(self.renderer.finish_ids, all_ids, found))
         lengths, mask_lengths = list(map(len, done_ids)), list(map(len, done_masks))
-        c["examples"] += len(done)
-        c["truncated"] += sum(d[2] for d in done)
+        c["examples"] += len(done_ids)
+        c["truncated"] += sum(truncated)
         c["targets_tokens"] += sum(lengths)
         c["loss_weights_tokens"] += sum(mask_lengths)
         c["targets_max_tokens"] = max(c["targets_max_tokens"], *lengths)
