@@ -882,7 +882,7 @@ class Preparer:
     the tokenizer's Jinja template (the exact path; same output)."""
 
     def __init__(self, spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Path,
-                 fast: bool = True, batch_size: int = 256, tokenizer=None):
+                 fast: bool = True, batch_size: int = 64, tokenizer=None):
         self.spec, self.cfg = spec, cfg
         tok = tokenizer if tokenizer is not None else _load_tokenizer(local_tokenizer_dir(tokenizer_dir))
         self.renderer = ChatRenderer(tok, cfg.max_length, mask=cfg.format.loss_mask)
