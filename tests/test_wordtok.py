@@ -1,7 +1,8 @@
 """`WordTokens` (token ids word by word from a cache) equals the Rust tokenizer it stands in for,
-on the true Llama-3.1 tokenizer and the demo tokenizer, for texts in many scripts and for strings
-made of the characters a regex engine is most likely to classify differently; texts it cannot
-vouch for are handed back (None), and tokenizers of another shape get no WordTokens."""
+on the true Llama-3.1 tokenizer and the demo tokenizer, for texts in many scripts, texts holding
+added tokens (whole, partial, adjacent, overlapping), and strings made of the characters a regex
+engine is most likely to classify differently; texts it cannot vouch for are handed back (None),
+and tokenizers of another shape get no WordTokens."""
 import random
 
 import pytest
@@ -24,7 +25,10 @@ TEXTS = [
 # characters from every class the split pattern tells apart, and the usual suspects
 POOL = list("aZsStTrReEvVmMlLdD1 9'\"!?.,;:-_()[]{}@#$%^&*+=/\\|~`\t\n\r") + [
     "中", "文", "。", "，", "é", "ß", "ſ", "K", "²", "½", "١", "٣", "\u00a0", "\u2009", "\u3000",
-    "\u2028", "\x85", "\x0b", "\x0c", "\x1c", "\u0301", "🙂", "\u200d", "Ⅻ", "ǅ", "ﬅ", "İ", "ı"]
+    "\u2028", "\x85", "\x0b", "\x0c", "\x1c", "\u0301", "🙂", "\u200d", "Ⅻ", "ǅ", "ﬅ", "İ", "ı",
+    # added tokens, whole and cut, and what could be mistaken for them
+    "<|eot_id|>", "<|start_header_id|>", "<sosp>", "<eosp>", "<eoa>", "[question]", "[answer]",
+    "<12>", "<1", "<63>", "<64>", "<0>", "<|eot_id|", "[question", "<sosp", "<<", "[["]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +50,7 @@ def _check(tok, texts, min_taken):
         if got is not None:
             taken += 1
             assert got == bt.encode(text, add_special_tokens=False).ids, repr(text)
-        else:     # handed back only for a character that failed its probes or starts an added token
+        else:     # handed back only for a character that failed its probes
             assert set(text) & words.bad, repr(text)
     assert taken >= min_taken * len(texts)
     return words
@@ -58,9 +62,9 @@ def test_equal_to_the_true_llama31_tokenizer(llama31):
                      for _ in range(3000)]
     words = _check(llama31, texts, 0.3)
     # the classes the two engines see differently for these: "²" (\p{N}, not \d), \x1c (\s in
-    # Python only); "<" starts added tokens
-    assert {"²", "\x1c", "<"} <= words.bad
-    assert {"a", " ", "中", "é", "ſ", "\u00a0"} <= words.good
+    # Python only)
+    assert {"²", "\x1c"} <= words.bad
+    assert {"a", " ", "中", "é", "ſ", "\u00a0", "<", "["} <= words.good
     assert _check(llama31, TEXTS, 0.8)
 
 
@@ -71,11 +75,26 @@ def test_equal_to_the_demo_tokenizer(demo):
     _check(load_tokenizer(demo[1]), texts, 0.3)
 
 
-def test_texts_with_added_tokens_are_handed_back(llama31):
-    words = WordTokens.for_tokenizer(llama31.backend_tokenizer)
-    for text in ("a <|eot_id|> b", "<sosp><12><eosp>", "x<|begin_of_text|>"):
-        assert words.ids(text) is None
-    assert words.ids("a < b") is None          # '<' could start one: the tokenizer decides
+def test_texts_with_added_tokens_are_cut_where_the_tokenizer_cuts(llama31):
+    bt = llama31.backend_tokenizer
+    words = WordTokens.for_tokenizer(bt)
+    assert words.added is not None
+    for text in ("a <|eot_id|> b", "<sosp><12><eosp>", "x<|begin_of_text|>", "a < b", "<6",
+                 "[question] what? [answer] <sosp><1><63><eosp> then<eoa>", "<<12>>", "<123>",
+                 "<|eot_id|><|eot_id|>", "[question][answer]", "<|eot_id"):
+        assert words.ids(text) == bt.encode(text, add_special_tokens=False).ids, text
+
+
+def test_tokens_matched_otherwise_send_texts_that_could_hold_them_to_the_tokenizer(demo):
+    from tokenizers import AddedToken
+
+    tok = load_tokenizer(demo[1])
+    tok.add_tokens([AddedToken("<lone>", lstrip=True)])
+    bt = tok.backend_tokenizer
+    words = WordTokens.for_tokenizer(bt)
+    assert words.added is None
+    assert words.ids("a <lone> b") is None and words.ids("a < b") is None
+    assert words.ids("plain text") == bt.encode("plain text", add_special_tokens=False).ids
 
 
 def test_a_word_cached_once_is_reused(llama31):

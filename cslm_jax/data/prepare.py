@@ -12,16 +12,20 @@ Both paths call the same `Preparer` and assign each example to the shard `shard_
 a shard holds its examples in (file, line) order. So the Beam output and the in-process output
 are the same bytes, and training reads either with identical batches.
 
-Speed: the per-example Python work is batched. `FastChat` renders a chat template once per role
-sequence (with sentinel contents) instead of calling Jinja per example, tokenizes the constant
-parts of the template once, and sends only the variable pieces (each delimited by added tokens,
-so the tokenizer splits there anyway) through the Rust tokenizer's batch API, each distinct text
-once per batch (texts repeated within a batch, the template's constants, are kept across
-batches). Speech spans of asr/tts/s2s contents (`fast_examples` -> `SpeechText`) are turned
-into ids arithmetically. It refuses to apply (falling back to the exact path) whenever that
-equality cannot be shown for the template and tokenizer at hand, and re-checks a sample of
-examples against Jinja while it runs. Plans, checks and the tokenizer are made once per process
-(per tokenizer and loss-mask rule).
+Speed (what is left per example is Python; each shortcut is checked against the exact path, and
+tests/test_prepare_fast.py, tests/test_wordtok.py compare them): lines are parsed by orjson
+(`fast_parse_line`; json re-reads a record that fails validation). `FastChat` renders a chat
+template once per role sequence (with sentinel contents) instead of calling Jinja per example,
+and tokenizes its constant parts once. The variable pieces (each delimited by added tokens, so
+the tokenizer splits there anyway) are tokenized word by word from a cache (`WordTokens`, for
+Llama-3-shaped tokenizers; the tokenizer's batch API otherwise). Speech spans of asr/tts/s2s
+contents (`fast_examples` -> `SpeechText`, whose string is built only for Jinja) are turned into
+ids arithmetically, and the loss mask's header positions are read off the template's pieces
+(`FastChat._mark`). It refuses to apply (falling back to the exact path) whenever that equality
+cannot be shown for the template and tokenizer at hand, and re-checks a sample of examples
+against Jinja while it runs. Plans, checks and the tokenizer are made once per process (per
+tokenizer and loss-mask rule). Records are serialized from a table of varints and written a
+batch at a time.
 """
 from __future__ import annotations
 

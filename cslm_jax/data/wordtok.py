@@ -11,8 +11,13 @@ on its own. So the ids of a text are the concatenation, over the matches of P, o
 `model.tokenize(byte_level(match))`, which is what this class caches per match (calling the
 tokenizer's own model and ByteLevel mapping). Two conditions remain, and both are checked:
 
-* no added token occurs in the text (the tokenizer cuts those out before pre-tokenizing): a
-  text holding any character an added token starts with goes to the tokenizer;
+* added tokens are cut out first, as the tokenizer cuts them before pre-tokenizing: its
+  added vocabulary matches them leftmost-longest (Aho-Corasick) on the raw text, and each
+  stretch between matches is pre-tokenized on its own. `_with_added` finds the same matches
+  (at each position where an added token could start, the longest one there; scanning on past
+  each match) when every added token is matched that way: none has lstrip, rstrip or
+  single_word, and none is `normalized` (those are matched in a second pass). Otherwise a text
+  holding any character an added token starts with goes to the tokenizer;
 * Python's `regex` module cuts the text where the tokenizer's regex engine (Oniguruma) does.
   P's behaviour on a string depends only on which of its classes each character belongs to
   (`\\p{L}`, `\\p{N}`, `\\s`, the literals `\\r \\n`, space and apostrophe, and the letters of the
@@ -59,7 +64,8 @@ def _probes(c: str) -> list[str]:
 
 class WordTokens:
     """See the module docstring. `ids(text)` returns the ids, or None when the text must go to
-    the tokenizer (an added token could start in it, or a character failed its check)."""
+    the tokenizer (a character failed its check, or an added token could start in it and the
+    added tokens are not all matched plainly)."""
 
     MAX_WORDS = 1 << 20          # cached matches kept (then the cache starts again)
 
@@ -75,8 +81,17 @@ class WordTokens:
         rx = re.compile(PATTERNS[pattern])
         self.findall, self.finditer = rx.findall, rx.finditer
         self.words: dict[str, list[int]] = {}
-        # characters an added token starts with: never accepted (the tokenizer would cut there)
-        self.bad = {t.content[0] for t in backend.get_added_tokens_decoder().values() if t.content}
+        added = [t for t in backend.get_added_tokens_decoder().items() if t[1].content]
+        # the added tokens by content, when all are matched plainly (see the module docstring)
+        self.added = {t.content: i for i, t in added}
+        if any(t.lstrip or t.rstrip or t.single_word or t.normalized for _, t in added):
+            self.added = None
+        self.lengths = sorted({len(c) for c in self.added or ()}, reverse=True)
+        starts = {t.content[0] for _, t in added}           # where an added token can begin
+        self.starts = frozenset(starts)
+        self.find_start = re.compile(f"[{re.escape(''.join(sorted(starts)))}]").search \
+            if starts else None
+        self.bad: set[str] = set()                           # failed their probes
         self.good: set[str] = set()
         # ASCII is checked up front, so an ASCII text needs one search for its failed characters
         ascii_bad = "".join(chr(i) for i in range(128) if not self._char_ok(chr(i)))
@@ -129,9 +144,38 @@ class WordTokens:
             if not chars <= self.good:
                 if not chars.isdisjoint(self.bad) or not all(map(self._char_ok, chars - self.good)):
                     return None
+        if self.find_start is not None and self.find_start(text):
+            return self._with_added(text) if self.added is not None else None
+        return self._plain(text)
+
+    def _plain(self, text: str) -> list[int]:
+        """The ids of a text without added tokens, its characters checked."""
         words = self.findall(text)
         try:
             return list(itertools.chain.from_iterable(map(self.words.__getitem__, words)))
         except KeyError:
             get = self.words.get
             return [i for w in words for i in (get(w) or self._word(w))]
+
+    def _with_added(self, text: str) -> list[int]:
+        """The ids of a text that may hold added tokens: matched leftmost-longest, the stretches
+        between them tokenized on their own (see the module docstring)."""
+        added, lengths, find = self.added, self.lengths, self.find_start
+        out: list[int] = []
+        done = i = 0                        # text[:done] is in `out`; search on from i
+        while (m := find(text, i)) is not None:
+            i = m.start()
+            for n in lengths:
+                piece = text[i:i + n]
+                token = added.get(piece) if len(piece) == n else None
+                if token is not None:
+                    if done < i:
+                        out += self._plain(text[done:i])
+                    out.append(token)
+                    i = done = i + n
+                    break
+            else:
+                i += 1
+        if done < len(text):
+            out += self._plain(text[done:])
+        return out
