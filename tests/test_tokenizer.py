@@ -69,3 +69,35 @@ def test_extension_refuses_mismatched_base():
     tok = llama3_tokenizer()
     with pytest.raises(VocabError, match="vocab_size"):
         extend_tokenizer(tok, 8, base_size=128000)
+
+
+@pytest.mark.parametrize("class_name", ["TokenizersBackend", "PreTrainedTokenizerFast"])
+def test_load_tokenizer_equals_autotokenizer_and_leaves_torch_unimported(tmp_path, class_name):
+    """load_tokenizer loads the generic fast class directly (AutoTokenizer's model registry
+    imports torch where it is installed); the result is AutoTokenizer's, token for token."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from cslm_jax.model.vocab import load_tokenizer
+
+    tok = llama3_tokenizer()
+    extend_tokenizer(tok, 16, base_size=128256)
+    tok.save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = class_name        # Llama-3's own folders say PreTrainedTokenizerFast
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, auto = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
+    assert type(ours) is type(auto)
+    assert ours.get_vocab() == auto.get_vocab() and len(ours) == len(auto)
+    assert ours.special_tokens_map == auto.special_tokens_map
+    chat = [{"role": "user", "content": "hi <sosp><3><eosp>"}, {"role": "assistant", "content": "ok"}]
+    assert ours.apply_chat_template(chat, tokenize=False) == auto.apply_chat_template(chat, tokenize=False)
+    for text in TEXTS:
+        assert ours(text)["input_ids"] == auto(text)["input_ids"]
+    code = ("import sys; from cslm_jax.model.vocab import load_tokenizer; "
+            f"load_tokenizer({str(tmp_path)!r}); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

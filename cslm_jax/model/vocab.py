@@ -107,7 +107,7 @@ class VocabInfo:
 def load_tokenizer(path: str | Path):
     """A `transformers` fast tokenizer from a folder (tokenizer.json and its config), local or
     gs:// (downloaded once per process: transformers reads local files)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from cslm_jax.storage import fs
 
@@ -117,10 +117,31 @@ def load_tokenizer(path: str | Path):
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise VocabError(f"{path}: no tokenizer.json or tokenizer_config.json; the CSLM vocabulary "
                          f"is built on the checkpoint's own tokenizer")
-    tok = AutoTokenizer.from_pretrained(str(path))
+    if _generic_fast(path):
+        # the class AutoTokenizer picks for these names, loaded without importing its model
+        # registry (which imports torch where it is installed: 1-2 s per process)
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+    else:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(str(path))
     if not isinstance(tok, PreTrainedTokenizerFast):
         raise VocabError(f"{path}: tokenizer class {type(tok).__name__} is not a fast tokenizer")
     return tok
+
+
+def _generic_fast(path: Path) -> bool:
+    """Whether the folder names the generic fast tokenizer class (`PreTrainedTokenizerFast`,
+    transformers 5's `TokenizersBackend`), as our folders and Llama-3's do."""
+    import json
+
+    config = path / "tokenizer_config.json"
+    if not (path / "tokenizer.json").is_file() or not config.is_file():
+        return False
+    try:
+        name = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return name in ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
 def _wrap_llama3_style(tokenizer_object, chat_template: str):
