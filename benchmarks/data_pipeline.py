@@ -39,6 +39,9 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--shuffle-buffer", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3, help="alternated rounds of reference / ours")
+    ap.add_argument("--repeat", type=int, default=5, help="preparations per round on our batched "
+                    "side, timed together, so that it runs about as long as one reference pass "
+                    "(a busy machine's time slices then weigh on both sides alike)")
     ap.add_argument("--scale", type=int, default=30, help="Beam corpus: the demo's stage-1 files "
                     "repeated this many times")
     ap.add_argument("--beam-rounds", type=int, default=1)
@@ -85,20 +88,23 @@ def main():
                     n += 1
         return tokens / (time.perf_counter() - t0), n
 
-    def ours(fast, root):
-        shutil.rmtree(root, ignore_errors=True)
+    def ours(fast, root, repeat=1):
+        roots = [root / str(k) for k in range(repeat)]
+        for r in roots:
+            shutil.rmtree(r, ignore_errors=True)
         t0 = time.perf_counter()
         tokens = 0
-        for spec in cfg.tasks("pretrain"):
-            counts = prepare_task_local(spec, cfg, str(work / "tok"), root / spec.name, fast=fast,
-                                        tokenizer=tok)
-            tokens += counts["train"]["targets_tokens"]
-        return tokens / (time.perf_counter() - t0), tokens
+        for r in roots:
+            for spec in cfg.tasks("pretrain"):
+                counts = prepare_task_local(spec, cfg, str(work / "tok"), r / spec.name, fast=fast,
+                                            tokenizer=tok)
+                tokens += counts["train"]["targets_tokens"]
+        return tokens / (time.perf_counter() - t0), tokens // repeat
 
     ref_runs, fast_runs, exact_runs = [], [], []
     for _ in range(args.rounds):
         ref_runs.append(reference()[0])
-        fast_runs.append(ours(True, work / "prep_fast")[0])
+        fast_runs.append(ours(True, work / "prep_fast", args.repeat)[0])
         exact_runs.append(ours(False, work / "prep_exact")[0])
     ref, n = statistics.median(ref_runs), reference()[1]
     prep, prep_tokens = statistics.median(fast_runs), ours(True, work / "prep_fast")[1]
@@ -192,8 +198,9 @@ def main():
           f"({warm:.1f}s incl. graph build and buffers); medians of {args.rounds} alternated rounds")
     print(f"reference (apply_chat_template loop):      {ref:9.0f} tokens/s  ({n} examples, unpacked, one core)")
     print(f"ours, preparation (batched, one core):     {prep:9.0f} tokens/s  ({prep_tokens} tokens, "
-          f"validate+render+tokenize+mask+write)  runs {[round(x) for x in fast_runs]} (the first "
-          f"pays the once-per-process chat plans and checks)")
+          f"validate+render+tokenize+mask+write; {args.repeat} preparations per round)  runs "
+          f"{[round(x) for x in fast_runs]} (the first pays the once-per-process chat plans and "
+          f"checks)")
     print(f"ours, preparation (exact Jinja path):      {exact:9.0f} tokens/s")
     print(f"ratio ours / reference (preparation):      {prep / ref:.2f}x (exact path {exact / ref:.2f}x)")
     if beam_rates:
