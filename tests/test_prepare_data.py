@@ -298,7 +298,7 @@ def test_serialize_batch_is_tensorflows_deterministic_encoding():
     masks = [[rng.randrange(2) for _ in x] for x in ids]
     assert serialize_batch(ids, masks) == [serialize(i, m) for i, m in zip(ids, masks)]
     # below 2**21 each id's varint comes from a table (above: numpy); empty examples too
-    small = [[i for i in x if i < 2 ** 21] for x in ids] + [[]]
+    small = [[i for i in x if i < 2 ** 21] for x in ids] + [[], [132356] * 7000]   # (> 16 KiB)
     masks = [[rng.randrange(2) for _ in x] for x in small]
     assert serialize_batch(small, masks) == [serialize(i, m) for i, m in zip(small, masks)]
     for bad in ([[1, -1]], [[1, 2 ** 35]]):

@@ -713,8 +713,12 @@ def serialize_batch(ids: list, masks: list) -> list[bytes]:
             packed = [b"".join(map(_VARINTS.__getitem__, i)) for i in ids]
         else:
             packed = _packed_varints(ids)                    # (raises for negative ids)
-    v = _len_varint
+    small, v = _SMALL_VARINTS.__getitem__, _len_varint
     for t, w in zip(packed, weights):
+        if len(t) + len(w) < 16000:          # every length below is < 16384: the table itself
+            v = small
+        else:
+            v = _len_varint
         # Features{feature: {"loss_weights": Feature{int64_list{packed w}}, "targets": ...}}
         lw = (b"\x0a" + v(len(w)) + w) if w else b""
         lw = b"\x1a" + v(len(lw)) + lw
@@ -997,6 +1001,9 @@ class Preparer:
                 for (n, _), example in zip(pending, data)]
 
 
+_RECORD_HEADS: dict = {}           # record length -> its 8 bytes and their masked CRC-32C
+
+
 class RecordWriter:
     """A TFRecord file written without TensorFlow (the bytes tf.io.TFRecordWriter writes:
     length, masked CRC-32C of the length, data, masked CRC-32C of the data), so Beam workers
@@ -1017,12 +1024,18 @@ class RecordWriter:
         self._f.write(length + self._masked(length) + data + self._masked(data))
 
     def write_many(self, records) -> None:
-        """`write` each of `records`, in one write."""
-        masked = self._masked
+        """`write` each of `records`, in one write (the length and its CRC from a table)."""
+        masked, heads = self._masked, _RECORD_HEADS
         out = []
         for data in records:
-            length = len(data).to_bytes(8, "little")
-            out += (length, masked(length), data, masked(data))
+            n = len(data)
+            head = heads.get(n)
+            if head is None:
+                length = n.to_bytes(8, "little")
+                head = length + masked(length)
+                if n < 1 << 16:
+                    heads[n] = head
+            out += (head, data, masked(data))
         self._f.write(b"".join(out))
 
     def close(self) -> None:
