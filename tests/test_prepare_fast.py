@@ -110,6 +110,18 @@ def test_speech_spans_as_ids_equal_jinja_on_the_true_llama31_tokenizer(mask):
     assert fast.ids(batch) == [renderer.encode(renderer.render_text(plain(m))) for m in batch]
 
 
+def test_speech_spans_as_ids_equal_jinja_on_a_template_that_keeps_contents_as_they_are(demo):
+    tok = load_tokenizer(demo[1])
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+                         "<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}")
+    renderer = ChatRenderer(tok, 4096)
+    fast = FastChat(renderer, verify_every=10 ** 9)
+    batch = _speech_conversations(random.Random(4), 200, 256)
+    assert fast.ids(batch) == [renderer.encode(renderer.render_text(plain(m))) for m in batch]
+    plans = [p for p in fast.plans.values() if p is not None]
+    assert plans and not any(p.strip for p in plans)    # contents enter verbatim, not trimmed
+
+
 def test_units_the_tokenizer_lacks_are_tokenized_as_text(demo):
     tok = load_tokenizer(demo[1])
     renderer = ChatRenderer(tok, 4096)

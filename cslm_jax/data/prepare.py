@@ -426,7 +426,21 @@ class FastChat:
                         c = str(c) if c.__class__ is SpeechText else c
                         if not isinstance(c, str):
                             raise KeyError(c)
-                        ids += tokens(h + (c.strip() if plan.strip else c) + t)
+                        c = h + (c.strip() if plan.strip else c) + t
+                        ids += cache.get(c) or tokens(c)
+                        continue
+                    if len(parts) == 3:              # one span: text, units, text
+                        a, units, b = parts
+                        if plan.strip:
+                            a, b = a.lstrip(), b.rstrip()
+                        a, b = h + a, b + t
+                        if a:
+                            ids += cache.get(a) or tokens(a)
+                        ids.append(sosp)
+                        ids += map(unit, units)
+                        ids.append(eosp)
+                        if b:
+                            ids += cache.get(b) or tokens(b)
                         continue
                     if plan.strip:                   # (`_strip_parts`)
                         parts = ([parts[0].strip()] if len(parts) == 1 else
