@@ -79,6 +79,7 @@ def main():
     from cslm_jax.data.prepare import prepare_task_local, read_stats
 
     def reference():
+        os.sync()                           # no writeback of the previous side's files now
         tokens, n, t0 = 0, 0, time.perf_counter()
         for spec in cfg.tasks("pretrain"):
             for where, _, record in read_jsonl(spec.train[0], None, cfg.format):
@@ -92,6 +93,10 @@ def main():
         roots = [root / str(k) for k in range(repeat)]
         for r in roots:
             shutil.rmtree(r, ignore_errors=True)
+        # the deletions' and earlier writes' disk work (ext4 here mounts with `discard`) done
+        # before the clock starts: left to the kernel's threads it ran during the timing and
+        # cost this side up to 25% on some runs
+        os.sync()
         t0 = time.perf_counter()
         tokens = 0
         for r in roots:
@@ -138,6 +143,7 @@ def main():
                 # the real command in its own process: os.wait4 gives the CPU time of the whole
                 # job (driver and worker processes), which a busy machine does not distort
                 out = work / f"beam_{workers}_{r}"
+                os.sync()                   # the previous run's deletions done before the clock
                 t0 = time.perf_counter()
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "cslm_jax.cli.main", "prepare-data", "--data-config",
