@@ -122,6 +122,29 @@ def test_speech_spans_as_ids_equal_jinja_on_a_template_that_keeps_contents_as_th
     assert plans and not any(p.strip for p in plans)    # contents enter verbatim, not trimmed
 
 
+@pytest.mark.parametrize("variant", ["word_cache", "batch_api", "tiny_cache"])
+def test_texts_the_word_cache_refuses_go_through_the_batch_api(demo, variant):
+    """Texts with characters that fail WordTokens' probes (and every text, for a tokenizer
+    without WordTokens) are collected, encoded in one batch call and assembled; a text cache
+    cleared while that happens sends the example to the exact path, never to wrong ids."""
+    tok = load_tokenizer(demo[1])
+    renderer = ChatRenderer(tok, 4096)
+    fast = FastChat(renderer, verify_every=10 ** 9)
+    if variant == "batch_api":
+        fast.words = None
+    if variant == "tiny_cache":
+        fast.CACHE_SIZE = 3
+    rng = random.Random(5)
+    batch = _speech_conversations(rng, 150, 256)
+    batch += [[{"role": "user", "content": f"x² {i} \x1c y"}, {"role": "assistant", "content": "½"}]
+              for i in range(30)]
+    rng.shuffle(batch)
+    found: list = []
+    assert fast.ids(batch, found) == [renderer.encode(renderer.render_text(plain(m)))
+                                      for m in batch]
+    assert sum(f is not None for f in found) > len(batch) // 2
+
+
 def test_units_the_tokenizer_lacks_are_tokenized_as_text(demo):
     tok = load_tokenizer(demo[1])
     renderer = ChatRenderer(tok, 4096)

@@ -356,14 +356,6 @@ class FastChat:
                         marks[k].append((f, p))
         plan.marks, plan.headers = marks, headers
 
-    def _found(self, plan: _Plan, starts: list, ids: list) -> tuple | None:
-        """(user header starts, assistant header starts) in `ids`, built by `plan` with its fixed
-        pieces at `starts`; None when a content holds a header-start id (then search)."""
-        if ids.count(self.r.user[0]) != plan.headers:
-            return None
-        users, assistants = plan.marks
-        return [starts[f] + o for f, o in users], [starts[f] + o for f, o in assistants]
-
     def slow(self, messages) -> list[int]:
         return self.r.encode(self.r.render_text(plain(messages)))
 
@@ -371,45 +363,94 @@ class FastChat:
         """Token ids of each chat example of `batch` (see the class docstring). A content that
         is a `SpeechText` (parts: text, units, text, ...) has its spans' ids computed (see
         `_span_ids`); the text between them, and plain contents, are tokenized word by word
-        (`WordTokens`) where the tokenizer allows, else through its batch API
-        (`_ids_batched`). `found`, a list, receives per example the positions of the user and
+        (`WordTokens`) where the tokenizer allows, else through its batch API, each distinct
+        text once. `found`, a list, receives per example the positions of the user and
         assistant header patterns (`_mark`; `loss_mask(..., found=)`), or None where
         `loss_mask` must search."""
-        out: list = [None] * len(batch)
-        marked: list = [None] * len(batch)
-        rest = []                           # examples for _ids_batched
-        words, cache, plans = self.words, self.cache, self.plans
-        spans = self.span_ids
-        header = self.r.user[0] if self.r.user else None
-        if words is None:
-            rest = list(range(len(batch)))
-        else:
-            text_ids = words.ids
-            if spans is not None:
-                sosp, eosp, unit_ids = spans
-                unit = unit_ids.__getitem__      # KeyError: a unit the tokenizer lacks
+        n = len(batch)
+        out: list = [None] * n
+        marked: list = [None] * n
+        roles_of = [tuple([m["role"] for m in messages]) for messages in batch]
+        words, cache = self.words, self.cache
 
-            def tokens(text: str) -> list[int]:
+        def keep(text: str, ids: list) -> list:
+            if len(cache) >= self.CACHE_SIZE:
+                cache.clear()
+            cache[text] = ids
+            return ids
+
+        def by_words(text: str) -> list[int]:
+            hit = cache.get(text)
+            if hit is None:
+                hit = words.ids(text) if words is not None and _S0 not in text else None
+                if hit is None:
+                    raise KeyError(text)
+                keep(text, hit)
+            return hit
+
+        rest = self._assemble(batch, roles_of, range(n), by_words, out, marked)
+        whole = []
+        if rest:      # their texts through the batch API: collected, encoded at once, assembled
+            need: dict = {}
+
+            def collect(text: str) -> list[int]:
+                if _S0 in text:
+                    raise KeyError(text)
                 hit = cache.get(text)
                 if hit is None:
-                    if _S0 in text:
-                        raise KeyError(text)
-                    hit = text_ids(text)
-                    if hit is None:
-                        raise KeyError(text)
-                    if len(cache) >= self.CACHE_SIZE:
-                        cache.clear()
-                    cache[text] = hit
-                return hit
+                    need[text] = None
+                return hit or []
 
-        roles_of = [tuple([m["role"] for m in messages]) for messages in batch]
-        for j, messages in enumerate(batch) if words is not None else ():
-            roles = roles_of[j]
+            whole = self._assemble(batch, roles_of, rest, collect, out, marked)
+            for text, ids in zip(need, self._encode(list(need), False) if need else ()):
+                need[text] = keep(text, ids)
+
+            def encoded(text: str) -> list[int]:
+                hit = cache.get(text)
+                return need[text] if hit is None else hit    # (KeyError: the cache was cleared)
+
+            gone = set(whole)
+            whole += self._assemble(batch, roles_of, [j for j in rest if j not in gone], encoded,
+                                    out, marked)
+        if whole:     # no plan, or a unit the tokenizer lacks: Jinja and the tokenizer
+            texts = [self.r.render_text(plain(batch[j])) for j in whole]
+            for j, ids in zip(whole, self._encode(texts, self.special)):
+                out[j], marked[j] = ids, None
+        if found is not None:
+            found[:] = marked
+        base, self.count = self.count, self.count + len(batch)
+        for j, roles in enumerate(roles_of):        # sample check against the exact path
+            # the first 4 examples of each role sequence, then every verify_every-th example
+            if roles in self.checked_enough and (base + j + 1) % self.verify_every:
+                continue
+            self.checked[roles] += 1
+            if self.checked[roles] >= 4:
+                self.checked_enough.add(roles)
+            if out[j] != self.slow(batch[j]):
+                raise DataError(f"fast chat rendering differs from the tokenizer's template for "
+                                f"roles {roles}; prepare with fast rendering off "
+                                f"(--no-fast-render) and report this")
+        return out
+
+    def _assemble(self, batch: list, roles_of: list, which, tokens, out: list,
+                  marked: list) -> list[int]:
+        """Build the ids of examples `which` of `batch` from their plans into `out` (header
+        positions into `marked`), each text's ids from `tokens(text)` (KeyError: it cannot say).
+        Returns the examples it could not build: no plan, a content it cannot take, a text
+        `tokens` refuses, a unit the tokenizer lacks."""
+        plans, cache, spans = self.plans, self.cache, self.span_ids
+        header = self.r.user[0] if self.r.user else None
+        if spans is not None:
+            sosp, eosp, unit_ids = spans
+            unit = unit_ids.__getitem__          # KeyError: a unit the tokenizer lacks
+        failed = []
+        for j in which:
+            messages, roles = batch[j], roles_of[j]
             plan = plans.get(roles, ...)
             if plan is ...:
                 plan = plans[roles] = self._plan(roles)
             if plan is None or len(messages[0]) != 2:
-                rest.append(j)
+                failed.append(j)
                 continue
             ids = list(self.prefix)
             starts = []
@@ -442,9 +483,8 @@ class FastChat:
                         if b:
                             ids += cache.get(b) or tokens(b)
                         continue
-                    if plan.strip:                   # (`_strip_parts`)
-                        parts = ([parts[0].strip()] if len(parts) == 1 else
-                                 [parts[0].lstrip(), *parts[1:-1], parts[-1].rstrip()])
+                    if plan.strip:
+                        parts = _strip_parts(parts)
                     last = len(parts) - 1
                     for k, p in enumerate(parts):
                         if k % 2:
@@ -455,127 +495,19 @@ class FastChat:
                             p = (h + p if k == 0 else p) + (t if k == last else "")
                             if p:
                                 ids += tokens(p)
-            except KeyError:                     # a text or unit for the batched/exact path
-                rest.append(j)
+            except KeyError:
+                failed.append(j)
                 continue
             starts.append(len(ids))
             ids += plan.fixed[-1]
             marks = plan.marks
-            if marks is not None and ids.count(header) == plan.headers:    # (`_found`)
+            if marks is not None and ids.count(header) == plan.headers:
+                # no header-start id in the contents: the template's headers are all there are
                 marked[j] = ([starts[f] + o for f, o in marks[0]],
                              [starts[f] + o for f, o in marks[1]])
             out[j] = ids
-        if rest:
-            more: list = []
-            for j, ids, f in zip(rest, self._ids_batched([batch[j] for j in rest], more), more):
-                out[j], marked[j] = ids, f
-        if found is not None:
-            found[:] = marked
-        base, self.count = self.count, self.count + len(batch)
-        for j, roles in enumerate(roles_of):        # sample check against the exact path
-            # the first 4 examples of each role sequence, then every verify_every-th example
-            if roles in self.checked_enough and (base + j + 1) % self.verify_every:
-                continue
-            self.checked[roles] += 1
-            if self.checked[roles] >= 4:
-                self.checked_enough.add(roles)
-            if out[j] != self.slow(batch[j]):
-                raise DataError(f"fast chat rendering differs from the tokenizer's template for "
-                                f"roles {roles}; prepare with fast rendering off "
-                                f"(--no-fast-render) and report this")
-        return out
+        return failed
 
-    def _ids_batched(self, batch: list, found: list) -> list[list[int]]:
-        """`ids` for examples whose texts `WordTokens` does not take: a content that is a
-        `SpeechText` has its spans' ids computed (see `_span_ids`); the text between them goes
-        through the tokenizer's batch API, each distinct text once."""
-        out: list = [None] * len(batch)
-        found[:] = [None] * len(batch)
-        texts: dict[str, int] = {}          # distinct text segment -> index
-        repeated: set = set()               # indices of texts met twice: likely constant
-
-        def ref(text: str) -> int:
-            k = texts.get(text)
-            if k is None:
-                k = texts[text] = len(texts)
-            else:
-                repeated.add(k)
-            return k
-
-        where, whole, whole_at = [], [], []
-        spans = self.span_ids
-        for j, messages in enumerate(batch):
-            roles = tuple(m["role"] for m in messages)
-            plan = self.plans.get(roles, ...)
-            if plan is ...:
-                plan = self.plans[roles] = self._plan(roles)
-            contents = [m["content"] for m in messages]
-            if plan is None or len(messages[0]) != 2 or not all(
-                    isinstance(c, (str, SpeechText)) and _S0 not in str(c) and len(m) == 2
-                    for c, m in zip(contents, messages)):
-                whole.append(self.r.render_text(plain(messages)))
-                whole_at.append(j)
-                continue
-            segs = []                       # per content: text indices and unit lists
-            for c, h, t in zip(contents, plan.heads, plan.tails):
-                parts = c.parts if c.__class__ is SpeechText and spans is not None else None
-                if parts is None:
-                    c = str(c)
-                    segs.append((ref(h + (c.strip() if plan.strip else c) + t),))
-                    continue
-                if plan.strip:
-                    parts = _strip_parts(parts)
-                parts = [h + parts[0], *parts[1:-1], parts[-1] + t] if len(parts) > 1 else \
-                    [h + parts[0] + t]
-                segs.append(tuple(p if k % 2 else ref(p) for k, p in enumerate(parts)))
-            where.append((j, plan, segs))
-        cache, todo = self.cache, []
-        text_ids: list = [None] * len(texts)
-        for text, k in texts.items():
-            hit = cache.get(text)
-            if hit is None:
-                todo.append(k)
-            text_ids[k] = hit
-        if todo:
-            keys = list(texts)
-            for k, ids in zip(todo, self._encode([keys[k] for k in todo], False)):
-                text_ids[k] = ids
-        if spans is not None:
-            sosp, eosp, unit_ids = spans
-            unit = unit_ids.__getitem__          # KeyError: a unit the tokenizer lacks
-        for j, plan, segs in where:
-            ids = list(self.prefix)
-            starts = []
-            try:
-                for fixed, content in zip(plan.fixed, segs):
-                    starts.append(len(ids))
-                    ids += fixed
-                    for k, p in enumerate(content):
-                        if k % 2:
-                            ids.append(sosp)
-                            ids += map(unit, p)
-                            ids.append(eosp)
-                        else:
-                            ids += text_ids[p]
-            except KeyError:                     # then "<u>" is text: the exact path
-                whole.append(self.r.render_text(plain(batch[j])))
-                whole_at.append(j)
-                continue
-            starts.append(len(ids))
-            ids += plan.fixed[-1]
-            if plan.marks is not None:
-                found[j] = self._found(plan, starts, ids)
-            out[j] = ids
-        if repeated:
-            keys = list(texts)
-            for k in repeated:
-                if keys[k] not in cache:
-                    if len(cache) >= self.CACHE_SIZE:
-                        cache.clear()
-                    cache[keys[k]] = text_ids[k]
-        for j, ids in zip(whole_at, self._encode(whole, self.special) if whole else []):
-            out[j] = ids
-        return out
 
 class SpeechText:
     """A chat content given by its parts [text, units, text, units, ..., text]: the content is
