@@ -254,7 +254,7 @@ def _times(record: dict, field: str, where: str, n_tokens: int, n_units: int,
                                                       f"({n_units} units = {duration:.2f}s)")
         out.append((start, end))
         last_start = start
-    return out
+    return out if values else None
 
 
 def validate_record(kind: str, record: dict, cfg: FormatConfig, where: str) -> None:

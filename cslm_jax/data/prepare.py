@@ -193,7 +193,7 @@ class FastChat:
     `verify_every`-th are also rendered the slow way and compared: a difference raises.
     """
 
-    CACHE_SIZE = 4096            # texts seen twice in a batch (template constants), kept
+    CACHE_SIZE = 4096            # texts and their ids kept (then the cache starts again)
 
     def __init__(self, renderer: ChatRenderer, verify_every: int = 1000):
         self.r = renderer
