@@ -14,8 +14,11 @@ Compares, in one run:
   * the consumer: forward+backward tokens/s of the demo model (configs/model/tiny.yaml with the
     demo vocabulary) on the same batch shape — the rate the pipeline must stay ahead of.
 
-    python benchmarks/data_pipeline.py [--batches 40] [--batch-size 8] [--rounds 3] [--scale 30]
-        [--beam-rounds 3]
+    python benchmarks/data_pipeline.py [--batches 40] [--batch-size 8] [--rounds 3] [--repeat 5]
+        [--scale 30] [--beam-rounds 3] [--no-beam]
+
+Each timed section starts after os.sync() (the previous side's file deletions otherwise leave
+disk work to kernel threads during it).
 """
 from __future__ import annotations
 
