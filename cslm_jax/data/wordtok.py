@@ -18,14 +18,15 @@ tokenizer's own model and ByteLevel mapping). Two conditions remain, and both ar
   each match) when every added token is matched that way: none has lstrip, rstrip or
   single_word, and none is `normalized` (those are matched in a second pass). Otherwise a text
   holding any character an added token starts with goes to the tokenizer;
-* Python's `regex` module cuts the text where the tokenizer's regex engine (Oniguruma) does.
-  P's behaviour on a string depends only on which of its classes each character belongs to
-  (`\\p{L}`, `\\p{N}`, `\\s`, the literals `\\r \\n`, space and apostrophe, and the letters of the
-  case-insensitive contractions 's 't 're 've 'm 'll 'd); Unicode versions and case folding
-  could make the engines disagree on that for some characters. Each character met is therefore
-  checked once, against the tokenizer itself, on probe strings that put it beside a member of
-  each class and inside each contraction (`_probes`): the spans of both engines must be equal
-  on every probe. A text holding a character that failed goes to the tokenizer.
+* Python's `re`, with P written in its terms (`PATTERNS`), cuts the text where the
+  tokenizer's regex engine (Oniguruma) cuts it. Either pattern's behaviour on a string depends
+  only on which of its classes each character belongs to (`\\p{L}`, `\\p{N}`, `\\s`, the
+  literals `\\r \\n`, space and apostrophe, and the letters of the case-insensitive contractions
+  's 't 're 've 'm 'll 'd); `re`'s classes are not Unicode's for some characters, and Unicode
+  versions and case folding could make the engines disagree on others. Each character met is
+  therefore checked once, against the tokenizer itself, on probe strings that put it beside a
+  member of each class and inside each contraction (`_probes`): the spans of both engines must
+  be equal on every probe. A text holding a character that failed goes to the tokenizer.
 
 Tokenizers of another shape (a normalizer, another pre-tokenizer, BPE dropout, a non-BPE model)
 get no `WordTokens` (`for_tokenizer` returns None) and are tokenized by the tokenizer.
