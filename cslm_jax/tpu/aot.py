@@ -241,6 +241,13 @@ class MemoryFit:
     def fits(self) -> bool:
         return self.error is None and self.used_bytes <= self.topology.hbm_bytes
 
+    def total_line(self, peak: str) -> str:
+        """The report line of the per-chip total against HBM; `peak` says what XLA's peak is."""
+        hbm = self.topology.hbm_bytes
+        return (f"           total {gib(self.used_bytes)} of {gib(hbm)} HBM "
+                f"({self.used_bytes / hbm:.0%}): "
+                + (peak if self.peak_bytes else "all buffers at once (XLA gave no peak)"))
+
 
 @dataclasses.dataclass
 class CompileReport(MemoryFit):
@@ -281,14 +288,11 @@ class CompileReport(MemoryFit):
                 f"compile    {self.compile_s:.1f} s"]
         if self.error is not None:
             return head + [f"compiler   {self.error}", "DOES NOT FIT"]
-        hbm = t.hbm_bytes
         mem = [f"memory     per chip: arguments {gib(self.argument_bytes)} (train state + batch), "
                f"temporaries {gib(self.temp_bytes)}, outputs not aliased to donated inputs "
                f"{gib(self.output_bytes - self.alias_bytes)}, code {gib(self.code_bytes)}",
-               f"           total {gib(self.used_bytes)} of {gib(hbm)} HBM "
-               f"({self.used_bytes / hbm:.0%}): "
-               + (f"XLA's peak of live buffers (all buffers at once: {gib(self.allocated_bytes)})"
-                  if self.peak_bytes else "all buffers at once (XLA gave no peak)")]
+               self.total_line(f"XLA's peak of live buffers (all buffers at once: "
+                               f"{gib(self.allocated_bytes)})")]
         per_chip = self.xla_flops / t.chips
         flops = [f"FLOPs/step {self.xla_flops:.4g} from XLA's cost analysis ({per_chip:.4g} per "
                  f"chip; remat recomputation included); 6N+12LHDhT model FLOPs "

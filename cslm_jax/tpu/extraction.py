@@ -101,14 +101,10 @@ class ExtractionReport(MemoryFit):
                 f"compile    {self.compile_s:.1f} s"]
         if self.error is not None:
             return head + [f"compiler   {self.error}", "DOES NOT FIT"]
-        hbm = t.hbm_bytes
         mem = [f"memory     per chip: arguments {gib(self.argument_bytes)} (weights + batch), "
                f"temporaries {gib(self.temp_bytes)}, outputs {gib(self.output_bytes)}, code "
                f"{gib(self.code_bytes)}",
-               f"           total {gib(self.used_bytes)} of {gib(hbm)} HBM "
-               f"({self.used_bytes / hbm:.0%}): "
-               + ("XLA's peak of live buffers" if self.peak_bytes
-                  else "all buffers at once (XLA gave no peak)")]
+               self.total_line("XLA's peak of live buffers")]
         fpas = self.flops_per_audio_second
         flops = [f"FLOPs      {self.xla_flops:.4g} per step from XLA's cost analysis = "
                  f"{fpas:.4g} per second of audio; matrix products by hand "
