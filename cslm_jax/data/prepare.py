@@ -941,8 +941,6 @@ class Preparer:
         c["trained_tokens"] += sum(map(sum, done_masks))
         data = (serialize_batch(done_ids, done_masks) if self.fast else
                 [serialize(i, m) for i, m in zip(done_ids, done_masks)])
-        if num_shards == 1:
-            return [(0, example) for example in data]
         return [(shard_of(file_index, n, num_shards), example)
                 for (n, _), example in zip(pending, data)]
 
@@ -966,8 +964,7 @@ class RecordWriter:
         return ((((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF).to_bytes(4, "little")
 
     def write(self, data: bytes) -> None:
-        length = len(data).to_bytes(8, "little")
-        self._f.write(length + self._masked(length) + data + self._masked(data))
+        self.write_many((data,))
 
     def write_many(self, records) -> None:
         """`write` each of `records`, in one write (the length and its CRC from a table)."""
