@@ -395,7 +395,7 @@ def test_paired_records_get_word_times_from_an_alignments_jsonl(tmp_path, demo):
     lines = []
     for r in rows:                    # ctc-forced-aligner results, one per line, with the record id
         chars = [c for c in r["text"] if c.strip() and c not in cfg.punctuation]
-        lines.append(json.dumps({"id": r["id"], "segments": [
+        lines.append(json.dumps({"id": r["id"], "text": r["text"], "segments": [
             {"start": a, "end": b, "text": c} for c, (a, b) in zip(chars, r["word_times"])]},
             ensure_ascii=False))
     (tmp_path / "ctc.jsonl").write_text("\n".join(lines) + "\n")
@@ -440,3 +440,99 @@ def test_join_counts_untimed_words_and_unaligned_segments(tmp_path, s2s_records)
     with pytest.raises(AlignmentError, match=r"word 2 .* has no timing"):
         join_timings(bare, tmp_path / "align", "whisperx", tmp_path / "out2.jsonl", cfg,
                      untimed="error")
+
+
+# -- another format's file, reversed intervals (issue 29, items 3 and 4) --------------------------
+
+def bare_records(path, records):
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "answer_word_times"},
+                                       ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+def join_cli(tmp_path, records, alignments, fmt):
+    return cli(["join-timings", "--records", str(records), "--alignments", str(alignments),
+                "--format", fmt, "--out", str(tmp_path / "out.jsonl"),
+                "--data-config", str(REPO / "configs" / "data" / "demo.yaml")])
+
+
+def test_whisperx_json_given_as_ctc_is_refused(tmp_path, s2s_records, capsys):
+    """whisperX's JSON as its CLI writes it (segments with their words, word_segments, language;
+    no top-level text) whose segment texts match the record: read as ctc, each segment would pass
+    for one timed word and its time be spread over the characters. Refused, naming the file and
+    the format it looks like."""
+    cfg, records = s2s_records
+    r = records[0]
+    words = aligner_words(r, cfg)
+    half = len(words) // 2
+    segments = [{"start": ws[0][1], "end": ws[-1][2], "text": " " + " ".join(w for w, _, _ in ws),
+                 "words": [{"word": w, "start": a, "end": b, "score": 0.9} for w, a, b in ws]}
+                for ws in (words[:half], words[half:])]
+    wx = tmp_path / "align" / f"{r['id']}.json"
+    wx.parent.mkdir()
+    wx.write_text(json.dumps({"segments": segments,
+                              "word_segments": [w for s in segments for w in s["words"]],
+                              "language": "en"}))
+    records_file = bare_records(tmp_path / "records.jsonl", [r])
+    assert join_cli(tmp_path, records_file, tmp_path / "align", "whisperx") == 0   # its format
+    assert sum(json.loads((tmp_path / "out.jsonl").read_text())["answer_word_times"], []) == \
+        pytest.approx(sum(r["answer_word_times"], []), abs=1e-4)
+    (tmp_path / "out.jsonl").unlink()
+    capsys.readouterr()
+    assert join_cli(tmp_path, records_file, tmp_path / "align", "ctc") == 2
+    assert capsys.readouterr().err == (
+        f"cslm-jax join-timings: error: {wx}: looks like whisperX output (segments[0] has "
+        f"'words'), not a ctc-forced-aligner result (a top-level 'text' and segments of start, "
+        f"end, text); pass --format whisperx\n")
+    assert not (tmp_path / "out.jsonl").exists()
+    # whisperX without word timings (segments only) has no top-level text either
+    wx.write_text(json.dumps({"segments": [{k: v for k, v in s.items() if k != "words"}
+                                           for s in segments], "language": "en"}))
+    assert join_cli(tmp_path, records_file, tmp_path / "align", "ctc") == 2
+    assert "it has no top-level 'text'" in capsys.readouterr().err
+    # a TextGrid read as JSON is named as one
+    tg = tmp_path / "tg.json"
+    tg.write_text(LONG)
+    with pytest.raises(AlignmentError, match=rf"^{tg}: a Praat TextGrid, not ctc output; pass "
+                                             rf"--format mfa$"):
+        read_alignment(tg, "ctc")
+
+
+def test_reversed_textgrid_intervals_are_refused_naming_the_interval(tmp_path, s2s_records,
+                                                                     capsys):
+    cfg, records = s2s_records
+    r = records[0]
+    words = aligner_words(r, cfg)
+    duration = len(r["answer_units"]) / cfg.unit_rate
+    folder = tmp_path / "align"
+    folder.mkdir()
+    grid = folder / f"{r['id']}.TextGrid"
+    text = textgrid(words, duration)
+    grid.write_text(text)
+    records_file = bare_records(tmp_path / "records.jsonl", [r])
+    assert join_cli(tmp_path, records_file, folder, "mfa") == 0
+    (tmp_path / "out.jsonl").unlink()
+    capsys.readouterr()
+    # the second word's interval with its xmin and xmax swapped
+    w, a, b = words[1]
+    block = f"xmin = {a} \n            xmax = {b} \n            text = \"{w}\""
+    assert text.count(block) == 1
+    grid.write_text(text.replace(block, f"xmin = {b} \n            xmax = {a} \n"
+                                        f"            text = \"{w}\""))
+    n = [label for _, _, label in mfa_intervals(grid.read_text())].index(w) + 1
+    assert join_cli(tmp_path, records_file, folder, "mfa") == 2
+    assert capsys.readouterr().err == (
+        f"cslm-jax join-timings: error: {grid}: tier 'words' interval {n} ({w!r}): xmax {a:g} lies "
+        f"before xmin {b:g} (a reversed interval); fix or realign the TextGrid\n")
+    assert not (tmp_path / "out.jsonl").exists()
+    # a reversed silence is as broken a file
+    with pytest.raises(AlignmentError, match=r"^s.TextGrid: tier 'words' interval 5 \(''\): xmax "
+                                             r"1.7 lies before xmin 1.9"):
+        mfa_words(LONG.replace("xmin = 1.7 \n            xmax = 1.9",
+                               "xmin = 1.9 \n            xmax = 1.7"), "s.TextGrid")
+
+
+def mfa_intervals(text):
+    from cslm_jax.data.alignments import parse_textgrid
+
+    return parse_textgrid(text, "x")["words"]

@@ -17,7 +17,8 @@ def add_parser(sub):
                    "file of whisperx/ctc results with an id each")
     s.add_argument("--format", required=True, choices=("mfa", "whisperx", "ctc"),
                    help="mfa: TextGrid (words tier); whisperx: JSON (segments[].words or "
-                   "word_segments); ctc: ctc-forced-aligner JSON or START-END: TEXT lines")
+                   "word_segments); ctc: ctc-forced-aligner JSON (a top-level text and its segments) or "
+                   "START-END: TEXT lines")
     s.add_argument("--out", required=True, metavar="FILE", help="the joined JSONL (written "
                    "atomically)")
     s.add_argument("--data-config", default=str(config_path("data", "demo.yaml")),

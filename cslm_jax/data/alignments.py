@@ -19,7 +19,10 @@ character languages). Aligners write their own formats; this module reads three 
   error. A segment without `words` counts as one aligned piece spanning the segment.
 * `ctc`: `ctc-forced-aligner` output: its JSON (`{"text", "segments": [{"start", "end", "text",
   "score"}]}`) or its text file (lines `START-END: TEXT`), at any `--split_size` (word, char or
-  sentence).
+  sentence). JSON of whisperX's shape (no top-level `text`, or `segments[].words`) is refused
+  (its segments would pass for timed words); a TextGrid given as whisperx or ctc is named as one.
+* A reversed interval or word (end before start) is an error naming the file, the TextGrid tier
+  and interval or the JSON field.
 
 Matching (`word_times`). The aligner's words and the record's text are compared after
 normalisation: Unicode NFKC, case folded, punctuation (Unicode category P*, and the data config's
@@ -155,22 +158,30 @@ def parse_textgrid(text: str, where: str) -> dict[str, list[tuple[float, float, 
     return tiers
 
 
-def words_tier(tiers: dict, where: str, tier: str | None = None) -> list:
+def words_tier(tiers: dict, where: str, tier: str | None = None) -> tuple[str, list]:
+    """(name, intervals) of the words tier: `tier`, else the one named `words` or
+    `<speaker> - words`."""
     if tier is not None:
         if tier not in tiers:
             raise AlignmentError(f"{where}: no tier {tier!r}; tiers: {list(tiers)}")
-        return tiers[tier]
+        return tier, tiers[tier]
     names = [n for n in tiers if n == "words" or n.endswith(" - words")]
     if len(names) != 1:
         raise AlignmentError(f"{where}: {'no' if not names else 'several'} words tier(s) "
                              f"({names or list(tiers)}); pass --tier NAME")
-    return tiers[names[0]]
+    return names[0], tiers[names[0]]
 
 
 def mfa_words(text: str, where: str, tier: str | None = None) -> list[AlignedWord]:
-    """The words of an MFA TextGrid's words tier, silences left out."""
+    """The words of an MFA TextGrid's words tier, silences left out. A reversed interval (xmin
+    after xmax), silent or not, is an error naming the tier and the interval."""
     out = []
-    for start, end, label in words_tier(parse_textgrid(text, where), where, tier):
+    name, intervals = words_tier(parse_textgrid(text, where), where, tier)
+    for i, (start, end, label) in enumerate(intervals, start=1):
+        if end < start:
+            raise AlignmentError(f"{where}: tier {name!r} interval {i} ({label.strip()!r}): xmax "
+                                 f"{end:g} lies before xmin {start:g} (a reversed interval); "
+                                 f"fix or realign the TextGrid")
         label = label.strip()
         if label.lower() not in SILENCE:
             out.append(AlignedWord(label, start, end))
@@ -231,9 +242,20 @@ _CTC_LINE = re.compile(r"^\s*(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)-(\d+(?:\.\d*)?(?:[
 
 
 def ctc_words(data, where: str) -> list[AlignedWord]:
-    """Segments of a ctc-forced-aligner JSON result ({"text", "segments": [...]})."""
+    """Segments of a ctc-forced-aligner JSON result ({"text", "segments": [...]}). A result of
+    another aligner's shape (no top-level `text`, or segments with `words`: whisperX's) is refused:
+    its segments are not the items ctc-forced-aligner timed."""
     if not isinstance(data, dict) or not isinstance(data.get("segments"), list):
         raise AlignmentError(f"{where}: no 'segments' list (not a ctc-forced-aligner result)")
+    worded = next((i for i, seg in enumerate(data["segments"])
+                   if isinstance(seg, dict) and "words" in seg), None)
+    if worded is not None or "word_segments" in data or not isinstance(data.get("text"), str):
+        why = (f"segments[{worded}] has 'words'" if worded is not None else
+               "it has 'word_segments'" if "word_segments" in data else
+               "it has no top-level 'text'")
+        raise AlignmentError(f"{where}: looks like whisperX output ({why}), not a "
+                             f"ctc-forced-aligner result (a top-level 'text' and segments of "
+                             f"start, end, text); pass --format whisperx")
     out = []
     for i, seg in enumerate(data["segments"]):
         w = _word(seg, where, f"segments[{i}]", "text")
@@ -271,6 +293,8 @@ def read_alignment(path, fmt: str, tier: str | None = None) -> list[AlignedWord]
     """The aligned words of one aligner output file."""
     path = Path(path)
     text = _read_text(path)
+    if fmt != "mfa" and text.lstrip().startswith('File type = "ooTextFile'):
+        raise AlignmentError(f"{path}: a Praat TextGrid, not {fmt} output; pass --format mfa")
     if fmt == "mfa":
         return mfa_words(text, str(path), tier)
     if fmt == "whisperx":
