@@ -11,9 +11,6 @@ defined next to the code that raises it.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-
 class CslmError(Exception):
     """Bad input, configuration, data or checkpoint; the message names what and where."""
 
@@ -27,17 +24,11 @@ class OutputExistsError(CslmError):
     """An output folder exists and is not empty, and replacing it was not asked for."""
 
 
-def check_output_dir(path: str | Path, force: bool, hint: str = "pass --force to replace it") -> None:
-    """Refuse a non-empty `path` unless `force`, and a file there always (`force` replaces
-    folders only: a file is not an output this command wrote)."""
-    from cslm_jax.storage.fs import path as storage_path
-
-    from cslm_jax.storage.fs import check_bucket
-
-    path = storage_path(path)           # local or gs://; a mangled or unsupported URL is refused
-    check_bucket(path)
-    if path.exists() and not path.is_dir():
-        raise OutputExistsError(f"{path} is a file, not a folder; give a folder path (--force "
-                                f"replaces folders only)")
-    if path.exists() and any(path.iterdir()) and not force:
-        raise OutputExistsError(f"{path} exists and is not empty; {hint}")
+def json_error(e, line: str) -> str:
+    """`invalid JSON: ...` for a `json.JSONDecodeError` `e` raised by one line of a JSONL file:
+    the column within that line, or that the line ends before the record does (a record cut
+    short; the line's own newline would otherwise be reported as line 2 column 1)."""
+    text = line.rstrip("\r\n")
+    if e.pos >= len(text):
+        return f"invalid JSON: the line ends before the record does ({e.msg}); is it cut short?"
+    return f"invalid JSON: {e.msg} at column {e.pos + 1}"

@@ -20,16 +20,20 @@ def add_parser(sub):
 
 
 def check(args, parser):
-    from cslm_jax.errors import check_output_dir
+    from cslm_jax.storage.outputs import check_output_dir
     from cslm_jax.speech.s3 import SpeechTokenizerError
 
     for flag, value in (("--from", args.src), ("--out", args.out)):
         if "://" in str(value):
             raise SpeechTokenizerError(f"{flag} {value}: import-speech-tokenizer reads and writes "
                                        f"local paths only")
-    if not Path(args.src).is_file():
+    src = Path(args.src)
+    if src.is_dir():
+        raise SpeechTokenizerError(f"--from {args.src}: is a folder; give the weights file "
+                                   f"(.onnx, .pt/.pth or .safetensors)")
+    if not src.is_file():
         raise SpeechTokenizerError(f"--from {args.src}: no such file")
-    check_output_dir(args.out, args.force)
+    check_output_dir(args.out, args.force, inputs=[("--from", args.src)])
 
 
 def run(args) -> int:

@@ -17,8 +17,9 @@ import numpy as np
 
 from cslm_jax.storage.checkpoint import (atomic_dir, iter_params, param_names, read_metadata,
                                  resolve_model_dir, save_model_checkpoint)
-from cslm_jax.errors import CslmError, check_output_dir
+from cslm_jax.errors import CslmError
 from cslm_jax.storage import fs
+from cslm_jax.storage.outputs import check_output_dir
 from cslm_jax.config import ConfigError, ModelConfig, check_rope_scaling, pad_to_multiple
 from cslm_jax.model.schema import Weight, hf_shape, param_shapes, weights
 from cslm_jax.model.vocab import (VocabInfo, existing_layout, extend_tokenizer, load_tokenizer)
@@ -253,7 +254,7 @@ def import_hf(hf_dir, out, speech_units: int | None = None, pad_vocab_multiple: 
                                   f"{speech_tokenizer} ({info.source}: {info.codebook_size} codes); "
                                   f"give one of them")
         speech_units = info.codebook_size
-    check_output_dir(out, force)           # before reading any weights
+    check_output_dir(out, force, inputs=[("--hf-dir", hf_dir)])     # before reading any weights
     hf_dir = fs.local_dir(fs.path(hf_dir, "--hf-dir"), "Hugging Face folder")   # gs://: staged
     hf = read_hf_config(hf_dir)
     base_cfg = model_config_from_hf(hf, str(hf_dir / "config.json"))
@@ -421,7 +422,7 @@ def export_hf(ckpt, out, dtype: str = "bfloat16", force: bool = False,
 
     if dtype not in NP_DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(NP_DTYPES)}, got {dtype!r}")
-    check_output_dir(out, force)
+    check_output_dir(out, force, inputs=[("--ckpt", ckpt)])
     ckpt = resolve_model_dir(ckpt, flag="--ckpt")      # a checkpoint, or a run folder's model/
     meta, cfg, vocab = read_metadata(ckpt)
     np_dtype = NP_DTYPES[dtype]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 from pathlib import Path
 
 UNIT_COUNT = 256
@@ -226,14 +225,15 @@ def make_demo_data(out: str | Path, config_template: str | Path, seed: int = 0, 
     with units: `import-hf` does that) and `data.yaml` into `out`."""
     import yaml
 
-    from cslm_jax.errors import check_output_dir
+    from cslm_jax.storage.outputs import check_output_dir, clear_output, mark_entries, write_marker
     from cslm_jax.model.vocab import train_bpe_tokenizer
 
     out = Path(out)
     check_output_dir(out, force)
-    if out.exists() and any(out.iterdir()):
-        shutil.rmtree(out)
+    if out.exists():
+        clear_output(out)
     out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "make-demo-data")
     template = yaml.safe_load(Path(config_template).read_text())
     corpus = build_corpus(seed, scale)
     for stem, rows in corpus.items():
@@ -244,6 +244,7 @@ def make_demo_data(out: str | Path, config_template: str | Path, seed: int = 0, 
     (out / "data.yaml").write_text(yaml.safe_dump(template, allow_unicode=True, sort_keys=False))
     tok = train_bpe_tokenizer(corpus_texts(corpus, template), vocab_size=vocab_size)
     tok.save_pretrained(str(out / "tokenizer"))
+    mark_entries(out, "make-demo-data")
     n = sum(len(r) for r in corpus.values())
     log(f"make-demo-data: {n} records in {len(corpus)} files, tokenizer of {len(tok)} tokens -> {out}")
     return out

@@ -148,14 +148,15 @@ def run_demo(out: str | Path, force: bool = False) -> int:
     from cslm_jax.demo.random_hf import write_random_hf_llama
     from cslm_jax.train.loop import EXIT_OK, train
     from cslm_jax.model.vocab import load_tokenizer
-    from cslm_jax.errors import check_output_dir
+    from cslm_jax.storage.outputs import check_output_dir, clear_output, mark_entries, write_marker
     from cslm_jax.infer.responses import chat_prompt_ids
 
     out = Path(out)
-    check_output_dir(out, force, "pass --force to reuse it")
+    check_output_dir(out, force, hint="pass --force to reuse it")
     if force and out.exists():
-        import shutil
-        shutil.rmtree(out)
+        clear_output(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "demo")           # all of it the demo's until it lists what it wrote
     t0 = time.time()
     checks: dict[str, bool] = {}
     shape = load_model_config(config_path("model", "demo.yaml"))
@@ -247,6 +248,7 @@ def run_demo(out: str | Path, force: bool = False) -> int:
     _say(f"      {stats['questions']} questions: transcript exact {stats['transcript_exact']}, "
          f"answer text exact {stats['answer_exact']}, {stats['speech_chunks']} speech chunks")
 
+    mark_entries(out, "demo")
     failed = [k for k, ok in checks.items() if not ok]
     _say(f"demo {'OK' if not failed else 'FAILED: ' + ', '.join(failed)} in {time.time() - t0:.0f}s; "
          f"outputs in {out}")

@@ -375,9 +375,9 @@ def load_tokenizer_files(path) -> tuple[S3Config, dict]:
 def import_speech_tokenizer(src, version: str, out, force: bool = False,
                             n_head: int | None = None) -> tuple[S3Config, Path]:
     """Read official weights (ONNX or state dict) and write a tokenizer folder."""
-    from cslm_jax.errors import check_output_dir
+    from cslm_jax.storage.outputs import check_output_dir
 
-    check_output_dir(out, force)          # before reading a 1 GB file
+    check_output_dir(out, force, inputs=[("--from", src)])     # before reading a 1 GB file
     cfg, params = read_weights(src, version, n_head)
     return cfg, save_tokenizer(out, cfg, params, force=force)
 

@@ -25,8 +25,9 @@ import jax
 import numpy as np
 
 from cslm_jax.config import ConfigError, ModelConfig
-from cslm_jax.errors import CslmError, check_output_dir
+from cslm_jax.errors import CslmError
 from cslm_jax.storage import fs
+from cslm_jax.storage.outputs import check_output_dir, mark_entries, write_marker
 from cslm_jax.model.vocab import VocabError, VocabInfo
 
 META_FILE = "cslm_checkpoint.json"
@@ -39,10 +40,13 @@ class CheckpointError(CslmError):
 
 
 @contextlib.contextmanager
-def atomic_dir(target, force: bool = False, staged: bool = False, last: str | None = None):
+def atomic_dir(target, force: bool = False, staged: bool = False, last: str | None = None,
+               owned: bool = False, tool: str = "cslm-jax"):
     """Yield a folder to write an output into; the output at `target` is complete or absent.
 
-    A non-empty `target` is refused unless `force` is set. With several JAX processes (a
+    A non-empty `target` is refused unless `force` is set, and even then unless it is an output
+    cslm-jax wrote (`storage.outputs`; `owned`: the caller manages the folder, e.g. a run's
+    `model/`). The output carries the `storage.outputs.MARKER` file naming its entries. With several JAX processes (a
     multi-host run, the folder on shared storage) every process gets the same folder: process 0
     creates and commits it, the others wait for it at barriers, so all can join Orbax saves.
 
@@ -56,10 +60,10 @@ def atomic_dir(target, force: bool = False, staged: bool = False, last: str | No
     from cslm_jax.parallel.distributed import barrier, broadcast_int
 
     target = fs.path(target)
-    check_output_dir(target, force)
+    check_output_dir(target, force, flag=None, owned=owned)
     primary = jax.process_index() == 0
     if fs.commit_file_mode(target):
-        with _commit_file_dir(target, primary, staged, last) as out:
+        with _commit_file_dir(target, primary, staged, last, tool) as out:
             yield out
         return
     tag = f"{broadcast_int(uuid.uuid4().int >> 68):08x}"    # process 0's 60 random bits
@@ -76,13 +80,14 @@ def atomic_dir(target, force: bool = False, staged: bool = False, last: str | No
         raise
     barrier(f"cslm_jax: {tmp} written")
     if primary:
+        mark_entries(tmp, tool)
         apply_umask(Path(os.fspath(tmp)))
         _replace_dir(Path(os.fspath(tmp)), Path(os.fspath(target)))
     barrier(f"cslm_jax: {target} in place")
 
 
 @contextlib.contextmanager
-def _commit_file_dir(target, primary: bool, staged: bool, last: str | None):
+def _commit_file_dir(target, primary: bool, staged: bool, last: str | None, tool: str):
     from cslm_jax.parallel.distributed import barrier
 
     if primary:
@@ -91,6 +96,7 @@ def _commit_file_dir(target, primary: bool, staged: bool, last: str | None):
                 (target / last).unlink()
             fs.rmtree(target)
         target.mkdir(parents=True, exist_ok=True)
+        write_marker(target, tool)              # all of it ours until the final list
     barrier(f"cslm_jax: {target} created")
     local = Path(tempfile.mkdtemp(prefix="cslm_jax-out-")) if staged and primary else None
     try:
@@ -104,6 +110,8 @@ def _commit_file_dir(target, primary: bool, staged: bool, last: str | None):
                     fs.copytree(src, target / name)
                 else:
                     fs.path(src).copy(target / name, overwrite=True)
+        if primary:
+            mark_entries(target, tool)
     except BaseException:
         if primary:
             fs.rmtree(target)
@@ -182,7 +190,8 @@ def save_tokenizer(tokenizer, dst) -> None:
 
 
 def save_model_checkpoint(path: str | Path, params: dict, cfg: ModelConfig, vocab: VocabInfo,
-                          tokenizer=None, extra: dict | None = None, force: bool = False) -> Path:
+                          tokenizer=None, extra: dict | None = None, force: bool = False,
+                          owned: bool = False) -> Path:
     """Write params (schema of cslm_jax.model.llama) with their metadata, one Orbax item per parameter
     under params/<name>. A leaf may be an array or a zero-argument function returning one (built
     only when its turn comes and dropped after), so a converter can stream: peak host memory is
@@ -191,7 +200,7 @@ def save_model_checkpoint(path: str | Path, params: dict, cfg: ModelConfig, voca
 
     path = fs.path(path)
     primary = jax.process_index() == 0        # other processes only join the Orbax saves
-    with atomic_dir(path, force=force, last=META_FILE) as tmp:
+    with atomic_dir(path, force=force, last=META_FILE, owned=owned) as tmp:
         if primary:
             (tmp / "params").mkdir()
         leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=callable)[0]

@@ -492,7 +492,7 @@ def _train(cfg, run_dir: Path, init_from, log, on_step, data_shards, allow_confi
             final = manager.latest_step()
             save_model_checkpoint(run_dir / "model", _final_params(run, manager, final),
                                   run.model_cfg, run.vocab, load_tokenizer(run_dir / "tokenizer"),
-                                  extra=run.source_meta, force=True)
+                                  extra=run.source_meta, force=True, owned=True)
             log(f"train: done at step {final}; model checkpoint {run_dir / 'model'} "
                 f"(export with `cslm-jax export-hf --ckpt {run_dir / 'model'} --out DIR`)")
             return EXIT_OK

@@ -1,0 +1,214 @@
+"""Output paths: checked before any work, never overlapping an input, replaced only where ours.
+
+Every command that writes calls `check_output_dir` (a folder it writes) or `check_output_file`
+(one file) with its inputs before it loads a model, reads a corpus or compiles anything. They
+refuse, with exit 2 and a message naming the flag:
+
+* an output that is, contains or lies inside an input (`--out .` beside the manifest, an export
+  into the checkpoint's own folder, a tokenizer folder inside `--out`), or that is or contains
+  the current folder, the home folder, a repository root (a folder holding `.git`) or `/`:
+  no `--force` replaces those;
+* a file where a folder is meant and a folder where a file is meant;
+* an output whose parent cannot be created or written (a file on the way, a read-only file
+  system), found by creating and removing a probe file in its nearest existing folder;
+* an existing output without `--force`.
+
+`--force` replaces only what cslm-jax wrote. A folder a command writes carries a marker,
+`.cslm_jax_output.json`, naming the command and the entries it wrote (`entries: null` while the
+command is still writing: everything there is its own). `--force` onto a folder without the
+marker, or one holding entries the marker does not name, is refused with those entries named;
+nothing is deleted. `owned=True` is for a folder the caller itself manages (a run folder's
+`model/`), which need not carry a marker.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from cslm_jax.errors import OutputExistsError
+from cslm_jax.storage import fs
+
+MARKER = ".cslm_jax_output.json"
+
+
+class OutputPathError(OutputExistsError):
+    """An output path overlaps an input, cannot be created, or is the wrong kind of path."""
+
+
+def _where(flag: str | None, p) -> str:
+    return f"{flag} {p}" if flag else str(p)
+
+
+def _key(p) -> tuple[str, ...]:
+    """Path parts to compare: symlinks resolved for local paths, the URL's for remote ones."""
+    if fs.is_remote(p):
+        scheme, rest = str(p).split("://", 1)
+        return (scheme + "://",) + tuple(x for x in rest.split("/") if x)
+    return Path(os.path.realpath(os.fspath(p))).parts
+
+
+def _within(inner: tuple, outer: tuple) -> bool:
+    return len(inner) >= len(outer) and inner[:len(outer)] == outer
+
+
+def _protected() -> list[tuple[str, tuple]]:
+    """Folders no output may be or contain: the current folder, home, the root, and the
+    repository roots around the current folder."""
+    found = [("the current folder", _key(os.getcwd())), ("your home folder", _key(Path.home())),
+             ("the file system root", _key("/"))]
+    here = Path(os.getcwd())
+    for d in (here, *here.parents):
+        if (d / ".git").exists():
+            found.append((f"the repository root {d}", _key(d)))
+    return found
+
+
+def check_disjoint(out, inputs=(), flag: str | None = "--out") -> None:
+    """Refuse an output that is, contains or lies inside any input (`inputs`: (flag, path)
+    pairs; None paths are skipped), or that is or contains a protected folder."""
+    okey = _key(out)
+    where = _where(flag, out)
+    protected = _protected()
+    for what, key in sorted(protected, key=lambda x: x[1] != okey):     # "is" before "contains"
+        if _within(key, okey):
+            verb = "is" if key == okey else "contains"
+            raise OutputPathError(f"{where}: {verb} {what}; an output gets a folder of its own "
+                                  f"(e.g. {Path(os.fspath(out)) / 'out'}), never one that "
+                                  f"holds other files")
+    for iflag, ip in inputs:
+        if ip is None or ip == "":
+            continue
+        ikey = _key(fs.path(ip) if not isinstance(ip, tuple) else ip)
+        if okey == ikey:
+            rel = "is"
+        elif _within(ikey, okey):
+            rel = "contains"
+        elif _within(okey, ikey):
+            rel = "lies inside"
+        else:
+            continue
+        raise OutputPathError(f"{where}: {rel} the input {_where(iflag, ip)}; give an output "
+                              f"path apart from every input (nothing was written or deleted)")
+
+
+def check_creatable(p, flag: str | None = None, folder: bool = True) -> None:
+    """The nearest existing ancestor of `p` is a folder we can create files in (probed by
+    creating and removing a file there)."""
+    if fs.is_remote(p):
+        fs.check_bucket(p, flag)
+        return
+    where = _where(flag, p)
+    anc = Path(os.path.abspath(os.fspath(p))).parent
+    while not anc.exists() and not anc.is_symlink():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputPathError(f"{where}: {anc} is a file, so the {'folder' if folder else 'file'}"
+                              f" cannot be created under it")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cslm_jax-probe-", dir=anc)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputPathError(f"{where}: cannot write in {anc} ({e.strerror or e})") from None
+
+
+def read_marker(p) -> dict | None:
+    m = fs.path(p) / MARKER
+    try:
+        return json.loads(m.read_text()) if m.exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+def write_marker(p, tool: str, entries: list[str] | None = None) -> None:
+    """Mark folder `p` as written by `tool`: `entries=None` claims everything in it (while the
+    tool is still writing), a list the names it wrote."""
+    (fs.path(p) / MARKER).write_text(json.dumps({"tool": tool, "entries": entries}) + "\n")
+
+
+def mark_entries(p, tool: str) -> None:
+    """Write the marker naming every entry `p` holds now (a finished output)."""
+    folder = fs.path(p)
+    names = sorted(x.name for x in folder.iterdir() if x.name != MARKER)
+    write_marker(folder, tool, names)
+
+
+def foreign_entries(p) -> list[str]:
+    """Entries of folder `p` that cslm-jax did not write: all of them without a marker."""
+    folder = fs.path(p)
+    names = sorted(x.name for x in folder.iterdir() if x.name != MARKER)
+    marker = read_marker(folder)
+    if marker is None:
+        return names
+    owned = marker.get("entries")
+    if owned is None:
+        return []
+    return [n for n in names if n not in set(owned)]
+
+
+def check_output_dir(p, force: bool, *, inputs=(), flag: str | None = "--out",
+                     hint: str = "pass --force to replace it", owned: bool = False,
+                     own=None):
+    """Check folder output `p` (see the module docstring) and return it as a path. `own(name)`
+    may say which entries of an existing folder are the command's own files (for commands that
+    mark their folder differently, e.g. extract-units' plan file)."""
+    path = fs.path(p, flag)
+    fs.check_bucket(path, flag)
+    check_disjoint(path, inputs, flag)
+    where = _where(flag, path)
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{where} is a file, not a folder; give a folder path (--force "
+                              f"replaces folders only)")
+    if path.exists():
+        if any(path.iterdir()):
+            if not force:
+                raise OutputExistsError(f"{where} exists and is not empty; {hint}")
+            if not owned:
+                foreign = ([x.name for x in path.iterdir() if not own(x.name)]
+                           if own is not None else foreign_entries(path))
+                if foreign:
+                    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more"
+                                                      if len(foreign) > 5 else "")
+                    why = ("it holds files cslm-jax did not write" if read_marker(path)
+                           or own is not None else f"it was not written by cslm-jax (no {MARKER})")
+                    raise OutputPathError(f"{where}: --force replaces only what cslm-jax wrote, "
+                                          f"and {why}: {shown}; move them away or give another "
+                                          f"path (nothing was deleted)")
+    else:
+        check_creatable(path, flag)
+    return path
+
+
+def clear_output(p) -> None:
+    """Remove what the marker of folder `p` names (everything, while it claims all), then the
+    marker; foreign entries were refused by `check_output_dir` and are left."""
+    folder = fs.path(p)
+    marker = read_marker(folder)
+    if marker is None:
+        return
+    owned = marker.get("entries")
+    for x in list(folder.iterdir()):
+        if x.name == MARKER or (owned is not None and x.name not in owned):
+            continue
+        if x.is_dir() and not os.path.islink(os.fspath(x)):
+            fs.rmtree(x)
+        else:
+            x.unlink()
+    (folder / MARKER).unlink()
+
+
+def check_output_file(p, force: bool, *, inputs=(), flag: str | None = "--output"):
+    """Check file output `p`: not a folder, not an input, its folder creatable, and not an
+    existing file unless `force`. Returns it as a path."""
+    path = fs.path(p, flag)
+    fs.check_bucket(path, flag)
+    where = _where(flag, path)
+    if path.is_dir():
+        raise OutputPathError(f"{where} is a folder; {flag or 'the output'} names a file")
+    check_disjoint(path, inputs, flag)
+    if path.exists() and not force:
+        raise OutputExistsError(f"{where} exists; pass --force to replace it")
+    check_creatable(path, flag, folder=False)
+    return path
