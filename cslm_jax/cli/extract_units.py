@@ -20,7 +20,9 @@ output (--out): units-SSSSS-of-NNNNN.jsonl shards (paired / spoken_instruction r
 codes, before repeat merging), a .done.json marker per shard, skipped.jsonl and COMPLETE.json at
 the end. Rerunning the same command resumes a killed run (finished shards are kept) and does
 nothing for a finished one; a folder holding anything else is refused unless --force, which
-discards it and starts over.
+removes the files extract-units writes there and starts over (a folder holding other files is
+refused even then, and --out may not be, hold or lie inside an input, the current folder or home).
+A strict run stopped by bad input before its first shard does not block a rerun.
 
 exit codes: 0 done; 2 bad input (strict mode names the file and reason), or an output folder
 that holds something else.
@@ -36,8 +38,8 @@ def add_parser(sub):
                      "(local or gs://, as the audio it names)")
     src.add_argument("--tfds", metavar="NAME[/CONFIG]:VERSION", help="a prepared TFDS audio "
                      "dataset instead of a manifest, e.g. librispeech:2.1.1 (never downloaded)")
-    s.add_argument("--tfds-split", default="train", help="with --tfds: the split, slicing "
-                   "allowed (train_clean100, train_clean100[:5000])")
+    s.add_argument("--tfds-split", default=None, help="with --tfds: the split, slicing "
+                   "allowed (train_clean100, train_clean100[:5000]; default train)")
     s.add_argument("--tfds-data-dir", default=None, help="with --tfds: where it was prepared "
                    "(default: TFDS's own, $TFDS_DATA_DIR; gs:// is read by TFDS itself)")
     s.add_argument("--tfds-fields", default=None, metavar="FIELD=FEATURE,...",
@@ -107,8 +109,9 @@ def tfds_source(args):
 
     if args.tfds is None:
         if args.tfds_fields is not None or args.tfds_data_dir is not None \
-                or args.tfds_split != "train":
-            raise ExtractError("--tfds-split, --tfds-data-dir and --tfds-fields go with --tfds")
+                or args.tfds_split is not None:
+            raise ExtractError("--tfds-split, --tfds-data-dir and --tfds-fields go with --tfds, "
+                               "not with --manifest")
         return None
     fields = []
     for part in (args.tfds_fields or "").split(","):
@@ -119,12 +122,12 @@ def tfds_source(args):
             raise ExtractError(f"--tfds-fields {args.tfds_fields!r}: expected FIELD=FEATURE "
                                f"pairs separated by commas")
         fields.append((field.strip(), feature.strip()))
-    return TfdsAudio(args.tfds, args.tfds_split, args.tfds_data_dir, tuple(fields))
+    return TfdsAudio(args.tfds, args.tfds_split or "train", args.tfds_data_dir, tuple(fields))
 
 
 def check(args, parser) -> None:
     """Flags, the manifest and the tokenizer folder (local or gs://), before JAX starts."""
-    from cslm_jax.speech.extract import ExtractError
+    from cslm_jax.speech.extract import ExtractError, check_out
     from cslm_jax.storage import fs
 
     options(args)
@@ -134,12 +137,23 @@ def check(args, parser) -> None:
         if value is not None:
             fs.path(value, flag)                # gs:// or local; other schemes are refused
             fs.check_bucket(value, flag)
-    if args.manifest is not None and not fs.path(args.manifest).is_file():
-        raise ExtractError(f"--manifest {args.manifest}: no such file")
-    if not fs.path(args.tokenizer).is_dir():
-        raise ExtractError(f"--tokenizer {args.tokenizer}: no such folder")
-    if args.data_config is not None and not fs.path(args.data_config).is_file():
-        raise ExtractError(f"--data-config {args.data_config}: no such file")
+    for flag, value, folder in (("--manifest", args.manifest, False),
+                                ("--tokenizer", args.tokenizer, True),
+                                ("--data-config", args.data_config, False)):
+        if value is None:
+            continue
+        p = fs.path(value)
+        if folder and p.is_file():
+            raise ExtractError(f"{flag} {value}: is a file; give the speech tokenizer folder "
+                               f"(import-speech-tokenizer's output)")
+        if not folder and p.is_dir():
+            raise ExtractError(f"{flag} {value}: is a folder; give the file")
+        if not (p.is_dir() if folder else p.is_file()):
+            raise ExtractError(f"{flag} {value}: no such {'folder' if folder else 'file'}")
+    check_out(args.out, args.force, [("--manifest", args.manifest),
+                                     ("--tokenizer", args.tokenizer),
+                                     ("--tfds-data-dir", args.tfds_data_dir),
+                                     ("--data-config", args.data_config)])
 
 
 def run(args) -> int:

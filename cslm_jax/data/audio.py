@@ -11,6 +11,7 @@ plain list of paths, one a line. Relative paths resolve against the manifest's f
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import json
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cslm_jax.errors import CslmError
+from cslm_jax.errors import CslmError, json_error
 from cslm_jax.storage import fs
 
 SAMPLE_RATE = 16000
@@ -153,6 +154,8 @@ class ManifestIndex:
             for n, raw in enumerate(f, start=line):
                 if len(entries) == self.group:
                     break
+                if n == 1:
+                    raw = raw.removeprefix(codecs.BOM_UTF8)    # a UTF-8 BOM is no part of a path
                 if not raw.strip():
                     continue
                 where = f"{self.path}:{n}"
@@ -186,7 +189,7 @@ def index_manifest(path: str | Path, group: int) -> ManifestIndex:
                     if entries % group == 0:
                         starts.append((offset, n))
                     if first is None:
-                        first = raw.strip()
+                        first = raw.removeprefix(codecs.BOM_UTF8).strip()
                     entries += 1
                 offset += len(raw)
     except OSError as e:
@@ -212,8 +215,7 @@ def _parse(line: str, where: str, root: Path, jsonl: bool) -> tuple[dict, dict[s
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ManifestError(f"{where}: field '<json>': invalid JSON: {e.msg} at column "
-                            f"{e.colno}") from None
+        raise ManifestError(f"{where}: field '<json>': {json_error(e, line)}") from None
     if not isinstance(record, dict):
         raise ManifestError(f"{where}: field '<json>': a manifest line must be a JSON object "
                             f"(or the whole file a plain list of paths)")

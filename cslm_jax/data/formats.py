@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 
 from cslm_jax.config import ConfigError
-from cslm_jax.errors import CslmError, DataError
+from cslm_jax.errors import CslmError, DataError, json_error
 
 KINDS = ("paired", "translation", "instruction", "spoken_instruction")
 TASK_KINDS = ("asr", "tts", "mt", "instruct", "s2s")
@@ -117,7 +117,7 @@ def parse_line(line: str, where: str) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise RecordError(where, "<json>", f"invalid JSON: {e.msg} at column {e.colno}") from None
+        raise RecordError(where, "<json>", json_error(e, line)) from None
     if not isinstance(record, dict):
         raise RecordError(where, "<json>", "a record must be a JSON object")
     return record

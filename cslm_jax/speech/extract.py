@@ -18,7 +18,8 @@ other field of the manifest line is passed on unchanged.
 
 Output folder (--out):
   extract.json                         what is extracted: manifest checksum, tokenizer, options
-  units-SSSSS-of-NNNNN.jsonl           one shard's records (written atomically)
+  units-SSSSS-of-NNNNN.jsonl           one shard's records (written atomically; none for a
+                                       shard whose every line was skipped)
   units-SSSSS-of-NNNNN.done.json       the shard's completion marker: counts, skipped files
   skipped.jsonl                        every skipped line / file and why (at the end)
   COMPLETE.json                        the final marker and summary, once every shard is done
@@ -34,6 +35,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 import uuid
@@ -48,6 +50,7 @@ from cslm_jax.data.audio import (AUDIO_FIELDS, SAMPLE_RATE, AudioError, Manifest
                                  probe_seconds)
 from cslm_jax.errors import CslmError, OutputExistsError
 from cslm_jax.storage import fs
+from cslm_jax.storage.outputs import OutputPathError, check_creatable, check_disjoint
 
 FORMAT = "cslm_jax.extract_units/1"
 PLAN_FILE = "extract.json"
@@ -135,6 +138,17 @@ def marker_name(index: int, count: int) -> str:
     return f"units-{index:05d}-of-{count:05d}.done.json"
 
 
+_OWN = re.compile(r"(extract\.json|COMPLETE\.json|skipped\.jsonl|"
+                  r"units-\d{5}-of-\d{5}\.(jsonl|done\.json)|"
+                  r"\.(extract\.json|COMPLETE\.json|skipped\.jsonl|units-\d{5}-of-\d{5}\."
+                  r"(jsonl|done\.json))\.partial-[0-9a-f]{8})")
+
+
+def own_file(name: str) -> bool:
+    """A name extract-units writes in its output folder (what `--force` may remove)."""
+    return _OWN.fullmatch(name) is not None
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to a hidden sibling, then rename it over `path`: readers see the old file or
     the whole new one, never a part. In a bucket one object upload is that already."""
@@ -183,45 +197,66 @@ def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
     return h.hexdigest()
 
 
+def check_out(out, force: bool, inputs=()) -> set[str]:
+    """`--out` apart from every input, a folder (or creatable), and under `force` holding only
+    files extract-units writes; returns the names it holds."""
+    out = fs.path(out, "--out")
+    check_disjoint(out, inputs, "--out")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is a file, not a folder; give --out a folder")
+    if not out.exists():
+        check_creatable(out, "--out")
+    names = fs.listdir(out)
+    foreign = sorted(n for n in names if not own_file(n))
+    if force and foreign:
+        raise OutputPathError(f"--out {out}: --force removes only the files extract-units "
+                              f"writes, and it holds others: {', '.join(foreign[:5])}"
+                              f"{' ...' if len(foreign) > 5 else ''}; move them away or give "
+                              f"another --out (nothing was deleted)")
+    return names
+
+
 def prepare_output(out: Path, ident: dict, manifest: str, force: bool,
-                   tokenizer_dir: str = "") -> str:
+                   tokenizer_dir: str = "", inputs=()) -> str:
     """Make `out` ready for `ident` (process 0 only). Returns 'new', 'resume' or 'complete'.
 
     An empty or missing folder starts a new extraction. A folder holding the same extraction
-    resumes it (or is complete). Anything else is refused unless `force`, which discards the
-    folder's contents and starts over."""
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} is a file, not a folder; give --out a folder")
+    resumes it (or is complete); one holding the plan of another extraction that wrote no shard
+    yet (a strict run stopped by bad input) is started again. Anything else is refused unless
+    `force`, which removes the files extract-units writes (`own_file`) and starts over; a folder
+    holding other files is refused even then, and so is one that is, holds or lies inside an
+    input (`inputs`, (flag, path) pairs; `storage.outputs`)."""
+    names = check_out(out, force, inputs)
     plan = out / PLAN_FILE
     state = "new"
+    shards_there = any(n.startswith("units-") and own_file(n) for n in names)
     if plan.is_file() and not force:
         try:
             old = json.loads(plan.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise OutputExistsError(f"{plan}: unreadable ({e}); pass --force to start over") from None
         diffs = [k for k in ident if old.get(k) != ident[k]]
-        if diffs:
+        if diffs and shards_there:
             shown = "; ".join(f"{k}: {old.get(k)!r} there, {ident[k]!r} now" for k in diffs)
             raise OutputExistsError(
                 f"{out} holds another extraction ({shown}); rerunning the same command resumes "
                 f"an extraction, so give another --out, or pass --force to discard it and start "
                 f"over")
-        state = "complete" if (out / COMPLETE_FILE).is_file() else "resume"
-    elif out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise OutputExistsError(f"{out} exists, is not empty and holds no extraction "
-                                    f"({PLAN_FILE}); give another --out, or pass --force to "
-                                    f"discard its contents")
-    if force and out.is_dir():
-        for child in out.iterdir():
-            if fs.is_remote(child) or not os.path.islink(os.fspath(child)):
-                fs.rmtree(child)
-            else:
-                child.unlink()
+        if not diffs:
+            state = "complete" if (out / COMPLETE_FILE).is_file() else "resume"
+    elif names and not force:
+        raise OutputExistsError(f"{out} exists, is not empty and holds no extraction "
+                                f"({PLAN_FILE}); give another --out, or pass --force to "
+                                f"discard its contents")
+    if state == "new":
+        for name in sorted(names):             # --force, or a plan that wrote no shard
+            if own_file(name):
+                (out / name).unlink()
     out.mkdir(parents=True, exist_ok=True)
     if not fs.is_remote(out):
         for stale in out.glob(".*.partial-*"):      # a killed run's unfinished writes
-            stale.unlink(missing_ok=True)
+            if own_file(stale.name):
+                stale.unlink(missing_ok=True)
     if state == "new":
         write_atomic(plan, json.dumps({**ident, "manifest": str(manifest),
                                        "tokenizer_dir": str(tokenizer_dir)}, indent=2) + "\n")
@@ -229,9 +264,22 @@ def prepare_output(out: Path, ident: dict, manifest: str, force: bool,
 
 
 def done_shards(out: Path, count: int) -> set[int]:
+    """Shards with their marker and records file (a shard whose every line was skipped has
+    no records file: its marker says 0 records)."""
     names = fs.listdir(out)                     # one listing (a bucket: one request, not 2N)
-    return {i for i in range(count)
-            if marker_name(i, count) in names and shard_name(i, count) in names}
+    done = set()
+    for i in range(count):
+        if marker_name(i, count) in names:
+            if shard_name(i, count) in names or _marker(out, i, count).get("records") == 0:
+                done.add(i)
+    return done
+
+
+def _marker(out: Path, i: int, count: int) -> dict:
+    try:
+        return json.loads((out / marker_name(i, count)).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 # -- one shard ------------------------------------------------------------------------------------
@@ -481,8 +529,14 @@ def extract(manifest, out: str | Path, encoder: Encoder, *, tokenizer_dir: str |
                                     f"manifest (its log says why)")
     if primary:
         try:
+            inputs = [("--tokenizer", tokenizer_source or tokenizer_dir),
+                      ("--tokenizer", str(tokenizer_dir))]
+            if not tfds_source:
+                inputs.append(("--manifest", manifest))
+            elif manifest.data_dir:
+                inputs.append(("--tfds-data-dir", manifest.data_dir))
             prepare_output(out, ident, str(manifest), force,
-                           tokenizer_source or str(Path(tokenizer_dir).resolve()))
+                           tokenizer_source or str(Path(tokenizer_dir).resolve()), inputs)
         except CslmError as e:
             error = e
     if any_process(error is not None):
@@ -530,8 +584,9 @@ def extract(manifest, out: str | Path, encoder: Encoder, *, tokenizer_dir: str |
                 t0 = time.perf_counter()
                 lines = index.read(i, strict=opts.on_bad == "strict")
                 res = extract_shard(lines, encoder, opts, pool, fmt=fmt, on_batch=on_batch)
-                write_atomic(out / shard_name(i, num), "".join(
-                    json.dumps(r, ensure_ascii=False) + "\n" for r in res.records))
+                if res.records:           # an empty JSONL file is refused by every reader
+                    write_atomic(out / shard_name(i, num), "".join(
+                        json.dumps(r, ensure_ascii=False) + "\n" for r in res.records))
                 write_atomic(out / marker_name(i, num), json.dumps({
                     "shard": i, "lines": [lines[0].line, lines[-1].line],
                     "records": len(res.records), "skipped": res.skipped, "files": res.files,
@@ -564,13 +619,13 @@ def _finish(out: Path, num: int, ident: dict, *, state: str, here: list[int], fi
     """Once every shard is done (this process may not be the last): the skipped report and the
     final marker. Their content comes from the shard markers alone, so whichever process
     writes them writes the same."""
-    shards = [shard_name(i, num) for i in range(num)]
     markers = {}
     for i in range(num):
         try:
             markers[i] = json.loads((out / marker_name(i, num)).read_text())
         except FileNotFoundError:
             pass
+    shards = [shard_name(i, num) for i in range(num) if markers.get(i, {}).get("records") != 0]
     records = sum(m["records"] for m in markers.values())
     skipped = [s for i in sorted(markers) for s in markers[i]["skipped"]]
     untexted = sum(m.get("untexted", 0) for m in markers.values())
