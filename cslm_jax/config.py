@@ -179,7 +179,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw else ""
+    try:
+        return key.split("."), yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: "
+                          f"{yaml_error_text(e)}") from None
+
+
+def yaml_error_text(e) -> str:
+    """A YAML error on one line: what is wrong and where (line, column), without the multi-line
+    excerpt PyYAML prints."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}" + (f" ({context})" if context else "")
 
 
 def apply_overrides(data: dict, overrides: list[str], where: str) -> dict:
@@ -205,7 +219,7 @@ def load_yaml(path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path}: invalid YAML: {e}") from None
+        raise ConfigError(f"config file {path}: invalid YAML: {yaml_error_text(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
     return data

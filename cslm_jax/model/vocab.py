@@ -243,15 +243,23 @@ def extend_tokenizer(tokenizer, unit_count: int, base_size: int, where: str = "t
     return info
 
 
-def require_cslm_tokens(tokenizer, where: str, unit_count: int | None = None) -> None:
+def require_cslm_tokens(tokenizer, where: str, unit_count: int | None = None,
+                        unit_source: str | None = None) -> None:
     """Refuse a tokenizer that lacks the CSLM tokens (the control tokens and the units
     `<0>`..`<unit_count - 1>`, each one token): with it `<sosp>` and `<12>` would be split into
-    characters and the data or prompts silently mean something else. VocabError names them."""
+    characters and the data or prompts silently mean something else. VocabError names them;
+    `unit_source` says where `unit_count` came from (a data config's format.unit_count)."""
     vocab = tokenizer.get_vocab()
     wanted = list(CONTROL_TOKENS) + [unit_token(0)]
     if unit_count:
         wanted.append(unit_token(unit_count - 1))
     missing = [t for t in wanted if t not in vocab]
+    if unit_count and missing == [unit_token(unit_count - 1)]:
+        have = sum(1 for i in range(unit_count) if unit_token(i) in vocab)
+        raise VocabError(f"{where}: the tokenizer has {have} speech units but "
+                         f"{unit_source or 'the data config'} says {unit_count} (it lacks "
+                         f"{missing[0]}); import the model with `--speech-units {unit_count}` "
+                         f"or give the data config of the units this model was built for")
     if missing:
         text_only = " (no speech units: a text-only tokenizer)" if unit_token(0) in missing else ""
         raise VocabError(f"{where}: the tokenizer lacks the CSLM token(s) {' '.join(missing)}"
