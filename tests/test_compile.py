@@ -87,8 +87,14 @@ def test_tiny_model_compiles_for_v5e_2x2_and_fits(demo_args, capsys):
     # 1.15M float32 parameters + two Adam moments over 4 chips is 3.3 MiB; plus the batch
     assert 3.3 < mib["arguments"] < 8 and mib["temporaries"] > 0 and mib["total"] > mib["arguments"]
     assert re.search(r"total [0-9.]+ MiB of 16.00 GiB HBM \(0%\)", out)
-    ratio = float(re.search(r"\(ratio ([0-9.]+): recompute [-+][0-9.]+%\)", out).group(1))
+    # remat none recomputes nothing: the ratio is what XLA counts beside the formula
+    ratio = float(re.search(r"\(ratio ([0-9.]+): XLA counts [0-9.]+% (more|fewer) than the "
+                            r"formula\)", out).group(1))
     assert 0.9 < ratio < 1.1          # XLA's count of the real step agrees with 6N + 12LHDhT
+    assert "recompute" not in out.split("FLOPs/step")[1]
+    # without --speech-units, --model takes the codebook of the run's data config (demo: 256)
+    code = main(["compile", *demo_args[:4], "--topology", "v5e:2x2", "train.micro_batch_size=4"])
+    assert code == 0 and "1.15M params, vocab 1408" in capsys.readouterr().out
 
 
 @NEEDS_LIBTPU
@@ -175,6 +181,14 @@ def test_search_order_lightest_remat_then_largest_micro_batch(demo_args):
                         speech_units=256, fit=fit, policies=("dots_no_batch",), log=lambda *_: None)
     assert (result.best.policy, result.best.micro) == ("dots_no_batch", 8)   # 2*8 <= 20 < 2*16
     assert [m for _, m, _ in result.attempts] == [4, 16, 8]
+    # an attempt the compiler refuses says what it needed
+    lines = []
+    refused = SimpleNamespace(fits=False, error="RESOURCE_EXHAUSTED: Used 19.2G of 15.75G hbm",
+                              used_bytes=0)
+    result = search_fit(config, "v5e:2x2", ["train.global_batch_size=32"], model_path=model,
+                        speech_units=256, fit=lambda extra: refused, log=lines.append)
+    assert result.best is None
+    assert lines[0].endswith("does not fit (compiler: RESOURCE_EXHAUSTED: Used 19.2G of 15.75G hbm)")
 
 
 @NEEDS_LIBTPU

@@ -17,7 +17,8 @@ def add_parser(sub):
     s.add_argument("--model", default=None, help="base model YAML (configs/model/*.yaml), extended "
                    "with the CSLM vocabulary as import-hf would; default: the config's init_from "
                    "checkpoint")
-    s.add_argument("--speech-units", type=int, default=4096, help="with --model (default 4096)")
+    s.add_argument("--speech-units", type=int, default=None, help="with --model (default: the "
+                   "data config's format.unit_count, the codebook the run trains on)")
     s.add_argument("--pad-vocab-multiple", type=int, default=128, help="with --model (default 128)")
     s.add_argument("--search", action="store_true", help="find the lightest remat policy (none, "
                    "dots, dots_no_batch, qkv_proj, full) with which some micro-batch fits, and the "
@@ -48,7 +49,7 @@ def check(args, parser) -> None:
 
 
 def run(args) -> int:
-    from cslm_jax.tpu.aot import check_fit, search_fit
+    from cslm_jax.tpu.aot import check_fit, gib, search_fit
 
     if args.speech_tokenizer is not None:
         from cslm_jax.tpu.extraction import compile_extraction_step
@@ -63,8 +64,12 @@ def run(args) -> int:
                             speech_units=args.speech_units,
                             pad_vocab_multiple=args.pad_vocab_multiple)
         if result.best is None:
+            last = result.attempts[-1][2] if result.attempts else None
+            need = ("" if last is None else f" (it needs {last.error[:300]})" if last.error
+                    else f" (it needs {gib(last.used_bytes)} per chip of "
+                         f"{gib(last.topology.hbm_bytes)})")
             print(f"search: nothing fits {args.topology}, not even full remat at the smallest "
-                  f"micro-batch; DOES NOT FIT")
+                  f"micro-batch{need}; DOES NOT FIT")
             return 1
         for line in result.best.lines():
             print(line)

@@ -147,16 +147,20 @@ def topology_devices(topo: Topology) -> list:
 
 # -- the model the run would train ---------------------------------------------------------------
 
-def compile_model_config(cfg: RunConfig, model_path: str | None, speech_units: int,
+def compile_model_config(cfg: RunConfig, model_path: str | None, speech_units: int | None,
                          pad_vocab_multiple: int):
     """(ModelConfig, VocabInfo) of what the run would train: `--model` (a base architecture YAML)
-    extended with the CSLM vocabulary exactly as `cslm-jax import-hf` would, else the model
+    extended with the CSLM vocabulary exactly as `cslm-jax import-hf` would (`speech_units`
+    None: the data config's format.unit_count, the codebook the run trains on), else the model
     checkpoint the config's `init_from` names. The run's `model` section applies on top."""
     from cslm_jax.config import load_model_config
     from cslm_jax.model.vocab import CONTROL_TOKENS, VocabInfo
 
     if model_path:
         base = load_model_config(model_path)
+        if speech_units is None:
+            from cslm_jax.data.formats import load_data_config
+            speech_units = load_data_config(cfg.data.config, check_files=False).format.unit_count
         controls = CONTROL_TOKENS if speech_units else ()
         size = base.vocab_size + speech_units + len(controls)
         padded = pad_to_multiple(size, pad_vocab_multiple)
@@ -289,15 +293,22 @@ class CompileReport(MemoryFit):
         if self.error is not None:
             return head + [f"compiler   {self.error}", "DOES NOT FIT"]
         mem = [f"memory     per chip: arguments {gib(self.argument_bytes)} (train state + batch), "
-               f"temporaries {gib(self.temp_bytes)}, outputs not aliased to donated inputs "
+               f"temporaries {gib(self.temp_bytes)} (all allocated over the step; fewer are "
+               f"live at once), outputs not aliased to donated inputs "
                f"{gib(self.output_bytes - self.alias_bytes)}, code {gib(self.code_bytes)}",
                self.total_line(f"XLA's peak of live buffers (all buffers at once: "
                                f"{gib(self.allocated_bytes)})")]
         per_chip = self.xla_flops / t.chips
+        ratio = self.xla_flops / self.model_flops
+        if m.remat_policy == "none" or ratio < 1:      # nothing recomputed: say what differs
+            why = (f"XLA counts {abs(ratio - 1):.1%} {'more' if ratio >= 1 else 'fewer'} than "
+                   f"the formula" + ("" if m.remat_policy == "none" else
+                                     "; no recomputation shows"))
+        else:
+            why = f"recompute {ratio - 1:+.1%}"
         flops = [f"FLOPs/step {self.xla_flops:.4g} from XLA's cost analysis ({per_chip:.4g} per "
                  f"chip; remat recomputation included); 6N+12LHDhT model FLOPs "
-                 f"{self.model_flops:.4g} (ratio {self.xla_flops / self.model_flops:.3f}: "
-                 f"recompute {self.xla_flops / self.model_flops - 1:+.1%})",
+                 f"{self.model_flops:.4g} (ratio {ratio:.3f}: {why})",
                  f"time/step  >= {per_chip / t.spec.peak_bf16:.3g} s at the chip's bf16 peak "
                  f"({t.spec.peak_bf16 / 1e12:g} TFLOP/s)"]
         verdict = "FITS" if self.fits else "DOES NOT FIT"
@@ -418,7 +429,8 @@ def compile_memory(lowered) -> tuple[list[int], str | None]:
 
 
 def check_fit(config: str, topology: str, overrides: list[str], model_path: str | None = None,
-              speech_units: int = 4096, pad_vocab_multiple: int = 128, log=print) -> CompileReport:
+              speech_units: int | None = None, pad_vocab_multiple: int = 128,
+              log=print) -> CompileReport:
     """Will the run config's train step fit the TPU slice? Input errors (topology, mesh, batch,
     files) are ConfigErrors raised before anything is compiled. `report.fits` says."""
     import jax
@@ -459,7 +471,7 @@ class SearchResult:
 
 
 def search_fit(config: str, topology: str, overrides: list[str], model_path: str | None = None,
-               speech_units: int = 4096, pad_vocab_multiple: int = 128,
+               speech_units: int | None = None, pad_vocab_multiple: int = 128,
                policies: tuple[str, ...] = REMAT_ORDER, log=print, fit=None) -> SearchResult:
     """The lightest remat policy (`REMAT_ORDER`) with which some micro-batch fits the slice, and
     the largest micro-batch that fits with it: per policy, the smallest micro-batch first (if
@@ -484,7 +496,8 @@ def search_fit(config: str, topology: str, overrides: list[str], model_path: str
         attempts.append((policy, micro, report))
         log(f"search: remat {policy:<13} micro-batch {micro:>5}: "
             f"{'fits' if report.fits else 'does not fit'}"
-            + ("" if report.error else f" ({gib(report.used_bytes)} of {gib(topo.hbm_bytes)})"))
+            + (f" (compiler: {report.error[:300]})" if report.error
+               else f" ({gib(report.used_bytes)} of {gib(topo.hbm_bytes)})"))
         return report
 
     for policy in policies:
