@@ -120,6 +120,31 @@ def test_1_ctrl_c_checkpoints_like_sigterm_and_a_second_one_aborts(demo, ckpt, t
     assert not any(p.name.isdigit() for p in (aborted / "checkpoints").iterdir())
 
 
+def test_1b_a_sigterm_after_the_last_step_finishes_the_model_write_and_exits_0(demo, ckpt,
+                                                                                 tmp_path):
+    """Issue 29: a SIGTERM during the final model write killed training with exit 143 (the run
+    resumed, but a launcher read the wrong code). Now it is held until the model is written."""
+    run_dir = tmp_path / "late"
+    child = textwrap.dedent(f"""
+        import os, signal, sys
+        import cslm_jax.storage.checkpoint as ck
+        from cslm_jax.config import load_run_config
+        from cslm_jax.train.loop import train
+        real = ck.save_model_checkpoint
+        def signalled_write(*a, **k):      # the preemption notice lands during the final write
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real(*a, **k)
+        ck.save_model_checkpoint = signalled_write
+        cfg = load_run_config({str(CONFIG)!r}, {overrides(demo, ckpt)!r})
+        sys.exit(train(cfg, {str(run_dir)!r}))
+    """)
+    done = subprocess.run([sys.executable, "-c", child], cwd=REPO, env=env(), text=True,
+                          capture_output=True, timeout=300)
+    assert done.returncode == EXIT_OK, (done.returncode, done.stderr[-3000:])
+    assert "SIGTERM arrived after the last step; the final model was written first" in done.stdout
+    assert (run_dir / "model" / "cslm_checkpoint.json").is_file()
+
+
 # -- 2. Resuming with a changed config -------------------------------------------------------------
 
 def test_2_resume_refuses_optimisation_changes_unless_allowed_and_keeps_every_config(

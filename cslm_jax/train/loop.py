@@ -299,7 +299,8 @@ def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=prin
     from cslm_jax.model.vocab import load_tokenizer, require_cslm_tokens
     tokenizer_dir = fs.local_dir(run_dir / "tokenizer", "tokenizer folder")   # gs://: staged once
     require_cslm_tokens(load_tokenizer(tokenizer_dir), str(run_dir / "tokenizer"),
-                        data_cfg.format.unit_count)
+                        data_cfg.format.unit_count,
+                        f"format.unit_count of the data config {cfg.data.config}")
     failed = None
     if data_cache is None and jax.process_index() == 0:
         try:
@@ -483,16 +484,23 @@ def _train(cfg, run_dir: Path, init_from, log, on_step, data_shards, allow_confi
             log(f"train: {flops_tok / 1e6:.1f} MFLOP/token (6N + 12LHDhT); peak "
                 f"{peak / 1e12:.3f} TFLOP/s per device ({peak_src})")
             writer = MetricsWriter(run_dir, t.steps, start, t.progress_bar, log)
-            code = _loop(run, manager, data, state, train_fn, writer, start, flops_tok, peak,
-                         log, on_step, train_save_args)
-            writer.close()
-            manager.wait_until_finished()
-            if code != EXIT_OK:
-                return code
-            final = manager.latest_step()
-            save_model_checkpoint(run_dir / "model", _final_params(run, manager, final),
-                                  run.model_cfg, run.vocab, load_tokenizer(run_dir / "tokenizer"),
-                                  extra=run.source_meta, force=True, owned=True)
+            # A signal after the last step (the metrics upload, the final model write) is held
+            # until the model is written: the run is then finished, and exits 0 saying so.
+            with PreemptionFlag() as late:
+                code = _loop(run, manager, data, state, train_fn, writer, start, flops_tok,
+                             peak, log, on_step, train_save_args)
+                writer.close()
+                manager.wait_until_finished()
+                if code != EXIT_OK:
+                    return code
+                final = manager.latest_step()
+                save_model_checkpoint(run_dir / "model", _final_params(run, manager, final),
+                                      run.model_cfg, run.vocab,
+                                      load_tokenizer(run_dir / "tokenizer"),
+                                      extra=run.source_meta, force=True, owned=True)
+            if late.raised:
+                log(f"train: {late.signal_name} arrived after the last step; the final model "
+                    f"was written first and the run is finished (exit {EXIT_OK})")
             log(f"train: done at step {final}; model checkpoint {run_dir / 'model'} "
                 f"(export with `cslm-jax export-hf --ckpt {run_dir / 'model'} --out DIR`)")
             return EXIT_OK
