@@ -29,9 +29,9 @@ def register(cfg: DataConfig, tokenizer_dir: str | Path, stages=None,
 
     `tokenizer_dir` is the CSLM-extended tokenizer (a checkpoint's `tokenizer/`), so unit tokens
     encode to single ids. `cache_dir` (default: the data config's `cache_dir`): a cache written
-    by `cslm-jax prepare-data`, checked here against the config and tokenizer (CacheError if it
-    is missing, incomplete or for other data). Registering again replaces earlier registrations
-    of the same names.
+    by `cslm-jax prepare-data`, checked here against the config, tokenizer and input files
+    (CacheError if it is missing, incomplete, for other data or from inputs changed since).
+    Registering again replaces earlier registrations of the same names.
     """
     vocab = HFVocabulary(tokenizer_dir)
     if "<sosp>" not in vocab.tokenizer.get_vocab():
@@ -44,7 +44,7 @@ def register(cfg: DataConfig, tokenizer_dir: str | Path, stages=None,
         for index, spec in enumerate(specs):
             if cache_dir is not None:
                 task_dir = os.path.join(str(cache_dir), spec.name)
-                check_cache(task_dir, task_key(spec, cfg, vocab.tokenizer_dir, 0))
+                check_cache(task_dir, task_key(spec, cfg, vocab.tokenizer_dir, 0), spec)
                 prepare = None
             else:
                 task_dir = local_cache_dir(spec, cfg, vocab.tokenizer_dir)

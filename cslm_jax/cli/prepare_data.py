@@ -19,7 +19,10 @@ def add_parser(sub):
     s.add_argument("--num-shards", type=int, default=DEFAULT_NUM_SHARDS,
                    help="TFRecord files per split; hosts read whole files, so use a multiple of "
                    "the host count (default: %(default)s)")
-    s.add_argument("--runner", default="DirectRunner", help="Beam runner (default: %(default)s)")
+    s.add_argument("--runner", default="DirectRunner", help="Beam runner: DirectRunner, "
+                   "DataflowRunner (needs --project, --region, --temp_location in the pipeline "
+                   "options), FlinkRunner, SparkRunner, PortableRunner, PrismRunner, or a "
+                   "module.Class name (default: %(default)s)")
     s.add_argument("--num-workers", type=int, default=None,
                    help="DirectRunner worker processes (default: one per CPU core)")
     s.add_argument("--range-mb", type=float, default=64.0,
@@ -31,8 +34,42 @@ def add_parser(sub):
                    help="render every example with the tokenizer's Jinja template (slower; the "
                    "same output)")
     s.add_argument("--pipeline-options", default="", metavar="'--opt=value ...'",
-                   help="more Beam pipeline options, one quoted string (e.g. Dataflow's --project, "
-                   "--region, --temp_location, --requirements_file)")
+                   help="more Beam pipeline options, one quoted string: --pipeline-options "
+                   "'--project=P --region=R --temp_location=gs://B/tmp' (or attached: "
+                   "--pipeline-options='...'); e.g. Dataflow's --project, --region, "
+                   "--temp_location, --requirements_file")
+    s.add_argument("--pipeline-option", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="one more Beam pipeline option, without its dashes (repeatable): "
+                   "--pipeline-option project=P --pipeline-option region=R")
+    s.add_argument("--force", action="store_true",
+                   help="prepare again the tasks whose cache in --out was prepared from input "
+                   "files that changed since, or with other settings (default: refuse them; "
+                   "up-to-date tasks are kept either way)")
+    # `--pipeline-options '--opt=1'`: argparse reads a value that starts with '-' as an option
+    # and refuses it ("expected one argument"); here a string that names none of this command's
+    # options is read as a value (an unknown option is still refused, as an unrecognized
+    # argument). Older and newer argparse versions differ in what _parse_optional returns (a
+    # tuple, or a list of them), both handled; anything else is left as argparse decides.
+    parse_optional = s._parse_optional
+
+    def value_unless_ours(arg_string):
+        found = parse_optional(arg_string)
+        options = found if isinstance(found, list) else [found]
+        if (arg_string.startswith("--") and options and
+                all(isinstance(o, tuple) and o and o[0] is None for o in options)):
+            return None
+        return found
+
+    s._parse_optional = value_unless_ours
+    error = s.error
+
+    def hint(message):               # e.g. --pipeline-options --force (one of ours)
+        if "--pipeline-option" in message and "expected one argument" in message:
+            message += ("; a value that is also one of prepare-data's options must be attached "
+                        "with '=': --pipeline-options='--opt=value ...', --pipeline-option=KEY=VALUE")
+        error(message)
+
+    s.error = hint
     return s
 
 
@@ -46,6 +83,16 @@ def check(args, parser) -> None:
         parser.error(f"--num-shards must be >= 1, got {args.num_shards}")
     if args.num_workers is not None and args.num_workers < 1:
         parser.error(f"--num-workers must be >= 1, got {args.num_workers}")
+    if not 0 < args.range_mb < float("inf"):
+        parser.error(f"--range-mb must be > 0 (MiB per byte range), got {args.range_mb:g}")
+    try:
+        args.pipeline_args = shlex.split(args.pipeline_options)
+    except ValueError as e:
+        parser.error(f"--pipeline-options {args.pipeline_options!r}: {e}")
+    for option in args.pipeline_option:
+        if not option.lstrip("-"):
+            parser.error(f"--pipeline-option {option!r}: give KEY or KEY=VALUE")
+        args.pipeline_args.append("--" + option.lstrip("-"))
     tok = Path(args.tokenizer)
     if "://" in args.tokenizer:            # gs://...: workers copy it (cslm_jax.data.prepare)
         args.tokenizer_dir = args.tokenizer
@@ -57,8 +104,26 @@ def check(args, parser) -> None:
                             f"imported checkpoint or its tokenizer/ folder)")
         args.tokenizer_dir = str(tok)
     overrides = [] if args.max_length is None else [f"packing.max_length={args.max_length}"]
-    args.cfg = load_data_config(args.data_config, overrides)
-    args.cfg.tasks(args.stage)          # ConfigError naming the stages when unknown
+    args.cfg = load_data_config(args.data_config, overrides, check_files=False)
+    _check_files(args.cfg, args.stage, args.tasks)
+
+
+def _check_files(cfg, stage: str, tasks) -> None:
+    """The files of the stage's tasks (those of `tasks` when given) exist; other stages' files
+    are not needed here. ConfigError naming the field, as load_data_config does."""
+    from cslm_jax.config import ConfigError
+    from cslm_jax.storage import fs
+
+    for i, spec in enumerate(cfg.tasks(stage)):   # ConfigError naming the stages when unknown
+        if tasks and spec.name not in tasks:
+            continue
+        for split, files in (("train", spec.train), ("validation", spec.validation)):
+            for j, f in enumerate(files):
+                if "://" in f and not fs.is_remote(f):
+                    continue                 # file://...: read through tf.io.gfile as given
+                if not fs.path(f).is_file():
+                    raise ConfigError(f"{cfg.path}: field 'stages.{stage}[{i}].{split}[{j}]': "
+                                      f"file {f} does not exist")
 
 
 def uses_tensorflow(args) -> bool:
@@ -106,8 +171,8 @@ def run(args) -> int:
     result = prepare_data(args.cfg, args.stage, args.tokenizer_dir, args.out, tasks=args.tasks,
                           num_shards=args.num_shards, runner=args.runner,
                           num_workers=args.num_workers, range_bytes=int(args.range_mb * (1 << 20)),
-                          pipeline_args=shlex.split(args.pipeline_options),
-                          fast=not args.no_fast_render)
+                          pipeline_args=args.pipeline_args, fast=not args.no_fast_render,
+                          force=args.force)
     for task, what in result.items():
         print(f"prepare-data: {task}: {what} -> {args.out}/{task}")
     return 0

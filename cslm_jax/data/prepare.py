@@ -6,7 +6,9 @@ in the SeqIO cache layout per task:
     <cache>/<task>/info.{split}.json                  features, num_shards, seqio_version, key
     <cache>/<task>/stats.{split}.json                 examples, tokens per feature, truncated,
                                                       skipped (with the first messages)
-    <cache>/<task>/COMPLETED                          written last: the cache is whole
+    <cache>/<task>/COMPLETED                          written last: the cache is whole; the
+                                                      settings (`task_key`) and `inputs`, each
+                                                      file's size, time and lines (`input_record`)
 
 Both paths call the same `Preparer` and assign each example to the shard `shard_of(file, line)`;
 a shard holds its examples in (file, line) order. So the Beam output and the in-process output
@@ -1010,9 +1012,12 @@ def record_writer(path: str):
     return RecordWriter(path)
 
 
-def numbered_lines(path: str, start: int = 0, end: int | None = None, first_line: int = 1):
+def numbered_lines(path: str, start: int = 0, end: int | None = None, first_line: int = 1,
+                   tally: dict | None = None):
     """(line number, raw bytes) of the lines of `path` that start in [start, end) (`start` is a
-    line start, `first_line` its number), as iterating the file in binary mode gives them."""
+    line start, `first_line` its number), as iterating the file in binary mode gives them.
+    `tally`: given, its "lines" is set to the number of lines read once they are all read (what
+    the cache records of each input, `input_record`)."""
     opener = open
     if str(path).startswith("gs://"):           # the one GCS client of cslm_jax.storage.fs
         from cslm_jax.storage import fs
@@ -1034,6 +1039,8 @@ def numbered_lines(path: str, start: int = 0, end: int | None = None, first_line
             yield n, raw
             pos += len(raw)
             n += 1
+    if tally is not None:
+        tally["lines"] = n - first_line
 
 
 def plan_ranges(path: str, range_bytes: int) -> list[tuple[int, int, int]]:
@@ -1135,19 +1142,148 @@ def completed_key(task_dir: str | Path) -> dict | None:
         return {}
 
 
-def check_cache(task_dir: str | Path, key: dict) -> None:
+def settings_of(found: dict) -> dict:
+    """A COMPLETED record without its `inputs` (what `task_key` gives for the same settings)."""
+    return {k: v for k, v in found.items() if k != "inputs"}
+
+
+def key_differences(found: dict, key: dict, ignore=()) -> list[tuple[str, str]]:
+    """(field, "X in the cache, Y here") for each setting of `key` a cache's record `found`
+    differs in (`inputs` and `ignore` left out); a mapping's differing entries are named one by
+    one (format.loss_mask, files.train)."""
+    def show(v):
+        if isinstance(v, str):
+            return repr(v)
+        return "(none)" if v is None else json.dumps(v, ensure_ascii=False)
+
+    out = []
+    for k in sorted(set(key) | set(found)):
+        if k in ignore or k == "inputs" or found.get(k) == key.get(k):
+            continue
+        a, b = found.get(k), key.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            parts = [f"{k}.{sub} {show(a.get(sub))} in the cache, {show(b.get(sub))} here"
+                     for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub)]
+        elif k == "tokenizer":
+            parts = [f"tokenizer files digest {a} in the cache, {b} here"]
+        else:
+            parts = [f"{k} {show(a)} in the cache, {show(b)} here"]
+        out.append((k, "; ".join(parts)))
+    return out
+
+
+def input_stamp(path: str) -> dict:
+    """What tells a changed input file without reading it: its size and modification time (ns);
+    a gs:// object's generation and md5 (or crc32c) from its metadata instead of the time."""
+    s = str(path)
+    if s.startswith("gs://"):
+        import fsspec
+
+        from cslm_jax.storage import fs
+
+        fs.path(s)                                  # the one GCS set-up (emulator, caches)
+        info = fsspec.filesystem("gs").info(s)
+        out = {"size": int(info["size"])}
+        for field, name in (("generation", "generation"), ("md5Hash", "md5"), ("crc32c", "crc32c")):
+            if info.get(field):
+                out[name] = str(info[field])
+        return out
+    if _is_url(s):
+        import tensorflow as tf
+
+        st = tf.io.gfile.stat(s)
+        return {"size": int(st.length), "mtime_ns": int(st.mtime_nsec)}
+    st = os.stat(s)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def input_record(files, stamps, lines) -> list[dict]:
+    """A split's entry of COMPLETED's `inputs`: per file its name, `input_stamp` (taken before
+    it was read) and line count."""
+    return [{"file": os.path.basename(str(f)), **st, "lines": int(n)}
+            for f, st, n in zip(files, stamps, lines)]
+
+
+COUNT_LINES_UP_TO = 256 << 20     # an input's lines are counted again for a message up to this size
+
+
+def _time(ns: int, other: int) -> str:
+    import datetime
+
+    def fmt(v, spec):
+        return datetime.datetime.fromtimestamp(v / 1e9).isoformat(" ", spec)
+
+    a, b = fmt(ns, "seconds"), fmt(other, "seconds")
+    return a if a != b else fmt(ns, "microseconds") if fmt(ns, "microseconds") != fmt(
+        other, "microseconds") else f"{ns} ns"
+
+
+def _stamp_difference(path: str, then: dict, now: dict) -> str | None:
+    """How an input changed since `then` ("120 lines (5,000 bytes), now 30 lines (1,250
+    bytes)"), or None. A content hash both sides have decides alone; else the object generation,
+    else the modification time."""
+    if then.get("size") != now["size"]:
+        lines = None
+        if not _is_url(path) and now["size"] <= COUNT_LINES_UP_TO:
+            with open(path, "rb") as f:
+                data = f.read()
+            lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+        if "lines" in then and lines is not None:
+            return (f"{then['lines']} lines ({then.get('size'):,} bytes), now {lines} lines "
+                    f"({now['size']:,} bytes)")
+        was = f"{then['lines']} lines, " if "lines" in then else ""
+        return f"{was}{then.get('size'):,} bytes, now {now['size']:,} bytes"
+    for name in ("md5", "crc32c"):
+        if name in then and name in now:
+            return None if then[name] == now[name] else f"{name} {then[name]}, now {now[name]}"
+    if "generation" in then and "generation" in now:
+        return (None if then["generation"] == now["generation"] else
+                f"object generation {then['generation']}, now {now['generation']} (same size)")
+    if "mtime_ns" in then and "mtime_ns" in now and then["mtime_ns"] != now["mtime_ns"]:
+        return (f"modified {_time(then['mtime_ns'], now['mtime_ns'])}, now "
+                f"{_time(now['mtime_ns'], then['mtime_ns'])} (same size, {now['size']:,} bytes)")
+    return None
+
+
+def inputs_changed(found: dict, spec: TaskSpec) -> str | None:
+    """Why a cache's record `found` no longer matches the task's input files ("prepared from an
+    older x.jsonl: 120 lines (...), now 30 lines (...)"), or None. A file absent here (training
+    hosts need not hold the corpus) is not checked."""
+    if "inputs" not in found:
+        return ("prepared by an older cslm-jax, which did not record its input files' sizes and "
+                "times (a changed corpus cannot be told)")
+    for split, files in splits_of(spec).items():
+        for path, then in zip(files, found["inputs"].get(split, [])):
+            try:
+                now = input_stamp(path)
+            except Exception as e:            # noqa: BLE001 - only a missing file is skipped
+                if isinstance(e, FileNotFoundError) or type(e).__name__ == "NotFoundError":
+                    continue
+                raise
+            what = _stamp_difference(str(path), then, now)
+            if what is not None:
+                return f"prepared from an older {then.get('file', os.path.basename(str(path)))}: {what}"
+    return None
+
+
+def check_cache(task_dir: str | Path, key: dict, spec: TaskSpec | None = None) -> None:
     """Raise CacheError unless `task_dir` holds a complete cache prepared with `key` (the shard
-    count excepted: any prepared count is read)."""
+    count excepted: any prepared count is read) and, given `spec`, from its input files as they
+    are now (`inputs_changed`)."""
     found = completed_key(task_dir)
     if found is None:
         raise CacheError(f"{task_dir}: no prepared cache (COMPLETED missing); prepare it with "
-                         f"`cslm-jax prepare-data --out {Path(task_dir).parent} ...` (an interrupted "
+                         f"`cslm-jax prepare-data --out {os.path.dirname(str(task_dir))} ...` (an interrupted "
                          f"preparation is completed by running it again)")
-    diff = sorted(k for k in set(key) | set(found)
-                  if k != "num_shards" and found.get(k) != key.get(k))
+    diff = key_differences(found, key, ignore=("num_shards",))
     if diff:
-        raise CacheError(f"{task_dir}: prepared with different {', '.join(diff)} than this data "
-                         f"config and tokenizer; prepare again into a new --out")
+        raise CacheError(f"{task_dir}: prepared with different {', '.join(k for k, _ in diff)} "
+                         f"than this data config and tokenizer ({'; '.join(d for _, d in diff)}); "
+                         f"prepare again into a new --out (or the same with --force)")
+    why = inputs_changed(found, spec) if spec is not None else None
+    if why is not None:
+        raise CacheError(f"{task_dir}: {why}; prepare it again: `cslm-jax prepare-data --out "
+                         f"{os.path.dirname(str(task_dir))} --force ...`")
 
 
 def prepare_task_local(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Path,
@@ -1165,29 +1301,33 @@ def prepare_task_local(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Pat
     key = task_key(spec, cfg, tokenizer_dir, num_shards)
     tmp = task_dir.with_name(task_dir.name + f".tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
-    out = {}
+    out, inputs = {}, {}
     try:
         prep = Preparer(spec, cfg, tokenizer_dir, fast=fast, tokenizer=tokenizer)
         for split, files in splits_of(spec).items():
             prep.counts = new_counts()
             writers = [record_writer(str(tmp / shard_name(split, s, num_shards)))
                        for s in range(num_shards)]
+            stamps = [input_stamp(f) for f in files]
+            tallies = [{} for _ in files]
             try:
                 if spec.tfds is not None:
                     for batch in prep.tfds_batches(split, num_shards):
                         write_batch(writers, batch)
                 for file_index, path in enumerate(files):
-                    for batch in prep.line_batches(path, file_index, numbered_lines(path),
+                    for batch in prep.line_batches(path, file_index,
+                                                   numbered_lines(path, tally=tallies[file_index]),
                                                    num_shards):
                         write_batch(writers, batch)
             finally:
                 for w in writers:
                     w.close()
             out[split] = prep.counts
+            inputs[split] = input_record(files, stamps, [t["lines"] for t in tallies])
             (tmp / f"info.{split}.json").write_text(json.dumps(info_json(num_shards, key), indent=1))
             (tmp / f"stats.{split}.json").write_text(json.dumps(stats_json(prep.counts),
                                                                 ensure_ascii=False, indent=1))
-        (tmp / "COMPLETED").write_text(json.dumps(key, indent=1))
+        (tmp / "COMPLETED").write_text(json.dumps(dict(key, inputs=inputs), indent=1))
         try:
             os.rename(tmp, task_dir)
         except OSError:           # another process prepared it first: the same content

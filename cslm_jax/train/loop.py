@@ -311,6 +311,10 @@ def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=prin
         raise failed or TrainError("process 0 could not prepare the data (its error says why)")
     [mixture] = register(data_cfg, tokenizer_dir, stages=[cfg.data.stage], cache_dir=data_cache)
     task_names = [s.name for s in data_cfg.tasks(cfg.data.stage)]
+    if data_cache is not None or data_cfg.cache_dir is not None:
+        log(f"train: reading the prepared cache {data_cache or data_cfg.cache_dir} (stage "
+            f"{cfg.data.stage}: {len(task_names)} task(s), max_length {data_cfg.max_length}; "
+            f"checked against the data config, tokenizer and input files)")
     run = Run(cfg, run_dir, model_cfg, vocab, source_meta, layout, task_names, mixture,
               data_cfg.max_length, data_shards)
     return run, latest, init
