@@ -2,6 +2,11 @@
 reference's files (unit file, responses.json) round-tripping, and bad input refused with exit
 code 2 and a message naming the file and line."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -187,6 +192,102 @@ def test_a_run_folder_is_accepted_as_ckpt_in_either_compute_dtype(cslm, tmp_path
         assert code == 0, err
         assert says in out
         assert read_jsonl(tmp_path / "out" / "responses.jsonl")[i]["output_ids"] == cslm.answer_ids
+
+
+# -- interrupted runs resume (issue 29, item 8) ------------------------------------------------------
+
+CLI = [sys.executable, "-c",
+       "import sys; from cslm_jax.cli.main import main; sys.exit(main(sys.argv[1:]))"]
+
+
+def test_a_run_interrupted_by_ctrl_c_resumes_where_it_stopped(cslm, tmp_path, capsys):
+    """SIGINT to a running `cslm-jax decode` once it has written answers; the same command run
+    again answers only the other questions: one line per question in both files, in question
+    order, the interrupted run's lines kept as they were."""
+    n = 60                     # one prompt length: one compilation; about 30 ms per answer
+    questions = [[(i * 7 + j) % UNITS for j in range(4)] for i in range(n)]
+    units = tmp_path / "many.txt"
+    write_unit_file(units, questions)
+    out = tmp_path / "out"
+    args = ["decode", "--lang", "en", "--unit", str(units), "--ckpt", str(cslm.ckpt),
+            "--output-dir", str(out), "--max-new-tokens", "24", "--batch-size", "2", "--seed", "5"]
+    proc = subprocess.Popen(CLI + args, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    jsonl = out / "responses.jsonl"
+    deadline = time.monotonic() + 300
+    while not (jsonl.is_file() and jsonl.read_bytes().count(b"\n") >= 1):
+        assert proc.poll() is None, f"decode ended before answering: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "no answer within 300 s"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] == "cslm-jax decode: interrupted (Ctrl-C)"
+    before = jsonl.read_text(encoding="utf-8")
+    answered = read_jsonl(jsonl)
+    assert 1 <= len(answered) < n, "interrupted while questions were left"
+    assert [r["index"] for r in answered] == list(range(len(answered)))
+
+    code, printed, err = cli(args), *capsys.readouterr()
+    assert code == 0, err
+    assert f"resuming: {len(answered)} of {n} question(s) answered already" in printed
+    records = read_jsonl(jsonl)
+    assert [r["index"] for r in records] == list(range(n))
+    assert [r["line"] for r in records] == list(range(1, n + 1))
+    assert jsonl.read_text(encoding="utf-8").startswith(before)
+    assert all(r["output_ids"] == cslm.answer_ids for r in records)
+    assert read_results(out / "responses.json") == [r["result"] for r in records]
+    summary = json.loads((out / "latency_summary.json").read_text())
+    assert summary["answers"] == n and summary["answered_before"] == len(answered)
+    # complete now: a third run has nothing to resume and is refused; --append answers again
+    code, _, err = cli(args), *capsys.readouterr()
+    assert code == 2 and f"already holds answers to all {n} question(s)" in err, err
+    assert len(read_jsonl(jsonl)) == n
+
+
+def test_resume_lines_up_responses_json_and_drops_a_cut_line(cslm, tmp_path, capsys):
+    """What an interruption can leave: responses.jsonl ahead of responses.json by a batch and a
+    record cut off mid-write; a folder the reference's scripts began (lines before ours) keeps
+    those lines. Another run's answers are no run to resume: refused without --append."""
+    n = len(QUESTIONS)
+    args = ["--lang", "en", "--unit", str(cslm.units), "--ckpt", str(cslm.ckpt), "--greedy"]
+    assert decode(tmp_path, capsys, *args, out="full")[0] == 0
+    full = (tmp_path / "full" / "responses.jsonl").read_text(encoding="utf-8").splitlines(True)
+    out = tmp_path / "out"
+    out.mkdir()
+    reference = [json.dumps({"result": "an answer the reference's script wrote"}) + "\n"]
+    (out / "responses.jsonl").write_text(full[0] + full[1][:40], encoding="utf-8")
+    (out / "responses.json").write_text(reference[0] + '{"resu', encoding="utf-8")
+    code, printed, err = decode(tmp_path, capsys, *args)
+    assert code == 0, err
+    assert "dropped the last line" in printed and "resuming: 1 of 3" in printed
+    records = read_jsonl(out / "responses.jsonl")
+    assert [r["index"] for r in records] == list(range(n))
+    assert (out / "responses.jsonl").read_text(encoding="utf-8").startswith(full[0])
+    assert (out / "responses.json").read_text(encoding="utf-8").splitlines(True)[:1] == reference
+    assert read_results(out / "responses.json")[1:] == [r["result"] for r in records]
+    # interrupted after its last answer, before responses.json had it: the files are completed
+    # (nothing decoded); complete, the run is refused
+    answers = (out / "responses.jsonl").read_text(encoding="utf-8")
+    lines = (out / "responses.json").read_text(encoding="utf-8").splitlines(True)
+    (out / "responses.json").write_text("".join(lines[:-1]), encoding="utf-8")
+    (out / "latency_summary.json").unlink()
+    code, printed, err = decode(tmp_path, capsys, *args)
+    assert code == 0, err
+    assert "are answered already" in printed and "compiled" not in printed
+    assert (out / "responses.json").read_text(encoding="utf-8").splitlines(True) == lines
+    assert (out / "responses.jsonl").read_text(encoding="utf-8") == answers
+    assert json.loads((out / "latency_summary.json").read_text())["answers"] == n
+    code, _, err = decode(tmp_path, capsys, *args)
+    assert code == 2 and "nothing to resume" in err and "--append" in err
+
+    # the same questions with another seed, or another model, are another run
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "responses.jsonl").write_text(full[0], encoding="utf-8")
+    code, _, err = decode(tmp_path, capsys, *args[:-1], "--seed", "1", out="other")
+    assert code == 2 and "not an interrupted run of these questions with these settings" in err
+    assert "--append" in err and (other / "responses.jsonl").read_text() == full[0]
 
 
 # -- the reference's file formats ------------------------------------------------------------------

@@ -10,7 +10,8 @@ def add_parser(sub):
     s = sub.add_parser("decode", help="answer spoken questions (one unit sequence per line) with "
                        "streamed transcript / text / speech chunks, as the reference's "
                        "decode_general.py; writes OUT/responses.json and OUT/responses.jsonl "
-                       "(--append: adds to a folder that holds answers already)")
+                       "(a rerun after an interruption resumes; --append: adds to a folder that "
+                       "holds answers already)")
     s.add_argument("--lang", required=True, help="answer language: a language of --data-config "
                    "(the default config has en and zh)")
     s.add_argument("--cross-lingual", action="store_true", help="the questions are spoken in "
@@ -32,7 +33,8 @@ def add_parser(sub):
                    "as the authors' decode_general.py builds them (for numbers comparable with "
                    "the paper's; see README)")
     s.add_argument("--append", action="store_true", help="add the answers after those an "
-                   "existing --output-dir already holds (without it such a folder is refused)")
+                   "existing --output-dir already holds (without it such a folder is refused; "
+                   "an interrupted run is resumed with or without it: rerun the same command)")
     s.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
     s.add_argument("--temperature", type=float, default=1.0, help="default: %(default)s (reference)")
     s.add_argument("--top-p", type=float, default=0.7, help="default: %(default)s (reference)")

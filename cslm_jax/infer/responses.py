@@ -11,7 +11,13 @@ The command replaces the reference's `decode_general.py` (answer in the question
   in input order, as the reference does.
 * `OUT/responses.jsonl` (ours): one record per question, appended beside it: the transcript, the
   text answer and its chunks, the speech chunks (unit numbers), the prompt's token ids
-  (`input_ids`), the generated ids (`output_ids`) and the timings below.
+  (`input_ids`), the generated ids (`output_ids`), the timings below, and what identifies the
+  run (`source`, `index`, `lang`, `cross_lingual`, `prompt_style`, `settings`).
+
+A run that was interrupted (Ctrl-C) resumes when it is started again with the same arguments:
+the questions responses.jsonl answers already (this run's records, questions 0..k-1, at its
+end) are skipped, the others answered and appended in order, and responses.json is first
+rewritten to line up with responses.jsonl (`prior_answers`).
 
 Latency per answer, measured from the moment its batch starts decoding (prefill included,
 compilation excluded: every new batch shape is compiled by a warm-up call first):
@@ -241,10 +247,11 @@ class DecodedBatch:
 def decode_questions(cfg, params, tokenizer, vocab, prompts: Sequence[Sequence[int]], *,
                      batch_size: int = 1, max_new_tokens: int = 2048, sampling=None,
                      chunk_size: int = 1, stop_ids: Sequence[int] | None = None,
-                     answer_prefix: Sequence[int] = (),
+                     answer_prefix: Sequence[int] = (), first: int = 0,
                      on_event: Callable[[int, object, float], None] | None = None,
                      log: Callable[[str], None] = lambda _: None) -> Iterator[DecodedBatch]:
     """Decode prompts in batches of `batch_size`, yielding each batch when it is done.
+    `first`: start at that prompt (a resumed run: the prompts before it are answered already).
 
     on_event(index, event, seconds) is called as soon as each event completes (streaming).
     answer_prefix: ids the model is expected to generate first (the assistant header it opens
@@ -265,7 +272,7 @@ def decode_questions(cfg, params, tokenizer, vocab, prompts: Sequence[Sequence[i
     sampling = Sampling() if sampling is None else sampling
     kw = dict(max_new_tokens=max_new_tokens, stop_ids=stops, vocab=vocab,
               pad_id=_pad_id(tokenizer, cfg), prompt_bucket=bucket, chunk_size=chunk_size)
-    for start in range(0, len(prompts), batch_size):
+    for start in range(first, len(prompts), batch_size):
         batch = [list(p) for p in prompts[start:start + batch_size]]
         shape = (len(batch), -(-max(map(len, batch)) // bucket))
         compile_s = 0.0
@@ -460,15 +467,156 @@ def check_decode_arguments(sampling, *, batch_size: int, max_new_tokens: int,
 ANSWER_FILES = ("responses.json", "responses.jsonl")
 
 
-def check_decode_output(out_dir: Path, append: bool) -> None:
-    """--output-dir must be a folder (or not exist yet); one that holds answers already is
-    refused unless `append` (the new answers are then added after them)."""
+def check_decode_output(out_dir: Path) -> None:
+    """--output-dir must be a folder (or not exist yet). What it holds is judged by
+    `prior_answers`, once the questions and the model are known."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output-dir {out_dir}: is a file, not a folder")
+
+
+def run_identity(*, unit_file, lang: str, cross_lingual: bool, prompt_style: str, model,
+                 sampling, max_new_tokens: int, compute_dtype, data_config) -> dict:
+    """The responses.jsonl fields that tell a run's answers from another's: a rerun with the same
+    arguments has the same (batch and chunk size aside, which change no answer's question)."""
+    return {"source": str(unit_file), "lang": lang, "cross_lingual": bool(cross_lingual),
+            "prompt_style": prompt_style,
+            "settings": {"model": str(model), **dataclasses.asdict(sampling),
+                         "max_new_tokens": max_new_tokens, "compute_dtype": compute_dtype,
+                         "data_config": str(data_config)}}
+
+
+@dataclasses.dataclass
+class PriorAnswers:
+    """What --output-dir holds for a decode run (`prior_answers`)."""
+    done: list[dict]                 # this run's records already written: questions 0..len-1
+    jsonl_keep: int | None = None    # cut responses.jsonl to this many bytes (a cut-off last line)
+    json_lines: list[str] | None = None  # rewrite responses.json with these (to line up)
+    finish: bool = False             # every question is answered: only the files to complete
+
+
+def _json_lines(path: Path) -> tuple[list[bytes], int | None]:
+    """The lines of a JSON-lines file (none if it is missing), and where its last line was cut
+    off mid-write (no newline and not JSON: the length of the complete lines before it) or None."""
+    data = path.read_bytes() if path.is_file() else b""
+    lines = data.split(b"\n")
+    last = lines.pop()                   # b"" when the file ends with a newline
+    if not last or _parse(last) is not None:
+        return lines + ([last] if last else []), None
+    return lines, len(data) - len(last)
+
+
+def _parse(line: bytes):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def prior_answers(out_dir: Path, run: dict, questions: int, append: bool) -> PriorAnswers:
+    """Decide what a decode run does with what `out_dir` holds (before any model loads).
+
+    * nothing: a fresh run.
+    * responses.jsonl ends with this run's answers to questions 0..k-1 (`run_identity` equal),
+      k < `questions`: an interrupted run, resumed at question k (with or without `append`).
+      A last line cut off mid-write is dropped (its question is answered again), and
+      responses.json is rewritten to line up with responses.jsonl: any lines before ours (a
+      folder the reference's scripts began) kept as they are, then one per record.
+    * all `questions` answered by this run: refused (nothing to resume) unless `append`, which
+      answers them all again after them; where the interruption came after the last answer
+      (responses.json behind, no latency_summary.json) the files are only completed.
+    * anything else (another run's answers, or a folder the reference's scripts wrote): refused
+      unless `append`, which adds this run's answers after them (a cut-off last line of
+      responses.jsonl dropped first)."""
+    jsonl, json_file = out_dir / "responses.jsonl", out_dir / "responses.json"
     held = [n for n in ANSWER_FILES if (out_dir / n).is_file() and (out_dir / n).stat().st_size]
-    if held and not append:
-        raise ConfigError(f"--output-dir {out_dir}: already holds answers ({', '.join(held)}); "
-                          f"pass --append to add these after them, or give another folder")
+    if not held:
+        return PriorAnswers([])
+    lines, cut = _json_lines(jsonl)
+    records = [_parse(line) for line in lines]
+    done: list[dict] = []
+    last = records[-1] if records else None
+    if isinstance(last, dict) and isinstance(last.get("index"), int) and \
+            0 <= last["index"] < min(questions, len(records)):
+        tail = records[len(records) - last["index"] - 1:]
+        if all(isinstance(r, dict) and r.get("index") == i and
+               all(r.get(k) == v for k, v in run.items()) for i, r in enumerate(tail)):
+            done = tail
+    if not done:
+        if not append:
+            raise ConfigError(f"--output-dir {out_dir}: already holds answers ({', '.join(held)}) "
+                              f"that are not an interrupted run of these questions with these "
+                              f"settings; pass --append to add these after them, or give another "
+                              f"folder")
+        return PriorAnswers([], jsonl_keep=cut)
+    json_lines = _lined_up(json_file, [r.get("result") if isinstance(r, dict) else None
+                                       for r in records], len(done),
+                           done[-1].get("timing", {}).get("batch_size", 1))
+    prior = PriorAnswers(done, jsonl_keep=cut, json_lines=json_lines)
+    if len(done) < questions:
+        return prior
+    if append:
+        return dataclasses.replace(prior, done=[])
+    if cut is not None or json_lines is not None or \
+            not (out_dir / "latency_summary.json").is_file():
+        return dataclasses.replace(prior, finish=True)
+    raise ConfigError(f"--output-dir {out_dir}: already holds answers to all {questions} "
+                      f"question(s) of {run['source']} with these settings (nothing to resume); "
+                      f"pass --append to answer them again after them, or give another folder")
+
+
+def _lined_up(json_file: Path, results: list, ours: int, last_batch: int) -> list[str] | None:
+    """The lines responses.json must have to line up with responses.jsonl (`results`: its
+    records' results, the last `ours` of them an interrupted run's), or None when it has them.
+    Its lines before ours are kept as they are (another run's, or the reference's); of ours it may
+    lack up to the last batch (responses.jsonl is written first) and end with a line cut off
+    mid-write. Missing or empty, it is rebuilt from all of responses.jsonl."""
+    want = [json.dumps({"result": r}, ensure_ascii=False) for r in results]
+    raw, cut = _json_lines(json_file)
+    if not raw:
+        return want
+    have_results = [p.get("result") if isinstance(p, dict) else None
+                    for p in map(_parse, raw)]
+    earlier = len(results) - ours
+    for missing in range(min(last_batch, ours) + 1):
+        have = ours - missing
+        before = len(have_results) - have
+        if before >= earlier and have_results[before:] == results[earlier:earlier + have]:
+            if not missing and cut is None:
+                return None
+            return [line.decode("utf-8", "replace") for line in raw[:before]] + want[earlier:]
+    raise UnitFileError(f"{json_file}: does not line up with {json_file.with_suffix('.jsonl')} "
+                        f"(its last lines are not the results of the interrupted run's {ours} "
+                        f"answers); move it away to have it rebuilt from responses.jsonl, or give "
+                        f"another --output-dir")
+
+
+def _write_lines(path: Path, lines: Sequence[str]) -> None:
+    """Replace `path` with `lines` (atomically: a temporary file renamed over it)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    tmp.replace(path)
+
+
+def repair_answer_files(out_dir: Path, prior: PriorAnswers, log) -> None:
+    """Apply what `prior_answers` found: drop responses.jsonl's cut-off last line, give a
+    complete last line its newline, rewrite responses.json to line up."""
+    jsonl = out_dir / "responses.jsonl"
+    if prior.jsonl_keep is not None:
+        with open(jsonl, "r+b") as f:
+            f.truncate(prior.jsonl_keep)
+        log(f"decode: dropped the last line of {jsonl}, cut off by the interruption")
+    for path in (jsonl, out_dir / "responses.json"):
+        if path.is_file() and path.stat().st_size:
+            with open(path, "rb") as f:
+                f.seek(-1, 2)
+                ends = f.read(1) == b"\n"
+            if not ends:
+                with open(path, "ab") as f:
+                    f.write(b"\n")
+    if prior.json_lines is not None:
+        _write_lines(out_dir / "responses.json", prior.json_lines)
+        log(f"decode: rewrote {out_dir / 'responses.json'} to line up with {jsonl.name} "
+            f"({len(prior.json_lines)} line(s))")
 
 
 def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str,
@@ -491,9 +639,12 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
     them (`reference_prompt`, `reference_result`; the line's units as given), for numbers
     comparable with the paper's; responses.jsonl keeps the parsed fields either way.
 
-    Every argument and path is checked before the model loads; an output folder that already
-    holds answers is refused unless `append`; the folder is created with the first answers (a
-    failed start leaves none behind)."""
+    Every argument and path is checked before the model loads; the folder is created with the
+    first answers (a failed start leaves none behind). A folder that holds an interrupted run's
+    answers (the same arguments) resumes it: only the questions not answered yet are decoded,
+    and responses.json is made to line up with responses.jsonl first; a folder with other
+    answers, or this run's complete ones, is refused unless `append`, which adds a full set of
+    answers after them (`prior_answers`)."""
     from cslm_jax.data.formats import load_data_config
     from cslm_jax.infer.decode import Sampling, decoding_params, load_for_decoding
 
@@ -505,7 +656,7 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
     check_decode_arguments(sampling, batch_size=batch_size, max_new_tokens=max_new_tokens,
                            chunk_size=chunk_size)
     out_dir = Path(output_dir)
-    check_decode_output(out_dir, append)
+    check_decode_output(out_dir)
 
     say = log
     fmt = load_data_config(data_config, check_files=False).format
@@ -515,6 +666,19 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
     model_path = model_folder(ckpt, hf_dir)
     from cslm_jax.model.vocab import require_model_cslm_tokens
     require_model_cslm_tokens(model_path)             # before the weights load
+    run = run_identity(unit_file=unit_file, lang=lang, cross_lingual=cross_lingual,
+                       prompt_style=prompt_style, model=model_path, sampling=sampling,
+                       max_new_tokens=max_new_tokens, compute_dtype=compute_dtype,
+                       data_config=data_config)
+    prior = prior_answers(out_dir, run, len(questions), append)
+    if prior.finish:                    # interrupted after its last answer: complete the files
+        say(f"decode: all {len(questions)} question(s) of {unit_file} are answered already in "
+            f"{out_dir / 'responses.jsonl'}; completing the other files")
+        repair_answer_files(out_dir, prior, say)
+        return _write_summary(out_dir, prior.done, say, unit_file=str(unit_file),
+                              model=str(model_path), batch_size=batch_size,
+                              chunk_size=chunk_size, greedy=bool(sampling.greedy), decode_s=0.0,
+                              compile_s=0.0, answered_before=len(prior.done))
     tmp_root = out_dir.absolute()       # an HF folder's temporary checkpoint goes near the output
     while not tmp_root.exists():
         tmp_root = tmp_root.parent
@@ -555,26 +719,37 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
     tag = reference_tag(template)
     header = tok.encode(ASSISTANT_HEADER, add_special_tokens=False) if reference else ()
     on_event = (lambda i, ev, s: say(describe_event(i, ev, s))) if stream else None
+    first = len(prior.done)
+    for i, r in enumerate(prior.done):
+        if r.get("input_ids") != prompts[i]:
+            raise UnitFileError(f"{out_dir / 'responses.jsonl'}: the interrupted run's answer to "
+                                f"{unit_file} line {i + 1} was to another question (its prompt "
+                                f"differs: the unit file, data config or tokenizer changed since); "
+                                f"give another --output-dir")
+    if out_dir.is_dir():
+        repair_answer_files(out_dir, prior, say)
+    if first:
+        say(f"decode: resuming: {first} of {len(questions)} question(s) answered already in "
+            f"{out_dir / 'responses.jsonl'}; answering the other {len(questions) - first}")
     records: list[dict] = []
     decode_s = compile_s = 0.0
     for done in decode_questions(
             cfg, params, tok, vocab, prompts, batch_size=batch_size,
             max_new_tokens=max_new_tokens, chunk_size=chunk_size, sampling=sampling,
-            answer_prefix=header, on_event=on_event, log=say):
+            answer_prefix=header, first=first, on_event=on_event, log=say):
         decode_s += done.decode_s
         compile_s += done.compile_s
         batch = [answer_record(a, tok, vocab, chunk_unit,
                                reference_result(a.input_ids, a.output_ids, tok, tag)
                                if reference else None) for a in done.answers]
         for r in batch:
-            r.update(source=str(unit_file), line=r["index"] + 1, lang=lang,
-                     cross_lingual=bool(cross_lingual), prompt_style=prompt_style)
-        # Appended batch by batch, both files in step: an interrupted run keeps what it finished.
+            r.update(run, line=r["index"] + 1)
+        # Appended batch by batch, responses.jsonl first (a rerun resumes from it and lines
+        # responses.json up with it): an interrupted run keeps what it finished.
         out_dir.mkdir(parents=True, exist_ok=True)
-        append_results(out_dir / "responses.json", [r["result"] for r in batch])
         with open(out_dir / "responses.jsonl", "a", encoding="utf-8") as f:
-            for r in batch:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in batch))
+        append_results(out_dir / "responses.json", [r["result"] for r in batch])
         records += batch
         if not stream:
             for r in batch:
@@ -582,16 +757,26 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
                 say(f"[{r['line']}] {t['generated_tokens']} tokens, {len(r['speech_chunks'])} speech "
                     f"chunk(s), first speech chunk after {_secs(t['time_to_first_speech_chunk_s'])}, "
                     f"total {_secs(t['total_s'])} ({r['finish']})")
+    summary = _write_summary(
+        out_dir, prior.done + records, say, unit_file=str(unit_file), model=str(model_path),
+        batch_size=batch_size, chunk_size=chunk_size, greedy=bool(sampling.greedy),
+        decode_s=decode_s, compile_s=compile_s, answered_before=first,
+        tokens_per_s=sum(len(r["output_ids"]) for r in records) / max(decode_s, 1e-9))
+    say(f"decode: appended {len(records)} line(s) to {out_dir / 'responses.json'} and "
+        f"{out_dir / 'responses.jsonl'}" + (f" after the {first} of the interrupted run"
+                                             if first else ""))
+    return summary
+
+
+def _write_summary(out_dir: Path, records: list[dict], say, **fields) -> dict:
+    """latency_summary.json over a run's answers (those of an interrupted run it resumed
+    included; the decoding times and tokens/s are this process's)."""
     summary = latency_summary(records)
-    summary.update(unit_file=str(unit_file), model=str(model_path), batch_size=batch_size,
-                   chunk_size=chunk_size, greedy=bool(sampling.greedy), decode_s=decode_s,
-                   compile_s=compile_s,
-                   tokens_per_s=sum(len(r["output_ids"]) for r in records) / max(decode_s, 1e-9))
+    summary.update(fields)
+    summary.setdefault("tokens_per_s", 0.0)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "latency_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     say(format_summary(summary))
-    say(f"decode: appended {len(records)} line(s) to {out_dir / 'responses.json'} and "
-        f"{out_dir / 'responses.jsonl'}")
     return summary
 
 
