@@ -96,7 +96,7 @@ def setup(tmp_path_factory, tiny_tokenizer_dir):
 
 
 def evaluate(setup, capsys, task, ckpt, *args):
-    out = setup.root / f"{task}_{len(args)}.json"
+    out = setup.root / f"{task}_{ckpt.name}_{len(args)}.json"        # apart: no --force needed
     code = cli(["evaluate", "--config", str(setup.config), "--task", task, "--ckpt", str(ckpt),
                 "--output", str(out), "--batch-size", "2", *args])
     captured = capsys.readouterr()
@@ -187,3 +187,19 @@ def test_bad_input_exits_2(setup, capsys, task, ckpt, message):
 def test_ckpt_is_required_outside_a_run_folder(setup, capsys):
     code = cli(["evaluate", "--config", str(setup.config), "--task", "cslm_sft_asr_en"])
     assert code == 2 and "--ckpt is required" in capsys.readouterr().err
+
+
+def test_an_existing_output_needs_force(setup, capsys):
+    """As every other command's outputs: an existing --output is refused (exit 2) before
+    anything is decoded, and replaced with --force."""
+    out = setup.root / "force.json"
+    args = ["evaluate", "--config", str(setup.config), "--task", "cslm_sft_asr_en", "--ckpt",
+            str(setup.text), "--output", str(out), "--batch-size", "2"]
+    out.write_text("earlier results\n")
+    assert cli(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"cslm-jax evaluate: error: --output {out} exists; pass --force to "
+                            f"replace it\n")
+    assert captured.out == "" and out.read_text() == "earlier results\n"      # nothing decoded
+    assert cli(args + ["--force"]) == 0
+    assert json.loads(out.read_text())["metrics"]["error_rate"] == pytest.approx(1 / 8)

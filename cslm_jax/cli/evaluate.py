@@ -24,6 +24,7 @@ def add_parser(sub):
     s.add_argument("--max-new-tokens", type=int, default=None, help="default: twice the longest "
                    "reference answer in tokens + 16, at most 2048")
     s.add_argument("--output", default=None, help="JSON file (default: eval_TASK_SPLIT.json)")
+    s.add_argument("--force", action="store_true", help="replace --output if it exists")
     s.add_argument("--unit-lexicon", default="auto", help="unit -> text mapper for text/speech "
                    "consistency and TTS read-back: auto (the demo table where it reads the "
                    "task's reference units back exactly), demo, none, or a JSON file "
@@ -42,5 +43,6 @@ def run(args) -> int:
                   max_examples=args.max_examples, batch_size=args.batch_size,
                   max_new_tokens=args.max_new_tokens, output=args.output,
                   unit_lexicon=args.unit_lexicon, language_id_name=args.language_id,
-                  overrides=args.overrides, log=lambda msg: print(msg, flush=True))
+                  overrides=args.overrides, force=args.force,
+                  log=lambda msg: print(msg, flush=True))
     return 0

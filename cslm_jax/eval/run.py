@@ -328,10 +328,11 @@ def evaluate_task(*, config: str | Path, task: str, ckpt: str | None = None,
                   split: str = "validation", max_examples: int | None = None, batch_size: int = 8,
                   max_new_tokens: int | None = None, output: str | Path | None = None,
                   unit_lexicon: str = "auto", language_id_name: str = "script",
-                  overrides=(), log=print) -> dict:
+                  overrides=(), force: bool = False, log=print) -> dict:
     """The `evaluate` command: decode `task`'s `split` records greedily with the model `ckpt`
     (default: the run's model/ when `config` is a run folder), score them, write the result as
-    JSON to `output` (default eval_TASK_SPLIT.json) and log the table. Returns the result."""
+    JSON to `output` (default eval_TASK_SPLIT.json; an existing file only with `force`, refused
+    before anything is read) and log the table. Returns the result."""
     from cslm_jax.storage.checkpoint import resolve_model_dir
 
     say = log
@@ -339,6 +340,9 @@ def evaluate_task(*, config: str | Path, task: str, ckpt: str | None = None,
         raise EvaluationError(f"--batch-size must be >= 1, got {batch_size}")
     if max_examples is not None and max_examples < 1:
         raise EvaluationError(f"--max-examples must be >= 1, got {max_examples}")
+    out_path = Path(output) if output else Path(f"eval_{task}_{split}.json")
+    if out_path.is_file() and not force:
+        raise EvaluationError(f"--output {out_path} exists; pass --force to replace it")
     language_id(language_id_name)                         # unknown names fail before decoding
     data_cfg = load_data(config, overrides)
     spec, files = find_task(data_cfg, task, split)
@@ -358,7 +362,6 @@ def evaluate_task(*, config: str | Path, task: str, ckpt: str | None = None,
     from cslm_jax.infer.decode import decoding_params, load_for_decoding
 
     t0 = time.perf_counter()
-    out_path = Path(output) if output else Path(f"eval_{task}_{split}.json")
     cfg, params, tok, vocab = load_for_decoding(model_path, tmp_dir=out_path.parent.resolve()
                                                 if out_path.parent.exists() else None)
     if spec.kind in SPEECH_KINDS and (not vocab.unit_count or "<sosp>" not in vocab.control_tokens):
