@@ -135,3 +135,16 @@ def test_the_package_never_reaches_back_into_the_command_line():
         if "import argparse" in text or "from cslm_jax.cli" in text or "import cslm_jax.cli" in text:
             offenders.append(str(path.relative_to(REPO)))
     assert not offenders, offenders
+
+
+def test_version_prints_the_package_version(capsys):
+    import tomllib
+
+    import cslm_jax
+
+    with pytest.raises(SystemExit) as stop:
+        cli(["--version"])
+    assert stop.value.code == 0
+    want = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert cslm_jax.__version__ == want
+    assert capsys.readouterr().out == f"cslm-jax {want}\n"

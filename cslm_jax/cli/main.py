@@ -7,6 +7,7 @@ import sys
 
 # Nothing imported here (nor by the command modules at import) may import JAX: `main` tunes
 # glibc malloc for training commands first.
+from cslm_jax import __version__
 from cslm_jax.cli import setup
 from cslm_jax.errors import CslmError
 
@@ -18,6 +19,8 @@ COMMANDS = ("import_hf", "export_hf", "train", "validate_data", "inspect_data", 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cslm-jax", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                   help="print the package version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"cslm_jax.cli.{name}")
