@@ -148,3 +148,18 @@ def test_version_prints_the_package_version(capsys):
     want = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert cslm_jax.__version__ == want
     assert capsys.readouterr().out == f"cslm-jax {want}\n"
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 2, b"hello, not weights"])
+def test_a_garbage_pt_file_is_one_line_naming_it(tmp_path, capsys, content):
+    """torch.load's own message for a file it cannot read safely advises weights_only=False
+    (running the file's code): the user sees one line naming the file instead."""
+    bad = tmp_path / "weights.pt"
+    bad.write_bytes(content)
+    out = tmp_path / "tok"
+    assert cli(["import-speech-tokenizer", "--from", str(bad), "--version", "v1", "--out",
+                str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cslm-jax import-speech-tokenizer: error: {bad}: not a PyTorch state "
+                          f"dict (") and err.count("\n") == 1, err
+    assert "weights_only" not in err and not out.exists()

@@ -279,8 +279,10 @@ def read_state_dict(path: Path) -> dict:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:            # pickle / zip errors of many kinds
-            raise SpeechTokenizerError(f"{path}: not a PyTorch state dict ({type(e).__name__}: "
-                                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
+            why = (f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                   if "weights_only" not in str(e) else   # torch's advice would run its code
+                   "damaged, not a PyTorch file, or holding objects other than tensors")
+            raise SpeechTokenizerError(f"{path}: not a PyTorch state dict ({why})") from None
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(hasattr(v, "numpy") for v in obj.values()):
