@@ -499,8 +499,11 @@ def test_train_from_a_prepared_cache_equals_in_process(demo, base_ckpt, tmp_path
     prepare_data(data_cfg, "pretrain", base_ckpt / "tokenizer", tmp_path / "cache", num_shards=1,
                  pipeline_args=IN_MEMORY, log=lambda *_: None)
     assert train(cfg, tmp_path / "in_process", log=lambda *_: None) == EXIT_OK
-    assert train(cfg, tmp_path / "cached", log=lambda *_: None,
+    logged = []
+    assert train(cfg, tmp_path / "cached", log=logged.append,
                  data_cache=str(tmp_path / "cache")) == EXIT_OK
+    assert (f"train: reading the prepared cache {tmp_path / 'cache'} (stage pretrain: "
+            f"{len(data_cfg.tasks('pretrain'))} task(s), max_length 128;") in "\n".join(logged)
     steps, a = losses(tmp_path / "in_process")
     assert steps == [1, 2, 3]
     np.testing.assert_array_equal(a, losses(tmp_path / "cached")[1])

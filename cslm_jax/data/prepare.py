@@ -1235,7 +1235,8 @@ def _stamp_difference(path: str, then: dict, now: dict) -> str | None:
         return f"{was}{then.get('size'):,} bytes, now {now['size']:,} bytes"
     for name in ("md5", "crc32c"):
         if name in then and name in now:
-            return None if then[name] == now[name] else f"{name} {then[name]}, now {now[name]}"
+            return (None if then[name] == now[name] else
+                    f"{name} {then[name]}, now {now[name]} (same size, {now['size']:,} bytes)")
     if "generation" in then and "generation" in now:
         return (None if then["generation"] == now["generation"] else
                 f"object generation {then['generation']}, now {now['generation']} (same size)")
