@@ -59,8 +59,8 @@ def error_line(err: str, command: str = "prepare-data") -> str:
     return lines[-1]
 
 
-def test_a_changed_input_is_refused_by_prepare_data_and_by_train(demo, base_ckpt, tmp_path,  # noqa: F811
-                                                                  capsys):
+def test_a_changed_input_is_refused_by_prepare_data_and_by_train(
+        demo, base_ckpt, tmp_path, capsys):  # noqa: F811
     config = s2s_corpus(tmp_path / "data", demo)
     out = tmp_path / "cache"
     # (the value of --pipeline-options starting with '-' is taken as given: issue 29 item 7)
@@ -179,7 +179,8 @@ def test_pipeline_options_starting_with_a_dash_are_taken():
             (["--pipeline-options", "--direct_num_workers=1"], "--direct_num_workers=1"),
             (["--pipeline-options=--direct_num_workers=1 --foo=bar"],
              "--direct_num_workers=1 --foo=bar"),
-            (["--pipeline-options", "--direct_num_workers=1", "--force"], "--direct_num_workers=1")):
+            (["--pipeline-options", "--direct_num_workers=1", "--force"],
+             "--direct_num_workers=1")):
         args = parser.parse_args(base + extra)
         assert args.pipeline_options == options
     args = parser.parse_args(base + ["--pipeline-option", "project=p", "--pipeline-option",
@@ -258,15 +259,15 @@ def test_stderr_filter_keeps_what_is_not_known_noise():
     from cslm_jax.data.beam_prepare import _forward_stderr
 
     lines = [b"INFO:__main__:Logging handler created.",
-             b"WARNING:root:apitools not found, and bigquery client libraries are not available "
-             b"despite the import not raising an ImportError.",
-             b"WARNING:apache_beam.options.pipeline_options:Discarding unparseable args: "
-             b"['--direct_runner_use_stacked_bundle', '--pipeline_type_check']",
-             b"WARNING:apache_beam.runners.portability.local_job_service:Worker: severity: WARN "
-             b"message: \"Discarding unparseable args: [\\'--pipeline_type_check\\', "
-             b"\\'--direct_runner_use_stacked_bundle\\']\"",
-             b"WARNING:apache_beam.options.pipeline_options:Discarding unparseable args: "
-             b"['--pipeline_type_check', '--direct_runner_use_stacked_bundle', '--mine=1']",
+             (b"WARNING:root:apitools not found, and bigquery client libraries are not available "
+              b"despite the import not raising an ImportError."),
+             (b"WARNING:apache_beam.options.pipeline_options:Discarding unparseable args: "
+              b"['--direct_runner_use_stacked_bundle', '--pipeline_type_check']"),
+             (b"WARNING:apache_beam.runners.portability.local_job_service:Worker: severity: WARN "
+              b"message: \"Discarding unparseable args: [\\'--pipeline_type_check\\', "
+              b"\\'--direct_runner_use_stacked_bundle\\']\""),
+             (b"WARNING:apache_beam.options.pipeline_options:Discarding unparseable args: "
+              b"['--pipeline_type_check', '--direct_runner_use_stacked_bundle', '--mine=1']"),
              b"Traceback (most recent call last):", b"  raise ValueError('x')",
              b"CRITICAL:__main__:Python sdk harness failed: ", b"no newline at the end"]
     source, sink = os.pipe()
@@ -299,4 +300,5 @@ def test_objects_in_a_bucket_are_told_by_their_md5(gcs, bucket):  # noqa: F811
     assert inputs_changed(found, spec) == (f"prepared from an older q.jsonl: md5 {stamp['md5']}, "
                                            f"now {input_stamp(path)['md5']} (same size, 18 bytes)")
     fs.path(path).write_text('{"a": 1}\n')
-    assert inputs_changed(found, spec) == "prepared from an older q.jsonl: 2 lines, 18 bytes, now 9 bytes"
+    assert inputs_changed(found, spec) == \
+        "prepared from an older q.jsonl: 2 lines, 18 bytes, now 9 bytes"

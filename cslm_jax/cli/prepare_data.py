@@ -27,7 +27,8 @@ def add_parser(sub):
                    help="DirectRunner worker processes (default: one per CPU core)")
     s.add_argument("--range-mb", type=float, default=64.0,
                    help="large files are split into byte ranges of at most about this size "
-                   "(MiB); with DirectRunner each worker takes one contiguous share of every file")
+                   "(MiB, > 0; default: %(default)s); with DirectRunner each worker takes one "
+                   "contiguous share of every file")
     s.add_argument("--max-length", type=int, default=None,
                    help="override packing.max_length (must equal the training run's data.max_length)")
     s.add_argument("--no-fast-render", action="store_true",
@@ -66,7 +67,8 @@ def add_parser(sub):
     def hint(message):               # e.g. --pipeline-options --force (one of ours)
         if "--pipeline-option" in message and "expected one argument" in message:
             message += ("; a value that is also one of prepare-data's options must be attached "
-                        "with '=': --pipeline-options='--opt=value ...', --pipeline-option=KEY=VALUE")
+                        "with '=': --pipeline-options='--opt=value ...', "
+                        "--pipeline-option=KEY=VALUE")
         error(message)
 
     s.error = hint

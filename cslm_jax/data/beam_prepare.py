@@ -46,8 +46,8 @@ from cslm_jax.data.formats import DataConfig
 from cslm_jax.data.prepare import (MAX_SKIP_MESSAGES, CacheError, completed_key, info_json,
                                    input_record, input_stamp, inputs_changed, key_differences,
                                    local_tokenizer_dir, merge_counts, new_counts,
-                                   prepare_task_local, settings_of, shard_name, splits_of,
-                                   stats_json, task_key, write_json)
+                                   prepare_task_local, shard_name, splits_of, stats_json,
+                                   task_key, write_json)
 from cslm_jax.errors import CslmError, DataError
 
 DEFAULT_NUM_SHARDS = 64          # divides 1, 2, 4, 8, 16, 32, 64 hosts

@@ -1142,11 +1142,6 @@ def completed_key(task_dir: str | Path) -> dict | None:
         return {}
 
 
-def settings_of(found: dict) -> dict:
-    """A COMPLETED record without its `inputs` (what `task_key` gives for the same settings)."""
-    return {k: v for k, v in found.items() if k != "inputs"}
-
-
 def key_differences(found: dict, key: dict, ignore=()) -> list[tuple[str, str]]:
     """(field, "X in the cache, Y here") for each setting of `key` a cache's record `found`
     differs in (`inputs` and `ignore` left out); a mapping's differing entries are named one by
@@ -1263,7 +1258,8 @@ def inputs_changed(found: dict, spec: TaskSpec) -> str | None:
                 raise
             what = _stamp_difference(str(path), then, now)
             if what is not None:
-                return f"prepared from an older {then.get('file', os.path.basename(str(path)))}: {what}"
+                name = then.get("file", os.path.basename(str(path)))
+                return f"prepared from an older {name}: {what}"
     return None
 
 
@@ -1274,8 +1270,8 @@ def check_cache(task_dir: str | Path, key: dict, spec: TaskSpec | None = None) -
     found = completed_key(task_dir)
     if found is None:
         raise CacheError(f"{task_dir}: no prepared cache (COMPLETED missing); prepare it with "
-                         f"`cslm-jax prepare-data --out {os.path.dirname(str(task_dir))} ...` (an interrupted "
-                         f"preparation is completed by running it again)")
+                         f"`cslm-jax prepare-data --out {os.path.dirname(str(task_dir))} ...` (an "
+                         f"interrupted preparation is completed by running it again)")
     diff = key_differences(found, key, ignore=("num_shards",))
     if diff:
         raise CacheError(f"{task_dir}: prepared with different {', '.join(k for k, _ in diff)} "
