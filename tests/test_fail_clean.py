@@ -383,6 +383,7 @@ def test_8_empty_jsonl_decode_append_and_export_of_a_run_folder(demo, ckpt, fini
 
     assert cli(["export-hf", "--ckpt", str(finished_run), "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file()
-    assert cli(["export-hf", "--ckpt", str(tmp_path), "--out", str(tmp_path / "hf2")]) == 2
+    (tmp_path / "plain").mkdir()
+    assert cli(["export-hf", "--ckpt", str(tmp_path / "plain"), "--out", str(tmp_path / "hf2")]) == 2
     assert "nor a finished train run folder" in one_error_line(capsys.readouterr().err,
                                                               "export-hf")

@@ -16,6 +16,7 @@ from test_train import (base_ckpt, kill_overrides, losses, model_params, quiet, 
                         run_cfg, stalled_save_child)
 
 from cslm_jax.storage import fs
+from cslm_jax.storage.outputs import MARKER
 from cslm_jax.train.loop import EXIT_OK, EXIT_PREEMPTED, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +120,8 @@ def test_sigterm_and_resume_in_a_bucket_reproduce_a_local_run(demo, base_ckpt, t
     assert "runs/demo/checkpoints/8/commit_success.txt" in objects
     assert "runs/demo/config.yaml" in objects and "runs/demo/model/cslm_checkpoint.json" in objects
     assert any(o.startswith("runs/demo/tensorboard/") for o in objects)
-    assert not any("/." in o or "orbax-checkpoint-tmp" in o for o in objects)
+    assert not any(("/." in o and not o.endswith(MARKER)) or "orbax-checkpoint-tmp" in o
+                   for o in objects)
 
 
 def test_sigkill_during_async_save_to_a_bucket_keeps_the_previous_checkpoint(
@@ -287,7 +289,8 @@ def test_two_processes_share_one_run_folder_in_a_bucket(demo, base_ckpt, tmp_pat
     ref_steps, ref_loss = losses(single)
     assert steps == ref_steps == list(range(1, 7))
     np.testing.assert_allclose(multi_loss, ref_loss, rtol=1e-6)     # gloo's sum order: 1 ulp
-    assert not any("/." in o or "orbax-checkpoint-tmp" in o for o in gcs.objects(name, "two/"))
+    assert not any(("/." in o and not o.endswith(MARKER)) or "orbax-checkpoint-tmp" in o
+                   for o in gcs.objects(name, "two/"))
 
 
 def test_a_data_config_in_a_bucket_resolves_and_checks_its_files(demo, gcs, bucket):
@@ -334,7 +337,8 @@ def test_commit_file_mode_on_a_mount_writes_in_place_and_marks_last(tmp_path, mo
     with pytest.raises(RuntimeError, match="disk full"):
         save_model_checkpoint(tmp_path / "model", {"embed": jnp.ones((128, 16)), "norm": failing},
                               cfg, vocab)
-    assert written == [["params"]]                  # in place, no hidden sibling, no metadata yet
+    # in place, no hidden sibling, no metadata yet (the output marker claims the folder first)
+    assert written == [[MARKER, "params"]]
     assert not (tmp_path / "model").exists()        # the failed save is removed
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 

@@ -152,8 +152,14 @@ def test_export_refuses_non_empty_target_and_never_leaves_partial_output(make_hf
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ex2")]
     monkeypatch.undo()
 
+    # --force replaces only what cslm-jax wrote: a folder holding the user's file stays refused
+    assert cli(["export-hf", "--ckpt", str(tmp_path / "ck"), "--out", str(target), "--force"]) == 2
+    assert "was not written by cslm-jax" in capsys.readouterr().err
+    assert (target / "keep.txt").read_text() == "user data"
+    (target / "keep.txt").unlink()
+    assert cli(["export-hf", "--ckpt", str(tmp_path / "ck"), "--out", str(target)]) == 0
     assert cli(["export-hf", "--ckpt", str(tmp_path / "ck"), "--out", str(target), "--force"]) == 0
-    assert not (target / "keep.txt").exists() and (target / "config.json").is_file()
+    assert (target / "config.json").is_file()
 
 
 def test_checkpoint_saves_an_array_larger_than_the_write_budget(tmp_path):
