@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from cslm_jax.cli.main import build_parser
+from cslm_jax.cli.main import build_parser, parse_args
 from cslm_jax.cli.main import main as cli
 from cslm_jax.data.formats import load_data_config
 from cslm_jax.data.prepare import CacheError, check_cache, read_stats, task_key
@@ -181,13 +181,13 @@ def test_pipeline_options_starting_with_a_dash_are_taken():
              "--direct_num_workers=1 --foo=bar"),
             (["--pipeline-options", "--direct_num_workers=1", "--force"],
              "--direct_num_workers=1")):
-        args = parser.parse_args(base + extra)
+        args = parse_args(base + extra, parser)
         assert args.pipeline_options == options
-    args = parser.parse_args(base + ["--pipeline-option", "project=p", "--pipeline-option",
-                                     "--region=r", "--force"])
+    args = parse_args(base + ["--pipeline-option", "project=p", "--pipeline-option",
+                              "--region=r", "--force"], parser)
     assert args.pipeline_option == ["project=p", "--region=r"] and args.force
     with pytest.raises(SystemExit):           # an unknown option is still refused
-        parser.parse_args(base + ["--bogus"])
+        parse_args(base + ["--bogus"], parser)
 
 
 def test_pipeline_option_flags_reach_beam(capsys, monkeypatch, demo, tmp_path):

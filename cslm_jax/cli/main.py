@@ -17,6 +17,12 @@ COMMANDS = ("import_hf", "export_hf", "train", "validate_data", "inspect_data", 
             "import_speech_tokenizer", "extract_units")
 
 
+# Options whose value may itself start with '-' (`--pipeline-options '--opt=1 --b=2'`): argparse
+# would read such a value as an option and refuse it ("expected one argument"), so `parse_args`
+# attaches it to its flag (`--pipeline-options=--opt=1 --b=2`), as a user may write it anyway.
+DASH_VALUE_OPTIONS = ("--pipeline-options", "--pipeline-option")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cslm-jax", description=__doc__)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
@@ -27,6 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
         s = module.add_parser(sub)
         s.set_defaults(module=module, subparser=s)
     return p
+
+
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None):
+    """`argv` parsed by `parser` (default: a new `build_parser()`), the values of
+    `DASH_VALUE_OPTIONS` attached to their flags first."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fixed = []
+    while argv:
+        arg = argv.pop(0)
+        if arg in DASH_VALUE_OPTIONS and argv and argv[0].startswith("-"):
+            arg = f"{arg}={argv.pop(0)}"
+        fixed.append(arg)
+    return (parser or build_parser()).parse_args(fixed)
 
 
 def refuse_urls(args, names) -> None:
@@ -46,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     one line, `cslm-jax COMMAND: error: MESSAGE`, and returns exit code 2; anything else is a bug
     and propagates with its traceback (exit code 1). Ctrl-C outside a training loop (which
     checkpoints first, exit code 75) ends the command with one line and exit code 130."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     module = args.module
     setup.prepare(trains=getattr(module, "TRAINS", False), tensorflow=False)
     try:

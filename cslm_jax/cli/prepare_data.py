@@ -46,32 +46,6 @@ def add_parser(sub):
                    help="prepare again the tasks whose cache in --out was prepared from input "
                    "files that changed since, or with other settings (default: refuse them; "
                    "up-to-date tasks are kept either way)")
-    # `--pipeline-options '--opt=1'`: argparse reads a value that starts with '-' as an option
-    # and refuses it ("expected one argument"); here a string that names none of this command's
-    # options is read as a value (an unknown option is still refused, as an unrecognized
-    # argument). Older and newer argparse versions differ in what _parse_optional returns (a
-    # tuple, or a list of them), both handled; anything else is left as argparse decides.
-    parse_optional = s._parse_optional
-
-    def value_unless_ours(arg_string):
-        found = parse_optional(arg_string)
-        options = found if isinstance(found, list) else [found]
-        if (arg_string.startswith("--") and options and
-                all(isinstance(o, tuple) and o and o[0] is None for o in options)):
-            return None
-        return found
-
-    s._parse_optional = value_unless_ours
-    error = s.error
-
-    def hint(message):               # e.g. --pipeline-options --force (one of ours)
-        if "--pipeline-option" in message and "expected one argument" in message:
-            message += ("; a value that is also one of prepare-data's options must be attached "
-                        "with '=': --pipeline-options='--opt=value ...', "
-                        "--pipeline-option=KEY=VALUE")
-        error(message)
-
-    s.error = hint
     return s
 
 
