@@ -383,8 +383,9 @@ def test_cli_join_timings(tmp_path, s2s_records, capsys):
     assert cli(args) == 0
     assert "join-timings: 2 of 2 record(s) joined to mfa timings" in capsys.readouterr().out
     assert cli(args) == 2
-    assert capsys.readouterr().err == (f"cslm-jax join-timings: error: {tmp_path / 'out.jsonl'} "
-                                       f"exists; pass --force to replace it\n")
+    assert capsys.readouterr().err == (f"cslm-jax join-timings: error: --out "
+                                       f"{tmp_path / 'out.jsonl'}: exists; pass --force to "
+                                       f"replace it\n")
 
 
 def test_paired_records_get_word_times_from_an_alignments_jsonl(tmp_path, demo):

@@ -380,9 +380,11 @@ def test_missing_inputs_are_named(cslm, tmp_path, capsys):
     code, _, err = decode(tmp_path, capsys, "--lang", "en", "--unit", str(empty), "--ckpt",
                           str(cslm.ckpt))
     assert code == 2 and "empty.txt" in err and "empty" in err
+    plain = tmp_path / "plain"
+    plain.mkdir()
     code, _, err = decode(tmp_path, capsys, "--lang", "en", "--unit", str(cslm.units), "--ckpt",
-                          str(tmp_path))
-    assert code == 2 and str(tmp_path) in err and "cslm_checkpoint.json" in err
+                          str(plain))
+    assert code == 2 and str(plain) in err and "cslm_checkpoint.json" in err
     with pytest.raises(UnitFileError, match="f.txt:3: no unit tokens"):
         parse_unit_line("<sosp><eosp>", "f.txt:3")
 
@@ -482,3 +484,22 @@ def test_the_assistant_header_opened_after_a_reference_prompt_is_no_event(cslm):
     assert events(answer) == parse_events(answer, tok, vocab)
     assert events(header[:2] + answer) == parse_events(header[:2] + answer, tok, vocab)
     assert events(header[:2]) == parse_events(header[:2], tok, vocab)         # cut off inside it
+
+
+def test_output_dir_is_checked_before_the_model_loads(cslm, tmp_path, capsys):
+    """Issue 29 item 5: a folder that cannot be made (a file on its way), an output inside the
+    checkpoint, or the current folder: exit 2 before the model loads (nothing logged, nothing
+    written)."""
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    before = sorted(p.name for p in cslm.ckpt.iterdir())
+    for out, message in ((a_file / "out", f"--output-dir {a_file / 'out'}: {a_file} is a file, "
+                                          f"so the folder cannot be created under it"),
+                         (cslm.ckpt / "answers", "lies inside the input --ckpt"),
+                         (cslm.units, "is a file, not a folder")):
+        code = cli(["decode", "--lang", "en", "--unit", str(cslm.units), "--ckpt", str(cslm.ckpt),
+                    "--output-dir", str(out)])
+        captured = capsys.readouterr()
+        assert code == 2 and message in captured.err, captured.err
+        assert captured.out == ""                    # nothing loaded, nothing decoded
+    assert sorted(p.name for p in cslm.ckpt.iterdir()) == before

@@ -198,8 +198,24 @@ def test_an_existing_output_needs_force(setup, capsys):
     out.write_text("earlier results\n")
     assert cli(args) == 2
     captured = capsys.readouterr()
-    assert captured.err == (f"cslm-jax evaluate: error: --output {out} exists; pass --force to "
+    assert captured.err == (f"cslm-jax evaluate: error: --output {out}: exists; pass --force to "
                             f"replace it\n")
     assert captured.out == "" and out.read_text() == "earlier results\n"      # nothing decoded
     assert cli(args + ["--force"]) == 0
     assert json.loads(out.read_text())["metrics"]["error_rate"] == pytest.approx(1 / 8)
+
+
+def test_output_paths_are_checked_before_anything_is_decoded(setup, capsys, tmp_path):
+    """Issue 29 item 5: --output a folder (it decoded every example, then died with
+    IsADirectoryError), under a file, or where nothing can be written: exit 2 at once."""
+    (tmp_path / "file.jsonl").write_text("x")
+    base = ["evaluate", "--config", str(setup.config), "--task", "cslm_sft_asr_en", "--ckpt",
+            str(setup.text), "--batch-size", "2"]
+    for out, message in ((tmp_path, "is a folder; --output names a file"),
+                         (tmp_path / "file.jsonl" / "out.json",
+                          "file.jsonl is a file, so the file cannot be created under it"),
+                         ("/sys/x.json", "cannot write in /sys")):
+        assert cli(base + ["--output", str(out), "--force"]) == 2
+        captured = capsys.readouterr()
+        assert f"--output {out}:" in captured.err and message in captured.err, captured.err
+        assert captured.out == ""                     # nothing decoded

@@ -214,7 +214,7 @@ def test_3_bad_paths_and_values_are_one_line_naming_them(demo, ckpt, tmp_path, c
         (["decode", "--lang", "en", "--unit", latin1, "--ckpt", ckpt, "--output-dir", a_file],
          f"--output-dir {a_file}: is a file, not a folder"),
         (["export-hf", "--ckpt", ckpt, "--out", a_file],
-         f"{a_file} is a file, not a folder"),
+         f"--out {a_file}: is a file, not a folder"),
     ]
     for args, expected in cases:
         assert cli([str(a) for a in args]) == 2, args

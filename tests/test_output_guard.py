@@ -223,9 +223,9 @@ def test_protected_folders_and_output_kinds(tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(CslmError, match="afile is a file, so the folder cannot be created"):
         outputs.check_output_dir(tmp_path / "afile" / "out", force=False)
-    with pytest.raises(CslmError, match="is a folder; --output names a file"):
+    with pytest.raises(CslmError, match=": is a folder; --output names a file"):
         outputs.check_output_file(tmp_path, force=True)
-    with pytest.raises(CslmError, match="afile exists; pass --force"):
+    with pytest.raises(CslmError, match="afile: exists; pass --force"):
         outputs.check_output_file(tmp_path / "afile", force=False)
     with pytest.raises(CslmError, match="--output .*afile.*is the input --records"):
         outputs.check_output_file(tmp_path / "afile", force=True,
@@ -266,3 +266,72 @@ def test_manifest_messages(tmp_path, tokdir, capsys):
     (tmp_path / "m.jsonl").write_text('{"audio": "a.wav",, "text": "x"}\n')
     with pytest.raises(CslmError, match="at column 19"):
         read_manifest(tmp_path / "m.jsonl")
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, tokdir, demo, capsys):
+    """Issue 29 item 5 for the commands without a model: a file where a folder is meant, a folder
+    where a file is, a parent that is a file: exit 2, nothing written."""
+    data_dir, tok_dir = demo
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    d = user_folder(tmp_path / "d")
+    cases = [
+        (["extract-units", "--manifest", str(d / "m.jsonl"), "--tokenizer", str(tokdir),
+          "--out", str(a_file / "units")], "so the folder cannot be created under it"),
+        (["import-speech-tokenizer", "--from", str(d / "notes.txt"), "--version", "v1",
+          "--out", str(a_file)], f"--out {a_file}: is a file, not a folder"),
+        (["prepare-data", "--data-config", str(data_dir / "data.yaml"), "--stage", "pretrain",
+          "--tokenizer", str(tok_dir), "--out", str(a_file)],
+         f"--out {a_file}: is a file, not a folder"),
+        (["prepare-data", "--data-config", str(data_dir / "data.yaml"), "--stage", "pretrain",
+          "--tokenizer", str(tok_dir), "--out", str(data_dir)],
+         "contains the input --data-config"),
+        (["join-timings", "--records", str(d / "m.jsonl"), "--alignments", str(d),
+          "--format", "mfa", "--out", str(tmp_path)], "is a folder; --out names a file"),
+        (["join-timings", "--records", str(d / "m.jsonl"), "--alignments", str(d),
+          "--format", "mfa", "--out", str(d / "m.jsonl"), "--force"],
+         "is the input --records"),
+    ]
+    before = tree(tmp_path)
+    for args, message in cases:
+        assert cli(args) == 2, args
+        line = error_line(capsys, args[0])
+        assert message in line, (args, line)
+    assert tree(tmp_path) == before
+
+
+def test_train_run_dir_apart_from_its_inputs(tmp_path, base_ckpt, demo, capsys):
+    from conftest import REPO
+
+    data_dir, _ = demo
+    before = tree(Path(base_ckpt))
+    def train(run_dir):
+        return cli(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--run-dir",
+                    str(run_dir), "--init-from", str(base_ckpt),
+                    f"data.config={data_dir / 'data.yaml'}"])
+
+    assert train(Path(base_ckpt) / "run") == 2
+    assert "lies inside the input --init-from" in error_line(capsys, "train")
+    assert train(data_dir) == 2
+    assert "contains the input data.config" in error_line(capsys, "train")
+    assert tree(Path(base_ckpt)) == before
+
+
+def test_train_checks_only_its_stages_files(tmp_path, base_ckpt, demo):
+    """Issue 29 item 9 for train: the sft stage runs without the pretrain stage's files, and a
+    missing file of its own stage is named."""
+    from conftest import REPO
+    from cslm_jax.train.loop import preflight
+
+    data = tmp_path / "data"
+    shutil.copytree(demo[0], data)
+    (data / "paired_zh.train.jsonl").unlink()             # pretrain only
+    over = [f"data.config={data / 'data.yaml'}", f"init_from={base_ckpt}"]
+    assert preflight(REPO / "configs" / "demo_sft.yaml", over, tmp_path / "run").data.stage == "sft"
+    with pytest.raises(CslmError, match=r"field 'stages.pretrain\[1\].train\[0\]': file .*"
+                                        r"paired_zh.train.jsonl does not exist"):
+        preflight(REPO / "configs" / "demo.yaml", over, tmp_path / "run")
+    (data / "s2s_en2en.train.jsonl").unlink()
+    with pytest.raises(CslmError, match=r"stages.sft\[0\].train\[0\]': file .*s2s_en2en"):
+        preflight(REPO / "configs" / "demo_sft.yaml", over, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

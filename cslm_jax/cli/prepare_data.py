@@ -52,8 +52,10 @@ def add_parser(sub):
 def check(args, parser) -> None:
     from pathlib import Path
 
-    from cslm_jax.data.formats import load_data_config
+    from cslm_jax.data.formats import check_stage_files, load_data_config
     from cslm_jax.errors import CslmError
+    from cslm_jax.storage import fs
+    from cslm_jax.storage.outputs import check_output_place
 
     if args.num_shards < 1:
         parser.error(f"--num-shards must be >= 1, got {args.num_shards}")
@@ -81,25 +83,12 @@ def check(args, parser) -> None:
         args.tokenizer_dir = str(tok)
     overrides = [] if args.max_length is None else [f"packing.max_length={args.max_length}"]
     args.cfg = load_data_config(args.data_config, overrides, check_files=False)
-    _check_files(args.cfg, args.stage, args.tasks)
-
-
-def _check_files(cfg, stage: str, tasks) -> None:
-    """The files of the stage's tasks (those of `tasks` when given) exist; other stages' files
-    are not needed here. ConfigError naming the field, as load_data_config does."""
-    from cslm_jax.config import ConfigError
-    from cslm_jax.storage import fs
-
-    for i, spec in enumerate(cfg.tasks(stage)):   # ConfigError naming the stages when unknown
-        if tasks and spec.name not in tasks:
-            continue
-        for split, files in (("train", spec.train), ("validation", spec.validation)):
-            for j, f in enumerate(files):
-                if "://" in f and not fs.is_remote(f):
-                    continue                 # file://...: read through tf.io.gfile as given
-                if not fs.path(f).is_file():
-                    raise ConfigError(f"{cfg.path}: field 'stages.{stage}[{i}].{split}[{j}]': "
-                                      f"file {f} does not exist")
+    check_stage_files(args.cfg, args.stage, args.tasks)
+    if "://" not in args.out or fs.is_remote(args.out):     # file:// goes to tf.io.gfile as given
+        inputs = [("--data-config", args.data_config), ("--tokenizer", args.tokenizer)]
+        inputs += [("an input file", f) for s in args.cfg.tasks(args.stage)
+                   for f in (*s.train, *s.validation) if "://" not in f or fs.is_remote(f)]
+        check_output_place(args.out, inputs=inputs, flag="--out")
 
 
 def uses_tensorflow(args) -> bool:

@@ -49,7 +49,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from cslm_jax.errors import CslmError, DataError, OutputExistsError
+from cslm_jax.errors import CslmError, DataError
+from cslm_jax.storage.outputs import check_output_file
 from cslm_jax.data.formats import (FormatConfig, RecordError, _is_timed, detect_kind, parse_line,
                                    timed_tokens, validate_record)
 
@@ -498,10 +499,7 @@ def word_times(text: str, words: list[AlignedWord], chunk_unit: str, punctuation
 # -- joining ------------------------------------------------------------------------------------
 
 def _write_lines_atomic(out: Path, lines: Iterator[str], force: bool) -> None:
-    if out.is_dir():
-        raise OutputExistsError(f"{out} is a folder; --out names a JSONL file")
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; pass --force to replace it")
+    check_output_file(out, force, flag="--out")             # again: it may have appeared since
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
@@ -528,6 +526,8 @@ def join_timings(records, alignments, fmt: str, out, cfg: FormatConfig, *, id_fi
     The output appears only when complete (written to a temporary file, then renamed).
     """
     records, out = Path(records), Path(out)
+    check_output_file(out, force, inputs=[("--records", records), ("--alignments", alignments)],
+                      flag="--out")                     # before any aligner file is read
     index = Alignments(alignments, fmt, tier, id_field)
     counts = collections.Counter(records=0, joined=0, missing=0, bad=0, untimed_words=0,
                                  coarse_segments=0, replaced=0)

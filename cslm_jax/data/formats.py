@@ -784,6 +784,25 @@ class DataConfig:
         return f"cslm_{stage}"
 
 
+def check_stage_files(cfg: DataConfig, stage: str, tasks=None) -> None:
+    """The files of `stage`'s tasks (those named in `tasks`, when given) exist: a command
+    working on one stage needs no other stage's files. ConfigError naming the field, as
+    `load_data_config(check_files=True)` would (and the stages, for an unknown one)."""
+    from cslm_jax.config import ConfigError
+    from cslm_jax.storage import fs
+
+    for i, spec in enumerate(cfg.tasks(stage)):
+        if tasks and spec.name not in tasks:
+            continue
+        for split, files in (("train", spec.train), ("validation", spec.validation)):
+            for j, f in enumerate(files):
+                if "://" in f and not fs.is_remote(f):
+                    continue                 # file://...: read through tf.io.gfile as given
+                if not fs.path(f).is_file():
+                    raise ConfigError(f"{cfg.path}: field 'stages.{stage}[{i}].{split}[{j}]': "
+                                      f"file {f} does not exist")
+
+
 def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = True) -> DataConfig:
     """Read a data config (see configs/data/demo.yaml); relative files resolve against
     `data_dir` (itself relative to the config file); with `check_files` every file must exist."""

@@ -33,6 +33,7 @@ import json
 import time
 from pathlib import Path
 
+from cslm_jax.storage.outputs import check_output_file
 from cslm_jax.data.formats import merge_repeats
 from cslm_jax.eval.metrics import (EvaluationError, UnitLexicon, bleu, bleu_tokenize, chrf,
                                    edit_distance, language_id, mixed_error_rate,
@@ -341,8 +342,8 @@ def evaluate_task(*, config: str | Path, task: str, ckpt: str | None = None,
     if max_examples is not None and max_examples < 1:
         raise EvaluationError(f"--max-examples must be >= 1, got {max_examples}")
     out_path = Path(output) if output else Path(f"eval_{task}_{split}.json")
-    if out_path.is_file() and not force:
-        raise EvaluationError(f"--output {out_path} exists; pass --force to replace it")
+    check_output_file(out_path, force, inputs=[("--config", config), ("--ckpt", ckpt)],
+                      flag="--output")
     language_id(language_id_name)                         # unknown names fail before decoding
     data_cfg = load_data(config, overrides)
     spec, files = find_task(data_cfg, task, split)

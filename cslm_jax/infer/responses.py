@@ -40,6 +40,7 @@ from typing import Callable, Iterator, Sequence
 
 from cslm_jax.config import ConfigError
 from cslm_jax.errors import CslmError
+from cslm_jax.storage.outputs import check_output_place
 
 class UnitFileError(CslmError):
     """A unit file (or its model) cannot be decoded; the message names the file and line."""
@@ -467,11 +468,11 @@ def check_decode_arguments(sampling, *, batch_size: int, max_new_tokens: int,
 ANSWER_FILES = ("responses.json", "responses.jsonl")
 
 
-def check_decode_output(out_dir: Path) -> None:
-    """--output-dir must be a folder (or not exist yet). What it holds is judged by
+def check_decode_output(out_dir: Path, inputs=()) -> None:
+    """--output-dir must be a folder (or creatable), apart from every input (`inputs`: (flag,
+    path) pairs; `storage.outputs.check_output_place`). What it holds is judged by
     `prior_answers`, once the questions and the model are known."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--output-dir {out_dir}: is a file, not a folder")
+    check_output_place(out_dir, inputs=inputs, flag="--output-dir")
 
 
 def run_identity(*, unit_file, lang: str, cross_lingual: bool, prompt_style: str, model,
@@ -656,7 +657,8 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
     check_decode_arguments(sampling, batch_size=batch_size, max_new_tokens=max_new_tokens,
                            chunk_size=chunk_size)
     out_dir = Path(output_dir)
-    check_decode_output(out_dir)
+    check_decode_output(out_dir, [("--unit", unit_file), ("--ckpt", ckpt), ("--hf-dir", hf_dir),
+                                  ("--data-config", data_config)])
 
     say = log
     fmt = load_data_config(data_config, check_files=False).format

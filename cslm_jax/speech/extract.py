@@ -50,7 +50,7 @@ from cslm_jax.data.audio import (AUDIO_FIELDS, SAMPLE_RATE, AudioError, Manifest
                                  probe_seconds)
 from cslm_jax.errors import CslmError, OutputExistsError
 from cslm_jax.storage import fs
-from cslm_jax.storage.outputs import OutputPathError, check_creatable, check_disjoint
+from cslm_jax.storage.outputs import OutputPathError, check_output_place
 
 FORMAT = "cslm_jax.extract_units/1"
 PLAN_FILE = "extract.json"
@@ -200,12 +200,7 @@ def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
 def check_out(out, force: bool, inputs=()) -> set[str]:
     """`--out` apart from every input, a folder (or creatable), and under `force` holding only
     files extract-units writes; returns the names it holds."""
-    out = fs.path(out, "--out")
-    check_disjoint(out, inputs, "--out")
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out {out} is a file, not a folder; give --out a folder")
-    if not out.exists():
-        check_creatable(out, "--out")
+    out = check_output_place(out, inputs=inputs, flag="--out")
     names = fs.listdir(out)
     foreign = sorted(n for n in names if not own_file(n))
     if force and foreign:

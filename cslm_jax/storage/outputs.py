@@ -114,6 +114,25 @@ def check_creatable(p, flag: str | None = None, folder: bool = True) -> None:
         raise OutputPathError(f"{where}: cannot write in {anc} ({e.strerror or e})") from None
 
 
+def check_output_place(p, *, inputs=(), flag: str | None = "--out", folder: bool = True):
+    """What every output path needs, whatever it holds: apart from every input and protected
+    folder, the right kind (a folder where a folder is meant, a file where a file is), and a
+    parent that can be created and written. Returns it as a path. For commands that resume
+    into an existing output (decode, extract-units, train) and so decide about its contents
+    themselves."""
+    path = fs.path(p, flag)
+    fs.check_bucket(path, flag)
+    where = _where(flag, path)
+    if folder and path.exists() and not path.is_dir():
+        raise OutputPathError(f"{where}: is a file, not a folder; give a folder path")
+    if not folder and path.is_dir():
+        raise OutputPathError(f"{where}: is a folder; {flag or 'the output'} names a file")
+    check_disjoint(path, inputs, flag)
+    if not path.exists():
+        check_creatable(path, flag, folder=folder)
+    return path
+
+
 def read_marker(p) -> dict | None:
     m = fs.path(p) / MARKER
     try:
@@ -155,16 +174,15 @@ def check_output_dir(p, force: bool, *, inputs=(), flag: str | None = "--out",
     may say which entries of an existing folder are the command's own files (for commands that
     mark their folder differently, e.g. extract-units' plan file)."""
     path = fs.path(p, flag)
-    fs.check_bucket(path, flag)
-    check_disjoint(path, inputs, flag)
-    where = _where(flag, path)
     if path.exists() and not path.is_dir():
-        raise OutputPathError(f"{where} is a file, not a folder; give a folder path (--force "
-                              f"replaces folders only)")
+        raise OutputPathError(f"{_where(flag, path)}: is a file, not a folder; give a folder "
+                              f"path (--force replaces folders only)")
+    check_output_place(path, inputs=inputs, flag=flag)
+    where = _where(flag, path)
     if path.exists():
         if any(path.iterdir()):
             if not force:
-                raise OutputExistsError(f"{where} exists and is not empty; {hint}")
+                raise OutputExistsError(f"{where}: exists and is not empty; {hint}")
             if not owned:
                 foreign = ([x.name for x in path.iterdir() if not own(x.name)]
                            if own is not None else foreign_entries(path))
@@ -176,8 +194,6 @@ def check_output_dir(p, force: bool, *, inputs=(), flag: str | None = "--out",
                     raise OutputPathError(f"{where}: --force replaces only what cslm-jax wrote, "
                                           f"and {why}: {shown}; move them away or give another "
                                           f"path (nothing was deleted)")
-    else:
-        check_creatable(path, flag)
     return path
 
 
@@ -202,13 +218,7 @@ def clear_output(p) -> None:
 def check_output_file(p, force: bool, *, inputs=(), flag: str | None = "--output"):
     """Check file output `p`: not a folder, not an input, its folder creatable, and not an
     existing file unless `force`. Returns it as a path."""
-    path = fs.path(p, flag)
-    fs.check_bucket(path, flag)
-    where = _where(flag, path)
-    if path.is_dir():
-        raise OutputPathError(f"{where} is a folder; {flag or 'the output'} names a file")
-    check_disjoint(path, inputs, flag)
+    path = check_output_place(p, inputs=inputs, flag=flag, folder=False)
     if path.exists() and not force:
-        raise OutputExistsError(f"{where} exists; pass --force to replace it")
-    check_creatable(path, flag, folder=False)
+        raise OutputExistsError(f"{_where(flag, path)}: exists; pass --force to replace it")
     return path

@@ -43,6 +43,7 @@ from cslm_jax.config import ConfigError, ModelConfig, RunConfig
 from cslm_jax.errors import CslmError
 from cslm_jax.model.vocab import VocabInfo
 from cslm_jax.storage import fs
+from cslm_jax.storage.outputs import check_output_place
 from cslm_jax.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
 from cslm_jax.train.preemption import PreemptionFlag
 
@@ -99,13 +100,13 @@ def check_run_dir(run_dir: Path) -> None:
 def _load_data_config(cfg: RunConfig, data_cache=None):
     """The run's data config. Training from a prepared cache (`--data-cache` or the data
     config's `cache_dir`) does not need the JSONL files on this host."""
-    from cslm_jax.data.formats import load_data_config
+    from cslm_jax.data.formats import check_stage_files, load_data_config
 
     length = cfg.data.max_length
     overrides = [] if length is None else [f"packing.max_length={length}"]
     data_cfg = load_data_config(cfg.data.config, overrides, check_files=False)
-    if data_cache is None and data_cfg.cache_dir is None:
-        data_cfg = load_data_config(cfg.data.config, overrides)
+    if data_cache is None and data_cfg.cache_dir is None and cfg.data.stage in data_cfg.stages:
+        check_stage_files(data_cfg, cfg.data.stage)       # this stage's files, not every stage's
     return data_cfg
 
 
@@ -120,6 +121,9 @@ def preflight(config, overrides, run_dir, init_from=None, data_cache=None) -> Ru
     fs.check_bucket(run_dir, "--run-dir")
     check_run_dir(run_dir)
     cfg = load_run_config(config, overrides)
+    check_output_place(run_dir, flag="--run-dir", inputs=[
+        ("--init-from" if init_from else "init_from", init_from or cfg.init_from),
+        ("--data-cache", data_cache), ("data.config", cfg.data.config)])
     if not has_checkpoint(run_dir):
         where = init_from or cfg.init_from
         if not where:
