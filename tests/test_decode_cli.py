@@ -487,15 +487,14 @@ def test_the_assistant_header_opened_after_a_reference_prompt_is_no_event(cslm):
 
 
 def test_output_dir_is_checked_before_the_model_loads(cslm, tmp_path, capsys):
-    """Issue 29 item 5: a folder that cannot be made (a file on its way), an output inside the
-    checkpoint, or the current folder: exit 2 before the model loads (nothing logged, nothing
-    written)."""
+    """Issue 29 item 5: a folder that cannot be made (a file on its way), one that holds the
+    checkpoint, or a file: exit 2 before the model loads (nothing logged, nothing written)."""
     a_file = tmp_path / "file"
     a_file.write_text("x")
     before = sorted(p.name for p in cslm.ckpt.iterdir())
     for out, message in ((a_file / "out", f"--output-dir {a_file / 'out'}: {a_file} is a file, "
                                           f"so the folder cannot be created under it"),
-                         (cslm.ckpt / "answers", "lies inside the input --ckpt"),
+                         (cslm.ckpt.parent, "contains the input"),
                          (cslm.units, "is a file, not a folder")):
         code = cli(["decode", "--lang", "en", "--unit", str(cslm.units), "--ckpt", str(cslm.ckpt),
                     "--output-dir", str(out)])

@@ -62,18 +62,20 @@ def test_extract_units_into_the_folder_of_its_inputs_is_refused(tmp_path, tokdir
                 "--out", str(d), "--force", "--no-progress"]) == 2
     assert f"--out {d}: contains the input --manifest" in error_line(capsys, "extract-units")
     shutil.copytree(tok, d / "tok")
-    assert cli(["extract-units", "--manifest", str(d / "m.jsonl"), "--tokenizer", "d/tok",
+    shutil.copy(d / "m.jsonl", tmp_path / "elsewhere.jsonl")
+    (tmp_path / "wav").symlink_to(d / "wav")
+    assert cli(["extract-units", "--manifest", "elsewhere.jsonl", "--tokenizer", "d/tok",
                 "--out", "d", "--force", "--no-progress"]) == 2
-    assert "contains the input --manifest" in error_line(capsys, "extract-units")
-    assert cli(["extract-units", "--manifest", str(tmp_path / "elsewhere.jsonl"),
+    assert "contains the input --tokenizer d/tok" in error_line(capsys, "extract-units")
+    assert cli(["extract-units", "--manifest", str(tmp_path / "gone.jsonl"),
                 "--tokenizer", str(tok), "--out", str(tok / "units"), "--no-progress"]) == 2
     assert "no such file" in error_line(capsys, "extract-units")
-    shutil.copy(d / "m.jsonl", tmp_path / "elsewhere.jsonl")
     assert cli(["extract-units", "--manifest", str(tmp_path / "elsewhere.jsonl"),
                 "--tokenizer", str(tok), "--out", str(tok / "units"), "--no-progress"]) == 2
     assert f"lies inside the input --tokenizer {tok}" in error_line(capsys, "extract-units")
     shutil.rmtree(d / "tok")
     assert tree(d) == before and tree(tok) == tok_before
+    assert (tmp_path / "elsewhere.jsonl").is_file()
 
 
 def test_extract_units_force_removes_only_its_own_files(tmp_path, tokdir, capsys):
@@ -167,7 +169,8 @@ def test_force_replaces_only_what_cslm_jax_wrote(tmp_path, base_ckpt, capsys):
     user_hf = Path(base_ckpt).parent / "hf"
     before = tree(user_hf)
     assert cli([*args[:-4], "--out", str(user_hf), "--force"]) == 2
-    assert f"was not written by cslm-jax (no {outputs.MARKER})" in error_line(capsys, "export-hf")
+    assert f"and has no {outputs.MARKER}: written by another program" in error_line(capsys,
+                                                                                    "export-hf")
     assert tree(user_hf) == before
 
 
@@ -202,7 +205,7 @@ def test_make_demo_data_force_keeps_foreign_files(tmp_path, capsys):
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
     assert cli(["demo", "--out", str(mine), "--force"]) == 2
-    assert "was not written by cslm-jax" in error_line(capsys, "demo")
+    assert "has no .cslm_jax_output.json" in error_line(capsys, "demo")
     assert (mine / "thesis.tex").read_text() == "years of work"
 
 
@@ -310,8 +313,14 @@ def test_train_run_dir_apart_from_its_inputs(tmp_path, base_ckpt, demo, capsys):
                     str(run_dir), "--init-from", str(base_ckpt),
                     f"data.config={data_dir / 'data.yaml'}"])
 
-    assert train(Path(base_ckpt) / "run") == 2
-    assert "lies inside the input --init-from" in error_line(capsys, "train")
+    assert train(Path(base_ckpt).parent) == 2
+    assert "contains the input --init-from" in error_line(capsys, "train")
+    exp = tmp_path / "exp"                  # no run: a new one would replace model/ at its end
+    (exp / "model").mkdir(parents=True)
+    (exp / "model" / "notes.txt").write_text("mine")
+    assert train(exp) == 2
+    assert "holds model/ but no checkpoint" in error_line(capsys, "train")
+    assert (exp / "model" / "notes.txt").read_text() == "mine"
     assert train(data_dir) == 2
     assert "contains the input data.config" in error_line(capsys, "train")
     assert tree(Path(base_ckpt)) == before
@@ -335,3 +344,37 @@ def test_train_checks_only_its_stages_files(tmp_path, base_ckpt, demo):
     with pytest.raises(CslmError, match=r"stages.sft\[0\].train\[0\]': file .*s2s_en2en"):
         preflight(REPO / "configs" / "demo_sft.yaml", over, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_force_replaces_only_the_same_commands_output(tmp_path, base_ckpt, tokdir, capsys):
+    """An import-hf checkpoint is not export-hf's to replace, and an import-hf reading a speech
+    tokenizer folder may not write over it (it carries import-speech-tokenizer's marker)."""
+    ck = tmp_path / "ck"
+    shutil.copytree(base_ckpt, ck)
+    assert json.loads((ck / outputs.MARKER).read_text())["tool"] == "import-hf"
+    before = tree(ck)
+    assert cli(["export-hf", "--ckpt", str(base_ckpt), "--out", str(ck), "--force"]) == 2
+    assert "holds the output of `cslm-jax import-hf`; export-hf replaces only its own" in \
+        error_line(capsys, "export-hf")
+    assert tree(ck) == before
+    st = tmp_path / "st"
+    shutil.copytree(tokdir, st)
+    before = tree(st)
+    assert cli(["import-hf", "--hf-dir", str(Path(base_ckpt).parent / "hf"), "--speech-tokenizer",
+                str(st), "--out", str(st), "--force"]) == 2
+    assert f"--out {st}: is the input --speech-tokenizer" in error_line(capsys, "import-hf")
+    assert tree(st) == before
+
+
+def test_an_existing_folder_must_be_writable_and_json_cut_short_is_said_once():
+    from cslm_jax.errors import json_error
+
+    if os.geteuid() == 0 or not os.access("/sys/kernel", os.W_OK):
+        with pytest.raises(CslmError, match="cannot write in /sys/kernel"):
+            outputs.check_output_place("/sys/kernel", flag="--output-dir")
+    for line, said in (('{"a": "b', "the line ends before the record does; is it cut short?"),
+                       ('{"a": "x\ty"}\n', "Invalid control character at column 9")):
+        with pytest.raises(json.JSONDecodeError) as e:
+            json.loads(line)
+        assert json_error(e.value, line) == f"invalid JSON: {said}"
+        assert "at at" not in json_error(e.value, line)

@@ -154,7 +154,7 @@ def test_export_refuses_non_empty_target_and_never_leaves_partial_output(make_hf
 
     # --force replaces only what cslm-jax wrote: a folder holding the user's file stays refused
     assert cli(["export-hf", "--ckpt", str(tmp_path / "ck"), "--out", str(target), "--force"]) == 2
-    assert "was not written by cslm-jax" in capsys.readouterr().err
+    assert "has no .cslm_jax_output.json" in capsys.readouterr().err
     assert (target / "keep.txt").read_text() == "user data"
     (target / "keep.txt").unlink()
     assert cli(["export-hf", "--ckpt", str(tmp_path / "ck"), "--out", str(target)]) == 0

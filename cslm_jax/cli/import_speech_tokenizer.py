@@ -33,7 +33,8 @@ def check(args, parser):
                                    f"(.onnx, .pt/.pth or .safetensors)")
     if not src.is_file():
         raise SpeechTokenizerError(f"--from {args.src}: no such file")
-    check_output_dir(args.out, args.force, inputs=[("--from", args.src)])
+    check_output_dir(args.out, args.force, inputs=[("--from", args.src)],
+                     tool="import-speech-tokenizer")
 
 
 def run(args) -> int:

@@ -86,8 +86,10 @@ def check(args, parser) -> None:
     check_stage_files(args.cfg, args.stage, args.tasks)
     if "://" not in args.out or fs.is_remote(args.out):     # file:// goes to tf.io.gfile as given
         inputs = [("--data-config", args.data_config), ("--tokenizer", args.tokenizer)]
-        inputs += [("an input file", f) for s in args.cfg.tasks(args.stage)
-                   for f in (*s.train, *s.validation) if "://" not in f or fs.is_remote(f)]
+        inputs += [(f"stages.{args.stage}[{i}].{split}[{j}]", f)
+                   for i, s in enumerate(args.cfg.tasks(args.stage))
+                   for split, files in (("train", s.train), ("validation", s.validation))
+                   for j, f in enumerate(files) if "://" not in f or fs.is_remote(f)]
         check_output_place(args.out, inputs=inputs, flag="--out")
 
 

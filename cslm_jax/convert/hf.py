@@ -254,7 +254,11 @@ def import_hf(hf_dir, out, speech_units: int | None = None, pad_vocab_multiple: 
                                   f"{speech_tokenizer} ({info.source}: {info.codebook_size} codes); "
                                   f"give one of them")
         speech_units = info.codebook_size
-    check_output_dir(out, force, inputs=[("--hf-dir", hf_dir)])     # before reading any weights
+    inputs = [("--hf-dir", hf_dir)]
+    if speech_tokenizer is not None and (fs.is_remote(speech_tokenizer)
+                                         or Path(speech_tokenizer).exists()):   # not a version
+        inputs.append(("--speech-tokenizer", speech_tokenizer))
+    check_output_dir(out, force, inputs=inputs, tool="import-hf")     # before reading any weights
     hf_dir = fs.local_dir(fs.path(hf_dir, "--hf-dir"), "Hugging Face folder")   # gs://: staged
     hf = read_hf_config(hf_dir)
     base_cfg = model_config_from_hf(hf, str(hf_dir / "config.json"))
@@ -333,7 +337,8 @@ def import_hf(hf_dir, out, speech_units: int | None = None, pad_vocab_multiple: 
         f"vocabulary {base_rows} + {info.size - base_rows} CSLM tokens, padded to {padded}")
     extra = {"hf": {"config": hf, "generation_config": _read_json(hf_dir / "generation_config.json"),
                     "source": str(hf_dir.absolute())}}
-    return save_model_checkpoint(out, params, cfg, info, tokenizer, extra, force=force)
+    return save_model_checkpoint(out, params, cfg, info, tokenizer, extra, force=force,
+                                 tool="import-hf")
 
 
 def _init_new_rows(rows: np.ndarray, start: int, stop: int, how: str, std: float, rng) -> None:
@@ -422,7 +427,7 @@ def export_hf(ckpt, out, dtype: str = "bfloat16", force: bool = False,
 
     if dtype not in NP_DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(NP_DTYPES)}, got {dtype!r}")
-    check_output_dir(out, force, inputs=[("--ckpt", ckpt)])
+    check_output_dir(out, force, inputs=[("--ckpt", ckpt)], tool="export-hf")
     ckpt = resolve_model_dir(ckpt, flag="--ckpt")      # a checkpoint, or a run folder's model/
     meta, cfg, vocab = read_metadata(ckpt)
     np_dtype = NP_DTYPES[dtype]
@@ -438,7 +443,7 @@ def export_hf(ckpt, out, dtype: str = "bfloat16", force: bool = False,
     fname_of = {n: ("model.safetensors" if len(shards) == 1
                     else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
                 for k, shard in enumerate(shards) for n in shard}
-    with atomic_dir(out, force=force, staged=True, last="config.json") as tmp:
+    with atomic_dir(out, force=force, staged=True, last="config.json", tool="export-hf") as tmp:
         pending: dict[str, np.ndarray] = {}
         total = 0
         shard_iter = iter(shards)

@@ -229,7 +229,7 @@ def make_demo_data(out: str | Path, config_template: str | Path, seed: int = 0, 
     from cslm_jax.model.vocab import train_bpe_tokenizer
 
     out = Path(out)
-    check_output_dir(out, force)
+    check_output_dir(out, force, tool="make-demo-data")
     if out.exists():
         clear_output(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -152,7 +152,7 @@ def run_demo(out: str | Path, force: bool = False) -> int:
     from cslm_jax.infer.responses import chat_prompt_ids
 
     out = Path(out)
-    check_output_dir(out, force, hint="pass --force to reuse it")
+    check_output_dir(out, force, tool="demo")
     if force and out.exists():
         clear_output(out)
     out.mkdir(parents=True, exist_ok=True)

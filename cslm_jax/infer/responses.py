@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import statistics
 import time
@@ -472,7 +473,7 @@ def check_decode_output(out_dir: Path, inputs=()) -> None:
     """--output-dir must be a folder (or creatable), apart from every input (`inputs`: (flag,
     path) pairs; `storage.outputs.check_output_place`). What it holds is judged by
     `prior_answers`, once the questions and the model are known."""
-    check_output_place(out_dir, inputs=inputs, flag="--output-dir")
+    check_output_place(out_dir, inputs=inputs, flag="--output-dir", inside_ok=True)
 
 
 def run_identity(*, unit_file, lang: str, cross_lingual: bool, prompt_style: str, model,
@@ -484,6 +485,20 @@ def run_identity(*, unit_file, lang: str, cross_lingual: bool, prompt_style: str
             "settings": {"model": str(model), **dataclasses.asdict(sampling),
                          "max_new_tokens": max_new_tokens, "compute_dtype": compute_dtype,
                          "data_config": str(data_config)}}
+
+
+def _same_run(record: dict, run: dict) -> bool:
+    """`record` was written by `run` (`run_identity`); its paths compared as absolute paths, so
+    `q.txt` and `./q.txt` name the same file (the prompts' ids are compared after loading)."""
+    def norm(r):
+        settings = dict(r.get("settings") or {})
+        for key in ("model", "data_config"):
+            if isinstance(settings.get(key), str) and "://" not in settings[key]:
+                settings[key] = os.path.abspath(settings[key])
+        source = r.get("source")
+        return {**{k: r.get(k) for k in run}, "settings": settings,
+                "source": os.path.abspath(source) if isinstance(source, str) else source}
+    return norm(record) == norm(run)
 
 
 @dataclasses.dataclass
@@ -539,8 +554,8 @@ def prior_answers(out_dir: Path, run: dict, questions: int, append: bool) -> Pri
     if isinstance(last, dict) and isinstance(last.get("index"), int) and \
             0 <= last["index"] < min(questions, len(records)):
         tail = records[len(records) - last["index"] - 1:]
-        if all(isinstance(r, dict) and r.get("index") == i and
-               all(r.get(k) == v for k, v in run.items()) for i, r in enumerate(tail)):
+        if all(isinstance(r, dict) and r.get("index") == i and _same_run(r, run)
+               for i, r in enumerate(tail)):
             done = tail
     if not done:
         if not append:

@@ -329,7 +329,7 @@ def save_tokenizer(out, cfg: S3Config, params: dict, force: bool = False) -> Pat
             "units_per_second": spec.units_per_second, "sample_rate": 16000,
             "n_mels": cfg.n_mels, "n_state": cfg.n_state, "n_head": cfg.n_head,
             "n_layer": cfg.n_layer, "n_ctx": cfg.n_ctx}
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, tool="import-speech-tokenizer") as tmp:
         save_file(sd, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return out
@@ -379,7 +379,8 @@ def import_speech_tokenizer(src, version: str, out, force: bool = False,
     """Read official weights (ONNX or state dict) and write a tokenizer folder."""
     from cslm_jax.storage.outputs import check_output_dir
 
-    check_output_dir(out, force, inputs=[("--from", src)])     # before reading a 1 GB file
+    check_output_dir(out, force, inputs=[("--from", src)],      # before reading a 1 GB file
+                     tool="import-speech-tokenizer")
     cfg, params = read_weights(src, version, n_head)
     return cfg, save_tokenizer(out, cfg, params, force=force)
 

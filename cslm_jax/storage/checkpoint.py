@@ -41,12 +41,13 @@ class CheckpointError(CslmError):
 
 @contextlib.contextmanager
 def atomic_dir(target, force: bool = False, staged: bool = False, last: str | None = None,
-               owned: bool = False, tool: str = "cslm-jax"):
+               owned: bool = False, tool: str | None = None):
     """Yield a folder to write an output into; the output at `target` is complete or absent.
 
     A non-empty `target` is refused unless `force` is set, and even then unless it is an output
-    cslm-jax wrote (`storage.outputs`; `owned`: the caller manages the folder, e.g. a run's
-    `model/`). The output carries the `storage.outputs.MARKER` file naming its entries. With several JAX processes (a
+    of `tool` (the command writing it) holding nothing else (`storage.outputs.check_output_dir`;
+    `owned`: the caller manages the folder, e.g. a run's `model/`). The output carries the
+    `storage.outputs.MARKER` file naming `tool` and its entries. With several JAX processes (a
     multi-host run, the folder on shared storage) every process gets the same folder: process 0
     creates and commits it, the others wait for it at barriers, so all can join Orbax saves.
 
@@ -60,7 +61,8 @@ def atomic_dir(target, force: bool = False, staged: bool = False, last: str | No
     from cslm_jax.parallel.distributed import barrier, broadcast_int
 
     target = fs.path(target)
-    check_output_dir(target, force, flag=None, owned=owned)
+    check_output_dir(target, force, flag=None, owned=owned, tool=tool)
+    tool = tool or "cslm-jax"
     primary = jax.process_index() == 0
     if fs.commit_file_mode(target):
         with _commit_file_dir(target, primary, staged, last, tool) as out:
@@ -191,7 +193,7 @@ def save_tokenizer(tokenizer, dst) -> None:
 
 def save_model_checkpoint(path: str | Path, params: dict, cfg: ModelConfig, vocab: VocabInfo,
                           tokenizer=None, extra: dict | None = None, force: bool = False,
-                          owned: bool = False) -> Path:
+                          owned: bool = False, tool: str = "import-hf") -> Path:
     """Write params (schema of cslm_jax.model.llama) with their metadata, one Orbax item per parameter
     under params/<name>. A leaf may be an array or a zero-argument function returning one (built
     only when its turn comes and dropped after), so a converter can stream: peak host memory is
@@ -200,7 +202,7 @@ def save_model_checkpoint(path: str | Path, params: dict, cfg: ModelConfig, voca
 
     path = fs.path(path)
     primary = jax.process_index() == 0        # other processes only join the Orbax saves
-    with atomic_dir(path, force=force, last=META_FILE, owned=owned) as tmp:
+    with atomic_dir(path, force=force, last=META_FILE, owned=owned, tool=tool) as tmp:
         if primary:
             (tmp / "params").mkdir()
         leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=callable)[0]

@@ -121,9 +121,13 @@ def preflight(config, overrides, run_dir, init_from=None, data_cache=None) -> Ru
     fs.check_bucket(run_dir, "--run-dir")
     check_run_dir(run_dir)
     cfg = load_run_config(config, overrides)
-    check_output_place(run_dir, flag="--run-dir", inputs=[
+    check_output_place(run_dir, flag="--run-dir", inside_ok=True, inputs=[
         ("--init-from" if init_from else "init_from", init_from or cfg.init_from),
         ("--data-cache", data_cache), ("data.config", cfg.data.config)])
+    if not has_checkpoint(run_dir) and (run_dir / "model").exists():
+        raise TrainError(f"--run-dir {run_dir}: holds model/ but no checkpoint, so it is no run "
+                         f"to resume, and a new run would replace model/ when it ends; give "
+                         f"another --run-dir (nothing was written)")
     if not has_checkpoint(run_dir):
         where = init_from or cfg.init_from
         if not where:
@@ -505,7 +509,8 @@ def _train(cfg, run_dir: Path, init_from, log, on_step, data_shards, allow_confi
                 save_model_checkpoint(run_dir / "model", _final_params(run, manager, final),
                                       run.model_cfg, run.vocab,
                                       load_tokenizer(run_dir / "tokenizer"),
-                                      extra=run.source_meta, force=True, owned=True)
+                                      extra=run.source_meta, force=True, owned=True,
+                                      tool="train")
             if late.raised:
                 log(f"train: {late.signal_name} arrived after the last step; the final model "
                     f"was written first and the run is finished (exit {EXIT_OK})")
