@@ -29,6 +29,7 @@ def json_error(e, line: str) -> str:
     the column within that line, or that the line ends before the record does (a record cut
     short; the line's own newline would otherwise be reported as line 2 column 1)."""
     text = line.rstrip("\r\n")
-    if e.pos >= len(text):
-        return f"invalid JSON: the line ends before the record does ({e.msg}); is it cut short?"
-    return f"invalid JSON: {e.msg} at column {e.pos + 1}"
+    msg = e.msg.removesuffix(" at")          # "Unterminated string starting at": the column follows
+    if e.pos >= len(text) or msg.startswith("Unterminated string"):
+        return "invalid JSON: the line ends before the record does; is it cut short?"
+    return f"invalid JSON: {msg} at column {e.pos + 1}"

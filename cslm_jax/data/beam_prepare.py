@@ -313,7 +313,7 @@ def _create_runner(runner: str):
         return create_runner(runner)
     except (ValueError, AttributeError, ModuleNotFoundError) as e:
         if isinstance(e, ModuleNotFoundError) and "." not in runner:
-            raise
+            raise CslmError(f"--runner {runner}: cannot be loaded here: {e}") from None
         raise CslmError(f"--runner {runner}: not a Beam runner; choose one of "
                         f"{', '.join(StandardOptions.KNOWN_RUNNER_NAMES)} (or the module.Class "
                         f"name of a PipelineRunner subclass)") from None
@@ -342,7 +342,7 @@ def _check_runner_options(runner: str, options, runner_obj) -> None:
                     f"--temp_location=gs://BUCKET/tmp' (or --pipeline-option KEY=VALUE, repeated)")
 
 
-_OUR_FILES = re.compile(r"(COMPLETED|(info|stats)\..+\.json|.+\.tfrecord-\d{5}-of-\d{5})"
+_OUR_FILES = re.compile(r"(COMPLETED|(info|stats)\..+\.json|.+\.tfrecord-\d{5,}-of-\d{5,})"
                         r"(\.tmp-[0-9a-f]+)?")
 
 

@@ -139,8 +139,8 @@ def marker_name(index: int, count: int) -> str:
 
 
 _OWN = re.compile(r"(extract\.json|COMPLETE\.json|skipped\.jsonl|"
-                  r"units-\d{5}-of-\d{5}\.(jsonl|done\.json)|"
-                  r"\.(extract\.json|COMPLETE\.json|skipped\.jsonl|units-\d{5}-of-\d{5}\."
+                  r"units-\d{5,}-of-\d{5,}\.(jsonl|done\.json)|"
+                  r"\.(extract\.json|COMPLETE\.json|skipped\.jsonl|units-\d{5,}-of-\d{5,}\."
                   r"(jsonl|done\.json))\.partial-[0-9a-f]{8})")
 
 

@@ -43,12 +43,24 @@ class PreemptionFlag:
                 self._previous[sig] = signal.signal(sig, self._handler)
             except ValueError:       # not the main thread: the caller handles signals itself
                 pass
+        outer = self._outer()
+        if outer is not None and outer.raised:   # a signal the enclosing flag caught just before
+            self.raised, self.signal_name = True, outer.signal_name
         return self
 
     def __exit__(self, *exc):
+        outer = self._outer()
+        if outer is not None and self.raised and not outer.raised:   # nested: tell the outer one
+            outer.raised, outer.signal_name = True, self.signal_name
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
+
+    def _outer(self) -> "PreemptionFlag | None":
+        """The flag this one is nested in (whose handler it replaced), if any."""
+        previous = self._previous.get(signal.SIGTERM)
+        owner = getattr(previous, "__self__", None)
+        return owner if isinstance(owner, PreemptionFlag) else None
 
     def agreed(self) -> bool:
         if jax.process_count() == 1:
