@@ -248,11 +248,11 @@ def textgrid(words, duration):
 def aligner_words(record, cfg):
     """What an aligner would report for a record: its timed tokens (case folded, punctuation
     still attached, as aligners keep it) with the record's own timings."""
-    from cslm_jax.data.formats import _is_timed, timed_tokens
+    from cslm_jax.data.formats import piece_is_timed, timed_tokens
 
     lang = cfg.languages[record["answer_lang"]]
     pieces = [p.strip() for p in timed_tokens(record["answer_text"], lang.chunk_unit, cfg.punctuation)
-              if _is_timed(p, lang.chunk_unit, cfg.punctuation)]
+              if piece_is_timed(p, lang.chunk_unit, cfg.punctuation)]
     return [(p.lower(), a, b) for p, (a, b) in zip(pieces, record["answer_word_times"])]
 
 

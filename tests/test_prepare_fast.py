@@ -1,7 +1,7 @@
 """The fast paths of data preparation equal the exact ones: speech spans turned into ids without
 the tokenizer (`SpeechText`, `fast_examples`, `FastChat._span_ids`), on the demo tokenizer and the
-true Llama-3.1 tokenizer; validation shortcuts (`_times`, `timed_count`, `_units`), the loss mask,
-`merge_repeats`, `speech`; the Beam work units; what a worker no longer imports."""
+true Llama-3.1 tokenizer; validation shortcuts (`validated_times`, `timed_count`, `_units`), the
+loss mask, `merge_repeats`, `speech`; the Beam work units; what a worker no longer imports."""
 import dataclasses
 import json
 import math
@@ -227,8 +227,9 @@ def test_times_shortcut_gives_the_loops_result_and_errors(demo):
             t = a if isinstance(a, float) else t
         record = {"t": pairs}
         n_units = rng.choice([1, 10, 50, 100])
-        want = _outcome(formats._times, record, "t", "f:1", n, n_units, cfg, False)  # loop alone
-        got = _outcome(formats._times, record, "t", "f:1", n, n_units, cfg)
+        want = _outcome(formats.validated_times, record, "t", "f:1", n, n_units, cfg,
+                        False)                                                  # loop alone
+        got = _outcome(formats.validated_times, record, "t", "f:1", n, n_units, cfg)
         assert got == want, pairs
         seen.add(want[0] if want[0] == "ok" else want[1].split("': ")[1][:12])
     assert len(seen) >= 5                              # valid and each kind of error met
@@ -244,7 +245,7 @@ def test_timed_count_counts_the_timed_pieces():
             cfg = formats.FormatConfig(languages={"l": lang}, unit_count=4, punctuation=punctuation)
             for _ in range(500):
                 text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 20)))
-                want = sum(formats._is_timed(p, chunk_unit, punctuation)
+                want = sum(formats.piece_is_timed(p, chunk_unit, punctuation)
                            for p in formats.timed_tokens(text, chunk_unit, punctuation))
                 assert formats.timed_count(text, lang, cfg) == want, (text, chunk_unit)
 

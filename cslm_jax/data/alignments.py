@@ -51,8 +51,8 @@ from pathlib import Path
 
 from cslm_jax.errors import CslmError, DataError
 from cslm_jax.storage.outputs import check_output_file
-from cslm_jax.data.formats import (FormatConfig, RecordError, _is_timed, detect_kind, parse_line,
-                                   timed_tokens, validate_record)
+from cslm_jax.data.formats import (FormatConfig, RecordError, detect_kind, parse_line,
+                                   piece_is_timed, timed_tokens, validate_record)
 
 FORMATS = ("mfa", "whisperx", "ctc")
 SILENCE = frozenset({"", "<eps>", "sil", "<sil>", "sp"})
@@ -437,7 +437,7 @@ def word_times(text: str, words: list[AlignedWord], chunk_unit: str, punctuation
     """[start, end] per timed token of `text` (formats.timed_tokens) from timed aligner words,
     matched as the module docstring says. AlignmentError at the first difference."""
     pieces = [p for p in timed_tokens(text, chunk_unit, punctuation)
-              if _is_timed(p, chunk_unit, punctuation)]
+              if piece_is_timed(p, chunk_unit, punctuation)]
     norms = [normalise(p, punctuation) for p in pieces]
     # the answer as (character, token index), and each token's character times
     chars = [(c, i) for i, n in enumerate(norms) for c in n]

@@ -423,7 +423,7 @@ class TfdsIndex:
         undecodable text field is a bad line (strict: ManifestError naming the example)."""
         import tensorflow_datasets as tfds
 
-        from cslm_jax.data.sources import _python
+        from cslm_jax.data.sources import python_value
 
         a = self.start + g * self.group
         b = min(self.start + self.entries, a + self.group)
@@ -440,7 +440,7 @@ class TfdsIndex:
                         arrays[field] = (value, self.rates[field])
                         continue
                     try:
-                        record[field] = _python(value, where, field)
+                        record[field] = python_value(value, where, field)
                     except CslmError as e:
                         raise ManifestError(str(e)) from None
             except ManifestError as e:

@@ -23,6 +23,7 @@ import operator
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 from cslm_jax.config import ConfigError
 from cslm_jax.errors import CslmError, DataError, json_error
@@ -188,7 +189,7 @@ def timed_tokens(text: str, chunk_unit: str, punctuation: str) -> list[str]:
     return pieces
 
 
-def _is_timed(piece: str, chunk_unit: str, punctuation: str) -> bool:
+def piece_is_timed(piece: str, chunk_unit: str, punctuation: str) -> bool:
     return chunk_unit == "word" or any(not (c.isspace() or c in punctuation) for c in piece)
 
 
@@ -215,7 +216,7 @@ def _timed_chars(punctuation: str):
     return rx
 
 
-def _times(record: dict, field: str, where: str, n_tokens: int, n_units: int,
+def validated_times(record: dict, field: str, where: str, n_tokens: int, n_units: int,
            cfg: FormatConfig, shortcut: bool = True, values: bool = True
            ) -> list[tuple[float, float]] | None:
     """The [start, end] pairs of `field`, checked (`values=False`: checked only, None
@@ -269,8 +270,8 @@ def validate_record(kind: str, record: dict, cfg: FormatConfig, where: str) -> N
         _text(record, "text", where)
         units = _units(record, "units", where, cfg.unit_count)
         if record.get("word_times") is not None:
-            _times(record, "word_times", where, timed_count(record["text"], lang, cfg), len(units), cfg,
-                   values=False)
+            validated_times(record, "word_times", where, timed_count(record["text"], lang, cfg),
+                            len(units), cfg, values=False)
     elif kind == "translation":
         cfg.lang(record["src_lang"], where, "src_lang")
         cfg.lang(record["tgt_lang"], where, "tgt_lang")
@@ -291,8 +292,8 @@ def validate_record(kind: str, record: dict, cfg: FormatConfig, where: str) -> N
         answer = _text(record, "answer_text", where)
         _units(record, "question_units", where, cfg.unit_count)
         units = _units(record, "answer_units", where, cfg.unit_count)
-        _times(record, "answer_word_times", where, timed_count(answer, lang, cfg), len(units), cfg,
-               values=False)
+        validated_times(record, "answer_word_times", where, timed_count(answer, lang, cfg),
+                        len(units), cfg, values=False)
 
 
 def _turns(record: dict, where: str) -> tuple[list, list]:
@@ -337,7 +338,7 @@ def chunk_answer(text: str, times: Sequence[tuple[float, float]], units: Sequenc
     (joined with spaces for word languages, directly for character languages) to the text.
     """
     pieces = timed_tokens(text, lang.chunk_unit, cfg.punctuation)
-    timed = [_is_timed(p, lang.chunk_unit, cfg.punctuation) for p in pieces]
+    timed = [piece_is_timed(p, lang.chunk_unit, cfg.punctuation) for p in pieces]
     groups: list[list[int]] = []       # piece indices per chunk
     current: list[int] = []
     count = 0
@@ -439,7 +440,7 @@ def examples(task_kind: str, record: dict, cfg: FormatConfig, where: str) -> lis
         lang = cfg.lang(record["answer_lang"], where, "answer_lang")
         template = lang.s2s_prompt if q_lang == record["answer_lang"] else lang.s2s_cross_prompt
         prompt = template.format(speech=speech(units_of("question_units")))
-        times = _times(record, "answer_word_times", where,
+        times = validated_times(record, "answer_word_times", where,
                        timed_count(record["answer_text"], lang, cfg), len(record["answer_units"]), cfg)
         if cfg.chain == "sequential":
             response = sequential_response(record["question_text"], record["answer_text"],
@@ -749,6 +750,74 @@ def _units_from_tokenizer(fmt: dict, where: str, root) -> None:
 
 # -- data configuration (YAML) ---------------------------------------------------------------------
 
+# -- TFDS sources in a data config (read by cslm_jax.data.sources) ------------------------------
+
+TFDS_KEYS = ("tfds", "tfds_data_dir", "splits", "fields", "constants")
+SPLITS = ("train", "validation")
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSpec:
+    """A TFDS dataset as a task's source: name with version, data dir, our split -> TFDS split,
+    record field -> feature path, record field -> constant."""
+
+    name: str
+    data_dir: str | None
+    splits: tuple[tuple[str, str], ...]
+    fields: tuple[tuple[str, str], ...]
+    constants: tuple[tuple[str, object], ...]
+
+
+def tfds_spec_from_entry(entry: dict, where: str, path, kind: str, root: Path,
+                         languages) -> TfdsSpec:
+    """The TFDS source of a data config's stage entry; ConfigError naming the field otherwise."""
+    name = entry["tfds"]
+    if not isinstance(name, str) or ":" not in name:
+        raise ConfigError(f"{path}: field '{where}.tfds' is {name!r}; give name[/config]:version, "
+                          f"e.g. wmt17_translate/zh-en:1.0.0 (a version pins the data)")
+    if entry.get("train") or entry.get("validation"):
+        raise ConfigError(f"{path}: field '{where}': give files (train/validation) or a tfds "
+                          f"dataset, not both")
+    data_dir = entry.get("tfds_data_dir")
+    if data_dir is not None:
+        if not isinstance(data_dir, str) or not data_dir:
+            raise ConfigError(f"{path}: field '{where}.tfds_data_dir' must be a path")
+        if "://" not in data_dir and not Path(data_dir).is_absolute():
+            data_dir = str(root / data_dir)
+    splits = entry.get("splits", {"train": "train"})
+    if not isinstance(splits, dict) or not splits or \
+            not all(isinstance(v, str) and v for v in splits.values()):
+        raise ConfigError(f"{path}: field '{where}.splits' must map our splits {SPLITS} to TFDS "
+                          f"split names")
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise ConfigError(f"{path}: field '{where}.splits': unknown split(s) {unknown}; "
+                          f"splits: {SPLITS}")
+    fields = entry.get("fields") or {}
+    constants = entry.get("constants") or {}
+    for key, value in (("fields", fields), ("constants", constants)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: field '{where}.{key}' must be a mapping")
+    if not all(isinstance(v, str) and v for v in fields.values()):
+        raise ConfigError(f"{path}: field '{where}.fields' maps record fields to TFDS feature "
+                          f"names (strings)")
+    both = sorted(set(fields) & set(constants))
+    if both:
+        raise ConfigError(f"{path}: field '{where}': {both} in both 'fields' and 'constants'")
+    record_kind = RECORD_KIND_OF_TASK[kind]
+    missing = [f for f in REQUIRED[record_kind] if f not in fields and f not in constants]
+    if missing:
+        raise ConfigError(f"{path}: field '{where}.fields': a {kind} task reads {record_kind} "
+                          f"records, which need {list(REQUIRED[record_kind])}; map {missing} "
+                          f"(fields: from a TFDS feature; constants: one value)")
+    for field, value in constants.items():
+        if field.endswith("lang") and value not in languages:
+            raise ConfigError(f"{path}: field '{where}.constants.{field}' is {value!r}; "
+                              f"configured languages: {sorted(languages)}")
+    return TfdsSpec(name, data_dir, tuple(splits.items()), tuple(fields.items()),
+                    tuple(constants.items()))
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
     """One SeqIO task: a task kind over files, in a stage's mixture at `rate`."""
@@ -760,7 +829,7 @@ class TaskSpec:
     train: tuple[str, ...]
     validation: tuple[str, ...]
     name: str
-    tfds: object = None            # a `sources.TfdsSpec` when the entry reads a TFDS dataset
+    tfds: TfdsSpec | None = None   # when the entry reads a TFDS dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -807,7 +876,6 @@ def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = Tr
     """Read a data config (see configs/data/demo.yaml); relative files resolve against
     `data_dir` (itself relative to the config file); with `check_files` every file must exist."""
     from cslm_jax.config import apply_overrides, load_yaml
-    from cslm_jax.data.sources import TFDS_KEYS, tfds_spec_from_entry
     from cslm_jax.storage import fs
 
     path = fs.path(path, "data config")             # local or gs://; files too

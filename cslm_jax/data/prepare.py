@@ -42,7 +42,7 @@ from pathlib import Path
 import orjson
 
 from cslm_jax.data.formats import (RECORD_KIND_OF_TASK, ChatRenderer, DataConfig, RecordError,
-                                   TaskSpec, _times, chunk_answer, examples, merge_repeats,
+                                   TaskSpec, validated_times, chunk_answer, examples, merge_repeats,
                                    parse_line, speech, timed_count, validate_record)
 from cslm_jax.data.wordtok import WordTokens
 from cslm_jax.errors import DataError
@@ -786,7 +786,7 @@ def fast_examples(task_kind: str, record: dict, cfg, where: str) -> list:
             return merge_repeats(u) if cfg.merge_repeats else list(u)
 
         prompt = SpeechText([around[0], units_of("question_units"), around[1]])
-        times = _times(record, "answer_word_times", where,
+        times = validated_times(record, "answer_word_times", where,
                        timed_count(record["answer_text"], lang, cfg), len(record["answer_units"]), cfg)
         if cfg.chain == "sequential":
             items = ["[question]", record["question_text"].strip(), "[answer]",

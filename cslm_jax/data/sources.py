@@ -21,78 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from pathlib import Path
 
-from cslm_jax.config import ConfigError
-from cslm_jax.errors import DataError
-from cslm_jax.data.formats import (REQUIRED, RECORD_KIND_OF_TASK, RecordError, read_jsonl,
+from cslm_jax.data.formats import (RECORD_KIND_OF_TASK, RecordError, TfdsSpec, read_jsonl,
                                    validate_record)
-
-TFDS_KEYS = ("tfds", "tfds_data_dir", "splits", "fields", "constants")
-SPLITS = ("train", "validation")
-
-
-@dataclasses.dataclass(frozen=True)
-class TfdsSpec:
-    """A TFDS dataset as a task's source: name with version, data dir, our split -> TFDS split,
-    record field -> feature path, record field -> constant."""
-
-    name: str
-    data_dir: str | None
-    splits: tuple[tuple[str, str], ...]
-    fields: tuple[tuple[str, str], ...]
-    constants: tuple[tuple[str, object], ...]
-
-
-def tfds_spec_from_entry(entry: dict, where: str, path, kind: str, root: Path,
-                         languages) -> TfdsSpec:
-    """The TFDS source of a data config's stage entry; ConfigError naming the field otherwise."""
-    name = entry["tfds"]
-    if not isinstance(name, str) or ":" not in name:
-        raise ConfigError(f"{path}: field '{where}.tfds' is {name!r}; give name[/config]:version, "
-                          f"e.g. wmt17_translate/zh-en:1.0.0 (a version pins the data)")
-    if entry.get("train") or entry.get("validation"):
-        raise ConfigError(f"{path}: field '{where}': give files (train/validation) or a tfds "
-                          f"dataset, not both")
-    data_dir = entry.get("tfds_data_dir")
-    if data_dir is not None:
-        if not isinstance(data_dir, str) or not data_dir:
-            raise ConfigError(f"{path}: field '{where}.tfds_data_dir' must be a path")
-        if "://" not in data_dir and not Path(data_dir).is_absolute():
-            data_dir = str(root / data_dir)
-    splits = entry.get("splits", {"train": "train"})
-    if not isinstance(splits, dict) or not splits or \
-            not all(isinstance(v, str) and v for v in splits.values()):
-        raise ConfigError(f"{path}: field '{where}.splits' must map our splits {SPLITS} to TFDS "
-                          f"split names")
-    unknown = sorted(set(splits) - set(SPLITS))
-    if unknown:
-        raise ConfigError(f"{path}: field '{where}.splits': unknown split(s) {unknown}; "
-                          f"splits: {SPLITS}")
-    fields = entry.get("fields") or {}
-    constants = entry.get("constants") or {}
-    for key, value in (("fields", fields), ("constants", constants)):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: field '{where}.{key}' must be a mapping")
-    if not all(isinstance(v, str) and v for v in fields.values()):
-        raise ConfigError(f"{path}: field '{where}.fields' maps record fields to TFDS feature "
-                          f"names (strings)")
-    both = sorted(set(fields) & set(constants))
-    if both:
-        raise ConfigError(f"{path}: field '{where}': {both} in both 'fields' and 'constants'")
-    record_kind = RECORD_KIND_OF_TASK[kind]
-    missing = [f for f in REQUIRED[record_kind] if f not in fields and f not in constants]
-    if missing:
-        raise ConfigError(f"{path}: field '{where}.fields': a {kind} task reads {record_kind} "
-                          f"records, which need {list(REQUIRED[record_kind])}; map {missing} "
-                          f"(fields: from a TFDS feature; constants: one value)")
-    for field, value in constants.items():
-        if field.endswith("lang") and value not in languages:
-            raise ConfigError(f"{path}: field '{where}.constants.{field}' is {value!r}; "
-                              f"configured languages: {sorted(languages)}")
-    return TfdsSpec(name, data_dir, tuple(splits.items()), tuple(fields.items()),
-                    tuple(constants.items()))
-
+from cslm_jax.errors import DataError
 
 def task_splits(spec) -> list[str]:
     """The splits a task has: those with files, or those its TFDS source maps."""
@@ -108,7 +40,7 @@ def tfds_cache_key(spec, split: str) -> dict | None:
     return dataclasses.asdict(spec.tfds) | {"split": dict(spec.tfds.splits).get(split)}
 
 
-def _python(value, where: str, field: str):
+def python_value(value, where: str, field: str):
     """A TFDS (numpy) value as JSON would have it: text, ints, floats, lists."""
     import numpy as np
 
@@ -118,12 +50,12 @@ def _python(value, where: str, field: str):
         except UnicodeDecodeError as e:
             raise RecordError(where, field, f"not UTF-8 text ({e.reason})") from None
     if isinstance(value, np.ndarray):
-        return [_python(v, where, field) for v in value.tolist()] if value.dtype == object \
+        return [python_value(v, where, field) for v in value.tolist()] if value.dtype == object \
             else value.tolist()
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, list):
-        return [_python(v, where, field) for v in value]
+        return [python_value(v, where, field) for v in value]
     return value
 
 
@@ -159,7 +91,7 @@ def tfds_record(t: TfdsSpec, example: dict, where: str) -> dict:
                 raise RecordError(where, field, f"TFDS feature {feature!r} not in the example "
                                                 f"(features: {sorted(example)})")
             value = value[part]
-        record[field] = _python(value, where, field)
+        record[field] = python_value(value, where, field)
     record.update(dict(t.constants))
     return record
 

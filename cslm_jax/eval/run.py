@@ -169,7 +169,7 @@ def decode_items(cfg, params, tok, vocab, items, *, batch_size: int, max_new_tok
     """Greedy generations (ids, stop id included) for every item's prompt (tokenized as training
     tokenizes under `loss_mask`, the data config's), in batches."""
     from cslm_jax.infer.decode import GREEDY, default_stop_ids, generate
-    from cslm_jax.infer.responses import _pad_id, chat_prompt_ids
+    from cslm_jax.infer.responses import pad_token_id, chat_prompt_ids
 
     stops = default_stop_ids(tok, vocab)
     prompts = [chat_prompt_ids(tok, it["prompt"], it["where"], loss_mask) for it in items]
@@ -178,7 +178,7 @@ def decode_items(cfg, params, tok, vocab, items, *, batch_size: int, max_new_tok
     for start in range(0, len(prompts), batch_size):
         out += generate(cfg, params, prompts[start:start + batch_size],
                         max_new_tokens=max_new_tokens, stop_ids=stops, sampling=GREEDY, vocab=vocab,
-                        pad_id=_pad_id(tok, cfg))
+                        pad_id=pad_token_id(tok, cfg))
         log(f"  decoded {len(out)}/{len(prompts)} ({time.perf_counter() - t0:.1f}s)")
     return out
 

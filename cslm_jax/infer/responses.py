@@ -273,7 +273,7 @@ def decode_questions(cfg, params, tokenizer, vocab, prompts: Sequence[Sequence[i
     compiled: set = set()
     sampling = Sampling() if sampling is None else sampling
     kw = dict(max_new_tokens=max_new_tokens, stop_ids=stops, vocab=vocab,
-              pad_id=_pad_id(tokenizer, cfg), prompt_bucket=bucket, chunk_size=chunk_size)
+              pad_id=pad_token_id(tokenizer, cfg), prompt_bucket=bucket, chunk_size=chunk_size)
     for start in range(first, len(prompts), batch_size):
         batch = [list(p) for p in prompts[start:start + batch_size]]
         shape = (len(batch), -(-max(map(len, batch)) // bucket))
@@ -359,7 +359,7 @@ class SkipPrefix:
         return events + (self.parser.close() if self.parser.state != "ended" else [])
 
 
-def _pad_id(tokenizer, cfg) -> int:
+def pad_token_id(tokenizer, cfg) -> int:
     """The tokenizer's pad id (the reference pads with 128002), else 0: finished rows emit it,
     and it never reaches an answer."""
     pad = tokenizer.pad_token_id

@@ -3,7 +3,6 @@ data-parallel over a mesh. See `cslm_jax.speech` for the public API."""
 from __future__ import annotations
 
 import functools
-from typing import Sequence
 
 import numpy as np
 

@@ -18,9 +18,12 @@ import json
 from pathlib import Path
 
 from cslm_jax.errors import CslmError
-from cslm_jax.speech.extract import PLAN_FILE as EXTRACTION_FILE
 from cslm_jax.speech.s3 import ALIASES, VERSIONS      # plain tables: s3 imports JAX lazily
-from cslm_jax.speech.weights import CONFIG_FILE as TOKENIZER_FILE
+
+# The files that say what a folder is; defined here, the bottom of the speech modules (weights.py
+# writes the first, extract.py the second, and both import them from here).
+TOKENIZER_FILE = "speech_tokenizer.json"     # a tokenizer folder's version, sizes and rate
+EXTRACTION_FILE = "extract.json"             # an extract-units folder's plan (its tokenizer)
 
 UNITS = {k: (v.codebook_size, float(v.units_per_second)) for k, v in VERSIONS.items()}
 

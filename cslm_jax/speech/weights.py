@@ -28,9 +28,10 @@ import numpy as np
 
 from cslm_jax.speech.s3 import (VERSIONS, S3Config, SpeechTokenizerError, canonical_version,
                                 check_params, param_shapes)
+from cslm_jax.speech.units import TOKENIZER_FILE
 
 WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "speech_tokenizer.json"
+CONFIG_FILE = TOKENIZER_FILE
 FORMAT = "cslm_jax.speech_tokenizer"
 FORMAT_VERSION = 1
 OFFICIAL_HEAD_DIM = 64

@@ -319,7 +319,7 @@ def gib(nbytes: int) -> str:
     return f"{nbytes / GIB:.2f} GiB" if abs(nbytes) >= GIB / 10 else f"{nbytes / 2 ** 20:.1f} MiB"
 
 
-def _cost_flops(stage) -> float:
+def cost_flops(stage) -> float:
     cost = stage.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
@@ -373,7 +373,7 @@ def xla_step_flops(cfg: RunConfig, model: ModelConfig, vocab, num_tasks: int, se
     with jax.set_mesh(layout.mesh):
         lowered = make_train_fn(run).lower(abstract_state(run),
                                            _abstract_batch(layout, 1, t.global_batch_size, seq_len))
-    return _cost_flops(lowered) + head_recompute
+    return cost_flops(lowered) + head_recompute
 
 
 def compile_train_step(cfg: RunConfig, topo: Topology, model: ModelConfig, vocab,

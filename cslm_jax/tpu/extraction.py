@@ -161,10 +161,10 @@ def xla_flops(cfg, batch: int, samples: int, precision: str) -> float:
     import jax
 
     from cslm_jax.speech.tokenizer import extraction_step
-    from cslm_jax.tpu.aot import _cost_flops
+    from cslm_jax.tpu.aot import cost_flops
 
     step = jax.jit(extraction_step(cfg, precision, unroll=True))
-    return _cost_flops(step.lower(*_abstract(cfg, batch, samples)))
+    return cost_flops(step.lower(*_abstract(cfg, batch, samples)))
 
 
 def compile_extraction_step(version: str, topology: str, batch: int, seconds: float,
