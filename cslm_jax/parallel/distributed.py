@@ -141,6 +141,24 @@ def any_process(flag: bool) -> bool:
     return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
+def run_together(fn, error: Exception, only_primary: bool = False):
+    """`fn()` on every process (or on process 0 alone) with one outcome for the job: if it raised
+    a CslmError on any process, every process raises, the failed one its own error and the
+    others `error` (which says another process failed and where to look). Returns what `fn`
+    returned (None where it did not run)."""
+    import jax
+
+    result, failed = None, None
+    if not only_primary or jax.process_index() == 0:
+        try:
+            result = fn()
+        except CslmError as e:
+            failed = e
+    if any_process(failed is not None):
+        raise failed or error
+    return result
+
+
 def check_shared_dir(path: str | Path) -> None:
     """Multi-process runs write one checkpoint together: every process must see the same folder.
     Process 0 writes a token there; every process reads it back; all fail together if one cannot."""

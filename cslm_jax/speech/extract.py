@@ -49,11 +49,12 @@ from cslm_jax.data.audio import (AUDIO_FIELDS, SAMPLE_RATE, AudioError, Manifest
                                  array_audio, array_seconds, index_manifest, load_audio,
                                  probe_seconds)
 from cslm_jax.errors import CslmError, OutputExistsError
+from cslm_jax.speech.units import EXTRACTION_FILE
 from cslm_jax.storage import fs
 from cslm_jax.storage.outputs import OutputPathError, check_output_place
 
 FORMAT = "cslm_jax.extract_units/1"
-PLAN_FILE = "extract.json"
+PLAN_FILE = EXTRACTION_FILE
 COMPLETE_FILE = "COMPLETE.json"
 SKIPPED_FILE = "skipped.jsonl"
 MAX_SECONDS = 30.0               # the tokenizer's window; longer audio is windowed or refused
@@ -500,7 +501,7 @@ def extract(manifest, out: str | Path, encoder: Encoder, *, tokenizer_dir: str |
     Multi-process: every process calls this with the same arguments after joining the job."""
     import jax
 
-    from cslm_jax.parallel.distributed import any_process, barrier, check_shared_dir
+    from cslm_jax.parallel.distributed import any_process, barrier, check_shared_dir, run_together
 
     tfds_source = isinstance(manifest, TfdsAudio)
     if not tfds_source:
@@ -510,33 +511,24 @@ def extract(manifest, out: str | Path, encoder: Encoder, *, tokenizer_dir: str |
         raise ExtractError(f"the data config's format.unit_count is {fmt.unit_count} but the "
                            f"tokenizer ({encoder.version}) has {encoder.codebook_size} codes")
     proc, count = jax.process_index(), jax.process_count()
-    primary = proc == 0
-    error = None
-    try:          # every process reads the manifest and the tokenizer folder itself
+
+    def read_inputs():          # every process reads the manifest and the tokenizer folder itself
         index = manifest.index(opts.shard_size) if tfds_source else \
             index_manifest(manifest, opts.shard_size)
-        ident = identity(manifest_sha256=index.sha256, manifest_lines=index.entries,
-                         encoder=encoder, tokenizer_dir=tokenizer_dir, opts=opts)
-    except CslmError as e:
-        error = e
-    if any_process(error is not None):
-        raise error or ExtractError(f"{manifest}: another process of this job cannot read the "
-                                    f"manifest (its log says why)")
-    if primary:
-        try:
-            inputs = [("--tokenizer", tokenizer_source or tokenizer_dir),
-                      ("--tokenizer", str(tokenizer_dir))]
-            if not tfds_source:
-                inputs.append(("--manifest", manifest))
-            elif manifest.data_dir:
-                inputs.append(("--tfds-data-dir", manifest.data_dir))
-            prepare_output(out, ident, str(manifest), force,
-                           tokenizer_source or str(Path(tokenizer_dir).resolve()), inputs)
-        except CslmError as e:
-            error = e
-    if any_process(error is not None):
-        raise error or ExtractError(f"{out}: process 0 could not prepare the output folder "
-                                    f"(its log says why)")
+        return index, identity(manifest_sha256=index.sha256, manifest_lines=index.entries,
+                               encoder=encoder, tokenizer_dir=tokenizer_dir, opts=opts)
+
+    index, ident = run_together(read_inputs, ExtractError(
+        f"{manifest}: another process of this job cannot read the manifest (its log says why)"))
+    inputs = [("--tokenizer", tokenizer_source or tokenizer_dir), ("--tokenizer", tokenizer_dir)]
+    if not tfds_source:
+        inputs.append(("--manifest", manifest))
+    elif manifest.data_dir:
+        inputs.append(("--tfds-data-dir", manifest.data_dir))
+    run_together(lambda: prepare_output(out, ident, str(manifest), force, tokenizer_source
+                                        or str(Path(tokenizer_dir).resolve()), inputs),
+                 ExtractError(f"{out}: process 0 could not prepare the output folder (its log "
+                              f"says why)"), only_primary=True)
     check_shared_dir(out)
     plan = json.loads((out / PLAN_FILE).read_text())
     mismatch = any(plan.get(k) != v for k, v in ident.items())

@@ -252,7 +252,7 @@ def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=prin
     the data config's `cache_dir`; without one, process 0 prepares the stage in-process first
     and the others wait, then read what it wrote)."""
     from cslm_jax.storage.checkpoint import read_metadata, read_train_config, resolve_model_dir
-    from cslm_jax.parallel.distributed import any_process, barrier
+    from cslm_jax.parallel.distributed import barrier, run_together
     from cslm_jax.tasks.cslm import prepare_stage, register
 
     latest = manager.latest_step()
@@ -309,14 +309,10 @@ def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=prin
     require_cslm_tokens(load_tokenizer(tokenizer_dir), str(run_dir / "tokenizer"),
                         data_cfg.format.unit_count,
                         f"format.unit_count of the data config {cfg.data.config}")
-    failed = None
-    if data_cache is None and jax.process_index() == 0:
-        try:
-            prepare_stage(data_cfg, tokenizer_dir, cfg.data.stage)
-        except CslmError as e:              # every process stops, not only process 0
-            failed = e
-    if any_process(failed is not None):
-        raise failed or TrainError("process 0 could not prepare the data (its error says why)")
+    if data_cache is None:                  # every process stops if process 0 cannot
+        run_together(lambda: prepare_stage(data_cfg, tokenizer_dir, cfg.data.stage),
+                     TrainError("process 0 could not prepare the data (its error says why)"),
+                     only_primary=True)
     [mixture] = register(data_cfg, tokenizer_dir, stages=[cfg.data.stage], cache_dir=data_cache)
     task_names = [s.name for s in data_cfg.tasks(cfg.data.stage)]
     if data_cache is not None or data_cfg.cache_dir is not None:
