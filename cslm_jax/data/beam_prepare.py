@@ -49,15 +49,11 @@ from cslm_jax.data.prepare import (MAX_SKIP_MESSAGES, CacheError, completed_key,
                                    prepare_task_local, shard_name, splits_of, stats_json,
                                    task_key, write_json)
 from cslm_jax.errors import CslmError, DataError
+from cslm_jax.storage import fs
 
 DEFAULT_NUM_SHARDS = 64          # divides 1, 2, 4, 8, 16, 32, 64 hosts
 _IMPORT_LOCK = threading.Lock()
 DEFAULT_RANGE_BYTES = 64 << 20
-
-
-def _gfile():
-    import tensorflow as tf
-    return tf.io.gfile
 
 
 class _PrepareUnit:
@@ -123,30 +119,17 @@ class _PrepareUnit:
             yield (task, split, shard), (file_index, first_line, f"{folder}/{tag}.s{shard:05d}")
 
 
-def _makedirs(path: str) -> None:
-    if "://" in path:
-        _gfile().makedirs(path)
-    else:
-        os.makedirs(path, exist_ok=True)
-
-
-def _open(path: str, mode: str):
-    return _gfile().GFile(path, mode) if "://" in path else open(path, mode)
-
-
-def _rename(src: str, dst: str) -> None:
-    if "://" in src:
-        _gfile().rename(src, dst, overwrite=True)
-    else:
-        os.replace(src, dst)
+# Every file operation on the output (local, file://, gs://) goes through cslm_jax.storage.fs:
+# local paths stay on plain open/os, gs:// on the one GCS client.
+_makedirs, _open, _exists, _glob, _rmtree = fs.makedirs, fs.open_file, fs.exists, fs.glob, fs.remove
 
 
 def _write_shard(item, out: str, num_shards: int):
-    """Concatenate a shard's pieces (TFRecord files) in (file, range) order into its file."""
+    """Concatenate a shard's pieces (TFRecord files) in (file, range) order into its file, whole
+    or absent (`fs.atomic_open`: a temporary file renamed locally, one object upload on GCS)."""
     (task, split, shard), pieces = item
     final = f"{out}/{task}/{shard_name(split, shard, num_shards)}"
-    tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-    with _open(tmp, "wb") as f:
+    with fs.atomic_open(final, "wb") as f:
         for _, _, piece in sorted(p for p in pieces if p is not None):
             with _open(piece, "rb") as src:
                 while True:
@@ -154,7 +137,6 @@ def _write_shard(item, out: str, num_shards: int):
                     if not block:
                         break
                     f.write(block)
-    _rename(tmp, final)
     return final
 
 
@@ -162,25 +144,6 @@ def _write_small_json(path: str, data) -> None:
     _makedirs(os.path.dirname(path))
     with _open(path, "w") as f:
         f.write(json.dumps(data, ensure_ascii=False))
-
-
-def _exists(path: str) -> bool:
-    return _gfile().exists(path) if "://" in path else os.path.exists(path)
-
-
-def _glob(pattern: str) -> list:
-    if "://" in pattern:
-        return _gfile().glob(pattern)
-    import glob
-    return glob.glob(pattern)
-
-
-def _rmtree(path: str) -> None:
-    if "://" in path:
-        _gfile().rmtree(path)
-    else:
-        import shutil
-        shutil.rmtree(path)
 
 
 def plan_units(jobs: list, range_bytes: int, units: int | None) -> list[list]:
@@ -195,7 +158,7 @@ def plan_units(jobs: list, range_bytes: int, units: int | None) -> list[list]:
     out: list[list] = [[] for _ in range(units)] if units else []
     for task, split, file_index, path in jobs:
         if units:
-            size = os.path.getsize(path) if "://" not in path else _gfile().stat(path).length
+            size = os.path.getsize(path) if "://" not in path else fs.file_size(path)
             rb = max(1, min(range_bytes, math.ceil(size / units)))
         else:
             rb = range_bytes

@@ -166,7 +166,8 @@ class CslmTask(seqio.Task):
 
     Either a cache `cslm-jax prepare-data` wrote (`prepared=True`: checked against the data
     config and tokenizer when registered; read with file-level sharding, so each host opens only
-    its own shard files), or the in-process cache of a small corpus, prepared by `prepare` the
+    its own shard files; a cache in a bucket is read through `stage`), or the in-process cache of
+    a small corpus, prepared by `prepare` the
     first time it is read (validate, format, render, tokenize, mask: strict errors name file,
     line and field; `skip_bad` counts). Training reads it with `use_cached=True`; the source
     reads the same files for callers that do not (inspection, tests).
@@ -177,6 +178,8 @@ class CslmTask(seqio.Task):
         self._cslm_dir, self._cslm_prepare, self.prepared = str(task_dir), prepare, prepared
         self._cslm_stats, self._cslm_splits = stats, tuple(splits)
         self._cslm_recorded = False
+        self._cslm_staged: dict = {}         # (host shard, shards) -> local folder (gs:// caches)
+        self._cslm_shard = (0, 1)
         super().__init__(name, source=self._make_source(), **kwargs)
 
     def _make_source(self) -> seqio.FunctionDataSource:
@@ -191,7 +194,7 @@ class CslmTask(seqio.Task):
             if split not in self._cslm_splits:
                 raise ConfigError(f"task {self.name} has no '{split}' files; configured: "
                                   f"{list(self._cslm_splits)}")
-            files = sorted(tf.io.gfile.glob(os.path.join(self.cache_dir, f"{split}.tfrecord-*")))
+            files = fs.glob(os.path.join(self.cache_dir, f"{split}.tfrecord-*"))
             return tf.data.TFRecordDataset(files).map(parse)
 
         return seqio.FunctionDataSource(dataset_fn, splits=list(self._cslm_splits))
@@ -211,7 +214,43 @@ class CslmTask(seqio.Task):
                           "truncated": saved["truncated"], "tokens": saved["targets_tokens"],
                           "trained_tokens": saved["trained_tokens"], "skipped": saved["skipped"]}
                 self._cslm_stats.record(f"{self.name}:{split}", counts, saved["skipped_messages"])
+        if fs.is_remote(self._cslm_dir):
+            return self.stage(*self._cslm_shard)
         return self._cslm_dir
+
+    def stage(self, shard_index: int = 0, num_shards: int = 1) -> str:
+        """For a cache in a bucket (gs://), a local folder tf.data (and seqio) read instead: the
+        shard files host `shard_index` of `num_shards` reads (seqio gives host i the sorted files
+        i, i + n, ...), copied through cslm_jax.storage.fs (TensorFlow's own GCS client ignores
+        STORAGE_EMULATOR_HOST and would be a second client), the others as empty files of the
+        same names (so seqio lists, and shards, the same files; never opened here), and the
+        info, stats and COMPLETED files. Copied once per process and host shard; removed at
+        exit. Later reads (`cache_dir`) use this host shard's folder. A local cache is read in
+        place."""
+        self._cslm_shard = (shard_index, num_shards)
+        if not fs.is_remote(self._cslm_dir):
+            return self._cslm_dir
+        local = self._cslm_staged.get(self._cslm_shard)
+        if local is None:
+            import atexit
+            import shutil
+            import tempfile
+
+            local = tempfile.mkdtemp(prefix=f"cslm_jax-cache-{self.name}-")
+            atexit.register(shutil.rmtree, local, True)
+            names = ["COMPLETED"]
+            for split in self._cslm_splits:
+                names += [f"info.{split}.json", f"stats.{split}.json"]
+                shards = [os.path.basename(f)
+                          for f in fs.glob(f"{self._cslm_dir}/{split}.tfrecord-*")]
+                # fewer files than hosts: seqio shards examples, every host reads every file
+                mine = set(shards[shard_index::num_shards] if len(shards) >= num_shards else shards)
+                names += sorted(mine)
+                for other in sorted(set(shards) - mine):
+                    open(os.path.join(local, other), "wb").close()
+            fs.stage_files(self._cslm_dir, names, local)
+            self._cslm_staged[self._cslm_shard] = local
+        return local
 
     def get_dataset(self, *args, **kwargs):
         """seqio's Task.get_dataset without its in-memory cache of small splits: reading stays
@@ -221,7 +260,7 @@ class CslmTask(seqio.Task):
         return super().get_dataset(*args, **kwargs)
 
     def num_files(self, split: str) -> int:
-        with tf.io.gfile.GFile(os.path.join(self.cache_dir, f"info.{split}.json")) as f:
+        with fs.open_file(os.path.join(self._cslm_dir, f"info.{split}.json"), "r") as f:
             return int(json.load(f)["num_shards"])
 
 
@@ -327,6 +366,15 @@ def check_file_sharding(name: str, split: str, num_shards: int) -> None:
                                  f"{num_shards * max(1, files // num_shards)})")
 
 
+def stage_tasks(name: str, shard_index: int = 0, num_shards: int = 1) -> None:
+    """Each prepared task of a mixture or task whose cache lies in a bucket: this host's shard
+    files copied to a local folder, read from there (`CslmTask.stage`)."""
+    provider = seqio.get_mixture_or_task(name)
+    for task in provider.tasks if isinstance(provider, seqio.Mixture) else [provider]:
+        if isinstance(task, CslmTask):
+            task.stage(shard_index, num_shards)
+
+
 class BatchIterator:
     """Numpy batches from a registered mixture or task, for one host.
 
@@ -342,6 +390,7 @@ class BatchIterator:
         shard = seqio.ShardInfo(index=shard_index, num_shards=num_shards) if num_shards > 1 else None
         if shard is not None:
             check_file_sharding(name, split, num_shards)
+        stage_tasks(name, shard_index, num_shards)
         ds = seqio.get_dataset(name, sequence_lengths(max_length), dataset_split=split,
                                shuffle=shuffle, num_epochs=num_epochs, shard_info=shard,
                                use_cached=True, seed=seed,

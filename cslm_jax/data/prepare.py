@@ -46,6 +46,7 @@ from cslm_jax.data.formats import (RECORD_KIND_OF_TASK, ChatRenderer, DataConfig
                                    parse_line, speech, timed_count, validate_record)
 from cslm_jax.data.wordtok import WordTokens
 from cslm_jax.errors import DataError
+from cslm_jax.storage import fs
 
 PREPARE_VERSION = 2
 FEATURES = ("targets", "loss_weights")
@@ -101,12 +102,14 @@ def tokenizer_digest(tokenizer_dir: str | Path) -> str:
 
 def _tokenizer_digest(tokenizer_dir: str | Path) -> str:
     h = hashlib.sha256()          # every file: vocabulary, config and the chat template (.jinja)
-    if _is_url(tokenizer_dir):
-        import tensorflow as tf
-
-        files, isdir, opener = (tf.io.gfile.glob(os.path.join(str(tokenizer_dir), "*")),
-                                tf.io.gfile.isdir, tf.io.gfile.GFile)
-    else:                         # the same files as tf.io.gfile.glob("*") (dot files included)
+    if _is_url(tokenizer_dir):    # file:// or gs:// (dot files included, as locally)
+        files = fs.glob(f"{str(tokenizer_dir).rstrip('/')}/*")
+        local = fs.local_file(tokenizer_dir)
+        isdir = os.path.isdir if local is not None else (lambda f: fs.path(f).is_dir())
+        opener = fs.open_file
+        if local is not None:
+            files = [fs.local_file(f) for f in files]
+    else:
         files = [os.path.join(str(tokenizer_dir), n) for n in os.listdir(tokenizer_dir)]
         isdir, opener = os.path.isdir, open
     for f in sorted(files):
@@ -126,19 +129,11 @@ def local_tokenizer_dir(tokenizer_dir: str | Path) -> str:
     process (workers of a cluster job); a local folder as it is."""
     if not _is_url(tokenizer_dir):
         return str(tokenizer_dir)
-    if str(tokenizer_dir).startswith("gs://"):
-        from cslm_jax.storage import fs
-        return str(fs.local_dir(tokenizer_dir, "tokenizer folder"))
+    local = fs.local_file(tokenizer_dir)            # a file:// URL names a local folder
+    if local is not None:
+        return local
     if str(tokenizer_dir) not in _LOCAL_TOKENIZERS:
-        import tempfile
-
-        import tensorflow as tf
-
-        local = tempfile.mkdtemp(prefix="cslm_tokenizer_")
-        for f in tf.io.gfile.glob(os.path.join(str(tokenizer_dir), "*")):
-            if not tf.io.gfile.isdir(f):
-                tf.io.gfile.copy(f, os.path.join(local, os.path.basename(f)))
-        _LOCAL_TOKENIZERS[str(tokenizer_dir)] = local
+        _LOCAL_TOKENIZERS[str(tokenizer_dir)] = str(fs.local_dir(tokenizer_dir, "tokenizer folder"))
     return _LOCAL_TOKENIZERS[str(tokenizer_dir)]
 
 
@@ -953,13 +948,14 @@ _RECORD_HEADS: dict = {}           # record length -> its 8 bytes and their mask
 class RecordWriter:
     """A TFRecord file written without TensorFlow (the bytes tf.io.TFRecordWriter writes:
     length, masked CRC-32C of the length, data, masked CRC-32C of the data), so Beam workers
-    need not import TensorFlow. Local paths only (URLs go through tf.io.TFRecordWriter)."""
+    need not import TensorFlow. Local paths on `open`; URLs (file://, gs://) through
+    cslm_jax.storage.fs."""
 
     def __init__(self, path: str):
         import google_crc32c
 
         self._crc = google_crc32c.value
-        self._f = open(path, "wb")
+        self._f = fs.open_file(path, "wb") if _is_url(path) else open(path, "wb")
 
     def _masked(self, data: bytes) -> bytes:
         crc = self._crc(data)
@@ -1006,9 +1002,6 @@ def write_batch(writers, batch: list, open_writer=None) -> None:
 
 
 def record_writer(path: str):
-    if _is_url(path):
-        import tensorflow as tf
-        return tf.io.TFRecordWriter(path)
     return RecordWriter(path)
 
 
@@ -1018,13 +1011,7 @@ def numbered_lines(path: str, start: int = 0, end: int | None = None, first_line
     line start, `first_line` its number), as iterating the file in binary mode gives them.
     `tally`: given, its "lines" is set to the number of lines read once they are all read (what
     the cache records of each input, `input_record`)."""
-    opener = open
-    if str(path).startswith("gs://"):           # the one GCS client of cslm_jax.storage.fs
-        from cslm_jax.storage import fs
-        opener = lambda p, mode: fs.path(p).open(mode)      # noqa: E731
-    elif _is_url(path):
-        import tensorflow as tf
-        opener = tf.io.gfile.GFile
+    opener = fs.open_file if _is_url(path) else open    # gs:// through the one GCS client
     try:
         f = opener(path, "rb")
     except OSError as e:
@@ -1048,8 +1035,7 @@ def plan_ranges(path: str, range_bytes: int) -> list[tuple[int, int, int]]:
     starting at a line start: one sequential pass counting newlines."""
     opener = open
     if _is_url(path):
-        import tensorflow as tf
-        size, opener = tf.io.gfile.stat(path).length, tf.io.gfile.GFile
+        size, opener = fs.file_size(path), fs.open_file
     else:
         size = os.path.getsize(path)
     starts = [(0, 1)]
@@ -1106,30 +1092,18 @@ def stats_json(counts: dict) -> dict:
 
 
 def write_json(path: str, data: dict) -> None:
-    """Whole or absent: written to a temporary name, then renamed."""
-    tmp = f"{path}.tmp-{os.urandom(4).hex()}"
-    text = json.dumps(data, ensure_ascii=False, indent=1)
-    if _is_url(path):
-        import tensorflow as tf
-
-        with tf.io.gfile.GFile(tmp, "w") as f:
-            f.write(text)
-        tf.io.gfile.rename(tmp, path, overwrite=True)
-    else:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+    """Whole or absent (`fs.write_text_atomic`: a synced temporary file renamed into place; one
+    object upload on gs://)."""
+    fs.write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=1))
 
 
 def completed_key(task_dir: str | Path) -> dict | None:
     """The key a complete cache was prepared with; None when the cache is not complete."""
     path = os.path.join(str(task_dir), "COMPLETED")
     if _is_url(path):
-        import tensorflow as tf
-
-        if not tf.io.gfile.exists(path):
+        if not fs.exists(path):
             return None
-        with tf.io.gfile.GFile(path) as f:
+        with fs.open_file(path, "r") as f:
             text = f.read()
     else:
         if not os.path.exists(path):
@@ -1174,8 +1148,6 @@ def input_stamp(path: str) -> dict:
     if s.startswith("gs://"):
         import fsspec
 
-        from cslm_jax.storage import fs
-
         fs.path(s)                                  # the one GCS set-up (emulator, caches)
         info = fsspec.filesystem("gs").info(s)
         out = {"size": int(info["size"])}
@@ -1183,12 +1155,7 @@ def input_stamp(path: str) -> dict:
             if info.get(field):
                 out[name] = str(info[field])
         return out
-    if _is_url(s):
-        import tensorflow as tf
-
-        st = tf.io.gfile.stat(s)
-        return {"size": int(st.length), "mtime_ns": int(st.mtime_nsec)}
-    st = os.stat(s)
+    st = os.stat(fs.local_file(s))                  # a file:// URL names a local file
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
@@ -1336,7 +1303,5 @@ def prepare_task_local(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Pat
 
 
 def read_stats(task_dir: str | Path, split: str) -> dict:
-    import tensorflow as tf
-
-    with tf.io.gfile.GFile(os.path.join(str(task_dir), f"stats.{split}.json")) as f:
+    with fs.open_file(os.path.join(str(task_dir), f"stats.{split}.json"), "r") as f:
         return json.load(f)

@@ -22,9 +22,11 @@ overrides the detection (gcsfuse mounts are found in /proc/mounts).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from cslm_jax.errors import CslmError
@@ -216,3 +218,126 @@ def size_and_mtime(p) -> tuple[int, float]:
 def upload_dir(local_src, dst) -> None:
     """Copy a local folder's files to `dst` (local or remote)."""
     copytree(path(local_src), path(dst))
+
+
+# -- data files: the data-preparation path's reads, writes, listings and atomic writes ------------
+# Paths are strings: a local path, a `file://` URL (a local file, what `prepare-data` has always
+# accepted for inputs, tokenizer and --out) or a `gs://` object. Local paths (and file://) stay on
+# plain `open` / `os` (the speed-critical path); gs:// goes through the one client above.
+
+def local_file(p) -> str | None:
+    """The local path of `p` (a `file://` URL's path), or None for a gs:// path; another scheme
+    is refused (StorageError)."""
+    s = os.fspath(p) if not isinstance(p, str) else p
+    scheme = scheme_of(s)
+    if scheme is None:
+        return s
+    if scheme == "file":
+        return s[len("file://"):]
+    path(s)                                       # gs:// set up, any other scheme refused
+    return None
+
+
+def open_file(p, mode: str = "rb"):
+    """`open(p, mode)` for a local path or file:// URL; the GCS client's file object for gs://
+    (written objects appear whole when closed)."""
+    local = local_file(p)
+    if local is not None:
+        return open(local, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+    return path(p).open(mode)
+
+
+def exists(p) -> bool:
+    local = local_file(p)
+    return os.path.exists(local) if local is not None else path(p).exists()
+
+
+def makedirs(p) -> None:
+    """A local folder and its parents (gs:// has no folders: nothing to do)."""
+    local = local_file(p)
+    if local is not None:
+        os.makedirs(local, exist_ok=True)
+
+
+def file_size(p) -> int:
+    local = local_file(p)
+    return os.path.getsize(local) if local is not None else int(path(p).stat().length)
+
+
+def glob(pattern: str) -> list[str]:
+    """The paths matching `pattern` (wildcards in its last part only), sorted, spelled as the
+    pattern is (gs://..., file://...). A plain local pattern is Python's glob (dot files only by
+    an explicit dot); a URL's lists the folder (dot files included)."""
+    import fnmatch
+
+    local = local_file(pattern)
+    if "://" not in pattern:
+        import glob as _glob
+        return sorted(_glob.glob(pattern))
+    folder, name = pattern.rsplit("/", 1)
+    if local is not None:
+        base = local_file(folder)
+        names = os.listdir(base) if os.path.isdir(base) else []
+    else:
+        d = path(folder)
+        names = [c.name for c in d.iterdir()] if d.is_dir() else []
+    return sorted(f"{folder}/{n}" for n in names if fnmatch.fnmatchcase(n, name))
+
+
+def remove(p) -> None:
+    """Remove a file or a folder and everything under it; absent is fine."""
+    local = local_file(p)
+    if local is None:
+        rmtree(p)
+    elif os.path.isdir(local):
+        shutil.rmtree(local)
+    elif os.path.lexists(local):
+        os.unlink(local)
+
+
+@contextlib.contextmanager
+def atomic_open(p, mode: str = "w", tmp_name=None):
+    """A file `p` written whole or not at all. Local: written to a sibling (`tmp_name(name)`, by
+    default `name.tmp-XXXXXXXX`), flushed to disk (fsync) and renamed over `p`; on an error the
+    sibling is removed. gs://: one object upload (atomic already: the object appears when the
+    file is closed); on an error the object is removed."""
+    local = local_file(p)
+    if local is None:
+        f = path(p).open(mode)
+        try:
+            yield f
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.close()
+                path(p).unlink()
+            raise
+        f.close()
+        return
+    folder, name = os.path.split(local)
+    tmp = os.path.join(folder, tmp_name(name) if tmp_name else
+                       f"{name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, local)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(p, text: str, tmp_name=None) -> None:
+    """`text` (UTF-8) into `p`, whole or not at all (`atomic_open`)."""
+    with atomic_open(p, "w", tmp_name) as f:
+        f.write(text)
+
+
+def stage_files(src, names, dst) -> None:
+    """Copy the files `names` of the folder `src` (local, file:// or gs://) into the local
+    folder `dst`, each written whole (for readers of local files only, such as tf.data)."""
+    os.makedirs(dst, exist_ok=True)
+    for n in names:
+        with open_file(f"{src}/{n}", "rb") as f, atomic_open(os.path.join(dst, n), "wb") as g:
+            shutil.copyfileobj(f, g, 8 << 20)
