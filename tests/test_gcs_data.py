@@ -61,7 +61,7 @@ def test_a_cache_in_a_bucket_is_the_local_bytes_kept_on_rerun_and_staged_per_hos
 
 
 @pytest.mark.slow
-def test_train_from_a_cache_in_a_bucket_equals_the_local_cache(  # noqa: F811
+def test_train_from_a_cache_in_a_bucket_equals_the_local_cache(
         demo, base_ckpt, tmp_path, gcs, bucket):  # noqa: F811
     """`train --data-cache gs://...` (one host: every shard file staged) trains on the batches of
     the same cache prepared locally: the same losses, step by step."""

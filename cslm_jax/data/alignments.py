@@ -42,7 +42,6 @@ import collections
 import dataclasses
 import json
 import math
-import os
 import re
 import unicodedata
 import uuid
@@ -50,6 +49,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cslm_jax.errors import CslmError, DataError
+from cslm_jax.storage import fs
 from cslm_jax.storage.outputs import check_output_file
 from cslm_jax.data.formats import (FormatConfig, RecordError, detect_kind, parse_line,
                                    piece_is_timed, timed_tokens, validate_record)
@@ -501,15 +501,9 @@ def word_times(text: str, words: list[AlignedWord], chunk_unit: str, punctuation
 def _write_lines_atomic(out: Path, lines: Iterator[str], force: bool) -> None:
     check_output_file(out, force, flag="--out")             # again: it may have appeared since
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with fs.atomic_open(out, "w", tmp_name=lambda name: f".{name}.tmp-{uuid.uuid4().hex[:8]}") as f:
+        for line in lines:
+            f.write(line)
 
 
 def join_timings(records, alignments, fmt: str, out, cfg: FormatConfig, *, id_field: str = "id",

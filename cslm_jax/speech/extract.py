@@ -34,7 +34,6 @@ import concurrent.futures as cf
 import dataclasses
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -153,19 +152,7 @@ def own_file(name: str) -> bool:
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to a hidden sibling, then rename it over `path`: readers see the old file or
     the whole new one, never a part. In a bucket one object upload is that already."""
-    if fs.is_remote(path):
-        path.write_text(text)
-        return
-    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    fs.write_text_atomic(path, text, tmp_name=lambda name: f".{name}.partial-{uuid.uuid4().hex[:8]}")
 
 
 def identity(*, manifest_sha256: str, manifest_lines: int, encoder: Encoder,
