@@ -25,10 +25,11 @@ anything is written.
 
 Fixed costs are kept out of the workers' way: a worker imports neither TensorFlow nor seqio
 (TFRecords are written by `RecordWriter`, the SeqIO version read from the package metadata); it
-loads transformers and the tokenizer once, when its first unit starts. With local paths this
-process does not import TensorFlow either. Planning (a pass counting newlines, so that errors and
-shards know each line's number) reads local files here, for the DirectRunner's equal shares; on
-other runners, or with remote files, the workers plan the files, in parallel.
+loads transformers and the tokenizer once, when its first unit starts. This process does not
+import TensorFlow either (every path, gs:// included, goes through cslm_jax.storage.fs; a TFDS
+task excepted). Planning (a pass counting newlines, so that errors and shards know each line's
+number) reads local files here, for the DirectRunner's equal shares; on other runners, or with
+remote files, the workers plan the files, in parallel.
 """
 from __future__ import annotations
 
