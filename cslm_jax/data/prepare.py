@@ -1155,7 +1155,10 @@ def input_stamp(path: str) -> dict:
             if info.get(field):
                 out[name] = str(info[field])
         return out
-    st = os.stat(fs.local_file(s))                  # a file:// URL names a local file
+    if _is_url(s):                  # file://: a local file, its time in whole seconds as
+        st = os.stat(fs.local_file(s))      # tf.io.gfile.stat gave it (caches prepared before)
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns // 10**9 * 10**9}
+    st = os.stat(s)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
