@@ -84,22 +84,21 @@ def check(args, parser) -> None:
     overrides = [] if args.max_length is None else [f"packing.max_length={args.max_length}"]
     args.cfg = load_data_config(args.data_config, overrides, check_files=False)
     check_stage_files(args.cfg, args.stage, args.tasks)
-    if "://" not in args.out or fs.is_remote(args.out):     # file:// goes to tf.io.gfile as given
-        inputs = [("--data-config", args.data_config), ("--tokenizer", args.tokenizer)]
-        inputs += [(f"stages.{args.stage}[{i}].{split}[{j}]", f)
-                   for i, s in enumerate(args.cfg.tasks(args.stage))
-                   for split, files in (("train", s.train), ("validation", s.validation))
-                   for j, f in enumerate(files) if "://" not in f or fs.is_remote(f)]
-        check_output_place(args.out, inputs=inputs, flag="--out")
+    def where(p):                                   # file:// URLs as the local paths they name
+        return fs.local_file(p) or p
+
+    inputs = [("--data-config", args.data_config), ("--tokenizer", where(args.tokenizer))]
+    inputs += [(f"stages.{args.stage}[{i}].{split}[{j}]", where(f))
+               for i, s in enumerate(args.cfg.tasks(args.stage))
+               for split, files in (("train", s.train), ("validation", s.validation))
+               for j, f in enumerate(files)]
+    check_output_place(where(args.out), inputs=inputs, flag="--out")
 
 
 def uses_tensorflow(args) -> bool:
-    """Only URLs (read and written through tf.io.gfile) and TFDS tasks need TensorFlow here;
-    local preparation starts without it (seconds of the job's serial start-up)."""
-    paths = [args.tokenizer_dir, args.out] + [f for s in args.cfg.tasks(args.stage)
-                                              for f in (*s.train, *s.validation)]
-    return (any("://" in str(p) for p in paths)
-            or any(s.tfds is not None for s in args.cfg.tasks(args.stage)))
+    """Only TFDS tasks need TensorFlow here (files, local or in a bucket, go through
+    cslm_jax.storage.fs); preparation starts without it (seconds of the job's serial start-up)."""
+    return any(s.tfds is not None for s in args.cfg.tasks(args.stage))
 
 
 def _check_tokenizer(tokenizer_dir: str, unit_count: int) -> None:

@@ -865,9 +865,8 @@ def check_stage_files(cfg: DataConfig, stage: str, tasks=None) -> None:
             continue
         for split, files in (("train", spec.train), ("validation", spec.validation)):
             for j, f in enumerate(files):
-                if "://" in f and not fs.is_remote(f):
-                    continue                 # file://...: read through tf.io.gfile as given
-                if not fs.path(f).is_file():
+                local = fs.local_file(f)     # file://...: its local path; gs://: None
+                if not (fs.path(f).is_file() if local is None else os.path.isfile(local)):
                     raise ConfigError(f"{cfg.path}: field 'stages.{stage}[{i}].{split}[{j}]': "
                                       f"file {f} does not exist")
 
@@ -889,7 +888,7 @@ def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = Tr
 
     def resolve(name: str, field: str) -> str:
         if "://" in str(name) and not fs.is_remote(name):
-            return str(name)        # another URL (file://...): read through tf.io.gfile as given
+            return str(name)        # a file:// URL, kept as given (storage.fs.local_file reads it)
         p = absolute(name)
         if check_files and not p.is_file():
             raise ConfigError(f"{path}: field '{field}': file {p} does not exist")
