@@ -1,0 +1,182 @@
+"""Token-to-waveform weights: upstream CosyVoice's state dicts <-> our parameter dicts.
+
+HiFT (`hift.pt`; `cslm_jax.speech.hift`): upstream's names are the module paths of
+`HiFTGenerator` (`conv_pre`, `ups.N`, `source_downs.N`, `source_resblocks.N.convs1.M`,
+`resblocks.N.activations2.M.alpha`, `conv_post`, `m_source.l_linear`,
+`f0_predictor.condnet.N`, `f0_predictor.classifier`). Layers under weight norm hold their weight
+in one of three layouts, all read:
+
+- `NAME.weight_g` [d0, 1, 1] and `NAME.weight_v` (`torch.nn.utils.weight_norm`, the official
+  files),
+- `NAME.parametrizations.weight.original0` / `original1` (the same pair, from
+  `torch.nn.utils.parametrizations.weight_norm`, what upstream's code builds today),
+- `NAME.weight` (after `remove_weight_norm`),
+
+and are folded into one weight: `g * v / ||v||`, the norm over every axis but the first
+(upstream's `dim=0`: output channels of a conv, input channels of a transposed conv), computed in
+float64. A `generator.` prefix on every name (files saved from upstream's HiFiGan training
+wrapper; upstream strips it when loading) is removed. `to_state_dict` writes any of the three.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cslm_jax.speech.hift import HiFTConfig, Layer, Token2WavError, check_params, layers
+
+WEIGHT_NORM_LAYOUTS = ("weight_norm", "parametrizations", "plain")
+_WN_KEYS = {"weight_norm": ("weight_g", "weight_v"),
+            "parametrizations": ("parametrizations.weight.original0",
+                                 "parametrizations.weight.original1")}
+
+
+def _to_ours(w: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "conv":                      # [out, in, k] -> [k, in, out]
+        return w.transpose(2, 1, 0)
+    if kind == "convT":                     # [in, out, k] -> [k, in, out]
+        return w.transpose(2, 0, 1)
+    if kind == "linear":
+        return w.T
+    return w
+
+
+def _to_torch(w: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "conv":
+        return w.transpose(2, 1, 0)
+    if kind == "convT":
+        return w.transpose(1, 2, 0)
+    if kind == "linear":
+        return w.T
+    return w
+
+
+def strip_prefix(sd: dict, prefix: str = "generator.") -> dict:
+    """`sd` without `prefix` where every name has it (else unchanged)."""
+    if sd and all(k.startswith(prefix) for k in sd):
+        return {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _fold(g: np.ndarray, v: np.ndarray) -> np.ndarray:
+    v64 = v.astype(np.float64)
+    norm = np.sqrt((v64 ** 2).sum(axis=tuple(range(1, v.ndim)), keepdims=True))
+    return (g.astype(np.float64) * v64 / norm).astype(np.float32)
+
+
+def hift_from_state_dict(sd: dict, cfg: HiFTConfig, source: str, strict: bool = True) -> dict:
+    """Upstream's HiFTGenerator state dict (numpy arrays, any of the weight-norm layouts, a
+    possible `generator.` prefix) -> our parameters. Names the first missing, mis-shaped or (if
+    `strict`) unexpected tensor, with `source` (the file)."""
+    sd = strip_prefix(dict(sd))
+    used = set()
+
+    def get(name, shape):
+        if name not in sd:
+            raise Token2WavError(f"{source}: missing tensor {name} (HiFT {cfg.version})")
+        w = np.asarray(sd[name])
+        if tuple(w.shape) != tuple(shape):
+            raise Token2WavError(f"{source}: tensor {name} has shape {tuple(w.shape)}, expected "
+                                 f"{tuple(shape)} (HiFT {cfg.version})")
+        used.add(name)
+        return w.astype(np.float32)
+
+    def weight(layer: Layer) -> np.ndarray:
+        n = layer.name
+        if layer.weight_norm:
+            for g_key, v_key in _WN_KEYS.values():
+                if f"{n}.{g_key}" in sd or f"{n}.{v_key}" in sd:
+                    g = get(f"{n}.{g_key}", (layer.shape[0], 1, 1))
+                    return _fold(g, get(f"{n}.{v_key}", layer.shape))
+        return get(f"{n}.weight", layer.shape)
+
+    params = {}
+    for layer in layers(cfg):
+        n = layer.name
+        if layer.kind == "snake":
+            params[f"{n}.alpha"] = get(f"{n}.alpha", layer.shape)
+            continue
+        params[f"{n}.w"] = np.ascontiguousarray(_to_ours(weight(layer), layer.kind))
+        out = layer.shape[1] if layer.kind == "convT" else layer.shape[0]
+        params[f"{n}.b"] = get(f"{n}.bias", (out,))
+    extra = sorted(set(sd) - used)
+    if strict and extra:
+        raise Token2WavError(f"{source}: unexpected tensor {extra[0]} for HiFT {cfg.version}"
+                             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    return params
+
+
+def hift_to_state_dict(cfg: HiFTConfig, params: dict, layout: str = "parametrizations") -> dict:
+    """Our parameters -> upstream's HiFTGenerator state dict (numpy float32) with weight-norm
+    layers in `layout` (`WEIGHT_NORM_LAYOUTS`): `g = ||w||` per first-axis slice and `v = w`
+    for the two pairs, the weight itself for `plain` (loads into a model after
+    `remove_weight_norm`)."""
+    if layout not in WEIGHT_NORM_LAYOUTS:
+        raise Token2WavError(f"weight-norm layout {layout!r}: choose one of "
+                             f"{', '.join(WEIGHT_NORM_LAYOUTS)}")
+    check_params(cfg, params)
+    out = {}
+    for layer in layers(cfg):
+        n = layer.name
+        if layer.kind == "snake":
+            out[f"{n}.alpha"] = np.asarray(params[f"{n}.alpha"], np.float32)
+            continue
+        w = np.ascontiguousarray(_to_torch(np.asarray(params[f"{n}.w"], np.float32), layer.kind))
+        if layer.weight_norm and layout != "plain":
+            g_key, v_key = _WN_KEYS[layout]
+            g = np.sqrt((w.astype(np.float64) ** 2).sum(axis=(1, 2), keepdims=True))
+            out[f"{n}.{g_key}"] = g.astype(np.float32)
+            out[f"{n}.{v_key}"] = w
+        else:
+            out[f"{n}.weight"] = w
+        out[f"{n}.bias"] = np.asarray(params[f"{n}.b"], np.float32)
+    return out
+
+
+def infer_hift_config(sd: dict, version: str, source: str) -> HiFTConfig:
+    """The version's preset with the widths a state dict shows: mel channels and base width from
+    `conv_pre`, the F0 predictor's width, the number of harmonics from `m_source.l_linear`."""
+    sd = strip_prefix(dict(sd))
+
+    def shape(layer, fallback=None):
+        for k in (f"{layer}.weight", f"{layer}.weight_v",
+                  f"{layer}.parametrizations.weight.original1"):
+            if k in sd:
+                return np.shape(sd[k])
+        if fallback:
+            return fallback
+        raise Token2WavError(f"{source}: missing tensor {layer}.weight (or its weight-norm pair); "
+                             f"not a HiFT state dict?")
+
+    pre = shape("conv_pre")
+    cond = shape("f0_predictor.condnet.0")
+    lin = shape("m_source.l_linear")
+    if len(pre) != 3 or len(cond) != 3 or len(lin) != 2:
+        raise Token2WavError(f"{source}: conv_pre {pre}, f0_predictor.condnet.0 {cond}, "
+                             f"m_source.l_linear {lin}: not HiFT's layouts")
+    return HiFTConfig(version=version, in_channels=int(pre[1]), base_channels=int(pre[0]),
+                      cond_channels=int(cond[0]), nb_harmonics=int(lin[1]) - 1)
+
+
+def read_hift(path, version: str, **sizes) -> tuple[HiFTConfig, dict]:
+    """(config, params) from upstream's `hift.pt` (or a .safetensors of its state dict); sizes
+    not given are read from the tensors (`infer_hift_config`)."""
+    from cslm_jax.speech.s3 import SpeechTokenizerError
+    from cslm_jax.speech.weights import read_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise Token2WavError(f"{path}: no such file")
+    try:
+        sd = read_state_dict(path)
+    except SpeechTokenizerError as e:
+        raise Token2WavError(str(e)) from None
+    cfg = infer_hift_config(sd, version, str(path))
+    if sizes:
+        import dataclasses
+        cfg = dataclasses.replace(cfg, **sizes)
+    return cfg, hift_from_state_dict(sd, cfg, str(path))
+
+
+__all__ = ["WEIGHT_NORM_LAYOUTS", "strip_prefix", "hift_from_state_dict", "hift_to_state_dict",
+           "infer_hift_config", "read_hift"]
