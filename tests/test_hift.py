@@ -239,8 +239,14 @@ def test_import_errors_name_file_and_tensor(tmp_path):
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_layer_table_is_upstreams_at_official_sizes(version):
     """The official sizes: every tensor name and shape of upstream's model (parametrizations
-    layout), and the parameter count (upstream's, less the weight-norm gains folded in)."""
+    layout), and the parameter count (upstream's, less the weight-norm gains folded in). The
+    presets are the official yaml files' arguments."""
     cfg = HiFTConfig(version)
+    yaml = dict(ref.HIFT_YAML[version])
+    istft = yaml.pop("istft_params")
+    assert (cfg.n_fft, cfg.hop_len) == (istft["n_fft"], istft["hop_len"])
+    for k, v in yaml.items():
+        assert getattr(cfg, k) == hift._tuple(v), k
     shapes = hift.param_shapes(cfg)
     fake = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
     ours = hift_to_state_dict(cfg, fake)
