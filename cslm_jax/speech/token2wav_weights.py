@@ -16,6 +16,13 @@ and are folded into one weight: `g * v / ||v||`, the norm over every axis but th
 (upstream's `dim=0`: output channels of a conv, input channels of a transposed conv), computed in
 float64. A `generator.` prefix on every name (files saved from upstream's HiFiGan training
 wrapper; upstream strips it when loading) is removed. `to_state_dict` writes any of the three.
+
+Flow (`flow.pt`, v1 `MaskedDiffWithXvec`; `cslm_jax.speech.flow`): upstream's names are the module
+paths (`input_embedding.weight`, `encoder.encoders.N.self_attn.linear_q.weight`,
+`encoder.encoders.N.self_attn.pos_bias_u`, `length_regulator.model.N`,
+`decoder.estimator.down_blocks.N.1.M.attn1.to_q.weight`, ...); no weight norm. Linear weights
+are transposed, conv weights [out, in, k] and transposed-conv weights [in, out, k] brought to
+[k, in, out]; norms, embeddings and the attention's position biases are kept as they are.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cslm_jax.speech import flow as _flow
 from cslm_jax.speech.hift import HiFTConfig, Layer, Token2WavError, check_params, layers
 
 WEIGHT_NORM_LAYOUTS = ("weight_norm", "parametrizations", "plain")
@@ -178,5 +186,119 @@ def read_hift(path, version: str, **sizes) -> tuple[HiFTConfig, dict]:
     return cfg, hift_from_state_dict(sd, cfg, str(path))
 
 
+def _flow_kind(kind: str) -> str:
+    return {"linear_nb": "linear", "embed": "plain", "norm": "plain", "param": "plain"}.get(kind,
+                                                                                          kind)
+
+
+def flow_from_state_dict(sd: dict, cfg, source: str, strict: bool = True) -> dict:
+    """Upstream's MaskedDiffWithXvec state dict (numpy arrays or tensors) -> our parameters
+    (`cfg` a `FlowConfig`). Names the first missing, mis-shaped or (if `strict`) unexpected
+    tensor, with `source` (the file)."""
+    sd = dict(sd)
+    used = set()
+
+    def get(name, shape):
+        if name not in sd:
+            raise Token2WavError(f"{source}: missing tensor {name} (flow {cfg.version})")
+        w = np.asarray(sd[name])
+        if tuple(w.shape) != tuple(shape):
+            raise Token2WavError(f"{source}: tensor {name} has shape {tuple(w.shape)}, expected "
+                                 f"{tuple(shape)} (flow {cfg.version})")
+        used.add(name)
+        return w.astype(np.float32)
+
+    params = {}
+    for layer in _flow.layers(cfg):
+        n = layer.name
+        if layer.kind == "param":
+            params[n] = get(n, layer.shape)
+            continue
+        w = get(f"{n}.weight", layer.shape)
+        params[f"{n}.w"] = np.ascontiguousarray(_to_ours(w, _flow_kind(layer.kind)))
+        if layer.kind in ("linear", "conv", "norm"):
+            params[f"{n}.b"] = get(f"{n}.bias", (layer.shape[0],))
+        elif layer.kind == "convT":
+            params[f"{n}.b"] = get(f"{n}.bias", (layer.shape[1],))
+    extra = sorted(set(sd) - used)
+    if strict and extra:
+        raise Token2WavError(f"{source}: unexpected tensor {extra[0]} for flow {cfg.version}"
+                             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    return params
+
+
+def flow_to_state_dict(cfg, params: dict) -> dict:
+    """Our flow parameters -> upstream's MaskedDiffWithXvec state dict (numpy float32)."""
+    _flow.check_params(cfg, params)
+    out = {}
+    for layer in _flow.layers(cfg):
+        n = layer.name
+        if layer.kind == "param":
+            out[n] = np.asarray(params[n], np.float32)
+            continue
+        out[f"{n}.weight"] = np.ascontiguousarray(
+            _to_torch(np.asarray(params[f"{n}.w"], np.float32), _flow_kind(layer.kind)))
+        if f"{n}.b" in params:
+            out[f"{n}.bias"] = np.asarray(params[f"{n}.b"], np.float32)
+    return out
+
+
+def infer_flow_config(sd: dict, version: str, source: str):
+    """The version's preset with the sizes a state dict shows (vocabulary and embedding, encoder
+    width, heads, blocks and feed-forward, x-vector size, regulator convs, estimator channels,
+    transformer and mid blocks). The estimator's attention heads are not in the tensors (only
+    heads x head width): the preset's 8 heads are kept and the head width read off; give
+    `num_heads` / `attention_head_dim` to `read_flow` for other splits."""
+    def shape(name):
+        if name not in sd:
+            raise Token2WavError(f"{source}: missing tensor {name}; not a flow state dict?")
+        return tuple(np.shape(sd[name]))
+
+    vocab, width = shape("input_embedding.weight")
+    d = shape("encoder.after_norm.weight")[0]
+    blocks = len({k.split(".")[2] for k in sd if k.startswith("encoder.encoders.")})
+    heads = shape("encoder.encoders.0.self_attn.pos_bias_u")[0]
+    ff = shape("encoder.encoders.0.feed_forward.w_1.weight")[0]
+    spk = shape("spk_embed_affine_layer.weight")[1]
+    e = "decoder.estimator"
+    levels = len({k.split(".")[3] for k in sd if k.startswith(f"{e}.down_blocks.")})
+    channels = tuple(shape(f"{e}.down_blocks.{i}.0.res_conv.weight")[0] for i in range(levels))
+    mid = len({k.split(".")[3] for k in sd if k.startswith(f"{e}.mid_blocks.")})
+    n_blocks = len({k.split(".")[5] for k in sd if k.startswith(f"{e}.down_blocks.0.1.")})
+    reg = len({k.split(".")[2] for k in sd if k.startswith("length_regulator.model.")
+               and k.endswith(".weight")})
+    inner = shape(f"{e}.down_blocks.0.1.0.attn1.to_q.weight")[0]
+    kw = dict(vocab_size=vocab, input_size=width, spk_embed_dim=spk, encoder_size=d,
+              encoder_heads=heads, encoder_linear_units=ff, encoder_blocks=blocks,
+              channels=channels, num_mid_blocks=mid, n_blocks=n_blocks,
+              regulator_layers=(reg - 1) // 2)
+    preset = _flow.FlowConfig(version=version)
+    if inner != preset.num_heads * preset.attention_head_dim:
+        kw["attention_head_dim"] = inner // preset.num_heads
+    return _flow.FlowConfig(version=version, **kw)
+
+
+def read_flow(path, version: str = "v1", **sizes):
+    """(config, params) from upstream's `flow.pt` (or a .safetensors of its state dict); sizes
+    not given are read from the tensors (`infer_flow_config`; the estimator's head count is not
+    in them)."""
+    from cslm_jax.speech.s3 import SpeechTokenizerError
+    from cslm_jax.speech.weights import read_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise Token2WavError(f"{path}: no such file")
+    try:
+        sd = read_state_dict(path)
+    except SpeechTokenizerError as e:
+        raise Token2WavError(str(e)) from None
+    cfg = infer_flow_config(sd, version, str(path))
+    if sizes:
+        import dataclasses
+        cfg = dataclasses.replace(cfg, **sizes)
+    return cfg, flow_from_state_dict(sd, cfg, str(path))
+
+
 __all__ = ["WEIGHT_NORM_LAYOUTS", "strip_prefix", "hift_from_state_dict", "hift_to_state_dict",
-           "infer_hift_config", "read_hift"]
+           "infer_hift_config", "read_hift", "flow_from_state_dict", "flow_to_state_dict",
+           "infer_flow_config", "read_flow"]
