@@ -189,3 +189,107 @@ def run_hift(model, mel, cache_source=None, seed=0):
         kw = {} if cache_source is None else {"cache_source": torch.as_tensor(cache_source)}
         wave, s = model.inference(speech_feat=torch.as_tensor(np.asarray(mel, np.float32)), **kw)
     return wave.numpy(), s[:, 0].numpy(), list(draws)
+
+
+# MaskedDiffWithXvec's arguments in the official cosyvoice.yaml (v1, CosyVoice-300M). The wheel
+# ships no yaml; the values are the yaml's (flow: input_size 512, output_size 80, spk_embed_dim
+# 192, output_type mel, vocab_size 4096, input_frame_rate 50, only_mask_loss True), and they agree
+# with MaskedDiffWithXvec's defaults (decoder_conf, mel_feat_conf) and with issue 25 (6 blocks,
+# 512 wide, 8 heads, FFN 2048, relative positions, no conv module; 4 regulator convs; channels
+# [256, 256], 12 mid blocks, cosine schedule, guidance 0.7; 104.87M parameters).
+FLOW_YAML = {
+    "v1": dict(
+        flow=dict(input_size=512, output_size=80, spk_embed_dim=192, output_type="mel",
+                  vocab_size=4096, input_frame_rate=50, only_mask_loss=True),
+        # cosyvoice.transformer.encoder.ConformerEncoder (the yaml's encoder block);
+        # activation_type is left at its default (swish), as the yaml does
+        encoder=dict(output_size=512, attention_heads=8, linear_units=2048, num_blocks=6,
+                     dropout_rate=0.1, positional_dropout_rate=0.1, attention_dropout_rate=0.1,
+                     normalize_before=True, input_layer="linear",
+                     pos_enc_layer_type="rel_pos_espnet", selfattention_layer_type="rel_selfattn",
+                     input_size=512, use_cnn_module=False, macaron_style=False),
+        # cosyvoice.flow.length_regulator.InterpolateRegulator
+        length_regulator=dict(channels=80, sampling_ratios=[1, 1, 1, 1]),
+        # cosyvoice.flow.flow_matching.ConditionalCFM (cfm_params as MaskedDiffWithXvec's
+        # default decoder_conf)
+        decoder=dict(in_channels=240, n_spks=1, spk_emb_dim=80,
+                     cfm_params=dict(sigma_min=1e-06, solver="euler", t_scheduler="cosine",
+                                     training_cfg_rate=0.2, inference_cfg_rate=0.7,
+                                     reg_loss_type="l1")),
+        # cosyvoice.flow.decoder.ConditionalDecoder (decoder_params of the default decoder_conf)
+        estimator=dict(in_channels=320, out_channels=80, channels=[256, 256], dropout=0.0,
+                       attention_head_dim=64, n_blocks=4, num_mid_blocks=12, num_heads=8,
+                       act_fn="gelu"),
+    ),
+}
+
+
+def flow_yaml_of(cfg) -> dict:
+    """FLOW_YAML's structure with the sizes of `cfg` (a `cslm_jax.speech.flow.FlowConfig`)."""
+    y = FLOW_YAML[cfg.version]
+    return dict(
+        flow=dict(y["flow"], input_size=cfg.input_size, output_size=cfg.output_size,
+                  spk_embed_dim=cfg.spk_embed_dim, vocab_size=cfg.vocab_size,
+                  input_frame_rate=cfg.input_frame_rate),
+        encoder=dict(y["encoder"], output_size=cfg.encoder_size,
+                     attention_heads=cfg.encoder_heads, linear_units=cfg.encoder_linear_units,
+                     num_blocks=cfg.encoder_blocks, input_size=cfg.input_size),
+        length_regulator=dict(channels=cfg.output_size,
+                              sampling_ratios=[1] * cfg.regulator_layers),
+        decoder=dict(y["decoder"], in_channels=3 * cfg.output_size, spk_emb_dim=cfg.output_size,
+                     cfm_params=dict(y["decoder"]["cfm_params"],
+                                     inference_cfg_rate=cfg.cfg_rate)),
+        estimator=dict(y["estimator"], in_channels=cfg.estimator_in,
+                       out_channels=cfg.output_size, channels=list(cfg.channels),
+                       attention_head_dim=cfg.attention_head_dim, n_blocks=cfg.n_blocks,
+                       num_mid_blocks=cfg.num_mid_blocks, num_heads=cfg.num_heads))
+
+
+def flow_reference(cfg, state_dict=None):
+    """Upstream's MaskedDiffWithXvec of `cfg`'s sizes, built as cosyvoice.yaml builds it, loaded
+    strictly with `state_dict` (upstream names), in eval mode."""
+    from omegaconf import DictConfig
+
+    y = flow_yaml_of(cfg)
+    estimator = ConditionalDecoder(**y["estimator"])
+    cfm = dict(y["decoder"], cfm_params=DictConfig(y["decoder"]["cfm_params"]))
+    decoder = ConditionalCFM(**cfm, estimator=estimator)
+    model = MaskedDiffWithXvec(**y["flow"], encoder=ConformerEncoder(**y["encoder"]),
+                               length_regulator=InterpolateRegulator(**y["length_regulator"]),
+                               decoder=decoder)
+    if state_dict is not None:
+        model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()},
+                              strict=True)
+    return model.eval()
+
+
+def run_flow(model, units, embedding, prompt_units=None, prompt_mel=None, seed=0):
+    """Upstream's `inference` for one utterance (units [N], x-vector [192], optional prompt
+    units [Np] and mel [Mp, 80]) with torch's generator seeded: (mel [1, 80, M], the starting
+    noise in cslm_jax's layout [1, Mp + M, 80], the encoder's projected output [1, Np + N, 80],
+    mu [1, Mp + M, 80])."""
+    torch.manual_seed(seed)
+    tok = torch.as_tensor(np.asarray(units, np.int64))[None]
+    pu = torch.zeros((1, 0), dtype=torch.int64) if prompt_units is None else \
+        torch.as_tensor(np.asarray(prompt_units, np.int64))[None]
+    pm = torch.zeros((1, 0, 80)) if prompt_mel is None else \
+        torch.as_tensor(np.asarray(prompt_mel, np.float32))[None]
+    seen = {}
+    h1 = model.encoder_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("h", o))
+    h2 = model.length_regulator.model.register_forward_hook(
+        lambda m, i, o: seen.__setitem__("mu", o))
+    try:
+        with recorded_draws() as draws, torch.inference_mode():
+            mel, _ = model.inference(
+                token=tok, token_len=torch.tensor([tok.shape[1]]), prompt_token=pu,
+                prompt_token_len=torch.tensor([pu.shape[1]]), prompt_feat=pm,
+                prompt_feat_len=torch.tensor([pm.shape[1]]),
+                embedding=torch.as_tensor(np.asarray(embedding, np.float32))[None],
+                flow_cache=torch.zeros(1, 80, 0, 2))
+    finally:
+        h1.remove()
+        h2.remove()
+    z = [a for what, a in draws if what == "randn_like"]
+    assert len(z) == 1, [what for what, _ in draws]
+    return (mel.numpy(), z[0].transpose(0, 2, 1).copy(), seen["h"].numpy(),
+            seen["mu"].transpose(1, 2).numpy())
