@@ -14,7 +14,7 @@ from cslm_jax.errors import CslmError
 # One module of cslm_jax.cli per command, in the order `cslm-jax --help` lists them.
 COMMANDS = ("import_hf", "export_hf", "train", "validate_data", "inspect_data", "prepare_data",
             "make_demo_data", "demo", "decode", "compile", "evaluate", "join_timings",
-            "import_speech_tokenizer", "extract_units")
+            "import_speech_tokenizer", "extract_units", "import_token2wav", "synthesize")
 
 
 # Options whose value may itself start with '-' (`--pipeline-options '--opt=1 --b=2'`): argparse

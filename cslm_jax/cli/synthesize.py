@@ -1,0 +1,153 @@
+"""`cslm-jax synthesize`: speech units -> wav files through a token2wav folder
+(cslm_jax.speech.token2wav: CosyVoice's flow and HiFT in JAX)."""
+import argparse
+from pathlib import Path
+
+LOCAL_PATHS = ("units", "token2wav", "out")
+TOOL = "synthesize"
+REPORT = "synthesize.json"
+
+EPILOG = """\
+--units: one unit sequence per line (<12><907>..., optionally inside <sosp> ... <eosp>), or a
+decode responses.jsonl (a .jsonl file, or lines starting with '{'): each record's speech_chunks
+joined in order. One wav per line: OUT/0000.wav, OUT/0001.wav, ... (PCM 16-bit, mono, at the
+token2wav's rate: 22,050 Hz for v1), and OUT/synthesize.json (what was done). Every line is
+checked before anything is synthesised; the folder is written atomically (complete or absent).
+
+--speech-rate R: mel frames = int(units x R / 50 x 22050 / 256); for merged units (CSLM merges
+repeats) give the corpus's mean run length (raw units / merged units) for speech of natural speed.
+
+exit codes: 0 done; 2 bad input (a bad line names FILE:LINE), or an output folder that holds
+something else (--force replaces an earlier synthesize output).
+"""
+
+
+def add_parser(sub):
+    s = sub.add_parser("synthesize", help="speech units (a unit file or decode's "
+                       "responses.jsonl) -> wav files, via a token2wav folder",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--units", required=True, metavar="FILE",
+                   help="unit file (one sequence per line) or a decode responses.jsonl")
+    s.add_argument("--token2wav", required=True, metavar="DIR",
+                   help="token2wav folder (import-token2wav output)")
+    s.add_argument("--voice", required=True, metavar="V",
+                   help="a voice name of the folder's voices.npz, or a .npy x-vector (192 floats)")
+    s.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
+    s.add_argument("--noise", choices=("zero", "random"), default="zero",
+                   help="zero: deterministic; random: the flow's and HiFT's noise drawn from "
+                   "--seed (one key per line)")
+    s.add_argument("--seed", type=int, default=0, help="with --noise random (default 0)")
+    s.add_argument("--speech-rate", type=float, default=1.0, metavar="R",
+                   help="units per 50 Hz unit: scales the mel length (default 1.0)")
+    s.add_argument("--force", action="store_true",
+                   help="replace an earlier synthesize output at --out")
+    return s
+
+
+def read_requests(path) -> list[tuple[str, list[int]]]:
+    """(FILE:LINE, units) per line of a unit file or a responses.jsonl; errors name the line."""
+    import json
+
+    from cslm_jax.infer.responses import UnitFileError, parse_unit_line
+
+    path = Path(path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UnitFileError(f"--units {path}: no such file") from None
+    except OSError as e:
+        raise UnitFileError(f"--units {path}: cannot read it: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UnitFileError(f"{path}: not UTF-8 text ({e})") from None
+    lines = raw.splitlines()
+    if not any(line.strip() for line in lines):
+        raise UnitFileError(f"{path}: empty; write one unit sequence per line")
+    first = next(line for line in lines if line.strip())
+    jsonl = path.suffix.lower() == ".jsonl" or first.lstrip().startswith("{")
+    out = []
+    for i, line in enumerate(lines):
+        where = f"{path}:{i + 1}"
+        if not jsonl:
+            out.append((where, parse_unit_line(line, where)))
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UnitFileError(f"{where}: not a JSON record ({e.msg}, column {e.colno})") from None
+        chunks = rec.get("speech_chunks") if isinstance(rec, dict) else None
+        if not isinstance(chunks, list) or not all(
+                isinstance(c, list) and all(isinstance(u, int) and not isinstance(u, bool)
+                                            for u in c) for c in chunks):
+            raise UnitFileError(f"{where}: no speech_chunks list of unit lists (a decode "
+                                f"responses.jsonl record has one)")
+        units = [u for c in chunks for u in c]
+        if not units:
+            raise UnitFileError(f"{where}: the answer has no speech units (no speech chunk)")
+        out.append((where, units))
+    return out
+
+
+def check(args, parser):
+    from cslm_jax.speech.hift import Token2WavError
+    from cslm_jax.storage.outputs import check_output_dir
+
+    if not (args.speech_rate > 0 and args.speech_rate < float("inf")):
+        raise Token2WavError(f"--speech-rate {args.speech_rate}: must be a positive number")
+    if not Path(args.units).is_file():
+        raise Token2WavError(f"--units {args.units}: no such file")
+    if not Path(args.token2wav).is_dir():
+        raise Token2WavError(f"--token2wav {args.token2wav}: no such folder (make one with "
+                             f"cslm-jax import-token2wav)")
+    inputs = [("--units", args.units), ("--token2wav", args.token2wav)]
+    if args.voice.endswith(".npy"):
+        inputs.append(("--voice", args.voice))
+    check_output_dir(args.out, args.force, inputs=inputs, tool=TOOL)
+
+
+def run(args) -> int:
+    import json
+    import time
+
+    import soundfile as sf
+
+    from cslm_jax.infer.responses import UnitFileError
+    from cslm_jax.speech import token2wav as t2w_mod
+    from cslm_jax.speech.hift import Token2WavError
+    from cslm_jax.storage.checkpoint import atomic_dir
+
+    requests = read_requests(args.units)
+    t2w = t2w_mod.load_token2wav(args.token2wav)
+    emb = t2w_mod.voice(t2w, args.voice)
+    checked = []
+    for where, units in requests:                   # every line before any synthesis
+        try:
+            checked.append(t2w_mod.check_request(t2w, units, args.speech_rate))
+        except Token2WavError as e:
+            raise UnitFileError(f"{where}: {e}") from None
+    keys = [None] * len(checked)
+    if args.noise == "random":                      # one key per line, independent of the others
+        import jax
+        key = jax.random.PRNGKey(args.seed)
+        keys = [jax.random.fold_in(key, i) for i in range(len(checked))]
+    items, start = [], time.perf_counter()
+    with atomic_dir(Path(args.out), force=args.force, tool=TOOL) as tmp:
+        for i, (u, m) in enumerate(checked):
+            noise = "zero" if keys[i] is None else keys[i]
+            t0 = time.perf_counter()
+            wave = t2w_mod.synthesize(t2w, u, emb, noise=noise, speech_rate=args.speech_rate)
+            name = f"{i:04d}.wav"
+            sf.write(str(tmp / name), wave, t2w.sample_rate, subtype="PCM_16", format="WAV")
+            items.append({"wav": name, "source": requests[i][0], "units": len(u),
+                          "mel_frames": int(m), "samples": len(wave),
+                          "seconds": round(len(wave) / t2w.sample_rate, 4),
+                          "synthesis_s": round(time.perf_counter() - t0, 3)})
+        report = {"units": str(args.units), "token2wav": str(args.token2wav),
+                  "version": t2w.version, "voice": args.voice, "noise": args.noise,
+                  "seed": args.seed if args.noise == "random" else None,
+                  "speech_rate": args.speech_rate, "sample_rate": t2w.sample_rate,
+                  "wavs": items, "total_s": round(time.perf_counter() - start, 3)}
+        (tmp / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    audio = sum(it["seconds"] for it in items)
+    print(f"wrote {len(items)} wav(s), {audio:.1f} s of audio at {t2w.sample_rate} Hz, to "
+          f"{args.out}")
+    return 0

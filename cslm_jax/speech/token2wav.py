@@ -1,0 +1,303 @@
+"""Token-to-waveform folders and one-utterance synthesis (issue 25, v1 for now): speech units ->
+CosyVoice's flow (`cslm_jax.speech.flow`: units -> 80-bin mel) -> its HiFT vocoder
+(`cslm_jax.speech.hift`: mel -> waveform at 22,050 Hz).
+
+A token2wav folder (written by `cslm-jax import-token2wav` or `save_random_token2wav`, atomically)
+holds
+- `token2wav.json`: format, format version, model version, sample rate, units per second, mel
+  frames per second, and the flow's and HiFT's configs (every `FlowConfig` / `HiFTConfig` field);
+- `flow.safetensors`, `hift.safetensors`: the parameters in our naming (the flat dicts of
+  `flow.py` / `hift.py`, float32);
+- `voices.npz`: speaker name -> its 192-d x-vector (float32), e.g. from upstream's
+  `spk2info.pt`; `save_random_token2wav` stores one random voice named `random`.
+
+No JAX at import: `load_token2wav` reads files only; `synthesize` compiles the models (once per
+unit count and mel length).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cslm_jax.speech.hift import Token2WavError
+
+FORMAT = "cslm_jax.token2wav"
+FORMAT_VERSION = 1
+CONFIG_FILE = "token2wav.json"
+FLOW_FILE = "flow.safetensors"
+HIFT_FILE = "hift.safetensors"
+VOICES_FILE = "voices.npz"
+FILES = (CONFIG_FILE, FLOW_FILE, HIFT_FILE, VOICES_FILE)
+VERSIONS = ("v1",)                      # v2 (CosyVoice 2's causal flow) is not ported yet
+TOOL = "import-token2wav"
+
+# `save_random_token2wav`'s default reduced sizes (tests, the demo); any may be overridden. The
+# estimator keeps the official 8 heads (of 4): its head count is not in upstream's tensors, so
+# import-token2wav assumes 8, and a random folder exported to flow.pt imports back the same.
+SMALL_FLOW = dict(input_size=32, encoder_size=64, encoder_heads=2, encoder_linear_units=128,
+                  encoder_blocks=2, channels=(32, 32), attention_head_dim=4, n_blocks=1,
+                  num_mid_blocks=2, num_heads=8)
+SMALL_HIFT = dict(base_channels=32, cond_channels=16)
+
+
+@dataclasses.dataclass
+class Token2Wav:
+    """A loaded token2wav folder."""
+    version: str
+    flow_cfg: object                    # FlowConfig
+    flow_params: dict
+    hift_cfg: object                    # HiFTConfig
+    hift_params: dict
+    voices: dict                        # name -> [192] float32
+    path: Path | None = None
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.hift_cfg.sampling_rate)
+
+    @property
+    def units_per_second(self) -> int:
+        return int(self.flow_cfg.input_frame_rate)
+
+    @property
+    def samples_per_frame(self) -> int:
+        return int(self.hift_cfg.samples_per_frame)
+
+
+def _check_version(version: str, where: str = "version") -> None:
+    if version not in VERSIONS:
+        raise Token2WavError(f"{where}: token2wav version {version!r} is not supported; ported: "
+                             f"{', '.join(VERSIONS)} (v2's causal flow is not ported yet)")
+
+
+def _check_voice(name, vec, dim: int, where: str) -> np.ndarray:
+    v = np.asarray(vec, np.float32)
+    if v.ndim == 2 and v.shape[0] == 1:
+        v = v[0]
+    if v.shape != (dim,):
+        raise Token2WavError(f"{where}: voice {name!r} has shape {tuple(np.shape(vec))}, "
+                             f"expected a {dim}-d x-vector")
+    if not np.isfinite(v).all():
+        raise Token2WavError(f"{where}: voice {name!r} holds non-finite values")
+    return v
+
+
+def save_token2wav(out, flow_cfg, flow_params: dict, hift_cfg, hift_params: dict,
+                   voices: dict, force: bool = False) -> Path:
+    """Write a token2wav folder atomically (a temporary sibling renamed into place); refuses a
+    non-empty `out` unless `force` and it is an earlier import-token2wav output."""
+    from safetensors.numpy import save_file
+
+    from cslm_jax.speech import flow as _flow
+    from cslm_jax.speech import hift as _hift
+    from cslm_jax.storage.checkpoint import atomic_dir
+
+    _check_version(flow_cfg.version, "flow")
+    if hift_cfg.version != flow_cfg.version:
+        raise Token2WavError(f"flow is {flow_cfg.version}, HiFT is {hift_cfg.version}; give "
+                             f"the two models of one version")
+    _flow.check_params(flow_cfg, flow_params, "flow")
+    _hift.check_params(hift_cfg, hift_params, "HiFT")
+    if not voices:
+        raise Token2WavError("no voices: a token2wav folder needs at least one x-vector")
+    vs = {str(k): _check_voice(k, v, flow_cfg.spk_embed_dim, "voices") for k, v in voices.items()}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": flow_cfg.version,
+            "sample_rate": int(hift_cfg.sampling_rate),
+            "units_per_second": int(flow_cfg.input_frame_rate),
+            "samples_per_frame": int(hift_cfg.samples_per_frame),
+            "flow": dataclasses.asdict(flow_cfg), "hift": dataclasses.asdict(hift_cfg),
+            "voices": sorted(vs)}
+
+    def arrays(params):
+        return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in params.items()}
+
+    out = Path(out)
+    with atomic_dir(out, force=force, tool=TOOL) as tmp:
+        save_file(arrays(flow_params), str(tmp / FLOW_FILE), metadata={"format": FORMAT})
+        save_file(arrays(hift_params), str(tmp / HIFT_FILE), metadata={"format": FORMAT})
+        with open(tmp / VOICES_FILE, "wb") as f:
+            np.savez(f, **vs)
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    return out
+
+
+def save_random_token2wav(out, version: str = "v1", seed: int = 0, force: bool = False,
+                          **sizes) -> Path:
+    """A random-weight token2wav folder (tests, the demo) at reduced sizes (`SMALL_FLOW`,
+    `SMALL_HIFT`); `sizes` override fields of `FlowConfig` or `HiFTConfig` (each name goes to
+    the config that has it), plus one random voice named `random`. Random weights give noise,
+    not speech."""
+    from cslm_jax.speech import flow as _flow
+    from cslm_jax.speech import hift as _hift
+
+    _check_version(version)
+    flow_fields = {f.name for f in dataclasses.fields(_flow.FlowConfig)} - {"version"}
+    hift_fields = {f.name for f in dataclasses.fields(_hift.HiFTConfig)} - {"version"}
+    fs, hs = dict(SMALL_FLOW), dict(SMALL_HIFT)
+    for k, v in sizes.items():
+        if k in flow_fields:
+            fs[k] = v
+        elif k in hift_fields:
+            hs[k] = v
+        else:
+            raise Token2WavError(f"unknown size {k!r}: neither a FlowConfig nor a HiFTConfig "
+                                 f"field")
+    fcfg, fparams = _flow.init_random(version, seed, **fs)
+    hcfg, hparams = _hift.init_random(version, seed + 1, **hs)
+    rng = np.random.default_rng(seed + 2)
+    voices = {"random": rng.standard_normal(fcfg.spk_embed_dim).astype(np.float32)}
+    return save_token2wav(out, fcfg, fparams, hcfg, hparams, voices, force=force)
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    try:
+        return dict(load_file(str(path)))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise Token2WavError(f"{path}: not a safetensors file ({e})") from None
+
+
+def load_token2wav(path) -> Token2Wav:
+    """A token2wav folder, checked: every file present, the JSON's format and version, every
+    tensor present with its shape, every voice a x-vector of the flow's size."""
+    from cslm_jax.speech import flow as _flow
+    from cslm_jax.speech import hift as _hift
+
+    path = Path(path)
+    hint = "make one with cslm-jax import-token2wav"
+    if not path.is_dir():
+        raise Token2WavError(f"{path}: no such token2wav folder ({hint})")
+    for name in FILES:
+        if not (path / name).is_file():
+            raise Token2WavError(f"{path}: missing {name}; not a token2wav folder ({hint})")
+    cfile = path / CONFIG_FILE
+    try:
+        meta = json.loads(cfile.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Token2WavError(f"{cfile}: not JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else meta
+        raise Token2WavError(f"{cfile}: field format is {got!r}, expected {FORMAT!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise Token2WavError(f"{cfile}: format_version {meta.get('format_version')!r}, this "
+                             f"cslm_jax reads {FORMAT_VERSION}")
+    version = meta.get("version")
+    _check_version(version, str(cfile))
+    try:
+        fcfg = _flow.FlowConfig(**{**meta["flow"], "version": version})
+        hcfg = _hift.HiFTConfig(**{**meta["hift"], "version": version})
+    except KeyError as e:
+        raise Token2WavError(f"{cfile}: missing field {e.args[0]}") from None
+    except TypeError as e:
+        raise Token2WavError(f"{cfile}: a config field is not this cslm_jax's ({e})") from None
+    except Token2WavError as e:
+        raise Token2WavError(f"{cfile}: {e}") from None
+    for field, want in (("sample_rate", hcfg.sampling_rate),
+                        ("units_per_second", fcfg.input_frame_rate)):
+        if meta.get(field) != want:
+            raise Token2WavError(f"{cfile}: field {field} is {meta.get(field)!r}, its configs "
+                                 f"give {want}")
+    fparams = _read_safetensors(path / FLOW_FILE)
+    _flow.check_params(fcfg, fparams, str(path / FLOW_FILE))
+    hparams = _read_safetensors(path / HIFT_FILE)
+    _hift.check_params(hcfg, hparams, str(path / HIFT_FILE))
+    vfile = path / VOICES_FILE
+    try:
+        with np.load(vfile, allow_pickle=False) as z:
+            raw = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise Token2WavError(f"{vfile}: not a voices .npz ({e})") from None
+    if not raw:
+        raise Token2WavError(f"{vfile}: holds no voices")
+    voices = {k: _check_voice(k, v, fcfg.spk_embed_dim, str(vfile)) for k, v in raw.items()}
+    return Token2Wav(version, fcfg, fparams, hcfg, hparams, voices, path)
+
+
+def voice(t2w: Token2Wav, v) -> np.ndarray:
+    """The x-vector `[192]` for `v`: a voice name in the folder's voices.npz, a `.npy` file of
+    192 floats (or [1, 192]), or an array."""
+    dim = t2w.flow_cfg.spk_embed_dim
+    if not isinstance(v, (str, Path)):
+        return _check_voice("(array)", v, dim, "voice")
+    s = str(v)
+    if s in t2w.voices:
+        return t2w.voices[s]
+    if s.endswith(".npy") or Path(s).is_file():
+        p = Path(s)
+        if not p.is_file():
+            raise Token2WavError(f"voice {s}: no such file")
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise Token2WavError(f"voice {s}: not a .npy array ({e})") from None
+        if np.shape(arr) not in ((dim,), (1, dim)):
+            raise Token2WavError(f"voice {s}: holds an array of shape {tuple(np.shape(arr))}; a "
+                                 f"voice is a {dim}-d x-vector ({dim} floats)")
+        return _check_voice(s, arr, dim, f"voice {s}")
+    names = sorted(t2w.voices)
+    shown = ", ".join(names[:20]) + (f" (and {len(names) - 20} more)" if len(names) > 20 else "")
+    raise Token2WavError(f"voice {s!r}: not a voice of {t2w.path or 'this token2wav'} ({shown}) "
+                         f"nor a .npy file")
+
+
+def mel_frames(n_units: int, speech_rate: float = 1.0, units_per_second: int = 50) -> int:
+    """Mel frames for `n_units` units: upstream's `int(n / 50 * 22050 / 256)` with the count
+    scaled by `speech_rate` (for merged units: the corpus's mean run length)."""
+    return int(n_units * speech_rate / units_per_second * 22050 / 256)
+
+
+def check_request(t2w: Token2Wav, units, speech_rate: float = 1.0) -> tuple[np.ndarray, int]:
+    """(units as int32, mel frames), checked: ids in the flow's vocabulary, a usable length."""
+    from cslm_jax.speech import flow as _flow
+
+    if not (speech_rate > 0 and np.isfinite(speech_rate)):
+        raise Token2WavError(f"speech rate {speech_rate}: must be a positive number")
+    u = _flow.check_units(t2w.flow_cfg, np.asarray(units, np.int64))
+    m = mel_frames(len(u), speech_rate, t2w.units_per_second)
+    _flow.check_lengths(t2w.flow_cfg, len(u), m)
+    return u, m
+
+
+def synthesize(t2w: Token2Wav, units, voice_vec, noise="zero", speech_rate: float = 1.0,
+               precision: str = "highest") -> np.ndarray:
+    """One utterance: `units` (ids) -> float32 waveform at `t2w.sample_rate`, of
+    `mel_frames(len(units), speech_rate) * samples_per_frame` samples. `voice_vec`: an x-vector
+    (see `voice`, which also takes names). `noise`: "zero" (deterministic) or a PRNG key (split
+    between the flow's Gaussian start and HiFT's source)."""
+    from cslm_jax.speech.flow import flow_inference
+    from cslm_jax.speech.hift import vocode
+
+    u, m = check_request(t2w, units, speech_rate)
+    emb = voice(t2w, voice_vec) if isinstance(voice_vec, (str, Path)) else \
+        _check_voice("(array)", voice_vec, t2w.flow_cfg.spk_embed_dim, "voice")
+    if isinstance(noise, str):
+        if noise != "zero":
+            raise Token2WavError(f"noise {noise!r}: give 'zero' or a PRNG key")
+        k_flow = k_hift = "zero"
+    else:
+        import jax
+        k_flow, k_hift = jax.random.split(noise)
+    mel = flow_inference(t2w.flow_params, t2w.flow_cfg, u, emb, noise=k_flow, mel_len=m,
+                         precision=precision)                             # [1, 80, M]
+    wave, wave_len = vocode(t2w.hift_params, t2w.hift_cfg, mel, noise=k_hift,
+                            precision=precision)                          # [1, M * R]
+    return np.asarray(wave[0, :int(wave_len[0])], np.float32)
+
+
+__all__ = [
+    "FILES",
+    "FORMAT",
+    "VERSIONS",
+    "Token2Wav",
+    "check_request",
+    "load_token2wav",
+    "mel_frames",
+    "save_random_token2wav",
+    "save_token2wav",
+    "synthesize",
+    "voice",
+]
