@@ -72,6 +72,11 @@ def test_synthesis_length_is_the_mel_frames_times_256(model):
     assert wave.dtype == np.float32 and wave.shape == (34 * 256,)
     assert np.isfinite(wave).all() and 0 < np.abs(wave).max() <= 0.99
     np.testing.assert_array_equal(wave, t2w.synthesize(model, _units(N), "random"))
+    import jax
+    noisy = t2w.synthesize(model, _units(N), "random", noise=jax.random.PRNGKey(3))
+    assert noisy.shape == wave.shape and not np.array_equal(noisy, wave)
+    np.testing.assert_array_equal(
+        noisy, t2w.synthesize(model, _units(N), "random", noise=jax.random.PRNGKey(3)))
     slow = t2w.synthesize(model, _units(N), "random", speech_rate=1.5)
     assert slow.shape == (t2w.mel_frames(N, 1.5) * 256,) == (51 * 256,)
 
