@@ -246,7 +246,7 @@ def test_layer_table_is_upstreams_at_official_sizes(version):
     istft = yaml.pop("istft_params")
     assert (cfg.n_fft, cfg.hop_len) == (istft["n_fft"], istft["hop_len"])
     for k, v in yaml.items():
-        assert getattr(cfg, k) == hift._tuple(v), k
+        assert getattr(cfg, k) == hift.nested_tuple(v), k
     shapes = hift.param_shapes(cfg)
     fake = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
     ours = hift_to_state_dict(cfg, fake)

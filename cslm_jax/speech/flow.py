@@ -47,7 +47,7 @@ import math
 
 import numpy as np
 
-from cslm_jax.speech.hift import Layer, Token2WavError, _precision, _tuple
+from cslm_jax.speech.hift import Layer, Token2WavError, matmul_precision, nested_tuple
 
 # The official v1 sizes (cosyvoice.yaml of CosyVoice-300M; tests/cosyvoice_reference.py's
 # FLOW_YAML holds the yaml's arguments, and the tests check these against it).
@@ -95,7 +95,7 @@ class FlowConfig:
             if getattr(self, k) is None:
                 object.__setattr__(self, k, v)
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _tuple(getattr(self, f.name)))
+            object.__setattr__(self, f.name, nested_tuple(getattr(self, f.name)))
         if self.output_size != 80:
             raise Token2WavError(f"flow output_size {self.output_size}: upstream's CFM solver "
                                  f"works on 80 mel bins only")
@@ -280,7 +280,7 @@ def check_params(cfg: FlowConfig, params: dict, where: str = "parameters") -> No
 class _Ops:
     def __init__(self, params: dict, precision: str):
         self.p = params
-        self.prec = _precision(precision)
+        self.prec = matmul_precision(precision)
 
     def dense(self, name, x, bias=True):
         import jax.numpy as jnp

@@ -89,8 +89,9 @@ PRESETS = {
 F0_LAYERS = 5                   # ConvRNNF0Predictor's conv + ELU layers
 
 
-def _tuple(v):
-    return tuple(_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
+def nested_tuple(v):
+    """Lists (a YAML or JSON config's) as tuples, nested: frozen configs stay hashable."""
+    return tuple(nested_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +127,7 @@ class HiFTConfig:
             if getattr(self, k) is None:
                 object.__setattr__(self, k, v)
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _tuple(getattr(self, f.name)))
+            object.__setattr__(self, f.name, nested_tuple(getattr(self, f.name)))
         n = len(self.upsample_rates)
         for name in ("upsample_kernel_sizes", "source_resblock_kernel_sizes",
                      "source_resblock_dilation_sizes"):
@@ -379,7 +380,8 @@ def _torch_lerp(x0, l0, x1, l1):
 
 # -- the model -------------------------------------------------------------------------------------
 
-def _precision(name: str):
+def matmul_precision(name: str):
+    """`jax.lax.Precision` by name (highest, high, default)."""
     import jax
     return {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH,
             "default": jax.lax.Precision.DEFAULT}[name]
@@ -398,7 +400,7 @@ class _Ops:
 
     def __init__(self, params: dict, precision: str):
         self.p = params
-        self.prec = _precision(precision)
+        self.prec = matmul_precision(precision)
 
     def conv(self, name, x, length, stride=1, padding=0, dilation=1):
         import jax
@@ -605,7 +607,7 @@ def forward(params: dict, cfg: HiFTConfig, mel, mel_len, noise=None, cache_sourc
     import jax.numpy as jnp
 
     f32 = jnp.float32
-    prec = _precision(precision)
+    prec = matmul_precision(precision)
     ops = _Ops(params, precision)
     mel = jnp.asarray(mel, f32)
     mel_len = jnp.asarray(mel_len, jnp.int32)
