@@ -47,7 +47,7 @@ import math
 
 import numpy as np
 
-from cslm_jax.speech.hift import Layer, Token2WavError, matmul_precision, nested_tuple
+from cslm_jax.speech.hift import Layer, Token2WavError, fill_preset, matmul_precision
 
 # The official v1 sizes (cosyvoice.yaml of CosyVoice-300M; tests/cosyvoice_reference.py's
 # FLOW_YAML holds the yaml's arguments, and the tests check these against it).
@@ -91,11 +91,7 @@ class FlowConfig:
         if self.version not in PRESETS:
             raise Token2WavError(f"unknown flow version {self.version!r}; ported: "
                                  f"{', '.join(PRESETS)} (v2's causal flow is not ported yet)")
-        for k, v in PRESETS[self.version].items():
-            if getattr(self, k) is None:
-                object.__setattr__(self, k, v)
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, nested_tuple(getattr(self, f.name)))
+        fill_preset(self, PRESETS[self.version])
         if self.output_size != 80:
             raise Token2WavError(f"flow output_size {self.output_size}: upstream's CFM solver "
                                  f"works on 80 mel bins only")

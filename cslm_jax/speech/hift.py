@@ -89,6 +89,16 @@ PRESETS = {
 F0_LAYERS = 5                   # ConvRNNF0Predictor's conv + ELU layers
 
 
+def fill_preset(cfg, preset: dict) -> None:
+    """In `__post_init__` of a frozen config: the fields left None take the preset's values,
+    and every list becomes a (nested) tuple."""
+    for k, v in preset.items():
+        if getattr(cfg, k) is None:
+            object.__setattr__(cfg, k, v)
+    for f in dataclasses.fields(cfg):
+        object.__setattr__(cfg, f.name, nested_tuple(getattr(cfg, f.name)))
+
+
 def nested_tuple(v):
     """Lists (a YAML or JSON config's) as tuples, nested: frozen configs stay hashable."""
     return tuple(nested_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
@@ -123,11 +133,7 @@ class HiFTConfig:
         if self.version not in PRESETS:
             raise Token2WavError(f"unknown HiFT version {self.version!r}; choose one of "
                                  f"{', '.join(PRESETS)}")
-        for k, v in PRESETS[self.version].items():
-            if getattr(self, k) is None:
-                object.__setattr__(self, k, v)
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, nested_tuple(getattr(self, f.name)))
+        fill_preset(self, PRESETS[self.version])
         n = len(self.upsample_rates)
         for name in ("upsample_kernel_sizes", "source_resblock_kernel_sizes",
                      "source_resblock_dilation_sizes"):

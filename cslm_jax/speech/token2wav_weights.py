@@ -169,6 +169,14 @@ def infer_hift_config(sd: dict, version: str, source: str) -> HiFTConfig:
 def read_hift(path, version: str, **sizes) -> tuple[HiFTConfig, dict]:
     """(config, params) from upstream's `hift.pt` (or a .safetensors of its state dict); sizes
     not given are read from the tensors (`infer_hift_config`)."""
+    return _read(path, version, sizes, infer_hift_config, hift_from_state_dict)
+
+
+def _read(path, version: str, sizes: dict, infer, convert):
+    """(config, params) of an upstream state-dict file: the config `infer`red from its tensors
+    (`sizes` on top), the params `convert`ed; Token2WavError naming the file otherwise."""
+    import dataclasses
+
     from cslm_jax.speech.s3 import SpeechTokenizerError
     from cslm_jax.speech.weights import read_state_dict
 
@@ -179,11 +187,10 @@ def read_hift(path, version: str, **sizes) -> tuple[HiFTConfig, dict]:
         sd = read_state_dict(path)
     except SpeechTokenizerError as e:
         raise Token2WavError(str(e)) from None
-    cfg = infer_hift_config(sd, version, str(path))
+    cfg = infer(sd, version, str(path))
     if sizes:
-        import dataclasses
         cfg = dataclasses.replace(cfg, **sizes)
-    return cfg, hift_from_state_dict(sd, cfg, str(path))
+    return cfg, convert(sd, cfg, str(path))
 
 
 def _flow_kind(kind: str) -> str:
@@ -282,21 +289,7 @@ def read_flow(path, version: str = "v1", **sizes):
     """(config, params) from upstream's `flow.pt` (or a .safetensors of its state dict); sizes
     not given are read from the tensors (`infer_flow_config`; the estimator's head count is not
     in them)."""
-    from cslm_jax.speech.s3 import SpeechTokenizerError
-    from cslm_jax.speech.weights import read_state_dict
-
-    path = Path(path)
-    if not path.is_file():
-        raise Token2WavError(f"{path}: no such file")
-    try:
-        sd = read_state_dict(path)
-    except SpeechTokenizerError as e:
-        raise Token2WavError(str(e)) from None
-    cfg = infer_flow_config(sd, version, str(path))
-    if sizes:
-        import dataclasses
-        cfg = dataclasses.replace(cfg, **sizes)
-    return cfg, flow_from_state_dict(sd, cfg, str(path))
+    return _read(path, version, sizes, infer_flow_config, flow_from_state_dict)
 
 
 __all__ = ["WEIGHT_NORM_LAYOUTS", "strip_prefix", "hift_from_state_dict", "hift_to_state_dict",
