@@ -47,7 +47,8 @@ import math
 
 import numpy as np
 
-from cslm_jax.speech.hift import Layer, Token2WavError, fill_preset, matmul_precision
+from cslm_jax.speech.hift import (Layer, Token2WavError, check_shapes, fill_preset, jax_shape,
+                                  matmul_precision)
 
 # The official v1 sizes (cosyvoice.yaml of CosyVoice-300M; tests/cosyvoice_reference.py's
 # FLOW_YAML holds the yaml's arguments, and the tests check these against it).
@@ -210,17 +211,6 @@ def layers(cfg: FlowConfig) -> list[Layer]:
     return out
 
 
-def jax_shape(layer: Layer) -> tuple:
-    s = layer.shape
-    if layer.kind == "conv":
-        return (s[2], s[1], s[0])
-    if layer.kind == "convT":
-        return (s[2], s[0], s[1])
-    if layer.kind in ("linear", "linear_nb"):
-        return (s[1], s[0])
-    return s
-
-
 def param_shapes(cfg: FlowConfig) -> dict:
     """Our parameter names -> shapes."""
     out = {}
@@ -263,12 +253,7 @@ def init_random(version: str = "v1", seed: int = 0, **sizes) -> tuple[FlowConfig
 
 def check_params(cfg: FlowConfig, params: dict, where: str = "parameters") -> None:
     """Every expected tensor present with its shape; names the first that is not."""
-    for k, shape in param_shapes(cfg).items():
-        if k not in params or params[k] is None:
-            raise Token2WavError(f"{where}: missing tensor {k}")
-        if tuple(np.shape(params[k])) != tuple(shape):
-            raise Token2WavError(f"{where}: tensor {k} has shape {tuple(np.shape(params[k]))}, "
-                                 f"expected {tuple(shape)}")
+    check_shapes(param_shapes(cfg), params, where)
 
 
 # -- building blocks (all on [B, T, C]) ------------------------------------------------------------

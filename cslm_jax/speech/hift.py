@@ -237,13 +237,14 @@ def layers(cfg: HiFTConfig) -> list[Layer]:
 
 
 def jax_shape(layer: Layer) -> tuple:
-    """The weight's shape in our layout: conv / transposed conv [k, in, out], linear [in, out]."""
+    """The weight's shape in our layout: conv / transposed conv [k, in, out], linear (with or
+    without bias: `linear_nb`) [in, out]; other kinds as upstream's."""
     s = layer.shape
     if layer.kind == "conv":
         return (s[2], s[1], s[0])
     if layer.kind == "convT":
         return (s[2], s[0], s[1])
-    if layer.kind == "linear":
+    if layer.kind in ("linear", "linear_nb"):
         return (s[1], s[0])
     return s
 
@@ -298,8 +299,14 @@ def init_random(version: str = "v1", seed: int = 0, **sizes) -> tuple[HiFTConfig
 
 def check_params(cfg: HiFTConfig, params: dict, where: str = "parameters") -> None:
     """Every expected tensor present with its shape; names the first that is not."""
-    for k, shape in param_shapes(cfg).items():
-        if k not in params:
+    check_shapes(param_shapes(cfg), params, where)
+
+
+def check_shapes(expected: dict, params: dict, where: str) -> None:
+    """Every tensor of `expected` (name -> shape) present in `params` with its shape; names the
+    first that is not (the flow's check too)."""
+    for k, shape in expected.items():
+        if k not in params or params[k] is None:
             raise Token2WavError(f"{where}: missing tensor {k}")
         if tuple(np.shape(params[k])) != tuple(shape):
             raise Token2WavError(f"{where}: tensor {k} has shape {tuple(np.shape(params[k]))}, "

@@ -72,22 +72,37 @@ def _fold(g: np.ndarray, v: np.ndarray) -> np.ndarray:
     return (g.astype(np.float64) * v64 / norm).astype(np.float32)
 
 
+class _Tensors:
+    """Tensors taken from an upstream state dict `sd` by name and expected shape (float32);
+    errors name `source` (the file) and `model` (e.g. "HiFT v1"). `refuse_unused` then names
+    the first tensor no one took."""
+
+    def __init__(self, sd: dict, source: str, model: str):
+        self.sd, self.source, self.model, self.used = sd, source, model, set()
+
+    def __call__(self, name: str, shape) -> np.ndarray:
+        if name not in self.sd:
+            raise Token2WavError(f"{self.source}: missing tensor {name} ({self.model})")
+        w = np.asarray(self.sd[name])
+        if tuple(w.shape) != tuple(shape):
+            raise Token2WavError(f"{self.source}: tensor {name} has shape {tuple(w.shape)}, "
+                                 f"expected {tuple(shape)} ({self.model})")
+        self.used.add(name)
+        return w.astype(np.float32)
+
+    def refuse_unused(self) -> None:
+        extra = sorted(set(self.sd) - self.used)
+        if extra:
+            raise Token2WavError(f"{self.source}: unexpected tensor {extra[0]} for {self.model}"
+                                 + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+
+
 def hift_from_state_dict(sd: dict, cfg: HiFTConfig, source: str, strict: bool = True) -> dict:
     """Upstream's HiFTGenerator state dict (numpy arrays, any of the weight-norm layouts, a
     possible `generator.` prefix) -> our parameters. Names the first missing, mis-shaped or (if
     `strict`) unexpected tensor, with `source` (the file)."""
     sd = strip_prefix(dict(sd))
-    used = set()
-
-    def get(name, shape):
-        if name not in sd:
-            raise Token2WavError(f"{source}: missing tensor {name} (HiFT {cfg.version})")
-        w = np.asarray(sd[name])
-        if tuple(w.shape) != tuple(shape):
-            raise Token2WavError(f"{source}: tensor {name} has shape {tuple(w.shape)}, expected "
-                                 f"{tuple(shape)} (HiFT {cfg.version})")
-        used.add(name)
-        return w.astype(np.float32)
+    get = _Tensors(sd, source, f"HiFT {cfg.version}")
 
     def weight(layer: Layer) -> np.ndarray:
         n = layer.name
@@ -107,10 +122,8 @@ def hift_from_state_dict(sd: dict, cfg: HiFTConfig, source: str, strict: bool = 
         params[f"{n}.w"] = np.ascontiguousarray(_to_ours(weight(layer), layer.kind))
         out = layer.shape[1] if layer.kind == "convT" else layer.shape[0]
         params[f"{n}.b"] = get(f"{n}.bias", (out,))
-    extra = sorted(set(sd) - used)
-    if strict and extra:
-        raise Token2WavError(f"{source}: unexpected tensor {extra[0]} for HiFT {cfg.version}"
-                             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    if strict:
+        get.refuse_unused()
     return params
 
 
@@ -202,18 +215,7 @@ def flow_from_state_dict(sd: dict, cfg, source: str, strict: bool = True) -> dic
     """Upstream's MaskedDiffWithXvec state dict (numpy arrays or tensors) -> our parameters
     (`cfg` a `FlowConfig`). Names the first missing, mis-shaped or (if `strict`) unexpected
     tensor, with `source` (the file)."""
-    sd = dict(sd)
-    used = set()
-
-    def get(name, shape):
-        if name not in sd:
-            raise Token2WavError(f"{source}: missing tensor {name} (flow {cfg.version})")
-        w = np.asarray(sd[name])
-        if tuple(w.shape) != tuple(shape):
-            raise Token2WavError(f"{source}: tensor {name} has shape {tuple(w.shape)}, expected "
-                                 f"{tuple(shape)} (flow {cfg.version})")
-        used.add(name)
-        return w.astype(np.float32)
+    get = _Tensors(dict(sd), source, f"flow {cfg.version}")
 
     params = {}
     for layer in _flow.layers(cfg):
@@ -227,10 +229,8 @@ def flow_from_state_dict(sd: dict, cfg, source: str, strict: bool = True) -> dic
             params[f"{n}.b"] = get(f"{n}.bias", (layer.shape[0],))
         elif layer.kind == "convT":
             params[f"{n}.b"] = get(f"{n}.bias", (layer.shape[1],))
-    extra = sorted(set(sd) - used)
-    if strict and extra:
-        raise Token2WavError(f"{source}: unexpected tensor {extra[0]} for flow {cfg.version}"
-                             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    if strict:
+        get.refuse_unused()
     return params
 
 
