@@ -1,5 +1,6 @@
 """`cslm-jax compile`: will a run fit a TPU slice? (cslm_jax.tpu.aot) With --speech-tokenizer:
-the speech-unit extraction step instead (cslm_jax.tpu.extraction)."""
+the speech-unit extraction step instead (cslm_jax.tpu.extraction); with --token2wav: speech
+synthesis (cslm_jax.tpu.synthesis)."""
 
 
 def add_parser(sub):
@@ -7,7 +8,8 @@ def add_parser(sub):
                        "this (CPU) host: per-chip memory vs HBM, FLOPs per step, FITS / DOES NOT "
                        "FIT (exit 0 / 1; needs the libtpu package); with --speech-tokenizer the "
                        "extract-units step: memory per chip, FLOPs per second of audio, hours of "
-                       "audio per chip-hour",
+                       "audio per chip-hour; with --token2wav the synthesis step (flow + HiFT): memory "
+                       "per chip, FLOPs and seconds of audio per chip-second",
                        epilog="topologies: v4:AxBxC, v5p:AxBxC, v5e:AxB, v6e:AxB in chips, e.g. "
                        "v4:2x2x4 (v4-32), v5p:4x4x4 (v5p-128), v5e:8x8 (v5litepod-64); one chip: "
                        "v5e:1x1, v5p:1x1x1")
@@ -27,35 +29,60 @@ def add_parser(sub):
     g.add_argument("--speech-tokenizer", default=None, metavar="VERSION",
                    help="compile the extract-units step of this S3 tokenizer (v1, v1_25hz, "
                    "v2_25hz) at its official sizes (overrides: n_state=, n_head=, n_layer=)")
-    g.add_argument("--batch", type=int, default=32, help="rows per step, all chips together "
-                   "(default 32, extract-units' --batch-size)")
-    g.add_argument("--seconds", type=float, default=30.0, help="padded row length, the bucket "
-                   "(default 30, the longest)")
+    g.add_argument("--batch", type=int, default=None, help="rows per step, all chips together "
+                   "(default 32, extract-units' --batch-size; with --token2wav 8 answers)")
+    g.add_argument("--seconds", type=float, default=None, help="padded row length, the bucket "
+                   "(default 30, the longest; with --token2wav 10 s of speech per answer)")
     g.add_argument("--precision", default="highest",
                    choices=("highest", "high", "default", "bfloat16"),
                    help="matmul precision, as extract-units --precision (default highest)")
+    t = s.add_argument_group("speech synthesis (instead of a train step)")
+    t.add_argument("--token2wav", default=None, metavar="VERSION",
+                   help="compile the synthesis step (flow + HiFT, as synthesize runs it) of this "
+                   "token2wav version (v1) at its official sizes (overrides: flow.NAME=N, "
+                   "hift.NAME=N); --batch answers of --seconds each")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="run config overrides "
                    "(mesh.tensor=4, train.micro_batch_size=32, model.remat_policy=full, ...)")
     return s
 
 
 def check(args, parser) -> None:
-    if args.speech_tokenizer is None and args.config is None:
+    if args.speech_tokenizer is not None and args.token2wav is not None:
+        parser.error("--speech-tokenizer and --token2wav compile different steps: give one")
+    if args.speech_tokenizer is None and args.token2wav is None and args.config is None:
         parser.error("--config is required (or --speech-tokenizer VERSION to compile the "
-                     "speech-unit extraction step)")
-    if args.speech_tokenizer is not None and (args.config or args.search or args.model):
-        parser.error("--speech-tokenizer compiles the extraction step: it takes no --config, "
-                     "--model or --search")
+                     "speech-unit extraction step, --token2wav VERSION the synthesis step)")
+    for flag, value in (("--speech-tokenizer", args.speech_tokenizer),
+                        ("--token2wav", args.token2wav)):
+        if value is not None and (args.config or args.search or args.model):
+            parser.error(f"{flag} compiles its own step: it takes no --config, --model or "
+                         f"--search")
+    if args.speech_tokenizer is None and args.token2wav is None and (
+            args.batch is not None or args.seconds is not None):
+        parser.error("--batch and --seconds go with --speech-tokenizer or --token2wav (a train "
+                     "step's batch is the run config's: train.micro_batch_size=...)")
 
 
 def run(args) -> int:
     from cslm_jax.tpu.aot import check_fit, gib, search_fit
 
+    if args.token2wav is not None:
+        from cslm_jax.tpu.synthesis import compile_synthesis_step
+
+        report = compile_synthesis_step(args.token2wav, args.topology,
+                                        8 if args.batch is None else args.batch,
+                                        10.0 if args.seconds is None else args.seconds,
+                                        args.precision, args.overrides)
+        for line in report.lines():
+            print(line)
+        return 0 if report.fits else 1
     if args.speech_tokenizer is not None:
         from cslm_jax.tpu.extraction import compile_extraction_step
 
-        report = compile_extraction_step(args.speech_tokenizer, args.topology, args.batch,
-                                         args.seconds, args.precision, args.overrides)
+        report = compile_extraction_step(args.speech_tokenizer, args.topology,
+                                         32 if args.batch is None else args.batch,
+                                         30.0 if args.seconds is None else args.seconds,
+                                         args.precision, args.overrides)
         for line in report.lines():
             print(line)
         return 0 if report.fits else 1
