@@ -293,3 +293,31 @@ def run_flow(model, units, embedding, prompt_units=None, prompt_mel=None, seed=0
     assert len(z) == 1, [what for what, _ in draws]
     return (mel.numpy(), z[0].transpose(0, 2, 1).copy(), seen["h"].numpy(),
             seen["mu"].transpose(1, 2).numpy())
+
+
+def run_token2wav_stream(flow_model, hift_model, windows, embedding, seed=0):
+    """Upstream's v1 streaming path (`CosyVoiceModel.token2wav` with its per-utterance caches,
+    as `tts(stream=True)` drives it) on `windows`: a list of (units [n], finalize) in order, the
+    x-vector [192], no prompt, torch's generator seeded once. Returns (the audio each call
+    released [N_k], the draws each call made: the flow's `randn_like` [1, 80, M] first, then
+    HiFT's)."""
+    import warnings
+
+    model = CosyVoiceModel(None, flow_model, hift_model)
+    uid = "stream"
+    model.mel_overlap_dict[uid] = torch.zeros(1, 80, 0)
+    model.flow_cache_dict[uid] = torch.zeros(1, 80, 0, 2)
+    model.hift_cache_dict[uid] = None
+    emb = torch.as_tensor(np.asarray(embedding, np.float32))[None]
+    torch.manual_seed(seed)
+    audio, draws = [], []
+    for units, finalize in windows:
+        with recorded_draws() as log, torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)       # torch.cuda.amp.autocast
+            out = model.token2wav(token=torch.as_tensor(np.asarray(units, np.int64))[None],
+                                  prompt_token=torch.zeros(1, 0, dtype=torch.int64),
+                                  prompt_feat=torch.zeros(1, 0, 80), embedding=emb, uuid=uid,
+                                  finalize=finalize)
+        audio.append(out.numpy()[0].copy())
+        draws.append(list(log))
+    return audio, draws

@@ -1,0 +1,392 @@
+"""Streamed token-to-waveform (issue 25, v1): a CSLM answer's speech chunks SA_1, SA_2, ... ->
+audio, each chunk synthesised the moment its `<eosp>` closes, with CosyVoice's own streaming
+scheme, so that the streamed audio equals upstream's streaming path fed the same unit windows.
+
+Upstream (`cosyvoice.cli.model.CosyVoiceModel.token2wav(token, ..., uuid, finalize)`, as the
+wheel `cosyvoice-minicpmo==0.1.0` ships it) keeps four caches per utterance; one call on a
+window of `n` units (`M = int(n / 50 * 22050 / 256)` mel frames) computes:
+1. The flow (`MaskedDiffWithXvec.inference(flow_cache=...)`): units -> mu as usual, then in
+   `ConditionalCFM.forward(cache=...)` the first frames of the starting noise `z` and of `mu` are
+   replaced by the cache (the previous call's last 34 frames of both, after its own replacement;
+   34 is a literal there), the cache becomes this call's last 34 frames, and the Euler solver
+   runs as usual: mel `[80, M]`.
+2. The mel overlap: the first 34 mel frames (`int(20 / 50 * 22050 / 256)`) are cross-faded with
+   the 34 frames the previous call held back, `new * w[:34] + old * w[34:]` with `w` the Hamming
+   window of 68 (`cosyvoice.utils.common.fade_in_out`; float64 arithmetic, as a float32 tensor
+   times a numpy float64 window is in PyTorch, rounded back to float32).
+3. The HiFT cache: the previous call's last 20 vocoded mel frames are put in front, and HiFT
+   (`inference(speech_feat, cache_source)`) runs with the first 20 * 256 samples of its source
+   replaced by the previous call's last 20 * 256 source samples.
+4. Not final: the last 34 mel frames are held back (the next mel overlap) before HiFT; the
+   first 5120 samples of the waveform are cross-faded (Hamming window of 10240) with the 5120
+   samples the previous call held back; the last 20 frames' mel, source and waveform (5120
+   samples) become the HiFT cache and are held back. Final: everything is vocoded and returned.
+
+Upstream's `tts(stream=True)` calls it on overlapping windows: units `[k h, k h + h + 20)` for
+hops `h` of 100 units (20 units of look-ahead that the next window starts with), then the
+remaining units (from the last hop on) with `finalize=True`. `SpeechStream` does the same with
+the chunks CSLM gives: each `push(units)` (a closed chunk) makes a window of the 20 units carried
+over from the previous window plus the new ones, and synthesises it at once; `finish()` (the
+answer's end) synthesises the carried units plus any still pending with `finalize=True`. What is
+held back at any time is exactly upstream's: the last 20 units' worth of mel (34 frames, not yet
+cross-faded) and the HiFT cache's 20 frames (5120 samples, not yet cross-faded).
+
+Short chunks: a window is synthesised before the end only if it has more than 40 units
+(`min_window_units`): then upstream's regulator gives its first and last 20 units exactly 34 mel
+frames each (`flow.regulate`), so the 34 cached noise / mu frames, the held-back mel overlap and
+the 20 carried units all describe the same stretch of speech, and the next window, which starts
+with those 20 units, lines up with them; it also leaves at least 20 frames for the HiFT cache.
+With 40 units or fewer the regulator spreads the window's units evenly over its frames and the
+caches would describe another stretch than the units carried over (upstream never calls a
+non-final window that short: its windows have 120 units). So a shorter window is not
+synthesised: its units wait for the next chunk (`push` returns no audio), and at the answer's
+end they go into the final window, which any length may be (as upstream's last window).
+
+Totals: windows of `n_1 .. n_K` units (`M_k` mel frames each) give `sum(M_k) - 34 (K - 1)` mel
+frames of audio, `* 256` samples (`expected_samples`): each window's first 34 frames replace the
+previous one's last 34.
+
+Merged units (`speech_rate` > 1): the window's mel length scales with the rate, as in
+`token2wav.synthesize`; the regulator's seams (20 units -> 34 frames) are upstream's whatever
+the rate, so the caches line up as above. Rates below 1 are refused (a mean run length is at
+least 1, and 20 units must give at least the 34 cached frames).
+
+Noise: "zero" (deterministic), a PRNG key (window `k` draws from `fold_in(key, k)`, split between
+the flow's start and HiFT's source), or a callable `noise(k, flow_frames, hift_frames)`
+returning `{"flow": z [1, flow_frames, 80], "hift": {"phase": [1, 9], "noise": [1, >= N, 9]}}`
+(another implementation's draws, for tests). As upstream, each window draws its own noise, of
+which the flow's first (cached) frames are replaced.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from cslm_jax.speech.hift import Token2WavError
+
+TOKEN_OVERLAP = 20          # upstream's token_overlap_len: units carried into the next window
+FLOW_CACHE_FRAMES = 34      # upstream's literal in ConditionalCFM.forward (z / mu cache)
+MEL_CACHE_FRAMES = 20       # upstream's mel_cache_len (the HiFT cache)
+
+
+def _hamming(n: int) -> np.ndarray:
+    """numpy's symmetric Hamming window (upstream's `np.hamming`), float64."""
+    return np.hamming(n)
+
+
+def fade_in_out(new: np.ndarray, old: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Upstream's `fade_in_out` on the last axis: the first `len(window) // 2` values of `new`
+    become `new * w[:k] + old[-k:] * w[k:]` (float64, rounded to float32)."""
+    k = len(window) // 2
+    out = np.array(new, np.float32, copy=True)
+    out[..., :k] = (new[..., :k].astype(np.float64) * window[:k] +
+                    old[..., -k:].astype(np.float64) * window[k:]).astype(np.float32)
+    return out
+
+
+def _flow_window(params, units, emb, z, mu_cache, cache_len, *, cfg, mel_len, precision):
+    """One window of the flow with upstream's cache: `z [1, M, 80]` (its cached frames already
+    in), the first `cache_len` frames of mu replaced by `mu_cache [1, M, 80]`'s -> (mel, mu),
+    both `[1, M, 80]`."""
+    import jax.numpy as jnp
+
+    from cslm_jax.speech.flow import cfm, encode
+    from cslm_jax.speech.hift import matmul_precision
+
+    prec = matmul_precision(precision)
+    spks = emb / jnp.maximum(jnp.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    spks = jnp.dot(spks, params["spk_embed_affine_layer.w"], precision=prec) + \
+        params["spk_embed_affine_layer.b"]
+    mu = encode(params, cfg, units, jnp.full((1,), units.shape[1]), mel_len, 0, 0, precision)
+    pos = jnp.arange(mel_len)[None, :, None]
+    mu = jnp.where(pos < cache_len, mu_cache, mu)
+    mask = jnp.ones((1, mel_len), mu.dtype)
+    mel = cfm(params, cfg, mu, mask, spks, jnp.zeros_like(mu), z, precision=precision)
+    return mel, mu
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_flow(cfg, mel_len: int, precision: str):
+    import jax
+    return jax.jit(functools.partial(_flow_window, cfg=cfg, mel_len=mel_len, precision=precision))
+
+
+class SpeechStream:
+    """One answer's streamed speech (v1). `push(units)` for each closed speech chunk returns the
+    audio ready now (float32 at `t2w.sample_rate`, possibly empty); `finish()` at the answer's
+    end returns the rest. The concatenation of everything returned is the answer's audio.
+
+    `voice`: a voice name, `.npy` file or x-vector (`token2wav.voice`); `noise`: "zero", a PRNG
+    key or a callable (module docstring); `speech_rate`: the mean run length of merged units
+    (>= 1). `windows` lists the (units, finalize) windows synthesised so far; `synthesis_s` the
+    seconds spent synthesising; `samples` the samples returned."""
+
+    def __init__(self, t2w, voice="random", noise="zero", speech_rate: float = 1.0,
+                 precision: str = "highest"):
+        from cslm_jax.speech import token2wav as t2w_mod
+
+        if t2w.version != "v1":
+            raise Token2WavError(f"streaming: token2wav version {t2w.version!r}; only v1's "
+                                 f"streaming scheme is ported")
+        if not (np.isfinite(speech_rate) and speech_rate >= 1.0):
+            raise Token2WavError(f"speech rate {speech_rate}: streaming needs a rate >= 1 (the "
+                                 f"mean run length of merged units is at least 1)")
+        if isinstance(noise, str) and noise != "zero":
+            raise Token2WavError(f"noise {noise!r}: give 'zero', a PRNG key or a callable")
+        self.t2w = t2w
+        self.emb = t2w_mod.voice(t2w, voice) if isinstance(voice, (str, Path)) else \
+            t2w_mod.voice(t2w, np.asarray(voice, np.float32))
+        self.noise = noise
+        self.speech_rate = float(speech_rate)
+        self.precision = precision
+        self.overlap = int(t2w.flow_cfg.seam_frames)          # 34 mel frames
+        self.cache_samples = MEL_CACHE_FRAMES * t2w.samples_per_frame
+        self.mel_window = _hamming(2 * self.overlap)
+        self.speech_window = _hamming(2 * self.cache_samples)
+        self.pending: list[int] = []
+        self.windows: list[tuple[list[int], bool]] = []
+        self.synthesis_s = 0.0
+        self.samples = 0
+        self.finished = False
+        self._flow_cache = None          # (z [c, 80], mu [c, 80])
+        self._mel_overlap = None         # [80, 34]
+        self._hift_cache = None          # (mel [80, 20], source [5120], speech [5120])
+
+    # -- the windowing policy ------------------------------------------------------------------
+
+    @property
+    def min_window_units(self) -> int:
+        """The fewest units a window synthesised before the answer's end has (module
+        docstring): 2 * 20 + 1."""
+        return 2 * TOKEN_OVERLAP + 1
+
+    def mel_frames(self, n_units: int) -> int:
+        from cslm_jax.speech.token2wav import mel_frames
+        return mel_frames(n_units, self.speech_rate, self.t2w.units_per_second)
+
+    def push(self, units: Iterable[int]) -> np.ndarray:
+        """A closed speech chunk's units: synthesises the pending window (the 20 units carried
+        over plus these) unless it is too short (then they wait). Returns the audio ready."""
+        from cslm_jax.speech.flow import check_units
+
+        if self.finished:
+            raise Token2WavError("streaming: push after finish (one SpeechStream per answer)")
+        u = check_units(self.t2w.flow_cfg, np.asarray(list(units), np.int64), "speech chunk")
+        self.pending += u.tolist()
+        if len(self.pending) < self.min_window_units:
+            return np.zeros((0,), np.float32)
+        window = self.pending
+        self.pending = window[-TOKEN_OVERLAP:]
+        return self._timed(window, False)
+
+    def finish(self) -> np.ndarray:
+        """The answer's end: the units still pending (the 20 carried over and any short chunk's)
+        as upstream's final window; returns the rest of the audio (empty if none)."""
+        if self.finished:
+            return np.zeros((0,), np.float32)
+        self.finished = True
+        window, self.pending = self.pending, []
+        if not window:
+            return np.zeros((0,), np.float32)
+        return self._timed(window, True)
+
+    def _timed(self, window, finalize):
+        t0 = time.perf_counter()
+        out = self.step(window, finalize)
+        self.synthesis_s += time.perf_counter() - t0
+        self.samples += len(out)
+        return out
+
+    def expected_samples(self) -> int:
+        """Samples the windows synthesised so far give in all, once finished (module docstring)."""
+        frames = [self.mel_frames(len(w)) for w, _ in self.windows]
+        return (sum(frames) - self.overlap * max(0, len(frames) - 1)) * self.t2w.samples_per_frame
+
+    # -- one call of upstream's token2wav --------------------------------------------------------
+
+    def _noise(self, k: int, m: int, t: int):
+        if isinstance(self.noise, str):
+            return np.zeros((1, m, 80), np.float32), "zero"
+        if callable(self.noise):
+            d = self.noise(k, m, t)
+            z = np.asarray(d["flow"], np.float32)
+            if z.shape != (1, m, 80):
+                raise Token2WavError(f"noise callable: flow noise of shape {z.shape}, expected "
+                                     f"[1, {m}, 80]")
+            return z, d["hift"]
+        import jax
+        k_flow, k_hift = jax.random.split(jax.random.fold_in(self.noise, k))
+        return np.asarray(jax.random.normal(k_flow, (1, m, 80), np.float32)), k_hift
+
+    def step(self, window, finalize: bool) -> np.ndarray:
+        """Upstream's `token2wav(window, finalize=...)` with this answer's caches; returns the
+        audio it releases. (`push` / `finish` choose the windows; a test may drive this
+        directly with upstream's.)"""
+        from cslm_jax.speech.flow import check_lengths, check_units
+        from cslm_jax.speech.hift import vocode
+
+        cfg = self.t2w.flow_cfg
+        u = check_units(cfg, np.asarray(window, np.int64), "speech window")
+        m = self.mel_frames(len(u))
+        check_lengths(cfg, len(u), m)
+        k = len(self.windows)
+        self.windows.append((u.tolist(), bool(finalize)))
+        c = 0 if self._flow_cache is None else len(self._flow_cache[0])
+        if c > m:
+            raise Token2WavError(f"streaming: a window of {len(u)} units gives {m} mel frames, "
+                                 f"fewer than the {c} cached from the previous window")
+        hift_frames = m + (0 if self._hift_cache is None else MEL_CACHE_FRAMES) - \
+            (0 if finalize else self.overlap)
+        z, hift_noise = self._noise(k, m, hift_frames)
+        mu_cache = np.zeros((1, m, 80), np.float32)
+        if c:
+            z = z.copy()
+            z[0, :c] = self._flow_cache[0]
+            mu_cache[0, :c] = self._flow_cache[1]
+        fn = _jitted_flow(cfg, m, self.precision)
+        mel, mu = fn(self.t2w.flow_params, u[None], self.emb[None], z, mu_cache, np.int32(c))
+        mu = np.asarray(mu)
+        self._flow_cache = (z[0, -FLOW_CACHE_FRAMES:].copy(), mu[0, -FLOW_CACHE_FRAMES:].copy())
+        mel = np.asarray(mel)[0].T                                         # [80, M]
+        if self._mel_overlap is not None:
+            mel = fade_in_out(mel, self._mel_overlap, self.mel_window)
+        cache_source = None
+        if self._hift_cache is not None:
+            mel = np.concatenate([self._hift_cache[0], mel], 1)
+            cache_source = self._hift_cache[1][None]
+        if not finalize:
+            self._mel_overlap = mel[:, -self.overlap:]
+            mel = mel[:, :-self.overlap]
+        wave, _, source = vocode(self.t2w.hift_params, self.t2w.hift_cfg, mel[None],
+                                 noise=hift_noise, cache_source=cache_source,
+                                 precision=self.precision, return_source=True)
+        speech = wave[0]
+        if self._hift_cache is not None:
+            speech = fade_in_out(speech, self._hift_cache[2], self.speech_window)
+        if finalize:
+            self._hift_cache = None
+            return speech
+        r = self.cache_samples
+        self._hift_cache = (mel[:, -MEL_CACHE_FRAMES:], source[0, -r:].copy(), speech[-r:].copy())
+        return speech[:-r]
+
+
+def speak(events: Iterable, stream: SpeechStream) -> Iterator[tuple[object, np.ndarray]]:
+    """Decode events (`cslm_jax.infer.decode`: Transcript, TextChunk, SpeechChunk, End) -> (event,
+    audio ready after it) pairs: a SpeechChunk pushes its units, End finishes the answer (so does
+    the events' end without an End); other events give no audio. For a server: play each
+    non-empty chunk as it comes."""
+    from cslm_jax.infer.decode import End, SpeechChunk
+
+    for ev in events:
+        if isinstance(ev, SpeechChunk):
+            yield ev, stream.push(ev.units)
+        elif isinstance(ev, End):
+            yield ev, stream.finish()
+        else:
+            yield ev, np.zeros((0,), np.float32)
+    if not stream.finished:
+        yield None, stream.finish()
+
+
+class SpeechOut:
+    """`cslm-jax decode --speech-out DIR`: every answer synthesised while it is decoded, each
+    speech chunk the moment it closes (`SpeechStream`), written to `DIR/<index>.wav` (4 digits,
+    PCM 16-bit mono at the token2wav's rate; atomically, when the answer ends; an answer without
+    speech gets an empty wav). `cslm_jax.infer.responses.decode_questions` calls `begin(index,
+    t0)` when an answer's batch starts decoding (`t0`: its `time.perf_counter()`), `event(index,
+    ev)` for each event as it completes; `timing(index)` gives the fields added to the answer's
+    `timing`: `time_to_first_audio_s` (the first samples ready, from `t0`, as the other timings;
+    None without speech), `speech_rtf` (synthesis seconds / audio seconds) and `audio_s`.
+
+    `open` checks the folder (`storage.outputs.check_output_place`, apart from the inputs), loads
+    the token2wav folder and resolves the voice: bad ones fail before any model loads."""
+
+    TOOL = "decode --speech-out"
+
+    def __init__(self, out_dir, t2w, voice, speech_rate: float = 1.0, noise="zero"):
+        self.out_dir, self.t2w, self.voice = Path(out_dir), t2w, voice
+        self.speech_rate, self.noise = float(speech_rate), noise
+        self.streams: dict[int, SpeechStream] = {}
+        self.audio: dict[int, list] = {}
+        self.t0: dict[int, float] = {}
+        self.first_audio: dict[int, float] = {}
+        self.done: dict[int, dict] = {}
+
+    @classmethod
+    def open(cls, out_dir, token2wav, voice, speech_rate: float = 1.0, inputs=()):
+        from cslm_jax.speech import token2wav as t2w_mod
+        from cslm_jax.storage.outputs import check_output_place
+
+        if not (np.isfinite(speech_rate) and speech_rate >= 1.0):
+            raise Token2WavError(f"--speech-rate {speech_rate}: streaming needs a rate >= 1 (the "
+                                 f"mean run length of merged units)")
+        if not Path(token2wav).is_dir():
+            raise Token2WavError(f"--token2wav {token2wav}: no such folder (make one with "
+                                 f"cslm-jax import-token2wav)")
+        ins = list(inputs) + [("--token2wav", token2wav)]
+        if str(voice).endswith(".npy"):
+            ins.append(("--voice", voice))
+        path = check_output_place(out_dir, inputs=ins, flag="--speech-out", inside_ok=True)
+        t2w = t2w_mod.load_token2wav(token2wav)
+        vec = t2w_mod.voice(t2w, voice)
+        SpeechStream(t2w, vec, speech_rate=speech_rate)          # the version and rate checked
+        return cls(path, t2w, vec, speech_rate)
+
+    def wav_name(self, index: int) -> str:
+        return f"{index:04d}.wav"
+
+    def begin(self, index: int, t0: float) -> None:
+        self.t0[index] = t0
+        self.streams[index] = SpeechStream(self.t2w, self.voice, self.noise, self.speech_rate)
+        self.audio[index] = []
+
+    def event(self, index: int, ev) -> None:
+        from cslm_jax.infer.decode import End, SpeechChunk
+
+        stream = self.streams.get(index)
+        if stream is None or stream.finished:
+            return
+        if isinstance(ev, SpeechChunk):
+            self._add(index, stream.push(ev.units))
+        elif isinstance(ev, End):
+            self._add(index, stream.finish())
+            self._write(index)
+
+    def _add(self, index: int, audio: np.ndarray) -> None:
+        if len(audio) and index not in self.first_audio:
+            self.first_audio[index] = time.perf_counter() - self.t0[index]
+        self.audio[index].append(audio)
+
+    def _write(self, index: int) -> None:
+        import io
+
+        import soundfile as sf
+
+        from cslm_jax.storage import fs
+
+        stream = self.streams.pop(index)
+        audio = np.concatenate(self.audio.pop(index) + [np.zeros((0,), np.float32)])
+        buf = io.BytesIO()
+        sf.write(buf, audio, self.t2w.sample_rate, subtype="PCM_16", format="WAV")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with fs.atomic_open(self.out_dir / self.wav_name(index), "wb") as f:
+            f.write(buf.getvalue())
+        seconds = len(audio) / self.t2w.sample_rate
+        self.done[index] = {
+            "time_to_first_audio_s": self.first_audio.pop(index, None),
+            "speech_rtf": stream.synthesis_s / seconds if seconds else None,
+            "audio_s": seconds}
+
+    def timing(self, index: int) -> dict:
+        """The answer's speech timings (once its End went through `event`)."""
+        return self.done.pop(index, {"time_to_first_audio_s": None, "speech_rtf": None,
+                                     "audio_s": None})
+
+
+__all__ = ["SpeechStream", "SpeechOut", "speak", "fade_in_out", "TOKEN_OVERLAP", "FLOW_CACHE_FRAMES",
+           "MEL_CACHE_FRAMES"]
