@@ -25,7 +25,8 @@ from cslm_jax.data.beam_prepare import prepare_data  # noqa: E402
 from cslm_jax.data.formats import (ChatRenderer, examples, load_data_config,  # noqa: E402
                                    read_jsonl)
 from cslm_jax.data.pipeline import BatchIterator  # noqa: E402
-from cslm_jax.data.prepare import (CacheError, FastChat, plan_ranges, prepare_task_local,  # noqa: E402
+from cslm_jax.data.fast_chat import FastChat  # noqa: E402
+from cslm_jax.data.prepare import (CacheError, plan_ranges, prepare_task_local,  # noqa: E402
                                    read_stats)
 from cslm_jax.errors import DataError  # noqa: E402
 from cslm_jax.model.vocab import load_tokenizer  # noqa: E402
@@ -289,7 +290,8 @@ def test_urls_are_read_and_written_through_gfile(tmp_path, demo):
 
 
 def test_serialize_batch_is_tensorflows_deterministic_encoding():
-    from cslm_jax.data.prepare import serialize, serialize_batch
+    from cslm_jax.data.fast_serialize import serialize_batch
+    from cslm_jax.data.prepare import serialize
 
     rng = random.Random(0)
     ids = [[rng.choice([0, 1, 127, 128, 16383, 16384, 2 ** 21 - 1, 2 ** 21, 132356,

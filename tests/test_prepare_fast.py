@@ -15,10 +15,10 @@ import pytest
 from conftest import REPO
 
 from cslm_jax.data import formats
+from cslm_jax.data.fast_chat import FastChat, SpeechText, fast_examples, plain
 from cslm_jax.data.formats import (ChatRenderer, RecordError, examples, load_data_config,
-                                   read_jsonl)
-from cslm_jax.data.prepare import (FastChat, SpeechText, _template_around, fast_examples, plain,
-                                   speech_text, tokenizer_digest)
+                                   read_jsonl, template_around)
+from cslm_jax.data.prepare import tokenizer_digest
 from cslm_jax.model.vocab import load_tokenizer
 
 
@@ -60,10 +60,10 @@ def test_fast_examples_equal_examples_on_every_demo_task(demo, variant):
 
 
 def test_template_around_splits_only_what_it_can_prove():
-    assert _template_around("a {speech} b", "speech") == ("a ", " b")
-    assert _template_around("{{x}} {speech}.", "speech") == ("{x} ", ".")
+    assert template_around("a {speech} b", "speech") == ("a ", " b")
+    assert template_around("{{x}} {speech}.", "speech") == ("{x} ", ".")
     for bad in ("{speech} {speech}", "{speech!r}", "{speech:>9}", "{text} {speech}", "{", "none"):
-        assert _template_around(bad, "speech") is None, bad
+        assert template_around(bad, "speech") is None, bad
 
 
 # -- speech spans as ids ----------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def _speech_conversations(rng, n, unit_count):
             for _ in range(rng.choice([0, 1, 1, 2, 3])):
                 parts += [[rng.randrange(unit_count) for _ in range(rng.randrange(0, 30))],
                           rng.choice(texts)]
-            msgs.append({"role": ("user", "assistant")[i % 2], "content": speech_text(parts)})
+            msgs.append({"role": ("user", "assistant")[i % 2], "content": SpeechText(parts)})
         out.append(msgs)
     return out
 
@@ -149,9 +149,9 @@ def test_units_the_tokenizer_lacks_are_tokenized_as_text(demo):
     tok = load_tokenizer(demo[1])
     renderer = ChatRenderer(tok, 4096)
     fast = FastChat(renderer, verify_every=10 ** 9)
-    batch = [[{"role": "user", "content": speech_text(["a ", [1, 255, 256, 9999], " b"])},
-              {"role": "assistant", "content": speech_text(["", [3, -1], ""])}],
-             [{"role": "user", "content": speech_text(["ok ", [1, 2], ""])},
+    batch = [[{"role": "user", "content": SpeechText(["a ", [1, 255, 256, 9999], " b"])},
+              {"role": "assistant", "content": SpeechText(["", [3, -1], ""])}],
+             [{"role": "user", "content": SpeechText(["ok ", [1, 2], ""])},
               {"role": "assistant", "content": "fine"}]]
     assert fast.ids(batch) == [renderer.encode(renderer.render_text(plain(m))) for m in batch]
 

@@ -17,11 +17,13 @@ for character languages. A time t is unit index round(t * unit_rate) of the *unm
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import operator
 import os
 import re
+import string
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -381,48 +383,105 @@ def chunk_answer(text: str, times: Sequence[tuple[float, float]], units: Sequenc
     return out
 
 
-def interleaved_response(transcript: str, chunks: Sequence[tuple[str, Sequence[int]]]) -> str:
-    """[question] TQ [answer] TA1 <sosp>SA1<eosp> TA2 <sosp>SA2<eosp> ... <eoa>"""
-    parts = ["[question]", transcript.strip(), "[answer]"]
+def interleaved_parts(transcript: str, chunks: Sequence[tuple[str, Sequence[int]]]) -> list:
+    """The interleaved chain as parts (`joined` gives the string):
+    [question] TQ [answer] TA1 <sosp>SA1<eosp> TA2 <sosp>SA2<eosp> ... <eoa>
+    (items joined by single spaces; an empty text left out)."""
+    items = ["[question]", transcript.strip(), "[answer]"]
     for text, units in chunks:
-        parts.append(text.strip())
-        parts.append(speech(units))
-    parts.append("<eoa>")
-    return " ".join(p for p in parts if p)
+        items += [text.strip(), units]
+    items.append("<eoa>")
+    return spaced_parts(items, keep_empty=False)
 
 
-def sequential_response(transcript: str, answer: str, units: Sequence[int]) -> str:
-    """The older chain: [question] TQ [answer] TA <sosp>SA<eosp> <eoa>"""
-    return " ".join(["[question]", transcript.strip(), "[answer]", answer.strip(), speech(units),
-                     "<eoa>"])
+def sequential_parts(transcript: str, answer: str, units: Sequence[int]) -> list:
+    """The older chain as parts: [question] TQ [answer] TA <sosp>SA<eosp> <eoa> (every item
+    joined by a single space, an empty one too)."""
+    items = ["[question]", transcript.strip(), "[answer]", answer.strip(), units, "<eoa>"]
+    return spaced_parts(items, keep_empty=True)
 
 
 # -- records -> chat examples ----------------------------------------------------------------------
+#
+# A content is defined once, as parts [text, units, text, units, ..., text]: the texts with each
+# unit list standing for its speech span (`joined` writes the string: the exact path). The fast
+# preparation (cslm_jax/data/fast_chat.py) takes the same parts and computes the spans' ids
+# instead of tokenizing their text, so a template, a chain or a joining rule is changed here only.
 
 Messages = list  # [{"role": ..., "content": ...}, ...]
+ROLES = ("user", "assistant")
 
 
-def examples(task_kind: str, record: dict, cfg: FormatConfig, where: str) -> list[Messages]:
-    """Chat examples of one task kind from one (validated) record.
+def joined(parts: list) -> str:
+    """The content string of parts [text, units, text, ...]: each unit list as its speech span."""
+    if len(parts) == 1:
+        return parts[0]
+    return "".join(p if k % 2 == 0 else speech(p) for k, p in enumerate(parts))
+
+
+def spaced_parts(items: Sequence, keep_empty: bool) -> list:
+    """Parts of `items` (texts, and unit lists for speech spans) joined by single spaces;
+    empty texts are joined too with `keep_empty`, else left out (a span is never empty)."""
+    parts, cur, first = [], "", True
+    for item in items:
+        if isinstance(item, str):
+            if item or keep_empty:
+                cur += item if first else " " + item
+                first = False
+        else:
+            parts += [cur if first else cur + " ", item]
+            cur, first = "", False
+    parts.append(cur)
+    return parts
+
+
+@functools.lru_cache(maxsize=1024)
+def template_around(template: str, field: str) -> tuple[str, str] | None:
+    """(before, after) when `template.format(**{field: x}) == before + x + after` for every
+    string x: the template's only replacement field is `field`, once, without conversion or
+    format spec (literal text as str.format unescapes it); else None."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError:
+        return None
+    fields = [(name, spec, conv) for _, name, spec, conv in parsed if name is not None]
+    if fields != [(field, "", None)]:
+        return None
+    before, after, seen = [], [], False
+    for literal, name, _, _ in parsed:
+        (after if seen else before).append(literal)
+        if name is not None:
+            seen = True
+    return "".join(before), "".join(after)
+
+
+def filled_parts(template: str, field: str, units: Sequence[int]) -> list:
+    """`template.format(**{field: speech(units)})` as parts: [before, units, after] where the
+    template splits around its one field (`template_around`), else the formatted string."""
+    around = template_around(template, field)
+    if around is None:
+        return [template.format(**{field: speech(units)})]
+    return [around[0], units, around[1]]
+
+
+def example_parts(task_kind: str, record: dict, cfg: FormatConfig, where: str) -> list[list]:
+    """The chat examples of one task kind from one (validated) record, each as its turns'
+    contents (user, assistant, user, ...), each content as parts (see `joined`).
 
     asr/tts from paired records, mt (both directions) from translation records, instruct from
     instruction records, s2s from spoken instructions (the prompt picks same-language or
     cross-lingual wording from the languages involved).
     """
-    def chat(*turns: str) -> Messages:
-        roles = ("user", "assistant")
-        return [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
-
     def units_of(field: str) -> list[int]:
         u = record[field]
         return merge_repeats(u) if cfg.merge_repeats else list(u)
 
     if task_kind in ("asr", "tts"):
         lang = cfg.lang(record["lang"], where, "lang")
-        sp, text = speech(units_of("units")), record["text"].strip()
+        units, text = units_of("units"), record["text"].strip()
         if task_kind == "asr":
-            return [chat(lang.asr_prompt.format(speech=sp), text)]
-        return [chat(lang.tts_prompt.format(text=text), sp)]
+            return [[filled_parts(lang.asr_prompt, "speech", units), [text]]]
+        return [[[lang.tts_prompt.format(text=text)], ["", units, ""]]]
     if task_kind == "mt":
         out = []
         for s, t, sl, tl in (("src", "tgt", "src_lang", "tgt_lang"), ("tgt", "src", "tgt_lang", "src_lang")):
@@ -430,26 +489,34 @@ def examples(task_kind: str, record: dict, cfg: FormatConfig, where: str) -> lis
             tgt_lang = cfg.lang(record[tl], where, tl)
             prompt = tgt_lang.mt_prompt.format(text=record[s].strip(), src_name=src_lang.name,
                                                tgt_name=tgt_lang.name)
-            out.append(chat(prompt, record[t].strip()))
+            out.append([[prompt], [record[t].strip()]])
         return out
     if task_kind == "instruct":
         prompts, responses = _turns(record, where)
-        return [chat(*[x for pair in zip(prompts, responses) for x in pair])]
+        return [[[x] for pair in zip(prompts, responses) for x in pair]]
     if task_kind == "s2s":
         q_lang = record["question_lang"]
         lang = cfg.lang(record["answer_lang"], where, "answer_lang")
         template = lang.s2s_prompt if q_lang == record["answer_lang"] else lang.s2s_cross_prompt
-        prompt = template.format(speech=speech(units_of("question_units")))
+        prompt = filled_parts(template, "speech", units_of("question_units"))
         times = validated_times(record, "answer_word_times", where,
-                       timed_count(record["answer_text"], lang, cfg), len(record["answer_units"]), cfg)
+                                timed_count(record["answer_text"], lang, cfg),
+                                len(record["answer_units"]), cfg)
         if cfg.chain == "sequential":
-            response = sequential_response(record["question_text"], record["answer_text"],
-                                           units_of("answer_units"))
+            response = sequential_parts(record["question_text"], record["answer_text"],
+                                        units_of("answer_units"))
         else:
             chunks = chunk_answer(record["answer_text"], times, record["answer_units"], lang, cfg)
-            response = interleaved_response(record["question_text"], chunks)
-        return [chat(prompt, response)]
+            response = interleaved_parts(record["question_text"], chunks)
+        return [[prompt, response]]
     raise ValueError(f"unknown task kind {task_kind!r}; kinds: {TASK_KINDS}")
+
+
+def examples(task_kind: str, record: dict, cfg: FormatConfig, where: str) -> list[Messages]:
+    """Chat examples of one task kind from one (validated) record (`example_parts`, each
+    content `joined` into its string)."""
+    return [[{"role": ROLES[i % 2], "content": joined(parts)} for i, parts in enumerate(turns)]
+            for turns in example_parts(task_kind, record, cfg, where)]
 
 
 RECORD_KIND_OF_TASK = {"asr": "paired", "tts": "paired", "mt": "translation",

@@ -1,6 +1,6 @@
 """Preparation of CSLM examples, shared by the in-process path and `cslm-jax prepare-data` (Beam):
-JSONL lines -> validate, format, render, tokenize, mask -> serialized tf.train.Examples, written
-in the SeqIO cache layout per task:
+JSONL lines -> records -> chat examples -> token rows (ids, loss mask) -> serialized
+tf.train.Examples, written in the SeqIO cache layout per task:
 
     <cache>/<task>/{split}.tfrecord-XXXXX-of-NNNNN    examples (features targets, loss_weights)
     <cache>/<task>/info.{split}.json                  features, num_shards, seqio_version, key
@@ -14,37 +14,34 @@ Both paths call the same `Preparer` and assign each example to the shard `shard_
 a shard holds its examples in (file, line) order. So the Beam output and the in-process output
 are the same bytes, and training reads either with identical batches.
 
-Speed (what is left per example is Python; each shortcut is checked against the exact path, and
-tests/test_prepare_fast.py, tests/test_wordtok.py compare them): lines are parsed by orjson
-(`fast_parse_line`; json re-reads a record that fails validation). `FastChat` renders a chat
-template once per role sequence (with sentinel contents) instead of calling Jinja per example,
-and tokenizes its constant parts once. The variable pieces (each delimited by added tokens, so
-the tokenizer splits there anyway) are tokenized word by word from a cache (`WordTokens`, for
-Llama-3-shaped tokenizers; the tokenizer's batch API otherwise). Speech spans of asr/tts/s2s
-contents (`fast_examples` -> `SpeechText`, whose string is built only for Jinja) are turned into
-ids arithmetically, and the loss mask's header positions are read off the template's pieces
-(`FastChat._mark`). It refuses to apply (falling back to the exact path) whenever that equality
-cannot be shown for the template and tokenizer at hand, and re-checks a sample of examples
-against Jinja while it runs. Plans, checks and the tokenizer are made once per process (per
-tokenizer and loss-mask rule). Records are serialized from a table of varints and written a
-batch at a time.
+This module is the exact path, top to bottom: the lines of a file (`numbered_lines`), each
+parsed and validated (`formats.parse_line`, `formats.validate_record`), its chat examples
+(`formats.examples`), each rendered by the tokenizer's chat template and tokenized
+(`formats.ChatRenderer`), EOS, truncation and the loss mask (`ChatRenderer.finish_ids`), each
+serialized (`serialize`) and written (`RecordWriter`), then the cache's JSON files. `Preparer`
+names these steps. With `fast=True` (the default) three of them are replaced by fast paths that
+give the same bytes, each in its own module whose docstring says what it replaces, when it is
+on, how it is proven equal and when it could go: cslm_jax/data/fast_parse.py (orjson),
+cslm_jax/data/fast_chat.py (templates rendered once per role sequence, contents tokenized alone,
+speech spans as ids, header positions from the template), cslm_jax/data/fast_serialize.py
+(tf.train.Example bytes from varint tables). Records are written a batch at a time.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
+import functools
 import hashlib
-import itertools
+import importlib.metadata
 import json
 import os
+import sys
 from pathlib import Path
 
-import orjson
-
+from cslm_jax.data.fast_chat import fast_chat_for, fast_examples
+from cslm_jax.data.fast_parse import fast_parse_line
+from cslm_jax.data.fast_serialize import serialize_batch
 from cslm_jax.data.formats import (RECORD_KIND_OF_TASK, ChatRenderer, DataConfig, RecordError,
-                                   TaskSpec, validated_times, chunk_answer, examples, merge_repeats,
-                                   parse_line, speech, timed_count, validate_record)
-from cslm_jax.data.wordtok import WordTokens
+                                   TaskSpec, examples, parse_line, validate_record)
 from cslm_jax.errors import DataError
 from cslm_jax.storage import fs
 
@@ -153,526 +150,66 @@ def task_key(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Path, num_sha
     return key
 
 
-# -- fast chat rendering + tokenization ------------------------------------------------------------
-
-_S0, _S1 = "\ue000", "\ue001"    # private-use characters around sentinel contents
-
-
-def _sentinel(i: int) -> str:
-    return f"{_S0}{i}{_S1}"
-
-
-@dataclasses.dataclass
-class _Plan:
-    """How to build the ids of one role sequence: ids = prefix + fixed[0] + piece(0) + fixed[1]
-    + ... ; piece(i) = heads[i] + transform(content_i) + tails[i], tokenized alone."""
-
-    strip: bool
-    fixed: list                  # ids of the constant stretches between variable pieces
-    heads: list                  # constant text before each content inside its piece
-    tails: list                  # constant text after each content inside its piece
-    marks: tuple | None = None   # (user headers, assistant headers): (fixed piece, offset) each
-    headers: int = 0             # header-start ids in the prefix and the fixed pieces
-
-
-class FastChat:
-    """`ids(batch)` == [renderer.encode(renderer.render_text(m)) for m in batch], batched.
-
-    Per role sequence the template is rendered once with sentinel contents. It is used only when
-    (a) every sentinel appears once, in order, and the content enters the text either verbatim
-    or stripped (Jinja's `trim` is `str.strip`), the same on two different probes; (b) the part
-    after the last content survives `render_text`'s trailing-header removal unchanged; (c) the
-    tokenizer has no normalizer and the added tokens around each content have no
-    lstrip/rstrip/single_word, and no added token can match across a content boundary; then the
-    text splits at those added tokens exactly as the whole text would, so each piece is
-    tokenized alone. Otherwise that role sequence renders with Jinja and tokenizes the whole
-    text (still through the batch API). The first examples of each role sequence and every
-    `verify_every`-th are also rendered the slow way and compared: a difference raises.
-    """
-
-    CACHE_SIZE = 4096            # texts and their ids kept (then the cache starts again)
-
-    def __init__(self, renderer: ChatRenderer, verify_every: int = 1000):
-        self.r = renderer
-        self.bt = renderer.tok.backend_tokenizer
-        self.special = renderer.adds_special_tokens
-        self.verify_every = verify_every
-        self.plans: dict[tuple, _Plan | None] = {}
-        self.checked: collections.Counter = collections.Counter()
-        self.checked_enough: set = set()             # role sequences checked 4 times
-        self.count = 0
-        self.added = {i: t for i, t in self.bt.get_added_tokens_decoder().items()}
-        self.added_texts = sorted({t.content for t in self.added.values()})
-        self.prefix = self._prefix()
-        self.cache: dict[str, list[int]] = {}
-        self.span_ids = self._span_ids()
-        self.words = WordTokens.for_tokenizer(self.bt) if self.prefix is not None else None
-
-    def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
-        encode = getattr(self.bt, "encode_batch_fast", self.bt.encode_batch)   # no offsets
-        return [e.ids for e in encode(texts, add_special_tokens=special)]
-
-    def _span_ids(self):
-        """(id of <sosp>, id of <eosp>, {unit: id of <unit>}) when a speech span
-        `<sosp><u1><u2>...<eosp>` is provably tokenized as exactly those added tokens wherever
-        it stands in a text, so its ids can be computed instead of tokenized; else None.
-        Shown here once per tokenizer: each is an added token without lstrip/rstrip/
-        single_word (and the tokenizer has no normalizer); no added token extends one of them
-        (a longer match at the same start would win); no added token ends with a proper prefix
-        of `<sosp>` or contains `<sosp>` after its start (it could start in the text before the
-        span and run into it). The text around a span then splits there, as at any added token."""
-        if self.bt.normalizer is not None:
-            return None
-        by_text = {t.content: (i, t) for i, t in self.added.items()}
-        names = ["<sosp>", "<eosp>"]
-        u = 0
-        while f"<{u}>" in by_text:
-            names.append(f"<{u}>")
-            u += 1
-        if "<sosp>" not in by_text or "<eosp>" not in by_text or u == 0:
-            return None
-        for name in names:
-            tok = by_text[name][1]
-            if tok.lstrip or tok.rstrip or tok.single_word:
-                return None
-        span_set = set(names)
-        for t in self.added_texts:
-            for k in range(1, len(t)):
-                if t[:k] in span_set or "<sosp>".startswith(t[k:]) or "<sosp>" in t[k:]:
-                    return None
-        return (by_text["<sosp>"][0], by_text["<eosp>"][0],
-                {u: by_text[n][0] for u, n in enumerate(names[2:])})
-
-    def _prefix(self) -> list[int] | None:
-        """The ids the post-processor adds in front (the reference's second <|begin_of_text|>);
-        None when it adds anything else (then pieces are not used)."""
-        if not self.special:
-            return []
-        prefix = None
-        for probe in ("a", "Hello world 12", "<|eot_id|> x"):
-            plain = self._encode([probe], False)[0]
-            full = self._encode([probe], True)[0]
-            if full[len(full) - len(plain):] != plain:
-                return None
-            p = full[: len(full) - len(plain)]
-            if prefix is not None and p != prefix:
-                return None
-            prefix = p
-        return prefix
-
-    def _plan(self, roles: tuple) -> _Plan | None:
-        def render(contents):
-            return self.r.render_text([{"role": r, "content": c} for r, c in zip(roles, contents)])
-
-        n = len(roles)
-        sentinels = [_sentinel(i) for i in range(n)]
-        skel = render(sentinels)
-        pos = [skel.find(s) for s in sentinels]
-        if any(p < 0 or skel.count(s) != 1 for p, s in zip(pos, sentinels)) or pos != sorted(pos):
-            return None
-        # how content enters the text: verbatim or stripped, independent of the content
-        padded = [f" \n\t{s}x \n" for s in sentinels]
-        out = render(padded)
-        if out == _fill(skel, sentinels, padded):
-            strip = False
-        elif out == _fill(skel, sentinels, [f"{s}x" for s in sentinels]):
-            strip = True
-        else:
-            return None
-        # render_text removes a trailing assistant header: safe when that decision never
-        # depends on the content (the template's text after the last content decides it)
-        raw = self.r.tok.apply_chat_template([{"role": r, "content": c}
-                                              for r, c in zip(roles, sentinels)], tokenize=False)
-        tail = raw[raw.find(sentinels[-1]) + len(sentinels[-1]):].rstrip()
-        header = self.r.assistant_header_text
-        if not tail or (len(tail) < len(header) and header.endswith(tail)):
-            return None
-        if self.prefix is None or self.bt.normalizer is not None:
-            return None
-        # added tokens in the skeleton (offsets are in characters)
-        enc = self.bt.encode(skel, add_special_tokens=False)
-        spans = [(s, e, self.added[i]) for i, (s, e) in zip(enc.ids, enc.offsets) if i in self.added]
-        longest = max(map(len, self.added_texts), default=0)
-        fixed_bounds, heads, tails = [], [], []
-        prev = 0
-        for i, (p, s) in enumerate(zip(pos, sentinels)):
-            end = p + len(s)
-            left = [sp for sp in spans if sp[1] <= p and sp[0] >= prev]
-            right = [sp for sp in spans if sp[0] >= end and (i + 1 == n or sp[1] <= pos[i + 1])]
-            if not left or not right:
-                return None
-            lt, rt = left[-1], right[0]
-            for tok in (lt[2], rt[2]):
-                if tok.lstrip or tok.rstrip or tok.single_word:
-                    return None
-            cut_l, cut_r = lt[1], rt[0]
-            if (_S0 in skel[max(cut_l - longest, 0):cut_l]
-                    or _S0 in skel[cut_r:cut_r + longest]):
-                return None
-            before = skel[:cut_l]
-            for t in self.added_texts:       # no added token can straddle a cut
-                for k in range(1, len(t)):
-                    if before.endswith(t[:k]) or skel.startswith(t[k:], cut_r):
-                        return None
-            fixed_bounds.append((prev, cut_l))
-            heads.append(skel[cut_l:p])
-            tails.append(skel[end:cut_r])
-            prev = cut_r
-        fixed_bounds.append((prev, len(skel)))
-        fixed = self._encode([skel[a:b] for a, b in fixed_bounds], False)
-        plan = _Plan(strip, fixed, heads, tails)
-        self._mark(plan)
-        return plan
-
-    def _mark(self, plan: _Plan) -> None:
-        """Where the loss mask's header patterns lie in the plan's constant pieces, so that
-        `loss_mask` need not search each example (`ids(..., found=)`). Set only when the
-        search would find exactly these: the user and assistant patterns start with the same
-        id H, which occurs nowhere else in them (so occurrences cannot overlap); every H of a
-        piece decides within the piece whether each pattern starts there (none could run into
-        the following content, or into an EOS appended after the last piece); and an example
-        whose contents hold no H (counted per example: `headers`) has no other occurrence."""
-        user, assistant = list(self.r.user), list(self.r.assistant)
-        if (not user or not assistant or user[0] != assistant[0] or user[0] in user[1:]
-                or user[0] in assistant[1:] or self.prefix is None):
-            return
-        h = user[0]
-        marks, headers = ([], []), self.prefix.count(h)
-        if headers:
-            return                                   # (a BOS is never a header)
-        for f, piece in enumerate(plan.fixed):
-            for p, i in enumerate(piece):
-                if i != h:
-                    continue
-                headers += 1
-                for k, pattern in enumerate((user, assistant)):
-                    n = min(len(pattern), len(piece) - p)
-                    if piece[p:p + n] == pattern[:n]:
-                        if n < len(pattern):
-                            return                   # decided by what follows the piece
-                        marks[k].append((f, p))
-        plan.marks, plan.headers = marks, headers
-
-    def slow(self, messages) -> list[int]:
-        return self.r.encode(self.r.render_text(plain(messages)))
-
-    def ids(self, batch: list, found: list | None = None) -> list[list[int]]:
-        """Token ids of each chat example of `batch` (see the class docstring). A content that
-        is a `SpeechText` (parts: text, units, text, ...) has its spans' ids computed (see
-        `_span_ids`); the text between them, and plain contents, are tokenized word by word
-        (`WordTokens`) where the tokenizer allows, else through its batch API, each distinct
-        text once. `found`, a list, receives per example the positions of the user and
-        assistant header patterns (`_mark`; `loss_mask(..., found=)`), or None where
-        `loss_mask` must search."""
-        n = len(batch)
-        out: list = [None] * n
-        marked: list = [None] * n
-        roles_of = [tuple([m["role"] for m in messages]) for messages in batch]
-        words, cache = self.words, self.cache
-
-        def keep(text: str, ids: list) -> list:
-            if len(cache) >= self.CACHE_SIZE:
-                cache.clear()
-            cache[text] = ids
-            return ids
-
-        def by_words(text: str) -> list[int]:
-            hit = cache.get(text)
-            if hit is None:
-                hit = words.ids(text) if words is not None and _S0 not in text else None
-                if hit is None:
-                    raise KeyError(text)
-                keep(text, hit)
-            return hit
-
-        rest = self._assemble(batch, roles_of, range(n), by_words, out, marked)
-        whole = []
-        if rest:      # their texts through the batch API: collected, encoded at once, assembled
-            need: dict = {}
-
-            def collect(text: str) -> list[int]:
-                if _S0 in text:
-                    raise KeyError(text)
-                hit = cache.get(text)
-                if hit is None:
-                    need[text] = None
-                return hit or []
-
-            whole = self._assemble(batch, roles_of, rest, collect, out, marked)
-            for text, ids in zip(need, self._encode(list(need), False) if need else ()):
-                need[text] = keep(text, ids)
-
-            def encoded(text: str) -> list[int]:
-                hit = cache.get(text)
-                return need[text] if hit is None else hit    # (KeyError: the cache was cleared)
-
-            gone = set(whole)
-            whole += self._assemble(batch, roles_of, [j for j in rest if j not in gone], encoded,
-                                    out, marked)
-        if whole:     # no plan, or a unit the tokenizer lacks: Jinja and the tokenizer
-            texts = [self.r.render_text(plain(batch[j])) for j in whole]
-            for j, ids in zip(whole, self._encode(texts, self.special)):
-                out[j], marked[j] = ids, None
-        if found is not None:
-            found[:] = marked
-        base, self.count = self.count, self.count + len(batch)
-        for j, roles in enumerate(roles_of):        # sample check against the exact path
-            # the first 4 examples of each role sequence, then every verify_every-th example
-            if roles in self.checked_enough and (base + j + 1) % self.verify_every:
-                continue
-            self.checked[roles] += 1
-            if self.checked[roles] >= 4:
-                self.checked_enough.add(roles)
-            if out[j] != self.slow(batch[j]):
-                raise DataError(f"fast chat rendering differs from the tokenizer's template for "
-                                f"roles {roles}; prepare with fast rendering off "
-                                f"(--no-fast-render) and report this")
-        return out
-
-    def _assemble(self, batch: list, roles_of: list, which, tokens, out: list,
-                  marked: list) -> list[int]:
-        """Build the ids of examples `which` of `batch` from their plans into `out` (header
-        positions into `marked`), each text's ids from `tokens(text)` (KeyError: it cannot say).
-        Returns the examples it could not build: no plan, a content it cannot take, a text
-        `tokens` refuses, a unit the tokenizer lacks."""
-        plans, cache, spans = self.plans, self.cache, self.span_ids
-        header = self.r.user[0] if self.r.user else None
-        if spans is not None:
-            sosp, eosp, unit_ids = spans
-            unit = unit_ids.__getitem__          # KeyError: a unit the tokenizer lacks
-        failed = []
-        for j in which:
-            messages, roles = batch[j], roles_of[j]
-            plan = plans.get(roles, ...)
-            if plan is ...:
-                plan = plans[roles] = self._plan(roles)
-            if plan is None or len(messages[0]) != 2:
-                failed.append(j)
-                continue
-            ids = list(self.prefix)
-            starts = []
-            try:
-                for fixed, m, h, t in zip(plan.fixed, messages, plan.heads, plan.tails):
-                    c = m["content"]
-                    if len(m) != 2:
-                        raise KeyError(c)
-                    starts.append(len(ids))
-                    ids += fixed
-                    if c.__class__ is SpeechText and spans is not None:
-                        parts = c.parts
-                    else:
-                        c = str(c) if c.__class__ is SpeechText else c
-                        if not isinstance(c, str):
-                            raise KeyError(c)
-                        c = h + (c.strip() if plan.strip else c) + t
-                        ids += cache.get(c) or tokens(c)
-                        continue
-                    if len(parts) == 3:              # one span: text, units, text
-                        a, units, b = parts
-                        if plan.strip:
-                            a, b = a.lstrip(), b.rstrip()
-                        a, b = h + a, b + t
-                        if a:
-                            ids += cache.get(a) or tokens(a)
-                        ids.append(sosp)
-                        ids += map(unit, units)
-                        ids.append(eosp)
-                        if b:
-                            ids += cache.get(b) or tokens(b)
-                        continue
-                    if plan.strip:
-                        parts = _strip_parts(parts)
-                    last = len(parts) - 1
-                    for k, p in enumerate(parts):
-                        if k % 2:
-                            ids.append(sosp)
-                            ids += map(unit, p)
-                            ids.append(eosp)
-                        else:
-                            p = (h + p if k == 0 else p) + (t if k == last else "")
-                            if p:
-                                ids += tokens(p)
-            except KeyError:
-                failed.append(j)
-                continue
-            starts.append(len(ids))
-            ids += plan.fixed[-1]
-            marks = plan.marks
-            if marks is not None and ids.count(header) == plan.headers:
-                # no header-start id in the contents: the template's headers are all there are
-                marked[j] = ([starts[f] + o for f, o in marks[0]],
-                             [starts[f] + o for f, o in marks[1]])
-            out[j] = ids
-        return failed
-
-
-class SpeechText:
-    """A chat content given by its parts [text, units, text, units, ..., text]: the content is
-    text + speech(units) + text + ... (`str(content)`; it compares equal to that string). The
-    string is built only where it is needed (Jinja, the exact path, the sample checks: `plain`);
-    FastChat turns the parts into ids without it."""
-
-    __slots__ = ("parts",)
-
-    def __init__(self, parts: list):
-        self.parts = parts
-
-    def __str__(self) -> str:
-        return "".join(p if k % 2 == 0 else speech(p) for k, p in enumerate(self.parts))
-
-    def __eq__(self, other) -> bool:
-        if isinstance(other, (str, SpeechText)):
-            return str(self) == str(other)
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(str(self))
-
-    def __repr__(self) -> str:
-        return f"SpeechText({str(self)!r})"
-
-
-def speech_text(parts: list) -> SpeechText:
-    return SpeechText(parts)
-
-
-def plain(messages: list) -> list:
-    """Messages with `SpeechText` contents turned into their strings (for Jinja)."""
-    return [{**m, "content": str(m["content"])} if m.get("content").__class__ is SpeechText else m
-            for m in messages]
-
-
-def _strip_parts(parts: list) -> list:
-    """The parts of the stripped string (spans start and end with '<': never stripped)."""
-    if len(parts) == 1:
-        return [parts[0].strip()]
-    return [parts[0].lstrip(), *parts[1:-1], parts[-1].rstrip()]
-
-
-def _fill(skel: str, sentinels: list, contents: list) -> str:
-    for s, c in zip(sentinels, contents):
-        skel = skel.replace(s, c)
-    return skel
-
-
-# -- records -> serialized examples ----------------------------------------------------------------
-
-def serialize(ids: list[int], mask: list[int]) -> bytes:
-    """The tf.train.Example {targets: ids, loss_weights: mask} (int64 lists), serialized as
-    `SerializeToString(deterministic=True)` does (map keys sorted): `serialize_batch` builds the
-    same bytes without a protobuf object per example."""
-    import tensorflow as tf
-
-    feature = {"targets": tf.train.Feature(int64_list=tf.train.Int64List(value=ids)),
-               "loss_weights": tf.train.Feature(int64_list=tf.train.Int64List(value=mask))}
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
-        deterministic=True)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _packed_varints(values: list) -> list[bytes]:
-    """Per list of non-negative ints (< 2**35): its values as concatenated protobuf varints,
-    computed for the whole batch at once with numpy."""
-    import numpy as np
-
-    lengths = np.fromiter(map(len, values), np.int64, len(values))
-    flat = np.fromiter(itertools.chain.from_iterable(values), np.int64, int(lengths.sum()))
-    if flat.size and (flat.min() < 0 or flat.max() >= 1 << 35):
-        raise ValueError("token ids must lie in [0, 2**35)")
-    nbytes = np.ones_like(flat)
-    for k in range(1, 5):
-        nbytes += flat >= (1 << (7 * k))
-    out = np.zeros((flat.size, 5), np.uint8)
-    for k in range(5):
-        byte = (flat >> (7 * k)) & 0x7F
-        more = nbytes > k + 1
-        out[:, k] = byte | (more << 7)
-    keep = np.arange(5)[None, :] < nbytes[:, None]
-    data = out[keep].tobytes()                  # row-major: each value's bytes in order
-    ends = np.cumsum(np.bincount(np.repeat(np.arange(len(values)), lengths), weights=nbytes,
-                                 minlength=len(values)).astype(np.int64))
-    starts = np.concatenate([[0], ends[:-1]])
-    return [data[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
-
-
-def _int64_feature(payload: bytes) -> bytes:
-    int64_list = (b"\x0a" + _varint(len(payload)) + payload) if payload else b""
-    return b"\x1a" + _varint(len(int64_list)) + int64_list
-
-
-def _entry(key: bytes, feature: bytes) -> bytes:
-    entry = b"\x0a" + _varint(len(key)) + key + b"\x12" + _varint(len(feature)) + feature
-    return b"\x0a" + _varint(len(entry)) + entry
-
-
-_SMALL_VARINTS = [_varint(n) for n in range(1 << 14)]      # lengths below 16 KiB: a table
-
-
-def _len_varint(n: int) -> bytes:
-    return _SMALL_VARINTS[n] if n < 16384 else _varint(n)
-
-
-# _VARINTS[n] == _varint(n) for n < L, then L Nones: a negative id (which would index from the end)
-# meets a None, which b"".join refuses, as it refuses a non-integer; an id >= 2L is an IndexError
-_VARINTS: list = []
-_VARINT_TABLE_LIMIT = 1 << 21      # larger ids: numpy (_packed_varints)
-
-
-def _grow_varints(largest: int) -> bool:
-    size = max(1 << 14, 1 << largest.bit_length())
-    if size > _VARINT_TABLE_LIMIT:
-        return False
-    have = _VARINTS[: len(_VARINTS) // 2]
-    have += [_varint(n) for n in range(len(have), size)]
-    _VARINTS[:] = have + [None] * size
-    return True
-
-
-def serialize_batch(ids: list, masks: list) -> list[bytes]:
-    """`serialize` of each (ids, mask) pair, byte for byte (tests/test_prepare_data.py)."""
-    out = []
+# -- input: the lines of a file ------------------------------------------------------------------
+
+def numbered_lines(path: str, start: int = 0, end: int | None = None, first_line: int = 1,
+                   tally: dict | None = None):
+    """(line number, raw bytes) of the lines of `path` that start in [start, end) (`start` is a
+    line start, `first_line` its number), as iterating the file in binary mode gives them.
+    `tally`: given, its "lines" is set to the number of lines read once they are all read (what
+    the cache records of each input, `input_record`)."""
+    opener = fs.open_file if _is_url(path) else open    # gs:// through the one GCS client
     try:
-        weights = list(map(bytes, masks))                    # 0/1: one byte each
-    except ValueError:                                       # outside 0..255
-        weights = None
-    if weights is None or b"".join(weights).translate(None, b"\x00\x01"):
-        if masks and max(max(m, default=0) for m in masks) > 1:
-            raise ValueError("loss weights must be 0 or 1")
-        weights = list(map(bytes, masks))                    # negative: bytes() raises
-    try:                                                     # each id's varint from a table
-        packed = [b"".join(map(_VARINTS.__getitem__, i)) for i in ids]
-    except (IndexError, TypeError):
-        nonempty = [i for i in ids if i]
-        if (all(type(x) is int for i in nonempty for x in i) and min(map(min, nonempty)) >= 0
-                and _grow_varints(max(map(max, nonempty)))):
-            packed = [b"".join(map(_VARINTS.__getitem__, i)) for i in ids]
-        else:
-            packed = _packed_varints(ids)                    # (raises for negative ids)
-    small, v = _SMALL_VARINTS.__getitem__, _len_varint
-    for t, w in zip(packed, weights):
-        if len(t) + len(w) < 16000:          # every length below is < 16384: the table itself
-            v = small
-        else:
-            v = _len_varint
-        # Features{feature: {"loss_weights": Feature{int64_list{packed w}}, "targets": ...}}
-        lw = (b"\x0a" + v(len(w)) + w) if w else b""
-        lw = b"\x1a" + v(len(lw)) + lw
-        lw = b"\x0a\x0closs_weights\x12" + v(len(lw)) + lw
-        tg = (b"\x0a" + v(len(t)) + t) if t else b""
-        tg = b"\x1a" + v(len(tg)) + tg
-        tg = b"\x0a\x07targets\x12" + v(len(tg)) + tg
-        features = b"\x0a" + v(len(lw)) + lw + b"\x0a" + v(len(tg)) + tg
-        out.append(b"\x0a" + v(len(features)) + features)
-    return out
+        f = opener(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    with f:
+        f.seek(start)
+        pos, n = start, first_line
+        while end is None or pos < end:
+            raw = f.readline()
+            if not raw:
+                break
+            yield n, raw
+            pos += len(raw)
+            n += 1
+    if tally is not None:
+        tally["lines"] = n - first_line
 
+
+def plan_ranges(path: str, range_bytes: int) -> list[tuple[int, int, int]]:
+    """(start byte, end byte, number of the first line) of ranges of about `range_bytes`, each
+    starting at a line start: one sequential pass counting newlines."""
+    opener = open
+    if _is_url(path):
+        size, opener = fs.file_size(path), fs.open_file
+    else:
+        size = os.path.getsize(path)
+    starts = [(0, 1)]
+    if size > range_bytes:
+        with opener(path, "rb") as f:
+            pos, lines, want = 0, 0, range_bytes
+            while True:
+                chunk = f.read(1 << 23)
+                if not chunk:
+                    break
+                while want <= pos + len(chunk):
+                    i = chunk.find(b"\n", max(want - 1 - pos, 0))
+                    if i < 0:
+                        break
+                    start = pos + i + 1
+                    if start >= size:
+                        want = size + 1
+                        break
+                    starts.append((start, 1 + lines + chunk.count(b"\n", 0, i + 1)))
+                    want = start + range_bytes
+                lines += chunk.count(b"\n")
+                pos += len(chunk)
+    return [(s, starts[k + 1][0] if k + 1 < len(starts) else size, line)
+            for k, (s, line) in enumerate(starts)]
+
+
+# -- records -> examples -> token rows -> serialized examples ------------------------------------
 
 def new_counts() -> dict:
     return {"records": 0, "examples": 0, "truncated": 0, "skipped": 0, "targets_tokens": 0,
@@ -693,13 +230,12 @@ def merge_counts(a: dict, b: dict) -> dict:
     return out
 
 
-_TOKENIZERS: dict = {}
-_FAST_CHATS: dict = {}
+_TOKENIZERS: dict = {}          # folder -> (its files' names, sizes and times; the tokenizer)
 
 
 def _load_tokenizer(path: str):
     """load_tokenizer(path), once per process while the folder's files are unchanged (the
-    Preparers of a job's tasks share it, and with it the FastChat plans)."""
+    Preparers of a job's tasks share it, and with it the fast path's chat plans)."""
     from cslm_jax.model.vocab import load_tokenizer
 
     stamp = _folder_stamp(path)
@@ -709,139 +245,44 @@ def _load_tokenizer(path: str):
     return hit[1]
 
 
-def _fast_chat(renderer: ChatRenderer) -> "FastChat":
-    """One FastChat per tokenizer object and loss-mask rule (what its plans depend on; not the
-    maximum length): its plans, checks and cache of constant texts are made once per process."""
-    key = (id(renderer.tok), renderer.mask)
-    hit = _FAST_CHATS.get(key)
-    if hit is None or hit[0] is not renderer.tok:
-        hit = _FAST_CHATS[key] = (renderer.tok, FastChat(renderer))
-    return hit[1]
-
-
-def _template_around(template: str, field: str):
-    """(before, after) when `template.format(**{field: x}) == before + x + after` for every
-    string x: the template's only replacement field is `field`, once, without conversion or
-    format spec (literal text as str.format unescapes it); else None."""
-    import string
-
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError:
-        return None
-    fields = [(name, spec, conv) for _, name, spec, conv in parsed if name is not None]
-    if fields != [(field, "", None)]:
-        return None
-    before, after, seen = [], [], False
-    for literal, name, _, _ in parsed:
-        (after if seen else before).append(literal)
-        if name is not None:
-            seen = True
-    return "".join(before), "".join(after)
-
-
-_TEMPLATES: dict = {}
-
-
-def _around(template: str, field: str):
-    key = (template, field)
-    if key not in _TEMPLATES:
-        _TEMPLATES[key] = _template_around(template, field)
-    return _TEMPLATES[key]
-
-
-def fast_examples(task_kind: str, record: dict, cfg, where: str) -> list:
-    """`examples(...)` with the speech spans of asr, tts and s2s contents kept as unit lists
-    (`SpeechText`): the same strings (tests/test_prepare_data.py), whose spans FastChat turns
-    into ids without the tokenizer. Other kinds, and templates `_template_around` cannot split,
-    are `examples` itself."""
-    if task_kind in ("asr", "tts"):
-        lang = cfg.lang(record["lang"], where, "lang")
-        units = record["units"]
-        units = merge_repeats(units) if cfg.merge_repeats else list(units)
-        text = record["text"].strip()
-        if task_kind == "asr":
-            around = _around(lang.asr_prompt, "speech")
-            if around is None:
-                return examples(task_kind, record, cfg, where)
-            return [[{"role": "user", "content": SpeechText([around[0], units, around[1]])},
-                     {"role": "assistant", "content": text}]]
-        return [[{"role": "user", "content": lang.tts_prompt.format(text=text)},
-                 {"role": "assistant", "content": SpeechText(["", units, ""])}]]
-    if task_kind == "s2s":
-        q_lang = record["question_lang"]
-        lang = cfg.lang(record["answer_lang"], where, "answer_lang")
-        template = lang.s2s_prompt if q_lang == record["answer_lang"] else lang.s2s_cross_prompt
-        around = _around(template, "speech")
-        if around is None:
-            return examples(task_kind, record, cfg, where)
-
-        def units_of(field):
-            u = record[field]
-            return merge_repeats(u) if cfg.merge_repeats else list(u)
-
-        prompt = SpeechText([around[0], units_of("question_units"), around[1]])
-        times = validated_times(record, "answer_word_times", where,
-                       timed_count(record["answer_text"], lang, cfg), len(record["answer_units"]), cfg)
-        if cfg.chain == "sequential":
-            items = ["[question]", record["question_text"].strip(), "[answer]",
-                     record["answer_text"].strip(), units_of("answer_units"), "<eoa>"]
-        else:
-            items = ["[question]", record["question_text"].strip(), "[answer]"]
-            for text, units in chunk_answer(record["answer_text"], times, record["answer_units"],
-                                            lang, cfg):
-                items += [text.strip(), list(units)]
-            items.append("<eoa>")
-        keep_empty = cfg.chain == "sequential"  # sequential_response joins all its items,
-        parts, cur, first = [], "", True        # interleaved_response the non-empty ones
-        for item in items:
-            if isinstance(item, list):
-                parts += [cur if first else cur + " ", item]
-                cur, first = "", False
-            elif item or keep_empty:
-                cur += item if first else " " + item
-                first = False
-        parts.append(cur)
-        return [[{"role": "user", "content": prompt},
-                 {"role": "assistant", "content": SpeechText(parts)}]]
-    return examples(task_kind, record, cfg, where)
-
-
-def fast_parse_line(line: str, where: str) -> dict:
-    """`parse_line(line, where)` (json) through orjson, several times faster; what orjson rejects
-    (NaN/Infinity and lone surrogates, which json accepts; bad JSON, for json's message) and
-    non-object records go to `parse_line`. Floats are read to the same correctly rounded values
-    and duplicate keys keep the last, as json does. The one value orjson reads differently is an
-    integer beyond 64 bits (a float, json an int), which makes a record invalid either way
-    (unit ids must be integers below the codebook size, times are read through float(), the
-    other checked fields are strings): `Preparer` re-reads a record that fails validation with
-    `parse_line`, so its error and the decision are json's."""
-    try:
-        record = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return parse_line(line, where)
-    if type(record) is not dict:
-        return parse_line(line, where)
-    return record
-
-
 class Preparer:
-    """Lines of a task's JSONL file -> (shard, serialized example), as `read_jsonl` +
-    `examples` + `ChatRenderer` do, with the per-example work batched. Strict: the first bad
-    record raises RecordError (file, line, field); with `cfg.skip_bad` bad records are counted
-    in `counts` (and the first messages kept) instead. `fast=False` renders every example with
-    the tokenizer's Jinja template (the exact path; same output)."""
+    """Lines of a task's JSONL file -> (shard, serialized example), a batch at a time, in these
+    steps (the exact path, `fast=False`):
+
+        parse          a line -> a record                     formats.parse_line
+        validate       the record's fields (file, line, field) formats.validate_record
+        examples       the record -> chat examples            formats.examples
+        token_ids      each example rendered by the tokenizer's chat template and tokenized
+        finish         EOS, truncation, the loss mask         ChatRenderer.finish_ids
+        serialize      tf.train.Example bytes                 serialize
+
+    `fast=True` (the default) replaces parse, examples + token_ids and serialize by their fast
+    paths, which give the same bytes (fast_parse.py, fast_chat.py, fast_serialize.py; each says
+    how that is proven). Strict: the first bad record raises RecordError (file, line, field);
+    with `cfg.skip_bad` bad records are counted in `counts` (and the first messages kept)
+    instead."""
 
     def __init__(self, spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Path,
                  fast: bool = True, batch_size: int = 64, tokenizer=None):
         self.spec, self.cfg = spec, cfg
         tok = tokenizer if tokenizer is not None else _load_tokenizer(local_tokenizer_dir(tokenizer_dir))
         self.renderer = ChatRenderer(tok, cfg.max_length, mask=cfg.format.loss_mask)
-        self.chat = _fast_chat(self.renderer)
-        self.fast = fast
         self.batch_size = batch_size
         self.record_kind = RECORD_KIND_OF_TASK[spec.kind]
         self.counts = new_counts()
+        if fast:
+            self.parse, self.examples = fast_parse_line, fast_examples
+            self.token_ids = fast_chat_for(self.renderer).ids
+            self.serialize = serialize_batch
+        else:
+            self.parse, self.examples = parse_line, examples
+            self.token_ids, self.serialize = self.rendered_ids, serialize_each
+
+    def rendered_ids(self, batch: list, found: list) -> list[list[int]]:
+        """The exact `token_ids`: each example rendered by the tokenizer's Jinja template and
+        the text tokenized whole (`found` stays None: the loss mask searches the headers)."""
+        r = self.renderer
+        return [r.encode(r.render_text(messages)) for messages in batch]
 
     def _skip(self, counts: dict, file_index: int, line_no: int, err: Exception) -> None:
         if not self.cfg.skip_bad:
@@ -859,7 +300,7 @@ class Preparer:
         counts = self.counts if counts is None else counts
         pending = []                  # (line number, messages)
         spec, fmt = self.spec, self.cfg.format
-        parse = fast_parse_line if self.fast else parse_line
+        parse = self.parse
         for n, raw in numbered:
             where = f"{path}:{n}"
             try:
@@ -888,7 +329,7 @@ class Preparer:
                                                                      f"{spec.lang!r}"))
                 continue
             counts["records"] += 1
-            for messages in (fast_examples if self.fast else examples)(spec.kind, record, fmt, where):
+            for messages in self.examples(spec.kind, record, fmt, where):
                 pending.append((n, messages))
             if len(pending) >= self.batch_size:
                 yield self._flush(pending, file_index, num_shards, counts)
@@ -913,7 +354,7 @@ class Preparer:
                 self._skip(counts, 0, n, err)
             skipped.clear()
             counts["records"] += 1
-            for messages in (fast_examples if self.fast else examples)(spec.kind, record, fmt, where):
+            for messages in self.examples(spec.kind, record, fmt, where):
                 pending.append((n, messages))
             if len(pending) >= self.batch_size:
                 yield self._flush(pending, 0, num_shards, counts)
@@ -924,10 +365,12 @@ class Preparer:
             yield self._flush(pending, 0, num_shards, counts)
 
     def _flush(self, pending, file_index: int, num_shards: int, c: dict) -> list:
+        """token_ids, finish and serialize a batch of (line number, messages), counted in `c`:
+        [(shard, serialized example)]."""
         msgs = [m for _, m in pending]
         found: list = [None] * len(msgs)
-        all_ids = self.chat.ids(msgs, found) if self.fast else [self.chat.slow(m) for m in msgs]
-        done_ids, done_masks, truncated = zip(*map(self.renderer.finish_ids, all_ids, found))
+        rows = self.token_ids(msgs, found)
+        done_ids, done_masks, truncated = zip(*map(self.renderer.finish_ids, rows, found))
         lengths, mask_lengths = list(map(len, done_ids)), list(map(len, done_masks))
         c["examples"] += len(done_ids)
         c["truncated"] += sum(truncated)
@@ -936,11 +379,29 @@ class Preparer:
         c["targets_max_tokens"] = max(c["targets_max_tokens"], *lengths)
         c["loss_weights_max_tokens"] = max(c["loss_weights_max_tokens"], *mask_lengths)
         c["trained_tokens"] += sum(map(sum, done_masks))
-        data = (serialize_batch(done_ids, done_masks) if self.fast else
-                [serialize(i, m) for i, m in zip(done_ids, done_masks)])
+        data = self.serialize(done_ids, done_masks)
         return [(shard_of(file_index, n, num_shards), example)
                 for (n, _), example in zip(pending, data)]
 
+
+def serialize(ids: list[int], mask: list[int]) -> bytes:
+    """The tf.train.Example {targets: ids, loss_weights: mask} (int64 lists), serialized as
+    `SerializeToString(deterministic=True)` does (map keys sorted): `serialize_batch` builds the
+    same bytes without a protobuf object per example."""
+    import tensorflow as tf
+
+    feature = {"targets": tf.train.Feature(int64_list=tf.train.Int64List(value=ids)),
+               "loss_weights": tf.train.Feature(int64_list=tf.train.Int64List(value=mask))}
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
+        deterministic=True)
+
+
+def serialize_each(ids: list, masks: list) -> list[bytes]:
+    """`serialize` of each (ids, mask) pair (the exact path's serialize step)."""
+    return [serialize(i, m) for i, m in zip(ids, masks)]
+
+
+# -- output: TFRecord files ----------------------------------------------------------------------
 
 _RECORD_HEADS: dict = {}           # record length -> its 8 bytes and their masked CRC-32C
 
@@ -1005,79 +466,19 @@ def record_writer(path: str):
     return RecordWriter(path)
 
 
-def numbered_lines(path: str, start: int = 0, end: int | None = None, first_line: int = 1,
-                   tally: dict | None = None):
-    """(line number, raw bytes) of the lines of `path` that start in [start, end) (`start` is a
-    line start, `first_line` its number), as iterating the file in binary mode gives them.
-    `tally`: given, its "lines" is set to the number of lines read once they are all read (what
-    the cache records of each input, `input_record`)."""
-    opener = fs.open_file if _is_url(path) else open    # gs:// through the one GCS client
-    try:
-        f = opener(path, "rb")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    with f:
-        f.seek(start)
-        pos, n = start, first_line
-        while end is None or pos < end:
-            raw = f.readline()
-            if not raw:
-                break
-            yield n, raw
-            pos += len(raw)
-            n += 1
-    if tally is not None:
-        tally["lines"] = n - first_line
-
-
-def plan_ranges(path: str, range_bytes: int) -> list[tuple[int, int, int]]:
-    """(start byte, end byte, number of the first line) of ranges of about `range_bytes`, each
-    starting at a line start: one sequential pass counting newlines."""
-    opener = open
-    if _is_url(path):
-        size, opener = fs.file_size(path), fs.open_file
-    else:
-        size = os.path.getsize(path)
-    starts = [(0, 1)]
-    if size > range_bytes:
-        with opener(path, "rb") as f:
-            pos, lines, want = 0, 0, range_bytes
-            while True:
-                chunk = f.read(1 << 23)
-                if not chunk:
-                    break
-                while want <= pos + len(chunk):
-                    i = chunk.find(b"\n", max(want - 1 - pos, 0))
-                    if i < 0:
-                        break
-                    start = pos + i + 1
-                    if start >= size:
-                        want = size + 1
-                        break
-                    starts.append((start, 1 + lines + chunk.count(b"\n", 0, i + 1)))
-                    want = start + range_bytes
-                lines += chunk.count(b"\n")
-                pos += len(chunk)
-    return [(s, starts[k + 1][0] if k + 1 < len(starts) else size, line)
-            for k, (s, line) in enumerate(starts)]
-
-
 # -- the cache layout --------------------------------------------------------------------------------
 
 def seqio_version() -> str:
     """seqio.__version__, without importing seqio (and TensorFlow) where it is not imported yet:
     the installed distribution's version (tests/test_prepare_data.py checks they agree)."""
-    import sys
-
     if "seqio" in sys.modules:
         return sys.modules["seqio"].__version__
-    if "seqio" not in _SEQIO_VERSION:
-        from importlib.metadata import version
-        _SEQIO_VERSION["seqio"] = version("seqio")
-    return _SEQIO_VERSION["seqio"]
+    return _installed_version("seqio")
 
 
-_SEQIO_VERSION: dict = {}
+@functools.cache
+def _installed_version(distribution: str) -> str:
+    return importlib.metadata.version(distribution)
 
 
 def info_json(num_shards: int, key: dict) -> dict:
