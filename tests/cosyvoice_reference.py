@@ -295,6 +295,109 @@ def run_flow(model, units, embedding, prompt_units=None, prompt_mel=None, seed=0
             seen["mu"].transpose(1, 2).numpy())
 
 
+# CausalMaskedDiffWithXvec's arguments in the official cosyvoice2.yaml (v2, CosyVoice2-0.5B). The
+# wheel ships no yaml; these are the yaml's values (globals token_frame_rate 25, token_mel_ratio 2,
+# chunk_size 25, num_decoding_left_chunks -1, spk_embed_dim 192), as recalled and cross-checked
+# against a public port's table of that yaml's values; they agree with the classes' defaults
+# where the yaml leaves them (CausalMaskedDiffWithXvec: token_mel_ratio 2, pre_lookahead_len 3)
+# and with the constants UpsampleConformerEncoder hard-codes (512 channels, a 3-unit look-ahead,
+# x2 upsampling, 4 blocks after it).
+FLOW_V2_YAML = {
+    "v2": dict(
+        flow=dict(input_size=512, output_size=80, spk_embed_dim=192, output_type="mel",
+                  vocab_size=6561, input_frame_rate=25, only_mask_loss=True, token_mel_ratio=2,
+                  pre_lookahead_len=3),
+        # cosyvoice.transformer.upsample_encoder.UpsampleConformerEncoder
+        encoder=dict(output_size=512, attention_heads=8, linear_units=2048, num_blocks=6,
+                     dropout_rate=0.1, positional_dropout_rate=0.1, attention_dropout_rate=0.1,
+                     normalize_before=True, input_layer="linear",
+                     pos_enc_layer_type="rel_pos_espnet", selfattention_layer_type="rel_selfattn",
+                     input_size=512, use_cnn_module=False, macaron_style=False,
+                     static_chunk_size=25),
+        # cosyvoice.flow.flow_matching.CausalConditionalCFM
+        decoder=dict(in_channels=240, n_spks=1, spk_emb_dim=80,
+                     cfm_params=dict(sigma_min=1e-06, solver="euler", t_scheduler="cosine",
+                                     training_cfg_rate=0.2, inference_cfg_rate=0.7,
+                                     reg_loss_type="l1")),
+        # cosyvoice.flow.decoder.CausalConditionalDecoder (static_chunk_size: chunk_size *
+        # token_mel_ratio)
+        estimator=dict(in_channels=320, out_channels=80, channels=[256], dropout=0.0,
+                       attention_head_dim=64, n_blocks=4, num_mid_blocks=12, num_heads=8,
+                       act_fn="gelu", static_chunk_size=50, num_decoding_left_chunks=-1),
+    ),
+}
+
+
+def flow_v2_yaml_of(cfg) -> dict:
+    """FLOW_V2_YAML's structure with the sizes of `cfg` (a
+    `cslm_jax.speech.causal_flow.CausalFlowConfig`); upstream's encoder takes only the sizes it
+    does not hard-code."""
+    y = FLOW_V2_YAML[cfg.version]
+    fixed = dict(encoder_size=512, input_size=512, pre_lookahead_len=3, token_mel_ratio=2,
+                 up_blocks=4)
+    for k, v in fixed.items():
+        if getattr(cfg, k) != v:
+            raise ValueError(f"upstream's UpsampleConformerEncoder hard-codes {k} {v}; "
+                             f"{k} {getattr(cfg, k)} has no reference")
+    return dict(
+        flow=dict(y["flow"], spk_embed_dim=cfg.spk_embed_dim, vocab_size=cfg.vocab_size,
+                  input_frame_rate=cfg.input_frame_rate),
+        encoder=dict(y["encoder"], attention_heads=cfg.encoder_heads,
+                     linear_units=cfg.encoder_linear_units, num_blocks=cfg.encoder_blocks,
+                     static_chunk_size=cfg.encoder_chunk),
+        decoder=dict(y["decoder"], cfm_params=dict(y["decoder"]["cfm_params"],
+                                                   inference_cfg_rate=cfg.cfg_rate)),
+        estimator=dict(y["estimator"], channels=list(cfg.channels),
+                       attention_head_dim=cfg.attention_head_dim, n_blocks=cfg.n_blocks,
+                       num_mid_blocks=cfg.num_mid_blocks, num_heads=cfg.num_heads,
+                       static_chunk_size=cfg.decoder_chunk))
+
+
+def flow_v2_reference(cfg, state_dict=None):
+    """Upstream's CausalMaskedDiffWithXvec of `cfg`'s sizes, built as cosyvoice2.yaml builds it,
+    loaded strictly with `state_dict` (upstream names), in eval mode. Its fixed noise buffer is
+    `model.decoder.rand_noise` ([1, 80, 15000]); building it reseeds torch's generator (0)."""
+    from omegaconf import DictConfig
+
+    y = flow_v2_yaml_of(cfg)
+    estimator = CausalConditionalDecoder(**y["estimator"])
+    cfm = dict(y["decoder"], cfm_params=DictConfig(y["decoder"]["cfm_params"]))
+    decoder = CausalConditionalCFM(**cfm, estimator=estimator)
+    model = CausalMaskedDiffWithXvec(**y["flow"], encoder=UpsampleConformerEncoder(**y["encoder"]),
+                                     decoder=decoder)
+    if state_dict is not None:
+        model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()},
+                              strict=True)
+    return model.eval()
+
+
+def run_flow_v2(model, units, embedding, prompt_units=None, prompt_mel=None, streaming=False,
+                finalize=True):
+    """Upstream's `inference(..., streaming, finalize)` for one utterance (units [N], x-vector
+    [192], optional prompt units [Np] and mel [Mp, 80]): (mel [1, 80, M], the starting noise it
+    used in cslm_jax's layout [1, Mp + M, 80], the encoder's projected output [1, Mp + M, 80])."""
+    tok = torch.as_tensor(np.asarray(units, np.int64))[None]
+    pu = torch.zeros((1, 0), dtype=torch.int64) if prompt_units is None else \
+        torch.as_tensor(np.asarray(prompt_units, np.int64))[None]
+    pm = torch.zeros((1, 0, 80)) if prompt_mel is None else \
+        torch.as_tensor(np.asarray(prompt_mel, np.float32))[None]
+    seen = {}
+    hook = model.encoder_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("h", o))
+    try:
+        with torch.inference_mode():
+            mel, _ = model.inference(
+                token=tok, token_len=torch.tensor([tok.shape[1]]), prompt_token=pu,
+                prompt_token_len=torch.tensor([pu.shape[1]]), prompt_feat=pm,
+                prompt_feat_len=torch.tensor([pm.shape[1]]),
+                embedding=torch.as_tensor(np.asarray(embedding, np.float32))[None],
+                streaming=streaming, finalize=finalize)
+    finally:
+        hook.remove()
+    h = seen["h"].numpy()
+    z = model.decoder.rand_noise[:, :, :h.shape[1]].numpy().transpose(0, 2, 1).copy()
+    return mel.numpy(), z, h
+
+
 def run_token2wav_stream(flow_model, hift_model, windows, embedding, seed=0):
     """Upstream's v1 streaming path (`CosyVoiceModel.token2wav` with its per-utterance caches,
     as `tts(stream=True)` drives it) on `windows`: a list of (units [n], finalize) in order, the

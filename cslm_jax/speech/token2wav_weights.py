@@ -23,6 +23,10 @@ paths (`input_embedding.weight`, `encoder.encoders.N.self_attn.linear_q.weight`,
 `decoder.estimator.down_blocks.N.1.M.attn1.to_q.weight`, ...); no weight norm. Linear weights
 are transposed, conv weights [out, in, k] and transposed-conv weights [in, out, k] brought to
 [k, in, out]; norms, embeddings and the attention's position biases are kept as they are.
+The v2 flow (`flow.pt` of CosyVoice2, `CausalMaskedDiffWithXvec`; `cslm_jax.speech.causal_flow`)
+maps the same way (`encoder.pre_lookahead_layer.conv1`, `encoder.up_layer.conv`,
+`encoder.up_encoders.N...`, `decoder.estimator.down_blocks.0.0.block1.block.2` - a LayerNorm -,
+...); its fixed noise buffer is not in the state dict.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cslm_jax.speech import causal_flow as _causal_flow
 from cslm_jax.speech import flow as _flow
 from cslm_jax.speech.hift import HiFTConfig, Layer, Token2WavError, check_params, layers
 
@@ -206,19 +211,25 @@ def _read(path, version: str, sizes: dict, infer, convert):
     return cfg, convert(sd, cfg, str(path))
 
 
+def _flow_module(cfg):
+    """The module of a flow config's model: `causal_flow` (v2) or `flow` (v1)."""
+    return _causal_flow if isinstance(cfg, _causal_flow.CausalFlowConfig) else _flow
+
+
 def _flow_kind(kind: str) -> str:
     return {"linear_nb": "linear", "embed": "plain", "norm": "plain", "param": "plain"}.get(kind,
                                                                                           kind)
 
 
 def flow_from_state_dict(sd: dict, cfg, source: str, strict: bool = True) -> dict:
-    """Upstream's MaskedDiffWithXvec state dict (numpy arrays or tensors) -> our parameters
-    (`cfg` a `FlowConfig`). Names the first missing, mis-shaped or (if `strict`) unexpected
-    tensor, with `source` (the file)."""
+    """Upstream's MaskedDiffWithXvec (v1, `cfg` a `FlowConfig`) or CausalMaskedDiffWithXvec
+    (v2, `cfg` a `CausalFlowConfig`) state dict (numpy arrays or tensors) -> our parameters.
+    Names the first missing, mis-shaped or (if `strict`) unexpected tensor, with `source` (the
+    file)."""
     get = _Tensors(dict(sd), source, f"flow {cfg.version}")
 
     params = {}
-    for layer in _flow.layers(cfg):
+    for layer in _flow_module(cfg).layers(cfg):
         n = layer.name
         if layer.kind == "param":
             params[n] = get(n, layer.shape)
@@ -235,10 +246,12 @@ def flow_from_state_dict(sd: dict, cfg, source: str, strict: bool = True) -> dic
 
 
 def flow_to_state_dict(cfg, params: dict) -> dict:
-    """Our flow parameters -> upstream's MaskedDiffWithXvec state dict (numpy float32)."""
-    _flow.check_params(cfg, params)
+    """Our flow parameters -> upstream's MaskedDiffWithXvec (v1) or CausalMaskedDiffWithXvec
+    (v2) state dict (numpy float32)."""
+    mod = _flow_module(cfg)
+    mod.check_params(cfg, params)
     out = {}
-    for layer in _flow.layers(cfg):
+    for layer in mod.layers(cfg):
         n = layer.name
         if layer.kind == "param":
             out[n] = np.asarray(params[n], np.float32)
@@ -255,7 +268,12 @@ def infer_flow_config(sd: dict, version: str, source: str):
     width, heads, blocks and feed-forward, x-vector size, regulator convs, estimator channels,
     transformer and mid blocks). The estimator's attention heads are not in the tensors (only
     heads x head width): the preset's 8 heads are kept and the head width read off; give
-    `num_heads` / `attention_head_dim` to `read_flow` for other splits."""
+    `num_heads` / `attention_head_dim` to `read_flow` for other splits. v2: see
+    `infer_causal_flow_config`."""
+    _check_flow_version(sd, version, source)
+    if version == "v2":
+        return infer_causal_flow_config(sd, version, source)
+
     def shape(name):
         if name not in sd:
             raise Token2WavError(f"{source}: missing tensor {name}; not a flow state dict?")
@@ -285,13 +303,68 @@ def infer_flow_config(sd: dict, version: str, source: str):
     return _flow.FlowConfig(version=version, **kw)
 
 
+def _check_flow_version(sd: dict, version: str, source: str) -> None:
+    """A v1 file given as v2 or the other way round, named (v2's encoder has a pre-lookahead
+    layer and no length regulator)."""
+    v2 = "encoder.pre_lookahead_layer.conv1.weight" in sd
+    v1 = any(k.startswith("length_regulator.") for k in sd)
+    if version == "v2" and v1 and not v2:
+        raise Token2WavError(f"{source}: a v1 flow (MaskedDiffWithXvec, CosyVoice-300M: it has "
+                             f"a length regulator); give --version v1")
+    if version == "v1" and v2 and not v1:
+        raise Token2WavError(f"{source}: a v2 flow (CausalMaskedDiffWithXvec, CosyVoice2: it has "
+                             f"a pre-lookahead layer); give --version v2")
+
+
+def infer_causal_flow_config(sd: dict, version: str, source: str):
+    """v2's preset (`CausalFlowConfig`) with the sizes a CausalMaskedDiffWithXvec state dict
+    shows: vocabulary and embedding, encoder width, heads, feed-forward, blocks before and after
+    the upsampling, the look-ahead (conv1's kernel - 1), the upsampling stride ((kernel - 1) /
+    2), x-vector size, estimator channels, transformer and mid blocks. Not in the tensors: the
+    units per second, the streaming chunk sizes (the preset's) and the estimator's head count
+    (the preset's 8 kept, the head width read off; give `num_heads` / `attention_head_dim` to
+    `read_flow` for other splits)."""
+    def shape(name):
+        if name not in sd:
+            raise Token2WavError(f"{source}: missing tensor {name}; not a v2 flow state dict?")
+        return tuple(np.shape(sd[name]))
+
+    def count(prefix, part):
+        return len({k.split(".")[part] for k in sd if k.startswith(prefix)})
+
+    vocab, width = shape("input_embedding.weight")
+    d = shape("encoder.after_norm.weight")[0]
+    e = "decoder.estimator"
+    levels = count(f"{e}.down_blocks.", 3)
+    inner = shape(f"{e}.down_blocks.0.1.0.attn1.to_q.weight")[0]
+    kw = dict(vocab_size=vocab, input_size=width, spk_embed_dim=shape(
+                  "spk_embed_affine_layer.weight")[1],
+              encoder_size=d, encoder_heads=shape("encoder.encoders.0.self_attn.pos_bias_u")[0],
+              encoder_linear_units=shape("encoder.encoders.0.feed_forward.w_1.weight")[0],
+              encoder_blocks=count("encoder.encoders.", 2),
+              up_blocks=count("encoder.up_encoders.", 2),
+              pre_lookahead_len=shape("encoder.pre_lookahead_layer.conv1.weight")[2] - 1,
+              token_mel_ratio=(shape("encoder.up_layer.conv.weight")[2] - 1) // 2,
+              channels=tuple(shape(f"{e}.down_blocks.{i}.0.res_conv.weight")[0]
+                             for i in range(levels)),
+              num_mid_blocks=count(f"{e}.mid_blocks.", 3),
+              n_blocks=count(f"{e}.down_blocks.0.1.", 5))
+    preset = _causal_flow.CausalFlowConfig(version=version)
+    if inner != preset.num_heads * preset.attention_head_dim:
+        kw["attention_head_dim"] = inner // preset.num_heads
+    try:
+        return _causal_flow.CausalFlowConfig(version=version, **kw)
+    except Token2WavError as e:
+        raise Token2WavError(f"{source}: {e}") from None
+
+
 def read_flow(path, version: str = "v1", **sizes):
-    """(config, params) from upstream's `flow.pt` (or a .safetensors of its state dict); sizes
-    not given are read from the tensors (`infer_flow_config`; the estimator's head count is not
-    in them)."""
+    """(config, params) from upstream's `flow.pt` (v1 or v2, by `version`; or a .safetensors of
+    its state dict); sizes not given are read from the tensors (`infer_flow_config`; the
+    estimator's head count is not in them)."""
     return _read(path, version, sizes, infer_flow_config, flow_from_state_dict)
 
 
 __all__ = ["WEIGHT_NORM_LAYOUTS", "strip_prefix", "hift_from_state_dict", "hift_to_state_dict",
            "infer_hift_config", "read_hift", "flow_from_state_dict", "flow_to_state_dict",
-           "infer_flow_config", "read_flow"]
+           "infer_flow_config", "infer_causal_flow_config", "read_flow"]

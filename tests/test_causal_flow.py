@@ -1,0 +1,247 @@
+"""cslm_jax.speech.causal_flow (CosyVoice 2's causal flow in JAX) against upstream's
+`CausalMaskedDiffWithXvec` (tests/cosyvoice_reference.py), at reduced sizes with random weights
+and upstream's own fixed noise: the encoder's output and the mel for non-streamed, streamed and
+streamed-then-finalized calls, with and without a zero-shot prompt; chunk causality; two
+consecutive streamed calls cut by token offset as upstream's CosyVoice2Model does; named errors;
+the weight import; the layer table against upstream's at reduced and official sizes; the v2
+token2wav folder through `import-token2wav` and `synthesize`; and (slow) the mel at the official
+sizes.
+
+Upstream's encoder hard-codes its width (512), look-ahead (3), upsampling (x2) and the 4 blocks
+after it, so the reduced sizes keep those and shrink the rest (and the streaming chunks, so that
+short utterances span several). Measured (float32, CPU): encoder output ~4e-6, mel ~5e-6; the
+bound is 1e-4."""
+import numpy as np
+import pytest
+import torch
+
+import cosyvoice_reference as ref
+from cslm_jax.speech import causal_flow as cf
+from cslm_jax.speech.hift import Token2WavError
+from cslm_jax.speech.token2wav_weights import (flow_from_state_dict, flow_to_state_dict,
+                                               read_flow)
+
+SMALL = dict(vocab_size=100, encoder_linear_units=64, encoder_blocks=1, channels=(32,),
+             attention_head_dim=8, n_blocks=1, num_mid_blocks=1, num_heads=2, encoder_chunk=4,
+             decoder_chunk=8)
+TOL = 1e-4
+_CACHE = {}
+
+
+def _model():
+    if "m" not in _CACHE:
+        cfg, params = cf.init_random("v2", seed=0, **SMALL)
+        _CACHE["m"] = cfg, params, ref.flow_v2_reference(cfg, flow_to_state_dict(cfg, params))
+    return _CACHE["m"]
+
+
+def _inputs(n, seed=1, prompt=0, vocab=100):
+    rng = np.random.default_rng(seed)
+    units = rng.integers(0, vocab, n)
+    emb = rng.standard_normal(192).astype(np.float32) * 3.0
+    if not prompt:
+        return units, emb, None, None
+    pu = rng.integers(0, vocab, prompt)
+    pm = rng.standard_normal((2 * prompt, 80)).astype(np.float32)       # upstream: 2 per unit
+    return units, emb, pu, pm
+
+
+@pytest.mark.parametrize("prompt", [0, 5])
+@pytest.mark.parametrize("streaming,finalize", [(False, True), (True, False), (True, True)])
+def test_mel_matches_upstream_with_its_noise(streaming, finalize, prompt):
+    import jax.numpy as jnp
+    cfg, params, model = _model()
+    n = 13
+    units, emb, pu, pm = _inputs(n, seed=n + prompt, prompt=prompt)
+    mel_ref, z, h_ref = ref.run_flow_v2(model, units, emb, pu, pm, streaming, finalize)
+    kept = n if finalize else n - 3
+    assert mel_ref.shape == (1, 80, 2 * kept)
+    all_units = np.concatenate([pu, units]) if prompt else units
+    main = all_units if finalize else all_units[:-3]
+    ctx = None if finalize else jnp.asarray(all_units[-3:][None])
+    h = np.asarray(cf.encoder(params, cfg, jnp.asarray(main[None]), ctx, streaming))
+    mel = cf.causal_flow_inference(params, cfg, units, emb, pu, pm, noise=z,
+                                   streaming=streaming, finalize=finalize)
+    e_h, e_mel = np.abs(h - h_ref).max(), np.abs(mel - mel_ref).max()
+    print(f"streaming={streaming} finalize={finalize} prompt={prompt}: encoder {e_h:.2e}, "
+          f"mel {e_mel:.2e} (mel std {mel_ref.std():.2f})")
+    assert 0.1 < mel_ref.std() < 100
+    assert e_h <= TOL and e_mel <= TOL
+    # the noise is the first frames of upstream's buffer, which upstream_noise() reproduces
+    np.testing.assert_array_equal(z, cf.upstream_noise()[:, :z.shape[1]])
+    np.testing.assert_array_equal(mel, cf.causal_flow_inference(
+        params, cfg, units, emb, pu, pm, noise="upstream", streaming=streaming,
+        finalize=finalize))
+
+
+def test_upstream_noise_is_its_buffer():
+    _, _, model = _model()
+    z = cf.upstream_noise()
+    assert z.shape == (1, cf.NOISE_FRAMES, 80) and z.dtype == np.float32
+    np.testing.assert_array_equal(z, model.decoder.rand_noise.numpy().transpose(0, 2, 1))
+
+
+def test_streaming_is_chunk_causal():
+    """Streamed, the first chunk's frames (8 frames: 4 units and their 3 units of look-ahead)
+    do not depend on later units; not streamed, they do."""
+    cfg, params, _ = _model()
+    a, emb, _, _ = _inputs(14, seed=3)
+    b = a.copy()
+    b[7:] = (b[7:] + 1) % 100
+    for streaming in (True, False):
+        ma = cf.causal_flow_inference(params, cfg, a, emb, noise="upstream", streaming=streaming)
+        mb = cf.causal_flow_inference(params, cfg, b, emb, noise="upstream", streaming=streaming)
+        head = np.abs(ma[..., :8] - mb[..., :8]).max()
+        assert (head < 1e-5) if streaming else (head > 1e-2), (streaming, head)
+        assert np.abs(ma[..., 16:] - mb[..., 16:]).max() > 1e-2
+
+
+def test_consecutive_streamed_calls_match_upstreams_driver():
+    """What CosyVoice2Model.token2wav does with the flow while units arrive (hop = the encoder's
+    chunk, 4 here, 25 officially): the units so far plus 3 of look-ahead, streamed and not
+    finalized, the frames from 2 * token_offset on kept; the last call finalized with every
+    unit (upstream's last call is not streamed). Each call's new frames match upstream's, the
+    frames a later call gives again agree with the earlier call's, and the pieces add up to
+    2 frames per unit."""
+    cfg, params, model = _model()
+    units, emb, _, _ = _inputs(14, seed=4)
+    hop, look, pieces, offset = cfg.encoder_chunk, cfg.pre_lookahead_len, [], 0
+    earlier = None
+    calls = [(units[:hop + look], True, False), (units[:2 * hop + look], True, False),
+             (units, False, True)]
+    for upto, streaming, finalize in calls:
+        mel_ref, _, _ = ref.run_flow_v2(model, upto, emb, streaming=streaming, finalize=finalize)
+        mel = cf.causal_flow_inference(params, cfg, upto, emb, noise="upstream",
+                                       streaming=streaming, finalize=finalize)
+        new, new_ref = cf.new_frames(cfg, mel, offset), mel_ref[:, :, 2 * offset:]
+        assert new.shape == new_ref.shape and np.abs(new - new_ref).max() <= TOL
+        if earlier is not None and streaming:
+            assert np.abs(mel[..., :earlier.shape[2]] - earlier).max() < 1e-5
+        earlier = mel
+        pieces.append(new)
+        offset += hop
+    assert [p.shape[2] for p in pieces] == [8, 8, 12]
+    assert sum(p.shape[2] for p in pieces) == cfg.mel_len(len(units))
+
+
+def test_named_errors():
+    cfg, params, _ = _model()
+    units, emb, pu, pm = _inputs(8, prompt=4)
+    with pytest.raises(Token2WavError, match="unit 100 at position 2 is out of range 0..99"):
+        cf.causal_flow_inference(params, cfg, np.array([1, 2, 100, 3]), emb)
+    with pytest.raises(Token2WavError, match="192-d x-vector"):
+        cf.causal_flow_inference(params, cfg, units, emb[:80])
+    with pytest.raises(Token2WavError, match="4 prompt units and 0 prompt mel"):
+        cf.causal_flow_inference(params, cfg, units, emb, pu, None)
+    with pytest.raises(Token2WavError, match="needs more than 3 .* look-ahead only"):
+        cf.causal_flow_inference(params, cfg, units[:3], emb, finalize=False)
+    with pytest.raises(Token2WavError, match="no units"):
+        cf.causal_flow_inference(params, cfg, units[:0], emb)
+    with pytest.raises(Token2WavError, match="noise has 5 frames, this call needs 16"):
+        cf.causal_flow_inference(params, cfg, units, emb, noise=np.zeros((1, 5, 80), np.float32))
+    with pytest.raises(Token2WavError, match="noise 'gauss'"):
+        cf.causal_flow_inference(params, cfg, units, emb, noise="gauss")
+    with pytest.raises(Token2WavError, match="leaves no frames of the answer"):
+        cf.causal_flow_inference(params, cfg, units[:1], emb, pu[:1], np.zeros((9, 80)))
+    with pytest.raises(Token2WavError, match="unknown causal flow version"):
+        cf.CausalFlowConfig(version="v1")
+    with pytest.raises(Token2WavError, match="input_size 256 != encoder_size 512"):
+        cf.CausalFlowConfig(input_size=256)
+
+
+def test_zero_and_key_noise():
+    import jax
+    cfg, params, _ = _model()
+    units, emb, _, _ = _inputs(6)
+    a = cf.causal_flow_inference(params, cfg, units, emb)
+    assert a.shape == (1, 80, 12)
+    np.testing.assert_array_equal(a, cf.causal_flow_inference(params, cfg, units, emb))
+    k = cf.causal_flow_inference(params, cfg, units, emb, noise=jax.random.PRNGKey(1))
+    assert not np.allclose(a, k)
+    np.testing.assert_array_equal(k, cf.causal_flow_inference(
+        params, cfg, units, emb, noise=jax.random.PRNGKey(1)))
+
+
+def test_import_from_saved_state_dict(tmp_path):
+    cfg, params, model = _model()
+    sd = flow_to_state_dict(cfg, params)
+    path = tmp_path / "flow.pt"
+    torch.save({k: torch.as_tensor(v) for k, v in sd.items()}, path)
+    # the estimator's head count and the streaming chunks are not in the tensors: given
+    cfg2, params2 = read_flow(path, "v2", num_heads=2, attention_head_dim=8, encoder_chunk=4,
+                              decoder_chunk=8)
+    assert cfg2 == cfg and set(params2) == set(params)
+    read = read_flow(path, "v2")[0]
+    assert (read.num_heads, read.attention_head_dim, read.encoder_chunk) == (8, 2, 25)
+    units, emb, _, _ = _inputs(9)
+    mel_ref, z, _ = ref.run_flow_v2(model, units, emb, streaming=True, finalize=False)
+    mel = cf.causal_flow_inference(params2, cfg2, units, emb, noise=z, streaming=True,
+                                   finalize=False)
+    assert np.abs(mel - mel_ref).max() <= TOL
+    bad = dict(sd)
+    del bad["encoder.up_encoders.3.self_attn.pos_bias_v"]
+    with pytest.raises(Token2WavError,
+                       match="missing tensor encoder.up_encoders.3.self_attn.pos_bias_v"):
+        flow_from_state_dict(bad, cfg, "flow.pt")
+    bad = dict(sd, **{"encoder.up_layer.conv.weight": np.zeros((512, 512, 3), np.float32)})
+    with pytest.raises(Token2WavError, match="encoder.up_layer.conv.weight has shape"):
+        flow_from_state_dict(bad, cfg, "flow.pt")
+    with pytest.raises(Token2WavError, match="unexpected tensor extra .*flow v2"):
+        flow_from_state_dict(dict(sd, extra=np.zeros(1)), cfg, "flow.pt")
+    with pytest.raises(Token2WavError, match="a v2 flow .*give --version v2"):
+        read_flow(path, "v1")
+
+
+def _state_dict_shapes(cfg):
+    out = {}
+    for layer in cf.layers(cfg):
+        if layer.kind == "param":
+            out[layer.name] = layer.shape
+            continue
+        out[f"{layer.name}.weight"] = layer.shape
+        if layer.kind in ("linear", "conv", "norm"):
+            out[f"{layer.name}.bias"] = (layer.shape[0],)
+        elif layer.kind == "convT":
+            out[f"{layer.name}.bias"] = (layer.shape[1],)
+    return out
+
+
+def test_layer_table_is_upstreams_at_reduced_sizes():
+    cfg, params, model = _model()
+    sd = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert sd == _state_dict_shapes(cfg)
+    assert sd == {k: v.shape for k, v in flow_to_state_dict(cfg, params).items()}
+    # two U-Net levels (a strided conv down, a transposed conv up), against upstream too
+    cfg2 = cf.CausalFlowConfig(**{**SMALL, "channels": (32, 32)})
+    sd2 = {k: tuple(v.shape) for k, v in ref.flow_v2_reference(cfg2).state_dict().items()}
+    assert sd2 == _state_dict_shapes(cfg2)
+
+
+def test_official_sizes_are_upstreams():
+    """CausalFlowConfig() against the model the yaml's arguments build: the same tensors and
+    shapes, and the preset gives back FLOW_V2_YAML's arguments (upstream's model is built,
+    nothing is run)."""
+    cfg = cf.CausalFlowConfig()
+    y = ref.flow_v2_yaml_of(cfg)
+    for part in ("flow", "encoder", "decoder", "estimator"):
+        assert y[part] == ref.FLOW_V2_YAML["v2"][part], part
+    model = ref.flow_v2_reference(cfg)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == _state_dict_shapes(cfg)
+    n = sum(int(np.prod(s)) for s in cf.param_shapes(cfg).values())
+    assert n == sum(p.numel() for p in model.parameters())
+    print(f"v2 flow: {n / 1e6:.2f}M parameters")
+
+
+@pytest.mark.slow
+def test_official_sizes_match_upstream():
+    """The official sizes (random weights), 30 units with a 10-unit prompt, streamed and not
+    finalized (chunks of 25 units / 50 frames take effect)."""
+    cfg, params = cf.init_random("v2", seed=0)
+    model = ref.flow_v2_reference(cfg, flow_to_state_dict(cfg, params))
+    units, emb, pu, pm = _inputs(30, seed=5, prompt=10, vocab=6561)
+    mel_ref, z, _ = ref.run_flow_v2(model, units, emb, pu, pm, streaming=True, finalize=False)
+    mel = cf.causal_flow_inference(params, cfg, units, emb, pu, pm, noise=z, streaming=True,
+                                   finalize=False)
+    err = np.abs(mel - mel_ref).max()
+    print(f"official sizes: mel max |ours - upstream| = {err:.2e} (std {mel_ref.std():.2f})")
+    assert err <= TOL
