@@ -19,6 +19,7 @@ import soundfile as sf
 
 from cslm_jax.data.audio import (AudioError, ManifestError, index_manifest, load_audio,
                                  probe_seconds, read_manifest, resample)
+from cslm_jax.data.formats import merge_repeats
 from cslm_jax.speech.extract import (COMPLETE_FILE, SKIPPED_FILE, ExtractError, Options,
                                      batch_rows, bucket_length, extract, marker_name, shard_name)
 from conftest import REPO
@@ -257,6 +258,15 @@ def test_records_hold_the_tokenizers_codes_and_validate(tmp_path, tokdir, encode
         + [f(i, 3) for i in range(3) for f in (shard_name, marker_name)])
     records = read_out(out)
     assert [r["id"] for r in records] == [x["id"] for x in lines]          # manifest order
+    # the mean run length (the speech rate merged units need), counted from the records
+    units = sum(len(r["units"]) for r in records)
+    runs = sum(len(merge_repeats(r["units"])) for r in records)
+    done = json.loads((out / COMPLETE_FILE).read_text())
+    assert (done["units"], done["unit_runs"]) == (summary.units, summary.unit_runs) == \
+        (units, runs) and runs < units
+    assert done["mean_run_length"] == round(units / runs, 4)
+    assert f"mean run length {units / runs:.4f} (set format.speech_rate" in \
+        "\n".join(summary.lines())
     reference = alone.encode(waves)                     # the tokenizer called directly
     for r, line, wave, codes in zip(records, lines, waves, reference):
         assert {k: v for k, v in r.items() if k != "units"} == line      # fields passed on

@@ -458,6 +458,8 @@ class Summary:
     shards_done_here: list[int]
     shards: list[str]
     untexted: int = 0                   # paired records without text or lang
+    units: int = 0                      # units in every record's unit fields
+    unit_runs: int = 0                  # the same after merging repeats
 
     def lines(self) -> list[str]:
         head = ("already complete: nothing redone" if self.state == "complete"
@@ -471,6 +473,11 @@ class Summary:
                          f"{self.audio_seconds / 3600:.3f} h of audio in {self.wall_seconds:.1f} s: "
                          f"{self.audio_seconds / 3600 / self.wall_seconds:.4f} h of audio/s, "
                          f"real-time factor {self.wall_seconds / self.audio_seconds:.4f}")
+        if self.unit_runs:
+            lines.append(f"extract-units: {self.units} units, {self.unit_runs} after merging "
+                         f"repeats: mean run length {self.units / self.unit_runs:.4f} (set "
+                         f"format.speech_rate to it in the data config so that synthesis gives "
+                         f"merged units their natural duration)")
         if self.untexted:
             lines.append(f"extract-units: {self.untexted} record(s) without 'text' or 'lang' "
                          f"(units only): they do not validate as paired records until both "
@@ -558,6 +565,7 @@ def extract(manifest, out: str | Path, encoder: Encoder, *, tokenizer_dir: str |
                 t0 = time.perf_counter()
                 lines = index.read(i, strict=opts.on_bad == "strict")
                 res = extract_shard(lines, encoder, opts, pool, fmt=fmt, on_batch=on_batch)
+                units, runs = unit_runs(res.records)
                 if res.records:           # an empty JSONL file is refused by every reader
                     write_atomic(out / shard_name(i, num), "".join(
                         json.dumps(r, ensure_ascii=False) + "\n" for r in res.records))
@@ -565,6 +573,7 @@ def extract(manifest, out: str | Path, encoder: Encoder, *, tokenizer_dir: str |
                     "shard": i, "lines": [lines[0].line, lines[-1].line],
                     "records": len(res.records), "skipped": res.skipped, "files": res.files,
                     "audio_seconds": res.audio_seconds, "untexted": _untexted(res.records),
+                    "units": units, "unit_runs": runs,
                     "seconds": time.perf_counter() - t0, "process": proc}) + "\n")
                 files += res.files
                 audio += res.audio_seconds
@@ -588,6 +597,21 @@ def _untexted(records: list[dict]) -> int:
     return sum(1 for r in records if "units" in r and not (r.get("text") and r.get("lang")))
 
 
+def unit_runs(records: list[dict]) -> tuple[int, int]:
+    """(units, runs of repeated units) over every unit field of `records`: units / runs is the
+    mean run length, the factor by which merging repeats (`format.merge_repeats`) shortens the
+    stream, and so the speech rate (`format.speech_rate`) that synthesis needs to give merged
+    units their natural duration."""
+    units = runs = 0
+    for r in records:
+        for field in AUDIO_FIELDS.values():
+            u = r.get(field)
+            if u is not None and len(u):
+                units += len(u)
+                runs += 1 + sum(1 for a, b in zip(u[:-1], u[1:]) if a != b)
+    return units, runs
+
+
 def _finish(out: Path, num: int, ident: dict, *, state: str, here: list[int], files: int,
             audio: float, wall: float) -> Summary:
     """Once every shard is done (this process may not be the last): the skipped report and the
@@ -603,6 +627,8 @@ def _finish(out: Path, num: int, ident: dict, *, state: str, here: list[int], fi
     records = sum(m["records"] for m in markers.values())
     skipped = [s for i in sorted(markers) for s in markers[i]["skipped"]]
     untexted = sum(m.get("untexted", 0) for m in markers.values())
+    units = sum(m.get("units", 0) for m in markers.values())
+    runs = sum(m.get("unit_runs", 0) for m in markers.values())
     if len(markers) == num and not (out / COMPLETE_FILE).is_file():
         write_atomic(out / SKIPPED_FILE, "".join(json.dumps(s, ensure_ascii=False) + "\n"
                                                  for s in skipped))
@@ -610,11 +636,13 @@ def _finish(out: Path, num: int, ident: dict, *, state: str, here: list[int], fi
             "format": FORMAT, "records": records, "skipped": len(skipped),
             "files": sum(m["files"] for m in markers.values()),
             "audio_hours": sum(m["audio_seconds"] for m in markers.values()) / 3600,
-            "untexted": untexted, "shards": shards, "skipped_report": SKIPPED_FILE,
+            "untexted": untexted, "units": units, "unit_runs": runs,
+            "mean_run_length": round(units / runs, 4) if runs else None,
+            "shards": shards, "skipped_report": SKIPPED_FILE,
             "tokenizer": ident["tokenizer"]}, indent=2) + "\n")
     return Summary(state=state, complete=len(markers) == num, out=out, records=records, skipped=len(skipped), files=files,
                    audio_seconds=audio, wall_seconds=wall, shards_done_here=list(here),
-                   shards=shards, untexted=untexted)
+                   shards=shards, untexted=untexted, units=units, unit_runs=runs)
 
 
 class TokenizerEncoder:
