@@ -15,10 +15,10 @@ import pytest
 from conftest import REPO
 
 from cslm_jax.data import formats
-from cslm_jax.data.fast_chat import FastChat, SpeechText, fast_examples, plain
+from cslm_jax.data.fast_chat import FastChat, SpeechText, fast_chat_for, fast_examples, plain
 from cslm_jax.data.formats import (ChatRenderer, RecordError, examples, load_data_config,
                                    read_jsonl, template_around)
-from cslm_jax.data.prepare import tokenizer_digest
+from cslm_jax.data.prepare import prepare_task_local, tokenizer_digest
 from cslm_jax.model.vocab import load_tokenizer
 
 
@@ -36,16 +36,7 @@ def _demo_records(demo, stages=("pretrain", "sft")):
 def test_fast_examples_equal_examples_on_every_demo_task(demo, variant):
     n = 0
     for cfg, spec, where, record in _demo_records(demo):
-        fmt = cfg.format
-        if variant == "sequential":
-            fmt = dataclasses.replace(fmt, chain="sequential")
-        elif variant == "no_merge":
-            fmt = dataclasses.replace(fmt, merge_repeats=False)
-        elif variant == "odd_templates":       # escapes, a format spec: split or left to examples()
-            fmt = dataclasses.replace(fmt, languages={
-                k: dataclasses.replace(v, asr_prompt="{{x}} " + v.asr_prompt,
-                                       s2s_prompt=v.s2s_prompt.replace("{speech}", "{speech!s}"))
-                for k, v in fmt.languages.items()})
+        fmt = _variant(cfg.format, variant)
         want = examples(spec.kind, record, fmt, where)
         got = fast_examples(spec.kind, record, fmt, where)
         assert got == want, where
@@ -64,6 +55,175 @@ def test_template_around_splits_only_what_it_can_prove():
     assert template_around("{{x}} {speech}.", "speech") == ("{x} ", ".")
     for bad in ("{speech} {speech}", "{speech!r}", "{speech:>9}", "{text} {speech}", "{", "none"):
         assert template_around(bad, "speech") is None, bad
+
+
+def _documented_examples(kind, record, fmt, where):
+    """The asr, tts and s2s examples as the format documents them, written out with str.format
+    and str.join (what formats.examples computed before its contents were defined as parts)."""
+    def units_of(field):
+        return formats.merge_repeats(record[field]) if fmt.merge_repeats else list(record[field])
+
+    if kind in ("asr", "tts"):
+        lang = fmt.languages[record["lang"]]
+        sp, text = formats.speech(units_of("units")), record["text"].strip()
+        turns = [lang.asr_prompt.format(speech=sp), text] if kind == "asr" else \
+            [lang.tts_prompt.format(text=text), sp]
+    else:
+        lang = fmt.languages[record["answer_lang"]]
+        same = record["question_lang"] == record["answer_lang"]
+        prompt = (lang.s2s_prompt if same else lang.s2s_cross_prompt).format(
+            speech=formats.speech(units_of("question_units")))
+        if fmt.chain == "sequential":
+            response = " ".join(["[question]", record["question_text"].strip(), "[answer]",
+                                 record["answer_text"].strip(),
+                                 formats.speech(units_of("answer_units")), "<eoa>"])
+        else:
+            items = ["[question]", record["question_text"].strip(), "[answer]"]
+            for text, units in formats.chunk_answer(record["answer_text"], record["answer_word_times"],
+                                                    record["answer_units"], lang, fmt):
+                items += [text.strip(), formats.speech(units)]
+            response = " ".join(x for x in items + ["<eoa>"] if x)
+        turns = [prompt, response]
+    return [[{"role": r, "content": c} for r, c in zip(("user", "assistant"), turns)]]
+
+
+@pytest.mark.parametrize("variant", ["as_is", "sequential", "no_merge", "odd_templates"])
+def test_examples_are_the_documented_strings(demo, variant):
+    """formats.examples joins the parts formats.example_parts defines: the strings the format
+    documents (a guard of that definition, which both paths now share)."""
+    n = 0
+    for cfg, spec, where, record in _demo_records(demo):
+        if spec.kind not in ("asr", "tts", "s2s"):
+            continue
+        fmt = _variant(cfg.format, variant)
+        assert examples(spec.kind, record, fmt, where) == \
+            _documented_examples(spec.kind, record, fmt, where), where
+        n += 1
+    assert n > 500
+
+
+def _variant(fmt, variant):
+    if variant == "sequential":
+        return dataclasses.replace(fmt, chain="sequential")
+    if variant == "no_merge":
+        return dataclasses.replace(fmt, merge_repeats=False)
+    if variant == "odd_templates":             # escapes, a format spec: split or left whole
+        return dataclasses.replace(fmt, languages={
+            k: dataclasses.replace(v, asr_prompt="{{x}} " + v.asr_prompt,
+                                   s2s_prompt=v.s2s_prompt.replace("{speech}", "{speech!s}"))
+            for k, v in fmt.languages.items()})
+    return fmt
+
+
+def _prepared_bytes(cfg, specs, tok_dir, root, fast):
+    """{task/file: bytes} of every prepared shard file of the tasks `specs`."""
+    out = {}
+    for spec in specs:
+        task_dir = root / f"{spec.name}-{fast}"
+        prepare_task_local(spec, cfg, tok_dir, task_dir, num_shards=2, fast=fast)
+        for f in sorted(task_dir.glob("*.tfrecord-*")):
+            out[f"{spec.name}/{f.name}"] = f.read_bytes()
+    return out
+
+
+def _config_with(demo, tmp_path, languages=None, **fmt):
+    import yaml
+
+    data = yaml.safe_load((demo[0] / "data.yaml").read_text())
+    data["data_dir"] = str(demo[0])
+    data["format"].update(fmt)
+    for code, prompts in (languages or {}).items():
+        data["languages"][code].update(prompts)
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(data, allow_unicode=True))
+    return load_data_config(tmp_path / "data.yaml")
+
+
+@pytest.mark.parametrize("variant", ["prompts", "prompts_sequential_assistant_only"])
+def test_templates_changed_in_the_config_are_followed_by_the_fast_path(demo, tmp_path, variant):
+    """Prompts changed in a data config (the speech first, last, alone, beside added tokens),
+    the chain and the loss mask: the fast path prepares the exact path's bytes with no code
+    changed, and still computes the speech spans (its contents keep the new prompts' pieces)."""
+    languages = {"en": {"asr_prompt": "{speech}<|eot_id|> -> English text:",
+                        "s2s_prompt": "{speech}",
+                        "s2s_cross_prompt": "Answer in English.\n\n{speech}\n"},
+                 "zh": {"asr_prompt": "转写: {speech}", "s2s_prompt": "问: {speech}"}}
+    fmt = {"chain": "sequential", "loss_mask": "assistant_only"} if variant != "prompts" else {}
+    cfg = _config_with(demo, tmp_path, languages, **fmt)
+    for spec in cfg.tasks("pretrain")[:1] + cfg.tasks("sft")[:1]:
+        where, _, record = next(read_jsonl(spec.train[0], None, cfg.format))
+        prompt = fast_examples(spec.kind, record, cfg.format, where)[0][0]["content"]
+        assert isinstance(prompt, SpeechText) and isinstance(prompt.parts[1], list)
+        template = languages["en"]["asr_prompt" if spec.kind == "asr" else "s2s_prompt"]
+        assert prompt.parts[0] + "{speech}" + prompt.parts[2] == template
+    specs = [t for t in cfg.tasks() if t.kind in ("asr", "s2s")]       # the prompts changed
+    fast = _prepared_bytes(cfg, specs, demo[1], tmp_path / "fast", True)
+    exact = _prepared_bytes(cfg, specs, demo[1], tmp_path / "exact", False)
+    assert fast.keys() == exact.keys() and len(fast) == 2 * 2 * 6
+    assert [k for k in fast if fast[k] != exact[k]] == []
+
+
+def test_a_joining_rule_changed_in_formats_is_followed_by_the_fast_path(demo, tmp_path,
+                                                                        monkeypatch):
+    """The joining rules live in formats alone: another chain (each chunk's speech before its
+    text) and another way of filling a prompt, put in formats' place, change the exact path's
+    bytes, and the fast path follows them without a change of its own."""
+    cfg = load_data_config(demo[0] / "data.yaml")
+    specs = [t for t in cfg.tasks("sft") if t.kind == "s2s"]
+    before = _prepared_bytes(cfg, specs, demo[1], tmp_path / "before", True)
+
+    def speech_first(transcript, chunks):
+        items = ["<q>", transcript.strip(), "<a>"]
+        for text, units in chunks:
+            items += [units, "= " + text.strip()]
+        return formats.spaced_parts(items + ["<eoa>"], keep_empty=False)
+
+    def around_brackets(template, field, units):
+        return ["[", units, "] " + template.replace("{" + field + "}", "...")]
+
+    monkeypatch.setattr(formats, "interleaved_parts", speech_first)
+    monkeypatch.setattr(formats, "filled_parts", around_brackets)
+    where, _, record = next(read_jsonl(cfg.tasks("sft")[0].train[0], None, cfg.format))
+    got = fast_examples("s2s", record, cfg.format, where)[0]
+    assert got[0]["content"].parts[0] == "[" and got[1]["content"].parts[0].startswith("<q> ")
+    assert got[1]["content"].parts[-1].startswith(" = ")
+    assert got == examples("s2s", record, cfg.format, where)[0]
+    fast = _prepared_bytes(cfg, specs, demo[1], tmp_path / "fast", True)
+    exact = _prepared_bytes(cfg, specs, demo[1], tmp_path / "exact", False)
+    assert fast.keys() == exact.keys() == before.keys() and len(fast) == 4 * 2 * 2
+    assert [k for k in fast if fast[k] != exact[k]] == []
+    assert all(fast[k] != before[k] for k in fast)
+
+
+def test_fast_chat_for_keeps_one_per_tokenizer_mask_and_template(demo):
+    """`fast_chat_for`: the plans of a tokenizer object are kept per loss-mask rule, made again
+    when its chat template changes (they were kept, and the sample check then failed), and
+    not shared with another tokenizer object (keyed by the object, not by id())."""
+    tok = load_tokenizer(demo[1])
+    first = fast_chat_for(ChatRenderer(tok, 256))
+    assert fast_chat_for(ChatRenderer(tok, 4096)) is first          # not the maximum length
+    assert fast_chat_for(ChatRenderer(tok, 256, mask="assistant_only")) is not first
+    assert fast_chat_for(ChatRenderer(load_tokenizer(demo[1]), 256)) is not first
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+                         "<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}")
+    renderer = ChatRenderer(tok, 256)
+    again = fast_chat_for(renderer)
+    assert again is not first and again.r.tok.chat_template == tok.chat_template
+    batch = _speech_conversations(random.Random(6), 20, 256)
+    assert again.ids(batch) == [renderer.encode(renderer.render_text(plain(m))) for m in batch]
+
+
+def test_messages_a_plan_cannot_take_go_to_jinja(demo):
+    """A message with a field besides role and content, or a content that is not text: that
+    example is rendered by Jinja (and its headers searched), the others built from plans."""
+    tok = load_tokenizer(demo[1])
+    renderer = ChatRenderer(tok, 4096)
+    fast = FastChat(renderer, verify_every=10 ** 9)
+    batch = [[{"role": "user", "content": "hi", "name": "x"}, {"role": "assistant", "content": "a"}],
+             [{"role": "user", "content": 12}, {"role": "assistant", "content": "b"}],
+             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "c"}]]
+    found: list = []
+    assert fast.ids(batch, found) == [renderer.encode(renderer.render_text(m)) for m in batch]
+    assert found[0] is None and found[1] is None and found[2] is not None
 
 
 # -- speech spans as ids ----------------------------------------------------------------------------
