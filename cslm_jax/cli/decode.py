@@ -3,7 +3,7 @@ from cslm_jax.resources import config_path
 
 
 # Path arguments that must be local (cslm_jax.cli.main.refuse_urls)
-LOCAL_PATHS = ('unit', 'output_dir')
+LOCAL_PATHS = ('unit', 'output_dir', 'speech_out', 'token2wav')
 
 
 def add_parser(sub):
@@ -49,7 +49,37 @@ def add_parser(sub):
                    "a speech span, neither outside")
     s.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
                    help="default: the checkpoint's")
+    s.add_argument("--speech-out", metavar="DIR", help="synthesise every answer while decoding "
+                   "(each speech chunk as its <eosp> closes, CosyVoice v1's streaming scheme) "
+                   "into DIR/<index>.wav (0000.wav, ...); needs --token2wav and --voice; adds "
+                   "time_to_first_audio_s, speech_rtf and audio_s to responses.jsonl's timing")
+    s.add_argument("--token2wav", metavar="DIR", help="with --speech-out: a token2wav folder "
+                   "(import-token2wav output)")
+    s.add_argument("--voice", metavar="V", help="with --speech-out: a voice name of the "
+                   "token2wav's voices.npz, or a .npy x-vector (192 floats)")
+    s.add_argument("--speech-rate", type=float, default=1.0, metavar="R", help="with "
+                   "--speech-out: mean run length of the (merged) units, scales the mel length "
+                   "(default %(default)s)")
     return s
+
+
+def speech_out(args):
+    """The --speech-out synthesiser (None without it), checked before any model loads."""
+    from cslm_jax.config import ConfigError
+
+    if args.speech_out is None:
+        extra = [f for f, v in (("--token2wav", args.token2wav), ("--voice", args.voice)) if v]
+        if extra:
+            raise ConfigError(f"{' and '.join(extra)} {'go' if len(extra) > 1 else 'goes'} "
+                              f"only with --speech-out DIR")
+        return None
+    missing = [f for f, v in (("--token2wav", args.token2wav), ("--voice", args.voice)) if not v]
+    if missing:
+        raise ConfigError(f"--speech-out needs {' and '.join(missing)}")
+    from cslm_jax.speech.stream import SpeechOut
+    return SpeechOut.open(args.speech_out, args.token2wav, args.voice, args.speech_rate,
+                          inputs=[("--unit", args.unit), ("--ckpt", args.ckpt),
+                                  ("--hf-dir", args.hf_dir), ("--data-config", args.data_config)])
 
 
 def run(args) -> int:
@@ -64,6 +94,6 @@ def run(args) -> int:
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                      chunk_size=args.chunk_size, stream=args.stream,
                      compute_dtype=args.compute_dtype, prompt_style=args.prompt_style,
-                     append=args.append,
+                     append=args.append, speech_out=speech_out(args),
                      log=lambda msg: print(msg, flush=True))
     return 0

@@ -251,11 +251,16 @@ def decode_questions(cfg, params, tokenizer, vocab, prompts: Sequence[Sequence[i
                      chunk_size: int = 1, stop_ids: Sequence[int] | None = None,
                      answer_prefix: Sequence[int] = (), first: int = 0,
                      on_event: Callable[[int, object, float], None] | None = None,
+                     speech_out=None,
                      log: Callable[[str], None] = lambda _: None) -> Iterator[DecodedBatch]:
     """Decode prompts in batches of `batch_size`, yielding each batch when it is done.
     `first`: start at that prompt (a resumed run: the prompts before it are answered already).
 
     on_event(index, event, seconds) is called as soon as each event completes (streaming).
+    speech_out: a `cslm_jax.speech.stream.SpeechOut` (or any object with its `begin(index, t0)`
+    and `event(index, event)`): told when each answer's batch starts and of every event, it
+    synthesises the speech chunks as they close (inside the decoding loop, so later timings
+    include that synthesis).
     answer_prefix: ids the model is expected to generate first (the assistant header it opens
     after the reference prompt); when an answer starts with them they are kept in its output ids
     but not parsed into events (else they are parsed like any text).
@@ -289,6 +294,9 @@ def decode_questions(cfg, params, tokenizer, vocab, prompts: Sequence[Sequence[i
         parsers = [EventParser(tokenizer, vocab, stops, start_state(p, vocab)) for p in batch]
         parsers = [SkipPrefix(p, answer_prefix) for p in parsers]
         t0 = time.perf_counter()
+        if speech_out is not None:
+            for a in answers:
+                speech_out.begin(a.index, t0)
 
         def emit(b: int, events, now: float):
             a = answers[b]
@@ -299,6 +307,8 @@ def decode_questions(cfg, params, tokenizer, vocab, prompts: Sequence[Sequence[i
                     a.tokens_to_first_speech_chunk = len(a.output_ids)
                 if on_event is not None:
                     on_event(a.index, ev, now)
+                if speech_out is not None:
+                    speech_out.event(a.index, ev)
 
         for step in generate_stream(cfg, params, batch, sampling=sampling.seeded(sampling.seed + start), **kw):
             now = time.perf_counter() - t0
@@ -641,7 +651,7 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
                      max_new_tokens: int = 2048, batch_size: int = 1, chunk_size: int = 1,
                      stream: bool = False, compute_dtype: str | None = None,
                      prompt_style: str = "training", append: bool = False,
-                     log: Callable[[str], None] = print) -> dict:
+                     speech_out=None, log: Callable[[str], None] = print) -> dict:
     """The `decode` command: answer every question of `unit_file` in `lang` (a language of
     `data_config`, which gives the prompt, chunk unit and merge_repeats), appending
     OUTPUT_DIR/responses.json and responses.jsonl batch by batch and writing
@@ -660,7 +670,11 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
     answers (the same arguments) resumes it: only the questions not answered yet are decoded,
     and responses.json is made to line up with responses.jsonl first; a folder with other
     answers, or this run's complete ones, is refused unless `append`, which adds a full set of
-    answers after them (`prior_answers`)."""
+    answers after them (`prior_answers`).
+
+    speech_out: a `cslm_jax.speech.stream.SpeechOut` (`--speech-out`): each answer synthesised
+    chunk by chunk while it is decoded, its wav written when it ends, and its record's timing
+    given `time_to_first_audio_s`, `speech_rtf` and `audio_s`."""
     from cslm_jax.data.formats import load_data_config
     from cslm_jax.infer.decode import Sampling, decoding_params, load_for_decoding
 
@@ -753,7 +767,8 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
     for done in decode_questions(
             cfg, params, tok, vocab, prompts, batch_size=batch_size,
             max_new_tokens=max_new_tokens, chunk_size=chunk_size, sampling=sampling,
-            answer_prefix=header, first=first, on_event=on_event, log=say):
+            answer_prefix=header, first=first, on_event=on_event, speech_out=speech_out,
+            log=say):
         decode_s += done.decode_s
         compile_s += done.compile_s
         batch = [answer_record(a, tok, vocab, chunk_unit,
@@ -761,6 +776,8 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
                                if reference else None) for a in done.answers]
         for r in batch:
             r.update(run, line=r["index"] + 1)
+            if speech_out is not None:
+                r["timing"].update(speech_out.timing(r["index"]))
         # Appended batch by batch, responses.jsonl first (a rerun resumes from it and lines
         # responses.json up with it): an interrupted run keeps what it finished.
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,7 @@ from __future__ import annotations
 import functools
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -115,6 +115,40 @@ def _jitted_flow(cfg, mel_len: int, precision: str):
     return jax.jit(functools.partial(_flow_window, cfg=cfg, mel_len=mel_len, precision=precision))
 
 
+# Window shapes compiled in this process: the flow's compiled executables by (config, units,
+# frames, precision), and the HiFT shapes (config, frames, precision) warmed up.
+_FLOW_COMPILED: dict = {}
+_HIFT_WARM: set = set()
+
+
+def _flow_program(cfg, n: int, m: int, precision: str, args) -> tuple[object, float]:
+    """The compiled flow window for `n` units -> `m` frames, and the seconds spent compiling it
+    now (0 when compiled before)."""
+    key = (cfg, n, m, precision)
+    if key in _FLOW_COMPILED:
+        return _FLOW_COMPILED[key], 0.0
+    t0 = time.perf_counter()
+    prog = _jitted_flow(cfg, m, precision).lower(*args).compile()
+    _FLOW_COMPILED[key] = prog
+    return prog, time.perf_counter() - t0
+
+
+def _warm_hift(t2w, frames: int, precision: str) -> float:
+    """Compile HiFT for `frames` mel frames (one call on zeros, with a source cache as streaming
+    passes one) unless done before; the seconds it took."""
+    from cslm_jax.speech.hift import vocode
+
+    key = (t2w.hift_cfg, frames, precision)
+    if key in _HIFT_WARM:
+        return 0.0
+    t0 = time.perf_counter()
+    vocode(t2w.hift_params, t2w.hift_cfg, np.zeros((1, t2w.hift_cfg.in_channels, frames),
+                                                   np.float32),
+           cache_source=np.zeros((1, 0), np.float32), precision=precision, return_source=True)
+    _HIFT_WARM.add(key)
+    return time.perf_counter() - t0
+
+
 class SpeechStream:
     """One answer's streamed speech (v1). `push(units)` for each closed speech chunk returns the
     audio ready now (float32 at `t2w.sample_rate`, possibly empty); `finish()` at the answer's
@@ -123,7 +157,10 @@ class SpeechStream:
     `voice`: a voice name, `.npy` file or x-vector (`token2wav.voice`); `noise`: "zero", a PRNG
     key or a callable (module docstring); `speech_rate`: the mean run length of merged units
     (>= 1). `windows` lists the (units, finalize) windows synthesised so far; `synthesis_s` the
-    seconds spent synthesising; `samples` the samples returned."""
+    seconds spent synthesising, `compile_s` those spent compiling a window shape first seen
+    (the flow compiled ahead of its call; HiFT warmed by one call on zeros, counted in), apart;
+    `samples` the samples returned. Every new (units, frames) window shape compiles once per
+    process."""
 
     def __init__(self, t2w, voice="random", noise="zero", speech_rate: float = 1.0,
                  precision: str = "highest"):
@@ -150,6 +187,8 @@ class SpeechStream:
         self.pending: list[int] = []
         self.windows: list[tuple[list[int], bool]] = []
         self.synthesis_s = 0.0
+        self.compile_s = 0.0
+        self._compiling = 0.0
         self.samples = 0
         self.finished = False
         self._flow_cache = None          # (z [c, 80], mu [c, 80])
@@ -197,7 +236,7 @@ class SpeechStream:
     def _timed(self, window, finalize):
         t0 = time.perf_counter()
         out = self.step(window, finalize)
-        self.synthesis_s += time.perf_counter() - t0
+        self.synthesis_s += time.perf_counter() - t0 - self._compiling
         self.samples += len(out)
         return out
 
@@ -234,6 +273,7 @@ class SpeechStream:
         m = self.mel_frames(len(u))
         check_lengths(cfg, len(u), m)
         k = len(self.windows)
+        self._compiling = 0.0
         self.windows.append((u.tolist(), bool(finalize)))
         c = 0 if self._flow_cache is None else len(self._flow_cache[0])
         if c > m:
@@ -247,8 +287,10 @@ class SpeechStream:
             z = z.copy()
             z[0, :c] = self._flow_cache[0]
             mu_cache[0, :c] = self._flow_cache[1]
-        fn = _jitted_flow(cfg, m, self.precision)
-        mel, mu = fn(self.t2w.flow_params, u[None], self.emb[None], z, mu_cache, np.int32(c))
+        args = (self.t2w.flow_params, u[None], self.emb[None], z, mu_cache, np.int32(c))
+        fn, secs = _flow_program(cfg, len(u), m, self.precision, args)
+        self._compiling += secs
+        mel, mu = fn(*args)
         mu = np.asarray(mu)
         self._flow_cache = (z[0, -FLOW_CACHE_FRAMES:].copy(), mu[0, -FLOW_CACHE_FRAMES:].copy())
         mel = np.asarray(mel)[0].T                                         # [80, M]
@@ -261,6 +303,8 @@ class SpeechStream:
         if not finalize:
             self._mel_overlap = mel[:, -self.overlap:]
             mel = mel[:, :-self.overlap]
+        self._compiling += _warm_hift(self.t2w, mel.shape[1], self.precision)
+        self.compile_s += self._compiling
         wave, _, source = vocode(self.t2w.hift_params, self.t2w.hift_cfg, mel[None],
                                  noise=hift_noise, cache_source=cache_source,
                                  precision=self.precision, return_source=True)
@@ -301,7 +345,11 @@ class SpeechOut:
     t0)` when an answer's batch starts decoding (`t0`: its `time.perf_counter()`), `event(index,
     ev)` for each event as it completes; `timing(index)` gives the fields added to the answer's
     `timing`: `time_to_first_audio_s` (the first samples ready, from `t0`, as the other timings;
-    None without speech), `speech_rtf` (synthesis seconds / audio seconds) and `audio_s`.
+    None without speech), `speech_rtf` (synthesis seconds / audio seconds), `audio_s` and
+    `speech_compile_s`. As decode's other timings, these leave compilation out: the seconds
+    spent compiling a window shape first seen (by any answer of the batch since `t0`) are taken
+    off the time to first audio and are not synthesis seconds; `speech_compile_s` says how many
+    this answer's windows took.
 
     `open` checks the folder (`storage.outputs.check_output_place`, apart from the inputs), loads
     the token2wav folder and resolves the voice: bad ones fail before any model loads."""
@@ -314,6 +362,8 @@ class SpeechOut:
         self.streams: dict[int, SpeechStream] = {}
         self.audio: dict[int, list] = {}
         self.t0: dict[int, float] = {}
+        self.compile_total = 0.0             # seconds compiling, all streams of this run
+        self.compile_base: dict[int, float] = {}
         self.first_audio: dict[int, float] = {}
         self.done: dict[int, dict] = {}
 
@@ -342,6 +392,7 @@ class SpeechOut:
 
     def begin(self, index: int, t0: float) -> None:
         self.t0[index] = t0
+        self.compile_base[index] = self.compile_total
         self.streams[index] = SpeechStream(self.t2w, self.voice, self.noise, self.speech_rate)
         self.audio[index] = []
 
@@ -351,16 +402,20 @@ class SpeechOut:
         stream = self.streams.get(index)
         if stream is None or stream.finished:
             return
+        before = stream.compile_s
         if isinstance(ev, SpeechChunk):
-            self._add(index, stream.push(ev.units))
+            audio = stream.push(ev.units)
         elif isinstance(ev, End):
-            self._add(index, stream.finish())
-            self._write(index)
-
-    def _add(self, index: int, audio: np.ndarray) -> None:
+            audio = stream.finish()
+        else:
+            return
+        self.compile_total += stream.compile_s - before
         if len(audio) and index not in self.first_audio:
-            self.first_audio[index] = time.perf_counter() - self.t0[index]
+            self.first_audio[index] = time.perf_counter() - self.t0[index] - \
+                (self.compile_total - self.compile_base[index])
         self.audio[index].append(audio)
+        if stream.finished:
+            self._write(index)
 
     def _write(self, index: int) -> None:
         import io
@@ -380,13 +435,13 @@ class SpeechOut:
         self.done[index] = {
             "time_to_first_audio_s": self.first_audio.pop(index, None),
             "speech_rtf": stream.synthesis_s / seconds if seconds else None,
-            "audio_s": seconds}
+            "audio_s": seconds, "speech_compile_s": stream.compile_s}
 
     def timing(self, index: int) -> dict:
         """The answer's speech timings (once its End went through `event`)."""
         return self.done.pop(index, {"time_to_first_audio_s": None, "speech_rtf": None,
-                                     "audio_s": None})
+                                     "audio_s": None, "speech_compile_s": None})
 
 
-__all__ = ["SpeechStream", "SpeechOut", "speak", "fade_in_out", "TOKEN_OVERLAP", "FLOW_CACHE_FRAMES",
-           "MEL_CACHE_FRAMES"]
+__all__ = ["SpeechStream", "SpeechOut", "speak", "fade_in_out", "TOKEN_OVERLAP",
+           "FLOW_CACHE_FRAMES", "MEL_CACHE_FRAMES"]

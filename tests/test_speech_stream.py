@@ -1,0 +1,254 @@
+"""cslm_jax.speech.stream (issue 25 item 4): a CSLM answer's speech chunks synthesised as they
+close, with CosyVoice v1's streaming scheme, against upstream's own streaming path
+(`CosyVoiceModel.token2wav(..., finalize=False/True)` driven with the same unit windows and the
+same noise draws), and `cslm-jax decode --speech-out` end to end on a tiny CSLM model.
+
+Reduced sizes, random weights (`save_random_token2wav`). Few shapes compile: every window
+synthesised before the end has 60 units (the chunks below are chosen so), the final one 20, in
+the parity test and in the decode test alike (one process: the compiled programs are shared).
+
+Measured (float32, CPU): the streamed waveform within ~1e-4 of upstream's (bound 1e-3, the whole
+synthesis bound of issue 25)."""
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import cosyvoice_reference as ref
+from cslm_jax.cli.main import main as cli
+from cslm_jax.speech import token2wav as t2w
+from cslm_jax.speech.hift import Token2WavError
+from cslm_jax.speech.stream import SpeechStream, speak
+from cslm_jax.speech.token2wav_weights import flow_to_state_dict, hift_to_state_dict
+
+TOL = 1e-3
+# Chunk sizes: the first (30 units) is too short to synthesise alone (40 units or fewer) and
+# waits; the second makes a window of 60; the third one of 20 carried + 40 = 60; the answer's end
+# the final window of the 20 carried units.
+CHUNKS = (30, 30, 40)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return t2w.load_token2wav(t2w.save_random_token2wav(tmp_path_factory.mktemp("t2w") / "t2w",
+                                                        seed=0))
+
+
+def _chunks(seed=0):
+    rng = np.random.default_rng(seed)
+    units = rng.integers(0, 4096, sum(CHUNKS)).tolist()
+    cuts = np.cumsum((0,) + CHUNKS)
+    return units, [units[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _expected_windows(units):
+    return [(units[0:60], False), (units[40:100], False), (units[80:100], True)]
+
+
+@pytest.fixture(scope="module")
+def upstream(model):
+    """Upstream's streaming path on the expected windows, torch seeded: (audio per call, the
+    draws of each call)."""
+    fcfg, hcfg = model.flow_cfg, model.hift_cfg
+    flow_m = ref.flow_reference(fcfg, flow_to_state_dict(fcfg, model.flow_params))
+    hift_m = ref.hift_reference(hcfg, hift_to_state_dict(hcfg, model.hift_params))
+    units, _ = _chunks()
+    return ref.run_token2wav_stream(flow_m, hift_m, _expected_windows(units),
+                                    model.voices["random"], seed=0)
+
+
+def _their_noise(model, draws):
+    """Our stream's noise callable giving upstream's draws of each call."""
+    def noise(k, flow_frames, hift_frames):
+        d = draws[k]
+        assert d[0][0] == "randn_like" and d[0][1].shape == (1, 80, flow_frames)
+        return {"flow": d[0][1].transpose(0, 2, 1),
+                "hift": ref.hift_noise(model.hift_cfg, d[1:])}
+    return noise
+
+
+def _stream(model, chunks, noise="zero"):
+    s = SpeechStream(model, "random", noise=noise)
+    outs = [s.push(c) for c in chunks]
+    return s, outs + [s.finish()]
+
+
+def test_streamed_audio_equals_upstreams_streaming_path(model, upstream):
+    audio_ref, draws = upstream
+    units, chunks = _chunks()
+    s, outs = _stream(model, chunks, _their_noise(model, draws))
+    assert s.windows == _expected_windows(units)
+    assert len(outs[0]) == 0                         # the short first chunk waits
+    ours = [o for o in outs if len(o)]
+    assert [len(o) for o in ours] == [len(a) for a in audio_ref]
+    for i, (a, b) in enumerate(zip(ours, audio_ref)):
+        err = np.abs(a - b).max()
+        print(f"call {i}: {len(a)} samples, max |ours - upstream| {err:.2e} "
+              f"(peak {np.abs(b).max():.2f})")
+        assert 0.01 < np.abs(b).max() and err <= TOL
+
+
+def test_length_is_the_windows_frames_and_seams_do_not_click(model):
+    _, chunks = _chunks()
+    s, outs = _stream(model, chunks)
+    wave = np.concatenate(outs)
+    # windows of 60, 60 and 20 units: 103 + 103 + 34 mel frames, each later window's first 34
+    # frames taking the place of the previous one's last 34
+    frames = [t2w.mel_frames(n) for n in (60, 60, 20)]
+    assert frames == [103, 103, 34]
+    assert len(wave) == s.expected_samples() == (sum(frames) - 2 * 34) * 256 == s.samples
+    # at a seam (where one returned chunk ends and the next begins), the step between two samples
+    # is no larger than the signal's typical step (its 99th percentile): upstream's cross-fades
+    # make the waveform continuous there; a click is a step far above the typical one
+    diff = np.abs(np.diff(wave))
+    typical = np.percentile(diff, 99)
+    seams = np.cumsum([len(o) for o in outs if len(o)])[:-1]
+    assert len(seams) == 2
+    for b in seams:
+        assert diff[b - 1] <= typical, (b, diff[b - 1], typical)
+    # zero noise is deterministic; a key gives other audio of the same length, reproducibly
+    np.testing.assert_array_equal(np.concatenate(_stream(model, chunks)[1]), wave)
+    import jax
+    keyed = np.concatenate(_stream(model, chunks, jax.random.PRNGKey(1))[1])
+    assert keyed.shape == wave.shape and not np.array_equal(keyed, wave)
+    np.testing.assert_array_equal(
+        np.concatenate(_stream(model, chunks, jax.random.PRNGKey(1))[1]), keyed)
+
+
+def test_events_in_audio_out(model):
+    from cslm_jax.infer.decode import End, SpeechChunk, TextChunk
+    _, chunks = _chunks()
+    events = [TextChunk(0, "hi", ())]
+    events += [SpeechChunk(i, tuple(c), ()) for i, c in enumerate(chunks)]
+    events += [TextChunk(1, "bye", ()), End("eoa", (), ())]
+    pairs = list(speak(events, SpeechStream(model, "random")))
+    assert [p[0] for p in pairs] == events
+    assert [len(a) for _, a in pairs] == [0, 0] + [len(o) for o in _stream(model, chunks)[1][1:3]] \
+        + [0, len(_stream(model, chunks)[1][3])]
+    np.testing.assert_array_equal(np.concatenate([a for _, a in pairs]),
+                                  np.concatenate(_stream(model, chunks)[1]))
+
+
+def test_short_answers_and_bad_input(model):
+    # an answer shorter than a window: one final window, the length of a plain synthesis
+    s = SpeechStream(model, "random")
+    assert len(s.push(list(range(12)))) == 0 and len(s.push(list(range(8)))) == 0
+    wave = s.finish()
+    np.testing.assert_allclose(wave, t2w.synthesize(model, list(range(12)) + list(range(8)),
+                                                    "random"), atol=1e-5)
+    assert s.windows == [(list(range(12)) + list(range(8)), True)]
+    assert len(s.finish()) == 0 and len(SpeechStream(model, "random").finish()) == 0
+    with pytest.raises(Token2WavError, match="push after finish"):
+        s.push([1])
+    with pytest.raises(Token2WavError, match="speech chunk: unit 4096 at position 1"):
+        SpeechStream(model, "random").push([3, 4096])
+    with pytest.raises(Token2WavError, match="speech rate 0.5: streaming needs a rate >= 1"):
+        SpeechStream(model, "random", speech_rate=0.5)
+    with pytest.raises(Token2WavError, match="voice 'nobody': not a voice of"):
+        SpeechStream(model, "nobody")
+
+
+# -- cslm-jax decode --speech-out ----------------------------------------------------------------
+
+# The tiny model answers with a bigram chain (no token twice), so one speech chunk per answer:
+# 60 units, a window synthesised when its <eosp> closes, then the final window of the 20 carried
+# units at <eoa> (the shapes compiled above; several chunks per answer are tested above).
+UNITS = 64
+SPEECH = [list(range(60))]
+ANSWER = "[question]What[answer]The<sosp>" + "".join(f"<{u}>" for u in SPEECH[0]) + \
+    "<eosp>fox<eoa>"
+
+
+def _bigram_cslm(out, tok, answer_ids, first, hidden=128):
+    """A transformers Llama that continues `first` with `answer_ids` whatever came before
+    (attention and MLP outputs zeroed; embedding row of the i-th chain token = unit vector i, LM
+    head maps it to the (i+1)-th), as tests/test_decode_cli.py's, wide enough for 60 units."""
+    from cslm_jax.demo.random_hf import write_random_hf_llama
+    chain = [first] + list(answer_ids)
+    assert len(set(chain)) == len(chain) <= hidden
+    model = write_random_hf_llama(out, tok, hidden_size=hidden, intermediate_size=64,
+                                  num_layers=1, num_heads=4, num_kv_heads=2, seed=3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        for i, tok_id in enumerate(chain):
+            model.model.embed_tokens.weight[tok_id] = torch.nn.functional.one_hot(
+                torch.tensor(i), hidden).float()
+            if i + 1 < len(chain):
+                model.lm_head.weight[chain[i + 1], i] = 10.0
+    model.save_pretrained(str(out))
+
+
+@pytest.fixture(scope="module")
+def cslm(tmp_path_factory, tiny_tokenizer_dir):
+    from cslm_jax.convert.hf import import_hf
+    from cslm_jax.infer.responses import write_unit_file
+    from cslm_jax.model.vocab import extend_tokenizer, load_tokenizer
+
+    root = tmp_path_factory.mktemp("speech_out")
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    extend_tokenizer(tok, UNITS, len(tok))
+    answer_ids = tok.encode(ANSWER, add_special_tokens=False)
+    header = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                     add_generation_prompt=True)
+    _bigram_cslm(root / "hf", tok, answer_ids, tok.encode(header, add_special_tokens=False)[-1])
+    ckpt = import_hf(root / "hf", root / "ck", log=lambda *_: None)
+    units = root / "questions.txt"
+    write_unit_file(units, [[1, 1, 2, 7], [15, 3]])
+    return ckpt, units, len(answer_ids)
+
+
+def test_decode_speech_out_writes_a_wav_per_answer_with_timings(cslm, model, tmp_path, capsys):
+    ckpt, units, n_ids = cslm
+    code = cli(["decode", "--lang", "en", "--unit", str(units), "--ckpt", str(ckpt), "--greedy",
+                "--max-new-tokens", str(n_ids + 4), "--output-dir", str(tmp_path / "out"),
+                "--speech-out", str(tmp_path / "wavs"), "--token2wav", str(model.path),
+                "--voice", "random"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    records = [json.loads(x) for x in (tmp_path / "out" / "responses.jsonl").read_text()
+               .splitlines()]
+    assert len(records) == 2
+    # windows of 60 and 20 units
+    frames = t2w.mel_frames(60) + t2w.mel_frames(20) - 34
+    for r in records:
+        assert r["speech_chunks"] == SPEECH and r["finish"] == "eoa"
+        wave, rate = sf.read(str(tmp_path / "wavs" / f"{r['index']:04d}.wav"), dtype="float32")
+        assert rate == 22050 and wave.shape == (frames * 256,)
+        assert np.abs(wave).max() > 0.01
+        # the wav is the streamed synthesis of the decoded chunks (PCM 16-bit)
+        _, outs = _stream(model, r["speech_chunks"])
+        np.testing.assert_allclose(wave, np.concatenate(outs), atol=1 / 32768 + 1e-6)
+        t = r["timing"]
+        assert t["audio_s"] == pytest.approx(frames * 256 / 22050)
+        assert 0 < t["time_to_first_speech_chunk_s"] <= t["time_to_first_audio_s"] <= t["total_s"]
+        assert t["speech_rtf"] > 0 and t["speech_compile_s"] >= 0
+    assert sorted(p.name for p in (tmp_path / "wavs").iterdir()) == ["0000.wav", "0001.wav"]
+
+
+def test_decode_speech_out_refuses_bad_arguments_before_loading(cslm, model, tmp_path, capsys):
+    ckpt, units, _ = cslm
+    base = ["decode", "--lang", "en", "--unit", str(units), "--ckpt", str(ckpt),
+            "--output-dir", str(tmp_path / "out")]
+    for extra, message in [
+            (["--speech-out", str(tmp_path / "w"), "--token2wav", str(model.path), "--voice",
+              "nobody"], "voice 'nobody': not a voice of"),
+            (["--speech-out", str(tmp_path / "w"), "--token2wav", str(model.path)],
+             "--speech-out needs --voice"),
+            (["--voice", "random"], "--voice goes only with --speech-out"),
+            (["--speech-out", str(tmp_path / "w"), "--token2wav", str(tmp_path / "none"),
+              "--voice", "random"], "--token2wav"),
+            (["--speech-out", str(units), "--token2wav", str(model.path), "--voice", "random"],
+             "--speech-out"),
+            (["--speech-out", str(tmp_path / "w"), "--token2wav", str(model.path), "--voice",
+              "random", "--speech-rate", "0.5"], "--speech-rate 0.5")]:
+        code = cli(base + extra)
+        captured = capsys.readouterr()
+        assert code == 2 and message in captured.err, (extra, captured.err)
+        assert captured.out == ""                            # nothing loaded, nothing decoded
+        assert not (tmp_path / "out").exists() and not (tmp_path / "w").exists()
