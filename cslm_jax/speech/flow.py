@@ -294,13 +294,21 @@ class _Ops:
         var = jnp.square(x - mean).mean(-1, keepdims=True)
         return (x - mean) / jnp.sqrt(var + eps) * self.p[f"{name}.w"] + self.p[f"{name}.b"]
 
-    def group_norm(self, name, x, groups, eps=1e-5):
-        """torch.nn.GroupNorm over [B, T, C] (statistics over every frame given)."""
+    def group_norm(self, name, x, groups, eps=1e-5, mask=None):
+        """torch.nn.GroupNorm over [B, T, C]: statistics over every frame given, or with `mask`
+        (`[B, T, 1]`, 1 / 0) over each row's valid frames only (what the row alone, without
+        its padding, gives)."""
         import jax.numpy as jnp
         b, t, c = x.shape
         g = x.reshape(b, t, groups, c // groups)
-        mean = g.mean((1, 3), keepdims=True)
-        var = jnp.square(g - mean).mean((1, 3), keepdims=True)
+        if mask is None:
+            mean = g.mean((1, 3), keepdims=True)
+            var = jnp.square(g - mean).mean((1, 3), keepdims=True)
+        else:
+            m = mask.reshape(b, t, 1, 1).astype(x.dtype)
+            count = jnp.maximum(m.sum(1, keepdims=True), 1.0) * np.float32(c // groups)
+            mean = (g * m).sum((1, 3), keepdims=True) / count
+            var = (jnp.square(g - mean) * m).sum((1, 3), keepdims=True) / count
         g = (g - mean) / jnp.sqrt(var + eps)
         return g.reshape(b, t, c) * self.p[f"{name}.w"] + self.p[f"{name}.b"]
 
@@ -389,6 +397,72 @@ def _interp(x, n_out: int):
     return x[:, i0] * l0[None, :, None] + x[:, i1] * l1[None, :, None]
 
 
+def interp_weights(n_in, n_out, i):
+    """`_interp_index` traced, per row: output frame `i` of a linear interpolation (PyTorch's,
+    align_corners=False) from `n_in` to `n_out` frames (int arrays of one shape, or
+    broadcastable) -> (left index, right index, left weight, right weight), the source position
+    computed in float32 as PyTorch's CPU kernel does. `n_in` and `n_out` are taken as at least 1
+    (a segment of no frames is never read)."""
+    import jax.numpy as jnp
+    n_in = jnp.maximum(jnp.asarray(n_in, jnp.int32), 1)
+    scale = n_in.astype(jnp.float32) / jnp.maximum(jnp.asarray(n_out, jnp.int32), 1).astype(
+        jnp.float32)
+    # scale * (i + 1/2) - 1/2 as (scale * (2i + 1)) / 2 - 1/2: XLA's CPU compiler contracts a
+    # multiply-add into one fused (once-rounded) operation; halving is exact, so this rounds the
+    # product first, as PyTorch does, fused or not
+    odd = (2 * jnp.asarray(i, jnp.int32) + 1).astype(jnp.float32)
+    src = jnp.maximum((scale * odd) * np.float32(0.5) - np.float32(0.5), np.float32(0.0))
+    i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), n_in - 1)
+    l1 = src - i0.astype(jnp.float32)
+    i1 = jnp.minimum(i0 + 1, n_in - 1)
+    return i0, i1, np.float32(1.0) - l1, l1
+
+
+def regulate_rows(params: dict, cfg: FlowConfig, h, n_prompt, n_units, prompt_mel_len, mel_len,
+                  frames: int, precision: str = "highest"):
+    """`regulate` for a padded batch, every length per row and traced: `h [B, U, 80]` (row b:
+    its `n_prompt[b]` prompt units, then its `n_units[b]` answer units, then padding) ->
+    `mu [B, frames, 80]` (row b: `prompt_mel_len[b] + mel_len[b]` frames, zero after), each row
+    what `regulate` gives it alone. Upstream's interpolations as up to four segments per row -
+    the prompt, the answer (or a long answer's head), a long answer's middle and tail - each
+    output frame reading its segment's two source frames; the convolutions see zeros past each
+    row's end (upstream's zero padding at the true end) and GroupNorm the row's frames only."""
+    import jax.numpy as jnp
+
+    ops = _Ops(params, precision)
+    s = cfg.seam_frames
+    n_prompt, n_units, prompt_mel_len, mel_len = (jnp.asarray(a, jnp.int32) for a in
+                                                  (n_prompt, n_units, prompt_mel_len, mel_len))
+    long = n_units > 2 * SEAM_UNITS
+    zero = jnp.zeros_like(n_units)
+    in_start = jnp.stack([zero, n_prompt, n_prompt + SEAM_UNITS,
+                          n_prompt + n_units - SEAM_UNITS], -1)                  # [B, 4]
+    in_len = jnp.stack([n_prompt, jnp.where(long, SEAM_UNITS, n_units),
+                        jnp.where(long, n_units - 2 * SEAM_UNITS, 0),
+                        jnp.where(long, SEAM_UNITS, 0)], -1)
+    out_len = jnp.stack([prompt_mel_len, jnp.where(long, s, mel_len),
+                         jnp.where(long, mel_len - 2 * s, 0), jnp.where(long, s, 0)], -1)
+    out_end = jnp.cumsum(out_len, -1)
+    out_start = out_end - out_len
+    t = jnp.arange(frames, dtype=jnp.int32)[None, :]                             # [1, T]
+    seg = (t[..., None] >= out_end[:, None, :3]).sum(-1)                          # [B, T]
+
+    def pick(a):
+        return jnp.take_along_axis(a, seg, 1)
+
+    i0, i1, l0, l1 = interp_weights(pick(in_len), pick(out_len), t - pick(out_start))
+    first = pick(in_start)
+    x = (jnp.take_along_axis(h, (first + i0)[..., None], 1) * l0[..., None] +
+         jnp.take_along_axis(h, (first + i1)[..., None], 1) * l1[..., None])
+    m = (t < (prompt_mel_len + mel_len)[:, None]).astype(x.dtype)[..., None]      # [B, T, 1]
+    x = x * m
+    for j in range(cfg.regulator_layers):
+        x = ops.conv(f"length_regulator.model.{3 * j}", x)
+        x = _mish(ops.group_norm(f"length_regulator.model.{3 * j + 1}", x, cfg.regulator_groups,
+                                 mask=m)) * m
+    return ops.conv(f"length_regulator.model.{3 * cfg.regulator_layers}", x) * m
+
+
 def regulate(params: dict, cfg: FlowConfig, h, n_prompt: int, prompt_mel_len: int, mel_len: int,
              precision: str = "highest"):
     """`InterpolateRegulator.inference`: `h [B, Np + N, 80]` -> `mu [B, Mp + M, 80]` (prompt
@@ -443,15 +517,15 @@ def _time_embedding(t, dim: int):
     return jnp.concatenate([jnp.sin(e), jnp.cos(e)], -1)
 
 
-def _block1d(ops, p, x, mask):
+def _block1d(ops, p, x, mask, valid_only=False):
     y = ops.conv(f"{p}.block.0", x * mask)
-    return _mish(ops.group_norm(f"{p}.block.1", y, 8)) * mask
+    return _mish(ops.group_norm(f"{p}.block.1", y, 8, mask=mask if valid_only else None)) * mask
 
 
-def _resnet_fwd(ops, p, x, mask, temb):
-    h = _block1d(ops, f"{p}.block1", x, mask)
+def _resnet_fwd(ops, p, x, mask, temb, valid_only=False):
+    h = _block1d(ops, f"{p}.block1", x, mask, valid_only)
     h = h + ops.dense(f"{p}.mlp.1", _mish(temb))[:, None, :]
-    h = _block1d(ops, f"{p}.block2", h, mask)
+    h = _block1d(ops, f"{p}.block2", h, mask, valid_only)
     return h + ops.conv(f"{p}.res_conv", x * mask)
 
 
@@ -474,9 +548,13 @@ def _transformer_fwd(ops, cfg, p, x, bias):
 
 
 def estimator(params: dict, cfg: FlowConfig, x, mask, mu, t, spks, cond,
-              precision: str = "highest"):
+              precision: str = "highest", valid_only: bool = False):
     """`ConditionalDecoder.forward`: x, mu, cond `[B, T, 80]`, mask `[B, T]` (1 / 0), t `[B]`,
-    spks `[B, 80]` -> the velocity `[B, T, 80]`; traceable."""
+    spks `[B, 80]` -> the velocity `[B, T, 80]`; traceable. Upstream's GroupNorms take their
+    statistics over every frame, padded or not; `valid_only` takes them over each row's masked
+    frames only, so that a padded row gives what it gives alone (with a mask of ones the two
+    agree). Every convolution reads zeros past a row's mask, attention ignores those keys, and
+    a mask of even length keeps the stride-2 levels aligned with the row alone."""
     import jax
     import jax.numpy as jnp
 
@@ -499,7 +577,7 @@ def estimator(params: dict, cfg: FlowConfig, x, mask, mu, t, spks, cond,
     hiddens, masks = [], [m]
     for i in range(len(ch)):
         md = masks[-1]
-        h = _resnet_fwd(ops, f"{e}.down_blocks.{i}.0", h, md, temb)
+        h = _resnet_fwd(ops, f"{e}.down_blocks.{i}.0", h, md, temb, valid_only)
         h = blocks(f"{e}.down_blocks.{i}.1", h, md)
         hiddens.append(h)
         if i == len(ch) - 1:
@@ -510,19 +588,19 @@ def estimator(params: dict, cfg: FlowConfig, x, mask, mu, t, spks, cond,
     masks = masks[:-1]
     mm = masks[-1]
     for i in range(cfg.num_mid_blocks):
-        h = _resnet_fwd(ops, f"{e}.mid_blocks.{i}.0", h, mm, temb)
+        h = _resnet_fwd(ops, f"{e}.mid_blocks.{i}.0", h, mm, temb, valid_only)
         h = blocks(f"{e}.mid_blocks.{i}.1", h, mm)
     for i in range(len(ch)):
         mu_ = masks.pop()
         skip = hiddens.pop()
         h = jnp.concatenate([h[:, :skip.shape[1]], skip], -1)
-        h = _resnet_fwd(ops, f"{e}.up_blocks.{i}.0", h, mu_, temb)
+        h = _resnet_fwd(ops, f"{e}.up_blocks.{i}.0", h, mu_, temb, valid_only)
         h = blocks(f"{e}.up_blocks.{i}.1", h, mu_)
         if i == len(ch) - 1:
             h = ops.conv(f"{e}.up_blocks.{i}.2", h * mu_)
         else:
             h = ops.conv_transpose(f"{e}.up_blocks.{i}.2.conv", h * mu_)
-    h = _block1d(ops, f"{e}.final_block", h, mu_)
+    h = _block1d(ops, f"{e}.final_block", h, mu_, valid_only)
     return ops.conv(f"{e}.final_proj", h * mu_) * m
 
 
@@ -552,11 +630,12 @@ def time_steps(n_steps: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cfm(params: dict, cfg: FlowConfig, mu, mask, spks, cond, noise, n_steps: int | None = None,
-        cfg_rate: float | None = None, precision: str = "highest"):
+        cfg_rate: float | None = None, precision: str = "highest", valid_only: bool = False):
     """`ConditionalCFM.forward` (temperature 1, no cache): from `noise [B, T, 80]`, `n_steps`
     Euler steps, each one estimator call on the conditional and unconditional (mu, speaker and
     condition zero) rows as one batch, merged with guidance `cfg_rate`; traceable. mu, cond
-    `[B, T, 80]`, mask `[B, T]`, spks `[B, 80]` -> mel `[B, T, 80]`."""
+    `[B, T, 80]`, mask `[B, T]`, spks `[B, 80]` -> mel `[B, T, 80]`. `valid_only`: the
+    estimator's GroupNorms over each row's masked frames (padded rows as alone; `estimator`)."""
     import jax
     import jax.numpy as jnp
 
@@ -572,7 +651,7 @@ def cfm(params: dict, cfg: FlowConfig, mu, mask, spks, cond, noise, n_steps: int
     def step(x, tdt):
         t, dt = tdt
         v = estimator(params, cfg, jnp.concatenate([x, x], 0), mask2, mu2,
-                      jnp.full((2 * b,), t), spks2, cond2, precision)
+                      jnp.full((2 * b,), t), spks2, cond2, precision, valid_only)
         v = (1.0 + r) * v[:b] - r * v[b:]
         return x + dt * v, None
 
@@ -672,6 +751,232 @@ def flow_inference(params: dict, cfg: FlowConfig, units, embedding, prompt_units
     return np.asarray(fn(params, units_all, pm[None], emb[None], z))
 
 
+# -- batched inference ----------------------------------------------------------------------------
+
+UNIT_BUCKET = 32        # a batch's units (prompt + answer) padded to a multiple of this
+FRAME_BUCKET = 64       # its mel frames (prompt + answer) to a multiple of this (even: the
+                        # estimator's stride-2 level then halves it exactly)
+
+
+def bucket(n: int, size: int) -> int:
+    """`n` rounded up to a multiple of `size` (at least `size`): lengths that share a bucket
+    share a compiled program."""
+    return max(size, -(-int(n) // size) * size)
+
+
+def _forward_batch(params, units, unit_len, n_prompt, prompt_mel_len, mel_len, cond, embedding,
+                   noise, *, cfg, out_frames, n_steps, cfg_rate, precision):
+    import jax.numpy as jnp
+    spks = embedding / jnp.maximum(jnp.linalg.norm(embedding, axis=1, keepdims=True), 1e-12)
+    spks = _Ops(params, precision).dense("spk_embed_affine_layer", spks)
+    frames = cond.shape[1]
+    h = encoder(params, cfg, units, unit_len, precision)
+    mu = regulate_rows(params, cfg, h, n_prompt, unit_len - n_prompt, prompt_mel_len, mel_len,
+                       frames, precision)
+    t = jnp.arange(frames)[None, :]
+    mask = (t < (prompt_mel_len + mel_len)[:, None]).astype(mu.dtype)
+    mel = cfm(params, cfg, mu, mask, spks, cond, noise * mask[..., None], n_steps, cfg_rate,
+              precision, valid_only=True)
+    # each row's answer frames from frame 0, zero past its length
+    j = jnp.arange(out_frames)[None, :]
+    mel = jnp.take_along_axis(mel, jnp.minimum(j + prompt_mel_len[:, None], frames - 1)[..., None],
+                              1)
+    mel = mel * (j < mel_len[:, None]).astype(mel.dtype)[..., None]
+    return jnp.swapaxes(mel, 1, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_batch(cfg, rows, units, frames, out_frames, n_steps, cfg_rate, precision):
+    """One compiled program per entry (every input shape is in the key): `cache_info()` counts
+    the programs the batched flow has compiled."""
+    import jax
+    return jax.jit(functools.partial(_forward_batch, cfg=cfg, out_frames=out_frames,
+                                     n_steps=n_steps, cfg_rate=cfg_rate, precision=precision))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_draws(frames: int, channels: int):
+    import jax
+    return jax.jit(jax.vmap(lambda k: jax.random.normal(k, (frames, channels), np.float32)))
+
+
+def compiled_batch_programs() -> int:
+    """How many batched-flow programs have been compiled in this process (one per bucket of
+    rows, units and frames, and per steps / guidance / precision)."""
+    return _jitted_batch.cache_info().currsize
+
+
+def _row_noise(keys, totals, frames: int, channels: int) -> np.ndarray:
+    """Row i's start `[frames, C]` from `keys[i]`: what `flow_inference` draws for that key
+    (`normal(key, [1, total_i, C])`) over its `total_i` frames, zero after. With JAX's
+    partitionable threefry (its default) an element's draw depends on its flat index only, so a
+    draw over the bucket's frames holds the row's own draw as its first frames; without it each
+    row is drawn at its own length."""
+    import jax
+    import jax.numpy as jnp
+    out = np.zeros((len(keys), frames, channels), np.float32)
+    if jax.config.jax_threefry_partitionable:
+        z = np.asarray(_jitted_draws(frames, channels)(jnp.stack([jnp.asarray(k) for k in keys])))
+        for i, n in enumerate(totals):
+            out[i, :n] = z[i, :n]
+    else:
+        for i, (k, n) in enumerate(zip(keys, totals)):
+            out[i, :n] = np.asarray(jax.random.normal(k, (1, n, channels), np.float32))[0]
+    return out
+
+
+def _is_key(x) -> bool:
+    import jax
+    try:
+        return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) or (
+            np.shape(x) == (2,) and np.dtype(x.dtype) == np.uint32)
+    except (AttributeError, TypeError):
+        return False
+
+
+def flow_batch(params: dict, cfg: FlowConfig, units, embeddings, prompt_units=None,
+               prompt_mels=None, noise="zero", mel_lens=None, n_steps: int | None = None,
+               cfg_rate: float | None = None, precision: str = "highest", rows: int | None = None,
+               unit_bucket: int = UNIT_BUCKET, frame_bucket: int = FRAME_BUCKET):
+    """Several utterances of different lengths in one compiled call, each row what
+    `flow_inference` gives it alone (float32 rounding aside). `units`: a list of unit sequences;
+    `embeddings`: one x-vector for every row or one per row (a list or `[B, 192]`);
+    `prompt_units` / `prompt_mels`: None or a list of per-row zero-shot prompts (None entries for
+    rows without one); `mel_lens`: None (upstream's length per row) or a list; `noise`: "zero",
+    a PRNG key (row i draws from `jax.random.fold_in(key, i)`, so row i equals `flow_inference`
+    with that key and does not depend on its batch-mates), or a list with one entry per row (a
+    key, or an array `[1, Mp_i + M_i, 80]` as `flow_inference` takes). `rows`: pad the batch to
+    this many rows (copies of row 0, dropped; fewer distinct programs).
+
+    Padding: units (prompt + answer) to a multiple of `unit_bucket`, mel frames (prompt +
+    answer) to a multiple of `frame_bucket` (even), so that batches of nearby lengths share one
+    compiled program. Every step ignores padded frames: the encoder's attention masks padded
+    keys, the regulator interpolates each row's segments with its own lengths
+    (`regulate_rows`), convolutions read zeros past each row's end, GroupNorms take each row's
+    frames only, the estimator masks attention and output.
+
+    Returns numpy (`mel [B, 80, F]`: each row's answer frames from frame 0, zero after;
+    `mel_len [B]`), F = `bucket(max mel_len, frame_bucket)`: HiFT's batched `vocode` takes
+    both. Errors name the row."""
+    import jax
+
+    check_params(cfg, params)
+    if frame_bucket < 2 or frame_bucket % 2 or unit_bucket < 1:
+        raise Token2WavError(f"frame_bucket {frame_bucket} must be even and unit_bucket "
+                             f"{unit_bucket} positive")
+    units = list(units)
+    b = len(units)
+    if not b:
+        raise Token2WavError("no utterances to synthesise (an empty batch)")
+
+    def per_row(x, what):
+        if x is None:
+            return [None] * b
+        x = list(x)
+        if len(x) != b:
+            raise Token2WavError(f"{what}: {len(x)} entries for {b} rows; give one per row")
+        return x
+
+    emb = np.asarray(embeddings, np.float32) if not isinstance(embeddings, (list, tuple)) else \
+        None
+    if emb is not None and emb.ndim == 1:
+        embs = [emb] * b
+    elif emb is not None and emb.ndim == 2 and emb.shape[0] == b:
+        embs = list(emb)
+    elif emb is not None:
+        raise Token2WavError(f"speaker embeddings have shape {emb.shape}: give one "
+                             f"{cfg.spk_embed_dim}-d x-vector, or [{b}, {cfg.spk_embed_dim}]")
+    else:
+        embs = per_row(embeddings, "speaker embeddings")
+    pus, pms = per_row(prompt_units, "prompt units"), per_row(prompt_mels, "prompt mels")
+    mls = per_row(mel_lens, "mel lengths")
+    if isinstance(noise, str):
+        if noise != "zero":
+            raise Token2WavError(f"noise {noise!r}: give 'zero', a PRNG key, or one key or "
+                                 f"array per row")
+        noises = [None] * b
+    elif isinstance(noise, (list, tuple)):
+        noises = per_row(noise, "noise")
+    else:
+        if not _is_key(noise):
+            raise Token2WavError(f"noise of shape {np.shape(noise)}: give 'zero', a PRNG key, "
+                                 f"or a list with one key or array per row")
+        noises = [jax.random.fold_in(noise, i) for i in range(b)]
+
+    checked = []
+    for i in range(b):
+        try:
+            u = check_units(cfg, units[i])
+            pu = check_units(cfg, np.zeros((0,), np.int32) if pus[i] is None else pus[i],
+                             "prompt units")
+            pm = np.zeros((0, cfg.output_size), np.float32) if pms[i] is None else \
+                np.asarray(pms[i], np.float32)
+            if pm.ndim == 3 and pm.shape[0] == 1:
+                pm = pm[0]
+            if pm.ndim != 2 or pm.shape[1] != cfg.output_size:
+                raise Token2WavError(f"prompt mel has shape {pm.shape}, expected [frames, "
+                                     f"{cfg.output_size}]")
+            if bool(len(pu)) != bool(len(pm)):
+                raise Token2WavError(f"zero-shot prompt: {len(pu)} prompt units and {len(pm)} "
+                                     f"prompt mel frames; give both or neither")
+            e = np.asarray(embs[i], np.float32).reshape(-1) if np.size(embs[i]) == \
+                cfg.spk_embed_dim and np.ndim(embs[i]) in (1, 2) else None
+            if e is None:
+                raise Token2WavError(f"speaker embedding has shape {np.shape(embs[i])}, "
+                                     f"expected a {cfg.spk_embed_dim}-d x-vector")
+            if not np.isfinite(e).all():
+                raise Token2WavError("speaker embedding holds non-finite values")
+            m = cfg.mel_len(len(u)) if mls[i] is None else int(mls[i])
+            check_lengths(cfg, len(u), m)
+            z = noises[i]
+            if z is not None and not _is_key(z):
+                z = np.asarray(z, np.float32)
+                if z.shape != (1, len(pm) + m, cfg.output_size):
+                    raise Token2WavError(f"noise has shape {z.shape}, expected [1, "
+                                         f"{len(pm) + m}, {cfg.output_size}] (prompt and "
+                                         f"answer frames)")
+        except Token2WavError as err:
+            raise Token2WavError(f"row {i}: {err}") from None
+        checked.append((u, pu, pm, e, m, z))
+    rows = max(b, rows or b)
+    checked += [checked[0][:5] + (None,)] * (rows - b)
+    n_units = bucket(max(len(c[0]) + len(c[1]) for c in checked), unit_bucket)
+    frames = bucket(max(len(c[2]) + c[4] for c in checked), frame_bucket)
+    out_frames = bucket(max(c[4] for c in checked), frame_bucket)
+    c80 = cfg.output_size
+    tok = np.zeros((rows, n_units), np.int32)
+    cond = np.zeros((rows, frames, c80), np.float32)
+    z0 = np.zeros((rows, frames, c80), np.float32)
+    lens = np.zeros((4, rows), np.int32)            # unit_len, n_prompt, prompt_mel_len, mel_len
+    keyed = [(i, c[5]) for i, c in enumerate(checked) if c[5] is not None and _is_key(c[5])]
+    for i, (u, pu, pm, e, m, z) in enumerate(checked):
+        tok[i, :len(pu) + len(u)] = np.concatenate([pu, u])
+        cond[i, :len(pm)] = pm
+        lens[:, i] = (len(pu) + len(u), len(pu), len(pm), m)
+        if z is not None and not _is_key(z):
+            z0[i, :len(pm) + m] = z[0]
+    if keyed:
+        drawn = _row_noise([k for _, k in keyed], [lens[2, i] + lens[3, i] for i, _ in keyed],
+                           frames, c80)
+        for (i, _), d in zip(keyed, drawn):
+            z0[i] = d
+    fn = _jitted_batch(cfg, rows, n_units, frames, out_frames,
+                       cfg.n_timesteps if n_steps is None else n_steps,
+                       cfg.cfg_rate if cfg_rate is None else float(cfg_rate), precision)
+    mel = fn(params, tok, lens[0], lens[1], lens[2], lens[3], cond,
+             np.stack([c[3] for c in checked]), z0)
+    return np.asarray(mel)[:b], lens[3, :b].copy()
+
+
+def flow_inference_batch(params: dict, cfg: FlowConfig, units, embeddings, **kw) -> list:
+    """`flow_batch`, each row cut to its length: a list of numpy `mel [1, 80, M_i]` (what
+    `flow_inference` returns for that row alone)."""
+    mel, mel_len = flow_batch(params, cfg, units, embeddings, **kw)
+    return [mel[i:i + 1, :, :int(m)] for i, m in enumerate(mel_len)]
+
+
 __all__ = ["FlowConfig", "PRESETS", "layers", "param_shapes", "init_random", "check_params",
            "encoder", "regulate", "encode", "estimator", "time_steps", "cfm", "flow_inference",
-           "check_units", "check_lengths"]
+           "check_units", "check_lengths", "interp_weights", "regulate_rows", "bucket",
+           "UNIT_BUCKET", "FRAME_BUCKET", "flow_batch", "flow_inference_batch",
+           "compiled_batch_programs"]
