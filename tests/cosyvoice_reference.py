@@ -414,13 +414,20 @@ def run_token2wav_stream(flow_model, hift_model, windows, embedding, seed=0):
     emb = torch.as_tensor(np.asarray(embedding, np.float32))[None]
     torch.manual_seed(seed)
     audio, draws = [], []
-    for units, finalize in windows:
-        with recorded_draws() as log, torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)       # torch.cuda.amp.autocast
-            out = model.token2wav(token=torch.as_tensor(np.asarray(units, np.int64))[None],
-                                  prompt_token=torch.zeros(1, 0, dtype=torch.int64),
-                                  prompt_feat=torch.zeros(1, 0, 80), embedding=emb, uuid=uid,
-                                  finalize=finalize)
-        audio.append(out.numpy()[0].copy())
-        draws.append(list(log))
+    # one thread: at these sizes torch's second thread only waits, and on a busy machine the
+    # calls take 20x longer with two
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for units, finalize in windows:
+            with recorded_draws() as log, torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)       # torch.cuda.amp.autocast
+                out = model.token2wav(token=torch.as_tensor(np.asarray(units, np.int64))[None],
+                                      prompt_token=torch.zeros(1, 0, dtype=torch.int64),
+                                      prompt_feat=torch.zeros(1, 0, 80), embedding=emb,
+                                      uuid=uid, finalize=finalize)
+            audio.append(out.numpy()[0].copy())
+            draws.append(list(log))
+    finally:
+        torch.set_num_threads(threads)
     return audio, draws
