@@ -100,8 +100,10 @@ def test_length_is_the_windows_frames_and_seams_do_not_click(model):
     assert frames == [103, 103, 34]
     assert len(wave) == s.expected_samples() == (sum(frames) - 2 * 34) * 256 == s.samples
     # at a seam (where one returned chunk ends and the next begins), the step between two samples
-    # is no larger than the signal's typical step (its 99th percentile): upstream's cross-fades
-    # make the waveform continuous there; a click is a step far above the typical one
+    # is no larger than the signal's typical step (its 99th percentile), as a click would be. A
+    # bound only: random weights give noise-like audio (median step ~0.19, 99th percentile ~0.33),
+    # where even a hard cut between calls stays under it (measured 0.17 / 0.20 at these seams,
+    # against 0.11 / 0.15 here); the cross-fades themselves are checked by the parity test above
     diff = np.abs(np.diff(wave))
     typical = np.percentile(diff, 99)
     seams = np.cumsum([len(o) for o in outs if len(o)])[:-1]
