@@ -7,6 +7,7 @@ replace it (`sharding.logical_axis_rules`).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -61,28 +62,57 @@ def normalize_rules(rules: Mapping[str, object] | None) -> dict[str, tuple[str, 
     return out
 
 
-def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
-    """A mesh over ('data', 'fsdp', 'tensor'). One size may be -1: it takes the remaining devices."""
-    devices = list(jax.devices() if devices is None else devices)
+def mesh_sizes(shape: Mapping[str, int] | None, count: int,
+               slice_name: str | None = None) -> dict[str, int]:
+    """{axis: size} of the mesh that `shape` (a config's `mesh`; one size may be -1: it takes the
+    remaining devices) asks for over `count` devices: this host's (`slice_name` None) or the chips
+    of a TPU slice (`cslm-jax compile`; messages then name the slice). The one resolution behind
+    `make_mesh` and `cslm_jax.tpu.aot.check_mesh`; raises ConfigError when it does not fit."""
     shape = dict({"data": 1, "fsdp": -1, "tensor": 1} if shape is None else shape)
     unknown = sorted(set(shape) - set(MESH_AXES))
     if unknown:
         raise ConfigError(f"mesh: unknown axis name(s) {unknown}; mesh axes are {MESH_AXES}")
-    sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
-    if sizes.count(-1) > 1:
+    sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
+    values = list(sizes.values())
+    if values.count(-1) > 1:
         raise ConfigError(f"mesh {shape}: at most one axis may be -1")
-    if any(s == 0 or s < -1 for s in sizes):
+    if any(v == 0 or v < -1 for v in values):
         raise ConfigError(f"mesh {shape}: sizes must be positive (or -1 for the rest)")
-    known = int(np.prod([s for s in sizes if s != -1]))
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ConfigError(f"mesh {shape}: {len(devices)} devices are not divisible by {known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                          f"but {len(devices)} are available")
+    known = math.prod(v for v in values if v != -1)
+    if -1 in values:
+        if count % known:
+            raise ConfigError(
+                f"mesh {shape}: {count} devices are not divisible by {known}" if slice_name is None
+                else f"mesh {shape}: the fixed axes ({known} ways) do not divide the {count} chips "
+                     f"of {slice_name}")
+        return {axis: count // known if v == -1 else v for axis, v in sizes.items()}
+    if known != count:
+        raise ConfigError(
+            f"mesh {sizes} needs {known} devices, but {count} are available" if slice_name is None
+            else f"mesh {sizes} needs {known} devices, but {slice_name} has {count} chips; make "
+                 f"the sizes multiply to {count} (or set one to -1)")
+    return sizes
+
+
+def check_batch_split(micro_batch: int, sizes: Mapping[str, int],
+                      slice_name: str | None = None) -> None:
+    """Every data x fsdp shard of the mesh `sizes` needs whole rows of each micro-batch."""
+    ways = sizes["data"] * sizes["fsdp"]
+    if micro_batch % ways:
+        where, unit = ("", "device") if slice_name is None else (f" on {slice_name}", "chip")
+        raise ConfigError(f"train.micro_batch_size ({micro_batch}) must be a multiple of the mesh's "
+                          f"data x fsdp size ({ways}){where}: each {unit} needs whole rows; move "
+                          f"ways to mesh.tensor or change the batch")
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
+    """A mesh over ('data', 'fsdp', 'tensor') with the sizes `mesh_sizes` resolves (default: all
+    devices on fsdp)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_sizes(shape, len(devices))
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=auto,
+                         devices=devices)
 
 
 def logical_to_spec(names: Sequence[str | None], rules: Mapping[str, object] | None = None,

@@ -179,46 +179,20 @@ def compile_model_config(cfg: RunConfig, model_path: str | None, speech_units: i
 def stage_shape(cfg: RunConfig) -> tuple[int, int]:
     """(number of tasks in the stage's mixture, packed row length), from the data config
     (its corpus files need not exist here)."""
-    from cslm_jax.data.formats import load_data_config
+    from cslm_jax.train.setup import stage_data_config
 
-    over = [] if cfg.data.max_length is None else [f"packing.max_length={cfg.data.max_length}"]
-    data_cfg = load_data_config(cfg.data.config, over, check_files=False)
-    if cfg.data.stage not in data_cfg.stages:
-        raise ConfigError(f"data.stage is {cfg.data.stage!r}; {cfg.data.config} has stages "
-                          f"{sorted(data_cfg.stages)}")
+    data_cfg = stage_data_config(cfg, check_files=False)
     return len(data_cfg.tasks(cfg.data.stage)), data_cfg.max_length
 
 
 def check_mesh(cfg: RunConfig, topo: Topology) -> dict:
     """The mesh the config asks for on this slice, checked against its chip count and the batch
-    (before libtpu or the compiler are involved). Returns {axis: size}."""
-    from cslm_jax.parallel.sharding import MESH_AXES
+    (before libtpu or the compiler are involved; the same resolution `cslm-jax train` makes over
+    its devices). Returns {axis: size}."""
+    from cslm_jax.parallel.sharding import check_batch_split, mesh_sizes
 
-    shape = dict(cfg.mesh)
-    unknown = sorted(set(shape) - set(MESH_AXES))
-    if unknown:
-        raise ConfigError(f"mesh: unknown axis name(s) {unknown}; mesh axes are {MESH_AXES}")
-    sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
-    if list(sizes.values()).count(-1) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
-        raise ConfigError(f"mesh {shape}: sizes must be positive, with at most one -1")
-    known = 1
-    for v in sizes.values():
-        known *= v if v != -1 else 1
-    if -1 in sizes.values():
-        if topo.chips % known:
-            raise ConfigError(f"mesh {shape}: the fixed axes ({known} ways) do not divide the "
-                              f"{topo.chips} chips of {topo.name}")
-        sizes = {a: topo.chips // known if v == -1 else v for a, v in sizes.items()}
-    elif known != topo.chips:
-        raise ConfigError(f"mesh {sizes} needs {known} devices, but {topo.name} has {topo.chips} "
-                          f"chips; make the sizes multiply to {topo.chips} (or set one to -1)")
-    t = cfg.train
-    micro = t.micro_batch_size or t.global_batch_size
-    ways = sizes["data"] * sizes["fsdp"]
-    if micro % ways:
-        raise ConfigError(f"train.micro_batch_size ({micro}) must be a multiple of the mesh's "
-                          f"data x fsdp size ({ways}) on {topo.name}: each chip needs whole rows; "
-                          f"move ways to mesh.tensor or change the batch")
+    sizes = mesh_sizes(cfg.mesh, topo.chips, topo.name)
+    check_batch_split(cfg.train.micro_batch_size or cfg.train.global_batch_size, sizes, topo.name)
     return sizes
 
 
@@ -327,8 +301,8 @@ def cost_flops(stage) -> float:
 
 
 def _run(cfg: RunConfig, model: ModelConfig, vocab, layout, num_tasks: int, seq_len: int):
-    """A `cslm_jax.train.loop.Run` for compiling only: no run folder, no data pipeline."""
-    from cslm_jax.train.loop import Run
+    """A `cslm_jax.train.setup.Run` for compiling only: no run folder, no data pipeline."""
+    from cslm_jax.train.setup import Run
 
     return Run(cfg, None, model, vocab, {}, layout, [f"task{i}" for i in range(num_tasks)], "",
                seq_len)
@@ -355,7 +329,7 @@ def xla_step_flops(cfg: RunConfig, model: ModelConfig, vocab, num_tasks: int, se
     HLO (JAX emits it), so it is counted too."""
     import jax
 
-    from cslm_jax.train.loop import abstract_state, make_train_fn, train_layout
+    from cslm_jax.train.setup import abstract_state, make_train_fn, train_layout
 
     t = cfg.train
     flat_cfg = dataclasses.replace(
@@ -378,14 +352,14 @@ def xla_step_flops(cfg: RunConfig, model: ModelConfig, vocab, num_tasks: int, se
 
 def compile_train_step(cfg: RunConfig, topo: Topology, model: ModelConfig, vocab,
                        num_tasks: int, seq_len: int, log=print) -> CompileReport:
-    """Lower and compile `cslm_jax.train.loop`'s step for the topology; memory and FLOPs per chip.
+    """Lower and compile `cslm_jax.train.setup`'s step for the topology; memory and FLOPs per chip.
     Mesh and batch errors (ConfigError) come before anything is compiled."""
     import time
 
     import jax
 
-    from cslm_jax.train.loop import abstract_state, make_train_fn, train_layout
     from cslm_jax.train.metrics import flops_per_token
+    from cslm_jax.train.setup import abstract_state, make_train_fn, train_layout
 
     devices = topology_devices(topo)
     hosts = len({d.process_index for d in devices})
