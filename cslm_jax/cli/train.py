@@ -57,7 +57,7 @@ def add_parser(sub):
 def check(args, parser) -> None:
     """Before TensorFlow starts or anything is printed or written: the run folder, the config,
     and (for a new run) init_from and the data config's stage."""
-    from cslm_jax.train.loop import preflight
+    from cslm_jax.train.setup import preflight
 
     preflight(args.config, args.overrides, args.run_dir, init_from=args.init_from,
               data_cache=args.data_cache)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cslm_jax.config import ModelConfig
 from cslm_jax.tpu.chips import chip_of_device_kind
@@ -157,3 +158,22 @@ class MetricsWriter:
             shutil.rmtree(self._stage, ignore_errors=True)
         if self._bar is not None:
             self._bar.close()
+
+
+def metrics_row(step: int, m: dict, elapsed: float, skipped: int, task_names, tokens: int,
+                flops_per_token: float, peak: float, devices: int) -> dict:
+    """One line of metrics.jsonl: step `m` (host values of the step's metrics) that took
+    `elapsed` seconds for `tokens` tokens on `devices` devices of `peak` FLOP/s each; the
+    loss of each task that had tokens in the batch as `loss/<task>`."""
+    row = {"step": step, "loss": float(m["loss"]), "text_loss": float(m["text_loss"]),
+           "unit_loss": float(m["unit_loss"]), "learning_rate": float(m["learning_rate"]),
+           "grad_norm": float(m["grad_norm"]), "trained_tokens": int(m["tokens_trained"]),
+           "text_tokens": int(m["text_tokens"]), "unit_tokens": int(m["unit_tokens"]),
+           "step_time_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+           "mfu": flops_per_token * tokens / elapsed / (peak * devices) if elapsed > 0 else 0.0,
+           "skipped_steps": skipped, "finite": bool(m["finite"])}
+    for name, loss, count in zip(task_names, np.asarray(m["task_loss"]),
+                                 np.asarray(m["task_tokens"])):
+        if count > 0:
+            row[f"loss/{name}"] = float(loss)
+    return row
