@@ -348,3 +348,78 @@ def test_flops_formula_matches_a_hand_count():
                       num_heads=2, num_kv_heads=1)
     per_layer = 8 * 4 * (2 * 2 + 2 * 1) + 3 * 8 * 16          # q,k,v,o + gate,up,down
     assert flops_per_token(cfg, 10) == 6 * (2 * per_layer + 100 * 8) + 12 * 2 * 2 * 4 * 10
+
+
+# -- the loop's hooks ------------------------------------------------------------------------------
+
+def test_hooks_run_at_the_steps_they_ask_for_and_a_stop_ends_the_loop():
+    """`run_steps` with a step function of plain numbers: a hook with `every=k` runs after every
+    k-th step and the last; metrics hooks see each step once, in order, one step late unless a
+    `needs_metrics` hook asks for them first; a hook's exit code stops the loop after the step's
+    other due hooks (which see it in `info.stop`)."""
+    from cslm_jax.train.hooks import Hook
+    from cslm_jax.train.loop import LoopState, run_steps
+
+    calls = []
+
+    class Record(Hook):
+        def __init__(self, name, every, needs_metrics=False, stop_at=None):
+            self.name, self.every, self.needs_metrics, self.stop_at = name, every, needs_metrics, stop_at
+
+        def __call__(self, info):
+            calls.append((self.name, info.step, info.state, info.stop))
+            return 75 if info.step == self.stop_at else None
+
+    class Metrics(Hook):
+        def __call__(self, info):
+            calls.append(("metrics", info.step, float(info.metrics["loss"]), info.skipped))
+
+    def step_fn(state, batch):
+        return state + batch, {"loss": np.float32(state), "finite": np.bool_(state != 5)}
+
+    loop = LoopState(0, skipped=0)
+    code = run_steps(loop, range(1, 11), 10, lambda: 1, step_fn,
+                     [Record("three", 3), Record("save", 4, needs_metrics=True)], [Metrics()])
+    assert code == 0 and loop.state == 10 and loop.pending is None
+    assert [c[1] for c in calls if c[0] == "three"] == [3, 6, 9, 10]
+    assert [c[1] for c in calls if c[0] == "save"] == [4, 8, 10]
+    assert all(c[2] == c[1] for c in calls if c[0] != "metrics")     # the state after the step
+    metrics = [c for c in calls if c[0] == "metrics"]
+    assert [c[1] for c in metrics] == list(range(1, 11))
+    assert [c[2] for c in metrics] == [float(s - 1) for s in range(1, 11)]
+    assert [c[3] for c in metrics] == [0] * 5 + [1] * 5                 # step 6 ran from state 5
+    order = [c[:2] for c in calls]
+    assert order[order.index(("three", 3)) - 1] == ("metrics", 2)      # one step late
+    assert order[order.index(("save", 4)) - 1] == ("metrics", 4)        # fetched before saving
+    assert order.index(("metrics", 3)) < order.index(("metrics", 4)) < order.index(("save", 4))
+
+    class SaveOnStop(Record):                  # as the checkpoint hook: due at a stop too
+        def due(self, info):
+            return super().due(info) or info.stop is not None
+
+    calls.clear()
+    code = run_steps(LoopState(0, skipped=0), range(1, 11), 10, lambda: 1, step_fn,
+                     [Record("stop", 1, stop_at=5), SaveOnStop("save", 4)], [Metrics()])
+    assert code == 75
+    assert [c[:2] for c in calls if c[0] != "metrics"][-2:] == [("stop", 5), ("save", 5)]
+    assert calls[-1][3] == 75                                           # saw the stop
+
+
+def test_a_custom_hook_runs_in_a_real_run_at_every_kth_step_and_the_last(demo, base_ckpt,
+                                                                         tmp_path):
+    from cslm_jax.train.hooks import Hook
+
+    class EveryThird(Hook):
+        every = 3
+
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, info):
+            self.seen.append((info.step, int(info.state["step"])))
+
+    hook = EveryThird()
+    cfg = run_cfg(demo, base_ckpt, "train.num_devices=1", "train.steps=7", "checkpoint.every=10")
+    assert train(cfg, tmp_path / "run", log=quiet, hooks=[hook]) == EXIT_OK
+    assert hook.seen == [(3, 3), (6, 6), (7, 7)]
+    assert losses(tmp_path / "run")[0] == list(range(1, 8))
