@@ -211,8 +211,9 @@ def test_decode_speech_out_writes_a_wav_per_answer_with_timings(cslm, model, tmp
                 "--max-new-tokens", str(n_ids + 4), "--output-dir", str(tmp_path / "out"),
                 "--speech-out", str(tmp_path / "wavs"), "--token2wav", str(model.path),
                 "--voice", "random"])
-    err = capsys.readouterr().err
-    assert code == 0, err
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "time to first audio (--speech-out)" in captured.out
     records = [json.loads(x) for x in (tmp_path / "out" / "responses.jsonl").read_text()
                .splitlines()]
     assert len(records) == 2
@@ -231,6 +232,10 @@ def test_decode_speech_out_writes_a_wav_per_answer_with_timings(cslm, model, tmp
         assert 0 < t["time_to_first_speech_chunk_s"] <= t["time_to_first_audio_s"] <= t["total_s"]
         assert t["speech_rtf"] > 0 and t["speech_compile_s"] >= 0
     assert sorted(p.name for p in (tmp_path / "wavs").iterdir()) == ["0000.wav", "0001.wav"]
+    summary = json.loads((tmp_path / "out" / "latency_summary.json").read_text())
+    assert summary["time_to_first_audio_s"]["missing"] == 0
+    assert summary["time_to_first_audio_s"]["mean"] == pytest.approx(
+        np.mean([r["timing"]["time_to_first_audio_s"] for r in records]))
 
 
 def test_decode_speech_out_refuses_bad_arguments_before_loading(cslm, model, tmp_path, capsys):

@@ -26,7 +26,9 @@ streaming speech decoder can start), `time_to_first_speech_chunk_s` (its `<eosp>
 chunk-level speech decoder can start), `total_s` (the answer's stop token), `tokens_before_first_speech`
 (generated tokens before the first `<sosp>`: TQ + TA1 in the interleaved chain, TQ + the whole
 TA in the sequential one) and `tokens_to_first_speech_chunk` (through its `<eosp>`). A token is
-timed when the host receives it, i.e. at the end of its group of `--chunk-size` steps.
+timed when the host receives it, i.e. at the end of its group of `--chunk-size` steps. With
+`--speech-out` (`cslm_jax.speech.stream.SpeechOut`): `time_to_first_audio_s` (the first samples
+ready), `speech_rtf` (synthesis seconds / audio seconds), `audio_s` and `speech_compile_s`.
 """
 from __future__ import annotations
 
@@ -424,7 +426,17 @@ def latency_summary(records: Sequence[dict]) -> dict:
         out[key] = {"mean": statistics.fmean(vals) if vals else None,
                     "median": statistics.median(vals) if vals else None,
                     "missing": len(records) - len(vals)}
+    for key in SPEECH_OUT_TIMINGS:               # --speech-out's, where some answer has them
+        vals = [r["timing"].get(key) for r in records]
+        if any(key in r["timing"] for r in records):
+            vals = [v for v in vals if v is not None]
+            out[key] = {"mean": statistics.fmean(vals) if vals else None,
+                        "median": statistics.median(vals) if vals else None,
+                        "missing": len(records) - len(vals)}
     return out
+
+
+SPEECH_OUT_TIMINGS = ("time_to_first_audio_s", "speech_rtf")
 
 
 def describe_event(index: int, ev, seconds: float) -> str:
@@ -837,5 +849,8 @@ def format_summary(s: dict) -> str:
         row("tokens before first speech", "tokens_before_first_speech", num),
         row("tokens to first speech chunk", "tokens_to_first_speech_chunk", num),
         row("generated tokens", "generated_tokens", num),
+        *[row(name, key, fmt) for name, key, fmt in (
+            ("time to first audio (--speech-out)", "time_to_first_audio_s", sec),
+            ("speech real-time factor", "speech_rtf", lambda v: f"{v:8.3f} ")) if key in s],
         f"  {s['tokens_per_s']:.1f} generated tokens/s over {s['decode_s']:.2f}s of decoding "
         f"(batch {s['batch_size']}, chunk {s['chunk_size']}; {s['compile_s']:.1f}s compiling)"])
