@@ -11,11 +11,13 @@ def add_parser(sub):
                        help="write a token2wav folder (for synthesize) from CosyVoice's flow.pt, "
                        "hift.pt and spk2info.pt")
     s.add_argument("--flow", required=True, metavar="FILE",
-                   help="flow.pt (MaskedDiffWithXvec state dict; or a .safetensors of it)")
+                   help="flow.pt (MaskedDiffWithXvec, v2 CausalMaskedDiffWithXvec, state "
+                   "dict; or a .safetensors of it)")
     s.add_argument("--hift", required=True, metavar="FILE",
                    help="hift.pt (HiFTGenerator state dict; or a .safetensors of it)")
     s.add_argument("--version", required=True, choices=VERSIONS,
-                   help="v1: CosyVoice-300M (50 units/s, 22,050 Hz); v2 is not ported yet")
+                   help="v1: CosyVoice-300M (50 units/s, 22,050 Hz); v2: CosyVoice2-0.5B (25 "
+                   "units/s, 24,000 Hz)")
     s.add_argument("--voices", metavar="FILE", default=None,
                    help="spk2info.pt: speaker name -> {'embedding': x-vector, ...} (needs torch)")
     s.add_argument("--out", required=True, help="folder to write (must be empty unless --force)")

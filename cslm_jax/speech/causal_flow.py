@@ -665,6 +665,22 @@ def new_frames(cfg: CausalFlowConfig, mel, token_offset: int):
     return mel[:, :, cfg.token_mel_ratio * int(token_offset):]
 
 
+def stretch(mel, n_frames: int) -> np.ndarray:
+    """`mel [B, 80, M]` linearly resampled to `n_frames` frames: upstream's speed change
+    (`F.interpolate(mel, size=int(M / speed), mode="linear")`, align_corners False, in
+    `CosyVoice2Model.token2wav`), here with `n_frames` given; float32 as PyTorch computes the
+    source positions."""
+    x = np.asarray(mel, np.float32)
+    n_in = x.shape[2]
+    scale = np.float32(n_in) / np.float32(n_frames)
+    src = np.maximum(scale * (np.arange(n_frames, dtype=np.float32) + np.float32(0.5))
+                     - np.float32(0.5), np.float32(0.0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    l1 = (src - i0.astype(np.float32)).astype(np.float32)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return (x[:, :, i0] * (np.float32(1.0) - l1) + x[:, :, i1] * l1).astype(np.float32)
+
+
 __all__ = ["CausalFlowConfig", "PRESETS", "NOISE_FRAMES", "layers", "param_shapes",
            "init_random", "check_params", "chunk_mask", "encoder", "estimator", "cfm",
-           "upstream_noise", "causal_flow_inference", "new_frames"]
+           "upstream_noise", "causal_flow_inference", "new_frames", "stretch"]

@@ -1,11 +1,12 @@
-"""Token-to-waveform folders and one-utterance synthesis (issue 25, v1 for now): speech units ->
-CosyVoice's flow (`cslm_jax.speech.flow`: units -> 80-bin mel) -> its HiFT vocoder
-(`cslm_jax.speech.hift`: mel -> waveform at 22,050 Hz).
+"""Token-to-waveform folders and one-utterance synthesis (issue 25): speech units -> CosyVoice's
+flow (v1 `cslm_jax.speech.flow`, v2 `cslm_jax.speech.causal_flow`: units -> 80-bin mel) -> its
+HiFT vocoder (`cslm_jax.speech.hift`: mel -> waveform at 22,050 Hz for v1, 24,000 Hz for v2).
 
 A token2wav folder (written by `cslm-jax import-token2wav` or `save_random_token2wav`, atomically)
 holds
 - `token2wav.json`: format, format version, model version, sample rate, units per second, mel
-  frames per second, and the flow's and HiFT's configs (every `FlowConfig` / `HiFTConfig` field);
+  frames per second, and the flow's and HiFT's configs (every `FlowConfig` / `CausalFlowConfig`
+  / `HiFTConfig` field);
 - `flow.safetensors`, `hift.safetensors`: the parameters in our naming (the flat dicts of
   `flow.py` / `hift.py`, float32);
 - `voices.npz`: speaker name -> its 192-d x-vector (float32), e.g. from upstream's
@@ -31,7 +32,7 @@ FLOW_FILE = "flow.safetensors"
 HIFT_FILE = "hift.safetensors"
 VOICES_FILE = "voices.npz"
 FILES = (CONFIG_FILE, FLOW_FILE, HIFT_FILE, VOICES_FILE)
-VERSIONS = ("v1",)                      # v2 (CosyVoice 2's causal flow) is not ported yet
+VERSIONS = ("v1", "v2")
 TOOL = "import-token2wav"
 
 # `save_random_token2wav`'s default reduced sizes (tests, the demo); any may be overridden. The
@@ -41,13 +42,27 @@ SMALL_FLOW = dict(input_size=32, encoder_size=64, encoder_heads=2, encoder_linea
                   encoder_blocks=2, channels=(32, 32), attention_head_dim=4, n_blocks=1,
                   num_mid_blocks=2, num_heads=8)
 SMALL_HIFT = dict(base_channels=32, cond_channels=16)
+# v2: upstream's encoder hard-codes its width (512), look-ahead, upsampling and 4 blocks after
+# it; the rest reduced (8 estimator heads, as for v1).
+SMALL_FLOW_V2 = dict(encoder_linear_units=64, encoder_blocks=1, channels=(32,),
+                     attention_head_dim=4, n_blocks=1, num_mid_blocks=1, num_heads=8)
+
+
+def _flow_api(version: str):
+    """(config class, module) of the version's flow: v1 `flow.FlowConfig`, v2
+    `causal_flow.CausalFlowConfig`."""
+    if version == "v2":
+        from cslm_jax.speech import causal_flow as m
+        return m.CausalFlowConfig, m
+    from cslm_jax.speech import flow as m
+    return m.FlowConfig, m
 
 
 @dataclasses.dataclass
 class Token2Wav:
     """A loaded token2wav folder."""
     version: str
-    flow_cfg: object                    # FlowConfig
+    flow_cfg: object                    # FlowConfig (v1) or CausalFlowConfig (v2)
     flow_params: dict
     hift_cfg: object                    # HiFTConfig
     hift_params: dict
@@ -70,7 +85,7 @@ class Token2Wav:
 def _check_version(version: str, where: str = "version") -> None:
     if version not in VERSIONS:
         raise Token2WavError(f"{where}: token2wav version {version!r} is not supported; ported: "
-                             f"{', '.join(VERSIONS)} (v2's causal flow is not ported yet)")
+                             f"{', '.join(VERSIONS)}")
 
 
 def _check_voice(name, vec, dim: int, where: str) -> np.ndarray:
@@ -91,7 +106,6 @@ def save_token2wav(out, flow_cfg, flow_params: dict, hift_cfg, hift_params: dict
     non-empty `out` unless `force` and it is an earlier import-token2wav output."""
     from safetensors.numpy import save_file
 
-    from cslm_jax.speech import flow as _flow
     from cslm_jax.speech import hift as _hift
     from cslm_jax.storage.checkpoint import atomic_dir
 
@@ -99,7 +113,7 @@ def save_token2wav(out, flow_cfg, flow_params: dict, hift_cfg, hift_params: dict
     if hift_cfg.version != flow_cfg.version:
         raise Token2WavError(f"flow is {flow_cfg.version}, HiFT is {hift_cfg.version}; give "
                              f"the two models of one version")
-    _flow.check_params(flow_cfg, flow_params, "flow")
+    _flow_api(flow_cfg.version)[1].check_params(flow_cfg, flow_params, "flow")
     _hift.check_params(hift_cfg, hift_params, "HiFT")
     if not voices:
         raise Token2WavError("no voices: a token2wav folder needs at least one x-vector")
@@ -127,16 +141,16 @@ def save_token2wav(out, flow_cfg, flow_params: dict, hift_cfg, hift_params: dict
 def save_random_token2wav(out, version: str = "v1", seed: int = 0, force: bool = False,
                           **sizes) -> Path:
     """A random-weight token2wav folder (tests, the demo) at reduced sizes (`SMALL_FLOW`,
-    `SMALL_HIFT`); `sizes` override fields of `FlowConfig` or `HiFTConfig` (each name goes to
-    the config that has it), plus one random voice named `random`. Random weights give noise,
-    not speech."""
-    from cslm_jax.speech import flow as _flow
+    `SMALL_HIFT`; v2 `SMALL_FLOW_V2`); `sizes` override fields of the flow's config or
+    `HiFTConfig` (each name goes to the config that has it), plus one random voice named
+    `random`. Random weights give noise, not speech."""
     from cslm_jax.speech import hift as _hift
 
     _check_version(version)
-    flow_fields = {f.name for f in dataclasses.fields(_flow.FlowConfig)} - {"version"}
+    flow_config, _flow = _flow_api(version)
+    flow_fields = {f.name for f in dataclasses.fields(flow_config)} - {"version"}
     hift_fields = {f.name for f in dataclasses.fields(_hift.HiFTConfig)} - {"version"}
-    fs, hs = dict(SMALL_FLOW), dict(SMALL_HIFT)
+    fs, hs = dict(SMALL_FLOW_V2 if version == "v2" else SMALL_FLOW), dict(SMALL_HIFT)
     for k, v in sizes.items():
         if k in flow_fields:
             fs[k] = v
@@ -164,7 +178,6 @@ def _read_safetensors(path: Path) -> dict:
 def load_token2wav(path) -> Token2Wav:
     """A token2wav folder, checked: every file present, the JSON's format and version, every
     tensor present with its shape, every voice a x-vector of the flow's size."""
-    from cslm_jax.speech import flow as _flow
     from cslm_jax.speech import hift as _hift
 
     path = Path(path)
@@ -187,8 +200,9 @@ def load_token2wav(path) -> Token2Wav:
                              f"cslm_jax reads {FORMAT_VERSION}")
     version = meta.get("version")
     _check_version(version, str(cfile))
+    flow_config, _flow = _flow_api(version)
     try:
-        fcfg = _flow.FlowConfig(**{**meta["flow"], "version": version})
+        fcfg = flow_config(**{**meta["flow"], "version": version})
         hcfg = _hift.HiFTConfig(**{**meta["hift"], "version": version})
     except KeyError as e:
         raise Token2WavError(f"{cfile}: missing field {e.args[0]}") from None
@@ -251,12 +265,20 @@ def mel_frames(n_units: int, speech_rate: float = 1.0, units_per_second: int = 5
 
 
 def check_request(t2w: Token2Wav, units, speech_rate: float = 1.0) -> tuple[np.ndarray, int]:
-    """(units as int32, mel frames), checked: ids in the flow's vocabulary, a usable length."""
+    """(units as int32, mel frames), checked: ids in the flow's vocabulary, a usable length. v2's
+    flow gives 2 frames per unit; `speech_rate` then resamples them (upstream's speed change,
+    speed = 1 / speech_rate): `int(2 * n * speech_rate)` frames."""
     from cslm_jax.speech import flow as _flow
 
     if not (speech_rate > 0 and np.isfinite(speech_rate)):
         raise Token2WavError(f"speech rate {speech_rate}: must be a positive number")
     u = _flow.check_units(t2w.flow_cfg, np.asarray(units, np.int64))
+    if t2w.version == "v2":
+        m = int(t2w.flow_cfg.mel_len(len(u)) * speech_rate)
+        if len(u) < 1 or m < 1:
+            raise Token2WavError(f"{len(u)} units at speech rate {speech_rate}: no mel frames "
+                                 f"to synthesise")
+        return u, m
     m = mel_frames(len(u), speech_rate, t2w.units_per_second)
     _flow.check_lengths(t2w.flow_cfg, len(u), m)
     return u, m
@@ -265,9 +287,10 @@ def check_request(t2w: Token2Wav, units, speech_rate: float = 1.0) -> tuple[np.n
 def synthesize(t2w: Token2Wav, units, voice_vec, noise="zero", speech_rate: float = 1.0,
                precision: str = "highest") -> np.ndarray:
     """One utterance: `units` (ids) -> float32 waveform at `t2w.sample_rate`, of
-    `mel_frames(len(units), speech_rate) * samples_per_frame` samples. `voice_vec`: an x-vector
-    (see `voice`, which also takes names). `noise`: "zero" (deterministic) or a PRNG key (split
-    between the flow's Gaussian start and HiFT's source)."""
+    (mel frames, `check_request`) x `samples_per_frame` samples. `voice_vec`: an x-vector (see
+    `voice`, which also takes names). `noise`: "zero" (deterministic) or a PRNG key (split
+    between the flow's Gaussian start - v2: its noise buffer - and HiFT's source)."""
+    from cslm_jax.speech import causal_flow
     from cslm_jax.speech.flow import flow_inference
     from cslm_jax.speech.hift import vocode
 
@@ -281,8 +304,14 @@ def synthesize(t2w: Token2Wav, units, voice_vec, noise="zero", speech_rate: floa
     else:
         import jax
         k_flow, k_hift = jax.random.split(noise)
-    mel = flow_inference(t2w.flow_params, t2w.flow_cfg, u, emb, noise=k_flow, mel_len=m,
-                         precision=precision)                             # [1, 80, M]
+    if t2w.version == "v2":
+        mel = causal_flow.causal_flow_inference(t2w.flow_params, t2w.flow_cfg, u, emb,
+                                                noise=k_flow, precision=precision)
+        if mel.shape[2] != m:
+            mel = causal_flow.stretch(mel, m)
+    else:
+        mel = flow_inference(t2w.flow_params, t2w.flow_cfg, u, emb, noise=k_flow, mel_len=m,
+                             precision=precision)                         # [1, 80, M]
     wave, wave_len = vocode(t2w.hift_params, t2w.hift_cfg, mel, noise=k_hift,
                             precision=precision)                          # [1, M * R]
     return np.asarray(wave[0, :int(wave_len[0])], np.float32)
