@@ -209,6 +209,7 @@ def test_decode_speech_out_writes_a_wav_per_answer_with_timings(cslm, model, tmp
     ckpt, units, n_ids = cslm
     code = cli(["decode", "--lang", "en", "--unit", str(units), "--ckpt", str(ckpt), "--greedy",
                 "--max-new-tokens", str(n_ids + 4), "--output-dir", str(tmp_path / "out"),
+                "--batch-size", "2",                      # both answers streamed side by side
                 "--speech-out", str(tmp_path / "wavs"), "--token2wav", str(model.path),
                 "--voice", "random"])
     captured = capsys.readouterr()
