@@ -339,3 +339,13 @@ def test_v2_token2wav_import_and_synthesize(tmp_path, capsys):
                 "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "units.txt:1" in err and "unit 6561" in err and "0..6560" in err
+
+
+def test_stretch_is_upstreams_speed_change():
+    """`stretch` (the v2 speech rate) is upstream's `F.interpolate(mel, size, mode="linear")`."""
+    mel = np.random.default_rng(0).standard_normal((1, 80, 16)).astype(np.float32)
+    for n in (24, 10, 16, 33):
+        want = torch.nn.functional.interpolate(torch.from_numpy(mel), size=n,
+                                               mode="linear").numpy()
+        got = cf.stretch(mel, n)
+        assert got.shape == (1, 80, n) and np.abs(got - want).max() <= 1e-5     # rounding
