@@ -478,6 +478,13 @@ def _draw(key, cfg: HiFTConfig, batch: int, n: int) -> dict:
     return {"phase": phase, "noise": jax.random.normal(kn, (batch, n, h), jnp.float32)}
 
 
+def draw_noise(key, cfg: HiFTConfig, batch: int, n: int) -> dict:
+    """The source's random draws from one PRNG key, as `forward` and `vocode` draw them for a
+    key: `{"phase": [batch, H], "noise": [batch, n, H]}`; traceable (token2wav's batched
+    synthesis draws each row from its own key)."""
+    return _draw(key, cfg, batch, n)
+
+
 def source(params: dict, cfg: HiFTConfig, f0, mel_len, noise=None, precision: str = "highest"):
     """f0 `[B, T]` (Hz) -> the merged sine source `[B, T * R]` (SourceModuleHnNSF for v1,
     SourceModuleHnNSF2 for v2); `noise` as `forward`'s. Traceable."""
@@ -733,4 +740,5 @@ def vocode(params: dict, cfg: HiFTConfig, mel, mel_len=None, noise="zero", cache
 
 
 __all__ = ["HiFTConfig", "Token2WavError", "PRESETS", "Layer", "layers", "param_shapes",
-           "init_random", "check_params", "f0_predict", "source", "forward", "vocode"]
+           "init_random", "check_params", "f0_predict", "source", "forward", "vocode",
+           "draw_noise"]
