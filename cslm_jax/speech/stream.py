@@ -71,6 +71,8 @@ from cslm_jax.speech.hift import Token2WavError
 TOKEN_OVERLAP = 20          # upstream's token_overlap_len: units carried into the next window
 FLOW_CACHE_FRAMES = 34      # upstream's literal in ConditionalCFM.forward (z / mu cache)
 MEL_CACHE_FRAMES = 20       # upstream's mel_cache_len (the HiFT cache)
+HIFT_BUCKET = 32            # HiFT runs on mel padded to a multiple of this many frames (its
+                            # per-row length mask makes the padding invisible): fewer shapes
 
 
 def _hamming(n: int) -> np.ndarray:
@@ -159,8 +161,9 @@ class SpeechStream:
     (>= 1). `windows` lists the (units, finalize) windows synthesised so far; `synthesis_s` the
     seconds spent synthesising, `compile_s` those spent compiling a window shape first seen
     (the flow compiled ahead of its call; HiFT warmed by one call on zeros, counted in), apart;
-    `samples` the samples returned. Every new (units, frames) window shape compiles once per
-    process."""
+    `samples` the samples returned. The flow compiles once per process for each new (units,
+    frames) window shape; HiFT runs on the mel padded to a multiple of `HIFT_BUCKET` frames
+    with its length mask (the output of the unpadded mel), so once per bucket."""
 
     def __init__(self, t2w, voice="random", noise="zero", speech_rate: float = 1.0,
                  precision: str = "highest"):
@@ -303,12 +306,21 @@ class SpeechStream:
         if not finalize:
             self._mel_overlap = mel[:, -self.overlap:]
             mel = mel[:, :-self.overlap]
-        self._compiling += _warm_hift(self.t2w, mel.shape[1], self.precision)
+        t = mel.shape[1]
+        padded = -(-t // HIFT_BUCKET) * HIFT_BUCKET
+        n = t * self.t2w.samples_per_frame
+        if isinstance(hift_noise, dict):            # arrays for t frames: padded with zeros
+            nz = np.asarray(hift_noise["noise"], np.float32)[:, :n]
+            hift_noise = {"phase": hift_noise["phase"], "noise": np.pad(
+                nz, ((0, 0), (0, padded * self.t2w.samples_per_frame - nz.shape[1]), (0, 0)))}
+        self._compiling += _warm_hift(self.t2w, padded, self.precision)
         self.compile_s += self._compiling
-        wave, _, source = vocode(self.t2w.hift_params, self.t2w.hift_cfg, mel[None],
-                                 noise=hift_noise, cache_source=cache_source,
-                                 precision=self.precision, return_source=True)
-        speech = wave[0]
+        wave, _, source = vocode(self.t2w.hift_params, self.t2w.hift_cfg,
+                                 np.pad(mel, ((0, 0), (0, padded - t)))[None],
+                                 mel_len=np.array([t], np.int32), noise=hift_noise,
+                                 cache_source=cache_source, precision=self.precision,
+                                 return_source=True)
+        speech, source = wave[0, :n], source[:, :n]
         if self._hift_cache is not None:
             speech = fade_in_out(speech, self._hift_cache[2], self.speech_window)
         if finalize:
