@@ -18,6 +18,7 @@ unit count and mel length).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -317,6 +318,115 @@ def synthesize(t2w: Token2Wav, units, voice_vec, noise="zero", speech_rate: floa
     return np.asarray(wave[0, :int(wave_len[0])], np.float32)
 
 
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_row_draws(cfg, n: int):
+    """HiFT's draws for a batch with one PRNG key per row: row i what `vocode` draws for a
+    one-row mel with `keys[i]` (`hift.draw_noise(key, cfg, 1, n_i)`), drawn over the padded
+    `n` samples (JAX's partitionable threefry: the row's own draws are the first samples)."""
+    import jax
+
+    from cslm_jax.speech.hift import draw_noise
+
+    def run(keys):
+        d = jax.vmap(lambda k: draw_noise(k, cfg, 1, n))(keys)
+        return {"phase": d["phase"][:, 0], "noise": d["noise"][:, 0]}
+    return jax.jit(run)
+
+
+def synthesize_batch(t2w: Token2Wav, units_list, voice_vec, noise="zero", speech_rate=1.0,
+                     max_batch: int = 8, precision: str = "highest") -> list:
+    """Many utterances -> a list of float32 waveforms (in the order given), row i what
+    `synthesize(t2w, units_list[i], voice_i, noise_i, rate_i)` gives (float32 rounding aside):
+    v1's flow batched (`flow.flow_batch`: rows padded to buckets of units and frames, each row
+    masked to its own length), then HiFT batched with each row's mel length. `voice_vec`: one
+    voice (a name, a .npy, an x-vector) for every row, or a list with one per row;
+    `speech_rate`: a number or a list. `noise`: "zero"; a PRNG key, row i then drawing from
+    `jax.random.fold_in(key, i)` (so `synthesize_batch(t2w, us, v, key)[i] ==
+    synthesize(t2w, us[i], v, jax.random.fold_in(key, i))`: a row's audio depends on neither its
+    batch-mates nor the batch size; row 0 is not `synthesize(..., key)` itself); or a list of
+    keys, one per row (`synthesize(..., keys[i])`). Rows are sorted by length and cut into
+    batches of at most `max_batch` (a smaller last batch padded to a power of two), so that
+    little padding is computed and few programs compile. Errors name the row. v2's causal flow
+    is not batched yet: its rows run one at a time."""
+    import jax
+
+    from cslm_jax.speech.flow import flow_batch
+    from cslm_jax.speech.hift import vocode
+
+    units_list = list(units_list)
+    n = len(units_list)
+    if max_batch < 1:
+        raise Token2WavError(f"max_batch {max_batch}: must be >= 1")
+    dim = t2w.flow_cfg.spk_embed_dim
+
+    def per_row(x, what, listed):
+        if not listed:
+            return [x] * n
+        if len(x) != n:
+            raise Token2WavError(f"{what}: {len(x)} entries for {n} utterances; give one, or "
+                                 f"one per utterance")
+        return list(x)
+
+    # a list of voices (names, files, x-vectors), not one x-vector given as a list of floats
+    voices = per_row(voice_vec, "voices", isinstance(voice_vec, (list, tuple)) and (
+        not voice_vec or isinstance(voice_vec[0], (str, Path)) or np.ndim(voice_vec[0]) > 0))
+    rates = per_row(speech_rate, "speech rates", isinstance(speech_rate, (list, tuple)))
+    if isinstance(noise, str):
+        if noise != "zero":
+            raise Token2WavError(f"noise {noise!r}: give 'zero', a PRNG key or one key per row")
+        keys = [None] * n
+    elif isinstance(noise, (list, tuple)):
+        keys = per_row(noise, "noise keys", True)
+        if any(k is None or isinstance(k, str) for k in keys):
+            raise Token2WavError("noise keys: give a PRNG key for every row (or 'zero' for all)")
+    else:
+        keys = [jax.random.fold_in(noise, i) for i in range(n)]
+    rows = []
+    for i in range(n):
+        try:
+            u, m = check_request(t2w, units_list[i], rates[i])
+            v = voices[i]
+            emb = voice(t2w, v) if isinstance(v, (str, Path)) else \
+                _check_voice("(array)", v, dim, "voice")
+        except Token2WavError as e:
+            raise Token2WavError(f"row {i}: {e}") from None
+        rows.append((u, m, emb))
+    if t2w.version != "v1":
+        return [synthesize(t2w, units_list[i], rows[i][2], "zero" if keys[i] is None
+                           else keys[i], rates[i], precision) for i in range(n)]
+    order = sorted(range(n), key=lambda i: rows[i][1])
+    out = [None] * n
+    for start in range(0, n, max_batch):
+        idx = order[start:start + max_batch]
+        r = min(max_batch, _next_pow2(len(idx)))
+        if keys[idx[0]] is None:
+            k_flow, k_hift = "zero", None
+        else:
+            split = [jax.random.split(keys[i]) for i in idx]
+            k_flow, k_hift = [s[0] for s in split], [s[1] for s in split]
+        mel, mel_len = flow_batch(t2w.flow_params, t2w.flow_cfg, [rows[i][0] for i in idx],
+                                  np.stack([rows[i][2] for i in idx]), noise=k_flow,
+                                  mel_lens=[rows[i][1] for i in idx], rows=r,
+                                  precision=precision)            # [b, 80, F], each from 0
+        pad = r - len(idx)                                          # HiFT's rows: as the flow's
+        mel = np.concatenate([mel, np.repeat(mel[:1], pad, 0)])
+        mel_len = np.concatenate([mel_len, np.repeat(mel_len[:1], pad)])
+        hift_noise = "zero"
+        if k_hift is not None:
+            import jax.numpy as jnp
+            hift_noise = _jitted_row_draws(t2w.hift_cfg, mel.shape[2] * t2w.samples_per_frame)(
+                jnp.stack([jnp.asarray(k) for k in k_hift + k_hift[:1] * pad]))
+        wave, wave_len = vocode(t2w.hift_params, t2w.hift_cfg, mel, mel_len, noise=hift_noise,
+                                precision=precision)
+        for j, i in enumerate(idx):
+            out[i] = np.asarray(wave[j, :int(wave_len[j])], np.float32)
+    return out
+
+
 __all__ = [
     "FILES",
     "FORMAT",
@@ -328,5 +438,6 @@ __all__ = [
     "save_random_token2wav",
     "save_token2wav",
     "synthesize",
+    "synthesize_batch",
     "voice",
 ]
