@@ -32,6 +32,12 @@ Noise is an input: `noise="zero"` (deterministic: z = 0), a PRNG key, or an arra
 `[1, Mp + M, 80]` (upstream's `randn_like(mu)` transposed, for tests). Upstream's flow cache
 (streaming) is not part of this module yet.
 
+Batched (`flow_batch`, `flow_inference_batch`; upstream asserts batch 1): answers of different
+lengths, each with its own x-vector, mel length, optional zero-shot prompt and noise, in one
+compiled call, units and frames padded to buckets (`UNIT_BUCKET`, `FRAME_BUCKET`) so that many
+lengths share a program; every row is what it is alone (`regulate_rows`: per-row interpolation;
+GroupNorms over each row's frames; zeros past each row's end before every convolution).
+
 Parameters are a flat dict named by upstream's module paths (`input_embedding.w`,
 `encoder.encoders.0.self_attn.linear_q.w`, `decoder.estimator.down_blocks.0.1.0.attn1.to_q.w`,
 ...) with `.w` / `.b` (linear [in, out], conv and transposed conv [k, in, out], LayerNorm and
