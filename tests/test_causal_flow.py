@@ -84,6 +84,21 @@ def test_upstream_noise_is_its_buffer():
 
 
 @pytest.mark.slow
+def test_padded_calls_match_upstream_with_two_levels():
+    """`pad_to`, with a two-level U-Net (a strided conv down and a transposed conv up, which
+    look at their neighbours: the padding must be masked out before them), streamed and not,
+    with a prompt: upstream's frames."""
+    cfg, params = cf.init_random("v2", seed=1, **{**SMALL, "channels": (32, 32)})
+    model = ref.flow_v2_reference(cfg, flow_to_state_dict(cfg, params))
+    units, emb, pu, pm = _inputs(11, seed=9, prompt=3)
+    for streaming, finalize in ((False, True), (True, False)):
+        mel_ref, _, _ = ref.run_flow_v2(model, units, emb, pu, pm, streaming, finalize)
+        mel = cf.causal_flow_inference(params, cfg, units, emb, pu, pm, noise="upstream",
+                                       streaming=streaming, finalize=finalize, pad_to=21)
+        assert mel.shape == mel_ref.shape and np.abs(mel - mel_ref).max() <= TOL
+
+
+@pytest.mark.slow
 def test_encoder_matches_upstream():
     """The encoder's projected output (mu) on its own, streamed and not finalized, with a
     prompt (run eagerly: slow to trace)."""
@@ -117,9 +132,10 @@ def test_consecutive_streamed_calls_match_upstreams_driver():
     """What CosyVoice2Model.token2wav does with the flow while units arrive (hop = the encoder's
     chunk, 4 here, 25 officially): the units so far plus 3 of look-ahead, streamed and not
     finalized, the frames from 2 * token_offset on kept; the last call finalized with every
-    unit (upstream's last call is not streamed). Each call's new frames match upstream's, the
-    frames a later call gives again agree with the earlier call's, and the pieces add up to
-    2 frames per unit."""
+    unit (upstream's last call is not streamed). The streamed calls are padded to one length
+    (`pad_to`: one compiled program for the growing prefix). Each call's new frames match
+    upstream's, the frames a later call gives again agree with the earlier call's, and the
+    pieces add up to 2 frames per unit."""
     cfg, params, model = _model()
     units, emb, _, _ = _inputs(N, seed=4)
     hop, look, pieces, offset = cfg.encoder_chunk, cfg.pre_lookahead_len, [], 0
@@ -129,7 +145,8 @@ def test_consecutive_streamed_calls_match_upstreams_driver():
     for upto, streaming, finalize in calls:
         mel_ref, _, _ = ref.run_flow_v2(model, upto, emb, streaming=streaming, finalize=finalize)
         mel = cf.causal_flow_inference(params, cfg, upto, emb, noise="upstream",
-                                       streaming=streaming, finalize=finalize)
+                                       streaming=streaming, finalize=finalize,
+                                       pad_to=16 if streaming else None)
         new, new_ref = cf.new_frames(cfg, mel, offset), mel_ref[:, :, 2 * offset:]
         assert new.shape == new_ref.shape and np.abs(new - new_ref).max() <= TOL
         if earlier is not None and streaming:
@@ -160,6 +177,8 @@ def test_named_errors():
         cf.causal_flow_inference(params, cfg, units, emb, noise="gauss")
     with pytest.raises(Token2WavError, match="leaves no frames of the answer"):
         cf.causal_flow_inference(params, cfg, units[:1], emb, pu[:1], np.zeros((9, 80)))
+    with pytest.raises(Token2WavError, match="pad_to 10: this call has 12 units"):
+        cf.causal_flow_inference(params, cfg, units, emb, pu, pm, pad_to=10)
     with pytest.raises(Token2WavError, match="unknown causal flow version"):
         cf.CausalFlowConfig(version="v1")
     with pytest.raises(Token2WavError, match="input_size 256 != encoder_size 512"):

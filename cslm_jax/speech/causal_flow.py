@@ -346,10 +346,11 @@ def _linear_embed(ops, p, x, d):
         math.sqrt(d))
 
 
-def _conformer_stack(ops, cfg, prefix, n_blocks, x, allowed):
+def _conformer_stack(ops, cfg, prefix, n_blocks, x, allowed, n_valid):
     """`n_blocks` of upstream's ConformerEncoderLayer (rel_selfattn, pre-norm, SiLU
     feed-forward, no macaron, no conv module); `allowed [T, T]` bool: which frames each frame
-    attends to."""
+    attends to; frames at and past `n_valid` (traced) are padding, attended by none. (Relative
+    positions do not depend on the padded length: the real frames' scores are upstream's.)"""
     import jax
     import jax.numpy as jnp
 
@@ -359,7 +360,7 @@ def _conformer_stack(ops, cfg, prefix, n_blocks, x, allowed):
     pe = jnp.asarray(_rel_positions(n, d))
     # rel_shift: score[i, k] reads the position column n - 1 - i + k (relative position i - k)
     shift = (n - 1 - np.arange(n)[:, None] + np.arange(n)[None, :]).astype(np.int32)
-    ok = jnp.asarray(allowed)[None, None]                                    # [1, 1, T, T]
+    ok = jnp.asarray(allowed)[None, None] & (jnp.arange(n) < n_valid)[None, None, None, :]
     for i in range(n_blocks):
         p = f"{prefix}.{i}"
         a = f"{p}.self_attn"
@@ -383,34 +384,49 @@ def _conformer_stack(ops, cfg, prefix, n_blocks, x, allowed):
 
 def encoder(params: dict, cfg: CausalFlowConfig, units, context=None, streaming: bool = False,
             precision: str = "highest"):
-    """`UpsampleConformerEncoder` and the projection: `units [B, N]` (ids; every one gives
-    frames), `context [B, pre_lookahead_len]` (ids of the held-back units, or None: zeros) ->
-    `h [B, token_mel_ratio * N, 80]`; traceable."""
+    """`UpsampleConformerEncoder` and the projection: `units [1, N]` (ids; every one gives
+    frames), `context [1, pre_lookahead_len]` (ids of the held-back units, or None: zeros) ->
+    `h [1, token_mel_ratio * N, 80]`; traceable."""
+    import jax.numpy as jnp
+    n = units.shape[1]
+    ids = units if context is None else jnp.concatenate([jnp.asarray(units),
+                                                         jnp.asarray(context)], 1)
+    n_ctx = 0 if context is None else context.shape[1]
+    h = encode_padded(params, cfg, ids, n, n_ctx, streaming, precision)
+    return h[:, :cfg.token_mel_ratio * n]
+
+
+def encode_padded(params: dict, cfg: CausalFlowConfig, ids, n_main, n_ctx: int,
+                  streaming: bool = False, precision: str = "highest"):
+    """The encoder on a padded row: `ids [1, U]` holds the `n_main` units that give frames
+    (traced: one program serves every length up to U), then `n_ctx` (static: 0 or
+    `pre_lookahead_len`) units of right context, then padding. Returns `h [1, 2U, 80]`, whose
+    first `2 n_main` frames are upstream's (the rest are padding: no real frame sees them)."""
     import jax
     import jax.numpy as jnp
 
     ops = _Ops(params, precision)
     d, s, look = cfg.encoder_size, cfg.token_mel_ratio, cfg.pre_lookahead_len
-    emb = params["input_embedding.w"]
-    x = _linear_embed(ops, "encoder.embed", emb[units], d)
+    x = _linear_embed(ops, "encoder.embed", params["input_embedding.w"][ids], d)
     b, n, _ = x.shape
-    if context is None:
-        right = jnp.zeros((b, look, d), x.dtype)
-    else:
-        right = _linear_embed(ops, "encoder.embed", emb[context], d)
-    # PreLookaheadLayer: conv k (look + 1) over each frame and the next `look`, a causal conv k3
-    y = ops.conv("encoder.pre_lookahead_layer.conv1", jnp.concatenate([x, right], 1), (0, 0))
+    pos = jnp.arange(n)
+    # PreLookaheadLayer: conv k (look + 1) over each frame and the next `look` (the context's
+    # embedding, zeros past it: upstream pads the embedded units), a causal conv k3, a residual
+    right = jnp.where((pos < n_main + n_ctx)[None, :, None], x, 0.0)
+    right = jnp.concatenate([right, jnp.zeros((b, look, d), x.dtype)], 1)
+    y = ops.conv("encoder.pre_lookahead_layer.conv1", right, (0, 0))
     y = ops.causal_conv("encoder.pre_lookahead_layer.conv2", jax.nn.leaky_relu(y, 0.01))
     x = x + y
     full = np.ones((n, n), bool)
     x = _conformer_stack(ops, cfg, "encoder.encoders", cfg.encoder_blocks, x,
-                         chunk_mask(n, cfg.encoder_chunk) if streaming else full)
+                         chunk_mask(n, cfg.encoder_chunk) if streaming else full, n_main)
     # Upsample1D: nearest x s, 2 s zeros in front, a conv k (2 s + 1)
     x = ops.conv("encoder.up_layer.conv", jnp.repeat(x, s, axis=1), (2 * s, 0))
     x = _linear_embed(ops, "encoder.up_embed", x, d)
     full = np.ones((s * n, s * n), bool)
     x = _conformer_stack(ops, cfg, "encoder.up_encoders", cfg.up_blocks, x,
-                         chunk_mask(s * n, cfg.encoder_chunk * s) if streaming else full)
+                         chunk_mask(s * n, cfg.encoder_chunk * s) if streaming else full,
+                         s * n_main)
     x = ops.layer_norm("encoder.after_norm", x, 1e-5)
     return ops.dense("encoder_proj", x)
 
@@ -566,24 +582,24 @@ def upstream_noise() -> np.ndarray:
     return np.ascontiguousarray(z.transpose(0, 2, 1), np.float32)
 
 
-def _forward(params, units, context, prompt_mel, embedding, noise, *, cfg, streaming, n_steps,
+def _forward(params, ids, n_main, cond, embedding, noise, *, cfg, n_ctx, streaming, n_steps,
              cfg_rate, precision):
+    """ids [1, U] (n_main traced), cond and noise [1, 2U, 80] -> mel [1, 2U, 80] (the first
+    2 n_main frames real)."""
     import jax.numpy as jnp
     spks = embedding / jnp.maximum(jnp.linalg.norm(embedding, axis=1, keepdims=True), 1e-12)
     spks = _Ops(params, precision).dense("spk_embed_affine_layer", spks)
-    mu = encoder(params, cfg, units, context, streaming, precision)      # [1, Mp + M, 80]
-    mp = prompt_mel.shape[1]
-    cond = jnp.zeros_like(mu).at[:, :mp].set(prompt_mel)
-    mask = jnp.ones(mu.shape[:2], mu.dtype)
-    mel = cfm(params, cfg, mu, mask, spks, cond, noise, streaming, n_steps, cfg_rate, precision)
-    return jnp.swapaxes(mel[:, mp:], 1, 2)
+    mu = encode_padded(params, cfg, ids, n_main, n_ctx, streaming, precision)
+    mask = (jnp.arange(mu.shape[1]) < cfg.token_mel_ratio * n_main)[None].astype(mu.dtype)
+    return cfm(params, cfg, mu, mask, spks, cond, noise, streaming, n_steps, cfg_rate,
+               precision)
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(cfg, streaming, n_steps, cfg_rate, precision):
+def _jitted(cfg, n_ctx, streaming, n_steps, cfg_rate, precision):
     import jax
-    return jax.jit(functools.partial(_forward, cfg=cfg, streaming=streaming, n_steps=n_steps,
-                                     cfg_rate=cfg_rate, precision=precision))
+    return jax.jit(functools.partial(_forward, cfg=cfg, n_ctx=n_ctx, streaming=streaming,
+                                     n_steps=n_steps, cfg_rate=cfg_rate, precision=precision))
 
 
 def _noise(noise, total: int) -> np.ndarray:
@@ -612,8 +628,8 @@ def _noise(noise, total: int) -> np.ndarray:
 def causal_flow_inference(params: dict, cfg: CausalFlowConfig, units, embedding,
                           prompt_units=None, prompt_mel=None, noise="zero",
                           streaming: bool = False, finalize: bool = True,
-                          n_steps: int | None = None, cfg_rate: float | None = None,
-                          precision: str = "highest"):
+                          pad_to: int | None = None, n_steps: int | None = None,
+                          cfg_rate: float | None = None, precision: str = "highest"):
     """What upstream's `CausalMaskedDiffWithXvec.inference(..., streaming, finalize)` computes,
     for one utterance: `units [N]` (or `[1, N]`), the speaker's x-vector `embedding [192]` (or
     `[1, 192]`), an optional zero-shot prompt (`prompt_units [Np]` and its mel `prompt_mel
@@ -621,7 +637,10 @@ def causal_flow_inference(params: dict, cfg: CausalFlowConfig, units, embedding,
     (see the module: "zero", "upstream", a PRNG key, or an array `[1, F, 80]`), `streaming`
     (chunked attention), `finalize` (False: the last `pre_lookahead_len` units are right
     context only). Returns numpy `mel [1, 80, M]`, `M = 2 (Np + N') - Mp` with `N' = N` or
-    `N - pre_lookahead_len`. Compiled once per (lengths, flags, steps, guidance, precision)."""
+    `N - pre_lookahead_len`. Compiled once per (padded length, flags, steps, guidance,
+    precision): `pad_to` pads the units (prompt, answer and context) to that many, so that calls
+    of different lengths - a streamer's growing prefix - share one program (the padding changes
+    no frame: no real frame sees it); default the exact length."""
     check_params(cfg, params)
     u = check_units(cfg, units)
     pu = check_units(cfg, np.zeros((0,), np.int32) if prompt_units is None else prompt_units,
@@ -647,15 +666,26 @@ def causal_flow_inference(params: dict, cfg: CausalFlowConfig, units, embedding,
                              f"{cfg.pre_lookahead_len} (the last {cfg.pre_lookahead_len} are "
                              f"look-ahead only)" if look else "no units to synthesise")
     allu = np.concatenate([pu, u])
-    main, ctx = (allu, None) if finalize else (allu[:-look], allu[-look:][None])
-    total = cfg.mel_len(len(main))
+    n_main = len(allu) - look
+    total = cfg.mel_len(n_main)
     if total - len(pm) < 1:
         raise Token2WavError(f"prompt mel of {len(pm)} frames leaves no frames of the answer "
-                             f"({total} frames in all for {len(main)} units)")
-    z = _noise(noise, total)
-    fn = _jitted(cfg, bool(streaming), cfg.n_timesteps if n_steps is None else n_steps,
+                             f"({total} frames in all for {n_main} units)")
+    width = len(allu) if pad_to is None else int(pad_to)
+    if width < len(allu):
+        raise Token2WavError(f"pad_to {pad_to}: this call has {len(allu)} units (prompt, "
+                             f"answer and look-ahead); pad to at least that")
+    frames = cfg.mel_len(width)
+    z = np.zeros((1, frames, cfg.output_size), np.float32)
+    z[:, :total] = _noise(noise, total)
+    cond = np.zeros((1, frames, cfg.output_size), np.float32)
+    cond[0, :len(pm)] = pm
+    ids = np.zeros((1, width), np.int32)
+    ids[0, :len(allu)] = allu
+    fn = _jitted(cfg, look, bool(streaming), cfg.n_timesteps if n_steps is None else n_steps,
                  cfg.cfg_rate if cfg_rate is None else float(cfg_rate), precision)
-    return np.asarray(fn(params, main[None], ctx, pm[None], emb[None], z))
+    mel = np.asarray(fn(params, ids, np.int32(n_main), cond, emb[None], z))
+    return np.ascontiguousarray(mel[:, len(pm):total].transpose(0, 2, 1))
 
 
 def new_frames(cfg: CausalFlowConfig, mel, token_offset: int):
@@ -682,5 +712,5 @@ def stretch(mel, n_frames: int) -> np.ndarray:
 
 
 __all__ = ["CausalFlowConfig", "PRESETS", "NOISE_FRAMES", "layers", "param_shapes",
-           "init_random", "check_params", "chunk_mask", "encoder", "estimator", "cfm",
+           "init_random", "check_params", "chunk_mask", "encoder", "encode_padded", "estimator", "cfm",
            "upstream_noise", "causal_flow_inference", "new_frames", "stretch"]
