@@ -303,6 +303,9 @@ def test_serialize_batch_is_tensorflows_deterministic_encoding():
     small = [[i for i in x if i < 2 ** 21] for x in ids] + [[], [132356] * 7000]   # (> 16 KiB)
     masks = [[rng.randrange(2) for _ in x] for x in small]
     assert serialize_batch(small, masks) == [serialize(i, m) for i, m in zip(small, masks)]
+    # ids known to be a tokenizer's (below its vocabulary size): the table without a look over
+    assert serialize_batch(small, masks, vocab_size=2 ** 21) == \
+        [serialize(i, m) for i, m in zip(small, masks)]
     for bad in ([[1, -1]], [[1, 2 ** 35]]):
         with pytest.raises(ValueError):
             serialize_batch(bad, [[1, 1]])

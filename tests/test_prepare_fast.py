@@ -89,8 +89,8 @@ def _documented_examples(kind, record, fmt, where):
 
 @pytest.mark.parametrize("variant", ["as_is", "sequential", "no_merge", "odd_templates"])
 def test_examples_are_the_documented_strings(demo, variant):
-    """formats.examples joins the parts formats.example_parts defines: the strings the format
-    documents (a guard of that definition, which both paths now share)."""
+    """formats.examples joins the parts it defines: the strings the format documents (a guard
+    of that definition, which both paths now share)."""
     n = 0
     for cfg, spec, where, record in _demo_records(demo):
         if spec.kind not in ("asr", "tts", "s2s"):
@@ -313,7 +313,10 @@ def test_units_the_tokenizer_lacks_are_tokenized_as_text(demo):
               {"role": "assistant", "content": SpeechText(["", [3, -1], ""])}],
              [{"role": "user", "content": SpeechText(["ok ", [1, 2], ""])},
               {"role": "assistant", "content": "fine"}]]
-    assert fast.ids(batch) == [renderer.encode(renderer.render_text(plain(m))) for m in batch]
+    want = [renderer.encode(renderer.render_text(plain(m))) for m in batch]
+    assert fast.ids(batch) == want
+    # units known to lie below a codebook larger than the tokenizer's units: still looked over
+    assert fast.ids(batch, units_below=10000) == want
 
 
 def test_speech_spans_left_to_the_tokenizer_when_a_token_could_run_into_them(demo):

@@ -20,9 +20,10 @@ examples of each role sequence and every `verify_every`-th one are also rendered
 and compared: a difference raises DataError.
 
 How it is proven equal. The contents come from the one definition of the examples
-(`formats.example_parts`; `fast_examples` only keeps their unit lists). tests/test_prepare_fast.py:
-`fast_examples` == `examples` on every demo task and chain, templates changed in the data config
-followed without code change (prepared bytes equal to the exact path's), speech spans as ids on
+(`formats.examples`; `fast_examples` only keeps their unit lists). tests/test_prepare_fast.py:
+`fast_examples` == `examples` on every demo task and chain, prompts, chain and loss mask changed
+in the data config and a joining rule put in formats' place followed without a change here
+(prepared bytes equal to the exact path's), speech spans as ids on
 the demo and the true Llama-3.1 tokenizers, verbatim templates, the batch-API route, units the
 tokenizer lacks, spans a token could run into, the header positions. tests/test_prepare_data.py:
 the Llama-3.1 tokenizer on awkward contents, refused templates, and the prepared caches (Beam and
@@ -37,7 +38,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from cslm_jax.data.formats import ROLES, ChatRenderer, example_parts, speech
+from cslm_jax.data.formats import ChatRenderer, examples, joined
 from cslm_jax.data.wordtok import WordTokens
 from cslm_jax.errors import DataError
 
@@ -50,7 +51,7 @@ CHECK_FIRST = 4              # examples of each role sequence compared with the 
 
 class SpeechText:
     """A chat content given by its parts [text, units, text, units, ..., text] (as
-    `formats.example_parts` defines it): the content is text + speech(units) + text + ...
+    `formats.examples` defines it): the content is text + speech(units) + text + ...
     (`str(content)`; it compares equal to that string). The string is built only where it is
     needed (Jinja, the sample checks: `plain`); FastChat turns the parts into ids without it."""
 
@@ -60,7 +61,7 @@ class SpeechText:
         self.parts = parts
 
     def __str__(self) -> str:
-        return "".join(p if k % 2 == 0 else speech(p) for k, p in enumerate(self.parts))
+        return joined(self.parts)
 
     def __eq__(self, other) -> bool:
         if isinstance(other, (str, SpeechText)):
@@ -80,20 +81,16 @@ def plain(messages: list) -> list:
             for m in messages]
 
 
+def speech_content(parts: list) -> SpeechText | str:
+    """A content's parts (`formats.examples`) kept as a SpeechText; without a span, its text."""
+    return parts[0] if len(parts) == 1 else SpeechText(parts)
+
+
 def fast_examples(task_kind: str, record: dict, cfg, where: str) -> list:
     """`formats.examples(...)` with each content holding speech spans kept as a `SpeechText` of
-    its parts: the same examples (the same `formats.example_parts`), whose spans FastChat turns
-    into ids without the tokenizer. A content without spans is its string."""
-    return [[{"role": ROLES[i % 2], "content": parts[0] if len(parts) == 1 else SpeechText(parts)}
-             for i, parts in enumerate(turns)]
-            for turns in example_parts(task_kind, record, cfg, where)]
-
-
-def _strip_parts(parts: list) -> list:
-    """The parts of the stripped string (spans start and end with '<': never stripped)."""
-    if len(parts) == 1:
-        return [parts[0].strip()]
-    return [parts[0].lstrip(), *parts[1:-1], parts[-1].rstrip()]
+    its parts: the same examples, from the same definition, whose spans FastChat turns into ids
+    without the tokenizer."""
+    return examples(task_kind, record, cfg, where, content=speech_content)
 
 
 # -- plans: a template rendered once per role sequence ------------------------------------------------
@@ -318,50 +315,70 @@ class FastChat:
         self.cache[text] = ids
         return ids
 
-    def _known(self, text: str) -> list[int] | None:
-        """A text's ids from the cache, else word by word (`WordTokens`; then kept); None when
-        neither can give them (or the text holds a placeholder character)."""
-        hit = self.cache.get(text)
-        if hit is None and self.words is not None and PLACEHOLDER_OPEN not in text:
-            hit = self.words.ids(text)
-            if hit is not None:
-                self._keep(text, hit)
-        return hit
+    def _words(self, text: str) -> list[int] | None:
+        """A text's ids word by word (`WordTokens`; then kept in the cache); None when the
+        tokenizer has no WordTokens, the text holds a character they refuse or a placeholder."""
+        if self.words is None or PLACEHOLDER_OPEN in text:
+            return None
+        ids = self.words.ids(text)
+        if ids is not None:
+            self._keep(text, ids)
+        return ids
 
-    def ids(self, batch: list, found: list | None = None) -> list[list[int]]:
+    def ids(self, batch: list, found: list | None = None, units_below: int | None = None
+            ) -> list[list[int]]:
         """Token ids of each chat example of `batch` (see the class docstring). A content that
         is a `SpeechText` (parts: text, units, text, ...) has its spans' ids computed (see
         `_span_ids`); the text between them, and plain contents, are tokenized word by word
         (`WordTokens`) where the tokenizer allows, else through its batch API, each distinct
         text once. `found`, a list, receives per example the positions of the user and
         assistant header patterns (`_mark`; `loss_mask(..., found=)`), or None where
-        `loss_mask` must search."""
+        `loss_mask` must search. `units_below`: the unit ids of SpeechText contents are known to
+        lie in [0, units_below) (validated records); a span is then looked over for a unit the
+        tokenizer lacks only when the tokenizer lacks some of those."""
         n = len(batch)
+        units_checked = (units_below is not None and self.span_ids is not None
+                         and units_below <= len(self.span_ids[2]))
         out: list = [None] * n
         marked: list = [None] * n
         roles_of = [tuple([m["role"] for m in messages]) for messages in batch]
-        plans = [self.plan_for(roles) for roles in roles_of]
+        made = {roles: self.plan_for(roles) for roles in set(roles_of)}
+        plans = list(map(made.__getitem__, roles_of))
         # 1. every text from the cache or word by word
-        rest = [j for j in range(n) if plans[j] is None
-                or not self._put(j, batch[j], plans[j], self._known, out, marked)]
-        # 2. what is left: the texts the cache and the words cannot give, through the batch API
+        build = self._builder(self._words, units_checked)
+        rest = []
+        for j, plan in enumerate(plans):
+            built = None if plan is None else build(batch[j], plan)
+            if built is None:
+                rest.append(j)
+            else:
+                out[j], marked[j] = built
+        # 2. what is left: the texts neither the cache nor the words give, through the batch API
         # at once; an example no plan can take goes to Jinja (`whole`)
-        texts: dict[str, list[int] | None] = {}
+        need: dict[str, list[int] | None] = {}
 
         def collect(text: str) -> tuple | None:
             if PLACEHOLDER_OPEN in text:
                 return None
-            if text not in texts:
-                texts[text] = self.cache.get(text)
+            need[text] = None
             return ()
 
-        whole = [j for j in rest if plans[j] is None or self._build(batch[j], plans[j], collect) is None]
-        need = [text for text, ids in texts.items() if ids is None]
-        for text, ids in zip(need, self._encode(need, False) if need else ()):
-            texts[text] = self._keep(text, ids)
-        gone = set(whole)
-        whole += [j for j in rest if j not in gone
-                  and not self._put(j, batch[j], plans[j], texts.get, out, marked)]
+        whole, later = [], []
+        build = self._builder(collect, units_checked)
+        for j in rest:
+            fits = plans[j] is not None and build(batch[j], plans[j]) is not None
+            (later if fits else whole).append(j)
+        if need:
+            need = dict(zip(need, self._encode(list(need), False)))
+        build = self._builder(need.get, units_checked)   # the cache is as step 2 saw it
+        for j in later:
+            built = build(batch[j], plans[j])
+            if built is None:
+                whole.append(j)
+            else:
+                out[j], marked[j] = built
+        for text, ids in need.items():
+            self._keep(text, ids)
         # 3. no plan, or a content a plan cannot take: Jinja and the tokenizer
         if whole:
             rendered = [self.r.render_text(plain(batch[j])) for j in whole]
@@ -387,65 +404,68 @@ class FastChat:
                                 f"roles {roles}; prepare with fast rendering off "
                                 f"(--no-fast-render) and report this")
 
-    def _put(self, j: int, messages: list, plan: Plan, tokens, out: list, marked: list) -> bool:
-        """Build example `j` from its plan into `out[j]` (its header positions into `marked[j]`,
-        see `_mark`); False (nothing written) where `_build` cannot."""
-        built = self._build(messages, plan, tokens)
-        if built is None:
-            return False
-        ids, starts = built
-        marks = plan.marks
-        if marks is not None and ids.count(self.header) == plan.headers:
-            # no header-start id in the contents: the template's headers are all there are
-            marked[j] = ([starts[f] + o for f, o in marks[0]], [starts[f] + o for f, o in marks[1]])
-        out[j] = ids
-        return True
-
-    def _build(self, messages: list, plan: Plan, tokens) -> tuple[list, list] | None:
-        """(ids, start of each constant piece) of one example, each text's ids from
-        `tokens(text)`; None where it cannot: a message with fields besides role and content, a
-        content neither a string nor a SpeechText, a unit the tokenizer lacks, a text `tokens`
-        cannot give (None)."""
-        spans = self.span_ids
+    def _builder(self, tokens, units_checked: bool):
+        """build(messages, plan) -> (ids, header positions) of one example from its plan: each
+        text's ids from the cache, else `tokens(text)`; the positions of the user and assistant
+        headers (`_mark`) when the contents hold no header-start id, else None (the loss mask
+        searches). It returns None where it cannot: a message with fields besides role and
+        content, a content neither a string nor a SpeechText, a unit the tokenizer lacks
+        (looked for unless `units_checked`), a text `tokens` cannot give (None)."""
+        spans, cached, prefix, header = self.span_ids, self.cache.get, self.prefix, self.header
         if spans is not None:
             sosp, eosp, unit_ids = spans
-        ids = list(self.prefix)
-        starts = []
-        for fixed, m, head, tail in zip(plan.fixed, messages, plan.heads, plan.tails):
-            if len(m) != 2:
-                return None
-            c = m["content"]
-            starts.append(len(ids))
-            ids += fixed
-            if c.__class__ is SpeechText:
-                parts = c.parts if spans is not None else [str(c)]
-            elif isinstance(c, str):
-                parts = [c]
-            else:
-                return None
-            if plan.strip:
-                parts = _strip_parts(parts)
-            last = len(parts) - 1
-            for k, p in enumerate(parts):
-                if k % 2:                            # a speech span: its ids computed
-                    if p and (min(p) < 0 or max(p) >= len(unit_ids)):
-                        return None                  # a unit the tokenizer lacks
-                    ids.append(sosp)
-                    ids += map(unit_ids.__getitem__, p)
-                    ids.append(eosp)
-                    continue
-                if k == 0:
-                    p = head + p
-                if k == last:
-                    p += tail
-                if p:
-                    got = tokens(p)
+            unit, n_units = unit_ids.__getitem__, len(unit_ids)
+
+        def build(messages: list, plan: Plan) -> tuple[list, tuple | None] | None:
+            strip = plan.strip
+            ids = list(prefix)
+            starts = []
+            for fixed, m, head, tail in zip(plan.fixed, messages, plan.heads, plan.tails):
+                if len(m) != 2:
+                    return None
+                c = m["content"]
+                starts.append(len(ids))
+                ids += fixed
+                if isinstance(c, str):                # one text
+                    text = head + (c.strip() if strip else c) + tail
+                elif c.__class__ is SpeechText and spans is not None and len(c.parts) > 1:
+                    # a text, then (units, text) pairs (stripped at both ends of the content
+                    # when the template strips it; spans start and end with '<'): each text
+                    # tokenized, the first after the constant text before the content; each
+                    # span's ids computed
+                    parts = iter(c.parts)
+                    text = head + (next(parts).lstrip() if strip else next(parts))
+                    for units, after in zip(parts, parts):
+                        if text:
+                            got = cached(text) or tokens(text)
+                            if got is None:
+                                return None
+                            ids += got
+                        if not units_checked and units and (min(units) < 0
+                                                            or max(units) >= n_units):
+                            return None               # a unit the tokenizer lacks
+                        ids.append(sosp)
+                        ids += map(unit, units)
+                        ids.append(eosp)
+                        text = after
+                    text = (text.rstrip() if strip else text) + tail
+                elif c.__class__ is SpeechText:       # spans not computed: one text
+                    text = head + (str(c).strip() if strip else str(c)) + tail
+                else:
+                    return None
+                if text:                              # the content's last text
+                    got = cached(text) or tokens(text)
                     if got is None:
                         return None
                     ids += got
-        starts.append(len(ids))
-        ids += plan.fixed[-1]
-        return ids, starts
+            starts.append(len(ids))
+            ids += plan.fixed[-1]
+            marks = plan.marks
+            if marks is None or ids.count(header) != plan.headers:
+                return ids, None      # a header-start id in the contents: the mask searches
+            return ids, ([starts[f] + o for f, o in marks[0]], [starts[f] + o for f, o in marks[1]])
+
+        return build
 
 
 _FAST_CHATS: dict = {}

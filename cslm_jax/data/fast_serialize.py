@@ -8,9 +8,10 @@ the lengths and field tags of the Example's nesting around them. No protobuf obj
 and no TensorFlow import (so Beam workers need none).
 
 When it is on. `Preparer(fast=True)`, the default (`prepare-data --no-fast-render` turns it off),
-for every batch. Ids from 0 to `VARINT_TABLE_MAX` come from the table (built up to the largest
-id met, a power of two); a batch holding a larger id is encoded by numpy (`packed_varints`),
-which also refuses ids outside [0, 2**35) and loss weights other than 0 and 1 (ValueError).
+for every batch. Ids below `VARINT_TABLE_MAX` come from the table (built up to the tokenizer's
+vocabulary size, or to the largest id met, a power of two); otherwise a batch is encoded by numpy
+(`packed_varints`), which refuses ids outside [0, 2**35); loss weights other than 0 and 1 are
+refused (ValueError).
 
 How it is proven equal. tests/test_prepare_data.py::test_serialize_batch_is_tensorflows_
 deterministic_encoding (ids of every varint length through both the table and numpy, empty and
@@ -88,15 +89,19 @@ def packed_varints(values: list) -> list[bytes]:
     return [data[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
 
 
-def _packed_ids(ids: list) -> list[bytes]:
-    """Each id list as its packed varints: from the table when every id of the batch lies in
-    [0, VARINT_TABLE_MAX), else by numpy (which refuses ids outside [0, 2**35))."""
-    nonempty = [i for i in ids if i]
-    if not nonempty:
-        return [b""] * len(ids)
+def _packed_ids(ids: list, vocab_size: int | None) -> list[bytes]:
+    """Each id list as its packed varints: from the table when every id lies in
+    [0, VARINT_TABLE_MAX) (known from `vocab_size`, else looked over), else by numpy (which
+    refuses ids outside [0, 2**35))."""
     table = None
-    if min(map(min, nonempty)) >= 0:
-        table = _varint_table(max(map(max, nonempty)))
+    if vocab_size is not None:
+        table = _varint_table(vocab_size - 1)
+    else:
+        nonempty = [i for i in ids if i]
+        if not nonempty:
+            return [b""] * len(ids)
+        if min(map(min, nonempty)) >= 0:
+            table = _varint_table(max(map(max, nonempty)))
     if table is None:
         return packed_varints(ids)
     get = table.__getitem__
@@ -114,12 +119,13 @@ def _weight_bytes(masks: list) -> list[bytes]:
     return weights
 
 
-def serialize_batch(ids: list, masks: list) -> list[bytes]:
-    """`prepare.serialize` of each (ids, mask) pair, byte for byte (see the module docstring)."""
+def serialize_batch(ids: list, masks: list, vocab_size: int | None = None) -> list[bytes]:
+    """`prepare.serialize` of each (ids, mask) pair, byte for byte (see the module docstring).
+    `vocab_size`: the ids are a tokenizer's, so they lie in [0, vocab_size) (not looked over)."""
     out = []
     weights = _weight_bytes(masks)
     small = _SMALL_VARINTS.__getitem__
-    for t, w in zip(_packed_ids(ids), weights):
+    for t, w in zip(_packed_ids(ids, vocab_size), weights):
         # every length below is at most the payloads' plus the framing: below SMALL_LENGTH,
         # a lookup in the table of small varints
         v = small if len(t) + len(w) < SMALL_LENGTH - FRAMING_BYTES else _length_varint

@@ -403,10 +403,11 @@ def sequential_parts(transcript: str, answer: str, units: Sequence[int]) -> list
 
 # -- records -> chat examples ----------------------------------------------------------------------
 #
-# A content is defined once, as parts [text, units, text, units, ..., text]: the texts with each
-# unit list standing for its speech span (`joined` writes the string: the exact path). The fast
-# preparation (cslm_jax/data/fast_chat.py) takes the same parts and computes the spans' ids
-# instead of tokenizing their text, so a template, a chain or a joining rule is changed here only.
+# A content holding speech is defined once, as parts [text, units, text, units, ..., text]: the
+# texts with each unit list standing for its speech span (`joined` writes the string: the exact
+# path). The fast preparation (cslm_jax/data/fast_chat.py) takes the same parts from `examples`
+# and computes the spans' ids instead of tokenizing their text, so a template, a chain or a
+# joining rule is changed here only.
 
 Messages = list  # [{"role": ..., "content": ...}, ...]
 ROLES = ("user", "assistant")
@@ -464,13 +465,26 @@ def filled_parts(template: str, field: str, units: Sequence[int]) -> list:
     return [around[0], units, around[1]]
 
 
-def example_parts(task_kind: str, record: dict, cfg: FormatConfig, where: str) -> list[list]:
-    """The chat examples of one task kind from one (validated) record, each as its turns'
-    contents (user, assistant, user, ...), each content as parts (see `joined`).
+def chat(*contents) -> Messages:
+    """Messages of alternating roles, user first."""
+    if len(contents) == 2:
+        return [{"role": "user", "content": contents[0]},
+                {"role": "assistant", "content": contents[1]}]
+    return [{"role": ROLES[i % 2], "content": c} for i, c in enumerate(contents)]
+
+
+def examples(task_kind: str, record: dict, cfg: FormatConfig, where: str,
+             content=joined) -> list[Messages]:
+    """Chat examples of one task kind from one (validated) record.
 
     asr/tts from paired records, mt (both directions) from translation records, instruct from
     instruction records, s2s from spoken instructions (the prompt picks same-language or
     cross-lingual wording from the languages involved).
+
+    A content holding speech is defined here as parts [text, units, text, ..., text] and
+    `content(parts)` is the message's content: by default its string (`joined`); the fast
+    preparation keeps the unit lists (cslm_jax/data/fast_chat.py `fast_examples`), so both
+    paths take their examples from this one definition.
     """
     def units_of(field: str) -> list[int]:
         u = record[field]
@@ -480,8 +494,8 @@ def example_parts(task_kind: str, record: dict, cfg: FormatConfig, where: str) -
         lang = cfg.lang(record["lang"], where, "lang")
         units, text = units_of("units"), record["text"].strip()
         if task_kind == "asr":
-            return [[filled_parts(lang.asr_prompt, "speech", units), [text]]]
-        return [[[lang.tts_prompt.format(text=text)], ["", units, ""]]]
+            return [chat(content(filled_parts(lang.asr_prompt, "speech", units)), text)]
+        return [chat(lang.tts_prompt.format(text=text), content(["", units, ""]))]
     if task_kind == "mt":
         out = []
         for s, t, sl, tl in (("src", "tgt", "src_lang", "tgt_lang"), ("tgt", "src", "tgt_lang", "src_lang")):
@@ -489,11 +503,11 @@ def example_parts(task_kind: str, record: dict, cfg: FormatConfig, where: str) -
             tgt_lang = cfg.lang(record[tl], where, tl)
             prompt = tgt_lang.mt_prompt.format(text=record[s].strip(), src_name=src_lang.name,
                                                tgt_name=tgt_lang.name)
-            out.append([[prompt], [record[t].strip()]])
+            out.append(chat(prompt, record[t].strip()))
         return out
     if task_kind == "instruct":
         prompts, responses = _turns(record, where)
-        return [[[x] for pair in zip(prompts, responses) for x in pair]]
+        return [chat(*[x for pair in zip(prompts, responses) for x in pair])]
     if task_kind == "s2s":
         q_lang = record["question_lang"]
         lang = cfg.lang(record["answer_lang"], where, "answer_lang")
@@ -508,15 +522,8 @@ def example_parts(task_kind: str, record: dict, cfg: FormatConfig, where: str) -
         else:
             chunks = chunk_answer(record["answer_text"], times, record["answer_units"], lang, cfg)
             response = interleaved_parts(record["question_text"], chunks)
-        return [[prompt, response]]
+        return [chat(content(prompt), content(response))]
     raise ValueError(f"unknown task kind {task_kind!r}; kinds: {TASK_KINDS}")
-
-
-def examples(task_kind: str, record: dict, cfg: FormatConfig, where: str) -> list[Messages]:
-    """Chat examples of one task kind from one (validated) record (`example_parts`, each
-    content `joined` into its string)."""
-    return [[{"role": ROLES[i % 2], "content": joined(parts)} for i, parts in enumerate(turns)]
-            for turns in example_parts(task_kind, record, cfg, where)]
 
 
 RECORD_KIND_OF_TASK = {"asr": "paired", "tts": "paired", "mt": "translation",

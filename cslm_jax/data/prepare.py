@@ -49,6 +49,8 @@ PREPARE_VERSION = 2
 FEATURES = ("targets", "loss_weights")
 SHARD_STRIDE = 104729            # a prime: consecutive lines of a file go round-robin over shards
 MAX_SKIP_MESSAGES = 20
+SCAN_BYTES = 8 << 20            # what `plan_ranges` reads at a time
+HEADS_KEPT_BELOW = 1 << 16       # record lengths whose TFRecord heads are kept (`RecordWriter`)
 
 
 class CacheError(DataError):
@@ -190,7 +192,7 @@ def plan_ranges(path: str, range_bytes: int) -> list[tuple[int, int, int]]:
         with opener(path, "rb") as f:
             pos, lines, want = 0, 0, range_bytes
             while True:
-                chunk = f.read(1 << 23)
+                chunk = f.read(SCAN_BYTES)
                 if not chunk:
                     break
                 while want <= pos + len(chunk):
@@ -272,8 +274,10 @@ class Preparer:
         self.counts = new_counts()
         if fast:
             self.parse, self.examples = fast_parse_line, fast_examples
-            self.token_ids = fast_chat_for(self.renderer).ids
-            self.serialize = serialize_batch
+            # validated records: units below the codebook size; ids: the tokenizer's
+            self.token_ids = functools.partial(fast_chat_for(self.renderer).ids,
+                                               units_below=cfg.format.unit_count)
+            self.serialize = functools.partial(serialize_batch, vocab_size=len(tok))
         else:
             self.parse, self.examples = parse_line, examples
             self.token_ids, self.serialize = self.rendered_ids, serialize_each
@@ -403,7 +407,7 @@ def serialize_each(ids: list, masks: list) -> list[bytes]:
 
 # -- output: TFRecord files ----------------------------------------------------------------------
 
-_RECORD_HEADS: dict = {}           # record length -> its 8 bytes and their masked CRC-32C
+_RECORD_HEADS: dict = {}         # record length -> its 8 bytes and their masked CRC-32C
 
 
 class RecordWriter:
@@ -435,7 +439,7 @@ class RecordWriter:
             if head is None:
                 length = n.to_bytes(8, "little")
                 head = length + masked(length)
-                if n < 1 << 16:
+                if n < HEADS_KEPT_BELOW:
                     heads[n] = head
             out += (head, data, masked(data))
         self._f.write(b"".join(out))
