@@ -368,3 +368,31 @@ def test_stretch_is_upstreams_speed_change():
                                                mode="linear").numpy()
         got = cf.stretch(mel, n)
         assert got.shape == (1, 80, n) and np.abs(got - want).max() <= 1e-5     # rounding
+
+
+@pytest.mark.slow
+def test_batch_rows_match_upstream():
+    """causal_flow_batch: rows of different lengths (one with a prompt, the batch padded to 4
+    rows and 16 units) in one call, streamed: each row upstream's mel, zero past its length; a
+    key's row i is causal_flow_inference with fold_in(key, i); bad rows named. (Slow: ~40 s,
+    the vmapped program's compilation.)"""
+    import jax
+    cfg, params, model = _model()
+    rows = [_inputs(N, seed=N + 5, prompt=5), _inputs(9, seed=22), _inputs(4, seed=23)]
+    args = ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+            [r[3] for r in rows])
+    mel, lens = cf.causal_flow_batch(params, cfg, *args, noise="upstream", streaming=True,
+                                     rows=4)
+    assert mel.shape == (3, 80, 2 * N) and lens.tolist() == [2 * N, 18, 8]
+    for i, (u, e, pu, pm) in enumerate(rows):
+        mel_ref, _, _ = ref.run_flow_v2(model, u, e, pu, pm, streaming=True, finalize=True)
+        assert np.abs(mel[i, :, :lens[i]] - mel_ref).max() <= TOL, i
+        assert not mel[i, :, lens[i]:].any()
+    key = jax.random.PRNGKey(5)
+    keyed, _ = cf.causal_flow_batch(params, cfg, *args, noise=key, streaming=True, rows=4)
+    alone = cf.causal_flow_inference(params, cfg, rows[0][0], rows[0][1], rows[0][2],
+                                     rows[0][3], noise=jax.random.fold_in(key, 0),
+                                     streaming=True)
+    assert np.abs(keyed[0] - alone[0]).max() <= 1e-5 and not np.allclose(keyed[0], mel[0])
+    with pytest.raises(Token2WavError, match="row 1: units: unit 100 at position 0"):
+        cf.causal_flow_batch(params, cfg, [[1, 2], [100]], rows[0][1])

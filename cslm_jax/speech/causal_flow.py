@@ -688,6 +688,109 @@ def causal_flow_inference(params: dict, cfg: CausalFlowConfig, units, embedding,
     return np.ascontiguousarray(mel[:, len(pm):total].transpose(0, 2, 1))
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_batch(cfg, n_ctx, streaming, n_steps, cfg_rate, precision):
+    import jax
+    one = functools.partial(_forward, cfg=cfg, n_ctx=n_ctx, streaming=streaming, n_steps=n_steps,
+                            cfg_rate=cfg_rate, precision=precision)
+    return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0)))
+
+
+def causal_flow_batch(params: dict, cfg: CausalFlowConfig, units, embeddings,
+                      prompt_units=None, prompt_mels=None, noise="zero",
+                      streaming: bool = False, finalize: bool = True, rows: int | None = None,
+                      unit_bucket: int = 16, n_steps: int | None = None,
+                      cfg_rate: float | None = None, precision: str = "highest"):
+    """Several utterances of different lengths in one compiled call (the rows vmapped, each
+    padded as `pad_to` pads), row i what `causal_flow_inference` gives it alone (float32
+    rounding aside). `units`: a list of unit sequences; `embeddings`: one x-vector for every row
+    or one per row (a list or `[B, 192]`); `prompt_units` / `prompt_mels`: None or per-row
+    lists (None entries for rows without a prompt); `noise`: "zero", "upstream", a PRNG key (row
+    i draws its buffer from `jax.random.fold_in(key, i)`), or a list with one entry per row (any
+    form `causal_flow_inference` takes). Units (prompt + answer + look-ahead) are padded to a
+    multiple of `unit_bucket`, the batch to `rows` rows (copies of row 0, dropped), so that
+    nearby batches share a program. Returns numpy (`mel [B, 80, F]`: each row's answer frames
+    from frame 0, zero after; `mel_len [B]`). Errors name the row."""
+    import jax
+
+    check_params(cfg, params)
+    units = list(units)
+    n = len(units)
+    if n < 1:
+        raise Token2WavError("no utterances to synthesise")
+    if unit_bucket < 1:
+        raise Token2WavError(f"unit_bucket {unit_bucket}: must be >= 1")
+
+    def per_row(x, what):
+        if x is None:
+            return [None] * n
+        x = list(x)
+        if len(x) != n:
+            raise Token2WavError(f"{what}: {len(x)} entries for {n} utterances")
+        return x
+
+    embs = np.asarray(embeddings, np.float32) if not isinstance(embeddings, (list, tuple)) \
+        else np.stack([np.asarray(e, np.float32).reshape(-1) for e in embeddings])
+    if embs.ndim == 1:
+        embs = np.broadcast_to(embs, (n,) + embs.shape)
+    pus, pms = per_row(prompt_units, "prompt units"), per_row(prompt_mels, "prompt mels")
+    if isinstance(noise, str):
+        noises = [noise] * n
+    elif isinstance(noise, (list, tuple)):
+        noises = per_row(noise, "noise")
+    else:
+        noises = [jax.random.fold_in(noise, i) for i in range(n)]
+    look = 0 if finalize else cfg.pre_lookahead_len
+    prepared = []
+    for i in range(n):
+        try:
+            u = check_units(cfg, units[i])
+            pu = check_units(cfg, np.zeros((0,), np.int32) if pus[i] is None else pus[i],
+                             "prompt units")
+            pm = np.zeros((0, cfg.output_size), np.float32) if pms[i] is None else \
+                np.asarray(pms[i], np.float32).reshape(-1, cfg.output_size)
+            if bool(len(pu)) != bool(len(pm)):
+                raise Token2WavError(f"zero-shot prompt: {len(pu)} prompt units and {len(pm)} "
+                                     f"prompt mel frames; give both or neither")
+            if embs[i].shape != (cfg.spk_embed_dim,):
+                raise Token2WavError(f"speaker embedding has shape {embs[i].shape}, expected a "
+                                     f"{cfg.spk_embed_dim}-d x-vector")
+            if len(u) <= look or len(u) < 1:
+                raise Token2WavError(f"{len(u)} units: a call that is not finalized needs more "
+                                     f"than {look}" if look else "no units to synthesise")
+            allu = np.concatenate([pu, u])
+            total = cfg.mel_len(len(allu) - look)
+            if total - len(pm) < 1:
+                raise Token2WavError(f"prompt mel of {len(pm)} frames leaves no frames of the "
+                                     f"answer")
+            prepared.append((allu, pm, total, _noise(noises[i], total)))
+        except Token2WavError as e:
+            raise Token2WavError(f"row {i}: {e}") from None
+    width = -(-max(len(p[0]) for p in prepared) // unit_bucket) * unit_bucket
+    frames = cfg.mel_len(width)
+    b = max(n, rows or 0)
+    ids = np.zeros((b, 1, width), np.int32)
+    n_main = np.zeros((b,), np.int32)
+    cond = np.zeros((b, 1, frames, cfg.output_size), np.float32)
+    z = np.zeros_like(cond)
+    emb = np.zeros((b, 1, cfg.spk_embed_dim), np.float32)
+    for i in range(b):
+        allu, pm, total, zi = prepared[i if i < n else 0]
+        ids[i, 0, :len(allu)] = allu
+        n_main[i] = len(allu) - look
+        cond[i, 0, :len(pm)] = pm
+        z[i, 0, :total] = zi
+        emb[i, 0] = embs[i if i < n else 0]
+    fn = _jitted_batch(cfg, look, bool(streaming), cfg.n_timesteps if n_steps is None else n_steps,
+                       cfg.cfg_rate if cfg_rate is None else float(cfg_rate), precision)
+    mel = np.asarray(fn(params, ids, n_main, cond, emb, z))[:, 0]          # [b, frames, 80]
+    lens = np.array([p[2] - len(p[1]) for p in prepared], np.int32)
+    out = np.zeros((n, cfg.output_size, int(lens.max())), np.float32)
+    for i, (_, pm, total, _) in enumerate(prepared):
+        out[i, :, :lens[i]] = mel[i, len(pm):total].T
+    return out, lens
+
+
 def new_frames(cfg: CausalFlowConfig, mel, token_offset: int):
     """The frames of a streamed call's `mel [1, 80, M]` not given before: from
     `token_mel_ratio * token_offset` on (upstream's `CosyVoice2Model.token2wav`), where
@@ -712,5 +815,6 @@ def stretch(mel, n_frames: int) -> np.ndarray:
 
 
 __all__ = ["CausalFlowConfig", "PRESETS", "NOISE_FRAMES", "layers", "param_shapes",
-           "init_random", "check_params", "chunk_mask", "encoder", "encode_padded", "estimator", "cfm",
-           "upstream_noise", "causal_flow_inference", "new_frames", "stretch"]
+           "init_random", "check_params", "chunk_mask", "encoder", "encode_padded", "estimator",
+           "cfm", "upstream_noise", "causal_flow_inference", "causal_flow_batch", "new_frames",
+           "stretch"]
