@@ -38,8 +38,16 @@ successive streamed calls with one key share their noise too), or an array `[1, 
 `F >= Mp + M` (its first frames used, as upstream slices its buffer).
 
 Streaming as upstream's `CosyVoice2Model.token2wav` drives it: call with every unit so far
-(`streaming=True, finalize=False`) and keep the frames from `2 * token_offset` on
-(`new_frames`); the last call `finalize=True`.
+(`streaming=True, finalize=False`; upstream waits for a hop of 25 units, the first hop lengthened
+to round a prompt up to a multiple of 25, plus the 3 of look-ahead) and keep the frames from
+`2 * token_offset` on (`new_frames`); the last call `finalize=True` (upstream's last call is not
+streamed). Each call recomputes the whole prefix, as upstream does (no caches); `pad_to` pads
+the prefix so that the growing calls share one compiled program (e.g. a power of two), and
+streamed frames already given come out again the same (chunk-causal attention, causal convs,
+the same noise frames).
+
+Batched: `causal_flow_batch` runs rows of different lengths in one call (each row padded and
+masked as `pad_to` does, the rows vmapped), each row as it would alone.
 
 Parameters are a flat dict named by upstream's module paths (`encoder.pre_lookahead_layer.conv1.w`,
 `encoder.up_encoders.0.self_attn.linear_q.w`, `decoder.estimator.down_blocks.0.0.block1.block.2.w`,
