@@ -90,47 +90,68 @@ def fade_in_out(new: np.ndarray, old: np.ndarray, window: np.ndarray) -> np.ndar
     return out
 
 
-def _flow_window(params, units, emb, z, mu_cache, cache_len, *, cfg, mel_len, precision):
-    """One window of the flow with upstream's cache: `z [1, M, 80]` (its cached frames already
-    in), the first `cache_len` frames of mu replaced by `mu_cache [1, M, 80]`'s -> (mel, mu),
-    both `[1, M, 80]`."""
+def _flow_window(params, units, unit_len, emb, z, mu_cache, cache_len, mel_len, *, cfg,
+                 precision):
+    """One window of the flow with upstream's cache, padded: `units [1, U]` (the first
+    `unit_len [1]` real), `z [1, F, 80]` (its cached frames already in, zero past the window's
+    `mel_len [1]` frames), the first `cache_len` frames of mu replaced by `mu_cache [1, F, 80]`'s
+    -> (mel, mu), both `[1, F, 80]`, the window's frames first. The batched flow's masked
+    functions (`flow.regulate_rows`, `flow.cfm(valid_only=True)`): the padding changes nothing
+    of the window's frames, and every window of one (U, F) bucket runs one compiled program."""
     import jax.numpy as jnp
 
-    from cslm_jax.speech.flow import cfm, encode
+    from cslm_jax.speech.flow import cfm, encoder, regulate_rows
     from cslm_jax.speech.hift import matmul_precision
 
     prec = matmul_precision(precision)
     spks = emb / jnp.maximum(jnp.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     spks = jnp.dot(spks, params["spk_embed_affine_layer.w"], precision=prec) + \
         params["spk_embed_affine_layer.b"]
-    mu = encode(params, cfg, units, jnp.full((1,), units.shape[1]), mel_len, 0, 0, precision)
-    pos = jnp.arange(mel_len)[None, :, None]
-    mu = jnp.where(pos < cache_len, mu_cache, mu)
-    mask = jnp.ones((1, mel_len), mu.dtype)
-    mel = cfm(params, cfg, mu, mask, spks, jnp.zeros_like(mu), z, precision=precision)
+    frames = z.shape[1]
+    none = jnp.zeros_like(unit_len)
+    h = encoder(params, cfg, units, unit_len, precision)
+    mu = regulate_rows(params, cfg, h, none, unit_len, none, mel_len, frames, precision)
+    pos = jnp.arange(frames)[None, :]
+    mu = jnp.where(pos[..., None] < cache_len, mu_cache, mu)
+    mask = (pos < mel_len[:, None]).astype(mu.dtype)
+    mel = cfm(params, cfg, mu, mask, spks, jnp.zeros_like(mu), z * mask[..., None],
+              precision=precision, valid_only=True)
     return mel, mu
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_flow(cfg, mel_len: int, precision: str):
+def _jitted_flow(cfg, precision: str):
     import jax
-    return jax.jit(functools.partial(_flow_window, cfg=cfg, mel_len=mel_len, precision=precision))
+    return jax.jit(functools.partial(_flow_window, cfg=cfg, precision=precision))
 
 
-# Window shapes compiled in this process: the flow's compiled executables by (config, units,
-# frames, precision), and the HiFT shapes (config, frames, precision) warmed up.
+# Window shapes compiled in this process: the flow's compiled executables by (config, unit
+# bucket, frame bucket, precision), and the HiFT shapes (config, frames, precision) warmed up.
 _FLOW_COMPILED: dict = {}
 _HIFT_WARM: set = set()
 
 
-def _flow_program(cfg, n: int, m: int, precision: str, args) -> tuple[object, float]:
-    """The compiled flow window for `n` units -> `m` frames, and the seconds spent compiling it
-    now (0 when compiled before)."""
-    key = (cfg, n, m, precision)
+def window_buckets(n_units: int, mel_len: int) -> tuple[int, int]:
+    """The padded (units, frames) a window of `n_units` units and `mel_len` mel frames runs at:
+    the batched flow's buckets (`flow.bucket` of `UNIT_BUCKET`, `FRAME_BUCKET`)."""
+    from cslm_jax.speech.flow import FRAME_BUCKET, UNIT_BUCKET, bucket
+    return bucket(n_units, UNIT_BUCKET), bucket(mel_len, FRAME_BUCKET)
+
+
+def compiled_window_programs() -> int:
+    """How many flow window programs streaming has compiled in this process (one per bucket of
+    units and frames, and per config / precision)."""
+    return len(_FLOW_COMPILED)
+
+
+def _flow_program(cfg, units: int, frames: int, precision: str, args) -> tuple[object, float]:
+    """The compiled flow window for the bucket of `units` padded units and `frames` padded mel
+    frames, and the seconds spent compiling it now (0 when compiled before)."""
+    key = (cfg, units, frames, precision)
     if key in _FLOW_COMPILED:
         return _FLOW_COMPILED[key], 0.0
     t0 = time.perf_counter()
-    prog = _jitted_flow(cfg, m, precision).lower(*args).compile()
+    prog = _jitted_flow(cfg, precision).lower(*args).compile()
     _FLOW_COMPILED[key] = prog
     return prog, time.perf_counter() - t0
 
@@ -161,9 +182,11 @@ class SpeechStream:
     (>= 1). `windows` lists the (units, finalize) windows synthesised so far; `synthesis_s` the
     seconds spent synthesising, `compile_s` those spent compiling a window shape first seen
     (the flow compiled ahead of its call; HiFT warmed by one call on zeros, counted in), apart;
-    `samples` the samples returned. The flow compiles once per process for each new (units,
-    frames) window shape; HiFT runs on the mel padded to a multiple of `HIFT_BUCKET` frames
-    with its length mask (the output of the unpadded mel), so once per bucket."""
+    `samples` the samples returned. The flow runs on the window padded to the batched flow's
+    buckets of units and frames (`window_buckets`, masked as `flow.flow_batch` is: the same
+    mel), so it compiles once per process for each new bucket, not each window length; HiFT
+    runs on the mel padded to a multiple of `HIFT_BUCKET` frames with its length mask (the
+    output of the unpadded mel), so once per bucket too."""
 
     def __init__(self, t2w, voice="random", noise="zero", speech_rate: float = 1.0,
                  precision: str = "highest"):
@@ -285,18 +308,24 @@ class SpeechStream:
         hift_frames = m + (0 if self._hift_cache is None else MEL_CACHE_FRAMES) - \
             (0 if finalize else self.overlap)
         z, hift_noise = self._noise(k, m, hift_frames)
-        mu_cache = np.zeros((1, m, 80), np.float32)
+        nu, nf = window_buckets(len(u), m)
+        tok = np.zeros((1, nu), np.int32)
+        tok[0, :len(u)] = u
+        zp = np.zeros((1, nf, 80), np.float32)
+        zp[0, :m] = z[0]
+        mu_cache = np.zeros((1, nf, 80), np.float32)
         if c:
-            z = z.copy()
-            z[0, :c] = self._flow_cache[0]
+            zp[0, :c] = self._flow_cache[0]
             mu_cache[0, :c] = self._flow_cache[1]
-        args = (self.t2w.flow_params, u[None], self.emb[None], z, mu_cache, np.int32(c))
-        fn, secs = _flow_program(cfg, len(u), m, self.precision, args)
+        args = (self.t2w.flow_params, tok, np.array([len(u)], np.int32), self.emb[None], zp,
+                mu_cache, np.int32(c), np.array([m], np.int32))
+        fn, secs = _flow_program(cfg, nu, nf, self.precision, args)
         self._compiling += secs
         mel, mu = fn(*args)
         mu = np.asarray(mu)
-        self._flow_cache = (z[0, -FLOW_CACHE_FRAMES:].copy(), mu[0, -FLOW_CACHE_FRAMES:].copy())
-        mel = np.asarray(mel)[0].T                                         # [80, M]
+        self._flow_cache = (zp[0, m - FLOW_CACHE_FRAMES:m].copy(),
+                            mu[0, m - FLOW_CACHE_FRAMES:m].copy())
+        mel = np.asarray(mel)[0, :m].T                                     # [80, M]
         if self._mel_overlap is not None:
             mel = fade_in_out(mel, self._mel_overlap, self.mel_window)
         cache_source = None
@@ -455,5 +484,6 @@ class SpeechOut:
                                      "audio_s": None, "speech_compile_s": None})
 
 
-__all__ = ["SpeechStream", "SpeechOut", "speak", "fade_in_out", "TOKEN_OVERLAP",
+__all__ = ["SpeechStream", "SpeechOut", "speak", "fade_in_out", "window_buckets",
+           "compiled_window_programs", "TOKEN_OVERLAP",
            "FLOW_CACHE_FRAMES", "MEL_CACHE_FRAMES"]
