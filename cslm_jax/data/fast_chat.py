@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 
 from cslm_jax.data.formats import ChatRenderer, examples, joined
 from cslm_jax.data.wordtok import WordTokens
@@ -81,16 +82,10 @@ def plain(messages: list) -> list:
             for m in messages]
 
 
-def speech_content(parts: list) -> SpeechText | str:
-    """A content's parts (`formats.examples`) kept as a SpeechText; without a span, its text."""
-    return parts[0] if len(parts) == 1 else SpeechText(parts)
-
-
-def fast_examples(task_kind: str, record: dict, cfg, where: str) -> list:
-    """`formats.examples(...)` with each content holding speech spans kept as a `SpeechText` of
-    its parts: the same examples, from the same definition, whose spans FastChat turns into ids
-    without the tokenizer."""
-    return examples(task_kind, record, cfg, where, content=speech_content)
+# `formats.examples(...)` with each content holding speech spans kept as a `SpeechText` of its
+# parts: the same examples, from the same definition, whose spans FastChat turns into ids
+# without the tokenizer.
+fast_examples = functools.partial(examples, content=SpeechText)
 
 
 # -- plans: a template rendered once per role sequence ------------------------------------------------

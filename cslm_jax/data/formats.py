@@ -467,10 +467,17 @@ def filled_parts(template: str, field: str, units: Sequence[int]) -> list:
 
 def chat(*contents) -> Messages:
     """Messages of alternating roles, user first."""
-    if len(contents) == 2:
-        return [{"role": "user", "content": contents[0]},
-                {"role": "assistant", "content": contents[1]}]
     return [{"role": ROLES[i % 2], "content": c} for i, c in enumerate(contents)]
+
+
+def pair(user, assistant) -> Messages:
+    """A user turn and the assistant's answer (`chat` of two contents)."""
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+def units_of(record: dict, field: str, cfg: FormatConfig) -> list[int]:
+    """A record's unit ids as the examples hold them (repeats merged when configured)."""
+    return merge_repeats(record[field]) if cfg.merge_repeats else list(record[field])
 
 
 def examples(task_kind: str, record: dict, cfg: FormatConfig, where: str,
@@ -486,16 +493,12 @@ def examples(task_kind: str, record: dict, cfg: FormatConfig, where: str,
     preparation keeps the unit lists (cslm_jax/data/fast_chat.py `fast_examples`), so both
     paths take their examples from this one definition.
     """
-    def units_of(field: str) -> list[int]:
-        u = record[field]
-        return merge_repeats(u) if cfg.merge_repeats else list(u)
-
     if task_kind in ("asr", "tts"):
         lang = cfg.lang(record["lang"], where, "lang")
-        units, text = units_of("units"), record["text"].strip()
+        units, text = units_of(record, "units", cfg), record["text"].strip()
         if task_kind == "asr":
-            return [chat(content(filled_parts(lang.asr_prompt, "speech", units)), text)]
-        return [chat(lang.tts_prompt.format(text=text), content(["", units, ""]))]
+            return [pair(content(filled_parts(lang.asr_prompt, "speech", units)), text)]
+        return [pair(lang.tts_prompt.format(text=text), content(["", units, ""]))]
     if task_kind == "mt":
         out = []
         for s, t, sl, tl in (("src", "tgt", "src_lang", "tgt_lang"), ("tgt", "src", "tgt_lang", "src_lang")):
@@ -503,26 +506,26 @@ def examples(task_kind: str, record: dict, cfg: FormatConfig, where: str,
             tgt_lang = cfg.lang(record[tl], where, tl)
             prompt = tgt_lang.mt_prompt.format(text=record[s].strip(), src_name=src_lang.name,
                                                tgt_name=tgt_lang.name)
-            out.append(chat(prompt, record[t].strip()))
+            out.append(pair(prompt, record[t].strip()))
         return out
     if task_kind == "instruct":
         prompts, responses = _turns(record, where)
-        return [chat(*[x for pair in zip(prompts, responses) for x in pair])]
+        return [chat(*[x for turn in zip(prompts, responses) for x in turn])]
     if task_kind == "s2s":
         q_lang = record["question_lang"]
         lang = cfg.lang(record["answer_lang"], where, "answer_lang")
         template = lang.s2s_prompt if q_lang == record["answer_lang"] else lang.s2s_cross_prompt
-        prompt = filled_parts(template, "speech", units_of("question_units"))
+        prompt = filled_parts(template, "speech", units_of(record, "question_units", cfg))
         times = validated_times(record, "answer_word_times", where,
                                 timed_count(record["answer_text"], lang, cfg),
                                 len(record["answer_units"]), cfg)
         if cfg.chain == "sequential":
             response = sequential_parts(record["question_text"], record["answer_text"],
-                                        units_of("answer_units"))
+                                        units_of(record, "answer_units", cfg))
         else:
             chunks = chunk_answer(record["answer_text"], times, record["answer_units"], lang, cfg)
             response = interleaved_parts(record["question_text"], chunks)
-        return [chat(content(prompt), content(response))]
+        return [pair(content(prompt), content(response))]
     raise ValueError(f"unknown task kind {task_kind!r}; kinds: {TASK_KINDS}")
 
 
