@@ -378,8 +378,9 @@ def test_hooks_run_at_the_steps_they_ask_for_and_a_stop_ends_the_loop():
         return state + batch, {"loss": np.float32(state), "finite": np.bool_(state != 5)}
 
     loop = LoopState(0, skipped=0)
-    code = run_steps(loop, range(1, 11), 10, lambda: 1, step_fn,
-                     [Record("three", 3), Record("save", 4, needs_metrics=True)], [Metrics()])
+    code = run_steps(loop, range(1, 11), last_step=10, next_batch=lambda: 1, step_fn=step_fn,
+                     hooks=[Record("three", 3), Record("save", 4, needs_metrics=True)],
+                     metrics_hooks=[Metrics()])
     assert code == 0 and loop.state == 10 and loop.pending is None
     assert [c[1] for c in calls if c[0] == "three"] == [3, 6, 9, 10]
     assert [c[1] for c in calls if c[0] == "save"] == [4, 8, 10]
@@ -398,8 +399,9 @@ def test_hooks_run_at_the_steps_they_ask_for_and_a_stop_ends_the_loop():
             return super().due(info) or info.stop is not None
 
     calls.clear()
-    code = run_steps(LoopState(0, skipped=0), range(1, 11), 10, lambda: 1, step_fn,
-                     [Record("stop", 1, stop_at=5), SaveOnStop("save", 4)], [Metrics()])
+    code = run_steps(LoopState(0, skipped=0), range(1, 11), last_step=10, next_batch=lambda: 1,
+                     step_fn=step_fn, hooks=[Record("stop", 1, stop_at=5), SaveOnStop("save", 4)],
+                     metrics_hooks=[Metrics()])
     assert code == 75
     assert [c[:2] for c in calls if c[0] != "metrics"][-2:] == [("stop", 5), ("save", 5)]
     assert calls[-1][3] == 75                                           # saw the stop

@@ -114,7 +114,8 @@ class NonFinite(Hook):
             self.log(f"train: step {info.step}: more than train.max_skipped_steps "
                      f"({self.max_skipped}) non-finite steps skipped; stopping")
             return EXIT_NONFINITE
-        self.log(f"train: step {info.step}: non-finite loss, update skipped ({info.skipped} so far)")
+        self.log(f"train: step {info.step}: non-finite loss, update skipped ({info.skipped} so "
+                 f"far)")
         return None
 
 

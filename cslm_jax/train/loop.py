@@ -41,10 +41,7 @@ from jax.experimental import multihost_utils
 from cslm_jax.config import RunConfig
 from cslm_jax.model.vocab import load_tokenizer
 from cslm_jax.parallel.distributed import ProcessInput, check_shared_dir
-from cslm_jax.storage import fs
-from cslm_jax.storage.checkpoint import (remove_partial_checkpoints, save_model_checkpoint,
-                                         train_checkpoint_manager, train_restore_args,
-                                         train_save_args)
+from cslm_jax.storage import checkpoint, fs
 from cslm_jax.train.hooks import (EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, Callback, Checkpoint,
                                   Hook, LogMetrics, NonFinite, Preemption, StepInfo)
 from cslm_jax.train.metrics import (MetricsWriter, flops_per_token, metrics_row,
@@ -59,7 +56,7 @@ __all__ = ["EXIT_NONFINITE", "EXIT_OK", "EXIT_PREEMPTED", "TrainError", "preflig
            "run_steps", "LoopState"]
 
 
-# -- the loop ----------------------------------------------------------------------------------------
+# -- the loop --------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class LoopState:
@@ -72,9 +69,9 @@ class LoopState:
     fetched_at: float = dataclasses.field(default_factory=time.perf_counter)
 
 
-def run_steps(loop: LoopState, steps: Sequence[int], last_step: int,
-              next_batch: Callable[[], dict], step_fn, hooks: Sequence[Hook],
-              metrics_hooks: Sequence[Hook]) -> int:
+def run_steps(loop: LoopState, steps: Sequence[int], *, last_step: int,
+              next_batch: Callable[[], dict], step_fn, hooks: Sequence[Hook] = (),
+              metrics_hooks: Sequence[Hook] = ()) -> int:
     """The training loop: for each step, its batch -> `step_fn` (dispatched: the device runs
     it) -> the metrics hooks of the step before (`cslm_jax.train.hooks`) -> this step's due
     hooks. Returns the exit code a hook stopped the run with, or EXIT_OK after the last step."""
@@ -123,7 +120,7 @@ def run_metrics_hooks(loop: LoopState, last_step: int, hooks: Sequence[Hook]) ->
     return info.stop
 
 
-# -- the command ------------------------------------------------------------------------------------
+# -- the command -----------------------------------------------------------------------------------
 
 def train(cfg: RunConfig, run_dir: str | Path, init_from: str | Path | None = None,
           log=print, on_step=None, data_shards: int | None = None,
@@ -199,20 +196,23 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, log):
     run_dir.mkdir(parents=True, exist_ok=True)
     check_shared_dir(run_dir)
     if jax.process_index() == 0:
-        for name in remove_partial_checkpoints(run_dir / "checkpoints"):
+        for name in checkpoint.remove_partial_checkpoints(run_dir / "checkpoints"):
             log(f"train: removed {run_dir / 'checkpoints' / name}, a save that never committed")
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("cslm_jax: partial checkpoints removed")
     c = cfg.checkpoint
-    return train_checkpoint_manager(run_dir / "checkpoints", c.every, c.keep, c.async_save)
+    return checkpoint.train_checkpoint_manager(run_dir / "checkpoints", c.every, c.keep,
+                                               c.async_save)
 
 
 def log_summary(run: Run, log) -> None:
+    """One line: the mixture, model size, mesh, processes, batch, steps, checkpoints, shards."""
     t, mesh = run.cfg.train, run.layout.mesh
-    log(f"train: {run.mixture} ({len(run.task_names)} tasks), {run.model_cfg.num_params() / 1e6:.1f}M "
-        f"params, mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} "
-        f"device(s), {jax.process_count()} process(es); batch {t.global_batch_size} x "
-        f"{run.max_length} = {t.accumulation} x {t.micro_batch_size or t.global_batch_size}; "
+    log(f"train: {run.mixture} ({len(run.task_names)} tasks), "
+        f"{run.model_cfg.num_params() / 1e6:.1f}M params, mesh {dict(mesh.shape)} over "
+        f"{mesh.size} {jax.devices()[0].platform} device(s), {jax.process_count()} process(es); "
+        f"batch {t.global_batch_size} x {run.max_length} = {t.accumulation} x "
+        f"{t.micro_batch_size or t.global_batch_size}; "
         f"{t.steps} steps, checkpoint every {run.cfg.checkpoint.every} (keep "
         f"{run.cfg.checkpoint.keep}); {run.data_shards} data shard(s)")
 
@@ -240,7 +240,8 @@ def restore_or_init(run: Run, manager, data: ProcessInput, latest: int | None, i
         state = initial_state(run, init)
         log(f"train: initialised from {init}")
         return state
-    state = manager.restore(latest, args=train_restore_args(abstract_state(run), data))["state"]
+    args = checkpoint.train_restore_args(abstract_state(run), data)
+    state = manager.restore(latest, args=args)["state"]
     log(f"train: resumed from {run.run_dir / 'checkpoints' / str(latest)} (step {latest}, "
         f"data position {data.position} batches)")
     return state
@@ -271,10 +272,11 @@ def train_steps(run: Run, manager, data: ProcessInput, state: dict, extra_hooks,
     with PreemptionFlag() as preempt:
         hooks = [*extra_hooks, Preemption(preempt),
                  Checkpoint(manager, run.cfg.checkpoint.every,
-                            lambda state: train_save_args(state, data, config_item))]
+                            lambda state: checkpoint.train_save_args(state, data, config_item))]
         loop = LoopState(state, skipped=int(state["skipped"]), step=start)
-        code = run_steps(loop, range(start + 1, t.steps + 1), t.steps,
-                         lambda: global_batch(run, next(data)), train_fn, hooks, metrics_hooks)
+        code = run_steps(loop, range(start + 1, t.steps + 1), last_step=t.steps,
+                         next_batch=lambda: global_batch(run, next(data)), step_fn=train_fn,
+                         hooks=hooks, metrics_hooks=metrics_hooks)
         manager.wait_until_finished()
         if code == EXIT_PREEMPTED:
             name = preempt.signal_name or "SIGTERM/SIGINT to another process"
@@ -288,8 +290,9 @@ def write_model(run: Run, manager) -> int:
     """The last checkpoint's parameters as RUN_DIR/model/ (a model checkpoint); its step."""
     final = manager.latest_step()
     restored = manager.restore(final, args=ocp.args.Composite(
-        state=train_restore_args(abstract_state(run))["state"]))
-    save_model_checkpoint(run.run_dir / "model", restored["state"]["params"], run.model_cfg,
-                          run.vocab, load_tokenizer(run.run_dir / "tokenizer"),
-                          extra=run.source_meta, force=True, owned=True, tool="train")
+        state=checkpoint.train_restore_args(abstract_state(run))["state"]))
+    checkpoint.save_model_checkpoint(run.run_dir / "model", restored["state"]["params"],
+                                     run.model_cfg, run.vocab,
+                                     load_tokenizer(run.run_dir / "tokenizer"),
+                                     extra=run.source_meta, force=True, owned=True, tool="train")
     return final

@@ -158,7 +158,7 @@ def check_resume_config(cfg: RunConfig, run_dir: Path, manager, allow: bool, log
             write_config(run_dir / f"config.{latest}.yaml", cfg)
 
 
-# -- the run: where it starts, its layout, its data --------------------------------------------------
+# -- the run: where it starts, its layout, its data ------------------------------------------------
 
 @dataclasses.dataclass
 class Layout:
@@ -275,7 +275,8 @@ def run_devices(cfg: RunConfig) -> list:
     wanted = cfg.train.num_devices
     if wanted is not None:
         if wanted > len(devices):
-            raise ConfigError(f"train.num_devices is {wanted} but only {len(devices)} devices exist")
+            raise ConfigError(f"train.num_devices is {wanted} but only {len(devices)} devices "
+                              f"exist")
         devices = devices[:wanted]
     return devices
 
@@ -356,7 +357,7 @@ def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=prin
     return run, latest, start.init
 
 
-# -- the state and the step --------------------------------------------------------------------------
+# -- the state and the step ------------------------------------------------------------------------
 
 def abstract_state(run: Run):
     pdtype = jnp.dtype(run.model_cfg.param_dtype)
