@@ -279,3 +279,22 @@ def test_inspect_data_shows_the_reference_mask_and_the_option_switches_it(real_t
         assert b["loss_mask_rule"] == "assistant_only" and a["input_ids"] == [bos] + b["input_ids"]
         assert [i for i, (x, y) in enumerate(zip(a["loss_mask"][1:], b["loss_mask"])) if x != y] == \
             list(range(system_len))
+
+
+def test_speech_rate_is_for_synthesis_only():
+    """format.speech_rate (the mean run length extract-units prints) sets the synthesis rate of
+    merged units, is checked, and leaves the prepared examples' key alone (a cache stays valid)."""
+    from cslm_jax.data.prepare import format_key
+
+    path = REPO / "configs" / "data" / "demo.yaml"
+    plain = load_data_config(path, check_files=False).format
+    rated = load_data_config(path, ["format.speech_rate=1.37"], check_files=False).format
+    assert rated.speech_rate == 1.37 and format_key(rated) == format_key(plain)
+    assert "speech_rate" not in format_key(rated)
+    assert rated.synthesis_rate() == (1.37, "format.speech_rate")
+    rate, why = plain.synthesis_rate()
+    assert rate == 1.0 and "format.speech_rate is not set" in why
+    unmerged = load_data_config(path, ["format.merge_repeats=false"], check_files=False).format
+    assert unmerged.synthesis_rate()[0] == 1.0
+    with pytest.raises(ConfigError, match=r"format.speech_rate 0.5: the mean run length"):
+        load_data_config(path, ["format.speech_rate=0.5"], check_files=False)

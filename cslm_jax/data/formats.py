@@ -83,6 +83,9 @@ class FormatConfig:
     unit_count: int
     unit_rate: float = 50.0
     merge_repeats: bool = True
+    # the corpus's mean run length of units (raw / merged; extract-units prints it): synthesis
+    # stretches merged units by it to their natural duration. Not part of prepared examples.
+    speech_rate: float | None = None
     chain: str = "interleaved"     # interleaved | sequential (TQ -> whole TA -> whole SA)
     cut_at_punctuation: bool = True
     punctuation: str = DEFAULT_PUNCTUATION
@@ -90,10 +93,25 @@ class FormatConfig:
     loss_mask: str = "reference"   # reference | assistant_only (see `loss_mask`)
 
     def __post_init__(self):
+        if self.speech_rate is not None and not (
+                isinstance(self.speech_rate, (int, float)) and 1.0 <= self.speech_rate < 100):
+            raise ConfigError(f"format.speech_rate {self.speech_rate!r}: the mean run length of "
+                              f"the units (raw / merged, >= 1; extract-units prints it)")
         if self.chain not in ("interleaved", "sequential"):
             raise ConfigError(f"chain must be 'interleaved' or 'sequential', got {self.chain!r}")
         if self.loss_mask not in LOSS_MASKS:
             raise ConfigError(f"loss_mask must be one of {LOSS_MASKS}, got {self.loss_mask!r}")
+
+    def synthesis_rate(self) -> tuple[float, str]:
+        """(speech rate, where it comes from) for synthesising this format's units: 1.0 for
+        unmerged units, `speech_rate` for merged ones, 1.0 with a warning where it is unset."""
+        if not self.merge_repeats:
+            return 1.0, "units are not merged (format.merge_repeats: false)"
+        if self.speech_rate is not None:
+            return float(self.speech_rate), "format.speech_rate"
+        return 1.0, ("format.speech_rate is not set: merged units will sound faster than "
+                     "natural; set it to the mean run length extract-units prints, or give "
+                     "--speech-rate")
 
     def lang(self, code: str, where: str, field: str) -> LanguageConfig:
         if code not in self.languages:

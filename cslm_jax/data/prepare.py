@@ -136,6 +136,14 @@ def local_tokenizer_dir(tokenizer_dir: str | Path) -> str:
     return _LOCAL_TOKENIZERS[str(tokenizer_dir)]
 
 
+def format_key(fmt) -> dict:
+    """The format settings prepared examples depend on: all but `speech_rate` (synthesis only),
+    so setting it keeps a prepared cache valid."""
+    key = json.loads(json.dumps(dataclasses.asdict(fmt), default=str))
+    key.pop("speech_rate", None)
+    return key
+
+
 def task_key(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Path, num_shards: int) -> dict:
     """What a task's prepared examples depend on (besides the files' contents): checked when
     training reads a prepared cache, so a cache made with another tokenizer, template, length or
@@ -144,7 +152,7 @@ def task_key(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Path, num_sha
 
     key = {"version": PREPARE_VERSION, "task": spec.name, "kind": spec.kind, "lang": spec.lang,
             "files": {s: [os.path.basename(f) for f in fs] for s, fs in splits_of(spec).items()},
-            "format": json.loads(json.dumps(dataclasses.asdict(cfg.format), default=str)),
+            "format": format_key(cfg.format),
             "max_length": cfg.max_length, "skip_bad": cfg.skip_bad, "num_shards": num_shards,
             "tokenizer": tokenizer_digest(tokenizer_dir)}
     if spec.tfds is not None:
