@@ -19,7 +19,7 @@ TINY = ["flow.encoder_size=64", "flow.encoder_heads=2", "flow.encoder_linear_uni
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--token2wav", "v3", "--topology", "v5e:1x1"], "--token2wav 'v3': compiles v1"),
+    (["--token2wav", "v3", "--topology", "v5e:1x1"], "--token2wav 'v3': compiles v1, v2"),
     (["--token2wav", "v1", "--topology", "v5e:2x2", "--batch", "6"],
      "--batch 6: must be a positive multiple of the 4 chip(s)"),
     (["--token2wav", "v1", "--topology", "v5e:1x1", "--seconds", "61"],
@@ -57,20 +57,28 @@ def test_flags_that_do_not_go_together(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_flops_count_every_cfm_step():
+TINY_V2 = ["flow.input_size=64", "flow.encoder_size=64", "flow.encoder_heads=2",
+           "flow.encoder_linear_units=128", "flow.encoder_blocks=1", "flow.up_blocks=1",
+           "flow.channels=64", "flow.num_mid_blocks=1", "flow.n_blocks=1",
+           "hift.base_channels=48", "hift.cond_channels=16"]
+
+
+@pytest.mark.parametrize("version, sizes, units", [("v1", TINY, 50), ("v2", TINY_V2, 25)])
+def test_flops_count_every_cfm_step(version, sizes, units):
     """The step's FLOPs grow by exactly one estimator call per Euler step (lowered on CPU, not
-    compiled), and the estimator calls are most of the work."""
+    compiled), the estimator calls are most of the work, and the count is linear in the batch."""
     counts = {}
     for steps in (2, 5):
-        flow_cfg, hift_cfg = synthesis.configs("v1", TINY + [f"flow.n_timesteps={steps}"])
-        counts[steps] = synthesis.xla_flops(flow_cfg, hift_cfg, 2, 50, 86, "highest")
+        flow_cfg, hift_cfg = synthesis.configs(version, sizes + [f"flow.n_timesteps={steps}"])
+        frames = flow_cfg.mel_len(units)
+        counts[steps] = synthesis.xla_flops(flow_cfg, hift_cfg, 2, units, frames, "highest")
     (two, est2), (five, est5) = counts[2], counts[5]
     assert est2 == est5 > 0
     assert five - two == pytest.approx(3 * est2, rel=1e-6)
     assert 5 * est5 / five > 0.5
-    # linear in the batch
-    flow_cfg, hift_cfg = synthesis.configs("v1", TINY + ["flow.n_timesteps=2"])
-    four, _ = synthesis.xla_flops(flow_cfg, hift_cfg, 4, 50, 86, "highest")
+    flow_cfg, hift_cfg = synthesis.configs(version, sizes + ["flow.n_timesteps=2"])
+    four, _ = synthesis.xla_flops(flow_cfg, hift_cfg, 4, units, flow_cfg.mel_len(units),
+                                  "highest")
     assert four == pytest.approx(2 * two, rel=0.02)
 
 

@@ -7,7 +7,10 @@ The step is what `cslm-jax synthesize` runs for a batch of answers of one padded
 flow's encoder and length regulator, the CFM's Euler steps (each one estimator call on the
 conditional and unconditional rows, batch 2B) and HiFT (F0 predictor, source, generator, iSTFT),
 the batch sharded over a `data` mesh of every chip of the slice and the weights replicated
-(flow 105M + HiFT 20M parameters at the official v1 sizes: 0.5 GB in float32). It is lowered for
+(flow 105M + HiFT 20M parameters at the official v1 sizes, 113M + 21M for v2: about 0.5 GB in
+float32). v1 is `MaskedDiffWithXvec` (50 units/s, 22,050 Hz), v2 CosyVoice 2's causal flow
+(`speech.causal_flow`: 25 units/s, 2 mel frames per unit, 24 kHz; finalized, not streamed, each
+row's encoder run on its own and the CFM on the batch). It is lowered for
 the slice's devices as libtpu describes them and compiled by the TPU compiler; no weights are
 read (random-weight shapes of the official sizes, or `flow.NAME=` / `hift.NAME=` overrides).
 
@@ -27,7 +30,7 @@ from cslm_jax.tpu.aot import (MemoryFit, Topology, compile_memory, cost_flops, g
                               parse_topology, topology_devices)
 from cslm_jax.tpu.extraction import TPU_PASSES
 
-VERSIONS = ("v1",)           # v2's causal flow compiles once it is ported (issue 25)
+VERSIONS = ("v1", "v2")
 MAX_SECONDS = 60.0           # one answer's speech chunk is seconds long; 60 s is ample
 PRECISIONS = ("highest", "high", "default")
 
@@ -111,12 +114,13 @@ class SynthesisReport(MemoryFit):
 def configs(version: str, overrides: list[str]):
     """(FlowConfig, HiFTConfig) of `version` at the official sizes with `flow.NAME=VALUE` /
     `hift.NAME=VALUE` overrides (integers, tuples as `64,64`; flow.cfg_rate a number); ConfigError for anything else."""
+    from cslm_jax.speech.causal_flow import CausalFlowConfig
     from cslm_jax.speech.flow import FlowConfig
     from cslm_jax.speech.hift import HiFTConfig, Token2WavError
 
     if version not in VERSIONS:
-        raise ConfigError(f"--token2wav {version!r}: compiles {', '.join(VERSIONS)} (v2's causal "
-                          f"flow is not ported yet)")
+        raise ConfigError(f"--token2wav {version!r}: compiles {', '.join(VERSIONS)}")
+    FlowConfig = CausalFlowConfig if version == "v2" else FlowConfig
     sizes = {"flow": {}, "hift": {}}
     defaults = {"flow": dataclasses.asdict(FlowConfig(version)),
                 "hift": dataclasses.asdict(HiFTConfig(version))}
@@ -149,20 +153,30 @@ def synthesis_step(flow_cfg, hift_cfg, mel_len: int, precision: str):
     """The batch's synthesis as one traceable function: (flow params, HiFT params, units [B, N],
     x-vectors [B, 192], flow noise [B, M, 80], HiFT phases [B, H], HiFT noise [B, M * R, H])
     -> waveform [B, M * R]."""
+    import jax
     import jax.numpy as jnp
 
-    from cslm_jax.speech import flow, hift
+    from cslm_jax.speech import causal_flow, flow, hift
 
     def step(flow_params, hift_params, units, embedding, noise, phase, source_noise):
         b, n = units.shape
+        prec = hift.matmul_precision(precision)
         spks = embedding / jnp.maximum(jnp.linalg.norm(embedding, axis=1, keepdims=True), 1e-12)
-        spks = spks @ flow_params["spk_embed_affine_layer.w"] + \
+        spks = jnp.matmul(spks, flow_params["spk_embed_affine_layer.w"], precision=prec) + \
             flow_params["spk_embed_affine_layer.b"]
-        mu = flow.encode(flow_params, flow_cfg, units, jnp.full((b,), n), mel_len,
-                         precision=precision)
-        mask = jnp.ones((b, mel_len), mu.dtype)
-        mel = flow.cfm(flow_params, flow_cfg, mu, mask, spks, jnp.zeros_like(mu), noise,
-                       precision=precision)
+        mask = jnp.ones((b, mel_len), jnp.float32)
+        if flow_cfg.version == "v2":
+            def one(ids):
+                return causal_flow.encode_padded(flow_params, flow_cfg, ids[None], n, 0,
+                                                 precision=precision)[0]
+            mu = jax.vmap(one)(units)
+            mel = causal_flow.cfm(flow_params, flow_cfg, mu, mask, spks, jnp.zeros_like(mu),
+                                  noise, precision=precision)
+        else:
+            mu = flow.encode(flow_params, flow_cfg, units, jnp.full((b,), n), mel_len,
+                             precision=precision)
+            mel = flow.cfm(flow_params, flow_cfg, mu, mask, spks, jnp.zeros_like(mu), noise,
+                           precision=precision)
         wave, _, _ = hift.forward(hift_params, hift_cfg, jnp.swapaxes(mel, 1, 2),
                                   jnp.full((b,), mel_len, jnp.int32),
                                   noise={"phase": phase, "noise": source_noise},
@@ -176,7 +190,7 @@ def _abstract(flow_cfg, hift_cfg, batch: int, units: int, mel_len: int, mesh=Non
     import jax
     import jax.numpy as jnp
 
-    from cslm_jax.speech import flow, hift
+    from cslm_jax.speech import causal_flow, flow, hift
 
     rep = bat = None
     if mesh is not None:
@@ -188,7 +202,8 @@ def _abstract(flow_cfg, hift_cfg, batch: int, units: int, mel_len: int, mesh=Non
 
     h = hift_cfg.nb_harmonics + 1
     samples = mel_len * hift_cfg.samples_per_frame
-    return (params(flow.param_shapes(flow_cfg)), params(hift.param_shapes(hift_cfg)),
+    flow_module = causal_flow if flow_cfg.version == "v2" else flow
+    return (params(flow_module.param_shapes(flow_cfg)), params(hift.param_shapes(hift_cfg)),
             jax.ShapeDtypeStruct((batch, units), jnp.int32, sharding=bat),
             jax.ShapeDtypeStruct((batch, flow_cfg.spk_embed_dim), jnp.float32, sharding=bat),
             jax.ShapeDtypeStruct((batch, mel_len, flow_cfg.output_size), jnp.float32,
@@ -205,7 +220,7 @@ def xla_flops(flow_cfg, hift_cfg, batch: int, units: int, mel_len: int,
     import jax
     import jax.numpy as jnp
 
-    from cslm_jax.speech import flow
+    from cslm_jax.speech import causal_flow, flow
 
     args = _abstract(flow_cfg, hift_cfg, batch, units, mel_len)
     step = cost_flops(jax.jit(synthesis_step(flow_cfg, hift_cfg, mel_len, precision))
@@ -214,6 +229,9 @@ def xla_flops(flow_cfg, hift_cfg, batch: int, units: int, mel_len: int,
     x = jax.ShapeDtypeStruct(rows, jnp.float32)
 
     def one_call(params, x, mask, mu, t, spks, cond):
+        if flow_cfg.version == "v2":
+            return causal_flow.estimator(params, flow_cfg, x, mask, mu, t, spks, cond,
+                                         precision=precision)
         return flow.estimator(params, flow_cfg, x, mask, mu, t, spks, cond, precision)
 
     est = cost_flops(jax.jit(one_call).lower(
