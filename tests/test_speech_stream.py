@@ -245,7 +245,8 @@ def test_decode_speech_out_writes_a_wav_per_answer_with_timings(cslm, model, tmp
     frames = t2w.mel_frames(60) + t2w.mel_frames(20) - 34
     for r in records:
         assert r["speech_chunks"] == SPEECH and r["finish"] == "eoa"
-        wave, rate = sf.read(str(tmp_path / "wavs" / f"{r['index']:04d}.wav"), dtype="float32")
+        assert r["wav"] == f"{r['index']:04d}.wav"              # a fresh run: lines 0, 1
+        wave, rate = sf.read(str(tmp_path / "wavs" / r["wav"]), dtype="float32")
         assert rate == 22050 and wave.shape == (frames * 256,)
         assert np.abs(wave).max() > 0.01
         # the wav is the streamed synthesis of the decoded chunks (PCM 16-bit)
@@ -260,6 +261,50 @@ def test_decode_speech_out_writes_a_wav_per_answer_with_timings(cslm, model, tmp
     assert summary["time_to_first_audio_s"]["missing"] == 0
     assert summary["time_to_first_audio_s"]["mean"] == pytest.approx(
         np.mean([r["timing"]["time_to_first_audio_s"] for r in records]))
+
+
+def test_decode_speech_out_names_wavs_by_their_line_when_appending_and_resuming(cslm, model,
+                                                                               tmp_path, capsys):
+    """Each wav is named by its answer's line in responses.jsonl: an --append run's answers to
+    questions 0 and 1 (lines 2 and 3) get 0002.wav and 0003.wav beside the first run's, which
+    stay byte for byte; that run cut off after its first answer and started again resumes with
+    its answer to question 1 as 0003.wav again."""
+    ckpt, units, n_ids = cslm
+    out, wavs = tmp_path / "out", tmp_path / "wavs"
+    args = ["decode", "--lang", "en", "--unit", str(units), "--ckpt", str(ckpt), "--greedy",
+            "--max-new-tokens", str(n_ids + 4), "--output-dir", str(out), "--batch-size", "1",
+            "--speech-out", str(wavs), "--token2wav", str(model.path), "--voice", "random"]
+
+    def run(*extra):
+        code = cli(args + list(extra))
+        assert code == 0, capsys.readouterr().err
+        capsys.readouterr()
+        return [json.loads(x) for x in (out / "responses.jsonl").read_text().splitlines()]
+
+    def wav_bytes():
+        return {p.name: p.read_bytes() for p in sorted(wavs.iterdir())}
+
+    first = run()
+    assert [r["wav"] for r in first] == ["0000.wav", "0001.wav"]
+    before = wav_bytes()
+    assert sorted(before) == ["0000.wav", "0001.wav"]
+    records = run("--append")
+    assert [(r["index"], r["wav"]) for r in records] == [
+        (0, "0000.wav"), (1, "0001.wav"), (0, "0002.wav"), (1, "0003.wav")]
+    after = wav_bytes()
+    assert sorted(after) == ["0000.wav", "0001.wav", "0002.wav", "0003.wav"]
+    assert {k: after[k] for k in before} == before                 # the old wavs untouched
+    # the new ones are the answers' audio (the same answers: the same bytes, other files)
+    assert after["0002.wav"] == before["0000.wav"] and after["0003.wav"] == before["0001.wav"]
+    # cut off after the append run's first answer: a rerun resumes it at question 1, line 3
+    lines = (out / "responses.jsonl").read_text().splitlines(keepends=True)
+    (out / "responses.jsonl").write_text("".join(lines[:3]))
+    results = (out / "responses.json").read_text().splitlines(keepends=True)
+    (out / "responses.json").write_text("".join(results[:3]))
+    (wavs / "0003.wav").unlink()
+    resumed = run()
+    assert [(r["index"], r["wav"]) for r in resumed[2:]] == [(0, "0002.wav"), (1, "0003.wav")]
+    assert wav_bytes() == after
 
 
 def test_decode_speech_out_refuses_bad_arguments_before_loading(cslm, model, tmp_path, capsys):

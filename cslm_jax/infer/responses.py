@@ -530,6 +530,8 @@ class PriorAnswers:
     jsonl_keep: int | None = None    # cut responses.jsonl to this many bytes (a cut-off last line)
     json_lines: list[str] | None = None  # rewrite responses.json with these (to line up)
     finish: bool = False             # every question is answered: only the files to complete
+    position: int = 0                # responses.jsonl's line (0-based) of this run's answer to
+                                     # question 0 (--speech-out names each wav by its answer's)
 
 
 def _json_lines(path: Path) -> tuple[list[bytes], int | None]:
@@ -585,15 +587,16 @@ def prior_answers(out_dir: Path, run: dict, questions: int, append: bool) -> Pri
                               f"that are not an interrupted run of these questions with these "
                               f"settings; pass --append to add these after them, or give another "
                               f"folder")
-        return PriorAnswers([], jsonl_keep=cut)
+        return PriorAnswers([], jsonl_keep=cut, position=len(records))
     json_lines = _lined_up(json_file, [r.get("result") if isinstance(r, dict) else None
                                        for r in records], len(done),
                            done[-1].get("timing", {}).get("batch_size", 1))
-    prior = PriorAnswers(done, jsonl_keep=cut, json_lines=json_lines)
+    prior = PriorAnswers(done, jsonl_keep=cut, json_lines=json_lines,
+                         position=len(records) - len(done))
     if len(done) < questions:
         return prior
     if append:
-        return dataclasses.replace(prior, done=[])
+        return dataclasses.replace(prior, done=[], position=len(records))
     if cut is not None or json_lines is not None or \
             not (out_dir / "latency_summary.json").is_file():
         return dataclasses.replace(prior, finish=True)
@@ -686,7 +689,11 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
 
     speech_out: a `cslm_jax.speech.stream.SpeechOut` (`--speech-out`): each answer synthesised
     chunk by chunk while it is decoded, its wav written when it ends, and its record's timing
-    given `time_to_first_audio_s`, `speech_rtf` and `audio_s`."""
+    given `time_to_first_audio_s`, `speech_rtf` and `audio_s`. Its `position` is set to the
+    line of responses.jsonl that question 0's answer has in this run (`prior_answers`: after the
+    lines already there, or, resuming, where the interrupted run put it), so each wav is named
+    by its answer's line (`SpeechOut.wav_name`) and an --append run's wavs do not replace
+    earlier ones; the record's `wav` names it."""
     from cslm_jax.data.formats import load_data_config
     from cslm_jax.infer.decode import Sampling, decoding_params, load_for_decoding
 
@@ -771,6 +778,8 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
                                 f"give another --output-dir")
     if out_dir.is_dir():
         repair_answer_files(out_dir, prior, say)
+    if speech_out is not None:
+        speech_out.position = prior.position
     if first:
         say(f"decode: resuming: {first} of {len(questions)} question(s) answered already in "
             f"{out_dir / 'responses.jsonl'}; answering the other {len(questions) - first}")
@@ -790,6 +799,7 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
             r.update(run, line=r["index"] + 1)
             if speech_out is not None:
                 r["timing"].update(speech_out.timing(r["index"]))
+                r["wav"] = speech_out.wav_name(r["index"])
         # Appended batch by batch, responses.jsonl first (a rerun resumes from it and lines
         # responses.json up with it): an interrupted run keeps what it finished.
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -285,7 +285,11 @@ class SpeechStream:
             return z, d["hift"]
         import jax
         k_flow, k_hift = jax.random.split(jax.random.fold_in(self.noise, k))
-        return np.asarray(jax.random.normal(k_flow, (1, m, 80), np.float32)), k_hift
+        # with JAX's partitionable threefry (its default) a draw's elements depend on their flat
+        # index only: drawn over the window's frame bucket, its first m frames are the draw of
+        # m frames, and the draw compiles once per bucket, not per window length
+        f = window_buckets(1, m)[1] if jax.config.jax_threefry_partitionable else m
+        return np.asarray(jax.random.normal(k_flow, (1, f, 80), np.float32))[:, :m], k_hift
 
     def step(self, window, finalize: bool) -> np.ndarray:
         """Upstream's `token2wav(window, finalize=...)` with this answer's caches; returns the
@@ -380,9 +384,12 @@ def speak(events: Iterable, stream: SpeechStream) -> Iterator[tuple[object, np.n
 
 class SpeechOut:
     """`cslm-jax decode --speech-out DIR`: every answer synthesised while it is decoded, each
-    speech chunk the moment it closes (`SpeechStream`), written to `DIR/<index>.wav` (4 digits,
+    speech chunk the moment it closes (`SpeechStream`), written to `DIR/<line>.wav` (4 digits,
     PCM 16-bit mono at the token2wav's rate; atomically, when the answer ends; an answer without
-    speech gets an empty wav). `cslm_jax.infer.responses.decode_questions` calls `begin(index,
+    speech gets an empty wav). `<line>` is the answer's line in responses.jsonl (0-based):
+    `position` (set by `decode_unit_file`: the line of question 0's answer, after those of
+    earlier runs in the folder) plus the question's index, so an --append run adds wavs beside
+    the earlier answers' and a resumed run names its answers as the interrupted run did. `cslm_jax.infer.responses.decode_questions` calls `begin(index,
     t0)` when an answer's batch starts decoding (`t0`: its `time.perf_counter()`), `event(index,
     ev)` for each event as it completes; `timing(index)` gives the fields added to the answer's
     `timing`: `time_to_first_audio_s` (the first samples ready, from `t0`, as the other timings;
@@ -407,6 +414,7 @@ class SpeechOut:
         self.compile_base: dict[int, float] = {}
         self.first_audio: dict[int, float] = {}
         self.done: dict[int, dict] = {}
+        self.position = 0                    # responses.jsonl's line of question 0's answer
 
     @classmethod
     def open(cls, out_dir, token2wav, voice, speech_rate: float = 1.0, inputs=()):
@@ -429,7 +437,8 @@ class SpeechOut:
         return cls(path, t2w, vec, speech_rate)
 
     def wav_name(self, index: int) -> str:
-        return f"{index:04d}.wav"
+        """The wav of question `index`'s answer: named by its line in responses.jsonl."""
+        return f"{self.position + index:04d}.wav"
 
     def begin(self, index: int, t0: float) -> None:
         self.t0[index] = t0
