@@ -51,7 +51,8 @@ def add_parser(sub):
                    help="default: the checkpoint's")
     s.add_argument("--speech-out", metavar="DIR", help="synthesise every answer while decoding "
                    "(each speech chunk as its <eosp> closes, CosyVoice v1's streaming scheme) "
-                   "into DIR/<index>.wav (0000.wav, ...); needs --token2wav and --voice; adds "
+                   "into DIR/<line>.wav, the answer's line in responses.jsonl (0000.wav, ...; "
+                   "--append adds after earlier ones); needs --token2wav and --voice; adds "
                    "time_to_first_audio_s, speech_rtf and audio_s to responses.jsonl's timing")
     s.add_argument("--token2wav", metavar="DIR", help="with --speech-out: a token2wav folder "
                    "(import-token2wav output)")
