@@ -431,3 +431,36 @@ def run_token2wav_stream(flow_model, hift_model, windows, embedding, seed=0):
     finally:
         torch.set_num_threads(threads)
     return audio, draws
+
+
+def run_token2wav_stream_v2(flow_model, hift_model, calls, embedding, seed=0):
+    """Upstream's v2 streaming path (`CosyVoice2Model.token2wav` with its per-utterance HiFT
+    cache, as `tts(stream=True)` drives it) on `calls`: a list of (units so far [n],
+    token_offset, finalize) in order, streamed (`stream=True`) unless finalized (upstream's last
+    call is not), the x-vector [192], no prompt, torch's generator seeded once. The flow's noise
+    is its fixed buffer (`flow_model.decoder.rand_noise`). Returns (the audio each call released
+    [N_k], HiFT's draws of each call)."""
+    import warnings
+
+    model = CosyVoice2Model(None, flow_model, hift_model)
+    uid = "stream"
+    model.hift_cache_dict[uid] = None
+    emb = torch.as_tensor(np.asarray(embedding, np.float32))[None]
+    torch.manual_seed(seed)
+    audio, draws = [], []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)            # as run_token2wav_stream: faster at these sizes
+    try:
+        for units, offset, finalize in calls:
+            with recorded_draws() as log, torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)       # torch.cuda.amp.autocast
+                out = model.token2wav(token=torch.as_tensor(np.asarray(units, np.int64))[None],
+                                      prompt_token=torch.zeros(1, 0, dtype=torch.int64),
+                                      prompt_feat=torch.zeros(1, 0, 80), embedding=emb,
+                                      token_offset=offset, uuid=uid, stream=not finalize,
+                                      finalize=finalize)
+            audio.append(out.numpy()[0].copy())
+            draws.append(list(log))
+    finally:
+        torch.set_num_threads(threads)
+    return audio, draws
