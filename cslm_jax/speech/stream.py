@@ -56,6 +56,12 @@ the flow's start and HiFT's source), or a callable `noise(k, flow_frames, hift_f
 returning `{"flow": z [1, flow_frames, 80], "hift": {"phase": [1, 9], "noise": [1, >= N, 9]}}`
 (another implementation's draws, for tests). As upstream, each window draws its own noise, of
 which the flow's first (cached) frames are replaced.
+
+Shapes: the flow runs each window padded to the batched flow's buckets (`flow.bucket`: units to
+a multiple of `UNIT_BUCKET`, mel frames of `FRAME_BUCKET`; `window_buckets`) with its masked
+steps (`regulate_rows`, `cfm(valid_only=True)`: the window's frames as unpadded), and HiFT on
+the mel padded to a multiple of `HIFT_BUCKET` frames with its length mask; so a decode's chunks
+of ever new lengths compile once per bucket, not once per window length.
 """
 from __future__ import annotations
 
