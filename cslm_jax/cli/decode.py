@@ -58,9 +58,10 @@ def add_parser(sub):
                    "(import-token2wav output)")
     s.add_argument("--voice", metavar="V", help="with --speech-out: a voice name of the "
                    "token2wav's voices.npz, or a .npy x-vector (192 floats)")
-    s.add_argument("--speech-rate", type=float, default=1.0, metavar="R", help="with "
+    s.add_argument("--speech-rate", type=float, default=None, metavar="R", help="with "
                    "--speech-out: mean run length of the (merged) units, scales the mel length "
-                   "(default %(default)s)")
+                   "(default: --data-config's format.speech_rate; 1.0 where its units are not "
+                   "merged or it sets none)")
     return s
 
 
@@ -77,10 +78,15 @@ def speech_out(args):
     missing = [f for f, v in (("--token2wav", args.token2wav), ("--voice", args.voice)) if not v]
     if missing:
         raise ConfigError(f"--speech-out needs {' and '.join(missing)}")
+    from cslm_jax.cli.synthesize import speech_rate
     from cslm_jax.speech.stream import SpeechOut
-    return SpeechOut.open(args.speech_out, args.token2wav, args.voice, args.speech_rate,
-                          inputs=[("--unit", args.unit), ("--ckpt", args.ckpt),
-                                  ("--hf-dir", args.hf_dir), ("--data-config", args.data_config)])
+
+    rate, rate_from = speech_rate(args.speech_rate, args.data_config)
+    out = SpeechOut.open(args.speech_out, args.token2wav, args.voice, rate,
+                         inputs=[("--unit", args.unit), ("--ckpt", args.ckpt),
+                                 ("--hf-dir", args.hf_dir), ("--data-config", args.data_config)])
+    print(f"--speech-out: speech rate {rate:g} ({rate_from})", flush=True)
+    return out
 
 
 def run(args) -> int:

@@ -3,6 +3,8 @@
 import argparse
 from pathlib import Path
 
+from cslm_jax.resources import config_path
+
 LOCAL_PATHS = ("units", "token2wav", "out")
 TOOL = "synthesize"
 REPORT = "synthesize.json"
@@ -14,7 +16,8 @@ joined in order. One wav per line: OUT/0000.wav, OUT/0001.wav, ... (PCM 16-bit, 
 token2wav's rate: 22,050 Hz for v1), and OUT/synthesize.json (what was done). Every line is
 checked before anything is synthesised; the folder is written atomically (complete or absent).
 
---speech-rate R: mel frames = int(units x R / 50 x 22050 / 256); for merged units (CSLM merges
+--speech-rate R: mel frames = int(units x R / 50 x 22050 / 256) (v2: int(2 x units x R)); for
+merged units (CSLM merges
 repeats) give the corpus's mean run length (raw units / merged units) for speech of natural speed.
 
 --batch-size N: lines are sorted by length and synthesised N at a time (one compiled call per
@@ -41,8 +44,13 @@ def add_parser(sub):
                    help="zero: deterministic; random: the flow's and HiFT's noise drawn from "
                    "--seed (one key per line)")
     s.add_argument("--seed", type=int, default=0, help="with --noise random (default 0)")
-    s.add_argument("--speech-rate", type=float, default=1.0, metavar="R",
-                   help="units per 50 Hz unit: scales the mel length (default 1.0)")
+    s.add_argument("--speech-rate", type=float, default=None, metavar="R",
+                   help="the mean run length of merged units: scales the mel length (default: "
+                   "--data-config's format.speech_rate; 1.0 where its units are not merged or "
+                   "it sets none)")
+    s.add_argument("--data-config", default=str(config_path("data", "cslm_en_zh.yaml")),
+                   metavar="CFG", help="the data config the units come from, for the default "
+                   "--speech-rate (default: %(default)s)")
     s.add_argument("--batch-size", type=int, default=8, metavar="N",
                    help="lines synthesised together, sorted by length (default 8)")
     s.add_argument("--force", action="store_true",
@@ -93,11 +101,22 @@ def read_requests(path) -> list[tuple[str, list[int]]]:
     return out
 
 
+def speech_rate(given: float | None, data_config) -> tuple[float, str]:
+    """(rate, where it comes from): `--speech-rate` where given, else the data config's
+    (`FormatConfig.synthesis_rate`: its `format.speech_rate`, or 1.0 with a warning)."""
+    from cslm_jax.data.formats import load_data_config
+
+    if given is not None:
+        return float(given), "--speech-rate"
+    rate, why = load_data_config(data_config, check_files=False).format.synthesis_rate()
+    return rate, f"{data_config}: {why}"
+
+
 def check(args, parser):
     from cslm_jax.speech.hift import Token2WavError
     from cslm_jax.storage.outputs import check_output_dir
 
-    if not (args.speech_rate > 0 and args.speech_rate < float("inf")):
+    if args.speech_rate is not None and not (0 < args.speech_rate < float("inf")):
         raise Token2WavError(f"--speech-rate {args.speech_rate}: must be a positive number")
     if args.batch_size < 1:
         raise Token2WavError(f"--batch-size {args.batch_size}: must be at least 1")
@@ -123,6 +142,8 @@ def run(args) -> int:
     from cslm_jax.speech.hift import Token2WavError
     from cslm_jax.storage.checkpoint import atomic_dir
 
+    args.speech_rate, rate_from = speech_rate(args.speech_rate, args.data_config)
+    print(f"speech rate {args.speech_rate:g} ({rate_from})", flush=True)
     requests = read_requests(args.units)
     t2w = t2w_mod.load_token2wav(args.token2wav)
     emb = t2w_mod.voice(t2w, args.voice)
@@ -158,7 +179,8 @@ def run(args) -> int:
         report = {"units": str(args.units), "token2wav": str(args.token2wav),
                   "version": t2w.version, "voice": args.voice, "noise": args.noise,
                   "seed": args.seed if args.noise == "random" else None,
-                  "speech_rate": args.speech_rate, "sample_rate": t2w.sample_rate,
+                  "speech_rate": args.speech_rate, "speech_rate_from": rate_from,
+                  "sample_rate": t2w.sample_rate,
                   "batch_size": args.batch_size, "wavs": items, "batches": runs,
                   "total_s": round(time.perf_counter() - start, 3)}
         (tmp / REPORT).write_text(json.dumps(report, indent=1) + "\n")
