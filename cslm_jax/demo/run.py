@@ -63,18 +63,26 @@ def asr_eval(model_dir: Path, data_dir: Path, data_cfg, n: int = ASR_EXAMPLES) -
     return out
 
 
-def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES) -> dict:
+def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES, t2w=None,
+             speech_dir: Path | None = None) -> dict:
     """Decode held-out spoken questions (same-language and cross-lingual), stream the events of
-    each answer and compare transcript and answer text with the references."""
-    from cslm_jax.infer.decode import (GREEDY, EventParser, SpeechChunk, TextChunk, Transcript,
-                                       default_stop_ids, generate_stream, load_for_decoding)
+    each answer and compare transcript and answer text with the references. With a token2wav
+    (`t2w`), each answer's speech chunks are synthesised as they close (`speech.stream`) and
+    the answer's audio goes to `speech_dir/<q>2<a>_<i>.wav`."""
+    import soundfile as sf
+
+    from cslm_jax.infer.decode import (GREEDY, End, EventParser, SpeechChunk, TextChunk,
+                                       Transcript, default_stop_ids, generate_stream,
+                                       load_for_decoding)
+    from cslm_jax.speech.stream import SpeechStream
     from cslm_jax.infer.responses import chat_prompt_ids
     from cslm_jax.data.formats import merge_repeats, speech
 
     cfg, params, tok, vocab = load_for_decoding(model_dir)
     stops = default_stop_ids(tok, vocab)
     stats = {"questions": 0, "transcript_exact": 0, "answer_exact": 0, "speech_chunks": 0,
-             "reassembled": 0}
+             "reassembled": 0, "wavs": 0, "audio_s": 0.0, "lengths_ok": 0}
+    rate = data_cfg.format.synthesis_rate()[0]
     for q_lang, a_lang in (("en", "en"), ("zh", "zh"), ("en", "zh"), ("zh", "en")):
         path = data_dir / f"s2s_{q_lang}2{a_lang}.validation.jsonl"
         records = _read_jsonl(path)[:n]
@@ -88,6 +96,22 @@ def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES) -
         generated = [[] for _ in records]
         t0 = time.perf_counter()
         first_speech = [None] * len(records)
+        first_audio = [None] * len(records)
+        streams = [SpeechStream(t2w, "random", speech_rate=rate) if t2w is not None else None
+                   for _ in records]
+        audio = [[] for _ in records]
+
+        def speak(b, new):                 # synthesise each speech chunk as it closes
+            if streams[b] is None:
+                return
+            for e in new:
+                if isinstance(e, SpeechChunk):
+                    audio[b].append(streams[b].push(e.units))
+                elif isinstance(e, End):
+                    audio[b].append(streams[b].finish())
+                if first_audio[b] is None and sum(a.size for a in audio[b]):
+                    first_audio[b] = time.perf_counter() - t0
+
         for step_tokens in generate_stream(cfg, params, prompts, max_new_tokens=200,
                                            stop_ids=stops, sampling=GREEDY, vocab=vocab,
                                            chunk_size=8):
@@ -99,8 +123,19 @@ def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES) -
                 if first_speech[b] is None and any(isinstance(e, SpeechChunk) for e in new):
                     first_speech[b] = time.perf_counter() - t0
                 events[b].extend(new)
+                speak(b, new)
         for b, r in enumerate(records):
-            events[b].extend(parsers[b].close())
+            closing = parsers[b].close()
+            events[b].extend(closing)
+            speak(b, closing)
+            if streams[b] is not None:
+                audio[b].append(streams[b].finish())
+                wave = np.concatenate(audio[b])
+                sf.write(str(speech_dir / f"{q_lang}2{a_lang}_{b}.wav"), wave, t2w.sample_rate,
+                         subtype="PCM_16", format="WAV")
+                stats["wavs"] += 1
+                stats["audio_s"] += wave.size / t2w.sample_rate
+                stats["lengths_ok"] += wave.size == streams[b].expected_samples
             ids = [i for e in events[b] for i in e.ids]
             stats["questions"] += 1
             stats["reassembled"] += ids == generated[b]
@@ -124,7 +159,16 @@ def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES) -
                              f"{'...' if len(e.units) > 10 else ''}")
                 _say(f"        reference answer {r['answer_text']!r}; first speech chunk after "
                      f"{first_speech[b] or float('nan'):.2f}s (batch of {len(records)})")
+                if streams[b] is not None:
+                    _say(f"        audio        {audio_seconds(audio[b], t2w):.2f} s in "
+                         f"{len(streams[b].windows)} window(s), first samples after "
+                         f"{first_audio[b] or float('nan'):.2f}s (compiling included) -> "
+                         f"{speech_dir.name}/{q_lang}2{a_lang}_{b}.wav")
     return stats
+
+
+def audio_seconds(chunks, t2w) -> float:
+    return sum(a.size for a in chunks) / t2w.sample_rate
 
 
 def _squash(text: str) -> str:
@@ -150,6 +194,7 @@ def run_demo(out: str | Path, force: bool = False) -> int:
     from cslm_jax.model.vocab import load_tokenizer
     from cslm_jax.storage.outputs import check_output_dir, clear_output, mark_entries, write_marker
     from cslm_jax.infer.responses import chat_prompt_ids
+    from cslm_jax.speech.token2wav import load_token2wav, save_random_token2wav
 
     out = Path(out)
     check_output_dir(out, force, tool="demo")
@@ -241,12 +286,23 @@ def run_demo(out: str | Path, force: bool = False) -> int:
          f"max |logit difference| vs transformers = {diff2:.2e}")
 
     _say("[8/8] decode held-out spoken questions from the exported folder (KV cache, greedy), "
-         "streaming transcript / text chunks / speech chunks")
-    stats = s2s_demo(export, out / "data", data_cfg)
+         "streaming transcript / text chunks / speech chunks, each speech chunk synthesised "
+         "as it closes")
+    t2w_dir = save_random_token2wav(out / "token2wav", "v1", seed=0)
+    t2w = load_token2wav(t2w_dir)
+    (out / "speech").mkdir()
+    _say(f"      speech out: each speech chunk synthesised as it closes by a RANDOM-WEIGHT "
+         f"token2wav ({t2w_dir}: CosyVoice's v1 flow + HiFT at reduced sizes): it gives noise, "
+         f"not speech; import the official flow.pt / hift.pt with import-token2wav for speech")
+    stats = s2s_demo(export, out / "data", data_cfg, t2w=t2w, speech_dir=out / "speech")
     checks["events reassemble"] = stats["reassembled"] == stats["questions"]
     checks["speech chunks produced"] = stats["speech_chunks"] >= stats["questions"]
+    checks["speech synthesised"] = (stats["wavs"] == stats["questions"]
+                                    and stats["lengths_ok"] == stats["questions"])
     _say(f"      {stats['questions']} questions: transcript exact {stats['transcript_exact']}, "
-         f"answer text exact {stats['answer_exact']}, {stats['speech_chunks']} speech chunks")
+         f"answer text exact {stats['answer_exact']}, {stats['speech_chunks']} speech chunks; "
+         f"{stats['wavs']} wavs ({stats['audio_s']:.1f} s of audio at {t2w.sample_rate} Hz) in "
+         f"{out / 'speech'}")
 
     mark_entries(out, "demo")
     failed = [k for k, ok in checks.items() if not ok]
