@@ -17,11 +17,13 @@ load average is printed before and after (this VM is shared). Time to the first 
 streamed answer is not measured here. Parity of the two (same noise) is tested in
 tests/test_flow.py, tests/test_hift.py; batched = one by one in tests/test_flow_batch.py.
 
-The reference takes ~20 s of CPU per second of speech on 2 cores, so the defaults are small
-(4 answers of 2-4 s, one repeat: ~5 minutes); the issue's run is
-`--answers 16 --seconds-min 2 --seconds-max 10` (~1 h of reference time on 2 cores).
+The reference takes ~20 s per second of speech on this idle 2-core VM and ~90 s when it is
+busy (measured: benchmarks/RESULTS.md), so the defaults are small (4 answers of 2-2.5 s, one
+repeat: ~20 minutes on the busy VM, a few on an idle one); the issue's run is
+`--answers 16 --seconds-min 2 --seconds-max 10 --repeats 3` (about an hour of reference time per
+repeat).
 
-    python benchmarks/token2wav.py [--answers 4] [--seconds-min 2] [--seconds-max 4]
+    python benchmarks/token2wav.py [--answers 4] [--seconds-min 2] [--seconds-max 2.5]
         [--repeats 1] [--batch-size 8] [--threads N] [--skip-reference]
 """
 from __future__ import annotations
@@ -45,7 +47,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--answers", type=int, default=4)
     p.add_argument("--seconds-min", type=float, default=2.0)
-    p.add_argument("--seconds-max", type=float, default=4.0)
+    p.add_argument("--seconds-max", type=float, default=2.5)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8, help="ours: answers per batch")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch's threads")
