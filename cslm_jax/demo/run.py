@@ -71,10 +71,8 @@ def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES, t
     the answer's audio goes to `speech_dir/<q>2<a>_<i>.wav`."""
     import soundfile as sf
 
-    from cslm_jax.infer.decode import (GREEDY, End, EventParser, SpeechChunk, TextChunk,
-                                       Transcript, default_stop_ids, generate_stream,
-                                       load_for_decoding)
-    from cslm_jax.speech.stream import SpeechStream
+    from cslm_jax.infer.decode import (GREEDY, EventParser, SpeechChunk, TextChunk, Transcript,
+                                       default_stop_ids, generate_stream, load_for_decoding)
     from cslm_jax.infer.responses import chat_prompt_ids
     from cslm_jax.data.formats import merge_repeats, speech
 
@@ -96,22 +94,7 @@ def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES, t
         generated = [[] for _ in records]
         t0 = time.perf_counter()
         first_speech = [None] * len(records)
-        first_audio = [None] * len(records)
-        streams = [SpeechStream(t2w, "random", speech_rate=rate) if t2w is not None else None
-                   for _ in records]
-        audio = [[] for _ in records]
-
-        def speak(b, new):                 # synthesise each speech chunk as it closes
-            if streams[b] is None:
-                return
-            for e in new:
-                if isinstance(e, SpeechChunk):
-                    audio[b].append(streams[b].push(e.units))
-                elif isinstance(e, End):
-                    audio[b].append(streams[b].finish())
-                if first_audio[b] is None and sum(a.size for a in audio[b]):
-                    first_audio[b] = time.perf_counter() - t0
-
+        speakers = [AnswerAudio(t2w, rate, t0) if t2w is not None else None for _ in records]
         for step_tokens in generate_stream(cfg, params, prompts, max_new_tokens=200,
                                            stop_ids=stops, sampling=GREEDY, vocab=vocab,
                                            chunk_size=8):
@@ -123,19 +106,19 @@ def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES, t
                 if first_speech[b] is None and any(isinstance(e, SpeechChunk) for e in new):
                     first_speech[b] = time.perf_counter() - t0
                 events[b].extend(new)
-                speak(b, new)
+                if speakers[b] is not None:
+                    speakers[b].feed(new)
         for b, r in enumerate(records):
             closing = parsers[b].close()
             events[b].extend(closing)
-            speak(b, closing)
-            if streams[b] is not None:
-                audio[b].append(streams[b].finish())
-                wave = np.concatenate(audio[b])
+            if speakers[b] is not None:
+                speakers[b].feed(closing)
+                wave = speakers[b].finish()
                 sf.write(str(speech_dir / f"{q_lang}2{a_lang}_{b}.wav"), wave, t2w.sample_rate,
                          subtype="PCM_16", format="WAV")
                 stats["wavs"] += 1
                 stats["audio_s"] += wave.size / t2w.sample_rate
-                stats["lengths_ok"] += wave.size == streams[b].expected_samples
+                stats["lengths_ok"] += wave.size == speakers[b].stream.expected_samples
             ids = [i for e in events[b] for i in e.ids]
             stats["questions"] += 1
             stats["reassembled"] += ids == generated[b]
@@ -159,16 +142,45 @@ def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES, t
                              f"{'...' if len(e.units) > 10 else ''}")
                 _say(f"        reference answer {r['answer_text']!r}; first speech chunk after "
                      f"{first_speech[b] or float('nan'):.2f}s (batch of {len(records)})")
-                if streams[b] is not None:
-                    _say(f"        audio        {audio_seconds(audio[b], t2w):.2f} s in "
-                         f"{len(streams[b].windows)} window(s), first samples after "
-                         f"{first_audio[b] or float('nan'):.2f}s (compiling included) -> "
+                if speakers[b] is not None:
+                    sp = speakers[b]
+                    _say(f"        audio        {sp.samples / t2w.sample_rate:.2f} s in "
+                         f"{len(sp.stream.windows)} window(s), first samples after "
+                         f"{sp.first_s or float('nan'):.2f}s (compiling included) -> "
                          f"{speech_dir.name}/{q_lang}2{a_lang}_{b}.wav")
     return stats
 
 
-def audio_seconds(chunks, t2w) -> float:
-    return sum(a.size for a in chunks) / t2w.sample_rate
+class AnswerAudio:
+    """One demo answer's speech, each chunk synthesised as it closes (`speech.stream`): `feed`
+    takes the answer's decode events as they complete, `finish` returns the whole waveform."""
+
+    def __init__(self, t2w, speech_rate: float, t0: float):
+        from cslm_jax.speech.stream import SpeechStream
+
+        self.stream = SpeechStream(t2w, "random", speech_rate=speech_rate)
+        self.t0 = t0                       # the batch's start (time.perf_counter())
+        self.chunks: list[np.ndarray] = []
+        self.first_s: float | None = None  # first samples ready, seconds after t0
+
+    @property
+    def samples(self) -> int:
+        return sum(a.size for a in self.chunks)
+
+    def feed(self, events) -> None:
+        from cslm_jax.infer.decode import End, SpeechChunk
+
+        for e in events:
+            if isinstance(e, SpeechChunk):
+                self.chunks.append(self.stream.push(e.units))
+            elif isinstance(e, End):
+                self.chunks.append(self.stream.finish())
+            if self.first_s is None and self.samples:
+                self.first_s = time.perf_counter() - self.t0
+
+    def finish(self) -> np.ndarray:
+        self.chunks.append(self.stream.finish())
+        return np.concatenate(self.chunks)
 
 
 def _squash(text: str) -> str:
@@ -183,7 +195,7 @@ def run_demo(out: str | Path, force: bool = False) -> int:
         from transformers import LlamaForCausalLM
     except ImportError as e:
         raise SystemExit(f"the demo needs PyTorch (CPU) for its reference model: "
-                         f"pip install -r requirements-dev.txt ({e})")
+                         f"pip install -r requirements-dev.txt ({e})") from None
     from cslm_jax.storage.checkpoint import load_params, read_metadata
     from cslm_jax.convert.hf import export_hf, import_hf
     from cslm_jax.demo.corpus import UNIT_COUNT, make_demo_data
