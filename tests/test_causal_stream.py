@@ -13,10 +13,14 @@ Measured (float32, CPU): the streamed waveform within ~5e-4 of upstream's (bound
 synthesis bound of issue 25): the flow's mel agrees to ~1e-5 in every call and HiFT alone to
 ~4e-5 given the same mel and cache, but this random-weight HiFT turns a 1e-5 change of its mel
 into ~4e-4 of waveform (measured), and each call's mel comes from its own flow call."""
+import json
+
 import numpy as np
 import pytest
+import soundfile as sf
 
 import cosyvoice_reference as ref
+from cslm_jax.cli.main import main as cli
 from cslm_jax.speech import causal_flow as cf
 from cslm_jax.speech import token2wav as t2w
 from cslm_jax.speech.causal_stream import CausalSpeechStream, resample_positions
@@ -199,3 +203,57 @@ def test_bad_input_is_named(model, tmp_path):
     v1 = t2w.load_token2wav(t2w.save_random_token2wav(tmp_path / "v1", "v1", seed=0))
     with pytest.raises(Token2WavError, match="version 'v1'; CausalSpeechStream streams v2"):
         CausalSpeechStream(v1, "random")
+
+
+# -- cslm-jax decode --speech-out with a v2 folder --------------------------------------------
+
+UNITS = 64
+SPEECH = [list(range(3, 25))]          # 22 units: streamed at <eosp>, finalized at <eoa>
+ANSWER = "[question]What[answer]The<sosp>" + "".join(f"<{u}>" for u in SPEECH[0]) + \
+    "<eosp>fox<eoa>"
+
+
+@pytest.fixture(scope="module")
+def cslm(tmp_path_factory, tiny_tokenizer_dir):
+    from cslm_jax.convert.hf import import_hf
+    from cslm_jax.infer.responses import write_unit_file
+    from cslm_jax.model.vocab import extend_tokenizer, load_tokenizer
+    from test_speech_stream import _bigram_cslm
+
+    root = tmp_path_factory.mktemp("speech_out_v2")
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    extend_tokenizer(tok, UNITS, len(tok))
+    answer_ids = tok.encode(ANSWER, add_special_tokens=False)
+    header = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                     add_generation_prompt=True)
+    _bigram_cslm(root / "hf", tok, answer_ids, tok.encode(header, add_special_tokens=False)[-1],
+                 hidden=64)
+    ckpt = import_hf(root / "hf", root / "ck", log=lambda *_: None)
+    units = root / "questions.txt"
+    write_unit_file(units, [[1, 1, 2, 7], [15, 3]])
+    return ckpt, units, len(answer_ids)
+
+
+def test_decode_speech_out_streams_a_v2_folder(cslm, model, tmp_path, capsys):
+    ckpt, units, n_ids = cslm
+    code = cli(["decode", "--lang", "en", "--unit", str(units), "--ckpt", str(ckpt), "--greedy",
+                "--max-new-tokens", str(n_ids + 4), "--output-dir", str(tmp_path / "out"),
+                "--batch-size", "2", "--speech-out", str(tmp_path / "wavs"),
+                "--token2wav", str(model.path), "--voice", "random"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    records = [json.loads(x) for x in (tmp_path / "out" / "responses.jsonl").read_text()
+               .splitlines()]
+    assert len(records) == 2
+    for r in records:
+        assert r["speech_chunks"] == SPEECH and r["finish"] == "eoa"
+        wave, rate = sf.read(str(tmp_path / "wavs" / r["wav"]), dtype="float32")
+        assert rate == 24000 and wave.shape == (2 * 22 * RATE,)
+        assert np.abs(wave).max() > 0.01
+        _, outs = _stream(model, r["speech_chunks"])
+        np.testing.assert_allclose(wave, np.concatenate(outs), atol=1 / 32768 + 1e-6)
+        t = r["timing"]
+        assert t["audio_s"] == pytest.approx(2 * 22 * RATE / 24000)
+        assert 0 < t["time_to_first_speech_chunk_s"] <= t["time_to_first_audio_s"] <= t["total_s"]
+        assert t["speech_rtf"] > 0
+    assert sorted(p.name for p in (tmp_path / "wavs").iterdir()) == ["0000.wav", "0001.wav"]

@@ -388,9 +388,20 @@ def speak(events: Iterable, stream: SpeechStream) -> Iterator[tuple[object, np.n
         yield None, stream.finish()
 
 
+def open_stream(t2w, voice="random", noise="zero", speech_rate: float = 1.0,
+                precision: str = "highest"):
+    """One answer's stream for the token2wav folder's version, both with `push(units)` /
+    `finish()`: v1 `SpeechStream`, v2 `causal_stream.CausalSpeechStream` (the causal flow on the
+    growing prefix, as CosyVoice2Model.token2wav streams)."""
+    if t2w.version == "v2":
+        from cslm_jax.speech.causal_stream import CausalSpeechStream
+        return CausalSpeechStream(t2w, voice, noise, speech_rate, precision)
+    return SpeechStream(t2w, voice, noise, speech_rate, precision)
+
+
 class SpeechOut:
     """`cslm-jax decode --speech-out DIR`: every answer synthesised while it is decoded, each
-    speech chunk the moment it closes (`SpeechStream`), written to `DIR/<line>.wav` (4 digits,
+    speech chunk the moment it closes (`open_stream`), written to `DIR/<line>.wav` (4 digits,
     PCM 16-bit mono at the token2wav's rate; atomically, when the answer ends; an answer without
     speech gets an empty wav). `<line>` is the answer's line in responses.jsonl (0-based):
     `position` (set by `decode_unit_file`: the line of question 0's answer, after those of
@@ -439,7 +450,7 @@ class SpeechOut:
         path = check_output_place(out_dir, inputs=ins, flag="--speech-out", inside_ok=True)
         t2w = t2w_mod.load_token2wav(token2wav)
         vec = t2w_mod.voice(t2w, voice)
-        SpeechStream(t2w, vec, speech_rate=speech_rate)          # the version and rate checked
+        open_stream(t2w, vec, speech_rate=speech_rate)          # the version and rate checked
         return cls(path, t2w, vec, speech_rate)
 
     def wav_name(self, index: int) -> str:
@@ -449,7 +460,7 @@ class SpeechOut:
     def begin(self, index: int, t0: float) -> None:
         self.t0[index] = t0
         self.compile_base[index] = self.compile_total
-        self.streams[index] = SpeechStream(self.t2w, self.voice, self.noise, self.speech_rate)
+        self.streams[index] = open_stream(self.t2w, self.voice, self.noise, self.speech_rate)
         self.audio[index] = []
 
     def event(self, index: int, ev) -> None:
@@ -499,6 +510,6 @@ class SpeechOut:
                                      "audio_s": None, "speech_compile_s": None})
 
 
-__all__ = ["SpeechStream", "SpeechOut", "speak", "fade_in_out", "window_buckets",
+__all__ = ["SpeechStream", "SpeechOut", "speak", "open_stream", "fade_in_out", "window_buckets",
            "compiled_window_programs", "TOKEN_OVERLAP",
            "FLOW_CACHE_FRAMES", "MEL_CACHE_FRAMES"]
