@@ -118,7 +118,7 @@ def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES, t
                          subtype="PCM_16", format="WAV")
                 stats["wavs"] += 1
                 stats["audio_s"] += wave.size / t2w.sample_rate
-                stats["lengths_ok"] += wave.size == speakers[b].stream.expected_samples
+                stats["lengths_ok"] += wave.size == speakers[b].stream.expected_samples()
             ids = [i for e in events[b] for i in e.ids]
             stats["questions"] += 1
             stats["reassembled"] += ids == generated[b]
