@@ -48,7 +48,8 @@ resampled linearly at the fixed rate as it comes, output frame j taken at source
 once the source frames on both sides of it are given, the last frames at the end (clamped to the
 last source frame); `int(2 N rate)` frames in all, as `token2wav.synthesize`. The mel is
 continuous across calls, so no seam is added; against the one-call `stretch` (whose scale is
-`M / int(M rate)`) the positions differ by less than a frame over the answer. Rate 1 is the
+`M / int(M rate)`) the positions differ by less than `1 / rate` source frames over the
+answer. Rate 1 is the
 identity (upstream's own frames). HiFT then runs on the resampled frames, its cache as above.
 
 Noise: "zero" (deterministic), a PRNG key (split as `token2wav.synthesize` splits it: the flow's
