@@ -49,8 +49,8 @@ once the source frames on both sides of it are given, the last frames at the end
 last source frame); `int(2 N rate)` frames in all, as `token2wav.synthesize`. The mel is
 continuous across calls, so no seam is added; against the one-call `stretch` (whose scale is
 `M / int(M rate)`) the positions differ by less than `1 / rate` source frames over the
-answer. Rate 1 is the
-identity (upstream's own frames). HiFT then runs on the resampled frames, its cache as above.
+answer. Rate 1 is the identity (upstream's own frames). HiFT then runs on the resampled frames,
+its cache as above.
 
 Noise: "zero" (deterministic), a PRNG key (split as `token2wav.synthesize` splits it: the flow's
 buffer drawn once from the first half, as upstream's one fixed buffer serves every call; call k's
