@@ -50,7 +50,7 @@ def add_parser(sub):
     s.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
                    help="default: the checkpoint's")
     s.add_argument("--speech-out", metavar="DIR", help="synthesise every answer while decoding "
-                   "(each speech chunk as its <eosp> closes, CosyVoice v1's streaming scheme) "
+                   "(each speech chunk as its <eosp> closes, CosyVoice's streaming schemes, v1 or v2) "
                    "into DIR/<line>.wav, the answer's line in responses.jsonl (0000.wav, ...; "
                    "--append adds after earlier ones); needs --token2wav and --voice; adds "
                    "time_to_first_audio_s, speech_rtf and audio_s to responses.jsonl's timing")

@@ -156,9 +156,9 @@ class AnswerAudio:
     takes the answer's decode events as they complete, `finish` returns the whole waveform."""
 
     def __init__(self, t2w, speech_rate: float, t0: float):
-        from cslm_jax.speech.stream import SpeechStream
+        from cslm_jax.speech.stream import open_stream
 
-        self.stream = SpeechStream(t2w, "random", speech_rate=speech_rate)
+        self.stream = open_stream(t2w, "random", speech_rate=speech_rate)
         self.t0 = t0                       # the batch's start (time.perf_counter())
         self.chunks: list[np.ndarray] = []
         self.first_s: float | None = None  # first samples ready, seconds after t0
