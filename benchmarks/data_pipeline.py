@@ -56,9 +56,9 @@ def main():
     import jax.numpy as jnp
 
     from cslm_jax.config import load_model_config
+    from cslm_jax.data.formats import examples, load_data_config, read_jsonl
     from cslm_jax.data.pipeline import BatchIterator
     from cslm_jax.demo.corpus import UNIT_COUNT, make_demo_data
-    from cslm_jax.data.formats import examples, load_data_config, read_jsonl
     from cslm_jax.model.llama import forward, init_params, token_cross_entropy
     from cslm_jax.model.vocab import extend_tokenizer, load_tokenizer
     from cslm_jax.tasks.cslm import register

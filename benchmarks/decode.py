@@ -82,15 +82,23 @@ def run(args, root):
 
     import cslm_jax
     try:
-        from cslm_jax.kernels import cpu_matmul as cpu_kernels
         from cslm_jax.convert.hf import export_hf, import_hf
+        from cslm_jax.demo.random_hf import (
+            llama3_rope_scaling,
+            placeholder_tokenizer,
+            write_random_hf_llama,
+        )
         from cslm_jax.infer.decode import decoding_params, generate, load_for_decoding
-        from cslm_jax.demo.random_hf import llama3_rope_scaling, placeholder_tokenizer, write_random_hf_llama
+        from cslm_jax.kernels import cpu_matmul as cpu_kernels
     except ImportError:   # the flat layout before the packages (commit 059734b and earlier)
         from cslm_jax import cpu_kernels
         from cslm_jax.convert import export_hf, import_hf
         from cslm_jax.decode import decoding_params, generate, load_for_decoding
-        from cslm_jax.random_hf import llama3_rope_scaling, placeholder_tokenizer, write_random_hf_llama
+        from cslm_jax.random_hf import (
+            llama3_rope_scaling,
+            placeholder_tokenizer,
+            write_random_hf_llama,
+        )
     try:
         from cslm_jax.infer.decode import GREEDY
         greedy = {"sampling": GREEDY}

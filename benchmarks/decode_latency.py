@@ -141,8 +141,8 @@ def train_demo_models(out: Path) -> tuple[Path, Path, Path]:
     from cslm_jax.convert.hf import import_hf
     from cslm_jax.demo.corpus import UNIT_COUNT, make_demo_data
     from cslm_jax.demo.random_hf import write_random_hf_llama
-    from cslm_jax.train.loop import EXIT_OK, train
     from cslm_jax.model.vocab import load_tokenizer
+    from cslm_jax.train.loop import EXIT_OK, train
 
     data = out / "data"
     if not (data / "data.yaml").is_file():
@@ -181,9 +181,9 @@ def measured(records, data_cfg_path: Path, models: list[Path], max_new_tokens: i
              repeats: int = 3) -> dict:
     """Greedy batch-1 answers of each model to the same questions, with the decoder's timings
     (each question decoded `repeats` times: the median of each time is kept)."""
+    from cslm_jax.data.formats import load_data_config, merge_repeats, speech
     from cslm_jax.infer.decode import GREEDY, decoding_params, load_for_decoding
     from cslm_jax.infer.responses import chat_prompt_ids, decode_questions
-    from cslm_jax.data.formats import load_data_config, merge_repeats, speech
 
     fmt = load_data_config(data_cfg_path, check_files=False).format
     out = {}
@@ -261,8 +261,8 @@ def main():
                     "with each model; the median time counts")
     args = ap.parse_args()
 
-    from cslm_jax.demo.corpus import UNIT_COUNT, make_demo_data
     from cslm_jax.data.formats import load_data_config
+    from cslm_jax.demo.corpus import UNIT_COUNT, make_demo_data
     from cslm_jax.model.vocab import existing_layout, extend_tokenizer, load_tokenizer
 
     tmp = tempfile.TemporaryDirectory(prefix="cslm_latency_")

@@ -67,9 +67,9 @@ def main() -> int:
     import jax
     import torch
 
-    from s3_reference import package_mels, package_model, speechlike
     from cslm_jax.speech import random_speech_tokenizer
     from cslm_jax.speech.weights import to_state_dict
+    from s3_reference import package_mels, package_model, speechlike
 
     torch.set_num_threads(args.threads)
     print(f"load average before: {os.getloadavg()}; cpus {os.cpu_count()}; torch threads "
@@ -141,8 +141,8 @@ def main() -> int:
 
 
 def agreement(args) -> int:
-    from s3_reference import speechlike, with_data_codebook
     from cslm_jax.speech import SpeechTokenizer, random_speech_tokenizer
+    from s3_reference import speechlike, with_data_codebook
 
     print(f"load average before: {os.getloadavg()}")
     rng = np.random.default_rng(0)

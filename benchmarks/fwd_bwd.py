@@ -49,10 +49,14 @@ def main():
     import numpy as np
     import torch
 
-    from cslm_jax.storage.checkpoint import load_params, read_metadata
     from cslm_jax.convert.hf import import_hf
+    from cslm_jax.demo.random_hf import (
+        llama3_rope_scaling,
+        placeholder_tokenizer,
+        write_random_hf_llama,
+    )
     from cslm_jax.model.llama import forward, token_cross_entropy
-    from cslm_jax.demo.random_hf import llama3_rope_scaling, placeholder_tokenizer, write_random_hf_llama
+    from cslm_jax.storage.checkpoint import load_params, read_metadata
 
     torch.set_num_threads(os.cpu_count())
     # a placeholder tokenizer of the right size: the benchmark feeds random ids

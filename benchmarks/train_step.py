@@ -124,9 +124,13 @@ def _run_benchmark(args, root: Path, work: Path):
     import cslm_jax
     from cslm_jax.config import OptimizerConfig
     try:
-        from cslm_jax.storage.checkpoint import load_params, read_metadata
         from cslm_jax.convert.hf import import_hf
-        from cslm_jax.demo.random_hf import llama3_rope_scaling, placeholder_tokenizer, write_random_hf_llama
+        from cslm_jax.demo.random_hf import (
+            llama3_rope_scaling,
+            placeholder_tokenizer,
+            write_random_hf_llama,
+        )
+        from cslm_jax.storage.checkpoint import load_params, read_metadata
         from cslm_jax.train.step import make_optimizer, make_train_step
         try:
             from cslm_jax.train.metrics import flops_per_token, measure_matmul_peak
@@ -135,7 +139,11 @@ def _run_benchmark(args, root: Path, work: Path):
     except ImportError:   # the flat layout before the packages (commit 059734b and earlier)
         from cslm_jax.checkpoint import load_params, read_metadata
         from cslm_jax.convert import import_hf
-        from cslm_jax.random_hf import llama3_rope_scaling, placeholder_tokenizer, write_random_hf_llama
+        from cslm_jax.random_hf import (
+            llama3_rope_scaling,
+            placeholder_tokenizer,
+            write_random_hf_llama,
+        )
         from cslm_jax.train import flops_per_token, measure_matmul_peak
         from cslm_jax.train_step import make_optimizer, make_train_step
 

@@ -11,6 +11,7 @@ defined next to the code that raises it.
 """
 from __future__ import annotations
 
+
 class CslmError(Exception):
     """Bad input, configuration, data or checkpoint; the message names what and where."""
 

@@ -17,8 +17,14 @@ from pathlib import Path
 import seqio
 
 from cslm_jax.data.formats import DataConfig
-from cslm_jax.data.pipeline import (STATS, CslmTask, HFVocabulary, add_task_ids, local_cache_dir,
-                                    output_features)
+from cslm_jax.data.pipeline import (
+    STATS,
+    CslmTask,
+    HFVocabulary,
+    add_task_ids,
+    local_cache_dir,
+    output_features,
+)
 from cslm_jax.data.prepare import check_cache, prepare_task_local, splits_of, task_key
 from cslm_jax.model.vocab import VocabError
 

@@ -68,3 +68,28 @@ def demo(tmp_path_factory):
     extend_tokenizer(tok, UNIT_COUNT, len(tok))
     tok.save_pretrained(str(root / "tokenizer"))
     return root / "data", root / "tokenizer"
+
+
+@pytest.fixture(scope="session")
+def base_ckpt(tmp_path_factory, demo):
+    """A tiny random HF Llama imported with the demo's 256 speech units."""
+    from cslm_jax.convert.hf import import_hf
+    from cslm_jax.demo.corpus import UNIT_COUNT
+    from cslm_jax.demo.random_hf import write_random_hf_llama
+    from cslm_jax.model.vocab import load_tokenizer
+
+    data_dir, _ = demo
+    root = tmp_path_factory.mktemp("train_base")
+    write_random_hf_llama(root / "hf", load_tokenizer(data_dir / "tokenizer"), hidden_size=32,
+                          intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                          weight_std=0.05)
+    return import_hf(root / "hf", root / "ckpt", speech_units=UNIT_COUNT, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def tokdir(tmp_path_factory):
+    """A random-weight speech_tokenizer_v1 folder (random codebook), narrow and shallow."""
+    from cslm_jax.speech import save_random_tokenizer
+    path = tmp_path_factory.mktemp("speech_tokenizer") / "v1"
+    save_random_tokenizer(path, "v1", seed=0, n_state=64, n_head=2, n_layer=1)
+    return path

@@ -69,8 +69,6 @@ _ROOT = logging.getLogger()
 _ROOT_STATE = (_ROOT.level, list(_ROOT.handlers))
 
 import torch  # noqa: E402
-from cosyvoice.hifigan.f0_predictor import ConvRNNF0Predictor  # noqa: E402
-from cosyvoice.hifigan.generator import HiFTGenerator  # noqa: E402
 
 # The flow's classes and the streaming driver, for the flow's tests (imported here, while the
 # stand-ins are in place: cosyvoice.utils.class_utils imports the LLM, which imports file_utils).
@@ -79,6 +77,8 @@ from cosyvoice.flow.decoder import CausalConditionalDecoder, ConditionalDecoder 
 from cosyvoice.flow.flow import CausalMaskedDiffWithXvec, MaskedDiffWithXvec  # noqa: E402,F401
 from cosyvoice.flow.flow_matching import CausalConditionalCFM, ConditionalCFM  # noqa: E402,F401
 from cosyvoice.flow.length_regulator import InterpolateRegulator  # noqa: E402,F401
+from cosyvoice.hifigan.f0_predictor import ConvRNNF0Predictor  # noqa: E402
+from cosyvoice.hifigan.generator import HiFTGenerator  # noqa: E402
 from cosyvoice.transformer.encoder import ConformerEncoder  # noqa: E402,F401
 from cosyvoice.transformer.upsample_encoder import UpsampleConformerEncoder  # noqa: E402,F401
 

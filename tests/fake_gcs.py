@@ -7,7 +7,6 @@ checkpoint saves), the server blocks mid-request and the client hangs."""
 from __future__ import annotations
 
 import json
-import os
 import platform
 import socket
 import subprocess
@@ -48,10 +47,10 @@ class FakeGcs:
             try:
                 with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=2):
                     break
-            except (urllib.error.URLError, OSError):
+            except (urllib.error.URLError, OSError) as e:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"fake-gcs-server did not start: "
-                                       f"{(root / 'server.log').read_text()[-2000:]}")
+                                       f"{(root / 'server.log').read_text()[-2000:]}") from e
                 time.sleep(0.1)
 
     def env(self) -> dict:

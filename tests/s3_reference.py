@@ -16,8 +16,10 @@ if _STUB:
 
 import s3tokenizer  # noqa: E402
 import torch  # noqa: E402
-from s3tokenizer.model import ModelConfig as ModelConfigV1, S3Tokenizer  # noqa: E402
-from s3tokenizer.model_v2 import ModelConfig as ModelConfigV2, S3TokenizerV2  # noqa: E402
+from s3tokenizer.model import ModelConfig as ModelConfigV1  # noqa: E402
+from s3tokenizer.model import S3Tokenizer
+from s3tokenizer.model_v2 import ModelConfig as ModelConfigV2  # noqa: E402
+from s3tokenizer.model_v2 import S3TokenizerV2
 
 # The package holds its own reference now; the stand-in leaves sys.modules so that nothing else
 # (transformers probes `importlib.util.find_spec("torchaudio")`, which fails on a module without

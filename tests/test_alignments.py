@@ -7,11 +7,19 @@ import json
 
 import pytest
 
-from cslm_jax.cli.main import main as cli
-from cslm_jax.data.alignments import (AlignedWord, AlignmentError, Alignments, fill_untimed,
-                                      join_timings, mfa_words, read_alignment, word_times)
-from cslm_jax.data.formats import RecordError, examples, load_data_config, validate_record
 from conftest import REPO
+from cslm_jax.cli.main import main as cli
+from cslm_jax.data.alignments import (
+    AlignedWord,
+    AlignmentError,
+    Alignments,
+    fill_untimed,
+    join_timings,
+    mfa_words,
+    read_alignment,
+    word_times,
+)
+from cslm_jax.data.formats import RecordError, examples, load_data_config, validate_record
 
 PUNCT = ".,!?;:。，！？；：、…"
 

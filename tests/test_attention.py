@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cslm_jax.config import ModelConfig
 from cslm_jax.model import layers as model
 from cslm_jax.model import llama
-from cslm_jax.config import ModelConfig
 from cslm_jax.model.llama import attend, attention_mask, forward, init_params
 
 

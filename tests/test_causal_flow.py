@@ -18,8 +18,7 @@ import torch
 import cosyvoice_reference as ref
 from cslm_jax.speech import causal_flow as cf
 from cslm_jax.speech.hift import Token2WavError
-from cslm_jax.speech.token2wav_weights import (flow_from_state_dict, flow_to_state_dict,
-                                               read_flow)
+from cslm_jax.speech.token2wav_weights import flow_from_state_dict, flow_to_state_dict, read_flow
 
 SMALL = dict(vocab_size=100, encoder_linear_units=64, encoder_blocks=1, channels=(32,),
              attention_head_dim=8, n_blocks=1, num_mid_blocks=1, num_heads=2, encoder_chunk=4,

@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 
+from conftest import REPO
 from cslm_jax.cli.main import main as cli
 from cslm_jax.data import checks
-from conftest import REPO
 
 NOISE = ("oneDNN", "cuInit", "cuda drivers", "absl::InitializeLog", "libtpu", "TPU",
          "cpu_feature_guard", "Traceback")

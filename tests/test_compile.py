@@ -9,9 +9,9 @@ import pytest
 
 import cslm_jax.tpu.aot as aot
 import cslm_jax.tpu.extraction as extraction
-from cslm_jax.tpu.aot import GENERATIONS, libtpu_available, parse_topology
 from cslm_jax.cli.main import main
 from cslm_jax.config import ConfigError
+from cslm_jax.tpu.aot import GENERATIONS, libtpu_available, parse_topology
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 NEEDS_LIBTPU = pytest.mark.skipif(not libtpu_available(),

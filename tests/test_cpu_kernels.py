@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cslm_jax.kernels import cpu_matmul as cpu_kernels
 from cslm_jax.config import ModelConfig
 from cslm_jax.infer.decode import GREEDY, decoding_params, generate
+from cslm_jax.kernels import cpu_matmul as cpu_kernels
 from cslm_jax.model.llama import init_params
 
 

@@ -5,13 +5,12 @@ import json
 
 import numpy as np
 import pytest
+import seqio  # noqa: E402
 import yaml
 
 from conftest import REPO
-
-import seqio  # noqa: E402
-from cslm_jax.data.pipeline import STATS, BatchIterator  # noqa: E402
 from cslm_jax.data.formats import ChatRenderer, RecordError, examples, load_data_config  # noqa: E402
+from cslm_jax.data.pipeline import STATS, BatchIterator  # noqa: E402
 from cslm_jax.model.vocab import load_tokenizer  # noqa: E402
 from cslm_jax.tasks.cslm import register  # noqa: E402
 

@@ -9,14 +9,30 @@ import numpy as np
 import pytest
 import torch
 
-from cslm_jax.kernels import cpu_matmul as cpu_kernels
 from cslm_jax.convert.hf import export_hf, import_hf
-from cslm_jax.infer.decode import (GREEDY, End, EventParser, Sampling, SpeechChunk, TextChunk, Transcript, decode_step,
-                             decoding_params, default_stop_ids, generate, generate_stream, left_pad,
-                             load_for_decoding, parse_events, prefill, start_state,
-                             stream_events)
-from cslm_jax.model.llama import forward
 from cslm_jax.demo.random_hf import llama3_rope_scaling, write_random_hf_llama
+from cslm_jax.infer.decode import (
+    GREEDY,
+    End,
+    EventParser,
+    Sampling,
+    SpeechChunk,
+    TextChunk,
+    Transcript,
+    decode_step,
+    decoding_params,
+    default_stop_ids,
+    generate,
+    generate_stream,
+    left_pad,
+    load_for_decoding,
+    parse_events,
+    prefill,
+    start_state,
+    stream_events,
+)
+from cslm_jax.kernels import cpu_matmul as cpu_kernels
+from cslm_jax.model.llama import forward
 from cslm_jax.model.vocab import load_tokenizer
 
 N = 20                      # new tokens in the comparisons (one compiled loop shape per batch size)

@@ -13,15 +13,22 @@ import pytest
 import torch
 import yaml
 
-from cslm_jax.cli.main import main as cli
-from cslm_jax.convert.hf import import_hf
-from cslm_jax.config import ConfigError
-from cslm_jax.infer.responses import (UnitFileError, append_results, format_unit_line,
-                                      parse_unit_line, prompt_template, read_results,
-                                      read_unit_file, write_unit_file)
-from cslm_jax.demo.random_hf import write_random_hf_llama
-from cslm_jax.model.vocab import extend_tokenizer, load_tokenizer
 from conftest import REPO
+from cslm_jax.cli.main import main as cli
+from cslm_jax.config import ConfigError
+from cslm_jax.convert.hf import import_hf
+from cslm_jax.demo.random_hf import write_random_hf_llama
+from cslm_jax.infer.responses import (
+    UnitFileError,
+    append_results,
+    format_unit_line,
+    parse_unit_line,
+    prompt_template,
+    read_results,
+    read_unit_file,
+    write_unit_file,
+)
+from cslm_jax.model.vocab import extend_tokenizer, load_tokenizer
 
 UNITS = 16
 REFERENCE_DATA = REPO / "configs" / "data" / "cslm_en_zh.yaml"     # decode's default data config

@@ -27,9 +27,18 @@ import json  # noqa: E402
 
 import sacrebleu  # noqa: E402
 
-from cslm_jax.eval.metrics import (LANGUAGE_IDS, UnitLexicon, bleu, bleu_tokenize, chrf,  # noqa: E402
-                               language_id, mixed_error_rate, off_target, register_language_id,
-                               script_language)
+from cslm_jax.eval.metrics import (  # noqa: E402
+    LANGUAGE_IDS,
+    UnitLexicon,
+    bleu,
+    bleu_tokenize,
+    chrf,
+    language_id,
+    mixed_error_rate,
+    off_target,
+    register_language_id,
+    script_language,
+)
 
 
 def test_mixed_error_rate_pools_words_and_characters():

@@ -11,18 +11,33 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from cslm_jax.data.audio import (AudioError, ManifestError, index_manifest, load_audio,
-                                 probe_seconds, read_manifest, resample)
-from cslm_jax.data.formats import merge_repeats
-from cslm_jax.speech.extract import (COMPLETE_FILE, SKIPPED_FILE, ExtractError, Options,
-                                     batch_rows, bucket_length, extract, marker_name, shard_name)
 from conftest import REPO
+from cslm_jax.data.audio import (
+    AudioError,
+    ManifestError,
+    index_manifest,
+    load_audio,
+    probe_seconds,
+    read_manifest,
+    resample,
+)
+from cslm_jax.data.formats import merge_repeats
+from cslm_jax.speech.extract import (
+    COMPLETE_FILE,
+    SKIPPED_FILE,
+    ExtractError,
+    Options,
+    batch_rows,
+    bucket_length,
+    extract,
+    marker_name,
+    shard_name,
+)
 
 SR = 16000
 
@@ -157,15 +172,6 @@ def test_buckets_keep_the_compiled_shapes_few():
 
 
 # -- extraction -----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def tokdir(tmp_path_factory):
-    """A random-weight speech_tokenizer_v1 folder (random codebook), narrow and shallow."""
-    from cslm_jax.speech import save_random_tokenizer
-    path = tmp_path_factory.mktemp("speech_tokenizer") / "v1"
-    save_random_tokenizer(path, "v1", seed=0, n_state=64, n_head=2, n_layer=1)
-    return path
-
 
 @pytest.fixture(scope="session")
 def encoder(tokdir):

@@ -10,7 +10,6 @@ import soundfile as sf
 import yaml
 
 from conftest import REPO
-
 from cslm_jax.cli.main import main as cli
 
 SR = 16000

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from cslm_jax.cli.main import build_parser
 from cslm_jax.cli.main import main as cli
 from cslm_jax.config import load_run_config
 from cslm_jax.errors import CslmError
 from cslm_jax.train.loop import EXIT_OK, EXIT_PREEMPTED, TrainError, train
-from conftest import REPO
-from test_train import base_ckpt  # noqa: F401  (the fixture, shared)
 
 CONFIG = REPO / "configs" / "demo.yaml"
 CLI = [sys.executable, "-c",

@@ -14,8 +14,7 @@ import torch
 import cosyvoice_reference as ref
 from cslm_jax.speech import flow
 from cslm_jax.speech.hift import Token2WavError
-from cslm_jax.speech.token2wav_weights import (flow_from_state_dict, flow_to_state_dict,
-                                               read_flow)
+from cslm_jax.speech.token2wav_weights import flow_from_state_dict, flow_to_state_dict, read_flow
 
 SMALL = dict(input_size=32, encoder_size=64, encoder_heads=2, encoder_linear_units=128,
              encoder_blocks=2, channels=(32, 32), attention_head_dim=16, n_blocks=1,

@@ -4,15 +4,23 @@ import json
 
 import pytest
 
+from conftest import REPO
 from cslm_jax.cli.main import main as cli
 from cslm_jax.config import ConfigError
+from cslm_jax.data.formats import (
+    ChatRenderer,
+    RecordError,
+    chunk_answer,
+    examples,
+    load_data_config,
+    merge_repeats,
+    read_jsonl,
+    speech,
+    timed_tokens,
+    validate_record,
+)
 from cslm_jax.demo.corpus import build_corpus
-from cslm_jax.data.formats import (ChatRenderer, RecordError, chunk_answer, examples,
-                              load_data_config, merge_repeats, read_jsonl, speech, timed_tokens,
-                              validate_record)
 from cslm_jax.model.vocab import extend_tokenizer, llama3_tokenizer, load_tokenizer
-
-from conftest import REPO
 
 SYSTEM = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
           "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>")

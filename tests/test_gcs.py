@@ -11,13 +11,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from fake_gcs import FakeGcs
-from test_train import (base_ckpt, kill_overrides, losses, model_params, quiet,  # noqa: F401
-                        run_cfg, stalled_save_child)
 
 from cslm_jax.storage import fs
 from cslm_jax.storage.outputs import MARKER
 from cslm_jax.train.loop import EXIT_OK, EXIT_PREEMPTED, train
+from fake_gcs import FakeGcs
+from test_train import kill_overrides, losses, model_params, quiet, run_cfg, stalled_save_child
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -261,9 +260,8 @@ def test_two_processes_share_one_run_folder_in_a_bucket(demo, base_ckpt, tmp_pat
     """A two-process job (one JAX job, gloo collectives) trains into one gs:// run folder: both
     join every Orbax save there, each writes its own data position, it stops on a SIGTERM to one
     process and resumes; the trace equals the same run in one process on local disk."""
-    from test_multihost import overrides, run_two_processes
-
     from cslm_jax.config import load_run_config
+    from test_multihost import overrides, run_two_processes
 
     url, name = bucket
     args = overrides(demo, base_ckpt)
@@ -320,9 +318,14 @@ def test_commit_file_mode_on_a_mount_writes_in_place_and_marks_last(tmp_path, mo
 
     from cslm_jax.config import ModelConfig
     from cslm_jax.model.vocab import VocabInfo
-    from cslm_jax.storage.checkpoint import (META_FILE, CheckpointError, read_metadata,
-                                             remove_partial_checkpoints, save_model_checkpoint,
-                                             train_checkpoint_manager)
+    from cslm_jax.storage.checkpoint import (
+        META_FILE,
+        CheckpointError,
+        read_metadata,
+        remove_partial_checkpoints,
+        save_model_checkpoint,
+        train_checkpoint_manager,
+    )
 
     monkeypatch.setenv("CSLM_JAX_ATOMICITY", "commit_file")
     cfg = ModelConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_layers=1,

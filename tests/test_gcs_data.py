@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import seqio
-from test_gcs import bucket, gcs  # noqa: F401  (fixtures)
-from test_train import base_ckpt, losses, run_cfg  # noqa: F401  (fixture and helpers)
 
 from cslm_jax.data.beam_prepare import prepare_data
 from cslm_jax.data.formats import load_data_config
 from cslm_jax.storage import fs
+from test_gcs import bucket, gcs  # noqa: F401  (fixtures)
+from test_train import losses, run_cfg
 
 IN_MEMORY = ["--direct_running_mode=in_memory"]
 

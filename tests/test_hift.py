@@ -20,8 +20,7 @@ import torch
 import cosyvoice_reference as ref
 from cslm_jax.speech import hift
 from cslm_jax.speech.hift import HiFTConfig, Token2WavError
-from cslm_jax.speech.token2wav_weights import (hift_from_state_dict, hift_to_state_dict,
-                                               read_hift)
+from cslm_jax.speech.token2wav_weights import hift_from_state_dict, hift_to_state_dict, read_hift
 
 SMALL = dict(base_channels=32, cond_channels=16)
 FRAMES = 12                 # mel frames of the test utterance (0.14 s for v1, 0.24 s for v2)

@@ -15,12 +15,16 @@ import time
 import jax
 import numpy as np
 import pytest
-from test_train import base_ckpt, losses, model_params, quiet  # noqa: F401  (fixture reused)
 
 from cslm_jax.config import load_run_config
-from cslm_jax.parallel.distributed import (DistributedError, ProcessInput, resolve_process_group,
-                                  shards_of_process)
+from cslm_jax.parallel.distributed import (
+    DistributedError,
+    ProcessInput,
+    resolve_process_group,
+    shards_of_process,
+)
 from cslm_jax.train.loop import EXIT_OK, EXIT_PREEMPTED, train
+from test_train import losses, model_params, quiet
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,7 @@ import soundfile as sf
 from cslm_jax.cli.main import main as cli
 from cslm_jax.errors import CslmError
 from cslm_jax.storage import outputs
-from test_extract_units import speechlike, tokdir  # noqa: F401  (the fixture, shared)
-from test_train import base_ckpt  # noqa: F401  (the fixture, shared)
+from test_extract_units import speechlike
 
 SR = 16000
 

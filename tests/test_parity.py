@@ -1,14 +1,13 @@
 """Logit parity: our Flax model, fed weights through `import-hf`, against `transformers`."""
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-import jax.numpy as jnp
-
-from cslm_jax.storage.checkpoint import load_params, read_metadata
 from cslm_jax.convert.hf import import_hf
-from cslm_jax.model.llama import forward
 from cslm_jax.demo.random_hf import llama3_rope_scaling
+from cslm_jax.model.llama import forward
+from cslm_jax.storage.checkpoint import load_params, read_metadata
 
 ORIGINAL_MAX = 32   # llama3 rope scaling's original context; the test sequences are longer
 

@@ -16,18 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import seqio  # noqa: E402
 import yaml
 
 from conftest import REPO
-
-import seqio  # noqa: E402
 from cslm_jax.data.beam_prepare import prepare_data  # noqa: E402
-from cslm_jax.data.formats import (ChatRenderer, examples, load_data_config,  # noqa: E402
-                                   read_jsonl)
-from cslm_jax.data.pipeline import BatchIterator  # noqa: E402
 from cslm_jax.data.fast_chat import FastChat  # noqa: E402
-from cslm_jax.data.prepare import (CacheError, plan_ranges, prepare_task_local,  # noqa: E402
-                                   read_stats)
+from cslm_jax.data.formats import ChatRenderer, examples, load_data_config, read_jsonl  # noqa: E402
+from cslm_jax.data.pipeline import BatchIterator  # noqa: E402
+from cslm_jax.data.prepare import CacheError, plan_ranges, prepare_task_local, read_stats  # noqa: E402
 from cslm_jax.errors import DataError  # noqa: E402
 from cslm_jax.model.vocab import load_tokenizer  # noqa: E402
 from cslm_jax.tasks.cslm import register  # noqa: E402
@@ -490,7 +487,7 @@ def test_50m_tokens_prepare_in_bounded_memory(tmp_path, demo):
 
 # -- training from a prepared cache, end to end ----------------------------------------------------
 
-from test_train import base_ckpt, losses, run_cfg  # noqa: E402,F401  (fixture and helpers)
+from test_train import losses, run_cfg  # noqa: E402  (helpers)
 
 
 @pytest.mark.slow

@@ -13,14 +13,18 @@ import sys
 import pytest
 
 from conftest import REPO
-
 from cslm_jax.data import formats
 from cslm_jax.data.fast_chat import FastChat, SpeechText, fast_chat_for, fast_examples, plain
-from cslm_jax.data.formats import (ChatRenderer, RecordError, examples, load_data_config,
-                                   read_jsonl, template_around)
+from cslm_jax.data.formats import (
+    ChatRenderer,
+    RecordError,
+    examples,
+    load_data_config,
+    read_jsonl,
+    template_around,
+)
 from cslm_jax.data.prepare import prepare_task_local, tokenizer_digest
 from cslm_jax.model.vocab import load_tokenizer
-
 
 # -- fast_examples == examples ------------------------------------------------------------------------
 
@@ -456,7 +460,7 @@ def test_loss_mask_equals_repeated_searches():
     user, assistant = [7, 1, 8], [7, 2, 8]
     for _ in range(3000):
         ids = [rng.choice([0, 1, 2, 7, 7, 8, 9]) for _ in range(rng.randrange(0, 40))]
-        for k in range(rng.randrange(0, 4)):
+        for _ in range(rng.randrange(0, 4)):
             at = rng.randrange(len(ids) + 1)
             ids[at:at] = rng.choice([user, assistant])
         for mode in ("reference", "assistant_only"):

@@ -19,7 +19,6 @@ from cslm_jax.cli.main import main as cli
 from cslm_jax.data.formats import load_data_config
 from cslm_jax.data.prepare import CacheError, check_cache, read_stats, task_key
 from test_gcs import bucket, gcs  # noqa: F401  (fixtures: a fake-gcs-server and a bucket)
-from test_train import base_ckpt  # noqa: F401  (the fixture, shared)
 
 IN_MEMORY = ["--num-workers", "1", "--pipeline-options=--direct_running_mode=in_memory"]
 S2S = "s2s_en2en.train.jsonl"                 # the demo's 120 en->en spoken questions

@@ -167,9 +167,9 @@ def test_checkpoint_saves_an_array_larger_than_the_write_budget(tmp_path):
     embedding with CSLM rows (132480 x 4096 bf16 = 1.09 GB) is one. Found by the 8B benchmark."""
     import jax.numpy as jnp
 
-    from cslm_jax.storage.checkpoint import SAVE_CONCURRENT_GB, load_params, save_model_checkpoint
     from cslm_jax.config import ModelConfig
     from cslm_jax.model.vocab import VocabInfo
+    from cslm_jax.storage.checkpoint import SAVE_CONCURRENT_GB, load_params, save_model_checkpoint
 
     rows = int(SAVE_CONCURRENT_GB * 1e9 / (2 * 64)) + 1024        # just over the budget in bf16
     cfg = ModelConfig(vocab_size=rows, hidden_size=64, intermediate_size=8, num_layers=1,

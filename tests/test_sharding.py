@@ -87,8 +87,8 @@ def test_rules_are_config_and_errors_are_clear():
 
 def test_checkpoint_restores_into_the_current_mesh(make_hf_llama, tmp_path):
     """A checkpoint written from host memory restores straight into a sharded layout."""
-    from cslm_jax.storage.checkpoint import load_params, read_metadata
     from cslm_jax.convert.hf import import_hf
+    from cslm_jax.storage.checkpoint import load_params, read_metadata
 
     hf_dir, _ = make_hf_llama(num_kv_heads=2, num_heads=4)
     ckpt = import_hf(hf_dir, tmp_path / "ck", speech_units=8, log=lambda *_: None)

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import soundfile as sf
 
+from conftest import REPO
 from cslm_jax.cli.main import main as cli
 from cslm_jax.speech import token2wav as t2w
-from conftest import REPO
 
 DATA = REPO / "configs" / "data" / "demo.yaml"
 

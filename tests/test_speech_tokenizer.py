@@ -9,12 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from s3_reference import (TINY, near_ties, package_mels, package_model, s3tokenizer,
-                          speechlike, with_data_codebook)
 from cslm_jax.speech import SpeechTokenizerError, random_speech_tokenizer
 from cslm_jax.speech.mel import log_mel_jit, mel_filters
 from cslm_jax.speech.s3 import code_lengths, encoder, merge_windows, window_starts
 from cslm_jax.speech.weights import to_state_dict
+from s3_reference import (
+    TINY,
+    near_ties,
+    package_mels,
+    package_model,
+    s3tokenizer,
+    speechlike,
+    with_data_codebook,
+)
 
 VERSIONS = ("v1", "v1_25hz", "v2_25hz")
 # Different lengths, one of exactly the minimum (201 samples), some not multiples of the hop.

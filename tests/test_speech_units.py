@@ -9,7 +9,6 @@ import soundfile as sf
 import yaml
 
 from conftest import REPO
-
 from cslm_jax.cli.main import main as cli
 from cslm_jax.config import ConfigError
 from cslm_jax.data.formats import load_data_config

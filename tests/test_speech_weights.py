@@ -6,14 +6,29 @@ import numpy as np
 import pytest
 import torch
 
-from s3_reference import (TINY, package_mels, package_model, s3tokenizer, speechlike,
-                          write_official_onnx)
 from cslm_jax.cli.main import main as cli
 from cslm_jax.errors import CslmError, OutputExistsError
-from cslm_jax.speech import (SpeechTokenizerError, init_random, load_speech_tokenizer,
-                             save_random_tokenizer)
-from cslm_jax.speech.weights import (CONFIG_FILE, WEIGHTS_FILE, read_onnx, read_weights,
-                                     to_state_dict)
+from cslm_jax.speech import (
+    SpeechTokenizerError,
+    init_random,
+    load_speech_tokenizer,
+    save_random_tokenizer,
+)
+from cslm_jax.speech.weights import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    read_onnx,
+    read_weights,
+    to_state_dict,
+)
+from s3_reference import (
+    TINY,
+    package_mels,
+    package_model,
+    s3tokenizer,
+    speechlike,
+    write_official_onnx,
+)
 
 VERSIONS = ("v1", "v1_25hz", "v2_25hz")
 

@@ -10,7 +10,7 @@ from cslm_jax.config import ConfigError, ModelConfig
 from cslm_jax.kernels.splash import block_size, splash_attend, target_platform
 from cslm_jax.model.layers import attend, attention_mask
 from cslm_jax.model.llama import forward, init_params, uses_splash
-from test_attention import packed_segments as segments   # four packed segments per row
+from test_attention import packed_segments as segments  # four packed segments per row
 
 
 @pytest.mark.parametrize("t,heads,kv_heads", [(256, 8, 2), (200, 4, 4), (384, 4, 1)])
@@ -69,7 +69,8 @@ def test_model_with_splash_equals_einsum_logits_and_gradients():
 def test_splash_under_a_mesh_runs_per_shard():
     """Under a (data 2, fsdp 2, tensor 2) mesh of fake CPU devices the kernel runs in shard_map
     (batch over data x fsdp, heads over tensor) and equals the unsharded einsum attention."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from cslm_jax.parallel.sharding import make_mesh
 

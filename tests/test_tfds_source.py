@@ -7,7 +7,6 @@ import pytest
 import yaml
 
 from conftest import REPO
-
 from cslm_jax.config import ConfigError
 from cslm_jax.data.formats import RecordError, load_data_config
 
@@ -42,6 +41,7 @@ def mocked_wmt(pairs_by_split):
 
 def test_tfds_mt_task_renders_and_masks_as_the_jsonl_path(tmp_path, demo):
     import seqio
+
     from cslm_jax.tasks.cslm import register
 
     data_dir, tok_dir = demo

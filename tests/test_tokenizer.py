@@ -1,8 +1,13 @@
 """The CSLM vocabulary on the true Llama-3.1 tokenizer (built offline from `llama-models`)."""
 import pytest
 
-from cslm_jax.model.vocab import (CONTROL_TOKENS, VocabError, existing_layout, extend_tokenizer,
-                            llama3_tokenizer)
+from cslm_jax.model.vocab import (
+    CONTROL_TOKENS,
+    VocabError,
+    existing_layout,
+    extend_tokenizer,
+    llama3_tokenizer,
+)
 
 TEXTS = [
     "Hello world!",

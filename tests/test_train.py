@@ -16,27 +16,21 @@ import pytest
 
 from cslm_jax.config import ConfigError, load_run_config
 from cslm_jax.storage.checkpoint import CheckpointError
-from cslm_jax.train.loop import (EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, TrainError, abstract_state,
-                            global_batch, initial_state, make_train_fn, prepare_run, train)
+from cslm_jax.train.loop import (
+    EXIT_NONFINITE,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    TrainError,
+    abstract_state,
+    global_batch,
+    initial_state,
+    make_train_fn,
+    prepare_run,
+    train,
+)
 from cslm_jax.train.metrics import flops_per_token
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def base_ckpt(tmp_path_factory, demo):
-    """A tiny random HF Llama imported with the demo's 256 speech units."""
-    from cslm_jax.convert.hf import import_hf
-    from cslm_jax.demo.corpus import UNIT_COUNT
-    from cslm_jax.demo.random_hf import write_random_hf_llama
-    from cslm_jax.model.vocab import load_tokenizer
-
-    data_dir, _ = demo
-    root = tmp_path_factory.mktemp("train_base")
-    write_random_hf_llama(root / "hf", load_tokenizer(data_dir / "tokenizer"), hidden_size=32,
-                          intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                          weight_std=0.05)
-    return import_hf(root / "hf", root / "ckpt", speech_units=UNIT_COUNT, log=lambda *_: None)
 
 
 def run_cfg(demo, base_ckpt, *overrides):
@@ -89,8 +83,8 @@ def one_step(demo, base_ckpt, tmp_path, mesh, num_devices, batch):
 
 
 def test_step_on_meshes_equals_single_device(demo, base_ckpt, tmp_path):
-    from cslm_jax.data.pipeline import BatchIterator
     from cslm_jax.data.formats import load_data_config
+    from cslm_jax.data.pipeline import BatchIterator
     from cslm_jax.tasks.cslm import register
 
     data_dir, tok_dir = demo

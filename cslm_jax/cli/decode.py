@@ -1,7 +1,6 @@
 """`cslm-jax decode`: spoken questions -> streamed CSLM answers (cslm_jax.infer.responses)."""
 from cslm_jax.resources import config_path
 
-
 # Path arguments that must be local (cslm_jax.cli.main.refuse_urls)
 LOCAL_PATHS = ('unit', 'output_dir', 'speech_out', 'token2wav')
 

@@ -20,8 +20,8 @@ def add_parser(sub):
 
 
 def check(args, parser):
-    from cslm_jax.storage.outputs import check_output_dir
     from cslm_jax.speech.s3 import SpeechTokenizerError
+    from cslm_jax.storage.outputs import check_output_dir
 
     for flag, value in (("--from", args.src), ("--out", args.out)):
         if "://" in str(value):

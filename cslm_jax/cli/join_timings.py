@@ -1,7 +1,6 @@
 """`cslm-jax join-timings`: word timings from a forced aligner into records (cslm_jax.data.alignments)."""
 from cslm_jax.resources import config_path
 
-
 # Path arguments that must be local (cslm_jax.cli.main.refuse_urls)
 LOCAL_PATHS = ('records', 'alignments', 'out')
 

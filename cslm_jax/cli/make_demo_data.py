@@ -1,7 +1,6 @@
 """`cslm-jax make-demo-data`: the bundled demo corpus and its tokenizer."""
 from cslm_jax.resources import config_path
 
-
 # Path arguments that must be local (cslm_jax.cli.main.refuse_urls)
 LOCAL_PATHS = ('out',)
 

@@ -15,14 +15,20 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from cslm_jax.storage.checkpoint import (atomic_dir, iter_params, param_names, read_metadata,
-                                 resolve_model_dir, save_model_checkpoint)
-from cslm_jax.errors import CslmError
-from cslm_jax.storage import fs
-from cslm_jax.storage.outputs import check_output_dir
 from cslm_jax.config import ConfigError, ModelConfig, check_rope_scaling, pad_to_multiple
+from cslm_jax.errors import CslmError
 from cslm_jax.model.schema import Weight, hf_shape, param_shapes, weights
-from cslm_jax.model.vocab import (VocabInfo, existing_layout, extend_tokenizer, load_tokenizer)
+from cslm_jax.model.vocab import VocabInfo, existing_layout, extend_tokenizer, load_tokenizer
+from cslm_jax.storage import fs
+from cslm_jax.storage.checkpoint import (
+    atomic_dir,
+    iter_params,
+    param_names,
+    read_metadata,
+    resolve_model_dir,
+    save_model_checkpoint,
+)
+from cslm_jax.storage.outputs import check_output_dir
 
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
              "float16": np.dtype(np.float16)}

@@ -48,11 +48,18 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from cslm_jax.data.formats import (
+    FormatConfig,
+    RecordError,
+    detect_kind,
+    parse_line,
+    piece_is_timed,
+    timed_tokens,
+    validate_record,
+)
 from cslm_jax.errors import CslmError, DataError
 from cslm_jax.storage import fs
 from cslm_jax.storage.outputs import check_output_file
-from cslm_jax.data.formats import (FormatConfig, RecordError, detect_kind, parse_line,
-                                   piece_is_timed, timed_tokens, validate_record)
 
 FORMATS = ("mfa", "whisperx", "ctc")
 SILENCE = frozenset({"", "<eps>", "sil", "<sil>", "sp"})

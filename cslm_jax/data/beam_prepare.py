@@ -44,11 +44,25 @@ import uuid
 from pathlib import Path
 
 from cslm_jax.data.formats import DataConfig
-from cslm_jax.data.prepare import (MAX_SKIP_MESSAGES, CacheError, completed_key, info_json,
-                                   input_record, input_stamp, inputs_changed, key_differences,
-                                   local_tokenizer_dir, merge_counts, new_counts,
-                                   prepare_task_local, shard_name, splits_of, stats_json,
-                                   task_key, write_json)
+from cslm_jax.data.prepare import (
+    MAX_SKIP_MESSAGES,
+    CacheError,
+    completed_key,
+    info_json,
+    input_record,
+    input_stamp,
+    inputs_changed,
+    key_differences,
+    local_tokenizer_dir,
+    merge_counts,
+    new_counts,
+    prepare_task_local,
+    shard_name,
+    splits_of,
+    stats_json,
+    task_key,
+    write_json,
+)
 from cslm_jax.errors import CslmError, DataError
 from cslm_jax.storage import fs
 

@@ -7,9 +7,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cslm_jax.config import ConfigError
+from cslm_jax.data.formats import (
+    RECORD_KIND_OF_TASK,
+    TASK_KINDS,
+    ChatRenderer,
+    FormatConfig,
+    examples,
+    load_data_config,
+    read_jsonl,
+)
 from cslm_jax.errors import DataError
-from cslm_jax.data.formats import (RECORD_KIND_OF_TASK, TASK_KINDS, ChatRenderer, FormatConfig,
-                                   examples, load_data_config, read_jsonl)
 
 
 def validate_file(path: str | Path, *, fmt: FormatConfig, kind: str | None = None,

@@ -40,8 +40,16 @@ from pathlib import Path
 from cslm_jax.data.fast_chat import fast_chat_for, fast_examples
 from cslm_jax.data.fast_parse import fast_parse_line
 from cslm_jax.data.fast_serialize import serialize_batch
-from cslm_jax.data.formats import (RECORD_KIND_OF_TASK, ChatRenderer, DataConfig, RecordError,
-                                   TaskSpec, examples, parse_line, validate_record)
+from cslm_jax.data.formats import (
+    RECORD_KIND_OF_TASK,
+    ChatRenderer,
+    DataConfig,
+    RecordError,
+    TaskSpec,
+    examples,
+    parse_line,
+    validate_record,
+)
 from cslm_jax.errors import DataError
 from cslm_jax.storage import fs
 

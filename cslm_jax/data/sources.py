@@ -22,9 +22,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
-from cslm_jax.data.formats import (RECORD_KIND_OF_TASK, RecordError, TfdsSpec, read_jsonl,
-                                   validate_record)
+from cslm_jax.data.formats import (
+    RECORD_KIND_OF_TASK,
+    RecordError,
+    TfdsSpec,
+    read_jsonl,
+    validate_record,
+)
 from cslm_jax.errors import DataError
+
 
 def task_splits(spec) -> list[str]:
     """The splits a task has: those with files, or those its TFDS source maps."""

@@ -225,8 +225,8 @@ def make_demo_data(out: str | Path, config_template: str | Path, seed: int = 0, 
     with units: `import-hf` does that) and `data.yaml` into `out`."""
     import yaml
 
-    from cslm_jax.storage.outputs import check_output_dir, clear_output, mark_entries, write_marker
     from cslm_jax.model.vocab import train_bpe_tokenizer
+    from cslm_jax.storage.outputs import check_output_dir, clear_output, mark_entries, write_marker
 
     out = Path(out)
     check_output_dir(out, force, tool="make-demo-data")

@@ -34,10 +34,10 @@ def asr_eval(model_dir: Path, data_dir: Path, data_cfg, n: int = ASR_EXAMPLES) -
     """Greedy ASR on the first n held-out utterances of each language: {lang: (rate, chance)},
     rate = WER (en) / CER (zh); chance = the rate of answering with another held-out sentence
     of the same language (fluent, unrelated)."""
+    from cslm_jax.data.formats import merge_repeats, speech
+    from cslm_jax.eval.metrics import error_rate
     from cslm_jax.infer.decode import GREEDY, default_stop_ids, generate, load_for_decoding
     from cslm_jax.infer.responses import chat_prompt_ids
-    from cslm_jax.eval.metrics import error_rate
-    from cslm_jax.data.formats import merge_repeats, speech
 
     cfg, params, tok, vocab = load_for_decoding(model_dir)
     stops = default_stop_ids(tok, vocab)
@@ -71,10 +71,18 @@ def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES, t
     the answer's audio goes to `speech_dir/<q>2<a>_<i>.wav`."""
     import soundfile as sf
 
-    from cslm_jax.infer.decode import (GREEDY, EventParser, SpeechChunk, TextChunk, Transcript,
-                                       default_stop_ids, generate_stream, load_for_decoding)
-    from cslm_jax.infer.responses import chat_prompt_ids
     from cslm_jax.data.formats import merge_repeats, speech
+    from cslm_jax.infer.decode import (
+        GREEDY,
+        EventParser,
+        SpeechChunk,
+        TextChunk,
+        Transcript,
+        default_stop_ids,
+        generate_stream,
+        load_for_decoding,
+    )
+    from cslm_jax.infer.responses import chat_prompt_ids
 
     cfg, params, tok, vocab = load_for_decoding(model_dir)
     stops = default_stop_ids(tok, vocab)
@@ -196,17 +204,17 @@ def run_demo(out: str | Path, force: bool = False) -> int:
     except ImportError as e:
         raise SystemExit(f"the demo needs PyTorch (CPU) for its reference model: "
                          f"pip install -r requirements-dev.txt ({e})") from None
-    from cslm_jax.storage.checkpoint import load_params, read_metadata
     from cslm_jax.convert.hf import export_hf, import_hf
-    from cslm_jax.demo.corpus import UNIT_COUNT, make_demo_data
     from cslm_jax.data.formats import load_data_config
-    from cslm_jax.model.llama import forward
+    from cslm_jax.demo.corpus import UNIT_COUNT, make_demo_data
     from cslm_jax.demo.random_hf import write_random_hf_llama
-    from cslm_jax.train.loop import EXIT_OK, train
-    from cslm_jax.model.vocab import load_tokenizer
-    from cslm_jax.storage.outputs import check_output_dir, clear_output, mark_entries, write_marker
     from cslm_jax.infer.responses import chat_prompt_ids
+    from cslm_jax.model.llama import forward
+    from cslm_jax.model.vocab import load_tokenizer
     from cslm_jax.speech.token2wav import load_token2wav, save_random_token2wav
+    from cslm_jax.storage.checkpoint import load_params, read_metadata
+    from cslm_jax.storage.outputs import check_output_dir, clear_output, mark_entries, write_marker
+    from cslm_jax.train.loop import EXIT_OK, train
 
     out = Path(out)
     check_output_dir(out, force, tool="demo")

@@ -33,11 +33,20 @@ import json
 import time
 from pathlib import Path
 
-from cslm_jax.storage.outputs import check_output_file
 from cslm_jax.data.formats import merge_repeats
-from cslm_jax.eval.metrics import (EvaluationError, UnitLexicon, bleu, bleu_tokenize, chrf,
-                                   edit_distance, language_id, mixed_error_rate,
-                                   normalize_tokens, off_target)
+from cslm_jax.eval.metrics import (
+    EvaluationError,
+    UnitLexicon,
+    bleu,
+    bleu_tokenize,
+    chrf,
+    edit_distance,
+    language_id,
+    mixed_error_rate,
+    normalize_tokens,
+    off_target,
+)
+from cslm_jax.storage.outputs import check_output_file
 
 SUPPORTED = ("asr", "mt", "s2s", "tts")
 SPEECH_KINDS = ("asr", "s2s", "tts")
@@ -169,7 +178,7 @@ def decode_items(cfg, params, tok, vocab, items, *, batch_size: int, max_new_tok
     """Greedy generations (ids, stop id included) for every item's prompt (tokenized as training
     tokenizes under `loss_mask`, the data config's), in batches."""
     from cslm_jax.infer.decode import GREEDY, default_stop_ids, generate
-    from cslm_jax.infer.responses import pad_token_id, chat_prompt_ids
+    from cslm_jax.infer.responses import chat_prompt_ids, pad_token_id
 
     stops = default_stop_ids(tok, vocab)
     prompts = [chat_prompt_ids(tok, it["prompt"], it["where"], loss_mask) for it in items]
@@ -195,8 +204,14 @@ def score(kind: str, items: list[dict], generations: list[list[int]], tok, vocab
           lang_units: dict | None = None) -> tuple[dict, list[dict]]:
     """(metrics, per-example rows). lang_units: language -> "word"|"char" (the data config's
     chunk_unit), for transcripts of spoken questions (default "word")."""
-    from cslm_jax.infer.decode import (End, SpeechChunk, TextChunk, Transcript, default_stop_ids,
-                                 parse_events)
+    from cslm_jax.infer.decode import (
+        End,
+        SpeechChunk,
+        TextChunk,
+        Transcript,
+        default_stop_ids,
+        parse_events,
+    )
 
     stops = set(default_stop_ids(tok, vocab))
     units = [it["unit"] for it in items]

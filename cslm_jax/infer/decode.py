@@ -351,11 +351,10 @@ def load_for_decoding(path: str | Path, *, compute_dtype: str | None = None,
     (`compute_dtype` overrides the checkpoint's), in the model's stacked layout (`forward`
     takes them); pass them through `decoding_params` once before decoding many times.
     """
-    from cslm_jax.storage.checkpoint import META_FILE, load_params, read_metadata
     from cslm_jax.convert.hf import import_hf
     from cslm_jax.model.vocab import check_layout, existing_layout, load_tokenizer
-
     from cslm_jax.storage import fs
+    from cslm_jax.storage.checkpoint import META_FILE, load_params, read_metadata
 
     path = fs.path(path)
 

@@ -45,6 +45,7 @@ from cslm_jax.config import ConfigError
 from cslm_jax.errors import CslmError
 from cslm_jax.storage.outputs import check_output_place
 
+
 class UnitFileError(CslmError):
     """A unit file (or its model) cannot be decoded; the message names the file and line."""
 
@@ -269,8 +270,14 @@ def decode_questions(cfg, params, tokenizer, vocab, prompts: Sequence[Sequence[i
     sampling: a `cslm_jax.infer.decode.Sampling` (default: its defaults, the reference's top-p);
     reproducible for a seed and batch size (the batch starting at prompt k uses seed + k).
     """
-    from cslm_jax.infer.decode import (EventParser, Sampling, SpeechChunk, default_stop_ids,
-                                       generate_stream, start_state)
+    from cslm_jax.infer.decode import (
+        EventParser,
+        Sampling,
+        SpeechChunk,
+        default_stop_ids,
+        generate_stream,
+        start_state,
+    )
 
     if batch_size < 1:
         raise UnitFileError(f"--batch-size must be >= 1, got {batch_size}")
@@ -300,7 +307,7 @@ def decode_questions(cfg, params, tokenizer, vocab, prompts: Sequence[Sequence[i
             for a in answers:
                 speech_out.begin(a.index, t0)
 
-        def emit(b: int, events, now: float):
+        def emit(b: int, events, now: float, answers=answers):
             a = answers[b]
             for ev in events:
                 a.events.append(ev)

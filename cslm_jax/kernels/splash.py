@@ -38,8 +38,8 @@ def _kernel(heads: int, length: int, interpret: bool):
     """A splash kernel for causal attention over `heads` heads of `length` tokens. Built anew in
     each trace (cheap: the block tables come from numpy): the kernel holds them as arrays of the
     trace it was built in, so a kernel kept across traces would leak them."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import (splash_attention_kernel as sk,
-                                                                   splash_attention_mask as sm)
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     b = block_size(length)
     mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(heads)])

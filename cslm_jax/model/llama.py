@@ -38,9 +38,18 @@ from cslm_jax.config import ModelConfig
 from cslm_jax.kernels import cpu_matmul
 from cslm_jax.kernels.splash import splash_attend, target_platform
 from cslm_jax.model import schema
-from cslm_jax.model.layers import (apply_rope, attend, attention_mask, cached_attention,
-                                   causal_attend, causal_blocks, dense, rms_norm, rope_cos_sin,
-                                   rope_inv_freq)
+from cslm_jax.model.layers import (
+    apply_rope,
+    attend,
+    attention_mask,
+    cached_attention,
+    causal_attend,
+    causal_blocks,
+    dense,
+    rms_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 from cslm_jax.model.schema import FUSED, param_shapes  # noqa: F401  (param_shapes: public API)
 from cslm_jax.parallel.sharding import constrain
 
@@ -257,7 +266,7 @@ class Llama(nnx.Module):
         if self.decoding:
             return list(self.layers)
         graphdef, state = nnx.split(self.layers)
-        return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+        return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
                 for i in range(self.cfg.num_layers)]
 
     # -- training / scoring ---------------------------------------------------------------------
@@ -311,7 +320,7 @@ class Llama(nnx.Module):
                 x, _ = jax.lax.scan(lambda c, s: (layer(c, s, cos, sin, mask), None), x, stacked)
             else:
                 for i in range(cfg.num_layers):
-                    x = layer(x, jax.tree.map(lambda a: a[i], stacked), cos, sin, mask)
+                    x = layer(x, jax.tree.map(lambda a, i=i: a[i], stacked), cos, sin, mask)
         return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
 
     # -- decoding with a KV cache ---------------------------------------------------------------

@@ -63,8 +63,14 @@ import math
 import numpy as np
 
 from cslm_jax.speech.flow import check_units, time_steps
-from cslm_jax.speech.hift import (Layer, Token2WavError, check_shapes, fill_preset, jax_shape,
-                                  matmul_precision)
+from cslm_jax.speech.hift import (
+    Layer,
+    Token2WavError,
+    check_shapes,
+    fill_preset,
+    jax_shape,
+    matmul_precision,
+)
 
 # The official v2 sizes (cosyvoice2.yaml of CosyVoice2-0.5B; tests/cosyvoice_reference.py's
 # FLOW_V2_YAML holds the yaml's arguments, and the tests check these against it). Upstream's

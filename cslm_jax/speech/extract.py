@@ -44,9 +44,18 @@ from typing import Protocol
 
 import numpy as np
 
-from cslm_jax.data.audio import (AUDIO_FIELDS, SAMPLE_RATE, AudioError, ManifestEntry, TfdsAudio,
-                                 array_audio, array_seconds, index_manifest, load_audio,
-                                 probe_seconds)
+from cslm_jax.data.audio import (
+    AUDIO_FIELDS,
+    SAMPLE_RATE,
+    AudioError,
+    ManifestEntry,
+    TfdsAudio,
+    array_audio,
+    array_seconds,
+    index_manifest,
+    load_audio,
+    probe_seconds,
+)
 from cslm_jax.errors import CslmError, OutputExistsError
 from cslm_jax.speech.units import EXTRACTION_FILE
 from cslm_jax.storage import fs

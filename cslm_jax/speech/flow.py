@@ -53,8 +53,14 @@ import math
 
 import numpy as np
 
-from cslm_jax.speech.hift import (Layer, Token2WavError, check_shapes, fill_preset, jax_shape,
-                                  matmul_precision)
+from cslm_jax.speech.hift import (
+    Layer,
+    Token2WavError,
+    check_shapes,
+    fill_preset,
+    jax_shape,
+    matmul_precision,
+)
 
 # The official v1 sizes (cosyvoice.yaml of CosyVoice-300M; tests/cosyvoice_reference.py's
 # FLOW_YAML holds the yaml's arguments, and the tests check these against it).
@@ -955,7 +961,7 @@ def flow_batch(params: dict, cfg: FlowConfig, units, embeddings, prompt_units=No
     z0 = np.zeros((rows, frames, c80), np.float32)
     lens = np.zeros((4, rows), np.int32)            # unit_len, n_prompt, prompt_mel_len, mel_len
     keyed = [(i, c[5]) for i, c in enumerate(checked) if c[5] is not None and _is_key(c[5])]
-    for i, (u, pu, pm, e, m, z) in enumerate(checked):
+    for i, (u, pu, pm, _e, m, z) in enumerate(checked):
         tok[i, :len(pu) + len(u)] = np.concatenate([pu, u])
         cond[i, :len(pm)] = pm
         lens[:, i] = (len(pu) + len(u), len(pu), len(pm), m)

@@ -7,9 +7,18 @@ import functools
 import numpy as np
 
 from cslm_jax.speech import mel as melmod
-from cslm_jax.speech.s3 import (PRECISIONS, WINDOW_FRAMES, S3Config, SpeechTokenizerError,
-                                check_params, code_lengths, encode_mel, encoder, merge_windows,
-                                window_starts)
+from cslm_jax.speech.s3 import (
+    PRECISIONS,
+    WINDOW_FRAMES,
+    S3Config,
+    SpeechTokenizerError,
+    check_params,
+    code_lengths,
+    encode_mel,
+    encoder,
+    merge_windows,
+    window_starts,
+)
 
 LONG_AUDIO_MODES = ("window", "window_package", "refuse")
 # Samples that give exactly WINDOW_FRAMES mel frames at most: a batch of utterances all <= 30 s
@@ -40,7 +49,8 @@ def jit_step(fn, mesh=None, batch_axis=None, n_batched_in: int = 2, n_out: int =
     import jax
     if mesh is None:
         return jax.jit(fn)
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
     axis = batch_axis if batch_axis is not None else tuple(mesh.axis_names)
     batch, replicated = NamedSharding(mesh, P(axis)), NamedSharding(mesh, P())
     return _PlacedStep(jax.jit(fn, in_shardings=(replicated,) + (batch,) * n_batched_in,
@@ -92,7 +102,8 @@ class SpeechTokenizer:
         self.precision = precision
         self.mesh = mesh
         if mesh is not None:
-            from jax.sharding import NamedSharding, PartitionSpec as P
+            from jax.sharding import NamedSharding
+            from jax.sharding import PartitionSpec as P
             axis = batch_axis if batch_axis is not None else tuple(mesh.axis_names)
             self.batch_axis = axis
             self._batch_sharding = NamedSharding(mesh, P(axis))

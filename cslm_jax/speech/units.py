@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from cslm_jax.errors import CslmError
-from cslm_jax.speech.s3 import ALIASES, VERSIONS      # plain tables: s3 imports JAX lazily
+from cslm_jax.speech.s3 import ALIASES, VERSIONS  # plain tables: s3 imports JAX lazily
 
 # The files that say what a folder is; defined here, the bottom of the speech modules (weights.py
 # writes the first, extract.py the second, and both import them from here).

@@ -26,8 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cslm_jax.speech.s3 import (VERSIONS, S3Config, SpeechTokenizerError, canonical_version,
-                                check_params, param_shapes)
+from cslm_jax.speech.s3 import (
+    VERSIONS,
+    S3Config,
+    SpeechTokenizerError,
+    canonical_version,
+    check_params,
+    param_shapes,
+)
 from cslm_jax.speech.units import TOKENIZER_FILE
 
 WEIGHTS_FILE = "model.safetensors"

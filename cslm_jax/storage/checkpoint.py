@@ -26,9 +26,9 @@ import numpy as np
 
 from cslm_jax.config import ConfigError, ModelConfig
 from cslm_jax.errors import CslmError
+from cslm_jax.model.vocab import VocabError, VocabInfo
 from cslm_jax.storage import fs
 from cslm_jax.storage.outputs import check_output_dir, mark_entries, write_marker
-from cslm_jax.model.vocab import VocabError, VocabInfo
 
 META_FILE = "cslm_checkpoint.json"
 CHECKPOINT_FORMAT = 1
@@ -143,7 +143,7 @@ def apply_umask(root: Path) -> None:
     gives new ones (0644 / 0755 under umask 0022): some writers (safetensors) create files
     0600, which others on a shared file system could not read."""
     umask = process_umask()
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         os.chmod(dirpath, 0o777 & ~umask)
         for name in filenames:
             p = os.path.join(dirpath, name)

@@ -20,8 +20,14 @@ import dataclasses
 import time
 
 from cslm_jax.config import ConfigError
-from cslm_jax.tpu.aot import (MemoryFit, Topology, compile_memory, gib, parse_topology,
-                              topology_devices)
+from cslm_jax.tpu.aot import (
+    MemoryFit,
+    Topology,
+    compile_memory,
+    gib,
+    parse_topology,
+    topology_devices,
+)
 
 # bfloat16 MXU passes per float32 product at each precision: XLA:TPU computes HIGHEST as six
 # bf16 products of the operands' hi/lo parts (bf16_6x), HIGH as three (bf16_3x), DEFAULT as one.
@@ -147,7 +153,8 @@ def _abstract(cfg, batch: int, samples: int, mesh=None):
 
     rep = bat = None
     if mesh is not None:
-        from jax.sharding import NamedSharding, PartitionSpec as P
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
         rep, bat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=rep),
                           param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))

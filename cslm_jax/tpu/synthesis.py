@@ -26,8 +26,15 @@ import dataclasses
 import time
 
 from cslm_jax.config import ConfigError
-from cslm_jax.tpu.aot import (MemoryFit, Topology, compile_memory, cost_flops, gib,
-                              parse_topology, topology_devices)
+from cslm_jax.tpu.aot import (
+    MemoryFit,
+    Topology,
+    compile_memory,
+    cost_flops,
+    gib,
+    parse_topology,
+    topology_devices,
+)
 from cslm_jax.tpu.extraction import TPU_PASSES
 
 VERSIONS = ("v1", "v2")
@@ -194,7 +201,8 @@ def _abstract(flow_cfg, hift_cfg, batch: int, units: int, mel_len: int, mesh=Non
 
     rep = bat = None
     if mesh is not None:
-        from jax.sharding import NamedSharding, PartitionSpec as P
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
         rep, bat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
     def params(shapes):
@@ -249,7 +257,8 @@ def compile_synthesis_step(version: str, topology: str, batch: int, seconds: flo
     libtpu or the compiler are touched."""
     import jax
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     topo = parse_topology(topology)
     flow_cfg, hift_cfg = configs(version, list(overrides))

@@ -42,14 +42,39 @@ from cslm_jax.config import RunConfig
 from cslm_jax.model.vocab import load_tokenizer
 from cslm_jax.parallel.distributed import ProcessInput, check_shared_dir
 from cslm_jax.storage import checkpoint, fs
-from cslm_jax.train.hooks import (EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, Callback, Checkpoint,
-                                  Hook, LogMetrics, NonFinite, Preemption, StepInfo)
-from cslm_jax.train.metrics import (MetricsWriter, flops_per_token, metrics_row,
-                                    peak_flops_per_device)
+from cslm_jax.train.hooks import (
+    EXIT_NONFINITE,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    Callback,
+    Checkpoint,
+    Hook,
+    LogMetrics,
+    NonFinite,
+    Preemption,
+    StepInfo,
+)
+from cslm_jax.train.metrics import (
+    MetricsWriter,
+    flops_per_token,
+    metrics_row,
+    peak_flops_per_device,
+)
 from cslm_jax.train.preemption import PreemptionFlag
-from cslm_jax.train.setup import (Run, TrainError, abstract_state, check_resume_config,
-                                  check_run_dir, global_batch, has_checkpoint, initial_state,
-                                  make_train_fn, preflight, prepare_run, write_config)
+from cslm_jax.train.setup import (
+    Run,
+    TrainError,
+    abstract_state,
+    check_resume_config,
+    check_run_dir,
+    global_batch,
+    has_checkpoint,
+    initial_state,
+    make_train_fn,
+    preflight,
+    prepare_run,
+    write_config,
+)
 
 # the command's interface: exit codes, its error, its checks (cslm_jax.cli.train)
 __all__ = ["EXIT_NONFINITE", "EXIT_OK", "EXIT_PREEMPTED", "TrainError", "preflight", "train",

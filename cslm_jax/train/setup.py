@@ -31,8 +31,13 @@ from cslm_jax.model.vocab import VocabInfo, load_tokenizer, require_cslm_tokens
 from cslm_jax.parallel.distributed import barrier, run_together
 from cslm_jax.parallel.sharding import check_batch_split, make_mesh, named_sharding
 from cslm_jax.storage import fs
-from cslm_jax.storage.checkpoint import (is_committed_step, load_params, read_metadata,
-                                         read_train_config, resolve_model_dir)
+from cslm_jax.storage.checkpoint import (
+    is_committed_step,
+    load_params,
+    read_metadata,
+    read_train_config,
+    resolve_model_dir,
+)
 from cslm_jax.storage.outputs import check_output_place
 from cslm_jax.train.step import make_optimizer, make_train_step
 
