@@ -15,6 +15,7 @@ Per side and round:
 
 Usage: python benchmarks/checkpoint_storage.py [--gb 1.0] [--rounds 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,17 +31,22 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")     # libtpu (dev requirement) would probe for TPUs
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (dev requirement) would probe for TPUs
 import load_probe  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--gb", type=float, default=1.0, help="checkpoint size in GB (float32 arrays)")
     ap.add_argument("--arrays", type=int, default=8, help="split into this many arrays")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--workdir", default=None, help="where the local side and the server's "
-                    "files go (default: a temporary folder)")
+    ap.add_argument(
+        "--workdir",
+        default=None,
+        help="where the local side and the server's files go (default: a temporary folder)",
+    )
     load_probe.add_arguments(ap)
     args = ap.parse_args()
     load_probe.use_repo(args.repo)
@@ -61,13 +67,19 @@ def main() -> int:
     fs.configure_gcs()
     server.create_bucket("bench")
     n = int(args.gb * 1e9 / 4 / args.arrays)
-    state = {f"w{i}": jnp.asarray(np.random.default_rng(i).standard_normal(n, dtype=np.float32))
-             for i in range(args.arrays)}
+    state = {
+        f"w{i}": jnp.asarray(np.random.default_rng(i).standard_normal(n, dtype=np.float32))
+        for i in range(args.arrays)
+    }
     nbytes = sum(a.nbytes for a in state.values())
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state
+    )
     print(f"# {load_probe.describe()}")
-    print(f"# checkpoint: {args.arrays} float32 arrays, {nbytes / 1e9:.2f} GB; server: fake-gcs-server "
-          f"(filesystem backend) on 127.0.0.1; local: {work}")
+    print(
+        f"# checkpoint: {args.arrays} float32 arrays, {nbytes / 1e9:.2f} GB; server: fake-gcs-server "
+        f"(filesystem backend) on 127.0.0.1; local: {work}"
+    )
 
     sides = {"local": lambda r: work / "local" / f"r{r}", "gcs": lambda r: f"gs://bench/r{r}"}
     results = {s: {"block": [], "save": [], "restore": []} for s in sides}
@@ -77,39 +89,51 @@ def main() -> int:
         for side in order:
             where = sides[side](r)
             with load_probe.Probe() as probe:
-                manager = train_checkpoint_manager(f"{where}/checkpoints", every=1, keep=1, async_save=True)
+                manager = train_checkpoint_manager(
+                    f"{where}/checkpoints", every=1, keep=1, async_save=True
+                )
                 t0 = time.perf_counter()
                 manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
                 t1 = time.perf_counter()
                 manager.wait_until_finished()
                 t2 = time.perf_counter()
-                restored = manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+                restored = manager.restore(
+                    1, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+                )
                 jax.block_until_ready(restored["state"])
                 t3 = time.perf_counter()
                 manager.close()
             probes.append(probe)
             for k in state:
-                np.testing.assert_array_equal(np.asarray(restored["state"][k][:1000]),
-                                              np.asarray(state[k][:1000]))
+                np.testing.assert_array_equal(
+                    np.asarray(restored["state"][k][:1000]), np.asarray(state[k][:1000])
+                )
             del restored
             results[side]["block"].append(t1 - t0)
             results[side]["save"].append(t2 - t0)
             results[side]["restore"].append(t3 - t2)
-            print(f"round {r} {side:5s}: block {t1 - t0:6.2f} s  save {t2 - t0:6.2f} s  "
-                  f"restore {t3 - t2:6.2f} s  (others {probe.others:.2f} cores: the server counts here)", flush=True)
+            print(
+                f"round {r} {side:5s}: block {t1 - t0:6.2f} s  save {t2 - t0:6.2f} s  "
+                f"restore {t3 - t2:6.2f} s  (others {probe.others:.2f} cores: the server counts here)",
+                flush=True,
+            )
             if side == "local":
                 shutil.rmtree(work / "local" / f"r{r}", ignore_errors=True)
             else:
                 fs.rmtree(where)
 
-    print(f"\n# medians over {args.rounds} rounds ({nbytes / 1e9:.2f} GB); load average {load_probe.load_average()}")
+    print(
+        f"\n# medians over {args.rounds} rounds ({nbytes / 1e9:.2f} GB); load average {load_probe.load_average()}"
+    )
     print(f"# {load_probe.probes_summary(probes)}")
     for what in ("block", "save", "restore"):
         loc, gcs = (statistics.median(results[s][what]) for s in ("local", "gcs"))
-        print(f"{what:8s} local {loc:6.2f} s ({load_probe.spread(results['local'][what], '{:.2f}')})  "
-              f"gcs {gcs:6.2f} s ({load_probe.spread(results['gcs'][what], '{:.2f}')})  "
-              f"gcs/local {gcs / loc:5.2f}x" + (f"  [{nbytes / 1e9 / gcs:.2f} GB/s to the server]"
-                                                 if what != "block" else ""))
+        print(
+            f"{what:8s} local {loc:6.2f} s ({load_probe.spread(results['local'][what], '{:.2f}')})  "
+            f"gcs {gcs:6.2f} s ({load_probe.spread(results['gcs'][what], '{:.2f}')})  "
+            f"gcs/local {gcs / loc:5.2f}x"
+            + (f"  [{nbytes / 1e9 / gcs:.2f} GB/s to the server]" if what != "block" else "")
+        )
     server.stop()
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)

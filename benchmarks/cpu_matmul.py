@@ -9,6 +9,7 @@ weights read.
     python benchmarks/cpu_matmul.py                 # 41M benchmark model's shapes, 1 and 8 rows
     python benchmarks/cpu_matmul.py --rows 1,4,8,16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rows", default="1,8", help="row counts M, comma-separated")
-    ap.add_argument("--shapes", default="512x768,512x3072,1536x512,512x16384",
-                    help="KxN weight shapes (the benchmark model's qkv, gate_up, down, head)")
+    ap.add_argument(
+        "--shapes",
+        default="512x768,512x3072,1536x512,512x16384",
+        help="KxN weight shapes (the benchmark model's qkv, gate_up, down, head)",
+    )
     ap.add_argument("--chain-mb", type=float, default=96, help="weights per chain, MB")
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
@@ -43,12 +49,16 @@ def main():
     targets = {"kernel": cpu_kernels.TARGET}
     ok, isa = cpu_kernels.cpu_supported()
     if isa == "avx512f":
-        lib = cpu_kernels.build(cpu_kernels.compilers()[0], Path(tempfile.mkdtemp()),
-                                extra_flags=("-mno-avx512f",))
+        lib = cpu_kernels.build(
+            cpu_kernels.compilers()[0], Path(tempfile.mkdtemp()), extra_flags=("-mno-avx512f",)
+        )
         cpu_kernels.register(lib, "cslm_small_matmul_avx2_bench")
         targets = {"avx512": cpu_kernels.TARGET, "avx2": "cslm_small_matmul_avx2_bench"}
-    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, jax {jax.__version__}; "
-          f"{cpu_kernels.status()}", flush=True)
+    print(
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, jax {jax.__version__}; "
+        f"{cpu_kernels.status()}",
+        flush=True,
+    )
 
     def timed(fn):
         fn()
@@ -71,24 +81,36 @@ def main():
         def program(matmul):
             @jax.jit
             def f(x, ws):
-                for w in ws:                    # each output feeds the next input
+                for w in ws:  # each output feeds the next input
                     y = matmul(x, w)
                     x = x + 1e-3 * jnp.tanh(y[:, :k] if n >= k else jnp.tile(y, (1, k // n)))
                 return x
+
             return f
 
         for m in (int(v) for v in args.rows.split(",")):
             x = jnp.asarray(rng.standard_normal((m, k), np.float32))
             runs = {"xla": (program(lambda a, w: a @ w), dense)}
             for name, target in targets.items():
-                runs[name] = (program(lambda a, w, t=target: cpu_kernels.matmul(a, w, n, t)), panels)
-            per = {name: timed(lambda: f(x, ws).block_until_ready()) / chain
-                   for name, (f, ws) in runs.items()}
-            cells = [f"{name} {t * 1e6:7.1f} us ({4 * k * n / t / 1e9:4.1f} GB/s)"
-                     for name, t in per.items()]
+                runs[name] = (
+                    program(lambda a, w, t=target: cpu_kernels.matmul(a, w, n, t)),
+                    panels,
+                )
+            per = {
+                name: timed(lambda: f(x, ws).block_until_ready()) / chain
+                for name, (f, ws) in runs.items()
+            }
+            cells = [
+                f"{name} {t * 1e6:7.1f} us ({4 * k * n / t / 1e9:4.1f} GB/s)"
+                for name, t in per.items()
+            ]
             ratios = ", ".join(f"{name} {per['xla'] / per[name]:.2f}x" for name in targets)
-            print(f"[{m},{k}] x [{k},{n}] (chain of {chain}): " + " | ".join(cells) +
-                  f"  -> vs XLA's dot: {ratios}", flush=True)
+            print(
+                f"[{m},{k}] x [{k},{n}] (chain of {chain}): "
+                + " | ".join(cells)
+                + f"  -> vs XLA's dot: {ratios}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ same config, batch, length and weights, in one run; prints both and the ratio.
     python benchmarks/fwd_bwd.py                       # ~30M-parameter config, fp32, CPU
     python benchmarks/fwd_bwd.py --hidden 768 --layers 12 --batch 4 --length 512
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,9 @@ def timed(fn, warmup: int, steps: int) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--mlp", type=int, default=1536)
     ap.add_argument("--layers", type=int, default=4)
@@ -62,10 +65,17 @@ def main():
     # a placeholder tokenizer of the right size: the benchmark feeds random ids
     tok = placeholder_tokenizer(args.vocab)
     work = Path(tempfile.mkdtemp(prefix="cslm_fwd_bwd_"))
-    model = write_random_hf_llama(work / "hf", tok, hidden_size=args.hidden,
-                                  intermediate_size=args.mlp, num_layers=args.layers,
-                                  num_heads=args.heads, num_kv_heads=args.kv_heads,
-                                  rope_scaling=llama3_rope_scaling(8192), max_position_embeddings=131072)
+    model = write_random_hf_llama(
+        work / "hf",
+        tok,
+        hidden_size=args.hidden,
+        intermediate_size=args.mlp,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        rope_scaling=llama3_rope_scaling(8192),
+        max_position_embeddings=131072,
+    )
     ckpt = import_hf(work / "hf", work / "ckpt", speech_units=0, log=lambda *_: None)
     _, cfg, _ = read_metadata(ckpt)
     cfg = cfg.replace(compute_dtype="float32", remat_policy=args.remat)
@@ -94,18 +104,28 @@ def main():
     def run_torch():
         model.zero_grad(set_to_none=True)
         logits = model(tx).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ty.reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ty.reshape(-1)
+        )
         loss.backward()
 
     t_jax = timed(run_jax, 2, args.steps)
     t_torch = timed(run_torch, 2, args.steps)
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__}, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    print(f"config: {n_params / 1e6:.1f}M params, hidden {args.hidden}, layers {args.layers}, "
-          f"heads {args.heads}/{args.kv_heads}, vocab {args.vocab}, batch {args.batch} x "
-          f"length {args.length}, fp32, remat {args.remat}")
-    print(f"cslm_jax (Flax, jit):       {tokens / t_jax:9.0f} tokens/s  ({t_jax * 1e3:.0f} ms/step)")
-    print(f"transformers (PyTorch):     {tokens / t_torch:9.0f} tokens/s  ({t_torch * 1e3:.0f} ms/step)")
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    )
+    print(
+        f"config: {n_params / 1e6:.1f}M params, hidden {args.hidden}, layers {args.layers}, "
+        f"heads {args.heads}/{args.kv_heads}, vocab {args.vocab}, batch {args.batch} x "
+        f"length {args.length}, fp32, remat {args.remat}"
+    )
+    print(
+        f"cslm_jax (Flax, jit):       {tokens / t_jax:9.0f} tokens/s  ({t_jax * 1e3:.0f} ms/step)"
+    )
+    print(
+        f"transformers (PyTorch):     {tokens / t_torch:9.0f} tokens/s  ({t_torch * 1e3:.0f} ms/step)"
+    )
     print(f"ratio cslm_jax / transformers: {t_torch / t_jax:.2f}x")
 
 

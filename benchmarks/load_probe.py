@@ -15,6 +15,7 @@ Other helpers: `--repo` (import another checkout's `cslm_jax`, e.g. the code bef
 refactor, with the same measuring code), `--xla-threads N` (XLA's intra-op pool size),
 `--busy N` (N busy-looping processes for the run's duration, a controlled background load).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,14 +29,25 @@ from pathlib import Path
 
 
 def add_arguments(ap):
-    ap.add_argument("--repo", default=None,
-                    help="import cslm_jax from this checkout (default: the one holding this script), "
-                         "e.g. a worktree of the code before a change, measured by the same script")
-    ap.add_argument("--xla-threads", type=int, default=0,
-                    help="XLA:CPU intra-op threads (default: one per usable core, as XLA does)")
-    ap.add_argument("--busy", type=int, default=0,
-                    help="run N busy-looping processes during the benchmark (controlled background "
-                         "load; killed at the end, and each stops by itself after --busy-seconds)")
+    ap.add_argument(
+        "--repo",
+        default=None,
+        help="import cslm_jax from this checkout (default: the one holding this script), "
+        "e.g. a worktree of the code before a change, measured by the same script",
+    )
+    ap.add_argument(
+        "--xla-threads",
+        type=int,
+        default=0,
+        help="XLA:CPU intra-op threads (default: one per usable core, as XLA does)",
+    )
+    ap.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        help="run N busy-looping processes during the benchmark (controlled background "
+        "load; killed at the end, and each stops by itself after --busy-seconds)",
+    )
     ap.add_argument("--busy-seconds", type=float, default=1800.0)
 
 
@@ -56,12 +68,13 @@ def start_jax(xla_threads: int = 0):
     restricted to N cores while the backend starts, and every thread is let loose on all usable
     cores afterwards (the pool keeps its size)."""
     import jax
+
     if xla_threads:
         allowed = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, allowed[:xla_threads])
         try:
             jax.devices()
-            jax.numpy.zeros(8).block_until_ready()   # the pool's threads exist from here on
+            jax.numpy.zeros(8).block_until_ready()  # the pool's threads exist from here on
         finally:
             for tid in os.listdir("/proc/self/task"):
                 try:
@@ -100,13 +113,17 @@ def psi_cpu() -> str:
 
 def describe(torch=None) -> str:
     """One line: the machine, its load now, and the threads each side uses."""
-    line = (f"cores: {os.cpu_count()} ({platform.machine()}), "
-            f"{usable_cores()} usable (sched_getaffinity); load average {load_average()}; "
-            f"{psi_cpu()}; XLA intra-op threads {xla_pool_threads()}; "
-            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} "
-            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')!r}")
+    line = (
+        f"cores: {os.cpu_count()} ({platform.machine()}), "
+        f"{usable_cores()} usable (sched_getaffinity); load average {load_average()}; "
+        f"{psi_cpu()}; XLA intra-op threads {xla_pool_threads()}; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')!r}"
+    )
     if torch is not None:
-        line += f"; torch threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()})"
+        line += (
+            f"; torch threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()})"
+        )
     return line
 
 
@@ -130,6 +147,7 @@ def _own_wait_ns() -> int:
 class Probe:
     """`with Probe() as p: work()`; then p.wall, p.cpu (this process, s), p.others (cores),
     p.wait (s), p.steal (cores), p.nivcsw (involuntary context switches of this process)."""
+
     HZ = os.sysconf("SC_CLK_TCK")
 
     def __enter__(self):
@@ -158,10 +176,12 @@ def spread(values, fmt="{:.1f}") -> str:
 
 def probes_summary(probes) -> str:
     """Medians over the runs: this process' cores, the others' cores, run-queue wait, steal."""
-    med = lambda f: statistics.median(f(p) for p in probes)   # noqa: E731
-    return (f"own CPU {med(lambda p: p.cpu / p.wall):.2f} cores, others {med(lambda p: p.others):.2f} "
-            f"cores (max {max(p.others for p in probes):.2f}), run-queue wait "
-            f"{med(lambda p: p.wait / p.wall):.0%} of wall, steal {med(lambda p: p.steal):.2f} cores")
+    med = lambda f: statistics.median(f(p) for p in probes)  # noqa: E731
+    return (
+        f"own CPU {med(lambda p: p.cpu / p.wall):.2f} cores, others {med(lambda p: p.others):.2f} "
+        f"cores (max {max(p.others for p in probes):.2f}), run-queue wait "
+        f"{med(lambda p: p.wait / p.wall):.0%} of wall, steal {med(lambda p: p.steal):.2f} cores"
+    )
 
 
 class Busy:
@@ -175,8 +195,11 @@ class Busy:
         code = f"import time\nend = time.time() + {self.seconds}\nwhile time.time() < end: pass\n"
         self.procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(self.n)]
         if self.n:
-            print(f"background load: {self.n} busy-looping process(es), pids "
-                  f"{[p.pid for p in self.procs]}", flush=True)
+            print(
+                f"background load: {self.n} busy-looping process(es), pids "
+                f"{[p.pid for p in self.procs]}",
+                flush=True,
+            )
         return self
 
     def __exit__(self, *exc):

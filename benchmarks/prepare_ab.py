@@ -12,6 +12,7 @@ and their ratio, with the load average before and after.
     git worktree add /tmp/before <commit>
     python benchmarks/prepare_ab.py --other /tmp/before [--rounds 4] [--repeat 7]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,18 +58,33 @@ print(json.dumps({"repo": str(repo), "times": times}))
 
 
 def side(repo: Path, repeat: int) -> list[float]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(repo), TF_CPP_MIN_LOG_LEVEL="3")
-    out = subprocess.run([sys.executable, "-c", CHILD, str(repo), str(repeat)], cwd=repo,
-                         env=env, capture_output=True, text=True, check=True)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(repo),
+        TF_CPP_MIN_LOG_LEVEL="3",
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(repo), str(repeat)],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["times"]
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--other", required=True, help="the other checkout (e.g. a worktree of the "
-                    "commit before the change)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--other",
+        required=True,
+        help="the other checkout (e.g. a worktree of the commit before the change)",
+    )
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=7)
     args = ap.parse_args()
@@ -77,18 +93,24 @@ def main():
         shutil.copytree(other / "tasks", other / "cslm_jax" / "tasks")
     load0 = os.getloadavg()
     ours, theirs = [], []
-    for r in range(args.rounds):          # alternate which side goes first
+    for r in range(args.rounds):  # alternate which side goes first
         order = [(REPO, ours), (other, theirs)] if r % 2 == 0 else [(other, theirs), (REPO, ours)]
         for repo, sink in order:
             sink.extend(side(repo, args.repeat))
     load1 = os.getloadavg()
     a, b = statistics.median(ours) * 1e3, statistics.median(theirs) * 1e3
-    print(f"machine: {os.cpu_count()} cores, load average {load0[0]:.2f} before, "
-          f"{load1[0]:.2f} after; {args.rounds} alternated rounds x {args.repeat} preparations")
-    print(f"this checkout ({REPO}): median {a:.1f} ms per preparation "
-          f"(min {min(ours) * 1e3:.1f}, max {max(ours) * 1e3:.1f})")
-    print(f"other checkout ({other}): median {b:.1f} ms per preparation "
-          f"(min {min(theirs) * 1e3:.1f}, max {max(theirs) * 1e3:.1f})")
+    print(
+        f"machine: {os.cpu_count()} cores, load average {load0[0]:.2f} before, "
+        f"{load1[0]:.2f} after; {args.rounds} alternated rounds x {args.repeat} preparations"
+    )
+    print(
+        f"this checkout ({REPO}): median {a:.1f} ms per preparation "
+        f"(min {min(ours) * 1e3:.1f}, max {max(ours) * 1e3:.1f})"
+    )
+    print(
+        f"other checkout ({other}): median {b:.1f} ms per preparation "
+        f"(min {min(theirs) * 1e3:.1f}, max {max(theirs) * 1e3:.1f})"
+    )
     print(f"this / other time: {a / b:.3f} ({(a / b - 1) * 100:+.1f}%)")
 
 

@@ -26,6 +26,7 @@ repeat).
     python benchmarks/token2wav.py [--answers 4] [--seconds-min 2] [--seconds-max 2.5]
         [--repeats 1] [--batch-size 8] [--threads N] [--skip-reference]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=8, help="ours: answers per batch")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch's threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-reference", action="store_true",
-                   help="time ours only (no ratio)")
+    p.add_argument("--skip-reference", action="store_true", help="time ours only (no ratio)")
     args = p.parse_args()
 
     import jax
@@ -64,9 +64,12 @@ def main() -> int:
     from cslm_jax.speech.token2wav_weights import flow_to_state_dict, hift_to_state_dict
 
     torch.set_num_threads(args.threads)
-    print(f"load average before: {os.getloadavg()}; nproc {os.cpu_count()}; torch threads "
-          f"{torch.get_num_threads()}; jax {jax.__version__} ({jax.devices()[0].platform}); "
-          f"torch {torch.__version__}", flush=True)
+    print(
+        f"load average before: {os.getloadavg()}; nproc {os.cpu_count()}; torch threads "
+        f"{torch.get_num_threads()}; jax {jax.__version__} ({jax.devices()[0].platform}); "
+        f"torch {torch.__version__}",
+        flush=True,
+    )
     fcfg, fparams = flow.init_random("v1", seed=args.seed)
     hcfg, hparams = hift.init_random("v1", seed=args.seed + 1)
     rng = np.random.default_rng(args.seed + 2)
@@ -77,11 +80,14 @@ def main() -> int:
     frames = [fcfg.mel_len(len(u)) for u in answers]
     audio_s = sum(frames) * hcfg.samples_per_frame / hcfg.sampling_rate
     n_params = sum(int(np.prod(v.shape)) for v in fparams.values())
-    print(f"{args.answers} answers, {audio_s:.1f} s of audio ({args.seconds_min}-"
-          f"{args.seconds_max} s each: units {sorted(len(u) for u in answers)}); flow "
-          f"{n_params / 1e6:.2f}M parameters, HiFT "
-          f"{sum(int(np.prod(v.shape)) for v in hparams.values()) / 1e6:.2f}M; ours in batches "
-          f"of {args.batch_size}", flush=True)
+    print(
+        f"{args.answers} answers, {audio_s:.1f} s of audio ({args.seconds_min}-"
+        f"{args.seconds_max} s each: units {sorted(len(u) for u in answers)}); flow "
+        f"{n_params / 1e6:.2f}M parameters, HiFT "
+        f"{sum(int(np.prod(v.shape)) for v in hparams.values()) / 1e6:.2f}M; ours in batches "
+        f"of {args.batch_size}",
+        flush=True,
+    )
 
     key = jax.random.PRNGKey(args.seed)
 
@@ -91,6 +97,7 @@ def main() -> int:
     sides = {"cslm_jax": ours}
     if not args.skip_reference:
         import cosyvoice_reference as ref
+
         fmodel = ref.flow_reference(fcfg, flow_to_state_dict(fcfg, fparams))
         hmodel = ref.hift_reference(hcfg, hift_to_state_dict(hcfg, hparams, "weight_norm"))
         emb = torch.as_tensor(voice)[None]
@@ -102,10 +109,15 @@ def main() -> int:
                     tok = torch.as_tensor(np.asarray(u, np.int64))[None]
                     empty = torch.zeros((1, 0), dtype=torch.int64)
                     mel, _ = fmodel.inference(
-                        token=tok, token_len=torch.tensor([tok.shape[1]]), prompt_token=empty,
-                        prompt_token_len=torch.tensor([0]), prompt_feat=torch.zeros((1, 0, 80)),
-                        prompt_feat_len=torch.tensor([0]), embedding=emb,
-                        flow_cache=torch.zeros(1, 80, 0, 2))
+                        token=tok,
+                        token_len=torch.tensor([tok.shape[1]]),
+                        prompt_token=empty,
+                        prompt_token_len=torch.tensor([0]),
+                        prompt_feat=torch.zeros((1, 0, 80)),
+                        prompt_feat_len=torch.tensor([0]),
+                        embedding=emb,
+                        flow_cache=torch.zeros(1, 80, 0, 2),
+                    )
                     wave, _ = hmodel.inference(speech_feat=mel)
                     out.append(wave[0].numpy())
             return out
@@ -115,22 +127,29 @@ def main() -> int:
     t0 = time.perf_counter()
     waves = ours()
     warm = time.perf_counter() - t0
-    print(f"warm-up cslm_jax (compiles included): {warm:.1f} s; programs compiled: flow "
-          f"{flow.compiled_batch_programs()}", flush=True)
+    print(
+        f"warm-up cslm_jax (compiles included): {warm:.1f} s; programs compiled: flow "
+        f"{flow.compiled_batch_programs()}",
+        flush=True,
+    )
     assert [len(w) for w in waves] == [m * hcfg.samples_per_frame for m in frames]
     times = {k: [] for k in sides}
     for r in range(args.repeats):
-        for name, fn in (list(sides.items()) if r % 2 == 0 else list(sides.items())[::-1]):
+        for name, fn in list(sides.items()) if r % 2 == 0 else list(sides.items())[::-1]:
             t0 = time.perf_counter()
             got = fn()
             times[name].append(time.perf_counter() - t0)
             assert [len(w) for w in got] == [len(w) for w in waves], name
-            print(f"  repeat {r}: {name} {times[name][-1]:.1f} s (load "
-                  f"{os.getloadavg()[0]:.1f})", flush=True)
+            print(
+                f"  repeat {r}: {name} {times[name][-1]:.1f} s (load {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
-        print(f"{k:9s} median {v:8.1f} s: {audio_s / v:6.3f} s of audio per s (real-time factor "
-              f"{v / audio_s:.2f})")
+        print(
+            f"{k:9s} median {v:8.1f} s: {audio_s / v:6.3f} s of audio per s (real-time factor "
+            f"{v / audio_s:.2f})"
+        )
     if "upstream" in med:
         print(f"ratio cslm_jax / upstream throughput: {med['upstream'] / med['cslm_jax']:.2f}x")
     print(f"load average after: {os.getloadavg()}")

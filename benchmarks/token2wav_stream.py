@@ -28,6 +28,7 @@ runs on one thread for the same reason).
 
     python benchmarks/token2wav_stream.py [--repeats 3] [--threads N] [--seed 0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-CHUNKS = (60, 60, 80)               # the measured answer's speech chunks (units)
-WARM_CHUNKS = (58, 62, 78)          # the warm-up's: other windows, the same buckets
-UPSTREAM_FIRST = 120                # upstream's first streamed window: 100 + 20 units
+CHUNKS = (60, 60, 80)  # the measured answer's speech chunks (units)
+WARM_CHUNKS = (58, 62, 78)  # the warm-up's: other windows, the same buckets
+UPSTREAM_FIRST = 120  # upstream's first streamed window: 100 + 20 units
 
 
 def streamed_answer(t2w, voice, chunks, key) -> dict:
@@ -68,9 +69,14 @@ def streamed_answer(t2w, voice, chunks, key) -> dict:
     parts.append(s.finish())
     audio_s = sum(len(p) for p in parts) / t2w.sample_rate
     assert sum(len(p) for p in parts) == s.expected_samples()
-    return {"first_audio_s": first, "compile_s": s.compile_s, "synthesis_s": s.synthesis_s,
-            "audio_s": audio_s, "rtf": s.synthesis_s / audio_s,
-            "windows": [len(w) for w, _ in s.windows]}
+    return {
+        "first_audio_s": first,
+        "compile_s": s.compile_s,
+        "synthesis_s": s.synthesis_s,
+        "audio_s": audio_s,
+        "rtf": s.synthesis_s / audio_s,
+        "windows": [len(w) for w, _ in s.windows],
+    }
 
 
 def upstream_first_chunk(model, units, emb) -> float:
@@ -88,9 +94,14 @@ def upstream_first_chunk(model, units, emb) -> float:
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         t0 = time.perf_counter()
-        out = model.token2wav(token=tok, prompt_token=torch.zeros(1, 0, dtype=torch.int64),
-                              prompt_feat=torch.zeros(1, 0, 80), embedding=emb, uuid=uid,
-                              finalize=False)
+        out = model.token2wav(
+            token=tok,
+            prompt_token=torch.zeros(1, 0, dtype=torch.int64),
+            prompt_feat=torch.zeros(1, 0, 80),
+            embedding=emb,
+            uuid=uid,
+            finalize=False,
+        )
         secs = time.perf_counter() - t0
     for d in (model.mel_overlap_dict, model.flow_cache_dict, model.hift_cache_dict):
         d.pop(uid, None)
@@ -115,27 +126,35 @@ def main() -> int:
     from cslm_jax.speech.token2wav_weights import flow_to_state_dict, hift_to_state_dict
 
     torch.set_num_threads(args.threads)
-    print(f"load average before: {os.getloadavg()}; nproc {os.cpu_count()}; torch threads "
-          f"{torch.get_num_threads()}; jax {jax.__version__} ({jax.devices()[0].platform}); "
-          f"torch {torch.__version__}", flush=True)
+    print(
+        f"load average before: {os.getloadavg()}; nproc {os.cpu_count()}; torch threads "
+        f"{torch.get_num_threads()}; jax {jax.__version__} ({jax.devices()[0].platform}); "
+        f"torch {torch.__version__}",
+        flush=True,
+    )
     fcfg, fparams = flow.init_random("v1", seed=args.seed)
     hcfg, hparams = hift.init_random("v1", seed=args.seed + 1)
-    assert fcfg == flow.FlowConfig() and hcfg == hift.HiFTConfig()      # the official sizes
+    assert fcfg == flow.FlowConfig() and hcfg == hift.HiFTConfig()  # the official sizes
     rng = np.random.default_rng(args.seed + 2)
     voice = rng.standard_normal(fcfg.spk_embed_dim).astype(np.float32)
     t2w = Token2Wav("v1", fcfg, fparams, hcfg, hparams, {"random": voice})
-    print(f"flow {sum(int(np.prod(v.shape)) for v in fparams.values()) / 1e6:.2f}M parameters, "
-          f"HiFT {sum(int(np.prod(v.shape)) for v in hparams.values()) / 1e6:.2f}M",
-          flush=True)
+    print(
+        f"flow {sum(int(np.prod(v.shape)) for v in fparams.values()) / 1e6:.2f}M parameters, "
+        f"HiFT {sum(int(np.prod(v.shape)) for v in hparams.values()) / 1e6:.2f}M",
+        flush=True,
+    )
 
     def answer(sizes):
         return [rng.integers(0, fcfg.vocab_size, n).tolist() for n in sizes]
 
     key = jax.random.PRNGKey(args.seed)
     warm = streamed_answer(t2w, voice, answer(WARM_CHUNKS), key)
-    print(f"warm-up answer (chunks {WARM_CHUNKS}, windows {warm['windows']}): compile "
-          f"{warm['compile_s']:.1f} s, synthesis {warm['synthesis_s']:.1f} s; flow window "
-          f"programs {compiled_window_programs()}", flush=True)
+    print(
+        f"warm-up answer (chunks {WARM_CHUNKS}, windows {warm['windows']}): compile "
+        f"{warm['compile_s']:.1f} s, synthesis {warm['synthesis_s']:.1f} s; flow window "
+        f"programs {compiled_window_programs()}",
+        flush=True,
+    )
     chunks = answer(CHUNKS)
 
     fmodel = ref.flow_reference(fcfg, flow_to_state_dict(fcfg, fparams))
@@ -152,22 +171,31 @@ def main() -> int:
             if side == "cslm_jax":
                 ours.append(streamed_answer(t2w, voice, chunks, jax.random.fold_in(key, r + 1)))
                 o = ours[-1]
-                print(f"  repeat {r}: cslm_jax first audio {o['first_audio_s']:.2f} s, compile "
-                      f"{o['compile_s']:.2f} s, RTF {o['rtf']:.2f} ({o['synthesis_s']:.1f} s "
-                      f"for {o['audio_s']:.2f} s of audio; windows {o['windows']}) (load "
-                      f"{os.getloadavg()[0]:.1f})", flush=True)
+                print(
+                    f"  repeat {r}: cslm_jax first audio {o['first_audio_s']:.2f} s, compile "
+                    f"{o['compile_s']:.2f} s, RTF {o['rtf']:.2f} ({o['synthesis_s']:.1f} s "
+                    f"for {o['audio_s']:.2f} s of audio; windows {o['windows']}) (load "
+                    f"{os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
             else:
                 theirs.append(upstream_first_chunk(upstream, first_units, emb))
-                print(f"  repeat {r}: upstream first chunk ({UPSTREAM_FIRST} units) "
-                      f"{theirs[-1]:.2f} s (load {os.getloadavg()[0]:.1f})", flush=True)
-    med = {k: statistics.median(o[k] for o in ours)
-           for k in ("first_audio_s", "compile_s", "rtf")}
+                print(
+                    f"  repeat {r}: upstream first chunk ({UPSTREAM_FIRST} units) "
+                    f"{theirs[-1]:.2f} s (load {os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
+    med = {k: statistics.median(o[k] for o in ours) for k in ("first_audio_s", "compile_s", "rtf")}
     up = statistics.median(theirs)
-    print(f"cslm_jax  time to first audio (median of {args.repeats}): "
-          f"{med['first_audio_s']:.2f} s (after {CHUNKS[0]} units); compile "
-          f"{med['compile_s']:.2f} s; RTF {med['rtf']:.2f}")
-    print(f"upstream  time to first audio (median of {args.repeats}): {up:.2f} s "
-          f"(after {UPSTREAM_FIRST} units)")
+    print(
+        f"cslm_jax  time to first audio (median of {args.repeats}): "
+        f"{med['first_audio_s']:.2f} s (after {CHUNKS[0]} units); compile "
+        f"{med['compile_s']:.2f} s; RTF {med['rtf']:.2f}"
+    )
+    print(
+        f"upstream  time to first audio (median of {args.repeats}): {up:.2f} s "
+        f"(after {UPSTREAM_FIRST} units)"
+    )
     print(f"ratio upstream / cslm_jax time to first audio: {up / med['first_audio_s']:.2f}x")
     print(f"load average after: {os.getloadavg()}")
     return 0

@@ -3,6 +3,7 @@
 Model hyperparameters mirror Hugging Face's `LlamaConfig` names where they exist so that a reader
 can check them against a `config.json` line by line.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +21,12 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 ROPE_TYPES = ("default", "llama3")
 CROSS_ENTROPY = ("auto", "full", "chunked")
 ATTENTION = ("auto", "einsum", "splash")
-LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+LLAMA3_ROPE_KEYS = (
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+)
 
 
 class ConfigError(CslmError):
@@ -74,35 +80,61 @@ class ModelConfig:
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self, where: str = "model config") -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{where}: field '{name}' must be a positive integer, got {value!r}")
+                raise ConfigError(
+                    f"{where}: field '{name}' must be a positive integer, got {value!r}"
+                )
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"{where}: num_heads ({self.num_heads}) must be a multiple of "
-                              f"num_kv_heads ({self.num_kv_heads}) for grouped-query attention")
+            raise ConfigError(
+                f"{where}: num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads}) for grouped-query attention"
+            )
         if self.head_dim % 2:
-            raise ConfigError(f"{where}: field 'head_dim' must be even for RoPE, got {self.head_dim}")
+            raise ConfigError(
+                f"{where}: field 'head_dim' must be even for RoPE, got {self.head_dim}"
+            )
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"{where}: field '{name}' must be one of {DTYPES}, "
-                                  f"got {getattr(self, name)!r}")
+                raise ConfigError(
+                    f"{where}: field '{name}' must be one of {DTYPES}, got {getattr(self, name)!r}"
+                )
         if self.attention not in ATTENTION:
-            raise ConfigError(f"{where}: field 'attention' must be one of {ATTENTION}, "
-                              f"got {self.attention!r}")
+            raise ConfigError(
+                f"{where}: field 'attention' must be one of {ATTENTION}, got {self.attention!r}"
+            )
         if self.cross_entropy not in CROSS_ENTROPY:
-            raise ConfigError(f"{where}: field 'cross_entropy' must be one of {CROSS_ENTROPY}, "
-                              f"got {self.cross_entropy!r}")
+            raise ConfigError(
+                f"{where}: field 'cross_entropy' must be one of {CROSS_ENTROPY}, "
+                f"got {self.cross_entropy!r}"
+            )
         if not isinstance(self.loss_chunk, int) or self.loss_chunk <= 0:
-            raise ConfigError(f"{where}: field 'loss_chunk' must be a positive integer, got "
-                              f"{self.loss_chunk!r}")
+            raise ConfigError(
+                f"{where}: field 'loss_chunk' must be a positive integer, got {self.loss_chunk!r}"
+            )
         if self.remat_policy not in REMAT_POLICIES:
-            raise ConfigError(f"{where}: field 'remat_policy' must be one of {REMAT_POLICIES}, "
-                              f"got {self.remat_policy!r}")
-        if self.unpadded_vocab_size is not None and not 0 < self.unpadded_vocab_size <= self.vocab_size:
-            raise ConfigError(f"{where}: field 'unpadded_vocab_size' ({self.unpadded_vocab_size}) "
-                              f"must be in 1..vocab_size ({self.vocab_size})")
+            raise ConfigError(
+                f"{where}: field 'remat_policy' must be one of {REMAT_POLICIES}, "
+                f"got {self.remat_policy!r}"
+            )
+        if (
+            self.unpadded_vocab_size is not None
+            and not 0 < self.unpadded_vocab_size <= self.vocab_size
+        ):
+            raise ConfigError(
+                f"{where}: field 'unpadded_vocab_size' ({self.unpadded_vocab_size}) "
+                f"must be in 1..vocab_size ({self.vocab_size})"
+            )
         check_rope_scaling(self.rope_scaling, where)
 
     @property
@@ -141,8 +173,11 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        required = [f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.name not in data]
+        required = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.name not in data
+        ]
         if required:
             raise ConfigError(f"{where}: missing required field(s) {required}")
         try:
@@ -157,8 +192,9 @@ def check_rope_scaling(rope_scaling: dict | None, where: str) -> None:
         return
     rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
     if rope_type not in ROPE_TYPES:
-        raise ConfigError(f"{where}: field 'rope_scaling.rope_type' is {rope_type!r}; "
-                          f"supported: {ROPE_TYPES}")
+        raise ConfigError(
+            f"{where}: field 'rope_scaling.rope_type' is {rope_type!r}; supported: {ROPE_TYPES}"
+        )
     rope_scaling["rope_type"] = rope_type
     rope_scaling.pop("type", None)
     if rope_type == "llama3":
@@ -166,11 +202,13 @@ def check_rope_scaling(rope_scaling: dict | None, where: str) -> None:
         if missing:
             raise ConfigError(f"{where}: field 'rope_scaling' of type llama3 lacks {missing}")
         if not rope_scaling["high_freq_factor"] > rope_scaling["low_freq_factor"]:
-            raise ConfigError(f"{where}: field 'rope_scaling.high_freq_factor' must exceed "
-                              f"low_freq_factor")
+            raise ConfigError(
+                f"{where}: field 'rope_scaling.high_freq_factor' must exceed low_freq_factor"
+            )
 
 
 # -- YAML loading with overrides ------------------------------------------------------------------
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=3` -> (['a', 'b'], 3). Values are parsed as YAML (numbers, bools, lists, null)."""
@@ -182,8 +220,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         return key.split("."), yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML: "
-                          f"{yaml_error_text(e)}") from None
+        raise ConfigError(
+            f"override {text!r}: the value is not valid YAML: {yaml_error_text(e)}"
+        ) from None
 
 
 def yaml_error_text(e) -> str:
@@ -238,6 +277,7 @@ def pad_to_multiple(n: int, multiple: int) -> int:
 
 # -- run configuration (cslm-jax train) ------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """AdamW with linear warmup and cosine decay to zero, global-norm clipping. Defaults are the
@@ -260,31 +300,32 @@ class OptimizerConfig:
         import optax
 
         warmup = int(round(self.warmup_ratio * self.total_steps))
-        if warmup == 0:      # as HF's cosine schedule: no warmup means the peak rate at step 0
+        if warmup == 0:  # as HF's cosine schedule: no warmup means the peak rate at step 0
             return optax.cosine_decay_schedule(self.learning_rate, max(self.total_steps, 1))
         return optax.warmup_cosine_decay_schedule(
-            0.0, self.learning_rate, warmup, max(self.total_steps, warmup + 1), end_value=0.0)
+            0.0, self.learning_rate, warmup, max(self.total_steps, warmup + 1), end_value=0.0
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    config: str                    # a data config (configs/data/*.yaml)
-    stage: str                     # one of its stages: the mixture cslm_<stage> is trained
+    config: str  # a data config (configs/data/*.yaml)
+    stage: str  # one of its stages: the mixture cslm_<stage> is trained
     max_length: int | None = None  # packed row length; None: the data config's packing.max_length
     seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
-    steps: int                              # optimizer steps (the schedule's length)
-    global_batch_size: int                  # packed rows per optimizer step, all hosts together
-    micro_batch_size: int | None = None     # rows per forward/backward; accumulation = global/micro
+    steps: int  # optimizer steps (the schedule's length)
+    global_batch_size: int  # packed rows per optimizer step, all hosts together
+    micro_batch_size: int | None = None  # rows per forward/backward; accumulation = global/micro
     log_every: int = 1
-    on_nonfinite: str = "stop"              # stop | skip
-    max_skipped_steps: int = 10             # with skip: stop after this many skipped steps
-    peak_flops_per_device: float | None = None   # for MFU; None: known TPU/GPU table or measured
+    on_nonfinite: str = "stop"  # stop | skip
+    max_skipped_steps: int = 10  # with skip: stop after this many skipped steps
+    peak_flops_per_device: float | None = None  # for MFU; None: known TPU/GPU table or measured
     progress_bar: bool = True
-    num_devices: int | None = None          # use the first N devices (None: all)
+    num_devices: int | None = None  # use the first N devices (None: all)
 
     @property
     def accumulation(self) -> int:
@@ -293,9 +334,9 @@ class TrainSection:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection:
-    every: int = 500               # save every N steps (and at the end, and on SIGTERM)
-    keep: int = 3                  # keep the last K
-    async_save: bool = True        # write in the background while training continues
+    every: int = 500  # save every N steps (and at the end, and on SIGTERM)
+    keep: int = 3  # keep the last K
+    async_save: bool = True  # write in the background while training continues
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,20 +345,27 @@ class RunConfig:
 
     data: DataSection
     train: TrainSection
-    init_from: str | None = None   # model checkpoint (import-hf output) or a finished run dir
-    model: dict = dataclasses.field(default_factory=dict)   # overrides of training-side fields
+    init_from: str | None = None  # model checkpoint (import-hf output) or a finished run dir
+    model: dict = dataclasses.field(default_factory=dict)  # overrides of training-side fields
     mesh: dict = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
-    sharding_rules: dict | None = None     # logical axis -> mesh axes; None: DEFAULT_RULES
+    sharding_rules: dict | None = None  # logical axis -> mesh axes; None: DEFAULT_RULES
     optimizer: OptimizerConfig = OptimizerConfig()
     checkpoint: CheckpointSection = CheckpointSection()
-    path: str = ""                 # the file it was read from (informational)
+    path: str = ""  # the file it was read from (informational)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-RUN_MODEL_FIELDS = ("param_dtype", "compute_dtype", "remat_policy", "scan_layers",
-                    "cross_entropy", "loss_chunk", "attention")
+RUN_MODEL_FIELDS = (
+    "param_dtype",
+    "compute_dtype",
+    "remat_policy",
+    "scan_layers",
+    "cross_entropy",
+    "loss_chunk",
+    "attention",
+)
 RUN_PATH_FIELDS = (("init_from",), ("data", "config"))
 
 
@@ -330,20 +378,30 @@ def _section(cls, data, where: str):
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
-    missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING and f.name not in data]
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in data
+    ]
     if missing:
         raise ConfigError(f"{where}: missing required field(s) {missing}")
     data = dict(data)
     for f in dataclasses.fields(cls):
         # YAML reads `1e-5` (no dot) as a string: numbers are coerced by the field's type
-        if f.name in data and str(f.type).startswith("float") and data[f.name] is not None \
-                and not isinstance(data[f.name], bool):
+        if (
+            f.name in data
+            and str(f.type).startswith("float")
+            and data[f.name] is not None
+            and not isinstance(data[f.name], bool)
+        ):
             try:
                 data[f.name] = float(data[f.name])
             except (TypeError, ValueError):
-                raise ConfigError(f"{where}: field '{f.name}' must be a number, got "
-                                  f"{data[f.name]!r}") from None
+                raise ConfigError(
+                    f"{where}: field '{f.name}' must be a number, got {data[f.name]!r}"
+                ) from None
     return cls(**data)
 
 
@@ -354,7 +412,7 @@ def _resolve_paths(data: dict, base: Path) -> dict:
         for k in keys[:-1]:
             node = node.get(k) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
-            if "://" in node[keys[-1]]:             # gs://...: checked where it is opened
+            if "://" in node[keys[-1]]:  # gs://...: checked where it is opened
                 continue
             p = Path(node[keys[-1]]).expanduser()
             node[keys[-1]] = str(p if p.is_absolute() else (base / p).resolve())
@@ -388,7 +446,7 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     data = _load_with_bases(Path(path))
     for section in ("data", "train", "model", "mesh", "optimizer", "checkpoint"):
         if data.get(section) is None:
-            data[section] = {}          # so that `section.key=value` overrides always apply
+            data[section] = {}  # so that `section.key=value` overrides always apply
     try:
         data = apply_overrides(data, list(overrides), where)
         # overridden paths are relative to the working directory
@@ -405,16 +463,22 @@ def _blame_override(error: ConfigError, overrides, where: str) -> ConfigError:
     """An error about a field some `key=value` override set names that override and the command
     line, not the config file."""
     message = str(error)
-    rest = message[len(where) + 2:] if message.startswith(f"{where}: ") else message
-    message = message.split("; known", 1)[0]          # not the list of known fields
+    rest = message[len(where) + 2 :] if message.startswith(f"{where}: ") else message
+    message = message.split("; known", 1)[0]  # not the list of known fields
     for text in reversed(list(overrides)):
         if "=" not in text:
             continue
         key = text.split("=", 1)[0]
         section, _, field = key.partition(".")
-        if f"'{key}'" in message or f"{text!r}" in message or (
-                field and f"section '{section}'" in message
-                and (f"'{field}'" in message or f"['{field}']" in message)):
+        if (
+            f"'{key}'" in message
+            or f"{text!r}" in message
+            or (
+                field
+                and f"section '{section}'" in message
+                and (f"'{field}'" in message or f"['{field}']" in message)
+            )
+        ):
             return ConfigError(f"command-line override {text!r}: {rest}")
     return error
 
@@ -423,7 +487,9 @@ def run_config_from_dict(data: dict, where: str = "run config") -> RunConfig:
     known = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {sorted(known - {'path'})}")
+        raise ConfigError(
+            f"{where}: unknown section(s) {unknown}; known: {sorted(known - {'path'})}"
+        )
     for name in ("data", "train"):
         if name not in data:
             raise ConfigError(f"{where}: missing section '{name}'")
@@ -433,18 +499,29 @@ def run_config_from_dict(data: dict, where: str = "run config") -> RunConfig:
     model = dict(data.get("model") or {})
     bad = sorted(set(model) - set(RUN_MODEL_FIELDS))
     if bad:
-        raise ConfigError(f"{where}: section 'model': field(s) {bad} cannot change in training (the "
-                          f"architecture comes from init_from); allowed: {list(RUN_MODEL_FIELDS)}")
+        raise ConfigError(
+            f"{where}: section 'model': field(s) {bad} cannot change in training (the "
+            f"architecture comes from init_from); allowed: {list(RUN_MODEL_FIELDS)}"
+        )
     train = _section(TrainSection, data["train"], f"{where}: section 'train'")
-    optimizer = _section(OptimizerConfig, dict(data.get("optimizer") or {}, total_steps=train.steps),
-                         f"{where}: section 'optimizer'")
-    cfg = RunConfig(data=_section(DataSection, data["data"], f"{where}: section 'data'"), train=train,
-                    init_from=data.get("init_from"), model=model,
-                    mesh=dict(data.get("mesh") or {"data": 1, "fsdp": -1, "tensor": 1}),
-                    sharding_rules=data.get("sharding_rules"), optimizer=optimizer,
-                    checkpoint=_section(CheckpointSection, data.get("checkpoint"),
-                                        f"{where}: section 'checkpoint'"),
-                    path=str(where))
+    optimizer = _section(
+        OptimizerConfig,
+        dict(data.get("optimizer") or {}, total_steps=train.steps),
+        f"{where}: section 'optimizer'",
+    )
+    cfg = RunConfig(
+        data=_section(DataSection, data["data"], f"{where}: section 'data'"),
+        train=train,
+        init_from=data.get("init_from"),
+        model=model,
+        mesh=dict(data.get("mesh") or {"data": 1, "fsdp": -1, "tensor": 1}),
+        sharding_rules=data.get("sharding_rules"),
+        optimizer=optimizer,
+        checkpoint=_section(
+            CheckpointSection, data.get("checkpoint"), f"{where}: section 'checkpoint'"
+        ),
+        path=str(where),
+    )
     validate_run_config(cfg, where)
     return cfg
 
@@ -464,11 +541,14 @@ def validate_run_config(cfg: RunConfig, where: str) -> None:
     if t.micro_batch_size is not None:
         positive(t.micro_batch_size, "train.micro_batch_size")
         if t.global_batch_size % t.micro_batch_size:
-            raise ConfigError(f"{where}: field 'train.global_batch_size' ({t.global_batch_size}) must "
-                              f"be a multiple of 'train.micro_batch_size' ({t.micro_batch_size})")
+            raise ConfigError(
+                f"{where}: field 'train.global_batch_size' ({t.global_batch_size}) must "
+                f"be a multiple of 'train.micro_batch_size' ({t.micro_batch_size})"
+            )
     if t.on_nonfinite not in ("stop", "skip"):
-        raise ConfigError(f"{where}: field 'train.on_nonfinite' must be 'stop' or 'skip', got "
-                          f"{t.on_nonfinite!r}")
+        raise ConfigError(
+            f"{where}: field 'train.on_nonfinite' must be 'stop' or 'skip', got {t.on_nonfinite!r}"
+        )
     if t.num_devices is not None:
         positive(t.num_devices, "train.num_devices")
     if cfg.data.max_length is not None:
@@ -479,10 +559,16 @@ def validate_run_config(cfg: RunConfig, where: str) -> None:
     if not 0 <= cfg.optimizer.warmup_ratio < 1:
         raise ConfigError(f"{where}: field 'optimizer.warmup_ratio' must be in [0, 1)")
     if cfg.optimizer.moment_dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"{where}: field 'optimizer.moment_dtype' must be float32 or bfloat16, "
-                          f"got {cfg.optimizer.moment_dtype!r}")
-    for name, allowed in (("compute_dtype", DTYPES), ("param_dtype", DTYPES),
-                          ("remat_policy", REMAT_POLICIES)):
+        raise ConfigError(
+            f"{where}: field 'optimizer.moment_dtype' must be float32 or bfloat16, "
+            f"got {cfg.optimizer.moment_dtype!r}"
+        )
+    for name, allowed in (
+        ("compute_dtype", DTYPES),
+        ("param_dtype", DTYPES),
+        ("remat_policy", REMAT_POLICIES),
+    ):
         if name in cfg.model and cfg.model[name] not in allowed:
-            raise ConfigError(f"{where}: field 'model.{name}' must be one of {allowed}, got "
-                              f"{cfg.model[name]!r}")
+            raise ConfigError(
+                f"{where}: field 'model.{name}' must be one of {allowed}, got {cfg.model[name]!r}"
+            )

@@ -9,6 +9,7 @@ bug and keeps its traceback (exit code 1).
 Each part of the package raises its own subclass (ConfigError, RecordError, CheckpointError, ...),
 defined next to the code that raises it.
 """
+
 from __future__ import annotations
 
 
@@ -30,7 +31,7 @@ def json_error(e, line: str) -> str:
     the column within that line, or that the line ends before the record does (a record cut
     short; the line's own newline would otherwise be reported as line 2 column 1)."""
     text = line.rstrip("\r\n")
-    msg = e.msg.removesuffix(" at")          # "Unterminated string starting at": the column follows
+    msg = e.msg.removesuffix(" at")  # "Unterminated string starting at": the column follows
     if e.pos >= len(text) or msg.startswith("Unterminated string"):
         return "invalid JSON: the line ends before the record does; is it cut short?"
     return f"invalid JSON: {msg} at column {e.pos + 1}"

@@ -4,6 +4,7 @@ The repository keeps them in its top-level `configs/`; installed, they are packa
 `cslm_jax.configs` (pyproject.toml maps the folder there), so `config_path` finds them the same
 way from a wheel, an editable install or a git URL install, wherever the command runs from.
 """
+
 from __future__ import annotations
 
 from importlib.resources import files
@@ -18,8 +19,10 @@ def config_path(*parts: str) -> Path:
     """
     path = files("cslm_jax.configs").joinpath(*parts)
     if not isinstance(path, Path):
-        raise RuntimeError(f"cslm_jax's bundled configs are not files on disk ({path!r}); "
-                           f"install the package unzipped (pip does)")
+        raise RuntimeError(
+            f"cslm_jax's bundled configs are not files on disk ({path!r}); "
+            f"install the package unzipped (pip does)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"no bundled config {'/'.join(parts)} in {path.parent}")
     return path

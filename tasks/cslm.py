@@ -8,6 +8,7 @@ reading its examples from a cache in SeqIO's layout: `<cache_dir>/<task>/` writt
 Adding a language is configuration only: a `languages.<code>` section with its templates and
 chunking, and stage entries pointing at its files.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,8 +30,9 @@ from cslm_jax.data.prepare import check_cache, prepare_task_local, splits_of, ta
 from cslm_jax.model.vocab import VocabError
 
 
-def register(cfg: DataConfig, tokenizer_dir: str | Path, stages=None,
-             cache_dir: str | Path | None = None) -> list[str]:
+def register(
+    cfg: DataConfig, tokenizer_dir: str | Path, stages=None, cache_dir: str | Path | None = None
+) -> list[str]:
     """Register the tasks and mixtures of `stages` (default: all); returns the mixture names.
 
     `tokenizer_dir` is the CSLM-extended tokenizer (a checkpoint's `tokenizer/`), so unit tokens
@@ -41,8 +43,10 @@ def register(cfg: DataConfig, tokenizer_dir: str | Path, stages=None,
     """
     vocab = HFVocabulary(tokenizer_dir)
     if "<sosp>" not in vocab.tokenizer.get_vocab():
-        raise VocabError(f"{tokenizer_dir}: tokenizer has no CSLM tokens (<sosp>, units); use the "
-                         f"tokenizer of an imported checkpoint (cslm-jax import-hf)")
+        raise VocabError(
+            f"{tokenizer_dir}: tokenizer has no CSLM tokens (<sosp>, units); use the "
+            f"tokenizer of an imported checkpoint (cslm-jax import-hf)"
+        )
     cache_dir = cache_dir if cache_dir is not None else cfg.cache_dir
     mixtures = []
     for stage in stages or list(cfg.stages):
@@ -54,15 +58,24 @@ def register(cfg: DataConfig, tokenizer_dir: str | Path, stages=None,
                 prepare = None
             else:
                 task_dir = local_cache_dir(spec, cfg, vocab.tokenizer_dir)
-                prepare = functools.partial(prepare_task_local, spec, cfg, vocab.tokenizer_dir,
-                                            task_dir)
+                prepare = functools.partial(
+                    prepare_task_local, spec, cfg, vocab.tokenizer_dir, task_dir
+                )
             seqio.TaskRegistry.remove(spec.name)
-            seqio.TaskRegistry.add_provider(spec.name, CslmTask(
-                spec.name, task_dir=task_dir, prepare=prepare, prepared=cache_dir is not None,
-                stats=STATS, splits=list(splits_of(spec)),
-                preprocessors=[seqio.CacheDatasetPlaceholder(), add_task_ids(index)],
-                output_features=output_features(vocab, len(specs)),
-                shuffle_buffer_size=cfg.shuffle_buffer))
+            seqio.TaskRegistry.add_provider(
+                spec.name,
+                CslmTask(
+                    spec.name,
+                    task_dir=task_dir,
+                    prepare=prepare,
+                    prepared=cache_dir is not None,
+                    stats=STATS,
+                    splits=list(splits_of(spec)),
+                    preprocessors=[seqio.CacheDatasetPlaceholder(), add_task_ids(index)],
+                    output_features=output_features(vocab, len(specs)),
+                    shuffle_buffer_size=cfg.shuffle_buffer,
+                ),
+            )
         name = cfg.mixture_name(stage)
         seqio.MixtureRegistry.remove(name)
         seqio.MixtureRegistry.add(name, [(s.name, s.rate) for s in specs])

@@ -1,9 +1,11 @@
 """Test set-up: CPU only, 8 fake devices for mesh tests, small real tokenizers and HF models."""
+
 import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -80,9 +82,16 @@ def base_ckpt(tmp_path_factory, demo):
 
     data_dir, _ = demo
     root = tmp_path_factory.mktemp("train_base")
-    write_random_hf_llama(root / "hf", load_tokenizer(data_dir / "tokenizer"), hidden_size=32,
-                          intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                          weight_std=0.05)
+    write_random_hf_llama(
+        root / "hf",
+        load_tokenizer(data_dir / "tokenizer"),
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        weight_std=0.05,
+    )
     return import_hf(root / "hf", root / "ckpt", speech_units=UNIT_COUNT, log=lambda *_: None)
 
 
@@ -90,6 +99,51 @@ def base_ckpt(tmp_path_factory, demo):
 def tokdir(tmp_path_factory):
     """A random-weight speech_tokenizer_v1 folder (random codebook), narrow and shallow."""
     from cslm_jax.speech import save_random_tokenizer
+
     path = tmp_path_factory.mktemp("speech_tokenizer") / "v1"
     save_random_tokenizer(path, "v1", seed=0, n_state=64, n_head=2, n_layer=1)
     return path
+
+
+# -- a real GCS server (fake-gcs-server) for the modules that use gs:// paths ----------------
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    from cslm_jax.storage import fs
+    from fake_gcs import FakeGcs
+
+    server = FakeGcs(tmp_path_factory.mktemp("fake_gcs"))
+    saved = {
+        k: os.environ.get(k)
+        for k in (
+            "STORAGE_EMULATOR_HOST",
+            "TENSORSTORE_GCS_HTTP_URL",
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
+            "EPATH_USE_TF",
+        )
+    }
+    for k in saved:
+        os.environ.pop(k, None)
+    os.environ.update(server.env())
+    fs._ENV_DONE = False  # derive the emulator defaults from this server
+    fs.configure_gcs()
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    fs._ENV_DONE = False
+
+
+_buckets = iter(range(10_000))
+
+
+@pytest.fixture
+def bucket(gcs):
+    """A new, empty bucket of the module's fake-gcs-server: (its gs:// URL, its name)."""
+    name = f"bucket-{next(_buckets)}"
+    return gcs.create_bucket(name), name

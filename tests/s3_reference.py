@@ -5,6 +5,7 @@ as the reference for cslm_jax.speech, and helpers shared by the speech tests.
 which no test uses; torchaudio would pull a second torch build, so a bare module stands in for
 it in sys.modules before the package is imported. Nothing of torchaudio is ever called: a call
 would fail with AttributeError."""
+
 import sys
 import types
 
@@ -33,15 +34,21 @@ TINY = dict(n_state=128, n_head=2, n_layer=2)
 def package_model(cfg, state_dict=None):
     """The package's model of `cfg`'s version and sizes, loaded (strictly) with `state_dict`."""
     name = cfg.spec.name
-    sizes = dict(n_mels=cfg.n_mels, n_audio_state=cfg.n_state, n_audio_head=cfg.n_head,
-                 n_audio_layer=cfg.n_layer, n_audio_ctx=cfg.n_ctx)
+    sizes = dict(
+        n_mels=cfg.n_mels,
+        n_audio_state=cfg.n_state,
+        n_audio_head=cfg.n_head,
+        n_audio_layer=cfg.n_layer,
+        n_audio_ctx=cfg.n_ctx,
+    )
     if cfg.arch == "v2":
         model = S3TokenizerV2(name, ModelConfigV2(**sizes))
     else:
         model = S3Tokenizer(name, ModelConfigV1(**sizes))
     if state_dict is not None:
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
-                              strict=True)
+        model.load_state_dict(
+            {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=True
+        )
     return model.eval()
 
 
@@ -93,22 +100,30 @@ def with_data_codebook(tok, seed=0):
     rng = np.random.default_rng(seed)
     mel, mel_len = tok.log_mel(speechlike([48000, 40000], seed=seed + 100))
     h, n = tok.hidden(mel[:, :3000], mel_len)
-    frames = np.concatenate([h[i, :n[i]] for i in range(len(n))])
-    frames = frames - frames.mean(0) * rng.uniform(0.5, 1.0)   # keep part of the common offset
+    frames = np.concatenate([h[i, : n[i]] for i in range(len(n))])
+    frames = frames - frames.mean(0) * rng.uniform(0.5, 1.0)  # keep part of the common offset
     rows = frames[rng.integers(0, len(frames), tok.codebook_size)]
     rows = rows / np.linalg.norm(rows, axis=-1, keepdims=True)
     rows = rows + 0.3 * rng.standard_normal(rows.shape) / np.sqrt(rows.shape[1])
     params = dict(tok.params)
     params["codebook"] = (rows + frames.mean(0) / np.linalg.norm(frames.mean(0))).astype(np.float32)
-    return SpeechTokenizer(tok.config, {k: np.asarray(v) if k != "blocks" else
-                                        {b: np.asarray(x) for b, x in v.items()}
-                                        for k, v in params.items()})
+    return SpeechTokenizer(
+        tok.config,
+        {
+            k: np.asarray(v) if k != "blocks" else {b: np.asarray(x) for b, x in v.items()}
+            for k, v in params.items()
+        },
+    )
 
 
-CONV_NAMES = {   # the official files' conv initializer names (s3tokenizer.utils.onnx2torch)
+CONV_NAMES = {  # the official files' conv initializer names (s3tokenizer.utils.onnx2torch)
     "v1": ("onnx::Conv_1519", "onnx::Conv_1520", "onnx::Conv_1521", "onnx::Conv_1522"),
-    "v1_25hz": ("encoders.conv1.weight", "encoders.conv1.bias", "encoders.conv2.weight",
-                "encoders.conv2.bias"),
+    "v1_25hz": (
+        "encoders.conv1.weight",
+        "encoders.conv1.bias",
+        "encoders.conv2.weight",
+        "encoders.conv2.bias",
+    ),
     "v2_25hz": ("onnx::Conv_2216", "onnx::Conv_2217", "onnx::Conv_2218", "onnx::Conv_2219"),
 }
 
@@ -137,24 +152,44 @@ def write_official_onnx(path, cfg, sd):
         return out
 
     c1w, c1b, c2w, c2b = CONV_NAMES[cfg.version]
-    x = node("Conv", "/conv1/Conv", ["mel", init(sd["encoder.conv1.weight"], c1w),
-                                     init(sd["encoder.conv1.bias"], c1b)],
-             strides=[cfg.stride], pads=[1, 1], kernel_shape=[3])
-    x = node("Conv", "/conv2/Conv", [x, init(sd["encoder.conv2.weight"], c2w),
-                                     init(sd["encoder.conv2.bias"], c2b)],
-             strides=[2], pads=[1, 1], kernel_shape=[3])
+    x = node(
+        "Conv",
+        "/conv1/Conv",
+        ["mel", init(sd["encoder.conv1.weight"], c1w), init(sd["encoder.conv1.bias"], c1b)],
+        strides=[cfg.stride],
+        pads=[1, 1],
+        kernel_shape=[3],
+    )
+    x = node(
+        "Conv",
+        "/conv2/Conv",
+        [x, init(sd["encoder.conv2.weight"], c2w), init(sd["encoder.conv2.bias"], c2b)],
+        strides=[2],
+        pads=[1, 1],
+        kernel_shape=[3],
+    )
     if cfg.arch == "v1":
-        x = node("Add", "/Add", [x, init(sd["encoder.positional_embedding"],
-                                         "encoders.positional_embedding")])
-    eps = node("Constant", "/Constant_eps", [],
-               value=helper.make_tensor("eps", TensorProto.FLOAT, [], [1e-5]))
+        x = node(
+            "Add",
+            "/Add",
+            [x, init(sd["encoder.positional_embedding"], "encoders.positional_embedding")],
+        )
+    eps = node(
+        "Constant",
+        "/Constant_eps",
+        [],
+        value=helper.make_tensor("eps", TensorProto.FLOAT, [], [1e-5]),
+    )
     for i in range(cfg.n_layer):
         p, b = f"/blocks.{i}", f"encoder.blocks.{i}"
 
         def layer_norm(ln, x):
             if cfg.arch == "v2":
-                return node("LayerNormalization", f"{p}/{ln}/LayerNormalization",
-                            [x, init(sd[f"{b}.{ln}.weight"]), init(sd[f"{b}.{ln}.bias"])])
+                return node(
+                    "LayerNormalization",
+                    f"{p}/{ln}/LayerNormalization",
+                    [x, init(sd[f"{b}.{ln}.weight"]), init(sd[f"{b}.{ln}.bias"])],
+                )
             y = node("Add", f"{p}/{ln}/Add", [x, eps])
             y = node("Mul", f"{p}/{ln}/Mul", [y, init(sd[f"{b}.{ln}.weight"])])
             return node("Add", f"{p}/{ln}/Add_1", [init(sd[f"{b}.{ln}.bias"]), y])
@@ -169,26 +204,47 @@ def write_official_onnx(path, cfg, sd):
         y = layer_norm("attn_ln", x)
         q, k, v = linear("attn/query", y), linear("attn/key", y, False), linear("attn/value", y)
         if cfg.arch == "v2":
-            node("Conv", f"{p}/attn/fsmn_block/Conv",
-                 [v, init(sd[f"{b}.attn.fsmn_block.weight"])], group=cfg.n_state)
+            node(
+                "Conv",
+                f"{p}/attn/fsmn_block/Conv",
+                [v, init(sd[f"{b}.attn.fsmn_block.weight"])],
+                group=cfg.n_state,
+            )
         x = linear("attn/out", node("Mul", f"{p}/attn/Mul_qkv", [q, k]))
         y = layer_norm("mlp_ln", x)
         x = linear("mlp/mlp.2", linear("mlp/mlp.0", y))
     if cfg.arch == "v1":
         e = init(np.asarray(sd["quantizer._codebook.embed"]).T)
         node("MatMul", "/quantizer/rq/model/layers.0/_codebook/MatMul", [x, e])
-        two = node("Constant", "/quantizer/Constant_2", [],
-                   value=helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]))
+        two = node(
+            "Constant",
+            "/quantizer/Constant_2",
+            [],
+            value=helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
+        )
         x = node("Pow", "/quantizer/rq/model/layers.0/_codebook/Pow_1", [e, two])
     else:
-        x = node("MatMul", "/quantizer/project_down/MatMul",
-                 [x, init(np.asarray(sd["quantizer._codebook.project_down.weight"]).T,
-                          "onnx::MatMul_2536")])
-        x = node("Add", "/quantizer/project_down/Add",
-                 [init(sd["quantizer._codebook.project_down.bias"], "quantizer.project_in.bias"), x])
+        x = node(
+            "MatMul",
+            "/quantizer/project_down/MatMul",
+            [
+                x,
+                init(
+                    np.asarray(sd["quantizer._codebook.project_down.weight"]).T, "onnx::MatMul_2536"
+                ),
+            ],
+        )
+        x = node(
+            "Add",
+            "/quantizer/project_down/Add",
+            [init(sd["quantizer._codebook.project_down.bias"], "quantizer.project_in.bias"), x],
+        )
     graph = helper.make_graph(
-        nodes, "speech_tokenizer", [helper.make_tensor_value_info("mel", TensorProto.FLOAT,
-                                                                   [1, cfg.n_mels, None])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], initializer=inits)
+        nodes,
+        "speech_tokenizer",
+        [helper.make_tensor_value_info("mel", TensorProto.FLOAT, [1, cfg.n_mels, None])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)],
+        initializer=inits,
+    )
     onnx.save(helper.make_model(graph), str(path))
     return path

@@ -1,5 +1,6 @@
 """The attention's hand-written gradient and causal block skipping against plain autodiff of the
 textbook computation (softmax over masked float32 scores), with GQA and packed segments."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +16,7 @@ def reference_attend(q, k, v, mask):
     b, t, h, dh = q.shape
     kvh = k.shape[2]
     qg = q.reshape(b, t, kvh, h // kvh, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * dh ** -0.5
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * dh**-0.5
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
@@ -44,21 +45,33 @@ def test_attention_and_gradient_match_autodiff(t, blocks):
         return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask)) * w)
 
     ours = lambda q, k, v, m: model.causal_attend(q, k, v, m, blocks)  # noqa: E731
-    ref_val, ref_grads = jax.jit(jax.value_and_grad(loss(reference_attend), argnums=(0, 1, 2)))(q, k, v)
+    ref_val, ref_grads = jax.jit(jax.value_and_grad(loss(reference_attend), argnums=(0, 1, 2)))(
+        q, k, v
+    )
     val, grads = jax.jit(jax.value_and_grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
     np.testing.assert_allclose(val, ref_val, rtol=1e-5)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-4)
     # decoding's shape: one query row against a longer key sequence, forward only
-    np.testing.assert_allclose(attend(q[:, -1:], k, v, mask[:, -1:]),
-                               reference_attend(q[:, -1:], k, v, mask[:, -1:]), atol=1e-6)
+    np.testing.assert_allclose(
+        attend(q[:, -1:], k, v, mask[:, -1:]),
+        reference_attend(q[:, -1:], k, v, mask[:, -1:]),
+        atol=1e-6,
+    )
 
 
 def test_forward_with_causal_blocks_matches_one_block():
     """forward() splits rows of 256+ tokens into query blocks; logits and gradients are those of
     the unsplit computation (packed segments included)."""
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                      num_kv_heads=2, compute_dtype="float32")
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        compute_dtype="float32",
+    )
     t = 256
     assert model.causal_blocks(t) == 2 and model.causal_blocks(1024) == 8
     assert model.causal_blocks(96) == 1
@@ -67,7 +80,7 @@ def test_forward_with_causal_blocks_matches_one_block():
     seg = packed_segments(2, t, 5)
 
     def loss(p, blocks_fn):
-        orig = llama.causal_blocks          # what Llama.__call__ asks for the block count
+        orig = llama.causal_blocks  # what Llama.__call__ asks for the block count
         llama.causal_blocks = blocks_fn
         try:
             return jnp.mean(jax.nn.log_softmax(forward(cfg, p, tokens, segment_ids=seg))[..., 0])

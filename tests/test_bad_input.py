@@ -1,5 +1,6 @@
 """Bad input to import-hf / export-hf is refused with a message naming the file and tensor/field,
 and nothing half-written is left behind."""
+
 import json
 
 import numpy as np
@@ -60,7 +61,9 @@ def test_misshaped_tensor(make_hf_llama, tmp_path, capsys):
     hf_dir, _ = make_hf_llama()
 
     def shrink(t):
-        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:8]
+        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][
+            :8
+        ]
 
     edit_tensors(hf_dir / "model.safetensors", shrink)
     err = import_error(hf_dir, tmp_path / "ck", capsys)
@@ -70,8 +73,10 @@ def test_misshaped_tensor(make_hf_llama, tmp_path, capsys):
 
 def test_unexpected_tensor(make_hf_llama, tmp_path, capsys):
     hf_dir, _ = make_hf_llama()
-    edit_tensors(hf_dir / "model.safetensors",
-                 lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)}))
+    edit_tensors(
+        hf_dir / "model.safetensors",
+        lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)}),
+    )
     err = import_error(hf_dir, tmp_path / "ck", capsys)
     assert "model.layers.0.self_attn.q_proj.bias" in err and "unexpected" in err
 
@@ -95,8 +100,20 @@ def test_unknown_rope_scaling_type(make_hf_llama, tmp_path, capsys, style):
 
 def test_v4_and_v5_config_layouts_import_alike(make_hf_llama, tmp_path):
     hf_dir, _ = make_hf_llama(rope_scaling=llama3_rope_scaling(32))
-    assert cli(["import-hf", "--hf-dir", str(hf_dir), "--out", str(tmp_path / "v5"),
-                "--speech-units", "0"]) == 0
+    assert (
+        cli(
+            [
+                "import-hf",
+                "--hf-dir",
+                str(hf_dir),
+                "--out",
+                str(tmp_path / "v5"),
+                "--speech-units",
+                "0",
+            ]
+        )
+        == 0
+    )
 
     def to_v4(c):
         rope = c.pop("rope_parameters")
@@ -104,8 +121,20 @@ def test_v4_and_v5_config_layouts_import_alike(make_hf_llama, tmp_path):
         c["rope_scaling"] = rope
 
     edit_json(hf_dir / "config.json", to_v4)
-    assert cli(["import-hf", "--hf-dir", str(hf_dir), "--out", str(tmp_path / "v4"),
-                "--speech-units", "0"]) == 0
+    assert (
+        cli(
+            [
+                "import-hf",
+                "--hf-dir",
+                str(hf_dir),
+                "--out",
+                str(tmp_path / "v4"),
+                "--speech-units",
+                "0",
+            ]
+        )
+        == 0
+    )
     model = lambda p: json.loads((p / "cslm_checkpoint.json").read_text())["model"]  # noqa: E731
     assert model(tmp_path / "v4") == model(tmp_path / "v5")
     assert model(tmp_path / "v4")["rope_scaling"]["original_max_position_embeddings"] == 32
@@ -137,8 +166,9 @@ def test_checkpoint_without_vocab_metadata(make_hf_llama, tmp_path, capsys):
 def test_checkpoint_with_wrong_parameter_shape(make_hf_llama, tmp_path, capsys):
     hf_dir, _ = make_hf_llama()
     assert cli(["import-hf", "--hf-dir", str(hf_dir), "--out", str(tmp_path / "ck")]) == 0
-    edit_json(tmp_path / "ck" / "cslm_checkpoint.json",
-              lambda m: m["model"].update(intermediate_size=96))
+    edit_json(
+        tmp_path / "ck" / "cslm_checkpoint.json", lambda m: m["model"].update(intermediate_size=96)
+    )
     code = cli(["export-hf", "--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path / "ex")])
     err = capsys.readouterr().err
     assert code == 2 and "down_proj" in err and "(2, 128, 64)" in err and "(2, 96, 64)" in err

@@ -11,6 +11,7 @@ Upstream's encoder hard-codes its width (512), look-ahead (3), upsampling (x2) a
 after it, so the reduced sizes keep those and shrink the rest (and the streaming chunks, so that
 short utterances span several). Measured (float32, CPU): encoder output ~4e-6, mel ~5e-6; the
 bound is 1e-4."""
+
 import numpy as np
 import pytest
 import torch
@@ -20,9 +21,18 @@ from cslm_jax.speech import causal_flow as cf
 from cslm_jax.speech.hift import Token2WavError
 from cslm_jax.speech.token2wav_weights import flow_from_state_dict, flow_to_state_dict, read_flow
 
-SMALL = dict(vocab_size=100, encoder_linear_units=64, encoder_blocks=1, channels=(32,),
-             attention_head_dim=8, n_blocks=1, num_mid_blocks=1, num_heads=2, encoder_chunk=4,
-             decoder_chunk=8)
+SMALL = dict(
+    vocab_size=100,
+    encoder_linear_units=64,
+    encoder_blocks=1,
+    channels=(32,),
+    attention_head_dim=8,
+    n_blocks=1,
+    num_mid_blocks=1,
+    num_heads=2,
+    encoder_chunk=4,
+    decoder_chunk=8,
+)
 TOL = 1e-4
 _CACHE = {}
 
@@ -41,7 +51,7 @@ def _inputs(n, seed=1, prompt=0, vocab=100):
     if not prompt:
         return units, emb, None, None
     pu = rng.integers(0, vocab, prompt)
-    pm = rng.standard_normal((2 * prompt, 80)).astype(np.float32)       # upstream: 2 per unit
+    pm = rng.standard_normal((2 * prompt, 80)).astype(np.float32)  # upstream: 2 per unit
     return units, emb, pu, pm
 
 
@@ -51,28 +61,49 @@ N = 13
 SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("n,streaming,finalize,prompt", [
-    (N, False, True, 0), (N, True, True, 5), (11, True, False, 0),
-    pytest.param(N, False, True, 5, marks=SLOW), pytest.param(N, True, True, 0, marks=SLOW),
-    pytest.param(N, True, False, 5, marks=SLOW)])
+@pytest.mark.parametrize(
+    "n,streaming,finalize,prompt",
+    [
+        (N, False, True, 0),
+        (N, True, True, 5),
+        (11, True, False, 0),
+        pytest.param(N, False, True, 5, marks=SLOW),
+        pytest.param(N, True, True, 0, marks=SLOW),
+        pytest.param(N, True, False, 5, marks=SLOW),
+    ],
+)
 def test_mel_matches_upstream_with_its_noise(n, streaming, finalize, prompt):
     cfg, params, model = _model()
     units, emb, pu, pm = _inputs(n, seed=n + prompt, prompt=prompt)
     mel_ref, z, _ = ref.run_flow_v2(model, units, emb, pu, pm, streaming, finalize)
     kept = n if finalize else n - 3
     assert mel_ref.shape == (1, 80, 2 * kept)
-    mel = cf.causal_flow_inference(params, cfg, units, emb, pu, pm, noise=z,
-                                   streaming=streaming, finalize=finalize)
+    mel = cf.causal_flow_inference(
+        params, cfg, units, emb, pu, pm, noise=z, streaming=streaming, finalize=finalize
+    )
     err = np.abs(mel - mel_ref).max()
-    print(f"streaming={streaming} finalize={finalize} prompt={prompt}: mel {err:.2e} "
-          f"(mel std {mel_ref.std():.2f})")
+    print(
+        f"streaming={streaming} finalize={finalize} prompt={prompt}: mel {err:.2e} "
+        f"(mel std {mel_ref.std():.2f})"
+    )
     assert 0.1 < mel_ref.std() < 100
     assert err <= TOL
     # the noise is the first frames of upstream's buffer, which upstream_noise() reproduces
-    np.testing.assert_array_equal(z, cf.upstream_noise()[:, :z.shape[1]])
-    np.testing.assert_array_equal(mel, cf.causal_flow_inference(
-        params, cfg, units, emb, pu, pm, noise="upstream", streaming=streaming,
-        finalize=finalize))
+    np.testing.assert_array_equal(z, cf.upstream_noise()[:, : z.shape[1]])
+    np.testing.assert_array_equal(
+        mel,
+        cf.causal_flow_inference(
+            params,
+            cfg,
+            units,
+            emb,
+            pu,
+            pm,
+            noise="upstream",
+            streaming=streaming,
+            finalize=finalize,
+        ),
+    )
 
 
 def test_upstream_noise_is_its_buffer():
@@ -92,8 +123,18 @@ def test_padded_calls_match_upstream_with_two_levels():
     units, emb, pu, pm = _inputs(11, seed=9, prompt=3)
     for streaming, finalize in ((False, True), (True, False)):
         mel_ref, _, _ = ref.run_flow_v2(model, units, emb, pu, pm, streaming, finalize)
-        mel = cf.causal_flow_inference(params, cfg, units, emb, pu, pm, noise="upstream",
-                                       streaming=streaming, finalize=finalize, pad_to=21)
+        mel = cf.causal_flow_inference(
+            params,
+            cfg,
+            units,
+            emb,
+            pu,
+            pm,
+            noise="upstream",
+            streaming=streaming,
+            finalize=finalize,
+            pad_to=21,
+        )
         assert mel.shape == mel_ref.shape and np.abs(mel - mel_ref).max() <= TOL
 
 
@@ -102,12 +143,20 @@ def test_encoder_matches_upstream():
     """The encoder's projected output (mu) on its own, streamed and not finalized, with a
     prompt (run eagerly: slow to trace)."""
     import jax.numpy as jnp
+
     cfg, params, model = _model()
     units, emb, pu, pm = _inputs(N, seed=2, prompt=5)
     _, _, h_ref = ref.run_flow_v2(model, units, emb, pu, pm, streaming=True, finalize=False)
     all_units = np.concatenate([pu, units])
-    h = np.asarray(cf.encoder(params, cfg, jnp.asarray(all_units[None, :-3]),
-                              jnp.asarray(all_units[None, -3:]), streaming=True))
+    h = np.asarray(
+        cf.encoder(
+            params,
+            cfg,
+            jnp.asarray(all_units[None, :-3]),
+            jnp.asarray(all_units[None, -3:]),
+            streaming=True,
+        )
+    )
     assert h.shape == h_ref.shape and np.abs(h - h_ref).max() <= TOL
 
 
@@ -119,9 +168,12 @@ def test_streaming_is_chunk_causal():
     b = a.copy()
     b[7:] = (b[7:] + 1) % 100
     for streaming, n, finalize in ((True, 11, False), (False, N, True)):
-        ma, mb = (cf.causal_flow_inference(params, cfg, x[:n], emb, noise="upstream",
-                                           streaming=streaming, finalize=finalize)
-                  for x in (a, b))
+        ma, mb = (
+            cf.causal_flow_inference(
+                params, cfg, x[:n], emb, noise="upstream", streaming=streaming, finalize=finalize
+            )
+            for x in (a, b)
+        )
         head = np.abs(ma[..., :8] - mb[..., :8]).max()
         assert (head < 1e-5) if streaming else (head > 1e-2), (streaming, head)
         assert np.abs(ma[..., 8:] - mb[..., 8:]).max() > 1e-2
@@ -139,17 +191,27 @@ def test_consecutive_streamed_calls_match_upstreams_driver():
     units, emb, _, _ = _inputs(N, seed=4)
     hop, look, pieces, offset = cfg.encoder_chunk, cfg.pre_lookahead_len, [], 0
     earlier = None
-    calls = [(units[:hop + look], True, False), (units[:2 * hop + look], True, False),
-             (units, False, True)]
+    calls = [
+        (units[: hop + look], True, False),
+        (units[: 2 * hop + look], True, False),
+        (units, False, True),
+    ]
     for upto, streaming, finalize in calls:
         mel_ref, _, _ = ref.run_flow_v2(model, upto, emb, streaming=streaming, finalize=finalize)
-        mel = cf.causal_flow_inference(params, cfg, upto, emb, noise="upstream",
-                                       streaming=streaming, finalize=finalize,
-                                       pad_to=16 if streaming else None)
-        new, new_ref = cf.new_frames(cfg, mel, offset), mel_ref[:, :, 2 * offset:]
+        mel = cf.causal_flow_inference(
+            params,
+            cfg,
+            upto,
+            emb,
+            noise="upstream",
+            streaming=streaming,
+            finalize=finalize,
+            pad_to=16 if streaming else None,
+        )
+        new, new_ref = cf.new_frames(cfg, mel, offset), mel_ref[:, :, 2 * offset :]
         assert new.shape == new_ref.shape and np.abs(new - new_ref).max() <= TOL
         if earlier is not None and streaming:
-            assert np.abs(mel[..., :earlier.shape[2]] - earlier).max() < 1e-5
+            assert np.abs(mel[..., : earlier.shape[2]] - earlier).max() < 1e-5
         earlier = mel
         pieces.append(new)
         offset += hop
@@ -186,6 +248,7 @@ def test_named_errors():
 
 def test_zero_and_key_noise():
     import jax
+
     cfg, params, _ = _model()
     units, emb, _, _ = _inputs(N)
     a = cf.causal_flow_inference(params, cfg, units, emb)
@@ -193,8 +256,9 @@ def test_zero_and_key_noise():
     np.testing.assert_array_equal(a, cf.causal_flow_inference(params, cfg, units, emb))
     k = cf.causal_flow_inference(params, cfg, units, emb, noise=jax.random.PRNGKey(1))
     assert not np.allclose(a, k)
-    np.testing.assert_array_equal(k, cf.causal_flow_inference(
-        params, cfg, units, emb, noise=jax.random.PRNGKey(1)))
+    np.testing.assert_array_equal(
+        k, cf.causal_flow_inference(params, cfg, units, emb, noise=jax.random.PRNGKey(1))
+    )
 
 
 def test_import_from_saved_state_dict(tmp_path):
@@ -203,8 +267,9 @@ def test_import_from_saved_state_dict(tmp_path):
     path = tmp_path / "flow.pt"
     torch.save({k: torch.as_tensor(v) for k, v in sd.items()}, path)
     # the estimator's head count and the streaming chunks are not in the tensors: given
-    cfg2, params2 = read_flow(path, "v2", num_heads=2, attention_head_dim=8, encoder_chunk=4,
-                              decoder_chunk=8)
+    cfg2, params2 = read_flow(
+        path, "v2", num_heads=2, attention_head_dim=8, encoder_chunk=4, decoder_chunk=8
+    )
     assert cfg2 == cfg and set(params2) == set(params)
     read = read_flow(path, "v2")[0]
     assert (read.num_heads, read.attention_head_dim, read.encoder_chunk) == (8, 2, 25)
@@ -214,8 +279,9 @@ def test_import_from_saved_state_dict(tmp_path):
     assert np.abs(mel - mel_ref).max() <= TOL
     bad = dict(sd)
     del bad["encoder.up_encoders.3.self_attn.pos_bias_v"]
-    with pytest.raises(Token2WavError,
-                       match="missing tensor encoder.up_encoders.3.self_attn.pos_bias_v"):
+    with pytest.raises(
+        Token2WavError, match="missing tensor encoder.up_encoders.3.self_attn.pos_bias_v"
+    ):
         flow_from_state_dict(bad, cfg, "flow.pt")
     bad = dict(sd, **{"encoder.up_layer.conv.weight": np.zeros((512, 512, 3), np.float32)})
     with pytest.raises(Token2WavError, match="encoder.up_layer.conv.weight has shape"):
@@ -274,14 +340,16 @@ def test_official_sizes_match_upstream():
     model = ref.flow_v2_reference(cfg, flow_to_state_dict(cfg, params))
     units, emb, pu, pm = _inputs(30, seed=5, prompt=10, vocab=6561)
     mel_ref, z, _ = ref.run_flow_v2(model, units, emb, pu, pm, streaming=True, finalize=False)
-    mel = cf.causal_flow_inference(params, cfg, units, emb, pu, pm, noise=z, streaming=True,
-                                   finalize=False)
+    mel = cf.causal_flow_inference(
+        params, cfg, units, emb, pu, pm, noise=z, streaming=True, finalize=False
+    )
     err = np.abs(mel - mel_ref).max()
     print(f"official sizes: mel max |ours - upstream| = {err:.2e} (std {mel_ref.std():.2f})")
     assert err <= TOL
 
 
 # -- v2 token2wav folders: import-token2wav --version v2, synthesize ------------------------------
+
 
 def test_v2_token2wav_import_and_synthesize(tmp_path, capsys):
     """A random v2 folder synthesises 24 kHz audio of 2 mel frames per unit x 480 samples per
@@ -301,15 +369,28 @@ def test_v2_token2wav_import_and_synthesize(tmp_path, capsys):
     model = t2w.load_token2wav(folder)
     assert model.version == "v2" and isinstance(model.flow_cfg, cf.CausalFlowConfig)
     assert model.hift_cfg.upsample_rates == (8, 5, 3) and model.hift_cfg.sampling_rate == 24000
-    assert (model.sample_rate, model.units_per_second, model.samples_per_frame) == (24000, 25,
-                                                                                   480)
+    assert (model.sample_rate, model.units_per_second, model.samples_per_frame) == (24000, 25, 480)
     rng = np.random.default_rng(7)
     lines = [rng.integers(0, 6561, 8).tolist(), rng.integers(0, 6561, 8).tolist()]
     f = tmp_path / "units.txt"
     f.write_text("".join("".join(f"<{u}>" for u in line) + "\n" for line in lines))
     out = tmp_path / "wavs"
-    assert cli(["synthesize", "--units", str(f), "--token2wav", str(folder), "--voice", "random",
-                "--out", str(out)]) == 0
+    assert (
+        cli(
+            [
+                "synthesize",
+                "--units",
+                str(f),
+                "--token2wav",
+                str(folder),
+                "--voice",
+                "random",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     waves = []
     for i, line in enumerate(lines):
         wave, sr = sf.read(out / f"{i:04d}.wav", dtype="float32")
@@ -320,41 +401,80 @@ def test_v2_token2wav_import_and_synthesize(tmp_path, capsys):
     assert report["version"] == "v2" and report["sample_rate"] == 24000
     assert [w["mel_frames"] for w in report["wavs"]] == [16, 16]
     # the synthesis is the flow's mel vocoded
-    mel = cf.causal_flow_inference(model.flow_params, model.flow_cfg, lines[0],
-                                   model.voices["random"])
+    mel = cf.causal_flow_inference(
+        model.flow_params, model.flow_cfg, lines[0], model.voices["random"]
+    )
     direct, n = hift.vocode(model.hift_params, model.hift_cfg, mel, noise="zero")
-    np.testing.assert_allclose(np.asarray(direct[0, :int(n[0])]), waves[0], atol=2 / 32768)
+    np.testing.assert_allclose(np.asarray(direct[0, : int(n[0])]), waves[0], atol=2 / 32768)
     # a merged-units speech rate resamples v2's mel (upstream's speed change)
     slow = t2w.synthesize(model, lines[1], "random", speech_rate=1.5)
     assert slow.shape == (int(16 * 1.5) * 480,)
 
     # upstream's state dicts, saved by torch, imported as v2
     def save(sd, name):
-        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()},
-                   tmp_path / name)
+        torch.save(
+            {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, tmp_path / name
+        )
         return str(tmp_path / name)
 
     fpt = save(flow_to_state_dict(model.flow_cfg, model.flow_params), "flow.pt")
     hpt = save(hift_to_state_dict(model.hift_cfg, model.hift_params, "weight_norm"), "hift.pt")
-    torch.save({"spk_a": {"embedding": torch.from_numpy(model.voices["random"][None])}},
-               tmp_path / "spk2info.pt")
+    torch.save(
+        {"spk_a": {"embedding": torch.from_numpy(model.voices["random"][None])}},
+        tmp_path / "spk2info.pt",
+    )
     imported = tmp_path / "imported"
-    assert cli(["import-token2wav", "--flow", fpt, "--hift", hpt, "--version", "v2", "--voices",
-                str(tmp_path / "spk2info.pt"), "--out", str(imported)]) == 0
+    assert (
+        cli(
+            [
+                "import-token2wav",
+                "--flow",
+                fpt,
+                "--hift",
+                hpt,
+                "--version",
+                "v2",
+                "--voices",
+                str(tmp_path / "spk2info.pt"),
+                "--out",
+                str(imported),
+            ]
+        )
+        == 0
+    )
     assert "token2wav v2 (24000 Hz, 25 units/s, 6561 codes)" in capsys.readouterr().out
     got = t2w.load_token2wav(imported)
     assert got.flow_cfg == model.flow_cfg and got.hift_cfg == model.hift_cfg
-    np.testing.assert_allclose(t2w.synthesize(got, lines[0], "spk_a"),
-                               t2w.synthesize(model, lines[0], "random"), atol=1e-5)
+    np.testing.assert_allclose(
+        t2w.synthesize(got, lines[0], "spk_a"), t2w.synthesize(model, lines[0], "random"), atol=1e-5
+    )
     # a v2 flow.pt given as v1 is named, and nothing is written
     bad = tmp_path / "bad"
-    assert cli(["import-token2wav", "--flow", fpt, "--hift", hpt, "--version", "v1",
-                "--out", str(bad)]) == 2
+    assert (
+        cli(
+            ["import-token2wav", "--flow", fpt, "--hift", hpt, "--version", "v1", "--out", str(bad)]
+        )
+        == 2
+    )
     assert "a v2 flow" in capsys.readouterr().err and not bad.exists()
     # units past v2's vocabulary are named with their line
     f.write_text("<1><6561>\n")
-    assert cli(["synthesize", "--units", str(f), "--token2wav", str(folder), "--voice", "random",
-                "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli(
+            [
+                "synthesize",
+                "--units",
+                str(f),
+                "--token2wav",
+                str(folder),
+                "--voice",
+                "random",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "units.txt:1" in err and "unit 6561" in err and "0..6560" in err
 
@@ -363,10 +483,9 @@ def test_stretch_is_upstreams_speed_change():
     """`stretch` (the v2 speech rate) is upstream's `F.interpolate(mel, size, mode="linear")`."""
     mel = np.random.default_rng(0).standard_normal((1, 80, 16)).astype(np.float32)
     for n in (24, 10, 16, 33):
-        want = torch.nn.functional.interpolate(torch.from_numpy(mel), size=n,
-                                               mode="linear").numpy()
+        want = torch.nn.functional.interpolate(torch.from_numpy(mel), size=n, mode="linear").numpy()
         got = cf.stretch(mel, n)
-        assert got.shape == (1, 80, n) and np.abs(got - want).max() <= 1e-5     # rounding
+        assert got.shape == (1, 80, n) and np.abs(got - want).max() <= 1e-5  # rounding
 
 
 @pytest.mark.slow
@@ -376,22 +495,28 @@ def test_batch_rows_match_upstream():
     key's row i is causal_flow_inference with fold_in(key, i); bad rows named. (Slow: ~40 s,
     the vmapped program's compilation.)"""
     import jax
+
     cfg, params, model = _model()
     rows = [_inputs(N, seed=N + 5, prompt=5), _inputs(9, seed=22), _inputs(4, seed=23)]
-    args = ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-            [r[3] for r in rows])
-    mel, lens = cf.causal_flow_batch(params, cfg, *args, noise="upstream", streaming=True,
-                                     rows=4)
+    args = ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+    mel, lens = cf.causal_flow_batch(params, cfg, *args, noise="upstream", streaming=True, rows=4)
     assert mel.shape == (3, 80, 2 * N) and lens.tolist() == [2 * N, 18, 8]
     for i, (u, e, pu, pm) in enumerate(rows):
         mel_ref, _, _ = ref.run_flow_v2(model, u, e, pu, pm, streaming=True, finalize=True)
-        assert np.abs(mel[i, :, :lens[i]] - mel_ref).max() <= TOL, i
-        assert not mel[i, :, lens[i]:].any()
+        assert np.abs(mel[i, :, : lens[i]] - mel_ref).max() <= TOL, i
+        assert not mel[i, :, lens[i] :].any()
     key = jax.random.PRNGKey(5)
     keyed, _ = cf.causal_flow_batch(params, cfg, *args, noise=key, streaming=True, rows=4)
-    alone = cf.causal_flow_inference(params, cfg, rows[0][0], rows[0][1], rows[0][2],
-                                     rows[0][3], noise=jax.random.fold_in(key, 0),
-                                     streaming=True)
+    alone = cf.causal_flow_inference(
+        params,
+        cfg,
+        rows[0][0],
+        rows[0][1],
+        rows[0][2],
+        rows[0][3],
+        noise=jax.random.fold_in(key, 0),
+        streaming=True,
+    )
     assert np.abs(keyed[0] - alone[0]).max() <= 1e-5 and not np.allclose(keyed[0], mel[0])
     with pytest.raises(Token2WavError, match="row 1: units: unit 100 at position 0"):
         cf.causal_flow_batch(params, cfg, [[1, 2], [100]], rows[0][1])

@@ -13,6 +13,7 @@ Measured (float32, CPU): the streamed waveform within ~5e-4 of upstream's (bound
 synthesis bound of issue 25): the flow's mel agrees to ~1e-5 in every call and HiFT alone to
 ~4e-5 given the same mel and cache, but this random-weight HiFT turns a 1e-5 change of its mel
 into ~4e-4 of waveform (measured), and each call's mel comes from its own flow call."""
+
 import json
 
 import numpy as np
@@ -33,21 +34,22 @@ SIZES = dict(encoder_chunk=4, decoder_chunk=8)
 # look-ahead only: frames of 6, then 6, then 7 more units), the finalized call at the end
 # (the last 3 units' frames).
 CHUNKS = (9, 6, 7)
-RATE = 480                       # samples per mel frame at 24 kHz
+RATE = 480  # samples per mel frame at 24 kHz
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    path = t2w.save_random_token2wav(tmp_path_factory.mktemp("t2w") / "t2w", "v2", seed=0,
-                                     **SIZES)
+    path = t2w.save_random_token2wav(tmp_path_factory.mktemp("t2w") / "t2w", "v2", seed=0, **SIZES)
     return t2w.load_token2wav(path)
 
 
 @pytest.fixture(scope="module")
 def reference(model):
     fcfg, hcfg = model.flow_cfg, model.hift_cfg
-    return (ref.flow_v2_reference(fcfg, flow_to_state_dict(fcfg, model.flow_params)),
-            ref.hift_reference(hcfg, hift_to_state_dict(hcfg, model.hift_params)))
+    return (
+        ref.flow_v2_reference(fcfg, flow_to_state_dict(fcfg, model.flow_params)),
+        ref.hift_reference(hcfg, hift_to_state_dict(hcfg, model.hift_params)),
+    )
 
 
 def _chunks(seed=0, sizes=CHUNKS):
@@ -60,10 +62,12 @@ def _chunks(seed=0, sizes=CHUNKS):
 def _their_noise(model, draws):
     """Our stream's noise callable giving upstream's: its fixed flow buffer, HiFT's draws of
     each call."""
+
     def noise(k, hift_frames):
         h = ref.hift_noise(model.hift_cfg, draws[k])
         assert h["noise"].shape[1] == hift_frames * RATE
         return {"flow": cf.upstream_noise(), "hift": h}
+
     return noise
 
 
@@ -85,8 +89,10 @@ def _check_parity(model, reference, calls, stream_kw, chunks, groups=None):
     assert [len(o) for o in ours] == [len(a) for a in audio_ref]
     for i, (a, b) in enumerate(zip(ours, audio_ref)):
         err = np.abs(a - b).max() if len(a) else 0.0
-        print(f"call {i}: {len(a)} samples, max |ours - upstream| {err:.2e} "
-              f"(peak {np.abs(b).max() if len(b) else 0:.2f})")
+        print(
+            f"call {i}: {len(a)} samples, max |ours - upstream| {err:.2e} "
+            f"(peak {np.abs(b).max() if len(b) else 0:.2f})"
+        )
         assert (len(b) == 0 or 0.01 < np.abs(b).max()) and err <= TOL
     return s, outs
 
@@ -96,8 +102,12 @@ def test_streamed_audio_equals_upstreams_token2wav_at_each_chunk(model, referenc
     from 2 * token_offset on), then the finalized call: upstream's token2wav called the same
     way gives the same audio, call by call (its HiFT cache and cross-fade included)."""
     units, chunks = _chunks()
-    calls = [(units[:9], 0, False), (units[:15], 6, False), (units[:22], 12, False),
-             (units, 19, True)]
+    calls = [
+        (units[:9], 0, False),
+        (units[:15], 6, False),
+        (units[:22], 12, False),
+        (units, 19, True),
+    ]
     s, outs = _check_parity(model, reference, calls, {}, chunks)
     # new frames of 6, 6 and 7 units, 8 frames (the HiFT cache) held back, then the rest
     assert [len(o) for o in outs] == [(12 - 8) * RATE, 12 * RATE, 14 * RATE, (6 + 8) * RATE]
@@ -107,8 +117,13 @@ def test_hop_calls_as_upstreams_tts(model, reference):
     """`hop` = the flow's chunk (4 units here): the calls upstream's tts(stream=True) makes,
     whatever the chunks (a push of 9 units allows one hop, 13 more three), and the same audio."""
     units, chunks = _chunks(seed=1, sizes=(9, 13))
-    calls = [(units[:7], 0, False), (units[:11], 4, False), (units[:15], 8, False),
-             (units[:19], 12, False), (units, 16, True)]
+    calls = [
+        (units[:7], 0, False),
+        (units[:11], 4, False),
+        (units[:15], 8, False),
+        (units[:19], 12, False),
+        (units, 16, True),
+    ]
     s, outs = _check_parity(model, reference, calls, {"hop": 4}, chunks, [[0], [1, 2, 3], [4]])
     # the first call's 8 frames all held back (HiFT's cache), then 8 frames per call
     assert [len(o) for o in outs] == [0, 3 * 8 * RATE, (12 + 8) * RATE]
@@ -127,10 +142,12 @@ def test_answer_is_the_sum_of_its_parts_and_deterministic(model):
     other = np.concatenate(_stream(model, [units[:12], units[12:]])[1])
     assert other.shape == wave.shape
     import jax
+
     keyed = np.concatenate(_stream(model, chunks, jax.random.PRNGKey(1))[1])
     assert keyed.shape == wave.shape and not np.array_equal(keyed, wave)
     np.testing.assert_array_equal(
-        np.concatenate(_stream(model, chunks, jax.random.PRNGKey(1))[1]), keyed)
+        np.concatenate(_stream(model, chunks, jax.random.PRNGKey(1))[1]), keyed
+    )
     # the programs are compiled: a second stream of the same shapes compiles nothing
     again = _stream(model, chunks)[0]
     assert again.compile_s == 0.0
@@ -143,6 +160,7 @@ def test_short_answer_is_one_synthesis_and_events_in_audio_out(model):
     decode events into audio."""
     from cslm_jax.infer.decode import End, SpeechChunk, TextChunk
     from cslm_jax.speech.stream import speak
+
     units = list(range(3, 9))
     s = CausalSpeechStream(model, "random")
     assert len(s.push(units[:4])) == 0 and len(s.push(units[4:])) == 0 and s.windows == []
@@ -153,8 +171,7 @@ def test_short_answer_is_one_synthesis_and_events_in_audio_out(model):
     assert s.windows == [(units, 0, True)]
     assert len(s.finish()) == 0 and len(CausalSpeechStream(model, "random").finish()) == 0
     _, chunks = _chunks()
-    events = [TextChunk(0, "hi", ())] + [SpeechChunk(i, tuple(c), ())
-                                         for i, c in enumerate(chunks)]
+    events = [TextChunk(0, "hi", ())] + [SpeechChunk(i, tuple(c), ()) for i, c in enumerate(chunks)]
     events += [End("eoa", (), ())]
     pairs = list(speak(events, CausalSpeechStream(model, "random")))
     assert [p[0] for p in pairs] == events
@@ -170,15 +187,16 @@ def test_speech_rate_resamples_the_stream_causally(model):
     s, outs = _stream(model, chunks, speech_rate=1.5)
     n = int(2 * len(units) * 1.5)
     assert len(np.concatenate(outs)) == s.expected_samples() == n * RATE
-    assert t2w.check_request(model, units, 1.5)[1] == n         # synthesize's mel length
+    assert t2w.check_request(model, units, 1.5)[1] == n  # synthesize's mel length
     assert all(len(o) for o in outs)
     # the resampler alone: pieces of 12, 12 and 14 frames, then the last 6 (final)
     rng = np.random.default_rng(0)
     mel = rng.standard_normal((80, 44)).astype(np.float32)
     r = CausalSpeechStream(model, "random", speech_rate=1.5)
-    pieces = [r._resampled(mel[:, a:b], b == 44) for a, b in ((0, 12), (12, 24), (24, 38),
-                                                               (38, 44))]
-    assert [p.shape[1] for p in pieces] == [17, 18, 21, 10]     # 66 = int(44 * 1.5)
+    pieces = [
+        r._resampled(mel[:, a:b], b == 44) for a, b in ((0, 12), (12, 24), (24, 38), (38, 44))
+    ]
+    assert [p.shape[1] for p in pieces] == [17, 18, 21, 10]  # 66 = int(44 * 1.5)
     i0, w = resample_positions(0, 66, 1.5)
     i1 = np.minimum(i0 + 1, 43)
     whole = mel[:, i0] * (1 - w) + mel[:, i1] * w
@@ -208,9 +226,8 @@ def test_bad_input_is_named(model, tmp_path):
 # -- cslm-jax decode --speech-out with a v2 folder --------------------------------------------
 
 UNITS = 64
-SPEECH = [list(range(3, 25))]          # 22 units: streamed at <eosp>, finalized at <eoa>
-ANSWER = "[question]What[answer]The<sosp>" + "".join(f"<{u}>" for u in SPEECH[0]) + \
-    "<eosp>fox<eoa>"
+SPEECH = [list(range(3, 25))]  # 22 units: streamed at <eosp>, finalized at <eoa>
+ANSWER = "[question]What[answer]The<sosp>" + "".join(f"<{u}>" for u in SPEECH[0]) + "<eosp>fox<eoa>"
 
 
 @pytest.fixture(scope="module")
@@ -224,10 +241,12 @@ def cslm(tmp_path_factory, tiny_tokenizer_dir):
     tok = load_tokenizer(tiny_tokenizer_dir)
     extend_tokenizer(tok, UNITS, len(tok))
     answer_ids = tok.encode(ANSWER, add_special_tokens=False)
-    header = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
-                                     add_generation_prompt=True)
-    _bigram_cslm(root / "hf", tok, answer_ids, tok.encode(header, add_special_tokens=False)[-1],
-                 hidden=64)
+    header = tok.apply_chat_template(
+        [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
+    )
+    _bigram_cslm(
+        root / "hf", tok, answer_ids, tok.encode(header, add_special_tokens=False)[-1], hidden=64
+    )
     ckpt = import_hf(root / "hf", root / "ck", log=lambda *_: None)
     units = root / "questions.txt"
     write_unit_file(units, [[1, 1, 2, 7], [15, 3]])
@@ -236,14 +255,35 @@ def cslm(tmp_path_factory, tiny_tokenizer_dir):
 
 def test_decode_speech_out_streams_a_v2_folder(cslm, model, tmp_path, capsys):
     ckpt, units, n_ids = cslm
-    code = cli(["decode", "--lang", "en", "--unit", str(units), "--ckpt", str(ckpt), "--greedy",
-                "--max-new-tokens", str(n_ids + 4), "--output-dir", str(tmp_path / "out"),
-                "--batch-size", "2", "--speech-out", str(tmp_path / "wavs"),
-                "--token2wav", str(model.path), "--voice", "random"])
+    code = cli(
+        [
+            "decode",
+            "--lang",
+            "en",
+            "--unit",
+            str(units),
+            "--ckpt",
+            str(ckpt),
+            "--greedy",
+            "--max-new-tokens",
+            str(n_ids + 4),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--batch-size",
+            "2",
+            "--speech-out",
+            str(tmp_path / "wavs"),
+            "--token2wav",
+            str(model.path),
+            "--voice",
+            "random",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    records = [json.loads(x) for x in (tmp_path / "out" / "responses.jsonl").read_text()
-               .splitlines()]
+    records = [
+        json.loads(x) for x in (tmp_path / "out" / "responses.jsonl").read_text().splitlines()
+    ]
     assert len(records) == 2
     for r in records:
         assert r["speech_chunks"] == SPEECH and r["finish"] == "eoa"

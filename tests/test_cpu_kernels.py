@@ -1,6 +1,7 @@
 """The native CPU decoding kernel (cslm_jax/kernels/small_matmul.cc): built here with the
 machine's compiler, equal to numpy's matmul over row counts, ragged panels and both x86 code
 paths (AVX-512 and AVX2+FMA), safe with concurrent calls, and a clean fallback to XLA's dot."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,8 +55,9 @@ def test_avx2_code_path(tmp_path):
     for m in (1, 2, 3, 4, 8, 11):
         x = rng.standard_normal((m, 200), np.float32)
         w = rng.standard_normal((200, 77), np.float32)
-        y = cpu_kernels.matmul(jnp.asarray(x), cpu_kernels.panel_layout(w), 77,
-                               target="cslm_small_matmul_avx2_test")
+        y = cpu_kernels.matmul(
+            jnp.asarray(x), cpu_kernels.panel_layout(w), 77, target="cslm_small_matmul_avx2_test"
+        )
         np.testing.assert_allclose(np.asarray(y), reference(x, w), rtol=1e-5, atol=1e-4)
 
 
@@ -105,8 +107,15 @@ def fresh_state(monkeypatch):
 
 
 def test_turned_off_decodes_with_xla_dot_and_the_same_tokens(fresh_state):
-    cfg = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2,
-                      num_heads=4, num_kv_heads=2, compute_dtype="float32")
+    cfg = ModelConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        compute_dtype="float32",
+    )
     params = init_params(cfg, 0)
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
     with_kernel = decoding_params(cfg, params)
@@ -116,8 +125,9 @@ def test_turned_off_decodes_with_xla_dot_and_the_same_tokens(fresh_state):
     assert not cpu_kernels.available() and "turned off" in cpu_kernels.status()
     plain = decoding_params(cfg, params)
     assert plain["lm_head"].shape == (64, 300) and plain["layers"][0]["qkv"].ndim == 2
-    assert generate(cfg, plain, prompts, max_new_tokens=12, sampling=GREEDY) == \
-        generate(cfg, with_kernel, prompts, max_new_tokens=12, sampling=GREEDY)
+    assert generate(cfg, plain, prompts, max_new_tokens=12, sampling=GREEDY) == generate(
+        cfg, with_kernel, prompts, max_new_tokens=12, sampling=GREEDY
+    )
 
 
 def test_required_but_unbuildable_is_an_error(fresh_state, tmp_path):
@@ -128,5 +138,5 @@ def test_required_but_unbuildable_is_an_error(fresh_state, tmp_path):
         cpu_kernels.available()
     fresh_state.setattr(cpu_kernels, "_state", {})
     fresh_state.delenv(cpu_kernels.ENV)
-    assert not cpu_kernels.available()                   # falls back, saying why
+    assert not cpu_kernels.available()  # falls back, saying why
     assert "false failed" in cpu_kernels.status()

@@ -1,4 +1,5 @@
 """glibc malloc tuning for training commands: applied before JAX is imported, and effective."""
+
 import subprocess
 import sys
 
@@ -44,17 +45,28 @@ def test_cli_asks_for_the_cpu_only_where_no_accelerator_exists():
     """No TPU chip, no CUDA plugin, JAX_PLATFORMS unset -> cpu (libtpu stays quiet); a value the
     user set is kept."""
     from cslm_jax.parallel.distributed import tpu_chips_on_host
+
     if tpu_chips_on_host():
         pytest.skip("a TPU host: the CLI leaves JAX_PLATFORMS alone there")
-    code = ("import os, sys; from cslm_jax.cli.setup import quiet_tpu_probe; quiet_tpu_probe(); "
-            "print(os.environ.get('JAX_PLATFORMS'))")
+    code = (
+        "import os, sys; from cslm_jax.cli.setup import quiet_tpu_probe; quiet_tpu_probe(); "
+        "print(os.environ.get('JAX_PLATFORMS'))"
+    )
     import os
+
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    unset = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                           text=True, timeout=60)
-    kept = subprocess.run([sys.executable, "-c", code], env=env | {"JAX_PLATFORMS": "cpu,tpu"},
-                          capture_output=True, text=True, timeout=60)
+    unset = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    kept = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env | {"JAX_PLATFORMS": "cpu,tpu"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     import importlib.util
+
     cuda = importlib.util.find_spec("jax_plugins") is not None
     assert unset.stdout.strip() == ("None" if cuda else "cpu"), unset.stderr
     assert kept.stdout.strip() == "cpu,tpu", kept.stderr

@@ -1,6 +1,7 @@
 """`cslm-jax decode` end to end on a tiny CSLM model whose answer is known in advance, the
 reference's files (unit file, responses.json) round-tripping, and bad input refused with exit
 code 2 and a message naming the file and line."""
+
 import json
 import os
 import signal
@@ -31,7 +32,7 @@ from cslm_jax.infer.responses import (
 from cslm_jax.model.vocab import extend_tokenizer, load_tokenizer
 
 UNITS = 16
-REFERENCE_DATA = REPO / "configs" / "data" / "cslm_en_zh.yaml"     # decode's default data config
+REFERENCE_DATA = REPO / "configs" / "data" / "cslm_en_zh.yaml"  # decode's default data config
 # The answer the model is built to give: no token twice, so a bigram model can say it.
 ANSWER = "[question]What[answer]The<sosp><3><12><5><eosp>fox<eoa>"
 QUESTIONS = [[1, 1, 2, 7, 7, 7, 0], [15, 3], [4, 4, 4, 4]]
@@ -47,8 +48,16 @@ def write_bigram_cslm(out, tok, answer_ids, first):
     embedding row of the i-th chain token = unit vector i, LM head maps it to the (i+1)-th."""
     chain = [first] + list(answer_ids)
     assert len(set(chain)) == len(chain)
-    model = write_random_hf_llama(out, tok, hidden_size=64, intermediate_size=64, num_layers=2,
-                                  num_heads=4, num_kv_heads=2, seed=3)
+    model = write_random_hf_llama(
+        out,
+        tok,
+        hidden_size=64,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        seed=3,
+    )
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
@@ -57,7 +66,8 @@ def write_bigram_cslm(out, tok, answer_ids, first):
         model.lm_head.weight.zero_()
         for i, tok_id in enumerate(chain):
             model.model.embed_tokens.weight[tok_id] = torch.nn.functional.one_hot(
-                torch.tensor(i), 64).float()
+                torch.tensor(i), 64
+            ).float()
             if i + 1 < len(chain):
                 model.lm_head.weight[chain[i + 1], i] = 10.0
     model.save_pretrained(str(out))
@@ -70,18 +80,25 @@ def cslm(tmp_path_factory, tiny_tokenizer_dir):
     tok = load_tokenizer(tiny_tokenizer_dir)
     extend_tokenizer(tok, UNITS, len(tok))
     answer_ids = tok.encode(ANSWER, add_special_tokens=False)
-    header = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
-                                     add_generation_prompt=True)
+    header = tok.apply_chat_template(
+        [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
+    )
     first = tok.encode(header, add_special_tokens=False)[-1]
     write_bigram_cslm(root / "hf", tok, answer_ids, first)
-    ckpt = import_hf(root / "hf", root / "ck", log=quiet)       # keeps the tokenizer's layout
+    ckpt = import_hf(root / "hf", root / "ck", log=quiet)  # keeps the tokenizer's layout
     text_only = root / "text_hf"
     write_random_hf_llama(text_only, load_tokenizer(tiny_tokenizer_dir))
     units = root / "questions.txt"
     write_unit_file(units, QUESTIONS)
-    return SimpleNamespace(root=root, tok=tok, answer_ids=answer_ids, hf=root / "hf", ckpt=ckpt,
-                           units=units, text_ckpt=import_hf(text_only, root / "text_ck",
-                                                            speech_units=0, log=quiet))
+    return SimpleNamespace(
+        root=root,
+        tok=tok,
+        answer_ids=answer_ids,
+        hf=root / "hf",
+        ckpt=ckpt,
+        units=units,
+        text_ckpt=import_hf(text_only, root / "text_ck", speech_units=0, log=quiet),
+    )
 
 
 def read_jsonl(path):
@@ -96,9 +113,21 @@ def decode(tmp_path, capsys, *args, out="out"):
 
 # -- end to end ---------------------------------------------------------------------------------
 
+
 def test_decode_writes_the_reference_files_and_the_answer(cslm, tmp_path, capsys):
-    code, out, err = decode(tmp_path, capsys, "--lang", "en", "--unit", str(cslm.units),
-                            "--ckpt", str(cslm.ckpt), "--greedy", "--batch-size", "2")
+    code, out, err = decode(
+        tmp_path,
+        capsys,
+        "--lang",
+        "en",
+        "--unit",
+        str(cslm.units),
+        "--ckpt",
+        str(cslm.ckpt),
+        "--greedy",
+        "--batch-size",
+        "2",
+    )
     assert code == 0, err
     records = read_jsonl(tmp_path / "out" / "responses.jsonl")
     results = read_results(tmp_path / "out" / "responses.json")
@@ -115,17 +144,29 @@ def test_decode_writes_the_reference_files_and_the_answer(cslm, tmp_path, capsys
         # the tokenizer's BOS in front of the template's
         merged = [u for i, u in enumerate(units) if i == 0 or units[i - 1] != u]
         text = prompt_template("en", False, REFERENCE_DATA)[0].format(
-            speech="<sosp>" + format_unit_line(merged) + "<eosp>")
-        want = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}],
-                                                  tokenize=False, add_generation_prompt=True))
+            speech="<sosp>" + format_unit_line(merged) + "<eosp>"
+        )
+        want = tok.encode(
+            tok.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        )
         assert want[:2] == [tok.bos_token_id] * 2
         assert r["input_ids"] == want
         t = r["timing"]
         sosp = cslm.answer_ids.index(tok.convert_tokens_to_ids("<sosp>"))
         eosp = cslm.answer_ids.index(tok.convert_tokens_to_ids("<eosp>"))
-        assert t["tokens_before_first_speech"] == sosp and t["tokens_to_first_speech_chunk"] == eosp + 1
-        assert 0 < t["time_to_first_token_s"] <= t["time_to_speech_start_s"] <= \
-            t["time_to_first_speech_chunk_s"] <= t["total_s"]
+        assert (
+            t["tokens_before_first_speech"] == sosp
+            and t["tokens_to_first_speech_chunk"] == eosp + 1
+        )
+        assert (
+            0
+            < t["time_to_first_token_s"]
+            <= t["time_to_speech_start_s"]
+            <= t["time_to_first_speech_chunk_s"]
+            <= t["total_s"]
+        )
         assert t["generated_tokens"] == len(cslm.answer_ids)
     assert [r["timing"]["batch_size"] for r in records] == [2, 2, 1]
     summary = json.loads((tmp_path / "out" / "latency_summary.json").read_text())
@@ -135,8 +176,20 @@ def test_decode_writes_the_reference_files_and_the_answer(cslm, tmp_path, capsys
 
     # A second run appends with --append (as the reference does); the cross-lingual prompt is
     # the other one.
-    code, _, err = decode(tmp_path, capsys, "--lang", "zh", "--cross-lingual", "--unit",
-                          str(cslm.units), "--hf-dir", str(cslm.hf), "--seed", "1", "--append")
+    code, _, err = decode(
+        tmp_path,
+        capsys,
+        "--lang",
+        "zh",
+        "--cross-lingual",
+        "--unit",
+        str(cslm.units),
+        "--hf-dir",
+        str(cslm.hf),
+        "--seed",
+        "1",
+        "--append",
+    )
     assert code == 0, err
     records = read_jsonl(tmp_path / "out" / "responses.jsonl")
     assert len(records) == len(read_results(tmp_path / "out" / "responses.json")) == 6
@@ -144,7 +197,7 @@ def test_decode_writes_the_reference_files_and_the_answer(cslm, tmp_path, capsys
     assert all(r["lang"] == "zh" and r["cross_lingual"] for r in zh)
     # sampled (top-p 0.7) from an HF folder: this model's answer is certain, so it is the same
     assert all(r["output_ids"] == cslm.answer_ids for r in zh)
-    assert all(r["answer"] == "Thefox" for r in zh)                 # zh chunks join without spaces
+    assert all(r["answer"] == "Thefox" for r in zh)  # zh chunks join without spaces
     prompt = tok.decode(zh[0]["input_ids"])
     assert "用中文回答用户语音中的问题。 这是输入: <sosp><1><2><7><0><eosp>。" in prompt
 
@@ -152,28 +205,62 @@ def test_decode_writes_the_reference_files_and_the_answer(cslm, tmp_path, capsys
 def test_any_language_of_the_data_config_can_answer(cslm, tmp_path, capsys):
     """--lang is a language of --data-config (default: en and zh), not a fixed list; an unknown
     one exits 2 naming the config's languages."""
-    code, _, err = decode(tmp_path, capsys, "--lang", "fr", "--unit", str(cslm.units), "--ckpt",
-                          str(cslm.ckpt), "--greedy")
+    code, _, err = decode(
+        tmp_path,
+        capsys,
+        "--lang",
+        "fr",
+        "--unit",
+        str(cslm.units),
+        "--ckpt",
+        str(cslm.ckpt),
+        "--greedy",
+    )
     assert code == 2 and "--lang 'fr'" in err and "its languages: en, zh" in err, err
     assert not (tmp_path / "out").exists()
     cfg = yaml.safe_load(REFERENCE_DATA.read_text())
-    cfg["languages"]["fr"] = dict(cfg["languages"]["en"], name="French",
-                                  s2s_prompt="Réponds à la question orale. Entrée : {speech}.")
+    cfg["languages"]["fr"] = dict(
+        cfg["languages"]["en"],
+        name="French",
+        s2s_prompt="Réponds à la question orale. Entrée : {speech}.",
+    )
     data = tmp_path / "data.yaml"
     data.write_text(yaml.safe_dump(cfg, allow_unicode=True))
-    code, _, err = decode(tmp_path, capsys, "--lang", "fr", "--unit", str(cslm.units), "--ckpt",
-                          str(cslm.ckpt), "--greedy", "--data-config", str(data))
+    code, _, err = decode(
+        tmp_path,
+        capsys,
+        "--lang",
+        "fr",
+        "--unit",
+        str(cslm.units),
+        "--ckpt",
+        str(cslm.ckpt),
+        "--greedy",
+        "--data-config",
+        str(data),
+    )
     assert code == 0, err
     records = read_jsonl(tmp_path / "out" / "responses.jsonl")
     assert [r["lang"] for r in records] == ["fr"] * 3
     assert all(r["output_ids"] == cslm.answer_ids and r["answer"] == "The fox" for r in records)
-    assert "Réponds à la question orale. Entrée : <sosp><1><2><7><0><eosp>." in \
-        cslm.tok.decode(records[0]["input_ids"])
+    assert "Réponds à la question orale. Entrée : <sosp><1><2><7><0><eosp>." in cslm.tok.decode(
+        records[0]["input_ids"]
+    )
 
 
 def test_stream_prints_events_in_order(cslm, tmp_path, capsys):
-    code, out, err = decode(tmp_path, capsys, "--lang", "en", "--unit", str(cslm.units),
-                            "--ckpt", str(cslm.ckpt), "--greedy", "--stream")
+    code, out, err = decode(
+        tmp_path,
+        capsys,
+        "--lang",
+        "en",
+        "--unit",
+        str(cslm.units),
+        "--ckpt",
+        str(cslm.ckpt),
+        "--greedy",
+        "--stream",
+    )
     assert code == 0, err
     for q in (1, 2, 3):
         lines = [line for line in out.splitlines() if line.startswith(f"[{q}] ")]
@@ -189,13 +276,25 @@ def test_a_run_folder_is_accepted_as_ckpt_in_either_compute_dtype(cslm, tmp_path
     run.mkdir()
     (run / "model").symlink_to(cslm.ckpt)
     single = tmp_path / "one.txt"
-    single.write_text("<sosp> <1> <2> <eosp>\n")                   # spaces are removed
+    single.write_text("<sosp> <1> <2> <eosp>\n")  # spaces are removed
     # float32 on CPU multiplies with the native kernel; bfloat16 with XLA's dot (and says so)
-    for i, (dtype, says) in enumerate([("float32", "CPU decoding kernel: on"),
-                                       ("bfloat16", "not used for bfloat16")]):
-        code, out, err = decode(tmp_path, capsys, "--lang", "en", "--unit", str(single), "--ckpt",
-                                str(run), "--greedy", "--compute-dtype", dtype,
-                                *(["--append"] if i else []))
+    for i, (dtype, says) in enumerate(
+        [("float32", "CPU decoding kernel: on"), ("bfloat16", "not used for bfloat16")]
+    ):
+        code, out, err = decode(
+            tmp_path,
+            capsys,
+            "--lang",
+            "en",
+            "--unit",
+            str(single),
+            "--ckpt",
+            str(run),
+            "--greedy",
+            "--compute-dtype",
+            dtype,
+            *(["--append"] if i else []),
+        )
         assert code == 0, err
         assert says in out
         assert read_jsonl(tmp_path / "out" / "responses.jsonl")[i]["output_ids"] == cslm.answer_ids
@@ -203,23 +302,46 @@ def test_a_run_folder_is_accepted_as_ckpt_in_either_compute_dtype(cslm, tmp_path
 
 # -- interrupted runs resume (issue 29, item 8) ------------------------------------------------------
 
-CLI = [sys.executable, "-c",
-       "import sys; from cslm_jax.cli.main import main; sys.exit(main(sys.argv[1:]))"]
+CLI = [
+    sys.executable,
+    "-c",
+    "import sys; from cslm_jax.cli.main import main; sys.exit(main(sys.argv[1:]))",
+]
 
 
 def test_a_run_interrupted_by_ctrl_c_resumes_where_it_stopped(cslm, tmp_path, capsys):
     """SIGINT to a running `cslm-jax decode` once it has written answers; the same command run
     again answers only the other questions: one line per question in both files, in question
     order, the interrupted run's lines kept as they were."""
-    n = 60                     # one prompt length: one compilation; about 30 ms per answer
+    n = 60  # one prompt length: one compilation; about 30 ms per answer
     questions = [[(i * 7 + j) % UNITS for j in range(4)] for i in range(n)]
     units = tmp_path / "many.txt"
     write_unit_file(units, questions)
     out = tmp_path / "out"
-    args = ["decode", "--lang", "en", "--unit", str(units), "--ckpt", str(cslm.ckpt),
-            "--output-dir", str(out), "--max-new-tokens", "24", "--batch-size", "2", "--seed", "5"]
-    proc = subprocess.Popen(CLI + args, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args = [
+        "decode",
+        "--lang",
+        "en",
+        "--unit",
+        str(units),
+        "--ckpt",
+        str(cslm.ckpt),
+        "--output-dir",
+        str(out),
+        "--max-new-tokens",
+        "24",
+        "--batch-size",
+        "2",
+        "--seed",
+        "5",
+    ]
+    proc = subprocess.Popen(
+        CLI + args,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     jsonl = out / "responses.jsonl"
     deadline = time.monotonic() + 300
     while not (jsonl.is_file() and jsonl.read_bytes().count(b"\n") >= 1):
@@ -299,6 +421,7 @@ def test_resume_lines_up_responses_json_and_drops_a_cut_line(cslm, tmp_path, cap
 
 # -- the reference's file formats ------------------------------------------------------------------
 
+
 def test_unit_file_round_trip(tmp_path):
     questions = [[0, 5, 5, 4095], [12], list(range(300))]
     path = tmp_path / "units.txt"
@@ -307,53 +430,72 @@ def test_unit_file_round_trip(tmp_path):
     assert lines[0] == "<0><5><5><4095>" and " " not in path.read_text()
     assert read_unit_file(path) == questions
     # the forms a reference file may take parse to the same units
-    for line in ("<0><5><5><4095>", "<0> <5> <5> <4095>", "<sosp><0><5><5><4095><eosp>",
-                 " <sosp> <0><5> <5><4095> <eosp>\t"):
+    for line in (
+        "<0><5><5><4095>",
+        "<0> <5> <5> <4095>",
+        "<sosp><0><5><5><4095><eosp>",
+        " <sosp> <0><5> <5><4095> <eosp>\t",
+    ):
         assert parse_unit_line(line, "f:1") == questions[0]
 
 
 def test_responses_json_round_trip(tmp_path):
-    results = ["[question] hi [answer] Hello <sosp><1><2><eosp> <eoa>", "直接回答 \"quoted\"\nnewline",
-               ""]
+    results = [
+        "[question] hi [answer] Hello <sosp><1><2><eosp> <eoa>",
+        '直接回答 "quoted"\nnewline',
+        "",
+    ]
     path = tmp_path / "responses.json"
     append_results(path, results[:2])
     append_results(path, results[2:])
     assert read_results(path) == results
     lines = path.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 3 and all(set(json.loads(x)) == {"result"} for x in lines)
-    assert "直接回答" in lines[1]                                      # UTF-8, not \\u escapes
+    assert "直接回答" in lines[1]  # UTF-8, not \\u escapes
 
 
 def test_default_prompts_are_the_reference_recipes():
     """The default data config (configs/data/cslm_en_zh.yaml) holds the reference recipe's
     prompts (CSLM.md section 5) and chunk units."""
     assert prompt_template("en", False, REFERENCE_DATA)[0].format(speech="<sosp><1><eosp>") == (
-        "Please directly answer the questions in the user's speech. This is input: <sosp><1><eosp>.")
+        "Please directly answer the questions in the user's speech. This is input: <sosp><1><eosp>."
+    )
     assert prompt_template("en", True, REFERENCE_DATA) == (
         "Please answer the questions in the user's speech in English. This is input: {speech}.",
-        "word")
+        "word",
+    )
     assert prompt_template("zh", False, REFERENCE_DATA) == (
-        "直接回答用户语音中的问题。 这是输入: {speech}。", "char")
-    assert prompt_template("zh", True, REFERENCE_DATA)[0] == "用中文回答用户语音中的问题。 这是输入: {speech}。"
+        "直接回答用户语音中的问题。 这是输入: {speech}。",
+        "char",
+    )
+    assert (
+        prompt_template("zh", True, REFERENCE_DATA)[0]
+        == "用中文回答用户语音中的问题。 这是输入: {speech}。"
+    )
     with pytest.raises(ConfigError, match="--lang 'fr'.*its languages: en, zh"):
         prompt_template("fr", False, REFERENCE_DATA)
 
 
 # -- bad input -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("content,line,words", [
-    ("<1><2>\n\n<3>\n", 2, ["empty line"]),
-    ("<1><2>\n   \n", 2, ["empty line"]),
-    ("<1><2>\n12 907 33\n", 2, ["column 1", "bare numbers"]),
-    ("<1><x2>\n", 1, ["column 4", "<x2>"]),
-    ("<1><eosp>\n", 1, ["<eosp> without <sosp>"]),
-    ("<sosp><1><2>\n", 1, ["not closed"]),
-])
+
+@pytest.mark.parametrize(
+    "content,line,words",
+    [
+        ("<1><2>\n\n<3>\n", 2, ["empty line"]),
+        ("<1><2>\n   \n", 2, ["empty line"]),
+        ("<1><2>\n12 907 33\n", 2, ["column 1", "bare numbers"]),
+        ("<1><x2>\n", 1, ["column 4", "<x2>"]),
+        ("<1><eosp>\n", 1, ["<eosp> without <sosp>"]),
+        ("<sosp><1><2>\n", 1, ["not closed"]),
+    ],
+)
 def test_malformed_unit_file_names_the_line(cslm, tmp_path, capsys, content, line, words):
     bad = tmp_path / "bad.txt"
     bad.write_text(content)
-    code, _, err = decode(tmp_path, capsys, "--lang", "en", "--unit", str(bad), "--ckpt",
-                          str(cslm.ckpt))
+    code, _, err = decode(
+        tmp_path, capsys, "--lang", "en", "--unit", str(bad), "--ckpt", str(cslm.ckpt)
+    )
     assert code == 2
     assert f"{bad}:{line}:" in err, err
     for w in words:
@@ -364,39 +506,52 @@ def test_malformed_unit_file_names_the_line(cslm, tmp_path, capsys, content, lin
 def test_units_outside_the_codebook_name_the_line(cslm, tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_text(f"<1><2>\n<3><{UNITS}><4>\n")
-    code, _, err = decode(tmp_path, capsys, "--lang", "en", "--unit", str(bad), "--ckpt",
-                          str(cslm.ckpt))
+    code, _, err = decode(
+        tmp_path, capsys, "--lang", "en", "--unit", str(bad), "--ckpt", str(cslm.ckpt)
+    )
     assert code == 2
     assert f"{bad}:2:" in err and f"<{UNITS}>" in err and f"<0>..<{UNITS - 1}>" in err, err
     assert not (tmp_path / "out" / "responses.json").exists()
 
 
 def test_a_model_without_speech_units_is_refused(cslm, tmp_path, capsys):
-    code, _, err = decode(tmp_path, capsys, "--lang", "en", "--unit", str(cslm.units), "--ckpt",
-                          str(cslm.text_ckpt))
+    code, _, err = decode(
+        tmp_path, capsys, "--lang", "en", "--unit", str(cslm.units), "--ckpt", str(cslm.text_ckpt)
+    )
     assert code == 2
     assert str(cslm.text_ckpt) in err and "no speech units" in err, err
 
 
 def test_missing_inputs_are_named(cslm, tmp_path, capsys):
-    code, _, err = decode(tmp_path, capsys, "--lang", "en", "--unit", str(tmp_path / "nope.txt"),
-                          "--ckpt", str(cslm.ckpt))
+    code, _, err = decode(
+        tmp_path,
+        capsys,
+        "--lang",
+        "en",
+        "--unit",
+        str(tmp_path / "nope.txt"),
+        "--ckpt",
+        str(cslm.ckpt),
+    )
     assert code == 2 and "nope.txt" in err and "not found" in err
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    code, _, err = decode(tmp_path, capsys, "--lang", "en", "--unit", str(empty), "--ckpt",
-                          str(cslm.ckpt))
+    code, _, err = decode(
+        tmp_path, capsys, "--lang", "en", "--unit", str(empty), "--ckpt", str(cslm.ckpt)
+    )
     assert code == 2 and "empty.txt" in err and "empty" in err
     plain = tmp_path / "plain"
     plain.mkdir()
-    code, _, err = decode(tmp_path, capsys, "--lang", "en", "--unit", str(cslm.units), "--ckpt",
-                          str(plain))
+    code, _, err = decode(
+        tmp_path, capsys, "--lang", "en", "--unit", str(cslm.units), "--ckpt", str(plain)
+    )
     assert code == 2 and str(plain) in err and "cslm_checkpoint.json" in err
     with pytest.raises(UnitFileError, match="f.txt:3: no unit tokens"):
         parse_unit_line("<sosp><eosp>", "f.txt:3")
 
 
 # -- the reference's prompt and result (--prompt-style reference) ---------------------------------
+
 
 @pytest.mark.parametrize("which", ["llama3", "demo"])
 def test_reference_prompt_is_decode_generals(which, tiny_tokenizer_dir):
@@ -409,10 +564,13 @@ def test_reference_prompt_is_decode_generals(which, tiny_tokenizer_dir):
     extend_tokenizer(tok, UNITS, len(tok))
     text = "Please directly answer the questions in the user's speech. This is input: <sosp><1><2><eosp>."
     rendered, ids = reference_prompt(tok, text, "test")
-    full = tok.apply_chat_template([{"role": "user", "content": text},
-                                    {"role": "assistant", "content": ""}], tokenize=False)
+    full = tok.apply_chat_template(
+        [{"role": "user", "content": text}, {"role": "assistant", "content": ""}], tokenize=False
+    )
     assert not full.endswith(REFERENCE_STRIP) and rendered == full
-    assert rendered.endswith(f"{text}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n<|eot_id|>")
+    assert rendered.endswith(
+        f"{text}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n<|eot_id|>"
+    )
     bos = tok.bos_token_id
     assert ids[:2] == [bos, bos] and ids[2] != bos and ids == tok(rendered).input_ids
     assert ids[-1] == tok.convert_tokens_to_ids("<|eot_id|>")
@@ -441,31 +599,51 @@ def test_prompt_style_reference_writes_what_the_reference_writes(cslm, tmp_path,
     tok = cslm.tok
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     write_bigram_cslm(tmp_path / "ref_hf", tok, cslm.answer_ids, eot)
-    code, _, err = decode(tmp_path, capsys, "--lang", "en", "--unit", str(cslm.units), "--hf-dir",
-                          str(tmp_path / "ref_hf"), "--greedy", "--prompt-style", "reference")
+    code, _, err = decode(
+        tmp_path,
+        capsys,
+        "--lang",
+        "en",
+        "--unit",
+        str(cslm.units),
+        "--hf-dir",
+        str(tmp_path / "ref_hf"),
+        "--greedy",
+        "--prompt-style",
+        "reference",
+    )
     assert code == 0, err
     results = read_results(tmp_path / "out" / "responses.json")
     records = read_jsonl(tmp_path / "out" / "responses.jsonl")
 
-    hf = LlamaForCausalLM.from_pretrained(str(tmp_path / "ref_hf"), attn_implementation="eager",
-                                          dtype=torch.float32).eval()
+    hf = LlamaForCausalLM.from_pretrained(
+        str(tmp_path / "ref_hf"), attn_implementation="eager", dtype=torch.float32
+    ).eval()
     stops = default_stop_ids(tok, read_metadata(cslm.ckpt)[2])
     template = prompt_template("en", False, REFERENCE_DATA)[0]
     for units, result, r in zip(QUESTIONS, results, records):
-        text = template.format(speech="<sosp>" + format_unit_line(units) + "<eosp>")   # not merged
-        rendered = tok.apply_chat_template([{"role": "user", "content": text},
-                                            {"role": "assistant", "content": ""}], tokenize=False)
+        text = template.format(speech="<sosp>" + format_unit_line(units) + "<eosp>")  # not merged
+        rendered = tok.apply_chat_template(
+            [{"role": "user", "content": text}, {"role": "assistant", "content": ""}],
+            tokenize=False,
+        )
         ids = tok(rendered, return_tensors="pt").input_ids
         assert r["input_ids"] == ids[0].tolist() == reference_prompt(tok, text, "t")[1]
         with torch.no_grad():
-            seq = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                              max_new_tokens=24, eos_token_id=stops, pad_token_id=0)
+            seq = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=24,
+                eos_token_id=stops,
+                pad_token_id=0,
+            )
         decoded = tok.batch_decode(seq, skip_special_tokens=True)[0] + "<eoa>"
         start = decoded.index("This is input: <sosp>") + len("This is input: <sosp>")
-        want = decoded[start:decoded.index("<eoa>", start)]
+        want = decoded[start : decoded.index("<eoa>", start)]
         assert result == r["result"] == want
         # the question's units, the empty assistant turn's header text, then the answer
-        assert want == format_unit_line(units) + "<eosp>.assistant\n\n" + ANSWER[:-len("<eoa>")]
+        assert want == format_unit_line(units) + "<eosp>.assistant\n\n" + ANSWER[: -len("<eoa>")]
         assert r["output_ids"] == cslm.answer_ids and r["prompt_style"] == "reference"
         assert r["transcript"] == "What" and r["text_chunks"] == ["The", "fox"]
         assert r["speech_chunks"] == [[3, 12, 5]] and r["finish"] == "eoa" and r["problems"] == []
@@ -490,7 +668,7 @@ def test_the_assistant_header_opened_after_a_reference_prompt_is_no_event(cslm):
     assert events(header + answer) == parse_events(answer, tok, vocab)
     assert events(answer) == parse_events(answer, tok, vocab)
     assert events(header[:2] + answer) == parse_events(header[:2] + answer, tok, vocab)
-    assert events(header[:2]) == parse_events(header[:2], tok, vocab)         # cut off inside it
+    assert events(header[:2]) == parse_events(header[:2], tok, vocab)  # cut off inside it
 
 
 def test_output_dir_is_checked_before_the_model_loads(cslm, tmp_path, capsys):
@@ -499,13 +677,29 @@ def test_output_dir_is_checked_before_the_model_loads(cslm, tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
     before = sorted(p.name for p in cslm.ckpt.iterdir())
-    for out, message in ((a_file / "out", f"--output-dir {a_file / 'out'}: {a_file} is a file, "
-                                          f"so the folder cannot be created under it"),
-                         (cslm.ckpt.parent, "contains the input"),
-                         (cslm.units, "is a file, not a folder")):
-        code = cli(["decode", "--lang", "en", "--unit", str(cslm.units), "--ckpt", str(cslm.ckpt),
-                    "--output-dir", str(out)])
+    for out, message in (
+        (
+            a_file / "out",
+            f"--output-dir {a_file / 'out'}: {a_file} is a file, "
+            f"so the folder cannot be created under it",
+        ),
+        (cslm.ckpt.parent, "contains the input"),
+        (cslm.units, "is a file, not a folder"),
+    ):
+        code = cli(
+            [
+                "decode",
+                "--lang",
+                "en",
+                "--unit",
+                str(cslm.units),
+                "--ckpt",
+                str(cslm.ckpt),
+                "--output-dir",
+                str(out),
+            ]
+        )
         captured = capsys.readouterr()
         assert code == 2 and message in captured.err, captured.err
-        assert captured.out == ""                    # nothing loaded, nothing decoded
+        assert captured.out == ""  # nothing loaded, nothing decoded
     assert sorted(p.name for p in cslm.ckpt.iterdir()) == before

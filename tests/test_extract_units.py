@@ -3,6 +3,7 @@
 JSONL whose codes equal the tokenizer's own on the same audio; > 30 s audio loses no tail; a
 killed run resumes to the same output and a finished one is not redone; bad files stop the run
 (strict) or are counted and listed (skip); two processes split the manifest between them."""
+
 import json
 import os
 import re
@@ -60,6 +61,7 @@ def speechlike(seconds, rate=SR, seed=0):
 
 # -- audio files --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("rate", [44100, 8000, 22050])
 def test_other_rates_resample_to_the_16k_signal(tmp_path, rate):
     native = tone(1.0, SR)
@@ -68,7 +70,7 @@ def test_other_rates_resample_to_the_16k_signal(tmp_path, rate):
     assert got.dtype == np.float32 and got.ndim == 1
     assert abs(len(got) - len(native)) <= 1
     n = min(len(got), len(native))
-    inner = slice(400, n - 400)             # away from the filter's start-up at the edges
+    inner = slice(400, n - 400)  # away from the filter's start-up at the edges
     assert np.max(np.abs(got[inner] - native[inner])) < 2e-3
     # and not a trivially similar signal: a 5% pitch error would be far off
     assert np.max(np.abs(tone(1.0, SR, 462.0)[inner] - native[inner])) > 0.5
@@ -80,24 +82,29 @@ def test_stereo_is_averaged_to_mono(tmp_path):
     sf.write(tmp_path / "s.wav", np.stack([left, right], axis=1), SR, subtype="FLOAT")
     np.testing.assert_allclose(load_audio(tmp_path / "s.wav"), (left + right) / 2, atol=1e-7)
     # stereo at another rate: averaged, then resampled
-    sf.write(tmp_path / "s48.wav", np.stack([tone(0.5, 48000, 300.0), tone(0.5, 48000, 300.0)],
-                                             axis=1), 48000, subtype="FLOAT")
+    sf.write(
+        tmp_path / "s48.wav",
+        np.stack([tone(0.5, 48000, 300.0), tone(0.5, 48000, 300.0)], axis=1),
+        48000,
+        subtype="FLOAT",
+    )
     got = load_audio(tmp_path / "s48.wav")
-    assert np.max(np.abs(got[400:-400] - left[400:len(got) - 400])) < 2e-3
+    assert np.max(np.abs(got[400:-400] - left[400 : len(got) - 400])) < 2e-3
 
 
-@pytest.mark.parametrize("fmt,subtype,tol", [("wav", "PCM_16", 1e-4), ("flac", "PCM_16", 1e-4),
-                                             ("ogg", "VORBIS", None)])
+@pytest.mark.parametrize(
+    "fmt,subtype,tol", [("wav", "PCM_16", 1e-4), ("flac", "PCM_16", 1e-4), ("ogg", "VORBIS", None)]
+)
 def test_formats(tmp_path, fmt, subtype, tol):
     x = speechlike(1.0)
     path = tmp_path / f"a.{fmt}"
     sf.write(path, x, SR, format=fmt.upper() if fmt != "ogg" else "OGG", subtype=subtype)
     got = load_audio(path)
     assert len(got) == len(x)
-    if tol is not None:                                  # lossless: PCM16 steps
+    if tol is not None:  # lossless: PCM16 steps
         assert np.max(np.abs(got - x)) < tol
-    else:                                                # vorbis is lossy: close in energy
-        assert np.sqrt(np.mean((got - x) ** 2)) < 0.1 * np.sqrt(np.mean(x ** 2))
+    else:  # vorbis is lossy: close in energy
+        assert np.sqrt(np.mean((got - x) ** 2)) < 0.1 * np.sqrt(np.mean(x**2))
     assert np.corrcoef(got, x)[0, 1] > 0.99
     assert probe_seconds(path) == pytest.approx(1.0, abs=1e-3)
 
@@ -116,30 +123,38 @@ def test_bad_audio_is_named_with_its_reason(tmp_path):
     x = tone(0.5, SR)
     x[1234] = np.nan
     sf.write(tmp_path / "nan.wav", x, SR, subtype="FLOAT")
-    with pytest.raises(AudioError, match=r"nan\.wav: non-finite samples \(1 NaN/inf, the first "
-                                         r"at 0\.077 s\)"):
+    with pytest.raises(
+        AudioError,
+        match=r"nan\.wav: non-finite samples \(1 NaN/inf, the first "
+        r"at 0\.077 s\)",
+    ):
         load_audio(tmp_path / "nan.wav")
 
 
 def test_manifests_jsonl_and_plain_lists(tmp_path):
     (tmp_path / "m.jsonl").write_text(
         '{"audio": "a.wav", "text": "hi", "lang": "en", "id": 7}\n\n'
-        '{"question_audio": "/abs/q.wav", "answer_audio": "sub/a.wav", "question_text": "q"}\n')
+        '{"question_audio": "/abs/q.wav", "answer_audio": "sub/a.wav", "question_text": "q"}\n'
+    )
     e = read_manifest(tmp_path / "m.jsonl")
     assert [x.line for x in e] == [1, 3]
     assert e[0].audio == {"audio": str(tmp_path / "a.wav")} and e[0].record["id"] == 7
-    assert e[1].audio == {"question_audio": "/abs/q.wav", "answer_audio": str(tmp_path / "sub/a.wav")}
+    assert e[1].audio == {
+        "question_audio": "/abs/q.wav",
+        "answer_audio": str(tmp_path / "sub/a.wav"),
+    }
     (tmp_path / "list.txt").write_text("a.wav\n/x/b.flac\n")
     e = read_manifest(tmp_path / "list.txt")
     assert [x.audio["audio"] for x in e] == [str(tmp_path / "a.wav"), "/x/b.flac"]
     assert e[0].record == {"audio": "a.wav"}
     bad = tmp_path / "bad.jsonl"
     for text, message in [
-            ('{"audio": "a.wav"}\n{"text": "no audio"}\n', r"bad\.jsonl:2: field 'audio': missing"),
-            ('{"audio": 3}\n', r"bad\.jsonl:1: field 'audio': must be a non-empty path"),
-            ('{"audio": "a.wav", "text": 5}\n', r"bad\.jsonl:1: field 'text': must be a string"),
-            ('{"audio": "a.wav"\n', r"bad\.jsonl:1: field '<json>': invalid JSON"),
-            ('{"audio": "a.wav", "question_audio": "q.wav"}\n', r":1: field 'audio': .*not both")]:
+        ('{"audio": "a.wav"}\n{"text": "no audio"}\n', r"bad\.jsonl:2: field 'audio': missing"),
+        ('{"audio": 3}\n', r"bad\.jsonl:1: field 'audio': must be a non-empty path"),
+        ('{"audio": "a.wav", "text": 5}\n', r"bad\.jsonl:1: field 'text': must be a string"),
+        ('{"audio": "a.wav"\n', r"bad\.jsonl:1: field '<json>': invalid JSON"),
+        ('{"audio": "a.wav", "question_audio": "q.wav"}\n', r":1: field 'audio': .*not both"),
+    ]:
         bad.write_text(text)
         with pytest.raises(ManifestError, match=message):
             read_manifest(bad)
@@ -151,7 +166,10 @@ def test_manifests_jsonl_and_plain_lists(tmp_path):
     index = index_manifest(tmp_path / "g.txt", group=2)
     assert index.entries == 5 and index.groups == 3 and not index.jsonl
     assert [[(e.line, e.record["audio"]) for e in index.read(g)] for g in range(3)] == [
-        [(1, "a.wav"), (3, "b.wav")], [(4, "c.wav"), (7, "d.wav")], [(8, "e.wav")]]
+        [(1, "a.wav"), (3, "b.wav")],
+        [(4, "c.wav"), (7, "d.wav")],
+        [(8, "e.wav")],
+    ]
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ManifestError, match="lists no audio"):
         read_manifest(tmp_path / "empty.jsonl")
@@ -164,7 +182,7 @@ def test_buckets_keep_the_compiled_shapes_few():
     assert bucket_length(480001, b) == 960000 and bucket_length(1_000_000, b) == 1_440_000
     assert batch_rows(64000, 32, 8) == 32 and batch_rows(64000, 30, 8) == 32
     assert batch_rows(960000, 32, 8) == 16 and batch_rows(960000, 32, 1) == 16
-    assert batch_rows(4_800_000, 4, 2) == 2                 # never below one row per device
+    assert batch_rows(4_800_000, 4, 2) == 2  # never below one row per device
     with pytest.raises(ExtractError, match="--on-bad"):
         Options(on_bad="ignore")
     with pytest.raises(ExtractError, match="--buckets"):
@@ -173,6 +191,7 @@ def test_buckets_keep_the_compiled_shapes_few():
 
 # -- extraction -----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def encoder(tokdir):
     """The tokenizer as extraction runs it, sharded over a `data` mesh (2 of the 8 fake CPU
@@ -180,6 +199,7 @@ def encoder(tokdir):
     import jax
 
     from cslm_jax.speech.extract import open_tokenizer
+
     return open_tokenizer(tokdir, devices=jax.local_devices()[:2])
 
 
@@ -187,6 +207,7 @@ def encoder(tokdir):
 def alone(tokdir):
     """The same folder's tokenizer on one device, unsharded."""
     from cslm_jax.speech import load_speech_tokenizer
+
     return load_speech_tokenizer(tokdir)
 
 
@@ -198,6 +219,7 @@ def direct(tok, wave):
 def data_config(tmp_path, unit_count):
     """The demo data config with the tokenizer's codebook size."""
     import yaml
+
     cfg = yaml.safe_load((REPO / "configs" / "data" / "demo.yaml").read_text())
     cfg["format"]["unit_count"] = unit_count
     path = tmp_path / "data.yaml"
@@ -222,10 +244,21 @@ def write_corpus(root, n=7, seed=0):
             sf.write(root / name, np.stack([x, 0.5 * x], 1), rate)
         else:
             name, rate = f"u{i}.ogg", 8000
-            sf.write(root / name, speechlike(seconds, rate, seed + i), rate, format="OGG",
-                     subtype="VORBIS")
-        lines.append({"id": f"utt{i}", "audio": name, "text": f"utterance number {i}",
-                      "lang": "en" if i % 2 else "zh"})
+            sf.write(
+                root / name,
+                speechlike(seconds, rate, seed + i),
+                rate,
+                format="OGG",
+                subtype="VORBIS",
+            )
+        lines.append(
+            {
+                "id": f"utt{i}",
+                "audio": name,
+                "text": f"utterance number {i}",
+                "lang": "en" if i % 2 else "zh",
+            }
+        )
         waves.append(load_audio(root / name))
     manifest = root / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -245,7 +278,7 @@ def test_records_hold_the_tokenizers_codes_and_validate(tmp_path, tokdir, encode
     opts = Options(batch_size=3, shard_size=3, progress=False)
     shapes = []
 
-    class Recording:            # the real encoder; remembers the padded shapes it was given
+    class Recording:  # the real encoder; remembers the padded shapes it was given
         def __getattr__(self, name):
             return getattr(encoder, name)
 
@@ -258,24 +291,29 @@ def test_records_hold_the_tokenizers_codes_and_validate(tmp_path, tokdir, encode
     assert set(shapes) <= {(4, 32000), (4, 64000), (4, 96000)} and len(shapes) >= 3
     assert summary.complete and summary.records == 7 and summary.skipped == 0
     assert summary.files == 7 and summary.audio_seconds == pytest.approx(
-        sum(len(w) for w in waves) / SR)
+        sum(len(w) for w in waves) / SR
+    )
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["extract.json", COMPLETE_FILE, SKIPPED_FILE]
-        + [f(i, 3) for i in range(3) for f in (shard_name, marker_name)])
+        + [f(i, 3) for i in range(3) for f in (shard_name, marker_name)]
+    )
     records = read_out(out)
-    assert [r["id"] for r in records] == [x["id"] for x in lines]          # manifest order
+    assert [r["id"] for r in records] == [x["id"] for x in lines]  # manifest order
     # the mean run length (the speech rate merged units need), counted from the records
     units = sum(len(r["units"]) for r in records)
     runs = sum(len(merge_repeats(r["units"])) for r in records)
     done = json.loads((out / COMPLETE_FILE).read_text())
-    assert (done["units"], done["unit_runs"]) == (summary.units, summary.unit_runs) == \
-        (units, runs) and runs < units
+    assert (done["units"], done["unit_runs"]) == (summary.units, summary.unit_runs) == (
+        units,
+        runs,
+    ) and runs < units
     assert done["mean_run_length"] == round(units / runs, 4)
-    assert f"mean run length {units / runs:.4f} (set format.speech_rate" in \
-        "\n".join(summary.lines())
-    reference = alone.encode(waves)                     # the tokenizer called directly
+    assert f"mean run length {units / runs:.4f} (set format.speech_rate" in "\n".join(
+        summary.lines()
+    )
+    reference = alone.encode(waves)  # the tokenizer called directly
     for r, line, wave, codes in zip(records, lines, waves, reference):
-        assert {k: v for k, v in r.items() if k != "units"} == line      # fields passed on
+        assert {k: v for k, v in r.items() if k != "units"} == line  # fields passed on
         assert r["units"] == codes.tolist()
         assert abs(len(r["units"]) - len(wave) / SR * encoder.units_per_second) <= 1
     cfg = data_config(tmp_path, encoder.codebook_size)
@@ -284,18 +322,23 @@ def test_records_hold_the_tokenizers_codes_and_validate(tmp_path, tokdir, encode
     assert (out / SKIPPED_FILE).read_text() == ""
 
 
-def test_long_audio_is_windowed_without_losing_its_tail_or_refused(tmp_path, tokdir, encoder, alone):
+def test_long_audio_is_windowed_without_losing_its_tail_or_refused(
+    tmp_path, tokdir, encoder, alone
+):
     root = tmp_path / "audio"
     root.mkdir()
-    long = speechlike(71.3, 22050, seed=3)             # three 30 s windows, the last partial
+    long = speechlike(71.3, 22050, seed=3)  # three 30 s windows, the last partial
     sf.write(root / "long.flac", long, 22050)
     sf.write(root / "short.wav", speechlike(2.0, SR, seed=4), SR)
     manifest = root / "m.jsonl"
-    manifest.write_text('{"audio": "short.wav", "text": "a", "lang": "en"}\n'
-                        '{"audio": "long.flac", "text": "b", "lang": "en"}\n')
+    manifest.write_text(
+        '{"audio": "short.wav", "text": "a", "lang": "en"}\n'
+        '{"audio": "long.flac", "text": "b", "lang": "en"}\n'
+    )
     out = tmp_path / "units"
-    extract(manifest, out, encoder, tokenizer_dir=tokdir, opts=Options(progress=False,
-                                                                      batch_size=2))
+    extract(
+        manifest, out, encoder, tokenizer_dir=tokdir, opts=Options(progress=False, batch_size=2)
+    )
     short, windowed = read_out(out)
     wave = load_audio(root / "long.flac")
     assert len(wave) == pytest.approx(71.3 * SR, abs=1)
@@ -303,12 +346,25 @@ def test_long_audio_is_windowed_without_losing_its_tail_or_refused(tmp_path, tok
     assert abs(len(windowed["units"]) - 71.3 * encoder.units_per_second) <= 1
     assert windowed["units"] == direct(alone, wave).tolist()
     # refused: strict stops naming the file; skip lists it and keeps the rest
-    with pytest.raises(ExtractError, match=r"m\.jsonl:2: field 'audio': .*long\.flac: 71\.3 s is "
-                                           r"longer than 30 s \(--long-audio refuse"):
-        extract(manifest, tmp_path / "refused", encoder, tokenizer_dir=tokdir,
-                opts=Options(progress=False, long_audio="refuse"))
-    s = extract(manifest, tmp_path / "skipped", encoder, tokenizer_dir=tokdir,
-                opts=Options(progress=False, long_audio="refuse", on_bad="skip"))
+    with pytest.raises(
+        ExtractError,
+        match=r"m\.jsonl:2: field 'audio': .*long\.flac: 71\.3 s is "
+        r"longer than 30 s \(--long-audio refuse",
+    ):
+        extract(
+            manifest,
+            tmp_path / "refused",
+            encoder,
+            tokenizer_dir=tokdir,
+            opts=Options(progress=False, long_audio="refuse"),
+        )
+    s = extract(
+        manifest,
+        tmp_path / "skipped",
+        encoder,
+        tokenizer_dir=tokdir,
+        opts=Options(progress=False, long_audio="refuse", on_bad="skip"),
+    )
     assert s.records == 1 and s.skipped == 1
     assert read_out(tmp_path / "skipped") == [short]
     listed = [json.loads(x) for x in (tmp_path / "skipped" / SKIPPED_FILE).read_text().splitlines()]
@@ -324,12 +380,14 @@ def bad_corpus(root):
     x = speechlike(1.0, SR, 3)
     x[100:200] = np.inf
     sf.write(root / "inf.wav", x, SR, subtype="FLOAT")
-    lines = ['{"audio": "good0.wav", "text": "a", "lang": "en"}',
-             '{"audio": "missing.wav", "text": "b", "lang": "en"}',
-             '{"audio": "junk.wav", "text": "c", "lang": "en"}',
-             '{"audio": "empty.wav", "text": "d", "lang": "en"}',
-             '{"audio": "inf.wav", "text": "e", "lang": "en"}',
-             '{"audio": "good1.wav", "text": "f", "lang": "en"}']
+    lines = [
+        '{"audio": "good0.wav", "text": "a", "lang": "en"}',
+        '{"audio": "missing.wav", "text": "b", "lang": "en"}',
+        '{"audio": "junk.wav", "text": "c", "lang": "en"}',
+        '{"audio": "empty.wav", "text": "d", "lang": "en"}',
+        '{"audio": "inf.wav", "text": "e", "lang": "en"}',
+        '{"audio": "good1.wav", "text": "f", "lang": "en"}',
+    ]
     manifest = root / "m.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
@@ -339,31 +397,57 @@ def test_bad_files_stop_strict_runs_and_are_listed_in_skip_mode(tmp_path, tokdir
     from cslm_jax.cli.main import main as cli
 
     manifest = bad_corpus(tmp_path / "audio")
-    args = ["extract-units", "--manifest", str(manifest), "--tokenizer", str(tokdir),
-            "--no-progress", "--shard-size", "4"]
-    proc = subprocess.run([sys.executable, "-m", "cslm_jax.cli.main", *args,
-                           "--out", str(tmp_path / "strict")], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    args = [
+        "extract-units",
+        "--manifest",
+        str(manifest),
+        "--tokenizer",
+        str(tokdir),
+        "--no-progress",
+        "--shard-size",
+        "4",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "cslm_jax.cli.main", *args, "--out", str(tmp_path / "strict")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"cslm-jax extract-units: error: {manifest}:2: field 'audio': {manifest.parent}/missing.wav: "
-        f"missing (no such file) (--on-bad skip counts and lists such lines instead of stopping)")
+        f"missing (no such file) (--on-bad skip counts and lists such lines instead of stopping)"
+    )
     assert not (tmp_path / "strict" / COMPLETE_FILE).exists()
     assert cli([*args, "--out", str(tmp_path / "skip"), "--on-bad", "skip"]) == 0
     assert [r["text"] for r in read_out(tmp_path / "skip")] == ["a", "f"]
     listed = [json.loads(x) for x in (tmp_path / "skip" / SKIPPED_FILE).read_text().splitlines()]
     assert [(x["where"], x["reason"].split(" ")[0]) for x in listed] == [
-        (f"{manifest}:2", "missing"), (f"{manifest}:3", "unreadable:"), (f"{manifest}:4", "empty"),
-        (f"{manifest}:5", "non-finite")]
+        (f"{manifest}:2", "missing"),
+        (f"{manifest}:3", "unreadable:"),
+        (f"{manifest}:4", "empty"),
+        (f"{manifest}:5", "non-finite"),
+    ]
     done = json.loads((tmp_path / "skip" / COMPLETE_FILE).read_text())
     assert done["records"] == 2 and done["skipped"] == 4
     # a bad manifest line is one more skipped line (strict: an error naming file, line, field)
     manifest.write_text(manifest.read_text() + '{"text": "no audio"}\n')
     with pytest.raises(ManifestError, match=r"m\.jsonl:7: field 'audio': missing"):
-        extract(manifest, tmp_path / "strict2", encoder, tokenizer_dir=tokdir,
-                opts=Options(progress=False))
-    s = extract(manifest, tmp_path / "skip2", encoder, tokenizer_dir=tokdir,
-                opts=Options(progress=False, on_bad="skip"))
+        extract(
+            manifest,
+            tmp_path / "strict2",
+            encoder,
+            tokenizer_dir=tokdir,
+            opts=Options(progress=False),
+        )
+    s = extract(
+        manifest,
+        tmp_path / "skip2",
+        encoder,
+        tokenizer_dir=tokdir,
+        opts=Options(progress=False, on_bad="skip"),
+    )
     assert s.records == 2 and s.skipped == 5
 
 
@@ -375,11 +459,19 @@ def test_spoken_instruction_records_get_question_and_answer_units(tmp_path, tokd
     q, a = speechlike(1.7, 44100, 5), speechlike(2.3, SR, 6)
     sf.write(root / "q.wav", q, 44100)
     sf.write(root / "a.flac", a, SR)
-    line = {"question_audio": "q.wav", "question_text": "what is two plus two",
-            "question_lang": "en", "answer_audio": "a.flac", "answer_text": "four",
-            "answer_word_times": [[0.2, 0.9]], "answer_lang": "en"}
+    line = {
+        "question_audio": "q.wav",
+        "question_text": "what is two plus two",
+        "question_lang": "en",
+        "answer_audio": "a.flac",
+        "answer_text": "four",
+        "answer_word_times": [[0.2, 0.9]],
+        "answer_lang": "en",
+    }
     manifest = root / "s2s.jsonl"
-    manifest.write_text(json.dumps(line) + "\n" + json.dumps({**line, "answer_audio": "q.wav"}) + "\n")
+    manifest.write_text(
+        json.dumps(line) + "\n" + json.dumps({**line, "answer_audio": "q.wav"}) + "\n"
+    )
     out = tmp_path / "units"
     extract(manifest, out, encoder, tokenizer_dir=tokdir, opts=Options(progress=False))
     first, second = read_out(out)
@@ -388,8 +480,19 @@ def test_spoken_instruction_records_get_question_and_answer_units(tmp_path, tokd
     assert second["answer_units"] == first["question_units"]
     assert {k: v for k, v in first.items() if not k.endswith("_units")} == line
     cfg = data_config(tmp_path, encoder.codebook_size)
-    assert cli(["validate-data", str(out / shard_name(0, 1)), "--kind", "spoken_instruction",
-                "--data-config", str(cfg)]) == 0
+    assert (
+        cli(
+            [
+                "validate-data",
+                str(out / shard_name(0, 1)),
+                "--kind",
+                "spoken_instruction",
+                "--data-config",
+                str(cfg),
+            ]
+        )
+        == 0
+    )
 
 
 def test_records_checked_against_a_data_config(tmp_path, tokdir, encoder):
@@ -397,22 +500,44 @@ def test_records_checked_against_a_data_config(tmp_path, tokdir, encoder):
     text = manifest.read_text().replace('"lang": "zh"', '"lang": "fr"', 1)
     manifest.write_text(text)
     from cslm_jax.data.formats import load_data_config
+
     fmt = load_data_config(data_config(tmp_path, encoder.codebook_size), check_files=False).format
-    with pytest.raises(ExtractError, match=r"manifest\.jsonl:1: field 'lang': the output record "
-                                           r"would not validate: unknown language 'fr'"):
-        extract(manifest, tmp_path / "a", encoder, tokenizer_dir=tokdir, fmt=fmt,
-                opts=Options(progress=False))
-    s = extract(manifest, tmp_path / "b", encoder, tokenizer_dir=tokdir, fmt=fmt,
-                opts=Options(progress=False, on_bad="skip"))
+    with pytest.raises(
+        ExtractError,
+        match=r"manifest\.jsonl:1: field 'lang': the output record "
+        r"would not validate: unknown language 'fr'",
+    ):
+        extract(
+            manifest,
+            tmp_path / "a",
+            encoder,
+            tokenizer_dir=tokdir,
+            fmt=fmt,
+            opts=Options(progress=False),
+        )
+    s = extract(
+        manifest,
+        tmp_path / "b",
+        encoder,
+        tokenizer_dir=tokdir,
+        fmt=fmt,
+        opts=Options(progress=False, on_bad="skip"),
+    )
     assert s.records == 2 and s.skipped == 1
-    wrong = load_data_config(data_config(tmp_path, encoder.codebook_size + 1),
-                             check_files=False).format
+    wrong = load_data_config(
+        data_config(tmp_path, encoder.codebook_size + 1), check_files=False
+    ).format
     with pytest.raises(ExtractError, match="unit_count"):
         extract(manifest, tmp_path / "c", encoder, tokenizer_dir=tokdir, fmt=wrong)
     # a path list without text: units only, counted in the summary
     (tmp_path / "list.txt").write_text("audio/u0.wav\n")
-    s = extract(tmp_path / "list.txt", tmp_path / "d", encoder, tokenizer_dir=tokdir,
-                opts=Options(progress=False, lang="en"))
+    s = extract(
+        tmp_path / "list.txt",
+        tmp_path / "d",
+        encoder,
+        tokenizer_dir=tokdir,
+        opts=Options(progress=False, lang="en"),
+    )
     assert read_out(tmp_path / "d")[0].keys() == {"audio", "units", "lang"}
     assert s.untexted == 1 and "without 'text'" in "\n".join(s.lines())
 
@@ -435,40 +560,72 @@ KILLED_CHILD = textwrap.dedent("""
 
 
 def test_a_killed_run_resumes_to_the_same_output_and_a_finished_one_is_not_redone(
-        tmp_path, tokdir, encoder, capsys):
+    tmp_path, tokdir, encoder, capsys
+):
     from cslm_jax.cli.main import main as cli
 
     manifest, _, _ = write_corpus(tmp_path / "audio")
     out = tmp_path / "units"
-    args = ["extract-units", "--manifest", str(manifest), "--tokenizer", str(tokdir),
-            "--out", str(out), "--shard-size", "2", "--batch-size", "2", "--no-progress"]
-    proc = subprocess.run([sys.executable, "-c", KILLED_CHILD, *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    args = [
+        "extract-units",
+        "--manifest",
+        str(manifest),
+        "--tokenizer",
+        str(tokdir),
+        "--out",
+        str(out),
+        "--shard-size",
+        "2",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_CHILD, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["extract.json", marker_name(0, 4),
-                                                     shard_name(0, 4)]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "extract.json",
+        marker_name(0, 4),
+        shard_name(0, 4),
+    ]
     first = (out / shard_name(0, 4)).stat().st_mtime_ns
     # what a kill during a write leaves: a hidden partial file, never a shard that looks whole
     (out / f".{shard_name(1, 4)}.partial-0badf00d").write_text('{"half": ')
-    assert cli([a for a in args if a != "--no-progress"]) == 0      # the same command resumes
+    assert cli([a for a in args if a != "--no-progress"]) == 0  # the same command resumes
     printed = capsys.readouterr().out
     assert "3 shard(s) extracted here; 7 record(s) in 4 shard(s)" in printed
     # progress, not on a terminal: a line per shard with the rate; the summary's figures
-    assert re.search(r"shard 2/4 written \(1/3 here, 2 records, 0 skipped\): [0-9.]+ h audio/s, "
-                     r"RTF [0-9.]+", printed), printed
+    assert re.search(
+        r"shard 2/4 written \(1/3 here, 2 records, 0 skipped\): [0-9.]+ h audio/s, "
+        r"RTF [0-9.]+",
+        printed,
+    ), printed
     assert "shard 1/4" not in printed
-    assert re.search(r"5 audio file\(s\), [0-9.]+ h of audio in [0-9.]+ s: [0-9.]+ h of audio/s, "
-                     r"real-time factor [0-9.]+", printed), printed
-    assert (out / shard_name(0, 4)).stat().st_mtime_ns == first          # kept, not redone
-    assert not list(out.glob(".*"))                                     # partial file removed
+    assert re.search(
+        r"5 audio file\(s\), [0-9.]+ h of audio in [0-9.]+ s: [0-9.]+ h of audio/s, "
+        r"real-time factor [0-9.]+",
+        printed,
+    ), printed
+    assert (out / shard_name(0, 4)).stat().st_mtime_ns == first  # kept, not redone
+    assert not list(out.glob(".*"))  # partial file removed
     whole = tmp_path / "uninterrupted"
-    extract(manifest, whole, encoder, tokenizer_dir=tokdir,
-            opts=Options(shard_size=2, batch_size=2, progress=False))
+    extract(
+        manifest,
+        whole,
+        encoder,
+        tokenizer_dir=tokdir,
+        opts=Options(shard_size=2, batch_size=2, progress=False),
+    )
     for i in range(4):
         assert (out / shard_name(i, 4)).read_bytes() == (whole / shard_name(i, 4)).read_bytes()
     assert len(read_out(out)) == 7
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    assert cli(args) == 0                                   # finished: nothing is redone
+    assert cli(args) == 0  # finished: nothing is redone
     assert "already complete: nothing redone" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
 
@@ -482,19 +639,26 @@ def test_the_output_folder_holds_one_extraction(tmp_path, tokdir, encoder):
     other = manifest.parent / "other.jsonl"
     other.write_text(manifest.read_text().splitlines()[0] + "\n")
     from cslm_jax.errors import OutputExistsError
-    with pytest.raises(OutputExistsError, match=r"holds another extraction \(manifest_sha256: .*"
-                                                r"pass --force to discard it"):
+
+    with pytest.raises(
+        OutputExistsError,
+        match=r"holds another extraction \(manifest_sha256: .*"
+        r"pass --force to discard it",
+    ):
         extract(other, out, encoder, tokenizer_dir=tokdir, opts=opts)
     with pytest.raises(OutputExistsError, match=r"shard_size: 1000 there, 2 now"):
-        extract(manifest, out, encoder, tokenizer_dir=tokdir, opts=Options(progress=False,
-                                                                           shard_size=2))
+        extract(
+            manifest, out, encoder, tokenizer_dir=tokdir, opts=Options(progress=False, shard_size=2)
+        )
     # the same weights elsewhere resume (here: find it complete); other weights are refused
     copy = tmp_path / "copied_tokenizer"
     shutil.copytree(tokdir, copy)
     assert extract(manifest, out, encoder, tokenizer_dir=copy, opts=opts).state == "complete"
     from cslm_jax.speech import save_random_tokenizer
-    save_random_tokenizer(tmp_path / "other_tokenizer", "v1", seed=1, n_state=64, n_head=2,
-                          n_layer=1)
+
+    save_random_tokenizer(
+        tmp_path / "other_tokenizer", "v1", seed=1, n_state=64, n_head=2, n_layer=1
+    )
     with pytest.raises(OutputExistsError, match=r"holds another extraction \(tokenizer: "):
         extract(manifest, out, encoder, tokenizer_dir=tmp_path / "other_tokenizer", opts=opts)
     s = extract(other, out, encoder, tokenizer_dir=tokdir, opts=opts, force=True)
@@ -523,8 +687,9 @@ TWO_PROCESS_CHILD = textwrap.dedent("""
 """)
 
 
-def test_two_processes_extract_disjoint_shares_whose_union_is_the_manifest(tmp_path, tokdir,
-                                                                             encoder):
+def test_two_processes_extract_disjoint_shares_whose_union_is_the_manifest(
+    tmp_path, tokdir, encoder
+):
     from test_multihost import communicate_all, free_port
 
     manifest, lines, _ = write_corpus(tmp_path / "audio", n=9)
@@ -532,31 +697,66 @@ def test_two_processes_extract_disjoint_shares_whose_union_is_the_manifest(tmp_p
     port = free_port()
     procs = []
     for i in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=2")
-        cmd = [sys.executable, "-c", TWO_PROCESS_CHILD, "extract-units", "--manifest",
-               str(manifest), "--tokenizer", str(tokdir), "--out", str(out), "--shard-size", "2",
-               "--batch-size", "2", "--no-progress", "--coordinator", f"127.0.0.1:{port}",
-               "--num-processes", "2", "--process-id", str(i)]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        env = dict(
+            os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2"
+        )
+        cmd = [
+            sys.executable,
+            "-c",
+            TWO_PROCESS_CHILD,
+            "extract-units",
+            "--manifest",
+            str(manifest),
+            "--tokenizer",
+            str(tokdir),
+            "--out",
+            str(out),
+            "--shard-size",
+            "2",
+            "--batch-size",
+            "2",
+            "--no-progress",
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     codes, outs = communicate_all(procs, 240, "the two-process extraction")
     assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     owners = {}
     for i in range(5):
-        owners.setdefault(json.loads((out / marker_name(i, 5)).read_text())["process"], []).append(i)
-    assert owners == {0: [0, 2, 4], 1: [1, 3]}                      # disjoint, union = all 5
+        owners.setdefault(json.loads((out / marker_name(i, 5)).read_text())["process"], []).append(
+            i
+        )
+    assert owners == {0: [0, 2, 4], 1: [1, 3]}  # disjoint, union = all 5
     assert "3 shard(s) extracted here" in outs[0] and "2 shard(s) extracted here" in outs[1]
     records = read_out(out)
-    assert [r["id"] for r in records] == [x["id"] for x in lines]   # every line, once, in order
+    assert [r["id"] for r in records] == [x["id"] for x in lines]  # every line, once, in order
     single = tmp_path / "one_process"
-    extract(manifest, single, encoder, tokenizer_dir=tokdir,
-            opts=Options(shard_size=2, batch_size=2, progress=False))
+    extract(
+        manifest,
+        single,
+        encoder,
+        tokenizer_dir=tokdir,
+        opts=Options(shard_size=2, batch_size=2, progress=False),
+    )
     assert read_out(single) == records
 
 
-@pytest.mark.parametrize("version,sizes", [("v2_25hz", dict(n_state=128, n_head=2, n_layer=1)),
-                                           ("v1_25hz", dict(n_state=64, n_head=2, n_layer=1))])
+@pytest.mark.parametrize(
+    "version,sizes",
+    [
+        ("v2_25hz", dict(n_state=128, n_head=2, n_layer=1)),
+        ("v1_25hz", dict(n_state=64, n_head=2, n_layer=1)),
+    ],
+)
 def test_other_tokenizer_versions(tmp_path, version, sizes):
     """The 25 Hz tokenizers (v2: FSQ to 6561 codes) through the same command."""
     import jax
@@ -573,5 +773,8 @@ def test_other_tokenizer_versions(tmp_path, version, sizes):
     assert [r["units"] for r in records] == [c.tolist() for c in reference]
     assert enc.units_per_second == 25
     assert all(abs(len(r["units"]) - len(w) / SR * 25) <= 1 for r, w in zip(records, waves))
-    assert json.loads((tmp_path / "units" / COMPLETE_FILE).read_text())["tokenizer"][
-        "codebook_size"] == enc.codebook_size == (6561 if version == "v2_25hz" else 4096)
+    assert (
+        json.loads((tmp_path / "units" / COMPLETE_FILE).read_text())["tokenizer"]["codebook_size"]
+        == enc.codebook_size
+        == (6561 if version == "v2_25hz" else 4096)
+    )

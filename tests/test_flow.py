@@ -7,6 +7,7 @@ against upstream's at the official sizes, and (slow, ~45 s) the mel at the offic
 
 Measured (float32, CPU): encoder output ~1e-6, mu ~3e-6, mel ~1e-5 at reduced sizes; mel 6e-6
 at the official sizes; the bound is 1e-4."""
+
 import numpy as np
 import pytest
 import torch
@@ -16,9 +17,18 @@ from cslm_jax.speech import flow
 from cslm_jax.speech.hift import Token2WavError
 from cslm_jax.speech.token2wav_weights import flow_from_state_dict, flow_to_state_dict, read_flow
 
-SMALL = dict(input_size=32, encoder_size=64, encoder_heads=2, encoder_linear_units=128,
-             encoder_blocks=2, channels=(32, 32), attention_head_dim=16, n_blocks=1,
-             num_mid_blocks=2, num_heads=2)
+SMALL = dict(
+    input_size=32,
+    encoder_size=64,
+    encoder_heads=2,
+    encoder_linear_units=128,
+    encoder_blocks=2,
+    channels=(32, 32),
+    attention_head_dim=16,
+    n_blocks=1,
+    num_mid_blocks=2,
+    num_heads=2,
+)
 TOL = 1e-4
 _CACHE = {}
 
@@ -44,22 +54,39 @@ def _inputs(n, seed=1, prompt=0):
 @pytest.mark.parametrize("n,prompt", [(12, 0), (10, 6), (45, 0)])
 def test_mel_matches_upstream_with_its_noise(n, prompt):
     import jax.numpy as jnp
+
     cfg, params, model = _model()
     units, emb, pu, pm = _inputs(n, seed=n + prompt, prompt=prompt)
     mel_ref, z, h_ref, mu_ref = ref.run_flow(model, units, emb, pu, pm)
     m = cfg.mel_len(n)
     assert mel_ref.shape == (1, 80, m)
     all_units = np.concatenate([pu, units]) if prompt else units
-    h = np.asarray(flow.encoder(params, cfg, jnp.asarray(all_units[None], jnp.int32),
-                                jnp.array([len(all_units)])))
-    mu = np.asarray(flow.encode(params, cfg, jnp.asarray(all_units[None], jnp.int32),
-                                jnp.array([len(all_units)]), m, prompt,
-                                0 if pm is None else len(pm)))
+    h = np.asarray(
+        flow.encoder(
+            params, cfg, jnp.asarray(all_units[None], jnp.int32), jnp.array([len(all_units)])
+        )
+    )
+    mu = np.asarray(
+        flow.encode(
+            params,
+            cfg,
+            jnp.asarray(all_units[None], jnp.int32),
+            jnp.array([len(all_units)]),
+            m,
+            prompt,
+            0 if pm is None else len(pm),
+        )
+    )
     mel = flow.flow_inference(params, cfg, units, emb, pu, pm, noise=z)
-    e_h, e_mu, e_mel = (np.abs(h - h_ref).max(), np.abs(mu - mu_ref).max(),
-                        np.abs(mel - mel_ref).max())
-    print(f"n={n} prompt={prompt}: encoder {e_h:.2e}, mu {e_mu:.2e}, mel {e_mel:.2e} "
-          f"(mel std {mel_ref.std():.2f})")
+    e_h, e_mu, e_mel = (
+        np.abs(h - h_ref).max(),
+        np.abs(mu - mu_ref).max(),
+        np.abs(mel - mel_ref).max(),
+    )
+    print(
+        f"n={n} prompt={prompt}: encoder {e_h:.2e}, mu {e_mu:.2e}, mel {e_mel:.2e} "
+        f"(mel std {mel_ref.std():.2f})"
+    )
     assert 0.1 < mel_ref.std() < 100
     assert e_h <= TOL and e_mu <= TOL and e_mel <= TOL
 
@@ -72,6 +99,7 @@ def test_mel_length_is_the_argument_and_zero_noise_is_deterministic():
     b = flow.flow_inference(params, cfg, units, emb, mel_len=23, noise="zero")
     assert a.shape == (1, 80, 23) and np.array_equal(a, b)
     import jax
+
     c = flow.flow_inference(params, cfg, units, emb, mel_len=23, noise=jax.random.PRNGKey(0))
     assert c.shape == (1, 80, 23) and not np.allclose(a, c)
     assert cfg.mel_len(100) == 172 and cfg.seam_frames == 34
@@ -104,16 +132,19 @@ def test_import_from_saved_state_dict(tmp_path):
     # the estimator's head count is not in the tensors (heads x head width is): given
     cfg2, params2 = read_flow(path, "v1", num_heads=2, attention_head_dim=16)
     assert cfg2 == cfg
-    assert read_flow(path, "v1")[0].attention_head_dim == 4          # 8 heads of 4 read off
+    assert read_flow(path, "v1")[0].attention_head_dim == 4  # 8 heads of 4 read off
     assert set(params2) == set(params)
     units, emb, _, _ = _inputs(9)
     z = np.random.default_rng(0).standard_normal((1, cfg.mel_len(9), 80)).astype(np.float32)
-    assert np.array_equal(flow.flow_inference(params, cfg, units, emb, noise=z),
-                          flow.flow_inference(params2, cfg2, units, emb, noise=z))
+    assert np.array_equal(
+        flow.flow_inference(params, cfg, units, emb, noise=z),
+        flow.flow_inference(params2, cfg2, units, emb, noise=z),
+    )
     bad = dict(sd)
     del bad["encoder.encoders.1.self_attn.pos_bias_v"]
-    with pytest.raises(Token2WavError,
-                       match="missing tensor encoder.encoders.1.self_attn.pos_bias_v"):
+    with pytest.raises(
+        Token2WavError, match="missing tensor encoder.encoders.1.self_attn.pos_bias_v"
+    ):
         flow_from_state_dict(bad, cfg, "flow.pt")
     bad = dict(sd, **{"encoder_proj.weight": np.zeros((80, 3), np.float32)})
     with pytest.raises(Token2WavError, match="encoder_proj.weight has shape"):

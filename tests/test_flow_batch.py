@@ -5,6 +5,7 @@ named. Reduced sizes as test_flow.py's (the same config, so a run of both shares
 programs); `flow_inference` itself is checked against upstream there.
 
 Measured (float32, CPU): rows within ~5e-6 of the same rows alone; the bound is 1e-5."""
+
 import functools
 
 import numpy as np
@@ -13,9 +14,18 @@ import pytest
 from cslm_jax.speech import flow
 from cslm_jax.speech.hift import Token2WavError
 
-SMALL = dict(input_size=32, encoder_size=64, encoder_heads=2, encoder_linear_units=128,
-             encoder_blocks=2, channels=(32, 32), attention_head_dim=16, n_blocks=1,
-             num_mid_blocks=2, num_heads=2)
+SMALL = dict(
+    input_size=32,
+    encoder_size=64,
+    encoder_heads=2,
+    encoder_linear_units=128,
+    encoder_blocks=2,
+    channels=(32, 32),
+    attention_head_dim=16,
+    n_blocks=1,
+    num_mid_blocks=2,
+    num_heads=2,
+)
 TOL = 1e-5
 _CACHE = {}
 
@@ -40,6 +50,7 @@ def _rows():
 
 def test_interp_weights_are_pytorchs_for_traced_lengths():
     import jax
+
     f = jax.jit(flow.interp_weights)
     n_in = np.array([1, 5, 20, 7, 259, 3])[:, None]
     n_out = np.array([1, 34, 34, 897, 897, 2])[:, None]
@@ -52,6 +63,7 @@ def test_interp_weights_are_pytorchs_for_traced_lengths():
 def test_regulate_rows_equals_regulate_per_row():
     import jax
     import jax.numpy as jnp
+
     cfg, params = _model()
     rng = np.random.default_rng(3)
     # (prompt units, prompt frames, answer units, answer frames): a long answer, a short one,
@@ -60,22 +72,30 @@ def test_regulate_rows_equals_regulate_per_row():
     u_pad, t_pad = 64, 128
     h = rng.standard_normal((len(shapes), u_pad, 80)).astype(np.float32)
     np_, pml, nu, ml = (np.array(c) for c in zip(*shapes))
-    mu = np.asarray(jax.jit(functools.partial(flow.regulate_rows, cfg=cfg, frames=t_pad))(
-        params, h=jnp.asarray(h), n_prompt=np_, n_units=nu, prompt_mel_len=pml, mel_len=ml))
+    mu = np.asarray(
+        jax.jit(functools.partial(flow.regulate_rows, cfg=cfg, frames=t_pad))(
+            params, h=jnp.asarray(h), n_prompt=np_, n_units=nu, prompt_mel_len=pml, mel_len=ml
+        )
+    )
     for i, (a, b, c, d) in enumerate(shapes):
-        alone = np.asarray(jax.jit(functools.partial(flow.regulate, cfg=cfg, n_prompt=a,
-                                                     prompt_mel_len=b, mel_len=d))(
-            params, h=jnp.asarray(h[i:i + 1, :a + c])))
-        np.testing.assert_allclose(mu[i, :b + d], alone[0], atol=TOL, rtol=0, err_msg=str(i))
-        assert not mu[i, b + d:].any()
+        alone = np.asarray(
+            jax.jit(
+                functools.partial(flow.regulate, cfg=cfg, n_prompt=a, prompt_mel_len=b, mel_len=d)
+            )(params, h=jnp.asarray(h[i : i + 1, : a + c]))
+        )
+        np.testing.assert_allclose(mu[i, : b + d], alone[0], atol=TOL, rtol=0, err_msg=str(i))
+        assert not mu[i, b + d :].any()
 
 
 def test_batch_rows_equal_rows_alone():
     import jax
+
     cfg, params = _model()
     units, embs, pus, pms = _rows()
-    alone = [flow.flow_inference(params, cfg, u, e, pu, pm)
-             for u, e, pu, pm in zip(units, embs, pus, pms)]
+    alone = [
+        flow.flow_inference(params, cfg, u, e, pu, pm)
+        for u, e, pu, pm in zip(units, embs, pus, pms)
+    ]
     before = flow.compiled_batch_programs()
     got = flow.flow_inference_batch(params, cfg, units, embs, prompt_units=pus, prompt_mels=pms)
     for i, (g, a) in enumerate(zip(got, alone)):
@@ -85,20 +105,25 @@ def test_batch_rows_equal_rows_alone():
         assert err <= TOL and a.std() > 0.1
     # explicit noise arrays, one per row (prompt and answer frames), as flow_inference takes
     rng = np.random.default_rng(11)
-    zs = [rng.standard_normal((1, (0 if pm is None else len(pm)) + a.shape[2], 80)).astype(
-        np.float32) for pm, a in zip(pms, alone)]
-    got = flow.flow_inference_batch(params, cfg, units, embs, prompt_units=pus, prompt_mels=pms,
-                                    noise=zs)
+    zs = [
+        rng.standard_normal((1, (0 if pm is None else len(pm)) + a.shape[2], 80)).astype(np.float32)
+        for pm, a in zip(pms, alone)
+    ]
+    got = flow.flow_inference_batch(
+        params, cfg, units, embs, prompt_units=pus, prompt_mels=pms, noise=zs
+    )
     for i, z in enumerate(zs):
         a = flow.flow_inference(params, cfg, units[i], embs[i], pus[i], pms[i], noise=z)
         assert np.abs(got[i] - a).max() <= TOL and not np.allclose(a, alone[i], atol=1e-2)
     # one key: row i draws from fold_in(key, i), whatever its batch-mates
     key = jax.random.PRNGKey(5)
-    got = flow.flow_inference_batch(params, cfg, units, embs, prompt_units=pus, prompt_mels=pms,
-                                    noise=key)
+    got = flow.flow_inference_batch(
+        params, cfg, units, embs, prompt_units=pus, prompt_mels=pms, noise=key
+    )
     for i in range(len(units)):
-        a = flow.flow_inference(params, cfg, units[i], embs[i], pus[i], pms[i],
-                                noise=jax.random.fold_in(key, i))
+        a = flow.flow_inference(
+            params, cfg, units[i], embs[i], pus[i], pms[i], noise=jax.random.fold_in(key, i)
+        )
         assert np.abs(got[i] - a).max() <= TOL
     # the three calls ran one program
     assert flow.compiled_batch_programs() == before + 1
@@ -125,17 +150,30 @@ def test_bad_rows_are_named():
     units, embs, pus, pms = _rows()
     bad = list(units)
     bad[2] = np.array([1, 5000, 3])
-    with pytest.raises(Token2WavError, match=r"row 2: units: unit 5000 at position 1 is out "
-                                             r"of range"):
+    with pytest.raises(
+        Token2WavError,
+        match=r"row 2: units: unit 5000 at position 1 is out "
+        r"of range",
+    ):
         flow.flow_batch(params, cfg, bad, embs)
     with pytest.raises(Token2WavError, match=r"row 1: speaker embedding has shape \(100,\)"):
         flow.flow_batch(params, cfg, units[:2], [embs[0], embs[1][:100]])
     with pytest.raises(Token2WavError, match=r"row 0: mel length 60 for 45 units"):
         flow.flow_batch(params, cfg, units, embs, mel_lens=[60, None, None])
-    with pytest.raises(Token2WavError, match=r"row 2: noise has shape \(1, 5, 80\), expected "
-                                             r"\[1, 27, 80\]"):
-        flow.flow_batch(params, cfg, units, embs, prompt_units=pus, prompt_mels=pms,
-                        noise=[None, None, np.zeros((1, 5, 80), np.float32)])
+    with pytest.raises(
+        Token2WavError,
+        match=r"row 2: noise has shape \(1, 5, 80\), expected "
+        r"\[1, 27, 80\]",
+    ):
+        flow.flow_batch(
+            params,
+            cfg,
+            units,
+            embs,
+            prompt_units=pus,
+            prompt_mels=pms,
+            noise=[None, None, np.zeros((1, 5, 80), np.float32)],
+        )
     with pytest.raises(Token2WavError, match=r"row 2: zero-shot prompt: 6 prompt units and 0"):
         flow.flow_batch(params, cfg, units, embs, prompt_units=pus)
     with pytest.raises(Token2WavError, match=r"row 1: units: no units|row 1: no units"):

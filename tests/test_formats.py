@@ -1,5 +1,6 @@
 """CSLM formats: the loss mask against the reference semantics, the interleaved chain of
 modality, and bad records named by file, line and field."""
+
 import json
 
 import pytest
@@ -22,18 +23,32 @@ from cslm_jax.data.formats import (
 from cslm_jax.demo.corpus import build_corpus
 from cslm_jax.model.vocab import extend_tokenizer, llama3_tokenizer, load_tokenizer
 
-SYSTEM = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-          "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>")
+SYSTEM = (
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+    "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
+)
 CHATS = [
     [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}],
-    [{"role": "user", "content": "Please directly answer the questions in the user's speech. "
-                                 "This is input: <sosp><12><7><3><eosp>."},
-     {"role": "assistant", "content": "[question] hi there [answer] hello <sosp><1><2><eosp> "
-                                      "friend <sosp><3><eosp> <eoa>"}],
-    [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "first answer"},
-     {"role": "user", "content": "second <sosp><5><eosp>"},
-     {"role": "assistant", "content": "second answer"},
-     {"role": "user", "content": "third"}, {"role": "assistant", "content": "third answer"}],
+    [
+        {
+            "role": "user",
+            "content": "Please directly answer the questions in the user's speech. "
+            "This is input: <sosp><12><7><3><eosp>.",
+        },
+        {
+            "role": "assistant",
+            "content": "[question] hi there [answer] hello <sosp><1><2><eosp> "
+            "friend <sosp><3><eosp> <eoa>",
+        },
+    ],
+    [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": "second <sosp><5><eosp>"},
+        {"role": "assistant", "content": "second answer"},
+        {"role": "user", "content": "third"},
+        {"role": "assistant", "content": "third answer"},
+    ],
 ]
 
 
@@ -56,7 +71,9 @@ def piecewise_mask(tok, messages, system_trained: bool):
     ids = tok.encode(SYSTEM, add_special_tokens=False)
     mask = [0] + [int(system_trained)] * (len(ids) - 1)
     for m in messages:
-        piece = f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+        piece = (
+            f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+        )
         p = tok.encode(piece, add_special_tokens=False)
         ids += p
         mask += [int(m["role"] == "assistant")] * len(p)
@@ -68,16 +85,18 @@ def reference_loop(tok, ids):
     begin = 0; at each assistant header: stop if nothing follows it, else labels[begin:i] =
     ignore; at each user header begin = i; finally labels[0] = ignore if ids[0] is BOS."""
     user = tok.encode("<|start_header_id|>user<|end_header_id|>", add_special_tokens=False)
-    assistant = tok.encode("<|start_header_id|>assistant<|end_header_id|>", add_special_tokens=False)
+    assistant = tok.encode(
+        "<|start_header_id|>assistant<|end_header_id|>", add_special_tokens=False
+    )
     labels = list(ids)
     begin = 0
     for i in range(len(ids)):
-        if ids[i:i + len(assistant)] == assistant:
+        if ids[i : i + len(assistant)] == assistant:
             if i + len(assistant) >= len(ids):
                 break
             for j in range(begin, i):
                 labels[j] = -100
-        if ids[i:i + len(user)] == user:
+        if ids[i : i + len(user)] == user:
             begin = i
     if ids[0] == tok.bos_token_id:
         labels[0] = -100
@@ -95,25 +114,28 @@ def test_loss_mask_matches_reference(which, chat, real_tokenizer, demo):
     bos = tok.bos_token_id
     rendered = ChatRenderer(tok)(CHATS[chat])
     ids, mask = piecewise_mask(tok, CHATS[chat], system_trained=True)
-    assert rendered.input_ids == [bos] + ids                       # two BOS, as the reference's
+    assert rendered.input_ids == [bos] + ids  # two BOS, as the reference's
     assert rendered.loss_mask == [0, 1] + mask[1:] == reference_loop(tok, rendered.input_ids)
     only = ChatRenderer(tok, mask="assistant_only")(CHATS[chat])
-    assert (only.input_ids, only.loss_mask) == piecewise_mask(tok, CHATS[chat], system_trained=False)
+    assert (only.input_ids, only.loss_mask) == piecewise_mask(
+        tok, CHATS[chat], system_trained=False
+    )
     system_len = len(tok.encode(SYSTEM, add_special_tokens=False))
     differ = [i for i, (a, b) in enumerate(zip(rendered.loss_mask[1:], only.loss_mask)) if a != b]
-    assert differ == list(range(system_len))          # exactly the system block, its BOS included
+    assert differ == list(range(system_len))  # exactly the system block, its BOS included
     if which == "llama3":
-        assert system_len == 26                        # CSLM.md: 25 system tokens after the BOS
+        assert system_len == 26  # CSLM.md: 25 system tokens after the BOS
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     for r, offset in ((rendered, 1), (only, 0)):
         assert r.input_ids[0] == bos and r.loss_mask[0] == 0
         # each assistant turn's <|eot_id|> is trained, the user turns' are not
-        body = list(zip(r.input_ids[offset + system_len:], r.loss_mask[offset + system_len:]))
-        assert sum(1 for i, m in body if i == eot and m) == \
-            sum(m["role"] == "assistant" for m in CHATS[chat])
+        body = list(zip(r.input_ids[offset + system_len :], r.loss_mask[offset + system_len :]))
+        assert sum(1 for i, m in body if i == eot and m) == sum(
+            m["role"] == "assistant" for m in CHATS[chat]
+        )
     if which == "llama3":
-        assert 78191 in [i for i, m in zip(ids, mask) if m]          # "assistant" header token
-        assert 882 not in [i for i, m in zip(ids, mask) if m]        # "user" never trained
+        assert 78191 in [i for i, m in zip(ids, mask) if m]  # "assistant" header token
+        assert 882 not in [i for i, m in zip(ids, mask) if m]  # "user" never trained
 
 
 def test_reference_truncates_before_the_eos_and_masks_what_is_left(real_tokenizer):
@@ -121,9 +143,11 @@ def test_reference_truncates_before_the_eos_and_masks_what_is_left(real_tokenize
     sees the kept ids: a user turn whose assistant header was cut off stays trained (what the
     authors' code does), unlike assistant_only, which masks the full sequence first."""
     full = ChatRenderer(real_tokenizer)(CHATS[2])
-    header = real_tokenizer.encode("<|start_header_id|>user<|end_header_id|>", add_special_tokens=False)
-    last_user = max(i for i in range(len(full.input_ids)) if full.input_ids[i:i + 3] == header)
-    user3 = last_user + 5                               # the third user turn, "\n\nthird" included
+    header = real_tokenizer.encode(
+        "<|start_header_id|>user<|end_header_id|>", add_special_tokens=False
+    )
+    last_user = max(i for i in range(len(full.input_ids)) if full.input_ids[i : i + 3] == header)
+    user3 = last_user + 5  # the third user turn, "\n\nthird" included
     cut = ChatRenderer(real_tokenizer, max_length=user3)(CHATS[2])
     assert cut.truncated and cut.input_ids == full.input_ids[:user3]
     assert cut.loss_mask == reference_loop(real_tokenizer, cut.input_ids)
@@ -150,7 +174,9 @@ def test_interleaving_on_demo_answers(fmt):
     for stem in ("s2s_en2en.train", "s2s_zh2zh.train", "s2s_en2zh.train", "s2s_zh2en.train"):
         for r in corpus[stem]:
             lang = fmt.languages[r["answer_lang"]]
-            chunks = chunk_answer(r["answer_text"], r["answer_word_times"], r["answer_units"], lang, fmt)
+            chunks = chunk_answer(
+                r["answer_text"], r["answer_word_times"], r["answer_units"], lang, fmt
+            )
             # speech chunks concatenate to the full merged unit sequence
             assert [u for _, us in chunks for u in us] == merge_repeats(r["answer_units"])
             texts = [t for t, _ in chunks]
@@ -158,12 +184,15 @@ def test_interleaving_on_demo_answers(fmt):
                 assert " ".join(texts) == " ".join(r["answer_text"].split())
             else:
                 assert "".join(texts) == r["answer_text"]
-            for t in texts[:-1]:   # every cut is at punctuation or at the chunk size
+            for t in texts[:-1]:  # every cut is at punctuation or at the chunk size
                 timed = len(timed_tokens(t, lang.chunk_unit, fmt.punctuation))
                 assert t.rstrip()[-1] in fmt.punctuation or timed == lang.chunk_size
             for t in texts:
-                pieces = [p for p in timed_tokens(t, lang.chunk_unit, fmt.punctuation)
-                          if any(c not in fmt.punctuation and not c.isspace() for c in p)]
+                pieces = [
+                    p
+                    for p in timed_tokens(t, lang.chunk_unit, fmt.punctuation)
+                    if any(c not in fmt.punctuation and not c.isspace() for c in p)
+                ]
                 assert len(pieces) <= lang.chunk_size
             n += 1
     assert n > 300
@@ -175,17 +204,26 @@ def test_chunk_boundaries_follow_timings(fmt):
     import dataclasses
 
     lang = dataclasses.replace(fmt.languages["en"], chunk_size=2)
-    units = [1] * 5 + [2] * 5 + [2] * 3 + [3] * 2 + [4] * 5   # a run crosses the cut at 10
+    units = [1] * 5 + [2] * 5 + [2] * 3 + [3] * 2 + [4] * 5  # a run crosses the cut at 10
     times = [[0.0, 0.1], [0.1, 0.2], [0.2, 0.3], [0.3, 0.4]]
     chunks = chunk_answer("one two three four", times, units, lang, fmt)
     assert chunks == [("one two", [1, 2]), ("three four", [3, 4])]
-    raw = chunk_answer("one two three four", times, units, lang,
-                       dataclasses.replace(fmt, merge_repeats=False))
+    raw = chunk_answer(
+        "one two three four", times, units, lang, dataclasses.replace(fmt, merge_repeats=False)
+    )
     assert raw == [("one two", units[:10]), ("three four", units[10:])]
     # chunk size 4 (the ablation) gives one chunk; punctuation cuts earlier
-    assert len(chunk_answer("one two three four", times, units,
-                            dataclasses.replace(lang, chunk_size=4), fmt)) == 1
-    cut = chunk_answer("one, two three four", times, units, dataclasses.replace(lang, chunk_size=7), fmt)
+    assert (
+        len(
+            chunk_answer(
+                "one two three four", times, units, dataclasses.replace(lang, chunk_size=4), fmt
+            )
+        )
+        == 1
+    )
+    cut = chunk_answer(
+        "one, two three four", times, units, dataclasses.replace(lang, chunk_size=7), fmt
+    )
     assert [t for t, _ in cut] == ["one,", "two three four"]
     assert [u for _, us in cut for u in us] == merge_repeats(units)
 
@@ -193,21 +231,32 @@ def test_chunk_boundaries_follow_timings(fmt):
 def test_response_templates(fmt):
     r = build_corpus(0)["s2s_en2en.train"][0]
     msgs = examples("s2s", r, fmt, "x")[0]
-    assert msgs[0]["content"].startswith("Please directly answer the questions in the user's speech. "
-                                         "This is input: <sosp><")
+    assert msgs[0]["content"].startswith(
+        "Please directly answer the questions in the user's speech. This is input: <sosp><"
+    )
     resp = msgs[1]["content"]
-    assert resp.startswith(f"[question] {r['question_text']} [answer] ") and resp.endswith("<eosp> <eoa>")
+    assert resp.startswith(f"[question] {r['question_text']} [answer] ") and resp.endswith(
+        "<eosp> <eoa>"
+    )
     import dataclasses
+
     seq = examples("s2s", r, dataclasses.replace(fmt, chain="sequential"), "x")[0][1]["content"]
-    assert seq == (f"[question] {r['question_text']} [answer] {r['answer_text']} "
-                   f"{speech(merge_repeats(r['answer_units']))} <eoa>")
+    assert seq == (
+        f"[question] {r['question_text']} [answer] {r['answer_text']} "
+        f"{speech(merge_repeats(r['answer_units']))} <eoa>"
+    )
     cross = build_corpus(0)["s2s_zh2en.train"][0]
     assert examples("s2s", cross, fmt, "x")[0][0]["content"].startswith(
-        "Please answer the questions in the user's speech in English.")
+        "Please answer the questions in the user's speech in English."
+    )
 
 
-GOOD = {"lang": "en", "text": "hello world", "units": [1, 1, 2, 3, 3, 0],
-        "word_times": [[0.0, 0.04], [0.04, 0.1]]}
+GOOD = {
+    "lang": "en",
+    "text": "hello world",
+    "units": [1, 1, 2, 3, 3, 0],
+    "word_times": [[0.0, 0.04], [0.04, 0.1]],
+}
 BAD = [
     ("{not json", "<json>"),
     (json.dumps({"lang": "en", "units": [1]}), "text"),
@@ -249,11 +298,13 @@ def test_demo_corpus_is_valid(fmt):
     for stem, rows in corpus.items():
         for i, r in enumerate(rows):
             from cslm_jax.data.formats import detect_kind
+
             validate_record(detect_kind(r), r, fmt, f"{stem}:{i + 1}")
 
 
-def test_inspect_data_shows_the_reference_mask_and_the_option_switches_it(real_tokenizer, tmp_path,
-                                                                          capsys):
+def test_inspect_data_shows_the_reference_mask_and_the_option_switches_it(
+    real_tokenizer, tmp_path, capsys
+):
     """inspect-data with the true Llama-3.1 tokenizer (single and multi-turn instructions): with
     the default data config the mask is the reference loop's, re-derived step by step, and the
     rule is named; `format.loss_mask: assistant_only` masks exactly the system block too."""
@@ -262,13 +313,36 @@ def test_inspect_data_shows_the_reference_mask_and_the_option_switches_it(real_t
     tok_dir = tmp_path / "tok"
     real_tokenizer.save_pretrained(str(tok_dir))
     records = tmp_path / "instruct.jsonl"
-    records.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
-        {"prompt": "What is 2+2?", "response": "4."},
-        {"prompt": ["first", "second <sosp><5><eosp>"], "response": ["one", "two"]}]) + "\n")
+    records.write_text(
+        "\n".join(
+            json.dumps(r, ensure_ascii=False)
+            for r in [
+                {"prompt": "What is 2+2?", "response": "4."},
+                {"prompt": ["first", "second <sosp><5><eosp>"], "response": ["one", "two"]},
+            ]
+        )
+        + "\n"
+    )
 
     def inspect(config):
-        assert cli(["inspect-data", "--tokenizer", str(tok_dir), "--jsonl", str(records), "--kind",
-                    "instruct", "--data-config", str(config), "-n", "5"]) == 0
+        assert (
+            cli(
+                [
+                    "inspect-data",
+                    "--tokenizer",
+                    str(tok_dir),
+                    "--jsonl",
+                    str(records),
+                    "--kind",
+                    "instruct",
+                    "--data-config",
+                    str(config),
+                    "-n",
+                    "5",
+                ]
+            )
+            == 0
+        )
         return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
     default = inspect(REPO / "configs" / "data" / "demo.yaml")
@@ -285,8 +359,9 @@ def test_inspect_data_shows_the_reference_mask_and_the_option_switches_it(real_t
     for a, b in zip(default, switched):
         bos = real_tokenizer.bos_token_id
         assert b["loss_mask_rule"] == "assistant_only" and a["input_ids"] == [bos] + b["input_ids"]
-        assert [i for i, (x, y) in enumerate(zip(a["loss_mask"][1:], b["loss_mask"])) if x != y] == \
-            list(range(system_len))
+        assert [
+            i for i, (x, y) in enumerate(zip(a["loss_mask"][1:], b["loss_mask"])) if x != y
+        ] == list(range(system_len))
 
 
 def test_speech_rate_is_for_synthesis_only():

@@ -1,6 +1,7 @@
 """The package's import graph (issue 24): no circles among cslm_jax's modules, counting imports
 inside functions too (a circle there works only by the order modules happen to load);
 `errors.py` imports nothing of the package; no private name is imported across modules."""
+
 import ast
 from pathlib import Path
 
@@ -78,6 +79,9 @@ def test_no_import_circles_and_errors_depends_on_nothing():
 
 
 def test_no_private_name_is_imported_across_modules():
-    private = [f"{src}:{line} imports {dst}.{name}" for src, dst, name, line in _imports(_modules())
-               if name and name.startswith("_") and not name.startswith("__")]
+    private = [
+        f"{src}:{line} imports {dst}.{name}"
+        for src, dst, name, line in _imports(_modules())
+        if name and name.startswith("_") and not name.startswith("__")
+    ]
     assert private == []

@@ -1,4 +1,5 @@
 """Model properties: packing isolation, explicit positions, configs, vocabulary padding mask."""
+
 from pathlib import Path
 
 import jax
@@ -26,14 +27,16 @@ def test_packed_documents_match_separate_runs():
     tokens = np.concatenate([a, b, np.zeros(pad, int)])[None]
     segments = np.concatenate([np.full(len(a), 1), np.full(len(b), 2), np.zeros(pad, int)])[None]
     positions = np.concatenate([np.arange(len(a)), np.arange(len(b)), np.arange(pad)])[None]
-    packed = forward(cfg, params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))
+    packed = forward(
+        cfg, params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments)
+    )
     alone_a = forward(cfg, params, jnp.asarray(a[None]))
     alone_b = forward(cfg, params, jnp.asarray(b[None]))
-    np.testing.assert_allclose(packed[0, :len(a)], alone_a[0], atol=2e-5, rtol=0)
-    np.testing.assert_allclose(packed[0, len(a):len(a) + len(b)], alone_b[0], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(packed[0, : len(a)], alone_a[0], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(packed[0, len(a) : len(a) + len(b)], alone_b[0], atol=2e-5, rtol=0)
     # without segment ids the second document would see the first: the property is not vacuous
     leaky = forward(cfg, params, jnp.asarray(tokens), jnp.asarray(positions))
-    assert np.abs(leaky[0, len(a):len(a) + len(b)] - alone_b[0]).max() > 1e-3
+    assert np.abs(leaky[0, len(a) : len(a) + len(b)] - alone_b[0]).max() > 1e-3
 
 
 def test_explicit_positions_shift_rope():
@@ -63,10 +66,16 @@ def test_nnx_module_carries_logical_axes_and_matches_forward():
     cfg = tiny(vocab_size=256)
     model = Llama(cfg, rngs=nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
-    axes = jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
-    expected = jax.tree.map(lambda spec: spec[1], param_shapes(cfg),
-                            is_leaf=lambda x: isinstance(x, tuple) and isinstance(x[1], tuple))
+    axes = jax.tree.map(
+        lambda v: v.get_metadata()["logical_axes"],
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    expected = jax.tree.map(
+        lambda spec: spec[1],
+        param_shapes(cfg),
+        is_leaf=lambda x: isinstance(x, tuple) and isinstance(x[1], tuple),
+    )
     assert axes.to_pure_dict() == expected
     tokens = jnp.arange(12)[None]
     np.testing.assert_array_equal(model(tokens), forward(cfg, model.params(), tokens))
@@ -76,17 +85,20 @@ def test_configs_load_with_exact_8b_shape():
     cfg = load_model_config(CONFIGS / "llama3_1_8b.yaml")
     assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (32, 32, 8, 128)
     assert cfg.rope_scaling["original_max_position_embeddings"] == 8192
-    assert cfg.num_params() == 8_030_261_248          # Llama-3.1-8B's published count
+    assert cfg.num_params() == 8_030_261_248  # Llama-3.1-8B's published count
     assert load_model_config(CONFIGS / "tiny.yaml", ["num_layers=3"]).num_layers == 3
 
 
-@pytest.mark.parametrize("change,field", [
-    ({"num_kv_heads": 3}, "num_kv_heads"),
-    ({"remat_policy": "most"}, "remat_policy"),
-    ({"compute_dtype": "int8"}, "compute_dtype"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
-])
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"num_kv_heads": 3}, "num_kv_heads"),
+        ({"remat_policy": "most"}, "remat_policy"),
+        ({"compute_dtype": "int8"}, "compute_dtype"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+    ],
+)
 def test_bad_model_configs_name_the_field(change, field):
     data = tiny().to_dict() | change
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -1,6 +1,7 @@
 """Packaging: pyproject.toml's dependencies agree with the pinned requirements*.txt, and the wheel
 installs (not editable) into a fresh environment where `cslm-jax` works from any folder: only
 `cslm_jax` at the top level, tasks/ as `cslm_jax.tasks`, configs/ as package data."""
+
 from __future__ import annotations
 
 import email.parser
@@ -18,7 +19,7 @@ from packaging.utils import canonicalize_name
 
 try:
     import tomllib
-except ImportError:                          # Python 3.10
+except ImportError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,12 +46,14 @@ def _specs(lines: list[str]) -> dict[str, Requirement]:
 def _check_pins_satisfy(pins: dict[str, Requirement], specs: dict[str, Requirement], where: str):
     assert sorted(pins) == sorted(specs), (
         f"{where}: names differ; only in requirements: {sorted(set(pins) - set(specs))}, "
-        f"only in pyproject: {sorted(set(specs) - set(pins))}")
+        f"only in pyproject: {sorted(set(specs) - set(pins))}"
+    )
     for name, pin in pins.items():
-        (spec,) = pin.specifier                        # an exact pin: the install list CI uses
+        (spec,) = pin.specifier  # an exact pin: the install list CI uses
         assert spec.operator == "==", f"{pin}: requirements files pin exact versions"
         assert specs[name].specifier.contains(spec.version, prereleases=True), (
-            f"{where}: pinned {pin} does not satisfy pyproject's {specs[name]}")
+            f"{where}: pinned {pin} does not satisfy pyproject's {specs[name]}"
+        )
         assert not specs[name].marker and not specs[name].extras, specs[name]
 
 
@@ -66,7 +69,10 @@ def test_pyproject_dependencies_match_the_pinned_requirements():
     assert sorted(tpu) == ["jax", "libtpu"], tpu
     jax_pin = next(iter(runtime["jax"].specifier)).version
     assert tpu["jax"].extras == {"tpu"} and str(tpu["jax"].specifier) == f"=={jax_pin}", tpu["jax"]
-    assert str(tpu["libtpu"].specifier) == str(dev["libtpu"].specifier), (tpu["libtpu"], dev["libtpu"])
+    assert str(tpu["libtpu"].specifier) == str(dev["libtpu"].specifier), (
+        tpu["libtpu"],
+        dev["libtpu"],
+    )
     # jaxlib moves with jax: both exact, the same release
     assert str(_specs(project["dependencies"])["jaxlib"].specifier) == f"=={jax_pin}"
 
@@ -79,15 +85,31 @@ def wheel(tmp_path_factory) -> Path:
     src = root / "src"
     for name in BUILD_INPUTS:
         if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, src / name,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(
+                REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+            )
         else:
             src.mkdir(exist_ok=True)
             shutil.copy2(REPO / name, src / name)
     out = root / "dist"
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index",
-                           "--no-build-isolation", "-q", "-w", str(out), str(src)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-index",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (whl,) = out.glob("cslm_jax-*.whl")
     return whl
@@ -95,14 +117,21 @@ def wheel(tmp_path_factory) -> Path:
 
 def _expected_files() -> set[str]:
     """Every module and config of the checkout, at its installed path."""
-    files = {f"cslm_jax/{p.relative_to(REPO / 'cslm_jax').as_posix()}"
-             for p in (REPO / "cslm_jax").rglob("*") if p.suffix in (".py", ".cc")
-             and "__pycache__" not in p.parts}
-    files |= {f"cslm_jax/tasks/{p.relative_to(REPO / 'tasks').as_posix()}"
-              for p in (REPO / "tasks").rglob("*.py") if "__pycache__" not in p.parts}
-    files |= {f"cslm_jax/configs/{p.relative_to(REPO / 'configs').as_posix()}"
-              for p in (REPO / "configs").rglob("*") if p.suffix in (".py", ".yaml")
-              and "__pycache__" not in p.parts}
+    files = {
+        f"cslm_jax/{p.relative_to(REPO / 'cslm_jax').as_posix()}"
+        for p in (REPO / "cslm_jax").rglob("*")
+        if p.suffix in (".py", ".cc") and "__pycache__" not in p.parts
+    }
+    files |= {
+        f"cslm_jax/tasks/{p.relative_to(REPO / 'tasks').as_posix()}"
+        for p in (REPO / "tasks").rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
+    files |= {
+        f"cslm_jax/configs/{p.relative_to(REPO / 'configs').as_posix()}"
+        for p in (REPO / "configs").rglob("*")
+        if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts
+    }
     return files
 
 
@@ -117,26 +146,42 @@ def test_wheel_holds_only_cslm_jax_with_configs_tasks_kernels_and_dependencies(w
     assert not stray, f"installed outside cslm_jax: {stray}"
     assert top_level == ["cslm_jax"]
     missing = sorted(_expected_files() - names)
-    assert not missing, (f"not in the wheel (a new subpackage or configs subfolder must be listed "
-                         f"in pyproject.toml [tool.setuptools] packages): {missing}")
-    for name in ("cslm_jax/tasks/cslm.py", "cslm_jax/configs/data/demo.yaml",
-                 "cslm_jax/configs/model/llama3_1_8b.yaml", "cslm_jax/configs/demo_sft.yaml",
-                 "cslm_jax/kernels/small_matmul.cc", "cslm_jax/resources.py"):
+    assert not missing, (
+        f"not in the wheel (a new subpackage or configs subfolder must be listed "
+        f"in pyproject.toml [tool.setuptools] packages): {missing}"
+    )
+    for name in (
+        "cslm_jax/tasks/cslm.py",
+        "cslm_jax/configs/data/demo.yaml",
+        "cslm_jax/configs/model/llama3_1_8b.yaml",
+        "cslm_jax/configs/demo_sft.yaml",
+        "cslm_jax/kernels/small_matmul.cc",
+        "cslm_jax/resources.py",
+    ):
         assert name in names, name
     assert "cslm-jax = cslm_jax.cli.main:main" in entry_points
 
     requires = [Requirement(r) for r in meta.get_all("Requires-Dist")]
     runtime = {canonicalize_name(r.name): str(r.specifier) for r in requires if not r.marker}
-    assert runtime == {canonicalize_name(r.name): str(r.specifier)
-                       for r in map(Requirement, PYPROJECT["project"]["dependencies"])}
+    assert runtime == {
+        canonicalize_name(r.name): str(r.specifier)
+        for r in map(Requirement, PYPROJECT["project"]["dependencies"])
+    }
     assert set(meta.get_all("Provides-Extra")) >= {"dev", "tpu"}
-    tpu = [r for r in requires if r.marker and r.marker.evaluate({"extra": "tpu"})
-           and not r.marker.evaluate({"extra": ""})]
+    tpu = [
+        r
+        for r in requires
+        if r.marker and r.marker.evaluate({"extra": "tpu"}) and not r.marker.evaluate({"extra": ""})
+    ]
     assert sorted(f"{r.name}{sorted(r.extras)}{r.specifier}" for r in tpu) == sorted(
         f"{r.name}{sorted(r.extras)}{r.specifier}"
-        for r in map(Requirement, PYPROJECT["project"]["optional-dependencies"]["tpu"]))
-    dev = {canonicalize_name(r.name) for r in requires
-           if r.marker and r.marker.evaluate({"extra": "dev"}) and not r.marker.evaluate({"extra": ""})}
+        for r in map(Requirement, PYPROJECT["project"]["optional-dependencies"]["tpu"])
+    )
+    dev = {
+        canonicalize_name(r.name)
+        for r in requires
+        if r.marker and r.marker.evaluate({"extra": "dev"}) and not r.marker.evaluate({"extra": ""})
+    }
     assert {"torch", "pytest", "libtpu"} <= dev
 
 
@@ -145,37 +190,63 @@ def test_wheel_installed_in_a_fresh_venv_runs_outside_the_checkout(wheel, tmp_pa
     site-packages through a .pth line (a .pth file inside a directory added that way is not run,
     so this environment's editable finder for the checkout stays out)."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
-                   timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
+    )
     py = venv / "bin" / "python"
     # installed before the .pth exists, so pip sees no other cslm-jax (it must not touch ours)
-    proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q",
-                           "--no-deps", "--no-index", str(wheel)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()"
-                                "['purelib'])"], capture_output=True, text=True, check=True,
-                               timeout=60).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout.strip()
+    )
     ours = sysconfig.get_paths()
     (site / "_dev_dependencies.pth").write_text(
-        "\n".join(dict.fromkeys([ours["purelib"], ours["platlib"]])) + "\n")
+        "\n".join(dict.fromkeys([ours["purelib"], ours["platlib"]])) + "\n"
+    )
 
-    work = tmp_path / "elsewhere"                  # not the checkout, not below it
+    work = tmp_path / "elsewhere"  # not the checkout, not below it
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["JAX_PLATFORMS"] = "cpu"
-    env["COLUMNS"] = "1000"                        # argparse's help unwrapped: paths in one piece
+    env["COLUMNS"] = "1000"  # argparse's help unwrapped: paths in one piece
 
     def run(*args, exe=venv / "bin" / "cslm-jax"):
-        p = subprocess.run([str(exe), *args], cwd=work, env=env, capture_output=True, text=True,
-                           timeout=300)
+        p = subprocess.run(
+            [str(exe), *args], cwd=work, env=env, capture_output=True, text=True, timeout=300
+        )
         assert p.returncode == 0, f"{args}: exit {p.returncode}\n{p.stdout}\n{p.stderr}"
         return p.stdout
 
-    where = run("-c", "import cslm_jax, cslm_jax.tasks.cslm as t\n"
-                "from cslm_jax.resources import config_path\n"
-                "print(cslm_jax.__file__, t.__file__, config_path('data', 'demo.yaml'), sep='\\n')",
-                exe=py).split()
+    where = run(
+        "-c",
+        "import cslm_jax, cslm_jax.tasks.cslm as t\n"
+        "from cslm_jax.resources import config_path\n"
+        "print(cslm_jax.__file__, t.__file__, config_path('data', 'demo.yaml'), sep='\\n')",
+        exe=py,
+    ).split()
     for path in where:
         assert Path(path).resolve().is_relative_to(venv.resolve()), where
     assert "make-demo-data" in run("--help")

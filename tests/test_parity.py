@@ -1,4 +1,5 @@
 """Logit parity: our Flax model, fed weights through `import-hf`, against `transformers`."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from cslm_jax.demo.random_hf import llama3_rope_scaling
 from cslm_jax.model.llama import forward
 from cslm_jax.storage.checkpoint import load_params, read_metadata
 
-ORIGINAL_MAX = 32   # llama3 rope scaling's original context; the test sequences are longer
+ORIGINAL_MAX = 32  # llama3 rope scaling's original context; the test sequences are longer
 
 
 def torch_logits(model, ids):
@@ -23,14 +24,22 @@ def our_logits(ckpt, ids, **overrides):
     return np.asarray(forward(cfg, load_params(ckpt), jnp.asarray(ids)))
 
 
-@pytest.mark.parametrize("tie,layers,heads,kv_heads", [
-    (False, 2, 4, 2),   # GQA, untied
-    (True, 3, 4, 1),    # multi-query, tied
-    (False, 4, 8, 2),   # GQA groups of 4
-])
+@pytest.mark.parametrize(
+    "tie,layers,heads,kv_heads",
+    [
+        (False, 2, 4, 2),  # GQA, untied
+        (True, 3, 4, 1),  # multi-query, tied
+        (False, 4, 8, 2),  # GQA groups of 4
+    ],
+)
 def test_logit_parity_with_transformers(make_hf_llama, tmp_path, tie, layers, heads, kv_heads):
-    hf_dir, model = make_hf_llama(tie_word_embeddings=tie, num_layers=layers, num_heads=heads,
-                                  num_kv_heads=kv_heads, rope_scaling=llama3_rope_scaling(ORIGINAL_MAX))
+    hf_dir, model = make_hf_llama(
+        tie_word_embeddings=tie,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        rope_scaling=llama3_rope_scaling(ORIGINAL_MAX),
+    )
     ckpt = import_hf(hf_dir, tmp_path / "ckpt", speech_units=0, log=lambda *_: None)
     vocab = model.config.vocab_size
     ids = np.random.default_rng(layers).integers(0, vocab, size=(2, 3 * ORIGINAL_MAX))
@@ -54,14 +63,16 @@ def test_rope_scaling_changes_long_positions(make_hf_llama, tmp_path):
     assert np.abs(scaled - unscaled)[:, ORIGINAL_MAX:].max() > 1e-2
 
 
-@pytest.mark.parametrize("overrides", [{"scan_layers": False}, {"remat_policy": "full"},
-                                       {"remat_policy": "dots"}])
+@pytest.mark.parametrize(
+    "overrides", [{"scan_layers": False}, {"remat_policy": "full"}, {"remat_policy": "dots"}]
+)
 def test_scan_and_remat_do_not_change_logits(make_hf_llama, tmp_path, overrides):
     hf_dir, model = make_hf_llama(num_layers=3, rope_scaling=llama3_rope_scaling(ORIGINAL_MAX))
     ckpt = import_hf(hf_dir, tmp_path / "ckpt", speech_units=0, log=lambda *_: None)
     ids = np.random.default_rng(2).integers(0, model.config.vocab_size, size=(2, 40))
-    np.testing.assert_allclose(our_logits(ckpt, ids, **overrides), our_logits(ckpt, ids),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        our_logits(ckpt, ids, **overrides), our_logits(ckpt, ids), atol=1e-5, rtol=0
+    )
 
 
 def test_bf16_compute_stays_close(make_hf_llama, tmp_path):
@@ -70,7 +81,7 @@ def test_bf16_compute_stays_close(make_hf_llama, tmp_path):
     ckpt = import_hf(hf_dir, tmp_path / "ckpt", speech_units=0, log=lambda *_: None)
     ids = np.random.default_rng(3).integers(0, model.config.vocab_size, size=(1, 48))
     ref = torch_logits(model, ids)
-    ours = our_logits(ckpt, ids, compute_dtype="bfloat16")[..., :model.config.vocab_size]
+    ours = our_logits(ckpt, ids, compute_dtype="bfloat16")[..., : model.config.vocab_size]
     assert ours.dtype == np.float32
     scale = np.abs(ref).max()
     assert np.abs(ours - ref).max() < 0.05 * scale

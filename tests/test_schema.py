@@ -14,8 +14,15 @@ from cslm_jax.model.llama import decoding_params, forward, init_params, param_sh
 
 
 def tiny(**kw) -> ModelConfig:
-    base = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                num_kv_heads=2, compute_dtype="float32")
+    base = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        compute_dtype="float32",
+    )
     return ModelConfig(**(base | kw))
 
 
@@ -25,17 +32,25 @@ def test_hf_names_and_shapes_match_transformers(tied):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = tiny(tie_word_embeddings=tied)
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        tie_word_embeddings=tied))
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            tie_word_embeddings=tied,
+        )
+    )
     theirs = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
     if tied:
-        theirs.pop("lm_head.weight")          # the same tensor as the embedding
-    ours = {w.hf_name.format(i=i): schema.hf_shape(w, cfg, cfg.vocab_size)
-            for w in schema.weights(cfg)
-            for i in (range(cfg.num_layers) if w.per_layer else [None])}
+        theirs.pop("lm_head.weight")  # the same tensor as the embedding
+    ours = {
+        w.hf_name.format(i=i): schema.hf_shape(w, cfg, cfg.vocab_size)
+        for w in schema.weights(cfg)
+        for i in (range(cfg.num_layers) if w.per_layer else [None])
+    }
     assert ours == theirs
 
 
@@ -59,20 +74,23 @@ def test_a_new_row_reaches_every_consumer(monkeypatch, tmp_path):
 
     cfg = tiny()
     before = init_params(cfg, seed=1)
-    extra = schema.Weight("layers/extra_scale", ("embed",), "ones",
-                          "model.layers.{i}.extra_scale.weight", "copy")
+    extra = schema.Weight(
+        "layers/extra_scale", ("embed",), "ones", "model.layers.{i}.extra_scale.weight", "copy"
+    )
     monkeypatch.setattr(schema, "WEIGHTS", schema.WEIGHTS + (extra,))
 
     params = init_params(cfg, seed=1)
     assert params["layers"]["extra_scale"].shape == (2, 32)
     np.testing.assert_array_equal(params["layers"]["extra_scale"], 1.0)
-    np.testing.assert_array_equal(forward(cfg, params, jnp.arange(6)[None]),
-                                  forward(cfg, before, jnp.arange(6)[None]))
+    np.testing.assert_array_equal(
+        forward(cfg, params, jnp.arange(6)[None]), forward(cfg, before, jnp.arange(6)[None])
+    )
     mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.devices()[:2])
     assert param_shardings(cfg, mesh)["layers"]["extra_scale"].spec == PartitionSpec(None, "fsdp")
     assert "layers.extra_scale" in param_names(cfg)
-    assert [n for n in (w.hf_name for w in schema.weights(cfg)) if "extra" in n] == \
-        ["model.layers.{i}.extra_scale.weight"]
+    assert [n for n in (w.hf_name for w in schema.weights(cfg)) if "extra" in n] == [
+        "model.layers.{i}.extra_scale.weight"
+    ]
     packed = decoding_params(cfg, params)
     np.testing.assert_array_equal(packed["layers"][1]["extra_scale"], 1.0)
 
@@ -91,5 +109,5 @@ def test_rows_are_well_formed():
     for group, members in schema.FUSED.items():
         rows = [schema.weight("layers/" + m) for m in members]
         # fused weights share their input (the same contracted axes)
-        assert len({r.axes[:r.contracts] for r in rows}) == 1, group
+        assert len({r.axes[: r.contracts] for r in rows}) == 1, group
         assert rows[0].contracts >= 1

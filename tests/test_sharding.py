@@ -1,4 +1,5 @@
 """Parameters sharded by the rules table on 8 fake CPU devices; sharded forward == unsharded."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,35 +10,62 @@ from cslm_jax.config import ConfigError, ModelConfig
 from cslm_jax.model.llama import forward, init_params, param_shardings
 from cslm_jax.parallel.sharding import DEFAULT_RULES, logical_to_spec, make_mesh
 
-CFG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=16, compute_dtype="float32",
-                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+CFG = ModelConfig(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    compute_dtype="float32",
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
+)
 
 # What the default rules table gives (embed->fsdp; vocab, heads, kv_heads, mlp->tensor).
 EXPECTED = {
     (2, 2, 2): {
-        "embed": P("tensor", "fsdp"), "lm_head": P("fsdp", "tensor"), "final_norm": P(),
-        "layers/q_proj": P(None, "fsdp", "tensor"), "layers/k_proj": P(None, "fsdp", "tensor"),
-        "layers/v_proj": P(None, "fsdp", "tensor"), "layers/o_proj": P(None, "tensor", None, "fsdp"),
-        "layers/gate_proj": P(None, "fsdp", "tensor"), "layers/up_proj": P(None, "fsdp", "tensor"),
-        "layers/down_proj": P(None, "tensor", "fsdp"), "layers/attn_norm": P(),
+        "embed": P("tensor", "fsdp"),
+        "lm_head": P("fsdp", "tensor"),
+        "final_norm": P(),
+        "layers/q_proj": P(None, "fsdp", "tensor"),
+        "layers/k_proj": P(None, "fsdp", "tensor"),
+        "layers/v_proj": P(None, "fsdp", "tensor"),
+        "layers/o_proj": P(None, "tensor", None, "fsdp"),
+        "layers/gate_proj": P(None, "fsdp", "tensor"),
+        "layers/up_proj": P(None, "fsdp", "tensor"),
+        "layers/down_proj": P(None, "tensor", "fsdp"),
+        "layers/attn_norm": P(),
         "layers/mlp_norm": P(),
     },
     (1, 8, 1): {
-        "embed": P(None, "fsdp"), "lm_head": P("fsdp"), "final_norm": P(),
-        "layers/q_proj": P(None, "fsdp"), "layers/k_proj": P(None, "fsdp"),
-        "layers/v_proj": P(None, "fsdp"), "layers/o_proj": P(None, None, None, "fsdp"),
-        "layers/gate_proj": P(None, "fsdp"), "layers/up_proj": P(None, "fsdp"),
-        "layers/down_proj": P(None, None, "fsdp"), "layers/attn_norm": P(),
+        "embed": P(None, "fsdp"),
+        "lm_head": P("fsdp"),
+        "final_norm": P(),
+        "layers/q_proj": P(None, "fsdp"),
+        "layers/k_proj": P(None, "fsdp"),
+        "layers/v_proj": P(None, "fsdp"),
+        "layers/o_proj": P(None, None, None, "fsdp"),
+        "layers/gate_proj": P(None, "fsdp"),
+        "layers/up_proj": P(None, "fsdp"),
+        "layers/down_proj": P(None, None, "fsdp"),
+        "layers/attn_norm": P(),
         "layers/mlp_norm": P(),
     },
 }
 
 
 def flat(tree):
-    return {"/".join(str(getattr(k, "key", k)) for k in path): v
-            for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): v
+        for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1)])
@@ -75,7 +103,9 @@ def test_rules_are_config_and_errors_are_clear():
     assert shard["layers"]["k_proj"].spec == P()
     assert shard["embed"].spec == P("tensor")
     # 2 kv heads cannot be split 4 ways by the default rules: refused, naming the parameter
-    with pytest.raises(ConfigError, match=r"parameter \['layers'\]\['k_proj'\].*kv_heads.*not divisible"):
+    with pytest.raises(
+        ConfigError, match=r"parameter \['layers'\]\['k_proj'\].*kv_heads.*not divisible"
+    ):
         param_shardings(CFG, mesh)
     with pytest.raises(ConfigError, match="mesh axis 'model'"):
         logical_to_spec(("embed",), {"embed": "model"})
@@ -97,8 +127,10 @@ def test_checkpoint_restores_into_the_current_mesh(make_hf_llama, tmp_path):
     shardings = param_shardings(cfg, mesh)
     sharded = load_params(ckpt, shardings=shardings)
     host = load_params(ckpt)
-    for (path, arr), (_, want) in zip(jax.tree_util.tree_flatten_with_path(sharded)[0],
-                                      jax.tree_util.tree_flatten_with_path(shardings)[0]):
+    for (path, arr), (_, want) in zip(
+        jax.tree_util.tree_flatten_with_path(sharded)[0],
+        jax.tree_util.tree_flatten_with_path(shardings)[0],
+    ):
         assert arr.sharding == want, path
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(host)):
         np.testing.assert_array_equal(np.asarray(a), b)

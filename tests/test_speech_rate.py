@@ -1,6 +1,7 @@
 """The speech rate of merged units (issue 25): `synthesize` and `decode --speech-out` take it from
 the data config's `format.speech_rate` (the mean run length `extract-units` records) unless
 `--speech-rate` is given, 1.0 where the units are not merged, and say which they used."""
+
 import json
 
 import numpy as np
@@ -27,15 +28,45 @@ def test_synthesize_takes_the_data_configs_rate(tmp_path, capsys):
     units = np.random.default_rng(0).integers(0, 4096, 30).tolist()
     f = tmp_path / "units.txt"
     f.write_text("".join(f"<{u}>" for u in units) + "\n")
-    cases = [("rated", ["--data-config", str(_config(tmp_path, "  speech_rate: 1.5\n"))], 1.5,
-              "format.speech_rate"),
-             ("given", ["--data-config", str(_config(tmp_path, "  speech_rate: 1.5\n")),
-                        "--speech-rate", "1.2"], 1.2, "--speech-rate"),
-             ("unset", ["--data-config", str(DATA)], 1.0, "format.speech_rate is not set")]
+    cases = [
+        (
+            "rated",
+            ["--data-config", str(_config(tmp_path, "  speech_rate: 1.5\n"))],
+            1.5,
+            "format.speech_rate",
+        ),
+        (
+            "given",
+            [
+                "--data-config",
+                str(_config(tmp_path, "  speech_rate: 1.5\n")),
+                "--speech-rate",
+                "1.2",
+            ],
+            1.2,
+            "--speech-rate",
+        ),
+        ("unset", ["--data-config", str(DATA)], 1.0, "format.speech_rate is not set"),
+    ]
     for name, flags, rate, source in cases:
         out = tmp_path / name
-        assert cli(["synthesize", "--units", str(f), "--token2wav", str(folder), "--voice",
-                    "random", "--out", str(out), *flags]) == 0
+        assert (
+            cli(
+                [
+                    "synthesize",
+                    "--units",
+                    str(f),
+                    "--token2wav",
+                    str(folder),
+                    "--voice",
+                    "random",
+                    "--out",
+                    str(out),
+                    *flags,
+                ]
+            )
+            == 0
+        )
         said = capsys.readouterr().out
         assert f"speech rate {rate:g} (" in said and source in said, said
         report = json.loads((out / "synthesize.json").read_text())

@@ -9,6 +9,7 @@ the parity test and in the decode test alike (one process: the compiled programs
 
 Measured (float32, CPU): the streamed waveform within ~1.5e-4 of upstream's (bound 1e-3, the whole
 synthesis bound of issue 25)."""
+
 import json
 
 import numpy as np
@@ -32,8 +33,9 @@ CHUNKS = (30, 30, 40)
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return t2w.load_token2wav(t2w.save_random_token2wav(tmp_path_factory.mktemp("t2w") / "t2w",
-                                                        seed=0))
+    return t2w.load_token2wav(
+        t2w.save_random_token2wav(tmp_path_factory.mktemp("t2w") / "t2w", seed=0)
+    )
 
 
 def _chunks(seed=0):
@@ -55,17 +57,19 @@ def upstream(model):
     flow_m = ref.flow_reference(fcfg, flow_to_state_dict(fcfg, model.flow_params))
     hift_m = ref.hift_reference(hcfg, hift_to_state_dict(hcfg, model.hift_params))
     units, _ = _chunks()
-    return ref.run_token2wav_stream(flow_m, hift_m, _expected_windows(units),
-                                    model.voices["random"], seed=0)
+    return ref.run_token2wav_stream(
+        flow_m, hift_m, _expected_windows(units), model.voices["random"], seed=0
+    )
 
 
 def _their_noise(model, draws):
     """Our stream's noise callable giving upstream's draws of each call."""
+
     def noise(k, flow_frames, hift_frames):
         d = draws[k]
         assert d[0][0] == "randn_like" and d[0][1].shape == (1, 80, flow_frames)
-        return {"flow": d[0][1].transpose(0, 2, 1),
-                "hift": ref.hift_noise(model.hift_cfg, d[1:])}
+        return {"flow": d[0][1].transpose(0, 2, 1), "hift": ref.hift_noise(model.hift_cfg, d[1:])}
+
     return noise
 
 
@@ -80,13 +84,15 @@ def test_streamed_audio_equals_upstreams_streaming_path(model, upstream):
     units, chunks = _chunks()
     s, outs = _stream(model, chunks, _their_noise(model, draws))
     assert s.windows == _expected_windows(units)
-    assert len(outs[0]) == 0                         # the short first chunk waits
+    assert len(outs[0]) == 0  # the short first chunk waits
     ours = [o for o in outs if len(o)]
     assert [len(o) for o in ours] == [len(a) for a in audio_ref]
     for i, (a, b) in enumerate(zip(ours, audio_ref)):
         err = np.abs(a - b).max()
-        print(f"call {i}: {len(a)} samples, max |ours - upstream| {err:.2e} "
-              f"(peak {np.abs(b).max():.2f})")
+        print(
+            f"call {i}: {len(a)} samples, max |ours - upstream| {err:.2e} "
+            f"(peak {np.abs(b).max():.2f})"
+        )
         assert 0.01 < np.abs(b).max() and err <= TOL
 
 
@@ -113,10 +119,12 @@ def test_length_is_the_windows_frames_and_seams_do_not_click(model):
     # zero noise is deterministic; a key gives other audio of the same length, reproducibly
     np.testing.assert_array_equal(np.concatenate(_stream(model, chunks)[1]), wave)
     import jax
+
     keyed = np.concatenate(_stream(model, chunks, jax.random.PRNGKey(1))[1])
     assert keyed.shape == wave.shape and not np.array_equal(keyed, wave)
     np.testing.assert_array_equal(
-        np.concatenate(_stream(model, chunks, jax.random.PRNGKey(1))[1]), keyed)
+        np.concatenate(_stream(model, chunks, jax.random.PRNGKey(1))[1]), keyed
+    )
 
 
 def test_windows_of_one_bucket_share_one_compiled_flow(model):
@@ -125,8 +133,12 @@ def test_windows_of_one_bucket_share_one_compiled_flow(model):
     compile seconds; HiFT's 69 and 74 frames share its 96-frame bucket too), and the audio is
     what the window gives alone (the 63-unit window's samples, `expected_samples`)."""
     from cslm_jax.speech.stream import compiled_window_programs, window_buckets
-    assert window_buckets(60, t2w.mel_frames(60)) == window_buckets(63, t2w.mel_frames(63)) \
+
+    assert (
+        window_buckets(60, t2w.mel_frames(60))
+        == window_buckets(63, t2w.mel_frames(63))
         == (64, 128)
+    )
     rng = np.random.default_rng(5)
     a = SpeechStream(model, "random")
     assert len(a.push(rng.integers(0, 4096, 60).tolist())) > 0
@@ -140,16 +152,19 @@ def test_windows_of_one_bucket_share_one_compiled_flow(model):
 
 def test_events_in_audio_out(model):
     from cslm_jax.infer.decode import End, SpeechChunk, TextChunk
+
     _, chunks = _chunks()
     events = [TextChunk(0, "hi", ())]
     events += [SpeechChunk(i, tuple(c), ()) for i, c in enumerate(chunks)]
     events += [TextChunk(1, "bye", ()), End("eoa", (), ())]
     pairs = list(speak(events, SpeechStream(model, "random")))
     assert [p[0] for p in pairs] == events
-    assert [len(a) for _, a in pairs] == [0, 0] + [len(o) for o in _stream(model, chunks)[1][1:3]] \
-        + [0, len(_stream(model, chunks)[1][3])]
-    np.testing.assert_array_equal(np.concatenate([a for _, a in pairs]),
-                                  np.concatenate(_stream(model, chunks)[1]))
+    assert [len(a) for _, a in pairs] == [0, 0] + [
+        len(o) for o in _stream(model, chunks)[1][1:3]
+    ] + [0, len(_stream(model, chunks)[1][3])]
+    np.testing.assert_array_equal(
+        np.concatenate([a for _, a in pairs]), np.concatenate(_stream(model, chunks)[1])
+    )
 
 
 def test_short_answers_and_bad_input(model):
@@ -182,8 +197,7 @@ def test_short_answers_and_bad_input(model):
 # units at <eoa> (the shapes compiled above; several chunks per answer are tested above).
 UNITS = 64
 SPEECH = [list(range(60))]
-ANSWER = "[question]What[answer]The<sosp>" + "".join(f"<{u}>" for u in SPEECH[0]) + \
-    "<eosp>fox<eoa>"
+ANSWER = "[question]What[answer]The<sosp>" + "".join(f"<{u}>" for u in SPEECH[0]) + "<eosp>fox<eoa>"
 
 
 def _bigram_cslm(out, tok, answer_ids, first, hidden=128):
@@ -191,10 +205,19 @@ def _bigram_cslm(out, tok, answer_ids, first, hidden=128):
     (attention and MLP outputs zeroed; embedding row of the i-th chain token = unit vector i, LM
     head maps it to the (i+1)-th), as tests/test_decode_cli.py's, wide enough for 60 units."""
     from cslm_jax.demo.random_hf import write_random_hf_llama
+
     chain = [first] + list(answer_ids)
     assert len(set(chain)) == len(chain) <= hidden
-    model = write_random_hf_llama(out, tok, hidden_size=hidden, intermediate_size=64,
-                                  num_layers=1, num_heads=4, num_kv_heads=2, seed=3)
+    model = write_random_hf_llama(
+        out,
+        tok,
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        seed=3,
+    )
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
@@ -203,7 +226,8 @@ def _bigram_cslm(out, tok, answer_ids, first, hidden=128):
         model.lm_head.weight.zero_()
         for i, tok_id in enumerate(chain):
             model.model.embed_tokens.weight[tok_id] = torch.nn.functional.one_hot(
-                torch.tensor(i), hidden).float()
+                torch.tensor(i), hidden
+            ).float()
             if i + 1 < len(chain):
                 model.lm_head.weight[chain[i + 1], i] = 10.0
     model.save_pretrained(str(out))
@@ -219,8 +243,9 @@ def cslm(tmp_path_factory, tiny_tokenizer_dir):
     tok = load_tokenizer(tiny_tokenizer_dir)
     extend_tokenizer(tok, UNITS, len(tok))
     answer_ids = tok.encode(ANSWER, add_special_tokens=False)
-    header = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
-                                     add_generation_prompt=True)
+    header = tok.apply_chat_template(
+        [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
+    )
     _bigram_cslm(root / "hf", tok, answer_ids, tok.encode(header, add_special_tokens=False)[-1])
     ckpt = import_hf(root / "hf", root / "ck", log=lambda *_: None)
     units = root / "questions.txt"
@@ -230,22 +255,42 @@ def cslm(tmp_path_factory, tiny_tokenizer_dir):
 
 def test_decode_speech_out_writes_a_wav_per_answer_with_timings(cslm, model, tmp_path, capsys):
     ckpt, units, n_ids = cslm
-    code = cli(["decode", "--lang", "en", "--unit", str(units), "--ckpt", str(ckpt), "--greedy",
-                "--max-new-tokens", str(n_ids + 4), "--output-dir", str(tmp_path / "out"),
-                "--batch-size", "2",                      # both answers streamed side by side
-                "--speech-out", str(tmp_path / "wavs"), "--token2wav", str(model.path),
-                "--voice", "random"])
+    code = cli(
+        [
+            "decode",
+            "--lang",
+            "en",
+            "--unit",
+            str(units),
+            "--ckpt",
+            str(ckpt),
+            "--greedy",
+            "--max-new-tokens",
+            str(n_ids + 4),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--batch-size",
+            "2",  # both answers streamed side by side
+            "--speech-out",
+            str(tmp_path / "wavs"),
+            "--token2wav",
+            str(model.path),
+            "--voice",
+            "random",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "time to first audio (--speech-out)" in captured.out
-    records = [json.loads(x) for x in (tmp_path / "out" / "responses.jsonl").read_text()
-               .splitlines()]
+    records = [
+        json.loads(x) for x in (tmp_path / "out" / "responses.jsonl").read_text().splitlines()
+    ]
     assert len(records) == 2
     # windows of 60 and 20 units
     frames = t2w.mel_frames(60) + t2w.mel_frames(20) - 34
     for r in records:
         assert r["speech_chunks"] == SPEECH and r["finish"] == "eoa"
-        assert r["wav"] == f"{r['index']:04d}.wav"              # a fresh run: lines 0, 1
+        assert r["wav"] == f"{r['index']:04d}.wav"  # a fresh run: lines 0, 1
         wave, rate = sf.read(str(tmp_path / "wavs" / r["wav"]), dtype="float32")
         assert rate == 22050 and wave.shape == (frames * 256,)
         assert np.abs(wave).max() > 0.01
@@ -260,20 +305,41 @@ def test_decode_speech_out_writes_a_wav_per_answer_with_timings(cslm, model, tmp
     summary = json.loads((tmp_path / "out" / "latency_summary.json").read_text())
     assert summary["time_to_first_audio_s"]["missing"] == 0
     assert summary["time_to_first_audio_s"]["mean"] == pytest.approx(
-        np.mean([r["timing"]["time_to_first_audio_s"] for r in records]))
+        np.mean([r["timing"]["time_to_first_audio_s"] for r in records])
+    )
 
 
-def test_decode_speech_out_names_wavs_by_their_line_when_appending_and_resuming(cslm, model,
-                                                                               tmp_path, capsys):
+def test_decode_speech_out_names_wavs_by_their_line_when_appending_and_resuming(
+    cslm, model, tmp_path, capsys
+):
     """Each wav is named by its answer's line in responses.jsonl: an --append run's answers to
     questions 0 and 1 (lines 2 and 3) get 0002.wav and 0003.wav beside the first run's, which
     stay byte for byte; that run cut off after its first answer and started again resumes with
     its answer to question 1 as 0003.wav again."""
     ckpt, units, n_ids = cslm
     out, wavs = tmp_path / "out", tmp_path / "wavs"
-    args = ["decode", "--lang", "en", "--unit", str(units), "--ckpt", str(ckpt), "--greedy",
-            "--max-new-tokens", str(n_ids + 4), "--output-dir", str(out), "--batch-size", "1",
-            "--speech-out", str(wavs), "--token2wav", str(model.path), "--voice", "random"]
+    args = [
+        "decode",
+        "--lang",
+        "en",
+        "--unit",
+        str(units),
+        "--ckpt",
+        str(ckpt),
+        "--greedy",
+        "--max-new-tokens",
+        str(n_ids + 4),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "1",
+        "--speech-out",
+        str(wavs),
+        "--token2wav",
+        str(model.path),
+        "--voice",
+        "random",
+    ]
 
     def run(*extra):
         code = cli(args + list(extra))
@@ -290,10 +356,14 @@ def test_decode_speech_out_names_wavs_by_their_line_when_appending_and_resuming(
     assert sorted(before) == ["0000.wav", "0001.wav"]
     records = run("--append")
     assert [(r["index"], r["wav"]) for r in records] == [
-        (0, "0000.wav"), (1, "0001.wav"), (0, "0002.wav"), (1, "0003.wav")]
+        (0, "0000.wav"),
+        (1, "0001.wav"),
+        (0, "0002.wav"),
+        (1, "0003.wav"),
+    ]
     after = wav_bytes()
     assert sorted(after) == ["0000.wav", "0001.wav", "0002.wav", "0003.wav"]
-    assert {k: after[k] for k in before} == before                 # the old wavs untouched
+    assert {k: after[k] for k in before} == before  # the old wavs untouched
     # the new ones are the answers' audio (the same answers: the same bytes, other files)
     assert after["0002.wav"] == before["0000.wav"] and after["0003.wav"] == before["0001.wav"]
     # cut off after the append run's first answer: a rerun resumes it at question 1, line 3
@@ -309,22 +379,65 @@ def test_decode_speech_out_names_wavs_by_their_line_when_appending_and_resuming(
 
 def test_decode_speech_out_refuses_bad_arguments_before_loading(cslm, model, tmp_path, capsys):
     ckpt, units, _ = cslm
-    base = ["decode", "--lang", "en", "--unit", str(units), "--ckpt", str(ckpt),
-            "--output-dir", str(tmp_path / "out")]
+    base = [
+        "decode",
+        "--lang",
+        "en",
+        "--unit",
+        str(units),
+        "--ckpt",
+        str(ckpt),
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
     for extra, message in [
-            (["--speech-out", str(tmp_path / "w"), "--token2wav", str(model.path), "--voice",
-              "nobody"], "voice 'nobody': not a voice of"),
-            (["--speech-out", str(tmp_path / "w"), "--token2wav", str(model.path)],
-             "--speech-out needs --voice"),
-            (["--voice", "random"], "--voice goes only with --speech-out"),
-            (["--speech-out", str(tmp_path / "w"), "--token2wav", str(tmp_path / "none"),
-              "--voice", "random"], "--token2wav"),
-            (["--speech-out", str(units), "--token2wav", str(model.path), "--voice", "random"],
-             "--speech-out"),
-            (["--speech-out", str(tmp_path / "w"), "--token2wav", str(model.path), "--voice",
-              "random", "--speech-rate", "0.5"], "--speech-rate 0.5")]:
+        (
+            [
+                "--speech-out",
+                str(tmp_path / "w"),
+                "--token2wav",
+                str(model.path),
+                "--voice",
+                "nobody",
+            ],
+            "voice 'nobody': not a voice of",
+        ),
+        (
+            ["--speech-out", str(tmp_path / "w"), "--token2wav", str(model.path)],
+            "--speech-out needs --voice",
+        ),
+        (["--voice", "random"], "--voice goes only with --speech-out"),
+        (
+            [
+                "--speech-out",
+                str(tmp_path / "w"),
+                "--token2wav",
+                str(tmp_path / "none"),
+                "--voice",
+                "random",
+            ],
+            "--token2wav",
+        ),
+        (
+            ["--speech-out", str(units), "--token2wav", str(model.path), "--voice", "random"],
+            "--speech-out",
+        ),
+        (
+            [
+                "--speech-out",
+                str(tmp_path / "w"),
+                "--token2wav",
+                str(model.path),
+                "--voice",
+                "random",
+                "--speech-rate",
+                "0.5",
+            ],
+            "--speech-rate 0.5",
+        ),
+    ]:
         code = cli(base + extra)
         captured = capsys.readouterr()
         assert code == 2 and message in captured.err, (extra, captured.err)
-        assert captured.out == ""                            # nothing loaded, nothing decoded
+        assert captured.out == ""  # nothing loaded, nothing decoded
         assert not (tmp_path / "out").exists() and not (tmp_path / "w").exists()

@@ -2,6 +2,7 @@
 codebook: the package's is zeros until weights are loaded): the log-mel front end, the encoder
 output, code lengths and codes, for v1, v1_25hz and v2_25hz, batched and one by one, and > 30 s
 audio through the package's windows. See tests/s3_reference.py for the package import."""
+
 import functools
 
 import jax
@@ -38,6 +39,7 @@ def test_mel_filters_equal_the_packages_asset():
     """Computed here (librosa's Slaney mel, Slaney norm) = the package's assets/mel_filters.npz,
     bit for bit."""
     import os
+
     path = os.path.join(os.path.dirname(s3tokenizer.__file__), "assets", "mel_filters.npz")
     with np.load(path) as f:
         for n in (80, 128):
@@ -48,8 +50,9 @@ def test_mel_filters_equal_the_packages_asset():
 def _float64_log_mel(w):
     """The package's front end in float64: the exact value both float32 versions approximate."""
     x = torch.from_numpy(np.array(w, np.float64))
-    st = torch.stft(x, 400, 160, window=torch.hann_window(400, dtype=torch.float64),
-                    return_complex=True)
+    st = torch.stft(
+        x, 400, 160, window=torch.hann_window(400, dtype=torch.float64), return_complex=True
+    )
     ms = torch.from_numpy(mel_filters().astype(np.float64)) @ (st[..., :-1].abs() ** 2)
     ls = torch.clamp(ms, min=1e-10).log10()
     ls = torch.maximum(ls, ls.max() - 8.0)
@@ -65,20 +68,20 @@ def test_log_mel_matches_the_package_batched(waves):
     n = max(LENGTHS) + 777
     batch = np.zeros((len(waves), n), np.float32)
     for i, w in enumerate(waves):
-        batch[i, :len(w)] = w
+        batch[i, : len(w)] = w
     for i, w in enumerate(waves):
-        batch[i, len(w):] = 0.5
+        batch[i, len(w) :] = 0.5
     mel, mel_len = (np.asarray(a) for a in log_mel_jit(batch, np.array(LENGTHS)))
     assert mel.shape == (len(waves), n // 160, 128)
     diffs, ours_err, package_err = [], [], []
     for i, w in enumerate(waves):
         ref = s3tokenizer.log_mel_spectrogram(torch.from_numpy(w)).numpy().T
         assert mel_len[i] == ref.shape[0] == LENGTHS[i] // 160
-        diffs.append(np.abs(mel[i, :mel_len[i]] - ref).ravel())
+        diffs.append(np.abs(mel[i, : mel_len[i]] - ref).ravel())
         exact = _float64_log_mel(w)
-        ours_err.append(np.abs(mel[i, :mel_len[i]] - exact).max())
+        ours_err.append(np.abs(mel[i, : mel_len[i]] - exact).max())
         package_err.append(np.abs(ref - exact).max())
-        assert (mel[i, mel_len[i]:] == 0).all()
+        assert (mel[i, mel_len[i] :] == 0).all()
     assert max(ours_err) <= max(package_err) and max(ours_err) < 2e-5
     diffs = np.concatenate(diffs)
     assert diffs.max() < 2e-5
@@ -97,12 +100,14 @@ def _compare(tok, waves, ours, check_hidden=True):
     if check_hidden:
         our_mel, our_len = tok.log_mel(waves)
         np.testing.assert_array_equal(our_len, mel_len.numpy())
-        our_h, our_hlen = tok.hidden(our_mel[:, :mel.shape[2]], our_len)
+        our_h, our_hlen = tok.hidden(our_mel[:, : mel.shape[2]], our_len)
         np.testing.assert_array_equal(our_hlen, hidden_len.numpy())
         # the packed layout (dense layers on the valid frames only) within the same bound
         rows = -(-int(hidden_len.sum()) // 256) * 256
         packed = jax.jit(functools.partial(encoder, cfg=cfg, packed=rows))
-        packed_h = np.asarray(packed(tok.params, mel=our_mel[:, :mel.shape[2]], mel_len=our_len)[0])
+        packed_h = np.asarray(
+            packed(tok.params, mel=our_mel[:, : mel.shape[2]], mel_len=our_len)[0]
+        )
     bad = total = 0
     for i in range(len(waves)):
         n = int(code_len[i])
@@ -128,11 +133,12 @@ def test_codes_match_the_package(version, waves):
     at near ties (at most 0.5%), for a batch of different lengths; batched = one by one."""
     tok = with_data_codebook(random_speech_tokenizer(version, seed=3, **TINY))
     ours = tok.encode(waves)
-    assert [len(c) for c in ours] == [int(x) for x in code_lengths(np.array(LENGTHS) // 160,
-                                                                   tok.config.stride)]
+    assert [len(c) for c in ours] == [
+        int(x) for x in code_lengths(np.array(LENGTHS) // 160, tok.config.stride)
+    ]
     assert all(c.dtype == np.int32 for c in ours)
     assert all(((c >= 0) & (c < tok.codebook_size)).all() for c in ours)
-    assert len(set(np.concatenate(ours).tolist())) > 15       # varied codes
+    assert len(set(np.concatenate(ours).tolist())) > 15  # varied codes
     _compare(tok, waves, ours)
     alone = [tok.encode([w])[0] for w in waves]
     for a, b in zip(alone, ours):
@@ -140,7 +146,7 @@ def test_codes_match_the_package(version, waves):
     # a padded array with lengths, wider than needed: the same codes
     padded = np.zeros((len(waves), 40000), np.float32)
     for i, w in enumerate(waves):
-        padded[i, :len(w)] = w
+        padded[i, : len(w)] = w
     for a, b in zip(tok.encode(padded, np.array(LENGTHS)), ours):
         np.testing.assert_array_equal(a, b)
 
@@ -164,7 +170,7 @@ def test_packed_frames_give_the_same_codes():
     for a, b in zip(tok.encode(waves), whole):
         np.testing.assert_array_equal(a, b)
     assert list(tok._packed_steps) == [rows]
-    assert tok._packed_rows(np.full(21, 40000), 48000) == 0          # little padding: not packed
+    assert tok._packed_rows(np.full(21, 40000), 48000) == 0  # little padding: not packed
 
 
 def test_bfloat16_precision_rounds_the_products_only(waves):
@@ -178,13 +184,17 @@ def test_bfloat16_precision_rounds_the_products_only(waves):
     mel, mel_len = ref.log_mel(waves)
     h1, n = ref.hidden(mel, mel_len)
     h2, _ = bf16.hidden(mel, mel_len)
-    rel = max(np.abs(h1[i, :n[i]] - h2[i, :n[i]]).max() / np.abs(h1[i, :n[i]]).max()
-              for i in range(len(n)))
+    rel = max(
+        np.abs(h1[i, : n[i]] - h2[i, : n[i]]).max() / np.abs(h1[i, : n[i]]).max()
+        for i in range(len(n))
+    )
     assert 1e-4 < rel < 5e-2, rel
     a, b = ref.encode(waves), bf16.encode(waves)
     same = sum(int((x == y).sum()) for x, y in zip(a, b)) / sum(len(x) for x in a)
     assert same > 0.8, same
-    with pytest.raises(SpeechTokenizerError, match="choose one of highest, high, default, bfloat16"):
+    with pytest.raises(
+        SpeechTokenizerError, match="choose one of highest, high, default, bfloat16"
+    ):
         SpeechTokenizer(ref.config, ref.params, precision="fp8")
 
 
@@ -212,8 +222,9 @@ def test_windows_and_stitching_follow_the_package():
     pkg = s3tokenizer.merge_tokenized_segments(segs, overlap=4, token_rate=50)
     np.testing.assert_array_equal(merge_windows(segs, 50), pkg)
     short_last = [list(range(100)), list(range(80)), list(range(30))]
-    np.testing.assert_array_equal(merge_windows(short_last, 25),
-                                  s3tokenizer.merge_tokenized_segments(short_last, 4, 25))
+    np.testing.assert_array_equal(
+        merge_windows(short_last, 25), s3tokenizer.merge_tokenized_segments(short_last, 4, 25)
+    )
 
 
 @pytest.mark.parametrize("version", ["v1", "v2_25hz"])
@@ -229,7 +240,7 @@ def test_long_audio_windows_match_the_package(version):
     _, mel, mel_len = package_mels(waves)
     with torch.inference_mode():
         codes, code_len = model.quantize(mel, mel_len)
-    pkg = [codes[i, :int(code_len[i])].numpy() for i in range(len(waves))]
+    pkg = [codes[i, : int(code_len[i])].numpy() for i in range(len(waves))]
     exact = tok.encode(waves, long_audio="window_package")
     fixed = tok.encode(waves, long_audio="window")
     full = [int(x) for x in code_lengths(np.array(lengths) // 160, tok.config.stride)]
@@ -239,10 +250,11 @@ def test_long_audio_windows_match_the_package(version):
     assert len(fixed[0]) == len(pkg[0]) == full[0]
     np.testing.assert_array_equal(fixed[0], exact[0])
     np.testing.assert_array_equal(fixed[2], exact[2])
-    assert len(pkg[1]) < full[1] == len(fixed[1])        # the package loses 2 s; we do not
+    assert len(pkg[1]) < full[1] == len(fixed[1])  # the package loses 2 s; we do not
     ups = tok.units_per_second
-    np.testing.assert_array_equal(fixed[1][:len(fixed[1]) - 2 * ups],
-                                  exact[1][:len(fixed[1]) - 2 * ups])
+    np.testing.assert_array_equal(
+        fixed[1][: len(fixed[1]) - 2 * ups], exact[1][: len(fixed[1]) - 2 * ups]
+    )
     with pytest.raises(SpeechTokenizerError, match=r"utterance 0: 35\.01 s, over"):
         tok.encode(waves, long_audio="refuse")
 
@@ -262,7 +274,7 @@ def test_bad_audio_is_refused_naming_the_utterance():
         tok.encode([good], long_audio="drop")
 
 
-@pytest.mark.slow          # 11-26 s here (130M random weights, two models); tiny v1 runs by default
+@pytest.mark.slow  # 11-26 s here (130M random weights, two models); tiny v1 runs by default
 def test_full_size_v1_matches_the_package():
     """The official v1 sizes (6 blocks of 1280, 20 heads, 4096 codes), random weights."""
     tok = with_data_codebook(random_speech_tokenizer("v1", seed=1))

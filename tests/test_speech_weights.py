@@ -1,5 +1,6 @@
 """S3 tokenizer weights: import from ONNX files laid out as the official ones and from
 s3tokenizer state dicts, tokenizer folders, and the errors for a wrong file, version or tensor."""
+
 import json
 
 import numpy as np
@@ -56,14 +57,29 @@ def test_onnx_import_reads_what_the_package_reads(version, tmp_path, capsys):
     for k in ref:
         np.testing.assert_array_equal(ours[k], ref[k].numpy(), err_msg=k)
     out = tmp_path / "tok"
-    assert cli(["import-speech-tokenizer", "--from", str(onnx_file), "--version", version,
-                "--out", str(out)]) == 0
+    assert (
+        cli(
+            [
+                "import-speech-tokenizer",
+                "--from",
+                str(onnx_file),
+                "--version",
+                version,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "wrote" in capsys.readouterr().out
     tok = load_speech_tokenizer(out)
     _same_params(tok.params, params)
     meta = json.loads((out / CONFIG_FILE).read_text())
     assert (meta["version"], meta["codebook_size"], meta["units_per_second"]) == (
-        version, tok.codebook_size, tok.units_per_second)
+        version,
+        tok.codebook_size,
+        tok.units_per_second,
+    )
     model = package_model(cfg)
     model.load_state_dict(ref, strict=True)
     waves = speechlike([9000, 5000], seed=1)
@@ -71,7 +87,7 @@ def test_onnx_import_reads_what_the_package_reads(version, tmp_path, capsys):
     with torch.inference_mode():
         codes, code_len = model.quantize(mel, mel_len)
     for i, c in enumerate(tok.encode(waves)):
-        assert (c != codes[i, :int(code_len[i])].numpy()).mean() <= 0.005
+        assert (c != codes[i, : int(code_len[i])].numpy()).mean() <= 0.005
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
@@ -87,12 +103,29 @@ def test_state_dict_import(suffix, tmp_path):
         torch.save(model.state_dict(), src)
     else:
         save_file({k: v.numpy() for k, v in model.state_dict().items()}, str(src))
-    assert cli(["import-speech-tokenizer", "--from", str(src), "--version", "v2_25hz",
-                "--out", str(tmp_path / "tok")]) == 0
+    assert (
+        cli(
+            [
+                "import-speech-tokenizer",
+                "--from",
+                str(src),
+                "--version",
+                "v2_25hz",
+                "--out",
+                str(tmp_path / "tok"),
+            ]
+        )
+        == 0
+    )
     _same_params(load_speech_tokenizer(tmp_path / "tok").params, params)
     back = package_model(cfg)
-    back.load_state_dict({k: torch.from_numpy(v) for k, v in
-                          load_file(str(tmp_path / "tok" / WEIGHTS_FILE)).items()}, strict=True)
+    back.load_state_dict(
+        {
+            k: torch.from_numpy(v)
+            for k, v in load_file(str(tmp_path / "tok" / WEIGHTS_FILE)).items()
+        },
+        strict=True,
+    )
 
 
 def test_random_tokenizer_folder_round_trip(tmp_path):
@@ -101,14 +134,18 @@ def test_random_tokenizer_folder_round_trip(tmp_path):
     tok = load_speech_tokenizer(out)
     _same_params(tok.params, params)
     assert (tok.version, tok.codebook_size, tok.units_per_second, tok.sample_rate) == (
-        "v1", 4096, 50, 16000)
+        "v1",
+        4096,
+        50,
+        16000,
+    )
     cb = np.asarray(tok.params["codebook"])
     assert np.abs(cb).min(axis=1).max() > 0 and len(np.unique(cb.round(4), axis=0)) == 4096
     with pytest.raises(OutputExistsError, match="not empty"):
         save_random_tokenizer(out, "v1", seed=1, **TINY)
     save_random_tokenizer(out, "v2_25hz", seed=1, force=True, **TINY)
     assert load_speech_tokenizer(out).codebook_size == 6561
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no partial folders
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial folders
 
 
 def _error(argv, capsys):
@@ -150,19 +187,28 @@ def test_missing_and_misshaped_tensors_are_named(tmp_path):
     missing = dict(sd)
     del missing["encoder.blocks.1.attn.value.bias"]
     save_file(missing, str(tmp_path / "missing.safetensors"))
-    with pytest.raises(SpeechTokenizerError, match=r"missing\.safetensors: missing tensor "
-                       r"encoder\.blocks\.1\.attn\.value\.bias"):
+    with pytest.raises(
+        SpeechTokenizerError,
+        match=r"missing\.safetensors: missing tensor "
+        r"encoder\.blocks\.1\.attn\.value\.bias",
+    ):
         read_weights(tmp_path / "missing.safetensors", "v1")
     shaped = dict(sd)
     shaped["quantizer._codebook.embed"] = sd["quantizer._codebook.embed"][:100]
     save_file(shaped, str(tmp_path / "shaped.safetensors"))
-    with pytest.raises(SpeechTokenizerError, match=r"tensor quantizer\._codebook\.embed has "
-                       r"shape \(100, 128\), expected \(4096, 128\)"):
+    with pytest.raises(
+        SpeechTokenizerError,
+        match=r"tensor quantizer\._codebook\.embed has "
+        r"shape \(100, 128\), expected \(4096, 128\)",
+    ):
         read_weights(tmp_path / "shaped.safetensors", "v1")
     extra = dict(sd, **{"encoder.blocks.0.attn.key.bias": sd["encoder.conv1.bias"]})
     save_file(extra, str(tmp_path / "extra.safetensors"))
-    with pytest.raises(SpeechTokenizerError, match=r"unexpected tensor encoder\.blocks\.0\.attn\."
-                       r"key\.bias"):
+    with pytest.raises(
+        SpeechTokenizerError,
+        match=r"unexpected tensor encoder\.blocks\.0\.attn\."
+        r"key\.bias",
+    ):
         read_weights(tmp_path / "extra.safetensors", "v1")
 
 

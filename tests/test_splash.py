@@ -1,6 +1,7 @@
 """Splash attention (the Pallas TPU kernel, run in interpret mode on this CPU) against the einsum
 attention with its hand-written gradient: causal, packed segments, grouped-query heads, lengths
 that are not multiples of the kernel's blocks; alone, inside the model, and under a mesh."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,8 +33,12 @@ def test_splash_equals_einsum_forward_and_gradients(t, heads, kv_heads):
     ref_out = attend(q, k, v, mask)
     out = jax.jit(lambda q, k, v: splash_attend(q, k, v, seg))(q, k, v)
     assert float(jnp.abs(out - ref_out).max()) < 1e-5
-    ref_grads = jax.jit(jax.grad(loss(lambda q, k, v: attend(q, k, v, mask)), argnums=(0, 1, 2)))(q, k, v)
-    grads = jax.jit(jax.grad(loss(lambda q, k, v: splash_attend(q, k, v, seg)), argnums=(0, 1, 2)))(q, k, v)
+    ref_grads = jax.jit(jax.grad(loss(lambda q, k, v: attend(q, k, v, mask)), argnums=(0, 1, 2)))(
+        q, k, v
+    )
+    grads = jax.jit(jax.grad(loss(lambda q, k, v: splash_attend(q, k, v, seg)), argnums=(0, 1, 2)))(
+        q, k, v
+    )
     for name, g, r in zip("qkv", grads, ref_grads):
         assert float(jnp.abs(g - r).max()) < 1e-4, name
 
@@ -45,8 +50,16 @@ def test_block_sizes_follow_the_length():
 
 
 def test_model_with_splash_equals_einsum_logits_and_gradients():
-    cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
-                      num_heads=4, num_kv_heads=2, compute_dtype="float32", attention="einsum")
+    cfg = ModelConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        compute_dtype="float32",
+        attention="einsum",
+    )
     splash = cfg.replace(attention="splash")
     assert uses_splash(splash) and not uses_splash(cfg)
     assert target_platform() == "cpu" and not uses_splash(cfg.replace(attention="auto"))
@@ -55,12 +68,19 @@ def test_model_with_splash_equals_einsum_logits_and_gradients():
     seg = segments(2, 160, seed=3)
 
     def loss(c):
-        return jax.jit(jax.value_and_grad(
-            lambda p: jnp.mean(jax.nn.log_softmax(forward(c, p, tokens, segment_ids=seg))[..., 0])))
+        return jax.jit(
+            jax.value_and_grad(
+                lambda p: jnp.mean(
+                    jax.nn.log_softmax(forward(c, p, tokens, segment_ids=seg))[..., 0]
+                )
+            )
+        )
 
     (v1, g1), (v2, g2) = loss(cfg)(params), loss(splash)(params)
     np.testing.assert_allclose(v2, v1, rtol=1e-5)
-    worst = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)))
+    worst = max(
+        float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2))
+    )
     assert worst < 1e-5, worst
     with pytest.raises(ConfigError, match="attention"):
         cfg.replace(attention="flash")
@@ -85,6 +105,9 @@ def test_splash_under_a_mesh_runs_per_shard():
     spec = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
     with jax.set_mesh(mesh):
         out = jax.jit(lambda q, k, v, s: splash_attend(q, k, v, s))(
-            jax.device_put(q, spec), jax.device_put(k, spec), jax.device_put(v, spec),
-            jax.device_put(seg, NamedSharding(mesh, P(("data", "fsdp"), None))))
+            jax.device_put(q, spec),
+            jax.device_put(k, spec),
+            jax.device_put(v, spec),
+            jax.device_put(seg, NamedSharding(mesh, P(("data", "fsdp"), None))),
+        )
     assert float(jnp.abs(out - ref).max()) < 1e-5

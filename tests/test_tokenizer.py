@@ -1,4 +1,5 @@
 """The CSLM vocabulary on the true Llama-3.1 tokenizer (built offline from `llama-models`)."""
+
 import pytest
 
 from cslm_jax.model.vocab import (
@@ -29,14 +30,29 @@ def test_true_llama3_ids(llama3):
     assert llama3("Hello world!")["input_ids"] == [128000, 9906, 1917, 0]
     assert llama3.encode("assistant", add_special_tokens=False) == [78191]
     assert llama3.encode("user", add_special_tokens=False) == [882]
-    ids = {t: llama3.convert_tokens_to_ids(t) for t in
-           ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-            "<|finetune_right_pad_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-            "<|reserved_special_token_247|>")}
-    assert ids == {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001,
-                   "<|reserved_special_token_0|>": 128002, "<|finetune_right_pad_id|>": 128004,
-                   "<|start_header_id|>": 128006, "<|end_header_id|>": 128007,
-                   "<|eot_id|>": 128009, "<|reserved_special_token_247|>": 128255}
+    ids = {
+        t: llama3.convert_tokens_to_ids(t)
+        for t in (
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|reserved_special_token_0|>",
+            "<|finetune_right_pad_id|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+            "<|reserved_special_token_247|>",
+        )
+    }
+    assert ids == {
+        "<|begin_of_text|>": 128000,
+        "<|end_of_text|>": 128001,
+        "<|reserved_special_token_0|>": 128002,
+        "<|finetune_right_pad_id|>": 128004,
+        "<|start_header_id|>": 128006,
+        "<|end_header_id|>": 128007,
+        "<|eot_id|>": 128009,
+        "<|reserved_special_token_247|>": 128255,
+    }
 
 
 def test_extension_is_contiguous_and_keeps_text_tokenization():
@@ -61,13 +77,18 @@ def test_extension_is_contiguous_and_keeps_text_tokenization():
 def test_chat_template_renders_llama31_headers():
     tok = llama3_tokenizer()
     extend_tokenizer(tok, 16, base_size=128256)
-    text = tok.apply_chat_template([{"role": "user", "content": "hi <sosp><1><2><eosp>"},
-                                    {"role": "assistant", "content": "[question] hi [answer] yo <eoa>"}],
-                                   tokenize=False)
+    text = tok.apply_chat_template(
+        [
+            {"role": "user", "content": "hi <sosp><1><2><eosp>"},
+            {"role": "assistant", "content": "[question] hi [answer] yo <eoa>"},
+        ],
+        tokenize=False,
+    )
     assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n")
     assert "<|start_header_id|>user<|end_header_id|>\n\nhi <sosp><1><2><eosp><|eot_id|>" in text
-    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n"
-                         "[question] hi [answer] yo <eoa><|eot_id|>")
+    assert text.endswith(
+        "<|start_header_id|>assistant<|end_header_id|>\n\n[question] hi [answer] yo <eoa><|eot_id|>"
+    )
 
 
 def test_extension_refuses_mismatched_base():
@@ -92,17 +113,24 @@ def test_load_tokenizer_equals_autotokenizer_and_leaves_torch_unimported(tmp_pat
     extend_tokenizer(tok, 16, base_size=128256)
     tok.save_pretrained(str(tmp_path))
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    config["tokenizer_class"] = class_name        # Llama-3's own folders say PreTrainedTokenizerFast
+    config["tokenizer_class"] = class_name  # Llama-3's own folders say PreTrainedTokenizerFast
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     ours, auto = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
     assert type(ours) is type(auto)
     assert ours.get_vocab() == auto.get_vocab() and len(ours) == len(auto)
     assert ours.special_tokens_map == auto.special_tokens_map
-    chat = [{"role": "user", "content": "hi <sosp><3><eosp>"}, {"role": "assistant", "content": "ok"}]
-    assert ours.apply_chat_template(chat, tokenize=False) == auto.apply_chat_template(chat, tokenize=False)
+    chat = [
+        {"role": "user", "content": "hi <sosp><3><eosp>"},
+        {"role": "assistant", "content": "ok"},
+    ]
+    assert ours.apply_chat_template(chat, tokenize=False) == auto.apply_chat_template(
+        chat, tokenize=False
+    )
     for text in TEXTS:
         assert ours(text)["input_ids"] == auto(text)["input_ids"]
-    code = ("import sys; from cslm_jax.model.vocab import load_tokenizer; "
-            f"load_tokenizer({str(tmp_path)!r}); print('torch' in sys.modules)")
+    code = (
+        "import sys; from cslm_jax.model.vocab import load_tokenizer; "
+        f"load_tokenizer({str(tmp_path)!r}); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -1,4 +1,5 @@
 """The train step: gradient accumulation is exact, and a tiny model overfits a tiny batch."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +16,16 @@ def test_schedule_warmup_then_cosine():
     assert 0.45 < float(sched(52)) < 0.55 and float(sched(100)) < 1e-6
     assert float(OptimizerConfig(learning_rate=1.0, warmup_ratio=0.0).schedule()(0)) == 1.0
 
-CFG = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                  num_kv_heads=2, compute_dtype="float32")
+
+CFG = ModelConfig(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    compute_dtype="float32",
+)
 UNITS = (64, 96)
 
 
@@ -24,9 +33,13 @@ def batch(rows, length=24, seed=0):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, 128, (rows, length)).astype(np.int32)
     weights = (rng.random((rows, length)) < 0.6).astype(np.int32)
-    return {"tokens": tokens, "positions": np.broadcast_to(np.arange(length), (rows, length)).copy(),
-            "segment_ids": np.ones((rows, length), np.int32),
-            "targets": np.roll(tokens, -1, axis=1), "loss_weights": weights}
+    return {
+        "tokens": tokens,
+        "positions": np.broadcast_to(np.arange(length), (rows, length)).copy(),
+        "segment_ids": np.ones((rows, length), np.int32),
+        "targets": np.roll(tokens, -1, axis=1),
+        "loss_weights": weights,
+    }
 
 
 def micro(b, k):
@@ -37,6 +50,7 @@ def test_accumulation_equals_one_big_batch():
     # plain SGD: Adam's first step is ~lr*sign(g), which turns last-bit reduction-order noise in
     # near-zero gradients into visible differences and would hide what is being tested
     import optax
+
     opt = optax.sgd(0.5)
     step = jax.jit(make_train_step(CFG, opt, UNITS))
     params = init_params(CFG, seed=1)
@@ -62,8 +76,8 @@ def test_tiny_model_overfits_a_tiny_batch():
     for _ in range(150):
         params, state, m = step(params, state, b)
         first = float(m["loss"]) if first is None else first
-    assert first > 4.0                      # ~ln(128) at the start
-    assert float(m["loss"]) < 0.3           # memorised
+    assert first > 4.0  # ~ln(128) at the start
+    assert float(m["loss"]) < 0.3  # memorised
     assert float(m["text_loss"]) >= 0 and float(m["unit_loss"]) >= 0
 
 
@@ -80,13 +94,14 @@ def test_chunked_cross_entropy_equals_full_logits(chunk, tied):
     assert full_cfg.loss_chunk_for(24) is None and chunked_cfg.loss_chunk_for(24) == min(chunk, 24)
     params = init_params(cfg, seed=4)
     b = {k: jnp.asarray(v) for k, v in batch(3, seed=5).items()}
-    b["targets"] = b["targets"] % 120                    # targets are real tokens
+    b["targets"] = b["targets"] % 120  # targets are real tokens
     b["task_ids"] = jnp.asarray(np.random.default_rng(6).integers(0, 3, (3, 24)), jnp.int32)
 
     def sums(c):
         def f(p):
             s = loss_sums(c, p, b, UNITS, num_tasks=3)
             return s["loss"], s
+
         return jax.jit(jax.grad(f, has_aux=True))(params)
 
     grad_f, all_f = sums(full_cfg)
@@ -94,7 +109,10 @@ def test_chunked_cross_entropy_equals_full_logits(chunk, tied):
     for k in all_f:
         np.testing.assert_allclose(all_c[k], all_f[k], rtol=1e-6, atol=1e-6, err_msg=k)
     assert float(all_f["unit_weight"]) > 0 and float(all_f["text_weight"]) > 0
-    worst = max(float(jnp.abs(a - c).max()) for a, c in zip(jax.tree.leaves(grad_f), jax.tree.leaves(grad_c)))
+    worst = max(
+        float(jnp.abs(a - c).max())
+        for a, c in zip(jax.tree.leaves(grad_f), jax.tree.leaves(grad_c))
+    )
     assert worst < 1e-6, worst
 
 
@@ -127,7 +145,7 @@ def test_adam_with_moments_stored_in_float32_is_optax_adamw_and_bfloat16_stays_c
         u_low, s_low = low.update(g, s_low)
         for x, y, z in zip(jax.tree.leaves(u_ref), jax.tree.leaves(u_ours), jax.tree.leaves(u_low)):
             np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
-            np.testing.assert_allclose(x, z, rtol=2e-2, atol=2e-2)   # bf16: 8 bits of mantissa
+            np.testing.assert_allclose(x, z, rtol=2e-2, atol=2e-2)  # bf16: 8 bits of mantissa
     # the configured optimizer: float32 moments are optax.adamw, bfloat16 moments are stored so
     cfg = OptimizerConfig(learning_rate=1e-3, total_steps=10, moment_dtype="bfloat16")
     state = make_optimizer(cfg).init(params)

@@ -1,6 +1,6 @@
 """`cslm-jax demo`: the bundled end-to-end run on CPU (cslm_jax.demo.run)."""
 
-TRAINS = True          # glibc malloc keeps freed memory (cslm_jax.cli.setup)
+TRAINS = True  # glibc malloc keeps freed memory (cslm_jax.cli.setup)
 
 
 def uses_tensorflow(args) -> bool:
@@ -8,7 +8,7 @@ def uses_tensorflow(args) -> bool:
 
 
 # Path arguments that must be local (cslm_jax.cli.main.refuse_urls)
-LOCAL_PATHS = ('out',)
+LOCAL_PATHS = ("out",)
 
 
 def add_parser(sub):

@@ -1,4 +1,5 @@
 """`cslm-jax`: one command-line tool with a subcommand per job."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,9 +13,24 @@ from cslm_jax.cli import setup
 from cslm_jax.errors import CslmError
 
 # One module of cslm_jax.cli per command, in the order `cslm-jax --help` lists them.
-COMMANDS = ("import_hf", "export_hf", "train", "validate_data", "inspect_data", "prepare_data",
-            "make_demo_data", "demo", "decode", "compile", "evaluate", "join_timings",
-            "import_speech_tokenizer", "extract_units", "import_token2wav", "synthesize")
+COMMANDS = (
+    "import_hf",
+    "export_hf",
+    "train",
+    "validate_data",
+    "inspect_data",
+    "prepare_data",
+    "make_demo_data",
+    "demo",
+    "decode",
+    "compile",
+    "evaluate",
+    "join_timings",
+    "import_speech_tokenizer",
+    "extract_units",
+    "import_token2wav",
+    "synthesize",
+)
 
 
 # Options whose value may itself start with '-' (`--pipeline-options '--opt=1 --b=2'`): argparse
@@ -25,8 +41,12 @@ DASH_VALUE_OPTIONS = ("--pipeline-options", "--pipeline-option")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cslm-jax", description=__doc__)
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
-                   help="print the package version and exit")
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {__version__}",
+        help="print the package version and exit",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"cslm_jax.cli.{name}")
@@ -56,8 +76,10 @@ def refuse_urls(args, names) -> None:
         value = getattr(args, name, None)
         if value is not None and "://" in str(value):
             flag = "--" + name.replace("_", "-")
-            raise CslmError(f"{flag} {value}: `cslm-jax {args.command}` reads and writes local "
-                            f"paths only here; give a local path (or a gcsfuse mount)")
+            raise CslmError(
+                f"{flag} {value}: `cslm-jax {args.command}` reads and writes local "
+                f"paths only here; give a local path (or a gcsfuse mount)"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

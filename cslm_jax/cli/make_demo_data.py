@@ -1,8 +1,9 @@
 """`cslm-jax make-demo-data`: the bundled demo corpus and its tokenizer."""
+
 from cslm_jax.resources import config_path
 
 # Path arguments that must be local (cslm_jax.cli.main.refuse_urls)
-LOCAL_PATHS = ('out',)
+LOCAL_PATHS = ("out",)
 
 
 def add_parser(sub):
@@ -17,6 +18,11 @@ def add_parser(sub):
 def run(args) -> int:
     from cslm_jax.demo.corpus import make_demo_data
 
-    make_demo_data(args.out, config_path("data", "demo.yaml"), seed=args.seed,
-                   scale=args.scale, force=args.force)
+    make_demo_data(
+        args.out,
+        config_path("data", "demo.yaml"),
+        seed=args.seed,
+        scale=args.scale,
+        force=args.force,
+    )
     return 0

@@ -10,6 +10,7 @@ command line does it here, once:
   devices, where no logging setting reaches them), kept off the accelerators JAX owns, and
   seqio's advice to cache our (already cached) sources is silenced.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,11 @@ def quiet_tpu_probe() -> None:
 
     if os.environ.get("JAX_PLATFORMS") or tpu_chips_on_host():
         return
-    if any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)) \
-            if importlib.util.find_spec("jax_plugins") else False:
+    if (
+        any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13))
+        if importlib.util.find_spec("jax_plugins")
+        else False
+    ):
         return
     os.environ["JAX_PLATFORMS"] = "cpu"
 
@@ -78,6 +82,7 @@ def start_tensorflow() -> None:
     """Import TensorFlow and set up its devices (CPU only) without its start-up notices."""
     with filtered_stderr():
         from cslm_jax.data.pipeline import QuietUncachedWarning, keep_tensorflow_off_accelerators
+
         keep_tensorflow_off_accelerators()
     absl = logging.getLogger("absl")
     if not any(isinstance(f, QuietUncachedWarning) for f in absl.filters):
@@ -87,24 +92,39 @@ def start_tensorflow() -> None:
 def add_multihost_arguments(parser, how: str):
     """The flags of a multi-process job outside a Cloud TPU VM (where JAX finds the workers
     itself); `how` ends the group's title: what each worker does on a slice. Returns the group."""
-    g = parser.add_argument_group(f"multi-host (on a Cloud TPU VM slice nothing is needed: every "
-                                  f"worker runs the same command and {how})")
-    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="process 0's address, elsewhere (env CSLM_JAX_COORDINATOR)")
-    g.add_argument("--num-processes", type=int, default=None,
-                   help="processes in the job (env CSLM_JAX_NUM_PROCESSES)")
-    g.add_argument("--process-id", type=int, default=None,
-                   help="this process, 0..N-1 (env CSLM_JAX_PROCESS_ID)")
+    g = parser.add_argument_group(
+        f"multi-host (on a Cloud TPU VM slice nothing is needed: every "
+        f"worker runs the same command and {how})"
+    )
+    g.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="process 0's address, elsewhere (env CSLM_JAX_COORDINATOR)",
+    )
+    g.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        help="processes in the job (env CSLM_JAX_NUM_PROCESSES)",
+    )
+    g.add_argument(
+        "--process-id",
+        type=int,
+        default=None,
+        help="this process, 0..N-1 (env CSLM_JAX_PROCESS_ID)",
+    )
     return g
 
 
 def prepare(*, trains: bool, tensorflow: bool) -> None:
     """Everything a command needs before it starts (see the module docstring)."""
-    quiet_tpu_probe()                  # before anything imports JAX
+    quiet_tpu_probe()  # before anything imports JAX
     if trains and os.environ.get("CSLM_JAX_KEEP_FREED_MEMORY", "1") != "0":
         from cslm_jax.train.cpu_malloc import keep_freed_memory
-        keep_freed_memory()            # before JAX starts its threads; a no-op where it does not apply
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")     # TensorFlow's run-time INFO/WARNING logs
+
+        keep_freed_memory()  # before JAX starts its threads; a no-op where it does not apply
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's run-time INFO/WARNING logs
     # gs:// through one client (gcsfs) whatever is imported first (cslm_jax.storage.fs)
     os.environ.setdefault("EPATH_USE_TF", "false")
     if tensorflow:

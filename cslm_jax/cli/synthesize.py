@@ -1,5 +1,6 @@
 """`cslm-jax synthesize`: speech units -> wav files through a token2wav folder
 (cslm_jax.speech.token2wav: CosyVoice's flow and HiFT in JAX)."""
+
 import argparse
 from pathlib import Path
 
@@ -30,31 +31,66 @@ something else (--force replaces an earlier synthesize output).
 
 
 def add_parser(sub):
-    s = sub.add_parser("synthesize", help="speech units (a unit file or decode's "
-                       "responses.jsonl) -> wav files, via a token2wav folder",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--units", required=True, metavar="FILE",
-                   help="unit file (one sequence per line) or a decode responses.jsonl")
-    s.add_argument("--token2wav", required=True, metavar="DIR",
-                   help="token2wav folder (import-token2wav output)")
-    s.add_argument("--voice", required=True, metavar="V",
-                   help="a voice name of the folder's voices.npz, or a .npy x-vector (192 floats)")
+    s = sub.add_parser(
+        "synthesize",
+        help="speech units (a unit file or decode's "
+        "responses.jsonl) -> wav files, via a token2wav folder",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument(
+        "--units",
+        required=True,
+        metavar="FILE",
+        help="unit file (one sequence per line) or a decode responses.jsonl",
+    )
+    s.add_argument(
+        "--token2wav",
+        required=True,
+        metavar="DIR",
+        help="token2wav folder (import-token2wav output)",
+    )
+    s.add_argument(
+        "--voice",
+        required=True,
+        metavar="V",
+        help="a voice name of the folder's voices.npz, or a .npy x-vector (192 floats)",
+    )
     s.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
-    s.add_argument("--noise", choices=("zero", "random"), default="zero",
-                   help="zero: deterministic; random: the flow's and HiFT's noise drawn from "
-                   "--seed (one key per line)")
+    s.add_argument(
+        "--noise",
+        choices=("zero", "random"),
+        default="zero",
+        help="zero: deterministic; random: the flow's and HiFT's noise drawn from "
+        "--seed (one key per line)",
+    )
     s.add_argument("--seed", type=int, default=0, help="with --noise random (default 0)")
-    s.add_argument("--speech-rate", type=float, default=None, metavar="R",
-                   help="the mean run length of merged units: scales the mel length (default: "
-                   "--data-config's format.speech_rate; 1.0 where its units are not merged or "
-                   "it sets none)")
-    s.add_argument("--data-config", default=str(config_path("data", "cslm_en_zh.yaml")),
-                   metavar="CFG", help="the data config the units come from, for the default "
-                   "--speech-rate (default: %(default)s)")
-    s.add_argument("--batch-size", type=int, default=8, metavar="N",
-                   help="lines synthesised together, sorted by length (default 8)")
-    s.add_argument("--force", action="store_true",
-                   help="replace an earlier synthesize output at --out")
+    s.add_argument(
+        "--speech-rate",
+        type=float,
+        default=None,
+        metavar="R",
+        help="the mean run length of merged units: scales the mel length (default: "
+        "--data-config's format.speech_rate; 1.0 where its units are not merged or "
+        "it sets none)",
+    )
+    s.add_argument(
+        "--data-config",
+        default=str(config_path("data", "cslm_en_zh.yaml")),
+        metavar="CFG",
+        help="the data config the units come from, for the default "
+        "--speech-rate (default: %(default)s)",
+    )
+    s.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        metavar="N",
+        help="lines synthesised together, sorted by length (default 8)",
+    )
+    s.add_argument(
+        "--force", action="store_true", help="replace an earlier synthesize output at --out"
+    )
     return s
 
 
@@ -90,10 +126,13 @@ def read_requests(path) -> list[tuple[str, list[int]]]:
             raise UnitFileError(f"{where}: not a JSON record ({e.msg}, column {e.colno})") from None
         chunks = rec.get("speech_chunks") if isinstance(rec, dict) else None
         if not isinstance(chunks, list) or not all(
-                isinstance(c, list) and all(isinstance(u, int) and not isinstance(u, bool)
-                                            for u in c) for c in chunks):
-            raise UnitFileError(f"{where}: no speech_chunks list of unit lists (a decode "
-                                f"responses.jsonl record has one)")
+            isinstance(c, list) and all(isinstance(u, int) and not isinstance(u, bool) for u in c)
+            for c in chunks
+        ):
+            raise UnitFileError(
+                f"{where}: no speech_chunks list of unit lists (a decode "
+                f"responses.jsonl record has one)"
+            )
         units = [u for c in chunks for u in c]
         if not units:
             raise UnitFileError(f"{where}: the answer has no speech units (no speech chunk)")
@@ -123,8 +162,10 @@ def check(args, parser):
     if not Path(args.units).is_file():
         raise Token2WavError(f"--units {args.units}: no such file")
     if not Path(args.token2wav).is_dir():
-        raise Token2WavError(f"--token2wav {args.token2wav}: no such folder (make one with "
-                             f"cslm-jax import-token2wav)")
+        raise Token2WavError(
+            f"--token2wav {args.token2wav}: no such folder (make one with "
+            f"cslm-jax import-token2wav)"
+        )
     inputs = [("--units", args.units), ("--token2wav", args.token2wav)]
     if args.voice.endswith(".npy"):
         inputs.append(("--voice", args.voice))
@@ -148,43 +189,63 @@ def run(args) -> int:
     t2w = t2w_mod.load_token2wav(args.token2wav)
     emb = t2w_mod.voice(t2w, args.voice)
     checked = []
-    for where, units in requests:                   # every line before any synthesis
+    for where, units in requests:  # every line before any synthesis
         try:
             checked.append(t2w_mod.check_request(t2w, units, args.speech_rate))
         except Token2WavError as e:
             raise UnitFileError(f"{where}: {e}") from None
     keys = None
-    if args.noise == "random":                      # one key per line, independent of the others
+    if args.noise == "random":  # one key per line, independent of the others
         import jax
+
         key = jax.random.PRNGKey(args.seed)
         keys = [jax.random.fold_in(key, i) for i in range(len(checked))]
     # batches of lines of similar lengths (less padding); wavs written in line order
     order = sorted(range(len(checked)), key=lambda i: checked[i][1])
-    batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
     items, runs, start = [None] * len(checked), [], time.perf_counter()
     with atomic_dir(Path(args.out), force=args.force, tool=TOOL) as tmp:
         for b, idx in enumerate(batches):
             t0 = time.perf_counter()
             waves = t2w_mod.synthesize_batch(
-                t2w, [checked[i][0] for i in idx], emb,
+                t2w,
+                [checked[i][0] for i in idx],
+                emb,
                 noise="zero" if keys is None else [keys[i] for i in idx],
-                speech_rate=args.speech_rate, max_batch=args.batch_size)
+                speech_rate=args.speech_rate,
+                max_batch=args.batch_size,
+            )
             runs.append({"lines": len(idx), "synthesis_s": round(time.perf_counter() - t0, 3)})
             for i, wave in zip(idx, waves):
                 name = f"{i:04d}.wav"
                 sf.write(str(tmp / name), wave, t2w.sample_rate, subtype="PCM_16", format="WAV")
-                items[i] = {"wav": name, "source": requests[i][0], "units": len(checked[i][0]),
-                            "mel_frames": int(checked[i][1]), "samples": len(wave),
-                            "seconds": round(len(wave) / t2w.sample_rate, 4), "batch": b}
-        report = {"units": str(args.units), "token2wav": str(args.token2wav),
-                  "version": t2w.version, "voice": args.voice, "noise": args.noise,
-                  "seed": args.seed if args.noise == "random" else None,
-                  "speech_rate": args.speech_rate, "speech_rate_from": rate_from,
-                  "sample_rate": t2w.sample_rate,
-                  "batch_size": args.batch_size, "wavs": items, "batches": runs,
-                  "total_s": round(time.perf_counter() - start, 3)}
+                items[i] = {
+                    "wav": name,
+                    "source": requests[i][0],
+                    "units": len(checked[i][0]),
+                    "mel_frames": int(checked[i][1]),
+                    "samples": len(wave),
+                    "seconds": round(len(wave) / t2w.sample_rate, 4),
+                    "batch": b,
+                }
+        report = {
+            "units": str(args.units),
+            "token2wav": str(args.token2wav),
+            "version": t2w.version,
+            "voice": args.voice,
+            "noise": args.noise,
+            "seed": args.seed if args.noise == "random" else None,
+            "speech_rate": args.speech_rate,
+            "speech_rate_from": rate_from,
+            "sample_rate": t2w.sample_rate,
+            "batch_size": args.batch_size,
+            "wavs": items,
+            "batches": runs,
+            "total_s": round(time.perf_counter() - start, 3),
+        }
         (tmp / REPORT).write_text(json.dumps(report, indent=1) + "\n")
     audio = sum(it["seconds"] for it in items)
-    print(f"wrote {len(items)} wav(s), {audio:.1f} s of audio at {t2w.sample_rate} Hz, to "
-          f"{args.out}")
+    print(
+        f"wrote {len(items)} wav(s), {audio:.1f} s of audio at {t2w.sample_rate} Hz, to {args.out}"
+    )
     return 0

@@ -1,9 +1,10 @@
 """`cslm-jax train`: one CSLM stage (cslm_jax.train.loop)."""
+
 import argparse
 
 from cslm_jax.cli import setup
 
-TRAINS = True          # glibc malloc keeps freed memory (cslm_jax.cli.setup)
+TRAINS = True  # glibc malloc keeps freed memory (cslm_jax.cli.setup)
 
 EPILOG = """\
 overrides (key=value, values parsed as YAML; sections of the run config, see configs/demo.yaml):
@@ -29,27 +30,55 @@ def uses_tensorflow(args) -> bool:
 
 
 def add_parser(sub):
-    s = sub.add_parser("train", help="train one CSLM stage on the device mesh (resumes "
-                       "automatically from RUN_DIR's latest checkpoint)", epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--config", required=True, help="run config YAML (configs/cslm_pretrain.yaml, "
-                   "configs/cslm_sft.yaml, configs/demo.yaml)")
-    s.add_argument("--run-dir", required=True, help="folder for checkpoints, metrics and the "
-                   "final model; rerunning with the same folder resumes")
-    s.add_argument("--init-from", default=None, help="model checkpoint to start from (import-hf "
-                   "output, or a finished run folder: its parameters, not its optimizer state); "
-                   "overrides the config's init_from; ignored when RUN_DIR has a checkpoint")
+    s = sub.add_parser(
+        "train",
+        help="train one CSLM stage on the device mesh (resumes "
+        "automatically from RUN_DIR's latest checkpoint)",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument(
+        "--config",
+        required=True,
+        help="run config YAML (configs/cslm_pretrain.yaml, "
+        "configs/cslm_sft.yaml, configs/demo.yaml)",
+    )
+    s.add_argument(
+        "--run-dir",
+        required=True,
+        help="folder for checkpoints, metrics and the "
+        "final model; rerunning with the same folder resumes",
+    )
+    s.add_argument(
+        "--init-from",
+        default=None,
+        help="model checkpoint to start from (import-hf "
+        "output, or a finished run folder: its parameters, not its optimizer state); "
+        "overrides the config's init_from; ignored when RUN_DIR has a checkpoint",
+    )
     g = setup.add_multihost_arguments(s, "JAX finds the others")
-    g.add_argument("--data-shards", type=int, default=None,
-                   help="input shards of a new run (default: one per process); fixed for the "
-                   "run, so it can resume on any process count that divides it")
-    s.add_argument("--data-cache", default=None, metavar="DIR",
-                   help="read the stage's examples from a cache written by `cslm-jax prepare-data` "
-                   "(default: the data config's cache_dir; without one they are prepared "
-                   "in-process, fine for small corpora)")
-    s.add_argument("--allow-config-change", action="store_true", help="resume even though the "
-                   "config changes how the run optimises (optimizer, steps, batch, data, model "
-                   "fields); without it such a resume is refused with the list of changes")
+    g.add_argument(
+        "--data-shards",
+        type=int,
+        default=None,
+        help="input shards of a new run (default: one per process); fixed for the "
+        "run, so it can resume on any process count that divides it",
+    )
+    s.add_argument(
+        "--data-cache",
+        default=None,
+        metavar="DIR",
+        help="read the stage's examples from a cache written by `cslm-jax prepare-data` "
+        "(default: the data config's cache_dir; without one they are prepared "
+        "in-process, fine for small corpora)",
+    )
+    s.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though the "
+        "config changes how the run optimises (optimizer, steps, batch, data, model "
+        "fields); without it such a resume is refused with the list of changes",
+    )
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return s
 
@@ -59,8 +88,13 @@ def check(args, parser) -> None:
     and (for a new run) init_from and the data config's stage."""
     from cslm_jax.train.setup import preflight
 
-    preflight(args.config, args.overrides, args.run_dir, init_from=args.init_from,
-              data_cache=args.data_cache)
+    preflight(
+        args.config,
+        args.overrides,
+        args.run_dir,
+        init_from=args.init_from,
+        data_cache=args.data_cache,
+    )
 
 
 def run(args) -> int:
@@ -73,13 +107,21 @@ def run(args) -> int:
     from cslm_jax.parallel.distributed import initialize
     from cslm_jax.train.loop import train
 
-    initialize(args.coordinator, args.num_processes, args.process_id)   # before any device use
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before any device use
     cfg = load_run_config(args.config, args.overrides)
     primary = jax.process_index() == 0
     if primary:
         extra = " + " + " ".join(args.overrides) if args.overrides else ""
         print(f"# run config ({args.config}{extra})")
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="", flush=True)
-    return train(cfg, args.run_dir, init_from=args.init_from, data_shards=args.data_shards,
-                 allow_config_change=args.allow_config_change, data_cache=args.data_cache,
-                 log=print if primary else (lambda *a, **k: None))
+        print(
+            yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="", flush=True
+        )
+    return train(
+        cfg,
+        args.run_dir,
+        init_from=args.init_from,
+        data_shards=args.data_shards,
+        allow_config_change=args.allow_config_change,
+        data_cache=args.data_cache,
+        log=print if primary else (lambda *a, **k: None),
+    )

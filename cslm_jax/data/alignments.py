@@ -36,6 +36,7 @@ A timed token with nothing left after normalisation (a lone `—`, a `「`) gets
 at the previous token's end. Nothing else is converted: digits against spelled-out numbers, or
 traditional against simplified characters, are mismatches.
 """
+
 from __future__ import annotations
 
 import collections
@@ -65,8 +66,10 @@ FORMATS = ("mfa", "whisperx", "ctc")
 SILENCE = frozenset({"", "<eps>", "sil", "<sil>", "sp"})
 WILDCARD = "<unk>"
 # record kind -> (text field, language field, timings field)
-TIMED_FIELDS = {"spoken_instruction": ("answer_text", "answer_lang", "answer_word_times"),
-                "paired": ("text", "lang", "word_times")}
+TIMED_FIELDS = {
+    "spoken_instruction": ("answer_text", "answer_lang", "answer_word_times"),
+    "paired": ("text", "lang", "word_times"),
+}
 
 
 class AlignmentError(CslmError):
@@ -80,10 +83,11 @@ class AlignedWord:
     text: str
     start: float | None
     end: float | None
-    coarse: bool = False      # a whole segment the aligner gave no word timings for
+    coarse: bool = False  # a whole segment the aligner gave no word timings for
 
 
 # -- readers ------------------------------------------------------------------------------------
+
 
 def _read_text(path: Path) -> str:
     try:
@@ -95,16 +99,18 @@ def _read_text(path: Path) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise AlignmentError(f"{path}: not UTF-8 or UTF-16 text ({e.reason} at byte {e.start})") \
-            from None
+        raise AlignmentError(
+            f"{path}: not UTF-8 or UTF-16 text ({e.reason} at byte {e.start})"
+        ) from None
 
 
 _TG_TOKEN = re.compile(
-    r'"((?:[^"]|"")*)"'                                            # a string ("" is a quote)
-    r'|<(exists|absent)>'                                          # a flag
-    r'|(?<![\w.])([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?![\w.])'  # a number
-    r'|\[[^\]\n]*\]'                                               # item [1]: an index, skipped
-    r'|!.*')                                                       # a comment
+    r'"((?:[^"]|"")*)"'  # a string ("" is a quote)
+    r"|<(exists|absent)>"  # a flag
+    r"|(?<![\w.])([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?![\w.])"  # a number
+    r"|\[[^\]\n]*\]"  # item [1]: an index, skipped
+    r"|!.*"
+)  # a comment
 
 
 def parse_textgrid(text: str, where: str) -> dict[str, list[tuple[float, float, str]]]:
@@ -126,18 +132,28 @@ def parse_textgrid(text: str, where: str) -> dict[str, list[tuple[float, float, 
         if pos >= len(tokens):
             raise AlignmentError(f"{where}: TextGrid ends early (expected {what})")
         value = tokens[pos]
-        ok = isinstance(value, str) if kind is str else \
-            isinstance(value, bool) if kind is bool else \
-            isinstance(value, float) and not isinstance(value, bool)
+        ok = (
+            isinstance(value, str)
+            if kind is str
+            else isinstance(value, bool)
+            if kind is bool
+            else isinstance(value, float) and not isinstance(value, bool)
+        )
         if not ok:
-            raise AlignmentError(f"{where}: TextGrid item {pos + 1}: expected {what}, got {value!r}")
+            raise AlignmentError(
+                f"{where}: TextGrid item {pos + 1}: expected {what}, got {value!r}"
+            )
         pos += 1
         return value
 
-    if take(str, "the file type 'ooTextFile'").split()[:1] != ["ooTextFile"] or \
-            take(str, "the object class 'TextGrid'") != "TextGrid":
-        raise AlignmentError(f"{where}: not a Praat TextGrid text file (binary TextGrids are not "
-                             f"read: save it as a text file)")
+    if (
+        take(str, "the file type 'ooTextFile'").split()[:1] != ["ooTextFile"]
+        or take(str, "the object class 'TextGrid'") != "TextGrid"
+    ):
+        raise AlignmentError(
+            f"{where}: not a Praat TextGrid text file (binary TextGrids are not "
+            f"read: save it as a text file)"
+        )
     take(float, "xmin")
     take(float, "xmax")
     tiers: dict[str, list] = {}
@@ -175,8 +191,10 @@ def words_tier(tiers: dict, where: str, tier: str | None = None) -> tuple[str, l
         return tier, tiers[tier]
     names = [n for n in tiers if n == "words" or n.endswith(" - words")]
     if len(names) != 1:
-        raise AlignmentError(f"{where}: {'no' if not names else 'several'} words tier(s) "
-                             f"({names or list(tiers)}); pass --tier NAME")
+        raise AlignmentError(
+            f"{where}: {'no' if not names else 'several'} words tier(s) "
+            f"({names or list(tiers)}); pass --tier NAME"
+        )
     return names[0], tiers[names[0]]
 
 
@@ -187,9 +205,11 @@ def mfa_words(text: str, where: str, tier: str | None = None) -> list[AlignedWor
     name, intervals = words_tier(parse_textgrid(text, where), where, tier)
     for i, (start, end, label) in enumerate(intervals, start=1):
         if end < start:
-            raise AlignmentError(f"{where}: tier {name!r} interval {i} ({label.strip()!r}): xmax "
-                                 f"{end:g} lies before xmin {start:g} (a reversed interval); "
-                                 f"fix or realign the TextGrid")
+            raise AlignmentError(
+                f"{where}: tier {name!r} interval {i} ({label.strip()!r}): xmax "
+                f"{end:g} lies before xmin {start:g} (a reversed interval); "
+                f"fix or realign the TextGrid"
+            )
         label = label.strip()
         if label.lower() not in SILENCE:
             out.append(AlignedWord(label, start, end))
@@ -206,15 +226,17 @@ def _time(value, where: str, field: str) -> float | None:
 
 def _word(item, where: str, field: str, text_key: str) -> AlignedWord:
     if not isinstance(item, dict) or not isinstance(item.get(text_key), str):
-        raise AlignmentError(f"{where}: {field} must be an object with a string '{text_key}', "
-                             f"got {item!r}")
+        raise AlignmentError(
+            f"{where}: {field} must be an object with a string '{text_key}', got {item!r}"
+        )
     start = _time(item.get("start"), where, f"{field}.start")
     end = _time(item.get("end"), where, f"{field}.end")
     if start is None or end is None:
         start = end = None
     elif end < start:
-        raise AlignmentError(f"{where}: {field} ({item[text_key]!r}) ends at {end}s before it "
-                             f"starts ({start}s)")
+        raise AlignmentError(
+            f"{where}: {field} ({item[text_key]!r}) ends at {end}s before it starts ({start}s)"
+        )
     return AlignedWord(item[text_key], start, end)
 
 
@@ -234,19 +256,25 @@ def whisperx_words(data, where: str) -> list[AlignedWord]:
             if words:
                 if not isinstance(words, list):
                     raise AlignmentError(f"{where}: segments[{i}].words must be a list")
-                out += [_word(w, where, f"segments[{i}].words[{j}]", "word")
-                        for j, w in enumerate(words)]
+                out += [
+                    _word(w, where, f"segments[{i}].words[{j}]", "word")
+                    for j, w in enumerate(words)
+                ]
             elif isinstance(seg.get("text"), str) and seg["text"].strip():
                 w = _word(seg, where, f"segments[{i}]", "text")
                 out.append(dataclasses.replace(w, coarse=True))
         return out
     if isinstance(data.get("word_segments"), list):
-        return [_word(w, where, f"word_segments[{i}]", "word")
-                for i, w in enumerate(data["word_segments"])]
+        return [
+            _word(w, where, f"word_segments[{i}]", "word")
+            for i, w in enumerate(data["word_segments"])
+        ]
     raise AlignmentError(f"{where}: no 'segments' or 'word_segments' (not a whisperX alignment)")
 
 
-_CTC_LINE = re.compile(r"^\s*(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)-(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?): ?(.*)$")
+_CTC_LINE = re.compile(
+    r"^\s*(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)-(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?): ?(.*)$"
+)
 
 
 def ctc_words(data, where: str) -> list[AlignedWord]:
@@ -255,15 +283,23 @@ def ctc_words(data, where: str) -> list[AlignedWord]:
     its segments are not the items ctc-forced-aligner timed."""
     if not isinstance(data, dict) or not isinstance(data.get("segments"), list):
         raise AlignmentError(f"{where}: no 'segments' list (not a ctc-forced-aligner result)")
-    worded = next((i for i, seg in enumerate(data["segments"])
-                   if isinstance(seg, dict) and "words" in seg), None)
+    worded = next(
+        (i for i, seg in enumerate(data["segments"]) if isinstance(seg, dict) and "words" in seg),
+        None,
+    )
     if worded is not None or "word_segments" in data or not isinstance(data.get("text"), str):
-        why = (f"segments[{worded}] has 'words'" if worded is not None else
-               "it has 'word_segments'" if "word_segments" in data else
-               "it has no top-level 'text'")
-        raise AlignmentError(f"{where}: looks like whisperX output ({why}), not a "
-                             f"ctc-forced-aligner result (a top-level 'text' and segments of "
-                             f"start, end, text); pass --format whisperx")
+        why = (
+            f"segments[{worded}] has 'words'"
+            if worded is not None
+            else "it has 'word_segments'"
+            if "word_segments" in data
+            else "it has no top-level 'text'"
+        )
+        raise AlignmentError(
+            f"{where}: looks like whisperX output ({why}), not a "
+            f"ctc-forced-aligner result (a top-level 'text' and segments of "
+            f"start, end, text); pass --format whisperx"
+        )
     out = []
     for i, seg in enumerate(data["segments"]):
         w = _word(seg, where, f"segments[{i}]", "text")
@@ -293,8 +329,9 @@ def _json(text: str, where: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise AlignmentError(f"{where}: invalid JSON: {e.msg} at line {e.lineno} column "
-                             f"{e.colno}") from None
+        raise AlignmentError(
+            f"{where}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
 
 
 def read_alignment(path, fmt: str, tier: str | None = None) -> list[AlignedWord]:
@@ -338,11 +375,14 @@ class Alignments:
         self.inline: dict[str, tuple[str, list[AlignedWord]]] = {}
         self.used: set = set()
         if self.source.is_dir():
-            found = sorted(p for p in self.source.rglob("*")
-                           if p.is_file() and p.suffix.lower() in SUFFIXES[fmt])
+            found = sorted(
+                p
+                for p in self.source.rglob("*")
+                if p.is_file() and p.suffix.lower() in SUFFIXES[fmt]
+            )
             for p in found:
                 key = p.relative_to(self.source).with_suffix("").as_posix()
-                if key in self.by_path:          # ctc's .json and .txt of the same utterance
+                if key in self.by_path:  # ctc's .json and .txt of the same utterance
                     if p.suffix.lower() == ".json":
                         self.by_path[key] = p
                     continue
@@ -351,8 +391,9 @@ class Alignments:
                 self.by_stem[key.rsplit("/", 1)[-1]].append(p)
         elif self.source.is_file() and self.source.suffix.lower() == ".jsonl":
             if fmt == "mfa":
-                raise AlignmentError(f"{source}: MFA alignments are TextGrid files; give one or "
-                                     f"a folder of them")
+                raise AlignmentError(
+                    f"{source}: MFA alignments are TextGrid files; give one or a folder of them"
+                )
             read = whisperx_words if fmt == "whisperx" else ctc_words
             for n, line in enumerate(_read_text(self.source).splitlines(), start=1):
                 if not line.strip():
@@ -361,11 +402,14 @@ class Alignments:
                 data = _json(line, where)
                 key = data.get(id_field) if isinstance(data, dict) else None
                 if not isinstance(key, (str, int)) or isinstance(key, bool):
-                    raise AlignmentError(f"{where}: field '{id_field}' missing (each line of an "
-                                         f"alignments JSONL names its record)")
+                    raise AlignmentError(
+                        f"{where}: field '{id_field}' missing (each line of an "
+                        f"alignments JSONL names its record)"
+                    )
                 if str(key) in self.inline:
-                    raise AlignmentError(f"{where}: id {key!r} already aligned at "
-                                         f"{self.inline[str(key)][0]}")
+                    raise AlignmentError(
+                        f"{where}: id {key!r} already aligned at {self.inline[str(key)][0]}"
+                    )
                 self.inline[str(key)] = (where, read(data, where))
         elif self.source.is_file():
             self.by_path[self.source.stem] = self.source
@@ -385,8 +429,10 @@ class Alignments:
         if path is None:
             paths = self.by_stem.get(record_id, [])
             if len(paths) > 1:
-                raise AlignmentError(f"record id {record_id!r} matches several alignment files: "
-                                     f"{', '.join(map(str, paths))}; name records by relative path")
+                raise AlignmentError(
+                    f"record id {record_id!r} matches several alignment files: "
+                    f"{', '.join(map(str, paths))}; name records by relative path"
+                )
             path = paths[0] if paths else None
         if path is None:
             return None
@@ -399,15 +445,20 @@ class Alignments:
 
 # -- matching -----------------------------------------------------------------------------------
 
+
 def normalise(text: str, punctuation: str = "") -> str:
     """NFKC, case folded, without punctuation (Unicode P*, and `punctuation`) or whitespace."""
     text = unicodedata.normalize("NFKC", text).casefold()
-    return "".join(c for c in text if not c.isspace() and c not in punctuation
-                   and not unicodedata.category(c).startswith("P"))
+    return "".join(
+        c
+        for c in text
+        if not c.isspace() and c not in punctuation and not unicodedata.category(c).startswith("P")
+    )
 
 
-def fill_untimed(words: list[AlignedWord], duration: float, where: str,
-                 untimed: str = "interpolate") -> tuple[list[AlignedWord], int]:
+def fill_untimed(
+    words: list[AlignedWord], duration: float, where: str, untimed: str = "interpolate"
+) -> tuple[list[AlignedWord], int]:
     """Give untimed words times: each run of them shares the gap between its timed neighbours
     evenly (0 and `duration` at the edges). Returns (words, how many were untimed)."""
     missing = [i for i, w in enumerate(words) if w.start is None]
@@ -415,8 +466,10 @@ def fill_untimed(words: list[AlignedWord], duration: float, where: str,
         return words, 0
     if untimed == "error":
         w = words[missing[0]]
-        raise AlignmentError(f"{where}: word {missing[0] + 1} {w.text!r} has no timing "
-                             f"({len(missing)} untimed); use --untimed interpolate")
+        raise AlignmentError(
+            f"{where}: word {missing[0] + 1} {w.text!r} has no timing "
+            f"({len(missing)} untimed); use --untimed interpolate"
+        )
     if len(missing) == len(words):
         raise AlignmentError(f"{where}: no word has a timing")
     out = list(words)
@@ -433,18 +486,23 @@ def fill_untimed(words: list[AlignedWord], duration: float, where: str,
         hi = max(hi, lo)
         step = (hi - lo) / (j - i)
         for k in range(i, j):
-            out[k] = dataclasses.replace(out[k], start=lo + step * (k - i),
-                                         end=lo + step * (k - i + 1))
+            out[k] = dataclasses.replace(
+                out[k], start=lo + step * (k - i), end=lo + step * (k - i + 1)
+            )
         i = j
     return out, len(missing)
 
 
-def word_times(text: str, words: list[AlignedWord], chunk_unit: str, punctuation: str,
-               where: str) -> list[list[float]]:
+def word_times(
+    text: str, words: list[AlignedWord], chunk_unit: str, punctuation: str, where: str
+) -> list[list[float]]:
     """[start, end] per timed token of `text` (formats.timed_tokens) from timed aligner words,
     matched as the module docstring says. AlignmentError at the first difference."""
-    pieces = [p for p in timed_tokens(text, chunk_unit, punctuation)
-              if piece_is_timed(p, chunk_unit, punctuation)]
+    pieces = [
+        p
+        for p in timed_tokens(text, chunk_unit, punctuation)
+        if piece_is_timed(p, chunk_unit, punctuation)
+    ]
     norms = [normalise(p, punctuation) for p in pieces]
     # the answer as (character, token index), and each token's character times
     chars = [(c, i) for i, n in enumerate(norms) for c in n]
@@ -458,14 +516,17 @@ def word_times(text: str, words: list[AlignedWord], chunk_unit: str, punctuation
     for j, w in enumerate(words):
         label = w.text.strip()
         if w.start is None:
-            raise AlignmentError(f"{where}: aligner word {j + 1} {label!r} has no timing "
-                                 f"(fill_untimed gives it one)")
+            raise AlignmentError(
+                f"{where}: aligner word {j + 1} {label!r} has no timing (fill_untimed gives it one)"
+            )
         desc = f"aligner word {j + 1} {label!r} ({w.start:.3f}-{w.end:.3f}s)"
         if label.casefold() == WILDCARD:
             if chunk_unit != "word":
-                raise AlignmentError(f"{where}: {desc}: '<unk>' cannot be matched in a "
-                                     f"character language (how many characters it covers is "
-                                     f"unknown)")
+                raise AlignmentError(
+                    f"{where}: {desc}: '<unk>' cannot be matched in a "
+                    f"character language (how many characters it covers is "
+                    f"unknown)"
+                )
             if pos >= len(chars):
                 raise AlignmentError(f"{where}: {desc} lies beyond the end of the answer text")
             if pos and chars[pos - 1][1] == chars[pos][1]:
@@ -479,25 +540,29 @@ def word_times(text: str, words: list[AlignedWord], chunk_unit: str, punctuation
             if pos >= len(chars):
                 raise AlignmentError(
                     f"{where}: {desc} lies beyond the end of the answer text (normalised: "
-                    f"NFKC, case folded, punctuation and spaces removed)")
+                    f"NFKC, case folded, punctuation and spaces removed)"
+                )
             if chars[pos][0] != c:
                 raise AlignmentError(
                     f"{where}: {desc} does not match {answer_word(pos)} (normalised: NFKC, "
                     f"case folded, punctuation and spaces removed: {n!r} vs "
-                    f"{norms[chars[pos][1]]!r})")
+                    f"{norms[chars[pos][1]]!r})"
+                )
             step = (w.end - w.start) / len(n)
             spans[chars[pos][1]].append((w.start + step * k, w.start + step * (k + 1)))
             pos += 1
     if pos < len(chars):
-        raise AlignmentError(f"{where}: the alignment ends before {answer_word(pos)} (and "
-                             f"{len({i for _, i in chars[pos:]}) - 1} more); it has "
-                             f"{len(words)} words")
+        raise AlignmentError(
+            f"{where}: the alignment ends before {answer_word(pos)} (and "
+            f"{len({i for _, i in chars[pos:]}) - 1} more); it has "
+            f"{len(words)} words"
+        )
     times: list[list[float]] = []
     first = next((s[0][0] for s in spans if s), 0.0)
     for s in spans:
         if s:
             start, end = min(a for a, _ in s), max(b for _, b in s)
-        else:                        # nothing to align (a lone dash): zero length, in place
+        else:  # nothing to align (a lone dash): zero length, in place
             start = end = times[-1][1] if times else first
         times.append([round(start, 4), round(end, 4)])
     return times
@@ -505,18 +570,30 @@ def word_times(text: str, words: list[AlignedWord], chunk_unit: str, punctuation
 
 # -- joining ------------------------------------------------------------------------------------
 
+
 def _write_lines_atomic(out: Path, lines: Iterator[str], force: bool) -> None:
-    check_output_file(out, force, flag="--out")             # again: it may have appeared since
+    check_output_file(out, force, flag="--out")  # again: it may have appeared since
     out.parent.mkdir(parents=True, exist_ok=True)
     with fs.atomic_open(out, "w", tmp_name=lambda name: f".{name}.tmp-{uuid.uuid4().hex[:8]}") as f:
         for line in lines:
             f.write(line)
 
 
-def join_timings(records, alignments, fmt: str, out, cfg: FormatConfig, *, id_field: str = "id",
-                 tier: str | None = None, allow_missing: bool = False, skip_bad: bool = False,
-                 untimed: str = "interpolate", force: bool = False,
-                 log=print) -> dict:
+def join_timings(
+    records,
+    alignments,
+    fmt: str,
+    out,
+    cfg: FormatConfig,
+    *,
+    id_field: str = "id",
+    tier: str | None = None,
+    allow_missing: bool = False,
+    skip_bad: bool = False,
+    untimed: str = "interpolate",
+    force: bool = False,
+    log=print,
+) -> dict:
     """Write `records` (JSONL of spoken_instruction or paired records) to `out` with the timings
     field (`answer_word_times`, `word_times`) filled from `alignments` (a folder or file of
     `fmt` aligner output), matched by `id_field`. Every written record validates.
@@ -527,11 +604,13 @@ def join_timings(records, alignments, fmt: str, out, cfg: FormatConfig, *, id_fi
     The output appears only when complete (written to a temporary file, then renamed).
     """
     records, out = Path(records), Path(out)
-    check_output_file(out, force, inputs=[("--records", records), ("--alignments", alignments)],
-                      flag="--out")                     # before any aligner file is read
+    check_output_file(
+        out, force, inputs=[("--records", records), ("--alignments", alignments)], flag="--out"
+    )  # before any aligner file is read
     index = Alignments(alignments, fmt, tier, id_field)
-    counts = collections.Counter(records=0, joined=0, missing=0, bad=0, untimed_words=0,
-                                 coarse_segments=0, replaced=0)
+    counts = collections.Counter(
+        records=0, joined=0, missing=0, bad=0, untimed_words=0, coarse_segments=0, replaced=0
+    )
     missing_ids: list[str] = []
     bad: list[str] = []
     seen: dict[str, str] = {}
@@ -554,24 +633,34 @@ def join_timings(records, alignments, fmt: str, out, cfg: FormatConfig, *, id_fi
                 counts["records"] += 1
                 kind = detect_kind(record)
                 if kind not in TIMED_FIELDS:
-                    raise RecordError(where, "<kind>", f"is a {kind or 'unknown'} record; "
-                                      f"timings join spoken_instruction and paired records")
+                    raise RecordError(
+                        where,
+                        "<kind>",
+                        f"is a {kind or 'unknown'} record; "
+                        f"timings join spoken_instruction and paired records",
+                    )
                 text_field, lang_field, times_field = TIMED_FIELDS[kind]
                 rid = record.get(id_field)
                 if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-                    raise RecordError(where, id_field, "missing: records are joined to their "
-                                                       "alignments by id (--id-field)")
+                    raise RecordError(
+                        where,
+                        id_field,
+                        "missing: records are joined to their alignments by id (--id-field)",
+                    )
                 rid = str(rid)
                 if rid in seen:
-                    raise RecordError(where, id_field, f"id {rid!r} is used twice (first at "
-                                                       f"{seen[rid]})")
+                    raise RecordError(
+                        where, id_field, f"id {rid!r} is used twice (first at {seen[rid]})"
+                    )
                 seen[rid] = where
                 found = index.get(rid)
                 if found is None:
                     if not allow_missing:
-                        raise AlignmentError(f"{where}: record {rid!r} has no alignment in "
-                                             f"{alignments}; pass --allow-missing to skip such "
-                                             f"records")
+                        raise AlignmentError(
+                            f"{where}: record {rid!r} has no alignment in "
+                            f"{alignments}; pass --allow-missing to skip such "
+                            f"records"
+                        )
                     counts["missing"] += 1
                     missing_ids.append(rid)
                     continue
@@ -585,8 +674,9 @@ def join_timings(records, alignments, fmt: str, out, cfg: FormatConfig, *, id_fi
                     duration = len(units) / cfg.unit_rate if isinstance(units, list) else 0.0
                     label = f"{align_where}: record {rid!r} ({where})"
                     words, n_untimed = fill_untimed(words, duration, label, untimed)
-                    times = word_times(record[text_field], words, lang.chunk_unit,
-                                       cfg.punctuation, label)
+                    times = word_times(
+                        record[text_field], words, lang.chunk_unit, cfg.punctuation, label
+                    )
                     joined = dict(record)
                     counts["replaced"] += times_field in record
                     joined[times_field] = times
@@ -604,11 +694,13 @@ def join_timings(records, alignments, fmt: str, out, cfg: FormatConfig, *, id_fi
 
     _write_lines_atomic(out, lines(), force)
     counts["unused_alignments"] = index.unused()
-    log(f"join-timings: {counts['joined']} of {counts['records']} record(s) joined to {fmt} "
+    log(
+        f"join-timings: {counts['joined']} of {counts['records']} record(s) joined to {fmt} "
         f"timings -> {out}; {counts['missing']} without alignment, {counts['bad']} bad, "
         f"{counts['untimed_words']} untimed word(s) interpolated, {counts['coarse_segments']} "
         f"segment(s) without word timings spread over their characters, "
-        f"{counts['unused_alignments']} alignment(s) unused")
+        f"{counts['unused_alignments']} alignment(s) unused"
+    )
     for rid in missing_ids[:5]:
         log(f"  no alignment: {rid}")
     for msg in bad[:5]:

@@ -9,6 +9,7 @@ A manifest lists what to read: JSON lines with an `audio` path (or `question_aud
 `answer_audio` for spoken-instruction records) and any other fields, which are passed on; or a
 plain list of paths, one a line. Relative paths resolve against the manifest's folder.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -24,8 +25,11 @@ from cslm_jax.storage import fs
 
 SAMPLE_RATE = 16000
 # the fields of a manifest record that name audio files, and the unit fields they fill
-AUDIO_FIELDS = {"audio": "units", "question_audio": "question_units",
-                "answer_audio": "answer_units"}
+AUDIO_FIELDS = {
+    "audio": "units",
+    "question_audio": "question_units",
+    "answer_audio": "answer_units",
+}
 
 
 class AudioError(CslmError):
@@ -42,6 +46,7 @@ class ManifestError(CslmError):
 
 def _soundfile():
     import soundfile
+
     return soundfile
 
 
@@ -61,7 +66,7 @@ def probe_seconds(path: str | Path) -> float:
     path, source = _opened(path)
     try:
         info = sf.info(source)
-    except Exception as e:          # libsndfile's errors (LibsndfileError, RuntimeError, ...)
+    except Exception as e:  # libsndfile's errors (LibsndfileError, RuntimeError, ...)
         raise AudioError(path, f"unreadable: {_reason(e)}") from None
     finally:
         if not isinstance(source, str):
@@ -98,8 +103,11 @@ def _mono_checked(data: np.ndarray, rate: int, label, sample_rate: int) -> np.nd
     wave = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     bad = ~np.isfinite(wave)
     if bad.any():
-        raise AudioError(label, f"non-finite samples ({int(bad.sum())} NaN/inf, the first at "
-                                f"{int(np.argmax(bad)) / rate:.3f} s)")
+        raise AudioError(
+            label,
+            f"non-finite samples ({int(bad.sum())} NaN/inf, the first at "
+            f"{int(np.argmax(bad)) / rate:.3f} s)",
+        )
     return resample(wave, rate, sample_rate)
 
 
@@ -109,11 +117,14 @@ def resample(wave: np.ndarray, rate: int, sample_rate: int = SAMPLE_RATE) -> np.
     if rate == sample_rate:
         return wave
     import soxr
-    return np.ascontiguousarray(soxr.resample(wave, rate, sample_rate, quality="HQ"),
-                                dtype=np.float32)
+
+    return np.ascontiguousarray(
+        soxr.resample(wave, rate, sample_rate, quality="HQ"), dtype=np.float32
+    )
 
 
 # -- manifests ------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class ManifestEntry:
@@ -121,11 +132,11 @@ class ManifestEntry:
     (field -> resolved path), or the error that makes it unusable."""
 
     line: int
-    where: str                                  # "FILE:LINE"
+    where: str  # "FILE:LINE"
     record: dict | None
-    audio: dict[str, str]                       # field -> path (a label for in-memory audio)
+    audio: dict[str, str]  # field -> path (a label for in-memory audio)
     error: str | None = None
-    arrays: dict | None = None                  # field -> (samples, rate): audio read from TFDS
+    arrays: dict | None = None  # field -> (samples, rate): audio read from TFDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +150,7 @@ class ManifestIndex:
     entries: int
     jsonl: bool
     group: int
-    starts: tuple[tuple[int, int], ...]         # (byte offset, line number) of each group
+    starts: tuple[tuple[int, int], ...]  # (byte offset, line number) of each group
 
     @property
     def groups(self) -> int:
@@ -155,7 +166,7 @@ class ManifestIndex:
                 if len(entries) == self.group:
                     break
                 if n == 1:
-                    raw = raw.removeprefix(codecs.BOM_UTF8)    # a UTF-8 BOM is no part of a path
+                    raw = raw.removeprefix(codecs.BOM_UTF8)  # a UTF-8 BOM is no part of a path
                 if not raw.strip():
                     continue
                 where = f"{self.path}:{n}"
@@ -163,8 +174,9 @@ class ManifestIndex:
                     try:
                         text = raw.decode("utf-8")
                     except UnicodeDecodeError:
-                        raise ManifestError(f"{where}: not UTF-8 text; a manifest must be "
-                                            f"UTF-8") from None
+                        raise ManifestError(
+                            f"{where}: not UTF-8 text; a manifest must be UTF-8"
+                        ) from None
                     record, audio = _parse(text, where, self.path.parent, self.jsonl)
                 except ManifestError as e:
                     if strict:
@@ -178,7 +190,7 @@ class ManifestIndex:
 def index_manifest(path: str | Path, group: int) -> ManifestIndex:
     """Scan a manifest once (checksum, entry count, group starts); ManifestError if it cannot be
     read or lists nothing."""
-    path = fs.path(path, "--manifest")          # local or gs://
+    path = fs.path(path, "--manifest")  # local or gs://
     h = hashlib.sha256()
     starts, entries, offset, first = [], 0, 0, None
     try:
@@ -217,28 +229,36 @@ def _parse(line: str, where: str, root: Path, jsonl: bool) -> tuple[dict, dict[s
     except json.JSONDecodeError as e:
         raise ManifestError(f"{where}: field '<json>': {json_error(e, line)}") from None
     if not isinstance(record, dict):
-        raise ManifestError(f"{where}: field '<json>': a manifest line must be a JSON object "
-                            f"(or the whole file a plain list of paths)")
+        raise ManifestError(
+            f"{where}: field '<json>': a manifest line must be a JSON object "
+            f"(or the whole file a plain list of paths)"
+        )
     audio = {}
     for field in AUDIO_FIELDS:
         if field not in record:
             continue
         value = record[field]
         if not isinstance(value, str) or not value.strip():
-            raise ManifestError(f"{where}: field '{field}': must be a non-empty path string, got "
-                                f"{value!r}")
+            raise ManifestError(
+                f"{where}: field '{field}': must be a non-empty path string, got {value!r}"
+            )
         audio[field] = str(_resolve(value, root))
     if not audio:
-        raise ManifestError(f"{where}: field 'audio': missing (a line needs 'audio', or "
-                            f"'question_audio' / 'answer_audio' for spoken-instruction records)")
+        raise ManifestError(
+            f"{where}: field 'audio': missing (a line needs 'audio', or "
+            f"'question_audio' / 'answer_audio' for spoken-instruction records)"
+        )
     if "audio" in audio and len(audio) > 1:
-        raise ManifestError(f"{where}: field 'audio': a line has either 'audio' (a paired "
-                            f"record) or 'question_audio'/'answer_audio' (spoken instruction), "
-                            f"not both")
+        raise ManifestError(
+            f"{where}: field 'audio': a line has either 'audio' (a paired "
+            f"record) or 'question_audio'/'answer_audio' (spoken instruction), "
+            f"not both"
+        )
     for field in ("text", "lang", "question_text", "answer_text", "question_lang", "answer_lang"):
         if field in record and not isinstance(record[field], str):
-            raise ManifestError(f"{where}: field '{field}': must be a string, got "
-                                f"{type(record[field]).__name__}")
+            raise ManifestError(
+                f"{where}: field '{field}': must be a string, got {type(record[field]).__name__}"
+            )
     return record, audio
 
 
@@ -253,11 +273,13 @@ def _resolve(name: str, root):
 
 # -- audio held in memory (TFDS) ------------------------------------------------------------------
 
+
 def array_seconds(value, rate: int, label: str) -> float:
     """The duration of in-memory audio: samples (1-D, or [frames, channels]) at `rate`, or the
     bytes of an encoded file (a TFDS Audio feature read with lazy decoding)."""
     if isinstance(value, bytes):
         import io
+
         try:
             info = _soundfile().info(io.BytesIO(value))
         except Exception as e:
@@ -276,6 +298,7 @@ def array_audio(value, rate: int, label: str, sample_rate: int = SAMPLE_RATE) ->
     `label` if empty, undecodable or non-finite."""
     if isinstance(value, bytes):
         import io
+
         try:
             data, rate = _soundfile().read(io.BytesIO(value), dtype="float32", always_2d=True)
         except Exception as e:
@@ -283,8 +306,9 @@ def array_audio(value, rate: int, label: str, sample_rate: int = SAMPLE_RATE) ->
         return _mono_checked(data, rate, label, sample_rate)
     x = np.asarray(value)
     if x.ndim not in (1, 2):
-        raise AudioError(label, f"audio of shape {x.shape}: expected [samples] or "
-                                f"[samples, channels]")
+        raise AudioError(
+            label, f"audio of shape {x.shape}: expected [samples] or [samples, channels]"
+        )
     if x.shape[0] == 0 or x.size == 0:
         raise AudioError(label, "empty (no samples)")
     if x.dtype.kind == "i":
@@ -325,23 +349,29 @@ class TfdsAudio:
 
         where = f"--tfds {self.name}"
         if ":" not in self.name:
-            raise ManifestError(f"{where}: give name[/config]:version (e.g. librispeech:2.1.1); "
-                                f"a version pins the data a resumed run reads")
+            raise ManifestError(
+                f"{where}: give name[/config]:version (e.g. librispeech:2.1.1); "
+                f"a version pins the data a resumed run reads"
+            )
         try:
             builder = tfds.builder(self.name, data_dir=self.data_dir)
-        except Exception as e:      # noqa: BLE001 - unknown name, version or config
+        except Exception as e:  # noqa: BLE001 - unknown name, version or config
             raise ManifestError(f"{where}: {type(e).__name__}: {_reason(e)}") from None
         splits = builder.info.splits
         if not splits:
-            raise ManifestError(f"{where}: not prepared in {self.data_dir or 'the TFDS data dir'}"
-                                f" (extract-units never downloads: `tfds build "
-                                f"{self.name.split(':')[0]} --data_dir DIR` once, then "
-                                f"--tfds-data-dir DIR)")
+            raise ManifestError(
+                f"{where}: not prepared in {self.data_dir or 'the TFDS data dir'}"
+                f" (extract-units never downloads: `tfds build "
+                f"{self.name.split(':')[0]} --data_dir DIR` once, then "
+                f"--tfds-data-dir DIR)"
+            )
         try:
             parts = tfds.core.ReadInstruction.from_spec(self.split).to_absolute(splits)
         except (ValueError, KeyError, AssertionError) as e:
-            raise ManifestError(f"--tfds-split {self.split!r}: {_reason(e)} (splits of "
-                                f"{self.name}: {sorted(splits)})") from None
+            raise ManifestError(
+                f"--tfds-split {self.split!r}: {_reason(e)} (splits of "
+                f"{self.name}: {sorted(splits)})"
+            ) from None
         if len(parts) != 1:
             raise ManifestError(f"--tfds-split {self.split!r}: one split or slice at a time")
         part = parts[0]
@@ -351,11 +381,26 @@ class TfdsAudio:
         if stop <= start:
             raise ManifestError(f"--tfds-split {self.split!r}: selects no examples")
         fields, rates = _tfds_fields(builder.info.features, self.fields, where)
-        ident = {"name": self.name, "split": part.splitname, "from": start, "to": stop,
-                 "examples": total, "fields": fields}
+        ident = {
+            "name": self.name,
+            "split": part.splitname,
+            "from": start,
+            "to": stop,
+            "examples": total,
+            "fields": fields,
+        }
         sha = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-        return TfdsIndex(self, builder, part.splitname, start, stop - start, group, sha,
-                         tuple(fields.items()), rates)
+        return TfdsIndex(
+            self,
+            builder,
+            part.splitname,
+            start,
+            stop - start,
+            group,
+            sha,
+            tuple(fields.items()),
+            rates,
+        )
 
 
 def _tfds_fields(features, mapping, where: str) -> tuple[dict, dict]:
@@ -368,27 +413,39 @@ def _tfds_fields(features, mapping, where: str) -> tuple[dict, dict]:
         fields = dict(mapping)
     else:
         if len(audio) != 1:
-            raise ManifestError(f"{where}: {len(audio)} Audio features ({sorted(audio)}); say "
-                                f"which is which with --tfds-fields audio=FEATURE,...")
+            raise ManifestError(
+                f"{where}: {len(audio)} Audio features ({sorted(audio)}); say "
+                f"which is which with --tfds-fields audio=FEATURE,..."
+            )
         fields = {"audio": next(iter(audio))}
         for k, v in top.items():
-            if k not in audio and (isinstance(v, tfds.features.Text) or (
-                    isinstance(v, tfds.features.Tensor) and v.shape == ())):
+            if k not in audio and (
+                isinstance(v, tfds.features.Text)
+                or (isinstance(v, tfds.features.Tensor) and v.shape == ())
+            ):
                 fields[k] = k
     if not any(f in AUDIO_FIELDS for f in fields):
-        raise ManifestError(f"{where}: --tfds-fields maps no audio field ({', '.join(AUDIO_FIELDS)})")
+        raise ManifestError(
+            f"{where}: --tfds-fields maps no audio field ({', '.join(AUDIO_FIELDS)})"
+        )
     if "audio" in fields and len(set(fields) & set(AUDIO_FIELDS)) > 1:
-        raise ManifestError(f"{where}: --tfds-fields: 'audio' (paired records) or "
-                            f"'question_audio'/'answer_audio' (spoken instruction), not both")
+        raise ManifestError(
+            f"{where}: --tfds-fields: 'audio' (paired records) or "
+            f"'question_audio'/'answer_audio' (spoken instruction), not both"
+        )
     rates = {}
     for field, feature in fields.items():
         if feature not in top:
-            raise ManifestError(f"{where}: --tfds-fields {field}={feature}: no feature "
-                                f"{feature!r} (features: {sorted(top)})")
+            raise ManifestError(
+                f"{where}: --tfds-fields {field}={feature}: no feature "
+                f"{feature!r} (features: {sorted(top)})"
+            )
         if field in AUDIO_FIELDS:
             if feature not in audio:
-                raise ManifestError(f"{where}: --tfds-fields {field}={feature}: {feature!r} is "
-                                    f"not an Audio feature (Audio: {sorted(audio)})")
+                raise ManifestError(
+                    f"{where}: --tfds-fields {field}={feature}: {feature!r} is "
+                    f"not an Audio feature (Audio: {sorted(audio)})"
+                )
             rate = getattr(audio[feature], "sample_rate", None)
             if not rate:
                 raise ManifestError(f"{where}: Audio feature {feature!r} has no sample_rate")
@@ -436,7 +493,7 @@ class TfdsIndex:
                 for field, feature in self.fields:
                     value = example[feature]
                     if field in AUDIO_FIELDS:
-                        audio[field] = record[field] = f"{where}/{feature}"   # provenance
+                        audio[field] = record[field] = f"{where}/{feature}"  # provenance
                         arrays[field] = (value, self.rates[field])
                         continue
                     try:
@@ -450,6 +507,8 @@ class TfdsIndex:
                 continue
             entries.append(ManifestEntry(n, where, record, audio, arrays=arrays))
         if len(entries) != b - a:
-            raise ManifestError(f"{self.path}: examples {a}..{b - 1}: the dataset gave "
-                                f"{len(entries)} of {b - a} (was it rebuilt while extracting?)")
+            raise ManifestError(
+                f"{self.path}: examples {a}..{b - 1}: the dataset gave "
+                f"{len(entries)} of {b - a} (was it rebuilt while extracting?)"
+            )
         return entries

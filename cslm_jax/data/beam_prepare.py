@@ -31,6 +31,7 @@ task excepted). Planning (a pass counting newlines, so that errors and shards kn
 number) reads local files here, for the DirectRunner's equal shares; on other runners, or with
 remote files, the workers plan the files, in parallel.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,7 +67,7 @@ from cslm_jax.data.prepare import (
 from cslm_jax.errors import CslmError, DataError
 from cslm_jax.storage import fs
 
-DEFAULT_NUM_SHARDS = 64          # divides 1, 2, 4, 8, 16, 32, 64 hosts
+DEFAULT_NUM_SHARDS = 64  # divides 1, 2, 4, 8, 16, 32, 64 hosts
 _IMPORT_LOCK = threading.Lock()
 DEFAULT_RANGE_BYTES = 64 << 20
 
@@ -75,14 +76,21 @@ class _PrepareUnit:
     """DoFn body (built lazily so this module imports without Beam): prepare one work unit (a
     list of byte ranges) in one call."""
 
-    def __init__(self, specs: dict, cfg: DataConfig, tokenizer_dir: str, num_shards: int,
-                 tmp: str, fast: bool):
+    def __init__(
+        self,
+        specs: dict,
+        cfg: DataConfig,
+        tokenizer_dir: str,
+        num_shards: int,
+        tmp: str,
+        fast: bool,
+    ):
         self.specs, self.cfg, self.tokenizer_dir = specs, cfg, tokenizer_dir
         self.num_shards, self.tmp, self.fast = num_shards, tmp, fast
         self.preparers = {}
 
     def setup(self):
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")   # one core per worker
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     def _preparer(self, task: str):
@@ -90,11 +98,12 @@ class _PrepareUnit:
 
         prep = self.preparers.get(task)
         if prep is None:
-            with _IMPORT_LOCK:   # transformers' lazy imports are not safe from several threads
+            with _IMPORT_LOCK:  # transformers' lazy imports are not safe from several threads
                 prep = self.preparers.get(task)
                 if prep is None:
-                    prep = self.preparers[task] = Preparer(self.specs[task], self.cfg,
-                                                           self.tokenizer_dir, fast=self.fast)
+                    prep = self.preparers[task] = Preparer(
+                        self.specs[task], self.cfg, self.tokenizer_dir, fast=self.fast
+                    )
         return prep
 
     def process(self, item):
@@ -114,20 +123,33 @@ class _PrepareUnit:
         tag = f"f{file_index:05d}-l{first_line:012d}"
         writers, error, tally = {}, None, {"lines": 0}
         try:
-            for batch in prep.line_batches(path, file_index,
-                                           numbered_lines(path, start, end, first_line, tally),
-                                           self.num_shards, counts):
-                write_batch(writers, batch,
-                            lambda shard: record_writer(f"{folder}/{tag}.s{shard:05d}"))
-        except CslmError as e:            # strict: the range's first bad record
+            for batch in prep.line_batches(
+                path,
+                file_index,
+                numbered_lines(path, start, end, first_line, tally),
+                self.num_shards,
+                counts,
+            ):
+                write_batch(
+                    writers, batch, lambda shard: record_writer(f"{folder}/{tag}.s{shard:05d}")
+                )
+        except CslmError as e:  # strict: the range's first bad record
             line = getattr(e, "where", f"{path}:0").rsplit(":", 1)[-1]
-            error = (task, split, file_index, int(line) if line.isdigit() else 0,
-                     type(e).__name__, str(e))
+            error = (
+                task,
+                split,
+                file_index,
+                int(line) if line.isdigit() else 0,
+                type(e).__name__,
+                str(e),
+            )
         finally:
             for w in writers.values():
                 w.close()
-        _write_small_json(f"{self.tmp}/counts/{task}.{split}.{tag}.json",
-                          [task, split, counts, [file_index, first_line, tally["lines"]]])
+        _write_small_json(
+            f"{self.tmp}/counts/{task}.{split}.{tag}.json",
+            [task, split, counts, [file_index, first_line, tally["lines"]]],
+        )
         if error is not None:
             _write_small_json(f"{self.tmp}/errors/{task}.{split}.{tag}.json", error)
         for shard in sorted(writers):
@@ -188,8 +210,17 @@ def plan_units(jobs: list, range_bytes: int, units: int | None) -> list[list]:
         for u in range(units):
             first, last = u * n // units, (u + 1) * n // units
             if last > first:
-                out[u].append((task, split, file_index, path, ranges[first][0],
-                               ranges[last - 1][1], ranges[first][2]))
+                out[u].append(
+                    (
+                        task,
+                        split,
+                        file_index,
+                        path,
+                        ranges[first][0],
+                        ranges[last - 1][1],
+                        ranges[first][2],
+                    )
+                )
     return [u for u in out if u]
 
 
@@ -209,7 +240,8 @@ _BEAM_NOISE = re.compile(
     rb"|apitools not found, and bigquery client libraries are not available"
     rb"|No semi_persistent_directory found"
     rb"|Discarding unparseable args: \[(\\?'--(pipeline_type_check|"
-    rb"direct_runner_use_stacked_bundle)\\?'(, )?){2}\]")
+    rb"direct_runner_use_stacked_bundle)\\?'(, )?){2}\]"
+)
 
 
 def _forward_stderr(source: int, target: int) -> None:
@@ -257,15 +289,16 @@ def quiet_beam_logs():
     source, sink = os.pipe()
     os.dup2(sink, 2)
     os.close(sink)
-    forward = threading.Thread(target=_forward_stderr, args=(source, os.dup(saved)), daemon=True,
-                               name="cslm_jax-stderr")
+    forward = threading.Thread(
+        target=_forward_stderr, args=(source, os.dup(saved)), daemon=True, name="cslm_jax-stderr"
+    )
     forward.start()
     try:
         yield
     finally:
         with contextlib.suppress(Exception):
             sys.stderr.flush()
-        os.dup2(saved, 2)            # the pipe is left to workers still ending, if any
+        os.dup2(saved, 2)  # the pipe is left to workers still ending, if any
         os.close(saved)
         forward.join(timeout=5)
         beam_logger.setLevel(level)
@@ -292,9 +325,11 @@ def _create_runner(runner: str):
     except (ValueError, AttributeError, ModuleNotFoundError) as e:
         if isinstance(e, ModuleNotFoundError) and "." not in runner:
             raise CslmError(f"--runner {runner}: cannot be loaded here: {e}") from None
-        raise CslmError(f"--runner {runner}: not a Beam runner; choose one of "
-                        f"{', '.join(StandardOptions.KNOWN_RUNNER_NAMES)} (or the module.Class "
-                        f"name of a PipelineRunner subclass)") from None
+        raise CslmError(
+            f"--runner {runner}: not a Beam runner; choose one of "
+            f"{', '.join(StandardOptions.KNOWN_RUNNER_NAMES)} (or the module.Class "
+            f"name of a PipelineRunner subclass)"
+        ) from None
     except ImportError as e:
         raise CslmError(f"--runner {runner}: cannot be loaded here: {e}") from None
 
@@ -307,21 +342,32 @@ def _check_runner_options(runner: str, options, runner_obj) -> None:
     errors = [e.strip() for e in PipelineOptionsValidator(options, runner_obj).validate()]
     if not errors:
         return
-    missing = [m.group(2) for e in errors
-               for m in [re.match(r"Missing (required|GCS path) option: (\w+)", e)] if m]
-    other = [e.rstrip(".") for e in errors
-             if not re.match(r"Missing (required|GCS path) option: (\w+)", e)]
+    missing = [
+        m.group(2)
+        for e in errors
+        for m in [re.match(r"Missing (required|GCS path) option: (\w+)", e)]
+        if m
+    ]
+    other = [
+        e.rstrip(".")
+        for e in errors
+        if not re.match(r"Missing (required|GCS path) option: (\w+)", e)
+    ]
     what = []
     if missing:
         what.append("missing " + ", ".join(f"--{m}" for m in missing))
     what += other
-    raise CslmError(f"--runner {runner}: {'; '.join(what)}; give Beam's options with "
-                    f"--pipeline-options='--project=PROJECT --region=REGION "
-                    f"--temp_location=gs://BUCKET/tmp' (or --pipeline-option KEY=VALUE, repeated)")
+    raise CslmError(
+        f"--runner {runner}: {'; '.join(what)}; give Beam's options with "
+        f"--pipeline-options='--project=PROJECT --region=REGION "
+        f"--temp_location=gs://BUCKET/tmp' (or --pipeline-option KEY=VALUE, repeated)"
+    )
 
 
-_OUR_FILES = re.compile(r"(COMPLETED|(info|stats)\..+\.json|.+\.tfrecord-\d{5,}-of-\d{5,})"
-                        r"(\.tmp-[0-9a-f]+)?")
+_OUR_FILES = re.compile(
+    r"(COMPLETED|(info|stats)\..+\.json|.+\.tfrecord-\d{5,}-of-\d{5,})"
+    r"(\.tmp-[0-9a-f]+)?"
+)
 
 
 def _remove_cache(task_dir: str) -> None:
@@ -332,9 +378,11 @@ def _remove_cache(task_dir: str) -> None:
         names = os.listdir(task_dir) if os.path.isdir(task_dir) else names
     foreign = sorted(n for n in names if not _OUR_FILES.fullmatch(n))
     if foreign:
-        raise CacheError(f"{task_dir}: holds {', '.join(foreign[:5])}"
-                         f"{' ...' if len(foreign) > 5 else ''}, which prepare-data did not "
-                         f"write; move it away or choose another --out")
+        raise CacheError(
+            f"{task_dir}: holds {', '.join(foreign[:5])}"
+            f"{' ...' if len(foreign) > 5 else ''}, which prepare-data did not "
+            f"write; move it away or choose another --out"
+        )
     _rmtree(task_dir)
 
 
@@ -346,17 +394,29 @@ def _stamps(spec) -> dict:
         for f in files:
             try:
                 out[split].append(input_stamp(f))
-            except Exception as e:         # noqa: BLE001 - a missing file is bad input
+            except Exception as e:  # noqa: BLE001 - a missing file is bad input
                 if isinstance(e, FileNotFoundError) or type(e).__name__ == "NotFoundError":
                     raise DataError(f"{f}: no such file (task {spec.name}, {split})") from None
                 raise
     return out
 
 
-def prepare_data(cfg: DataConfig, stage: str, tokenizer_dir: str | Path, out: str | Path, *,
-                 tasks=None, num_shards: int = DEFAULT_NUM_SHARDS, runner: str = "DirectRunner",
-                 num_workers: int | None = None, range_bytes: int = DEFAULT_RANGE_BYTES,
-                 pipeline_args=(), fast: bool = True, force: bool = False, log=print) -> dict:
+def prepare_data(
+    cfg: DataConfig,
+    stage: str,
+    tokenizer_dir: str | Path,
+    out: str | Path,
+    *,
+    tasks=None,
+    num_shards: int = DEFAULT_NUM_SHARDS,
+    runner: str = "DirectRunner",
+    num_workers: int | None = None,
+    range_bytes: int = DEFAULT_RANGE_BYTES,
+    pipeline_args=(),
+    fast: bool = True,
+    force: bool = False,
+    log=print,
+) -> dict:
     """Prepare a stage's tasks (or the named `tasks`) into `out/<task>/` with Beam. Returns
     {task: "prepared" | "kept"}. Raises CslmError (one line) for bad input; a strict data error
     is the first bad record in file order. One job per `out` at a time: a job removes what an
@@ -366,14 +426,39 @@ def prepare_data(cfg: DataConfig, stage: str, tokenizer_dir: str | Path, out: st
     inputs is refused, or with `force` prepared again. Beam's known-harmless log lines are
     left out of stderr (`quiet_beam_logs`)."""
     with quiet_beam_logs():
-        return _prepare_data(cfg, stage, tokenizer_dir, out, tasks=tasks, num_shards=num_shards,
-                             runner=runner, num_workers=num_workers, range_bytes=range_bytes,
-                             pipeline_args=pipeline_args, fast=fast, force=force, log=log)
+        return _prepare_data(
+            cfg,
+            stage,
+            tokenizer_dir,
+            out,
+            tasks=tasks,
+            num_shards=num_shards,
+            runner=runner,
+            num_workers=num_workers,
+            range_bytes=range_bytes,
+            pipeline_args=pipeline_args,
+            fast=fast,
+            force=force,
+            log=log,
+        )
 
 
-def _prepare_data(cfg: DataConfig, stage: str, tokenizer_dir: str | Path, out: str | Path, *,
-                  tasks, num_shards: int, runner: str, num_workers: int | None, range_bytes: int,
-                  pipeline_args, fast: bool, force: bool, log) -> dict:
+def _prepare_data(
+    cfg: DataConfig,
+    stage: str,
+    tokenizer_dir: str | Path,
+    out: str | Path,
+    *,
+    tasks,
+    num_shards: int,
+    runner: str,
+    num_workers: int | None,
+    range_bytes: int,
+    pipeline_args,
+    fast: bool,
+    force: bool,
+    log,
+) -> dict:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -386,8 +471,9 @@ def _prepare_data(cfg: DataConfig, stage: str, tokenizer_dir: str | Path, out: s
         known = {s.name for s in specs}
         unknown = [t for t in tasks if t not in known]
         if unknown:
-            raise CslmError(f"--tasks: {unknown} not in stage {stage!r} of {cfg.path}; tasks: "
-                            f"{sorted(known)}")
+            raise CslmError(
+                f"--tasks: {unknown} not in stage {stage!r} of {cfg.path}; tasks: {sorted(known)}"
+            )
         specs = [s for s in specs if s.name in tasks]
     # the runner and its options first: a job that cannot start touches nothing
     runner_obj = _create_runner(runner)
@@ -399,8 +485,9 @@ def _prepare_data(cfg: DataConfig, stage: str, tokenizer_dir: str | Path, out: s
         try:
             workers = int(given) if given is not None else (num_workers or os.cpu_count() or 1)
         except ValueError:
-            raise CslmError(f"--pipeline-options: --direct_num_workers={given} is not a whole "
-                            f"number") from None
+            raise CslmError(
+                f"--pipeline-options: --direct_num_workers={given} is not a whole number"
+            ) from None
         if given is None:
             args.append(f"--direct_num_workers={workers}")
         if _option_value(args, "direct_running_mode") is None:
@@ -415,25 +502,30 @@ def _prepare_data(cfg: DataConfig, stage: str, tokenizer_dir: str | Path, out: s
     out = str(out)
     keys = {s.name: task_key(s, cfg, tokenizer_dir, num_shards) for s in specs}
     result, todo, replace = {}, [], []
-    for spec in specs:               # decided before anything is written
+    for spec in specs:  # decided before anything is written
         task_dir = f"{out}/{spec.name}"
         found = completed_key(task_dir)
         if found is None:
             continue
         diff = key_differences(found, keys[spec.name])
-        why = (f"prepared with other settings ({'; '.join(d for _, d in diff)})" if diff else
-               inputs_changed(found, spec))
+        why = (
+            f"prepared with other settings ({'; '.join(d for _, d in diff)})"
+            if diff
+            else inputs_changed(found, spec)
+        )
         if why is None:
             result[spec.name] = "kept"
             log(f"prepare-data: {spec.name}: already prepared in {task_dir}; kept")
         elif not force:
-            raise CacheError(f"{task_dir}: {why}; rerun with --force to prepare it again (or "
-                             f"choose another --out)")
+            raise CacheError(
+                f"{task_dir}: {why}; rerun with --force to prepare it again (or "
+                f"choose another --out)"
+            )
         else:
             replace.append((spec.name, why))
     created_out = not _exists(out)
     _makedirs(out)
-    made = []                        # task folders this call created
+    made = []  # task folders this call created
     try:
         for name, why in replace:
             log(f"prepare-data: {name}: {why}; preparing it again (--force)")
@@ -442,48 +534,89 @@ def _prepare_data(cfg: DataConfig, stage: str, tokenizer_dir: str | Path, out: s
             if spec.name in result:
                 continue
             task_dir = f"{out}/{spec.name}"
-            if _exists(task_dir):           # an interrupted run's partial output
+            if _exists(task_dir):  # an interrupted run's partial output
                 _remove_cache(task_dir)
-            if spec.tfds is not None:       # one reader for a dataset: prepared in this process
+            if spec.tfds is not None:  # one reader for a dataset: prepared in this process
                 if "://" in out:
-                    raise CslmError(f"--out {out}: task {spec.name} reads a TFDS dataset, which is "
-                                    f"prepared in this process into a local --out only")
+                    raise CslmError(
+                        f"--out {out}: task {spec.name} reads a TFDS dataset, which is "
+                        f"prepared in this process into a local --out only"
+                    )
                 log(f"prepare-data: {spec.name}: TFDS {spec.tfds.name}, prepared in this process")
-                counts = prepare_task_local(spec, cfg, local_tokenizer_dir(tokenizer_dir),
-                                            task_dir, num_shards, fast=fast)
+                counts = prepare_task_local(
+                    spec, cfg, local_tokenizer_dir(tokenizer_dir), task_dir, num_shards, fast=fast
+                )
                 for split, c in counts.items():
                     if c["skipped"]:
                         first = c["skipped_messages"][0][2] if c["skipped_messages"] else ""
-                        log(f"prepare-data: {spec.name}: skipped {c['skipped']} bad record(s) of "
-                            f"{spec.tfds.name} ({split}; packing.skip_bad); first: {first}")
+                        log(
+                            f"prepare-data: {spec.name}: skipped {c['skipped']} bad record(s) of "
+                            f"{spec.tfds.name} ({split}; packing.skip_bad); first: {first}"
+                        )
                 result[spec.name] = "prepared"
                 continue
             _makedirs(task_dir)
             made.append(task_dir)
             todo.append(spec)
-        for stale in _glob(f"{out}/.prepare-tmp-*"):    # an interrupted job's pieces
+        for stale in _glob(f"{out}/.prepare-tmp-*"):  # an interrupted job's pieces
             log(f"prepare-data: removing {stale}, left by an interrupted job")
             _rmtree(stale)
         if todo:
-            _run_job(beam, options, todo, cfg, tokenizer_dir, out, num_shards, range_bytes,
-                     workers if direct else None, runner, fast, keys, result, log)
+            _run_job(
+                beam,
+                options,
+                todo,
+                cfg,
+                tokenizer_dir,
+                out,
+                num_shards,
+                range_bytes,
+                workers if direct else None,
+                runner,
+                fast,
+                keys,
+                result,
+                log,
+            )
     except BaseException:
-        if "://" not in out:         # what a job that failed to start made is removed
+        if "://" not in out:  # what a job that failed to start made is removed
             for task_dir in made + ([out] if created_out else []):
                 with contextlib.suppress(OSError):
-                    os.rmdir(task_dir)               # empty folders only
+                    os.rmdir(task_dir)  # empty folders only
         raise
     return {s.name: result[s.name] for s in specs}
 
 
-def _run_job(beam, options, todo, cfg, tokenizer_dir, out, num_shards, range_bytes, workers,
-             runner, fast, keys, result, log) -> None:
+def _run_job(
+    beam,
+    options,
+    todo,
+    cfg,
+    tokenizer_dir,
+    out,
+    num_shards,
+    range_bytes,
+    workers,
+    runner,
+    fast,
+    keys,
+    result,
+    log,
+) -> None:
     stamps = {s.name: _stamps(s) for s in todo}
     tmp = f"{out}/.prepare-tmp-{uuid.uuid4().hex[:8]}"
-    jobs = [(s.name, split, i, path) for s in todo for split, files in splits_of(s).items()
-            for i, path in enumerate(files)]
-    seeds = [((s.name, split, shard), None) for s in todo for split in splits_of(s)
-             for shard in range(num_shards)]
+    jobs = [
+        (s.name, split, i, path)
+        for s in todo
+        for split, files in splits_of(s).items()
+        for i, path in enumerate(files)
+    ]
+    seeds = [
+        ((s.name, split, shard), None)
+        for s in todo
+        for split in splits_of(s)
+        for shard in range(num_shards)
+    ]
     # Local files on the DirectRunner are planned here, into one unit per worker (it hands the
     # i-th key of a grouped collection to worker i % N, in the order the keys arrive: each worker
     # gets one equal share). Anything else (remote files, a cluster) is planned by the workers,
@@ -501,20 +634,26 @@ def _run_job(beam, options, todo, cfg, tokenizer_dir, out, num_shards, range_byt
             yield from body.process(item)
 
     where = f"{len(units)} unit(s)" if plan_here else "ranges planned by the workers"
-    log(f"prepare-data: {len(todo)} task(s), {len(jobs)} file(s) in {where} -> "
-        f"{out} ({num_shards} shards per split, runner {runner})")
+    log(
+        f"prepare-data: {len(todo)} task(s), {len(jobs)} file(s) in {where} -> "
+        f"{out} ({num_shards} shards per split, runner {runner})"
+    )
     try:
         with beam.Pipeline(options=options) as p:
-            keyed = (p | "units" >> beam.Create(list(enumerate(units))) if plan_here else
-                     p | "files" >> beam.Create(jobs) | "plan" >> beam.FlatMap(_plan_file,
-                                                                               range_bytes))
-            pieces = (keyed
-                      | "spread" >> beam.GroupByKey()
-                      | "prepare" >> beam.ParDo(PrepareUnit()))
-            _ = ((pieces, p | "all shards" >> beam.Create(seeds))
-                 | "flatten" >> beam.Flatten()
-                 | "by shard" >> beam.GroupByKey()
-                 | "write shards" >> beam.Map(_write_shard, out, num_shards))
+            keyed = (
+                p | "units" >> beam.Create(list(enumerate(units)))
+                if plan_here
+                else p
+                | "files" >> beam.Create(jobs)
+                | "plan" >> beam.FlatMap(_plan_file, range_bytes)
+            )
+            pieces = keyed | "spread" >> beam.GroupByKey() | "prepare" >> beam.ParDo(PrepareUnit())
+            _ = (
+                (pieces, p | "all shards" >> beam.Create(seeds))
+                | "flatten" >> beam.Flatten()
+                | "by shard" >> beam.GroupByKey()
+                | "write shards" >> beam.Map(_write_shard, out, num_shards)
+            )
         errors = []
         for path in _glob(f"{tmp}/errors/*.json"):
             with _open(path, "r") as f:
@@ -524,7 +663,7 @@ def _run_job(beam, options, todo, cfg, tokenizer_dir, out, num_shards, range_byt
             first = min(errors, key=lambda e: (order[e[0]], e[1] != "train", e[2], e[3]))
             raise DataError(first[5])
         counts: dict = {}
-        lines: dict = {}             # (task, split, file index) -> lines, and skipped records
+        lines: dict = {}  # (task, split, file index) -> lines, and skipped records
         skipped: dict = {}
         for path in _glob(f"{tmp}/counts/*.json"):
             with _open(path, "r") as f:
@@ -541,21 +680,29 @@ def _run_job(beam, options, todo, cfg, tokenizer_dir, out, num_shards, range_byt
                 c = counts.get((spec.name, split), new_counts())
                 write_json(f"{task_dir}/stats.{split}.json", stats_json(c))
                 write_json(f"{task_dir}/info.{split}.json", info_json(num_shards, keys[spec.name]))
-                missing = [f for f in [shard_name(split, s, num_shards) for s in range(num_shards)]
-                           if not _exists(f"{task_dir}/{f}")]
+                missing = [
+                    f
+                    for f in [shard_name(split, s, num_shards) for s in range(num_shards)]
+                    if not _exists(f"{task_dir}/{f}")
+                ]
                 if missing:
                     raise CacheError(f"{task_dir}: the job finished without writing {missing[:3]}")
-                inputs[split] = input_record(files, stamps[spec.name][split],
-                                             [lines.get((spec.name, split, i), 0)
-                                              for i in range(len(files))])
+                inputs[split] = input_record(
+                    files,
+                    stamps[spec.name][split],
+                    [lines.get((spec.name, split, i), 0) for i in range(len(files))],
+                )
                 for i, path in enumerate(files):
                     n = skipped.get((spec.name, split, i), 0)
                     if n:
                         first = next((m for fi, _, m in c["skipped_messages"] if fi == i), None)
-                        log(f"prepare-data: {spec.name}: skipped {n} bad record(s) of "
+                        log(
+                            f"prepare-data: {spec.name}: skipped {n} bad record(s) of "
                             f"{lines.get((spec.name, split, i), 0)} line(s) in {path} "
-                            f"(packing.skip_bad)" + (f"; first: {first}" if first else "") +
-                            f"; up to {MAX_SKIP_MESSAGES} reasons in {task_dir}/stats.{split}.json")
+                            f"(packing.skip_bad)"
+                            + (f"; first: {first}" if first else "")
+                            + f"; up to {MAX_SKIP_MESSAGES} reasons in {task_dir}/stats.{split}.json"
+                        )
             write_json(f"{task_dir}/COMPLETED", dict(keys[spec.name], inputs=inputs))
             result[spec.name] = "prepared"
     finally:

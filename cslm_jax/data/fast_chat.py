@@ -33,6 +33,7 @@ When it could be deleted. When the tokenizer library renders and encodes chat te
 batches at about this speed, or when preparation stops mattering (a corpus prepared once on
 enough workers): `Preparer` then keeps the exact path only, and this module goes with its tests.
 """
+
 from __future__ import annotations
 
 import collections
@@ -45,10 +46,11 @@ from cslm_jax.errors import DataError
 
 # private-use characters around the placeholder contents a template is rendered with
 PLACEHOLDER_OPEN, PLACEHOLDER_CLOSE = "\ue000", "\ue001"
-CHECK_FIRST = 4              # examples of each role sequence compared with the exact path first
+CHECK_FIRST = 4  # examples of each role sequence compared with the exact path first
 
 
 # -- contents that keep their speech spans as unit lists ---------------------------------------------
+
 
 class SpeechText:
     """A chat content given by its parts [text, units, text, units, ..., text] (as
@@ -78,8 +80,10 @@ class SpeechText:
 
 def plain(messages: list) -> list:
     """Messages with `SpeechText` contents turned into their strings (for Jinja)."""
-    return [{**m, "content": str(m["content"])} if m.get("content").__class__ is SpeechText else m
-            for m in messages]
+    return [
+        {**m, "content": str(m["content"])} if m.get("content").__class__ is SpeechText else m
+        for m in messages
+    ]
 
 
 # `formats.examples(...)` with each content holding speech spans kept as a `SpeechText` of its
@@ -89,6 +93,7 @@ fast_examples = functools.partial(examples, content=SpeechText)
 
 
 # -- plans: a template rendered once per role sequence ------------------------------------------------
+
 
 def _placeholder(i: int) -> str:
     return f"{PLACEHOLDER_OPEN}{i}{PLACEHOLDER_CLOSE}"
@@ -105,12 +110,12 @@ class Plan:
     """How to build the ids of one role sequence: ids = prefix + fixed[0] + piece(0) + fixed[1]
     + ... ; piece(i) = heads[i] + transform(content_i) + tails[i], tokenized alone."""
 
-    strip: bool                  # the template strips each content (Jinja's `trim`)
-    fixed: list                  # ids of the constant stretches between variable pieces
-    heads: list                  # constant text before each content inside its piece
-    tails: list                  # constant text after each content inside its piece
-    marks: tuple | None = None   # (user headers, assistant headers): (fixed piece, offset) each
-    headers: int = 0             # header-start ids in the prefix and the fixed pieces
+    strip: bool  # the template strips each content (Jinja's `trim`)
+    fixed: list  # ids of the constant stretches between variable pieces
+    heads: list  # constant text before each content inside its piece
+    tails: list  # constant text after each content inside its piece
+    marks: tuple | None = None  # (user headers, assistant headers): (fixed piece, offset) each
+    headers: int = 0  # header-start ids in the prefix and the fixed pieces
 
 
 class FastChat:
@@ -129,16 +134,16 @@ class FastChat:
     difference raises.
     """
 
-    CACHE_SIZE = 4096            # texts and their ids kept (then the cache starts again)
+    CACHE_SIZE = 4096  # texts and their ids kept (then the cache starts again)
 
     def __init__(self, renderer: ChatRenderer, verify_every: int = 1000):
         self.r = renderer
         self.bt = renderer.tok.backend_tokenizer
         self.special = renderer.adds_special_tokens
         self.verify_every = verify_every
-        self.plans: dict[tuple, Plan | None] = {}     # None: that role sequence goes to Jinja
+        self.plans: dict[tuple, Plan | None] = {}  # None: that role sequence goes to Jinja
         self.checked: collections.Counter = collections.Counter()
-        self.checked_enough: set = set()             # role sequences checked CHECK_FIRST times
+        self.checked_enough: set = set()  # role sequences checked CHECK_FIRST times
         self.count = 0
         self.added = dict(self.bt.get_added_tokens_decoder())
         self.added_texts = sorted({t.content for t in self.added.values()})
@@ -149,7 +154,7 @@ class FastChat:
         self.words = WordTokens.for_tokenizer(self.bt) if self.prefix is not None else None
 
     def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
-        encode = getattr(self.bt, "encode_batch_fast", self.bt.encode_batch)   # no offsets
+        encode = getattr(self.bt, "encode_batch_fast", self.bt.encode_batch)  # no offsets
         return [e.ids for e in encode(texts, add_special_tokens=special)]
 
     def _span_ids(self) -> tuple[int, int, list[int]] | None:
@@ -191,7 +196,7 @@ class FastChat:
         for probe in ("a", "Hello world 12", "<|eot_id|> x"):
             bare = self._encode([probe], False)[0]
             full = self._encode([probe], True)[0]
-            if full[len(full) - len(bare):] != bare:
+            if full[len(full) - len(bare) :] != bare:
                 return None
             p = full[: len(full) - len(bare)]
             if prefix is not None and p != prefix:
@@ -228,15 +233,18 @@ class FastChat:
             return None
         # render_text removes a trailing assistant header: safe when that decision never
         # depends on the content (the template's text after the last content decides it)
-        raw = self.r.tok.apply_chat_template([{"role": r, "content": c}
-                                              for r, c in zip(roles, holders)], tokenize=False)
-        tail = raw[raw.find(holders[-1]) + len(holders[-1]):].rstrip()
+        raw = self.r.tok.apply_chat_template(
+            [{"role": r, "content": c} for r, c in zip(roles, holders)], tokenize=False
+        )
+        tail = raw[raw.find(holders[-1]) + len(holders[-1]) :].rstrip()
         header = self.r.assistant_header_text
         if not tail or (len(tail) < len(header) and header.endswith(tail)):
             return None
         # added tokens in the skeleton (offsets are in characters)
         enc = self.bt.encode(skel, add_special_tokens=False)
-        spans = [(s, e, self.added[i]) for i, (s, e) in zip(enc.ids, enc.offsets) if i in self.added]
+        spans = [
+            (s, e, self.added[i]) for i, (s, e) in zip(enc.ids, enc.offsets) if i in self.added
+        ]
         longest = max(map(len, self.added_texts), default=0)
         fixed_bounds, heads, tails = [], [], []
         prev = 0
@@ -251,11 +259,13 @@ class FastChat:
                 if tok.lstrip or tok.rstrip or tok.single_word:
                     return None
             cut_l, cut_r = lt[1], rt[0]
-            if (PLACEHOLDER_OPEN in skel[max(cut_l - longest, 0):cut_l]
-                    or PLACEHOLDER_OPEN in skel[cut_r:cut_r + longest]):
+            if (
+                PLACEHOLDER_OPEN in skel[max(cut_l - longest, 0) : cut_l]
+                or PLACEHOLDER_OPEN in skel[cut_r : cut_r + longest]
+            ):
                 return None
             before = skel[:cut_l]
-            for t in self.added_texts:       # no added token can straddle a cut
+            for t in self.added_texts:  # no added token can straddle a cut
                 for k in range(1, len(t)):
                     if before.endswith(t[:k]) or skel.startswith(t[k:], cut_r):
                         return None
@@ -278,13 +288,19 @@ class FastChat:
         the following content, or into an EOS appended after the last piece); and an example
         whose contents hold no H (counted per example: `headers`) has no other occurrence."""
         user, assistant = list(self.r.user), list(self.r.assistant)
-        if (not user or not assistant or user[0] != assistant[0] or user[0] in user[1:]
-                or user[0] in assistant[1:] or self.prefix is None):
+        if (
+            not user
+            or not assistant
+            or user[0] != assistant[0]
+            or user[0] in user[1:]
+            or user[0] in assistant[1:]
+            or self.prefix is None
+        ):
             return
         h = user[0]
         marks, headers = ([], []), self.prefix.count(h)
         if headers:
-            return                                   # (a BOS is never a header)
+            return  # (a BOS is never a header)
         for f, piece in enumerate(plan.fixed):
             for p, i in enumerate(piece):
                 if i != h:
@@ -292,9 +308,9 @@ class FastChat:
                 headers += 1
                 for k, pattern in enumerate((user, assistant)):
                     n = min(len(pattern), len(piece) - p)
-                    if piece[p:p + n] == pattern[:n]:
+                    if piece[p : p + n] == pattern[:n]:
                         if n < len(pattern):
-                            return                   # decided by what follows the piece
+                            return  # decided by what follows the piece
                         marks[k].append((f, p))
         plan.marks, plan.headers = marks, headers
 
@@ -320,8 +336,9 @@ class FastChat:
             self._keep(text, ids)
         return ids
 
-    def ids(self, batch: list, found: list | None = None, units_below: int | None = None
-            ) -> list[list[int]]:
+    def ids(
+        self, batch: list, found: list | None = None, units_below: int | None = None
+    ) -> list[list[int]]:
         """Token ids of each chat example of `batch` (see the class docstring). A content that
         is a `SpeechText` (parts: text, units, text, ...) has its spans' ids computed (see
         `_span_ids`); the text between them, and plain contents, are tokenized word by word
@@ -332,8 +349,11 @@ class FastChat:
         lie in [0, units_below) (validated records); a span is then looked over for a unit the
         tokenizer lacks only when the tokenizer lacks some of those."""
         n = len(batch)
-        units_checked = (units_below is not None and self.span_ids is not None
-                         and units_below <= len(self.span_ids[2]))
+        units_checked = (
+            units_below is not None
+            and self.span_ids is not None
+            and units_below <= len(self.span_ids[2])
+        )
         out: list = [None] * n
         marked: list = [None] * n
         roles_of = [tuple([m["role"] for m in messages]) for messages in batch]
@@ -365,7 +385,7 @@ class FastChat:
             (later if fits else whole).append(j)
         if need:
             need = dict(zip(need, self._encode(list(need), False)))
-        build = self._builder(need.get, units_checked)   # the cache is as step 2 saw it
+        build = self._builder(need.get, units_checked)  # the cache is as step 2 saw it
         for j in later:
             built = build(batch[j], plans[j])
             if built is None:
@@ -395,9 +415,11 @@ class FastChat:
             if self.checked[roles] >= CHECK_FIRST:
                 self.checked_enough.add(roles)
             if out[j] != self.slow(batch[j]):
-                raise DataError(f"fast chat rendering differs from the tokenizer's template for "
-                                f"roles {roles}; prepare with fast rendering off "
-                                f"(--no-fast-render) and report this")
+                raise DataError(
+                    f"fast chat rendering differs from the tokenizer's template for "
+                    f"roles {roles}; prepare with fast rendering off "
+                    f"(--no-fast-render) and report this"
+                )
 
     def _builder(self, tokens, units_checked: bool):
         """build(messages, plan) -> (ids, header positions) of one example from its plan: each
@@ -421,7 +443,7 @@ class FastChat:
                 c = m["content"]
                 starts.append(len(ids))
                 ids += fixed
-                if isinstance(c, str):                # one text
+                if isinstance(c, str):  # one text
                     text = head + (c.strip() if strip else c) + tail
                 elif c.__class__ is SpeechText and spans is not None and len(c.parts) > 1:
                     # a text, then (units, text) pairs (stripped at both ends of the content
@@ -436,19 +458,22 @@ class FastChat:
                             if got is None:
                                 return None
                             ids += got
-                        if not units_checked and units and (min(units) < 0
-                                                            or max(units) >= n_units):
-                            return None               # a unit the tokenizer lacks
+                        if (
+                            not units_checked
+                            and units
+                            and (min(units) < 0 or max(units) >= n_units)
+                        ):
+                            return None  # a unit the tokenizer lacks
                         ids.append(sosp)
                         ids += map(unit, units)
                         ids.append(eosp)
                         text = after
                     text = (text.rstrip() if strip else text) + tail
-                elif c.__class__ is SpeechText:       # spans not computed: one text
+                elif c.__class__ is SpeechText:  # spans not computed: one text
                     text = head + (str(c).strip() if strip else str(c)) + tail
                 else:
                     return None
-                if text:                              # the content's last text
+                if text:  # the content's last text
                     got = cached(text) or tokens(text)
                     if got is None:
                         return None
@@ -457,7 +482,7 @@ class FastChat:
             ids += plan.fixed[-1]
             marks = plan.marks
             if marks is None or ids.count(header) != plan.headers:
-                return ids, None      # a header-start id in the contents: the mask searches
+                return ids, None  # a header-start id in the contents: the mask searches
             return ids, ([starts[f] + o for f, o in marks[0]], [starts[f] + o for f, o in marks[1]])
 
         return build

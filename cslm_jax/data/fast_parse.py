@@ -21,6 +21,7 @@ When it could be deleted. When json.loads is within a few percent of orjson on t
 the corpus is read in another format (the records as arrays): `Preparer` then calls
 `parse_line` alone.
 """
+
 from __future__ import annotations
 
 import orjson
@@ -32,7 +33,7 @@ def fast_parse_line(line: str, where: str) -> dict:
     """`parse_line(line, where)` through orjson (see the module docstring)."""
     try:
         record = orjson.loads(line)
-    except orjson.JSONDecodeError:               # json decides, in its words
+    except orjson.JSONDecodeError:  # json decides, in its words
         return parse_line(line, where)
     if type(record) is not dict:
         return parse_line(line, where)

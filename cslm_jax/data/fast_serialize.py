@@ -23,14 +23,15 @@ When it could be deleted. When the cache is written in a format a library writes
 (the feature lists as arrays), or protobuf's own serializer is within a few percent of this; then
 `Preparer` keeps `serialize` and this module goes with its test.
 """
+
 from __future__ import annotations
 
 import itertools
 
-VARINT_TABLE_MIN = 1 << 14       # the smallest table: every varint of one or two bytes
-VARINT_TABLE_MAX = 1 << 21       # ids at or above go to numpy (a full table holds 2**21 varints)
-SMALL_LENGTH = 1 << 14           # lengths below it have a varint of at most two bytes
-FRAMING_BYTES = 64               # what the Example's nesting adds around its two payloads (<= 55)
+VARINT_TABLE_MIN = 1 << 14  # the smallest table: every varint of one or two bytes
+VARINT_TABLE_MAX = 1 << 21  # ids at or above go to numpy (a full table holds 2**21 varints)
+SMALL_LENGTH = 1 << 14  # lengths below it have a varint of at most two bytes
+FRAMING_BYTES = 64  # what the Example's nesting adds around its two payloads (<= 55)
 _WEIGHT_VALUES = b"\x00\x01"
 
 
@@ -45,7 +46,7 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-_VARINTS: list[bytes] = []      # _VARINTS[n] == varint(n); grown to a power of two as ids come
+_VARINTS: list[bytes] = []  # _VARINTS[n] == varint(n); grown to a power of two as ids come
 _SMALL_VARINTS = [varint(n) for n in range(SMALL_LENGTH)]
 
 
@@ -82,9 +83,12 @@ def packed_varints(values: list) -> list[bytes]:
         more = nbytes > k + 1
         out[:, k] = byte | (more << 7)
     keep = np.arange(5)[None, :] < nbytes[:, None]
-    data = out[keep].tobytes()                  # row-major: each value's bytes in order
-    ends = np.cumsum(np.bincount(np.repeat(np.arange(len(values)), lengths), weights=nbytes,
-                                 minlength=len(values)).astype(np.int64))
+    data = out[keep].tobytes()  # row-major: each value's bytes in order
+    ends = np.cumsum(
+        np.bincount(
+            np.repeat(np.arange(len(values)), lengths), weights=nbytes, minlength=len(values)
+        ).astype(np.int64)
+    )
     starts = np.concatenate([[0], ends[:-1]])
     return [data[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
 
@@ -112,7 +116,7 @@ def _weight_bytes(masks: list) -> list[bytes]:
     """Each mask as bytes, one per weight; ValueError unless every weight is 0 or 1."""
     try:
         weights = list(map(bytes, masks))
-    except ValueError:                           # a weight outside 0..255
+    except ValueError:  # a weight outside 0..255
         raise ValueError("loss weights must be 0 or 1") from None
     if b"".join(weights).translate(None, _WEIGHT_VALUES):
         raise ValueError("loss weights must be 0 or 1")

@@ -14,6 +14,7 @@ Record kinds (one JSON object per line):
 whitespace-separated word for word languages, per character (punctuation and spaces excluded)
 for character languages. A time t is unit index round(t * unit_rate) of the *unmerged* units.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,15 @@ REQUIRED = {
     "paired": ("lang", "text", "units"),
     "translation": ("src_lang", "tgt_lang", "src", "tgt"),
     "instruction": ("prompt", "response"),
-    "spoken_instruction": ("question_units", "question_text", "question_lang", "answer_text",
-                           "answer_units", "answer_word_times", "answer_lang"),
+    "spoken_instruction": (
+        "question_units",
+        "question_text",
+        "question_lang",
+        "answer_text",
+        "answer_units",
+        "answer_word_times",
+        "answer_lang",
+    ),
 }
 DEFAULT_PUNCTUATION = ".,!?;:。，！？；：、…"
 LOSS_MASKS = ("reference", "assistant_only")
@@ -55,6 +63,7 @@ class RecordError(CslmError):
 
 # -- configuration ---------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class LanguageConfig:
     """Per-language templates and chunking. Prompts use {speech} (a rendered speech span),
@@ -63,16 +72,18 @@ class LanguageConfig:
     name: str
     asr_prompt: str
     tts_prompt: str
-    mt_prompt: str                 # used when this language is the MT target
-    s2s_prompt: str                # same-language spoken question, answer in this language
-    s2s_cross_prompt: str          # spoken question in another language, answer in this one
-    chunk_unit: str = "word"       # word | char
+    mt_prompt: str  # used when this language is the MT target
+    s2s_prompt: str  # same-language spoken question, answer in this language
+    s2s_cross_prompt: str  # spoken question in another language, answer in this one
+    chunk_unit: str = "word"  # word | char
     chunk_size: int = 7
 
     def __post_init__(self):
         if self.chunk_unit not in ("word", "char"):
-            raise ConfigError(f"language {self.name}: chunk_unit must be 'word' or 'char', "
-                              f"got {self.chunk_unit!r}")
+            raise ConfigError(
+                f"language {self.name}: chunk_unit must be 'word' or 'char', "
+                f"got {self.chunk_unit!r}"
+            )
         if self.chunk_size < 1:
             raise ConfigError(f"language {self.name}: chunk_size must be >= 1")
 
@@ -86,17 +97,20 @@ class FormatConfig:
     # the corpus's mean run length of units (raw / merged; extract-units prints it): synthesis
     # stretches merged units by it to their natural duration. Not part of prepared examples.
     speech_rate: float | None = None
-    chain: str = "interleaved"     # interleaved | sequential (TQ -> whole TA -> whole SA)
+    chain: str = "interleaved"  # interleaved | sequential (TQ -> whole TA -> whole SA)
     cut_at_punctuation: bool = True
     punctuation: str = DEFAULT_PUNCTUATION
-    time_tolerance: float = 0.1    # seconds a timing may exceed the utterance
-    loss_mask: str = "reference"   # reference | assistant_only (see `loss_mask`)
+    time_tolerance: float = 0.1  # seconds a timing may exceed the utterance
+    loss_mask: str = "reference"  # reference | assistant_only (see `loss_mask`)
 
     def __post_init__(self):
         if self.speech_rate is not None and not (
-                isinstance(self.speech_rate, (int, float)) and 1.0 <= self.speech_rate < 100):
-            raise ConfigError(f"format.speech_rate {self.speech_rate!r}: the mean run length of "
-                              f"the units (raw / merged, >= 1; extract-units prints it)")
+            isinstance(self.speech_rate, (int, float)) and 1.0 <= self.speech_rate < 100
+        ):
+            raise ConfigError(
+                f"format.speech_rate {self.speech_rate!r}: the mean run length of "
+                f"the units (raw / merged, >= 1; extract-units prints it)"
+            )
         if self.chain not in ("interleaved", "sequential"):
             raise ConfigError(f"chain must be 'interleaved' or 'sequential', got {self.chain!r}")
         if self.loss_mask not in LOSS_MASKS:
@@ -109,18 +123,22 @@ class FormatConfig:
             return 1.0, "units are not merged (format.merge_repeats: false)"
         if self.speech_rate is not None:
             return float(self.speech_rate), "format.speech_rate"
-        return 1.0, ("format.speech_rate is not set: merged units will sound faster than "
-                     "natural; set it to the mean run length extract-units prints, or give "
-                     "--speech-rate")
+        return 1.0, (
+            "format.speech_rate is not set: merged units will sound faster than "
+            "natural; set it to the mean run length extract-units prints, or give "
+            "--speech-rate"
+        )
 
     def lang(self, code: str, where: str, field: str) -> LanguageConfig:
         if code not in self.languages:
-            raise RecordError(where, field, f"unknown language {code!r}; configured: "
-                                            f"{sorted(self.languages)}")
+            raise RecordError(
+                where, field, f"unknown language {code!r}; configured: {sorted(self.languages)}"
+            )
         return self.languages[code]
 
 
 # -- validation ---------------------------------------------------------------------------------
+
 
 def detect_kind(record: dict) -> str | None:
     if "question_units" in record or "answer_units" in record:
@@ -163,13 +181,14 @@ def _units(record: dict, field: str, where: str, unit_count: int) -> list[int]:
     if not isinstance(value, list) or not value:
         raise RecordError(where, field, "must be a non-empty list of unit ids")
     if set(map(type, value)) == _INT and 0 <= min(value) and max(value) < unit_count:
-        return value                   # the common case, checked without a Python loop body
+        return value  # the common case, checked without a Python loop body
     for i, u in enumerate(value):
         if not isinstance(u, int) or isinstance(u, bool):
             raise RecordError(where, f"{field}[{i}]", f"unit id must be an integer, got {u!r}")
         if not 0 <= u < unit_count:
-            raise RecordError(where, f"{field}[{i}]",
-                              f"unit id {u} is outside the codebook 0..{unit_count - 1}")
+            raise RecordError(
+                where, f"{field}[{i}]", f"unit id {u} is outside the codebook 0..{unit_count - 1}"
+            )
     return value
 
 
@@ -185,12 +204,17 @@ def check_speech_spans(text: str, where: str, field: str, unit_count: int) -> No
     for span in SPEECH_SPAN.finditer(text):
         body = span.group(1)
         if UNIT_TOKEN.sub("", body):
-            raise RecordError(where, field, f"speech span at character {span.start()} holds "
-                                            f"something other than unit tokens <N>")
+            raise RecordError(
+                where,
+                field,
+                f"speech span at character {span.start()} holds "
+                f"something other than unit tokens <N>",
+            )
         for u in UNIT_TOKEN.findall(body):
             if int(u) >= unit_count:
-                raise RecordError(where, field, f"unit <{u}> is outside the codebook "
-                                                f"0..{unit_count - 1}")
+                raise RecordError(
+                    where, field, f"unit <{u}> is outside the codebook 0..{unit_count - 1}"
+                )
 
 
 def timed_tokens(text: str, chunk_unit: str, punctuation: str) -> list[str]:
@@ -203,7 +227,7 @@ def timed_tokens(text: str, chunk_unit: str, punctuation: str) -> list[str]:
         if (ch.isspace() or ch in punctuation) and pieces:
             pieces[-1] += ch
         elif ch.isspace() or ch in punctuation:
-            pieces.append(ch)              # leading punctuation: its own (untimed) piece
+            pieces.append(ch)  # leading punctuation: its own (untimed) piece
         else:
             pieces.append(ch)
     return pieces
@@ -236,9 +260,16 @@ def _timed_chars(punctuation: str):
     return rx
 
 
-def validated_times(record: dict, field: str, where: str, n_tokens: int, n_units: int,
-           cfg: FormatConfig, shortcut: bool = True, values: bool = True
-           ) -> list[tuple[float, float]] | None:
+def validated_times(
+    record: dict,
+    field: str,
+    where: str,
+    n_tokens: int,
+    n_units: int,
+    cfg: FormatConfig,
+    shortcut: bool = True,
+    values: bool = True,
+) -> list[tuple[float, float]] | None:
     """The [start, end] pairs of `field`, checked (`values=False`: checked only, None
     returned); `shortcut=False` runs the exact loop alone (what the shortcut is tested
     against)."""
@@ -246,8 +277,9 @@ def validated_times(record: dict, field: str, where: str, n_tokens: int, n_units
     if not isinstance(value, list):
         raise RecordError(where, field, "must be a list of [start, end] pairs (seconds)")
     if len(value) != n_tokens:
-        raise RecordError(where, field, f"has {len(value)} timings but the text has {n_tokens} "
-                                        f"timed tokens")
+        raise RecordError(
+            where, field, f"has {len(value)} timings but the text has {n_tokens} timed tokens"
+        )
     duration = n_units / cfg.unit_rate
     if shortcut and value and set(map(type, value)) <= _PAIR_TYPES and set(map(len, value)) == {2}:
         # the common case without a Python loop body: every check of the loop below passes
@@ -255,24 +287,36 @@ def validated_times(record: dict, field: str, where: str, n_tokens: int, n_units
         flat = list(itertools.chain.from_iterable(value))
         if set(map(type, flat)) <= _NUMBER_TYPES:
             starts, ends = flat[0::2], flat[1::2]
-            if (starts[0] >= 0 and all(map(operator.le, starts, starts[1:]))     # monotonic
-                    and all(map(operator.le, starts, ends))
-                    and max(ends) <= duration + cfg.time_tolerance):
+            if (
+                starts[0] >= 0
+                and all(map(operator.le, starts, starts[1:]))  # monotonic
+                and all(map(operator.le, starts, ends))
+                and max(ends) <= duration + cfg.time_tolerance
+            ):
                 return list(zip(map(float, starts), map(float, ends))) if values else None
     out, last_start = [], 0.0
     for i, pair in enumerate(value):
-        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
-                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in pair)):
+        if (
+            not isinstance(pair, (list, tuple))
+            or len(pair) != 2
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in pair)
+        ):
             raise RecordError(where, f"{field}[{i}]", f"must be [start, end] numbers, got {pair!r}")
         start, end = float(pair[0]), float(pair[1])
         if start < 0 or end < start:
             raise RecordError(where, f"{field}[{i}]", f"[{start}, {end}] is not a valid interval")
         if start < last_start:
-            raise RecordError(where, f"{field}[{i}]", f"start {start} is before the previous "
-                                                      f"start {last_start}: timings not monotonic")
+            raise RecordError(
+                where,
+                f"{field}[{i}]",
+                f"start {start} is before the previous start {last_start}: timings not monotonic",
+            )
         if end > duration + cfg.time_tolerance:
-            raise RecordError(where, f"{field}[{i}]", f"end {end}s lies beyond the utterance "
-                                                      f"({n_units} units = {duration:.2f}s)")
+            raise RecordError(
+                where,
+                f"{field}[{i}]",
+                f"end {end}s lies beyond the utterance ({n_units} units = {duration:.2f}s)",
+            )
         out.append((start, end))
         last_start = start
     return out if values else None
@@ -290,8 +334,15 @@ def validate_record(kind: str, record: dict, cfg: FormatConfig, where: str) -> N
         _text(record, "text", where)
         units = _units(record, "units", where, cfg.unit_count)
         if record.get("word_times") is not None:
-            validated_times(record, "word_times", where, timed_count(record["text"], lang, cfg),
-                            len(units), cfg, values=False)
+            validated_times(
+                record,
+                "word_times",
+                where,
+                timed_count(record["text"], lang, cfg),
+                len(units),
+                cfg,
+                values=False,
+            )
     elif kind == "translation":
         cfg.lang(record["src_lang"], where, "src_lang")
         cfg.lang(record["tgt_lang"], where, "tgt_lang")
@@ -312,8 +363,15 @@ def validate_record(kind: str, record: dict, cfg: FormatConfig, where: str) -> N
         answer = _text(record, "answer_text", where)
         _units(record, "question_units", where, cfg.unit_count)
         units = _units(record, "answer_units", where, cfg.unit_count)
-        validated_times(record, "answer_word_times", where, timed_count(answer, lang, cfg),
-                        len(units), cfg, values=False)
+        validated_times(
+            record,
+            "answer_word_times",
+            where,
+            timed_count(answer, lang, cfg),
+            len(units),
+            cfg,
+            values=False,
+        )
 
 
 def _turns(record: dict, where: str) -> tuple[list, list]:
@@ -322,13 +380,18 @@ def _turns(record: dict, where: str) -> tuple[list, list]:
         return [p], [r]
     if isinstance(p, list) and isinstance(r, list):
         if len(p) != len(r) or not p:
-            raise RecordError(where, "response", f"multi-turn lists must have equal, non-zero "
-                                                 f"lengths (prompt {len(p)}, response {len(r)})")
+            raise RecordError(
+                where,
+                "response",
+                f"multi-turn lists must have equal, non-zero "
+                f"lengths (prompt {len(p)}, response {len(r)})",
+            )
         return p, r
     raise RecordError(where, "prompt", "prompt and response must both be strings or both lists")
 
 
 # -- units and the chain of modality ------------------------------------------------------------
+
 
 def merge_repeats(units: Sequence[int]) -> list[int]:
     """Collapse consecutive repeats: [5, 5, 7, 7, 7, 5] -> [5, 7, 5]."""
@@ -347,8 +410,13 @@ def _merged_index(units: Sequence[int], raw_index: int) -> int:
     return sum(1 for i in range(min(raw_index, len(units))) if i == 0 or units[i] != units[i - 1])
 
 
-def chunk_answer(text: str, times: Sequence[tuple[float, float]], units: Sequence[int],
-                 lang: LanguageConfig, cfg: FormatConfig) -> list[tuple[str, list[int]]]:
+def chunk_answer(
+    text: str,
+    times: Sequence[tuple[float, float]],
+    units: Sequence[int],
+    lang: LanguageConfig,
+    cfg: FormatConfig,
+) -> list[tuple[str, list[int]]]:
     """Split an answer into (text chunk, unit chunk) pairs.
 
     Chunks hold at most `lang.chunk_size` timed tokens and, with `cut_at_punctuation`, end at a
@@ -359,7 +427,7 @@ def chunk_answer(text: str, times: Sequence[tuple[float, float]], units: Sequenc
     """
     pieces = timed_tokens(text, lang.chunk_unit, cfg.punctuation)
     timed = [piece_is_timed(p, lang.chunk_unit, cfg.punctuation) for p in pieces]
-    groups: list[list[int]] = []       # piece indices per chunk
+    groups: list[list[int]] = []  # piece indices per chunk
     current: list[int] = []
     count = 0
     for i, piece in enumerate(pieces):
@@ -370,12 +438,12 @@ def chunk_answer(text: str, times: Sequence[tuple[float, float]], units: Sequenc
             groups.append(current)
             current, count = [], 0
     if current:
-        if groups and count == 0:      # only untimed trailing punctuation: keep with the last
+        if groups and count == 0:  # only untimed trailing punctuation: keep with the last
             groups[-1].extend(current)
         else:
             groups.append(current)
 
-    time_of = {}                       # piece index -> start time
+    time_of = {}  # piece index -> start time
     t = iter(times)
     for i, is_timed in enumerate(timed):
         if is_timed:
@@ -396,8 +464,12 @@ def chunk_answer(text: str, times: Sequence[tuple[float, float]], units: Sequenc
     out = []
     for k, g in enumerate(groups):
         chunk_text = join.join(pieces[i] for i in g)
-        out.append((chunk_text.strip() if lang.chunk_unit == "word" else chunk_text,
-                    seq[bounds[k]:bounds[k + 1]]))
+        out.append(
+            (
+                chunk_text.strip() if lang.chunk_unit == "word" else chunk_text,
+                seq[bounds[k] : bounds[k + 1]],
+            )
+        )
     return out
 
 
@@ -498,8 +570,9 @@ def units_of(record: dict, field: str, cfg: FormatConfig) -> list[int]:
     return merge_repeats(record[field]) if cfg.merge_repeats else list(record[field])
 
 
-def examples(task_kind: str, record: dict, cfg: FormatConfig, where: str,
-             content=joined) -> list[Messages]:
+def examples(
+    task_kind: str, record: dict, cfg: FormatConfig, where: str, content=joined
+) -> list[Messages]:
     """Chat examples of one task kind from one (validated) record.
 
     asr/tts from paired records, mt (both directions) from translation records, instruct from
@@ -519,11 +592,15 @@ def examples(task_kind: str, record: dict, cfg: FormatConfig, where: str,
         return [pair(lang.tts_prompt.format(text=text), content(["", units, ""]))]
     if task_kind == "mt":
         out = []
-        for s, t, sl, tl in (("src", "tgt", "src_lang", "tgt_lang"), ("tgt", "src", "tgt_lang", "src_lang")):
+        for s, t, sl, tl in (
+            ("src", "tgt", "src_lang", "tgt_lang"),
+            ("tgt", "src", "tgt_lang", "src_lang"),
+        ):
             src_lang = cfg.lang(record[sl], where, sl)
             tgt_lang = cfg.lang(record[tl], where, tl)
-            prompt = tgt_lang.mt_prompt.format(text=record[s].strip(), src_name=src_lang.name,
-                                               tgt_name=tgt_lang.name)
+            prompt = tgt_lang.mt_prompt.format(
+                text=record[s].strip(), src_name=src_lang.name, tgt_name=tgt_lang.name
+            )
             out.append(pair(prompt, record[t].strip()))
         return out
     if task_kind == "instruct":
@@ -534,12 +611,20 @@ def examples(task_kind: str, record: dict, cfg: FormatConfig, where: str,
         lang = cfg.lang(record["answer_lang"], where, "answer_lang")
         template = lang.s2s_prompt if q_lang == record["answer_lang"] else lang.s2s_cross_prompt
         prompt = filled_parts(template, "speech", units_of(record, "question_units", cfg))
-        times = validated_times(record, "answer_word_times", where,
-                                timed_count(record["answer_text"], lang, cfg),
-                                len(record["answer_units"]), cfg)
+        times = validated_times(
+            record,
+            "answer_word_times",
+            where,
+            timed_count(record["answer_text"], lang, cfg),
+            len(record["answer_units"]),
+            cfg,
+        )
         if cfg.chain == "sequential":
-            response = sequential_parts(record["question_text"], record["answer_text"],
-                                        units_of(record, "answer_units", cfg))
+            response = sequential_parts(
+                record["question_text"],
+                record["answer_text"],
+                units_of(record, "answer_units", cfg),
+            )
         else:
             chunks = chunk_answer(record["answer_text"], times, record["answer_units"], lang, cfg)
             response = interleaved_parts(record["question_text"], chunks)
@@ -547,11 +632,17 @@ def examples(task_kind: str, record: dict, cfg: FormatConfig, where: str,
     raise ValueError(f"unknown task kind {task_kind!r}; kinds: {TASK_KINDS}")
 
 
-RECORD_KIND_OF_TASK = {"asr": "paired", "tts": "paired", "mt": "translation",
-                       "instruct": "instruction", "s2s": "spoken_instruction"}
+RECORD_KIND_OF_TASK = {
+    "asr": "paired",
+    "tts": "paired",
+    "mt": "translation",
+    "instruct": "instruction",
+    "s2s": "spoken_instruction",
+}
 
 
 # -- rendering and the loss mask (CSLM.md section 4) ------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Rendered:
@@ -573,10 +664,14 @@ class ChatRenderer:
     base one).
     """
 
-    def __init__(self, tokenizer, max_length: int | None = None,
-                 user_header: str = "<|start_header_id|>user<|end_header_id|>",
-                 assistant_header: str = "<|start_header_id|>assistant<|end_header_id|>",
-                 mask: str = "reference"):
+    def __init__(
+        self,
+        tokenizer,
+        max_length: int | None = None,
+        user_header: str = "<|start_header_id|>user<|end_header_id|>",
+        assistant_header: str = "<|start_header_id|>assistant<|end_header_id|>",
+        mask: str = "reference",
+    ):
         if mask not in LOSS_MASKS:
             raise ValueError(f"loss mask must be one of {LOSS_MASKS}, got {mask!r}")
         self.tok = tokenizer
@@ -611,8 +706,9 @@ class ChatRenderer:
     def prompt_ids(self, text: str) -> list[int]:
         """A user turn plus the assistant header, tokenized as training tokenizes its examples:
         the prompt a model trained with this renderer answers."""
-        rendered = self.tok.apply_chat_template([{"role": "user", "content": text}],
-                                                tokenize=False, add_generation_prompt=True)
+        rendered = self.tok.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
         return self.encode(rendered)
 
     def __call__(self, messages: Messages) -> Rendered:
@@ -620,15 +716,20 @@ class ChatRenderer:
         raw = self.encode(text)
         ids, mask, truncated = self.finish_ids(list(raw))
         if self.adds_special_tokens:
-            text = self.tok.decode(ids, skip_special_tokens=False,
-                                   clean_up_tokenization_spaces=False)
-        elif self.eos_id is not None and (not raw or raw[-1] != self.eos_id) and (
-                self.max_length is None or len(raw) < self.max_length):
+            text = self.tok.decode(
+                ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
+        elif (
+            self.eos_id is not None
+            and (not raw or raw[-1] != self.eos_id)
+            and (self.max_length is None or len(raw) < self.max_length)
+        ):
             text += self.eos
         return Rendered(text, ids, mask, truncated)
 
-    def finish_ids(self, ids: list[int], found: tuple | None = None
-                   ) -> tuple[list[int], list[int], bool]:
+    def finish_ids(
+        self, ids: list[int], found: tuple | None = None
+    ) -> tuple[list[int], list[int], bool]:
         """Encoded rendered text -> (ids, loss mask, truncated): EOS, truncation and the mask,
         in the order of the chosen rule (what `__call__` does after rendering and encoding;
         the batched preparation, cslm_jax.data.prepare, calls it too). `found`: the header
@@ -639,14 +740,23 @@ class ChatRenderer:
             truncated = self.max_length is not None and len(ids) > self.max_length
             if truncated:
                 ids = ids[: self.max_length]
-                found = None                    # positions cut off: search what is left
-            if self.eos_id is not None and ids[-1] != self.eos_id and (
-                    self.max_length is None or len(ids) < self.max_length):
+                found = None  # positions cut off: search what is left
+            if (
+                self.eos_id is not None
+                and ids[-1] != self.eos_id
+                and (self.max_length is None or len(ids) < self.max_length)
+            ):
                 ids.append(self.eos_id)
-            return ids, loss_mask(ids, self.user, self.assistant, self.bos_id, self.mask,
-                                  found), truncated
-        if self.eos_id is not None and (not ids or ids[-1] != self.eos_id) and (
-                self.max_length is None or len(ids) < self.max_length):
+            return (
+                ids,
+                loss_mask(ids, self.user, self.assistant, self.bos_id, self.mask, found),
+                truncated,
+            )
+        if (
+            self.eos_id is not None
+            and (not ids or ids[-1] != self.eos_id)
+            and (self.max_length is None or len(ids) < self.max_length)
+        ):
             ids.append(self.eos_id)
         mask = loss_mask(ids, self.user, self.assistant, self.bos_id, self.mask, found)
         truncated = self.max_length is not None and len(ids) > self.max_length
@@ -666,7 +776,7 @@ def _find(ids: Sequence[int], pattern: Sequence[int], start: int) -> int:
             i = ids.index(pattern[0], i, len(ids) - n + 1)
         except ValueError:
             return -1
-        if ids[i:i + n] == pattern:
+        if ids[i : i + n] == pattern:
             return i
         i += 1
     return -1
@@ -686,7 +796,7 @@ def _find_all(ids: list, pattern: Sequence[int]) -> list[int]:
             i = index(first, i, limit)
         except ValueError:
             break
-        if ids[i:i + n] == pattern:
+        if ids[i : i + n] == pattern:
             out.append(i)
             i += n
         else:
@@ -702,8 +812,14 @@ def _find_all_slow(ids, pattern) -> list[int]:
     return out
 
 
-def loss_mask(ids: Sequence[int], user: Sequence[int], assistant: Sequence[int],
-              bos_id: int | None, mode: str = "reference", found: tuple | None = None) -> list[int]:
+def loss_mask(
+    ids: Sequence[int],
+    user: Sequence[int],
+    assistant: Sequence[int],
+    bos_id: int | None,
+    mode: str = "reference",
+    found: tuple | None = None,
+) -> list[int]:
     """0/1 per token (1: trained) under one of two rules:
 
     reference: the authors' loop (`cslm/train/pretrain.py`, `sft.py`): `begin` starts at 0 and
@@ -724,7 +840,7 @@ def loss_mask(ids: Sequence[int], user: Sequence[int], assistant: Sequence[int],
     users = _find_all(ids, user) if found is None else found[0]
     if mode == "reference":
         u, begin = 0, 0
-        for pos in (_find_all(ids, assistant) if found is None else found[1]):
+        for pos in _find_all(ids, assistant) if found is None else found[1]:
             if pos + len(assistant) >= len(ids):
                 break
             while u < len(users) and users[u] < pos:
@@ -736,8 +852,11 @@ def loss_mask(ids: Sequence[int], user: Sequence[int], assistant: Sequence[int],
         return mask
     if mode == "assistant_only":
         for s in [0] + users:
-            a = (_find(ids, assistant, s) if found is None else
-                 next((x for x in found[1] if x >= s), -1))
+            a = (
+                _find(ids, assistant, s)
+                if found is None
+                else next((x for x in found[1] if x >= s), -1)
+            )
             end = len(ids) if a < 0 else a
             mask[s:end] = [0] * (end - s)
     else:
@@ -754,12 +873,15 @@ def _lines(f, path) -> Iterator[str]:
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the "
-                            f"line); JSONL corpora must be UTF-8") from None
+            raise DataError(
+                f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the "
+                f"line); JSONL corpora must be UTF-8"
+            ) from None
 
 
-def read_jsonl(path, kind: str | None, cfg: FormatConfig, skip_bad: bool = False,
-               skipped: list | None = None) -> Iterator[tuple[str, str, dict]]:
+def read_jsonl(
+    path, kind: str | None, cfg: FormatConfig, skip_bad: bool = False, skipped: list | None = None
+) -> Iterator[tuple[str, str, dict]]:
     """(where, kind, record) for each valid line of a JSONL file. Strict by default: the first bad
     record raises RecordError naming file, line and field. With skip_bad, bad records are
     appended to `skipped` (as RecordErrors) instead."""
@@ -779,8 +901,11 @@ def read_jsonl(path, kind: str | None, cfg: FormatConfig, skip_bad: bool = False
                     record = parse_line(line, where)
                     k = kind or detect_kind(record)
                     if k is None:
-                        raise RecordError(where, "<kind>", "cannot tell the record kind from its "
-                                                           "fields; pass --kind")
+                        raise RecordError(
+                            where,
+                            "<kind>",
+                            "cannot tell the record kind from its fields; pass --kind",
+                        )
                     validate_record(k, record, cfg, where)
                     yield where, k, record
                     continue
@@ -810,8 +935,10 @@ def format_config_from_dict(data: dict, where: str = "data config", root=None) -
     if "speech_tokenizer" in fmt:
         _units_from_tokenizer(fmt, where, root)
     if "unit_count" not in fmt:
-        raise ConfigError(f"{where}: field 'format.unit_count' is required (the speech codebook "
-                          f"size; or 'format.speech_tokenizer': a version or tokenizer folder)")
+        raise ConfigError(
+            f"{where}: field 'format.unit_count' is required (the speech codebook "
+            f"size; or 'format.speech_tokenizer': a version or tokenizer folder)"
+        )
     try:
         return FormatConfig(languages=languages, **fmt)
     except TypeError as e:
@@ -825,11 +952,17 @@ def _units_from_tokenizer(fmt: dict, where: str, root) -> None:
 
     spec = fmt.pop("speech_tokenizer")
     if not isinstance(spec, str) or not spec:
-        raise ConfigError(f"{where}: field 'format.speech_tokenizer' must be a version name or a "
-                          f"folder, got {spec!r}")
-    name = spec                 # a version, or a folder (relative: against data_dir)
-    if ALIASES.get(spec, spec) not in UNITS and root is not None and "://" not in spec \
-            and not os.path.isabs(os.path.expanduser(spec)):
+        raise ConfigError(
+            f"{where}: field 'format.speech_tokenizer' must be a version name or a "
+            f"folder, got {spec!r}"
+        )
+    name = spec  # a version, or a folder (relative: against data_dir)
+    if (
+        ALIASES.get(spec, spec) not in UNITS
+        and root is not None
+        and "://" not in spec
+        and not os.path.isabs(os.path.expanduser(spec))
+    ):
         name = str(root / spec)
     try:
         info = speech_units_info(name, f"{where}: field 'format.speech_tokenizer'")
@@ -837,9 +970,11 @@ def _units_from_tokenizer(fmt: dict, where: str, root) -> None:
         raise ConfigError(str(e)) from None
     for field, value in (("unit_count", info.codebook_size), ("unit_rate", info.units_per_second)):
         if field in fmt and fmt[field] != value:
-            raise ConfigError(f"{where}: field 'format.{field}' is {fmt[field]} but "
-                              f"'format.speech_tokenizer' ({info.source}) gives {value:g}; drop "
-                              f"'format.{field}' or make them agree")
+            raise ConfigError(
+                f"{where}: field 'format.{field}' is {fmt[field]} but "
+                f"'format.speech_tokenizer' ({info.source}) gives {value:g}; drop "
+                f"'format.{field}' or make them agree"
+            )
         fmt[field] = value
 
 
@@ -863,16 +998,20 @@ class TfdsSpec:
     constants: tuple[tuple[str, object], ...]
 
 
-def tfds_spec_from_entry(entry: dict, where: str, path, kind: str, root: Path,
-                         languages) -> TfdsSpec:
+def tfds_spec_from_entry(
+    entry: dict, where: str, path, kind: str, root: Path, languages
+) -> TfdsSpec:
     """The TFDS source of a data config's stage entry; ConfigError naming the field otherwise."""
     name = entry["tfds"]
     if not isinstance(name, str) or ":" not in name:
-        raise ConfigError(f"{path}: field '{where}.tfds' is {name!r}; give name[/config]:version, "
-                          f"e.g. wmt17_translate/zh-en:1.0.0 (a version pins the data)")
+        raise ConfigError(
+            f"{path}: field '{where}.tfds' is {name!r}; give name[/config]:version, "
+            f"e.g. wmt17_translate/zh-en:1.0.0 (a version pins the data)"
+        )
     if entry.get("train") or entry.get("validation"):
-        raise ConfigError(f"{path}: field '{where}': give files (train/validation) or a tfds "
-                          f"dataset, not both")
+        raise ConfigError(
+            f"{path}: field '{where}': give files (train/validation) or a tfds dataset, not both"
+        )
     data_dir = entry.get("tfds_data_dir")
     if data_dir is not None:
         if not isinstance(data_dir, str) or not data_dir:
@@ -880,37 +1019,48 @@ def tfds_spec_from_entry(entry: dict, where: str, path, kind: str, root: Path,
         if "://" not in data_dir and not Path(data_dir).is_absolute():
             data_dir = str(root / data_dir)
     splits = entry.get("splits", {"train": "train"})
-    if not isinstance(splits, dict) or not splits or \
-            not all(isinstance(v, str) and v for v in splits.values()):
-        raise ConfigError(f"{path}: field '{where}.splits' must map our splits {SPLITS} to TFDS "
-                          f"split names")
+    if (
+        not isinstance(splits, dict)
+        or not splits
+        or not all(isinstance(v, str) and v for v in splits.values())
+    ):
+        raise ConfigError(
+            f"{path}: field '{where}.splits' must map our splits {SPLITS} to TFDS split names"
+        )
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
-        raise ConfigError(f"{path}: field '{where}.splits': unknown split(s) {unknown}; "
-                          f"splits: {SPLITS}")
+        raise ConfigError(
+            f"{path}: field '{where}.splits': unknown split(s) {unknown}; splits: {SPLITS}"
+        )
     fields = entry.get("fields") or {}
     constants = entry.get("constants") or {}
     for key, value in (("fields", fields), ("constants", constants)):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: field '{where}.{key}' must be a mapping")
     if not all(isinstance(v, str) and v for v in fields.values()):
-        raise ConfigError(f"{path}: field '{where}.fields' maps record fields to TFDS feature "
-                          f"names (strings)")
+        raise ConfigError(
+            f"{path}: field '{where}.fields' maps record fields to TFDS feature names (strings)"
+        )
     both = sorted(set(fields) & set(constants))
     if both:
         raise ConfigError(f"{path}: field '{where}': {both} in both 'fields' and 'constants'")
     record_kind = RECORD_KIND_OF_TASK[kind]
     missing = [f for f in REQUIRED[record_kind] if f not in fields and f not in constants]
     if missing:
-        raise ConfigError(f"{path}: field '{where}.fields': a {kind} task reads {record_kind} "
-                          f"records, which need {list(REQUIRED[record_kind])}; map {missing} "
-                          f"(fields: from a TFDS feature; constants: one value)")
+        raise ConfigError(
+            f"{path}: field '{where}.fields': a {kind} task reads {record_kind} "
+            f"records, which need {list(REQUIRED[record_kind])}; map {missing} "
+            f"(fields: from a TFDS feature; constants: one value)"
+        )
     for field, value in constants.items():
         if field.endswith("lang") and value not in languages:
-            raise ConfigError(f"{path}: field '{where}.constants.{field}' is {value!r}; "
-                              f"configured languages: {sorted(languages)}")
-    return TfdsSpec(name, data_dir, tuple(splits.items()), tuple(fields.items()),
-                    tuple(constants.items()))
+            raise ConfigError(
+                f"{path}: field '{where}.constants.{field}' is {value!r}; "
+                f"configured languages: {sorted(languages)}"
+            )
+    return TfdsSpec(
+        name, data_dir, tuple(splits.items()), tuple(fields.items()), tuple(constants.items())
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -924,7 +1074,7 @@ class TaskSpec:
     train: tuple[str, ...]
     validation: tuple[str, ...]
     name: str
-    tfds: TfdsSpec | None = None   # when the entry reads a TFDS dataset
+    tfds: TfdsSpec | None = None  # when the entry reads a TFDS dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -937,7 +1087,7 @@ class DataConfig:
     shuffle_buffer: int
     skip_bad: bool
     stages: dict
-    cache_dir: str | None = None   # a cache `cslm-jax prepare-data` wrote (None: in-process)
+    cache_dir: str | None = None  # a cache `cslm-jax prepare-data` wrote (None: in-process)
 
     def tasks(self, stage: str | None = None) -> list[TaskSpec]:
         if stage is not None and stage not in self.stages:
@@ -960,10 +1110,12 @@ def check_stage_files(cfg: DataConfig, stage: str, tasks=None) -> None:
             continue
         for split, files in (("train", spec.train), ("validation", spec.validation)):
             for j, f in enumerate(files):
-                local = fs.local_file(f)     # file://...: its local path; gs://: None
+                local = fs.local_file(f)  # file://...: its local path; gs://: None
                 if not (fs.path(f).is_file() if local is None else os.path.isfile(local)):
-                    raise ConfigError(f"{cfg.path}: field 'stages.{stage}[{i}].{split}[{j}]': "
-                                      f"file {f} does not exist")
+                    raise ConfigError(
+                        f"{cfg.path}: field 'stages.{stage}[{i}].{split}[{j}]': "
+                        f"file {f} does not exist"
+                    )
 
 
 def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = True) -> DataConfig:
@@ -972,18 +1124,23 @@ def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = Tr
     from cslm_jax.config import apply_overrides, load_yaml
     from cslm_jax.storage import fs
 
-    path = fs.path(path, "data config")             # local or gs://; files too
+    path = fs.path(path, "data config")  # local or gs://; files too
     data = apply_overrides(load_yaml(path), list(overrides), str(path))
     data_dir = data.get("data_dir")
-    root = path.parent if data_dir in (None, "") else \
-        fs.path(data_dir) if fs.is_remote(data_dir) or os.path.isabs(data_dir) else path.parent / data_dir
+    root = (
+        path.parent
+        if data_dir in (None, "")
+        else fs.path(data_dir)
+        if fs.is_remote(data_dir) or os.path.isabs(data_dir)
+        else path.parent / data_dir
+    )
 
     def absolute(name: str):
         return fs.path(name) if fs.is_remote(name) or os.path.isabs(name) else root / name
 
     def resolve(name: str, field: str) -> str:
         if "://" in str(name) and not fs.is_remote(name):
-            return str(name)        # a file:// URL, kept as given (storage.fs.local_file reads it)
+            return str(name)  # a file:// URL, kept as given (storage.fs.local_file reads it)
         p = absolute(name)
         if check_files and not p.is_file():
             raise ConfigError(f"{path}: field '{field}': file {p} does not exist")
@@ -1005,8 +1162,9 @@ def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = Tr
             where = f"stages.{stage}[{i}]"
             if not isinstance(e, dict):
                 raise ConfigError(f"{path}: field '{where}' must be a mapping")
-            unknown = sorted(set(e) - {"kind", "lang", "rate", "train", "validation", "name",
-                                       *TFDS_KEYS})
+            unknown = sorted(
+                set(e) - {"kind", "lang", "rate", "train", "validation", "name", *TFDS_KEYS}
+            )
             if unknown:
                 raise ConfigError(f"{path}: field '{where}': unknown key(s) {unknown}")
             kind = e.get("kind")
@@ -1014,36 +1172,54 @@ def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = Tr
                 raise ConfigError(f"{path}: field '{where}.kind' is {kind!r}; kinds: {TASK_KINDS}")
             lang = e.get("lang")
             if kind in ("asr", "tts") and lang not in fmt.languages:
-                raise ConfigError(f"{path}: field '{where}.lang' is {lang!r}; {kind} tasks need a "
-                                  f"configured language: {sorted(fmt.languages)}")
+                raise ConfigError(
+                    f"{path}: field '{where}.lang' is {lang!r}; {kind} tasks need a "
+                    f"configured language: {sorted(fmt.languages)}"
+                )
             rate = e.get("rate", 1.0)
             if not isinstance(rate, (int, float)) or rate <= 0:
                 raise ConfigError(f"{path}: field '{where}.rate' must be a positive number")
-            train = tuple(resolve(f, f"{where}.train[{j}]") for j, f in enumerate(e.get("train") or []))
-            val = tuple(resolve(f, f"{where}.validation[{j}]")
-                        for j, f in enumerate(e.get("validation") or []))
-            tfds = None if "tfds" not in e else \
-                tfds_spec_from_entry(e, where, path, kind, root, fmt.languages)
+            train = tuple(
+                resolve(f, f"{where}.train[{j}]") for j, f in enumerate(e.get("train") or [])
+            )
+            val = tuple(
+                resolve(f, f"{where}.validation[{j}]")
+                for j, f in enumerate(e.get("validation") or [])
+            )
+            tfds = (
+                None
+                if "tfds" not in e
+                else tfds_spec_from_entry(e, where, path, kind, root, fmt.languages)
+            )
             if tfds is None and set(e) & set(TFDS_KEYS):
-                raise ConfigError(f"{path}: field '{where}': {sorted(set(e) & set(TFDS_KEYS))} "
-                                  f"need a 'tfds' dataset name")
+                raise ConfigError(
+                    f"{path}: field '{where}': {sorted(set(e) & set(TFDS_KEYS))} "
+                    f"need a 'tfds' dataset name"
+                )
             if not train and not val and tfds is None:
-                raise ConfigError(f"{path}: field '{where}': no train or validation files (or "
-                                  f"tfds dataset)")
+                raise ConfigError(
+                    f"{path}: field '{where}': no train or validation files (or tfds dataset)"
+                )
             name = e.get("name") or f"cslm_{stage}_{kind}" + (f"_{lang}" if lang else "")
             if name in names:
-                raise ConfigError(f"{path}: field '{where}': task name {name!r} is used twice; "
-                                  f"give one a 'name'")
+                raise ConfigError(
+                    f"{path}: field '{where}': task name {name!r} is used twice; give one a 'name'"
+                )
             names.add(name)
             specs.append(TaskSpec(stage, kind, lang, float(rate), train, val, name, tfds))
         stages[stage] = specs
     tok = data.get("tokenizer")
-    return DataConfig(path=str(path), data_dir=str(root),
-                      tokenizer=None if not tok else str(absolute(tok)),
-                      format=fmt, max_length=int(packing.get("max_length", 1024)),
-                      shuffle_buffer=int(packing.get("shuffle_buffer", 1000)),
-                      skip_bad=bool(packing.get("skip_bad", False)), stages=stages,
-                      cache_dir=_cache_dir(data.get("cache_dir"), root))
+    return DataConfig(
+        path=str(path),
+        data_dir=str(root),
+        tokenizer=None if not tok else str(absolute(tok)),
+        format=fmt,
+        max_length=int(packing.get("max_length", 1024)),
+        shuffle_buffer=int(packing.get("shuffle_buffer", 1000)),
+        skip_bad=bool(packing.get("skip_bad", False)),
+        stages=stages,
+        cache_dir=_cache_dir(data.get("cache_dir"), root),
+    )
 
 
 def _cache_dir(value, root) -> str | None:

@@ -11,6 +11,7 @@ mixture sampling (seeded rates) -> pack to `max_length` -> batch. Every stage is
 state (shuffle buffers included) is checkpointed, so a resume continues with exactly the batch an
 uninterrupted run would have seen.
 """
+
 from __future__ import annotations
 
 import collections
@@ -46,11 +47,12 @@ def keep_tensorflow_off_accelerators() -> None:
     for kind in ("GPU", "TPU"):
         try:
             tf.config.set_visible_devices([], kind)
-        except (ValueError, RuntimeError):      # no such device type, or devices already set up
+        except (ValueError, RuntimeError):  # no such device type, or devices already set up
             pass
 
 
 # -- vocabulary ---------------------------------------------------------------------------------
+
 
 class HFVocabulary(seqio.Vocabulary):
     """A `seqio.Vocabulary` over a Hugging Face fast tokenizer folder (the extended CSLM one)."""
@@ -64,6 +66,7 @@ class HFVocabulary(seqio.Vocabulary):
     def tokenizer(self):
         if self._tok is None:
             from cslm_jax.model.vocab import load_tokenizer
+
             self._tok = load_tokenizer(self.tokenizer_dir)
         return self._tok
 
@@ -88,6 +91,7 @@ class HFVocabulary(seqio.Vocabulary):
     def _encode_tf(self, s):
         def enc(x):
             return np.asarray(self._encode(x.numpy().decode("utf-8")), np.int32)
+
         out = tf.py_function(enc, [s], tf.int32)
         out.set_shape([None])
         return out
@@ -95,6 +99,7 @@ class HFVocabulary(seqio.Vocabulary):
     def _decode_tf(self, ids):
         def dec(x):
             return self._decode(x.numpy().tolist())
+
         out = tf.py_function(dec, [ids], tf.string)
         out.set_shape([])
         return out
@@ -107,6 +112,7 @@ class HFVocabulary(seqio.Vocabulary):
 
 
 # -- statistics: nothing is dropped silently ----------------------------------------------------
+
 
 class PipelineStats:
     """Per task split ("<task>:<split>"): records, examples, truncated, tokens, skipped, as the
@@ -132,6 +138,7 @@ STATS = PipelineStats()
 
 # -- preparation: records -> tokenized, masked examples (once, cached) ------------------------------
 
+
 def local_cache_dir(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str) -> Path:
     """Where the in-process path caches a task (SeqIO layout, one shard per split):
     `<data_dir>/.cslm_cache/<task>.<key>`, keyed by the files (size, mtime), the config and the
@@ -141,8 +148,7 @@ def local_cache_dir(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str) -> Path
     from cslm_jax.data.prepare import splits_of, task_key
 
     key = task_key(spec, cfg, tokenizer_dir, 1)
-    key["stat"] = [(f, *fs.size_and_mtime(f))
-                   for files in splits_of(spec).values() for f in files]
+    key["stat"] = [(f, *fs.size_and_mtime(f)) for files in splits_of(spec).values() for f in files]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return cache_root(cfg.data_dir) / f"{spec.name}.{digest}"
 
@@ -157,7 +163,8 @@ def cache_root(data_dir) -> Path:
     if not fs.is_remote(data_dir):
         return Path(data_dir) / ".cslm_cache"
     base = os.environ.get("CSLM_JAX_DATA_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "cslm_jax", "data")
+        os.path.expanduser("~"), ".cache", "cslm_jax", "data"
+    )
     return Path(base) / hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
 
 
@@ -173,18 +180,29 @@ class CslmTask(seqio.Task):
     reads the same files for callers that do not (inspection, tests).
     """
 
-    def __init__(self, name, *, task_dir: str, prepare=None, prepared: bool = False,
-                 stats: PipelineStats | None = None, splits=(), **kwargs):
+    def __init__(
+        self,
+        name,
+        *,
+        task_dir: str,
+        prepare=None,
+        prepared: bool = False,
+        stats: PipelineStats | None = None,
+        splits=(),
+        **kwargs,
+    ):
         self._cslm_dir, self._cslm_prepare, self.prepared = str(task_dir), prepare, prepared
         self._cslm_stats, self._cslm_splits = stats, tuple(splits)
         self._cslm_recorded = False
-        self._cslm_staged: dict = {}         # (host shard, shards) -> local folder (gs:// caches)
+        self._cslm_staged: dict = {}  # (host shard, shards) -> local folder (gs:// caches)
         self._cslm_shard = (0, 1)
         super().__init__(name, source=self._make_source(), **kwargs)
 
     def _make_source(self) -> seqio.FunctionDataSource:
-        features = {"targets": tf.io.VarLenFeature(tf.int64),
-                    "loss_weights": tf.io.VarLenFeature(tf.int64)}
+        features = {
+            "targets": tf.io.VarLenFeature(tf.int64),
+            "loss_weights": tf.io.VarLenFeature(tf.int64),
+        }
 
         def parse(raw):
             ex = tf.io.parse_single_example(raw, features)
@@ -192,8 +210,10 @@ class CslmTask(seqio.Task):
 
         def dataset_fn(split, shuffle_files, seed=None):
             if split not in self._cslm_splits:
-                raise ConfigError(f"task {self.name} has no '{split}' files; configured: "
-                                  f"{list(self._cslm_splits)}")
+                raise ConfigError(
+                    f"task {self.name} has no '{split}' files; configured: "
+                    f"{list(self._cslm_splits)}"
+                )
             files = fs.glob(os.path.join(self.cache_dir, f"{split}.tfrecord-*"))
             return tf.data.TFRecordDataset(files).map(parse)
 
@@ -210,9 +230,14 @@ class CslmTask(seqio.Task):
             self._cslm_recorded = True
             for split in self._cslm_splits:
                 saved = read_stats(self._cslm_dir, split)
-                counts = {"records": saved["records"], "examples": saved["examples"],
-                          "truncated": saved["truncated"], "tokens": saved["targets_tokens"],
-                          "trained_tokens": saved["trained_tokens"], "skipped": saved["skipped"]}
+                counts = {
+                    "records": saved["records"],
+                    "examples": saved["examples"],
+                    "truncated": saved["truncated"],
+                    "tokens": saved["targets_tokens"],
+                    "trained_tokens": saved["trained_tokens"],
+                    "skipped": saved["skipped"],
+                }
                 self._cslm_stats.record(f"{self.name}:{split}", counts, saved["skipped_messages"])
         if fs.is_remote(self._cslm_dir):
             return self.stage(*self._cslm_shard)
@@ -241,8 +266,9 @@ class CslmTask(seqio.Task):
             names = ["COMPLETED"]
             for split in self._cslm_splits:
                 names += [f"info.{split}.json", f"stats.{split}.json"]
-                shards = [os.path.basename(f)
-                          for f in fs.glob(f"{self._cslm_dir}/{split}.tfrecord-*")]
+                shards = [
+                    os.path.basename(f) for f in fs.glob(f"{self._cslm_dir}/{split}.tfrecord-*")
+                ]
                 # fewer files than hosts: seqio shards examples, every host reads every file
                 mine = set(shards[shard_index::num_shards] if len(shards) >= num_shards else shards)
                 names += sorted(mine)
@@ -267,19 +293,24 @@ class CslmTask(seqio.Task):
 def add_task_ids(task_index: int):
     def preprocess(ds: tf.data.Dataset) -> tf.data.Dataset:
         return ds.map(lambda ex: dict(ex, task_ids=tf.fill(tf.shape(ex["targets"]), task_index)))
+
     return preprocess
 
 
 def output_features(vocab: HFVocabulary, num_tasks: int) -> dict:
     return {
         "targets": seqio.Feature(vocab, add_eos=False, dtype=tf.int32),
-        "loss_weights": seqio.Feature(seqio.PassThroughVocabulary(2), add_eos=False, dtype=tf.int32),
-        "task_ids": seqio.Feature(seqio.PassThroughVocabulary(max(num_tasks, 1)), add_eos=False,
-                                  dtype=tf.int32),
+        "loss_weights": seqio.Feature(
+            seqio.PassThroughVocabulary(2), add_eos=False, dtype=tf.int32
+        ),
+        "task_ids": seqio.Feature(
+            seqio.PassThroughVocabulary(max(num_tasks, 1)), add_eos=False, dtype=tf.int32
+        ),
     }
 
 
 # -- packing ----------------------------------------------------------------------------------
+
 
 class PackedLMConverter(seqio.FeatureConverter):
     """Decoder-only LM batches with the CSLM mask carried through packing.
@@ -295,12 +326,14 @@ class PackedLMConverter(seqio.FeatureConverter):
         "loss_weights": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
         "task_ids": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
     }
-    MODEL_FEATURES = {name: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32) for name in
-                      ("tokens", "targets", "loss_weights", "task_ids")}
+    MODEL_FEATURES = {
+        name: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)
+        for name in ("tokens", "targets", "loss_weights", "task_ids")
+    }
     PACKING_FEATURE_DTYPES = {"segment_ids": tf.int32, "positions": tf.int32}
 
     def __init__(self, **kwargs):
-        kwargs["pack"] = True      # CSLM batches are always packed (segment ids keep rows apart)
+        kwargs["pack"] = True  # CSLM batches are always packed (segment ids keep rows apart)
         super().__init__(**kwargs)
 
     def _convert_features(self, ds, task_feature_lengths):
@@ -309,8 +342,9 @@ class PackedLMConverter(seqio.FeatureConverter):
         # seqio's packer takes each feature's length to be its count of non-zero values; token id
         # 0 is a real token and most loss weights and task ids are 0, so everything is shifted by
         # one while packing and shifted back after (padding becomes 0 again).
-        ds = ds.map(lambda ex: {k: ex[k] + 1 for k in features},
-                    num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(
+            lambda ex: {k: ex[k] + 1 for k in features}, num_parallel_calls=tf.data.AUTOTUNE
+        )
         ds = seqio.utils.trim_and_pack_dataset(ds, {k: length for k in features})
 
         def unshift(ex):
@@ -330,10 +364,14 @@ class PackedLMConverter(seqio.FeatureConverter):
 
             valid = tf.logical_and(seg > 0, tf.equal(shift(seg), seg))
             zero = tf.zeros_like(tokens)
-            return {"tokens": tokens, "positions": ex["targets_positions"], "segment_ids": seg,
-                    "targets": tf.where(valid, shift(tokens), zero),
-                    "loss_weights": tf.where(valid, shift(ex["loss_weights"]), zero),
-                    "task_ids": tf.where(valid, shift(ex["task_ids"]), zero)}
+            return {
+                "tokens": tokens,
+                "positions": ex["targets_positions"],
+                "segment_ids": seg,
+                "targets": tf.where(valid, shift(tokens), zero),
+                "loss_weights": tf.where(valid, shift(ex["loss_weights"]), zero),
+                "task_ids": tf.where(valid, shift(ex["task_ids"]), zero),
+            }
 
         return ds.map(to_model, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -348,6 +386,7 @@ def sequence_lengths(max_length: int) -> dict:
 
 # -- iteration with a resumable position ----------------------------------------------------------
 
+
 def check_file_sharding(name: str, split: str, num_shards: int) -> None:
     """A prepared cache is read with file-level sharding (each host opens only its own shard
     files): its file count must divide by the data shards. (In-process caches of small corpora
@@ -360,10 +399,12 @@ def check_file_sharding(name: str, split: str, num_shards: int) -> None:
         if isinstance(task, CslmTask) and task.prepared:
             files = task.num_files(split)
             if files % num_shards:
-                raise CacheError(f"{task.cache_dir}: {files} '{split}' shard files cannot be split "
-                                 f"evenly over {num_shards} data shards (hosts); prepare the cache "
-                                 f"with a --num-shards that {num_shards} divides (e.g. "
-                                 f"{num_shards * max(1, files // num_shards)})")
+                raise CacheError(
+                    f"{task.cache_dir}: {files} '{split}' shard files cannot be split "
+                    f"evenly over {num_shards} data shards (hosts); prepare the cache "
+                    f"with a --num-shards that {num_shards} divides (e.g. "
+                    f"{num_shards * max(1, files // num_shards)})"
+                )
 
 
 def stage_tasks(name: str, shard_index: int = 0, num_shards: int = 1) -> None:
@@ -382,19 +423,38 @@ class BatchIterator:
     checkpoint, shuffle buffers included) and the number of batches served.
     """
 
-    def __init__(self, name: str, *, split: str = "train", max_length: int, batch_size: int,
-                 seed: int = 0, shard_index: int = 0, num_shards: int = 1,
-                 num_epochs: int | None = None, shuffle: bool = True):
+    def __init__(
+        self,
+        name: str,
+        *,
+        split: str = "train",
+        max_length: int,
+        batch_size: int,
+        seed: int = 0,
+        shard_index: int = 0,
+        num_shards: int = 1,
+        num_epochs: int | None = None,
+        shuffle: bool = True,
+    ):
         keep_tensorflow_off_accelerators()
         self.name, self.split = name, split
-        shard = seqio.ShardInfo(index=shard_index, num_shards=num_shards) if num_shards > 1 else None
+        shard = (
+            seqio.ShardInfo(index=shard_index, num_shards=num_shards) if num_shards > 1 else None
+        )
         if shard is not None:
             check_file_sharding(name, split, num_shards)
         stage_tasks(name, shard_index, num_shards)
-        ds = seqio.get_dataset(name, sequence_lengths(max_length), dataset_split=split,
-                               shuffle=shuffle, num_epochs=num_epochs, shard_info=shard,
-                               use_cached=True, seed=seed,
-                               feature_converter=PackedLMConverter())
+        ds = seqio.get_dataset(
+            name,
+            sequence_lengths(max_length),
+            dataset_split=split,
+            shuffle=shuffle,
+            num_epochs=num_epochs,
+            shard_info=shard,
+            use_cached=True,
+            seed=seed,
+            feature_converter=PackedLMConverter(),
+        )
         ds = ds.batch(batch_size, drop_remainder=num_epochs is None)
         options = tf.data.Options()
         options.deterministic = True
@@ -417,8 +477,9 @@ class BatchIterator:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tf.train.Checkpoint(iterator=self._it).write(str(directory / "iterator"))
-        (directory / "position.json").write_text(json.dumps(
-            {"name": self.name, "split": self.split, "batches": self.position}) + "\n")
+        (directory / "position.json").write_text(
+            json.dumps({"name": self.name, "split": self.split, "batches": self.position}) + "\n"
+        )
 
     def restore(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -427,12 +488,13 @@ class BatchIterator:
             raise DataError(f"{meta_path}: missing; not a saved data position")
         meta = json.loads(meta_path.read_text())
         if meta.get("name") != self.name:
-            raise DataError(f"{meta_path}: field 'name' is {meta.get('name')!r}, this pipeline "
-                            f"reads {self.name!r}")
+            raise DataError(
+                f"{meta_path}: field 'name' is {meta.get('name')!r}, this pipeline "
+                f"reads {self.name!r}"
+            )
         tf.train.Checkpoint(iterator=self._it).read(str(directory / "iterator")).assert_consumed()
         self.position = int(meta["batches"])
 
 
 def stats_report() -> dict:
     return STATS.report()
-

@@ -26,6 +26,7 @@ cslm_jax/data/fast_chat.py (templates rendered once per role sequence, contents 
 speech spans as ids, header positions from the template), cslm_jax/data/fast_serialize.py
 (tf.train.Example bytes from varint tables). Records are written a batch at a time.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,10 +56,10 @@ from cslm_jax.storage import fs
 
 PREPARE_VERSION = 2
 FEATURES = ("targets", "loss_weights")
-SHARD_STRIDE = 104729            # a prime: consecutive lines of a file go round-robin over shards
+SHARD_STRIDE = 104729  # a prime: consecutive lines of a file go round-robin over shards
 MAX_SKIP_MESSAGES = 20
-SCAN_BYTES = 8 << 20            # what `plan_ranges` reads at a time
-HEADS_KEPT_BELOW = 1 << 16       # record lengths whose TFRecord heads are kept (`RecordWriter`)
+SCAN_BYTES = 8 << 20  # what `plan_ranges` reads at a time
+HEADS_KEPT_BELOW = 1 << 16  # record lengths whose TFRecord heads are kept (`RecordWriter`)
 
 
 class CacheError(DataError):
@@ -78,9 +79,11 @@ def splits_of(spec: TaskSpec) -> dict[str, tuple]:
     """{split: files}; a TFDS task's splits have no files (its records come from the dataset)."""
     if spec.tfds is not None:
         from cslm_jax.data.sources import task_splits
+
         return {s: () for s in task_splits(spec)}
-    return {s: files for s, files in (("train", spec.train), ("validation", spec.validation))
-            if files}
+    return {
+        s: files for s, files in (("train", spec.train), ("validation", spec.validation)) if files
+    }
 
 
 def _is_url(path) -> bool:
@@ -91,8 +94,13 @@ _DIGESTS: dict = {}
 
 
 def _folder_stamp(path: str) -> tuple:
-    return tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size)
-                        for e in os.scandir(path) if e.is_file()))
+    return tuple(
+        sorted(
+            (e.name, e.stat().st_mtime_ns, e.stat().st_size)
+            for e in os.scandir(path)
+            if e.is_file()
+        )
+    )
 
 
 def tokenizer_digest(tokenizer_dir: str | Path) -> str:
@@ -108,8 +116,8 @@ def tokenizer_digest(tokenizer_dir: str | Path) -> str:
 
 
 def _tokenizer_digest(tokenizer_dir: str | Path) -> str:
-    h = hashlib.sha256()          # every file: vocabulary, config and the chat template (.jinja)
-    if _is_url(tokenizer_dir):    # file:// or gs:// (dot files included, as locally)
+    h = hashlib.sha256()  # every file: vocabulary, config and the chat template (.jinja)
+    if _is_url(tokenizer_dir):  # file:// or gs:// (dot files included, as locally)
         files = fs.glob(f"{str(tokenizer_dir).rstrip('/')}/*")
         local = fs.local_file(tokenizer_dir)
         isdir = os.path.isdir if local is not None else (lambda f: fs.path(f).is_dir())
@@ -136,7 +144,7 @@ def local_tokenizer_dir(tokenizer_dir: str | Path) -> str:
     process (workers of a cluster job); a local folder as it is."""
     if not _is_url(tokenizer_dir):
         return str(tokenizer_dir)
-    local = fs.local_file(tokenizer_dir)            # a file:// URL names a local folder
+    local = fs.local_file(tokenizer_dir)  # a file:// URL names a local folder
     if local is not None:
         return local
     if str(tokenizer_dir) not in _LOCAL_TOKENIZERS:
@@ -158,11 +166,18 @@ def task_key(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Path, num_sha
     set of files is refused instead of silently trained on."""
     from cslm_jax.data.sources import tfds_cache_key
 
-    key = {"version": PREPARE_VERSION, "task": spec.name, "kind": spec.kind, "lang": spec.lang,
-            "files": {s: [os.path.basename(f) for f in fs] for s, fs in splits_of(spec).items()},
-            "format": format_key(cfg.format),
-            "max_length": cfg.max_length, "skip_bad": cfg.skip_bad, "num_shards": num_shards,
-            "tokenizer": tokenizer_digest(tokenizer_dir)}
+    key = {
+        "version": PREPARE_VERSION,
+        "task": spec.name,
+        "kind": spec.kind,
+        "lang": spec.lang,
+        "files": {s: [os.path.basename(f) for f in fs] for s, fs in splits_of(spec).items()},
+        "format": format_key(cfg.format),
+        "max_length": cfg.max_length,
+        "skip_bad": cfg.skip_bad,
+        "num_shards": num_shards,
+        "tokenizer": tokenizer_digest(tokenizer_dir),
+    }
     if spec.tfds is not None:
         key["tfds"] = {s: tfds_cache_key(spec, s) for s in splits_of(spec)}
     return key
@@ -170,13 +185,19 @@ def task_key(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Path, num_sha
 
 # -- input: the lines of a file ------------------------------------------------------------------
 
-def numbered_lines(path: str, start: int = 0, end: int | None = None, first_line: int = 1,
-                   tally: dict | None = None):
+
+def numbered_lines(
+    path: str,
+    start: int = 0,
+    end: int | None = None,
+    first_line: int = 1,
+    tally: dict | None = None,
+):
     """(line number, raw bytes) of the lines of `path` that start in [start, end) (`start` is a
     line start, `first_line` its number), as iterating the file in binary mode gives them.
     `tally`: given, its "lines" is set to the number of lines read once they are all read (what
     the cache records of each input, `input_record`)."""
-    opener = fs.open_file if _is_url(path) else open    # gs:// through the one GCS client
+    opener = fs.open_file if _is_url(path) else open  # gs:// through the one GCS client
     try:
         f = opener(path, "rb")
     except OSError as e:
@@ -223,16 +244,28 @@ def plan_ranges(path: str, range_bytes: int) -> list[tuple[int, int, int]]:
                     want = start + range_bytes
                 lines += chunk.count(b"\n")
                 pos += len(chunk)
-    return [(s, starts[k + 1][0] if k + 1 < len(starts) else size, line)
-            for k, (s, line) in enumerate(starts)]
+    return [
+        (s, starts[k + 1][0] if k + 1 < len(starts) else size, line)
+        for k, (s, line) in enumerate(starts)
+    ]
 
 
 # -- records -> examples -> token rows -> serialized examples ------------------------------------
 
+
 def new_counts() -> dict:
-    return {"records": 0, "examples": 0, "truncated": 0, "skipped": 0, "targets_tokens": 0,
-            "targets_max_tokens": 0, "loss_weights_tokens": 0, "loss_weights_max_tokens": 0,
-            "trained_tokens": 0, "skipped_messages": []}
+    return {
+        "records": 0,
+        "examples": 0,
+        "truncated": 0,
+        "skipped": 0,
+        "targets_tokens": 0,
+        "targets_max_tokens": 0,
+        "loss_weights_tokens": 0,
+        "loss_weights_max_tokens": 0,
+        "trained_tokens": 0,
+        "skipped_messages": [],
+    }
 
 
 def merge_counts(a: dict, b: dict) -> dict:
@@ -248,7 +281,7 @@ def merge_counts(a: dict, b: dict) -> dict:
     return out
 
 
-_TOKENIZERS: dict = {}          # folder -> (its files' names, sizes and times; the tokenizer)
+_TOKENIZERS: dict = {}  # folder -> (its files' names, sizes and times; the tokenizer)
 
 
 def _load_tokenizer(path: str):
@@ -280,10 +313,21 @@ class Preparer:
     with `cfg.skip_bad` bad records are counted in `counts` (and the first messages kept)
     instead."""
 
-    def __init__(self, spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Path,
-                 fast: bool = True, batch_size: int = 64, tokenizer=None):
+    def __init__(
+        self,
+        spec: TaskSpec,
+        cfg: DataConfig,
+        tokenizer_dir: str | Path,
+        fast: bool = True,
+        batch_size: int = 64,
+        tokenizer=None,
+    ):
         self.spec, self.cfg = spec, cfg
-        tok = tokenizer if tokenizer is not None else _load_tokenizer(local_tokenizer_dir(tokenizer_dir))
+        tok = (
+            tokenizer
+            if tokenizer is not None
+            else _load_tokenizer(local_tokenizer_dir(tokenizer_dir))
+        )
         self.renderer = ChatRenderer(tok, cfg.max_length, mask=cfg.format.loss_mask)
         self.batch_size = batch_size
         self.record_kind = RECORD_KIND_OF_TASK[spec.kind]
@@ -291,8 +335,9 @@ class Preparer:
         if fast:
             self.parse, self.examples = fast_parse_line, fast_examples
             # validated records: units below the codebook size; ids: the tokenizer's
-            self.token_ids = functools.partial(fast_chat_for(self.renderer).ids,
-                                               units_below=cfg.format.unit_count)
+            self.token_ids = functools.partial(
+                fast_chat_for(self.renderer).ids, units_below=cfg.format.unit_count
+            )
             self.serialize = functools.partial(serialize_batch, vocab_size=len(tok))
         else:
             self.parse, self.examples = parse_line, examples
@@ -311,14 +356,15 @@ class Preparer:
         if len(counts["skipped_messages"]) < MAX_SKIP_MESSAGES:
             counts["skipped_messages"].append((file_index, line_no, str(err)))
 
-    def line_batches(self, path: str, file_index: int, numbered, num_shards: int,
-                     counts: dict | None = None):
+    def line_batches(
+        self, path: str, file_index: int, numbered, num_shards: int, counts: dict | None = None
+    ):
         """Lists of (shard, serialized example) for the examples of `numbered` ((line number,
         raw bytes) of `path`, the split's file number `file_index`), in line order; counted in
         `counts` (default: `self.counts`; several threads may share a Preparer, each with its
         counts)."""
         counts = self.counts if counts is None else counts
-        pending = []                  # (line number, messages)
+        pending = []  # (line number, messages)
         spec, fmt = self.spec, self.cfg.format
         parse = self.parse
         for n, raw in numbered:
@@ -326,8 +372,10 @@ class Preparer:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the "
-                                f"line); JSONL corpora must be UTF-8") from None
+                raise DataError(
+                    f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the "
+                    f"line); JSONL corpora must be UTF-8"
+                ) from None
             if not line or line.isspace():
                 self._skip(counts, file_index, n, RecordError(where, "<json>", "empty line"))
                 continue
@@ -338,15 +386,22 @@ class Preparer:
                 except RecordError:
                     if parse is parse_line:
                         raise
-                    record = parse_line(line, where)    # json's reading decides, in its words
+                    record = parse_line(line, where)  # json's reading decides, in its words
                     validate_record(self.record_kind, record, fmt, where)
             except RecordError as e:
                 self._skip(counts, file_index, n, e)
                 continue
             if spec.kind in ("asr", "tts") and record["lang"] != spec.lang:
-                self._skip(counts, file_index, n, RecordError(where, "lang", f"is {record['lang']!r} but "
-                                                                     f"task {spec.name} is for "
-                                                                     f"{spec.lang!r}"))
+                self._skip(
+                    counts,
+                    file_index,
+                    n,
+                    RecordError(
+                        where,
+                        "lang",
+                        f"is {record['lang']!r} but task {spec.name} is for {spec.lang!r}",
+                    ),
+                )
                 continue
             counts["records"] += 1
             for messages in self.examples(spec.kind, record, fmt, where):
@@ -368,8 +423,9 @@ class Preparer:
         skipped: list = []
         pending = []
         n = 0
-        for n, (where, record) in enumerate(task_records(spec, split, fmt, self.cfg.skip_bad,
-                                                          skipped), start=1):
+        for n, (where, record) in enumerate(
+            task_records(spec, split, fmt, self.cfg.skip_bad, skipped), start=1
+        ):
             for err in skipped:
                 self._skip(counts, 0, n, err)
             skipped.clear()
@@ -400,8 +456,9 @@ class Preparer:
         c["loss_weights_max_tokens"] = max(c["loss_weights_max_tokens"], *mask_lengths)
         c["trained_tokens"] += sum(map(sum, done_masks))
         data = self.serialize(done_ids, done_masks)
-        return [(shard_of(file_index, n, num_shards), example)
-                for (n, _), example in zip(pending, data)]
+        return [
+            (shard_of(file_index, n, num_shards), example) for (n, _), example in zip(pending, data)
+        ]
 
 
 def serialize(ids: list[int], mask: list[int]) -> bytes:
@@ -410,10 +467,13 @@ def serialize(ids: list[int], mask: list[int]) -> bytes:
     same bytes without a protobuf object per example."""
     import tensorflow as tf
 
-    feature = {"targets": tf.train.Feature(int64_list=tf.train.Int64List(value=ids)),
-               "loss_weights": tf.train.Feature(int64_list=tf.train.Int64List(value=mask))}
+    feature = {
+        "targets": tf.train.Feature(int64_list=tf.train.Int64List(value=ids)),
+        "loss_weights": tf.train.Feature(int64_list=tf.train.Int64List(value=mask)),
+    }
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
-        deterministic=True)
+        deterministic=True
+    )
 
 
 def serialize_each(ids: list, masks: list) -> list[bytes]:
@@ -423,7 +483,7 @@ def serialize_each(ids: list, masks: list) -> list[bytes]:
 
 # -- output: TFRecord files ----------------------------------------------------------------------
 
-_RECORD_HEADS: dict = {}         # record length -> its 8 bytes and their masked CRC-32C
+_RECORD_HEADS: dict = {}  # record length -> its 8 bytes and their masked CRC-32C
 
 
 class RecordWriter:
@@ -488,6 +548,7 @@ def record_writer(path: str):
 
 # -- the cache layout --------------------------------------------------------------------------------
 
+
 def seqio_version() -> str:
     """seqio.__version__, without importing seqio (and TensorFlow) where it is not imported yet:
     the installed distribution's version (tests/test_prepare_data.py checks they agree)."""
@@ -502,8 +563,12 @@ def _installed_version(distribution: str) -> str:
 
 
 def info_json(num_shards: int, key: dict) -> dict:
-    return {"features": {f: {"dtype": "int32", "shape": [None]} for f in FEATURES},
-            "num_shards": num_shards, "seqio_version": seqio_version(), "cslm": key}
+    return {
+        "features": {f: {"dtype": "int32", "shape": [None]} for f in FEATURES},
+        "num_shards": num_shards,
+        "seqio_version": seqio_version(),
+        "cslm": key,
+    }
 
 
 def stats_json(counts: dict) -> dict:
@@ -541,6 +606,7 @@ def key_differences(found: dict, key: dict, ignore=()) -> list[tuple[str, str]]:
     """(field, "X in the cache, Y here") for each setting of `key` a cache's record `found`
     differs in (`inputs` and `ignore` left out); a mapping's differing entries are named one by
     one (format.loss_mask, files.train)."""
+
     def show(v):
         if isinstance(v, str):
             return repr(v)
@@ -552,8 +618,11 @@ def key_differences(found: dict, key: dict, ignore=()) -> list[tuple[str, str]]:
             continue
         a, b = found.get(k), key.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            parts = [f"{k}.{sub} {show(a.get(sub))} in the cache, {show(b.get(sub))} here"
-                     for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub)]
+            parts = [
+                f"{k}.{sub} {show(a.get(sub))} in the cache, {show(b.get(sub))} here"
+                for sub in sorted(set(a) | set(b))
+                if a.get(sub) != b.get(sub)
+            ]
         elif k == "tokenizer":
             parts = [f"tokenizer files digest {a} in the cache, {b} here"]
         else:
@@ -569,15 +638,15 @@ def input_stamp(path: str) -> dict:
     if s.startswith("gs://"):
         import fsspec
 
-        fs.path(s)                                  # the one GCS set-up (emulator, caches)
+        fs.path(s)  # the one GCS set-up (emulator, caches)
         info = fsspec.filesystem("gs").info(s)
         out = {"size": int(info["size"])}
         for field, name in (("generation", "generation"), ("md5Hash", "md5"), ("crc32c", "crc32c")):
             if info.get(field):
                 out[name] = str(info[field])
         return out
-    if _is_url(s):                  # file://: a local file, its time in whole seconds as
-        st = os.stat(fs.local_file(s))      # tf.io.gfile.stat gave it (caches prepared before)
+    if _is_url(s):  # file://: a local file, its time in whole seconds as
+        st = os.stat(fs.local_file(s))  # tf.io.gfile.stat gave it (caches prepared before)
         return {"size": st.st_size, "mtime_ns": st.st_mtime_ns // 10**9 * 10**9}
     st = os.stat(s)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -586,11 +655,13 @@ def input_stamp(path: str) -> dict:
 def input_record(files, stamps, lines) -> list[dict]:
     """A split's entry of COMPLETED's `inputs`: per file its name, `input_stamp` (taken before
     it was read) and line count."""
-    return [{"file": os.path.basename(str(f)), **st, "lines": int(n)}
-            for f, st, n in zip(files, stamps, lines)]
+    return [
+        {"file": os.path.basename(str(f)), **st, "lines": int(n)}
+        for f, st, n in zip(files, stamps, lines)
+    ]
 
 
-COUNT_LINES_UP_TO = 256 << 20     # an input's lines are counted again for a message up to this size
+COUNT_LINES_UP_TO = 256 << 20  # an input's lines are counted again for a message up to this size
 
 
 def _time(ns: int, other: int) -> str:
@@ -600,8 +671,13 @@ def _time(ns: int, other: int) -> str:
         return datetime.datetime.fromtimestamp(v / 1e9).isoformat(" ", spec)
 
     a, b = fmt(ns, "seconds"), fmt(other, "seconds")
-    return a if a != b else fmt(ns, "microseconds") if fmt(ns, "microseconds") != fmt(
-        other, "microseconds") else f"{ns} ns"
+    return (
+        a
+        if a != b
+        else fmt(ns, "microseconds")
+        if fmt(ns, "microseconds") != fmt(other, "microseconds")
+        else f"{ns} ns"
+    )
 
 
 def _stamp_difference(path: str, then: dict, now: dict) -> str | None:
@@ -615,20 +691,30 @@ def _stamp_difference(path: str, then: dict, now: dict) -> str | None:
                 data = f.read()
             lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
         if "lines" in then and lines is not None:
-            return (f"{then['lines']} lines ({then.get('size'):,} bytes), now {lines} lines "
-                    f"({now['size']:,} bytes)")
+            return (
+                f"{then['lines']} lines ({then.get('size'):,} bytes), now {lines} lines "
+                f"({now['size']:,} bytes)"
+            )
         was = f"{then['lines']} lines, " if "lines" in then else ""
         return f"{was}{then.get('size'):,} bytes, now {now['size']:,} bytes"
     for name in ("md5", "crc32c"):
         if name in then and name in now:
-            return (None if then[name] == now[name] else
-                    f"{name} {then[name]}, now {now[name]} (same size, {now['size']:,} bytes)")
+            return (
+                None
+                if then[name] == now[name]
+                else f"{name} {then[name]}, now {now[name]} (same size, {now['size']:,} bytes)"
+            )
     if "generation" in then and "generation" in now:
-        return (None if then["generation"] == now["generation"] else
-                f"object generation {then['generation']}, now {now['generation']} (same size)")
+        return (
+            None
+            if then["generation"] == now["generation"]
+            else f"object generation {then['generation']}, now {now['generation']} (same size)"
+        )
     if "mtime_ns" in then and "mtime_ns" in now and then["mtime_ns"] != now["mtime_ns"]:
-        return (f"modified {_time(then['mtime_ns'], now['mtime_ns'])}, now "
-                f"{_time(now['mtime_ns'], then['mtime_ns'])} (same size, {now['size']:,} bytes)")
+        return (
+            f"modified {_time(then['mtime_ns'], now['mtime_ns'])}, now "
+            f"{_time(now['mtime_ns'], then['mtime_ns'])} (same size, {now['size']:,} bytes)"
+        )
     return None
 
 
@@ -637,13 +723,15 @@ def inputs_changed(found: dict, spec: TaskSpec) -> str | None:
     older x.jsonl: 120 lines (...), now 30 lines (...)"), or None. A file absent here (training
     hosts need not hold the corpus) is not checked."""
     if "inputs" not in found:
-        return ("prepared by an older cslm-jax, which did not record its input files' sizes and "
-                "times (a changed corpus cannot be told)")
+        return (
+            "prepared by an older cslm-jax, which did not record its input files' sizes and "
+            "times (a changed corpus cannot be told)"
+        )
     for split, files in splits_of(spec).items():
         for path, then in zip(files, found["inputs"].get(split, [])):
             try:
                 now = input_stamp(path)
-            except Exception as e:            # noqa: BLE001 - only a missing file is skipped
+            except Exception as e:  # noqa: BLE001 - only a missing file is skipped
                 if isinstance(e, FileNotFoundError) or type(e).__name__ == "NotFoundError":
                     continue
                 raise
@@ -660,23 +748,35 @@ def check_cache(task_dir: str | Path, key: dict, spec: TaskSpec | None = None) -
     are now (`inputs_changed`)."""
     found = completed_key(task_dir)
     if found is None:
-        raise CacheError(f"{task_dir}: no prepared cache (COMPLETED missing); prepare it with "
-                         f"`cslm-jax prepare-data --out {os.path.dirname(str(task_dir))} ...` (an "
-                         f"interrupted preparation is completed by running it again)")
+        raise CacheError(
+            f"{task_dir}: no prepared cache (COMPLETED missing); prepare it with "
+            f"`cslm-jax prepare-data --out {os.path.dirname(str(task_dir))} ...` (an "
+            f"interrupted preparation is completed by running it again)"
+        )
     diff = key_differences(found, key, ignore=("num_shards",))
     if diff:
-        raise CacheError(f"{task_dir}: prepared with different {', '.join(k for k, _ in diff)} "
-                         f"than this data config and tokenizer ({'; '.join(d for _, d in diff)}); "
-                         f"prepare again into a new --out (or the same with --force)")
+        raise CacheError(
+            f"{task_dir}: prepared with different {', '.join(k for k, _ in diff)} "
+            f"than this data config and tokenizer ({'; '.join(d for _, d in diff)}); "
+            f"prepare again into a new --out (or the same with --force)"
+        )
     why = inputs_changed(found, spec) if spec is not None else None
     if why is not None:
-        raise CacheError(f"{task_dir}: {why}; prepare it again: `cslm-jax prepare-data --out "
-                         f"{os.path.dirname(str(task_dir))} --force ...`")
+        raise CacheError(
+            f"{task_dir}: {why}; prepare it again: `cslm-jax prepare-data --out "
+            f"{os.path.dirname(str(task_dir))} --force ...`"
+        )
 
 
-def prepare_task_local(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Path,
-                       task_dir: str | Path, num_shards: int = 1, fast: bool = True,
-                       tokenizer=None) -> dict:
+def prepare_task_local(
+    spec: TaskSpec,
+    cfg: DataConfig,
+    tokenizer_dir: str | Path,
+    task_dir: str | Path,
+    num_shards: int = 1,
+    fast: bool = True,
+    tokenizer=None,
+) -> dict:
     """Prepare every split of a task in this process into `task_dir` (the SeqIO cache layout,
     the same bytes `cslm-jax prepare-data` writes for the same shard count). Written in a
     folder of its own (unique per process) and renamed into place whole, COMPLETED inside; a
@@ -694,8 +794,10 @@ def prepare_task_local(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Pat
         prep = Preparer(spec, cfg, tokenizer_dir, fast=fast, tokenizer=tokenizer)
         for split, files in splits_of(spec).items():
             prep.counts = new_counts()
-            writers = [record_writer(str(tmp / shard_name(split, s, num_shards)))
-                       for s in range(num_shards)]
+            writers = [
+                record_writer(str(tmp / shard_name(split, s, num_shards)))
+                for s in range(num_shards)
+            ]
             stamps = [input_stamp(f) for f in files]
             tallies = [{} for _ in files]
             try:
@@ -703,22 +805,28 @@ def prepare_task_local(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Pat
                     for batch in prep.tfds_batches(split, num_shards):
                         write_batch(writers, batch)
                 for file_index, path in enumerate(files):
-                    for batch in prep.line_batches(path, file_index,
-                                                   numbered_lines(path, tally=tallies[file_index]),
-                                                   num_shards):
+                    for batch in prep.line_batches(
+                        path,
+                        file_index,
+                        numbered_lines(path, tally=tallies[file_index]),
+                        num_shards,
+                    ):
                         write_batch(writers, batch)
             finally:
                 for w in writers:
                     w.close()
             out[split] = prep.counts
             inputs[split] = input_record(files, stamps, [t["lines"] for t in tallies])
-            (tmp / f"info.{split}.json").write_text(json.dumps(info_json(num_shards, key), indent=1))
-            (tmp / f"stats.{split}.json").write_text(json.dumps(stats_json(prep.counts),
-                                                                ensure_ascii=False, indent=1))
+            (tmp / f"info.{split}.json").write_text(
+                json.dumps(info_json(num_shards, key), indent=1)
+            )
+            (tmp / f"stats.{split}.json").write_text(
+                json.dumps(stats_json(prep.counts), ensure_ascii=False, indent=1)
+            )
         (tmp / "COMPLETED").write_text(json.dumps(dict(key, inputs=inputs), indent=1))
         try:
             os.rename(tmp, task_dir)
-        except OSError:           # another process prepared it first: the same content
+        except OSError:  # another process prepared it first: the same content
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,6 +17,7 @@ split, example index and field); from there preparation is the same for both (fo
 with the chat template, tokenize, mask, cache), so a TFDS task's examples equal those of a JSONL
 file holding the same records.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,8 +57,11 @@ def python_value(value, where: str, field: str):
         except UnicodeDecodeError as e:
             raise RecordError(where, field, f"not UTF-8 text ({e.reason})") from None
     if isinstance(value, np.ndarray):
-        return [python_value(v, where, field) for v in value.tolist()] if value.dtype == object \
+        return (
+            [python_value(v, where, field) for v in value.tolist()]
+            if value.dtype == object
             else value.tolist()
+        )
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, list):
@@ -72,17 +76,20 @@ def tfds_examples(spec, split: str) -> Iterator[tuple[str, dict]]:
 
     t = spec.tfds
     # read_only: never download and prepare here (seqio would, on every host at once)
-    source = seqio.TfdsDataSource(tfds_name=t.name, tfds_data_dir=t.data_dir,
-                                  splits=dict(t.splits), read_only=True)
+    source = seqio.TfdsDataSource(
+        tfds_name=t.name, tfds_data_dir=t.data_dir, splits=dict(t.splits), read_only=True
+    )
     tfds_split = dict(t.splits)[split]
     try:
         ds = source.get_dataset(split, shuffle=False)
-    except Exception as e:                  # noqa: BLE001 - TFDS raises many kinds; name the source
-        raise DataError(f"task {spec.name}: TFDS dataset {t.name} split {tfds_split!r} (data "
-                        f"dir {t.data_dir or 'TFDS default'}) cannot be read: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''} (training never downloads: "
-                        f"prepare it once with `tfds build {t.name.split(':')[0]} --data_dir "
-                        f"DIR`)") from None
+    except Exception as e:  # noqa: BLE001 - TFDS raises many kinds; name the source
+        raise DataError(
+            f"task {spec.name}: TFDS dataset {t.name} split {tfds_split!r} (data "
+            f"dir {t.data_dir or 'TFDS default'}) cannot be read: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''} (training never downloads: "
+            f"prepare it once with `tfds build {t.name.split(':')[0]} --data_dir "
+            f"DIR`)"
+        ) from None
     for n, example in enumerate(ds.as_numpy_iterator()):
         yield f"tfds:{t.name}:{tfds_split}[{n}]", example
 
@@ -94,20 +101,25 @@ def tfds_record(t: TfdsSpec, example: dict, where: str) -> dict:
         value = example
         for part in feature.split("/"):
             if not isinstance(value, dict) or part not in value:
-                raise RecordError(where, field, f"TFDS feature {feature!r} not in the example "
-                                                f"(features: {sorted(example)})")
+                raise RecordError(
+                    where,
+                    field,
+                    f"TFDS feature {feature!r} not in the example (features: {sorted(example)})",
+                )
             value = value[part]
         record[field] = python_value(value, where, field)
     record.update(dict(t.constants))
     return record
 
 
-def task_records(spec, split: str, fmt, skip_bad: bool, skipped: list) -> Iterator[tuple[str, dict]]:
+def task_records(
+    spec, split: str, fmt, skip_bad: bool, skipped: list
+) -> Iterator[tuple[str, dict]]:
     """(where, record) for each valid record of a task split, from its files or TFDS dataset.
     Strict unless `skip_bad` (then bad records are appended to `skipped`), as `read_jsonl`."""
     record_kind = RECORD_KIND_OF_TASK[spec.kind]
     if spec.tfds is None:
-        for path in (spec.train if split == "train" else spec.validation):
+        for path in spec.train if split == "train" else spec.validation:
             for where, _, record in read_jsonl(path, record_kind, fmt, skip_bad, skipped):
                 yield where, record
         return

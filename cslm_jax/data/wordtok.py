@@ -31,6 +31,7 @@ tokenizer's own model and ByteLevel mapping). Two conditions remain, and both ar
 Tokenizers of another shape (a normalizer, another pre-tokenizer, BPE dropout, a non-BPE model)
 get no `WordTokens` (`for_tokenizer` returns None) and are tokenized by the tokenizer.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -38,13 +39,19 @@ import json
 
 # Llama-3's split pattern (tiktoken's cl100k form, digits in runs of up to three), as the
 # tokenizer.json of Llama-3.x and of our demo tokenizer write it.
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # The same pattern for Python's `re` (faster here than the `regex` module), which has no \p{..}:
 # letters are [^\W\d_], numbers \d, "neither" [^\s\w]|_. Where these differ from the Unicode
 # classes (e.g. "²" is \p{N} but not \d) the character fails its probes (`_char_ok`).
-PATTERNS = {LLAMA3_PATTERN: (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:[^\r\n\w]|_)?[^\W\d_]+|\d{1,3}|"
-                             r" ?(?:[^\s\w]|_)+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")}
+PATTERNS = {
+    LLAMA3_PATTERN: (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:[^\r\n\w]|_)?[^\W\d_]+|\d{1,3}|"
+        r" ?(?:[^\s\w]|_)+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+}
 
 # A member of each class the pattern tells apart (letters, a contraction letter, digits,
 # space, other whitespace, newlines, punctuation, the apostrophe, a CJK letter), and nothing.
@@ -55,11 +62,24 @@ def _probes(c: str) -> list[str]:
     """Strings that show how the pattern treats `c`: beside each neighbour class on either
     side, repeated, and in each position of each contraction."""
     out = [x + c + y for x in _NEIGHBOURS for y in _NEIGHBOURS]
-    out += [c + c, c + c + c, c + c + "a", c + c + "1", " " + c + c, c + c + " a", "a" + c + c + "!",
-            c + "\r\n", "\r\n" + c, c + "sx", c + "rex", c + "llx", c + "vex"]
+    out += [
+        c + c,
+        c + c + c,
+        c + c + "a",
+        c + c + "1",
+        " " + c + c,
+        c + c + " a",
+        "a" + c + c + "!",
+        c + "\r\n",
+        "\r\n" + c,
+        c + "sx",
+        c + "rex",
+        c + "llx",
+        c + "vex",
+    ]
     for word in ("s", "t", "re", "ve", "m", "ll", "d"):
         for k in range(len(word)):
-            out.append("'" + word[:k] + c + word[k + 1:] + "x")
+            out.append("'" + word[:k] + c + word[k + 1 :] + "x")
     return out
 
 
@@ -68,7 +88,7 @@ class WordTokens:
     the tokenizer (a character failed its check, or an added token could start in it and the
     added tokens are not all matched plainly)."""
 
-    MAX_WORDS = 1 << 20          # cached matches kept (then the cache starts again)
+    MAX_WORDS = 1 << 20  # cached matches kept (then the cache starts again)
 
     def __init__(self, backend, pattern: str):
         import re
@@ -77,8 +97,9 @@ class WordTokens:
 
         self.model = backend.model
         self.pre = backend.pre_tokenizer
-        self.byte_level = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                              use_regex=False)
+        self.byte_level = tokenizers.pre_tokenizers.ByteLevel(
+            add_prefix_space=False, use_regex=False
+        )
         rx = re.compile(PATTERNS[pattern])
         self.findall, self.finditer = rx.findall, rx.finditer
         self.words: dict[str, list[int]] = {}
@@ -88,11 +109,12 @@ class WordTokens:
         if any(t.lstrip or t.rstrip or t.single_word or t.normalized for _, t in added):
             self.added = None
         self.lengths = sorted({len(c) for c in self.added or ()}, reverse=True)
-        starts = {t.content[0] for _, t in added}           # where an added token can begin
+        starts = {t.content[0] for _, t in added}  # where an added token can begin
         self.starts = frozenset(starts)
-        self.find_start = re.compile(f"[{re.escape(''.join(sorted(starts)))}]").search \
-            if starts else None
-        self.bad: set[str] = set()                           # failed their probes
+        self.find_start = (
+            re.compile(f"[{re.escape(''.join(sorted(starts)))}]").search if starts else None
+        )
+        self.bad: set[str] = set()  # failed their probes
         self.good: set[str] = set()
         # ASCII is checked up front, so an ASCII text needs one search for its failed characters
         ascii_bad = "".join(chr(i) for i in range(128) if not self._char_ok(chr(i)))
@@ -110,10 +132,15 @@ class WordTokens:
             return None
         split, byte_level = steps
         pattern = (split.get("pattern") or {}).get("Regex")
-        if (split.get("type") != "Split" or pattern not in PATTERNS
-                or split.get("behavior") != "Isolated" or split.get("invert")
-                or byte_level.get("type") != "ByteLevel" or byte_level.get("add_prefix_space")
-                or byte_level.get("use_regex")):
+        if (
+            split.get("type") != "Split"
+            or pattern not in PATTERNS
+            or split.get("behavior") != "Isolated"
+            or split.get("invert")
+            or byte_level.get("type") != "ByteLevel"
+            or byte_level.get("add_prefix_space")
+            or byte_level.get("use_regex")
+        ):
             return None
         return cls(backend, pattern)
 
@@ -163,11 +190,11 @@ class WordTokens:
         between them tokenized on their own (see the module docstring)."""
         added, lengths, find = self.added, self.lengths, self.find_start
         out: list[int] = []
-        done = i = 0                        # text[:done] is in `out`; search on from i
+        done = i = 0  # text[:done] is in `out`; search on from i
         while (m := find(text, i)) is not None:
             i = m.start()
             for n in lengths:
-                piece = text[i:i + n]
+                piece = text[i : i + n]
                 token = added.get(piece) if len(piece) == n else None
                 if token is not None:
                     if done < i:

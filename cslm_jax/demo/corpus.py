@@ -10,6 +10,7 @@ Contents (train / validation JSONL under the output folder, plus `data.yaml` and
 paired speech/text per language, en<->zh translation pairs, text instructions (single and
 multi-turn), spoken instructions same-language and cross-lingual.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,18 +23,73 @@ UNIT_RATE = 50.0
 SILENCE = 0
 PUNCT = ".,!?;:。，！？；："
 
-ANIMALS = [("cat", "猫"), ("dog", "狗"), ("bird", "鸟"), ("fish", "鱼"), ("horse", "马"),
-           ("cow", "牛"), ("sheep", "羊"), ("duck", "鸭子"), ("frog", "青蛙"), ("bear", "熊"),
-           ("lion", "狮子"), ("tiger", "老虎"), ("rabbit", "兔子"), ("mouse", "老鼠"),
-           ("goat", "山羊"), ("pig", "猪")]
-COLORS = [("red", "红色"), ("blue", "蓝色"), ("green", "绿色"), ("yellow", "黄色"),
-          ("black", "黑色"), ("white", "白色"), ("brown", "棕色"), ("gray", "灰色")]
-VERBS = [("run", "跑步"), ("swim", "游泳"), ("sleep", "睡觉"), ("eat", "吃饭"), ("sing", "唱歌"),
-         ("jump", "跳舞")]
-PLACES = [("park", "公园"), ("river", "河边"), ("farm", "农场"), ("forest", "森林"),
-          ("house", "房子"), ("garden", "花园")]
-EN_FILLER = ["the", "a", "big", "small", "happy", "old", "young", "sees", "likes", "near", "in",
-             "and", "with", "today", "very", "my", "your", "two", "three", "good", "day"]
+ANIMALS = [
+    ("cat", "猫"),
+    ("dog", "狗"),
+    ("bird", "鸟"),
+    ("fish", "鱼"),
+    ("horse", "马"),
+    ("cow", "牛"),
+    ("sheep", "羊"),
+    ("duck", "鸭子"),
+    ("frog", "青蛙"),
+    ("bear", "熊"),
+    ("lion", "狮子"),
+    ("tiger", "老虎"),
+    ("rabbit", "兔子"),
+    ("mouse", "老鼠"),
+    ("goat", "山羊"),
+    ("pig", "猪"),
+]
+COLORS = [
+    ("red", "红色"),
+    ("blue", "蓝色"),
+    ("green", "绿色"),
+    ("yellow", "黄色"),
+    ("black", "黑色"),
+    ("white", "白色"),
+    ("brown", "棕色"),
+    ("gray", "灰色"),
+]
+VERBS = [
+    ("run", "跑步"),
+    ("swim", "游泳"),
+    ("sleep", "睡觉"),
+    ("eat", "吃饭"),
+    ("sing", "唱歌"),
+    ("jump", "跳舞"),
+]
+PLACES = [
+    ("park", "公园"),
+    ("river", "河边"),
+    ("farm", "农场"),
+    ("forest", "森林"),
+    ("house", "房子"),
+    ("garden", "花园"),
+]
+EN_FILLER = [
+    "the",
+    "a",
+    "big",
+    "small",
+    "happy",
+    "old",
+    "young",
+    "sees",
+    "likes",
+    "near",
+    "in",
+    "and",
+    "with",
+    "today",
+    "very",
+    "my",
+    "your",
+    "two",
+    "three",
+    "good",
+    "day",
+]
 ZH_FILLER = list("我你他她们的很大小在和看见今天有一只两三个好")
 
 
@@ -83,8 +139,8 @@ class Pronouncer:
     def pattern(self, piece: str) -> list[int]:
         key = piece.strip(PUNCT).lower()
         if not key:
-            return []                            # punctuation is silent
-        if key not in self.table:                # a word outside the demo's vocabulary
+            return []  # punctuation is silent
+        if key not in self.table:  # a word outside the demo's vocabulary
             h = random.Random(f"{self.rng_seed}:{key}")
             lo, hi = (1, UNIT_COUNT // 2) if key.isascii() else (UNIT_COUNT // 2, UNIT_COUNT)
             self.table[key] = [h.randrange(lo, hi)]
@@ -129,14 +185,24 @@ def _zh_sentence(rng) -> str:
 
 def facts(i: int) -> dict:
     """Question/answer pairs about animal i in both languages."""
-    (an, az), (cn, cz), (vn, vz), (pn, pz) = (ANIMALS[i], COLORS[color_of(i)], VERBS[verb_of(i)],
-                                              PLACES[place_of(i)])
+    (an, az), (cn, cz), (vn, vz), (pn, pz) = (
+        ANIMALS[i],
+        COLORS[color_of(i)],
+        VERBS[verb_of(i)],
+        PLACES[place_of(i)],
+    )
     return {
-        "color": {"en": (f"what color is the {an}?", f"the {an} is {cn}."),
-                  "zh": (f"{az}是什么颜色？", f"{az}是{cz}的。")},
-        "verb": {"en": (f"what does the {an} like to do?",
-                        f"the {an} likes to {vn}, and it lives near the {pn}."),
-                 "zh": (f"{az}喜欢做什么？", f"{az}喜欢{vz}，它住在{pz}附近。")},
+        "color": {
+            "en": (f"what color is the {an}?", f"the {an} is {cn}."),
+            "zh": (f"{az}是什么颜色？", f"{az}是{cz}的。"),
+        },
+        "verb": {
+            "en": (
+                f"what does the {an} like to do?",
+                f"the {an} likes to {vn}, and it lives near the {pn}.",
+            ),
+            "zh": (f"{az}喜欢做什么？", f"{az}喜欢{vz}，它住在{pz}附近。"),
+        },
     }
 
 
@@ -157,11 +223,21 @@ def build_corpus(seed: int = 0, scale: int = 1) -> dict[str, list[dict]]:
     mt = []
     for i, (an, az) in enumerate(ANIMALS):
         for kind in facts(i).values():
-            mt.append({"src_lang": "en", "tgt_lang": "zh", "src": kind["en"][1], "tgt": kind["zh"][1]})
-            mt.append({"src_lang": "zh", "tgt_lang": "en", "src": kind["zh"][0], "tgt": kind["en"][0]})
+            mt.append(
+                {"src_lang": "en", "tgt_lang": "zh", "src": kind["en"][1], "tgt": kind["zh"][1]}
+            )
+            mt.append(
+                {"src_lang": "zh", "tgt_lang": "en", "src": kind["zh"][0], "tgt": kind["en"][0]}
+            )
         for cn, cz in COLORS:
-            mt.append({"src_lang": "en", "tgt_lang": "zh", "src": f"i see a {cn} {an}.",
-                       "tgt": f"我看见一只{cz}的{az}。"})
+            mt.append(
+                {
+                    "src_lang": "en",
+                    "tgt_lang": "zh",
+                    "src": f"i see a {cn} {an}.",
+                    "tgt": f"我看见一只{cz}的{az}。",
+                }
+            )
     rng.shuffle(mt)
     out["mt.train"], out["mt.validation"] = mt[:-20], mt[-20:]
 
@@ -171,8 +247,12 @@ def build_corpus(seed: int = 0, scale: int = 1) -> dict[str, list[dict]]:
         for lang in ("en", "zh"):
             for kind in f.values():
                 instruct.append({"prompt": kind[lang][0], "response": kind[lang][1]})
-            instruct.append({"prompt": [f["color"][lang][0], f["verb"][lang][0]],
-                             "response": [f["color"][lang][1], f["verb"][lang][1]]})
+            instruct.append(
+                {
+                    "prompt": [f["color"][lang][0], f["verb"][lang][0]],
+                    "response": [f["color"][lang][1], f["verb"][lang][1]],
+                }
+            )
     out["instruct.train"] = instruct * max(1, scale)
 
     for q_lang, a_lang in (("en", "en"), ("zh", "zh"), ("en", "zh"), ("zh", "en")):
@@ -183,12 +263,22 @@ def build_corpus(seed: int = 0, scale: int = 1) -> dict[str, list[dict]]:
                     q_text, a_text = kind[q_lang][0], kind[a_lang][1]
                     q_units, _ = voice.say(timed_pieces(q_text, q_lang), rng)
                     a_units, a_times = voice.say(timed_pieces(a_text, a_lang), rng)
-                    rows.append({"question_units": q_units, "question_text": q_text,
-                                 "question_lang": q_lang, "answer_text": a_text,
-                                 "answer_units": a_units, "answer_word_times": a_times,
-                                 "answer_lang": a_lang})
+                    rows.append(
+                        {
+                            "question_units": q_units,
+                            "question_text": q_text,
+                            "question_lang": q_lang,
+                            "answer_text": a_text,
+                            "answer_units": a_units,
+                            "answer_word_times": a_times,
+                            "answer_lang": a_lang,
+                        }
+                    )
         rng.shuffle(rows)
-        out[f"s2s_{q_lang}2{a_lang}.train"], out[f"s2s_{q_lang}2{a_lang}.validation"] = rows[:-8], rows[-8:]
+        out[f"s2s_{q_lang}2{a_lang}.train"], out[f"s2s_{q_lang}2{a_lang}.validation"] = (
+            rows[:-8],
+            rows[-8:],
+        )
     return out
 
 
@@ -208,8 +298,15 @@ def corpus_texts(corpus: dict[str, list[dict]], data_config: dict) -> list[str]:
     # few tokens (as Llama-3's own tokenizer does) instead of spelling them byte by byte: at
     # equal weight an ASR example was 136 tokens for a 5-word answer, and 256-token rows held
     # one example each.
-    templates = ["[question]", "[answer]", "Cutting Knowledge Date: December 2023",
-                 "Today Date: 26 Jul 2024", "system", "user", "assistant"]
+    templates = [
+        "[question]",
+        "[answer]",
+        "Cutting Knowledge Date: December 2023",
+        "Today Date: 26 Jul 2024",
+        "system",
+        "user",
+        "assistant",
+    ]
     for spec in data_config["languages"].values():
         for k, v in spec.items():
             if k.endswith("prompt"):
@@ -219,8 +316,15 @@ def corpus_texts(corpus: dict[str, list[dict]], data_config: dict) -> list[str]:
     return texts
 
 
-def make_demo_data(out: str | Path, config_template: str | Path, seed: int = 0, scale: int = 1,
-                   vocab_size: int = 1000, force: bool = False, log=print) -> Path:
+def make_demo_data(
+    out: str | Path,
+    config_template: str | Path,
+    seed: int = 0,
+    scale: int = 1,
+    vocab_size: int = 1000,
+    force: bool = False,
+    log=print,
+) -> Path:
     """Write the demo corpus, its tokenizer (BPE with Llama-3 special tokens, not yet extended
     with units: `import-hf` does that) and `data.yaml` into `out`."""
     import yaml
@@ -246,5 +350,7 @@ def make_demo_data(out: str | Path, config_template: str | Path, seed: int = 0, 
     tok.save_pretrained(str(out / "tokenizer"))
     mark_entries(out, "make-demo-data")
     n = sum(len(r) for r in corpus.values())
-    log(f"make-demo-data: {n} records in {len(corpus)} files, tokenizer of {len(tok)} tokens -> {out}")
+    log(
+        f"make-demo-data: {n} records in {len(corpus)} files, tokenizer of {len(tok)} tokens -> {out}"
+    )
     return out

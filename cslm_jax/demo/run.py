@@ -7,6 +7,7 @@ held-out ASR error rate vs chance -> stage 2 from stage 1's parameters (configs/
 the KV-cache decoder, streamed as transcript, text chunks and speech chunks. Exit 0 only when
 every check holds.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ import numpy as np
 from cslm_jax.config import load_model_config, load_run_config
 from cslm_jax.resources import config_path
 
-ASR_EXAMPLES = 24            # held-out utterances per language
-S2S_EXAMPLES = 4             # held-out spoken questions per direction
+ASR_EXAMPLES = 24  # held-out utterances per language
+S2S_EXAMPLES = 4  # held-out spoken questions per direction
 
 
 def _say(msg: str) -> None:
@@ -27,7 +28,9 @@ def _say(msg: str) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
 
 
 def asr_eval(model_dir: Path, data_dir: Path, data_cfg, n: int = ASR_EXAMPLES) -> dict:
@@ -48,23 +51,42 @@ def asr_eval(model_dir: Path, data_dir: Path, data_cfg, n: int = ASR_EXAMPLES) -
             continue
         records = _read_jsonl(path)[:n]
         spec = data_cfg.format.languages[lang]
-        prompts = [chat_prompt_ids(tok, spec.asr_prompt.format(speech=speech(merge_repeats(r["units"]))),
-                                   str(path), data_cfg.format.loss_mask)
-                   for r in records]
-        gen = generate(cfg, params, prompts, max_new_tokens=48, stop_ids=stops, sampling=GREEDY,
-                       vocab=vocab)
-        hyps = [tok.decode([i for i in g if i not in stops], skip_special_tokens=True).strip()
-                for g in gen]
+        prompts = [
+            chat_prompt_ids(
+                tok,
+                spec.asr_prompt.format(speech=speech(merge_repeats(r["units"]))),
+                str(path),
+                data_cfg.format.loss_mask,
+            )
+            for r in records
+        ]
+        gen = generate(
+            cfg, params, prompts, max_new_tokens=48, stop_ids=stops, sampling=GREEDY, vocab=vocab
+        )
+        hyps = [
+            tok.decode([i for i in g if i not in stops], skip_special_tokens=True).strip()
+            for g in gen
+        ]
         refs = [r["text"] for r in records]
         unit = "char" if spec.chunk_unit == "char" else "word"
         shuffled = refs[1:] + refs[:1]
-        out[lang] = (error_rate(refs, hyps, unit), error_rate(refs, shuffled, unit), unit,
-                     list(zip(refs, hyps))[:2])
+        out[lang] = (
+            error_rate(refs, hyps, unit),
+            error_rate(refs, shuffled, unit),
+            unit,
+            list(zip(refs, hyps))[:2],
+        )
     return out
 
 
-def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES, t2w=None,
-             speech_dir: Path | None = None) -> dict:
+def s2s_demo(
+    model_dir: Path,
+    data_dir: Path,
+    data_cfg,
+    n: int = S2S_EXAMPLES,
+    t2w=None,
+    speech_dir: Path | None = None,
+) -> dict:
     """Decode held-out spoken questions (same-language and cross-lingual), stream the events of
     each answer and compare transcript and answer text with the references. With a token2wav
     (`t2w`), each answer's speech chunks are synthesised as they close (`speech.stream`) and
@@ -86,26 +108,47 @@ def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES, t
 
     cfg, params, tok, vocab = load_for_decoding(model_dir)
     stops = default_stop_ids(tok, vocab)
-    stats = {"questions": 0, "transcript_exact": 0, "answer_exact": 0, "speech_chunks": 0,
-             "reassembled": 0, "wavs": 0, "audio_s": 0.0, "lengths_ok": 0}
+    stats = {
+        "questions": 0,
+        "transcript_exact": 0,
+        "answer_exact": 0,
+        "speech_chunks": 0,
+        "reassembled": 0,
+        "wavs": 0,
+        "audio_s": 0.0,
+        "lengths_ok": 0,
+    }
     rate = data_cfg.format.synthesis_rate()[0]
     for q_lang, a_lang in (("en", "en"), ("zh", "zh"), ("en", "zh"), ("zh", "en")):
         path = data_dir / f"s2s_{q_lang}2{a_lang}.validation.jsonl"
         records = _read_jsonl(path)[:n]
         spec = data_cfg.format.languages[a_lang]
         template = spec.s2s_prompt if q_lang == a_lang else spec.s2s_cross_prompt
-        prompts = [chat_prompt_ids(tok, template.format(speech=speech(merge_repeats(
-                                       r["question_units"]))), str(path), data_cfg.format.loss_mask)
-                   for r in records]
+        prompts = [
+            chat_prompt_ids(
+                tok,
+                template.format(speech=speech(merge_repeats(r["question_units"]))),
+                str(path),
+                data_cfg.format.loss_mask,
+            )
+            for r in records
+        ]
         parsers = [EventParser(tok, vocab, stops) for _ in records]
         events = [[] for _ in records]
         generated = [[] for _ in records]
         t0 = time.perf_counter()
         first_speech = [None] * len(records)
         speakers = [AnswerAudio(t2w, rate, t0) if t2w is not None else None for _ in records]
-        for step_tokens in generate_stream(cfg, params, prompts, max_new_tokens=200,
-                                           stop_ids=stops, sampling=GREEDY, vocab=vocab,
-                                           chunk_size=8):
+        for step_tokens in generate_stream(
+            cfg,
+            params,
+            prompts,
+            max_new_tokens=200,
+            stop_ids=stops,
+            sampling=GREEDY,
+            vocab=vocab,
+            chunk_size=8,
+        ):
             for b, token in enumerate(step_tokens.tolist()):
                 if parsers[b].state == "ended":
                     continue
@@ -122,8 +165,13 @@ def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES, t
             if speakers[b] is not None:
                 speakers[b].feed(closing)
                 wave = speakers[b].finish()
-                sf.write(str(speech_dir / f"{q_lang}2{a_lang}_{b}.wav"), wave, t2w.sample_rate,
-                         subtype="PCM_16", format="WAV")
+                sf.write(
+                    str(speech_dir / f"{q_lang}2{a_lang}_{b}.wav"),
+                    wave,
+                    t2w.sample_rate,
+                    subtype="PCM_16",
+                    format="WAV",
+                )
                 stats["wavs"] += 1
                 stats["audio_s"] += wave.size / t2w.sample_rate
                 stats["lengths_ok"] += wave.size == speakers[b].stream.expected_samples()
@@ -137,8 +185,10 @@ def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES, t
             stats["transcript_exact"] += transcript.strip() == r["question_text"].strip()
             stats["answer_exact"] += _squash(answer) == _squash(r["answer_text"])
             if b == 0:
-                _say(f"      {q_lang}->{a_lang}: question (speech, {len(r['question_units'])} units), "
-                     f"said: {r['question_text']!r}")
+                _say(
+                    f"      {q_lang}->{a_lang}: question (speech, {len(r['question_units'])} units), "
+                    f"said: {r['question_text']!r}"
+                )
                 for e in events[b]:
                     if isinstance(e, Transcript):
                         _say(f"        transcript   {e.text!r}")
@@ -146,16 +196,22 @@ def s2s_demo(model_dir: Path, data_dir: Path, data_cfg, n: int = S2S_EXAMPLES, t
                         _say(f"        text {e.index}       {e.text!r}")
                     elif isinstance(e, SpeechChunk):
                         shown = "".join(f"<{u}>" for u in e.units[:10])
-                        _say(f"        speech {e.index}     {len(e.units)} units {shown}"
-                             f"{'...' if len(e.units) > 10 else ''}")
-                _say(f"        reference answer {r['answer_text']!r}; first speech chunk after "
-                     f"{first_speech[b] or float('nan'):.2f}s (batch of {len(records)})")
+                        _say(
+                            f"        speech {e.index}     {len(e.units)} units {shown}"
+                            f"{'...' if len(e.units) > 10 else ''}"
+                        )
+                _say(
+                    f"        reference answer {r['answer_text']!r}; first speech chunk after "
+                    f"{first_speech[b] or float('nan'):.2f}s (batch of {len(records)})"
+                )
                 if speakers[b] is not None:
                     sp = speakers[b]
-                    _say(f"        audio        {sp.samples / t2w.sample_rate:.2f} s in "
-                         f"{len(sp.stream.windows)} window(s), first samples after "
-                         f"{sp.first_s or float('nan'):.2f}s (compiling included) -> "
-                         f"{speech_dir.name}/{q_lang}2{a_lang}_{b}.wav")
+                    _say(
+                        f"        audio        {sp.samples / t2w.sample_rate:.2f} s in "
+                        f"{len(sp.stream.windows)} window(s), first samples after "
+                        f"{sp.first_s or float('nan'):.2f}s (compiling included) -> "
+                        f"{speech_dir.name}/{q_lang}2{a_lang}_{b}.wav"
+                    )
     return stats
 
 
@@ -167,7 +223,7 @@ class AnswerAudio:
         from cslm_jax.speech.stream import open_stream
 
         self.stream = open_stream(t2w, "random", speech_rate=speech_rate)
-        self.t0 = t0                       # the batch's start (time.perf_counter())
+        self.t0 = t0  # the batch's start (time.perf_counter())
         self.chunks: list[np.ndarray] = []
         self.first_s: float | None = None  # first samples ready, seconds after t0
 
@@ -202,8 +258,10 @@ def run_demo(out: str | Path, force: bool = False) -> int:
         import torch
         from transformers import LlamaForCausalLM
     except ImportError as e:
-        raise SystemExit(f"the demo needs PyTorch (CPU) for its reference model: "
-                         f"pip install -r requirements-dev.txt ({e})") from None
+        raise SystemExit(
+            f"the demo needs PyTorch (CPU) for its reference model: "
+            f"pip install -r requirements-dev.txt ({e})"
+        ) from None
     from cslm_jax.convert.hf import export_hf, import_hf
     from cslm_jax.data.formats import load_data_config
     from cslm_jax.demo.corpus import UNIT_COUNT, make_demo_data
@@ -221,47 +279,64 @@ def run_demo(out: str | Path, force: bool = False) -> int:
     if force and out.exists():
         clear_output(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_marker(out, "demo")           # all of it the demo's until it lists what it wrote
+    write_marker(out, "demo")  # all of it the demo's until it lists what it wrote
     t0 = time.time()
     checks: dict[str, bool] = {}
     shape = load_model_config(config_path("model", "demo.yaml"))
 
     _say("[1/8] demo corpus (en, zh) and its BPE tokenizer with Llama-3's special tokens")
-    make_demo_data(out / "data", config_path("data", "demo.yaml"), force=True,
-                   log=lambda m: _say("      " + m))
+    make_demo_data(
+        out / "data", config_path("data", "demo.yaml"), force=True, log=lambda m: _say("      " + m)
+    )
     tok = load_tokenizer(out / "data" / "tokenizer")
     data_cfg = load_data_config(out / "data" / "data.yaml")
 
-    _say(f"[2/8] a random-weight transformers LlamaForCausalLM (configs/model/demo.yaml: "
-         f"{shape.num_layers} layers x {shape.hidden_size}, {shape.num_heads}/{shape.num_kv_heads} heads)")
+    _say(
+        f"[2/8] a random-weight transformers LlamaForCausalLM (configs/model/demo.yaml: "
+        f"{shape.num_layers} layers x {shape.hidden_size}, {shape.num_heads}/{shape.num_kv_heads} heads)"
+    )
     model = write_random_hf_llama(
-        out / "hf_base", tok, hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size, num_layers=shape.num_layers,
-        num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
-        rope_scaling=shape.rope_scaling, rope_theta=shape.rope_theta,
-        max_position_embeddings=shape.max_position_embeddings, weight_std=0.02)
+        out / "hf_base",
+        tok,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_layers=shape.num_layers,
+        num_heads=shape.num_heads,
+        num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        rope_scaling=shape.rope_scaling,
+        rope_theta=shape.rope_theta,
+        max_position_embeddings=shape.max_position_embeddings,
+        weight_std=0.02,
+    )
 
     _say(f"[3/8] import-hf with {UNIT_COUNT} speech units; our forward vs PyTorch")
     # new rows drawn like the random base rows: `mean` (HF's resize default, for pretrained
     # models) would start all 256 units as one identical vector, which a random tiny model
     # takes far longer to pull apart than the demo trains
-    ckpt = import_hf(out / "hf_base", out / "ckpt", speech_units=UNIT_COUNT, new_rows="normal",
-                     log=lambda m: _say("      " + m))
+    ckpt = import_hf(
+        out / "hf_base",
+        out / "ckpt",
+        speech_units=UNIT_COUNT,
+        new_rows="normal",
+        log=lambda m: _say("      " + m),
+    )
     _, cfg, vocab = read_metadata(ckpt)
     params = load_params(ckpt)
     ids = np.random.default_rng(0).integers(0, vocab.base_size, size=(2, 160))
     with torch.no_grad():
         ref = model(torch.tensor(ids)).logits.numpy()
     ours = np.asarray(forward(cfg.replace(compute_dtype="float32"), params, jnp.asarray(ids)))
-    diff = float(np.abs(ours[..., :vocab.base_size] - ref).max())
+    diff = float(np.abs(ours[..., : vocab.base_size] - ref).max())
     checks["import parity"] = diff < 1e-4
     _say(f"      max |logit difference| = {diff:.2e} over {ids.size} tokens")
 
     data_override = f"data.config={out / 'data' / 'data.yaml'}"
     _say("[4/8] stage 1, continual pre-training: cslm-jax train --config configs/demo.yaml")
     stage1 = out / "stage1"
-    cfg1 = load_run_config(config_path("demo.yaml"),
-                           [f"init_from={ckpt}", data_override, "train.progress_bar=false"])
+    cfg1 = load_run_config(
+        config_path("demo.yaml"), [f"init_from={ckpt}", data_override, "train.progress_bar=false"]
+    )
     checks["stage 1 ran"] = train(cfg1, stage1, log=lambda m: _say("      " + m)) == EXIT_OK
     fell1 = _loss_fell(stage1, "stage 1")
     checks["stage 1 loss fell"] = fell1
@@ -270,70 +345,96 @@ def run_demo(out: str | Path, force: bool = False) -> int:
     asr = asr_eval(stage1 / "model", out / "data", data_cfg)
     for lang, (rate, chance, unit, examples) in asr.items():
         name = "WER" if unit == "word" else "CER"
-        _say(f"      {lang}: {name} {rate:.1%} vs chance {chance:.1%} over {ASR_EXAMPLES} utterances")
+        _say(
+            f"      {lang}: {name} {rate:.1%} vs chance {chance:.1%} over {ASR_EXAMPLES} utterances"
+        )
         for ref_text, hyp in examples:
             _say(f"        ref {ref_text!r}  ->  hyp {hyp!r}")
         far_below = rate < 0.5 * chance
         checks[f"ASR {lang} far below chance"] = far_below
-        _say(f"      {lang}: {'far below chance' if far_below else 'NOT far below chance'} "
-             f"(the check: under half of chance)")
+        _say(
+            f"      {lang}: {'far below chance' if far_below else 'NOT far below chance'} "
+            f"(the check: under half of chance)"
+        )
 
-    _say("[6/8] stage 2, interleaved instruction tuning from stage 1's parameters: "
-         "cslm-jax train --config configs/demo_sft.yaml --init-from RUN_DIR_1")
+    _say(
+        "[6/8] stage 2, interleaved instruction tuning from stage 1's parameters: "
+        "cslm-jax train --config configs/demo_sft.yaml --init-from RUN_DIR_1"
+    )
     stage2 = out / "stage2"
-    cfg2 = load_run_config(config_path("demo_sft.yaml"), [data_override,
-                                                          "train.progress_bar=false"])
-    checks["stage 2 ran"] = train(cfg2, stage2, init_from=stage1,
-                                  log=lambda m: _say("      " + m)) == EXIT_OK
+    cfg2 = load_run_config(
+        config_path("demo_sft.yaml"), [data_override, "train.progress_bar=false"]
+    )
+    checks["stage 2 ran"] = (
+        train(cfg2, stage2, init_from=stage1, log=lambda m: _say("      " + m)) == EXIT_OK
+    )
     checks["stage 2 loss fell"] = _loss_fell(stage2, "stage 2")
 
     _say("[7/8] export-hf; reload with transformers; logits of the trained model vs ours")
-    export = export_hf(stage2 / "model", out / "hf_export", dtype="float32",
-                       log=lambda m: _say("      " + m))
+    export = export_hf(
+        stage2 / "model", out / "hf_export", dtype="float32", log=lambda m: _say("      " + m)
+    )
     back = LlamaForCausalLM.from_pretrained(str(export), attn_implementation="eager").eval()
     _, cfg2m, vocab2 = read_metadata(stage2 / "model")
     trained = load_params(stage2 / "model")
     etok = load_tokenizer(export)
-    pids = chat_prompt_ids(etok, "Please directly answer the questions in the user's speech. "
-                                 "This is input: <sosp><12><207><33><eosp>.", str(export))
+    pids = chat_prompt_ids(
+        etok,
+        "Please directly answer the questions in the user's speech. "
+        "This is input: <sosp><12><207><33><eosp>.",
+        str(export),
+    )
     with torch.no_grad():
         exported = back(torch.tensor([pids])).logits.numpy()
     ours = np.asarray(forward(cfg2m.replace(compute_dtype="float32"), trained, jnp.asarray([pids])))
-    diff2 = float(np.abs(ours[..., :vocab2.size] - exported).max())
+    diff2 = float(np.abs(ours[..., : vocab2.size] - exported).max())
     checks["export parity"] = diff2 < 1e-4
-    _say(f"      exported vocabulary {back.config.vocab_size} = {vocab2.base_size} text + "
-         f"{vocab2.unit_count} units + {len(vocab2.control_tokens)} control tokens; "
-         f"max |logit difference| vs transformers = {diff2:.2e}")
+    _say(
+        f"      exported vocabulary {back.config.vocab_size} = {vocab2.base_size} text + "
+        f"{vocab2.unit_count} units + {len(vocab2.control_tokens)} control tokens; "
+        f"max |logit difference| vs transformers = {diff2:.2e}"
+    )
 
-    _say("[8/8] decode held-out spoken questions from the exported folder (KV cache, greedy), "
-         "streaming transcript / text chunks / speech chunks, each speech chunk synthesised "
-         "as it closes")
+    _say(
+        "[8/8] decode held-out spoken questions from the exported folder (KV cache, greedy), "
+        "streaming transcript / text chunks / speech chunks, each speech chunk synthesised "
+        "as it closes"
+    )
     t2w_dir = save_random_token2wav(out / "token2wav", "v1", seed=0)
     t2w = load_token2wav(t2w_dir)
     (out / "speech").mkdir()
-    _say(f"      speech out: each speech chunk synthesised as it closes by a RANDOM-WEIGHT "
-         f"token2wav ({t2w_dir}: CosyVoice's v1 flow + HiFT at reduced sizes): it gives noise, "
-         f"not speech; import the official flow.pt / hift.pt with import-token2wav for speech")
+    _say(
+        f"      speech out: each speech chunk synthesised as it closes by a RANDOM-WEIGHT "
+        f"token2wav ({t2w_dir}: CosyVoice's v1 flow + HiFT at reduced sizes): it gives noise, "
+        f"not speech; import the official flow.pt / hift.pt with import-token2wav for speech"
+    )
     stats = s2s_demo(export, out / "data", data_cfg, t2w=t2w, speech_dir=out / "speech")
     checks["events reassemble"] = stats["reassembled"] == stats["questions"]
     checks["speech chunks produced"] = stats["speech_chunks"] >= stats["questions"]
-    checks["speech synthesised"] = (stats["wavs"] == stats["questions"]
-                                    and stats["lengths_ok"] == stats["questions"])
-    _say(f"      {stats['questions']} questions: transcript exact {stats['transcript_exact']}, "
-         f"answer text exact {stats['answer_exact']}, {stats['speech_chunks']} speech chunks; "
-         f"{stats['wavs']} wavs ({stats['audio_s']:.1f} s of audio at {t2w.sample_rate} Hz) in "
-         f"{out / 'speech'}")
+    checks["speech synthesised"] = (
+        stats["wavs"] == stats["questions"] and stats["lengths_ok"] == stats["questions"]
+    )
+    _say(
+        f"      {stats['questions']} questions: transcript exact {stats['transcript_exact']}, "
+        f"answer text exact {stats['answer_exact']}, {stats['speech_chunks']} speech chunks; "
+        f"{stats['wavs']} wavs ({stats['audio_s']:.1f} s of audio at {t2w.sample_rate} Hz) in "
+        f"{out / 'speech'}"
+    )
 
     mark_entries(out, "demo")
     failed = [k for k, ok in checks.items() if not ok]
-    _say(f"demo {'OK' if not failed else 'FAILED: ' + ', '.join(failed)} in {time.time() - t0:.0f}s; "
-         f"outputs in {out}")
+    _say(
+        f"demo {'OK' if not failed else 'FAILED: ' + ', '.join(failed)} in {time.time() - t0:.0f}s; "
+        f"outputs in {out}"
+    )
     return 0 if not failed else 1
 
 
 def _loss_fell(run_dir: Path, name: str) -> bool:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0]["loss"], rows[-1]["loss"]
-    _say(f"      {name}: loss {first:.3f} at step {rows[0]['step']} -> {last:.3f} at step "
-         f"{rows[-1]['step']} (text {rows[-1]['text_loss']:.3f}, units {rows[-1]['unit_loss']:.3f})")
+    _say(
+        f"      {name}: loss {first:.3f} at step {rows[0]['step']} -> {last:.3f} at step "
+        f"{rows[-1]['step']} (text {rows[-1]['text_loss']:.3f}, units {rows[-1]['unit_loss']:.3f})"
+    )
     return last < 0.6 * first

@@ -7,6 +7,7 @@ WER for space-delimited languages, CER for languages written without spaces (zh)
 reference's and the hypothesis' tokens are compared by Levenshtein distance, summed over a
 corpus and divided by the total reference length (the usual corpus-level rate, as jiwer does).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -110,10 +111,12 @@ def chrf(refs: Sequence[str], hyps: Sequence[str]) -> float:
 
 # -- language identification (off-target answers) --------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class LanguageId:
     """A language identifier: detect(text) -> a code of `languages`, or None when the text gives
     no evidence (no letters). Answers expected in a language outside `languages` are not scored."""
+
     name: str
     languages: frozenset
     detect: Callable[[str], str | None]
@@ -121,8 +124,12 @@ class LanguageId:
 
 def _is_han(ch: str) -> bool:
     o = ord(ch)
-    return (0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF or 0x20000 <= o <= 0x2A6DF
-            or 0xF900 <= o <= 0xFAFF)
+    return (
+        0x4E00 <= o <= 0x9FFF
+        or 0x3400 <= o <= 0x4DBF
+        or 0x20000 <= o <= 0x2A6DF
+        or 0xF900 <= o <= 0xFAFF
+    )
 
 
 def script_language(text: str) -> str | None:
@@ -154,8 +161,9 @@ register_language_id("script", ("en", "zh"), script_language)
 
 def language_id(name: str) -> LanguageId:
     if name not in LANGUAGE_IDS:
-        raise EvaluationError(f"unknown language identifier {name!r}; registered: "
-                              f"{sorted(LANGUAGE_IDS)}")
+        raise EvaluationError(
+            f"unknown language identifier {name!r}; registered: {sorted(LANGUAGE_IDS)}"
+        )
     return LANGUAGE_IDS[name]
 
 
@@ -176,11 +184,18 @@ def off_target(texts: Sequence[str], expected: Sequence[str], lid: LanguageId) -
         scored += 1
         undetermined += got is None
         wrong += got is not None and got != lang
-    return {"ratio": wrong / scored if scored else None, "off_target": wrong, "scored": scored,
-            "undetermined": undetermined, "identifier": lid.name, "detected": detected}
+    return {
+        "ratio": wrong / scored if scored else None,
+        "off_target": wrong,
+        "scored": scored,
+        "undetermined": undetermined,
+        "identifier": lid.name,
+        "detected": detected,
+    }
 
 
 # -- speech units -> text (text/speech consistency) --------------------------------------------------
+
 
 class UnitLexicon:
     """A pluggable unit -> text mapper from a pronunciation table: token (word or character)
@@ -189,8 +204,9 @@ class UnitLexicon:
     Han characters are joined without spaces, everything else with spaces, so the result scores
     with `error_rate` in either unit."""
 
-    def __init__(self, table: dict[str, Sequence[int]], silence: Sequence[int] = (),
-                 name: str = "lexicon"):
+    def __init__(
+        self, table: dict[str, Sequence[int]], silence: Sequence[int] = (), name: str = "lexicon"
+    ):
         self.name = name
         self.silence = {int(s) for s in silence}
         self.by_units: dict[tuple[int, ...], str] = {}
@@ -198,7 +214,7 @@ class UnitLexicon:
             key = tuple(merge_repeats([int(u) for u in units if int(u) not in self.silence]))
             if not key:
                 raise EvaluationError(f"{name}: token {token!r} has no non-silence units")
-            self.by_units.setdefault(key, token)     # first spelling wins for homophones
+            self.by_units.setdefault(key, token)  # first spelling wins for homophones
         self.longest = max((len(k) for k in self.by_units), default=0)
 
     @classmethod
@@ -217,10 +233,17 @@ class UnitLexicon:
             raise EvaluationError(f"unit lexicon {path}: invalid JSON ({e})") from None
         table = data.get("table", data) if isinstance(data, dict) else None
         silence = data.get("silence", []) if isinstance(data, dict) and "table" in data else []
-        if not isinstance(table, dict) or not table or not all(
-                isinstance(v, list) and all(isinstance(u, int) for u in v) for v in table.values()):
-            raise EvaluationError(f"unit lexicon {path}: expected {{\"table\": {{token: [unit, ...]}}, "
-                                  f"\"silence\": [unit, ...]}}")
+        if (
+            not isinstance(table, dict)
+            or not table
+            or not all(
+                isinstance(v, list) and all(isinstance(u, int) for u in v) for v in table.values()
+            )
+        ):
+            raise EvaluationError(
+                f'unit lexicon {path}: expected {{"table": {{token: [unit, ...]}}, '
+                f'"silence": [unit, ...]}}'
+            )
         return cls(table, silence, name=str(path))
 
     @classmethod
@@ -235,7 +258,7 @@ class UnitLexicon:
         out, i = [], 0
         while i < len(seq):
             for n in range(min(self.longest, len(seq) - i), 0, -1):
-                token = self.by_units.get(tuple(seq[i:i + n]))
+                token = self.by_units.get(tuple(seq[i : i + n]))
                 if token is not None:
                     out.append(token)
                     i += n

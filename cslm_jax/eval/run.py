@@ -27,6 +27,7 @@ without a single error - so a real corpus never gets scored through a toy table,
 needs no flag; `demo` forces that table, `none` switches consistency off, a file gives a table
 (`{"silence": [0], "table": {"cat": [17], ...}}`).
 """
+
 from __future__ import annotations
 
 import json
@@ -53,6 +54,7 @@ SPEECH_KINDS = ("asr", "s2s", "tts")
 
 
 # -- the task and its records --------------------------------------------------------------------
+
 
 def config_file(config: str | Path) -> Path:
     """--config as a file: a run folder of `cslm-jax train` means its config.yaml."""
@@ -87,8 +89,10 @@ def default_checkpoint(config: str | Path) -> Path:
     path = config_file(config)
     if path.name == "config.yaml" and (path.parent / "model" / META_FILE).is_file():
         return resolve_model_dir(path.parent, flag="--config")
-    raise EvaluationError(f"--ckpt is required: {path} is not the config.yaml of a finished train "
-                          f"run folder (one with model/), so it does not name a model")
+    raise EvaluationError(
+        f"--ckpt is required: {path} is not the config.yaml of a finished train "
+        f"run folder (one with model/), so it does not name a model"
+    )
 
 
 def find_task(data_cfg, name: str, split: str):
@@ -96,19 +100,25 @@ def find_task(data_cfg, name: str, split: str):
     specs = data_cfg.tasks()
     spec = next((s for s in specs if s.name == name), None)
     if spec is None:
-        raise EvaluationError(f"--task {name!r}: no such task in {data_cfg.path}; tasks: "
-                              f"{', '.join(s.name for s in specs)}")
+        raise EvaluationError(
+            f"--task {name!r}: no such task in {data_cfg.path}; tasks: "
+            f"{', '.join(s.name for s in specs)}"
+        )
     if split not in ("train", "validation"):
         raise EvaluationError(f"--split {split!r}: splits are train and validation")
     files = spec.validation if split == "validation" else spec.train
     if not files:
         with_split = [s.name for s in specs if (s.validation if split == "validation" else s.train)]
-        raise EvaluationError(f"--task {name!r} has no {split} split in {data_cfg.path} (no "
-                              f"'{split}' files); tasks with one: {', '.join(with_split)}")
+        raise EvaluationError(
+            f"--task {name!r} has no {split} split in {data_cfg.path} (no "
+            f"'{split}' files); tasks with one: {', '.join(with_split)}"
+        )
     if spec.kind not in SUPPORTED:
-        raise EvaluationError(f"--task {name!r} is a {spec.kind} task; evaluate supports "
-                              f"{', '.join(SUPPORTED)} (instruct answers are free text: they "
-                              f"need a judge, not a reference metric)")
+        raise EvaluationError(
+            f"--task {name!r} is a {spec.kind} task; evaluate supports "
+            f"{', '.join(SUPPORTED)} (instruct answers are free text: they "
+            f"need a judge, not a reference metric)"
+        )
     for f in files:
         if not Path(f).is_file():
             raise EvaluationError(f"--task {name!r}: {split} file {f} does not exist")
@@ -130,16 +140,24 @@ def build_items(spec, files, fmt, max_examples: int | None, skip_bad: bool = Fal
                     item.update(lang=record["lang"], reference=record["text"].strip())
                     if spec.kind == "tts":
                         units = record["units"]
-                        item["reference_units"] = merge_repeats(units) if fmt.merge_repeats else list(units)
+                        item["reference_units"] = (
+                            merge_repeats(units) if fmt.merge_repeats else list(units)
+                        )
                 elif spec.kind == "mt":
                     src, tgt = (("src_lang", "tgt_lang"), ("tgt_lang", "src_lang"))[d]
-                    item.update(src_lang=record[src], lang=record[tgt],
-                                reference=record["tgt" if d == 0 else "src"].strip())
+                    item.update(
+                        src_lang=record[src],
+                        lang=record[tgt],
+                        reference=record["tgt" if d == 0 else "src"].strip(),
+                    )
                 else:
-                    item.update(question_lang=record["question_lang"], lang=record["answer_lang"],
-                                question=record["question_text"].strip(),
-                                reference=record["answer_text"].strip(),
-                                reference_units=list(record["answer_units"]))
+                    item.update(
+                        question_lang=record["question_lang"],
+                        lang=record["answer_lang"],
+                        question=record["question_text"].strip(),
+                        reference=record["answer_text"].strip(),
+                        reference_units=list(record["answer_units"]),
+                    )
                 item["unit"] = fmt.languages[item["lang"]].chunk_unit
                 items.append(item)
                 if max_examples is not None and len(items) >= max_examples:
@@ -147,7 +165,9 @@ def build_items(spec, files, fmt, max_examples: int | None, skip_bad: bool = Fal
     return items
 
 
-def choose_lexicon(choice: str, items: list[dict], kind: str, fmt) -> tuple[UnitLexicon | None, str]:
+def choose_lexicon(
+    choice: str, items: list[dict], kind: str, fmt
+) -> tuple[UnitLexicon | None, str]:
     """The unit -> text mapper for consistency / TTS read-back, and why (see the module doc)."""
     if choice == "none" or kind not in ("s2s", "tts"):
         return None, "off" if choice == "none" else f"not used for {kind}"
@@ -161,11 +181,14 @@ def choose_lexicon(choice: str, items: list[dict], kind: str, fmt) -> tuple[Unit
         return lex, f"demo table (reads the reference units back with error rate {rate:.1%})"
     if rate == 0.0 and items:
         return lex, "auto: the demo table reads every reference's units back exactly"
-    return None, (f"auto: off (the demo table reads the reference units back with error rate "
-                  f"{rate:.1%}, so it is not this corpus' pronunciation; pass --unit-lexicon FILE)")
+    return None, (
+        f"auto: off (the demo table reads the reference units back with error rate "
+        f"{rate:.1%}, so it is not this corpus' pronunciation; pass --unit-lexicon FILE)"
+    )
 
 
 # -- decoding ----------------------------------------------------------------------------------
+
 
 def default_max_new_tokens(items, tokenizer) -> int:
     """Twice the longest reference answer in tokens plus 16, at most 2048 (the reference cap)."""
@@ -173,8 +196,18 @@ def default_max_new_tokens(items, tokenizer) -> int:
     return min(2048, 2 * longest + 16)
 
 
-def decode_items(cfg, params, tok, vocab, items, *, batch_size: int, max_new_tokens: int,
-                 loss_mask: str = "reference", log=lambda _: None) -> list[list[int]]:
+def decode_items(
+    cfg,
+    params,
+    tok,
+    vocab,
+    items,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    loss_mask: str = "reference",
+    log=lambda _: None,
+) -> list[list[int]]:
     """Greedy generations (ids, stop id included) for every item's prompt (tokenized as training
     tokenizes under `loss_mask`, the data config's), in batches."""
     from cslm_jax.infer.decode import GREEDY, default_stop_ids, generate
@@ -185,23 +218,39 @@ def decode_items(cfg, params, tok, vocab, items, *, batch_size: int, max_new_tok
     out: list[list[int]] = []
     t0 = time.perf_counter()
     for start in range(0, len(prompts), batch_size):
-        out += generate(cfg, params, prompts[start:start + batch_size],
-                        max_new_tokens=max_new_tokens, stop_ids=stops, sampling=GREEDY, vocab=vocab,
-                        pad_id=pad_token_id(tok, cfg))
+        out += generate(
+            cfg,
+            params,
+            prompts[start : start + batch_size],
+            max_new_tokens=max_new_tokens,
+            stop_ids=stops,
+            sampling=GREEDY,
+            vocab=vocab,
+            pad_id=pad_token_id(tok, cfg),
+        )
         log(f"  decoded {len(out)}/{len(prompts)} ({time.perf_counter() - t0:.1f}s)")
     return out
 
 
 # -- scoring ---------------------------------------------------------------------------------------
 
+
 def _rate_name(units) -> str:
     units = set(units)
     return "WER" if units == {"word"} else "CER" if units == {"char"} else "WER/CER"
 
 
-def score(kind: str, items: list[dict], generations: list[list[int]], tok, vocab, *,
-          lexicon: UnitLexicon | None = None, lid_name: str = "script",
-          lang_units: dict | None = None) -> tuple[dict, list[dict]]:
+def score(
+    kind: str,
+    items: list[dict],
+    generations: list[list[int]],
+    tok,
+    vocab,
+    *,
+    lexicon: UnitLexicon | None = None,
+    lid_name: str = "script",
+    lang_units: dict | None = None,
+) -> tuple[dict, list[dict]]:
     """(metrics, per-example rows). lang_units: language -> "word"|"char" (the data config's
     chunk_unit), for transcripts of spoken questions (default "word")."""
     from cslm_jax.infer.decode import (
@@ -218,17 +267,28 @@ def score(kind: str, items: list[dict], generations: list[list[int]], tok, vocab
     rows = []
     metrics: dict = {"examples": len(items)}
     if kind in ("asr", "mt"):
-        hyps = [tok.decode([i for i in g if i not in stops], skip_special_tokens=True).strip()
-                for g in generations]
+        hyps = [
+            tok.decode([i for i in g if i not in stops], skip_special_tokens=True).strip()
+            for g in generations
+        ]
         refs = [it["reference"] for it in items]
         for it, h, g in zip(items, hyps, generations):
-            rows.append({"where": it["where"], "lang": it["lang"], "reference": it["reference"],
-                         "hypothesis": h, "generated_tokens": len(g)})
+            rows.append(
+                {
+                    "where": it["where"],
+                    "lang": it["lang"],
+                    "reference": it["reference"],
+                    "hypothesis": h,
+                    "generated_tokens": len(g),
+                }
+            )
         if kind == "asr":
             metrics["error_rate"] = mixed_error_rate(refs, hyps, units)
             metrics["error_rate_name"] = _rate_name(units)
-            metrics["exact"] = sum(normalize_tokens(r, u) == normalize_tokens(h, u)
-                                   for r, h, u in zip(refs, hyps, units)) / len(items)
+            metrics["exact"] = sum(
+                normalize_tokens(r, u) == normalize_tokens(h, u)
+                for r, h, u in zip(refs, hyps, units)
+            ) / len(items)
             return metrics, rows
         directions: dict = {}
         for it, r, h in zip(items, refs, hyps):
@@ -239,8 +299,12 @@ def score(kind: str, items: list[dict], generations: list[list[int]], tok, vocab
         for d, triples in sorted(directions.items()):
             langs, r, h = zip(*triples)
             t = bleu_tokenize(langs)
-            metrics["directions"][d] = {"examples": len(r), "bleu": bleu(r, h, t), "chrf": chrf(r, h),
-                                        "bleu_tokenize": t}
+            metrics["directions"][d] = {
+                "examples": len(r),
+                "bleu": bleu(r, h, t),
+                "chrf": chrf(r, h),
+                "bleu_tokenize": t,
+            }
         return metrics, rows
 
     parsed = [parse_events(g, tok, vocab, sorted(stops)) for g in generations]
@@ -252,13 +316,21 @@ def score(kind: str, items: list[dict], generations: list[list[int]], tok, vocab
         metrics["with_speech"] = sum(bool(s) for s in spoken) / len(items)
         read = [lexicon.to_text(s) for s in spoken] if lexicon else None
         if read is not None:
-            metrics["readback_error_rate"] = mixed_error_rate([it["reference"] for it in items],
-                                                              read, units)
+            metrics["readback_error_rate"] = mixed_error_rate(
+                [it["reference"] for it in items], read, units
+            )
             metrics["readback_error_rate_name"] = _rate_name(units)
         for i, it in enumerate(items):
-            rows.append({"where": it["where"], "lang": it["lang"], "reference": it["reference"],
-                         "units": spoken[i], "readback": read[i] if read else None,
-                         "generated_tokens": len(generations[i])})
+            rows.append(
+                {
+                    "where": it["where"],
+                    "lang": it["lang"],
+                    "reference": it["reference"],
+                    "units": spoken[i],
+                    "readback": read[i] if read else None,
+                    "generated_tokens": len(generations[i]),
+                }
+            )
         return metrics, rows
 
     # s2s
@@ -274,32 +346,47 @@ def score(kind: str, items: list[dict], generations: list[list[int]], tok, vocab
         end = next((e for e in evs if isinstance(e, End)), None)
         well_formed += bool(end and end.reason in ("eoa", "stop") and not end.problems and sp)
     q_units = [(lang_units or {}).get(it["question_lang"], "word") for it in items]
-    metrics["transcript_error_rate"] = mixed_error_rate([it["question"] for it in items],
-                                                        transcripts, q_units)
+    metrics["transcript_error_rate"] = mixed_error_rate(
+        [it["question"] for it in items], transcripts, q_units
+    )
     metrics["transcript_error_rate_name"] = _rate_name(q_units)
-    metrics["answer_error_rate"] = mixed_error_rate([it["reference"] for it in items], answers, units)
+    metrics["answer_error_rate"] = mixed_error_rate(
+        [it["reference"] for it in items], answers, units
+    )
     metrics["answer_error_rate_name"] = _rate_name(units)
     ot = off_target(answers, [it["lang"] for it in items], lid)
     metrics["off_target_ratio"] = ot["ratio"]
     metrics["off_target"] = {k: v for k, v in ot.items() if k != "detected"}
     if lexicon is not None:
         metrics["consistency_error_rate"] = mixed_error_rate(answers, speech_text, units)
-        metrics["consistency_exact"] = sum(normalize_tokens(a, u) == normalize_tokens(s, u) for
-                                           a, s, u in zip(answers, speech_text, units)) / len(items)
+        metrics["consistency_exact"] = sum(
+            normalize_tokens(a, u) == normalize_tokens(s, u)
+            for a, s, u in zip(answers, speech_text, units)
+        ) / len(items)
     else:
         metrics["consistency_error_rate"] = None
     metrics["well_formed"] = well_formed / len(items)
     metrics["speech_chunks_per_answer"] = chunks / len(items)
     for i, it in enumerate(items):
-        rows.append({"where": it["where"], "question_lang": it["question_lang"], "lang": it["lang"],
-                     "question": it["question"], "transcript": transcripts[i],
-                     "reference": it["reference"], "answer": answers[i],
-                     "detected_lang": ot["detected"][i], "speech_as_text": speech_text[i],
-                     "generated_tokens": len(generations[i])})
+        rows.append(
+            {
+                "where": it["where"],
+                "question_lang": it["question_lang"],
+                "lang": it["lang"],
+                "question": it["question"],
+                "transcript": transcripts[i],
+                "reference": it["reference"],
+                "answer": answers[i],
+                "detected_lang": ot["detected"][i],
+                "speech_as_text": speech_text[i],
+                "generated_tokens": len(generations[i]),
+            }
+        )
     return metrics, rows
 
 
 # -- the table -------------------------------------------------------------------------------------
+
 
 def format_table(result: dict) -> str:
     m, kind = result["metrics"], result["kind"]
@@ -313,25 +400,42 @@ def format_table(result: dict) -> str:
     elif kind == "mt":
         rows += [(f"BLEU ({m['bleu_tokenize']})", f"{m['bleu']:.2f}"), ("chrF", f"{m['chrf']:.2f}")]
         for d, v in m["directions"].items():
-            rows += [(f"  {d}: BLEU ({v['bleu_tokenize']})", f"{v['bleu']:.2f}"),
-                     (f"  {d}: chrF", f"{v['chrf']:.2f}"), (f"  {d}: examples", str(v["examples"]))]
+            rows += [
+                (f"  {d}: BLEU ({v['bleu_tokenize']})", f"{v['bleu']:.2f}"),
+                (f"  {d}: chrF", f"{v['chrf']:.2f}"),
+                (f"  {d}: examples", str(v["examples"])),
+            ]
     elif kind == "tts":
-        rows += [("unit error rate", pct(m["unit_error_rate"])),
-                 ("answers with speech", pct(m["with_speech"]))]
+        rows += [
+            ("unit error rate", pct(m["unit_error_rate"])),
+            ("answers with speech", pct(m["with_speech"])),
+        ]
         if "readback_error_rate" in m:
-            rows.append((f"speech read back, {m['readback_error_rate_name']}",
-                         pct(m["readback_error_rate"])))
+            rows.append(
+                (
+                    f"speech read back, {m['readback_error_rate_name']}",
+                    pct(m["readback_error_rate"]),
+                )
+            )
     else:
         ot = m["off_target"]
-        rows += [(f"transcript {m['transcript_error_rate_name']}", pct(m["transcript_error_rate"])),
-                 (f"answer text {m['answer_error_rate_name']}", pct(m["answer_error_rate"])),
-                 (f"off-target ratio ({ot['identifier']})",
-                  f"{pct(m['off_target_ratio'])}  ({ot['off_target']}/{ot['scored']}, "
-                  f"{ot['undetermined']} undetermined)"),
-                 ("text/speech consistency error", pct(m["consistency_error_rate"])
-                  if m["consistency_error_rate"] is not None else "- (no unit lexicon)"),
-                 ("well-formed answers", pct(m["well_formed"])),
-                 ("speech chunks per answer", f"{m['speech_chunks_per_answer']:.2f}")]
+        rows += [
+            (f"transcript {m['transcript_error_rate_name']}", pct(m["transcript_error_rate"])),
+            (f"answer text {m['answer_error_rate_name']}", pct(m["answer_error_rate"])),
+            (
+                f"off-target ratio ({ot['identifier']})",
+                f"{pct(m['off_target_ratio'])}  ({ot['off_target']}/{ot['scored']}, "
+                f"{ot['undetermined']} undetermined)",
+            ),
+            (
+                "text/speech consistency error",
+                pct(m["consistency_error_rate"])
+                if m["consistency_error_rate"] is not None
+                else "- (no unit lexicon)",
+            ),
+            ("well-formed answers", pct(m["well_formed"])),
+            ("speech chunks per answer", f"{m['speech_chunks_per_answer']:.2f}"),
+        ]
     width = max(len(k) for k, _ in rows)
     head = f"{result['task']} ({kind}, {result['split']}) - {result['ckpt']}"
     line = "-" * max(len(head), width + 20)
@@ -340,11 +444,23 @@ def format_table(result: dict) -> str:
 
 # -- the command -----------------------------------------------------------------------------------
 
-def evaluate_task(*, config: str | Path, task: str, ckpt: str | None = None,
-                  split: str = "validation", max_examples: int | None = None, batch_size: int = 8,
-                  max_new_tokens: int | None = None, output: str | Path | None = None,
-                  unit_lexicon: str = "auto", language_id_name: str = "script",
-                  overrides=(), force: bool = False, log=print) -> dict:
+
+def evaluate_task(
+    *,
+    config: str | Path,
+    task: str,
+    ckpt: str | None = None,
+    split: str = "validation",
+    max_examples: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    output: str | Path | None = None,
+    unit_lexicon: str = "auto",
+    language_id_name: str = "script",
+    overrides=(),
+    force: bool = False,
+    log=print,
+) -> dict:
     """The `evaluate` command: decode `task`'s `split` records greedily with the model `ckpt`
     (default: the run's model/ when `config` is a run folder), score them, write the result as
     JSON to `output` (default eval_TASK_SPLIT.json; an existing file only with `force`, refused
@@ -357,9 +473,10 @@ def evaluate_task(*, config: str | Path, task: str, ckpt: str | None = None,
     if max_examples is not None and max_examples < 1:
         raise EvaluationError(f"--max-examples must be >= 1, got {max_examples}")
     out_path = Path(output) if output else Path(f"eval_{task}_{split}.json")
-    check_output_file(out_path, force, inputs=[("--config", config), ("--ckpt", ckpt)],
-                      flag="--output")
-    language_id(language_id_name)                         # unknown names fail before decoding
+    check_output_file(
+        out_path, force, inputs=[("--config", config), ("--ckpt", ckpt)], flag="--output"
+    )
+    language_id(language_id_name)  # unknown names fail before decoding
     data_cfg = load_data(config, overrides)
     spec, files = find_task(data_cfg, task, split)
     fmt = data_cfg.format
@@ -370,40 +487,76 @@ def evaluate_task(*, config: str | Path, task: str, ckpt: str | None = None,
     if spec.kind == "tts" and lexicon is None:
         say(f"evaluate: no unit lexicon ({lexicon_note}); TTS is scored by unit error rate only")
 
-    model_path = (resolve_model_dir(ckpt, flag="--ckpt", hf=True) if ckpt
-                  else default_checkpoint(config))
-    if spec.kind in SPEECH_KINDS:                       # before the weights load
+    model_path = (
+        resolve_model_dir(ckpt, flag="--ckpt", hf=True) if ckpt else default_checkpoint(config)
+    )
+    if spec.kind in SPEECH_KINDS:  # before the weights load
         from cslm_jax.model.vocab import require_model_cslm_tokens
+
         require_model_cslm_tokens(model_path)
     from cslm_jax.infer.decode import decoding_params, load_for_decoding
 
     t0 = time.perf_counter()
-    cfg, params, tok, vocab = load_for_decoding(model_path, tmp_dir=out_path.parent.resolve()
-                                                if out_path.parent.exists() else None)
+    cfg, params, tok, vocab = load_for_decoding(
+        model_path, tmp_dir=out_path.parent.resolve() if out_path.parent.exists() else None
+    )
     if spec.kind in SPEECH_KINDS and (not vocab.unit_count or "<sosp>" not in vocab.control_tokens):
-        raise EvaluationError(f"--ckpt {model_path}: the model's vocabulary has no speech units "
-                              f"(a text-only model) but {task} is a {spec.kind} task; "
-                              f"evaluate a CSLM checkpoint (import-hf with speech units, then train)")
+        raise EvaluationError(
+            f"--ckpt {model_path}: the model's vocabulary has no speech units "
+            f"(a text-only model) but {task} is a {spec.kind} task; "
+            f"evaluate a CSLM checkpoint (import-hf with speech units, then train)"
+        )
     if spec.kind in SPEECH_KINDS and vocab.unit_count < fmt.unit_count:
-        raise EvaluationError(f"--ckpt {model_path}: {vocab.unit_count} speech units, but the data "
-                              f"config's codebook has {fmt.unit_count}")
+        raise EvaluationError(
+            f"--ckpt {model_path}: {vocab.unit_count} speech units, but the data "
+            f"config's codebook has {fmt.unit_count}"
+        )
     params = decoding_params(cfg, params)
     max_new = max_new_tokens or default_max_new_tokens(items, tok)
-    say(f"evaluate: {task} ({spec.kind}), {len(items)} example(s) from {split} "
+    say(
+        f"evaluate: {task} ({spec.kind}), {len(items)} example(s) from {split} "
         f"{', '.join(files)}; model {model_path} loaded in {time.perf_counter() - t0:.1f}s; "
-        f"greedy, batch {batch_size}, up to {max_new} new tokens")
+        f"greedy, batch {batch_size}, up to {max_new} new tokens"
+    )
     t1 = time.perf_counter()
-    generations = decode_items(cfg, params, tok, vocab, items, batch_size=batch_size,
-                               max_new_tokens=max_new, loss_mask=fmt.loss_mask, log=say)
+    generations = decode_items(
+        cfg,
+        params,
+        tok,
+        vocab,
+        items,
+        batch_size=batch_size,
+        max_new_tokens=max_new,
+        loss_mask=fmt.loss_mask,
+        log=say,
+    )
     decode_s = time.perf_counter() - t1
-    metrics, rows = score(spec.kind, items, generations, tok, vocab, lexicon=lexicon,
-                          lid_name=language_id_name,
-                          lang_units={k: v.chunk_unit for k, v in fmt.languages.items()})
-    result = {"task": task, "kind": spec.kind, "split": split, "files": files,
-              "data_config": data_cfg.path, "ckpt": str(model_path), "greedy": True,
-              "max_new_tokens": max_new, "batch_size": batch_size, "decode_s": decode_s,
-              "unit_lexicon": lexicon.name if lexicon else None, "unit_lexicon_note": lexicon_note,
-              "metrics": metrics, "examples": rows}
+    metrics, rows = score(
+        spec.kind,
+        items,
+        generations,
+        tok,
+        vocab,
+        lexicon=lexicon,
+        lid_name=language_id_name,
+        lang_units={k: v.chunk_unit for k, v in fmt.languages.items()},
+    )
+    result = {
+        "task": task,
+        "kind": spec.kind,
+        "split": split,
+        "files": files,
+        "data_config": data_cfg.path,
+        "ckpt": str(model_path),
+        "greedy": True,
+        "max_new_tokens": max_new,
+        "batch_size": batch_size,
+        "decode_s": decode_s,
+        "unit_lexicon": lexicon.name if lexicon else None,
+        "unit_lexicon_note": lexicon_note,
+        "metrics": metrics,
+        "examples": rows,
+    }
     if out_path.parent and not out_path.parent.exists():
         out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

@@ -32,6 +32,7 @@ as soon as each completes (`Transcript`, `TextChunk`, `SpeechChunk`, `End`) for 
 format `[question] TQ [answer] TA1 <sosp>SA1<eosp> TA2 <sosp>SA2<eosp> ... <eoa>`. Every id
 belongs to exactly one event, so concatenating the events' `ids` gives back the input.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,6 +60,7 @@ class DecodeError(CslmError):
 # The model computation itself is `cslm_jax.model.llama.Llama.prefill` / `decode_step`: the same
 # decoder layer as training, with a cache. Here: the jitted programs around them.
 
+
 def _prefill(cfg: ModelConfig, params, tokens, pad, cache_len: int):
     return bind(cfg, params).prefill(tokens, pad, cache_len)
 
@@ -69,6 +71,7 @@ def _decode_step(cfg: ModelConfig, params, cache: KVCache, token, index, pad):
 
 # -- sampling and the generation loop ------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """How each next token is chosen.
@@ -76,6 +79,7 @@ class Sampling:
     greedy: argmax; else temperature, then top-p (nucleus) over the tempered distribution (the
     reference's defaults: 1.0 and 0.7), reproducible for `seed`. constrain_speech: inside a
     speech span only units and `<eosp>` may be drawn, outside it neither (needs a vocabulary)."""
+
     greedy: bool = False
     temperature: float = 1.0
     top_p: float = 0.7
@@ -84,8 +88,10 @@ class Sampling:
 
     def check(self) -> None:
         if not self.greedy and not (self.temperature > 0 and 0 < self.top_p <= 1):
-            raise DecodeError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got "
-                              f"{self.temperature}, {self.top_p}")
+            raise DecodeError(
+                f"sampling needs temperature > 0 and 0 < top_p <= 1, got "
+                f"{self.temperature}, {self.top_p}"
+            )
 
     def seeded(self, seed: int) -> "Sampling":
         return dataclasses.replace(self, seed=seed)
@@ -98,6 +104,7 @@ class LoopConstants(NamedTuple):
     """The loop's arguments that stay fixed during a generation (arrays, so that other values
     reuse the compiled loop): stop_ids [W] int32 (padded with -1), sosp_eosp [2] int32,
     temperature and top_p float32 scalars, pad_id int32 scalar."""
+
     stop_ids: jax.Array
     sosp_eosp: jax.Array
     temperature: jax.Array
@@ -112,6 +119,7 @@ class DecodeState(NamedTuple):
     is written to out[:, t] and fed to cache slot P + t); pad [B] int32 left padding; finished,
     in_speech [B] bool; out [B, N] int32 (pad_id where nothing was generated); key a PRNG key.
     """
+
     cache: KVCache
     logits: jax.Array
     t: jax.Array
@@ -129,7 +137,7 @@ def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_p) -> jax
     logits = logits / temperature
     sorted_desc = -jnp.sort(-logits, axis=-1)
     probs = jax.nn.softmax(sorted_desc, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs                  # mass of strictly better tokens
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
     keep = (before < top_p) | (jnp.arange(logits.shape[-1]) == 0)
     kth = jnp.sum(keep, axis=-1) - 1
     threshold = jnp.take_along_axis(sorted_desc, kth[:, None], axis=-1)
@@ -147,8 +155,9 @@ def _speech_mask(logits, in_speech, constraint):
     return jnp.where(allowed, logits, NEG)
 
 
-def _run(cfg: ModelConfig, greedy: bool, constraint, params, state: DecodeState, limit,
-         c: LoopConstants):
+def _run(
+    cfg: ModelConfig, greedy: bool, constraint, params, state: DecodeState, limit, c: LoopConstants
+):
     """Advance the loop until t == limit, t == N or every row is finished."""
     b, n = state.out.shape
     p_len = state.cache.k[0].shape[2] - n
@@ -166,7 +175,7 @@ def _run(cfg: ModelConfig, greedy: bool, constraint, params, state: DecodeState,
             step_key = jax.random.fold_in(s.key, s.t)
             keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(rows)
             tok = sample_logits(logits, keys, c.temperature, c.top_p)
-        tok = jnp.where(s.finished, c.pad_id, tok)                  # finished rows keep padding
+        tok = jnp.where(s.finished, c.pad_id, tok)  # finished rows keep padding
         out = jax.lax.dynamic_update_slice(s.out, tok[:, None], (0, s.t))
         finished = s.finished | jnp.any(tok[:, None] == c.stop_ids[None, :], axis=-1)
         in_speech = jnp.where(tok == sosp, True, jnp.where(tok == eosp, False, s.in_speech))
@@ -200,16 +209,21 @@ def prefill(cfg: ModelConfig, params: dict, tokens, pad, cache_len: int):
     tokens = jnp.asarray(tokens, jnp.int32)
     if cache_len < tokens.shape[1]:
         raise DecodeError(f"cache_len {cache_len} is shorter than the prompts ({tokens.shape[1]})")
-    return _programs(config_key(cfg))[1](decoding_params(cfg, params), tokens,
-                                       jnp.asarray(pad, jnp.int32), cache_len=cache_len)
+    return _programs(config_key(cfg))[1](
+        decoding_params(cfg, params), tokens, jnp.asarray(pad, jnp.int32), cache_len=cache_len
+    )
 
 
 def decode_step(cfg: ModelConfig, params: dict, cache: KVCache, token, index: int, pad):
     """Jitted single step: token [B] int32 written at cache slot `index` -> (logits [B, V] float32
     for the next token, new KVCache). The caller keeps index < S."""
-    return _programs(config_key(cfg))[2](decoding_params(cfg, params), cache,
-                                       jnp.asarray(token, jnp.int32), jnp.asarray(index, jnp.int32),
-                                       jnp.asarray(pad, jnp.int32))
+    return _programs(config_key(cfg))[2](
+        decoding_params(cfg, params),
+        cache,
+        jnp.asarray(token, jnp.int32),
+        jnp.asarray(index, jnp.int32),
+        jnp.asarray(pad, jnp.int32),
+    )
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = 1):
@@ -223,7 +237,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = 1):
     p_len = -(-max(lengths) // max(bucket, 1)) * max(bucket, 1)
     tokens = np.full((len(prompts), p_len), pad_id, np.int32)
     for i, p in enumerate(prompts):
-        tokens[i, p_len - len(p):] = np.asarray(p, np.int32)
+        tokens[i, p_len - len(p) :] = np.asarray(p, np.int32)
     return tokens, np.asarray([p_len - n for n in lengths], np.int32)
 
 
@@ -234,16 +248,27 @@ def _control_id(vocab: VocabInfo | None, name: str) -> int:
     return vocab.token_id(name)
 
 
-def _start(cfg, params, prompts, max_new_tokens: int, stop_ids, sampling: Sampling, pad_id: int,
-           vocab, prompt_bucket: int):
+def _start(
+    cfg,
+    params,
+    prompts,
+    max_new_tokens: int,
+    stop_ids,
+    sampling: Sampling,
+    pad_id: int,
+    vocab,
+    prompt_bucket: int,
+):
     """Prefill and the loop's initial state plus the compiled loop and its constants."""
     if max_new_tokens < 1:
         raise DecodeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sampling.check()
     for t in list(stop_ids) + [pad_id]:
         if not 0 <= int(t) < cfg.real_vocab_size:
-            raise DecodeError(f"token id {t} (stop or pad id) is outside the vocabulary "
-                              f"(0..{cfg.real_vocab_size - 1})")
+            raise DecodeError(
+                f"token id {t} (stop or pad id) is outside the vocabulary "
+                f"(0..{cfg.real_vocab_size - 1})"
+            )
     constraint = None
     sosp, eosp = _control_id(vocab, "<sosp>"), _control_id(vocab, "<eosp>")
     if sampling.constrain_speech:
@@ -257,18 +282,27 @@ def _start(cfg, params, prompts, max_new_tokens: int, stop_ids, sampling: Sampli
     b, p_len = tokens.shape
     logits, cache = prefill(cfg, params, tokens, pad, cache_len=p_len + max_new_tokens)
     state = DecodeState(
-        cache=cache, logits=logits, t=jnp.zeros((), jnp.int32), pad=jnp.asarray(pad),
-        finished=jnp.zeros((b,), bool), in_speech=jnp.asarray(in_speech),
+        cache=cache,
+        logits=logits,
+        t=jnp.zeros((), jnp.int32),
+        pad=jnp.asarray(pad),
+        finished=jnp.zeros((b,), bool),
+        in_speech=jnp.asarray(in_speech),
         out=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-        key=jax.random.PRNGKey(sampling.seed))
+        key=jax.random.PRNGKey(sampling.seed),
+    )
     run = _loop_program(config_key(cfg), bool(sampling.greedy), constraint)
     # Stop ids padded with -1 (matches nothing) to a multiple of 8: their count is part of the
     # compiled shape, and one or two more stop ids should not recompile the loop.
     width = max(8, -(-len(stop_ids) // 8) * 8)
     stops = list(stop_ids) + [-1] * (width - len(stop_ids))
-    constants = LoopConstants(jnp.asarray(stops, jnp.int32), jnp.asarray([sosp, eosp], jnp.int32),
-                              jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
-                              jnp.int32(pad_id))
+    constants = LoopConstants(
+        jnp.asarray(stops, jnp.int32),
+        jnp.asarray([sosp, eosp], jnp.int32),
+        jnp.float32(sampling.temperature),
+        jnp.float32(sampling.top_p),
+        jnp.int32(pad_id),
+    )
     return params, state, run, constants
 
 
@@ -282,10 +316,18 @@ def _trim(row: np.ndarray, n: int, stops: set[int]) -> list[int]:
     return out
 
 
-def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *,
-             max_new_tokens: int, sampling: Sampling = Sampling(), stop_ids: Sequence[int] = (),
-             pad_id: int = 0, vocab: VocabInfo | None = None,
-             prompt_bucket: int = 64) -> list[list[int]]:
+def generate(
+    cfg: ModelConfig,
+    params: dict,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    vocab: VocabInfo | None = None,
+    prompt_bucket: int = 64,
+) -> list[list[int]]:
     """Generate up to `max_new_tokens` ids per prompt; the whole loop is one jitted while_loop.
 
     prompts: token-id lists (B rows, any lengths >= 1; no BOS is added). Returns each row's new ids,
@@ -293,18 +335,28 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     top-p, reproducible for a seed (`Sampling`). `vocab` names the CSLM tokens: needed for
     `sampling.constrain_speech` (units only inside <sosp>...<eosp>, none outside).
     """
-    params, state, run, constants = _start(cfg, params, prompts, max_new_tokens, stop_ids,
-                                           sampling, pad_id, vocab, prompt_bucket)
+    params, state, run, constants = _start(
+        cfg, params, prompts, max_new_tokens, stop_ids, sampling, pad_id, vocab, prompt_bucket
+    )
     state = run(params, state, jnp.int32(max_new_tokens), constants)
     out, n = np.asarray(state.out), int(state.t)
     stops = {int(s) for s in stop_ids}
     return [_trim(row, n, stops) for row in out]
 
 
-def generate_stream(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *,
-                    max_new_tokens: int, sampling: Sampling = Sampling(),
-                    stop_ids: Sequence[int] = (), pad_id: int = 0, vocab: VocabInfo | None = None,
-                    prompt_bucket: int = 64, chunk_size: int = 1) -> Iterator[np.ndarray]:
+def generate_stream(
+    cfg: ModelConfig,
+    params: dict,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    vocab: VocabInfo | None = None,
+    prompt_bucket: int = 64,
+    chunk_size: int = 1,
+) -> Iterator[np.ndarray]:
     """`generate`, yielding each step's tokens as a numpy [B] int32 array (pad_id for rows that
     have finished) until every row has stopped or max_new_tokens steps were made.
 
@@ -313,14 +365,15 @@ def generate_stream(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[i
     """
     if chunk_size < 1:
         raise DecodeError(f"chunk_size must be >= 1, got {chunk_size}")
-    params, state, run, constants = _start(cfg, params, prompts, max_new_tokens, stop_ids,
-                                           sampling, pad_id, vocab, prompt_bucket)
+    params, state, run, constants = _start(
+        cfg, params, prompts, max_new_tokens, stop_ids, sampling, pad_id, vocab, prompt_bucket
+    )
     done = 0
     while done < max_new_tokens:
         state = run(params, state, jnp.int32(min(done + chunk_size, max_new_tokens)), constants)
         t = int(state.t)
         if t == done:
-            return                                   # every row finished
+            return  # every row finished
         out = np.asarray(state.out[:, done:t])
         for j in range(t - done):
             yield out[:, j]
@@ -331,16 +384,26 @@ def generate_stream(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[i
 
 # -- loading a model for decoding ----------------------------------------------------------------
 
+
 def default_stop_ids(tokenizer, vocab: VocabInfo | None) -> list[int]:
     """`<eoa>` (when the vocabulary has it), `<|eot_id|>` and the tokenizer's EOS, as present."""
     ids = {_control_id(vocab, "<eoa>")}
-    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>") if "<|eot_id|>" in tokenizer.get_vocab() else None
+    eot = (
+        tokenizer.convert_tokens_to_ids("<|eot_id|>")
+        if "<|eot_id|>" in tokenizer.get_vocab()
+        else None
+    )
     ids.update(i for i in (eot, tokenizer.eos_token_id) if i is not None)
     return sorted(i for i in ids if i >= 0)
 
 
-def load_for_decoding(path: str | Path, *, compute_dtype: str | None = None,
-                      tmp_dir: str | Path | None = None, log=lambda *_: None):
+def load_for_decoding(
+    path: str | Path,
+    *,
+    compute_dtype: str | None = None,
+    tmp_dir: str | Path | None = None,
+    log=lambda *_: None,
+):
     """(cfg, params, tokenizer, vocab) from a cslm_jax model checkpoint or a Hugging Face Llama folder.
 
     A checkpoint (holds cslm_checkpoint.json) is read as is. An HF folder is imported into a
@@ -367,26 +430,34 @@ def load_for_decoding(path: str | Path, *, compute_dtype: str | None = None,
     if (path / META_FILE).is_file():
         cfg, params, tokenizer, vocab = read(path)
     elif (path / "config.json").is_file():
-        path = fs.local_dir(path, "Hugging Face folder")      # transformers reads local files
+        path = fs.local_dir(path, "Hugging Face folder")  # transformers reads local files
         layout = existing_layout(load_tokenizer(path), str(path))
         with tempfile.TemporaryDirectory(dir=tmp_dir, prefix="cslm_decode_") as tmp:
             ckpt = import_hf(path, Path(tmp) / "ckpt", speech_units=None if layout else 0, log=log)
             cfg, params, tokenizer, vocab = read(ckpt)
     else:
-        raise DecodeError(f"{path}: neither a cslm_jax model checkpoint ({META_FILE}) nor a "
-                          f"Hugging Face model folder (config.json)")
+        raise DecodeError(
+            f"{path}: neither a cslm_jax model checkpoint ({META_FILE}) nor a "
+            f"Hugging Face model folder (config.json)"
+        )
     if compute_dtype is not None:
         cfg = cfg.replace(compute_dtype=compute_dtype)
-    return cfg, jax.tree.map(lambda a: jnp.asarray(a, jnp.dtype(cfg.compute_dtype)), params), \
-        tokenizer, vocab
+    return (
+        cfg,
+        jax.tree.map(lambda a: jnp.asarray(a, jnp.dtype(cfg.compute_dtype)), params),
+        tokenizer,
+        vocab,
+    )
 
 
 # -- streaming events ------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Transcript:
     """TQ: the question's transcript, text between `[question]` and `[answer]` (stripped).
     ids: the tokens from `[question]` through `[answer]` (plus whitespace tokens before them)."""
+
     text: str
     ids: tuple[int, ...]
 
@@ -395,6 +466,7 @@ class Transcript:
 class TextChunk:
     """TA_{index+1}: answer text after `[answer]` or `<eosp>` up to the next `<sosp>` / stop
     (stripped). index counts text chunks from 0. ids: its tokens."""
+
     index: int
     text: str
     ids: tuple[int, ...]
@@ -405,6 +477,7 @@ class SpeechChunk:
     """SA_{index+1}: the unit numbers (0..unit_count-1) between `<sosp>` and `<eosp>`; index counts
     speech chunks from 0. closed is False for a span cut off by a stop token or the end of the
     stream. ids: `<sosp>` .. `<eosp>` (plus whitespace tokens before them)."""
+
     index: int
     units: tuple[int, ...]
     ids: tuple[int, ...]
@@ -416,6 +489,7 @@ class End:
     """The answer is over. reason: "eoa" (the `<eoa>` token), "stop" (another stop id, e.g.
     `<|eot_id|>`) or "length" (the stream ended without a stop id). problems: what was malformed,
     in order (empty for a well-formed answer). ids: the stop token and whitespace before it."""
+
     reason: str
     problems: tuple[str, ...]
     ids: tuple[int, ...]
@@ -436,18 +510,22 @@ class EventParser:
     "speech" for a prompt ending with `<sosp>`; chunk indices count from 0 within the generation.
     """
 
-    def __init__(self, tokenizer, vocab: VocabInfo, stop_ids: Sequence[int] = (),
-                 start: str = "text"):
+    def __init__(
+        self, tokenizer, vocab: VocabInfo, stop_ids: Sequence[int] = (), start: str = "text"
+    ):
         if start not in ("text", "question", "speech"):
             raise DecodeError(f"start state must be text, question or speech, got {start!r}")
         self.tokenizer = tokenizer
         self.unit_lo, self.unit_hi = vocab.unit_offset, vocab.unit_offset + vocab.unit_count
-        self.question, self.answer = _control_id(vocab, "[question]"), _control_id(vocab, "[answer]")
+        self.question, self.answer = (
+            _control_id(vocab, "[question]"),
+            _control_id(vocab, "[answer]"),
+        )
         self.sosp, self.eosp = _control_id(vocab, "<sosp>"), _control_id(vocab, "<eosp>")
         self.eoa = _control_id(vocab, "<eoa>")
         self.stops = {int(s) for s in stop_ids} | ({self.eoa} if self.eoa >= 0 else set())
-        self.state = start           # text | question | speech | ended
-        self.ids: list[int] = []     # ids since the last event (the next event's ids)
+        self.state = start  # text | question | speech | ended
+        self.ids: list[int] = []  # ids since the last event (the next event's ids)
         self.content: list[int] = []  # the current span's content, delimiters excluded
         self.problems: list[str] = []
         self.n_text = self.n_speech = self.position = 0
@@ -456,8 +534,9 @@ class EventParser:
         return self.tokenizer.convert_ids_to_tokens(tok)
 
     def _text(self, ids) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False,
-                                     clean_up_tokenization_spaces=False).strip()
+        return self.tokenizer.decode(
+            list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
+        ).strip()
 
     def _take_ids(self, upto: int | None = None) -> tuple[int, ...]:
         upto = len(self.ids) if upto is None else upto
@@ -469,7 +548,7 @@ class EventParser:
         text = self._text(self.content)
         self.content = []
         if not text:
-            return []                              # whitespace only: ids go to the next event
+            return []  # whitespace only: ids go to the next event
         ev = TextChunk(self.n_text, text, self._take_ids(len(self.ids) - 1 if keep_last else None))
         self.n_text += 1
         return [ev]
@@ -493,8 +572,9 @@ class EventParser:
         events: list[Event] = []
         if tok in self.stops:
             events += self._close_span(stopped=True)
-            events.append(End("eoa" if tok == self.eoa else "stop", tuple(self.problems),
-                              self._take_ids()))
+            events.append(
+                End("eoa" if tok == self.eoa else "stop", tuple(self.problems), self._take_ids())
+            )
             self.state = "ended"
         elif self.state == "speech":
             if tok == self.eosp:
@@ -510,10 +590,13 @@ class EventParser:
                 self.content = []
                 self.state = "text"
             else:
-                if tok in (self.sosp, self.eosp, self.question) or self.unit_lo <= tok < self.unit_hi:
+                if (
+                    tok in (self.sosp, self.eosp, self.question)
+                    or self.unit_lo <= tok < self.unit_hi
+                ):
                     self._problem(tok, "inside the question transcript")
                 self.content.append(tok)
-        else:                                          # text
+        else:  # text
             if tok == self.sosp:
                 events += self._flush_text(keep_last=True)
                 self.state = "speech"
@@ -563,8 +646,12 @@ class EventParser:
 def start_state(prompt: Sequence[int], vocab: VocabInfo) -> str:
     """The parser state a prompt leaves generation in, from its last CSLM delimiter: "speech"
     after an open `<sosp>`, "question" after an open `[question]`, else "text"."""
-    marks = {_control_id(vocab, "<sosp>"): "speech", _control_id(vocab, "[question]"): "question",
-             _control_id(vocab, "<eosp>"): "text", _control_id(vocab, "[answer]"): "text"}
+    marks = {
+        _control_id(vocab, "<sosp>"): "speech",
+        _control_id(vocab, "[question]"): "question",
+        _control_id(vocab, "<eosp>"): "text",
+        _control_id(vocab, "[answer]"): "text",
+    }
     marks.pop(-1, None)
     for tok in reversed(list(prompt)):
         if int(tok) in marks:
@@ -572,8 +659,13 @@ def start_state(prompt: Sequence[int], vocab: VocabInfo) -> str:
     return "text"
 
 
-def parse_events(ids: Sequence[int], tokenizer, vocab: VocabInfo, stop_ids: Sequence[int] = (),
-                 start: str = "text") -> list[Event]:
+def parse_events(
+    ids: Sequence[int],
+    tokenizer,
+    vocab: VocabInfo,
+    stop_ids: Sequence[int] = (),
+    start: str = "text",
+) -> list[Event]:
     """All events of a finished generation (ids after a stop id are not read). start: the state
     the prompt left (`start_state`)."""
     parser = EventParser(tokenizer, vocab, stop_ids, start)
@@ -585,16 +677,31 @@ def parse_events(ids: Sequence[int], tokenizer, vocab: VocabInfo, stop_ids: Sequ
     return events + parser.close()
 
 
-def stream_events(cfg: ModelConfig, params: dict, tokenizer, vocab: VocabInfo,
-                  prompt: Sequence[int], *, max_new_tokens: int,
-                  stop_ids: Sequence[int] | None = None, **kwargs) -> Iterator[Event]:
+def stream_events(
+    cfg: ModelConfig,
+    params: dict,
+    tokenizer,
+    vocab: VocabInfo,
+    prompt: Sequence[int],
+    *,
+    max_new_tokens: int,
+    stop_ids: Sequence[int] | None = None,
+    **kwargs,
+) -> Iterator[Event]:
     """Generate for one prompt and yield its events as soon as each completes (a `SpeechChunk`
     right when its `<eosp>` is generated, ready for the speech decoder). stop_ids default to
     `default_stop_ids`; other keyword arguments go to `generate_stream`."""
     stop_ids = default_stop_ids(tokenizer, vocab) if stop_ids is None else list(stop_ids)
     parser = EventParser(tokenizer, vocab, stop_ids, start_state(prompt, vocab))
-    for step in generate_stream(cfg, params, [prompt], max_new_tokens=max_new_tokens,
-                                stop_ids=stop_ids, vocab=vocab, **kwargs):
+    for step in generate_stream(
+        cfg,
+        params,
+        [prompt],
+        max_new_tokens=max_new_tokens,
+        stop_ids=stop_ids,
+        vocab=vocab,
+        **kwargs,
+    ):
         yield from parser.feed(int(step[0]))
         if parser.state == "ended":
             return

@@ -30,6 +30,7 @@ timed when the host receives it, i.e. at the end of its group of `--chunk-size` 
 `--speech-out` (`cslm_jax.speech.stream.SpeechOut`): `time_to_first_audio_s` (the first samples
 ready), `speech_rtf` (synthesis seconds / audio seconds), `audio_s` and `speech_compile_s`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,20 +58,26 @@ _TOKEN = re.compile(r"<sosp>|<eosp>|<(\d+)>")
 
 def parse_unit_line(line: str, where: str) -> list[int]:
     """One line of a unit file -> its unit numbers. `where` ("FILE:LINE") prefixes errors."""
-    text = "".join(line.split())                      # the reference removes spaces
+    text = "".join(line.split())  # the reference removes spaces
     if not text:
-        raise UnitFileError(f"{where}: empty line; every line must hold one spoken question as "
-                            f"unit tokens like <12><907><33>")
+        raise UnitFileError(
+            f"{where}: empty line; every line must hold one spoken question as "
+            f"unit tokens like <12><907><33>"
+        )
     units: list[int] = []
     pos, opened, closed = 0, False, False
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if m is None or closed:
-            bad = text[pos:pos + 20]
-            hint = (" (bare numbers: write each unit as <N>, no spaces needed)"
-                    if bad[:1].isdigit() else "")
-            raise UnitFileError(f"{where}: column {pos + 1}: expected a unit token like <12>, found "
-                                f"{bad!r}{hint}")
+            bad = text[pos : pos + 20]
+            hint = (
+                " (bare numbers: write each unit as <N>, no spaces needed)"
+                if bad[:1].isdigit()
+                else ""
+            )
+            raise UnitFileError(
+                f"{where}: column {pos + 1}: expected a unit token like <12>, found {bad!r}{hint}"
+            )
         if m.group(0) == "<sosp>":
             if opened or units:
                 raise UnitFileError(f"{where}: column {pos + 1}: <sosp> may only open the line")
@@ -112,8 +119,10 @@ def check_codebook(questions: Sequence[Sequence[int]], unit_count: int, path, mo
     for i, units in enumerate(questions):
         for u in units:
             if not 0 <= u < unit_count:
-                raise UnitFileError(f"{path}:{i + 1}: unit <{u}> is outside the codebook of {model} "
-                                    f"(units <0>..<{unit_count - 1}>)")
+                raise UnitFileError(
+                    f"{path}:{i + 1}: unit <{u}> is outside the codebook of {model} "
+                    f"(units <0>..<{unit_count - 1}>)"
+                )
 
 
 def format_unit_line(units: Sequence[int]) -> str:
@@ -139,11 +148,12 @@ def read_results(path: str | Path) -> list[str]:
         try:
             out.append(json.loads(line)["result"])
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise UnitFileError(f"{path}:{i + 1}: not a {{\"result\": ...}} line") from None
+            raise UnitFileError(f'{path}:{i + 1}: not a {{"result": ...}} line') from None
     return out
 
 
 # -- prompts ----------------------------------------------------------------------------------------
+
 
 def prompt_template(lang: str, cross_lingual: bool, data_config: str | Path) -> tuple[str, str]:
     """(prompt template with {speech}, chunk unit "word"|"char") for an answer language: the
@@ -158,8 +168,10 @@ def prompt_template(lang: str, cross_lingual: bool, data_config: str | Path) -> 
 
 def _prompt(fmt, lang: str, cross_lingual: bool, data_config) -> tuple[str, str]:
     if lang not in fmt.languages:
-        raise ConfigError(f"--lang {lang!r}: {data_config} has no language {lang!r}; its "
-                          f"languages: {', '.join(sorted(fmt.languages))}")
+        raise ConfigError(
+            f"--lang {lang!r}: {data_config} has no language {lang!r}; its "
+            f"languages: {', '.join(sorted(fmt.languages))}"
+        )
     spec = fmt.languages[lang]
     return (spec.s2s_cross_prompt if cross_lingual else spec.s2s_prompt), spec.chunk_unit
 
@@ -172,8 +184,9 @@ def chat_prompt_ids(tokenizer, text: str, where: str, loss_mask: str = "referenc
     from cslm_jax.data.formats import ChatRenderer
 
     if not getattr(tokenizer, "chat_template", None):
-        raise UnitFileError(f"{where}: the tokenizer has no chat template; CSLM prompts are "
-                            f"rendered with it")
+        raise UnitFileError(
+            f"{where}: the tokenizer has no chat template; CSLM prompts are rendered with it"
+        )
     return ChatRenderer(tokenizer, mask=loss_mask).prompt_ids(text)
 
 
@@ -194,12 +207,14 @@ def reference_prompt(tokenizer, text: str, where: str) -> tuple[str, list[int]]:
     empty assistant turn (`...assistant<|end_header_id|>\n\n<|eot_id|>`) and starts with two
     `<|begin_of_text|>` (the template's and the tokenizer's). Returns (text, ids)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise UnitFileError(f"{where}: the tokenizer has no chat template; CSLM prompts are "
-                            f"rendered with it")
+        raise UnitFileError(
+            f"{where}: the tokenizer has no chat template; CSLM prompts are rendered with it"
+        )
     rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}, {"role": "assistant", "content": ""}], tokenize=False)
+        [{"role": "user", "content": text}, {"role": "assistant", "content": ""}], tokenize=False
+    )
     if rendered.endswith(REFERENCE_STRIP):
-        rendered = rendered[:-len(REFERENCE_STRIP)]
+        rendered = rendered[: -len(REFERENCE_STRIP)]
     return rendered, list(tokenizer(rendered).input_ids)
 
 
@@ -209,11 +224,12 @@ def reference_tag(template: str) -> str:
     the recipe's prompts)."""
     before = template.split("{speech}")[0]
     last = max(before.rfind(". "), before.rfind("。"), before.rfind("! "), before.rfind("? "))
-    return (before[last + 1:] if last >= 0 else before).lstrip() + "<sosp>"
+    return (before[last + 1 :] if last >= 0 else before).lstrip() + "<sosp>"
 
 
-def reference_result(prompt_ids: Sequence[int], output_ids: Sequence[int], tokenizer,
-                     tag: str) -> str:
+def reference_result(
+    prompt_ids: Sequence[int], output_ids: Sequence[int], tokenizer, tag: str
+) -> str:
     """The reference's `result`: prompt and generation decoded together (special tokens
     skipped), then the text between the first `tag` and the first `<eoa>` after it (to the end
     when no `<eoa>` follows; "" when the tag is missing). It therefore starts with the question's
@@ -225,10 +241,12 @@ def reference_result(prompt_ids: Sequence[int], output_ids: Sequence[int], token
 
 # -- decoding with timings ------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Answer:
     """One decoded question. Times in seconds from the start of its batch (None: never happened)."""
-    index: int                                 # 0-based line of the unit file
+
+    index: int  # 0-based line of the unit file
     input_ids: list[int]
     output_ids: list[int] = dataclasses.field(default_factory=list)
     events: list = dataclasses.field(default_factory=list)
@@ -244,18 +262,30 @@ class Answer:
 @dataclasses.dataclass
 class DecodedBatch:
     """A batch's answers, its decoding time (prefill + loop) and the compilation it needed first."""
+
     answers: list[Answer]
     decode_s: float
     compile_s: float
 
 
-def decode_questions(cfg, params, tokenizer, vocab, prompts: Sequence[Sequence[int]], *,
-                     batch_size: int = 1, max_new_tokens: int = 2048, sampling=None,
-                     chunk_size: int = 1, stop_ids: Sequence[int] | None = None,
-                     answer_prefix: Sequence[int] = (), first: int = 0,
-                     on_event: Callable[[int, object, float], None] | None = None,
-                     speech_out=None,
-                     log: Callable[[str], None] = lambda _: None) -> Iterator[DecodedBatch]:
+def decode_questions(
+    cfg,
+    params,
+    tokenizer,
+    vocab,
+    prompts: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 1,
+    max_new_tokens: int = 2048,
+    sampling=None,
+    chunk_size: int = 1,
+    stop_ids: Sequence[int] | None = None,
+    answer_prefix: Sequence[int] = (),
+    first: int = 0,
+    on_event: Callable[[int, object, float], None] | None = None,
+    speech_out=None,
+    log: Callable[[str], None] = lambda _: None,
+) -> Iterator[DecodedBatch]:
     """Decode prompts in batches of `batch_size`, yielding each batch when it is done.
     `first`: start at that prompt (a resumed run: the prompts before it are answered already).
 
@@ -286,19 +316,33 @@ def decode_questions(cfg, params, tokenizer, vocab, prompts: Sequence[Sequence[i
     bucket = 64
     compiled: set = set()
     sampling = Sampling() if sampling is None else sampling
-    kw = dict(max_new_tokens=max_new_tokens, stop_ids=stops, vocab=vocab,
-              pad_id=pad_token_id(tokenizer, cfg), prompt_bucket=bucket, chunk_size=chunk_size)
+    kw = dict(
+        max_new_tokens=max_new_tokens,
+        stop_ids=stops,
+        vocab=vocab,
+        pad_id=pad_token_id(tokenizer, cfg),
+        prompt_bucket=bucket,
+        chunk_size=chunk_size,
+    )
     for start in range(first, len(prompts), batch_size):
-        batch = [list(p) for p in prompts[start:start + batch_size]]
+        batch = [list(p) for p in prompts[start : start + batch_size]]
         shape = (len(batch), -(-max(map(len, batch)) // bucket))
         compile_s = 0.0
-        if shape not in compiled:                 # compile outside the timed region
+        if shape not in compiled:  # compile outside the timed region
             t0 = time.perf_counter()
-            next(iter(generate_stream(cfg, params, batch, sampling=sampling.seeded(sampling.seed + start), **kw)))
+            next(
+                iter(
+                    generate_stream(
+                        cfg, params, batch, sampling=sampling.seeded(sampling.seed + start), **kw
+                    )
+                )
+            )
             compiled.add(shape)
             compile_s = time.perf_counter() - t0
-            log(f"compiled for batch {shape[0]} x prompt <= {shape[1] * bucket} tokens in "
-                f"{compile_s:.1f}s")
+            log(
+                f"compiled for batch {shape[0]} x prompt <= {shape[1] * bucket} tokens in "
+                f"{compile_s:.1f}s"
+            )
         answers = [Answer(start + b, p, batch_size=len(batch)) for b, p in enumerate(batch)]
         parsers = [EventParser(tokenizer, vocab, stops, start_state(p, vocab)) for p in batch]
         parsers = [SkipPrefix(p, answer_prefix) for p in parsers]
@@ -319,7 +363,9 @@ def decode_questions(cfg, params, tokenizer, vocab, prompts: Sequence[Sequence[i
                 if speech_out is not None:
                     speech_out.event(a.index, ev)
 
-        for step in generate_stream(cfg, params, batch, sampling=sampling.seeded(sampling.seed + start), **kw):
+        for step in generate_stream(
+            cfg, params, batch, sampling=sampling.seeded(sampling.seed + start), **kw
+        ):
             now = time.perf_counter() - t0
             for b, tok in enumerate(step.tolist()):
                 a, parser = answers[b], parsers[b]
@@ -367,7 +413,7 @@ class SkipPrefix:
         if self.held is None:
             return self.parser.feed(tok)
         self.held.append(int(tok))
-        if self.held == self.prefix[:len(self.held)]:
+        if self.held == self.prefix[: len(self.held)]:
             if len(self.held) == len(self.prefix):
                 self.held = None
             return []
@@ -419,27 +465,38 @@ def answer_record(a: Answer, tokenizer, vocab, chunk_unit: str, result: str | No
 def result_text(output_ids: Sequence[int], tokenizer) -> str:
     """The generated text as the reference stores it: special tokens (end of turn, EOS) dropped,
     the CSLM tokens (`[question]`, `<sosp>`, units, `<eoa>`, ...) kept."""
-    return tokenizer.decode(list(output_ids), skip_special_tokens=True,
-                            clean_up_tokenization_spaces=False).strip()
+    return tokenizer.decode(
+        list(output_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
+    ).strip()
 
 
 def latency_summary(records: Sequence[dict]) -> dict:
     """Mean and median of each timing over the answers that have it, and how many lack it."""
     out: dict = {"answers": len(records)}
-    for key in ("time_to_first_token_s", "time_to_speech_start_s", "time_to_first_speech_chunk_s",
-                "total_s",
-                "tokens_before_first_speech", "tokens_to_first_speech_chunk", "generated_tokens"):
+    for key in (
+        "time_to_first_token_s",
+        "time_to_speech_start_s",
+        "time_to_first_speech_chunk_s",
+        "total_s",
+        "tokens_before_first_speech",
+        "tokens_to_first_speech_chunk",
+        "generated_tokens",
+    ):
         vals = [r["timing"][key] for r in records if r["timing"][key] is not None]
-        out[key] = {"mean": statistics.fmean(vals) if vals else None,
-                    "median": statistics.median(vals) if vals else None,
-                    "missing": len(records) - len(vals)}
-    for key in SPEECH_OUT_TIMINGS:               # --speech-out's, where some answer has them
+        out[key] = {
+            "mean": statistics.fmean(vals) if vals else None,
+            "median": statistics.median(vals) if vals else None,
+            "missing": len(records) - len(vals),
+        }
+    for key in SPEECH_OUT_TIMINGS:  # --speech-out's, where some answer has them
         vals = [r["timing"].get(key) for r in records]
         if any(key in r["timing"] for r in records):
             vals = [v for v in vals if v is not None]
-            out[key] = {"mean": statistics.fmean(vals) if vals else None,
-                        "median": statistics.median(vals) if vals else None,
-                        "missing": len(records) - len(vals)}
+            out[key] = {
+                "mean": statistics.fmean(vals) if vals else None,
+                "median": statistics.median(vals) if vals else None,
+                "missing": len(records) - len(vals),
+            }
     return out
 
 
@@ -459,11 +516,14 @@ def describe_event(index: int, ev, seconds: float) -> str:
         shown = format_unit_line(ev.units[:12]) + ("..." if len(ev.units) > 12 else "")
         return f"{head} speech {ev.index} ({len(ev.units)} units{'' if ev.closed else ', unclosed'}) {shown}"
     if isinstance(ev, End):
-        return f"{head} end ({ev.reason})" + (f" problems: {'; '.join(ev.problems)}" if ev.problems else "")
+        return f"{head} end ({ev.reason})" + (
+            f" problems: {'; '.join(ev.problems)}" if ev.problems else ""
+        )
     return f"{head} {ev!r}"
 
 
 # -- the command ----------------------------------------------------------------------------------
+
 
 def model_folder(ckpt: str | None, hf_dir: str | None) -> Path:
     """The folder to load: `ckpt` (a model checkpoint or a finished run folder: its model/) or
@@ -480,17 +540,23 @@ def model_folder(ckpt: str | None, hf_dir: str | None) -> Path:
     return path
 
 
-def check_decode_arguments(sampling, *, batch_size: int, max_new_tokens: int,
-                           chunk_size: int) -> None:
+def check_decode_arguments(
+    sampling, *, batch_size: int, max_new_tokens: int, chunk_size: int
+) -> None:
     """The decode command's numbers, named by their flags (before any model loads)."""
-    for flag, value in (("--batch-size", batch_size), ("--max-new-tokens", max_new_tokens),
-                        ("--chunk-size", chunk_size)):
+    for flag, value in (
+        ("--batch-size", batch_size),
+        ("--max-new-tokens", max_new_tokens),
+        ("--chunk-size", chunk_size),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{flag} must be a positive integer, got {value}")
     if not sampling.greedy:
         if not sampling.temperature > 0:
-            raise ConfigError(f"--temperature must be > 0 when sampling (or pass --greedy), got "
-                              f"{sampling.temperature}")
+            raise ConfigError(
+                f"--temperature must be > 0 when sampling (or pass --greedy), got "
+                f"{sampling.temperature}"
+            )
         if not 0 < sampling.top_p <= 1:
             raise ConfigError(f"--top-p must be in (0, 1], got {sampling.top_p}")
 
@@ -505,40 +571,64 @@ def check_decode_output(out_dir: Path, inputs=()) -> None:
     check_output_place(out_dir, inputs=inputs, flag="--output-dir", inside_ok=True)
 
 
-def run_identity(*, unit_file, lang: str, cross_lingual: bool, prompt_style: str, model,
-                 sampling, max_new_tokens: int, compute_dtype, data_config) -> dict:
+def run_identity(
+    *,
+    unit_file,
+    lang: str,
+    cross_lingual: bool,
+    prompt_style: str,
+    model,
+    sampling,
+    max_new_tokens: int,
+    compute_dtype,
+    data_config,
+) -> dict:
     """The responses.jsonl fields that tell a run's answers from another's: a rerun with the same
     arguments has the same (batch and chunk size aside, which change no answer's question)."""
-    return {"source": str(unit_file), "lang": lang, "cross_lingual": bool(cross_lingual),
-            "prompt_style": prompt_style,
-            "settings": {"model": str(model), **dataclasses.asdict(sampling),
-                         "max_new_tokens": max_new_tokens, "compute_dtype": compute_dtype,
-                         "data_config": str(data_config)}}
+    return {
+        "source": str(unit_file),
+        "lang": lang,
+        "cross_lingual": bool(cross_lingual),
+        "prompt_style": prompt_style,
+        "settings": {
+            "model": str(model),
+            **dataclasses.asdict(sampling),
+            "max_new_tokens": max_new_tokens,
+            "compute_dtype": compute_dtype,
+            "data_config": str(data_config),
+        },
+    }
 
 
 def _same_run(record: dict, run: dict) -> bool:
     """`record` was written by `run` (`run_identity`); its paths compared as absolute paths, so
     `q.txt` and `./q.txt` name the same file (the prompts' ids are compared after loading)."""
+
     def norm(r):
         settings = dict(r.get("settings") or {})
         for key in ("model", "data_config"):
             if isinstance(settings.get(key), str) and "://" not in settings[key]:
                 settings[key] = os.path.abspath(settings[key])
         source = r.get("source")
-        return {**{k: r.get(k) for k in run}, "settings": settings,
-                "source": os.path.abspath(source) if isinstance(source, str) else source}
+        return {
+            **{k: r.get(k) for k in run},
+            "settings": settings,
+            "source": os.path.abspath(source) if isinstance(source, str) else source,
+        }
+
     return norm(record) == norm(run)
 
 
 @dataclasses.dataclass
 class PriorAnswers:
     """What --output-dir holds for a decode run (`prior_answers`)."""
-    done: list[dict]                 # this run's records already written: questions 0..len-1
-    jsonl_keep: int | None = None    # cut responses.jsonl to this many bytes (a cut-off last line)
+
+    done: list[dict]  # this run's records already written: questions 0..len-1
+    jsonl_keep: int | None = None  # cut responses.jsonl to this many bytes (a cut-off last line)
     json_lines: list[str] | None = None  # rewrite responses.json with these (to line up)
-    finish: bool = False             # every question is answered: only the files to complete
-    position: int = 0                # responses.jsonl's line (0-based) of this run's answer to
-                                     # question 0 (--speech-out names each wav by its answer's)
+    finish: bool = False  # every question is answered: only the files to complete
+    position: int = 0  # responses.jsonl's line (0-based) of this run's answer to
+    # question 0 (--speech-out names each wav by its answer's)
 
 
 def _json_lines(path: Path) -> tuple[list[bytes], int | None]:
@@ -546,7 +636,7 @@ def _json_lines(path: Path) -> tuple[list[bytes], int | None]:
     off mid-write (no newline and not JSON: the length of the complete lines before it) or None."""
     data = path.read_bytes() if path.is_file() else b""
     lines = data.split(b"\n")
-    last = lines.pop()                   # b"" when the file ends with a newline
+    last = lines.pop()  # b"" when the file ends with a newline
     if not last or _parse(last) is not None:
         return lines + ([last] if last else []), None
     return lines, len(data) - len(last)
@@ -582,34 +672,50 @@ def prior_answers(out_dir: Path, run: dict, questions: int, append: bool) -> Pri
     records = [_parse(line) for line in lines]
     done: list[dict] = []
     last = records[-1] if records else None
-    if isinstance(last, dict) and isinstance(last.get("index"), int) and \
-            0 <= last["index"] < min(questions, len(records)):
-        tail = records[len(records) - last["index"] - 1:]
-        if all(isinstance(r, dict) and r.get("index") == i and _same_run(r, run)
-               for i, r in enumerate(tail)):
+    if (
+        isinstance(last, dict)
+        and isinstance(last.get("index"), int)
+        and 0 <= last["index"] < min(questions, len(records))
+    ):
+        tail = records[len(records) - last["index"] - 1 :]
+        if all(
+            isinstance(r, dict) and r.get("index") == i and _same_run(r, run)
+            for i, r in enumerate(tail)
+        ):
             done = tail
     if not done:
         if not append:
-            raise ConfigError(f"--output-dir {out_dir}: already holds answers ({', '.join(held)}) "
-                              f"that are not an interrupted run of these questions with these "
-                              f"settings; pass --append to add these after them, or give another "
-                              f"folder")
+            raise ConfigError(
+                f"--output-dir {out_dir}: already holds answers ({', '.join(held)}) "
+                f"that are not an interrupted run of these questions with these "
+                f"settings; pass --append to add these after them, or give another "
+                f"folder"
+            )
         return PriorAnswers([], jsonl_keep=cut, position=len(records))
-    json_lines = _lined_up(json_file, [r.get("result") if isinstance(r, dict) else None
-                                       for r in records], len(done),
-                           done[-1].get("timing", {}).get("batch_size", 1))
-    prior = PriorAnswers(done, jsonl_keep=cut, json_lines=json_lines,
-                         position=len(records) - len(done))
+    json_lines = _lined_up(
+        json_file,
+        [r.get("result") if isinstance(r, dict) else None for r in records],
+        len(done),
+        done[-1].get("timing", {}).get("batch_size", 1),
+    )
+    prior = PriorAnswers(
+        done, jsonl_keep=cut, json_lines=json_lines, position=len(records) - len(done)
+    )
     if len(done) < questions:
         return prior
     if append:
         return dataclasses.replace(prior, done=[], position=len(records))
-    if cut is not None or json_lines is not None or \
-            not (out_dir / "latency_summary.json").is_file():
+    if (
+        cut is not None
+        or json_lines is not None
+        or not (out_dir / "latency_summary.json").is_file()
+    ):
         return dataclasses.replace(prior, finish=True)
-    raise ConfigError(f"--output-dir {out_dir}: already holds answers to all {questions} "
-                      f"question(s) of {run['source']} with these settings (nothing to resume); "
-                      f"pass --append to answer them again after them, or give another folder")
+    raise ConfigError(
+        f"--output-dir {out_dir}: already holds answers to all {questions} "
+        f"question(s) of {run['source']} with these settings (nothing to resume); "
+        f"pass --append to answer them again after them, or give another folder"
+    )
 
 
 def _lined_up(json_file: Path, results: list, ours: int, last_batch: int) -> list[str] | None:
@@ -622,20 +728,21 @@ def _lined_up(json_file: Path, results: list, ours: int, last_batch: int) -> lis
     raw, cut = _json_lines(json_file)
     if not raw:
         return want
-    have_results = [p.get("result") if isinstance(p, dict) else None
-                    for p in map(_parse, raw)]
+    have_results = [p.get("result") if isinstance(p, dict) else None for p in map(_parse, raw)]
     earlier = len(results) - ours
     for missing in range(min(last_batch, ours) + 1):
         have = ours - missing
         before = len(have_results) - have
-        if before >= earlier and have_results[before:] == results[earlier:earlier + have]:
+        if before >= earlier and have_results[before:] == results[earlier : earlier + have]:
             if not missing and cut is None:
                 return None
             return [line.decode("utf-8", "replace") for line in raw[:before]] + want[earlier:]
-    raise UnitFileError(f"{json_file}: does not line up with {json_file.with_suffix('.jsonl')} "
-                        f"(its last lines are not the results of the interrupted run's {ours} "
-                        f"answers); move it away to have it rebuilt from responses.jsonl, or give "
-                        f"another --output-dir")
+    raise UnitFileError(
+        f"{json_file}: does not line up with {json_file.with_suffix('.jsonl')} "
+        f"(its last lines are not the results of the interrupted run's {ours} "
+        f"answers); move it away to have it rebuilt from responses.jsonl, or give "
+        f"another --output-dir"
+    )
 
 
 def _write_lines(path: Path, lines: Sequence[str]) -> None:
@@ -663,17 +770,32 @@ def repair_answer_files(out_dir: Path, prior: PriorAnswers, log) -> None:
                     f.write(b"\n")
     if prior.json_lines is not None:
         _write_lines(out_dir / "responses.json", prior.json_lines)
-        log(f"decode: rewrote {out_dir / 'responses.json'} to line up with {jsonl.name} "
-            f"({len(prior.json_lines)} line(s))")
+        log(
+            f"decode: rewrote {out_dir / 'responses.json'} to line up with {jsonl.name} "
+            f"({len(prior.json_lines)} line(s))"
+        )
 
 
-def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str,
-                     data_config: str | Path, cross_lingual: bool = False,
-                     ckpt: str | None = None, hf_dir: str | None = None, sampling=None,
-                     max_new_tokens: int = 2048, batch_size: int = 1, chunk_size: int = 1,
-                     stream: bool = False, compute_dtype: str | None = None,
-                     prompt_style: str = "training", append: bool = False,
-                     speech_out=None, log: Callable[[str], None] = print) -> dict:
+def decode_unit_file(
+    *,
+    unit_file: str | Path,
+    output_dir: str | Path,
+    lang: str,
+    data_config: str | Path,
+    cross_lingual: bool = False,
+    ckpt: str | None = None,
+    hf_dir: str | None = None,
+    sampling=None,
+    max_new_tokens: int = 2048,
+    batch_size: int = 1,
+    chunk_size: int = 1,
+    stream: bool = False,
+    compute_dtype: str | None = None,
+    prompt_style: str = "training",
+    append: bool = False,
+    speech_out=None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """The `decode` command: answer every question of `unit_file` in `lang` (a language of
     `data_config`, which gives the prompt, chunk unit and merge_repeats), appending
     OUTPUT_DIR/responses.json and responses.jsonl batch by batch and writing
@@ -706,102 +828,162 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
 
     sampling = Sampling() if sampling is None else sampling
     if prompt_style not in PROMPT_STYLES:
-        raise ConfigError(f"--prompt-style must be one of {', '.join(PROMPT_STYLES)}, got "
-                          f"{prompt_style!r}")
+        raise ConfigError(
+            f"--prompt-style must be one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}"
+        )
     reference = prompt_style == "reference"
-    check_decode_arguments(sampling, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           chunk_size=chunk_size)
+    check_decode_arguments(
+        sampling, batch_size=batch_size, max_new_tokens=max_new_tokens, chunk_size=chunk_size
+    )
     out_dir = Path(output_dir)
-    check_decode_output(out_dir, [("--unit", unit_file), ("--ckpt", ckpt), ("--hf-dir", hf_dir),
-                                  ("--data-config", data_config)])
+    check_decode_output(
+        out_dir,
+        [
+            ("--unit", unit_file),
+            ("--ckpt", ckpt),
+            ("--hf-dir", hf_dir),
+            ("--data-config", data_config),
+        ],
+    )
 
     say = log
     fmt = load_data_config(data_config, check_files=False).format
     template, chunk_unit = _prompt(fmt, lang, cross_lingual, data_config)
     merge = fmt.merge_repeats
-    questions = read_unit_file(unit_file)          # syntax first: fail before loading a model
+    questions = read_unit_file(unit_file)  # syntax first: fail before loading a model
     model_path = model_folder(ckpt, hf_dir)
     from cslm_jax.model.vocab import require_model_cslm_tokens
-    require_model_cslm_tokens(model_path)             # before the weights load
-    run = run_identity(unit_file=unit_file, lang=lang, cross_lingual=cross_lingual,
-                       prompt_style=prompt_style, model=model_path, sampling=sampling,
-                       max_new_tokens=max_new_tokens, compute_dtype=compute_dtype,
-                       data_config=data_config)
+
+    require_model_cslm_tokens(model_path)  # before the weights load
+    run = run_identity(
+        unit_file=unit_file,
+        lang=lang,
+        cross_lingual=cross_lingual,
+        prompt_style=prompt_style,
+        model=model_path,
+        sampling=sampling,
+        max_new_tokens=max_new_tokens,
+        compute_dtype=compute_dtype,
+        data_config=data_config,
+    )
     prior = prior_answers(out_dir, run, len(questions), append)
-    if prior.finish:                    # interrupted after its last answer: complete the files
-        say(f"decode: all {len(questions)} question(s) of {unit_file} are answered already in "
-            f"{out_dir / 'responses.jsonl'}; completing the other files")
+    if prior.finish:  # interrupted after its last answer: complete the files
+        say(
+            f"decode: all {len(questions)} question(s) of {unit_file} are answered already in "
+            f"{out_dir / 'responses.jsonl'}; completing the other files"
+        )
         repair_answer_files(out_dir, prior, say)
-        return _write_summary(out_dir, prior.done, say, unit_file=str(unit_file),
-                              model=str(model_path), batch_size=batch_size,
-                              chunk_size=chunk_size, greedy=bool(sampling.greedy), decode_s=0.0,
-                              compile_s=0.0, answered_before=len(prior.done))
-    tmp_root = out_dir.absolute()       # an HF folder's temporary checkpoint goes near the output
+        return _write_summary(
+            out_dir,
+            prior.done,
+            say,
+            unit_file=str(unit_file),
+            model=str(model_path),
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+            greedy=bool(sampling.greedy),
+            decode_s=0.0,
+            compile_s=0.0,
+            answered_before=len(prior.done),
+        )
+    tmp_root = out_dir.absolute()  # an HF folder's temporary checkpoint goes near the output
     while not tmp_root.exists():
         tmp_root = tmp_root.parent
 
     t_load = time.perf_counter()
-    cfg, params, tok, vocab = load_for_decoding(model_path, tmp_dir=tmp_root,
-                                                compute_dtype=compute_dtype)
+    cfg, params, tok, vocab = load_for_decoding(
+        model_path, tmp_dir=tmp_root, compute_dtype=compute_dtype
+    )
     if not vocab.unit_count or "<sosp>" not in vocab.control_tokens:
-        raise UnitFileError(f"{model_path}: the model's vocabulary has no speech units "
-                            f"(a text-only model); decode a CSLM checkpoint (import-hf with "
-                            f"speech units, then train)")
+        raise UnitFileError(
+            f"{model_path}: the model's vocabulary has no speech units "
+            f"(a text-only model); decode a CSLM checkpoint (import-hf with "
+            f"speech units, then train)"
+        )
     check_codebook(questions, vocab.unit_count, unit_file, model_path)
-    params = decoding_params(cfg, params)             # once, not per batch (a copy per call)
-    say(f"decode: {len(questions)} question(s) from {unit_file}; model {model_path} "
+    params = decoding_params(cfg, params)  # once, not per batch (a copy per call)
+    say(
+        f"decode: {len(questions)} question(s) from {unit_file}; model {model_path} "
         f"({cfg.num_layers} layers x {cfg.hidden_size}, {vocab.unit_count} units) loaded in "
         f"{time.perf_counter() - t_load:.1f}s; answers in {lang}"
-        f"{' (cross-lingual prompt)' if cross_lingual else ''}")
+        f"{' (cross-lingual prompt)' if cross_lingual else ''}"
+    )
     import jax
+
     if jax.default_backend() == "cpu":
         from cslm_jax.kernels import cpu_matmul as cpu_kernels
+
         if params["lm_head"].ndim == 3 or not cpu_kernels.available():
             say(f"decode: {cpu_kernels.status()}")
         else:
-            say(f"decode: CPU decoding kernel: not used for {cfg.compute_dtype} (float32 only: "
-                f"--compute-dtype float32 uses it)")
+            say(
+                f"decode: CPU decoding kernel: not used for {cfg.compute_dtype} (float32 only: "
+                f"--compute-dtype float32 uses it)"
+            )
 
     from cslm_jax.data.formats import merge_repeats, speech
 
     prompts = []
     for i, units in enumerate(questions):
         where = f"{model_path} (line {i + 1})"
-        if reference:                       # the reference inserts the line's units as given
+        if reference:  # the reference inserts the line's units as given
             prompts.append(reference_prompt(tok, template.format(speech=speech(units)), where)[1])
         else:
             units = merge_repeats(units) if merge else units
-            prompts.append(chat_prompt_ids(tok, template.format(speech=speech(units)), where,
-                                           fmt.loss_mask))
+            prompts.append(
+                chat_prompt_ids(tok, template.format(speech=speech(units)), where, fmt.loss_mask)
+            )
     tag = reference_tag(template)
     header = tok.encode(ASSISTANT_HEADER, add_special_tokens=False) if reference else ()
     on_event = (lambda i, ev, s: say(describe_event(i, ev, s))) if stream else None
     first = len(prior.done)
     for i, r in enumerate(prior.done):
         if r.get("input_ids") != prompts[i]:
-            raise UnitFileError(f"{out_dir / 'responses.jsonl'}: the interrupted run's answer to "
-                                f"{unit_file} line {i + 1} was to another question (its prompt "
-                                f"differs: the unit file, data config or tokenizer changed since); "
-                                f"give another --output-dir")
+            raise UnitFileError(
+                f"{out_dir / 'responses.jsonl'}: the interrupted run's answer to "
+                f"{unit_file} line {i + 1} was to another question (its prompt "
+                f"differs: the unit file, data config or tokenizer changed since); "
+                f"give another --output-dir"
+            )
     if out_dir.is_dir():
         repair_answer_files(out_dir, prior, say)
     if speech_out is not None:
         speech_out.position = prior.position
     if first:
-        say(f"decode: resuming: {first} of {len(questions)} question(s) answered already in "
-            f"{out_dir / 'responses.jsonl'}; answering the other {len(questions) - first}")
+        say(
+            f"decode: resuming: {first} of {len(questions)} question(s) answered already in "
+            f"{out_dir / 'responses.jsonl'}; answering the other {len(questions) - first}"
+        )
     records: list[dict] = []
     decode_s = compile_s = 0.0
     for done in decode_questions(
-            cfg, params, tok, vocab, prompts, batch_size=batch_size,
-            max_new_tokens=max_new_tokens, chunk_size=chunk_size, sampling=sampling,
-            answer_prefix=header, first=first, on_event=on_event, speech_out=speech_out,
-            log=say):
+        cfg,
+        params,
+        tok,
+        vocab,
+        prompts,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        chunk_size=chunk_size,
+        sampling=sampling,
+        answer_prefix=header,
+        first=first,
+        on_event=on_event,
+        speech_out=speech_out,
+        log=say,
+    ):
         decode_s += done.decode_s
         compile_s += done.compile_s
-        batch = [answer_record(a, tok, vocab, chunk_unit,
-                               reference_result(a.input_ids, a.output_ids, tok, tag)
-                               if reference else None) for a in done.answers]
+        batch = [
+            answer_record(
+                a,
+                tok,
+                vocab,
+                chunk_unit,
+                reference_result(a.input_ids, a.output_ids, tok, tag) if reference else None,
+            )
+            for a in done.answers
+        ]
         for r in batch:
             r.update(run, line=r["index"] + 1)
             if speech_out is not None:
@@ -817,17 +999,30 @@ def decode_unit_file(*, unit_file: str | Path, output_dir: str | Path, lang: str
         if not stream:
             for r in batch:
                 t = r["timing"]
-                say(f"[{r['line']}] {t['generated_tokens']} tokens, {len(r['speech_chunks'])} speech "
+                say(
+                    f"[{r['line']}] {t['generated_tokens']} tokens, {len(r['speech_chunks'])} speech "
                     f"chunk(s), first speech chunk after {_secs(t['time_to_first_speech_chunk_s'])}, "
-                    f"total {_secs(t['total_s'])} ({r['finish']})")
+                    f"total {_secs(t['total_s'])} ({r['finish']})"
+                )
     summary = _write_summary(
-        out_dir, prior.done + records, say, unit_file=str(unit_file), model=str(model_path),
-        batch_size=batch_size, chunk_size=chunk_size, greedy=bool(sampling.greedy),
-        decode_s=decode_s, compile_s=compile_s, answered_before=first,
-        tokens_per_s=sum(len(r["output_ids"]) for r in records) / max(decode_s, 1e-9))
-    say(f"decode: appended {len(records)} line(s) to {out_dir / 'responses.json'} and "
-        f"{out_dir / 'responses.jsonl'}" + (f" after the {first} of the interrupted run"
-                                             if first else ""))
+        out_dir,
+        prior.done + records,
+        say,
+        unit_file=str(unit_file),
+        model=str(model_path),
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        greedy=bool(sampling.greedy),
+        decode_s=decode_s,
+        compile_s=compile_s,
+        answered_before=first,
+        tokens_per_s=sum(len(r["output_ids"]) for r in records) / max(decode_s, 1e-9),
+    )
+    say(
+        f"decode: appended {len(records)} line(s) to {out_dir / 'responses.json'} and "
+        f"{out_dir / 'responses.jsonl'}"
+        + (f" after the {first} of the interrupted run" if first else "")
+    )
     return summary
 
 
@@ -855,19 +1050,27 @@ def format_summary(s: dict) -> str:
         miss = f"  ({v['missing']} without)" if v["missing"] else ""
         return f"  {name:<34} mean {fmt(v['mean'])}  median {fmt(v['median'])}{miss}"
 
-    sec = lambda v: f"{v:8.3f}s"                        # noqa: E731
-    num = lambda v: f"{v:8.1f} "                         # noqa: E731
-    return "\n".join([
-        f"latency over {s['answers']} answer(s) (from each batch's start; compile excluded):",
-        row("time to first token", "time_to_first_token_s", sec),
-        row("time to speech start (<sosp>)", "time_to_speech_start_s", sec),
-        row("time to first speech chunk", "time_to_first_speech_chunk_s", sec),
-        row("total time", "total_s", sec),
-        row("tokens before first speech", "tokens_before_first_speech", num),
-        row("tokens to first speech chunk", "tokens_to_first_speech_chunk", num),
-        row("generated tokens", "generated_tokens", num),
-        *[row(name, key, fmt) for name, key, fmt in (
-            ("time to first audio (--speech-out)", "time_to_first_audio_s", sec),
-            ("speech real-time factor", "speech_rtf", lambda v: f"{v:8.3f} ")) if key in s],
-        f"  {s['tokens_per_s']:.1f} generated tokens/s over {s['decode_s']:.2f}s of decoding "
-        f"(batch {s['batch_size']}, chunk {s['chunk_size']}; {s['compile_s']:.1f}s compiling)"])
+    sec = lambda v: f"{v:8.3f}s"  # noqa: E731
+    num = lambda v: f"{v:8.1f} "  # noqa: E731
+    return "\n".join(
+        [
+            f"latency over {s['answers']} answer(s) (from each batch's start; compile excluded):",
+            row("time to first token", "time_to_first_token_s", sec),
+            row("time to speech start (<sosp>)", "time_to_speech_start_s", sec),
+            row("time to first speech chunk", "time_to_first_speech_chunk_s", sec),
+            row("total time", "total_s", sec),
+            row("tokens before first speech", "tokens_before_first_speech", num),
+            row("tokens to first speech chunk", "tokens_to_first_speech_chunk", num),
+            row("generated tokens", "generated_tokens", num),
+            *[
+                row(name, key, fmt)
+                for name, key, fmt in (
+                    ("time to first audio (--speech-out)", "time_to_first_audio_s", sec),
+                    ("speech real-time factor", "speech_rtf", lambda v: f"{v:8.3f} "),
+                )
+                if key in s
+            ],
+            f"  {s['tokens_per_s']:.1f} generated tokens/s over {s['decode_s']:.2f}s of decoding "
+            f"(batch {s['batch_size']}, chunk {s['chunk_size']}; {s['compile_s']:.1f}s compiling)",
+        ]
+    )

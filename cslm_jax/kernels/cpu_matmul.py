@@ -16,6 +16,7 @@ compiler) decoding uses XLA's dot and `status()` says why.
 `CSLM_JAX_CPU_KERNELS=0` turns the kernel off; `=1` makes a failed build an error instead of a
 fallback.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -37,7 +38,7 @@ import numpy as np
 from cslm_jax.errors import CslmError
 
 TARGET = "cslm_small_matmul"
-PANEL = 32                                  # columns per panel (NB in the C++ source)
+PANEL = 32  # columns per panel (NB in the C++ source)
 SOURCE = Path(__file__).with_name("small_matmul.cc")
 ENV = "CSLM_JAX_CPU_KERNELS"
 
@@ -47,7 +48,7 @@ class KernelBuildError(CslmError):
 
 
 _lock = threading.Lock()
-_state: dict = {}                            # "ok": bool, "reason": str
+_state: dict = {}  # "ok": bool, "reason": str
 
 
 def _cpu_flags() -> str:
@@ -91,16 +92,36 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def build(compiler: list[str], out_dir: Path | None = None, extra_flags: tuple[str, ...] = ()) -> Path:
+def build(
+    compiler: list[str], out_dir: Path | None = None, extra_flags: tuple[str, ...] = ()
+) -> Path:
     """Compile the kernel with `compiler` into `out_dir` (default: the cache) and return the
     shared library's path; an existing build with the same key is reused. The library appears
     under its final name only when complete (written elsewhere, then renamed)."""
     import jaxlib
+
     source = SOURCE.read_bytes()
-    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-             "-I", str(jax.ffi.include_dir()), *extra_flags]
-    key = hashlib.sha256(b"\0".join([source, " ".join(compiler + flags).encode(),
-                                     jaxlib.__version__.encode(), _cpu_flags().encode()]))
+    flags = [
+        "-O3",
+        "-march=native",
+        "-std=c++17",
+        "-shared",
+        "-fPIC",
+        "-w",
+        "-I",
+        str(jax.ffi.include_dir()),
+        *extra_flags,
+    ]
+    key = hashlib.sha256(
+        b"\0".join(
+            [
+                source,
+                " ".join(compiler + flags).encode(),
+                jaxlib.__version__.encode(),
+                _cpu_flags().encode(),
+            ]
+        )
+    )
     out_dir = Path(out_dir) if out_dir is not None else cache_dir()
     lib = out_dir / f"small_matmul-{key.hexdigest()[:16]}.so"
     if lib.exists():
@@ -109,11 +130,14 @@ def build(compiler: list[str], out_dir: Path | None = None, extra_flags: tuple[s
     fd, tmp = tempfile.mkstemp(prefix=".building-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        proc = subprocess.run([*compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True,
-                              text=True, timeout=600)
+        proc = subprocess.run(
+            [*compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600
+        )
         if proc.returncode != 0:
-            raise KernelBuildError(f"{' '.join(compiler)} failed on {SOURCE} (exit "
-                                   f"{proc.returncode}): {proc.stderr.strip()[-2000:]}")
+            raise KernelBuildError(
+                f"{' '.join(compiler)} failed on {SOURCE} (exit "
+                f"{proc.returncode}): {proc.stderr.strip()[-2000:]}"
+            )
         os.replace(tmp, lib)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise KernelBuildError(f"{' '.join(compiler)} could not compile {SOURCE}: {e}") from e
@@ -170,8 +194,11 @@ def available() -> bool:
 def status() -> str:
     """One line: whether decoding on CPU uses the kernel, and why not when it does not."""
     s = _load()
-    return (f"CPU decoding kernel: on ({s['reason']})" if s["ok"]
-            else f"CPU decoding kernel: off, XLA's dot instead ({s['reason']})")
+    return (
+        f"CPU decoding kernel: on ({s['reason']})"
+        if s["ok"]
+        else f"CPU decoding kernel: off, XLA's dot instead ({s['reason']})"
+    )
 
 
 def panel_layout(w) -> jax.Array:
@@ -195,7 +222,11 @@ def matmul(x: jax.Array, panels: jax.Array, n: int, target: str = TARGET) -> jax
     kernel. Call `available()` first (it registers the target)."""
     if x.dtype != jnp.float32 or panels.dtype != jnp.float32:
         raise TypeError(f"the CPU kernel is float32 only, got {x.dtype} @ {panels.dtype}")
-    if panels.ndim != 3 or panels.shape[2] != PANEL or panels.shape[1] != x.shape[-1] or \
-            not (panels.shape[0] - 1) * PANEL < n <= panels.shape[0] * PANEL:
+    if (
+        panels.ndim != 3
+        or panels.shape[2] != PANEL
+        or panels.shape[1] != x.shape[-1]
+        or not (panels.shape[0] - 1) * PANEL < n <= panels.shape[0] * PANEL
+    ):
         raise ValueError(f"panels {panels.shape} do not hold a [{x.shape[-1]}, {n}] matrix")
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(x, panels)

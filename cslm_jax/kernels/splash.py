@@ -15,6 +15,7 @@ A Mosaic kernel cannot be partitioned by XLA's SPMD partitioner, so under a mesh
 inside `shard_map`: the batch axis split over the mesh's `data` x `fsdp` axes, the heads over
 `tensor` (when they divide), each device running the kernel on its own rows and heads.
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,10 +44,19 @@ def _kernel(heads: int, length: int, interpret: bool):
 
     b = block_size(length)
     mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(heads)])
-    sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
-                          block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-    return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                              interpret=interpret)
+    sizes = sk.BlockSizes(
+        block_q=b,
+        block_kv=b,
+        block_kv_compute=b,
+        block_q_dkv=b,
+        block_kv_dkv=b,
+        block_kv_dkv_compute=b,
+        block_q_dq=b,
+        block_kv_dq=b,
+    )
+    return sk.make_splash_mha(
+        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
 
 
 def _attend_local(q, k, v, segment_ids, interpret: bool):
@@ -59,17 +69,18 @@ def _attend_local(q, k, v, segment_ids, interpret: bool):
         widths = ((0, 0), (0, pad), (0, 0), (0, 0))
         q, k, v = jnp.pad(q, widths), jnp.pad(k, widths), jnp.pad(v, widths)
         # padding gets a segment id no real token has
-        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)),
-                              constant_values=np.iinfo(np.int32).min)
+        segment_ids = jnp.pad(
+            segment_ids, ((0, 0), (0, pad)), constant_values=np.iinfo(np.int32).min
+        )
     kernel = _kernel(h, t + pad, interpret)
-    scale = dh ** -0.5
-    qh = (q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 1, 3)          # [B, H, T, Dh]
-    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)               # [B, K, T, Dh]
+    scale = dh**-0.5
+    qh = (q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 1, 3)  # [B, H, T, Dh]
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
 
     def one(qb, kb, vb, sb):
         return kernel(qb, kb, vb, segment_ids=SegmentIds(q=sb, kv=sb))
 
-    out = jax.vmap(one)(qh, kh, vh, segment_ids.astype(jnp.int32))        # [B, H, T, Dh]
+    out = jax.vmap(one)(qh, kh, vh, segment_ids.astype(jnp.int32))  # [B, H, T, Dh]
     return out.transpose(0, 2, 1, 3)[:, :t]
 
 
@@ -81,8 +92,14 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def splash_attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
-                  interpret: bool | None = None) -> jax.Array:
+def splash_attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    interpret: bool | None = None,
+) -> jax.Array:
     """q [B, T, H, Dh], k, v [B, T, K, Dh] (H a multiple of K), segment_ids [B, T] int ->
     [B, T, H, Dh]: causal attention within segments, as `causal_attend` with
     `attention_mask(segment_ids)`. `interpret` defaults to True unless the target is a TPU."""
@@ -95,8 +112,20 @@ def splash_attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
     from jax.sharding import PartitionSpec as P
 
     batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
-    heads = "tensor" if (mesh.shape["tensor"] > 1 and q.shape[2] % mesh.shape["tensor"] == 0
-                         and k.shape[2] % mesh.shape["tensor"] == 0) else None
+    heads = (
+        "tensor"
+        if (
+            mesh.shape["tensor"] > 1
+            and q.shape[2] % mesh.shape["tensor"] == 0
+            and k.shape[2] % mesh.shape["tensor"] == 0
+        )
+        else None
+    )
     qkv_spec = P(batch_axes, None, heads, None)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch_axes, None)),
-                         out_specs=qkv_spec, check_vma=False)(q, k, v, segment_ids)
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch_axes, None)),
+        out_specs=qkv_spec,
+        check_vma=False,
+    )(q, k, v, segment_ids)

@@ -4,6 +4,7 @@ gradient, attention against a KV cache, and the matmul that serves every project
 or the native CPU kernel for weights stored in its panel layout). `cslm_jax.model.llama`
 composes them into the Llama block.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,8 +56,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def attention_mask(segment_ids: jax.Array, kv_segment_ids: jax.Array | None = None,
-                   q_index: jax.Array | None = None, kv_index: jax.Array | None = None) -> jax.Array:
+def attention_mask(
+    segment_ids: jax.Array,
+    kv_segment_ids: jax.Array | None = None,
+    q_index: jax.Array | None = None,
+    kv_index: jax.Array | None = None,
+) -> jax.Array:
     """[B, Tq, Tk] bool: causal by index within the row, and only within the same segment.
 
     Packed documents never attend to each other; positions may restart per document, which is
@@ -88,7 +93,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     kvh = k.shape[2]
     g = h // kvh
     qm = q.reshape(b, t, kvh, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, dh)
-    mm = jnp.broadcast_to(mask[:, None, None], (b, 1, g, t, mask.shape[-1])).reshape(b, 1, g * t, -1)
+    mm = jnp.broadcast_to(mask[:, None, None], (b, 1, g, t, mask.shape[-1])).reshape(
+        b, 1, g * t, -1
+    )
     out = _attention(qm, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mm)
     return out.reshape(b, kvh, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
@@ -150,8 +157,15 @@ def causal_attend(q, k, v, mask, blocks: int):
     if blocks <= 1 or t % blocks or k.shape[1] != t:
         return attend(q, k, v, mask)
     c = t // blocks
-    outs = [attend(q[:, i * c:(i + 1) * c], k[:, :(i + 1) * c], v[:, :(i + 1) * c],
-                   mask[:, i * c:(i + 1) * c, :(i + 1) * c]) for i in range(blocks)]
+    outs = [
+        attend(
+            q[:, i * c : (i + 1) * c],
+            k[:, : (i + 1) * c],
+            v[:, : (i + 1) * c],
+            mask[:, i * c : (i + 1) * c, : (i + 1) * c],
+        )
+        for i in range(blocks)
+    ]
     return jnp.concatenate(outs, axis=1)
 
 
@@ -162,7 +176,7 @@ def cached_attention(q, ck, cv, mask):
     cache read in its own layout (no transpose per step)."""
     b, _, h, dh = q.shape
     kvh = ck.shape[1]
-    qm = q.reshape(b, kvh, h // kvh, dh)                          # [B, K, G, Dh]
+    qm = q.reshape(b, kvh, h // kvh, dh)  # [B, K, G, Dh]
     out, _ = _attention_fwd(qm, ck, cv, mask[:, None])
     return out.reshape(b, 1, h, dh)
 

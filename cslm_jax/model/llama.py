@@ -21,6 +21,7 @@ The functional view the optimizer, Orbax and the converters work with is the par
 such a tree back into a module (inside jit), and `forward` is `bind(...)(tokens, ...)`.
 RoPE uses HF's rotate-half layout, so conversion is transposes and reshapes only.
 """
+
 from __future__ import annotations
 
 import functools
@@ -53,7 +54,7 @@ from cslm_jax.model.layers import (
 from cslm_jax.model.schema import FUSED, param_shapes  # noqa: F401  (param_shapes: public API)
 from cslm_jax.parallel.sharding import constrain
 
-NEG = float(np.finfo(np.float32).min)   # the "never" logit of vocabulary padding rows
+NEG = float(np.finfo(np.float32).min)  # the "never" logit of vocabulary padding rows
 
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -72,6 +73,7 @@ def uses_splash(cfg: ModelConfig) -> bool:
 class LayerCache(NamedTuple):
     """One layer's keys and values [B, K, S, Dh] in the compute dtype (kv heads before slots:
     attention reads each head's keys as one contiguous matrix). Keys are stored rotated."""
+
     k: jax.Array
     v: jax.Array
 
@@ -79,6 +81,7 @@ class LayerCache(NamedTuple):
 class KVCache(NamedTuple):
     """The whole model's cache: k, v tuples of L arrays [B, K, S, Dh]. Slot s of row b holds the
     token at RoPE position s - pad[b] (see `cslm_jax.infer.decode`)."""
+
     k: tuple
     v: tuple
 
@@ -111,8 +114,9 @@ class DecoderLayer(nnx.Module):
     decoding layout (module docstring); its weights are filled by `decoding_params`.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layers: int | None = None,
-                 packed: bool = False):
+    def __init__(
+        self, cfg: ModelConfig, *, rngs: nnx.Rngs, layers: int | None = None, packed: bool = False
+    ):
         self.cfg = cfg
         self.packed = packed
         dtype = jnp.dtype(cfg.compute_dtype if packed else cfg.param_dtype)
@@ -137,7 +141,7 @@ class DecoderLayer(nnx.Module):
         3-D einsums at about half speed); packed, a fused group is one matmul, split after."""
         b, t = h.shape[:2]
         rows = [schema.weight("layers/" + n) for n in names]
-        outs = [r.shape(self.cfg)[r.contracts:] for r in rows]
+        outs = [r.shape(self.cfg)[r.contracts :] for r in rows]
         flat = h.reshape(b * t, -1)
         if self.packed:
             group = next((g for g, m in FUSED.items() if m == tuple(names)), names[0])
@@ -145,14 +149,29 @@ class DecoderLayer(nnx.Module):
             y = dense(flat, getattr(self, group)[...], sum(sizes))
             parts = jnp.split(y, np.cumsum(sizes)[:-1].tolist(), axis=1) if len(sizes) > 1 else [y]
         else:
-            parts = [dense(flat, getattr(self, n)[...].astype(h.dtype).reshape(flat.shape[1], -1),
-                           math.prod(o)) for n, o in zip(names, outs)]
+            parts = [
+                dense(
+                    flat,
+                    getattr(self, n)[...].astype(h.dtype).reshape(flat.shape[1], -1),
+                    math.prod(o),
+                )
+                for n, o in zip(names, outs)
+            ]
         return [p.reshape(b, t, *o) for p, o in zip(parts, outs)]
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None, *,
-                 rules=None, blocks: int = 1, cache: LayerCache | None = None,
-                 index: jax.Array | int = 0,
-                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array | None,
+        *,
+        rules=None,
+        blocks: int = 1,
+        cache: LayerCache | None = None,
+        index: jax.Array | int = 0,
+        segment_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, LayerCache | None]:
         """x [B, T, D] in the compute dtype; cos, sin [B, T, Dh]; mask [B, T, S] bool.
 
         Without a cache: causal self-attention among the T tokens (training). Through the splash
@@ -169,8 +188,12 @@ class DecoderLayer(nnx.Module):
         h = rms_norm(x, self.attn_norm[...], cfg.rms_norm_eps)
         q, k, v = self._project(h, FUSED["qkv"])
         q = checkpoint_name(constrain(q, ("batch", "length", "act_heads", None), rules), "qkv_proj")
-        k = checkpoint_name(constrain(k, ("batch", "length", "act_kv_heads", None), rules), "qkv_proj")
-        v = checkpoint_name(constrain(v, ("batch", "length", "act_kv_heads", None), rules), "qkv_proj")
+        k = checkpoint_name(
+            constrain(k, ("batch", "length", "act_kv_heads", None), rules), "qkv_proj"
+        )
+        v = checkpoint_name(
+            constrain(v, ("batch", "length", "act_kv_heads", None), rules), "qkv_proj"
+        )
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None and uses_splash(cfg):
             o = splash_attend(q, k, v, segment_ids)
@@ -179,14 +202,21 @@ class DecoderLayer(nnx.Module):
         else:
             at = (0, 0, index, 0)
             cache = LayerCache(
-                jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), at),
-                jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), at))
+                jax.lax.dynamic_update_slice(
+                    cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), at
+                ),
+                jax.lax.dynamic_update_slice(
+                    cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), at
+                ),
+            )
             if t == 1 and mask.shape[-1] == cache.k.shape[2]:
                 o = cached_attention(q, cache.k, cache.v, mask)
             else:
                 o = attend(q, k, v, mask)
         [attn] = self._project(o.reshape(b, t, -1), ("o_proj",))
-        x = constrain(x + checkpoint_name(attn, "attn_out"), ("batch", "length", "act_embed"), rules)
+        x = constrain(
+            x + checkpoint_name(attn, "attn_out"), ("batch", "length", "act_embed"), rules
+        )
         h = rms_norm(x, self.mlp_norm[...], cfg.rms_norm_eps)
         gate, up = self._project(h, FUSED["gate_up"])
         act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"), rules)
@@ -198,8 +228,9 @@ class DecoderLayer(nnx.Module):
 def _rules_key(rules) -> tuple | None:
     if rules is None:
         return None
-    return tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v)
-                        for k, v in dict(rules).items()))
+    return tuple(
+        sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(rules).items())
+    )
 
 
 class Llama(nnx.Module):
@@ -211,17 +242,24 @@ class Llama(nnx.Module):
         self.rules = _rules_key(rules)
         self.decoding = decoding
         dtype = jnp.dtype(cfg.compute_dtype if decoding else cfg.param_dtype)
-        for w in schema.weights(cfg):          # table order: the initialisers' random order
+        for w in schema.weights(cfg):  # table order: the initialisers' random order
             if w.per_layer:
                 if not hasattr(self, "layers"):
-                    self.layers = (nnx.List([DecoderLayer(cfg, rngs=rngs, packed=True)
-                                             for _ in range(cfg.num_layers)]) if decoding else
-                                   DecoderLayer(cfg, rngs=rngs, layers=cfg.num_layers))
+                    self.layers = (
+                        nnx.List(
+                            [
+                                DecoderLayer(cfg, rngs=rngs, packed=True)
+                                for _ in range(cfg.num_layers)
+                            ]
+                        )
+                        if decoding
+                        else DecoderLayer(cfg, rngs=rngs, layers=cfg.num_layers)
+                    )
             elif decoding and w.contracts:
-                continue                         # the packed head comes below
+                continue  # the packed head comes below
             else:
                 setattr(self, w.path, _new_param(w, w.shape(cfg), dtype, rngs, cfg, w.axes))
-        if decoding:     # the head as a matrix [D, V], a copy of the embedding's transpose if tied
+        if decoding:  # the head as a matrix [D, V], a copy of the embedding's transpose if tied
             self.lm_head = nnx.Param(jnp.zeros((cfg.hidden_size, cfg.vocab_size), dtype))
 
     def params(self) -> dict:
@@ -250,7 +288,8 @@ class Llama(nnx.Module):
         """x [N, D] final-normed hidden states -> float32 logits [N, V], vocabulary padding rows
         masked (2-D matmul: XLA:CPU's gradient of the 3-D einsum form is several times slower)."""
         return self._mask_padding_rows(
-            dense(x, self.head_matrix(), self.cfg.vocab_size, out_dtype=jnp.float32))
+            dense(x, self.head_matrix(), self.cfg.vocab_size, out_dtype=jnp.float32)
+        )
 
     def _logits(self, x: jax.Array) -> jax.Array:
         """x [N, D] last hidden states -> float32 logits [N, V], padding rows masked."""
@@ -266,13 +305,19 @@ class Llama(nnx.Module):
         if self.decoding:
             return list(self.layers)
         graphdef, state = nnx.split(self.layers)
-        return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
-                for i in range(self.cfg.num_layers)]
+        return [
+            nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+            for i in range(self.cfg.num_layers)
+        ]
 
     # -- training / scoring ---------------------------------------------------------------------
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
         """Logits [B, T, V] float32 for tokens [B, T] int32.
 
         positions [B, T] (default 0..T-1) drive RoPE; segment_ids [B, T] (default all 1) keep
@@ -285,8 +330,12 @@ class Llama(nnx.Module):
         logits = self.head_logits(h.reshape(b * t, -1)).reshape(b, t, -1)
         return constrain(logits, ("batch", "length", "act_vocab"), rules)
 
-    def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
-                      segment_ids: jax.Array | None = None) -> jax.Array:
+    def hidden_states(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
         """The final-normed hidden states [B, T, D] (compute dtype) that `head_logits` turns into
         logits: the whole model but the head (`chunked_token_losses` applies it chunk by chunk)."""
         cfg = self.cfg
@@ -314,8 +363,9 @@ class Llama(nnx.Module):
                 return nnx.merge(graphdef, state)(x, cos, sin, mask, **kw)[0]
 
             if cfg.remat_policy != "none":
-                layer = jax.checkpoint(layer, policy=REMAT[cfg.remat_policy],
-                                       prevent_cse=not cfg.scan_layers)
+                layer = jax.checkpoint(
+                    layer, policy=REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers
+                )
             if cfg.scan_layers:
                 x, _ = jax.lax.scan(lambda c, s: (layer(c, s, cos, sin, mask), None), x, stacked)
             else:
@@ -348,7 +398,7 @@ class Llama(nnx.Module):
         """token [B] int32 goes to cache slot `index` (int32 scalar, same for all rows) at
         position index - pad[b]. Returns (logits [B, V] float32 for the following token, the
         updated KVCache)."""
-        x = self._embed(token[:, None])                                   # [B, 1, D]
+        x = self._embed(token[:, None])  # [B, 1, D]
         cos, sin = self._rope((index - pad)[:, None], x.dtype)
         slots = jnp.arange(cache.k[0].shape[2], dtype=jnp.int32)
         # [B, 1, S]: the row's own real tokens up to and including this one.
@@ -364,6 +414,7 @@ class Llama(nnx.Module):
 
 
 # -- the functional view --------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=32)
 def _skeleton(cfg_key: str, rules_key, decoding: bool):
@@ -390,13 +441,19 @@ def bind(cfg: ModelConfig, params: dict, rules=None) -> Llama:
     graphdef, abstract = _skeleton(config_key(cfg), _rules_key(rules), decoding)
     if decoding:
         params = {**params, "layers": dict(enumerate(params["layers"]))}
-    state = jax.tree.map(lambda a: a, abstract)          # a fresh copy to fill
+    state = jax.tree.map(lambda a: a, abstract)  # a fresh copy to fill
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
 
-def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array | None = None,
-            segment_ids: jax.Array | None = None, rules=None) -> jax.Array:
+def forward(
+    cfg: ModelConfig,
+    params: dict,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    rules=None,
+) -> jax.Array:
     """`Llama.__call__` on a parameter tree: logits [B, T, V] float32 for tokens [B, T]."""
     return bind(cfg, params, rules)(tokens, positions, segment_ids)
 
@@ -421,9 +478,11 @@ def decoding_params(cfg: ModelConfig, params: dict) -> dict:
     kernel = cd == jnp.float32 and jax.default_backend() == "cpu" and cpu_matmul.available()
     matrix = cpu_matmul.panel_layout if kernel else (lambda a: a)
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    out = {"embed": jnp.asarray(params["embed"], cd),
-           "final_norm": jnp.asarray(params["final_norm"], cd),
-           "lm_head": matrix(jnp.asarray(head, cd))}
+    out = {
+        "embed": jnp.asarray(params["embed"], cd),
+        "final_norm": jnp.asarray(params["final_norm"], cd),
+        "lm_head": matrix(jnp.asarray(head, cd)),
+    }
     stacked = params["layers"]
     layers = []
     for i in range(cfg.num_layers):
@@ -442,13 +501,16 @@ def decoding_params(cfg: ModelConfig, params: dict) -> dict:
 
 # -- parameters on a mesh -------------------------------------------------------------------------
 
+
 def param_shardings(cfg: ModelConfig, mesh, rules=None) -> dict:
     """NamedSharding per parameter from its logical axis names and the rules table."""
     from cslm_jax.parallel.sharding import named_sharding
 
     def one(path, spec):
         shape, names = spec
-        return named_sharding(mesh, names, rules, shape, what=f"parameter {jax.tree_util.keystr(path)}")
+        return named_sharding(
+            mesh, names, rules, shape, what=f"parameter {jax.tree_util.keystr(path)}"
+        )
 
     return jax.tree_util.tree_map_with_path(one, param_shapes(cfg), is_leaf=schema.is_spec)
 
@@ -456,6 +518,7 @@ def param_shardings(cfg: ModelConfig, mesh, rules=None) -> dict:
 def init_params(cfg: ModelConfig, seed: int = 0, mesh=None, rules=None) -> dict:
     """Fresh parameters (HF's initialisation: normal(initializer_range), norms at one), created
     directly in their shardings when a mesh is given (no full copy on one device)."""
+
     def make():
         return Llama(cfg, rngs=nnx.Rngs(seed)).params()
 
@@ -472,8 +535,9 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(flat, axis=-1) - target_logit
 
 
-def chunked_token_losses(model: Llama, hidden: jax.Array, targets: jax.Array,
-                         chunk: int) -> jax.Array:
+def chunked_token_losses(
+    model: Llama, hidden: jax.Array, targets: jax.Array, chunk: int
+) -> jax.Array:
     """`token_losses` without the full logits: per-token cross-entropy [B*T] float32 from the
     final hidden states [B, T, D] (`Llama.hidden_states`) and int targets [B, T], applying the LM
     head to `chunk` positions of every row at a time inside a rematerialised loop. Only one
@@ -486,8 +550,8 @@ def chunked_token_losses(model: Llama, hidden: jax.Array, targets: jax.Array,
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
     n = (t + pad) // chunk
-    hs = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)                 # [n, B, c, D]
-    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)                   # [n, B, c]
+    hs = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)  # [n, B, c, D]
+    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)  # [n, B, c]
     head = model.head_matrix()
 
     @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
@@ -497,7 +561,7 @@ def chunked_token_losses(model: Llama, hidden: jax.Array, targets: jax.Array,
         logits = constrain(logits.reshape(b, chunk, -1), ("batch", "length", "act_vocab"), rules)
         return token_losses(logits, tgt).reshape(b, chunk)
 
-    losses = jax.lax.map(lambda xs: one(head, *xs), (hs, ts))          # [n, B, c]
+    losses = jax.lax.map(lambda xs: one(head, *xs), (hs, ts))  # [n, B, c]
     return losses.swapaxes(0, 1).reshape(b, -1)[:, :t].reshape(-1)
 
 

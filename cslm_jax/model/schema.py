@@ -25,6 +25,7 @@ Layers are stacked on a leading `layers` axis in the tree (`layers/<name>` rows)
 HF layouts: `copy` (same array), `linear` (transposed: HF stores [out, in]), `qkv` (HF
 [N*Dh, D] <-> ours [D, N, Dh]), `out` (HF [D, H*Dh] <-> ours [H, Dh, D]).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,12 +36,12 @@ from cslm_jax.config import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class Weight:
-    path: str                 # "embed", "final_norm", "lm_head" or "layers/<name>"
-    axes: tuple[str, ...]     # logical axes of one layer's tensor (without "layers")
-    init: str                 # "normal" (initializer_range) or "ones"
-    hf_name: str              # may hold "{i}", the layer index
-    hf_layout: str            # copy | linear | qkv | out
-    contracts: int = 0        # leading axes a matmul contracts (0: not a matmul weight)
+    path: str  # "embed", "final_norm", "lm_head" or "layers/<name>"
+    axes: tuple[str, ...]  # logical axes of one layer's tensor (without "layers")
+    init: str  # "normal" (initializer_range) or "ones"
+    hf_name: str  # may hold "{i}", the layer index
+    hf_layout: str  # copy | linear | qkv | out
+    contracts: int = 0  # leading axes a matmul contracts (0: not a matmul weight)
     vocab_rows: bool = False  # one axis is the vocabulary: extended on import, trimmed on export
     untied_only: bool = False  # absent when the LM head is tied to the embedding
 
@@ -60,32 +61,90 @@ class Weight:
     def in_out(self, cfg: ModelConfig) -> tuple[int, int]:
         """A matmul weight as a matrix: (contracted size, output size)."""
         shape = self.shape(cfg)
-        return math.prod(shape[:self.contracts]), math.prod(shape[self.contracts:])
+        return math.prod(shape[: self.contracts]), math.prod(shape[self.contracts :])
 
 
 WEIGHTS = (
-    Weight("embed", ("vocab", "embed"), "normal", "model.embed_tokens.weight", "copy",
-           vocab_rows=True),
-    Weight("layers/attn_norm", ("norm",), "ones", "model.layers.{i}.input_layernorm.weight", "copy"),
-    Weight("layers/q_proj", ("embed", "heads", "head_dim"), "normal",
-           "model.layers.{i}.self_attn.q_proj.weight", "qkv", contracts=1),
-    Weight("layers/k_proj", ("embed", "kv_heads", "head_dim"), "normal",
-           "model.layers.{i}.self_attn.k_proj.weight", "qkv", contracts=1),
-    Weight("layers/v_proj", ("embed", "kv_heads", "head_dim"), "normal",
-           "model.layers.{i}.self_attn.v_proj.weight", "qkv", contracts=1),
-    Weight("layers/o_proj", ("heads", "head_dim", "embed"), "normal",
-           "model.layers.{i}.self_attn.o_proj.weight", "out", contracts=2),
-    Weight("layers/mlp_norm", ("norm",), "ones",
-           "model.layers.{i}.post_attention_layernorm.weight", "copy"),
-    Weight("layers/gate_proj", ("embed", "mlp"), "normal", "model.layers.{i}.mlp.gate_proj.weight",
-           "linear", contracts=1),
-    Weight("layers/up_proj", ("embed", "mlp"), "normal", "model.layers.{i}.mlp.up_proj.weight",
-           "linear", contracts=1),
-    Weight("layers/down_proj", ("mlp", "embed"), "normal", "model.layers.{i}.mlp.down_proj.weight",
-           "linear", contracts=1),
+    Weight(
+        "embed", ("vocab", "embed"), "normal", "model.embed_tokens.weight", "copy", vocab_rows=True
+    ),
+    Weight(
+        "layers/attn_norm", ("norm",), "ones", "model.layers.{i}.input_layernorm.weight", "copy"
+    ),
+    Weight(
+        "layers/q_proj",
+        ("embed", "heads", "head_dim"),
+        "normal",
+        "model.layers.{i}.self_attn.q_proj.weight",
+        "qkv",
+        contracts=1,
+    ),
+    Weight(
+        "layers/k_proj",
+        ("embed", "kv_heads", "head_dim"),
+        "normal",
+        "model.layers.{i}.self_attn.k_proj.weight",
+        "qkv",
+        contracts=1,
+    ),
+    Weight(
+        "layers/v_proj",
+        ("embed", "kv_heads", "head_dim"),
+        "normal",
+        "model.layers.{i}.self_attn.v_proj.weight",
+        "qkv",
+        contracts=1,
+    ),
+    Weight(
+        "layers/o_proj",
+        ("heads", "head_dim", "embed"),
+        "normal",
+        "model.layers.{i}.self_attn.o_proj.weight",
+        "out",
+        contracts=2,
+    ),
+    Weight(
+        "layers/mlp_norm",
+        ("norm",),
+        "ones",
+        "model.layers.{i}.post_attention_layernorm.weight",
+        "copy",
+    ),
+    Weight(
+        "layers/gate_proj",
+        ("embed", "mlp"),
+        "normal",
+        "model.layers.{i}.mlp.gate_proj.weight",
+        "linear",
+        contracts=1,
+    ),
+    Weight(
+        "layers/up_proj",
+        ("embed", "mlp"),
+        "normal",
+        "model.layers.{i}.mlp.up_proj.weight",
+        "linear",
+        contracts=1,
+    ),
+    Weight(
+        "layers/down_proj",
+        ("mlp", "embed"),
+        "normal",
+        "model.layers.{i}.mlp.down_proj.weight",
+        "linear",
+        contracts=1,
+    ),
     Weight("final_norm", ("norm",), "ones", "model.norm.weight", "copy"),
-    Weight("lm_head", ("embed", "vocab"), "normal", "lm_head.weight", "linear", contracts=1,
-           vocab_rows=True, untied_only=True),
+    Weight(
+        "lm_head",
+        ("embed", "vocab"),
+        "normal",
+        "lm_head.weight",
+        "linear",
+        contracts=1,
+        vocab_rows=True,
+        untied_only=True,
+    ),
 )
 
 # Weights a decoding step multiplies as one matrix, side by side (same input, outputs split
@@ -94,9 +153,16 @@ FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_pro
 
 
 def axis_size(cfg: ModelConfig, axis: str) -> int:
-    sizes = {"vocab": cfg.vocab_size, "embed": cfg.hidden_size, "norm": cfg.hidden_size,
-             "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-             "mlp": cfg.intermediate_size, "layers": cfg.num_layers}
+    sizes = {
+        "vocab": cfg.vocab_size,
+        "embed": cfg.hidden_size,
+        "norm": cfg.hidden_size,
+        "heads": cfg.num_heads,
+        "kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "mlp": cfg.intermediate_size,
+        "layers": cfg.num_layers,
+    }
     return sizes[axis]
 
 
@@ -139,8 +205,8 @@ def hf_shape(w: Weight, cfg: ModelConfig, vocab_rows: int) -> tuple[int, ...]:
         return shape
     if w.hf_layout == "linear":
         return shape[::-1]
-    if w.hf_layout == "qkv":                      # ours [D, N, Dh] -> HF [N*Dh, D]
+    if w.hf_layout == "qkv":  # ours [D, N, Dh] -> HF [N*Dh, D]
         return (shape[1] * shape[2], shape[0])
-    if w.hf_layout == "out":                      # ours [H, Dh, D] -> HF [D, H*Dh]
+    if w.hf_layout == "out":  # ours [H, Dh, D] -> HF [D, H*Dh]
         return (shape[2], shape[0] * shape[1])
     raise AssertionError(w.hf_layout)

@@ -11,6 +11,7 @@ its own contiguous share of them, so the global batch a step sees depends on the
 never on how many processes read it: a run written by 2 processes continues bit-for-bit on 1
 process reading both shards (and the other way round).
 """
+
 from __future__ import annotations
 
 import glob
@@ -22,12 +23,12 @@ import numpy as np
 
 from cslm_jax.errors import CslmError
 
-ENV_COORDINATOR = "CSLM_JAX_COORDINATOR"          # host:port of process 0
+ENV_COORDINATOR = "CSLM_JAX_COORDINATOR"  # host:port of process 0
 ENV_NUM_PROCESSES = "CSLM_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "CSLM_JAX_PROCESS_ID"
 
 _GOOGLE_PCI_VENDOR = "0x1ae0"
-_TPU_PCI_DEVICES = {"0x005e", "0x0062", "0x0063", "0x006f", "0x0076"}   # v4, v5p, v5e, v6e, 7x
+_TPU_PCI_DEVICES = {"0x005e", "0x0062", "0x0063", "0x006f", "0x0076"}  # v4, v5p, v5e, v6e, 7x
 
 
 class DistributedError(CslmError):
@@ -48,9 +49,13 @@ def tpu_chips_on_host(sys_root: str = "/sys") -> int:
     return count
 
 
-def resolve_process_group(coordinator: str | None = None, num_processes: int | None = None,
-                          process_id: int | None = None, environ=os.environ,
-                          tpu_chips: int | None = None) -> dict | None:
+def resolve_process_group(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    environ=os.environ,
+    tpu_chips: int | None = None,
+) -> dict | None:
     """How this process joins the job, as keyword arguments for `jax.distributed.initialize`:
 
     - flags (`coordinator`, `num_processes`, `process_id`), each falling back to its environment
@@ -78,22 +83,36 @@ def resolve_process_group(coordinator: str | None = None, num_processes: int | N
         tpu_allowed = not platforms or "tpu" in platforms.split(",")
         chips = tpu_chips_on_host() if tpu_chips is None else tpu_chips
         return {} if tpu_allowed and chips > 0 else None
-    missing = [name for name, v in (("--coordinator", coordinator), ("--num-processes", count),
-                                    ("--process-id", index)) if v is None]
+    missing = [
+        name
+        for name, v in (
+            ("--coordinator", coordinator),
+            ("--num-processes", count),
+            ("--process-id", index),
+        )
+        if v is None
+    ]
     if missing:
-        raise DistributedError(f"multi-process run: {', '.join(missing)} missing (or the variables "
-                               f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); give "
-                               f"all three, or none for a single process / a Cloud TPU VM")
+        raise DistributedError(
+            f"multi-process run: {', '.join(missing)} missing (or the variables "
+            f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); give "
+            f"all three, or none for a single process / a Cloud TPU VM"
+        )
     if ":" not in coordinator:
         raise DistributedError(f"--coordinator {coordinator!r}: expected HOST:PORT of process 0")
     if count < 1 or not 0 <= index < count:
-        raise DistributedError(f"--process-id {index} must be in 0..{count - 1} "
-                               f"(--num-processes {count})")
+        raise DistributedError(
+            f"--process-id {index} must be in 0..{count - 1} (--num-processes {count})"
+        )
     return {"coordinator_address": coordinator, "num_processes": count, "process_id": index}
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, environ=os.environ) -> str:
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    environ=os.environ,
+) -> str:
     """Join the multi-process JAX job if there is one (see `resolve_process_group`); must run
     before anything touches a JAX device. Returns a one-line description."""
     import jax
@@ -105,12 +124,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         # CPU processes need a collectives backend to talk to each other; TPU/GPU ignore this
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**group)
-    how = (f"coordinator {group['coordinator_address']}" if group
-           else "Cloud TPU VM metadata")
+    how = f"coordinator {group['coordinator_address']}" if group else "Cloud TPU VM metadata"
     return f"process {jax.process_index()} of {jax.process_count()} ({how})"
 
 
 # -- agreements between processes -------------------------------------------------------------------
+
 
 def barrier(name: str) -> None:
     """Every process waits here until all have arrived (no-op for one process)."""
@@ -118,6 +137,7 @@ def barrier(name: str) -> None:
 
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)
 
 
@@ -128,6 +148,7 @@ def broadcast_int(value: int) -> int:
     if jax.process_count() == 1:
         return int(value)
     from jax.experimental import multihost_utils
+
     return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
@@ -138,6 +159,7 @@ def any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return bool(flag)
     from jax.experimental import multihost_utils
+
     return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
@@ -187,18 +209,22 @@ def check_shared_dir(path: str | Path) -> None:
         raise DistributedError(
             f"{path}: not every process sees what process 0 wrote there; a multi-host run needs "
             f"a run folder on storage all hosts share (gs://bucket/path, NFS / Filestore, or a "
-            f"bucket mounted with gcsfuse)")
+            f"bucket mounted with gcsfuse)"
+        )
 
 
 # -- this process's share of the input ---------------------------------------------------------------
 
+
 def shards_of_process(num_shards: int, process_index: int, process_count: int) -> list[int]:
     """The contiguous data shards process `process_index` reads."""
     if num_shards < 1 or num_shards % process_count:
-        raise DistributedError(f"{num_shards} data shard(s) cannot be split evenly over "
-                               f"{process_count} processes; the shard count is fixed when a run "
-                               f"starts (one per process): resume on a process count that "
-                               f"divides it")
+        raise DistributedError(
+            f"{num_shards} data shard(s) cannot be split evenly over "
+            f"{process_count} processes; the shard count is fixed when a run "
+            f"starts (one per process): resume on a process count that "
+            f"divides it"
+        )
     per = num_shards // process_count
     return list(range(process_index * per, (process_index + 1) * per))
 
@@ -212,14 +238,24 @@ class ProcessInput:
     by side in the global array. `save`/`restore` keep one position per shard (`shard_<s>/`).
     """
 
-    def __init__(self, make_iterator, *, num_shards: int, global_batch: int, accumulation: int,
-                 process_index: int = 0, process_count: int = 1):
+    def __init__(
+        self,
+        make_iterator,
+        *,
+        num_shards: int,
+        global_batch: int,
+        accumulation: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
         self.shards = shards_of_process(num_shards, process_index, process_count)
         rows = global_batch // num_shards
         if global_batch % num_shards or rows % accumulation:
-            raise DistributedError(f"train.global_batch_size ({global_batch}) must split into "
-                                   f"{num_shards} data shard(s) x {accumulation} micro-batch(es) "
-                                   f"of whole rows")
+            raise DistributedError(
+                f"train.global_batch_size ({global_batch}) must split into "
+                f"{num_shards} data shard(s) x {accumulation} micro-batch(es) "
+                f"of whole rows"
+            )
         self.num_shards, self.accumulation = num_shards, accumulation
         self.iterators = [make_iterator(shard, rows) for shard in self.shards]
 
@@ -262,8 +298,10 @@ class ProcessInput:
         for shard, it in zip(self.shards, self.iterators):
             where = fs.path(directory) / f"shard_{shard}"
             if not where.is_dir():
-                raise DistributedError(f"{directory}: no position for data shard {shard}; the "
-                                       f"checkpoint was written with a different shard count")
+                raise DistributedError(
+                    f"{directory}: no position for data shard {shard}; the "
+                    f"checkpoint was written with a different shard count"
+                )
             if not fs.is_remote(where):
                 it.restore(Path(os.fspath(where)))
                 continue

@@ -5,6 +5,7 @@ One rules table maps each logical name to zero or more mesh axes (`data`, `fsdp`
 changing parallelism is a config edit. The table below is the project's default; run configs may
 replace it (`sharding.logical_axis_rules`).
 """
+
 from __future__ import annotations
 
 import math
@@ -52,18 +53,23 @@ def normalize_rules(rules: Mapping[str, object] | None) -> dict[str, tuple[str, 
         elif isinstance(target, (list, tuple)):
             axes = tuple(target)
         else:
-            raise ConfigError(f"sharding rule for '{logical}': expected a mesh axis, a list of "
-                              f"mesh axes or null, got {target!r}")
+            raise ConfigError(
+                f"sharding rule for '{logical}': expected a mesh axis, a list of "
+                f"mesh axes or null, got {target!r}"
+            )
         for axis in axes:
             if axis not in MESH_AXES:
-                raise ConfigError(f"sharding rule for '{logical}' names mesh axis {axis!r}; "
-                                  f"mesh axes are {MESH_AXES}")
+                raise ConfigError(
+                    f"sharding rule for '{logical}' names mesh axis {axis!r}; "
+                    f"mesh axes are {MESH_AXES}"
+                )
         out[logical] = axes
     return out
 
 
-def mesh_sizes(shape: Mapping[str, int] | None, count: int,
-               slice_name: str | None = None) -> dict[str, int]:
+def mesh_sizes(
+    shape: Mapping[str, int] | None, count: int, slice_name: str | None = None
+) -> dict[str, int]:
     """{axis: size} of the mesh that `shape` (a config's `mesh`; one size may be -1: it takes the
     remaining devices) asks for over `count` devices: this host's (`slice_name` None) or the chips
     of a TPU slice (`cslm-jax compile`; messages then name the slice). The one resolution behind
@@ -82,27 +88,34 @@ def mesh_sizes(shape: Mapping[str, int] | None, count: int,
     if -1 in values:
         if count % known:
             raise ConfigError(
-                f"mesh {shape}: {count} devices are not divisible by {known}" if slice_name is None
+                f"mesh {shape}: {count} devices are not divisible by {known}"
+                if slice_name is None
                 else f"mesh {shape}: the fixed axes ({known} ways) do not divide the {count} chips "
-                     f"of {slice_name}")
+                f"of {slice_name}"
+            )
         return {axis: count // known if v == -1 else v for axis, v in sizes.items()}
     if known != count:
         raise ConfigError(
-            f"mesh {sizes} needs {known} devices, but {count} are available" if slice_name is None
+            f"mesh {sizes} needs {known} devices, but {count} are available"
+            if slice_name is None
             else f"mesh {sizes} needs {known} devices, but {slice_name} has {count} chips; make "
-                 f"the sizes multiply to {count} (or set one to -1)")
+            f"the sizes multiply to {count} (or set one to -1)"
+        )
     return sizes
 
 
-def check_batch_split(micro_batch: int, sizes: Mapping[str, int],
-                      slice_name: str | None = None) -> None:
+def check_batch_split(
+    micro_batch: int, sizes: Mapping[str, int], slice_name: str | None = None
+) -> None:
     """Every data x fsdp shard of the mesh `sizes` needs whole rows of each micro-batch."""
     ways = sizes["data"] * sizes["fsdp"]
     if micro_batch % ways:
         where, unit = ("", "device") if slice_name is None else (f" on {slice_name}", "chip")
-        raise ConfigError(f"train.micro_batch_size ({micro_batch}) must be a multiple of the mesh's "
-                          f"data x fsdp size ({ways}){where}: each {unit} needs whole rows; move "
-                          f"ways to mesh.tensor or change the batch")
+        raise ConfigError(
+            f"train.micro_batch_size ({micro_batch}) must be a multiple of the mesh's "
+            f"data x fsdp size ({ways}){where}: each {unit} needs whole rows; move "
+            f"ways to mesh.tensor or change the batch"
+        )
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
@@ -111,13 +124,18 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence | None =
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_sizes(shape, len(devices))
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=auto,
-                         devices=devices)
+    return jax.make_mesh(
+        tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=auto, devices=devices
+    )
 
 
-def logical_to_spec(names: Sequence[str | None], rules: Mapping[str, object] | None = None,
-                    shape: Sequence[int] | None = None, mesh: Mesh | None = None,
-                    what: str = "array") -> PartitionSpec:
+def logical_to_spec(
+    names: Sequence[str | None],
+    rules: Mapping[str, object] | None = None,
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    what: str = "array",
+) -> PartitionSpec:
     """PartitionSpec for an array whose dims carry `names`.
 
     A mesh axis is used at most once per array (first dim wins); axes of size 1 are dropped.
@@ -131,15 +149,20 @@ def logical_to_spec(names: Sequence[str | None], rules: Mapping[str, object] | N
             spec.append(None)
             continue
         if name not in table:
-            raise ConfigError(f"{what}: logical axis '{name}' has no sharding rule; add it to "
-                              f"sharding.logical_axis_rules")
-        axes = tuple(a for a in table[name] if a not in used
-                     and (mesh is None or mesh.shape[a] > 1))
+            raise ConfigError(
+                f"{what}: logical axis '{name}' has no sharding rule; add it to "
+                f"sharding.logical_axis_rules"
+            )
+        axes = tuple(
+            a for a in table[name] if a not in used and (mesh is None or mesh.shape[a] > 1)
+        )
         if shape is not None and mesh is not None and axes:
             ways = int(np.prod([mesh.shape[a] for a in axes]))
             if shape[dim] % ways:
-                raise ConfigError(f"{what}: dim {dim} ('{name}', size {shape[dim]}) is not divisible "
-                                  f"by mesh axes {axes} ({ways} ways); change the mesh or the rule")
+                raise ConfigError(
+                    f"{what}: dim {dim} ('{name}', size {shape[dim]}) is not divisible "
+                    f"by mesh axes {axes} ({ways} ways); change the mesh or the rule"
+                )
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     while spec and spec[-1] is None:

@@ -36,15 +36,25 @@ Public API (stable; `cslm-jax extract-units` is built on it):
 Folder: `model.safetensors` (s3tokenizer state-dict names) + `speech_tokenizer.json`; see
 `cslm_jax.speech.weights`. The model: `cslm_jax.speech.s3`; the front end: `cslm_jax.speech.mel`.
 """
+
 from cslm_jax.speech.s3 import VERSIONS, S3Config, SpeechTokenizerError, init_random
 from cslm_jax.speech.tokenizer import (
-                                       LONG_AUDIO_MODES,
-                                       SpeechTokenizer,
-                                       load_speech_tokenizer,
-                                       random_speech_tokenizer,
+    LONG_AUDIO_MODES,
+    SpeechTokenizer,
+    load_speech_tokenizer,
+    random_speech_tokenizer,
 )
 from cslm_jax.speech.weights import import_speech_tokenizer, save_random_tokenizer
 
-__all__ = ["VERSIONS", "S3Config", "SpeechTokenizerError", "init_random", "LONG_AUDIO_MODES",
-           "SpeechTokenizer", "load_speech_tokenizer", "random_speech_tokenizer",
-           "import_speech_tokenizer", "save_random_tokenizer"]
+__all__ = [
+    "VERSIONS",
+    "S3Config",
+    "SpeechTokenizerError",
+    "init_random",
+    "LONG_AUDIO_MODES",
+    "SpeechTokenizer",
+    "load_speech_tokenizer",
+    "random_speech_tokenizer",
+    "import_speech_tokenizer",
+    "save_random_tokenizer",
+]

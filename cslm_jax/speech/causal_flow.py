@@ -54,6 +54,7 @@ Parameters are a flat dict named by upstream's module paths (`encoder.pre_lookah
 ...) with `.w` / `.b` in `cslm_jax.speech.flow`'s layouts; `cslm_jax.speech.token2wav_weights`
 maps them to and from upstream's state dicts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,15 +78,32 @@ from cslm_jax.speech.hift import (
 # UpsampleConformerEncoder hard-codes some: the pre-lookahead layer (512 channels, 3 units),
 # the upsampling (512 channels, x2) and the 4 blocks after it.
 PRESETS = {
-    "v2": dict(vocab_size=6561, input_size=512, output_size=80, spk_embed_dim=192,
-               input_frame_rate=25, token_mel_ratio=2, pre_lookahead_len=3, encoder_size=512,
-               encoder_heads=8, encoder_linear_units=2048, encoder_blocks=6, up_blocks=4,
-               encoder_chunk=25, channels=(256,), attention_head_dim=64, n_blocks=4,
-               num_mid_blocks=12, num_heads=8, decoder_chunk=50, n_timesteps=10,
-               cfg_rate=0.7),
+    "v2": dict(
+        vocab_size=6561,
+        input_size=512,
+        output_size=80,
+        spk_embed_dim=192,
+        input_frame_rate=25,
+        token_mel_ratio=2,
+        pre_lookahead_len=3,
+        encoder_size=512,
+        encoder_heads=8,
+        encoder_linear_units=2048,
+        encoder_blocks=6,
+        up_blocks=4,
+        encoder_chunk=25,
+        channels=(256,),
+        attention_head_dim=64,
+        n_blocks=4,
+        num_mid_blocks=12,
+        num_heads=8,
+        decoder_chunk=50,
+        n_timesteps=10,
+        cfg_rate=0.7,
+    ),
 }
-NOISE_FRAMES = 50 * 300         # upstream's fixed noise buffer: [1, 80, 15000]
-NOISE_SEED = 0                  # upstream seeds torch with 0 right before drawing it
+NOISE_FRAMES = 50 * 300  # upstream's fixed noise buffer: [1, 80, 15000]
+NOISE_SEED = 0  # upstream seeds torch with 0 right before drawing it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,44 +112,53 @@ class CausalFlowConfig:
     preset (`PRESETS`), so `CausalFlowConfig(encoder_blocks=1, channels=(32,), ...)` is v2 at
     reduced sizes (upstream's encoder needs `encoder_size` 512, `pre_lookahead_len` 3,
     `token_mel_ratio` 2 and `up_blocks` 4; ours takes others)."""
+
     version: str = "v2"
     vocab_size: int | None = None
-    input_size: int | None = None           # the unit embedding's width (= encoder_size)
-    output_size: int | None = None          # mel bins (80: upstream's CFM hard-codes it)
+    input_size: int | None = None  # the unit embedding's width (= encoder_size)
+    output_size: int | None = None  # mel bins (80: upstream's CFM hard-codes it)
     spk_embed_dim: int | None = None
-    input_frame_rate: int | None = None     # units per second
-    token_mel_ratio: int | None = None      # mel frames per unit (the upsampling's stride)
-    pre_lookahead_len: int | None = None    # units of right context
+    input_frame_rate: int | None = None  # units per second
+    token_mel_ratio: int | None = None  # mel frames per unit (the upsampling's stride)
+    pre_lookahead_len: int | None = None  # units of right context
     encoder_size: int | None = None
     encoder_heads: int | None = None
     encoder_linear_units: int | None = None
-    encoder_blocks: int | None = None       # Conformer blocks before the upsampling
-    up_blocks: int | None = None            # and after it
-    encoder_chunk: int | None = None        # streaming attention chunk in units (static_chunk_size)
-    channels: tuple | None = None           # the estimator's U-Net levels
+    encoder_blocks: int | None = None  # Conformer blocks before the upsampling
+    up_blocks: int | None = None  # and after it
+    encoder_chunk: int | None = None  # streaming attention chunk in units (static_chunk_size)
+    channels: tuple | None = None  # the estimator's U-Net levels
     attention_head_dim: int | None = None
     n_blocks: int | None = None
     num_mid_blocks: int | None = None
     num_heads: int | None = None
-    decoder_chunk: int | None = None        # the estimator's streaming chunk in mel frames
+    decoder_chunk: int | None = None  # the estimator's streaming chunk in mel frames
     n_timesteps: int | None = None
     cfg_rate: float | None = None
 
     def __post_init__(self):
         if self.version not in PRESETS:
-            raise Token2WavError(f"unknown causal flow version {self.version!r}; ported: "
-                                 f"{', '.join(PRESETS)} (v1's flow is cslm_jax.speech.flow)")
+            raise Token2WavError(
+                f"unknown causal flow version {self.version!r}; ported: "
+                f"{', '.join(PRESETS)} (v1's flow is cslm_jax.speech.flow)"
+            )
         fill_preset(self, PRESETS[self.version])
         if self.output_size != 80:
-            raise Token2WavError(f"flow output_size {self.output_size}: upstream's CFM solver "
-                                 f"works on 80 mel bins only")
+            raise Token2WavError(
+                f"flow output_size {self.output_size}: upstream's CFM solver "
+                f"works on 80 mel bins only"
+            )
         if self.input_size != self.encoder_size:
-            raise Token2WavError(f"flow input_size {self.input_size} != encoder_size "
-                                 f"{self.encoder_size}: the upsampling's embedding takes the "
-                                 f"encoder's output with the input's width")
+            raise Token2WavError(
+                f"flow input_size {self.input_size} != encoder_size "
+                f"{self.encoder_size}: the upsampling's embedding takes the "
+                f"encoder's output with the input's width"
+            )
         if self.encoder_size % self.encoder_heads:
-            raise Token2WavError(f"flow encoder_size {self.encoder_size} is not a multiple of "
-                                 f"encoder_heads {self.encoder_heads}")
+            raise Token2WavError(
+                f"flow encoder_size {self.encoder_size} is not a multiple of "
+                f"encoder_heads {self.encoder_heads}"
+            )
         for name in ("token_mel_ratio", "pre_lookahead_len", "encoder_chunk", "decoder_chunk"):
             if getattr(self, name) < 1:
                 raise Token2WavError(f"flow {name} {getattr(self, name)}: must be >= 1")
@@ -154,74 +181,92 @@ class CausalFlowConfig:
 # Layer kinds as in cslm_jax.speech.flow: linear [out, in] (linear_nb without bias), conv
 # [out, in, k], convT [in, out, k], norm [C], embed [vocab, dim], param (stored as is).
 
+
 def _conformer_layers(p: str, d: int, h: int, ff: int) -> list[Layer]:
     a = f"{p}.self_attn"
-    return [Layer(f"{a}.linear_q", "linear", (d, d), False),
-            Layer(f"{a}.linear_k", "linear", (d, d), False),
-            Layer(f"{a}.linear_v", "linear", (d, d), False),
-            Layer(f"{a}.linear_out", "linear", (d, d), False),
-            Layer(f"{a}.linear_pos", "linear_nb", (d, d), False),
-            Layer(f"{a}.pos_bias_u", "param", (h, d // h), False),
-            Layer(f"{a}.pos_bias_v", "param", (h, d // h), False),
-            Layer(f"{p}.feed_forward.w_1", "linear", (ff, d), False),
-            Layer(f"{p}.feed_forward.w_2", "linear", (d, ff), False),
-            Layer(f"{p}.norm_ff", "norm", (d,), False),
-            Layer(f"{p}.norm_mha", "norm", (d,), False)]
+    return [
+        Layer(f"{a}.linear_q", "linear", (d, d), False),
+        Layer(f"{a}.linear_k", "linear", (d, d), False),
+        Layer(f"{a}.linear_v", "linear", (d, d), False),
+        Layer(f"{a}.linear_out", "linear", (d, d), False),
+        Layer(f"{a}.linear_pos", "linear_nb", (d, d), False),
+        Layer(f"{a}.pos_bias_u", "param", (h, d // h), False),
+        Layer(f"{a}.pos_bias_v", "param", (h, d // h), False),
+        Layer(f"{p}.feed_forward.w_1", "linear", (ff, d), False),
+        Layer(f"{p}.feed_forward.w_2", "linear", (d, ff), False),
+        Layer(f"{p}.norm_ff", "norm", (d,), False),
+        Layer(f"{p}.norm_mha", "norm", (d,), False),
+    ]
 
 
 def _resnet_layers(p: str, dim: int, out: int, temb: int) -> list[Layer]:
-    return [Layer(f"{p}.mlp.1", "linear", (out, temb), False),
-            Layer(f"{p}.block1.block.0", "conv", (out, dim, 3), False),
-            Layer(f"{p}.block1.block.2", "norm", (out,), False),
-            Layer(f"{p}.block2.block.0", "conv", (out, out, 3), False),
-            Layer(f"{p}.block2.block.2", "norm", (out,), False),
-            Layer(f"{p}.res_conv", "conv", (out, dim, 1), False)]
+    return [
+        Layer(f"{p}.mlp.1", "linear", (out, temb), False),
+        Layer(f"{p}.block1.block.0", "conv", (out, dim, 3), False),
+        Layer(f"{p}.block1.block.2", "norm", (out,), False),
+        Layer(f"{p}.block2.block.0", "conv", (out, out, 3), False),
+        Layer(f"{p}.block2.block.2", "norm", (out,), False),
+        Layer(f"{p}.res_conv", "conv", (out, dim, 1), False),
+    ]
 
 
 def _transformer_layers(p: str, dim: int, heads: int, head_dim: int) -> list[Layer]:
     inner = heads * head_dim
-    return [Layer(f"{p}.norm1", "norm", (dim,), False),
-            Layer(f"{p}.attn1.to_q", "linear_nb", (inner, dim), False),
-            Layer(f"{p}.attn1.to_k", "linear_nb", (inner, dim), False),
-            Layer(f"{p}.attn1.to_v", "linear_nb", (inner, dim), False),
-            Layer(f"{p}.attn1.to_out.0", "linear", (dim, inner), False),
-            Layer(f"{p}.norm3", "norm", (dim,), False),
-            Layer(f"{p}.ff.net.0.proj", "linear", (4 * dim, dim), False),
-            Layer(f"{p}.ff.net.2", "linear", (dim, 4 * dim), False)]
+    return [
+        Layer(f"{p}.norm1", "norm", (dim,), False),
+        Layer(f"{p}.attn1.to_q", "linear_nb", (inner, dim), False),
+        Layer(f"{p}.attn1.to_k", "linear_nb", (inner, dim), False),
+        Layer(f"{p}.attn1.to_v", "linear_nb", (inner, dim), False),
+        Layer(f"{p}.attn1.to_out.0", "linear", (dim, inner), False),
+        Layer(f"{p}.norm3", "norm", (dim,), False),
+        Layer(f"{p}.ff.net.0.proj", "linear", (4 * dim, dim), False),
+        Layer(f"{p}.ff.net.2", "linear", (dim, 4 * dim), False),
+    ]
 
 
 def layers(cfg: CausalFlowConfig) -> list[Layer]:
     """Every layer of upstream's CausalMaskedDiffWithXvec of these sizes."""
     d, h, ff = cfg.encoder_size, cfg.encoder_heads, cfg.encoder_linear_units
-    out = [Layer("input_embedding", "embed", (cfg.vocab_size, cfg.input_size), False),
-           Layer("spk_embed_affine_layer", "linear", (cfg.output_size, cfg.spk_embed_dim), False),
-           Layer("encoder.embed.out.0", "linear", (d, cfg.input_size), False),
-           Layer("encoder.embed.out.1", "norm", (d,), False),
-           Layer("encoder.pre_lookahead_layer.conv1", "conv", (d, d, cfg.pre_lookahead_len + 1),
-                 False),
-           Layer("encoder.pre_lookahead_layer.conv2", "conv", (d, d, 3), False)]
+    out = [
+        Layer("input_embedding", "embed", (cfg.vocab_size, cfg.input_size), False),
+        Layer("spk_embed_affine_layer", "linear", (cfg.output_size, cfg.spk_embed_dim), False),
+        Layer("encoder.embed.out.0", "linear", (d, cfg.input_size), False),
+        Layer("encoder.embed.out.1", "norm", (d,), False),
+        Layer(
+            "encoder.pre_lookahead_layer.conv1", "conv", (d, d, cfg.pre_lookahead_len + 1), False
+        ),
+        Layer("encoder.pre_lookahead_layer.conv2", "conv", (d, d, 3), False),
+    ]
     for i in range(cfg.encoder_blocks):
         out += _conformer_layers(f"encoder.encoders.{i}", d, h, ff)
-    out += [Layer("encoder.up_layer.conv", "conv", (d, d, 2 * cfg.token_mel_ratio + 1), False),
-            Layer("encoder.up_embed.out.0", "linear", (d, cfg.input_size), False),
-            Layer("encoder.up_embed.out.1", "norm", (d,), False)]
+    out += [
+        Layer("encoder.up_layer.conv", "conv", (d, d, 2 * cfg.token_mel_ratio + 1), False),
+        Layer("encoder.up_embed.out.0", "linear", (d, cfg.input_size), False),
+        Layer("encoder.up_embed.out.1", "norm", (d,), False),
+    ]
     for i in range(cfg.up_blocks):
         out += _conformer_layers(f"encoder.up_encoders.{i}", d, h, ff)
-    out += [Layer("encoder.after_norm", "norm", (d,), False),
-            Layer("encoder_proj", "linear", (cfg.output_size, d), False)]
+    out += [
+        Layer("encoder.after_norm", "norm", (d,), False),
+        Layer("encoder_proj", "linear", (cfg.output_size, d), False),
+    ]
     e, temb, ch = "decoder.estimator", cfg.time_embed_dim, cfg.channels
-    tr = functools.partial(_transformer_layers, heads=cfg.num_heads,
-                           head_dim=cfg.attention_head_dim)
-    out += [Layer(f"{e}.time_mlp.linear_1", "linear", (temb, cfg.estimator_in), False),
-            Layer(f"{e}.time_mlp.linear_2", "linear", (temb, temb), False)]
+    tr = functools.partial(
+        _transformer_layers, heads=cfg.num_heads, head_dim=cfg.attention_head_dim
+    )
+    out += [
+        Layer(f"{e}.time_mlp.linear_1", "linear", (temb, cfg.estimator_in), False),
+        Layer(f"{e}.time_mlp.linear_2", "linear", (temb, temb), False),
+    ]
     prev = cfg.estimator_in
     for i, c in enumerate(ch):
         out += _resnet_layers(f"{e}.down_blocks.{i}.0", prev, c, temb)
         for j in range(cfg.n_blocks):
             out += tr(f"{e}.down_blocks.{i}.1.{j}", c)
         last = i == len(ch) - 1
-        out.append(Layer(f"{e}.down_blocks.{i}.2" + ("" if last else ".conv"), "conv",
-                         (c, c, 3), False))
+        out.append(
+            Layer(f"{e}.down_blocks.{i}.2" + ("" if last else ".conv"), "conv", (c, c, 3), False)
+        )
         prev = c
     for i in range(cfg.num_mid_blocks):
         out += _resnet_layers(f"{e}.mid_blocks.{i}.0", ch[-1], ch[-1], temb)
@@ -234,11 +279,16 @@ def layers(cfg: CausalFlowConfig) -> list[Layer]:
         for j in range(cfg.n_blocks):
             out += tr(f"{e}.up_blocks.{i}.1.{j}", c)
         last = i == len(up) - 2
-        out.append(Layer(f"{e}.up_blocks.{i}.2", "conv", (c, c, 3), False) if last else
-                   Layer(f"{e}.up_blocks.{i}.2.conv", "convT", (c, c, 4), False))
-    out += [Layer(f"{e}.final_block.block.0", "conv", (up[-1], up[-1], 3), False),
-            Layer(f"{e}.final_block.block.2", "norm", (up[-1],), False),
-            Layer(f"{e}.final_proj", "conv", (cfg.output_size, up[-1], 1), False)]
+        out.append(
+            Layer(f"{e}.up_blocks.{i}.2", "conv", (c, c, 3), False)
+            if last
+            else Layer(f"{e}.up_blocks.{i}.2.conv", "convT", (c, c, 4), False)
+        )
+    out += [
+        Layer(f"{e}.final_block.block.0", "conv", (up[-1], up[-1], 3), False),
+        Layer(f"{e}.final_block.block.2", "norm", (up[-1],), False),
+        Layer(f"{e}.final_proj", "conv", (cfg.output_size, up[-1], 1), False),
+    ]
     return out
 
 
@@ -289,6 +339,7 @@ def check_params(cfg: CausalFlowConfig, params: dict, where: str = "parameters")
 
 # -- building blocks (all on [B, T, C]) ------------------------------------------------------------
 
+
 class _Ops:
     def __init__(self, params: dict, precision: str):
         self.p = params
@@ -296,15 +347,22 @@ class _Ops:
 
     def dense(self, name, x, bias=True):
         import jax.numpy as jnp
+
         y = jnp.dot(x, self.p[f"{name}.w"], precision=self.prec)
         return y + self.p[f"{name}.b"] if bias else y
 
     def conv(self, name, x, pad, stride=1):
         """Conv1d with `pad = (left, right)` zeros."""
         import jax
-        y = jax.lax.conv_general_dilated(x, self.p[f"{name}.w"], (stride,), [pad],
-                                         dimension_numbers=("NWC", "WIO", "NWC"),
-                                         precision=self.prec)
+
+        y = jax.lax.conv_general_dilated(
+            x,
+            self.p[f"{name}.w"],
+            (stride,),
+            [pad],
+            dimension_numbers=("NWC", "WIO", "NWC"),
+            precision=self.prec,
+        )
         return y + self.p[f"{name}.b"]
 
     def causal_conv(self, name, x):
@@ -314,16 +372,23 @@ class _Ops:
     def conv_transpose(self, name, x, stride=2, padding=1):
         """ConvTranspose1d(k 4, stride 2, padding 1), matcha's Upsample1D."""
         import jax
+
         w = self.p[f"{name}.w"][::-1]
         k = w.shape[0]
-        y = jax.lax.conv_general_dilated(x, w, (1,), [(k - 1 - padding,) * 2],
-                                         lhs_dilation=(stride,),
-                                         dimension_numbers=("NWC", "WIO", "NWC"),
-                                         precision=self.prec)
+        y = jax.lax.conv_general_dilated(
+            x,
+            w,
+            (1,),
+            [(k - 1 - padding,) * 2],
+            lhs_dilation=(stride,),
+            dimension_numbers=("NWC", "WIO", "NWC"),
+            precision=self.prec,
+        )
         return y + self.p[f"{name}.b"]
 
     def layer_norm(self, name, x, eps):
         import jax.numpy as jnp
+
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
         return (x - mean) / jnp.sqrt(var + eps) * self.p[f"{name}.w"] + self.p[f"{name}.b"]
@@ -332,6 +397,7 @@ class _Ops:
 def _mish(x):
     import jax
     import jax.numpy as jnp
+
     return x * jnp.tanh(jax.nn.softplus(x))
 
 
@@ -349,15 +415,16 @@ def _rel_positions(t: int, d: int) -> np.ndarray:
     div = np.exp(np.arange(0, d, 2, dtype=np.float32) * np.float32(-(math.log(10000.0) / d)))
     pe = np.zeros((2, t, d), np.float32)
     pe[0, :, 0::2], pe[0, :, 1::2] = np.sin(pos * div), np.cos(pos * div)
-    pe[1, :, 0::2], pe[1, :, 1::2] = np.sin(np.float32(-1) * pos * div), \
-        np.cos(np.float32(-1) * pos * div)
+    pe[1, :, 0::2], pe[1, :, 1::2] = (
+        np.sin(np.float32(-1) * pos * div),
+        np.cos(np.float32(-1) * pos * div),
+    )
     return np.concatenate([pe[0, ::-1], pe[1, 1:]], 0)
 
 
 def _linear_embed(ops, p, x, d):
     """LinearNoSubsampling with ESPnet relative positions: linear, LayerNorm, times sqrt(d)."""
-    return ops.layer_norm(f"{p}.out.1", ops.dense(f"{p}.out.0", x), 1e-5) * np.float32(
-        math.sqrt(d))
+    return ops.layer_norm(f"{p}.out.1", ops.dense(f"{p}.out.0", x), 1e-5) * np.float32(math.sqrt(d))
 
 
 def _conformer_stack(ops, cfg, prefix, n_blocks, x, allowed, n_valid):
@@ -391,27 +458,43 @@ def _conformer_stack(ops, cfg, prefix, n_blocks, x, allowed, n_valid):
         o = jnp.einsum("bhij,bjhd->bihd", att, v, precision=ops.prec).reshape(b, n, d)
         x = x + ops.dense(f"{a}.linear_out", o)
         y = ops.layer_norm(f"{p}.norm_ff", x, 1e-12)
-        x = x + ops.dense(f"{p}.feed_forward.w_2",
-                          jax.nn.silu(ops.dense(f"{p}.feed_forward.w_1", y)))
+        x = x + ops.dense(
+            f"{p}.feed_forward.w_2", jax.nn.silu(ops.dense(f"{p}.feed_forward.w_1", y))
+        )
     return x
 
 
-def encoder(params: dict, cfg: CausalFlowConfig, units, context=None, streaming: bool = False,
-            precision: str = "highest"):
+def encoder(
+    params: dict,
+    cfg: CausalFlowConfig,
+    units,
+    context=None,
+    streaming: bool = False,
+    precision: str = "highest",
+):
     """`UpsampleConformerEncoder` and the projection: `units [1, N]` (ids; every one gives
     frames), `context [1, pre_lookahead_len]` (ids of the held-back units, or None: zeros) ->
     `h [1, token_mel_ratio * N, 80]`; traceable."""
     import jax.numpy as jnp
+
     n = units.shape[1]
-    ids = units if context is None else jnp.concatenate([jnp.asarray(units),
-                                                         jnp.asarray(context)], 1)
+    ids = (
+        units if context is None else jnp.concatenate([jnp.asarray(units), jnp.asarray(context)], 1)
+    )
     n_ctx = 0 if context is None else context.shape[1]
     h = encode_padded(params, cfg, ids, n, n_ctx, streaming, precision)
-    return h[:, :cfg.token_mel_ratio * n]
+    return h[:, : cfg.token_mel_ratio * n]
 
 
-def encode_padded(params: dict, cfg: CausalFlowConfig, ids, n_main, n_ctx: int,
-                  streaming: bool = False, precision: str = "highest"):
+def encode_padded(
+    params: dict,
+    cfg: CausalFlowConfig,
+    ids,
+    n_main,
+    n_ctx: int,
+    streaming: bool = False,
+    precision: str = "highest",
+):
     """The encoder on a padded row: `ids [1, U]` holds the `n_main` units that give frames
     (traced: one program serves every length up to U), then `n_ctx` (static: 0 or
     `pre_lookahead_len`) units of right context, then padding. Returns `h [1, 2U, 80]`, whose
@@ -432,24 +515,39 @@ def encode_padded(params: dict, cfg: CausalFlowConfig, ids, n_main, n_ctx: int,
     y = ops.causal_conv("encoder.pre_lookahead_layer.conv2", jax.nn.leaky_relu(y, 0.01))
     x = x + y
     full = np.ones((n, n), bool)
-    x = _conformer_stack(ops, cfg, "encoder.encoders", cfg.encoder_blocks, x,
-                         chunk_mask(n, cfg.encoder_chunk) if streaming else full, n_main)
+    x = _conformer_stack(
+        ops,
+        cfg,
+        "encoder.encoders",
+        cfg.encoder_blocks,
+        x,
+        chunk_mask(n, cfg.encoder_chunk) if streaming else full,
+        n_main,
+    )
     # Upsample1D: nearest x s, 2 s zeros in front, a conv k (2 s + 1)
     x = ops.conv("encoder.up_layer.conv", jnp.repeat(x, s, axis=1), (2 * s, 0))
     x = _linear_embed(ops, "encoder.up_embed", x, d)
     full = np.ones((s * n, s * n), bool)
-    x = _conformer_stack(ops, cfg, "encoder.up_encoders", cfg.up_blocks, x,
-                         chunk_mask(s * n, cfg.encoder_chunk * s) if streaming else full,
-                         s * n_main)
+    x = _conformer_stack(
+        ops,
+        cfg,
+        "encoder.up_encoders",
+        cfg.up_blocks,
+        x,
+        chunk_mask(s * n, cfg.encoder_chunk * s) if streaming else full,
+        s * n_main,
+    )
     x = ops.layer_norm("encoder.after_norm", x, 1e-5)
     return ops.dense("encoder_proj", x)
 
 
 # -- the estimator (CausalConditionalDecoder) -----------------------------------------------------
 
+
 def _time_embedding(t, dim: int):
     """matcha's SinusoidalPosEmb (scale 1000): t [B] -> [B, dim]."""
     import jax.numpy as jnp
+
     half = dim // 2
     freq = np.exp(np.arange(half, dtype=np.float32) * np.float32(-(math.log(10000) / (half - 1))))
     e = (np.float32(1000.0) * t)[:, None] * freq[None, :]
@@ -472,13 +570,14 @@ def _resnet(ops, p, x, mask, temb):
 def _transformer(ops, cfg, p, x, bias):
     import jax
     import jax.numpy as jnp
+
     b, t, _ = x.shape
     h, dh = cfg.num_heads, cfg.attention_head_dim
     y = ops.layer_norm(f"{p}.norm1", x, 1e-5)
     q = ops.dense(f"{p}.attn1.to_q", y, bias=False).reshape(b, t, h, dh)
     k = ops.dense(f"{p}.attn1.to_k", y, bias=False).reshape(b, t, h, dh)
     v = ops.dense(f"{p}.attn1.to_v", y, bias=False).reshape(b, t, h, dh)
-    s = jnp.einsum("bihd,bjhd->bhij", q, k, precision=ops.prec) * np.float32(dh ** -0.5)
+    s = jnp.einsum("bihd,bjhd->bhij", q, k, precision=ops.prec) * np.float32(dh**-0.5)
     att = jax.nn.softmax(s + bias, -1)
     o = jnp.einsum("bhij,bjhd->bihd", att, v, precision=ops.prec).reshape(b, t, h * dh)
     x = x + ops.dense(f"{p}.attn1.to_out.0", o)
@@ -487,8 +586,18 @@ def _transformer(ops, cfg, p, x, bias):
     return x + ops.dense(f"{p}.ff.net.2", y)
 
 
-def estimator(params: dict, cfg: CausalFlowConfig, x, mask, mu, t, spks, cond,
-              streaming: bool = False, precision: str = "highest"):
+def estimator(
+    params: dict,
+    cfg: CausalFlowConfig,
+    x,
+    mask,
+    mu,
+    t,
+    spks,
+    cond,
+    streaming: bool = False,
+    precision: str = "highest",
+):
     """`CausalConditionalDecoder.forward`: x, mu, cond `[B, T, 80]`, mask `[B, T]` (1 / 0),
     t `[B]`, spks `[B, 80]` -> the velocity `[B, T, 80]`; with `streaming` the attention within
     chunks of `decoder_chunk` frames at every level; traceable."""
@@ -498,15 +607,16 @@ def estimator(params: dict, cfg: CausalFlowConfig, x, mask, mu, t, spks, cond,
     ops = _Ops(params, precision)
     e = "decoder.estimator"
     temb = _time_embedding(t, cfg.estimator_in)
-    temb = ops.dense(f"{e}.time_mlp.linear_2",
-                     jax.nn.silu(ops.dense(f"{e}.time_mlp.linear_1", temb)))
+    temb = ops.dense(
+        f"{e}.time_mlp.linear_2", jax.nn.silu(ops.dense(f"{e}.time_mlp.linear_1", temb))
+    )
     spk = jnp.broadcast_to(spks[:, None, :], x.shape[:2] + spks.shape[-1:])
     h = jnp.concatenate([x, mu, spk, cond], -1)
     m = mask[..., None].astype(h.dtype)
 
     def blocks(prefix, h, m):
         t_ = h.shape[1]
-        allowed = (m[:, None, :, 0] > 0)                                     # [B, 1, T]
+        allowed = m[:, None, :, 0] > 0  # [B, 1, T]
         if streaming:
             allowed = allowed & jnp.asarray(chunk_mask(t_, cfg.decoder_chunk))[None]
         bias = jnp.where(allowed, np.float32(0.0), np.float32(-1.0e10))[:, None]  # [B,1,*,T]
@@ -534,7 +644,7 @@ def estimator(params: dict, cfg: CausalFlowConfig, x, mask, mu, t, spks, cond,
     for i in range(len(ch)):
         mu_ = masks.pop()
         skip = hiddens.pop()
-        h = jnp.concatenate([h[:, :skip.shape[1]], skip], -1)
+        h = jnp.concatenate([h[:, : skip.shape[1]], skip], -1)
         h = _resnet(ops, f"{e}.up_blocks.{i}.0", h, mu_, temb)
         h = blocks(f"{e}.up_blocks.{i}.1", h, mu_)
         if i == len(ch) - 1:
@@ -547,9 +657,20 @@ def estimator(params: dict, cfg: CausalFlowConfig, x, mask, mu, t, spks, cond,
 
 # -- the CFM solver ------------------------------------------------------------------------------
 
-def cfm(params: dict, cfg: CausalFlowConfig, mu, mask, spks, cond, noise,
-        streaming: bool = False, n_steps: int | None = None, cfg_rate: float | None = None,
-        precision: str = "highest"):
+
+def cfm(
+    params: dict,
+    cfg: CausalFlowConfig,
+    mu,
+    mask,
+    spks,
+    cond,
+    noise,
+    streaming: bool = False,
+    n_steps: int | None = None,
+    cfg_rate: float | None = None,
+    precision: str = "highest",
+):
     """`CausalConditionalCFM.forward` (temperature 1) from `noise [B, T, 80]` (the buffer's
     first T frames): `n_steps` Euler steps (v1's schedule, `flow.time_steps`), each one
     estimator call on the conditional and unconditional rows as one batch, merged with guidance
@@ -568,8 +689,18 @@ def cfm(params: dict, cfg: CausalFlowConfig, mu, mask, spks, cond, noise,
 
     def step(x, tdt):
         t, dt = tdt
-        v = estimator(params, cfg, jnp.concatenate([x, x], 0), mask2, mu2,
-                      jnp.full((2 * b,), t), spks2, cond2, streaming, precision)
+        v = estimator(
+            params,
+            cfg,
+            jnp.concatenate([x, x], 0),
+            mask2,
+            mu2,
+            jnp.full((2 * b,), t),
+            spks2,
+            cond2,
+            streaming,
+            precision,
+        )
         v = (1.0 + r) * v[:b] - r * v[b:]
         return x + dt * v, None
 
@@ -578,6 +709,7 @@ def cfm(params: dict, cfg: CausalFlowConfig, mu, mask, spks, cond, noise,
 
 
 # -- inference ------------------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=1)
 def upstream_noise() -> np.ndarray:
@@ -588,32 +720,57 @@ def upstream_noise() -> np.ndarray:
     try:
         import torch
     except ImportError:
-        raise Token2WavError("noise 'upstream' (CosyVoice 2's fixed noise buffer) is drawn with "
-                             "torch's generator: install torch (the CPU build is enough) or "
-                             "give 'zero', a PRNG key or an array") from None
+        raise Token2WavError(
+            "noise 'upstream' (CosyVoice 2's fixed noise buffer) is drawn with "
+            "torch's generator: install torch (the CPU build is enough) or "
+            "give 'zero', a PRNG key or an array"
+        ) from None
     g = torch.Generator().manual_seed(NOISE_SEED)
     z = torch.randn([1, 80, NOISE_FRAMES], generator=g).numpy()
     return np.ascontiguousarray(z.transpose(0, 2, 1), np.float32)
 
 
-def _forward(params, ids, n_main, cond, embedding, noise, *, cfg, n_ctx, streaming, n_steps,
-             cfg_rate, precision):
+def _forward(
+    params,
+    ids,
+    n_main,
+    cond,
+    embedding,
+    noise,
+    *,
+    cfg,
+    n_ctx,
+    streaming,
+    n_steps,
+    cfg_rate,
+    precision,
+):
     """ids [1, U] (n_main traced), cond and noise [1, 2U, 80] -> mel [1, 2U, 80] (the first
     2 n_main frames real)."""
     import jax.numpy as jnp
+
     spks = embedding / jnp.maximum(jnp.linalg.norm(embedding, axis=1, keepdims=True), 1e-12)
     spks = _Ops(params, precision).dense("spk_embed_affine_layer", spks)
     mu = encode_padded(params, cfg, ids, n_main, n_ctx, streaming, precision)
     mask = (jnp.arange(mu.shape[1]) < cfg.token_mel_ratio * n_main)[None].astype(mu.dtype)
-    return cfm(params, cfg, mu, mask, spks, cond, noise, streaming, n_steps, cfg_rate,
-               precision)
+    return cfm(params, cfg, mu, mask, spks, cond, noise, streaming, n_steps, cfg_rate, precision)
 
 
 @functools.lru_cache(maxsize=None)
 def _jitted(cfg, n_ctx, streaming, n_steps, cfg_rate, precision):
     import jax
-    return jax.jit(functools.partial(_forward, cfg=cfg, n_ctx=n_ctx, streaming=streaming,
-                                     n_steps=n_steps, cfg_rate=cfg_rate, precision=precision))
+
+    return jax.jit(
+        functools.partial(
+            _forward,
+            cfg=cfg,
+            n_ctx=n_ctx,
+            streaming=streaming,
+            n_steps=n_steps,
+            cfg_rate=cfg_rate,
+            precision=precision,
+        )
+    )
 
 
 def _noise(noise, total: int) -> np.ndarray:
@@ -623,27 +780,40 @@ def _noise(noise, total: int) -> np.ndarray:
         if noise == "upstream":
             z = upstream_noise()
         else:
-            raise Token2WavError(f"noise {noise!r}: give 'zero', 'upstream', a PRNG key or an "
-                                 f"array")
-    elif isinstance(noise, (np.ndarray, list)) or (hasattr(noise, "shape") and
-                                                   np.ndim(noise) == 3):
+            raise Token2WavError(
+                f"noise {noise!r}: give 'zero', 'upstream', a PRNG key or an array"
+            )
+    elif isinstance(noise, (np.ndarray, list)) or (hasattr(noise, "shape") and np.ndim(noise) == 3):
         z = np.asarray(noise, np.float32)
         if z.ndim != 3 or z.shape[0] != 1 or z.shape[2] != 80:
             raise Token2WavError(f"noise has shape {z.shape}, expected [1, frames, 80]")
     else:
         import jax
+
         z = np.asarray(jax.random.normal(noise, (1, NOISE_FRAMES, 80), np.float32))
     if z.shape[1] < total:
-        raise Token2WavError(f"noise has {z.shape[1]} frames, this call needs {total} (prompt "
-                             f"and answer frames; upstream's buffer holds {NOISE_FRAMES})")
+        raise Token2WavError(
+            f"noise has {z.shape[1]} frames, this call needs {total} (prompt "
+            f"and answer frames; upstream's buffer holds {NOISE_FRAMES})"
+        )
     return z[:, :total]
 
 
-def causal_flow_inference(params: dict, cfg: CausalFlowConfig, units, embedding,
-                          prompt_units=None, prompt_mel=None, noise="zero",
-                          streaming: bool = False, finalize: bool = True,
-                          pad_to: int | None = None, n_steps: int | None = None,
-                          cfg_rate: float | None = None, precision: str = "highest"):
+def causal_flow_inference(
+    params: dict,
+    cfg: CausalFlowConfig,
+    units,
+    embedding,
+    prompt_units=None,
+    prompt_mel=None,
+    noise="zero",
+    streaming: bool = False,
+    finalize: bool = True,
+    pad_to: int | None = None,
+    n_steps: int | None = None,
+    cfg_rate: float | None = None,
+    precision: str = "highest",
+):
     """What upstream's `CausalMaskedDiffWithXvec.inference(..., streaming, finalize)` computes,
     for one utterance: `units [N]` (or `[1, N]`), the speaker's x-vector `embedding [192]` (or
     `[1, 192]`), an optional zero-shot prompt (`prompt_units [Np]` and its mel `prompt_mel
@@ -657,64 +827,109 @@ def causal_flow_inference(params: dict, cfg: CausalFlowConfig, units, embedding,
     no frame: no real frame sees it); default the exact length."""
     check_params(cfg, params)
     u = check_units(cfg, units)
-    pu = check_units(cfg, np.zeros((0,), np.int32) if prompt_units is None else prompt_units,
-                     "prompt units")
-    pm = np.zeros((0, cfg.output_size), np.float32) if prompt_mel is None else \
-        np.asarray(prompt_mel, np.float32)
+    pu = check_units(
+        cfg, np.zeros((0,), np.int32) if prompt_units is None else prompt_units, "prompt units"
+    )
+    pm = (
+        np.zeros((0, cfg.output_size), np.float32)
+        if prompt_mel is None
+        else np.asarray(prompt_mel, np.float32)
+    )
     if pm.ndim == 3 and pm.shape[0] == 1:
         pm = pm[0]
     if pm.ndim != 2 or pm.shape[1] != cfg.output_size:
-        raise Token2WavError(f"prompt mel has shape {pm.shape}, expected [frames, "
-                             f"{cfg.output_size}]")
+        raise Token2WavError(
+            f"prompt mel has shape {pm.shape}, expected [frames, {cfg.output_size}]"
+        )
     if bool(len(pu)) != bool(len(pm)):
-        raise Token2WavError(f"zero-shot prompt: {len(pu)} prompt units and {len(pm)} prompt "
-                             f"mel frames; give both or neither")
-    emb = np.asarray(embedding, np.float32).reshape(-1) if np.ndim(embedding) in (1, 2) and \
-        (np.ndim(embedding) == 1 or np.shape(embedding)[0] == 1) else None
+        raise Token2WavError(
+            f"zero-shot prompt: {len(pu)} prompt units and {len(pm)} prompt "
+            f"mel frames; give both or neither"
+        )
+    emb = (
+        np.asarray(embedding, np.float32).reshape(-1)
+        if np.ndim(embedding) in (1, 2) and (np.ndim(embedding) == 1 or np.shape(embedding)[0] == 1)
+        else None
+    )
     if emb is None or emb.shape != (cfg.spk_embed_dim,):
-        raise Token2WavError(f"speaker embedding has shape {np.shape(embedding)}, expected a "
-                             f"{cfg.spk_embed_dim}-d x-vector")
+        raise Token2WavError(
+            f"speaker embedding has shape {np.shape(embedding)}, expected a "
+            f"{cfg.spk_embed_dim}-d x-vector"
+        )
     look = 0 if finalize else cfg.pre_lookahead_len
     if len(u) <= look or len(u) < 1:
-        raise Token2WavError(f"{len(u)} units: a call that is not finalized needs more than "
-                             f"{cfg.pre_lookahead_len} (the last {cfg.pre_lookahead_len} are "
-                             f"look-ahead only)" if look else "no units to synthesise")
+        raise Token2WavError(
+            f"{len(u)} units: a call that is not finalized needs more than "
+            f"{cfg.pre_lookahead_len} (the last {cfg.pre_lookahead_len} are "
+            f"look-ahead only)"
+            if look
+            else "no units to synthesise"
+        )
     allu = np.concatenate([pu, u])
     n_main = len(allu) - look
     total = cfg.mel_len(n_main)
     if total - len(pm) < 1:
-        raise Token2WavError(f"prompt mel of {len(pm)} frames leaves no frames of the answer "
-                             f"({total} frames in all for {n_main} units)")
+        raise Token2WavError(
+            f"prompt mel of {len(pm)} frames leaves no frames of the answer "
+            f"({total} frames in all for {n_main} units)"
+        )
     width = len(allu) if pad_to is None else int(pad_to)
     if width < len(allu):
-        raise Token2WavError(f"pad_to {pad_to}: this call has {len(allu)} units (prompt, "
-                             f"answer and look-ahead); pad to at least that")
+        raise Token2WavError(
+            f"pad_to {pad_to}: this call has {len(allu)} units (prompt, "
+            f"answer and look-ahead); pad to at least that"
+        )
     frames = cfg.mel_len(width)
     z = np.zeros((1, frames, cfg.output_size), np.float32)
     z[:, :total] = _noise(noise, total)
     cond = np.zeros((1, frames, cfg.output_size), np.float32)
-    cond[0, :len(pm)] = pm
+    cond[0, : len(pm)] = pm
     ids = np.zeros((1, width), np.int32)
-    ids[0, :len(allu)] = allu
-    fn = _jitted(cfg, look, bool(streaming), cfg.n_timesteps if n_steps is None else n_steps,
-                 cfg.cfg_rate if cfg_rate is None else float(cfg_rate), precision)
+    ids[0, : len(allu)] = allu
+    fn = _jitted(
+        cfg,
+        look,
+        bool(streaming),
+        cfg.n_timesteps if n_steps is None else n_steps,
+        cfg.cfg_rate if cfg_rate is None else float(cfg_rate),
+        precision,
+    )
     mel = np.asarray(fn(params, ids, np.int32(n_main), cond, emb[None], z))
-    return np.ascontiguousarray(mel[:, len(pm):total].transpose(0, 2, 1))
+    return np.ascontiguousarray(mel[:, len(pm) : total].transpose(0, 2, 1))
 
 
 @functools.lru_cache(maxsize=None)
 def _jitted_batch(cfg, n_ctx, streaming, n_steps, cfg_rate, precision):
     import jax
-    one = functools.partial(_forward, cfg=cfg, n_ctx=n_ctx, streaming=streaming, n_steps=n_steps,
-                            cfg_rate=cfg_rate, precision=precision)
+
+    one = functools.partial(
+        _forward,
+        cfg=cfg,
+        n_ctx=n_ctx,
+        streaming=streaming,
+        n_steps=n_steps,
+        cfg_rate=cfg_rate,
+        precision=precision,
+    )
     return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0)))
 
 
-def causal_flow_batch(params: dict, cfg: CausalFlowConfig, units, embeddings,
-                      prompt_units=None, prompt_mels=None, noise="zero",
-                      streaming: bool = False, finalize: bool = True, rows: int | None = None,
-                      unit_bucket: int = 16, n_steps: int | None = None,
-                      cfg_rate: float | None = None, precision: str = "highest"):
+def causal_flow_batch(
+    params: dict,
+    cfg: CausalFlowConfig,
+    units,
+    embeddings,
+    prompt_units=None,
+    prompt_mels=None,
+    noise="zero",
+    streaming: bool = False,
+    finalize: bool = True,
+    rows: int | None = None,
+    unit_bucket: int = 16,
+    n_steps: int | None = None,
+    cfg_rate: float | None = None,
+    precision: str = "highest",
+):
     """Several utterances of different lengths in one compiled call (the rows vmapped, each
     padded as `pad_to` pads), row i what `causal_flow_inference` gives it alone (float32
     rounding aside). `units`: a list of unit sequences; `embeddings`: one x-vector for every row
@@ -743,8 +958,11 @@ def causal_flow_batch(params: dict, cfg: CausalFlowConfig, units, embeddings,
             raise Token2WavError(f"{what}: {len(x)} entries for {n} utterances")
         return x
 
-    embs = np.asarray(embeddings, np.float32) if not isinstance(embeddings, (list, tuple)) \
+    embs = (
+        np.asarray(embeddings, np.float32)
+        if not isinstance(embeddings, (list, tuple))
         else np.stack([np.asarray(e, np.float32).reshape(-1) for e in embeddings])
+    )
     if embs.ndim == 1:
         embs = np.broadcast_to(embs, (n,) + embs.shape)
     pus, pms = per_row(prompt_units, "prompt units"), per_row(prompt_mels, "prompt mels")
@@ -759,24 +977,36 @@ def causal_flow_batch(params: dict, cfg: CausalFlowConfig, units, embeddings,
     for i in range(n):
         try:
             u = check_units(cfg, units[i])
-            pu = check_units(cfg, np.zeros((0,), np.int32) if pus[i] is None else pus[i],
-                             "prompt units")
-            pm = np.zeros((0, cfg.output_size), np.float32) if pms[i] is None else \
-                np.asarray(pms[i], np.float32).reshape(-1, cfg.output_size)
+            pu = check_units(
+                cfg, np.zeros((0,), np.int32) if pus[i] is None else pus[i], "prompt units"
+            )
+            pm = (
+                np.zeros((0, cfg.output_size), np.float32)
+                if pms[i] is None
+                else np.asarray(pms[i], np.float32).reshape(-1, cfg.output_size)
+            )
             if bool(len(pu)) != bool(len(pm)):
-                raise Token2WavError(f"zero-shot prompt: {len(pu)} prompt units and {len(pm)} "
-                                     f"prompt mel frames; give both or neither")
+                raise Token2WavError(
+                    f"zero-shot prompt: {len(pu)} prompt units and {len(pm)} "
+                    f"prompt mel frames; give both or neither"
+                )
             if embs[i].shape != (cfg.spk_embed_dim,):
-                raise Token2WavError(f"speaker embedding has shape {embs[i].shape}, expected a "
-                                     f"{cfg.spk_embed_dim}-d x-vector")
+                raise Token2WavError(
+                    f"speaker embedding has shape {embs[i].shape}, expected a "
+                    f"{cfg.spk_embed_dim}-d x-vector"
+                )
             if len(u) <= look or len(u) < 1:
-                raise Token2WavError(f"{len(u)} units: a call that is not finalized needs more "
-                                     f"than {look}" if look else "no units to synthesise")
+                raise Token2WavError(
+                    f"{len(u)} units: a call that is not finalized needs more than {look}"
+                    if look
+                    else "no units to synthesise"
+                )
             allu = np.concatenate([pu, u])
             total = cfg.mel_len(len(allu) - look)
             if total - len(pm) < 1:
-                raise Token2WavError(f"prompt mel of {len(pm)} frames leaves no frames of the "
-                                     f"answer")
+                raise Token2WavError(
+                    f"prompt mel of {len(pm)} frames leaves no frames of the answer"
+                )
             prepared.append((allu, pm, total, _noise(noises[i], total)))
         except Token2WavError as e:
             raise Token2WavError(f"row {i}: {e}") from None
@@ -790,18 +1020,24 @@ def causal_flow_batch(params: dict, cfg: CausalFlowConfig, units, embeddings,
     emb = np.zeros((b, 1, cfg.spk_embed_dim), np.float32)
     for i in range(b):
         allu, pm, total, zi = prepared[i if i < n else 0]
-        ids[i, 0, :len(allu)] = allu
+        ids[i, 0, : len(allu)] = allu
         n_main[i] = len(allu) - look
-        cond[i, 0, :len(pm)] = pm
+        cond[i, 0, : len(pm)] = pm
         z[i, 0, :total] = zi
         emb[i, 0] = embs[i if i < n else 0]
-    fn = _jitted_batch(cfg, look, bool(streaming), cfg.n_timesteps if n_steps is None else n_steps,
-                       cfg.cfg_rate if cfg_rate is None else float(cfg_rate), precision)
-    mel = np.asarray(fn(params, ids, n_main, cond, emb, z))[:, 0]          # [b, frames, 80]
+    fn = _jitted_batch(
+        cfg,
+        look,
+        bool(streaming),
+        cfg.n_timesteps if n_steps is None else n_steps,
+        cfg.cfg_rate if cfg_rate is None else float(cfg_rate),
+        precision,
+    )
+    mel = np.asarray(fn(params, ids, n_main, cond, emb, z))[:, 0]  # [b, frames, 80]
     lens = np.array([p[2] - len(p[1]) for p in prepared], np.int32)
     out = np.zeros((n, cfg.output_size, int(lens.max())), np.float32)
     for i, (_, pm, total, _) in enumerate(prepared):
-        out[i, :, :lens[i]] = mel[i, len(pm):total].T
+        out[i, :, : lens[i]] = mel[i, len(pm) : total].T
     return out, lens
 
 
@@ -809,7 +1045,7 @@ def new_frames(cfg: CausalFlowConfig, mel, token_offset: int):
     """The frames of a streamed call's `mel [1, 80, M]` not given before: from
     `token_mel_ratio * token_offset` on (upstream's `CosyVoice2Model.token2wav`), where
     `token_offset` is the number of units whose frames earlier calls gave."""
-    return mel[:, :, cfg.token_mel_ratio * int(token_offset):]
+    return mel[:, :, cfg.token_mel_ratio * int(token_offset) :]
 
 
 def stretch(mel, n_frames: int) -> np.ndarray:
@@ -820,15 +1056,32 @@ def stretch(mel, n_frames: int) -> np.ndarray:
     x = np.asarray(mel, np.float32)
     n_in = x.shape[2]
     scale = np.float32(n_in) / np.float32(n_frames)
-    src = np.maximum(scale * (np.arange(n_frames, dtype=np.float32) + np.float32(0.5))
-                     - np.float32(0.5), np.float32(0.0))
+    src = np.maximum(
+        scale * (np.arange(n_frames, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5),
+        np.float32(0.0),
+    )
     i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
     l1 = (src - i0.astype(np.float32)).astype(np.float32)
     i1 = np.minimum(i0 + 1, n_in - 1)
     return (x[:, :, i0] * (np.float32(1.0) - l1) + x[:, :, i1] * l1).astype(np.float32)
 
 
-__all__ = ["CausalFlowConfig", "PRESETS", "NOISE_FRAMES", "layers", "param_shapes",
-           "init_random", "check_params", "chunk_mask", "encoder", "encode_padded", "estimator",
-           "cfm", "upstream_noise", "causal_flow_inference", "causal_flow_batch", "new_frames",
-           "stretch"]
+__all__ = [
+    "CausalFlowConfig",
+    "PRESETS",
+    "NOISE_FRAMES",
+    "layers",
+    "param_shapes",
+    "init_random",
+    "check_params",
+    "chunk_mask",
+    "encoder",
+    "encode_padded",
+    "estimator",
+    "cfm",
+    "upstream_noise",
+    "causal_flow_inference",
+    "causal_flow_batch",
+    "new_frames",
+    "stretch",
+]

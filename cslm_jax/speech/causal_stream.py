@@ -59,6 +59,7 @@ HiFT draws from `fold_in(second half, k)`), or a callable `noise(k, hift_frames)
 (another implementation's draws, for tests: the flow's `z` the same buffer every call, e.g.
 `causal_flow.upstream_noise()`).
 """
+
 from __future__ import annotations
 
 import time
@@ -69,9 +70,9 @@ import numpy as np
 
 from cslm_jax.speech.hift import Token2WavError
 
-MEL_CACHE_FRAMES = 8        # upstream's CosyVoice2Model.mel_cache_len (the HiFT cache)
-MIN_UNITS_PAD = 32          # the flow's prefix padded to a power of two of at least this many
-HIFT_BUCKET = 32            # HiFT's mel padded to a multiple of this many frames
+MEL_CACHE_FRAMES = 8  # upstream's CosyVoice2Model.mel_cache_len (the HiFT cache)
+MIN_UNITS_PAD = 32  # the flow's prefix padded to a power of two of at least this many
+HIFT_BUCKET = 32  # HiFT's mel padded to a multiple of this many frames
 
 # Shapes compiled in this process: (flow config, padded units, look-ahead, streaming, precision)
 # and (HiFT config, padded frames, precision).
@@ -90,8 +91,9 @@ def cross_fade(new: np.ndarray, old: np.ndarray, window: np.ndarray) -> np.ndarr
     become `new * w[:k] + old[-k:] * w[k:]` (float64, rounded to float32)."""
     k = len(window) // 2
     out = np.array(new, np.float32, copy=True)
-    out[..., :k] = (new[..., :k].astype(np.float64) * window[:k] +
-                    old[..., -k:].astype(np.float64) * window[k:]).astype(np.float32)
+    out[..., :k] = (
+        new[..., :k].astype(np.float64) * window[:k] + old[..., -k:].astype(np.float64) * window[k:]
+    ).astype(np.float32)
     return out
 
 
@@ -100,8 +102,10 @@ def resample_positions(start: int, stop: int, rate: float):
     frame (upstream's linear interpolation, half-pixel centres, float32): (left index, its
     right neighbour's weight)."""
     scale = np.float32(1.0) / np.float32(rate)
-    src = np.maximum(scale * (np.arange(start, stop, dtype=np.float32) + np.float32(0.5))
-                     - np.float32(0.5), np.float32(0.0))
+    src = np.maximum(
+        scale * (np.arange(start, stop, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5),
+        np.float32(0.0),
+    )
     i0 = np.floor(src).astype(np.int64)
     return i0, (src - i0.astype(np.float32)).astype(np.float32)
 
@@ -119,24 +123,37 @@ class CausalSpeechStream:
     `synthesis_s` the seconds spent synthesising, `compile_s` those spent compiling a shape
     first seen, apart; `samples` the samples returned."""
 
-    def __init__(self, t2w, voice="random", noise="zero", speech_rate: float = 1.0,
-                 precision: str = "highest", hop: int | None = None):
+    def __init__(
+        self,
+        t2w,
+        voice="random",
+        noise="zero",
+        speech_rate: float = 1.0,
+        precision: str = "highest",
+        hop: int | None = None,
+    ):
         from cslm_jax.speech import token2wav as t2w_mod
 
         if t2w.version != "v2":
-            raise Token2WavError(f"streaming: token2wav version {t2w.version!r}; "
-                                 f"CausalSpeechStream streams v2 (v1: stream.SpeechStream)")
+            raise Token2WavError(
+                f"streaming: token2wav version {t2w.version!r}; "
+                f"CausalSpeechStream streams v2 (v1: stream.SpeechStream)"
+            )
         if not (np.isfinite(speech_rate) and speech_rate > 0):
             raise Token2WavError(f"speech rate {speech_rate}: must be a positive number")
         if isinstance(noise, str) and noise != "zero":
             raise Token2WavError(f"noise {noise!r}: give 'zero', a PRNG key or a callable")
         if hop is not None and int(hop) < 1:
-            raise Token2WavError(f"hop {hop}: give None (a call per chunk) or a number of "
-                                 f"units >= 1")
+            raise Token2WavError(
+                f"hop {hop}: give None (a call per chunk) or a number of units >= 1"
+            )
         self.t2w = t2w
         self.cfg = t2w.flow_cfg
-        self.emb = t2w_mod.voice(t2w, voice) if isinstance(voice, (str, Path)) else \
-            t2w_mod.voice(t2w, np.asarray(voice, np.float32))
+        self.emb = (
+            t2w_mod.voice(t2w, voice)
+            if isinstance(voice, (str, Path))
+            else t2w_mod.voice(t2w, np.asarray(voice, np.float32))
+        )
         self.noise = noise
         self.speech_rate = float(speech_rate)
         self.precision = precision
@@ -145,18 +162,18 @@ class CausalSpeechStream:
         self.cache_samples = MEL_CACHE_FRAMES * t2w.samples_per_frame
         self.speech_window = np.hamming(2 * self.cache_samples)
         self.units: list[int] = []
-        self.token_offset = 0            # units whose frames were given
+        self.token_offset = 0  # units whose frames were given
         self.windows: list[tuple[list[int], int, bool]] = []
         self.synthesis_s = 0.0
         self.compile_s = 0.0
         self.samples = 0
         self.finished = False
         self._compiling = 0.0
-        self._flow_noise = None          # the flow's buffer (key noise: drawn once)
+        self._flow_noise = None  # the flow's buffer (key noise: drawn once)
         self._hift_key = None
-        self._mel = np.zeros((80, 0), np.float32)      # the flow's frames so far (rate != 1)
-        self._out_frames = 0             # mel frames given to HiFT so far
-        self._hift_cache = None          # (mel [80, 8], source [3840], speech [3840])
+        self._mel = np.zeros((80, 0), np.float32)  # the flow's frames so far (rate != 1)
+        self._out_frames = 0  # mel frames given to HiFT so far
+        self._hift_cache = None  # (mel [80, 8], source [3840], speech [3840])
 
     # -- the calling policy --------------------------------------------------------------------
 
@@ -195,8 +212,9 @@ class CausalSpeechStream:
             if self._callable(len(self.units)):
                 outs.append(self._timed(len(self.units), False))
         else:
-            while len(self.units) - self.token_offset >= self.hop + self.look and \
-                    self._callable(self.token_offset + self.hop + self.look):
+            while len(self.units) - self.token_offset >= self.hop + self.look and self._callable(
+                self.token_offset + self.hop + self.look
+            ):
                 outs.append(self._timed(self.token_offset + self.hop + self.look, False))
         return np.concatenate(outs + [np.zeros((0,), np.float32)])
 
@@ -222,8 +240,7 @@ class CausalSpeechStream:
     def expected_samples(self) -> int:
         """Samples of the whole answer once finished: `int(2 N rate)` mel frames of
         `samples_per_frame` (the units pushed so far)."""
-        return self.out_frames(self.cfg.mel_len(len(self.units)), True) * \
-            self.t2w.samples_per_frame
+        return self.out_frames(self.cfg.mel_len(len(self.units)), True) * self.t2w.samples_per_frame
 
     # -- one call of upstream's token2wav ----------------------------------------------------------
 
@@ -237,10 +254,13 @@ class CausalSpeechStream:
             import jax
 
             from cslm_jax.speech.causal_flow import NOISE_FRAMES
+
             k_flow, self._hift_key = jax.random.split(self.noise)
-            self._flow_noise = np.asarray(jax.random.normal(k_flow, (1, NOISE_FRAMES, 80),
-                                                            np.float32))
+            self._flow_noise = np.asarray(
+                jax.random.normal(k_flow, (1, NOISE_FRAMES, 80), np.float32)
+            )
         import jax
+
         return self._flow_noise, jax.random.fold_in(self._hift_key, k)
 
     def _warm(self, width: int, finalize: bool, hift_frames: int) -> float:
@@ -256,15 +276,26 @@ class CausalSpeechStream:
             return 0.0
         t0 = time.perf_counter()
         if key not in _FLOW_WARM:
-            causal_flow_inference(self.t2w.flow_params, self.cfg, np.zeros((width,), np.int32),
-                                  self.emb, streaming=not finalize, finalize=finalize,
-                                  pad_to=width, precision=self.precision)
+            causal_flow_inference(
+                self.t2w.flow_params,
+                self.cfg,
+                np.zeros((width,), np.int32),
+                self.emb,
+                streaming=not finalize,
+                finalize=finalize,
+                pad_to=width,
+                precision=self.precision,
+            )
             _FLOW_WARM.add(key)
         if hkey not in _HIFT_WARM:
-            vocode(self.t2w.hift_params, self.t2w.hift_cfg,
-                   np.zeros((1, self.t2w.hift_cfg.in_channels, hift_frames), np.float32),
-                   cache_source=np.zeros((1, 0), np.float32), precision=self.precision,
-                   return_source=True)
+            vocode(
+                self.t2w.hift_params,
+                self.t2w.hift_cfg,
+                np.zeros((1, self.t2w.hift_cfg.in_channels, hift_frames), np.float32),
+                cache_source=np.zeros((1, 0), np.float32),
+                precision=self.precision,
+                return_source=True,
+            )
             _HIFT_WARM.add(hkey)
         return time.perf_counter() - t0
 
@@ -303,9 +334,17 @@ class CausalSpeechStream:
         padded = -(-max(t, 1) // HIFT_BUCKET) * HIFT_BUCKET
         self._compiling += self._warm(width, finalize, padded)
         flow_noise, hift_noise = self._noise(k, t)
-        mel = causal_flow_inference(self.t2w.flow_params, self.cfg, units, self.emb,
-                                    noise=flow_noise, streaming=not finalize,
-                                    finalize=finalize, pad_to=width, precision=self.precision)
+        mel = causal_flow_inference(
+            self.t2w.flow_params,
+            self.cfg,
+            units,
+            self.emb,
+            noise=flow_noise,
+            streaming=not finalize,
+            finalize=finalize,
+            pad_to=width,
+            precision=self.precision,
+        )
         mel = self._resampled(new_frames(self.cfg, mel, self.token_offset)[0], finalize)
         self.token_offset = n_main
         if self._hift_cache is not None:
@@ -314,16 +353,25 @@ class CausalSpeechStream:
         if t == 0:
             return np.zeros((0,), np.float32)
         n = t * self.t2w.samples_per_frame
-        if isinstance(hift_noise, dict):            # arrays for t frames: padded with zeros
+        if isinstance(hift_noise, dict):  # arrays for t frames: padded with zeros
             nz = np.asarray(hift_noise["noise"], np.float32)[:, :n]
-            hift_noise = {"phase": hift_noise["phase"], "noise": np.pad(
-                nz, ((0, 0), (0, padded * self.t2w.samples_per_frame - nz.shape[1]), (0, 0)))}
+            hift_noise = {
+                "phase": hift_noise["phase"],
+                "noise": np.pad(
+                    nz, ((0, 0), (0, padded * self.t2w.samples_per_frame - nz.shape[1]), (0, 0))
+                ),
+            }
         cache_source = None if self._hift_cache is None else self._hift_cache[1][None]
-        wave, _, source = vocode(self.t2w.hift_params, self.t2w.hift_cfg,
-                                 np.pad(mel, ((0, 0), (0, padded - t)))[None],
-                                 mel_len=np.array([t], np.int32), noise=hift_noise,
-                                 cache_source=cache_source, precision=self.precision,
-                                 return_source=True)
+        wave, _, source = vocode(
+            self.t2w.hift_params,
+            self.t2w.hift_cfg,
+            np.pad(mel, ((0, 0), (0, padded - t)))[None],
+            mel_len=np.array([t], np.int32),
+            noise=hift_noise,
+            cache_source=cache_source,
+            precision=self.precision,
+            return_source=True,
+        )
         speech, source = wave[0, :n], source[0, :n]
         if self._hift_cache is not None:
             speech = cross_fade(speech, self._hift_cache[2], self.speech_window)
@@ -335,5 +383,12 @@ class CausalSpeechStream:
         return speech[:-r]
 
 
-__all__ = ["CausalSpeechStream", "cross_fade", "resample_positions", "units_pad",
-           "MEL_CACHE_FRAMES", "MIN_UNITS_PAD", "HIFT_BUCKET"]
+__all__ = [
+    "CausalSpeechStream",
+    "cross_fade",
+    "resample_positions",
+    "units_pad",
+    "MEL_CACHE_FRAMES",
+    "MIN_UNITS_PAD",
+    "HIFT_BUCKET",
+]

@@ -62,6 +62,7 @@ Parameters are a flat dict of arrays named by upstream's module paths with `.w` 
 layouts (conv and transposed conv [k, in, out], linear [in, out]); weight norm is folded in.
 `cslm_jax.speech.token2wav_weights` maps them to and from upstream's state dicts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,14 +80,22 @@ class Token2WavError(CslmError):
 
 
 PRESETS = {
-    "v1": dict(sampling_rate=22050, upsample_rates=(8, 8), upsample_kernel_sizes=(16, 16),
-               source_resblock_kernel_sizes=(7, 11),
-               source_resblock_dilation_sizes=((1, 3, 5), (1, 3, 5))),
-    "v2": dict(sampling_rate=24000, upsample_rates=(8, 5, 3), upsample_kernel_sizes=(16, 11, 7),
-               source_resblock_kernel_sizes=(7, 7, 11),
-               source_resblock_dilation_sizes=((1, 3, 5), (1, 3, 5), (1, 3, 5))),
+    "v1": dict(
+        sampling_rate=22050,
+        upsample_rates=(8, 8),
+        upsample_kernel_sizes=(16, 16),
+        source_resblock_kernel_sizes=(7, 11),
+        source_resblock_dilation_sizes=((1, 3, 5), (1, 3, 5)),
+    ),
+    "v2": dict(
+        sampling_rate=24000,
+        upsample_rates=(8, 5, 3),
+        upsample_kernel_sizes=(16, 11, 7),
+        source_resblock_kernel_sizes=(7, 7, 11),
+        source_resblock_dilation_sizes=((1, 3, 5), (1, 3, 5), (1, 3, 5)),
+    ),
 }
-F0_LAYERS = 5                   # ConvRNNF0Predictor's conv + ELU layers
+F0_LAYERS = 5  # ConvRNNF0Predictor's conv + ELU layers
 
 
 def fill_preset(cfg, preset: dict) -> None:
@@ -109,10 +118,11 @@ class HiFTConfig:
     """Sizes of one HiFT vocoder: the official ones by default; fields left None take the
     version's preset (`PRESETS`), so `HiFTConfig("v2", base_channels=32, cond_channels=16)` is v2
     at a reduced width."""
+
     version: str = "v1"
     in_channels: int = 80
     base_channels: int = 512
-    cond_channels: int = 512            # the F0 predictor's width
+    cond_channels: int = 512  # the F0 predictor's width
     nb_harmonics: int = 8
     sampling_rate: int | None = None
     upsample_rates: tuple | None = None
@@ -123,42 +133,55 @@ class HiFTConfig:
     source_resblock_dilation_sizes: tuple | None = None
     n_fft: int = 16
     hop_len: int = 4
-    nsf_alpha: float = 0.1              # sine amplitude
-    nsf_sigma: float = 0.003            # noise std on voiced samples
+    nsf_alpha: float = 0.1  # sine amplitude
+    nsf_sigma: float = 0.003  # noise std on voiced samples
     nsf_voiced_threshold: float = 10.0  # Hz
     lrelu_slope: float = 0.1
     audio_limit: float = 0.99
 
     def __post_init__(self):
         if self.version not in PRESETS:
-            raise Token2WavError(f"unknown HiFT version {self.version!r}; choose one of "
-                                 f"{', '.join(PRESETS)}")
+            raise Token2WavError(
+                f"unknown HiFT version {self.version!r}; choose one of {', '.join(PRESETS)}"
+            )
         fill_preset(self, PRESETS[self.version])
         n = len(self.upsample_rates)
-        for name in ("upsample_kernel_sizes", "source_resblock_kernel_sizes",
-                     "source_resblock_dilation_sizes"):
+        for name in (
+            "upsample_kernel_sizes",
+            "source_resblock_kernel_sizes",
+            "source_resblock_dilation_sizes",
+        ):
             if len(getattr(self, name)) != n:
-                raise Token2WavError(f"HiFT {name} has {len(getattr(self, name))} entries, "
-                                     f"upsample_rates {n}")
+                raise Token2WavError(
+                    f"HiFT {name} has {len(getattr(self, name))} entries, upsample_rates {n}"
+                )
         if len(self.resblock_dilation_sizes) != len(self.resblock_kernel_sizes):
-            raise Token2WavError("HiFT resblock_dilation_sizes and resblock_kernel_sizes differ "
-                                 "in length")
-        if self.base_channels % (2 ** n):
-            raise Token2WavError(f"HiFT base_channels {self.base_channels} is not a multiple of "
-                                 f"2**{n} (each upsampling stage halves it)")
+            raise Token2WavError(
+                "HiFT resblock_dilation_sizes and resblock_kernel_sizes differ in length"
+            )
+        if self.base_channels % (2**n):
+            raise Token2WavError(
+                f"HiFT base_channels {self.base_channels} is not a multiple of "
+                f"2**{n} (each upsampling stage halves it)"
+            )
         for u, k in zip(self.upsample_rates, self.upsample_kernel_sizes):
             if (k - u) % 2:
-                raise Token2WavError(f"HiFT upsample kernel {k} and rate {u}: k - rate must be "
-                                     f"even (the stage must give exactly rate x its input)")
+                raise Token2WavError(
+                    f"HiFT upsample kernel {k} and rate {u}: k - rate must be "
+                    f"even (the stage must give exactly rate x its input)"
+                )
         if self.n_fft % self.hop_len or self.n_fft % 2:
-            raise Token2WavError(f"HiFT n_fft {self.n_fft} must be even and a multiple of "
-                                 f"hop_len {self.hop_len}")
+            raise Token2WavError(
+                f"HiFT n_fft {self.n_fft} must be even and a multiple of hop_len {self.hop_len}"
+            )
         for i, u in enumerate(self.source_down_rates):
             frames = 2 * self.frame_rate + 1
             got = frames if u == 1 else (frames + 2 * (u // 2) - 2 * u) // u + 1
             if got != 2 * self.frame_rate // u + (u == 1):
-                raise Token2WavError(f"HiFT stage {i}: the source's downsampling by {u} does not "
-                                     f"meet the upsampled length; check upsample_rates")
+                raise Token2WavError(
+                    f"HiFT stage {i}: the source's downsampling by {u} does not "
+                    f"meet the upsampled length; check upsample_rates"
+                )
 
     @property
     def samples_per_frame(self) -> int:
@@ -190,13 +213,15 @@ class HiFTConfig:
 
 # -- parameters -----------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Layer:
     """One of upstream's layers: its module path, kind, weight shape in upstream's layout (conv
     [out, in, k], transposed conv [in, out, k], linear [out, in], Snake [channels]) and whether
     upstream wraps it in weight norm."""
+
     name: str
-    kind: str               # conv | convT | linear | snake
+    kind: str  # conv | convT | linear | snake
     shape: tuple
     weight_norm: bool
 
@@ -204,35 +229,55 @@ class Layer:
 def _resblock_layers(prefix: str, ch: int, k: int, dilations) -> list[Layer]:
     out = []
     for j in range(len(dilations)):
-        out += [Layer(f"{prefix}.convs1.{j}", "conv", (ch, ch, k), True),
-                Layer(f"{prefix}.convs2.{j}", "conv", (ch, ch, k), True),
-                Layer(f"{prefix}.activations1.{j}", "snake", (ch,), False),
-                Layer(f"{prefix}.activations2.{j}", "snake", (ch,), False)]
+        out += [
+            Layer(f"{prefix}.convs1.{j}", "conv", (ch, ch, k), True),
+            Layer(f"{prefix}.convs2.{j}", "conv", (ch, ch, k), True),
+            Layer(f"{prefix}.activations1.{j}", "snake", (ch,), False),
+            Layer(f"{prefix}.activations2.{j}", "snake", (ch,), False),
+        ]
     return out
 
 
 def layers(cfg: HiFTConfig) -> list[Layer]:
     """Every layer of upstream's HiFTGenerator of these sizes (with its F0 predictor)."""
     c, nk = cfg.cond_channels, len(cfg.resblock_kernel_sizes)
-    out = [Layer(f"f0_predictor.condnet.{2 * i}", "conv",
-                 (c, cfg.in_channels if i == 0 else c, 3), True) for i in range(F0_LAYERS)]
+    out = [
+        Layer(
+            f"f0_predictor.condnet.{2 * i}", "conv", (c, cfg.in_channels if i == 0 else c, 3), True
+        )
+        for i in range(F0_LAYERS)
+    ]
     out.append(Layer("f0_predictor.classifier", "linear", (1, c), False))
     out.append(Layer("m_source.l_linear", "linear", (1, cfg.nb_harmonics + 1), False))
     out.append(Layer("conv_pre", "conv", (cfg.base_channels, cfg.in_channels, 7), True))
     for i, k in enumerate(cfg.upsample_kernel_sizes):
-        out.append(Layer(f"ups.{i}", "convT", (cfg.base_channels // 2 ** i,
-                                               cfg.stage_channels(i), k), True))
+        out.append(
+            Layer(f"ups.{i}", "convT", (cfg.base_channels // 2**i, cfg.stage_channels(i), k), True)
+        )
     for i, u in enumerate(cfg.source_down_rates):
-        out.append(Layer(f"source_downs.{i}", "conv",
-                         (cfg.stage_channels(i), cfg.n_fft + 2, 1 if u == 1 else 2 * u), False))
-    for i, (k, d) in enumerate(zip(cfg.source_resblock_kernel_sizes,
-                                   cfg.source_resblock_dilation_sizes)):
+        out.append(
+            Layer(
+                f"source_downs.{i}",
+                "conv",
+                (cfg.stage_channels(i), cfg.n_fft + 2, 1 if u == 1 else 2 * u),
+                False,
+            )
+        )
+    for i, (k, d) in enumerate(
+        zip(cfg.source_resblock_kernel_sizes, cfg.source_resblock_dilation_sizes)
+    ):
         out += _resblock_layers(f"source_resblocks.{i}", cfg.stage_channels(i), k, d)
     for i in range(len(cfg.upsample_rates)):
         for j, (k, d) in enumerate(zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)):
             out += _resblock_layers(f"resblocks.{i * nk + j}", cfg.stage_channels(i), k, d)
-    out.append(Layer("conv_post", "conv", (cfg.n_fft + 2, cfg.stage_channels(
-        len(cfg.upsample_rates) - 1), 7), True))
+    out.append(
+        Layer(
+            "conv_post",
+            "conv",
+            (cfg.n_fft + 2, cfg.stage_channels(len(cfg.upsample_rates) - 1), 7),
+            True,
+        )
+    )
     return out
 
 
@@ -293,7 +338,7 @@ def init_random(version: str = "v1", seed: int = 0, **sizes) -> tuple[HiFTConfig
         params[f"{n}.b"] = normal((shape[-1],), bias)
     params["f0_predictor.classifier.b"] = np.full((1,), 100.0, np.float32)
     b = params["conv_post.b"]
-    b[: cfg.n_fft // 2 + 1] += 1.0              # magnitudes around e
+    b[: cfg.n_fft // 2 + 1] += 1.0  # magnitudes around e
     return cfg, params
 
 
@@ -309,14 +354,17 @@ def check_shapes(expected: dict, params: dict, where: str) -> None:
         if k not in params or params[k] is None:
             raise Token2WavError(f"{where}: missing tensor {k}")
         if tuple(np.shape(params[k])) != tuple(shape):
-            raise Token2WavError(f"{where}: tensor {k} has shape {tuple(np.shape(params[k]))}, "
-                                 f"expected {tuple(shape)}")
+            raise Token2WavError(
+                f"{where}: tensor {k} has shape {tuple(np.shape(params[k]))}, "
+                f"expected {tuple(shape)}"
+            )
 
 
 # -- float32 arithmetic as upstream rounds it -----------------------------------------------------
 # Error-free transformations (Knuth's TwoSum, Dekker's product with Veltkamp's split): plain
 # float32 operations, which XLA keeps as written (it does not reassociate sums; it does fold
 # chains of products by constants, hence the barriers in `source`).
+
 
 def _two_sum(a, b):
     s = a + b
@@ -393,16 +441,22 @@ def _torch_lerp(x0, l0, x1, l1):
 
 # -- the model -------------------------------------------------------------------------------------
 
+
 def matmul_precision(name: str):
     """`jax.lax.Precision` by name (highest, high, default)."""
     import jax
-    return {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH,
-            "default": jax.lax.Precision.DEFAULT}[name]
+
+    return {
+        "highest": jax.lax.Precision.HIGHEST,
+        "high": jax.lax.Precision.HIGH,
+        "default": jax.lax.Precision.DEFAULT,
+    }[name]
 
 
 def _mask(x, length):
     """Zero the frames of `x [B, N, C]` at and past each row's `length [B]`."""
     import jax.numpy as jnp
+
     keep = jnp.arange(x.shape[1])[None, :] < length[:, None]
     return jnp.where(keep[..., None], x, 0.0)
 
@@ -417,37 +471,50 @@ class _Ops:
 
     def conv(self, name, x, length, stride=1, padding=0, dilation=1):
         import jax
+
         w = self.p[f"{name}.w"]
         y = jax.lax.conv_general_dilated(
-            _mask(x, length), w, window_strides=(stride,), padding=[(padding, padding)],
-            rhs_dilation=(dilation,), dimension_numbers=("NWC", "WIO", "NWC"),
-            precision=self.prec)
+            _mask(x, length),
+            w,
+            window_strides=(stride,),
+            padding=[(padding, padding)],
+            rhs_dilation=(dilation,),
+            dimension_numbers=("NWC", "WIO", "NWC"),
+            precision=self.prec,
+        )
         return y + self.p[f"{name}.b"]
 
     def conv_transpose(self, name, x, length, stride, padding):
         import jax
-        w = self.p[f"{name}.w"][::-1]                       # [k, in, out], flipped
+
+        w = self.p[f"{name}.w"][::-1]  # [k, in, out], flipped
         k = w.shape[0]
         y = jax.lax.conv_general_dilated(
-            _mask(x, length), w, window_strides=(1,), padding=[(k - 1 - padding,) * 2],
-            lhs_dilation=(stride,), dimension_numbers=("NWC", "WIO", "NWC"),
-            precision=self.prec)
+            _mask(x, length),
+            w,
+            window_strides=(1,),
+            padding=[(k - 1 - padding,) * 2],
+            lhs_dilation=(stride,),
+            dimension_numbers=("NWC", "WIO", "NWC"),
+            precision=self.prec,
+        )
         return y + self.p[f"{name}.b"]
 
     def dense(self, name, x):
         import jax.numpy as jnp
+
         return jnp.dot(x, self.p[f"{name}.w"], precision=self.prec) + self.p[f"{name}.b"]
 
     def snake(self, name, x):
         import jax.numpy as jnp
+
         a = self.p[f"{name}.alpha"]
         return x + (np.float32(1.0) / (a + np.float32(1e-9))) * jnp.square(jnp.sin(x * a))
 
     def resblock(self, prefix, x, length, k, dilations):
         for j, d in enumerate(dilations):
             xt = self.snake(f"{prefix}.activations1.{j}", x)
-            xt = self.conv(f"{prefix}.convs1.{j}", xt, length, padding=d * (k - 1) // 2,
-                           dilation=d)
+            xt = self.conv(f"{prefix}.convs1.{j}", xt, length, padding=d * (k - 1) // 2, dilation=d)
             xt = self.snake(f"{prefix}.activations2.{j}", xt)
             xt = self.conv(f"{prefix}.convs2.{j}", xt, length, padding=(k - 1) // 2)
             x = xt + x
@@ -469,6 +536,7 @@ def f0_predict(params: dict, cfg: HiFTConfig, mel, mel_len, precision: str = "hi
 def _draw(key, cfg: HiFTConfig, batch: int, n: int) -> dict:
     import jax
     import jax.numpy as jnp
+
     kp, kn = jax.random.split(key)
     h = cfg.nb_harmonics + 1
     if cfg.source_kind == "sine":
@@ -504,14 +572,14 @@ def source(params: dict, cfg: HiFTConfig, f0, mel_len, noise=None, precision: st
     # f0 at the sample rate: upstream's nearest upsampling by R, floor(n * float32(1 / R)),
     # which is n // R (below 2^24 samples)
     frame = jnp.arange(n) // r
-    f0s = f0[:, frame]                                                      # [B, N]
+    f0s = f0[:, frame]  # [B, N]
     if cfg.source_kind == "sine":
         # phase: the running sum over samples of f0 h / sr (one value per frame, R samples
         # each), from the exact sums before each frame plus (k + 1) times the frame's value
-        rad = _div(f0[..., None] * harm, sr)                                # [B, T, H]
+        rad = _div(f0[..., None] * harm, sr)  # [B, T, H]
         hi, lo = _two_prod(rad, np.float32(r))
         p_hi, p_lo, _ = _frame_sums(hi)
-        q_hi, _, _ = _frame_sums(lo)                    # 0 where R is a power of two
+        q_hi, _, _ = _frame_sums(lo)  # 0 where R is a power of two
         k = (jnp.arange(n) % r + 1).astype(f32)[None, :, None]
         t_hi, t_lo = _two_prod(rad[:, frame], k)
         s_, e = _two_sum(p_hi[:, frame], t_hi)
@@ -523,13 +591,13 @@ def source(params: dict, cfg: HiFTConfig, f0, mel_len, noise=None, precision: st
     else:
         # per-sample rad = (f0 h / sr) % 1 (plus rand_ini on sample 0), linearly downsampled
         # by R (samples R/2 - 1 and R/2 of each frame), summed over frames, linearly upsampled
-        rad_f = jnp.remainder(_div(f0[..., None] * harm, sr), np.float32(1.0))   # [B, T, H]
+        rad_f = jnp.remainder(_div(f0[..., None] * harm, sr), np.float32(1.0))  # [B, T, H]
         i0, l0, l1 = _torch_linear_index(t, float(np.float32(1.0 / (1.0 / r))))
         in_len = (mel_len * r)[:, None]
         j1 = jnp.minimum(i0[None, :] + 1, in_len - 1)
         j0 = jnp.broadcast_to(i0[None, :], j1.shape)
 
-        def at(j):                                                          # [B, T, H]
+        def at(j):  # [B, T, H]
             x = jnp.take_along_axis(rad_f, (j // r)[..., None], axis=1)
             if phase0 is not None:
                 x = x + jnp.where(j == 0, 1.0, 0.0)[..., None] * phase0[:, None, :]
@@ -541,7 +609,7 @@ def source(params: dict, cfg: HiFTConfig, f0, mel_len, noise=None, precision: st
         ph = jax.lax.optimization_barrier(_frame_sums(down)[2] * np.float32(2.0))
         ph = jax.lax.optimization_barrier(ph * np.float32(np.pi)) * np.float32(r)
         i0, l0, l1 = _torch_linear_index(n, float(np.float32(1.0 / r)))
-        k1 = jnp.minimum(i0[None, :] + 1, mel_len[:, None] - 1)             # [B, N]
+        k1 = jnp.minimum(i0[None, :] + 1, mel_len[:, None] - 1)  # [B, N]
         k0 = jnp.minimum(i0[None, :], mel_len[:, None] - 1)
         x0 = jnp.take_along_axis(ph, k0[..., None], axis=1)
         x1 = jnp.take_along_axis(ph, k1[..., None], axis=1)
@@ -569,11 +637,11 @@ def _stft(cfg: HiFTConfig, s, s_len, prec):
     p = jnp.abs(jnp.arange(n + 2 * pad) - pad)[None, :]
     last = (s_len - 1)[:, None]
     p = jnp.clip(jnp.where(p > last, 2 * last - p, p), 0, n - 1)
-    x = jnp.take_along_axis(s, p, axis=1)                                  # [B, N + n_fft]
+    x = jnp.take_along_axis(s, p, axis=1)  # [B, N + n_fft]
     blocks = x.reshape(b, -1, hop)
     frames = n // hop + 1
     k = nf // hop
-    fr = jnp.concatenate([blocks[:, i:i + frames] for i in range(k)], axis=-1)   # [B, F, n_fft]
+    fr = jnp.concatenate([blocks[:, i : i + frames] for i in range(k)], axis=-1)  # [B, F, n_fft]
     ang = 2 * np.pi * np.outer(np.arange(nf), np.arange(nf // 2 + 1)) / nf
     win = _hann(nf).astype(np.float64)[:, None]
     basis = np.concatenate([win * np.cos(ang), -win * np.sin(ang)], 1).astype(np.float32)
@@ -592,29 +660,40 @@ def _istft(cfg: HiFTConfig, mag, phase, frames_len, prec):
     re, im = mag * jnp.cos(phase), mag * jnp.sin(phase)
     ang = 2 * np.pi * np.outer(np.arange(nb), np.arange(nf)) / nf
     c = np.full((nb, 1), 2.0)
-    c[0] = c[-1] = 1.0                                  # the DC and Nyquist bins count once
-    basis = np.concatenate([c * np.cos(ang), -c * np.sin(ang)], 0) / nf    # [2 nb, n_fft]
-    basis[nb] = basis[-1] = 0.0                         # their imaginary parts are ignored
+    c[0] = c[-1] = 1.0  # the DC and Nyquist bins count once
+    basis = np.concatenate([c * np.cos(ang), -c * np.sin(ang)], 0) / nf  # [2 nb, n_fft]
+    basis[nb] = basis[-1] = 0.0  # their imaginary parts are ignored
     win = _hann(nf)
     keep = (jnp.arange(f)[None, :] < frames_len[:, None])[..., None]
-    y = jnp.where(keep, jnp.dot(jnp.concatenate([re, im], -1), basis.astype(np.float32),
-                                precision=prec) * win, 0.0)
+    y = jnp.where(
+        keep,
+        jnp.dot(jnp.concatenate([re, im], -1), basis.astype(np.float32), precision=prec) * win,
+        0.0,
+    )
     env = jnp.where(keep, win * win, 0.0)
 
-    def overlap_add(fr):                                # [B, F, n_fft] -> [B, (F + k - 1) hop]
+    def overlap_add(fr):  # [B, F, n_fft] -> [B, (F + k - 1) hop]
         k = nf // hop
         parts = fr.reshape(b, f, k, hop)
         out = sum(jnp.pad(parts[:, :, i], ((0, 0), (i, k - 1 - i), (0, 0))) for i in range(k))
         return out.reshape(b, -1)
 
     start, n = nf // 2, hop * (f - 1)
-    y = overlap_add(y)[:, start:start + n]
-    env = overlap_add(env)[:, start:start + n]
+    y = overlap_add(y)[:, start : start + n]
+    env = overlap_add(env)[:, start : start + n]
     return y / jnp.where(env > 1e-11, env, 1.0)
 
 
-def forward(params: dict, cfg: HiFTConfig, mel, mel_len, noise=None, cache_source=None,
-            cache_len=None, precision: str = "highest"):
+def forward(
+    params: dict,
+    cfg: HiFTConfig,
+    mel,
+    mel_len,
+    noise=None,
+    cache_source=None,
+    cache_len=None,
+    precision: str = "highest",
+):
     """`mel [B, in_channels, T]`, `mel_len [B]` -> (wave `[B, T * R]`, wave_len `[B]`, source
     `[B, T * R]`): upstream's `HiFTGenerator.inference(mel)` row by row. Traceable (jit it with
     `cfg` and `precision` static).
@@ -638,16 +717,19 @@ def forward(params: dict, cfg: HiFTConfig, mel, mel_len, noise=None, cache_sourc
     if cache_source is not None:
         cache_source = jnp.asarray(cache_source, f32)
         c = cache_source.shape[1]
-        clen = (jnp.full((b,), c, jnp.int32) if cache_len is None
-                else jnp.minimum(jnp.asarray(cache_len, jnp.int32), c))
+        clen = (
+            jnp.full((b,), c, jnp.int32)
+            if cache_len is None
+            else jnp.minimum(jnp.asarray(cache_len, jnp.int32), c)
+        )
         pos = jnp.arange(s.shape[1])[None, :]
-        cached = jnp.pad(cache_source, ((0, 0), (0, max(0, s.shape[1] - c))))[:, :s.shape[1]]
+        cached = jnp.pad(cache_source, ((0, 0), (0, max(0, s.shape[1] - c))))[:, : s.shape[1]]
         s = jnp.where(pos < clen[:, None], cached, s)
     wave_len = mel_len * r
     s = jnp.where(jnp.arange(s.shape[1])[None, :] < wave_len[:, None], s, 0.0)
 
     # decode: the source's STFT, then the generator
-    s_stft = _stft(cfg, s, wave_len, prec)                                 # [B, F, 18]
+    s_stft = _stft(cfg, s, wave_len, prec)  # [B, F, 18]
     stft_len = wave_len // cfg.hop_len + 1
     x = ops.conv("conv_pre", jnp.swapaxes(mel, 1, 2), mel_len, padding=3)
     length = mel_len
@@ -657,14 +739,21 @@ def forward(params: dict, cfg: HiFTConfig, mel, mel_len, noise=None, cache_sourc
         x = ops.conv_transpose(f"ups.{i}", x, length, u, (k - u) // 2)
         length = length * u
         if i == n_up - 1:
-            x = jnp.concatenate([x[:, 1:2], x], axis=1)                     # reflection (1, 0)
+            x = jnp.concatenate([x[:, 1:2], x], axis=1)  # reflection (1, 0)
             length = length + 1
         d = cfg.source_down_rates[i]
-        si = (ops.conv(f"source_downs.{i}", s_stft, stft_len) if d == 1 else
-              ops.conv(f"source_downs.{i}", s_stft, stft_len, stride=d, padding=d // 2))
-        si = ops.resblock(f"source_resblocks.{i}", si, length,
-                          cfg.source_resblock_kernel_sizes[i],
-                          cfg.source_resblock_dilation_sizes[i])
+        si = (
+            ops.conv(f"source_downs.{i}", s_stft, stft_len)
+            if d == 1
+            else ops.conv(f"source_downs.{i}", s_stft, stft_len, stride=d, padding=d // 2)
+        )
+        si = ops.resblock(
+            f"source_resblocks.{i}",
+            si,
+            length,
+            cfg.source_resblock_kernel_sizes[i],
+            cfg.source_resblock_dilation_sizes[i],
+        )
         x = x + si
         xs = None
         for j, (kk, dd) in enumerate(zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)):
@@ -683,17 +772,28 @@ def forward(params: dict, cfg: HiFTConfig, mel, mel_len, noise=None, cache_sourc
 @functools.lru_cache(maxsize=None)
 def _jitted(cfg: HiFTConfig, precision: str):
     import jax
+
     return jax.jit(functools.partial(forward, cfg=cfg, precision=precision))
 
 
 @functools.lru_cache(maxsize=None)
 def _jitted_draw(cfg: HiFTConfig, batch: int, n: int):
     import jax
+
     return jax.jit(lambda key: _draw(key, cfg, batch, n))
 
 
-def vocode(params: dict, cfg: HiFTConfig, mel, mel_len=None, noise="zero", cache_source=None,
-           cache_len=None, precision: str = "highest", return_source: bool = False):
+def vocode(
+    params: dict,
+    cfg: HiFTConfig,
+    mel,
+    mel_len=None,
+    noise="zero",
+    cache_source=None,
+    cache_len=None,
+    precision: str = "highest",
+    return_source: bool = False,
+):
     """Compiled `forward`, once per `[B, T]` (and precision): `noise` is "zero", a PRNG key
     (drawn on the device) or a dict of arrays; zero noise and an absent source cache are passed
     as zero arrays and a zero cache length, so every call of one shape runs the same program.
@@ -703,24 +803,30 @@ def vocode(params: dict, cfg: HiFTConfig, mel, mel_len=None, noise="zero", cache
 
     mel = np.asarray(mel, np.float32)
     if mel.ndim != 3 or mel.shape[1] != cfg.in_channels:
-        raise Token2WavError(f"mel has shape {mel.shape}, expected [batch, {cfg.in_channels}, "
-                             f"frames]")
+        raise Token2WavError(
+            f"mel has shape {mel.shape}, expected [batch, {cfg.in_channels}, frames]"
+        )
     b, _, t = mel.shape
     h, n = cfg.nb_harmonics + 1, t * cfg.samples_per_frame
     mel_len = np.full((b,), t, np.int32) if mel_len is None else np.asarray(mel_len, np.int32)
     if mel_len.shape != (b,) or (mel_len < 1).any() or (mel_len > t).any():
-        raise Token2WavError(f"mel_len {mel_len.tolist()} must give 1..{t} frames for each of "
-                             f"{b} rows")
+        raise Token2WavError(
+            f"mel_len {mel_len.tolist()} must give 1..{t} frames for each of {b} rows"
+        )
     if isinstance(noise, str):
         if noise != "zero":
             raise Token2WavError(f"noise {noise!r}: give 'zero', a PRNG key or arrays")
-        noise = {"phase": jnp.zeros((b, h), jnp.float32),
-                 "noise": jnp.zeros((b, n, h), jnp.float32)}
+        noise = {
+            "phase": jnp.zeros((b, h), jnp.float32),
+            "noise": jnp.zeros((b, n, h), jnp.float32),
+        }
     elif isinstance(noise, dict):
         ph, nz = np.shape(noise.get("phase")), np.shape(noise.get("noise"))
         if ph != (b, h) or len(nz) != 3 or nz[0] != b or nz[1] < n or nz[2] != h:
-            raise Token2WavError(f"noise arrays phase {ph} / noise {nz}: expected phase "
-                                 f"[{b}, {h}] and noise [{b}, >= {n}, {h}]")
+            raise Token2WavError(
+                f"noise arrays phase {ph} / noise {nz}: expected phase "
+                f"[{b}, {h}] and noise [{b}, >= {n}, {h}]"
+            )
         noise = {"phase": noise["phase"], "noise": noise["noise"][:, :n]}
     else:
         noise = _jitted_draw(cfg, b, n)(noise)
@@ -730,15 +836,31 @@ def vocode(params: dict, cfg: HiFTConfig, mel, mel_len=None, noise="zero", cache
         c = np.asarray(cache_source, np.float32)
         if c.ndim != 2 or c.shape[0] != b or c.shape[1] > n:
             raise Token2WavError(f"cache_source has shape {c.shape}, expected [{b}, <= {n}]")
-        clen = (np.full((b,), c.shape[1], np.int32) if cache_len is None
-                else np.minimum(np.asarray(cache_len, np.int32), c.shape[1]))
+        clen = (
+            np.full((b,), c.shape[1], np.int32)
+            if cache_len is None
+            else np.minimum(np.asarray(cache_len, np.int32), c.shape[1])
+        )
         cache = np.pad(c, ((0, 0), (0, n - c.shape[1])))
-    wave, wave_len, s = _jitted(cfg, precision)(params, mel=mel, mel_len=mel_len, noise=noise,
-                                                 cache_source=cache, cache_len=clen)
+    wave, wave_len, s = _jitted(cfg, precision)(
+        params, mel=mel, mel_len=mel_len, noise=noise, cache_source=cache, cache_len=clen
+    )
     out = (np.asarray(wave), np.asarray(wave_len))
     return out + (np.asarray(s),) if return_source else out
 
 
-__all__ = ["HiFTConfig", "Token2WavError", "PRESETS", "Layer", "layers", "param_shapes",
-           "init_random", "check_params", "f0_predict", "source", "forward", "vocode",
-           "draw_noise"]
+__all__ = [
+    "HiFTConfig",
+    "Token2WavError",
+    "PRESETS",
+    "Layer",
+    "layers",
+    "param_shapes",
+    "init_random",
+    "check_params",
+    "f0_predict",
+    "source",
+    "forward",
+    "vocode",
+    "draw_noise",
+]

@@ -15,6 +15,7 @@ batch of utterances of different lengths at once:
 Frames past an utterance's length are zero (as the package's `padding` leaves them). The padded
 sample count is a static shape: `log_mel` is jitted once per `[B, N]` shape.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,8 +38,9 @@ def _hz_to_mel(f):
     min_log_hz = 1000.0
     min_log_mel = min_log_hz / f_sp
     logstep = np.log(6.4) / 27.0
-    return np.where(f >= min_log_hz, min_log_mel + np.log(np.maximum(f, 1e-300) / min_log_hz)
-                    / logstep, mels)
+    return np.where(
+        f >= min_log_hz, min_log_mel + np.log(np.maximum(f, 1e-300) / min_log_hz) / logstep, mels
+    )
 
 
 def _mel_to_hz(m):
@@ -65,7 +67,7 @@ def mel_filters(n_mels: int = N_MELS, sr: int = SAMPLE_RATE, n_fft: int = N_FFT)
         lower = -ramps[i] / fdiff[i]
         upper = ramps[i + 2] / fdiff[i + 1]
         weights[i] = np.maximum(0, np.minimum(lower, upper))
-    enorm = 2.0 / (mel_f[2:n_mels + 2] - mel_f[:n_mels])
+    enorm = 2.0 / (mel_f[2 : n_mels + 2] - mel_f[:n_mels])
     weights *= enorm[:, np.newaxis]
     weights.setflags(write=False)
     return weights
@@ -79,7 +81,7 @@ def num_frames(n_samples):
 @functools.lru_cache(maxsize=None)
 def _hann() -> np.ndarray:
     n = np.arange(N_FFT, dtype=np.float64)
-    return (0.5 - 0.5 * np.cos(2.0 * np.pi * n / N_FFT)).astype(np.float32)   # periodic
+    return (0.5 - 0.5 * np.cos(2.0 * np.pi * n / N_FFT)).astype(np.float32)  # periodic
 
 
 def log_mel(wave, lengths, n_mels: int = N_MELS):
@@ -96,20 +98,20 @@ def log_mel(wave, lengths, n_mels: int = N_MELS):
     # Sample index of each (frame, tap) in the reflect-padded utterance: position p = 160 t + k
     # of the padded signal is sample p - 200, reflected at 0 and at the utterance's last sample.
     pos = (np.arange(t)[:, None] * HOP + np.arange(N_FFT)[None, :] - N_FFT // 2).astype(np.int32)
-    pos = jnp.asarray(pos)[None]                                       # [1, T, 400]
+    pos = jnp.asarray(pos)[None]  # [1, T, 400]
     last = (lengths - 1)[:, None, None]
-    idx = jnp.abs(pos)                                                 # left reflection
-    idx = jnp.where(idx > last, 2 * last - idx, idx)                   # right reflection
-    idx = jnp.clip(idx, 0, n - 1)            # frames past the utterance: masked below
+    idx = jnp.abs(pos)  # left reflection
+    idx = jnp.where(idx > last, 2 * last - idx, idx)  # right reflection
+    idx = jnp.clip(idx, 0, n - 1)  # frames past the utterance: masked below
     frames = jnp.take_along_axis(wave[:, None, :], idx.reshape(b, 1, -1), axis=2)
     frames = frames.reshape(b, t, N_FFT) * jnp.asarray(_hann())
-    spec = jnp.fft.rfft(frames, n=N_FFT, axis=-1)                      # [B, T, 201]
+    spec = jnp.fft.rfft(frames, n=N_FFT, axis=-1)  # [B, T, 201]
     power = jnp.real(spec) ** 2 + jnp.imag(spec) ** 2
-    filters = jnp.asarray(mel_filters(n_mels))                         # [M, 201]
+    filters = jnp.asarray(mel_filters(n_mels))  # [M, 201]
     mel = jnp.einsum("btf,mf->btm", power, filters, precision=jax.lax.Precision.HIGHEST)
     log_spec = jnp.log10(jnp.maximum(mel, 1e-10))
     mel_len = lengths // HOP
-    valid = (jnp.arange(t)[None, :] < mel_len[:, None])[..., None]     # [B, T, 1]
+    valid = (jnp.arange(t)[None, :] < mel_len[:, None])[..., None]  # [B, T, 1]
     peak = jnp.max(jnp.where(valid, log_spec, -jnp.inf), axis=(1, 2), keepdims=True)
     log_spec = jnp.maximum(log_spec, peak - 8.0)
     log_spec = (log_spec + 4.0) / 4.0
@@ -119,6 +121,7 @@ def log_mel(wave, lengths, n_mels: int = N_MELS):
 @functools.lru_cache(maxsize=None)
 def _log_mel_jit(n_mels: int):
     import jax
+
     return jax.jit(functools.partial(log_mel, n_mels=n_mels))
 
 

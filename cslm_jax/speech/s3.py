@@ -20,6 +20,7 @@ it is batched with. `code_len = ((mel_len - 1) // s1 + 1 - 1) // 2 + 1` (s1 the 
 Parameters are a plain pytree (dict of arrays, the blocks stacked on a leading layer axis for a
 `lax.scan`); `cslm_jax.speech.weights` maps them to and from the package's state-dict names.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,11 +30,11 @@ import numpy as np
 
 from cslm_jax.errors import CslmError
 
-WINDOW_FRAMES = 3000        # the package's 30 s window (mel frames at 100 Hz)
-OVERLAP_FRAMES = 400        # its 4 s overlap
+WINDOW_FRAMES = 3000  # the package's 30 s window (mel frames at 100 Hz)
+OVERLAP_FRAMES = 400  # its 4 s overlap
 OVERLAP_SECONDS = 4
 FSMN_KERNEL = 31
-ROPE_HEAD_DIM = 64          # the package's precompute_freqs_cis(64, 2048)
+ROPE_HEAD_DIM = 64  # the package's precompute_freqs_cis(64, 2048)
 ROPE_MAX_POS = 2048
 
 
@@ -43,9 +44,9 @@ class SpeechTokenizerError(CslmError):
 
 @dataclasses.dataclass(frozen=True)
 class Version:
-    name: str               # the official model name
-    arch: str               # "v1" | "v2"
-    stride: int             # stride of the first conv (the second is always 2)
+    name: str  # the official model name
+    arch: str  # "v1" | "v2"
+    stride: int  # stride of the first conv (the second is always 2)
     codebook_size: int
     units_per_second: int
 
@@ -53,38 +54,48 @@ class Version:
 VERSIONS = {
     "v1": Version("speech_tokenizer_v1", "v1", 1, 4096, 50),
     "v1_25hz": Version("speech_tokenizer_v1_25hz", "v1", 2, 4096, 25),
-    "v2_25hz": Version("speech_tokenizer_v2_25hz", "v2", 2, 3 ** 8, 25),
+    "v2_25hz": Version("speech_tokenizer_v2_25hz", "v2", 2, 3**8, 25),
 }
-ALIASES = {"v2": "v2_25hz", "speech_tokenizer_v1": "v1", "speech_tokenizer_v1_25hz": "v1_25hz",
-           "speech_tokenizer_v2_25hz": "v2_25hz"}
+ALIASES = {
+    "v2": "v2_25hz",
+    "speech_tokenizer_v1": "v1",
+    "speech_tokenizer_v1_25hz": "v1_25hz",
+    "speech_tokenizer_v2_25hz": "v2_25hz",
+}
 
 
 def canonical_version(version: str) -> str:
     v = ALIASES.get(version, version)
     if v not in VERSIONS:
-        raise SpeechTokenizerError(f"unknown speech tokenizer version {version!r}; choose one of "
-                                   f"{', '.join(VERSIONS)} (or {', '.join(ALIASES)})")
+        raise SpeechTokenizerError(
+            f"unknown speech tokenizer version {version!r}; choose one of "
+            f"{', '.join(VERSIONS)} (or {', '.join(ALIASES)})"
+        )
     return v
 
 
 @dataclasses.dataclass(frozen=True)
 class S3Config:
     """Sizes of one tokenizer; the defaults are the official ones."""
+
     version: str = "v1"
     n_mels: int = 128
     n_state: int = 1280
     n_head: int = 20
     n_layer: int = 6
-    n_ctx: int = 1500           # v1 positions (the stored table's length)
+    n_ctx: int = 1500  # v1 positions (the stored table's length)
 
     def __post_init__(self):
         object.__setattr__(self, "version", canonical_version(self.version))
         if self.n_state % self.n_head:
-            raise SpeechTokenizerError(f"n_state {self.n_state} is not a multiple of n_head "
-                                       f"{self.n_head}")
+            raise SpeechTokenizerError(
+                f"n_state {self.n_state} is not a multiple of n_head {self.n_head}"
+            )
         if self.arch == "v2" and self.n_state // self.n_head != ROPE_HEAD_DIM:
-            raise SpeechTokenizerError(f"{self.version}: head dim must be {ROPE_HEAD_DIM} (the "
-                                       f"package's rotary table), got {self.n_state // self.n_head}")
+            raise SpeechTokenizerError(
+                f"{self.version}: head dim must be {ROPE_HEAD_DIM} (the "
+                f"package's rotary table), got {self.n_state // self.n_head}"
+            )
 
     @property
     def spec(self) -> Version:
@@ -115,14 +126,27 @@ def code_lengths(mel_len, stride: int):
 
 # -- parameters -----------------------------------------------------------------------------------
 
+
 def param_shapes(cfg: S3Config) -> dict:
     """The pytree of parameter shapes (JAX layout: linear [in, out], conv [k, in, out])."""
     d, m, L = cfg.n_state, cfg.n_mels, cfg.n_layer
-    blocks = {"attn_ln_w": (L, d), "attn_ln_b": (L, d),
-              "q_w": (L, d, d), "q_b": (L, d), "k_w": (L, d, d), "v_w": (L, d, d), "v_b": (L, d),
-              "o_w": (L, d, d), "o_b": (L, d),
-              "mlp_ln_w": (L, d), "mlp_ln_b": (L, d),
-              "fc1_w": (L, d, 4 * d), "fc1_b": (L, 4 * d), "fc2_w": (L, 4 * d, d), "fc2_b": (L, d)}
+    blocks = {
+        "attn_ln_w": (L, d),
+        "attn_ln_b": (L, d),
+        "q_w": (L, d, d),
+        "q_b": (L, d),
+        "k_w": (L, d, d),
+        "v_w": (L, d, d),
+        "v_b": (L, d),
+        "o_w": (L, d, d),
+        "o_b": (L, d),
+        "mlp_ln_w": (L, d),
+        "mlp_ln_b": (L, d),
+        "fc1_w": (L, d, 4 * d),
+        "fc1_b": (L, 4 * d),
+        "fc2_w": (L, 4 * d, d),
+        "fc2_b": (L, d),
+    }
     shapes = {"conv1_w": (3, m, d), "conv1_b": (d,), "conv2_w": (3, d, d), "conv2_b": (d,)}
     if cfg.arch == "v1":
         shapes["pos_emb"] = (cfg.n_ctx, d)
@@ -159,7 +183,7 @@ def init_random(version: str = "v1", seed: int = 0, **sizes) -> tuple[S3Config, 
             return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         if name.endswith("_b") or name.endswith("ln_b"):
             return (0.02 * rng.standard_normal(shape)).astype(np.float32)
-        if name == "codebook":              # unit rows: the choice depends on direction only
+        if name == "codebook":  # unit rows: the choice depends on direction only
             e = rng.standard_normal(shape)
             return (e / np.linalg.norm(e, axis=-1, keepdims=True)).astype(np.float32)
         fan_in = int(np.prod(shape[:-1])) if len(shape) <= 2 else int(np.prod(shape[1:-1]))
@@ -176,6 +200,7 @@ def init_random(version: str = "v1", seed: int = 0, **sizes) -> tuple[S3Config, 
 
 def check_params(cfg: S3Config, params: dict, where: str = "parameters") -> None:
     """Every expected tensor present with its shape; name the first that is not."""
+
     def walk(shapes, tree, prefix):
         for k, shape in shapes.items():
             if k not in tree:
@@ -183,8 +208,11 @@ def check_params(cfg: S3Config, params: dict, where: str = "parameters") -> None
             if isinstance(shape, dict):
                 walk(shape, tree[k], f"{prefix}{k}.")
             elif tuple(np.shape(tree[k])) != tuple(shape):
-                raise SpeechTokenizerError(f"{where}: tensor {prefix}{k} has shape "
-                                           f"{tuple(np.shape(tree[k]))}, expected {tuple(shape)}")
+                raise SpeechTokenizerError(
+                    f"{where}: tensor {prefix}{k} has shape "
+                    f"{tuple(np.shape(tree[k]))}, expected {tuple(shape)}"
+                )
+
     walk(param_shapes(cfg), params, "")
 
 
@@ -195,8 +223,13 @@ PRECISIONS = ("highest", "high", "default", "bfloat16")
 
 def _precision(name: str):
     import jax
-    return {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH,
-            "default": jax.lax.Precision.DEFAULT, "bfloat16": None}[name]
+
+    return {
+        "highest": jax.lax.Precision.HIGHEST,
+        "high": jax.lax.Precision.HIGH,
+        "default": jax.lax.Precision.DEFAULT,
+        "bfloat16": None,
+    }[name]
 
 
 class _Products:
@@ -208,43 +241,61 @@ class _Products:
 
     def __init__(self, name: str):
         import jax.numpy as jnp
+
         self.bf16 = name == "bfloat16"
         self.prec = _precision(name)
-        self.kw = ({"preferred_element_type": jnp.float32} if self.bf16
-                   else {"precision": self.prec})
+        self.kw = {"preferred_element_type": jnp.float32} if self.bf16 else {"precision": self.prec}
 
     def cast(self, *xs):
         import jax.numpy as jnp
+
         return tuple(x.astype(jnp.bfloat16) for x in xs) if self.bf16 else xs
 
     def dot(self, a, b):
         import jax.numpy as jnp
+
         return jnp.dot(*self.cast(a, b), **self.kw)
 
     def matmul(self, a, b):
         import jax.numpy as jnp
+
         return jnp.matmul(*self.cast(a, b), **self.kw)
 
     def einsum(self, spec, a, b):
         import jax.numpy as jnp
+
         return jnp.einsum(spec, *self.cast(a, b), **self.kw)
 
     def conv(self, x, w, **kw):
         import jax
+
         return jax.lax.conv_general_dilated(*self.cast(x, w), **kw, **self.kw)
 
 
 def _rope_tables(t: int, dh: int) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin [t, dh] as the package builds them (float32 frequencies, halves repeated)."""
-    freqs = (1.0 / (np.float32(10000.0) ** (np.arange(0, dh, 2, dtype=np.float32)[:dh // 2]
-                                             / np.float32(dh)))).astype(np.float32)
+    freqs = (
+        1.0
+        / (
+            np.float32(10000.0)
+            ** (np.arange(0, dh, 2, dtype=np.float32)[: dh // 2] / np.float32(dh))
+        )
+    ).astype(np.float32)
     ang = np.outer(np.arange(t, dtype=np.float32), freqs).astype(np.float32)
     cos, sin = np.cos(ang), np.sin(ang)
     return np.concatenate([cos, cos], -1), np.concatenate([sin, sin], -1)
 
 
-def encoder(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest",
-            unroll: bool = False, packed: int = 0, _rows: bool = False):
+def encoder(
+    params: dict,
+    cfg: S3Config,
+    mel,
+    mel_len,
+    precision: str = "highest",
+    unroll: bool = False,
+    packed: int = 0,
+    _rows: bool = False,
+):
     """`mel [B, T, n_mels]`, `mel_len [B]` -> (`hidden [B, T', n_state]` float32, `code_len [B]`).
     Rows past `code_len` hold values of no meaning. Traceable (use under jit). `unroll`: the
     blocks as straight-line code instead of a loop (same results; XLA's cost analysis counts a
@@ -262,21 +313,27 @@ def encoder(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest
     b, t, _ = x.shape
 
     def mask(lengths, n):
-        return (jnp.arange(n)[None, :] < lengths[:, None])
+        return jnp.arange(n)[None, :] < lengths[:, None]
 
     def conv(x, w, bias, stride):
-        y = pp.conv(x, w.astype(f32), window_strides=(stride,), padding=[(1, 1)],
-                    dimension_numbers=("NWC", "WIO", "NWC"))
+        y = pp.conv(
+            x,
+            w.astype(f32),
+            window_strides=(stride,),
+            padding=[(1, 1)],
+            dimension_numbers=("NWC", "WIO", "NWC"),
+        )
         return y + bias
 
     gelu = functools.partial(jax.nn.gelu, approximate=False)
-    x = gelu(conv(x * mask(mel_len, t)[..., None], params["conv1_w"], params["conv1_b"],
-                  cfg.stride))
+    x = gelu(
+        conv(x * mask(mel_len, t)[..., None], params["conv1_w"], params["conv1_b"], cfg.stride)
+    )
     len1 = (mel_len - 1) // cfg.stride + 1
     x = gelu(conv(x * mask(len1, x.shape[1])[..., None], params["conv2_w"], params["conv2_b"], 2))
     len2 = (len1 - 1) // 2 + 1
     t2 = x.shape[1]
-    valid = mask(len2, t2)                                      # [B, T']
+    valid = mask(len2, t2)  # [B, T']
     bias = jnp.where(valid, 0.0, -1.0e10).astype(f32)[:, None, None, :]
     h, d = cfg.n_head, cfg.n_state
     dh = d // h
@@ -284,32 +341,38 @@ def encoder(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest
 
     if cfg.arch == "v1":
         if t2 > params["pos_emb"].shape[0]:
-            raise SpeechTokenizerError(f"{t2} encoder frames exceed the {params['pos_emb'].shape[0]}"
-                                       f" positions of {cfg.version}; window long audio")
+            raise SpeechTokenizerError(
+                f"{t2} encoder frames exceed the {params['pos_emb'].shape[0]}"
+                f" positions of {cfg.version}; window long audio"
+            )
         x = x + params["pos_emb"][:t2].astype(f32)
     else:
         if t2 > ROPE_MAX_POS:
-            raise SpeechTokenizerError(f"{t2} encoder frames exceed the {ROPE_MAX_POS} rotary "
-                                       f"positions of {cfg.version}; window long audio")
+            raise SpeechTokenizerError(
+                f"{t2} encoder frames exceed the {ROPE_MAX_POS} rotary "
+                f"positions of {cfg.version}; window long audio"
+            )
         cos, sin = (jnp.asarray(a)[None, :, None, :] for a in _rope_tables(t2, dh))
-    vmask = valid[..., None].astype(f32)                         # [B, T', 1]
+    vmask = valid[..., None].astype(f32)  # [B, T', 1]
     if packed:
         flat = valid.reshape(-1)
-        rows = jnp.nonzero(flat, size=packed, fill_value=0)[0]      # packed row -> padded frame
-        slot = jnp.where(flat, jnp.cumsum(flat) - 1, packed)       # padded frame -> packed row
+        rows = jnp.nonzero(flat, size=packed, fill_value=0)[0]  # packed row -> padded frame
+        slot = jnp.where(flat, jnp.cumsum(flat) - 1, packed)  # padded frame -> packed row
 
-        def to_padded(a):                                           # [P, n] -> [B, T', n]
+        def to_padded(a):  # [P, n] -> [B, T', n]
             a = jnp.concatenate([a, jnp.zeros((1, a.shape[-1]), a.dtype)])
             return a[slot].reshape(b, t2, a.shape[-1])
 
-        def to_rows(a):                                             # [B, T', n] -> [P, n]
+        def to_rows(a):  # [B, T', n] -> [P, n]
             return a.reshape(-1, a.shape[-1])[rows]
     else:
+
         def to_padded(a):
             return a.reshape(b, t2, a.shape[-1])
 
         def to_rows(a):
             return a.reshape(-1, a.shape[-1])
+
     x = to_rows(x)
 
     def ln(x, w, bb):
@@ -324,7 +387,7 @@ def encoder(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest
         return y if bb is None else y + bb
 
     def rot_half(x):
-        return jnp.concatenate([-x[..., dh // 2:], x[..., :dh // 2]], -1)
+        return jnp.concatenate([-x[..., dh // 2 :], x[..., : dh // 2]], -1)
 
     def block(x, p):
         y = ln(x, p["attn_ln_w"], p["attn_ln_b"])
@@ -336,13 +399,17 @@ def encoder(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest
             k = k * cos + rot_half(k) * sin
             vin = v * vmask
             mem = pp.conv(
-                vin, p["fsmn_w"].astype(f32)[:, None, :], window_strides=(1,),
+                vin,
+                p["fsmn_w"].astype(f32)[:, None, :],
+                window_strides=(1,),
                 padding=[((FSMN_KERNEL - 1) // 2, FSMN_KERNEL - 1 - (FSMN_KERNEL - 1) // 2)],
-                dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=d)
+                dimension_numbers=("NWC", "WIO", "NWC"),
+                feature_group_count=d,
+            )
             mem = (mem + vin) * vmask
         # heads first, then plain batched matmuls (XLA:CPU runs these faster than the einsums)
-        q = (q * scale).transpose(0, 2, 1, 3)                           # [B, H, T, Dh]
-        k = (k * scale).transpose(0, 2, 3, 1)                           # [B, H, Dh, T]
+        q = (q * scale).transpose(0, 2, 1, 3)  # [B, H, T, Dh]
+        k = (k * scale).transpose(0, 2, 3, 1)  # [B, H, Dh, T]
         v = v.reshape(b, t2, h, dh).transpose(0, 2, 1, 3)
         w = jax.nn.softmax(pp.matmul(q, k) + bias, axis=-1)
         o = pp.matmul(w, v).transpose(0, 2, 1, 3).reshape(b, t2, d)
@@ -355,7 +422,7 @@ def encoder(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest
         return x, None
 
     x, _ = jax.lax.scan(block, x, params["blocks"], unroll=bool(unroll))
-    if _rows:                                   # encode_mel: quantize the packed rows
+    if _rows:  # encode_mel: quantize the packed rows
         return x, len2, to_padded
     return to_padded(x), len2
 
@@ -368,10 +435,12 @@ def quantize(params: dict, cfg: S3Config, hidden, precision: str = "highest"):
     x = jnp.asarray(hidden, jnp.float32)
     if cfg.arch == "v1":
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-        e = params["codebook"].astype(jnp.float32)                       # [K, D]
-        dist = -(jnp.sum(x * x, -1, keepdims=True)
-                 - 2.0 * pp.einsum("btd,kd->btk", x, e)
-                 + jnp.sum(e * e, -1)[None, None, :])
+        e = params["codebook"].astype(jnp.float32)  # [K, D]
+        dist = -(
+            jnp.sum(x * x, -1, keepdims=True)
+            - 2.0 * pp.einsum("btd,kd->btk", x, e)
+            + jnp.sum(e * e, -1)[None, None, :]
+        )
         return jnp.argmax(dist, axis=-1).astype(jnp.int32)
     hproj = pp.einsum("btd,de->bte", x, params["proj_w"].astype(jnp.float32))
     hproj = jnp.tanh(hproj + params["proj_b"]) * 0.9990000128746033
@@ -380,13 +449,21 @@ def quantize(params: dict, cfg: S3Config, hidden, precision: str = "highest"):
     return jnp.sum(digits * powers, -1).astype(jnp.int32)
 
 
-def encode_mel(params: dict, cfg: S3Config, mel, mel_len, precision: str = "highest",
-               unroll: bool = False, packed: int = 0):
+def encode_mel(
+    params: dict,
+    cfg: S3Config,
+    mel,
+    mel_len,
+    precision: str = "highest",
+    unroll: bool = False,
+    packed: int = 0,
+):
     """mel -> (codes [B, T'] int32, code_len [B]); traceable. With `packed`, the quantizer too
     runs on the valid frames only."""
     if packed:
-        rows, code_len, to_padded = encoder(params, cfg, mel, mel_len, precision, unroll, packed,
-                                            _rows=True)
+        rows, code_len, to_padded = encoder(
+            params, cfg, mel, mel_len, precision, unroll, packed, _rows=True
+        )
         codes = quantize(params, cfg, rows[None], precision)[0]
         return to_padded(codes[:, None])[..., 0], code_len
     hidden, code_len = encoder(params, cfg, mel, mel_len, precision, unroll, packed)
@@ -394,6 +471,7 @@ def encode_mel(params: dict, cfg: S3Config, mel, mel_len, precision: str = "high
 
 
 # -- long audio ------------------------------------------------------------------------------------
+
 
 def window_starts(mel_len: int, mode: str = "window") -> list[tuple[int, int]]:
     """(start, end) mel frames of the 30 s windows (stride 26 s) of an utterance over 30 s.
@@ -422,5 +500,5 @@ def merge_windows(segments: list, units_per_second: int) -> np.ndarray:
     out = []
     for i, s in enumerate(segments):
         s = np.asarray(s)
-        out.append(s[(0 if i == 0 else k):(-k if i != len(segments) - 1 else len(s))])
+        out.append(s[(0 if i == 0 else k) : (-k if i != len(segments) - 1 else len(s))])
     return np.concatenate(out).astype(np.int32) if out else np.zeros(0, np.int32)

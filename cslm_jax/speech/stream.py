@@ -63,6 +63,7 @@ steps (`regulate_rows`, `cfm(valid_only=True)`: the window's frames as unpadded)
 the mel padded to a multiple of `HIFT_BUCKET` frames with its length mask; so a decode's chunks
 of ever new lengths compile once per bucket, not once per window length.
 """
+
 from __future__ import annotations
 
 import functools
@@ -74,11 +75,11 @@ import numpy as np
 
 from cslm_jax.speech.hift import Token2WavError
 
-TOKEN_OVERLAP = 20          # upstream's token_overlap_len: units carried into the next window
-FLOW_CACHE_FRAMES = 34      # upstream's literal in ConditionalCFM.forward (z / mu cache)
-MEL_CACHE_FRAMES = 20       # upstream's mel_cache_len (the HiFT cache)
-HIFT_BUCKET = 32            # HiFT runs on mel padded to a multiple of this many frames (its
-                            # per-row length mask makes the padding invisible): fewer shapes
+TOKEN_OVERLAP = 20  # upstream's token_overlap_len: units carried into the next window
+FLOW_CACHE_FRAMES = 34  # upstream's literal in ConditionalCFM.forward (z / mu cache)
+MEL_CACHE_FRAMES = 20  # upstream's mel_cache_len (the HiFT cache)
+HIFT_BUCKET = 32  # HiFT runs on mel padded to a multiple of this many frames (its
+# per-row length mask makes the padding invisible): fewer shapes
 
 
 def _hamming(n: int) -> np.ndarray:
@@ -91,13 +92,13 @@ def fade_in_out(new: np.ndarray, old: np.ndarray, window: np.ndarray) -> np.ndar
     become `new * w[:k] + old[-k:] * w[k:]` (float64, rounded to float32)."""
     k = len(window) // 2
     out = np.array(new, np.float32, copy=True)
-    out[..., :k] = (new[..., :k].astype(np.float64) * window[:k] +
-                    old[..., -k:].astype(np.float64) * window[k:]).astype(np.float32)
+    out[..., :k] = (
+        new[..., :k].astype(np.float64) * window[:k] + old[..., -k:].astype(np.float64) * window[k:]
+    ).astype(np.float32)
     return out
 
 
-def _flow_window(params, units, unit_len, emb, z, mu_cache, cache_len, mel_len, *, cfg,
-                 precision):
+def _flow_window(params, units, unit_len, emb, z, mu_cache, cache_len, mel_len, *, cfg, precision):
     """One window of the flow with upstream's cache, padded: `units [1, U]` (the first
     `unit_len [1]` real), `z [1, F, 80]` (its cached frames already in, zero past the window's
     `mel_len [1]` frames), the first `cache_len` frames of mu replaced by `mu_cache [1, F, 80]`'s
@@ -111,8 +112,10 @@ def _flow_window(params, units, unit_len, emb, z, mu_cache, cache_len, mel_len, 
 
     prec = matmul_precision(precision)
     spks = emb / jnp.maximum(jnp.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    spks = jnp.dot(spks, params["spk_embed_affine_layer.w"], precision=prec) + \
-        params["spk_embed_affine_layer.b"]
+    spks = (
+        jnp.dot(spks, params["spk_embed_affine_layer.w"], precision=prec)
+        + params["spk_embed_affine_layer.b"]
+    )
     frames = z.shape[1]
     none = jnp.zeros_like(unit_len)
     h = encoder(params, cfg, units, unit_len, precision)
@@ -120,14 +123,24 @@ def _flow_window(params, units, unit_len, emb, z, mu_cache, cache_len, mel_len, 
     pos = jnp.arange(frames)[None, :]
     mu = jnp.where(pos[..., None] < cache_len, mu_cache, mu)
     mask = (pos < mel_len[:, None]).astype(mu.dtype)
-    mel = cfm(params, cfg, mu, mask, spks, jnp.zeros_like(mu), z * mask[..., None],
-              precision=precision, valid_only=True)
+    mel = cfm(
+        params,
+        cfg,
+        mu,
+        mask,
+        spks,
+        jnp.zeros_like(mu),
+        z * mask[..., None],
+        precision=precision,
+        valid_only=True,
+    )
     return mel, mu
 
 
 @functools.lru_cache(maxsize=None)
 def _jitted_flow(cfg, precision: str):
     import jax
+
     return jax.jit(functools.partial(_flow_window, cfg=cfg, precision=precision))
 
 
@@ -141,6 +154,7 @@ def window_buckets(n_units: int, mel_len: int) -> tuple[int, int]:
     """The padded (units, frames) a window of `n_units` units and `mel_len` mel frames runs at:
     the batched flow's buckets (`flow.bucket` of `UNIT_BUCKET`, `FRAME_BUCKET`)."""
     from cslm_jax.speech.flow import FRAME_BUCKET, UNIT_BUCKET, bucket
+
     return bucket(n_units, UNIT_BUCKET), bucket(mel_len, FRAME_BUCKET)
 
 
@@ -171,9 +185,14 @@ def _warm_hift(t2w, frames: int, precision: str) -> float:
     if key in _HIFT_WARM:
         return 0.0
     t0 = time.perf_counter()
-    vocode(t2w.hift_params, t2w.hift_cfg, np.zeros((1, t2w.hift_cfg.in_channels, frames),
-                                                   np.float32),
-           cache_source=np.zeros((1, 0), np.float32), precision=precision, return_source=True)
+    vocode(
+        t2w.hift_params,
+        t2w.hift_cfg,
+        np.zeros((1, t2w.hift_cfg.in_channels, frames), np.float32),
+        cache_source=np.zeros((1, 0), np.float32),
+        precision=precision,
+        return_source=True,
+    )
     _HIFT_WARM.add(key)
     return time.perf_counter() - t0
 
@@ -194,25 +213,38 @@ class SpeechStream:
     runs on the mel padded to a multiple of `HIFT_BUCKET` frames with its length mask (the
     output of the unpadded mel), so once per bucket too."""
 
-    def __init__(self, t2w, voice="random", noise="zero", speech_rate: float = 1.0,
-                 precision: str = "highest"):
+    def __init__(
+        self,
+        t2w,
+        voice="random",
+        noise="zero",
+        speech_rate: float = 1.0,
+        precision: str = "highest",
+    ):
         from cslm_jax.speech import token2wav as t2w_mod
 
         if t2w.version != "v1":
-            raise Token2WavError(f"streaming: token2wav version {t2w.version!r}; only v1's "
-                                 f"streaming scheme is ported")
+            raise Token2WavError(
+                f"streaming: token2wav version {t2w.version!r}; only v1's "
+                f"streaming scheme is ported"
+            )
         if not (np.isfinite(speech_rate) and speech_rate >= 1.0):
-            raise Token2WavError(f"speech rate {speech_rate}: streaming needs a rate >= 1 (the "
-                                 f"mean run length of merged units is at least 1)")
+            raise Token2WavError(
+                f"speech rate {speech_rate}: streaming needs a rate >= 1 (the "
+                f"mean run length of merged units is at least 1)"
+            )
         if isinstance(noise, str) and noise != "zero":
             raise Token2WavError(f"noise {noise!r}: give 'zero', a PRNG key or a callable")
         self.t2w = t2w
-        self.emb = t2w_mod.voice(t2w, voice) if isinstance(voice, (str, Path)) else \
-            t2w_mod.voice(t2w, np.asarray(voice, np.float32))
+        self.emb = (
+            t2w_mod.voice(t2w, voice)
+            if isinstance(voice, (str, Path))
+            else t2w_mod.voice(t2w, np.asarray(voice, np.float32))
+        )
         self.noise = noise
         self.speech_rate = float(speech_rate)
         self.precision = precision
-        self.overlap = int(t2w.flow_cfg.seam_frames)          # 34 mel frames
+        self.overlap = int(t2w.flow_cfg.seam_frames)  # 34 mel frames
         self.cache_samples = MEL_CACHE_FRAMES * t2w.samples_per_frame
         self.mel_window = _hamming(2 * self.overlap)
         self.speech_window = _hamming(2 * self.cache_samples)
@@ -223,9 +255,9 @@ class SpeechStream:
         self._compiling = 0.0
         self.samples = 0
         self.finished = False
-        self._flow_cache = None          # (z [c, 80], mu [c, 80])
-        self._mel_overlap = None         # [80, 34]
-        self._hift_cache = None          # (mel [80, 20], source [5120], speech [5120])
+        self._flow_cache = None  # (z [c, 80], mu [c, 80])
+        self._mel_overlap = None  # [80, 34]
+        self._hift_cache = None  # (mel [80, 20], source [5120], speech [5120])
 
     # -- the windowing policy ------------------------------------------------------------------
 
@@ -237,6 +269,7 @@ class SpeechStream:
 
     def mel_frames(self, n_units: int) -> int:
         from cslm_jax.speech.token2wav import mel_frames
+
         return mel_frames(n_units, self.speech_rate, self.t2w.units_per_second)
 
     def push(self, units: Iterable[int]) -> np.ndarray:
@@ -286,10 +319,12 @@ class SpeechStream:
             d = self.noise(k, m, t)
             z = np.asarray(d["flow"], np.float32)
             if z.shape != (1, m, 80):
-                raise Token2WavError(f"noise callable: flow noise of shape {z.shape}, expected "
-                                     f"[1, {m}, 80]")
+                raise Token2WavError(
+                    f"noise callable: flow noise of shape {z.shape}, expected [1, {m}, 80]"
+                )
             return z, d["hift"]
         import jax
+
         k_flow, k_hift = jax.random.split(jax.random.fold_in(self.noise, k))
         # with JAX's partitionable threefry (its default) a draw's elements depend on their flat
         # index only: drawn over the window's frame bucket, its first m frames are the draw of
@@ -313,29 +348,44 @@ class SpeechStream:
         self.windows.append((u.tolist(), bool(finalize)))
         c = 0 if self._flow_cache is None else len(self._flow_cache[0])
         if c > m:
-            raise Token2WavError(f"streaming: a window of {len(u)} units gives {m} mel frames, "
-                                 f"fewer than the {c} cached from the previous window")
-        hift_frames = m + (0 if self._hift_cache is None else MEL_CACHE_FRAMES) - \
-            (0 if finalize else self.overlap)
+            raise Token2WavError(
+                f"streaming: a window of {len(u)} units gives {m} mel frames, "
+                f"fewer than the {c} cached from the previous window"
+            )
+        hift_frames = (
+            m
+            + (0 if self._hift_cache is None else MEL_CACHE_FRAMES)
+            - (0 if finalize else self.overlap)
+        )
         z, hift_noise = self._noise(k, m, hift_frames)
         nu, nf = window_buckets(len(u), m)
         tok = np.zeros((1, nu), np.int32)
-        tok[0, :len(u)] = u
+        tok[0, : len(u)] = u
         zp = np.zeros((1, nf, 80), np.float32)
         zp[0, :m] = z[0]
         mu_cache = np.zeros((1, nf, 80), np.float32)
         if c:
             zp[0, :c] = self._flow_cache[0]
             mu_cache[0, :c] = self._flow_cache[1]
-        args = (self.t2w.flow_params, tok, np.array([len(u)], np.int32), self.emb[None], zp,
-                mu_cache, np.int32(c), np.array([m], np.int32))
+        args = (
+            self.t2w.flow_params,
+            tok,
+            np.array([len(u)], np.int32),
+            self.emb[None],
+            zp,
+            mu_cache,
+            np.int32(c),
+            np.array([m], np.int32),
+        )
         fn, secs = _flow_program(cfg, nu, nf, self.precision, args)
         self._compiling += secs
         mel, mu = fn(*args)
         mu = np.asarray(mu)
-        self._flow_cache = (zp[0, m - FLOW_CACHE_FRAMES:m].copy(),
-                            mu[0, m - FLOW_CACHE_FRAMES:m].copy())
-        mel = np.asarray(mel)[0, :m].T                                     # [80, M]
+        self._flow_cache = (
+            zp[0, m - FLOW_CACHE_FRAMES : m].copy(),
+            mu[0, m - FLOW_CACHE_FRAMES : m].copy(),
+        )
+        mel = np.asarray(mel)[0, :m].T  # [80, M]
         if self._mel_overlap is not None:
             mel = fade_in_out(mel, self._mel_overlap, self.mel_window)
         cache_source = None
@@ -343,22 +393,31 @@ class SpeechStream:
             mel = np.concatenate([self._hift_cache[0], mel], 1)
             cache_source = self._hift_cache[1][None]
         if not finalize:
-            self._mel_overlap = mel[:, -self.overlap:]
-            mel = mel[:, :-self.overlap]
+            self._mel_overlap = mel[:, -self.overlap :]
+            mel = mel[:, : -self.overlap]
         t = mel.shape[1]
         padded = -(-t // HIFT_BUCKET) * HIFT_BUCKET
         n = t * self.t2w.samples_per_frame
-        if isinstance(hift_noise, dict):            # arrays for t frames: padded with zeros
+        if isinstance(hift_noise, dict):  # arrays for t frames: padded with zeros
             nz = np.asarray(hift_noise["noise"], np.float32)[:, :n]
-            hift_noise = {"phase": hift_noise["phase"], "noise": np.pad(
-                nz, ((0, 0), (0, padded * self.t2w.samples_per_frame - nz.shape[1]), (0, 0)))}
+            hift_noise = {
+                "phase": hift_noise["phase"],
+                "noise": np.pad(
+                    nz, ((0, 0), (0, padded * self.t2w.samples_per_frame - nz.shape[1]), (0, 0))
+                ),
+            }
         self._compiling += _warm_hift(self.t2w, padded, self.precision)
         self.compile_s += self._compiling
-        wave, _, source = vocode(self.t2w.hift_params, self.t2w.hift_cfg,
-                                 np.pad(mel, ((0, 0), (0, padded - t)))[None],
-                                 mel_len=np.array([t], np.int32), noise=hift_noise,
-                                 cache_source=cache_source, precision=self.precision,
-                                 return_source=True)
+        wave, _, source = vocode(
+            self.t2w.hift_params,
+            self.t2w.hift_cfg,
+            np.pad(mel, ((0, 0), (0, padded - t)))[None],
+            mel_len=np.array([t], np.int32),
+            noise=hift_noise,
+            cache_source=cache_source,
+            precision=self.precision,
+            return_source=True,
+        )
         speech, source = wave[0, :n], source[:, :n]
         if self._hift_cache is not None:
             speech = fade_in_out(speech, self._hift_cache[2], self.speech_window)
@@ -388,13 +447,15 @@ def speak(events: Iterable, stream: SpeechStream) -> Iterator[tuple[object, np.n
         yield None, stream.finish()
 
 
-def open_stream(t2w, voice="random", noise="zero", speech_rate: float = 1.0,
-                precision: str = "highest"):
+def open_stream(
+    t2w, voice="random", noise="zero", speech_rate: float = 1.0, precision: str = "highest"
+):
     """One answer's stream for the token2wav folder's version, both with `push(units)` /
     `finish()`: v1 `SpeechStream`, v2 `causal_stream.CausalSpeechStream` (the causal flow on the
     growing prefix, as CosyVoice2Model.token2wav streams)."""
     if t2w.version == "v2":
         from cslm_jax.speech.causal_stream import CausalSpeechStream
+
         return CausalSpeechStream(t2w, voice, noise, speech_rate, precision)
     return SpeechStream(t2w, voice, noise, speech_rate, precision)
 
@@ -427,11 +488,11 @@ class SpeechOut:
         self.streams: dict[int, SpeechStream] = {}
         self.audio: dict[int, list] = {}
         self.t0: dict[int, float] = {}
-        self.compile_total = 0.0             # seconds compiling, all streams of this run
+        self.compile_total = 0.0  # seconds compiling, all streams of this run
         self.compile_base: dict[int, float] = {}
         self.first_audio: dict[int, float] = {}
         self.done: dict[int, dict] = {}
-        self.position = 0                    # responses.jsonl's line of question 0's answer
+        self.position = 0  # responses.jsonl's line of question 0's answer
 
     @classmethod
     def open(cls, out_dir, token2wav, voice, speech_rate: float = 1.0, inputs=()):
@@ -439,18 +500,21 @@ class SpeechOut:
         from cslm_jax.storage.outputs import check_output_place
 
         if not (np.isfinite(speech_rate) and speech_rate >= 1.0):
-            raise Token2WavError(f"--speech-rate {speech_rate}: streaming needs a rate >= 1 (the "
-                                 f"mean run length of merged units)")
+            raise Token2WavError(
+                f"--speech-rate {speech_rate}: streaming needs a rate >= 1 (the "
+                f"mean run length of merged units)"
+            )
         if not Path(token2wav).is_dir():
-            raise Token2WavError(f"--token2wav {token2wav}: no such folder (make one with "
-                                 f"cslm-jax import-token2wav)")
+            raise Token2WavError(
+                f"--token2wav {token2wav}: no such folder (make one with cslm-jax import-token2wav)"
+            )
         ins = list(inputs) + [("--token2wav", token2wav)]
         if str(voice).endswith(".npy"):
             ins.append(("--voice", voice))
         path = check_output_place(out_dir, inputs=ins, flag="--speech-out", inside_ok=True)
         t2w = t2w_mod.load_token2wav(token2wav)
         vec = t2w_mod.voice(t2w, voice)
-        open_stream(t2w, vec, speech_rate=speech_rate)          # the version and rate checked
+        open_stream(t2w, vec, speech_rate=speech_rate)  # the version and rate checked
         return cls(path, t2w, vec, speech_rate)
 
     def wav_name(self, index: int) -> str:
@@ -478,8 +542,11 @@ class SpeechOut:
             return
         self.compile_total += stream.compile_s - before
         if len(audio) and index not in self.first_audio:
-            self.first_audio[index] = time.perf_counter() - self.t0[index] - \
-                (self.compile_total - self.compile_base[index])
+            self.first_audio[index] = (
+                time.perf_counter()
+                - self.t0[index]
+                - (self.compile_total - self.compile_base[index])
+            )
         self.audio[index].append(audio)
         if stream.finished:
             self._write(index)
@@ -502,14 +569,32 @@ class SpeechOut:
         self.done[index] = {
             "time_to_first_audio_s": self.first_audio.pop(index, None),
             "speech_rtf": stream.synthesis_s / seconds if seconds else None,
-            "audio_s": seconds, "speech_compile_s": stream.compile_s}
+            "audio_s": seconds,
+            "speech_compile_s": stream.compile_s,
+        }
 
     def timing(self, index: int) -> dict:
         """The answer's speech timings (once its End went through `event`)."""
-        return self.done.pop(index, {"time_to_first_audio_s": None, "speech_rtf": None,
-                                     "audio_s": None, "speech_compile_s": None})
+        return self.done.pop(
+            index,
+            {
+                "time_to_first_audio_s": None,
+                "speech_rtf": None,
+                "audio_s": None,
+                "speech_compile_s": None,
+            },
+        )
 
 
-__all__ = ["SpeechStream", "SpeechOut", "speak", "open_stream", "fade_in_out", "window_buckets",
-           "compiled_window_programs", "TOKEN_OVERLAP",
-           "FLOW_CACHE_FRAMES", "MEL_CACHE_FRAMES"]
+__all__ = [
+    "SpeechStream",
+    "SpeechOut",
+    "speak",
+    "open_stream",
+    "fade_in_out",
+    "window_buckets",
+    "compiled_window_programs",
+    "TOKEN_OVERLAP",
+    "FLOW_CACHE_FRAMES",
+    "MEL_CACHE_FRAMES",
+]

@@ -15,6 +15,7 @@ holds
 No JAX at import: `load_token2wav` reads files only; `synthesize` compiles the models (once per
 unit count and mel length).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,14 +40,30 @@ TOOL = "import-token2wav"
 # `save_random_token2wav`'s default reduced sizes (tests, the demo); any may be overridden. The
 # estimator keeps the official 8 heads (of 4): its head count is not in upstream's tensors, so
 # import-token2wav assumes 8, and a random folder exported to flow.pt imports back the same.
-SMALL_FLOW = dict(input_size=32, encoder_size=64, encoder_heads=2, encoder_linear_units=128,
-                  encoder_blocks=2, channels=(32, 32), attention_head_dim=4, n_blocks=1,
-                  num_mid_blocks=2, num_heads=8)
+SMALL_FLOW = dict(
+    input_size=32,
+    encoder_size=64,
+    encoder_heads=2,
+    encoder_linear_units=128,
+    encoder_blocks=2,
+    channels=(32, 32),
+    attention_head_dim=4,
+    n_blocks=1,
+    num_mid_blocks=2,
+    num_heads=8,
+)
 SMALL_HIFT = dict(base_channels=32, cond_channels=16)
 # v2: upstream's encoder hard-codes its width (512), look-ahead, upsampling and 4 blocks after
 # it; the rest reduced (8 estimator heads, as for v1).
-SMALL_FLOW_V2 = dict(encoder_linear_units=64, encoder_blocks=1, channels=(32,),
-                     attention_head_dim=4, n_blocks=1, num_mid_blocks=1, num_heads=8)
+SMALL_FLOW_V2 = dict(
+    encoder_linear_units=64,
+    encoder_blocks=1,
+    channels=(32,),
+    attention_head_dim=4,
+    n_blocks=1,
+    num_mid_blocks=1,
+    num_heads=8,
+)
 
 
 def _flow_api(version: str):
@@ -54,20 +71,23 @@ def _flow_api(version: str):
     `causal_flow.CausalFlowConfig`."""
     if version == "v2":
         from cslm_jax.speech import causal_flow as m
+
         return m.CausalFlowConfig, m
     from cslm_jax.speech import flow as m
+
     return m.FlowConfig, m
 
 
 @dataclasses.dataclass
 class Token2Wav:
     """A loaded token2wav folder."""
+
     version: str
-    flow_cfg: object                    # FlowConfig (v1) or CausalFlowConfig (v2)
+    flow_cfg: object  # FlowConfig (v1) or CausalFlowConfig (v2)
     flow_params: dict
-    hift_cfg: object                    # HiFTConfig
+    hift_cfg: object  # HiFTConfig
     hift_params: dict
-    voices: dict                        # name -> [192] float32
+    voices: dict  # name -> [192] float32
     path: Path | None = None
 
     @property
@@ -85,8 +105,10 @@ class Token2Wav:
 
 def _check_version(version: str, where: str = "version") -> None:
     if version not in VERSIONS:
-        raise Token2WavError(f"{where}: token2wav version {version!r} is not supported; ported: "
-                             f"{', '.join(VERSIONS)}")
+        raise Token2WavError(
+            f"{where}: token2wav version {version!r} is not supported; ported: "
+            f"{', '.join(VERSIONS)}"
+        )
 
 
 def _check_voice(name, vec, dim: int, where: str) -> np.ndarray:
@@ -94,15 +116,17 @@ def _check_voice(name, vec, dim: int, where: str) -> np.ndarray:
     if v.ndim == 2 and v.shape[0] == 1:
         v = v[0]
     if v.shape != (dim,):
-        raise Token2WavError(f"{where}: voice {name!r} has shape {tuple(np.shape(vec))}, "
-                             f"expected a {dim}-d x-vector")
+        raise Token2WavError(
+            f"{where}: voice {name!r} has shape {tuple(np.shape(vec))}, expected a {dim}-d x-vector"
+        )
     if not np.isfinite(v).all():
         raise Token2WavError(f"{where}: voice {name!r} holds non-finite values")
     return v
 
 
-def save_token2wav(out, flow_cfg, flow_params: dict, hift_cfg, hift_params: dict,
-                   voices: dict, force: bool = False) -> Path:
+def save_token2wav(
+    out, flow_cfg, flow_params: dict, hift_cfg, hift_params: dict, voices: dict, force: bool = False
+) -> Path:
     """Write a token2wav folder atomically (a temporary sibling renamed into place); refuses a
     non-empty `out` unless `force` and it is an earlier import-token2wav output."""
     from safetensors.numpy import save_file
@@ -112,19 +136,26 @@ def save_token2wav(out, flow_cfg, flow_params: dict, hift_cfg, hift_params: dict
 
     _check_version(flow_cfg.version, "flow")
     if hift_cfg.version != flow_cfg.version:
-        raise Token2WavError(f"flow is {flow_cfg.version}, HiFT is {hift_cfg.version}; give "
-                             f"the two models of one version")
+        raise Token2WavError(
+            f"flow is {flow_cfg.version}, HiFT is {hift_cfg.version}; give "
+            f"the two models of one version"
+        )
     _flow_api(flow_cfg.version)[1].check_params(flow_cfg, flow_params, "flow")
     _hift.check_params(hift_cfg, hift_params, "HiFT")
     if not voices:
         raise Token2WavError("no voices: a token2wav folder needs at least one x-vector")
     vs = {str(k): _check_voice(k, v, flow_cfg.spk_embed_dim, "voices") for k, v in voices.items()}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": flow_cfg.version,
-            "sample_rate": int(hift_cfg.sampling_rate),
-            "units_per_second": int(flow_cfg.input_frame_rate),
-            "samples_per_frame": int(hift_cfg.samples_per_frame),
-            "flow": dataclasses.asdict(flow_cfg), "hift": dataclasses.asdict(hift_cfg),
-            "voices": sorted(vs)}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "version": flow_cfg.version,
+        "sample_rate": int(hift_cfg.sampling_rate),
+        "units_per_second": int(flow_cfg.input_frame_rate),
+        "samples_per_frame": int(hift_cfg.samples_per_frame),
+        "flow": dataclasses.asdict(flow_cfg),
+        "hift": dataclasses.asdict(hift_cfg),
+        "voices": sorted(vs),
+    }
 
     def arrays(params):
         return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in params.items()}
@@ -139,8 +170,9 @@ def save_token2wav(out, flow_cfg, flow_params: dict, hift_cfg, hift_params: dict
     return out
 
 
-def save_random_token2wav(out, version: str = "v1", seed: int = 0, force: bool = False,
-                          **sizes) -> Path:
+def save_random_token2wav(
+    out, version: str = "v1", seed: int = 0, force: bool = False, **sizes
+) -> Path:
     """A random-weight token2wav folder (tests, the demo) at reduced sizes (`SMALL_FLOW`,
     `SMALL_HIFT`; v2 `SMALL_FLOW_V2`); `sizes` override fields of the flow's config or
     `HiFTConfig` (each name goes to the config that has it), plus one random voice named
@@ -158,8 +190,7 @@ def save_random_token2wav(out, version: str = "v1", seed: int = 0, force: bool =
         elif k in hift_fields:
             hs[k] = v
         else:
-            raise Token2WavError(f"unknown size {k!r}: neither a FlowConfig nor a HiFTConfig "
-                                 f"field")
+            raise Token2WavError(f"unknown size {k!r}: neither a FlowConfig nor a HiFTConfig field")
     fcfg, fparams = _flow.init_random(version, seed, **fs)
     hcfg, hparams = _hift.init_random(version, seed + 1, **hs)
     rng = np.random.default_rng(seed + 2)
@@ -170,6 +201,7 @@ def save_random_token2wav(out, version: str = "v1", seed: int = 0, force: bool =
 def _read_safetensors(path: Path) -> dict:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
+
     try:
         return dict(load_file(str(path)))
     except (SafetensorError, OSError, ValueError) as e:
@@ -197,8 +229,10 @@ def load_token2wav(path) -> Token2Wav:
         got = meta.get("format") if isinstance(meta, dict) else meta
         raise Token2WavError(f"{cfile}: field format is {got!r}, expected {FORMAT!r}")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise Token2WavError(f"{cfile}: format_version {meta.get('format_version')!r}, this "
-                             f"cslm_jax reads {FORMAT_VERSION}")
+        raise Token2WavError(
+            f"{cfile}: format_version {meta.get('format_version')!r}, this "
+            f"cslm_jax reads {FORMAT_VERSION}"
+        )
     version = meta.get("version")
     _check_version(version, str(cfile))
     flow_config, _flow = _flow_api(version)
@@ -211,11 +245,14 @@ def load_token2wav(path) -> Token2Wav:
         raise Token2WavError(f"{cfile}: a config field is not this cslm_jax's ({e})") from None
     except Token2WavError as e:
         raise Token2WavError(f"{cfile}: {e}") from None
-    for field, want in (("sample_rate", hcfg.sampling_rate),
-                        ("units_per_second", fcfg.input_frame_rate)):
+    for field, want in (
+        ("sample_rate", hcfg.sampling_rate),
+        ("units_per_second", fcfg.input_frame_rate),
+    ):
         if meta.get(field) != want:
-            raise Token2WavError(f"{cfile}: field {field} is {meta.get(field)!r}, its configs "
-                                 f"give {want}")
+            raise Token2WavError(
+                f"{cfile}: field {field} is {meta.get(field)!r}, its configs give {want}"
+            )
     fparams = _read_safetensors(path / FLOW_FILE)
     _flow.check_params(fcfg, fparams, str(path / FLOW_FILE))
     hparams = _read_safetensors(path / HIFT_FILE)
@@ -250,13 +287,16 @@ def voice(t2w: Token2Wav, v) -> np.ndarray:
         except (OSError, ValueError) as e:
             raise Token2WavError(f"voice {s}: not a .npy array ({e})") from None
         if np.shape(arr) not in ((dim,), (1, dim)):
-            raise Token2WavError(f"voice {s}: holds an array of shape {tuple(np.shape(arr))}; a "
-                                 f"voice is a {dim}-d x-vector ({dim} floats)")
+            raise Token2WavError(
+                f"voice {s}: holds an array of shape {tuple(np.shape(arr))}; a "
+                f"voice is a {dim}-d x-vector ({dim} floats)"
+            )
         return _check_voice(s, arr, dim, f"voice {s}")
     names = sorted(t2w.voices)
     shown = ", ".join(names[:20]) + (f" (and {len(names) - 20} more)" if len(names) > 20 else "")
-    raise Token2WavError(f"voice {s!r}: not a voice of {t2w.path or 'this token2wav'} ({shown}) "
-                         f"nor a .npy file")
+    raise Token2WavError(
+        f"voice {s!r}: not a voice of {t2w.path or 'this token2wav'} ({shown}) nor a .npy file"
+    )
 
 
 def mel_frames(n_units: int, speech_rate: float = 1.0, units_per_second: int = 50) -> int:
@@ -277,16 +317,23 @@ def check_request(t2w: Token2Wav, units, speech_rate: float = 1.0) -> tuple[np.n
     if t2w.version == "v2":
         m = int(t2w.flow_cfg.mel_len(len(u)) * speech_rate)
         if len(u) < 1 or m < 1:
-            raise Token2WavError(f"{len(u)} units at speech rate {speech_rate}: no mel frames "
-                                 f"to synthesise")
+            raise Token2WavError(
+                f"{len(u)} units at speech rate {speech_rate}: no mel frames to synthesise"
+            )
         return u, m
     m = mel_frames(len(u), speech_rate, t2w.units_per_second)
     _flow.check_lengths(t2w.flow_cfg, len(u), m)
     return u, m
 
 
-def synthesize(t2w: Token2Wav, units, voice_vec, noise="zero", speech_rate: float = 1.0,
-               precision: str = "highest") -> np.ndarray:
+def synthesize(
+    t2w: Token2Wav,
+    units,
+    voice_vec,
+    noise="zero",
+    speech_rate: float = 1.0,
+    precision: str = "highest",
+) -> np.ndarray:
     """One utterance: `units` (ids) -> float32 waveform at `t2w.sample_rate`, of
     (mel frames, `check_request`) x `samples_per_frame` samples. `voice_vec`: an x-vector (see
     `voice`, which also takes names). `noise`: "zero" (deterministic) or a PRNG key (split
@@ -296,26 +343,33 @@ def synthesize(t2w: Token2Wav, units, voice_vec, noise="zero", speech_rate: floa
     from cslm_jax.speech.hift import vocode
 
     u, m = check_request(t2w, units, speech_rate)
-    emb = voice(t2w, voice_vec) if isinstance(voice_vec, (str, Path)) else \
-        _check_voice("(array)", voice_vec, t2w.flow_cfg.spk_embed_dim, "voice")
+    emb = (
+        voice(t2w, voice_vec)
+        if isinstance(voice_vec, (str, Path))
+        else _check_voice("(array)", voice_vec, t2w.flow_cfg.spk_embed_dim, "voice")
+    )
     if isinstance(noise, str):
         if noise != "zero":
             raise Token2WavError(f"noise {noise!r}: give 'zero' or a PRNG key")
         k_flow = k_hift = "zero"
     else:
         import jax
+
         k_flow, k_hift = jax.random.split(noise)
     if t2w.version == "v2":
-        mel = causal_flow.causal_flow_inference(t2w.flow_params, t2w.flow_cfg, u, emb,
-                                                noise=k_flow, precision=precision)
+        mel = causal_flow.causal_flow_inference(
+            t2w.flow_params, t2w.flow_cfg, u, emb, noise=k_flow, precision=precision
+        )
         if mel.shape[2] != m:
             mel = causal_flow.stretch(mel, m)
     else:
-        mel = flow_inference(t2w.flow_params, t2w.flow_cfg, u, emb, noise=k_flow, mel_len=m,
-                             precision=precision)                         # [1, 80, M]
-    wave, wave_len = vocode(t2w.hift_params, t2w.hift_cfg, mel, noise=k_hift,
-                            precision=precision)                          # [1, M * R]
-    return np.asarray(wave[0, :int(wave_len[0])], np.float32)
+        mel = flow_inference(
+            t2w.flow_params, t2w.flow_cfg, u, emb, noise=k_flow, mel_len=m, precision=precision
+        )  # [1, 80, M]
+    wave, wave_len = vocode(
+        t2w.hift_params, t2w.hift_cfg, mel, noise=k_hift, precision=precision
+    )  # [1, M * R]
+    return np.asarray(wave[0, : int(wave_len[0])], np.float32)
 
 
 def _next_pow2(n: int) -> int:
@@ -334,11 +388,19 @@ def _jitted_row_draws(cfg, n: int):
     def run(keys):
         d = jax.vmap(lambda k: draw_noise(k, cfg, 1, n))(keys)
         return {"phase": d["phase"][:, 0], "noise": d["noise"][:, 0]}
+
     return jax.jit(run)
 
 
-def synthesize_batch(t2w: Token2Wav, units_list, voice_vec, noise="zero", speech_rate=1.0,
-                     max_batch: int = 8, precision: str = "highest") -> list:
+def synthesize_batch(
+    t2w: Token2Wav,
+    units_list,
+    voice_vec,
+    noise="zero",
+    speech_rate=1.0,
+    max_batch: int = 8,
+    precision: str = "highest",
+) -> list:
     """Many utterances -> a list of float32 waveforms (in the order given), row i what
     `synthesize(t2w, units_list[i], voice_i, noise_i, rate_i)` gives (float32 rounding aside):
     v1's flow batched (`flow.flow_batch`: rows padded to buckets of units and frames, each row
@@ -367,13 +429,18 @@ def synthesize_batch(t2w: Token2Wav, units_list, voice_vec, noise="zero", speech
         if not listed:
             return [x] * n
         if len(x) != n:
-            raise Token2WavError(f"{what}: {len(x)} entries for {n} utterances; give one, or "
-                                 f"one per utterance")
+            raise Token2WavError(
+                f"{what}: {len(x)} entries for {n} utterances; give one, or one per utterance"
+            )
         return list(x)
 
     # a list of voices (names, files, x-vectors), not one x-vector given as a list of floats
-    voices = per_row(voice_vec, "voices", isinstance(voice_vec, (list, tuple)) and (
-        not voice_vec or isinstance(voice_vec[0], (str, Path)) or np.ndim(voice_vec[0]) > 0))
+    voices = per_row(
+        voice_vec,
+        "voices",
+        isinstance(voice_vec, (list, tuple))
+        and (not voice_vec or isinstance(voice_vec[0], (str, Path)) or np.ndim(voice_vec[0]) > 0),
+    )
     rates = per_row(speech_rate, "speech rates", isinstance(speech_rate, (list, tuple)))
     if isinstance(noise, str):
         if noise != "zero":
@@ -390,40 +457,61 @@ def synthesize_batch(t2w: Token2Wav, units_list, voice_vec, noise="zero", speech
         try:
             u, m = check_request(t2w, units_list[i], rates[i])
             v = voices[i]
-            emb = voice(t2w, v) if isinstance(v, (str, Path)) else \
-                _check_voice("(array)", v, dim, "voice")
+            emb = (
+                voice(t2w, v)
+                if isinstance(v, (str, Path))
+                else _check_voice("(array)", v, dim, "voice")
+            )
         except Token2WavError as e:
             raise Token2WavError(f"row {i}: {e}") from None
         rows.append((u, m, emb))
     if t2w.version != "v1":
-        return [synthesize(t2w, units_list[i], rows[i][2], "zero" if keys[i] is None
-                           else keys[i], rates[i], precision) for i in range(n)]
+        return [
+            synthesize(
+                t2w,
+                units_list[i],
+                rows[i][2],
+                "zero" if keys[i] is None else keys[i],
+                rates[i],
+                precision,
+            )
+            for i in range(n)
+        ]
     order = sorted(range(n), key=lambda i: rows[i][1])
     out = [None] * n
     for start in range(0, n, max_batch):
-        idx = order[start:start + max_batch]
+        idx = order[start : start + max_batch]
         r = min(max_batch, _next_pow2(len(idx)))
         if keys[idx[0]] is None:
             k_flow, k_hift = "zero", None
         else:
             split = [jax.random.split(keys[i]) for i in idx]
             k_flow, k_hift = [s[0] for s in split], [s[1] for s in split]
-        mel, mel_len = flow_batch(t2w.flow_params, t2w.flow_cfg, [rows[i][0] for i in idx],
-                                  np.stack([rows[i][2] for i in idx]), noise=k_flow,
-                                  mel_lens=[rows[i][1] for i in idx], rows=r,
-                                  precision=precision)            # [b, 80, F], each from 0
-        pad = r - len(idx)                                          # HiFT's rows: as the flow's
+        mel, mel_len = flow_batch(
+            t2w.flow_params,
+            t2w.flow_cfg,
+            [rows[i][0] for i in idx],
+            np.stack([rows[i][2] for i in idx]),
+            noise=k_flow,
+            mel_lens=[rows[i][1] for i in idx],
+            rows=r,
+            precision=precision,
+        )  # [b, 80, F], each from 0
+        pad = r - len(idx)  # HiFT's rows: as the flow's
         mel = np.concatenate([mel, np.repeat(mel[:1], pad, 0)])
         mel_len = np.concatenate([mel_len, np.repeat(mel_len[:1], pad)])
         hift_noise = "zero"
         if k_hift is not None:
             import jax.numpy as jnp
+
             hift_noise = _jitted_row_draws(t2w.hift_cfg, mel.shape[2] * t2w.samples_per_frame)(
-                jnp.stack([jnp.asarray(k) for k in k_hift + k_hift[:1] * pad]))
-        wave, wave_len = vocode(t2w.hift_params, t2w.hift_cfg, mel, mel_len, noise=hift_noise,
-                                precision=precision)
+                jnp.stack([jnp.asarray(k) for k in k_hift + k_hift[:1] * pad])
+            )
+        wave, wave_len = vocode(
+            t2w.hift_params, t2w.hift_cfg, mel, mel_len, noise=hift_noise, precision=precision
+        )
         for j, i in enumerate(idx):
-            out[i] = np.asarray(wave[j, :int(wave_len[j])], np.float32)
+            out[i] = np.asarray(wave[j, : int(wave_len[j])], np.float32)
     return out
 
 

@@ -28,6 +28,7 @@ maps the same way (`encoder.pre_lookahead_layer.conv1`, `encoder.up_layer.conv`,
 `encoder.up_encoders.N...`, `decoder.estimator.down_blocks.0.0.block1.block.2` - a LayerNorm -,
 ...); its fixed noise buffer is not in the state dict.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,15 +40,16 @@ from cslm_jax.speech import flow as _flow
 from cslm_jax.speech.hift import HiFTConfig, Layer, Token2WavError, check_params, layers
 
 WEIGHT_NORM_LAYOUTS = ("weight_norm", "parametrizations", "plain")
-_WN_KEYS = {"weight_norm": ("weight_g", "weight_v"),
-            "parametrizations": ("parametrizations.weight.original0",
-                                 "parametrizations.weight.original1")}
+_WN_KEYS = {
+    "weight_norm": ("weight_g", "weight_v"),
+    "parametrizations": ("parametrizations.weight.original0", "parametrizations.weight.original1"),
+}
 
 
 def _to_ours(w: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "conv":                      # [out, in, k] -> [k, in, out]
+    if kind == "conv":  # [out, in, k] -> [k, in, out]
         return w.transpose(2, 1, 0)
-    if kind == "convT":                     # [in, out, k] -> [k, in, out]
+    if kind == "convT":  # [in, out, k] -> [k, in, out]
         return w.transpose(2, 0, 1)
     if kind == "linear":
         return w.T
@@ -67,13 +69,13 @@ def _to_torch(w: np.ndarray, kind: str) -> np.ndarray:
 def strip_prefix(sd: dict, prefix: str = "generator.") -> dict:
     """`sd` without `prefix` where every name has it (else unchanged)."""
     if sd and all(k.startswith(prefix) for k in sd):
-        return {k[len(prefix):]: v for k, v in sd.items()}
+        return {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
 
 
 def _fold(g: np.ndarray, v: np.ndarray) -> np.ndarray:
     v64 = v.astype(np.float64)
-    norm = np.sqrt((v64 ** 2).sum(axis=tuple(range(1, v.ndim)), keepdims=True))
+    norm = np.sqrt((v64**2).sum(axis=tuple(range(1, v.ndim)), keepdims=True))
     return (g.astype(np.float64) * v64 / norm).astype(np.float32)
 
 
@@ -90,16 +92,20 @@ class _Tensors:
             raise Token2WavError(f"{self.source}: missing tensor {name} ({self.model})")
         w = np.asarray(self.sd[name])
         if tuple(w.shape) != tuple(shape):
-            raise Token2WavError(f"{self.source}: tensor {name} has shape {tuple(w.shape)}, "
-                                 f"expected {tuple(shape)} ({self.model})")
+            raise Token2WavError(
+                f"{self.source}: tensor {name} has shape {tuple(w.shape)}, "
+                f"expected {tuple(shape)} ({self.model})"
+            )
         self.used.add(name)
         return w.astype(np.float32)
 
     def refuse_unused(self) -> None:
         extra = sorted(set(self.sd) - self.used)
         if extra:
-            raise Token2WavError(f"{self.source}: unexpected tensor {extra[0]} for {self.model}"
-                                 + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+            raise Token2WavError(
+                f"{self.source}: unexpected tensor {extra[0]} for {self.model}"
+                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+            )
 
 
 def hift_from_state_dict(sd: dict, cfg: HiFTConfig, source: str, strict: bool = True) -> dict:
@@ -138,8 +144,9 @@ def hift_to_state_dict(cfg: HiFTConfig, params: dict, layout: str = "parametriza
     for the two pairs, the weight itself for `plain` (loads into a model after
     `remove_weight_norm`)."""
     if layout not in WEIGHT_NORM_LAYOUTS:
-        raise Token2WavError(f"weight-norm layout {layout!r}: choose one of "
-                             f"{', '.join(WEIGHT_NORM_LAYOUTS)}")
+        raise Token2WavError(
+            f"weight-norm layout {layout!r}: choose one of {', '.join(WEIGHT_NORM_LAYOUTS)}"
+        )
     check_params(cfg, params)
     out = {}
     for layer in layers(cfg):
@@ -165,23 +172,35 @@ def infer_hift_config(sd: dict, version: str, source: str) -> HiFTConfig:
     sd = strip_prefix(dict(sd))
 
     def shape(layer, fallback=None):
-        for k in (f"{layer}.weight", f"{layer}.weight_v",
-                  f"{layer}.parametrizations.weight.original1"):
+        for k in (
+            f"{layer}.weight",
+            f"{layer}.weight_v",
+            f"{layer}.parametrizations.weight.original1",
+        ):
             if k in sd:
                 return np.shape(sd[k])
         if fallback:
             return fallback
-        raise Token2WavError(f"{source}: missing tensor {layer}.weight (or its weight-norm pair); "
-                             f"not a HiFT state dict?")
+        raise Token2WavError(
+            f"{source}: missing tensor {layer}.weight (or its weight-norm pair); "
+            f"not a HiFT state dict?"
+        )
 
     pre = shape("conv_pre")
     cond = shape("f0_predictor.condnet.0")
     lin = shape("m_source.l_linear")
     if len(pre) != 3 or len(cond) != 3 or len(lin) != 2:
-        raise Token2WavError(f"{source}: conv_pre {pre}, f0_predictor.condnet.0 {cond}, "
-                             f"m_source.l_linear {lin}: not HiFT's layouts")
-    return HiFTConfig(version=version, in_channels=int(pre[1]), base_channels=int(pre[0]),
-                      cond_channels=int(cond[0]), nb_harmonics=int(lin[1]) - 1)
+        raise Token2WavError(
+            f"{source}: conv_pre {pre}, f0_predictor.condnet.0 {cond}, "
+            f"m_source.l_linear {lin}: not HiFT's layouts"
+        )
+    return HiFTConfig(
+        version=version,
+        in_channels=int(pre[1]),
+        base_channels=int(pre[0]),
+        cond_channels=int(cond[0]),
+        nb_harmonics=int(lin[1]) - 1,
+    )
 
 
 def read_hift(path, version: str, **sizes) -> tuple[HiFTConfig, dict]:
@@ -217,8 +236,9 @@ def _flow_module(cfg):
 
 
 def _flow_kind(kind: str) -> str:
-    return {"linear_nb": "linear", "embed": "plain", "norm": "plain", "param": "plain"}.get(kind,
-                                                                                          kind)
+    return {"linear_nb": "linear", "embed": "plain", "norm": "plain", "param": "plain"}.get(
+        kind, kind
+    )
 
 
 def flow_from_state_dict(sd: dict, cfg, source: str, strict: bool = True) -> dict:
@@ -257,7 +277,8 @@ def flow_to_state_dict(cfg, params: dict) -> dict:
             out[n] = np.asarray(params[n], np.float32)
             continue
         out[f"{n}.weight"] = np.ascontiguousarray(
-            _to_torch(np.asarray(params[f"{n}.w"], np.float32), _flow_kind(layer.kind)))
+            _to_torch(np.asarray(params[f"{n}.w"], np.float32), _flow_kind(layer.kind))
+        )
         if f"{n}.b" in params:
             out[f"{n}.bias"] = np.asarray(params[f"{n}.b"], np.float32)
     return out
@@ -290,13 +311,27 @@ def infer_flow_config(sd: dict, version: str, source: str):
     channels = tuple(shape(f"{e}.down_blocks.{i}.0.res_conv.weight")[0] for i in range(levels))
     mid = len({k.split(".")[3] for k in sd if k.startswith(f"{e}.mid_blocks.")})
     n_blocks = len({k.split(".")[5] for k in sd if k.startswith(f"{e}.down_blocks.0.1.")})
-    reg = len({k.split(".")[2] for k in sd if k.startswith("length_regulator.model.")
-               and k.endswith(".weight")})
+    reg = len(
+        {
+            k.split(".")[2]
+            for k in sd
+            if k.startswith("length_regulator.model.") and k.endswith(".weight")
+        }
+    )
     inner = shape(f"{e}.down_blocks.0.1.0.attn1.to_q.weight")[0]
-    kw = dict(vocab_size=vocab, input_size=width, spk_embed_dim=spk, encoder_size=d,
-              encoder_heads=heads, encoder_linear_units=ff, encoder_blocks=blocks,
-              channels=channels, num_mid_blocks=mid, n_blocks=n_blocks,
-              regulator_layers=(reg - 1) // 2)
+    kw = dict(
+        vocab_size=vocab,
+        input_size=width,
+        spk_embed_dim=spk,
+        encoder_size=d,
+        encoder_heads=heads,
+        encoder_linear_units=ff,
+        encoder_blocks=blocks,
+        channels=channels,
+        num_mid_blocks=mid,
+        n_blocks=n_blocks,
+        regulator_layers=(reg - 1) // 2,
+    )
     preset = _flow.FlowConfig(version=version)
     if inner != preset.num_heads * preset.attention_head_dim:
         kw["attention_head_dim"] = inner // preset.num_heads
@@ -309,11 +344,15 @@ def _check_flow_version(sd: dict, version: str, source: str) -> None:
     v2 = "encoder.pre_lookahead_layer.conv1.weight" in sd
     v1 = any(k.startswith("length_regulator.") for k in sd)
     if version == "v2" and v1 and not v2:
-        raise Token2WavError(f"{source}: a v1 flow (MaskedDiffWithXvec, CosyVoice-300M: it has "
-                             f"a length regulator); give --version v1")
+        raise Token2WavError(
+            f"{source}: a v1 flow (MaskedDiffWithXvec, CosyVoice-300M: it has "
+            f"a length regulator); give --version v1"
+        )
     if version == "v1" and v2 and not v1:
-        raise Token2WavError(f"{source}: a v2 flow (CausalMaskedDiffWithXvec, CosyVoice2: it has "
-                             f"a pre-lookahead layer); give --version v2")
+        raise Token2WavError(
+            f"{source}: a v2 flow (CausalMaskedDiffWithXvec, CosyVoice2: it has "
+            f"a pre-lookahead layer); give --version v2"
+        )
 
 
 def infer_causal_flow_config(sd: dict, version: str, source: str):
@@ -324,6 +363,7 @@ def infer_causal_flow_config(sd: dict, version: str, source: str):
     units per second, the streaming chunk sizes (the preset's) and the estimator's head count
     (the preset's 8 kept, the head width read off; give `num_heads` / `attention_head_dim` to
     `read_flow` for other splits)."""
+
     def shape(name):
         if name not in sd:
             raise Token2WavError(f"{source}: missing tensor {name}; not a v2 flow state dict?")
@@ -337,18 +377,21 @@ def infer_causal_flow_config(sd: dict, version: str, source: str):
     e = "decoder.estimator"
     levels = count(f"{e}.down_blocks.", 3)
     inner = shape(f"{e}.down_blocks.0.1.0.attn1.to_q.weight")[0]
-    kw = dict(vocab_size=vocab, input_size=width, spk_embed_dim=shape(
-                  "spk_embed_affine_layer.weight")[1],
-              encoder_size=d, encoder_heads=shape("encoder.encoders.0.self_attn.pos_bias_u")[0],
-              encoder_linear_units=shape("encoder.encoders.0.feed_forward.w_1.weight")[0],
-              encoder_blocks=count("encoder.encoders.", 2),
-              up_blocks=count("encoder.up_encoders.", 2),
-              pre_lookahead_len=shape("encoder.pre_lookahead_layer.conv1.weight")[2] - 1,
-              token_mel_ratio=(shape("encoder.up_layer.conv.weight")[2] - 1) // 2,
-              channels=tuple(shape(f"{e}.down_blocks.{i}.0.res_conv.weight")[0]
-                             for i in range(levels)),
-              num_mid_blocks=count(f"{e}.mid_blocks.", 3),
-              n_blocks=count(f"{e}.down_blocks.0.1.", 5))
+    kw = dict(
+        vocab_size=vocab,
+        input_size=width,
+        spk_embed_dim=shape("spk_embed_affine_layer.weight")[1],
+        encoder_size=d,
+        encoder_heads=shape("encoder.encoders.0.self_attn.pos_bias_u")[0],
+        encoder_linear_units=shape("encoder.encoders.0.feed_forward.w_1.weight")[0],
+        encoder_blocks=count("encoder.encoders.", 2),
+        up_blocks=count("encoder.up_encoders.", 2),
+        pre_lookahead_len=shape("encoder.pre_lookahead_layer.conv1.weight")[2] - 1,
+        token_mel_ratio=(shape("encoder.up_layer.conv.weight")[2] - 1) // 2,
+        channels=tuple(shape(f"{e}.down_blocks.{i}.0.res_conv.weight")[0] for i in range(levels)),
+        num_mid_blocks=count(f"{e}.mid_blocks.", 3),
+        n_blocks=count(f"{e}.down_blocks.0.1.", 5),
+    )
     preset = _causal_flow.CausalFlowConfig(version=version)
     if inner != preset.num_heads * preset.attention_head_dim:
         kw["attention_head_dim"] = inner // preset.num_heads
@@ -365,6 +408,16 @@ def read_flow(path, version: str = "v1", **sizes):
     return _read(path, version, sizes, infer_flow_config, flow_from_state_dict)
 
 
-__all__ = ["WEIGHT_NORM_LAYOUTS", "strip_prefix", "hift_from_state_dict", "hift_to_state_dict",
-           "infer_hift_config", "read_hift", "flow_from_state_dict", "flow_to_state_dict",
-           "infer_flow_config", "infer_causal_flow_config", "read_flow"]
+__all__ = [
+    "WEIGHT_NORM_LAYOUTS",
+    "strip_prefix",
+    "hift_from_state_dict",
+    "hift_to_state_dict",
+    "infer_hift_config",
+    "read_hift",
+    "flow_from_state_dict",
+    "flow_to_state_dict",
+    "infer_flow_config",
+    "infer_causal_flow_config",
+    "read_flow",
+]

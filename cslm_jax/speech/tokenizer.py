@@ -1,5 +1,6 @@
 """`SpeechTokenizer`: 16 kHz waveforms -> S3 speech unit codes, batched, jitted, optionally
 data-parallel over a mesh. See `cslm_jax.speech` for the public API."""
+
 from __future__ import annotations
 
 import functools
@@ -24,19 +25,22 @@ LONG_AUDIO_MODES = ("window", "window_package", "refuse")
 # Samples that give exactly WINDOW_FRAMES mel frames at most: a batch of utterances all <= 30 s
 # never needs more of its padded waveform than this.
 _SHORT_MAX_SAMPLES = (WINDOW_FRAMES + 1) * melmod.HOP - 1
-PACK_MULTIPLE = 256         # packed rows are rounded up to this (one compiled shape per size)
-PACK_GAIN = 0.15            # pack a batch's frames when that cuts the dense rows by this much
+PACK_MULTIPLE = 256  # packed rows are rounded up to this (one compiled shape per size)
+PACK_GAIN = 0.15  # pack a batch's frames when that cuts the dense rows by this much
 
 
-def extraction_step(cfg: S3Config, precision: str = "highest", unroll: bool = False,
-                    packed: int = 0):
+def extraction_step(
+    cfg: S3Config, precision: str = "highest", unroll: bool = False, packed: int = 0
+):
     """The step `encode` (and so `cslm-jax extract-units`) compiles for a batch of utterances
     <= 30 s: `(params, wave [B, N] float32, lengths [B] int32) -> (codes [B, T'] int32,
     code_len [B])`, log-mel front end + encoder + quantizer. `cslm-jax compile --speech-tokenizer`
     compiles the same function for a TPU (`cslm_jax.tpu.extraction.compile_extraction_step`)."""
+
     def step(params, wave, lengths):
         mel, mel_len = melmod.log_mel(wave, lengths, cfg.n_mels)
         return encode_mel(params, cfg, mel, mel_len, precision, unroll, packed)
+
     return step
 
 
@@ -47,14 +51,20 @@ def jit_step(fn, mesh=None, batch_axis=None, n_batched_in: int = 2, n_out: int =
     multi-process job `jax.jit` refuses host arrays with a non-trivial sharding, even on a mesh of
     this process's own devices (each host runs its own batches). `.lower` is the jitted one's."""
     import jax
+
     if mesh is None:
         return jax.jit(fn)
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
+
     axis = batch_axis if batch_axis is not None else tuple(mesh.axis_names)
     batch, replicated = NamedSharding(mesh, P(axis)), NamedSharding(mesh, P())
-    return _PlacedStep(jax.jit(fn, in_shardings=(replicated,) + (batch,) * n_batched_in,
-                               out_shardings=(batch,) * n_out), batch)
+    return _PlacedStep(
+        jax.jit(
+            fn, in_shardings=(replicated,) + (batch,) * n_batched_in, out_shardings=(batch,) * n_out
+        ),
+        batch,
+    )
 
 
 class _PlacedStep:
@@ -65,8 +75,11 @@ class _PlacedStep:
 
     def __call__(self, params, *arrays):
         import jax
-        return self.jitted(params, *(jax.device_put(a, self.sharding) if isinstance(a, np.ndarray)
-                                     else a for a in arrays))
+
+        return self.jitted(
+            params,
+            *(jax.device_put(a, self.sharding) if isinstance(a, np.ndarray) else a for a in arrays),
+        )
 
     def lower(self, *args, **kwargs):
         return self.jitted.lower(*args, **kwargs)
@@ -86,14 +99,22 @@ class SpeechTokenizer:
     sample_rate = melmod.SAMPLE_RATE
     min_samples = melmod.MIN_SAMPLES
 
-    def __init__(self, config: S3Config, params: dict, *, precision: str = "highest",
-                 mesh=None, batch_axis: str | tuple | None = None):
+    def __init__(
+        self,
+        config: S3Config,
+        params: dict,
+        *,
+        precision: str = "highest",
+        mesh=None,
+        batch_axis: str | tuple | None = None,
+    ):
         import jax
 
         check_params(config, params)
         if precision not in PRECISIONS:
-            raise SpeechTokenizerError(f"precision {precision!r}: choose one of "
-                                       f"{', '.join(PRECISIONS)}")
+            raise SpeechTokenizerError(
+                f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}"
+            )
         self.config = config
         self.version = config.version
         self.name = config.spec.name
@@ -104,12 +125,14 @@ class SpeechTokenizer:
         if mesh is not None:
             from jax.sharding import NamedSharding
             from jax.sharding import PartitionSpec as P
+
             axis = batch_axis if batch_axis is not None else tuple(mesh.axis_names)
             self.batch_axis = axis
             self._batch_sharding = NamedSharding(mesh, P(axis))
             self._replicated = NamedSharding(mesh, P())
-            self._rows_multiple = int(np.prod([mesh.shape[a] for a in
-                                               (axis if isinstance(axis, tuple) else (axis,))]))
+            self._rows_multiple = int(
+                np.prod([mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,))])
+            )
             self.params = jax.device_put(params, self._replicated)
         else:
             self.batch_axis = None
@@ -128,13 +151,16 @@ class SpeechTokenizer:
     def _mel_step(self):
         """mel [B, T, M], mel_len [B] -> codes, code_len (for windows of long audio)."""
         cfg, prec = self.config, self.precision
-        return self._jit(lambda params, mel, mel_len: encode_mel(params, cfg, mel, mel_len, prec),
-                         2, 2)
+        return self._jit(
+            lambda params, mel, mel_len: encode_mel(params, cfg, mel, mel_len, prec), 2, 2
+        )
 
     @functools.cached_property
     def _hidden_step(self):
         cfg, prec = self.config, self.precision
-        return self._jit(lambda params, mel, mel_len: encoder(params, cfg, mel, mel_len, prec), 2, 2)
+        return self._jit(
+            lambda params, mel, mel_len: encoder(params, cfg, mel, mel_len, prec), 2, 2
+        )
 
     def _jit(self, fn, n_batched_in, n_out):
         return jit_step(fn, self.mesh, self.batch_axis, n_batched_in, n_out)
@@ -148,29 +174,34 @@ class SpeechTokenizer:
             waves = [np.asarray(w, np.float32) for w in waves]
             for i, w in enumerate(waves):
                 if w.ndim != 1:
-                    raise SpeechTokenizerError(f"utterance {i}: waveform of shape {w.shape}, "
-                                               f"expected 1-D mono samples")
+                    raise SpeechTokenizerError(
+                        f"utterance {i}: waveform of shape {w.shape}, expected 1-D mono samples"
+                    )
             lengths = np.array([len(w) for w in waves], np.int64)
             n = int(lengths.max()) if len(waves) else 0
             n = -(-max(n, 1) // pad_multiple) * pad_multiple
             batch = np.zeros((len(waves), n), np.float32)
             for i, w in enumerate(waves):
-                batch[i, :len(w)] = w
+                batch[i, : len(w)] = w
         else:
             batch = np.asarray(waves, np.float32)
             lengths = np.asarray(lengths, np.int64)
             if batch.ndim != 2 or lengths.shape != (batch.shape[0],):
-                raise SpeechTokenizerError(f"waveforms of shape {batch.shape} with lengths of "
-                                           f"shape {lengths.shape}; expected [B, N] and [B]")
+                raise SpeechTokenizerError(
+                    f"waveforms of shape {batch.shape} with lengths of "
+                    f"shape {lengths.shape}; expected [B, N] and [B]"
+                )
             if (lengths > batch.shape[1]).any():
                 i = int(np.argmax(lengths > batch.shape[1]))
-                raise SpeechTokenizerError(f"utterance {i}: length {lengths[i]} exceeds the "
-                                           f"padded width {batch.shape[1]}")
+                raise SpeechTokenizerError(
+                    f"utterance {i}: length {lengths[i]} exceeds the padded width {batch.shape[1]}"
+                )
         for i, n in enumerate(lengths):
             if n < melmod.MIN_SAMPLES:
                 raise SpeechTokenizerError(
                     f"utterance {i}: {n} samples; the S3 front end needs at least "
-                    f"{melmod.MIN_SAMPLES} ({melmod.MIN_SAMPLES / self.sample_rate * 1000:.1f} ms)")
+                    f"{melmod.MIN_SAMPLES} ({melmod.MIN_SAMPLES / self.sample_rate * 1000:.1f} ms)"
+                )
             if not np.isfinite(batch[i, :n]).all():
                 raise SpeechTokenizerError(f"utterance {i}: non-finite samples (NaN or inf)")
         return batch, lengths
@@ -204,8 +235,15 @@ class SpeechTokenizer:
         h, n = self._hidden_step(self.params, mel, mel_len)
         return np.asarray(h)[:b], np.asarray(n)[:b]
 
-    def encode(self, waves, lengths=None, *, long_audio: str = "window",
-               pad_multiple: int = 16000, pack: bool | None = None) -> list[np.ndarray]:
+    def encode(
+        self,
+        waves,
+        lengths=None,
+        *,
+        long_audio: str = "window",
+        pad_multiple: int = 16000,
+        pack: bool | None = None,
+    ) -> list[np.ndarray]:
         """Codes of each utterance: `waves` is a padded `[B, N]` float32 array with `lengths[B]`
         (samples), or a list of 1-D arrays (padded here to a multiple of `pad_multiple` samples).
         16 kHz mono float32 in [-1, 1]. Returns B int32 arrays of raw codes (`units_per_second`
@@ -227,8 +265,9 @@ class SpeechTokenizer:
         shape per packed size (a multiple of `PACK_MULTIPLE` frames).
         """
         if long_audio not in LONG_AUDIO_MODES:
-            raise SpeechTokenizerError(f"long_audio {long_audio!r}: choose one of "
-                                       f"{', '.join(LONG_AUDIO_MODES)}")
+            raise SpeechTokenizerError(
+                f"long_audio {long_audio!r}: choose one of {', '.join(LONG_AUDIO_MODES)}"
+            )
         list_input = lengths is None
         batch, lengths = self._batch(waves, lengths, pad_multiple)
         b = batch.shape[0]
@@ -238,10 +277,12 @@ class SpeechTokenizer:
         long = mel_len > WINDOW_FRAMES
         if long.any() and long_audio == "refuse":
             i = int(np.argmax(long))
-            raise SpeechTokenizerError(f"utterance {i}: {lengths[i] / self.sample_rate:.2f} s, over "
-                                       f"the tokenizer's 30 s window (long audio refused)")
+            raise SpeechTokenizerError(
+                f"utterance {i}: {lengths[i] / self.sample_rate:.2f} s, over "
+                f"the tokenizer's 30 s window (long audio refused)"
+            )
         if not long.any():
-            wave = batch[:, :min(batch.shape[1], _SHORT_MAX_SAMPLES)]
+            wave = batch[:, : min(batch.shape[1], _SHORT_MAX_SAMPLES)]
             wave, lens = self._pad_rows(wave, lengths.astype(np.int32), fill_len=melmod.MIN_SAMPLES)
             if pack is None:
                 pack = list_input and self._on_cpu
@@ -249,7 +290,7 @@ class SpeechTokenizer:
             step = self._packed_step(packed) if packed else self._wave_step
             codes, code_len = step(self.params, wave, lens)
             codes, code_len = np.asarray(codes), np.asarray(code_len)
-            return [codes[i, :code_len[i]].copy() for i in range(b)]
+            return [codes[i, : code_len[i]].copy() for i in range(b)]
         return self._encode_long(batch, lengths, long_audio)
 
     def _packed_rows(self, lengths, width: int) -> int:
@@ -267,6 +308,7 @@ class SpeechTokenizer:
     @functools.cached_property
     def _on_cpu(self) -> bool:
         import jax
+
         leaf = jax.tree.leaves(self.params)[0]
         return all(d.platform == "cpu" for d in leaf.devices())
 
@@ -278,10 +320,13 @@ class SpeechTokenizer:
 
     def _encode_long(self, batch, lengths, mode) -> list[np.ndarray]:
         mel, mel_len = self.log_mel(batch, lengths)
-        rows, owners = [], []            # (start, end) of each window row, utterance index
+        rows, owners = [], []  # (start, end) of each window row, utterance index
         for i in range(len(lengths)):
-            spans = window_starts(int(mel_len[i]), mode) if mel_len[i] > WINDOW_FRAMES \
+            spans = (
+                window_starts(int(mel_len[i]), mode)
+                if mel_len[i] > WINDOW_FRAMES
                 else [(0, int(mel_len[i]))]
+            )
             for s, e in spans:
                 rows.append((i, s, e))
             owners.append(len(spans))
@@ -289,22 +334,25 @@ class SpeechTokenizer:
         b = -(-b // self._rows_multiple) * self._rows_multiple
         seg_codes = []
         for c in range(0, len(rows), b):
-            chunk = rows[c:c + b]
+            chunk = rows[c : c + b]
             m = np.zeros((len(chunk), WINDOW_FRAMES, mel.shape[2]), np.float32)
             ml = np.zeros(len(chunk), np.int32)
             for j, (i, s, e) in enumerate(chunk):
-                m[j, :e - s] = mel[i, s:e]
+                m[j, : e - s] = mel[i, s:e]
                 ml[j] = e - s
             m, ml = self._pad_rows(m, ml, rows=b, fill_len=1)
             codes, code_len = self._mel_step(self.params, m, ml)
             codes, code_len = np.asarray(codes), np.asarray(code_len)
-            seg_codes += [codes[j, :code_len[j]].copy() for j in range(len(chunk))]
+            seg_codes += [codes[j, : code_len[j]].copy() for j in range(len(chunk))]
         out, k = [], 0
         for i, n in enumerate(owners):
-            segs = seg_codes[k:k + n]
+            segs = seg_codes[k : k + n]
             k += n
-            out.append(segs[0].astype(np.int32) if mel_len[i] <= WINDOW_FRAMES
-                       else merge_windows(segs, self.units_per_second))
+            out.append(
+                segs[0].astype(np.int32)
+                if mel_len[i] <= WINDOW_FRAMES
+                else merge_windows(segs, self.units_per_second)
+            )
         return out
 
     def code_lengths(self, n_samples):
@@ -312,8 +360,9 @@ class SpeechTokenizer:
         return code_lengths(np.asarray(n_samples) // melmod.HOP, self.config.stride)
 
 
-def load_speech_tokenizer(path, *, precision: str = "highest", mesh=None,
-                          batch_axis=None) -> SpeechTokenizer:
+def load_speech_tokenizer(
+    path, *, precision: str = "highest", mesh=None, batch_axis=None
+) -> SpeechTokenizer:
     """The tokenizer of a folder written by `cslm-jax import-speech-tokenizer` (or
     `save_random_tokenizer`)."""
     from cslm_jax.speech.weights import load_tokenizer_files

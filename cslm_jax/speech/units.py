@@ -11,6 +11,7 @@ The codebook size and the unit rate of the units a corpus holds decide the CSLM 
 Nothing here imports JAX (nor do the modules whose tables it reads): data configs are
 read in Beam workers and before a job starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,8 +23,8 @@ from cslm_jax.speech.s3 import ALIASES, VERSIONS  # plain tables: s3 imports JAX
 
 # The files that say what a folder is; defined here, the bottom of the speech modules (weights.py
 # writes the first, extract.py the second, and both import them from here).
-TOKENIZER_FILE = "speech_tokenizer.json"     # a tokenizer folder's version, sizes and rate
-EXTRACTION_FILE = "extract.json"             # an extract-units folder's plan (its tokenizer)
+TOKENIZER_FILE = "speech_tokenizer.json"  # a tokenizer folder's version, sizes and rate
+EXTRACTION_FILE = "extract.json"  # an extract-units folder's plan (its tokenizer)
 
 UNITS = {k: (v.codebook_size, float(v.units_per_second)) for k, v in VERSIONS.items()}
 
@@ -34,10 +35,10 @@ class SpeechUnitsError(CslmError):
 
 @dataclasses.dataclass(frozen=True)
 class UnitsInfo:
-    version: str                  # canonical version name (v1, v1_25hz, v2_25hz)
+    version: str  # canonical version name (v1, v1_25hz, v2_25hz)
     codebook_size: int
     units_per_second: float
-    source: str                   # what it was read from (a version name or a file)
+    source: str  # what it was read from (a version name or a file)
 
 
 def speech_units_info(spec: str | Path, where: str = "speech tokenizer") -> UnitsInfo:
@@ -50,12 +51,15 @@ def speech_units_info(spec: str | Path, where: str = "speech tokenizer") -> Unit
         return UnitsInfo(name, size, rate, f"version {name}")
     if "://" in text:
         from cslm_jax.storage import fs
+
         path = fs.path(text, where)
     else:
         path = Path(text).expanduser()
     if not path.is_dir():
-        raise SpeechUnitsError(f"{where} {text!r}: neither a version ({', '.join(UNITS)}) nor a "
-                               f"folder (import-speech-tokenizer or extract-units output)")
+        raise SpeechUnitsError(
+            f"{where} {text!r}: neither a version ({', '.join(UNITS)}) nor a "
+            f"folder (import-speech-tokenizer or extract-units output)"
+        )
     for fname, key in ((TOKENIZER_FILE, None), (EXTRACTION_FILE, "tokenizer")):
         f = path / fname
         if not f.is_file():
@@ -66,13 +70,19 @@ def speech_units_info(spec: str | Path, where: str = "speech tokenizer") -> Unit
             version = ALIASES.get(meta["version"], meta["version"])
             size, rate = int(meta["codebook_size"]), float(meta["units_per_second"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SpeechUnitsError(f"{where}: {f}: cannot read the tokenizer's version, "
-                                   f"codebook_size and units_per_second ({type(e).__name__}: "
-                                   f"{e})") from None
+            raise SpeechUnitsError(
+                f"{where}: {f}: cannot read the tokenizer's version, "
+                f"codebook_size and units_per_second ({type(e).__name__}: "
+                f"{e})"
+            ) from None
         if version in UNITS and UNITS[version] != (size, rate):
-            raise SpeechUnitsError(f"{where}: {f}: version {version} has {UNITS[version][0]} "
-                                   f"codes at {UNITS[version][1]:g}/s, the file says {size} "
-                                   f"at {rate:g}/s")
+            raise SpeechUnitsError(
+                f"{where}: {f}: version {version} has {UNITS[version][0]} "
+                f"codes at {UNITS[version][1]:g}/s, the file says {size} "
+                f"at {rate:g}/s"
+            )
         return UnitsInfo(version, size, rate, str(f))
-    raise SpeechUnitsError(f"{where}: {path} holds neither {TOKENIZER_FILE} (a tokenizer folder) "
-                           f"nor {EXTRACTION_FILE} (an extract-units output folder)")
+    raise SpeechUnitsError(
+        f"{where}: {path} holds neither {TOKENIZER_FILE} (a tokenizer folder) "
+        f"nor {EXTRACTION_FILE} (an extract-units output folder)"
+    )

@@ -10,6 +10,7 @@ It is written into a hidden sibling folder and renamed into place as the last st
 never leaves a folder that looks complete. Restores go straight into the shardings the caller
 asks for (the current mesh), whatever mesh wrote the checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,14 @@ class CheckpointError(CslmError):
 
 
 @contextlib.contextmanager
-def atomic_dir(target, force: bool = False, staged: bool = False, last: str | None = None,
-               owned: bool = False, tool: str | None = None):
+def atomic_dir(
+    target,
+    force: bool = False,
+    staged: bool = False,
+    last: str | None = None,
+    owned: bool = False,
+    tool: str | None = None,
+):
     """Yield a folder to write an output into; the output at `target` is complete or absent.
 
     A non-empty `target` is refused unless `force` is set, and even then unless it is an output
@@ -68,7 +75,7 @@ def atomic_dir(target, force: bool = False, staged: bool = False, last: str | No
         with _commit_file_dir(target, primary, staged, last, tool) as out:
             yield out
         return
-    tag = f"{broadcast_int(uuid.uuid4().int >> 68):08x}"    # process 0's 60 random bits
+    tag = f"{broadcast_int(uuid.uuid4().int >> 68):08x}"  # process 0's 60 random bits
     tmp = target.parent / f".{target.name}.partial-{tag}"
     if primary:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -93,12 +100,12 @@ def _commit_file_dir(target, primary: bool, staged: bool, last: str | None, tool
     from cslm_jax.parallel.distributed import barrier
 
     if primary:
-        if target.exists():                    # replacing (force): unmark it first
+        if target.exists():  # replacing (force): unmark it first
             if last is not None and (target / last).exists():
                 (target / last).unlink()
             fs.rmtree(target)
         target.mkdir(parents=True, exist_ok=True)
-        write_marker(target, tool)              # all of it ours until the final list
+        write_marker(target, tool)  # all of it ours until the final list
     barrier(f"cslm_jax: {target} created")
     local = Path(tempfile.mkdtemp(prefix="cslm_jax-out-")) if staged and primary else None
     try:
@@ -191,9 +198,17 @@ def save_tokenizer(tokenizer, dst) -> None:
         fs.upload_dir(tmp, dst)
 
 
-def save_model_checkpoint(path: str | Path, params: dict, cfg: ModelConfig, vocab: VocabInfo,
-                          tokenizer=None, extra: dict | None = None, force: bool = False,
-                          owned: bool = False, tool: str = "import-hf") -> Path:
+def save_model_checkpoint(
+    path: str | Path,
+    params: dict,
+    cfg: ModelConfig,
+    vocab: VocabInfo,
+    tokenizer=None,
+    extra: dict | None = None,
+    force: bool = False,
+    owned: bool = False,
+    tool: str = "import-hf",
+) -> Path:
     """Write params (schema of cslm_jax.model.llama) with their metadata, one Orbax item per parameter
     under params/<name>. A leaf may be an array or a zero-argument function returning one (built
     only when its turn comes and dropped after), so a converter can stream: peak host memory is
@@ -201,7 +216,7 @@ def save_model_checkpoint(path: str | Path, params: dict, cfg: ModelConfig, voca
     import orbax.checkpoint as ocp
 
     path = fs.path(path)
-    primary = jax.process_index() == 0        # other processes only join the Orbax saves
+    primary = jax.process_index() == 0  # other processes only join the Orbax saves
     with atomic_dir(path, force=force, last=META_FILE, owned=owned, tool=tool) as tmp:
         if primary:
             (tmp / "params").mkdir()
@@ -209,14 +224,19 @@ def save_model_checkpoint(path: str | Path, params: dict, cfg: ModelConfig, voca
         for key_path, leaf in leaves:
             array = leaf() if callable(leaf) else leaf
             if isinstance(array, np.ndarray):
-                array = jax.device_put(array)   # Orbax copies numpy leaves whole; jax arrays stream
+                array = jax.device_put(array)  # Orbax copies numpy leaves whole; jax arrays stream
             _checkpointer(_array_bytes(array)).save(
-                tmp / "params" / _leaf_name(key_path), args=ocp.args.PyTreeSave({"value": array}))
+                tmp / "params" / _leaf_name(key_path), args=ocp.args.PyTreeSave({"value": array})
+            )
             del array
         if primary and tokenizer is not None:
             save_tokenizer(tokenizer, tmp / "tokenizer")
-        meta = {"format": CHECKPOINT_FORMAT, "model": cfg.to_dict(), "vocab": vocab.to_dict(),
-                **(extra or {})}
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "model": cfg.to_dict(),
+            "vocab": vocab.to_dict(),
+            **(extra or {}),
+        }
         if primary:
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return path
@@ -230,15 +250,18 @@ def read_metadata(path: str | Path) -> tuple[dict, ModelConfig, VocabInfo]:
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
     if not meta_file.is_file():
-        raise CheckpointError(f"{meta_file}: missing; {path} is not a complete cslm_jax model "
-                              f"checkpoint")
+        raise CheckpointError(
+            f"{meta_file}: missing; {path} is not a complete cslm_jax model checkpoint"
+        )
     try:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_file}: invalid JSON: {e}") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{meta_file}: field 'format' is {meta.get('format')!r}, this version "
-                              f"reads format {CHECKPOINT_FORMAT}")
+        raise CheckpointError(
+            f"{meta_file}: field 'format' is {meta.get('format')!r}, this version "
+            f"reads format {CHECKPOINT_FORMAT}"
+        )
     if "model" not in meta:
         raise CheckpointError(f"{meta_file}: missing field 'model'")
     try:
@@ -247,9 +270,11 @@ def read_metadata(path: str | Path) -> tuple[dict, ModelConfig, VocabInfo]:
     except (ConfigError, VocabError) as e:
         raise CheckpointError(str(e)) from None
     if vocab.padded_size != cfg.vocab_size or vocab.size != cfg.real_vocab_size:
-        raise CheckpointError(f"{meta_file}: field 'vocab' (size {vocab.size}, padded {vocab.padded_size}) "
-                              f"disagrees with 'model.vocab_size' ({cfg.vocab_size}) / "
-                              f"'model.unpadded_vocab_size' ({cfg.real_vocab_size})")
+        raise CheckpointError(
+            f"{meta_file}: field 'vocab' (size {vocab.size}, padded {vocab.padded_size}) "
+            f"disagrees with 'model.vocab_size' ({cfg.vocab_size}) / "
+            f"'model.unpadded_vocab_size' ({cfg.real_vocab_size})"
+        )
     if not (path / "params").is_dir():
         raise CheckpointError(f"{path}/params: missing; the checkpoint holds no parameters")
     return meta, cfg, vocab
@@ -263,8 +288,12 @@ def _expected_shapes(cfg: ModelConfig) -> dict:
 
 def param_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """{name: shape} of every parameter, in the order `iter_params` yields them."""
-    return {_leaf_name(k): v for k, v in jax.tree_util.tree_flatten_with_path(
-        _expected_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))[0]}
+    return {
+        _leaf_name(k): v
+        for k, v in jax.tree_util.tree_flatten_with_path(
+            _expected_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple)
+        )[0]
+    }
 
 
 def iter_params(path: str | Path, shardings=None, dtype=None):
@@ -282,25 +311,36 @@ def iter_params(path: str | Path, shardings=None, dtype=None):
             raise CheckpointError(f"{path}/params: parameter '{name}' is missing")
     extra = sorted(stored - set(expected))
     if extra:
-        raise CheckpointError(f"{path}/params: unexpected parameter(s) {extra} for this model config")
+        raise CheckpointError(
+            f"{path}/params: unexpected parameter(s) {extra} for this model config"
+        )
     metas = {}
     for name, shape in expected.items():
         meta = ocp.PyTreeCheckpointer().metadata(path / "params" / name).item_metadata.tree["value"]
         if tuple(meta.shape) != shape:
-            raise CheckpointError(f"{path}/params: parameter '{name}' has shape {tuple(meta.shape)}, "
-                                  f"the model config expects {shape}")
+            raise CheckpointError(
+                f"{path}/params: parameter '{name}' has shape {tuple(meta.shape)}, "
+                f"the model config expects {shape}"
+            )
         metas[name] = meta
-    flat_shardings = None if shardings is None else {
-        _leaf_name(k): v for k, v in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    flat_shardings = (
+        None
+        if shardings is None
+        else {_leaf_name(k): v for k, v in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    )
     for name, meta in metas.items():
         nbytes = int(np.prod(meta.shape)) * np.dtype(dtype or meta.dtype).itemsize
         if flat_shardings is None:
             arg = ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
         else:
-            arg = ocp.ArrayRestoreArgs(sharding=flat_shardings[name], global_shape=tuple(meta.shape),
-                                       dtype=dtype or meta.dtype)
+            arg = ocp.ArrayRestoreArgs(
+                sharding=flat_shardings[name],
+                global_shape=tuple(meta.shape),
+                dtype=dtype or meta.dtype,
+            )
         restored = _checkpointer(nbytes, restore=True).restore(
-            path / "params" / name, args=ocp.args.PyTreeRestore(restore_args={"value": arg}))
+            path / "params" / name, args=ocp.args.PyTreeRestore(restore_args={"value": arg})
+        )
         yield name, restored["value"]
 
 
@@ -364,7 +404,7 @@ _DATA_HANDLER = None
 ORBAX_TMP_MARK = ".orbax-checkpoint-tmp"
 
 
-COMMIT_FILE = "commit_success.txt"      # Orbax's marker where a rename is not atomic
+COMMIT_FILE = "commit_success.txt"  # Orbax's marker where a rename is not atomic
 
 
 def is_committed_step(step_dir) -> bool:
@@ -385,10 +425,15 @@ def remove_partial_checkpoints(directory) -> list[str]:
     if not directory.is_dir():
         return []
     commit_file = fs.commit_file_mode(directory)
-    partial = sorted((p for p in directory.iterdir()
-                      if ORBAX_TMP_MARK in p.name
-                      or (commit_file and p.name.isdigit() and not (p / COMMIT_FILE).exists())),
-                     key=lambda p: p.name)
+    partial = sorted(
+        (
+            p
+            for p in directory.iterdir()
+            if ORBAX_TMP_MARK in p.name
+            or (commit_file and p.name.isdigit() and not (p / COMMIT_FILE).exists())
+        ),
+        key=lambda p: p.name,
+    )
     for p in partial:
         fs.rmtree(p)
     return [p.name for p in partial]
@@ -407,24 +452,38 @@ def train_checkpoint_manager(directory, every: int, keep: int, async_save: bool 
     directory = fs.path(directory)
     handler, _, _ = _data_handler_classes()
     atomicity = ocp.path.atomicity
-    temporary = (atomicity.CommitFileTemporaryPath if fs.commit_file_mode(directory)
-                 else atomicity.AtomicRenameTemporaryPath)
+    temporary = (
+        atomicity.CommitFileTemporaryPath
+        if fs.commit_file_mode(directory)
+        else atomicity.AtomicRenameTemporaryPath
+    )
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=every, max_to_keep=keep, create=True,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=False,
-        temporary_path_class=temporary)
+        save_interval_steps=every,
+        max_to_keep=keep,
+        create=True,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=False,
+        temporary_path_class=temporary,
+    )
     return ocp.CheckpointManager(
-        directory, options=options, item_names=TRAIN_ITEMS,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": handler(),
-                       "config": ocp.JsonCheckpointHandler()})
+        directory,
+        options=options,
+        item_names=TRAIN_ITEMS,
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "data": handler(),
+            "config": ocp.JsonCheckpointHandler(),
+        },
+    )
 
 
 def train_save_args(state, iterator, config: dict):
     import orbax.checkpoint as ocp
 
     _, save, _ = _data_handler_classes()
-    return ocp.args.Composite(state=ocp.args.StandardSave(state), data=save(iterator),
-                              config=ocp.args.JsonSave(config))
+    return ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=save(iterator), config=ocp.args.JsonSave(config)
+    )
 
 
 def train_restore_args(abstract_state, iterator=None):
@@ -457,9 +516,13 @@ def resolve_model_dir(path: str | Path, flag: str = "--ckpt", hf: bool = False) 
     if (path / "model" / META_FILE).is_file():
         return path / "model"
     if (path / "checkpoints").is_dir():
-        raise CheckpointError(f"{flag} {path}: this run has no model/ yet (it did not finish); "
-                              f"resume it to the end first (`cslm-jax train` with --run-dir {path})")
+        raise CheckpointError(
+            f"{flag} {path}: this run has no model/ yet (it did not finish); "
+            f"resume it to the end first (`cslm-jax train` with --run-dir {path})"
+        )
     hf_kind = ", a Hugging Face folder (config.json)," if hf else ""
-    raise CheckpointError(f"{flag} {path}: neither a model checkpoint ({META_FILE}; write one with "
-                          f"`cslm-jax import-hf`){hf_kind} nor a finished train run folder (with "
-                          f"model/)")
+    raise CheckpointError(
+        f"{flag} {path}: neither a model checkpoint ({META_FILE}; write one with "
+        f"`cslm-jax import-hf`){hf_kind} nor a finished train run folder (with "
+        f"model/)"
+    )

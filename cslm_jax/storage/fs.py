@@ -20,6 +20,7 @@ bucket mounted with gcsfuse; there the folder is written in place and a commit m
 last, and a folder without its marker is never read as whole. `CSLM_JAX_ATOMICITY=rename|commit_file`
 overrides the detection (gcsfuse mounts are found in /proc/mounts).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,10 +52,12 @@ def configure_gcs() -> None:
     os.environ.setdefault("EPATH_USE_TF", "false")
     # epath caches its reading of EPATH_USE_TF on first use of any path, local ones included
     from etils.epath import gpath
+
     getattr(gpath._is_tf_installed, "cache_clear", lambda: None)()
     # gcsfs caches folder listings per process: another host's (or Orbax's TensorStore) writes
     # would stay invisible (process 1 not seeing process 0's files). Every lookup asks GCS.
     import fsspec.config
+
     for proto in ("gs", "gcs"):
         fsspec.config.conf.setdefault(proto, {}).setdefault("use_listings_cache", False)
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
@@ -90,8 +93,10 @@ def path(p, flag: str | None = None):
     scheme = scheme_of(s)
     if scheme is not None:
         if scheme not in REMOTE_SCHEMES:
-            raise StorageError(f"{where}: {scheme}:// paths are not supported; use a local path or "
-                               f"gs://bucket/path")
+            raise StorageError(
+                f"{where}: {scheme}:// paths are not supported; use a local path or "
+                f"gs://bucket/path"
+            )
         bucket = s.split("://", 1)[1].split("/", 1)[0]
         if not bucket:
             raise StorageError(f"{where}: no bucket name; write gs://BUCKET/path")
@@ -99,8 +104,10 @@ def path(p, flag: str | None = None):
         return epath.Path(s.rstrip("/") if s.count("/") > 3 else s)
     first = s.split("/", 1)[0].lower()
     if first.endswith(":") and first[:-1] in ("gs", "s3", "az", "hf", "http", "https"):
-        raise StorageError(f"{where}: looks like a URL that lost a slash ({first}//...); write "
-                           f"{first}//bucket/path")
+        raise StorageError(
+            f"{where}: looks like a URL that lost a slash ({first}//...); write "
+            f"{first}//bucket/path"
+        )
     return epath.Path(os.path.abspath(s))
 
 
@@ -122,16 +129,22 @@ def check_bucket(p, flag: str | None = None) -> None:
         fs = gcsfs.GCSFileSystem()
         fs.ls(bucket, detail=False)
     except FileNotFoundError:
-        raise StorageError(f"{where}: bucket gs://{bucket} does not exist (create it, or check "
-                           f"the name)") from None
+        raise StorageError(
+            f"{where}: bucket gs://{bucket} does not exist (create it, or check the name)"
+        ) from None
     except (PermissionError, OSError, ValueError) as e:
         msg = str(e) or type(e).__name__
         code = getattr(e, "code", None)
-        if code in (401, 403) or isinstance(e, PermissionError) or \
-                any(w in msg for w in ("Forbidden", "Unauthorized", "ermission", "403", "401")):
-            raise StorageError(f"{where}: no permission to read gs://{bucket} ({msg.splitlines()[0]}); "
-                               f"check the credentials (gcloud auth application-default login, or "
-                               f"the TPU VM's service account)") from None
+        if (
+            code in (401, 403)
+            or isinstance(e, PermissionError)
+            or any(w in msg for w in ("Forbidden", "Unauthorized", "ermission", "403", "401"))
+        ):
+            raise StorageError(
+                f"{where}: no permission to read gs://{bucket} ({msg.splitlines()[0]}); "
+                f"check the credentials (gcloud auth application-default login, or "
+                f"the TPU VM's service account)"
+            ) from None
         raise StorageError(f"{where}: cannot reach gs://{bucket}: {msg.splitlines()[0]}") from None
 
 
@@ -159,8 +172,9 @@ def commit_file_mode(p, mounts_file: str = "/proc/mounts") -> bool:
     if is_remote(p):
         return True
     target = os.path.abspath(os.fspath(p))
-    return any(target == m or target.startswith(m.rstrip("/") + "/")
-               for m in _gcsfuse_mounts(mounts_file))
+    return any(
+        target == m or target.startswith(m.rstrip("/") + "/") for m in _gcsfuse_mounts(mounts_file)
+    )
 
 
 def rmtree(p) -> None:
@@ -200,6 +214,7 @@ def local_dir(p, what: str = "folder") -> Path:
         raise StorageError(f"{p}: no such {what}")
     tmp = Path(tempfile.mkdtemp(prefix="cslm_jax-staged-"))
     import atexit
+
     atexit.register(shutil.rmtree, tmp, True)
     copytree(src, tmp)
     return tmp
@@ -225,6 +240,7 @@ def upload_dir(local_src, dst) -> None:
 # accepted for inputs, tokenizer and --out) or a `gs://` object. Local paths (and file://) stay on
 # plain `open` / `os` (the speed-critical path); gs:// goes through the one client above.
 
+
 def local_file(p) -> str | None:
     """The local path of `p` (a `file://` URL's path), or None for a gs:// path; another scheme
     is refused (StorageError)."""
@@ -233,8 +249,8 @@ def local_file(p) -> str | None:
     if scheme is None:
         return s
     if scheme == "file":
-        return s[len("file://"):]
-    path(s)                                       # gs:// set up, any other scheme refused
+        return s[len("file://") :]
+    path(s)  # gs:// set up, any other scheme refused
     return None
 
 
@@ -273,6 +289,7 @@ def glob(pattern: str) -> list[str]:
     local = local_file(pattern)
     if "://" not in pattern:
         import glob as _glob
+
         return sorted(_glob.glob(pattern))
     folder, name = pattern.rsplit("/", 1)
     if local is not None:
@@ -314,8 +331,7 @@ def atomic_open(p, mode: str = "w", tmp_name=None):
         f.close()
         return
     folder, name = os.path.split(local)
-    tmp = os.path.join(folder, tmp_name(name) if tmp_name else
-                       f"{name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = os.path.join(folder, tmp_name(name) if tmp_name else f"{name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f

@@ -23,6 +23,7 @@ without the marker, holding entries the marker does not name, or written by anot
 nothing is deleted. `owned=True` is for a folder the caller itself manages (a run folder's
 `model/`), which need not carry a marker.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,14 +54,17 @@ def _key(p) -> tuple[str, ...]:
 
 
 def _within(inner: tuple, outer: tuple) -> bool:
-    return len(inner) >= len(outer) and inner[:len(outer)] == outer
+    return len(inner) >= len(outer) and inner[: len(outer)] == outer
 
 
 def _protected() -> list[tuple[str, tuple]]:
     """Folders no output may be or contain: the current folder, home, the root, and the
     repository roots around the current folder."""
-    found = [("the current folder", _key(os.getcwd())), ("your home folder", _key(Path.home())),
-             ("the file system root", _key("/"))]
+    found = [
+        ("the current folder", _key(os.getcwd())),
+        ("your home folder", _key(Path.home())),
+        ("the file system root", _key("/")),
+    ]
     here = Path(os.getcwd())
     for d in (here, *here.parents):
         if (d / ".git").exists():
@@ -75,12 +79,14 @@ def check_disjoint(out, inputs=(), flag: str | None = "--out", inside_ok: bool =
     (a decode folder or an evaluation file inside a run folder)."""
     okey = _key(out)
     where = _where(flag, out)
-    for what, key in sorted(_protected(), key=lambda x: x[1] != okey):   # "is" before "contains"
+    for what, key in sorted(_protected(), key=lambda x: x[1] != okey):  # "is" before "contains"
         if _within(key, okey):
             verb = "is" if key == okey else "contains"
-            raise OutputPathError(f"{where}: {verb} {what}; an output gets a folder of its own "
-                                  f"(e.g. {Path(os.fspath(out)) / 'out'}), never one that "
-                                  f"holds other files")
+            raise OutputPathError(
+                f"{where}: {verb} {what}; an output gets a folder of its own "
+                f"(e.g. {Path(os.fspath(out)) / 'out'}), never one that "
+                f"holds other files"
+            )
     for iflag, ip in inputs:
         if ip is None or ip == "":
             continue
@@ -93,8 +99,10 @@ def check_disjoint(out, inputs=(), flag: str | None = "--out", inside_ok: bool =
             rel = "lies inside"
         else:
             continue
-        raise OutputPathError(f"{where}: {rel} the input {_where(iflag, ip)}; give an output "
-                              f"path apart from every input (nothing was written or deleted)")
+        raise OutputPathError(
+            f"{where}: {rel} the input {_where(iflag, ip)}; give an output "
+            f"path apart from every input (nothing was written or deleted)"
+        )
 
 
 def _probe(folder: Path, where: str) -> None:
@@ -111,7 +119,7 @@ def check_writable(p, flag: str | None = None, folder: bool = True) -> None:
     """A folder output that exists can be written in; otherwise the nearest existing ancestor
     of `p` is a folder we can create files in (probed by creating and removing a file)."""
     if fs.is_remote(p):
-        return                                  # the bucket was checked; objects need no parent
+        return  # the bucket was checked; objects need no parent
     where = _where(flag, p)
     path = Path(os.path.abspath(os.fspath(p)))
     if folder and path.is_dir():
@@ -121,13 +129,16 @@ def check_writable(p, flag: str | None = None, folder: bool = True) -> None:
     while not anc.exists() and not anc.is_symlink():
         anc = anc.parent
     if not anc.is_dir():
-        raise OutputPathError(f"{where}: {anc} is a file, so the {'folder' if folder else 'file'}"
-                              f" cannot be created under it")
+        raise OutputPathError(
+            f"{where}: {anc} is a file, so the {'folder' if folder else 'file'}"
+            f" cannot be created under it"
+        )
     _probe(anc, where)
 
 
-def check_output_place(p, *, inputs=(), flag: str | None = "--out", folder: bool = True,
-                       inside_ok: bool = False):
+def check_output_place(
+    p, *, inputs=(), flag: str | None = "--out", folder: bool = True, inside_ok: bool = False
+):
     """What every output path needs, whatever it holds: apart from every input and protected
     folder (`check_disjoint`), the right kind (a folder where a folder is meant, a file where a
     file is), and writable (`check_writable`). Returns it as a path. On its own, for commands
@@ -183,15 +194,24 @@ def _shown(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def check_output_dir(p, force: bool, *, inputs=(), flag: str | None = "--out",
-                     tool: str | None = None, owned: bool = False):
+def check_output_dir(
+    p,
+    force: bool,
+    *,
+    inputs=(),
+    flag: str | None = "--out",
+    tool: str | None = None,
+    owned: bool = False,
+):
     """Check folder output `p` (see the module docstring) and return it as a path. A non-empty
     folder is refused unless `force` and it is an output of `tool` (its marker says so and names
     every entry it holds); `owned`: the caller manages the folder and replaces it regardless."""
     path = fs.path(p, flag)
     if path.exists() and not path.is_dir():
-        raise OutputPathError(f"{_where(flag, path)}: is a file, not a folder; give a folder "
-                              f"path (--force replaces folders only)")
+        raise OutputPathError(
+            f"{_where(flag, path)}: is a file, not a folder; give a folder "
+            f"path (--force replaces folders only)"
+        )
     check_output_place(path, inputs=inputs, flag=flag)
     where = _where(flag, path)
     if owned or not path.exists() or not any(path.iterdir()):
@@ -199,22 +219,30 @@ def check_output_dir(p, force: bool, *, inputs=(), flag: str | None = "--out",
     marker = read_marker(path)
     foreign = foreign_entries(path)
     if marker is None:
-        raise OutputPathError(f"{where}: exists and is not empty ({_shown(foreign)}) and has no "
-                              f"{MARKER}: written by another program, or by cslm-jax before it "
-                              f"marked its outputs; --force replaces only what cslm-jax marked as "
-                              f"its own, so delete it yourself or give another path (nothing was "
-                              f"deleted)")
+        raise OutputPathError(
+            f"{where}: exists and is not empty ({_shown(foreign)}) and has no "
+            f"{MARKER}: written by another program, or by cslm-jax before it "
+            f"marked its outputs; --force replaces only what cslm-jax marked as "
+            f"its own, so delete it yourself or give another path (nothing was "
+            f"deleted)"
+        )
     if foreign:
-        raise OutputPathError(f"{where}: holds files cslm-jax did not write: {_shown(foreign)}; "
-                              f"--force replaces only what cslm-jax wrote, so move them away or "
-                              f"give another path (nothing was deleted)")
+        raise OutputPathError(
+            f"{where}: holds files cslm-jax did not write: {_shown(foreign)}; "
+            f"--force replaces only what cslm-jax wrote, so move them away or "
+            f"give another path (nothing was deleted)"
+        )
     if tool is not None and marker.get("tool") != tool:
-        raise OutputPathError(f"{where}: holds the output of `cslm-jax {marker.get('tool')}`; "
-                              f"{tool} replaces only its own outputs (--force or not): give "
-                              f"another path, or delete it yourself (nothing was deleted)")
+        raise OutputPathError(
+            f"{where}: holds the output of `cslm-jax {marker.get('tool')}`; "
+            f"{tool} replaces only its own outputs (--force or not): give "
+            f"another path, or delete it yourself (nothing was deleted)"
+        )
     if not force:
-        raise OutputExistsError(f"{where}: exists and is not empty (the output of `cslm-jax "
-                                f"{marker.get('tool')}`); pass --force to replace it")
+        raise OutputExistsError(
+            f"{where}: exists and is not empty (the output of `cslm-jax "
+            f"{marker.get('tool')}`); pass --force to replace it"
+        )
     return path
 
 

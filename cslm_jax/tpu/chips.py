@@ -1,19 +1,20 @@
 """Accelerator chips: the one table of datasheet figures (dense bf16 peak, HBM per chip) and the
 `jax.Device.device_kind` names each chip reports. Read by MFU (`cslm_jax.train.metrics`) and by
 `cslm-jax compile` (`cslm_jax.tpu.aot`). CPUs are not listed: their peak is measured."""
+
 from __future__ import annotations
 
 import dataclasses
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
     name: str
-    device_kinds: tuple[str, ...]   # prefixes of jax's Device.device_kind for this chip
-    peak_bf16: float                # dense bf16 FLOP/s per chip
-    hbm_gib: float | None           # HBM per chip (None: the chip comes in several sizes)
+    device_kinds: tuple[str, ...]  # prefixes of jax's Device.device_kind for this chip
+    peak_bf16: float  # dense bf16 FLOP/s per chip
+    hbm_gib: float | None  # HBM per chip (None: the chip comes in several sizes)
 
     @property
     def hbm_bytes(self) -> int | None:

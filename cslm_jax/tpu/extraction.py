@@ -14,6 +14,7 @@ per second of audio from XLA's cost analysis of the same step with the blocks un
 throughput bound in hours of audio per chip-hour at the chip's dense bf16 peak, divided by the
 bfloat16 passes a TPU spends per float32 product at the chosen precision.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,7 +35,7 @@ from cslm_jax.tpu.aot import (
 TPU_PASSES = {"highest": 6, "high": 3, "default": 1, "bfloat16": 1}
 SAMPLE_RATE = 16000
 HOP = 160
-MAX_SECONDS = 30.0          # the step serves utterances <= 30 s (longer ones go in 30 s windows)
+MAX_SECONDS = 30.0  # the step serves utterances <= 30 s (longer ones go in 30 s windows)
 
 
 def hand_flops(cfg, batch: int, samples: int) -> float:
@@ -61,18 +62,18 @@ def hand_flops(cfg, batch: int, samples: int) -> float:
 @dataclasses.dataclass
 class ExtractionReport(MemoryFit):
     topology: Topology
-    config: object                # cslm_jax.speech.s3.S3Config
-    batch: int                    # rows, all chips together
-    seconds: float                # padded length of every row
+    config: object  # cslm_jax.speech.s3.S3Config
+    batch: int  # rows, all chips together
+    seconds: float  # padded length of every row
     precision: str
-    argument_bytes: int           # per chip
+    argument_bytes: int  # per chip
     output_bytes: int
     alias_bytes: int
     temp_bytes: int
     code_bytes: int
-    peak_bytes: int               # XLA's peak of live buffers where it gives one (else 0)
-    xla_flops: float              # one step, all chips (XLA cost analysis, blocks unrolled)
-    hand_flops: float             # the same step's matrix products counted by hand
+    peak_bytes: int  # XLA's peak of live buffers where it gives one (else 0)
+    xla_flops: float  # one step, all chips (XLA cost analysis, blocks unrolled)
+    hand_flops: float  # the same step's matrix products counted by hand
     compile_s: float
     error: str | None = None
 
@@ -97,29 +98,35 @@ class ExtractionReport(MemoryFit):
     def lines(self) -> list[str]:
         t, c = self.topology, self.config
         per_chip = self.batch // t.chips
-        head = [f"topology   {t.name} ({t.accelerator_type}): {t.chips} chip(s) "
-                f"({t.spec.hbm_gib:g} GiB HBM each), mesh {{'data': {t.chips}}}",
-                f"tokenizer  {c.spec.name} ({c.version}): {c.n_layer} x {c.n_state}, {c.n_head} "
-                f"heads, {c.codebook_size} codes, {c.units_per_second} units/s; precision "
-                f"{self.precision}",
-                f"batch      {self.batch} x {self.seconds:g} s ({per_chip} row(s) per chip): "
-                f"{self.audio_seconds:g} s of audio per step, log-mel + encoder + quantizer",
-                f"compile    {self.compile_s:.1f} s"]
+        head = [
+            f"topology   {t.name} ({t.accelerator_type}): {t.chips} chip(s) "
+            f"({t.spec.hbm_gib:g} GiB HBM each), mesh {{'data': {t.chips}}}",
+            f"tokenizer  {c.spec.name} ({c.version}): {c.n_layer} x {c.n_state}, {c.n_head} "
+            f"heads, {c.codebook_size} codes, {c.units_per_second} units/s; precision "
+            f"{self.precision}",
+            f"batch      {self.batch} x {self.seconds:g} s ({per_chip} row(s) per chip): "
+            f"{self.audio_seconds:g} s of audio per step, log-mel + encoder + quantizer",
+            f"compile    {self.compile_s:.1f} s",
+        ]
         if self.error is not None:
             return head + [f"compiler   {self.error}", "DOES NOT FIT"]
-        mem = [f"memory     per chip: arguments {gib(self.argument_bytes)} (weights + batch), "
-               f"temporaries {gib(self.temp_bytes)}, outputs {gib(self.output_bytes)}, code "
-               f"{gib(self.code_bytes)}",
-               self.total_line("XLA's peak of live buffers")]
+        mem = [
+            f"memory     per chip: arguments {gib(self.argument_bytes)} (weights + batch), "
+            f"temporaries {gib(self.temp_bytes)}, outputs {gib(self.output_bytes)}, code "
+            f"{gib(self.code_bytes)}",
+            self.total_line("XLA's peak of live buffers"),
+        ]
         fpas = self.flops_per_audio_second
-        flops = [f"FLOPs      {self.xla_flops:.4g} per step from XLA's cost analysis = "
-                 f"{fpas:.4g} per second of audio; matrix products by hand "
-                 f"{self.hand_flops / self.audio_seconds:.4g} (XLA / hand "
-                 f"{self.xla_flops / self.hand_flops:.3f})",
-                 f"bound      {self.audio_hours_per_chip_hour:,.0f} h of audio per chip-hour at "
-                 f"the chip's bf16 peak ({t.spec.peak_bf16 / 1e12:g} TFLOP/s) / {self.passes} "
-                 f"bf16 pass(es) per float32 product ({self.precision}); padded rows and frames "
-                 f"count as audio"]
+        flops = [
+            f"FLOPs      {self.xla_flops:.4g} per step from XLA's cost analysis = "
+            f"{fpas:.4g} per second of audio; matrix products by hand "
+            f"{self.hand_flops / self.audio_seconds:.4g} (XLA / hand "
+            f"{self.xla_flops / self.hand_flops:.3f})",
+            f"bound      {self.audio_hours_per_chip_hour:,.0f} h of audio per chip-hour at "
+            f"the chip's bf16 peak ({t.spec.peak_bf16 / 1e12:g} TFLOP/s) / {self.passes} "
+            f"bf16 pass(es) per float32 product ({self.precision}); padded rows and frames "
+            f"count as audio",
+        ]
         return head + mem + flops + ["FITS" if self.fits else "DOES NOT FIT"]
 
 
@@ -133,8 +140,10 @@ def speech_config(version: str, overrides: list[str]):
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or key not in fields:
-            raise ConfigError(f"{item!r}: with --speech-tokenizer, overrides are tokenizer sizes "
-                              f"({', '.join(sorted(fields))}), e.g. n_layer=2")
+            raise ConfigError(
+                f"{item!r}: with --speech-tokenizer, overrides are tokenizer sizes "
+                f"({', '.join(sorted(fields))}), e.g. n_layer=2"
+            )
         try:
             sizes[key] = int(value)
         except ValueError:
@@ -155,11 +164,18 @@ def _abstract(cfg, batch: int, samples: int, mesh=None):
     if mesh is not None:
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
+
         rep, bat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=rep),
-                          param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
-    return (params, jax.ShapeDtypeStruct((batch, samples), jnp.float32, sharding=bat),
-            jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=bat))
+    params = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=rep),
+        param_shapes(cfg),
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+    return (
+        params,
+        jax.ShapeDtypeStruct((batch, samples), jnp.float32, sharding=bat),
+        jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=bat),
+    )
 
 
 def xla_flops(cfg, batch: int, samples: int, precision: str) -> float:
@@ -174,9 +190,15 @@ def xla_flops(cfg, batch: int, samples: int, precision: str) -> float:
     return cost_flops(step.lower(*_abstract(cfg, batch, samples)))
 
 
-def compile_extraction_step(version: str, topology: str, batch: int, seconds: float,
-                            precision: str = "highest", overrides: list[str] = (),
-                            log=print) -> ExtractionReport:
+def compile_extraction_step(
+    version: str,
+    topology: str,
+    batch: int,
+    seconds: float,
+    precision: str = "highest",
+    overrides: list[str] = (),
+    log=print,
+) -> ExtractionReport:
     """Lower and compile the extraction step for the topology; memory per chip and FLOPs.
     Input errors (topology, batch, length, precision, sizes) are ConfigErrors raised before
     libtpu or the compiler are touched."""
@@ -192,21 +214,36 @@ def compile_extraction_step(version: str, topology: str, batch: int, seconds: fl
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if batch < 1 or batch % topo.chips:
-        raise ConfigError(f"--batch {batch}: must be a positive multiple of the {topo.chips} "
-                          f"chip(s) of {topo.name} (each chip gets whole rows)")
+        raise ConfigError(
+            f"--batch {batch}: must be a positive multiple of the {topo.chips} "
+            f"chip(s) of {topo.name} (each chip gets whole rows)"
+        )
     if not 0.1 <= seconds <= MAX_SECONDS:
-        raise ConfigError(f"--seconds {seconds:g}: the extraction step takes rows of 0.1 to "
-                          f"{MAX_SECONDS:g} s (longer audio is cut into 30 s windows)")
+        raise ConfigError(
+            f"--seconds {seconds:g}: the extraction step takes rows of 0.1 to "
+            f"{MAX_SECONDS:g} s (longer audio is cut into 30 s windows)"
+        )
     samples = int(round(seconds * SAMPLE_RATE))
-    jax.config.update("jax_platforms", "cpu")      # never open (or look for) a local accelerator
+    jax.config.update("jax_platforms", "cpu")  # never open (or look for) a local accelerator
     devices = topology_devices(topo)
     mesh = Mesh(np.array(devices), ("data",))
-    log(f"compile: {cfg.spec.name} extraction step, {topo.name}, batch {batch} x {seconds:g} s, "
-        f"precision {precision}: compiling...")
+    log(
+        f"compile: {cfg.spec.name} extraction step, {topo.name}, batch {batch} x {seconds:g} s, "
+        f"precision {precision}: compiling..."
+    )
     step = jit_step(extraction_step(cfg, precision), mesh, "data")
     start = time.perf_counter()
     memory, error = compile_memory(step.lower(*_abstract(cfg, batch, samples, mesh)))
     elapsed = time.perf_counter() - start
-    return ExtractionReport(topo, cfg, batch, samples / SAMPLE_RATE, precision, *memory,
-                            xla_flops(cfg, batch, samples, precision),
-                            hand_flops(cfg, batch, samples), elapsed, error)
+    return ExtractionReport(
+        topo,
+        cfg,
+        batch,
+        samples / SAMPLE_RATE,
+        precision,
+        *memory,
+        xla_flops(cfg, batch, samples, precision),
+        hand_flops(cfg, batch, samples),
+        elapsed,
+        error,
+    )

@@ -13,6 +13,7 @@ anyway. It must run before JAX (or any library that starts threads and allocates
 glibc fixes the arena count the first time a second thread allocates. Only glibc (Linux) is
 touched; elsewhere it does nothing and returns False. This module imports nothing heavy.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -32,10 +33,12 @@ def keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
-    except (OSError, AttributeError):      # not glibc (musl has no mallopt)
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     # -1 as the trim threshold is SIZE_MAX once glibc widens it to size_t: never trim
-    return all(mallopt(param, value) == 1 for param, value in
-               ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
+    return all(
+        mallopt(param, value) == 1
+        for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
+    )

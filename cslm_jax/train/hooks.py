@@ -15,6 +15,7 @@ A hook has `due(info)` (default: every `every`-th step and the run's last step) 
   step late, after the next step is dispatched, so the host never waits for the device while
   it could be feeding it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,20 +25,20 @@ from cslm_jax.train.preemption import PreemptionFlag
 
 EXIT_OK = 0
 EXIT_NONFINITE = 3
-EXIT_PREEMPTED = 75          # sysexits' EX_TEMPFAIL: temporary failure, run again to resume
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: temporary failure, run again to resume
 
 
 @dataclasses.dataclass
 class StepInfo:
     """What a hook sees of a step."""
 
-    step: int                      # the step that ran (1-based: the state after it is at step)
-    last_step: int                 # the run's final step (train.steps)
-    state: dict | None = None      # step hooks: the train state after the step (device arrays)
-    metrics: dict | None = None    # metrics hooks: the step's metrics on the host
-    elapsed: float = 0.0           # metrics hooks: seconds since the previous step's metrics
-    skipped: int = 0               # metrics hooks: non-finite steps so far, this one included
-    stop: int | None = None        # the exit code an earlier hook of this step stopped the run with
+    step: int  # the step that ran (1-based: the state after it is at step)
+    last_step: int  # the run's final step (train.steps)
+    state: dict | None = None  # step hooks: the train state after the step (device arrays)
+    metrics: dict | None = None  # metrics hooks: the step's metrics on the host
+    elapsed: float = 0.0  # metrics hooks: seconds since the previous step's metrics
+    skipped: int = 0  # metrics hooks: non-finite steps so far, this one included
+    stop: int | None = None  # the exit code an earlier hook of this step stopped the run with
 
 
 class Hook:
@@ -79,7 +80,7 @@ class Checkpoint(Hook):
     """An Orbax checkpoint every `every` steps, of the last step, and of a step the run stops at
     (preemption). `save_args(state)`: the manager's args for that state."""
 
-    needs_metrics = True           # never checkpoint a step that was not finite
+    needs_metrics = True  # never checkpoint a step that was not finite
 
     def __init__(self, manager, every: int, save_args):
         self.manager, self.every, self.save_args = manager, every, save_args
@@ -105,17 +106,22 @@ class NonFinite(Hook):
     def __call__(self, info: StepInfo) -> int | None:
         m = info.metrics
         if self.policy == "stop":
-            self.log(f"train: step {info.step}: loss {float(m['loss'])} / grad norm "
-                     f"{float(m['grad_norm'])} is not finite; stopping. Parameters were left as "
-                     f"they were before the step; the last checkpoint is intact. Lower the "
-                     f"learning rate, check the data, or set train.on_nonfinite=skip.")
+            self.log(
+                f"train: step {info.step}: loss {float(m['loss'])} / grad norm "
+                f"{float(m['grad_norm'])} is not finite; stopping. Parameters were left as "
+                f"they were before the step; the last checkpoint is intact. Lower the "
+                f"learning rate, check the data, or set train.on_nonfinite=skip."
+            )
             return EXIT_NONFINITE
         if info.skipped > self.max_skipped:
-            self.log(f"train: step {info.step}: more than train.max_skipped_steps "
-                     f"({self.max_skipped}) non-finite steps skipped; stopping")
+            self.log(
+                f"train: step {info.step}: more than train.max_skipped_steps "
+                f"({self.max_skipped}) non-finite steps skipped; stopping"
+            )
             return EXIT_NONFINITE
-        self.log(f"train: step {info.step}: non-finite loss, update skipped ({info.skipped} so "
-                 f"far)")
+        self.log(
+            f"train: step {info.step}: non-finite loss, update skipped ({info.skipped} so far)"
+        )
         return None
 
 

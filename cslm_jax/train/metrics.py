@@ -1,5 +1,6 @@
 """Training metrics: FLOPs per token and MFU (against the chip's datasheet peak, or a matmul peak
 measured on CPU), and the writer of `metrics.jsonl`, TensorBoard and the progress bar."""
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,7 @@ def measure_matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> f
         t0 = time.perf_counter()
         f(a).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return 2.0 * n ** 3 / min(times)
+    return 2.0 * n**3 / min(times)
 
 
 def peak_flops_per_device(configured: float | None, compute_dtype: str) -> tuple[float, str]:
@@ -59,13 +60,18 @@ def peak_flops_per_device(configured: float | None, compute_dtype: str) -> tuple
         return chip.peak_bf16, f"{kind} datasheet (bf16 dense)"
     peak = measure_matmul_peak(jnp.dtype(compute_dtype))
     # on CPU every fake device shares the same cores: the host's peak is split among them
-    per_device = peak / max(jax.local_device_count(), 1) if jax.devices()[0].platform == "cpu" else peak
-    return per_device, (f"measured {compute_dtype} 2048^2 matmul on {kind}, fastest of 5: a "
-                        f"lower bound of the peak, so MFU reads high if other work shares the "
-                        f"machine; set train.peak_flops_per_device to fix it")
+    per_device = (
+        peak / max(jax.local_device_count(), 1) if jax.devices()[0].platform == "cpu" else peak
+    )
+    return per_device, (
+        f"measured {compute_dtype} 2048^2 matmul on {kind}, fastest of 5: a "
+        f"lower bound of the peak, so MFU reads high if other work shares the "
+        f"machine; set train.peak_flops_per_device to fix it"
+    )
 
 
 # -- metrics output ---------------------------------------------------------------------------------
+
 
 class MetricsWriter:
     """JSON lines + TensorBoard + a progress bar (or plain lines when not on a terminal).
@@ -75,8 +81,15 @@ class MetricsWriter:
     to the run folder every `sync_every_s` seconds and on close (an object cannot be appended
     to: metrics.jsonl is rewritten whole, TensorBoard event files likewise)."""
 
-    def __init__(self, run_dir, total_steps: int, start_step: int, progress_bar: bool,
-                 log=print, sync_every_s: float = 30.0):
+    def __init__(
+        self,
+        run_dir,
+        total_steps: int,
+        start_step: int,
+        progress_bar: bool,
+        log=print,
+        sync_every_s: float = 30.0,
+    ):
         from cslm_jax.storage import fs
 
         self.enabled = jax.process_index() == 0
@@ -90,6 +103,7 @@ class MetricsWriter:
             return
         if self.remote:
             import tempfile
+
             self._stage = Path(tempfile.mkdtemp(prefix="cslm_jax-metrics-"))
             remote_metrics = self.run_dir / "metrics.jsonl"
             if remote_metrics.exists():
@@ -101,19 +115,24 @@ class MetricsWriter:
         self._truncate_after(start_step)
         self._file = open(self.path, "a", encoding="utf-8")
         import tensorflow as tf
+
         self._tf = tf
         self._tb = tf.summary.create_file_writer(str(local_dir / "tensorboard"))
         self._last_sync = time.monotonic()
         if progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
+
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:
         """A resumed run repeats the steps after its checkpoint: drop their earlier lines."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def sync(self) -> None:
@@ -136,9 +155,11 @@ class MetricsWriter:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tf.summary.scalar(k, v, step=row["step"])
-        short = (f"loss {row['loss']:.4f} (text {row['text_loss']:.3f}, units {row['unit_loss']:.3f}) "
-                 f"lr {row['learning_rate']:.2e} |g| {row['grad_norm']:.2f} "
-                 f"{row['tokens_per_s']:.0f} tok/s mfu {row['mfu']:.1%}")
+        short = (
+            f"loss {row['loss']:.4f} (text {row['text_loss']:.3f}, units {row['unit_loss']:.3f}) "
+            f"lr {row['learning_rate']:.2e} |g| {row['grad_norm']:.2f} "
+            f"{row['tokens_per_s']:.0f} tok/s mfu {row['mfu']:.1%}"
+        )
         if self._bar is not None:
             self._bar.n = row["step"]
             self._bar.set_postfix_str(short, refresh=True)
@@ -155,25 +176,45 @@ class MetricsWriter:
         self._file.close()
         if self.remote:
             import shutil
+
             shutil.rmtree(self._stage, ignore_errors=True)
         if self._bar is not None:
             self._bar.close()
 
 
-def metrics_row(step: int, m: dict, elapsed: float, skipped: int, task_names, tokens: int,
-                flops_per_token: float, peak: float, devices: int) -> dict:
+def metrics_row(
+    step: int,
+    m: dict,
+    elapsed: float,
+    skipped: int,
+    task_names,
+    tokens: int,
+    flops_per_token: float,
+    peak: float,
+    devices: int,
+) -> dict:
     """One line of metrics.jsonl: step `m` (host values of the step's metrics) that took
     `elapsed` seconds for `tokens` tokens on `devices` devices of `peak` FLOP/s each; the
     loss of each task that had tokens in the batch as `loss/<task>`."""
-    row = {"step": step, "loss": float(m["loss"]), "text_loss": float(m["text_loss"]),
-           "unit_loss": float(m["unit_loss"]), "learning_rate": float(m["learning_rate"]),
-           "grad_norm": float(m["grad_norm"]), "trained_tokens": int(m["tokens_trained"]),
-           "text_tokens": int(m["text_tokens"]), "unit_tokens": int(m["unit_tokens"]),
-           "step_time_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-           "mfu": flops_per_token * tokens / elapsed / (peak * devices) if elapsed > 0 else 0.0,
-           "skipped_steps": skipped, "finite": bool(m["finite"])}
-    for name, loss, count in zip(task_names, np.asarray(m["task_loss"]),
-                                 np.asarray(m["task_tokens"])):
+    row = {
+        "step": step,
+        "loss": float(m["loss"]),
+        "text_loss": float(m["text_loss"]),
+        "unit_loss": float(m["unit_loss"]),
+        "learning_rate": float(m["learning_rate"]),
+        "grad_norm": float(m["grad_norm"]),
+        "trained_tokens": int(m["tokens_trained"]),
+        "text_tokens": int(m["text_tokens"]),
+        "unit_tokens": int(m["unit_tokens"]),
+        "step_time_s": elapsed,
+        "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+        "mfu": flops_per_token * tokens / elapsed / (peak * devices) if elapsed > 0 else 0.0,
+        "skipped_steps": skipped,
+        "finite": bool(m["finite"]),
+    }
+    for name, loss, count in zip(
+        task_names, np.asarray(m["task_loss"]), np.asarray(m["task_tokens"])
+    ):
         if count > 0:
             row[f"loss/{name}"] = float(loss)
     return row

@@ -2,6 +2,7 @@
 at a terminal) set a flag the training loop reads between steps: it finishes the step, writes a
 checkpoint and exits with code 75. A second SIGINT aborts at once (exit code 130) without one.
 With several processes, any one's flag stops them all at the same step."""
+
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ import sys
 import jax
 import numpy as np
 
-EXIT_ABORTED = 130           # the shell's code for a process ended by Ctrl-C
+EXIT_ABORTED = 130  # the shell's code for a process ended by Ctrl-C
 
 
 class PreemptionFlag:
@@ -27,12 +28,16 @@ class PreemptionFlag:
     def _handler(self, signum, frame):
         name = signal.Signals(signum).name
         if signum == signal.SIGINT and self.signal_name == "SIGINT":
-            _say("train: second Ctrl-C (SIGINT): aborting now, without a checkpoint; the run "
-                 "resumes from its last complete checkpoint")
+            _say(
+                "train: second Ctrl-C (SIGINT): aborting now, without a checkpoint; the run "
+                "resumes from its last complete checkpoint"
+            )
             os._exit(EXIT_ABORTED)
         if signum == signal.SIGINT:
-            _say("train: Ctrl-C (SIGINT): finishing this step and writing a checkpoint; press "
-                 "Ctrl-C again to abort without one")
+            _say(
+                "train: Ctrl-C (SIGINT): finishing this step and writing a checkpoint; press "
+                "Ctrl-C again to abort without one"
+            )
         if not self.raised:
             self.signal_name = name
         self.raised = True
@@ -41,16 +46,16 @@ class PreemptionFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:       # not the main thread: the caller handles signals itself
+            except ValueError:  # not the main thread: the caller handles signals itself
                 pass
         outer = self._outer()
-        if outer is not None and outer.raised:   # a signal the enclosing flag caught just before
+        if outer is not None and outer.raised:  # a signal the enclosing flag caught just before
             self.raised, self.signal_name = True, outer.signal_name
         return self
 
     def __exit__(self, *exc):
         outer = self._outer()
-        if outer is not None and self.raised and not outer.raised:   # nested: tell the outer one
+        if outer is not None and self.raised and not outer.raised:  # nested: tell the outer one
             outer.raised, outer.signal_name = True, self.signal_name
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
@@ -66,6 +71,7 @@ class PreemptionFlag:
         if jax.process_count() == 1:
             return self.raised
         from jax.experimental import multihost_utils
+
         flags = multihost_utils.process_allgather(np.int32(self.raised))
         return bool(np.max(flags))
 

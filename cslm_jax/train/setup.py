@@ -11,6 +11,7 @@
 `cslm_jax.train.loop` runs the steps; `cslm_jax.tpu.aot` compiles the same step for a TPU slice
 (`Run`, `train_layout`, `stage_data_config`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,6 +49,7 @@ class TrainError(CslmError):
 
 # -- checks before the run starts ------------------------------------------------------------------
 
+
 def has_checkpoint(run_dir) -> bool:
     """Whether `run_dir` holds a committed training checkpoint (a resume, not a new run)."""
     ckpts = fs.path(run_dir) / "checkpoints"
@@ -56,8 +58,10 @@ def has_checkpoint(run_dir) -> bool:
 
 def check_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
-        raise TrainError(f"--run-dir {run_dir}: is a file, not a folder; give a folder (a new one "
-                         f"starts a run, an existing run folder resumes it)")
+        raise TrainError(
+            f"--run-dir {run_dir}: is a file, not a folder; give a folder (a new one "
+            f"starts a run, an existing run folder resumes it)"
+        )
 
 
 def init_source(cfg: RunConfig, init_from=None) -> tuple[str | Path, str]:
@@ -67,8 +71,10 @@ def init_source(cfg: RunConfig, init_from=None) -> tuple[str | Path, str]:
         return init_from, "--init-from"
     if cfg.init_from:
         return cfg.init_from, "init_from"
-    raise TrainError("train: nothing to start from: set init_from in the config or pass "
-                     "--init-from (a checkpoint written by `cslm-jax import-hf`)")
+    raise TrainError(
+        "train: nothing to start from: set init_from in the config or pass "
+        "--init-from (a checkpoint written by `cslm-jax import-hf`)"
+    )
 
 
 def stage_data_config(cfg: RunConfig, data_cache=None, check_files: bool = True):
@@ -79,10 +85,12 @@ def stage_data_config(cfg: RunConfig, data_cache=None, check_files: bool = True)
     overrides = [] if length is None else [f"packing.max_length={length}"]
     data_cfg = load_data_config(cfg.data.config, overrides, check_files=False)
     if cfg.data.stage not in data_cfg.stages:
-        raise ConfigError(f"data.stage is {cfg.data.stage!r}; {cfg.data.config} has stages "
-                          f"{sorted(data_cfg.stages)}")
+        raise ConfigError(
+            f"data.stage is {cfg.data.stage!r}; {cfg.data.config} has stages "
+            f"{sorted(data_cfg.stages)}"
+        )
     if check_files and data_cache is None and data_cfg.cache_dir is None:
-        check_stage_files(data_cfg, cfg.data.stage)       # this stage's files, not every stage's
+        check_stage_files(data_cfg, cfg.data.stage)  # this stage's files, not every stage's
     return data_cfg
 
 
@@ -94,13 +102,22 @@ def preflight(config, overrides, run_dir, init_from=None, data_cache=None) -> Ru
     fs.check_bucket(run_dir, "--run-dir")
     check_run_dir(run_dir)
     cfg = load_run_config(config, overrides)
-    check_output_place(run_dir, flag="--run-dir", inside_ok=True, inputs=[
-        ("--init-from" if init_from else "init_from", init_from or cfg.init_from),
-        ("--data-cache", data_cache), ("data.config", cfg.data.config)])
+    check_output_place(
+        run_dir,
+        flag="--run-dir",
+        inside_ok=True,
+        inputs=[
+            ("--init-from" if init_from else "init_from", init_from or cfg.init_from),
+            ("--data-cache", data_cache),
+            ("data.config", cfg.data.config),
+        ],
+    )
     if not has_checkpoint(run_dir) and (run_dir / "model").exists():
-        raise TrainError(f"--run-dir {run_dir}: holds model/ but no checkpoint, so it is no run "
-                         f"to resume, and a new run would replace model/ when it ends; give "
-                         f"another --run-dir (nothing was written)")
+        raise TrainError(
+            f"--run-dir {run_dir}: holds model/ but no checkpoint, so it is no run "
+            f"to resume, and a new run would replace model/ when it ends; give "
+            f"another --run-dir (nothing was written)"
+        )
     if not has_checkpoint(run_dir):
         resolve_model_dir(*init_source(cfg, init_from))
     stage_data_config(cfg, data_cache)
@@ -111,9 +128,15 @@ def preflight(config, overrides, run_dir, init_from=None, data_cache=None) -> Ru
 
 # Fields of a run config that change how an existing run optimises: a resume that changes one is
 # refused unless allowed (--allow-config-change). Every other field may change (shown on resume).
-RESUME_FIXED = ("optimizer", "train.steps", "train.global_batch_size", "train.micro_batch_size",
-                "data", "model")
-RESUME_IGNORED = ("path", "optimizer.total_steps")      # informational / follows train.steps
+RESUME_FIXED = (
+    "optimizer",
+    "train.steps",
+    "train.global_batch_size",
+    "train.micro_batch_size",
+    "data",
+    "model",
+)
+RESUME_IGNORED = ("path", "optimizer.total_steps")  # informational / follows train.steps
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -152,18 +175,23 @@ def check_resume_config(cfg: RunConfig, run_dir: Path, manager, allow: bool, log
     saved = read_train_config(manager, latest).get("run", {})
     fixed, free = config_changes(saved, cfg.to_dict())
     if fixed and not allow:
-        raise TrainError(f"{run_dir}: resuming at step {latest} with a config that changes how the "
-                         f"run optimises: {'; '.join(fixed)}. Rerun with the run's settings, start "
-                         f"a new --run-dir (--init-from {run_dir} takes its parameters), or pass "
-                         f"--allow-config-change to resume with these")
+        raise TrainError(
+            f"{run_dir}: resuming at step {latest} with a config that changes how the "
+            f"run optimises: {'; '.join(fixed)}. Rerun with the run's settings, start "
+            f"a new --run-dir (--init-from {run_dir} takes its parameters), or pass "
+            f"--allow-config-change to resume with these"
+        )
     if fixed or free:
-        log(f"train: resuming at step {latest} with changed settings: {'; '.join(fixed + free)}"
-            f" (kept in {run_dir / f'config.{latest}.yaml'}; config.yaml keeps the first)")
+        log(
+            f"train: resuming at step {latest} with changed settings: {'; '.join(fixed + free)}"
+            f" (kept in {run_dir / f'config.{latest}.yaml'}; config.yaml keeps the first)"
+        )
         if jax.process_index() == 0:
             write_config(run_dir / f"config.{latest}.yaml", cfg)
 
 
 # -- the run: where it starts, its layout, its data ------------------------------------------------
+
 
 @dataclasses.dataclass
 class Layout:
@@ -186,17 +214,21 @@ class Run:
     model_cfg: ModelConfig
     vocab: VocabInfo
     source_meta: dict
-    layout: Layout                 # mesh, shardings, optimizer
+    layout: Layout  # mesh, shardings, optimizer
     task_names: list
     mixture: str
     max_length: int
-    data_shards: int = 1           # input shards (cslm_jax.parallel.distributed); fixed for the whole run
+    data_shards: int = 1  # input shards (cslm_jax.parallel.distributed); fixed for the whole run
 
     def config_item(self) -> dict:
         """The checkpoints' `config` item."""
-        return {"run": self.cfg.to_dict(), "model": self.model_cfg.to_dict(),
-                "vocab": self.vocab.to_dict(), "source": self.source_meta,
-                "data_shards": self.data_shards}
+        return {
+            "run": self.cfg.to_dict(),
+            "model": self.model_cfg.to_dict(),
+            "vocab": self.vocab.to_dict(),
+            "source": self.source_meta,
+            "data_shards": self.data_shards,
+        }
 
 
 @dataclasses.dataclass
@@ -206,12 +238,13 @@ class StartPoint:
     model_cfg: ModelConfig
     vocab: VocabInfo
     source_meta: dict
-    data_shards: int | None        # a resume's count (fixed when the run started); None: choose
-    init: Path | None = None       # the model checkpoint a new run starts from
+    data_shards: int | None  # a resume's count (fixed when the run started); None: choose
+    init: Path | None = None  # the model checkpoint a new run starts from
 
 
-def resumed_start(cfg: RunConfig, run_dir: Path, manager, latest: int, init_from, log,
-                  data_shards: int | None) -> StartPoint:
+def resumed_start(
+    cfg: RunConfig, run_dir: Path, manager, latest: int, init_from, log, data_shards: int | None
+) -> StartPoint:
     """The model, vocabulary and data shard count that checkpoint `latest` was written with."""
     saved = read_train_config(manager, latest)
     where = f"{run_dir} checkpoint {latest}"
@@ -221,8 +254,10 @@ def resumed_start(cfg: RunConfig, run_dir: Path, manager, latest: int, init_from
         log(f"train: resuming {run_dir} from step {latest}; init_from is not used")
     saved_shards = int(saved.get("data_shards", jax.process_count()))
     if data_shards is not None and data_shards != saved_shards:
-        raise TrainError(f"{run_dir}: the run reads {saved_shards} data shard(s) (fixed when "
-                         f"it started); drop --data-shards {data_shards} to resume it")
+        raise TrainError(
+            f"{run_dir}: the run reads {saved_shards} data shard(s) (fixed when "
+            f"it started); drop --data-shards {data_shards} to resume it"
+        )
     return StartPoint(model_cfg, vocab, saved.get("source", {}), saved_shards)
 
 
@@ -241,26 +276,39 @@ def new_start(cfg: RunConfig, run_dir: Path, init_from, data_shards: int | None)
     return StartPoint(model_cfg, vocab, source_meta, data_shards, init)
 
 
-def start_point(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=print,
-                data_shards: int | None = None) -> StartPoint:
+def start_point(
+    cfg: RunConfig,
+    run_dir: Path,
+    manager,
+    init_from=None,
+    log=print,
+    data_shards: int | None = None,
+) -> StartPoint:
     latest = manager.latest_step()
-    start = (new_start(cfg, run_dir, init_from, data_shards) if latest is None else
-             resumed_start(cfg, run_dir, manager, latest, init_from, log, data_shards))
+    start = (
+        new_start(cfg, run_dir, init_from, data_shards)
+        if latest is None
+        else resumed_start(cfg, run_dir, manager, latest, init_from, log, data_shards)
+    )
     if start.vocab.unit_count == 0:
-        raise TrainError(f"{start.init or run_dir}: the vocabulary has no speech units; import the "
-                         f"base model with `cslm-jax import-hf --speech-units N`")
+        raise TrainError(
+            f"{start.init or run_dir}: the vocabulary has no speech units; import the "
+            f"base model with `cslm-jax import-hf --speech-units N`"
+        )
     return start
 
 
 def opt_state_shardings(abstract_opt_state, params_sharding: dict, params_shape: dict, mesh):
     """Optimizer-state leaves shaped like a parameter (Adam's mu and nu) share its sharding;
     everything else (counts) is replicated. Matched by the trailing dict keys of the leaf's path."""
+
     def keys(path) -> tuple:
         return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
     flat_sh = {keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_sharding)[0]}
-    flat_shape = {keys(p): tuple(s.shape) for p, s in
-                  jax.tree_util.tree_flatten_with_path(params_shape)[0]}
+    flat_shape = {
+        keys(p): tuple(s.shape) for p, s in jax.tree_util.tree_flatten_with_path(params_shape)[0]
+    }
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def one(path, leaf):
@@ -280,8 +328,9 @@ def run_devices(cfg: RunConfig) -> list:
     wanted = cfg.train.num_devices
     if wanted is not None:
         if wanted > len(devices):
-            raise ConfigError(f"train.num_devices is {wanted} but only {len(devices)} devices "
-                              f"exist")
+            raise ConfigError(
+                f"train.num_devices is {wanted} but only {len(devices)} devices exist"
+            )
         devices = devices[:wanted]
     return devices
 
@@ -294,16 +343,20 @@ def train_layout(cfg: RunConfig, model_cfg: ModelConfig, devices, process_count:
     rules = cfg.sharding_rules
     check_batch_split(t.micro_batch_size or t.global_batch_size, mesh.shape)
     if t.global_batch_size % process_count:
-        raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-                          f"the process count ({process_count})")
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"the process count ({process_count})"
+        )
 
     param_sh = param_shardings(model_cfg, mesh, rules)
     pdtype = jnp.dtype(model_cfg.param_dtype)
-    abstract_params = jax.tree.map(lambda spec: jax.ShapeDtypeStruct(spec[0], pdtype),
-                                   param_shapes(model_cfg), is_leaf=is_spec)
+    abstract_params = jax.tree.map(
+        lambda spec: jax.ShapeDtypeStruct(spec[0], pdtype), param_shapes(model_cfg), is_leaf=is_spec
+    )
     optimizer = make_optimizer(cfg.optimizer)
-    opt_sh = opt_state_shardings(jax.eval_shape(optimizer.init, abstract_params), param_sh,
-                                 abstract_params, mesh)
+    opt_sh = opt_state_shardings(
+        jax.eval_shape(optimizer.init, abstract_params), param_sh, abstract_params, mesh
+    )
     replicated = NamedSharding(mesh, PartitionSpec())
     state_sh = {"step": replicated, "skipped": replicated, "params": param_sh, "opt_state": opt_sh}
     batch_sh = named_sharding(mesh, (None, "batch", "length"), rules, what="batch")
@@ -314,7 +367,7 @@ def train_layout(cfg: RunConfig, model_cfg: ModelConfig, devices, process_count:
 class StageData:
     """The stage's examples as the pipeline reads them."""
 
-    mixture: str                   # the registered SeqIO mixture
+    mixture: str  # the registered SeqIO mixture
     task_names: list
     max_length: int
 
@@ -327,26 +380,39 @@ def stage_data(cfg: RunConfig, run_dir: Path, data_cache=None, log=print) -> Sta
     from cslm_jax.tasks.cslm import prepare_stage, register
 
     data_cfg = stage_data_config(cfg, data_cache)
-    tokenizer_dir = fs.local_dir(run_dir / "tokenizer", "tokenizer folder")   # gs://: staged once
-    require_cslm_tokens(load_tokenizer(tokenizer_dir), str(run_dir / "tokenizer"),
-                        data_cfg.format.unit_count,
-                        f"format.unit_count of the data config {cfg.data.config}")
-    if data_cache is None:                  # every process stops if process 0 cannot
-        run_together(lambda: prepare_stage(data_cfg, tokenizer_dir, cfg.data.stage),
-                     TrainError("process 0 could not prepare the data (its error says why)"),
-                     only_primary=True)
+    tokenizer_dir = fs.local_dir(run_dir / "tokenizer", "tokenizer folder")  # gs://: staged once
+    require_cslm_tokens(
+        load_tokenizer(tokenizer_dir),
+        str(run_dir / "tokenizer"),
+        data_cfg.format.unit_count,
+        f"format.unit_count of the data config {cfg.data.config}",
+    )
+    if data_cache is None:  # every process stops if process 0 cannot
+        run_together(
+            lambda: prepare_stage(data_cfg, tokenizer_dir, cfg.data.stage),
+            TrainError("process 0 could not prepare the data (its error says why)"),
+            only_primary=True,
+        )
     [mixture] = register(data_cfg, tokenizer_dir, stages=[cfg.data.stage], cache_dir=data_cache)
     task_names = [s.name for s in data_cfg.tasks(cfg.data.stage)]
     if data_cache is not None or data_cfg.cache_dir is not None:
-        log(f"train: reading the prepared cache {data_cache or data_cfg.cache_dir} (stage "
+        log(
+            f"train: reading the prepared cache {data_cache or data_cfg.cache_dir} (stage "
             f"{cfg.data.stage}: {len(task_names)} task(s), max_length {data_cfg.max_length}; "
-            f"checked against the data config, tokenizer and input files)")
+            f"checked against the data config, tokenizer and input files)"
+        )
     return StageData(mixture, task_names, data_cfg.max_length)
 
 
-def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=print,
-                data_shards: int | None = None,
-                data_cache: str | None = None) -> tuple[Run, int | None, Path | None]:
+def prepare_run(
+    cfg: RunConfig,
+    run_dir: Path,
+    manager,
+    init_from=None,
+    log=print,
+    data_shards: int | None = None,
+    data_cache: str | None = None,
+) -> tuple[Run, int | None, Path | None]:
     """Where the run starts (its latest checkpoint, else init_from), its mesh and shardings, its
     data. Returns (run, step to resume from or None, init checkpoint or None).
     `data_shards`: input shards of a new run (default: one per process); a resumed run keeps
@@ -357,53 +423,88 @@ def prepare_run(cfg: RunConfig, run_dir: Path, manager, init_from=None, log=prin
     layout = train_layout(cfg, start.model_cfg, run_devices(cfg), jax.process_count())
     data = stage_data(cfg, run_dir, data_cache, log)
     shards = jax.process_count() if start.data_shards is None else int(start.data_shards)
-    run = Run(cfg, run_dir, start.model_cfg, start.vocab, start.source_meta, layout,
-              data.task_names, data.mixture, data.max_length, shards)
+    run = Run(
+        cfg,
+        run_dir,
+        start.model_cfg,
+        start.vocab,
+        start.source_meta,
+        layout,
+        data.task_names,
+        data.mixture,
+        data.max_length,
+        shards,
+    )
     return run, latest, start.init
 
 
 # -- the state and the step ------------------------------------------------------------------------
 
+
 def abstract_state(run: Run):
     pdtype = jnp.dtype(run.model_cfg.param_dtype)
-    params = jax.tree.map(lambda spec, sh: jax.ShapeDtypeStruct(spec[0], pdtype, sharding=sh),
-                          param_shapes(run.model_cfg), run.layout.param_sh, is_leaf=is_spec)
+    params = jax.tree.map(
+        lambda spec, sh: jax.ShapeDtypeStruct(spec[0], pdtype, sharding=sh),
+        param_shapes(run.model_cfg),
+        run.layout.param_sh,
+        is_leaf=is_spec,
+    )
     opt = jax.eval_shape(run.layout.optimizer.init, params)
-    opt = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), opt,
-                       run.layout.state_sh["opt_state"])
+    opt = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+        opt,
+        run.layout.state_sh["opt_state"],
+    )
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=run.layout.state_sh["step"])
     return {"step": scalar, "skipped": scalar, "params": params, "opt_state": opt}
 
 
 def initial_state(run: Run, init: Path) -> dict:
     """Parameters restored straight into their shardings; a fresh optimizer state."""
-    params = load_params(init, shardings=run.layout.param_sh, dtype=jnp.dtype(run.model_cfg.param_dtype))
-    opt_state = jax.jit(run.layout.optimizer.init, out_shardings=run.layout.state_sh["opt_state"])(params)
+    params = load_params(
+        init, shardings=run.layout.param_sh, dtype=jnp.dtype(run.model_cfg.param_dtype)
+    )
+    opt_state = jax.jit(run.layout.optimizer.init, out_shardings=run.layout.state_sh["opt_state"])(
+        params
+    )
 
-    def zero():      # two buffers: step and skipped are donated separately
+    def zero():  # two buffers: step and skipped are donated separately
         return jax.device_put(jnp.zeros((), jnp.int32), run.layout.state_sh["step"])
+
     return {"step": zero(), "skipped": zero(), "params": params, "opt_state": opt_state}
 
 
 def make_train_fn(run: Run):
     """The jit-compiled step: (state, batch [k, b, T]) -> (state, metrics); state donated."""
     vocab = run.vocab
-    step = make_train_step(run.model_cfg, run.layout.optimizer,
-                           (vocab.unit_offset, vocab.unit_offset + vocab.unit_count),
-                           run.layout.rules, num_tasks=len(run.task_names))
+    step = make_train_step(
+        run.model_cfg,
+        run.layout.optimizer,
+        (vocab.unit_offset, vocab.unit_offset + vocab.unit_count),
+        run.layout.rules,
+        num_tasks=len(run.task_names),
+    )
     schedule = run.cfg.optimizer.schedule()
 
     def train_fn(state, batch):
         params, opt_state, metrics = step(state["params"], state["opt_state"], batch)
-        applied = state["step"] - state["skipped"]      # optax counts only applied updates
+        applied = state["step"] - state["skipped"]  # optax counts only applied updates
         metrics["learning_rate"] = schedule(applied)
-        new = {"step": state["step"] + 1, "skipped": state["skipped"] + 1 - metrics["finite"],
-               "params": params, "opt_state": opt_state}
+        new = {
+            "step": state["step"] + 1,
+            "skipped": state["skipped"] + 1 - metrics["finite"],
+            "params": params,
+            "opt_state": opt_state,
+        }
         return new, metrics
 
     replicated = NamedSharding(run.layout.mesh, PartitionSpec())
-    return jax.jit(train_fn, in_shardings=(run.layout.state_sh, run.layout.batch_sh),
-                   out_shardings=(run.layout.state_sh, replicated), donate_argnums=(0,))
+    return jax.jit(
+        train_fn,
+        in_shardings=(run.layout.state_sh, run.layout.batch_sh),
+        out_shardings=(run.layout.state_sh, replicated),
+        donate_argnums=(0,),
+    )
 
 
 def global_batch(run: Run, local: dict) -> dict:
