@@ -63,13 +63,18 @@ import math
 
 import numpy as np
 
-from cslm_jax.speech.flow import check_units, time_steps
+from cslm_jax.speech.flow import (
+    check_units,
+    estimator_layers,
+    layer_shapes,
+    random_params,
+    time_steps,
+)
 from cslm_jax.speech.hift import (
     Layer,
     Token2WavError,
     check_shapes,
     fill_preset,
-    jax_shape,
     matmul_precision,
 )
 
@@ -199,31 +204,6 @@ def _conformer_layers(p: str, d: int, h: int, ff: int) -> list[Layer]:
     ]
 
 
-def _resnet_layers(p: str, dim: int, out: int, temb: int) -> list[Layer]:
-    return [
-        Layer(f"{p}.mlp.1", "linear", (out, temb), False),
-        Layer(f"{p}.block1.block.0", "conv", (out, dim, 3), False),
-        Layer(f"{p}.block1.block.2", "norm", (out,), False),
-        Layer(f"{p}.block2.block.0", "conv", (out, out, 3), False),
-        Layer(f"{p}.block2.block.2", "norm", (out,), False),
-        Layer(f"{p}.res_conv", "conv", (out, dim, 1), False),
-    ]
-
-
-def _transformer_layers(p: str, dim: int, heads: int, head_dim: int) -> list[Layer]:
-    inner = heads * head_dim
-    return [
-        Layer(f"{p}.norm1", "norm", (dim,), False),
-        Layer(f"{p}.attn1.to_q", "linear_nb", (inner, dim), False),
-        Layer(f"{p}.attn1.to_k", "linear_nb", (inner, dim), False),
-        Layer(f"{p}.attn1.to_v", "linear_nb", (inner, dim), False),
-        Layer(f"{p}.attn1.to_out.0", "linear", (dim, inner), False),
-        Layer(f"{p}.norm3", "norm", (dim,), False),
-        Layer(f"{p}.ff.net.0.proj", "linear", (4 * dim, dim), False),
-        Layer(f"{p}.ff.net.2", "linear", (dim, 4 * dim), False),
-    ]
-
-
 def layers(cfg: CausalFlowConfig) -> list[Layer]:
     """Every layer of upstream's CausalMaskedDiffWithXvec of these sizes."""
     d, h, ff = cfg.encoder_size, cfg.encoder_heads, cfg.encoder_linear_units
@@ -250,86 +230,20 @@ def layers(cfg: CausalFlowConfig) -> list[Layer]:
         Layer("encoder.after_norm", "norm", (d,), False),
         Layer("encoder_proj", "linear", (cfg.output_size, d), False),
     ]
-    e, temb, ch = "decoder.estimator", cfg.time_embed_dim, cfg.channels
-    tr = functools.partial(
-        _transformer_layers, heads=cfg.num_heads, head_dim=cfg.attention_head_dim
-    )
-    out += [
-        Layer(f"{e}.time_mlp.linear_1", "linear", (temb, cfg.estimator_in), False),
-        Layer(f"{e}.time_mlp.linear_2", "linear", (temb, temb), False),
-    ]
-    prev = cfg.estimator_in
-    for i, c in enumerate(ch):
-        out += _resnet_layers(f"{e}.down_blocks.{i}.0", prev, c, temb)
-        for j in range(cfg.n_blocks):
-            out += tr(f"{e}.down_blocks.{i}.1.{j}", c)
-        last = i == len(ch) - 1
-        out.append(
-            Layer(f"{e}.down_blocks.{i}.2" + ("" if last else ".conv"), "conv", (c, c, 3), False)
-        )
-        prev = c
-    for i in range(cfg.num_mid_blocks):
-        out += _resnet_layers(f"{e}.mid_blocks.{i}.0", ch[-1], ch[-1], temb)
-        for j in range(cfg.n_blocks):
-            out += tr(f"{e}.mid_blocks.{i}.1.{j}", ch[-1])
-    up = ch[::-1] + (ch[0],)
-    for i in range(len(up) - 1):
-        c = up[i + 1]
-        out += _resnet_layers(f"{e}.up_blocks.{i}.0", 2 * up[i], c, temb)
-        for j in range(cfg.n_blocks):
-            out += tr(f"{e}.up_blocks.{i}.1.{j}", c)
-        last = i == len(up) - 2
-        out.append(
-            Layer(f"{e}.up_blocks.{i}.2", "conv", (c, c, 3), False)
-            if last
-            else Layer(f"{e}.up_blocks.{i}.2.conv", "convT", (c, c, 4), False)
-        )
-    out += [
-        Layer(f"{e}.final_block.block.0", "conv", (up[-1], up[-1], 3), False),
-        Layer(f"{e}.final_block.block.2", "norm", (up[-1],), False),
-        Layer(f"{e}.final_proj", "conv", (cfg.output_size, up[-1], 1), False),
-    ]
-    return out
+    return out + estimator_layers(cfg, norm=2)
 
 
 def param_shapes(cfg: CausalFlowConfig) -> dict:
     """Our parameter names -> shapes."""
-    out = {}
-    for layer in layers(cfg):
-        if layer.kind == "param":
-            out[layer.name] = layer.shape
-            continue
-        out[f"{layer.name}.w"] = jax_shape(layer)
-        if layer.kind in ("linear", "conv", "norm"):
-            out[f"{layer.name}.b"] = (layer.shape[0],)
-        elif layer.kind == "convT":
-            out[f"{layer.name}.b"] = (layer.shape[1],)
-    return out
+    return layer_shapes(layers(cfg))
 
 
 def init_random(version: str = "v2", seed: int = 0, **sizes) -> tuple[CausalFlowConfig, dict]:
     """A random-weight v2 flow (tests, benchmarks, the demo): `sizes` override
-    `CausalFlowConfig` fields. Weights ~ N(0, 1 / fan_in), norms' scales around 1, small biases.
-    Random weights give noise, not speech."""
+    `CausalFlowConfig` fields; weights as `flow.random_params` draws them. Random weights give
+    noise, not speech."""
     cfg = CausalFlowConfig(version=version, **sizes)
-    rng = np.random.default_rng(seed)
-    params = {}
-    for layer in layers(cfg):
-        name = layer.name
-        if layer.kind == "param":
-            params[name] = (0.1 * rng.standard_normal(layer.shape)).astype(np.float32)
-            continue
-        shape = jax_shape(layer)
-        if layer.kind == "norm":
-            w = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif layer.kind == "embed":
-            w = rng.standard_normal(shape)
-        else:
-            w = rng.standard_normal(shape) / math.sqrt(int(np.prod(shape[:-1])))
-        params[f"{name}.w"] = w.astype(np.float32)
-        if layer.kind in ("linear", "conv", "norm", "convT"):
-            params[f"{name}.b"] = (0.1 * rng.standard_normal(shape[-1])).astype(np.float32)
-    return cfg, params
+    return cfg, random_params(layers(cfg), seed)
 
 
 def check_params(cfg: CausalFlowConfig, params: dict, where: str = "parameters") -> None:

@@ -167,13 +167,13 @@ class FlowConfig:
 # without bias is kind "linear_nb".
 
 
-def _resnet(p: str, dim: int, out: int, temb: int) -> list[Layer]:
+def _resnet(p: str, dim: int, out: int, temb: int, norm: int = 1) -> list[Layer]:
     return [
         Layer(f"{p}.mlp.1", "linear", (out, temb), False),
         Layer(f"{p}.block1.block.0", "conv", (out, dim, 3), False),
-        Layer(f"{p}.block1.block.1", "norm", (out,), False),
+        Layer(f"{p}.block1.block.{norm}", "norm", (out,), False),
         Layer(f"{p}.block2.block.0", "conv", (out, out, 3), False),
-        Layer(f"{p}.block2.block.1", "norm", (out,), False),
+        Layer(f"{p}.block2.block.{norm}", "norm", (out,), False),
         Layer(f"{p}.res_conv", "conv", (out, dim, 1), False),
     ]
 
@@ -229,15 +229,22 @@ def layers(cfg: FlowConfig) -> list[Layer]:
     out.append(
         Layer(f"length_regulator.model.{3 * cfg.regulator_layers}", "conv", (c, c, 1), False)
     )
+    return out + estimator_layers(cfg)
+
+
+def estimator_layers(cfg, norm: int = 1) -> list[Layer]:
+    """The estimator's layers (upstream's `ConditionalDecoder`, `decoder.estimator.*`), for the
+    v1 flow and v2's causal one (`causal_flow`), whose blocks put their GroupNorm / LayerNorm at
+    index `norm` 2 of `block` (a causal conv, a transpose, the norm) where v1's has it at 1."""
     e, temb, ch = "decoder.estimator", cfg.time_embed_dim, cfg.channels
     tr = functools.partial(_transformer, heads=cfg.num_heads, head_dim=cfg.attention_head_dim)
-    out += [
+    out = [
         Layer(f"{e}.time_mlp.linear_1", "linear", (temb, cfg.estimator_in), False),
         Layer(f"{e}.time_mlp.linear_2", "linear", (temb, temb), False),
     ]
     prev = cfg.estimator_in
     for i, c in enumerate(ch):
-        out += _resnet(f"{e}.down_blocks.{i}.0", prev, c, temb)
+        out += _resnet(f"{e}.down_blocks.{i}.0", prev, c, temb, norm)
         for j in range(cfg.n_blocks):
             out += tr(f"{e}.down_blocks.{i}.1.{j}", c)
         last = i == len(ch) - 1
@@ -246,13 +253,13 @@ def layers(cfg: FlowConfig) -> list[Layer]:
         )
         prev = c
     for i in range(cfg.num_mid_blocks):
-        out += _resnet(f"{e}.mid_blocks.{i}.0", ch[-1], ch[-1], temb)
+        out += _resnet(f"{e}.mid_blocks.{i}.0", ch[-1], ch[-1], temb, norm)
         for j in range(cfg.n_blocks):
             out += tr(f"{e}.mid_blocks.{i}.1.{j}", ch[-1])
     up = ch[::-1] + (ch[0],)
     for i in range(len(up) - 1):
         c = up[i + 1]
-        out += _resnet(f"{e}.up_blocks.{i}.0", 2 * up[i], c, temb)
+        out += _resnet(f"{e}.up_blocks.{i}.0", 2 * up[i], c, temb, norm)
         for j in range(cfg.n_blocks):
             out += tr(f"{e}.up_blocks.{i}.1.{j}", c)
         last = i == len(up) - 2
@@ -263,16 +270,16 @@ def layers(cfg: FlowConfig) -> list[Layer]:
         )
     out += [
         Layer(f"{e}.final_block.block.0", "conv", (up[-1], up[-1], 3), False),
-        Layer(f"{e}.final_block.block.1", "norm", (up[-1],), False),
+        Layer(f"{e}.final_block.block.{norm}", "norm", (up[-1],), False),
         Layer(f"{e}.final_proj", "conv", (cfg.output_size, up[-1], 1), False),
     ]
     return out
 
 
-def param_shapes(cfg: FlowConfig) -> dict:
-    """Our parameter names -> shapes."""
+def layer_shapes(table: list[Layer]) -> dict:
+    """Our parameter names -> shapes, for a layer table (`layers` here or in `causal_flow`)."""
     out = {}
-    for layer in layers(cfg):
+    for layer in table:
         if layer.kind == "param":
             out[layer.name] = layer.shape
             continue
@@ -284,14 +291,13 @@ def param_shapes(cfg: FlowConfig) -> dict:
     return out
 
 
-def init_random(version: str = "v1", seed: int = 0, **sizes) -> tuple[FlowConfig, dict]:
-    """A random-weight flow model (tests, benchmarks, the demo): `sizes` override `FlowConfig`
-    fields. Weights ~ N(0, 1 / fan_in), norms' scales around 1, small biases: every signal stays
-    of order one. Random weights give noise, not speech."""
-    cfg = FlowConfig(version=version, **sizes)
+def random_params(table: list[Layer], seed: int) -> dict:
+    """Random weights for a layer table (tests, benchmarks, the demo): ~ N(0, 1 / fan_in), norms'
+    scales around 1, small biases, so every signal stays of order one. Random weights give
+    noise, not speech."""
     rng = np.random.default_rng(seed)
     params = {}
-    for layer in layers(cfg):
+    for layer in table:
         name = layer.name
         if layer.kind == "param":
             params[name] = (0.1 * rng.standard_normal(layer.shape)).astype(np.float32)
@@ -306,7 +312,19 @@ def init_random(version: str = "v1", seed: int = 0, **sizes) -> tuple[FlowConfig
         params[f"{name}.w"] = w.astype(np.float32)
         if layer.kind in ("linear", "conv", "norm", "convT"):
             params[f"{name}.b"] = (0.1 * rng.standard_normal(shape[-1])).astype(np.float32)
-    return cfg, params
+    return params
+
+
+def param_shapes(cfg: FlowConfig) -> dict:
+    """Our parameter names -> shapes."""
+    return layer_shapes(layers(cfg))
+
+
+def init_random(version: str = "v1", seed: int = 0, **sizes) -> tuple[FlowConfig, dict]:
+    """A random-weight flow model (tests, benchmarks, the demo): `sizes` override `FlowConfig`
+    fields; weights as `random_params` draws them. Random weights give noise, not speech."""
+    cfg = FlowConfig(version=version, **sizes)
+    return cfg, random_params(layers(cfg), seed)
 
 
 def check_params(cfg: FlowConfig, params: dict, where: str = "parameters") -> None:
@@ -1295,6 +1313,9 @@ __all__ = [
     "FlowConfig",
     "PRESETS",
     "layers",
+    "estimator_layers",
+    "layer_shapes",
+    "random_params",
     "param_shapes",
     "init_random",
     "check_params",
