@@ -64,7 +64,7 @@ import math
 import numpy as np
 
 from cslm_jax.speech.flow import (
-    check_units,
+    check_utterance,
     estimator_layers,
     layer_shapes,
     random_params,
@@ -740,36 +740,7 @@ def causal_flow_inference(
     of different lengths - a streamer's growing prefix - share one program (the padding changes
     no frame: no real frame sees it); default the exact length."""
     check_params(cfg, params)
-    u = check_units(cfg, units)
-    pu = check_units(
-        cfg, np.zeros((0,), np.int32) if prompt_units is None else prompt_units, "prompt units"
-    )
-    pm = (
-        np.zeros((0, cfg.output_size), np.float32)
-        if prompt_mel is None
-        else np.asarray(prompt_mel, np.float32)
-    )
-    if pm.ndim == 3 and pm.shape[0] == 1:
-        pm = pm[0]
-    if pm.ndim != 2 or pm.shape[1] != cfg.output_size:
-        raise Token2WavError(
-            f"prompt mel has shape {pm.shape}, expected [frames, {cfg.output_size}]"
-        )
-    if bool(len(pu)) != bool(len(pm)):
-        raise Token2WavError(
-            f"zero-shot prompt: {len(pu)} prompt units and {len(pm)} prompt "
-            f"mel frames; give both or neither"
-        )
-    emb = (
-        np.asarray(embedding, np.float32).reshape(-1)
-        if np.ndim(embedding) in (1, 2) and (np.ndim(embedding) == 1 or np.shape(embedding)[0] == 1)
-        else None
-    )
-    if emb is None or emb.shape != (cfg.spk_embed_dim,):
-        raise Token2WavError(
-            f"speaker embedding has shape {np.shape(embedding)}, expected a "
-            f"{cfg.spk_embed_dim}-d x-vector"
-        )
+    u, pu, pm, emb = check_utterance(cfg, units, embedding, prompt_units, prompt_mel)
     look = 0 if finalize else cfg.pre_lookahead_len
     if len(u) <= look or len(u) < 1:
         raise Token2WavError(
@@ -890,25 +861,7 @@ def causal_flow_batch(
     prepared = []
     for i in range(n):
         try:
-            u = check_units(cfg, units[i])
-            pu = check_units(
-                cfg, np.zeros((0,), np.int32) if pus[i] is None else pus[i], "prompt units"
-            )
-            pm = (
-                np.zeros((0, cfg.output_size), np.float32)
-                if pms[i] is None
-                else np.asarray(pms[i], np.float32).reshape(-1, cfg.output_size)
-            )
-            if bool(len(pu)) != bool(len(pm)):
-                raise Token2WavError(
-                    f"zero-shot prompt: {len(pu)} prompt units and {len(pm)} "
-                    f"prompt mel frames; give both or neither"
-                )
-            if embs[i].shape != (cfg.spk_embed_dim,):
-                raise Token2WavError(
-                    f"speaker embedding has shape {embs[i].shape}, expected a "
-                    f"{cfg.spk_embed_dim}-d x-vector"
-                )
+            u, pu, pm, _ = check_utterance(cfg, units[i], embs[i], pus[i], pms[i])
             if len(u) <= look or len(u) < 1:
                 raise Token2WavError(
                     f"{len(u)} units: a call that is not finalized needs more than {look}"

@@ -922,6 +922,42 @@ def check_units(cfg: FlowConfig, units, what: str = "units") -> np.ndarray:
     return u.astype(np.int32)
 
 
+def check_utterance(cfg, units, embedding, prompt_units=None, prompt_mel=None):
+    """One utterance's inputs, checked and converted (v1 and v2 flows): (units [N], prompt units
+    [Np], prompt mel [Mp, 80], x-vector [192]) from units `[N]` or `[1, N]`, the x-vector `[192]`
+    or `[1, 192]` (finite), the optional zero-shot prompt (units and mel, both or neither; mel
+    `[Mp, 80]` or `[1, Mp, 80]`). Errors say which input is wrong and how."""
+    u = check_units(cfg, units)
+    pu = check_units(
+        cfg, np.zeros((0,), np.int32) if prompt_units is None else prompt_units, "prompt units"
+    )
+    pm = (
+        np.zeros((0, cfg.output_size), np.float32)
+        if prompt_mel is None
+        else np.asarray(prompt_mel, np.float32)
+    )
+    if pm.ndim == 3 and pm.shape[0] == 1:
+        pm = pm[0]
+    if pm.ndim != 2 or pm.shape[1] != cfg.output_size:
+        raise Token2WavError(
+            f"prompt mel has shape {pm.shape}, expected [frames, {cfg.output_size}]"
+        )
+    if bool(len(pu)) != bool(len(pm)):
+        raise Token2WavError(
+            f"zero-shot prompt: {len(pu)} prompt units and {len(pm)} prompt "
+            f"mel frames; give both or neither"
+        )
+    shape = np.shape(embedding)
+    if not (shape == (cfg.spk_embed_dim,) or shape == (1, cfg.spk_embed_dim)):
+        raise Token2WavError(
+            f"speaker embedding has shape {shape}, expected a {cfg.spk_embed_dim}-d x-vector"
+        )
+    emb = np.asarray(embedding, np.float32).reshape(-1)
+    if not np.isfinite(emb).all():
+        raise Token2WavError("speaker embedding holds non-finite values")
+    return u, pu, pm, emb
+
+
 def flow_inference(
     params: dict,
     cfg: FlowConfig,
@@ -944,36 +980,7 @@ def flow_inference(
     import jax
 
     check_params(cfg, params)
-    u = check_units(cfg, units)
-    pu = check_units(
-        cfg, np.zeros((0,), np.int32) if prompt_units is None else prompt_units, "prompt units"
-    )
-    pm = (
-        np.zeros((0, cfg.output_size), np.float32)
-        if prompt_mel is None
-        else np.asarray(prompt_mel, np.float32)
-    )
-    if pm.ndim == 3 and pm.shape[0] == 1:
-        pm = pm[0]
-    if pm.ndim != 2 or pm.shape[1] != cfg.output_size:
-        raise Token2WavError(
-            f"prompt mel has shape {pm.shape}, expected [frames, {cfg.output_size}]"
-        )
-    if bool(len(pu)) != bool(len(pm)):
-        raise Token2WavError(
-            f"zero-shot prompt: {len(pu)} prompt units and {len(pm)} prompt "
-            f"mel frames; give both or neither"
-        )
-    emb = (
-        np.asarray(embedding, np.float32).reshape(-1)
-        if np.ndim(embedding) in (1, 2) and (np.ndim(embedding) == 1 or np.shape(embedding)[0] == 1)
-        else None
-    )
-    if emb is None or emb.shape != (cfg.spk_embed_dim,):
-        raise Token2WavError(
-            f"speaker embedding has shape {np.shape(embedding)}, expected a "
-            f"{cfg.spk_embed_dim}-d x-vector"
-        )
+    u, pu, pm, emb = check_utterance(cfg, units, embedding, prompt_units, prompt_mel)
     m = cfg.mel_len(len(u)) if mel_len is None else int(mel_len)
     check_lengths(cfg, len(u), m)
     total = len(pm) + m
@@ -1217,38 +1224,7 @@ def flow_batch(
     checked = []
     for i in range(b):
         try:
-            u = check_units(cfg, units[i])
-            pu = check_units(
-                cfg, np.zeros((0,), np.int32) if pus[i] is None else pus[i], "prompt units"
-            )
-            pm = (
-                np.zeros((0, cfg.output_size), np.float32)
-                if pms[i] is None
-                else np.asarray(pms[i], np.float32)
-            )
-            if pm.ndim == 3 and pm.shape[0] == 1:
-                pm = pm[0]
-            if pm.ndim != 2 or pm.shape[1] != cfg.output_size:
-                raise Token2WavError(
-                    f"prompt mel has shape {pm.shape}, expected [frames, {cfg.output_size}]"
-                )
-            if bool(len(pu)) != bool(len(pm)):
-                raise Token2WavError(
-                    f"zero-shot prompt: {len(pu)} prompt units and {len(pm)} "
-                    f"prompt mel frames; give both or neither"
-                )
-            e = (
-                np.asarray(embs[i], np.float32).reshape(-1)
-                if np.size(embs[i]) == cfg.spk_embed_dim and np.ndim(embs[i]) in (1, 2)
-                else None
-            )
-            if e is None:
-                raise Token2WavError(
-                    f"speaker embedding has shape {np.shape(embs[i])}, "
-                    f"expected a {cfg.spk_embed_dim}-d x-vector"
-                )
-            if not np.isfinite(e).all():
-                raise Token2WavError("speaker embedding holds non-finite values")
+            u, pu, pm, e = check_utterance(cfg, units[i], embs[i], pus[i], pms[i])
             m = cfg.mel_len(len(u)) if mls[i] is None else int(mls[i])
             check_lengths(cfg, len(u), m)
             z = noises[i]
@@ -1327,6 +1303,7 @@ __all__ = [
     "cfm",
     "flow_inference",
     "check_units",
+    "check_utterance",
     "check_lengths",
     "interp_weights",
     "regulate_rows",
