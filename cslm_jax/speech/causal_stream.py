@@ -97,6 +97,51 @@ def cross_fade(new: np.ndarray, old: np.ndarray, window: np.ndarray) -> np.ndarr
     return out
 
 
+def hift_padded(frames: int) -> int:
+    """HiFT's padded length for a streamed call's `frames` mel frames (a multiple of
+    `HIFT_BUCKET`, so that calls of nearby lengths share one compiled program)."""
+    return -(-max(int(frames), 1) // HIFT_BUCKET) * HIFT_BUCKET
+
+
+def vocode_held(t2w, mel, held, keep: int, window, noise, finalize: bool, precision: str):
+    """HiFT's half of one call of upstream's streaming `token2wav` (v1 and v2 alike): `mel
+    [80, t]` (the held frames already in front) vocoded on `hift_padded(t)` frames with its length
+    mask, the first samples of the source replaced by the held source and the first
+    `len(window) // 2` samples of speech cross-faded with the held speech. Not final: the last
+    `keep` frames' mel, source and speech are held back for the next call. `held`: None or
+    (mel [80, keep], source, speech) from the previous call; `noise` as `hift.vocode` takes it
+    (arrays for `t` frames are padded with zeros). Returns (samples ready, what is held now)."""
+    from cslm_jax.speech.hift import vocode
+
+    t = mel.shape[1]
+    padded = hift_padded(t)
+    spf = t2w.samples_per_frame
+    n = t * spf
+    if isinstance(noise, dict):
+        nz = np.asarray(noise["noise"], np.float32)[:, :n]
+        noise = {
+            "phase": noise["phase"],
+            "noise": np.pad(nz, ((0, 0), (0, padded * spf - nz.shape[1]), (0, 0))),
+        }
+    wave, _, source = vocode(
+        t2w.hift_params,
+        t2w.hift_cfg,
+        np.pad(mel, ((0, 0), (0, padded - t)))[None],
+        mel_len=np.array([t], np.int32),
+        noise=noise,
+        cache_source=None if held is None else held[1][None],
+        precision=precision,
+        return_source=True,
+    )
+    speech, source = wave[0, :n], source[0, :n]
+    if held is not None:
+        speech = cross_fade(speech, held[2], window)
+    if finalize:
+        return speech, None
+    r = keep * spf
+    return speech[:-r], (mel[:, -keep:], source[-r:].copy(), speech[-r:].copy())
+
+
 def resample_positions(start: int, stop: int, rate: float):
     """Source positions of output frames `start..stop-1` at `rate` output frames per source
     frame (upstream's linear interpolation, half-pixel centres, float32): (left index, its
@@ -320,7 +365,6 @@ class CausalSpeechStream:
         with this answer's HiFT cache; returns the audio it releases. (`push` / `finish` choose
         the calls.)"""
         from cslm_jax.speech.causal_flow import causal_flow_inference, new_frames
-        from cslm_jax.speech.hift import vocode
 
         units = np.asarray(self.units[:n_units], np.int32)
         k = len(self.windows)
@@ -331,7 +375,7 @@ class CausalSpeechStream:
         cached = 0 if self._hift_cache is None else MEL_CACHE_FRAMES
         t = cached + new_out
         width = units_pad(n_units)
-        padded = -(-max(t, 1) // HIFT_BUCKET) * HIFT_BUCKET
+        padded = hift_padded(t)
         self._compiling += self._warm(width, finalize, padded)
         flow_noise, hift_noise = self._noise(k, t)
         mel = causal_flow_inference(
@@ -352,40 +396,24 @@ class CausalSpeechStream:
         assert mel.shape[1] == t, (mel.shape, t)
         if t == 0:
             return np.zeros((0,), np.float32)
-        n = t * self.t2w.samples_per_frame
-        if isinstance(hift_noise, dict):  # arrays for t frames: padded with zeros
-            nz = np.asarray(hift_noise["noise"], np.float32)[:, :n]
-            hift_noise = {
-                "phase": hift_noise["phase"],
-                "noise": np.pad(
-                    nz, ((0, 0), (0, padded * self.t2w.samples_per_frame - nz.shape[1]), (0, 0))
-                ),
-            }
-        cache_source = None if self._hift_cache is None else self._hift_cache[1][None]
-        wave, _, source = vocode(
-            self.t2w.hift_params,
-            self.t2w.hift_cfg,
-            np.pad(mel, ((0, 0), (0, padded - t)))[None],
-            mel_len=np.array([t], np.int32),
-            noise=hift_noise,
-            cache_source=cache_source,
-            precision=self.precision,
-            return_source=True,
+        speech, self._hift_cache = vocode_held(
+            self.t2w,
+            mel,
+            self._hift_cache,
+            MEL_CACHE_FRAMES,
+            self.speech_window,
+            hift_noise,
+            finalize,
+            self.precision,
         )
-        speech, source = wave[0, :n], source[0, :n]
-        if self._hift_cache is not None:
-            speech = cross_fade(speech, self._hift_cache[2], self.speech_window)
-        if finalize:
-            self._hift_cache = None
-            return speech
-        r = self.cache_samples
-        self._hift_cache = (mel[:, -MEL_CACHE_FRAMES:], source[-r:].copy(), speech[-r:].copy())
-        return speech[:-r]
+        return speech
 
 
 __all__ = [
     "CausalSpeechStream",
     "cross_fade",
+    "hift_padded",
+    "vocode_held",
     "resample_positions",
     "units_pad",
     "MEL_CACHE_FRAMES",

@@ -73,29 +73,21 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from cslm_jax.speech.causal_stream import (  # HiFT runs on the mel padded to HIFT_BUCKET frames
+    cross_fade,
+    hift_padded,
+    vocode_held,
+)
 from cslm_jax.speech.hift import Token2WavError
 
 TOKEN_OVERLAP = 20  # upstream's token_overlap_len: units carried into the next window
 FLOW_CACHE_FRAMES = 34  # upstream's literal in ConditionalCFM.forward (z / mu cache)
 MEL_CACHE_FRAMES = 20  # upstream's mel_cache_len (the HiFT cache)
-HIFT_BUCKET = 32  # HiFT runs on mel padded to a multiple of this many frames (its
-# per-row length mask makes the padding invisible): fewer shapes
 
 
 def _hamming(n: int) -> np.ndarray:
     """numpy's symmetric Hamming window (upstream's `np.hamming`), float64."""
     return np.hamming(n)
-
-
-def fade_in_out(new: np.ndarray, old: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """Upstream's `fade_in_out` on the last axis: the first `len(window) // 2` values of `new`
-    become `new * w[:k] + old[-k:] * w[k:]` (float64, rounded to float32)."""
-    k = len(window) // 2
-    out = np.array(new, np.float32, copy=True)
-    out[..., :k] = (
-        new[..., :k].astype(np.float64) * window[:k] + old[..., -k:].astype(np.float64) * window[k:]
-    ).astype(np.float32)
-    return out
 
 
 def _flow_window(params, units, unit_len, emb, z, mu_cache, cache_len, mel_len, *, cfg, precision):
@@ -337,7 +329,6 @@ class SpeechStream:
         audio it releases. (`push` / `finish` choose the windows; a test may drive this
         directly with upstream's.)"""
         from cslm_jax.speech.flow import check_lengths, check_units
-        from cslm_jax.speech.hift import vocode
 
         cfg = self.t2w.flow_cfg
         u = check_units(cfg, np.asarray(window, np.int64), "speech window")
@@ -387,46 +378,25 @@ class SpeechStream:
         )
         mel = np.asarray(mel)[0, :m].T  # [80, M]
         if self._mel_overlap is not None:
-            mel = fade_in_out(mel, self._mel_overlap, self.mel_window)
-        cache_source = None
+            mel = cross_fade(mel, self._mel_overlap, self.mel_window)
         if self._hift_cache is not None:
             mel = np.concatenate([self._hift_cache[0], mel], 1)
-            cache_source = self._hift_cache[1][None]
         if not finalize:
             self._mel_overlap = mel[:, -self.overlap :]
             mel = mel[:, : -self.overlap]
-        t = mel.shape[1]
-        padded = -(-t // HIFT_BUCKET) * HIFT_BUCKET
-        n = t * self.t2w.samples_per_frame
-        if isinstance(hift_noise, dict):  # arrays for t frames: padded with zeros
-            nz = np.asarray(hift_noise["noise"], np.float32)[:, :n]
-            hift_noise = {
-                "phase": hift_noise["phase"],
-                "noise": np.pad(
-                    nz, ((0, 0), (0, padded * self.t2w.samples_per_frame - nz.shape[1]), (0, 0))
-                ),
-            }
-        self._compiling += _warm_hift(self.t2w, padded, self.precision)
+        self._compiling += _warm_hift(self.t2w, hift_padded(mel.shape[1]), self.precision)
         self.compile_s += self._compiling
-        wave, _, source = vocode(
-            self.t2w.hift_params,
-            self.t2w.hift_cfg,
-            np.pad(mel, ((0, 0), (0, padded - t)))[None],
-            mel_len=np.array([t], np.int32),
-            noise=hift_noise,
-            cache_source=cache_source,
-            precision=self.precision,
-            return_source=True,
+        speech, self._hift_cache = vocode_held(
+            self.t2w,
+            mel,
+            self._hift_cache,
+            MEL_CACHE_FRAMES,
+            self.speech_window,
+            hift_noise,
+            finalize,
+            self.precision,
         )
-        speech, source = wave[0, :n], source[:, :n]
-        if self._hift_cache is not None:
-            speech = fade_in_out(speech, self._hift_cache[2], self.speech_window)
-        if finalize:
-            self._hift_cache = None
-            return speech
-        r = self.cache_samples
-        self._hift_cache = (mel[:, -MEL_CACHE_FRAMES:], source[0, -r:].copy(), speech[-r:].copy())
-        return speech[:-r]
+        return speech
 
 
 def speak(events: Iterable, stream: SpeechStream) -> Iterator[tuple[object, np.ndarray]]:
@@ -591,7 +561,6 @@ __all__ = [
     "SpeechOut",
     "speak",
     "open_stream",
-    "fade_in_out",
     "window_buckets",
     "compiled_window_programs",
     "TOKEN_OVERLAP",
