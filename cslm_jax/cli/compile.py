@@ -119,34 +119,26 @@ def check(args, parser) -> None:
 def run(args) -> int:
     from cslm_jax.tpu.aot import check_fit, gib, search_fit
 
-    if args.token2wav is not None:
-        from cslm_jax.tpu.synthesis import compile_synthesis_step
+    if args.token2wav is not None or args.speech_tokenizer is not None:
+        # a speech step instead of a train step: (version, compile function, default batch and
+        # seconds per row)
+        if args.token2wav is not None:
+            from cslm_jax.tpu.synthesis import compile_synthesis_step as compile_step
 
-        report = compile_synthesis_step(
-            args.token2wav,
+            version, batch, seconds = args.token2wav, 8, 10.0
+        else:
+            from cslm_jax.tpu.extraction import compile_extraction_step as compile_step
+
+            version, batch, seconds = args.speech_tokenizer, 32, 30.0
+        report = compile_step(
+            version,
             args.topology,
-            8 if args.batch is None else args.batch,
-            10.0 if args.seconds is None else args.seconds,
+            batch if args.batch is None else args.batch,
+            seconds if args.seconds is None else args.seconds,
             args.precision,
             args.overrides,
         )
-        for line in report.lines():
-            print(line)
-        return 0 if report.fits else 1
-    if args.speech_tokenizer is not None:
-        from cslm_jax.tpu.extraction import compile_extraction_step
-
-        report = compile_extraction_step(
-            args.speech_tokenizer,
-            args.topology,
-            32 if args.batch is None else args.batch,
-            30.0 if args.seconds is None else args.seconds,
-            args.precision,
-            args.overrides,
-        )
-        for line in report.lines():
-            print(line)
-        return 0 if report.fits else 1
+        return _print(report)
     if args.search:
         result = search_fit(
             args.config,
@@ -171,9 +163,7 @@ def run(args) -> int:
                 f"micro-batch{need}; DOES NOT FIT"
             )
             return 1
-        for line in result.best.lines():
-            print(line)
-        return 0
+        return _print(result.best)
     report = check_fit(
         args.config,
         args.topology,
@@ -182,6 +172,11 @@ def run(args) -> int:
         speech_units=args.speech_units,
         pad_vocab_multiple=args.pad_vocab_multiple,
     )
+    return _print(report)
+
+
+def _print(report) -> int:
+    """A compile report's lines; exit 0 where it fits, 1 where it does not."""
     for line in report.lines():
         print(line)
     return 0 if report.fits else 1

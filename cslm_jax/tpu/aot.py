@@ -258,6 +258,24 @@ class MemoryFit:
             + (peak if self.peak_bytes else "all buffers at once (XLA gave no peak)")
         )
 
+    def data_mesh_line(self) -> str:
+        """The topology line of a step whose batch is sharded over a `data` mesh of every chip
+        (the speech steps: extraction, synthesis)."""
+        t = self.topology
+        return (
+            f"topology   {t.name} ({t.accelerator_type}): {t.chips} chip(s) "
+            f"({t.spec.hbm_gib:g} GiB HBM each), mesh {{'data': {t.chips}}}"
+        )
+
+    def memory_lines(self) -> list[str]:
+        """The per-chip memory lines of a speech step (weights and batch as its arguments)."""
+        return [
+            f"memory     per chip: arguments {gib(self.argument_bytes)} (weights + batch), "
+            f"temporaries {gib(self.temp_bytes)}, outputs {gib(self.output_bytes)}, code "
+            f"{gib(self.code_bytes)}",
+            self.total_line("XLA's peak of live buffers"),
+        ]
+
 
 @dataclasses.dataclass
 class CompileReport(MemoryFit):

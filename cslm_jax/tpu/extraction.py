@@ -25,7 +25,6 @@ from cslm_jax.tpu.aot import (
     MemoryFit,
     Topology,
     compile_memory,
-    gib,
     parse_topology,
     topology_devices,
 )
@@ -99,8 +98,7 @@ class ExtractionReport(MemoryFit):
         t, c = self.topology, self.config
         per_chip = self.batch // t.chips
         head = [
-            f"topology   {t.name} ({t.accelerator_type}): {t.chips} chip(s) "
-            f"({t.spec.hbm_gib:g} GiB HBM each), mesh {{'data': {t.chips}}}",
+            self.data_mesh_line(),
             f"tokenizer  {c.spec.name} ({c.version}): {c.n_layer} x {c.n_state}, {c.n_head} "
             f"heads, {c.codebook_size} codes, {c.units_per_second} units/s; precision "
             f"{self.precision}",
@@ -110,12 +108,7 @@ class ExtractionReport(MemoryFit):
         ]
         if self.error is not None:
             return head + [f"compiler   {self.error}", "DOES NOT FIT"]
-        mem = [
-            f"memory     per chip: arguments {gib(self.argument_bytes)} (weights + batch), "
-            f"temporaries {gib(self.temp_bytes)}, outputs {gib(self.output_bytes)}, code "
-            f"{gib(self.code_bytes)}",
-            self.total_line("XLA's peak of live buffers"),
-        ]
+        mem = self.memory_lines()
         fpas = self.flops_per_audio_second
         flops = [
             f"FLOPs      {self.xla_flops:.4g} per step from XLA's cost analysis = "

@@ -32,7 +32,6 @@ from cslm_jax.tpu.aot import (
     Topology,
     compile_memory,
     cost_flops,
-    gib,
     parse_topology,
     topology_devices,
 )
@@ -91,8 +90,7 @@ class SynthesisReport(MemoryFit):
         t, f, h = self.topology, self.flow_config, self.hift_config
         per_chip = self.batch // t.chips
         head = [
-            f"topology   {t.name} ({t.accelerator_type}): {t.chips} chip(s) "
-            f"({t.spec.hbm_gib:g} GiB HBM each), mesh {{'data': {t.chips}}}",
+            self.data_mesh_line(),
             f"token2wav  {self.version}: flow {f.encoder_blocks} x {f.encoder_size} encoder, "
             f"estimator channels {list(f.channels)} with {f.num_mid_blocks} mid blocks, "
             f"{f.n_timesteps} steps (guidance {f.cfg_rate:g}); HiFT {h.base_channels} "
@@ -105,12 +103,7 @@ class SynthesisReport(MemoryFit):
         ]
         if self.error is not None:
             return head + [f"compiler   {self.error}", "DOES NOT FIT"]
-        mem = [
-            f"memory     per chip: arguments {gib(self.argument_bytes)} (weights + batch), "
-            f"temporaries {gib(self.temp_bytes)}, outputs {gib(self.output_bytes)}, code "
-            f"{gib(self.code_bytes)}",
-            self.total_line("XLA's peak of live buffers"),
-        ]
+        mem = self.memory_lines()
         fpas = self.flops_per_audio_second
         est = f.n_timesteps * self.estimator_flops / self.xla_flops
         flops = [
