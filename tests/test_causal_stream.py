@@ -296,4 +296,8 @@ def test_decode_speech_out_streams_a_v2_folder(cslm, model, tmp_path, capsys):
         assert t["audio_s"] == pytest.approx(2 * 22 * RATE / 24000)
         assert 0 < t["time_to_first_speech_chunk_s"] <= t["time_to_first_audio_s"] <= t["total_s"]
         assert t["speech_rtf"] > 0
-    assert sorted(p.name for p in (tmp_path / "wavs").iterdir()) == ["0000.wav", "0001.wav"]
+    assert sorted(p.name for p in (tmp_path / "wavs").iterdir()) == [
+        ".cslm_jax_output.json",  # the folder is decode --speech-out's (never another's wavs)
+        "0000.wav",
+        "0001.wav",
+    ]

@@ -381,3 +381,5 @@ def test_speech_rate_is_for_synthesis_only():
     assert unmerged.synthesis_rate()[0] == 1.0
     with pytest.raises(ConfigError, match=r"format.speech_rate 0.5: the mean run length"):
         load_data_config(path, ["format.speech_rate=0.5"], check_files=False)
+    with pytest.raises(ConfigError, match=r"format.speech_rate True: the mean run length"):
+        load_data_config(path, ["format.speech_rate=true"], check_files=False)

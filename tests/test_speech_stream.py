@@ -301,7 +301,11 @@ def test_decode_speech_out_writes_a_wav_per_answer_with_timings(cslm, model, tmp
         assert t["audio_s"] == pytest.approx(frames * 256 / 22050)
         assert 0 < t["time_to_first_speech_chunk_s"] <= t["time_to_first_audio_s"] <= t["total_s"]
         assert t["speech_rtf"] > 0 and t["speech_compile_s"] >= 0
-    assert sorted(p.name for p in (tmp_path / "wavs").iterdir()) == ["0000.wav", "0001.wav"]
+    assert sorted(p.name for p in (tmp_path / "wavs").iterdir()) == [
+        ".cslm_jax_output.json",  # the folder is decode --speech-out's (never another's wavs)
+        "0000.wav",
+        "0001.wav",
+    ]
     summary = json.loads((tmp_path / "out" / "latency_summary.json").read_text())
     assert summary["time_to_first_audio_s"]["missing"] == 0
     assert summary["time_to_first_audio_s"]["mean"] == pytest.approx(
@@ -348,7 +352,7 @@ def test_decode_speech_out_names_wavs_by_their_line_when_appending_and_resuming(
         return [json.loads(x) for x in (out / "responses.jsonl").read_text().splitlines()]
 
     def wav_bytes():
-        return {p.name: p.read_bytes() for p in sorted(wavs.iterdir())}
+        return {p.name: p.read_bytes() for p in sorted(wavs.glob("*.wav"))}
 
     first = run()
     assert [r["wav"] for r in first] == ["0000.wav", "0001.wav"]
@@ -435,9 +439,56 @@ def test_decode_speech_out_refuses_bad_arguments_before_loading(cslm, model, tmp
             ],
             "--speech-rate 0.5",
         ),
+        (["--speech-rate", "1.2"], "--speech-rate goes only with --speech-out"),
+        (
+            [
+                "--speech-out",
+                str(tmp_path / "mine"),
+                "--token2wav",
+                str(model.path),
+                "--voice",
+                "random",
+            ],
+            "0000.wav, which decode --speech-out did not write",
+        ),
     ]:
+        (tmp_path / "mine").mkdir(exist_ok=True)
+        (tmp_path / "mine" / "0000.wav").write_bytes(b"the user's own recording")
         code = cli(base + extra)
         captured = capsys.readouterr()
         assert code == 2 and message in captured.err, (extra, captured.err)
         assert captured.out == ""  # nothing loaded, nothing decoded
         assert not (tmp_path / "out").exists() and not (tmp_path / "w").exists()
+        assert (tmp_path / "mine" / "0000.wav").read_bytes() == b"the user's own recording"
+
+
+def test_decode_speech_out_refuses_a_token2wav_with_fewer_units_than_the_model(
+    cslm, tmp_path, capsys
+):
+    """A model answering with 64 units and a flow that knows 32: refused once the model is
+    loaded, naming --token2wav, before any answer is decoded or written."""
+    ckpt, units, _ = cslm
+    small = t2w.save_random_token2wav(tmp_path / "t2w32", "v1", seed=0, vocab_size=32)
+    code = cli(
+        [
+            "decode",
+            "--lang",
+            "en",
+            "--unit",
+            str(units),
+            "--ckpt",
+            str(ckpt),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--speech-out",
+            str(tmp_path / "w"),
+            "--token2wav",
+            str(small),
+            "--voice",
+            "random",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "its flow knows 32 units" in err and "answers with 64" in err, err
+    assert not (tmp_path / "w").exists()
+    assert not (tmp_path / "out" / "responses.jsonl").exists()

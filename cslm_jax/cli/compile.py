@@ -78,7 +78,7 @@ def add_parser(sub):
         default=None,
         metavar="VERSION",
         help="compile the synthesis step (flow + HiFT, as synthesize runs it) of this "
-        "token2wav version (v1) at its official sizes (overrides: flow.NAME=N, "
+        "token2wav version (v1 or v2) at its official sizes (overrides: flow.NAME=N, "
         "hift.NAME=N); --batch answers of --seconds each",
     )
     s.add_argument(

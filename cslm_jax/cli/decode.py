@@ -134,7 +134,15 @@ def speech_out(args):
     from cslm_jax.config import ConfigError
 
     if args.speech_out is None:
-        extra = [f for f, v in (("--token2wav", args.token2wav), ("--voice", args.voice)) if v]
+        extra = [
+            f
+            for f, v in (
+                ("--token2wav", args.token2wav),
+                ("--voice", args.voice),
+                ("--speech-rate", args.speech_rate),
+            )
+            if v is not None
+        ]
         if extra:
             raise ConfigError(
                 f"{' and '.join(extra)} {'go' if len(extra) > 1 else 'goes'} "

@@ -104,12 +104,13 @@ class FormatConfig:
     loss_mask: str = "reference"  # reference | assistant_only (see `loss_mask`)
 
     def __post_init__(self):
-        if self.speech_rate is not None and not (
-            isinstance(self.speech_rate, (int, float)) and 1.0 <= self.speech_rate < 100
+        rate = self.speech_rate
+        if rate is not None and (
+            isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 1.0 <= rate < 100
         ):
             raise ConfigError(
-                f"format.speech_rate {self.speech_rate!r}: the mean run length of "
-                f"the units (raw / merged, >= 1; extract-units prints it)"
+                f"format.speech_rate {rate!r}: the mean run length of the units (raw / merged, "
+                f"1 to 100; extract-units prints it)"
             )
         if self.chain not in ("interleaved", "sequential"):
             raise ConfigError(f"chain must be 'interleaved' or 'sequential', got {self.chain!r}")

@@ -350,6 +350,13 @@ def decode_questions(
         if speech_out is not None:
             for a in answers:
                 speech_out.begin(a.index, t0)
+        compiled_before = 0.0 if speech_out is None else speech_out.compile_total
+
+        def clock(t0=t0, compiled_before=compiled_before) -> float:
+            """Seconds since t0 without the speech windows compiled meanwhile (as the decoder's
+            own compiles, they are not the answer's latency)."""
+            spent = 0.0 if speech_out is None else speech_out.compile_total - compiled_before
+            return time.perf_counter() - t0 - spent
 
         def emit(b: int, events, now: float, answers=answers):
             a = answers[b]
@@ -366,7 +373,7 @@ def decode_questions(
         for step in generate_stream(
             cfg, params, batch, sampling=sampling.seeded(sampling.seed + start), **kw
         ):
-            now = time.perf_counter() - t0
+            now = clock()
             for b, tok in enumerate(step.tolist()):
                 a, parser = answers[b], parsers[b]
                 if parser.state == "ended":
@@ -380,7 +387,7 @@ def decode_questions(
                 emit(b, parser.feed(tok), now)
                 if parser.state == "ended":
                     a.total_s = now
-        now = time.perf_counter() - t0
+        now = clock()
         for b, parser in enumerate(parsers):
             if parser.state != "ended":
                 emit(b, parser.close(), now)
@@ -901,6 +908,12 @@ def decode_unit_file(
             f"speech units, then train)"
         )
     check_codebook(questions, vocab.unit_count, unit_file, model_path)
+    if speech_out is not None and vocab.unit_count > speech_out.t2w.flow_cfg.vocab_size:
+        raise UnitFileError(
+            f"--token2wav {speech_out.t2w.path}: its flow knows {speech_out.t2w.flow_cfg.vocab_size}"
+            f" units, the model {model_path} answers with {vocab.unit_count}: give the token2wav "
+            f"of the speech tokenizer the model was trained on (v1: 4096 units, v2: 6561)"
+        )
     params = decoding_params(cfg, params)  # once, not per batch (a copy per call)
     say(
         f"decode: {len(questions)} question(s) from {unit_file}; model {model_path} "

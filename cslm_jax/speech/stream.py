@@ -444,8 +444,9 @@ class SpeechOut:
     None without speech), `speech_rtf` (synthesis seconds / audio seconds), `audio_s` and
     `speech_compile_s`. As decode's other timings, these leave compilation out: the seconds
     spent compiling a window shape first seen (by any answer of the batch since `t0`) are taken
-    off the time to first audio and are not synthesis seconds; `speech_compile_s` says how many
-    this answer's windows took.
+    off the time to first audio and are not synthesis seconds (decode's own clock takes them off
+    its timings too: `compile_total`); `speech_compile_s` says how many this answer's windows
+    took.
 
     `open` checks the folder (`storage.outputs.check_output_place`, apart from the inputs), loads
     the token2wav folder and resolves the voice: bad ones fail before any model loads."""
@@ -467,7 +468,12 @@ class SpeechOut:
     @classmethod
     def open(cls, out_dir, token2wav, voice, speech_rate: float = 1.0, inputs=()):
         from cslm_jax.speech import token2wav as t2w_mod
-        from cslm_jax.storage.outputs import check_output_place
+        from cslm_jax.storage.outputs import (
+            OutputPathError,
+            check_output_place,
+            foreign_entries,
+            read_marker,
+        )
 
         if not (np.isfinite(speech_rate) and speech_rate >= 1.0):
             raise Token2WavError(
@@ -482,6 +488,20 @@ class SpeechOut:
         if str(voice).endswith(".npy"):
             ins.append(("--voice", voice))
         path = check_output_place(out_dir, inputs=ins, flag="--speech-out", inside_ok=True)
+        if path.is_dir():  # never write over wavs another run or the user put there
+            marker = read_marker(path)
+            if marker is not None and marker.get("tool") != cls.TOOL:
+                raise OutputPathError(
+                    f"--speech-out {path}: written by {marker.get('tool')}, not by decode "
+                    f"--speech-out; give an empty or new folder"
+                )
+            foreign = foreign_entries(path)
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+                raise OutputPathError(
+                    f"--speech-out {path}: holds {shown}, which decode --speech-out did not "
+                    f"write; give an empty or new folder (its wavs would be replaced)"
+                )
         t2w = t2w_mod.load_token2wav(token2wav)
         vec = t2w_mod.voice(t2w, voice)
         open_stream(t2w, vec, speech_rate=speech_rate)  # the version and rate checked
@@ -527,12 +547,15 @@ class SpeechOut:
         import soundfile as sf
 
         from cslm_jax.storage import fs
+        from cslm_jax.storage.outputs import read_marker, write_marker
 
         stream = self.streams.pop(index)
         audio = np.concatenate(self.audio.pop(index) + [np.zeros((0,), np.float32)])
         buf = io.BytesIO()
         sf.write(buf, audio, self.t2w.sample_rate, subtype="PCM_16", format="WAV")
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if read_marker(self.out_dir) is None:  # marked as this command's (open refused others)
+            write_marker(self.out_dir, self.TOOL)
         with fs.atomic_open(self.out_dir / self.wav_name(index), "wb") as f:
             f.write(buf.getvalue())
         seconds = len(audio) / self.t2w.sample_rate
