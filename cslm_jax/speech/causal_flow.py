@@ -66,9 +66,9 @@ import numpy as np
 from cslm_jax.speech.flow import (
     check_utterance,
     estimator_layers,
+    euler_guided,
     layer_shapes,
     random_params,
-    time_steps,
 )
 from cslm_jax.speech.hift import (
     Layer,
@@ -589,37 +589,21 @@ def cfm(
     first T frames): `n_steps` Euler steps (v1's schedule, `flow.time_steps`), each one
     estimator call on the conditional and unconditional rows as one batch, merged with guidance
     `cfg_rate`; traceable. Returns mel `[B, T, 80]`."""
-    import jax
-    import jax.numpy as jnp
+
+    def velocity(x, mask, mu, t, spks, cond):
+        return estimator(params, cfg, x, mask, mu, t, spks, cond, streaming, precision)
 
     n_steps = cfg.n_timesteps if n_steps is None else n_steps
-    r = cfg.cfg_rate if cfg_rate is None else cfg_rate
-    ts, dts = time_steps(n_steps)
-    b = mu.shape[0]
-    mask2 = jnp.concatenate([mask, mask], 0)
-    mu2 = jnp.concatenate([mu, jnp.zeros_like(mu)], 0)
-    spks2 = jnp.concatenate([spks, jnp.zeros_like(spks)], 0)
-    cond2 = jnp.concatenate([cond, jnp.zeros_like(cond)], 0)
-
-    def step(x, tdt):
-        t, dt = tdt
-        v = estimator(
-            params,
-            cfg,
-            jnp.concatenate([x, x], 0),
-            mask2,
-            mu2,
-            jnp.full((2 * b,), t),
-            spks2,
-            cond2,
-            streaming,
-            precision,
-        )
-        v = (1.0 + r) * v[:b] - r * v[b:]
-        return x + dt * v, None
-
-    x, _ = jax.lax.scan(step, noise, (jnp.asarray(ts), jnp.asarray(dts)))
-    return x
+    return euler_guided(
+        velocity,
+        mu,
+        mask,
+        spks,
+        cond,
+        noise,
+        n_steps,
+        cfg.cfg_rate if cfg_rate is None else cfg_rate,
+    )
 
 
 # -- inference ------------------------------------------------------------------------------------

@@ -813,11 +813,31 @@ def cfm(
     condition zero) rows as one batch, merged with guidance `cfg_rate`; traceable. mu, cond
     `[B, T, 80]`, mask `[B, T]`, spks `[B, 80]` -> mel `[B, T, 80]`. `valid_only`: the
     estimator's GroupNorms over each row's masked frames (padded rows as alone; `estimator`)."""
+
+    def velocity(x, mask, mu, t, spks, cond):
+        return estimator(params, cfg, x, mask, mu, t, spks, cond, precision, valid_only)
+
+    n_steps = cfg.n_timesteps if n_steps is None else n_steps
+    return euler_guided(
+        velocity,
+        mu,
+        mask,
+        spks,
+        cond,
+        noise,
+        n_steps,
+        cfg.cfg_rate if cfg_rate is None else cfg_rate,
+    )
+
+
+def euler_guided(velocity, mu, mask, spks, cond, noise, n_steps: int, cfg_rate: float):
+    """The CFM solver of upstream's v1 and v2 flows: from `noise [B, T, 80]`, `n_steps` Euler
+    steps over `time_steps`, each one `velocity(x, mask, mu, t, spks, cond)` call on the
+    conditional and unconditional (mu, speaker and condition zero) rows as one batch of 2B,
+    merged with classifier-free guidance `cfg_rate`; traceable. Returns `[B, T, 80]`."""
     import jax
     import jax.numpy as jnp
 
-    n_steps = cfg.n_timesteps if n_steps is None else n_steps
-    r = cfg.cfg_rate if cfg_rate is None else cfg_rate
     ts, dts = time_steps(n_steps)
     b = mu.shape[0]
     mask2 = jnp.concatenate([mask, mask], 0)
@@ -827,19 +847,8 @@ def cfm(
 
     def step(x, tdt):
         t, dt = tdt
-        v = estimator(
-            params,
-            cfg,
-            jnp.concatenate([x, x], 0),
-            mask2,
-            mu2,
-            jnp.full((2 * b,), t),
-            spks2,
-            cond2,
-            precision,
-            valid_only,
-        )
-        v = (1.0 + r) * v[:b] - r * v[b:]
+        v = velocity(jnp.concatenate([x, x], 0), mask2, mu2, jnp.full((2 * b,), t), spks2, cond2)
+        v = (1.0 + cfg_rate) * v[:b] - cfg_rate * v[b:]
         return x + dt * v, None
 
     x, _ = jax.lax.scan(step, noise, (jnp.asarray(ts), jnp.asarray(dts)))
@@ -1301,6 +1310,7 @@ __all__ = [
     "estimator",
     "time_steps",
     "cfm",
+    "euler_guided",
     "flow_inference",
     "check_units",
     "check_utterance",
