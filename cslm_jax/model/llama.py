@@ -200,14 +200,9 @@ class DecoderLayer(nnx.Module):
         elif cache is None:
             o = causal_attend(q, k, v, mask, blocks)
         else:
-            at = (0, 0, index, 0)
             cache = LayerCache(
-                jax.lax.dynamic_update_slice(
-                    cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), at
-                ),
-                jax.lax.dynamic_update_slice(
-                    cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), at
-                ),
+                write_cache(cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), index),
+                write_cache(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), index),
             )
             if t == 1 and mask.shape[-1] == cache.k.shape[2]:
                 o = cached_attention(q, cache.k, cache.v, mask)
@@ -223,6 +218,17 @@ class DecoderLayer(nnx.Module):
         [mlp] = self._project(act, ("down_proj",))
         x = constrain(x + checkpoint_name(mlp, "mlp_out"), ("batch", "length", "act_embed"), rules)
         return x, cache
+
+
+def write_cache(cache: jax.Array, new: jax.Array, index) -> jax.Array:
+    """cache [B, K, S, Dh] with new [B, K, T, Dh] written at slots [index, index + T): `index` an
+    int32 scalar (every row at the same slot: left-padded batches) or [B] (each row at its own
+    slot: the serving engine's slots, `cslm_jax.infer.engine`)."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
+    return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (0, i, 0)))(
+        cache, new, index
+    )
 
 
 def _rules_key(rules) -> tuple | None:
@@ -395,14 +401,15 @@ class Llama(nnx.Module):
         return self._logits(x[:, -1]), KVCache(tuple(ks), tuple(vs))
 
     def decode_step(self, cache: KVCache, token: jax.Array, index: jax.Array, pad: jax.Array):
-        """token [B] int32 goes to cache slot `index` (int32 scalar, same for all rows) at
-        position index - pad[b]. Returns (logits [B, V] float32 for the following token, the
-        updated KVCache)."""
+        """token [B] int32 goes to cache slot `index` at position index - pad[b]; `index` an
+        int32 scalar (the same slot for all rows) or [B] (row b at slot index[b]). Returns
+        (logits [B, V] float32 for the following token, the updated KVCache)."""
         x = self._embed(token[:, None])  # [B, 1, D]
         cos, sin = self._rope((index - pad)[:, None], x.dtype)
         slots = jnp.arange(cache.k[0].shape[2], dtype=jnp.int32)
+        last = jnp.reshape(index, (-1, 1))  # [1, 1] or [B, 1]
         # [B, 1, S]: the row's own real tokens up to and including this one.
-        mask = ((slots[None, :] >= pad[:, None]) & (slots[None, :] <= index))[:, None, :]
+        mask = ((slots[None, :] >= pad[:, None]) & (slots[None, :] <= last))[:, None, :]
         ks, vs = [], []
         # A Python loop over layers, not a scan: each layer's weights and cache are arrays of
         # their own; the cache slot is updated in place (the caller donates the cache).
