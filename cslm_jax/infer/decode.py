@@ -146,7 +146,7 @@ def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_p) -> jax
     return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
 
 
-def _speech_mask(logits, in_speech, constraint):
+def speech_mask(logits, in_speech, constraint):
     """Constrained decoding: inside a speech span only units and <eosp>, outside neither."""
     unit_lo, unit_hi, eosp = constraint
     ids = jnp.arange(logits.shape[-1])
@@ -168,7 +168,7 @@ def _run(
         return (s.t < jnp.minimum(limit, n)) & ~jnp.all(s.finished)
 
     def body(s: DecodeState):
-        logits = s.logits if constraint is None else _speech_mask(s.logits, s.in_speech, constraint)
+        logits = s.logits if constraint is None else speech_mask(s.logits, s.in_speech, constraint)
         if greedy:
             tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         else:
