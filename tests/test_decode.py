@@ -33,7 +33,7 @@ from cslm_jax.infer.decode import (
     stream_events,
 )
 from cslm_jax.kernels import cpu_matmul as cpu_kernels
-from cslm_jax.model.llama import forward
+from cslm_jax.model.llama import forward, fused_groups, split_fused
 from cslm_jax.model.vocab import load_tokenizer
 
 N = 20  # new tokens in the comparisons (one compiled loop shape per batch size)
@@ -176,10 +176,12 @@ def test_decoding_layout_gives_the_same_tokens(text_model):
         qkv = cpu_kernels.from_panels(qkv, hd + 2 * cfg.num_kv_heads * cfg.head_dim)
         gate_up = cpu_kernels.from_panels(gate_up, 2 * f)
     layer = m.params["layers"]
-    np.testing.assert_array_equal(
-        np.asarray(qkv[:, :hd]), np.asarray(layer["q_proj"][1]).reshape(d, -1)
-    )
-    np.testing.assert_array_equal(np.asarray(gate_up[:, f:]), np.asarray(layer["up_proj"][1]))
+    # fused columns come interleaved per kv head / MLP block (llama.fused_groups)
+    kd = cfg.num_kv_heads * cfg.head_dim
+    q = split_fused(qkv, [hd, kd, kd], fused_groups(cfg, "qkv"))[0]
+    up = split_fused(gate_up, [f, f], fused_groups(cfg, "gate_up"))[1]
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(layer["q_proj"][1]).reshape(d, -1))
+    np.testing.assert_array_equal(np.asarray(up), np.asarray(layer["up_proj"][1]))
     assert decoding_params(m.cfg, split) is split
     assert generate(m.cfg, split, PROMPTS, max_new_tokens=N, sampling=GREEDY) == generate(
         m.cfg, m.params, PROMPTS, max_new_tokens=N, sampling=GREEDY

@@ -48,7 +48,15 @@ import numpy as np
 
 from cslm_jax.config import ModelConfig
 from cslm_jax.errors import CslmError
-from cslm_jax.model.llama import NEG, KVCache, bind, config_key, decoding_params  # noqa: F401
+from cslm_jax.model.llama import (  # noqa: F401
+    NEG,
+    KVCache,
+    bind,
+    config_key,
+    decoding_params,
+    on_mesh,
+    tensor_mesh,
+)
 from cslm_jax.model.vocab import VocabInfo
 
 
@@ -209,21 +217,25 @@ def prefill(cfg: ModelConfig, params: dict, tokens, pad, cache_len: int):
     tokens = jnp.asarray(tokens, jnp.int32)
     if cache_len < tokens.shape[1]:
         raise DecodeError(f"cache_len {cache_len} is shorter than the prompts ({tokens.shape[1]})")
-    return _programs(config_key(cfg))[1](
-        decoding_params(cfg, params), tokens, jnp.asarray(pad, jnp.int32), cache_len=cache_len
-    )
+    params = decoding_params(cfg, params)
+    with on_mesh(params):
+        return _programs(config_key(cfg))[1](
+            params, tokens, jnp.asarray(pad, jnp.int32), cache_len=cache_len
+        )
 
 
 def decode_step(cfg: ModelConfig, params: dict, cache: KVCache, token, index: int, pad):
     """Jitted single step: token [B] int32 written at cache slot `index` -> (logits [B, V] float32
     for the next token, new KVCache). The caller keeps index < S."""
-    return _programs(config_key(cfg))[2](
-        decoding_params(cfg, params),
-        cache,
-        jnp.asarray(token, jnp.int32),
-        jnp.asarray(index, jnp.int32),
-        jnp.asarray(pad, jnp.int32),
-    )
+    params = decoding_params(cfg, params)
+    with on_mesh(params):
+        return _programs(config_key(cfg))[2](
+            params,
+            cache,
+            jnp.asarray(token, jnp.int32),
+            jnp.asarray(index, jnp.int32),
+            jnp.asarray(pad, jnp.int32),
+        )
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = 1):
@@ -338,7 +350,8 @@ def generate(
     params, state, run, constants = _start(
         cfg, params, prompts, max_new_tokens, stop_ids, sampling, pad_id, vocab, prompt_bucket
     )
-    state = run(params, state, jnp.int32(max_new_tokens), constants)
+    with on_mesh(params):
+        state = run(params, state, jnp.int32(max_new_tokens), constants)
     out, n = np.asarray(state.out), int(state.t)
     stops = {int(s) for s in stop_ids}
     return [_trim(row, n, stops) for row in out]
@@ -370,7 +383,8 @@ def generate_stream(
     )
     done = 0
     while done < max_new_tokens:
-        state = run(params, state, jnp.int32(min(done + chunk_size, max_new_tokens)), constants)
+        with on_mesh(params):
+            state = run(params, state, jnp.int32(min(done + chunk_size, max_new_tokens)), constants)
         t = int(state.t)
         if t == done:
             return  # every row finished
@@ -403,6 +417,7 @@ def load_for_decoding(
     compute_dtype: str | None = None,
     tmp_dir: str | Path | None = None,
     log=lambda *_: None,
+    tensor: int | None = None,
 ):
     """(cfg, params, tokenizer, vocab) from a cslm_jax model checkpoint or a Hugging Face Llama folder.
 
@@ -413,6 +428,9 @@ def load_for_decoding(
     would only let a sampler draw them). Params come back as device arrays in the compute dtype
     (`compute_dtype` overrides the checkpoint's), in the model's stacked layout (`forward`
     takes them); pass them through `decoding_params` once before decoding many times.
+    With `tensor` N: in the decoding layout instead, split over a mesh of N devices
+    (`tensor_mesh`, checked against the model before the weights are read), each device given
+    only its shards of the weights (`decoding_params(cfg, params, mesh)`).
     """
     from cslm_jax.convert.hf import import_hf
     from cslm_jax.model.vocab import check_layout, existing_layout, load_tokenizer
@@ -421,8 +439,13 @@ def load_for_decoding(
 
     path = fs.path(path)
 
+    mesh = None
+
     def read(ckpt):
+        nonlocal mesh
         _, cfg, vocab = read_metadata(ckpt)
+        if tensor is not None:
+            mesh = tensor_mesh(cfg, tensor)
         tokenizer = load_tokenizer(ckpt / "tokenizer")
         check_layout(tokenizer, vocab, str(ckpt / "tokenizer"))
         return cfg, load_params(ckpt), tokenizer, vocab
@@ -442,6 +465,8 @@ def load_for_decoding(
         )
     if compute_dtype is not None:
         cfg = cfg.replace(compute_dtype=compute_dtype)
+    if mesh is not None:
+        return cfg, decoding_params(cfg, params, mesh), tokenizer, vocab
     return (
         cfg,
         jax.tree.map(lambda a: jnp.asarray(a, jnp.dtype(cfg.compute_dtype)), params),

@@ -13,8 +13,10 @@ The layers come in two layouts of the same parameters:
 * **decoding** (`decoding_params`): one `DecoderLayer` per layer with weights of their own (a
   step then reads each weight once instead of copying a slice out of a stack first), in the
   compute dtype, matmul weights as matrices [In, Out] with q/k/v and gate/up side by side
-  (`schema.FUSED`: one matmul each), stored in the native CPU kernel's panel layout where it
-  serves (`cslm_jax.kernels.cpu_matmul`).
+  (`schema.FUSED`: one matmul each; their columns interleaved per kv head / MLP block,
+  `fused_groups`), stored in the native CPU kernel's panel layout where it serves
+  (`cslm_jax.kernels.cpu_matmul`), or split over a mesh's `tensor` axis by the training rules
+  (`decoding_params(cfg, params, mesh)`, `decoding_shardings`, `kv_cache_sharding`).
 
 The functional view the optimizer, Orbax and the converters work with is the parameter tree of
 `nnx.state(model, nnx.Param)` as plain arrays (`Llama.params()`, `init_params`); `bind` turns
@@ -35,7 +37,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from cslm_jax.config import ModelConfig
+from cslm_jax.config import ConfigError, ModelConfig
 from cslm_jax.kernels import cpu_matmul
 from cslm_jax.kernels.splash import splash_attend, target_platform
 from cslm_jax.model import schema
@@ -52,7 +54,7 @@ from cslm_jax.model.layers import (
     rope_inv_freq,
 )
 from cslm_jax.model.schema import FUSED, param_shapes  # noqa: F401  (param_shapes: public API)
-from cslm_jax.parallel.sharding import constrain
+from cslm_jax.parallel.sharding import MESH_AXES, constrain, make_mesh, named_sharding
 
 NEG = float(np.finfo(np.float32).min)  # the "never" logit of vocabulary padding rows
 
@@ -84,6 +86,43 @@ class KVCache(NamedTuple):
 
     k: tuple
     v: tuple
+
+
+# The logical axes of one layer's cache [B, K, S, Dh] (`kv_cache_sharding`, and the constraint
+# that keeps a written cache in that sharding on a mesh).
+CACHE_AXES = ("batch", "act_kv_heads", "length", None)
+
+
+def fused_groups(cfg: ModelConfig, group: str) -> int:
+    """How many groups the columns of a fused decoding matrix (`schema.FUSED`) are interleaved in:
+    qkv in K groups (group g: the H/K query heads that share kv head g, then k_g, then v_g),
+    gate_up in gcd(F, K) (group g: the gate columns of the g-th block of the MLP, then the up
+    columns of the same block); 1 for an unfused weight. A split of the columns into T equal
+    parts, T dividing the group count (as the kv heads must on a tensor mesh), so gives every
+    shard whole heads with their kv head, and gate and up columns that belong together: the
+    matmul needs no communication, and the same layout serves one device and any mesh."""
+    if group == "qkv":
+        return cfg.num_kv_heads
+    if group == "gate_up":
+        return math.gcd(cfg.intermediate_size, cfg.num_kv_heads)
+    return 1
+
+
+def fuse_columns(mats: list, groups: int) -> jax.Array:
+    """Matrices [In, n_i] (each n_i a multiple of `groups`) side by side in the grouped order of
+    `fused_groups`: [In, sum n_i] whose column block g holds block g of each matrix in turn."""
+    rows = mats[0].shape[0]
+    return jnp.concatenate([m.reshape(rows, groups, -1) for m in mats], axis=2).reshape(rows, -1)
+
+
+def split_fused(y: jax.Array, sizes: list[int], groups: int) -> list[jax.Array]:
+    """The inverse of `fuse_columns` on a product's columns: y [N, sum(sizes)] -> [N, size] per
+    member (a reshape and slices of the last axis, local to each shard of a column split)."""
+    if len(sizes) == 1:
+        return [y]
+    n = y.shape[0]
+    cuts = np.cumsum([s // groups for s in sizes])[:-1].tolist()
+    return [p.reshape(n, -1) for p in jnp.split(y.reshape(n, groups, -1), cuts, axis=2)]
 
 
 def _new_param(w: schema.Weight, shape, dtype, rngs, cfg: ModelConfig, axes) -> nnx.Param:
@@ -147,7 +186,7 @@ class DecoderLayer(nnx.Module):
             group = next((g for g, m in FUSED.items() if m == tuple(names)), names[0])
             sizes = [math.prod(o) for o in outs]
             y = dense(flat, getattr(self, group)[...], sum(sizes))
-            parts = jnp.split(y, np.cumsum(sizes)[:-1].tolist(), axis=1) if len(sizes) > 1 else [y]
+            parts = split_fused(y, sizes, fused_groups(self.cfg, group))
         else:
             parts = [
                 dense(
@@ -201,8 +240,16 @@ class DecoderLayer(nnx.Module):
             o = causal_attend(q, k, v, mask, blocks)
         else:
             cache = LayerCache(
-                write_cache(cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), index),
-                write_cache(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), index),
+                constrain(
+                    write_cache(cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), index),
+                    CACHE_AXES,
+                    rules,
+                ),
+                constrain(
+                    write_cache(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), index),
+                    CACHE_AXES,
+                    rules,
+                ),
             )
             if t == 1 and mask.shape[-1] == cache.k.shape[2]:
                 o = cached_attention(q, cache.k, cache.v, mask)
@@ -465,7 +512,23 @@ def forward(
     return bind(cfg, params, rules)(tokens, positions, segment_ids)
 
 
-def decoding_params(cfg: ModelConfig, params: dict) -> dict:
+def pack_layer(cfg: ModelConfig, weights: dict) -> dict:
+    """One layer in the decoding layout: `weights` {table name: that layer's array} -> {the
+    `packed_names` attribute: array} in the compute dtype, matmul weights as matrices [In, Out],
+    a fused group's columns in the grouped order of `fused_groups`."""
+    cd = jnp.dtype(cfg.compute_dtype)
+    layer = {}
+    for name, members in packed_names(cfg):
+        rows = [schema.weight("layers/" + m) for m in members]
+        if not rows[0].contracts:
+            layer[name] = jnp.asarray(weights[name], cd)
+            continue
+        mats = [jnp.asarray(weights[r.name], cd).reshape(r.in_out(cfg)) for r in rows]
+        layer[name] = mats[0] if len(mats) == 1 else fuse_columns(mats, fused_groups(cfg, name))
+    return layer
+
+
+def decoding_params(cfg: ModelConfig, params: dict, mesh=None, rules=None) -> dict:
     """The parameters in the decoding layout (module docstring), from the stacked tree (or as
     they are when already in it). Device arrays in the compute dtype:
 
@@ -473,15 +536,59 @@ def decoding_params(cfg: ModelConfig, params: dict) -> dict:
          "layers": ({"attn_norm", "mlp_norm": [D], "qkv": [D, (H + 2K) Dh], "o_proj": [H Dh, D],
                      "gate_up": [D, 2F], "down_proj": [F, D]}, ... one dict per layer)}
 
-    On CPU in float32, where the native kernel builds, every matrix is stored in the kernel's
-    panel layout [ceil(Out / 32), In, 32] instead. Building the layout copies the weights once (a
-    tied embedding also gets a transposed copy as the head); drop the stacked tree afterwards to
-    keep one copy in memory. Decoding calls this itself, so the stacked tree works everywhere but
-    pays that copy per call. Why this layout: benchmarks/RESULTS.md ("Decoding").
-    """
+    qkv and gate_up hold their members' columns interleaved in groups (`fused_groups`: per kv
+    head, per block of the MLP), so that a split of the columns over a mesh keeps whole heads
+    and matching gate / up columns on each shard.
+
+    Without a mesh, on CPU in float32, where the native kernel builds, every matrix is stored in
+    the kernel's panel layout [ceil(Out / 32), In, 32] instead. Building the layout copies the
+    weights once (a tied embedding also gets a transposed copy as the head); drop the stacked
+    tree afterwards to keep one copy in memory. Decoding calls this itself, so the stacked tree
+    works everywhere but pays that copy per call. Why this layout: benchmarks/RESULTS.md
+    ("Decoding").
+
+    With a `mesh` (`tensor_mesh`; axes data, fsdp, tensor), every array is placed in its
+    `decoding_shardings` (the training rules table `rules`, default
+    `cslm_jax.parallel.sharding.DEFAULT_RULES`: heads, kv heads, MLP and vocabulary split over
+    `tensor`), layer by layer: each input weight goes to the devices in the shards of its own
+    logical axes first (host numpy arrays, as `load_params` gives them, are never whole on one
+    device), then is cast and fused there. `prefill` / `decode_step` / `generate` run on such
+    params unchanged (under `on_mesh(params)`, which `cslm_jax.infer.decode` enters)."""
     if is_decoding_layout(params):
-        return params
+        if mesh is None:
+            return params
+        if any(a.ndim == 3 for layer in params["layers"] for a in layer.values()):
+            raise ConfigError(
+                "decoding_params: these params are in the CPU kernel's panel layout; place the "
+                "stacked tree on the mesh instead (decoding_params(cfg, stacked, mesh))"
+            )
+        return jax.device_put(params, decoding_shardings(cfg, mesh, rules))
     cd = jnp.dtype(cfg.compute_dtype)
+    stacked = params["layers"]
+    if mesh is not None:
+        shardings = decoding_shardings(cfg, mesh, rules)
+        place = functools.partial(named_sharding, mesh, rules=rules)
+
+        def put(x, axes, what):
+            return jax.device_put(x, place(axes, shape=np.shape(x), what=what))
+
+        top = jax.jit(
+            lambda e, n, h: (e.astype(cd), n.astype(cd), h.astype(cd)),
+            out_shardings=(shardings["embed"], shardings["final_norm"], shardings["lm_head"]),
+        )
+        tied = cfg.tie_word_embeddings
+        embed = put(params["embed"], ("vocab", "embed"), "embed")
+        head = embed.T if tied else put(params["lm_head"], ("embed", "vocab"), "lm_head")
+        e, n, h = top(embed, put(params["final_norm"], ("norm",), "final_norm"), head)
+        pack = jax.jit(functools.partial(pack_layer, cfg), out_shardings=shardings["layers"][0])
+        layers = []
+        for i in range(cfg.num_layers):
+            ws = {
+                w.name: put(stacked[w.name][i], w.axes, f"layers/{w.name}[{i}]")
+                for w in schema.layer_weights(cfg)
+            }
+            layers.append(pack(ws))
+        return {"embed": e, "final_norm": n, "lm_head": h, "layers": tuple(layers)}
     kernel = cd == jnp.float32 and jax.default_backend() == "cpu" and cpu_matmul.available()
     matrix = cpu_matmul.panel_layout if kernel else (lambda a: a)
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
@@ -490,18 +597,10 @@ def decoding_params(cfg: ModelConfig, params: dict) -> dict:
         "final_norm": jnp.asarray(params["final_norm"], cd),
         "lm_head": matrix(jnp.asarray(head, cd)),
     }
-    stacked = params["layers"]
     layers = []
     for i in range(cfg.num_layers):
-        layer = {}
-        for name, members in packed_names(cfg):
-            rows = [schema.weight("layers/" + m) for m in members]
-            if not rows[0].contracts:
-                layer[name] = jnp.asarray(stacked[name][i], cd)
-                continue
-            mats = [jnp.asarray(stacked[r.name][i], cd).reshape(r.in_out(cfg)) for r in rows]
-            layer[name] = matrix(mats[0] if len(mats) == 1 else jnp.concatenate(mats, axis=1))
-        layers.append(layer)
+        layer = pack_layer(cfg, {w.name: stacked[w.name][i] for w in schema.layer_weights(cfg)})
+        layers.append({k: matrix(a) if a.ndim == 2 else a for k, a in layer.items()})
     out["layers"] = tuple(layers)
     return out
 
@@ -520,6 +619,94 @@ def param_shardings(cfg: ModelConfig, mesh, rules=None) -> dict:
         )
 
     return jax.tree_util.tree_map_with_path(one, param_shapes(cfg), is_leaf=schema.is_spec)
+
+
+def decoding_shardings(cfg: ModelConfig, mesh, rules=None) -> dict:
+    """NamedSharding per array of the decoding layout (the tree `decoding_params` returns), by
+    the logical axes of the weights it holds and the rules table, as training shards them:
+    embed [V, D] (vocab, embed); lm_head [D, V] (embed, vocab); a layer's norms (norm); q / k /
+    v, gate / up (embed, heads | kv_heads | mlp); o_proj [H Dh, D] (heads, embed); down_proj
+    [F, D] (mlp, embed). A fused matrix's columns split by its groups (`fused_groups`: qkv by
+    kv heads, gate_up as mlp), so the mesh's ways on them must divide the group count; a dim the
+    mesh does not divide is a ConfigError naming the array."""
+
+    def sh(names, shape, what):
+        return named_sharding(mesh, names, rules, shape, what=f"decoding parameter {what}")
+
+    d, v = cfg.hidden_size, cfg.vocab_size
+    layer = {}
+    for name, members in packed_names(cfg):
+        rows = [schema.weight("layers/" + m) for m in members]
+        r = rows[0]
+        if not r.contracts:
+            layer[name] = sh(r.axes, r.shape(cfg), f"layers[i].{name}")
+            continue
+        ins, outs = r.axes[: r.contracts], r.axes[r.contracts :]
+        size = schema.axis_size
+        if len(rows) > 1:  # a fused group: its columns split in whole groups
+            out = "kv_heads" if any("kv_heads" in w.axes for w in rows) else outs[0]
+            layer[name] = sh((ins[0], out), (size(cfg, ins[0]), fused_groups(cfg, name)), name)
+        else:
+            check = (size(cfg, ins[0]), size(cfg, outs[0]))
+            layer[name] = sh((ins[0], outs[0]), check, f"layers[i].{name}")
+    return {
+        "embed": sh(("vocab", "embed"), (v, d), "embed"),
+        "final_norm": sh(("norm",), (d,), "final_norm"),
+        "lm_head": sh(("embed", "vocab"), (d, v), "lm_head"),
+        "layers": (layer,) * cfg.num_layers,
+    }
+
+
+def kv_cache_sharding(cfg: ModelConfig, mesh, rules=None, slots: int | None = None):
+    """The NamedSharding of one layer's cache [B, K, S, Dh] (`CACHE_AXES`: rows over the batch
+    axes, kv heads over `tensor` with the default rules). `slots` (B), when given, is checked
+    against the batch axes too; K against the kv heads' ways (a ConfigError naming the cache)."""
+    shape = (slots or 0, cfg.num_kv_heads, 0, cfg.head_dim)
+    return named_sharding(mesh, CACHE_AXES, rules, shape, what="the KV cache [B, K, S, Dh]")
+
+
+def tensor_mesh(cfg: ModelConfig, tensor: int, devices=None):
+    """A mesh of `tensor` devices of this host (the first ones; data = fsdp = 1) to decode on,
+    with the weights and the cache split over `tensor`. ConfigError (naming --tensor) when it
+    does not divide the device count, the kv heads, the query heads or the MLP."""
+    devices = list(jax.devices() if devices is None else devices)
+    if tensor < 1 or len(devices) % tensor:
+        raise ConfigError(
+            f"--tensor {tensor}: must divide the {len(devices)} device(s) of this host "
+            f"({jax.default_backend()})"
+        )
+    for what, n in (
+        ("kv heads", cfg.num_kv_heads),
+        ("query heads", cfg.num_heads),
+        ("MLP width", cfg.intermediate_size),
+        ("vocabulary rows", cfg.vocab_size),
+    ):
+        if n % tensor:
+            raise ConfigError(
+                f"--tensor {tensor}: does not divide the model's {n} {what}; each device needs "
+                f"whole heads (give a divisor of {math.gcd(cfg.num_kv_heads, cfg.num_heads)})"
+            )
+    return make_mesh({"data": 1, "fsdp": 1, "tensor": tensor}, devices[:tensor])
+
+
+def params_mesh(params: dict):
+    """The mesh decoding params were placed on (`decoding_params(..., mesh)`), or None for params
+    on one device."""
+    sharding = getattr(params.get("embed"), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.size == 1 or set(mesh.axis_names) != set(MESH_AXES):
+        return None
+    return mesh
+
+
+def on_mesh(params: dict):
+    """The context to trace and run a decoding program on `params` in: `jax.set_mesh` of their
+    mesh (so that the model's `constrain` calls keep activations and the cache sharded), or
+    nothing for params on one device."""
+    import contextlib
+
+    mesh = params_mesh(params)
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def init_params(cfg: ModelConfig, seed: int = 0, mesh=None, rules=None) -> dict:
