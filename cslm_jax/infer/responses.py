@@ -802,13 +802,14 @@ def decode_unit_file(
     append: bool = False,
     speech_out=None,
     log: Callable[[str], None] = print,
+    tensor: int | None = None,
 ) -> dict:
     """The `decode` command: answer every question of `unit_file` in `lang` (a language of
     `data_config`, which gives the prompt, chunk unit and merge_repeats), appending
     OUTPUT_DIR/responses.json and responses.jsonl batch by batch and writing
     latency_summary.json. The model is `ckpt` or `hf_dir`; `sampling` a `decode.Sampling`
     (default: the reference's, temperature 1.0 and top-p 0.7). Progress goes to `log`; returns
-    the latency summary.
+    the latency summary. `tensor`: the model split over that many devices (`load_for_decoding`).
 
     prompt_style "training" (default): the user turn plus the assistant header, as training
     renders it, with units merged as the data config says; responses.json holds the generated
@@ -899,7 +900,7 @@ def decode_unit_file(
 
     t_load = time.perf_counter()
     cfg, params, tok, vocab = load_for_decoding(
-        model_path, tmp_dir=tmp_root, compute_dtype=compute_dtype
+        model_path, tmp_dir=tmp_root, compute_dtype=compute_dtype, tensor=tensor
     )
     if not vocab.unit_count or "<sosp>" not in vocab.control_tokens:
         raise UnitFileError(
