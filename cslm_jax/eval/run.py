@@ -35,6 +35,14 @@ import time
 from pathlib import Path
 
 from cslm_jax.data.formats import merge_repeats
+from cslm_jax.eval.audio import (
+    audio_table_rows,
+    chain_first_audio,
+    decode_answers,
+    judge_answers,
+    open_audio_scoring,
+    score_audio,
+)
 from cslm_jax.eval.metrics import (
     EvaluationError,
     UnitLexicon,
@@ -428,7 +436,8 @@ def format_table(result: dict) -> str:
                 f"{ot['undetermined']} undetermined)",
             ),
             (
-                "text/speech consistency error",
+                "text/speech consistency error"
+                + (" (ASR of the audio)" if "consistency_source" in m else ""),
                 pct(m["consistency_error_rate"])
                 if m["consistency_error_rate"] is not None
                 else "- (no unit lexicon)",
@@ -436,6 +445,7 @@ def format_table(result: dict) -> str:
             ("well-formed answers", pct(m["well_formed"])),
             ("speech chunks per answer", f"{m['speech_chunks_per_answer']:.2f}"),
         ]
+    rows += audio_table_rows(m)
     width = max(len(k) for k, _ in rows)
     head = f"{result['task']} ({kind}, {result['split']}) - {result['ckpt']}"
     line = "-" * max(len(head), width + 20)
@@ -459,12 +469,28 @@ def evaluate_task(
     language_id_name: str = "script",
     overrides=(),
     force: bool = False,
+    token2wav=None,
+    voice=None,
+    speech_rate: float | None = None,
+    asr: str | None = None,
+    mos: str | None = None,
+    judge_url: str | None = None,
+    judge_model: str | None = None,
+    judge_prompt=None,
+    judge_scale: str = "1-10",
+    judge_concurrency: int = 4,
+    judge_cache=None,
     log=print,
 ) -> dict:
     """The `evaluate` command: decode `task`'s `split` records greedily with the model `ckpt`
     (default: the run's model/ when `config` is a run folder), score them, write the result as
     JSON to `output` (default eval_TASK_SPLIT.json; an existing file only with `force`, refused
-    before anything is read) and log the table. Returns the result."""
+    before anything is read) and log the table. Returns the result.
+
+    Audio (`cslm_jax.eval.audio`): with `token2wav` and `voice` the answers are synthesised as
+    they are decoded, their wavs kept, time to first audio measured (interleaved and chain);
+    `asr` (a spec, `cslm_jax.eval.asr.load_asr`) scores the audio, `mos` (`module:function`)
+    rates it; `judge_url` / `judge_model` (`cslm_jax.eval.judge`) rate spoken-QA answers."""
     from cslm_jax.storage.checkpoint import resolve_model_dir
 
     say = log
@@ -483,8 +509,28 @@ def evaluate_task(
     items = build_items(spec, files, fmt, max_examples, data_cfg.skip_bad)
     if not items:
         raise EvaluationError(f"--task {task!r}: no records in {split} files {files}")
-    lexicon, lexicon_note = choose_lexicon(unit_lexicon, items, spec.kind, fmt)
-    if spec.kind == "tts" and lexicon is None:
+    scoring = open_audio_scoring(
+        spec.kind,
+        out_path,
+        fmt,
+        token2wav=token2wav,
+        voice=voice,
+        speech_rate=speech_rate,
+        asr=asr,
+        mos=mos,
+        judge_url=judge_url,
+        judge_model=judge_model,
+        judge_prompt=judge_prompt,
+        judge_scale=judge_scale,
+        judge_concurrency=judge_concurrency,
+        judge_cache=judge_cache,
+        inputs=[("--config", config), ("--ckpt", ckpt)],
+    )
+    if scoring.asr is not None and spec.kind == "s2s":
+        lexicon, lexicon_note = None, f"not used: consistency is scored by --asr {asr}"
+    else:
+        lexicon, lexicon_note = choose_lexicon(unit_lexicon, items, spec.kind, fmt)
+    if spec.kind == "tts" and lexicon is None and scoring.asr is None:
         say(f"evaluate: no unit lexicon ({lexicon_note}); TTS is scored by unit error rate only")
 
     model_path = (
@@ -519,17 +565,40 @@ def evaluate_task(
         f"greedy, batch {batch_size}, up to {max_new} new tokens"
     )
     t1 = time.perf_counter()
-    generations = decode_items(
-        cfg,
-        params,
-        tok,
-        vocab,
-        items,
-        batch_size=batch_size,
-        max_new_tokens=max_new,
-        loss_mask=fmt.loss_mask,
-        log=say,
-    )
+    answers = None
+    if scoring.speech_out is not None:
+        from cslm_jax.infer.responses import chat_prompt_ids
+
+        say(
+            f"evaluate: synthesising the answers as they are decoded into "
+            f"{scoring.wav_dir} (speech rate {scoring.speech_rate:g}: "
+            f"{scoring.speech_rate_from})"
+        )
+        prompts = [chat_prompt_ids(tok, it["prompt"], it["where"], fmt.loss_mask) for it in items]
+        answers = decode_answers(
+            cfg,
+            params,
+            tok,
+            vocab,
+            prompts,
+            batch_size=batch_size,
+            max_new_tokens=max_new,
+            speech_out=scoring.speech_out,
+            log=say,
+        )
+        generations = [a.output_ids for a in answers]
+    else:
+        generations = decode_items(
+            cfg,
+            params,
+            tok,
+            vocab,
+            items,
+            batch_size=batch_size,
+            max_new_tokens=max_new,
+            loss_mask=fmt.loss_mask,
+            log=say,
+        )
     decode_s = time.perf_counter() - t1
     metrics, rows = score(
         spec.kind,
@@ -541,6 +610,24 @@ def evaluate_task(
         lid_name=language_id_name,
         lang_units={k: v.chunk_unit for k, v in fmt.languages.items()},
     )
+    if answers is not None:
+        say(
+            "evaluate: the non-interleaved chain on the same questions (decoded again, then synthesised)"
+        )
+        chain = chain_first_audio(
+            cfg,
+            params,
+            tok,
+            vocab,
+            prompts,
+            scoring,
+            batch_size=batch_size,
+            max_new_tokens=max_new,
+            log=say,
+        )
+        score_audio(spec.kind, items, rows, metrics, answers, scoring, chain, say)
+    if scoring.judge is not None:
+        judge_answers(items, rows, metrics, scoring.judge, say)
     result = {
         "task": task,
         "kind": spec.kind,
