@@ -220,6 +220,27 @@ def test_spoken_qa_audio_consistency_and_judge(setup, capsys, tmp_path):
         server.close()
 
 
+def test_judge_without_audio_rates_text_answers_and_a_rerun_is_cached(setup, capsys, tmp_path):
+    server = ChatServer()
+    try:
+        out = tmp_path / "judged.json"
+        args = ["--judge-url", server.url + "/v1", "--judge-model", "judge"]
+        code, _, err, r = evaluate(setup, capsys, "cslm_sft_s2s_en", out, *args)
+        assert code == 0, err
+        j = r["metrics"]["judge"]
+        assert j["judged"] == "text answers" and j["scale"] == [1, 10]
+        # the answer "The quick brown fox": Score 4 from the server (its word count)
+        assert [x["judge_score"] for x in r["examples"]] == [4.0, 4.0]
+        assert (j["mean"], j["requests"], j["cached"]) == (4.0, 2, 0) and server.total() == 2
+        assert "audio" not in r["metrics"] and not (tmp_path / "judged_wavs").exists()
+        code, _, err, r = evaluate(setup, capsys, "cslm_sft_s2s_en", out, *args, "--force")
+        assert code == 0, err
+        assert (r["metrics"]["judge"]["requests"], r["metrics"]["judge"]["cached"]) == (0, 2)
+        assert server.total() == 2 and r["metrics"]["judge"]["mean"] == 4.0
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize(
     "task, args, message",
     [

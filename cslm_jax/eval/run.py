@@ -20,6 +20,11 @@ Scores per task kind (error rates: WER for word languages, CER for `chunk_unit: 
   and, with a unit lexicon, the error rate of the speech read back as text (the paper's "ASR of
   generated speech", with the lexicon as the recogniser).
 * instruct: not supported (free text answers need a judge); a clear error.
+* audio (s2s, tts; `cslm_jax.eval.audio`): with `--token2wav DIR --voice V` the answers are
+  synthesised as they are decoded, their wavs kept and time to first audio measured
+  (interleaved and the non-interleaved chain); `--asr` scores the audio (TTS: against the input
+  text; s2s: consistency with the text answer, replacing the unit lexicon, and against the
+  reference), `--mos` rates it; `--judge-url` / `--judge-model` rate spoken-QA answers.
 
 Unit lexicon (`--unit-lexicon`): `auto` (default) uses the demo corpus' pronunciation table
 when, and only when, it reads the task's own reference units back into their reference text
