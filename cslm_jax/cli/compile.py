@@ -1,6 +1,6 @@
 """`cslm-jax compile`: will a run fit a TPU slice? (cslm_jax.tpu.aot) With --speech-tokenizer:
 the speech-unit extraction step instead (cslm_jax.tpu.extraction); with --token2wav: speech
-synthesis (cslm_jax.tpu.synthesis)."""
+synthesis (cslm_jax.tpu.synthesis); with --decode: a decoding step (cslm_jax.tpu.decoding)."""
 
 
 def add_parser(sub):
@@ -11,7 +11,8 @@ def add_parser(sub):
         "FIT (exit 0 / 1; needs the libtpu package); with --speech-tokenizer the "
         "extract-units step: memory per chip, FLOPs per second of audio, hours of "
         "audio per chip-hour; with --token2wav the synthesis step (flow + HiFT): memory "
-        "per chip, FLOPs and seconds of audio per chip-second",
+        "per chip, FLOPs and seconds of audio per chip-second; with --decode a decoding "
+        "step: memory per chip (weights + KV cache) and the tokens/s bound",
         epilog="topologies: v4:AxBxC, v5p:AxBxC, v5e:AxB, v6e:AxB in chips, e.g. "
         "v4:2x2x4 (v4-32), v5p:4x4x4 (v5p-128), v5e:8x8 (v5litepod-64); one chip: "
         "v5e:1x1, v5p:1x1x1",
@@ -81,6 +82,30 @@ def add_parser(sub):
         "token2wav version (v1 or v2) at its official sizes (overrides: flow.NAME=N, "
         "hift.NAME=N); --batch answers of --seconds each",
     )
+    d = s.add_argument_group("decoding step (instead of a train step)")
+    d.add_argument(
+        "--decode",
+        action="store_true",
+        help="compile one decoding step (every KV-cache slot advances a token, as the serving "
+        "engine steps) of --model (default: Llama 3.1 8B with the CSLM vocabulary, "
+        "--speech-units default 4096) in its "
+        "compute dtype, weights and cache split over --tensor chips: memory per chip and the "
+        "tokens/s bound (HBM bandwidth)",
+    )
+    d.add_argument("--slots", type=int, default=8, help="KV-cache rows (default %(default)s)")
+    d.add_argument(
+        "--max-length",
+        type=int,
+        default=4096,
+        help="cache positions per slot: prompt + answer (default %(default)s)",
+    )
+    d.add_argument(
+        "--tensor",
+        type=int,
+        default=None,
+        help="chips that split the weights and the cache (default: every chip of the slice; "
+        "the others hold copies for more slots)",
+    )
     s.add_argument(
         "overrides",
         nargs="*",
@@ -92,6 +117,25 @@ def add_parser(sub):
 
 
 def check(args, parser) -> None:
+    if args.decode:
+        other = [
+            flag
+            for flag, given in (
+                ("--config", args.config),
+                ("--search", args.search),
+                ("--speech-tokenizer", args.speech_tokenizer),
+                ("--token2wav", args.token2wav),
+                ("--batch", args.batch is not None),
+                ("--seconds", args.seconds is not None),
+                ("key=value overrides", args.overrides),
+            )
+            if given
+        ]
+        if other:
+            parser.error(f"--decode compiles the decoding step: it takes no {', '.join(other)}")
+        return
+    if args.tensor is not None or args.slots != 8 or args.max_length != 4096:
+        parser.error("--slots, --max-length and --tensor go with --decode")
     if args.speech_tokenizer is not None and args.token2wav is not None:
         parser.error("--speech-tokenizer and --token2wav compile different steps: give one")
     if args.speech_tokenizer is None and args.token2wav is None and args.config is None:
@@ -119,6 +163,20 @@ def check(args, parser) -> None:
 def run(args) -> int:
     from cslm_jax.tpu.aot import check_fit, gib, search_fit
 
+    if args.decode:
+        from cslm_jax.tpu.decoding import compile_decode_step
+
+        return _print(
+            compile_decode_step(
+                args.topology,
+                args.slots,
+                args.max_length,
+                args.tensor,
+                args.model,
+                4096 if args.speech_units is None else args.speech_units,
+                args.pad_vocab_multiple,
+            )
+        )
     if args.token2wav is not None or args.speech_tokenizer is not None:
         # a speech step instead of a train step: (version, compile function, default batch and
         # seconds per row)

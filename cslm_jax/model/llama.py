@@ -621,6 +621,14 @@ def param_shardings(cfg: ModelConfig, mesh, rules=None) -> dict:
     return jax.tree_util.tree_map_with_path(one, param_shapes(cfg), is_leaf=schema.is_spec)
 
 
+def decoding_shapes(cfg: ModelConfig) -> dict:
+    """jax.ShapeDtypeStruct per array of the decoding layout as on a mesh (matrices [In, Out], no
+    panels), the tree `decoding_params` returns: for lowering without weights (`cslm-jax compile
+    --decode`)."""
+    tree = jax.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), decoding=True).params())
+    return {**tree, "layers": tuple(tree["layers"][i] for i in range(cfg.num_layers))}
+
+
 def decoding_shardings(cfg: ModelConfig, mesh, rules=None) -> dict:
     """NamedSharding per array of the decoding layout (the tree `decoding_params` returns), by
     the logical axes of the weights it holds and the rules table, as training shards them:

@@ -174,20 +174,12 @@ def compile_model_config(
     extended with the CSLM vocabulary exactly as `cslm-jax import-hf` would (`speech_units`
     None: the data config's format.unit_count, the codebook the run trains on), else the model
     checkpoint the config's `init_from` names. The run's `model` section applies on top."""
-    from cslm_jax.config import load_model_config
-    from cslm_jax.model.vocab import CONTROL_TOKENS, VocabInfo
-
     if model_path:
-        base = load_model_config(model_path)
         if speech_units is None:
             from cslm_jax.data.formats import load_data_config
 
             speech_units = load_data_config(cfg.data.config, check_files=False).format.unit_count
-        controls = CONTROL_TOKENS if speech_units else ()
-        size = base.vocab_size + speech_units + len(controls)
-        padded = pad_to_multiple(size, pad_vocab_multiple)
-        vocab = VocabInfo(base.vocab_size, speech_units, controls, padded)
-        model = base.replace(vocab_size=padded, unpadded_vocab_size=size)
+        model, vocab = cslm_model_config(model_path, speech_units, pad_vocab_multiple)
     elif cfg.init_from:
         from cslm_jax.storage.checkpoint import read_metadata, resolve_model_dir
 
@@ -198,6 +190,21 @@ def compile_model_config(
             f"--model (e.g. configs/model/llama3_1_8b.yaml)"
         )
     return model.replace(**cfg.model), vocab
+
+
+def cslm_model_config(model_path: str, speech_units: int, pad_vocab_multiple: int):
+    """(ModelConfig, VocabInfo) of the base architecture YAML `model_path` with the CSLM
+    vocabulary added as `cslm-jax import-hf` adds it: `speech_units` units and the control
+    tokens (none without units), padded to a multiple of `pad_vocab_multiple` rows."""
+    from cslm_jax.config import load_model_config
+    from cslm_jax.model.vocab import CONTROL_TOKENS, VocabInfo
+
+    base = load_model_config(model_path)
+    controls = CONTROL_TOKENS if speech_units else ()
+    size = base.vocab_size + speech_units + len(controls)
+    padded = pad_to_multiple(size, pad_vocab_multiple)
+    vocab = VocabInfo(base.vocab_size, speech_units, controls, padded)
+    return base.replace(vocab_size=padded, unpadded_vocab_size=size), vocab
 
 
 def stage_shape(cfg: RunConfig) -> tuple[int, int]:

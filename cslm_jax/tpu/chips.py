@@ -1,6 +1,7 @@
-"""Accelerator chips: the one table of datasheet figures (dense bf16 peak, HBM per chip) and the
-`jax.Device.device_kind` names each chip reports. Read by MFU (`cslm_jax.train.metrics`) and by
-`cslm-jax compile` (`cslm_jax.tpu.aot`). CPUs are not listed: their peak is measured."""
+"""Accelerator chips: the one table of datasheet figures (dense bf16 peak, HBM and its bandwidth
+per chip) and the `jax.Device.device_kind` names each chip reports. Read by MFU
+(`cslm_jax.train.metrics`) and by `cslm-jax compile` (`cslm_jax.tpu.aot`, `cslm_jax.tpu.decoding`).
+CPUs are not listed: their peak is measured."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ class Chip:
     device_kinds: tuple[str, ...]  # prefixes of jax's Device.device_kind for this chip
     peak_bf16: float  # dense bf16 FLOP/s per chip
     hbm_gib: float | None  # HBM per chip (None: the chip comes in several sizes)
+    hbm_bandwidth: float | None = None  # HBM bytes/s per chip (memory-bound decoding steps)
 
     @property
     def hbm_bytes(self) -> int | None:
@@ -22,10 +24,10 @@ class Chip:
 
 
 CHIPS = {
-    "v4": Chip("TPU v4", ("TPU v4",), 275e12, 32),
-    "v5e": Chip("TPU v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16),
-    "v5p": Chip("TPU v5p", ("TPU v5p", "TPU v5"), 459e12, 95),
-    "v6e": Chip("TPU v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32),
+    "v4": Chip("TPU v4", ("TPU v4",), 275e12, 32, 1.2e12),
+    "v5e": Chip("TPU v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16, 8.19e11),
+    "v5p": Chip("TPU v5p", ("TPU v5p", "TPU v5"), 459e12, 95, 2.765e12),
+    "v6e": Chip("TPU v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32, 1.64e12),
     "h100": Chip("NVIDIA H100", ("NVIDIA H100",), 989e12, None),
     "h200": Chip("NVIDIA H200", ("NVIDIA H200",), 989e12, None),
     "a100": Chip("NVIDIA A100", ("NVIDIA A100",), 312e12, None),
