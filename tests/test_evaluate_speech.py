@@ -271,3 +271,12 @@ def test_bad_audio_flags_exit_2(setup, capsys, tmp_path, task, args, message):
     code, _, err, _ = evaluate(setup, capsys, task, tmp_path / "o.json", *args)
     assert code == 2 and message in err, err
     assert not (tmp_path / "o.json").exists()
+
+
+def test_the_wav_folder_never_replaces_other_files(setup, capsys, tmp_path):
+    (tmp_path / "o_wavs").mkdir()
+    (tmp_path / "o_wavs" / "mine.wav").write_bytes(b"RIFF")
+    args = ["--token2wav", str(setup.t2w), "--voice", "random"]
+    code, _, err, _ = evaluate(setup, capsys, "cslm_sft_tts_en", tmp_path / "o.json", *args)
+    assert code == 2 and "its wav folder" in err and "holds mine.wav, which evaluate did not" in err
+    assert (tmp_path / "o_wavs" / "mine.wav").read_bytes() == b"RIFF"

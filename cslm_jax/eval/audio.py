@@ -66,6 +66,33 @@ def wav_dir_for(output: Path) -> Path:
     return output.parent / f"{output.stem}_wavs"
 
 
+def check_wav_dir(wav_dir: Path, output: Path) -> None:
+    """The wav folder of `output` must be new, empty or an earlier evaluate's: never write over
+    wavs another tool or the user put there (named as --output's, the flag the user gave)."""
+    from cslm_jax.storage.outputs import OutputPathError, foreign_entries, read_marker
+
+    if wav_dir.is_file():
+        raise OutputPathError(
+            f"--output {output}: its wav folder {wav_dir} is a file; move it or choose another "
+            f"--output"
+        )
+    if not wav_dir.is_dir():
+        return
+    marker = read_marker(wav_dir)
+    if marker is not None and marker.get("tool") != EvaluationSpeechOut.TOOL:
+        raise OutputPathError(
+            f"--output {output}: its wav folder {wav_dir} was written by {marker.get('tool')}; "
+            f"move it or choose another --output"
+        )
+    foreign = foreign_entries(wav_dir)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise OutputPathError(
+            f"--output {output}: its wav folder {wav_dir} holds {shown}, which evaluate did not "
+            f"write; move them or choose another --output"
+        )
+
+
 def open_audio_scoring(
     kind: str,
     output: Path,
@@ -116,6 +143,7 @@ def open_audio_scoring(
             result.speech_rate, result.speech_rate_from = fmt.synthesis_rate()
         else:
             result.speech_rate, result.speech_rate_from = float(speech_rate), "--speech-rate"
+        check_wav_dir(wav_dir_for(output), output)
         result.speech_out = EvaluationSpeechOut.open(
             wav_dir_for(output), token2wav, voice, result.speech_rate, inputs=inputs
         )
