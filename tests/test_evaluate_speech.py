@@ -144,6 +144,10 @@ def check_latency(m, rows):
         assert t["answers"] == len(rows)
         assert t["mean"] == pytest.approx(np.mean(vals))
         assert t["median"] == pytest.approx(np.median(vals))
+    t = m["time_to_first_audio_s"]
+    assert t["chain_over_interleaved"] == pytest.approx(
+        t["chain"]["median"] / t["interleaved"]["median"]
+    )
 
 
 def test_tts_audio_is_transcribed_and_scored(setup, capsys, tmp_path):

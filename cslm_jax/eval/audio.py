@@ -299,10 +299,16 @@ def score_audio(
         "answers_with_audio": sum(len(w) > 0 for w in waves),
         "audio_s": mean_median([len(w) / rate for w in waves]),
     }
-    metrics["time_to_first_audio_s"] = {
+    t = metrics["time_to_first_audio_s"] = {
         "interleaved": mean_median(first_audio),
         "chain": mean_median(chain) if chain else None,
     }
+    # how many times sooner the interleaved answer is heard (chain / interleaved, medians)
+    t["chain_over_interleaved"] = (
+        t["chain"]["median"] / t["interleaved"]["median"]
+        if t["chain"] and t["chain"]["median"] and t["interleaved"]["median"]
+        else None
+    )
     if scoring.asr is not None:
         hyps = [""] * len(items)
         for lang in sorted({it["lang"] for it in items}):
@@ -402,6 +408,12 @@ def audio_table_rows(m: dict) -> list[tuple[str, str]]:
             ("answers with audio", f"{a['answers_with_audio']}/{m['examples']}"),
             ("time to first audio, interleaved (mean / median)", secs(t["interleaved"])),
             ("time to first audio, chain (mean / median)", secs(t["chain"])),
+            (
+                "chain / interleaved (medians)",
+                "-"
+                if t["chain_over_interleaved"] is None
+                else f"{t['chain_over_interleaved']:.2f}x",
+            ),
         ]
         if "asr" in m:
             name = {"wer": "WER", "cer": "CER"}.get(m["asr_error_rate_metric"], "WER/CER")
