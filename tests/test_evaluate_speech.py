@@ -211,6 +211,8 @@ def test_spoken_qa_audio_consistency_and_judge(setup, capsys, tmp_path):
         assert m["speech_answer_error_rate"] == pytest.approx(ref["error_rate"])
         assert m["consistency_source"] == f"ASR whisper:{setup.whisper}"
         assert r["unit_lexicon"] is None and "--asr" in r["unit_lexicon_note"]
+        assert [x["mos"] for x in rows] == pytest.approx([loudness(w, 22050) for w in waves])
+        assert m["mos"]["mean"] == pytest.approx(np.mean([x["mos"] for x in rows]))
         check_latency(m, rows)
         # the judge rated the transcripts of the answer audio (its score: their word counts)
         assert m["judge"]["judged"] == "answer audio transcripts"
