@@ -250,7 +250,7 @@ def test_judge_without_audio_rates_text_answers_and_a_rerun_is_cached(setup, cap
 @pytest.mark.parametrize(
     "task, args, message",
     [
-        ("cslm_sft_s2s_en", ["--asr", "whisper:x"], "--asr scores the answers' audio"),
+        ("cslm_sft_s2s_en", ["--asr", "whisper:x"], "--asr is for the answers' audio"),
         ("cslm_sft_s2s_en", ["--token2wav", "t2w"], "--token2wav and --voice go together"),
         ("cslm_sft_asr_en", ["--token2wav", "T2W", "--voice", "random"], "asr answers have no"),
         ("cslm_sft_s2s_en", ["--judge-url", "http://127.0.0.1:1"], "go together"),

@@ -122,7 +122,7 @@ def open_audio_scoring(
         for flag, v in (("--asr", asr), ("--mos", mos), ("--speech-rate", speech_rate)):
             if v is not None:
                 raise EvaluationError(
-                    f"{flag} scores the answers' audio: give --token2wav DIR --voice V too"
+                    f"{flag} is for the answers' audio: give --token2wav DIR --voice V too"
                 )
     if audio and kind not in AUDIO_KINDS:
         raise EvaluationError(
