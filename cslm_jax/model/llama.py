@@ -694,7 +694,13 @@ def tensor_mesh(cfg: ModelConfig, tensor: int, devices=None):
                 f"--tensor {tensor}: does not divide the model's {n} {what}; each device needs "
                 f"whole heads (give a divisor of {math.gcd(cfg.num_kv_heads, cfg.num_heads)})"
             )
-    return make_mesh({"data": 1, "fsdp": 1, "tensor": tensor}, devices[:tensor])
+    if tensor == len(devices):  # the whole host: jax orders the chips along the ICI links
+        return make_mesh({"data": 1, "fsdp": 1, "tensor": tensor}, devices)
+    # a part of the host: its first devices as they are (jax's topology-aware ordering wants
+    # every chip of the host)
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    grid = np.array(devices[:tensor], dtype=object).reshape(1, 1, tensor)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def params_mesh(params: dict):
