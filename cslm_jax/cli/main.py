@@ -30,6 +30,7 @@ COMMANDS = (
     "extract_units",
     "import_token2wav",
     "synthesize",
+    "serve",
 )
 
 

@@ -234,15 +234,16 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._admitting = 0
         self.failure: str | None = None
         self.steps = self.tokens = self.finished = 0  # counters (metrics)
 
     # -- the client side (any thread) --
 
     def submit(self, req: Request) -> int:
-        """Queue a request; returns its place in the queue (0: it goes in at the next step
-        if a slot is free). Raises QueueFull past `max_queue`, DecodeError for a prompt that
-        cannot fit or bad settings."""
+        """Queue a request; returns how many requests wait for a slot before it (0: a slot is
+        free for it at the next step). Raises QueueFull when `max_queue` requests wait for a
+        slot already, DecodeError for a prompt that cannot fit or bad settings."""
         if not req.prompt:
             raise DecodeError("empty prompt")
         if req.max_new_tokens < 1:
@@ -258,12 +259,15 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise QueueFull("the engine is shutting down")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"{len(self._queue)} requests waiting (max_queue {self.max_queue})")
+            waiting = len(self._queue) - self._free()  # beyond the free slots
+            if waiting >= self.max_queue:
+                raise QueueFull(
+                    f"{waiting} requests waiting for a slot (max_queue {self.max_queue})"
+                )
             req.submitted_at = time.perf_counter()
             self._queue.append(req)
             self._cv.notify()
-            return len(self._queue) - 1
+            return max(0, waiting + 1)
 
     def cancel(self, req: Request) -> None:
         """Drop a request: out of the queue now, out of its slot before the next step."""
@@ -318,7 +322,11 @@ class Engine:
                         return
                     admit = self._take()
                 if admit:
-                    self._admit(admit)
+                    try:
+                        self._admit(admit)
+                    finally:
+                        with self._cv:
+                            self._admitting = 0
                 if self.busy:
                     self._generate()
         except Exception as e:  # a failed step ends every answer with the reason, not silently
@@ -332,6 +340,10 @@ class Engine:
             for r in pending:
                 self._finish(r, f"error: {self.failure}")
 
+    def _free(self) -> int:
+        """Slots neither busy nor being filled (under the lock)."""
+        return self.slots - self.busy - self._admitting
+
     def _work(self) -> bool:
         return bool(self._queue) or self.busy > 0
 
@@ -341,8 +353,9 @@ class Engine:
         for r in [r for r in self._queue if r.cancelled]:
             self._queue.remove(r)
             self._finish(r, "cancelled")
-        free = self.slots - self.busy
-        return [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
+        take = [self._queue.popleft() for _ in range(min(self._free(), len(self._queue)))]
+        self._admitting = len(take)  # their slots count as taken until they are in them
+        return take
 
     def _finish(self, req: Request, reason: str) -> None:
         if req.done:
