@@ -45,7 +45,9 @@ def model(tmp_path_factory, tiny_tokenizer_dir):
     )
     ckpt = import_hf(root / "hf", root / "ck", speech_units=16, new_rows="normal", log=quiet)
     cfg, params, tok, vocab = load_for_decoding(ckpt)
-    return SimpleNamespace(cfg=cfg, params=decoding_params(cfg, params), tok=tok, vocab=vocab)
+    return SimpleNamespace(
+        cfg=cfg, params=decoding_params(cfg, params), tok=tok, vocab=vocab, ckpt=ckpt
+    )
 
 
 class Collect:
@@ -168,3 +170,22 @@ def test_cancel_frees_slot_and_queue_limit(model):
         assert engine.stop(timeout=60)
     with pytest.raises(QueueFull, match="shutting down"):
         engine.submit(Collect().request(PROMPTS[0], 4))
+
+
+def test_sharded_engine_answers_as_one_device(model):
+    """Weights and the slots' cache split over tensor=2 of the 8 fake CPU devices: the same
+    greedy answers as on one device, and the cache really is split over the kv heads."""
+    cfg, params, _, _ = load_for_decoding(model.ckpt, tensor=2)
+    engine = Engine(cfg, params, slots=2, max_length=192).start()
+    try:
+        k = engine._state.cache.k[0]
+        assert len(k.sharding.device_set) == 2
+        assert k.addressable_shards[0].data.shape == (2, cfg.num_kv_heads // 2, 192, cfg.head_dim)
+        got = [Collect() for _ in PROMPTS[:3]]
+        for c, p in zip(got, PROMPTS):
+            engine.submit(c.request(p, 8))
+        for c, p in zip(got, PROMPTS):
+            want = generate(model.cfg, model.params, [p], max_new_tokens=8, sampling=GREEDY)[0]
+            assert c.wait() == want
+    finally:
+        assert engine.stop(timeout=60)

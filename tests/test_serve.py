@@ -283,10 +283,11 @@ def test_post_healthz_metrics(speech_server, tmp_path):
 
 @pytest.fixture(scope="module")
 def random_server(base_ckpt):
-    """The demo-sized random CSLM (answers differ per question), text only, 4 slots."""
+    """The demo-sized random CSLM (answers differ per question), text only, 4 slots, its
+    weights and cache split over 2 of the 8 fake CPU devices (serve --tensor 2)."""
     service = load_service(
         model=base_ckpt, data_config=DATA_CONFIG, log=quiet, slots=4, max_length=192,
-        max_new_tokens=24, max_queue=4,
+        max_new_tokens=24, max_queue=4, tensor=2,
     )  # fmt: skip
     running = Running(service, api_key="sesame")
     yield running
@@ -294,8 +295,9 @@ def random_server(base_ckpt):
 
 
 def test_concurrent_sessions_get_their_own_answers(random_server, base_ckpt, tmp_path):
-    """8 clients at once on 4 slots: each answer equals decode --greedy's for its question; the
-    later ones are told their place in the queue; the API key is required."""
+    """8 clients at once on 4 slots (sharded over tensor 2): each answer equals decode
+    --greedy's (one device) for its question; the later ones are told their place in the
+    queue; the API key is required."""
     rng = np.random.default_rng(1)
     questions = [rng.integers(0, 256, rng.integers(3, 30)).tolist() for _ in range(8)]
     write_unit_file(tmp_path / "q.txt", questions)

@@ -61,6 +61,13 @@ def add_parser(sub):
     )
     s.add_argument("--compute-dtype", default=None, choices=("float32", "bfloat16"))
     s.add_argument(
+        "--tensor",
+        type=int,
+        default=None,
+        help="split the weights and the slots' KV cache over N devices of this host (as decode "
+        "--tensor; cslm-jax compile --decode --slots --max-length tells what fits a chip)",
+    )
+    s.add_argument(
         "--api-key",
         default=None,
         help="every route needs 'Authorization: Bearer KEY' (default: $CSLM_SERVE_API_KEY)",

@@ -55,7 +55,7 @@ from cslm_jax.infer.decode import (
     speech_mask,
     start_state,
 )
-from cslm_jax.model.llama import bind, config_key
+from cslm_jax.model.llama import bind, config_key, kv_cache_sharding, on_mesh, params_mesh
 from cslm_jax.model.vocab import VocabInfo
 
 
@@ -213,9 +213,17 @@ class Engine:
         self._step, self._insert = _programs(config_key(cfg), constraint)
         dtype = jnp.dtype(cfg.compute_dtype)
         shape = (slots, cfg.num_kv_heads, max_length, cfg.head_dim)
-        empty = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        # On a mesh (params placed by `decoding_params(..., mesh)`, e.g. `load_for_decoding(
+        # tensor=N)`): the cache split as decoding splits it (kv heads over `tensor`), and every
+        # program traced and run under the mesh (`on_mesh`).
+        mesh = params_mesh(self.params)
+        where = None if mesh is None else kv_cache_sharding(cfg, mesh, slots=slots)
+
+        def zeros():
+            return tuple(jnp.zeros(shape, dtype, device=where) for _ in range(cfg.num_layers))
+
         self._state = SlotState(
-            KVCache(empty, tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))),
+            KVCache(zeros(), zeros()),
             jnp.zeros((slots, cfg.vocab_size), jnp.float32),
             jnp.zeros((slots,), jnp.int32),
             jnp.zeros((slots,), jnp.int32),
@@ -313,6 +321,10 @@ class Engine:
     # -- the engine thread --
 
     def _run(self) -> None:
+        with on_mesh(self.params):
+            self._loop()
+
+    def _loop(self) -> None:
         try:
             while True:
                 with self._cv:

@@ -77,6 +77,7 @@ def serve(args, api_key: str | None = None, log=lambda m: print(m, flush=True)) 
         voice=args.voice,
         speech_rate=args.speech_rate,
         compute_dtype=args.compute_dtype,
+        tensor=args.tensor,
         log=log,
         slots=args.slots,
         max_length=args.max_length,

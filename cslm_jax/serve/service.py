@@ -469,12 +469,14 @@ def load_service(
     voice: str | None = None,
     speech_rate: float | None = None,
     compute_dtype: str | None = None,
+    tensor: int | None = None,
     log: Callable[[str], None] = print,
     **engine_kw,
 ) -> Service:
     """The service of `cslm-jax serve` from folders (every argument checked before the model
     loads): a model checkpoint, train run's model or HF folder; the data config (prompts,
-    merging, speech rate); optional speech tokenizer and token2wav folders."""
+    merging, speech rate); optional speech tokenizer and token2wav folders; `tensor` N splits
+    the weights and the slots' cache over N devices (`load_for_decoding(tensor=)`)."""
     from cslm_jax.cli.synthesize import speech_rate as default_rate
     from cslm_jax.data.formats import load_data_config
     from cslm_jax.infer.decode import load_for_decoding
@@ -504,7 +506,9 @@ def load_service(
         from cslm_jax.speech.tokenizer import load_speech_tokenizer
 
         stok = load_speech_tokenizer(speech_tokenizer)
-    cfg, params, tok, vocab = load_for_decoding(model, compute_dtype=compute_dtype, log=log)
+    cfg, params, tok, vocab = load_for_decoding(
+        model, compute_dtype=compute_dtype, log=log, tensor=tensor
+    )
     if not vocab.unit_count or "<sosp>" not in vocab.control_tokens:
         raise ProtocolError(f"{model}: a text-only model (no speech units); serve a CSLM model")
     if stok is not None and stok.codebook_size != vocab.unit_count:
