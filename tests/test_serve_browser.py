@@ -1,0 +1,208 @@
+"""The web page of `cslm-jax serve` (GET /) in a real browser: Debian's chromium driven by
+Playwright (through `executable_path`, so Playwright downloads no browser), its microphone a
+fake device that plays a wav (`--use-file-for-fake-audio-capture`). The page records, stops,
+and must show the server's transcript and answer text and play the answer's audio; the units
+the server answered are the speech tokenizer's for exactly the PCM16 the page sent. A
+screenshot of each run is kept in $CSLM_TEST_ARTIFACTS (default test-artifacts/).
+
+Without chromium the tests are skipped, except in CI (the `CI` variable set), where a missing
+browser fails them: .ci/run installs it (`apt-get install chromium`)."""
+
+import base64
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from cslm_jax.cli.main import main as cli
+from cslm_jax.serve.service import load_service
+from test_serve import DATA_CONFIG, REPO, Running, bigram, quiet, unit_text  # noqa: F401
+
+TONE_HZ = 440.0
+RECORD_S = 1.5  # seconds the page records before Stop (the server takes up to 5)
+TIMEOUT_MS = 60_000
+
+
+def missing(what: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} (CI must run the browser tests: .ci/run installs chromium)")
+    pytest.skip(what)
+
+
+def chromium_path() -> str | None:
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+
+
+def artifacts() -> Path:
+    out = Path(os.environ.get("CSLM_TEST_ARTIFACTS") or REPO / "test-artifacts")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def page_server(bigram, tokdir):  # noqa: F811
+    """test_serve's speech server with room for a question of a few seconds of audio."""
+    ckpt, t2w, _, _ = bigram
+    service = load_service(
+        model=ckpt, data_config=DATA_CONFIG, speech_tokenizer=tokdir, token2wav=t2w,
+        voice="random", log=quiet, slots=2, max_length=512, max_queue=2, max_seconds=5.0,
+    )  # fmt: skip
+    running = Running(service)
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def question_wav(tmp_path_factory):
+    """3 s of a 440 Hz tone with a slow swell, 44.1 kHz PCM16 mono (Chromium loops it)."""
+    rate = 44100
+    t = np.arange(3 * rate) / rate
+    wave = 0.4 * np.sin(2 * np.pi * TONE_HZ * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 1.5 * t))
+    path = tmp_path_factory.mktemp("browser") / "question.wav"
+    sf.write(str(path), (wave * 32767).astype(np.int16), rate, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(question_wav):
+    exe = chromium_path()
+    if exe is None:
+        missing("chromium is not installed (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing("playwright is not installed (requirements-dev.txt)")
+    args = [
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={question_wav}",
+        "--autoplay-policy=no-user-gesture-required",
+    ]
+    if os.geteuid() == 0:
+        args.append("--no-sandbox")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=args, headless=True)
+        yield b
+        b.close()
+
+
+def open_page(browser, server):
+    page = browser.new_page(viewport={"width": 1000, "height": 1000})
+    logs = []
+    page.on("console", lambda m: logs.append(f"{m.type}: {m.text}"))
+    page.on("pageerror", lambda e: logs.append(f"pageerror: {e}"))
+    page.goto(server.http + "/")
+    page.wait_for_function("document.body.dataset.phase === 'ready'", timeout=TIMEOUT_MS)
+    return page, logs
+
+
+def wait_answered(page, logs):
+    """Until the answer has ended and every audio chunk received has been played."""
+    try:
+        page.wait_for_function(
+            """() => { const s = window.cslmState;
+                 return s.phase === 'error' || (s.phase === 'done' && s.audio.chunks > 0
+                   && s.audio.playedChunks === s.audio.chunks); }""",
+            timeout=TIMEOUT_MS,
+        )
+    except Exception:
+        print("\n".join(logs))
+        raise
+    state = page.evaluate("() => window.cslmState")
+    assert state["phase"] == "done" and not state["errors"], (state["errors"], logs)
+    return state
+
+
+def sent_units(page, state, tokdir, tmp_path) -> tuple[np.ndarray, list[int]]:
+    """The PCM16 the page sent and extract-units' units for it (a wav at the rate it was sent)."""
+    pcm = np.frombuffer(base64.b64decode(page.evaluate("() => cslmState.sentPcmBase64()")), "<i2")
+    rate = state["sent"]["sampleRate"]
+    assert len(pcm) == state["sent"]["samples"] > 0
+    sf.write(str(tmp_path / "sent.wav"), pcm, rate, subtype="PCM_16")
+    (tmp_path / "manifest.tsv").write_text(f"{tmp_path / 'sent.wav'}\n")
+    code = cli(
+        ["extract-units", "--manifest", str(tmp_path / "manifest.tsv"), "--tokenizer",
+         str(tokdir), "--out", str(tmp_path / "units"), "--lang", "en"]
+    )  # fmt: skip
+    assert code == 0
+    [record] = [json.loads(x) for x in open(next((tmp_path / "units").glob("units-*.jsonl")))]
+    return pcm, record["units"]
+
+
+def dominant_hz(pcm: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(pcm.astype(np.float64) * np.hanning(len(pcm))))
+    return float(np.fft.rfftfreq(len(pcm), 1 / rate)[np.argmax(spectrum)])
+
+
+def check_answer(page, state, tokdir, tmp_path, name):
+    """Transcript, answer, audio played, question units from the audio sent; a screenshot."""
+    # the page shows what the server sent (the bigram model's one answer)
+    assert page.inner_text("#transcript") == state["transcript"] == "What"
+    assert page.inner_text("#answer") == state["answer"] == "The fox"
+    assert state["chunks"] == ["The", "fox"]
+    assert state["finish"] == "eoa"
+    audio = page.eval_on_selector("#audio", "e => ({...e.dataset})")
+    assert int(audio["audioPlayedSamples"]) == state["audio"]["receivedSamples"] > 0
+    assert int(audio["audioPlayedChunks"]) == int(audio["audioChunks"]) >= 1
+    timing = state["timing"]
+    assert 0 < timing["first_token_s"] <= timing["first_audio_s"] <= timing["total_s"]
+    shown = page.inner_text("#timings")
+    assert "first audio" in shown and "real-time factor" in shown
+    # the question: the units of exactly the audio the page sent, which carries the wav's tone
+    pcm, units = sent_units(page, state, tokdir, tmp_path)
+    rate = state["sent"]["sampleRate"]
+    assert state["question"]["units"] == unit_text(units)
+    assert page.eval_on_selector("#question", "e => e.dataset.units") == unit_text(units)
+    assert state["question"]["seconds"] == pytest.approx(len(pcm) / rate, abs=1e-3)
+    assert abs(dominant_hz(pcm, rate) - TONE_HZ) < 3, dominant_hz(pcm, rate)
+    shot = artifacts() / f"serve_browser_{name}.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot: {shot}")
+    return pcm, rate
+
+
+def test_page_records_the_microphone_and_plays_the_answer(
+    browser,
+    page_server,
+    tokdir,
+    tmp_path,
+):
+    """Record from the (fake) microphone, Stop: the transcript and answer text are shown, every
+    audio chunk is played, the server answered the units of the audio recorded."""
+    page, logs = open_page(browser, page_server)
+    assert page.eval_on_selector_all("#lang option", "os => os.map(o => o.value)") == ["en", "zh"]
+    page.click("#record")
+    page.wait_for_function(
+        f"cslmState.sent.sampleRate > 0 && cslmState.sent.samples >= {RECORD_S} * "
+        "cslmState.sent.sampleRate",
+        timeout=TIMEOUT_MS,
+    )
+    page.click("#stop")
+    state = wait_answered(page, logs)
+    pcm, rate = check_answer(page, state, tokdir, tmp_path, "microphone")
+    assert RECORD_S <= len(pcm) / rate < RECORD_S + 2
+
+
+def test_page_sends_a_picked_file(
+    browser,
+    page_server,
+    question_wav,
+    tokdir,
+    tmp_path,
+):
+    """A file picked instead of the microphone (decoded by the browser at its own rate),
+    answered in the other language's cross-lingual prompt: the same checks."""
+    page, logs = open_page(browser, page_server)
+    page.select_option("#answer-lang", "zh")
+    page.set_input_files("#file", str(question_wav))
+    state = wait_answered(page, logs)
+    pcm, rate = check_answer(page, state, tokdir, tmp_path, "file")
+    assert len(pcm) / rate == pytest.approx(3.0, abs=2 / rate)
