@@ -24,7 +24,7 @@ from test_serve import DATA_CONFIG, REPO, Running, bigram, quiet, unit_text  # n
 
 TONE_HZ = 440.0
 RECORD_S = 1.5  # seconds the page records before Stop (the server takes up to 5)
-TIMEOUT_MS = 60_000
+TIMEOUT_MS = 120_000  # the server's first answer compiles (~25 s on 2 busy cores)
 
 
 def missing(what: str):
@@ -142,6 +142,16 @@ def dominant_hz(pcm: np.ndarray, rate: int) -> float:
     return float(np.fft.rfftfreq(len(pcm), 1 / rate)[np.argmax(spectrum)])
 
 
+def check_schedule(schedule):
+    """Each chunk starts at max(its arrival, the end of the one before): no gap while audio is
+    waiting, no overlap."""
+    end = 0.0
+    for c in schedule:
+        assert c["at"] == pytest.approx(max(c["arrived"], end), abs=1e-9), schedule
+        assert c["end"] > c["at"]
+        end = c["end"]
+
+
 def check_answer(page, state, tokdir, tmp_path, name):
     """Transcript, answer, audio played, question units from the audio sent; a screenshot."""
     # the page shows what the server sent (the bigram model's one answer)
@@ -152,6 +162,7 @@ def check_answer(page, state, tokdir, tmp_path, name):
     audio = page.eval_on_selector("#audio", "e => ({...e.dataset})")
     assert int(audio["audioPlayedSamples"]) == state["audio"]["receivedSamples"] > 0
     assert int(audio["audioPlayedChunks"]) == int(audio["audioChunks"]) >= 1
+    check_schedule(state["audio"]["schedule"])
     timing = state["timing"]
     assert 0 < timing["first_token_s"] <= timing["first_audio_s"] <= timing["total_s"]
     shown = page.inner_text("#timings")
@@ -206,3 +217,39 @@ def test_page_sends_a_picked_file(
     state = wait_answered(page, logs)
     pcm, rate = check_answer(page, state, tokdir, tmp_path, "file")
     assert len(pcm) / rate == pytest.approx(3.0, abs=2 / rate)
+
+
+PLAYER = """async () => {
+  await cslmPage.audioContext();
+  const rate = 22050, n = 2205;  // chunks of 0.1 s
+  const chunk = (f) => Int16Array.from({length: n}, (_, i) => 8000 * Math.sin(2 * Math.PI * f * i / rate));
+  const t0 = performance.now();
+  cslmPage.play(chunk(300), rate);  // two arrive at once,
+  cslmPage.play(chunk(400), rate);
+  await new Promise((r) => setTimeout(r, 350));  // the next ones late (network jitter),
+  cslmPage.play(chunk(500), rate);
+  cslmPage.play(chunk(600), rate);
+  cslmPage.play(chunk(700), rate);
+  while (cslmState.audio.playedChunks < 5) await new Promise((r) => setTimeout(r, 10));
+  return {wall_s: (performance.now() - t0) / 1000, audio: cslmState.audio};
+}"""
+
+
+def test_page_plays_chunks_back_to_back(browser, page_server):
+    """The page's player (Web Audio): chunks that arrive together play one after the other
+    with neither gap nor overlap; one arriving after the audio ran out starts when it comes."""
+    page, _ = open_page(browser, page_server)
+    out = page.evaluate(PLAYER)
+    audio = out["audio"]
+    assert audio["playedSamples"] == audio["receivedSamples"] == 5 * 2205
+    assert audio["gaps"] == 1
+    sched = audio["schedule"]
+    check_schedule(sched)
+    for c in sched:
+        assert c["end"] - c["at"] == pytest.approx(0.1, abs=1e-6)
+    assert sched[1]["at"] == sched[0]["end"] and sched[3]["at"] == sched[2]["end"]
+    assert sched[2]["at"] == sched[2]["arrived"] > sched[1]["end"] + 0.1
+    # played in real time: the first 0.2 s within the wait of 0.35 s, then 0.3 s (at once,
+    # they would all have ended 0.1 s after the wait)
+    assert 0.6 <= out["wall_s"] < 3, out
+    assert page.eval_on_selector("#audio", "e => e.dataset.audioPlayedChunks") == "5"
