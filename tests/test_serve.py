@@ -150,7 +150,7 @@ def test_units_in_text_and_audio_out_equal_decode(speech_server, bigram, tmp_pat
             msgs, audio = ask(ws, {"lang": "en", "greedy": True}, unit_text(q))
             kinds = [m["type"] for m in msgs]
             # the audio comes when synthesised: after its chunk's text, maybe after later text
-            assert kinds[:3] == ["question", "transcript", "text"] and kinds[-1] == "end"
+            assert kinds[:3] == ["question", "transcript", "text"] and kinds[-1] == "end", msgs
             assert sorted(kinds[3:-1]) == ["audio", "audio", "text"]
             assert msgs[0]["units"] == unit_text(q)
             assert msgs[1]["text"] == r["transcript"] == "What"
@@ -166,6 +166,45 @@ def test_units_in_text_and_audio_out_equal_decode(speech_server, bigram, tmp_pat
             t = end["timing"]
             assert 0 < t["first_token_s"] <= t["first_text_s"] <= t["first_audio_s"] <= t["total_s"]
             assert t["rtf"] == pytest.approx(t["total_s"] / (len(wav) / 22050))
+
+
+def test_concurrent_answers_are_synthesised_as_rows_of_one_flow(speech_server, bigram, tmp_path):
+    """Two sessions at once: their speech windows run as rows of one flow call (the metrics
+    count fewer synthesis rounds than windows), and each answer's audio is still the streamed
+    synthesis of its chunk (decode --speech-out's wav, within the flow's batched-row
+    difference: 2e-4, a few PCM16 steps)."""
+    ckpt, t2w, units, _ = bigram
+    code = cli(
+        ["decode", "--lang", "en", "--unit", str(units), "--ckpt", str(ckpt), "--greedy",
+         "--data-config", DATA_CONFIG, "--output-dir", str(tmp_path / "out"),
+         "--speech-out", str(tmp_path / "wavs"), "--token2wav", str(t2w), "--voice", "random"]
+    )  # fmt: skip
+    assert code == 0
+    wav, _ = sf.read(str(tmp_path / "wavs" / "0000.wav"), dtype="int16")
+
+    def metric(name):
+        text = httpx.get(speech_server.http + "/metrics").text
+        return int(next(x.split()[1] for x in text.splitlines() if x.startswith(name + " ")))
+
+    rounds, windows = metric("cslm_synthesis_rounds_total"), metric("cslm_synthesis_windows_total")
+    audio = [None, None]
+    barrier = threading.Barrier(2)
+
+    def client(i):
+        with connect(speech_server.ws) as ws:
+            barrier.wait()
+            audio[i] = ask(ws, {"lang": "en", "greedy": True}, unit_text(QUESTIONS[0]))[1][0]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    for a in audio:
+        np.testing.assert_allclose(a, wav, atol=8)
+    new_rounds = metric("cslm_synthesis_rounds_total") - rounds
+    new_windows = metric("cslm_synthesis_windows_total") - windows
+    assert new_windows == 4 and new_rounds < new_windows  # 2 answers x 2 windows
 
 
 def test_audio_in_units_equal_extract_units(speech_server, tokdir, tmp_path):

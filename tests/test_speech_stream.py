@@ -150,6 +150,33 @@ def test_windows_of_one_bucket_share_one_compiled_flow(model):
     assert len(out) + len(b.finish()) == b.expected_samples()
 
 
+def test_windows_of_several_answers_run_as_rows_of_one_flow(model):
+    """Three answers' streams advanced together (a server's sessions): their windows of one
+    bucket run as rows of one flow call (`run_flows`; two windows in different buckets too),
+    and each answer's audio is what its stream gives alone."""
+    from cslm_jax.speech.stream import compiled_window_programs, run_flows
+
+    answers = [_chunks(seed)[1] for seed in (0, 1)]
+    rng = np.random.default_rng(9)
+    answers.append([rng.integers(0, 4096, n).tolist() for n in (45, 90, 10)])  # other buckets
+    alone = [np.concatenate(_stream(model, chunks)[1]) for chunks in answers]
+    streams = [SpeechStream(model, "random") for _ in answers]
+    outs: list = [[] for _ in answers]
+    before = compiled_window_programs()
+
+    def run(jobs):
+        live = [(i, j) for i, j in enumerate(jobs) if j is not None]
+        for (i, j), (mel, mu) in zip(live, run_flows([j for _, j in live])):
+            outs[i].append(j.stream.complete(j, mel, mu))
+
+    for k in range(3):
+        run([s.push_job(chunks[k]) for s, chunks in zip(streams, answers)])
+    run([s.finish_job() for s in streams])
+    assert compiled_window_programs() > before  # the two-row programs are new
+    for got, want in zip(outs, alone):
+        np.testing.assert_allclose(np.concatenate(got), want, atol=2e-4)
+
+
 def test_events_in_audio_out(model):
     from cslm_jax.infer.decode import End, SpeechChunk, TextChunk
 

@@ -108,6 +108,11 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
             f"cslm_decode_steps_total {e.steps}",
             f"cslm_generated_tokens_total {e.tokens}",
         ]
+        if service.synth is not None:
+            lines += [
+                f"cslm_synthesis_rounds_total {service.synth.rounds}",
+                f"cslm_synthesis_windows_total {service.synth.windows}",
+            ]
         lines += [f"cslm_{k} {v}" for k, v in sorted(service.counters.items())]
         for name, h in service.hist.items():
             lines += h.lines(f"cslm_{name}")
@@ -323,6 +328,8 @@ class _Session:
                 await self.ws.send_json(msg)
                 if data is not None:
                     await self.ws.send_bytes(data)
+                if msg["type"] == "end":  # over: what the client sends next is its next turn
+                    return True
                 item = await self._next(gen)
             return item is None
 
@@ -332,6 +339,8 @@ class _Session:
         nxt = asyncio.ensure_future(anext(gen, None))
         while True:
             done, _ = await asyncio.wait({nxt, self.pending}, return_when=asyncio.FIRST_COMPLETED)
+            if nxt in done:  # first: a client's next start may come right after the end
+                return nxt.result()
             if self.pending in done:
                 msg = self.pending.result()
                 if msg["type"] == "websocket.disconnect":
@@ -342,5 +351,3 @@ class _Session:
                     return False
                 self.pending = asyncio.ensure_future(self.ws.receive())
                 await self.error("a message during an answer was ignored (wait for its end)")
-            if nxt in done:
-                return nxt.result()

@@ -10,9 +10,10 @@ WebSocket route and `POST /v1/s2s` both drive it. Three worker threads serve all
 * `UnitsWorker`: the questions' audio through the speech tokenizer, every waiting question in
   one call (`SpeechTokenizer.encode` on the list);
 * `SynthWorker`: the sessions' speech windows (`speech.stream.open_stream`, one stream per
-  answer, `noise="zero"`: the audio is `decode --speech-out`'s for the same units), in the
-  order they close. Windows are synthesised one at a time (the streamed flow has no batched
-  form yet); JAX releases the GIL while it computes, so this overlaps with decoding.
+  answer, `noise="zero"`: the audio is `decode --speech-out`'s for the same units), every
+  window waiting taken at once and the flows of one bucket run as rows of one call (v1;
+  `speech.stream.run_flows`), HiFT per window. JAX releases the GIL while it computes, so
+  synthesis overlaps with decoding.
 """
 
 from __future__ import annotations
@@ -180,22 +181,69 @@ class UnitsWorker(_Worker):
 
 
 class SynthWorker(_Worker):
-    """Speech windows of all sessions, in the order they close: job (fn, done) runs fn() and
-    hands done(result, error) the outcome; a job whose session has gone is skipped."""
+    """Speech windows of all sessions: job (stream, units | None for the answer's end, done,
+    alive). Every waiting job is taken at once; v1 streams' windows run their flows as rows of
+    one call per bucket (`speech.stream.run_flows`), one window per stream per round (a
+    stream's next window needs the previous one's caches); other streams (v2) one at a time.
+    done(audio, error) gets each outcome; a job whose session has gone is skipped."""
+
+    def __init__(self, name: str):
+        self.rounds = self.windows = 0
+        super().__init__(name)
+
+    def submit(self, stream, units, done, alive=lambda: True):
+        self.jobs.put((stream, units, done, alive))
 
     def handle(self, job):
-        fn, done, alive = job
-        if not alive():
-            return
-        try:
-            out = fn()
-        except Exception as e:
-            done(None, e)
-            return
-        done(out, None)
+        waiting = [job]
+        while True:
+            try:
+                more = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if more is None:
+                self.jobs.put(None)
+                break
+            waiting.append(more)
+        while waiting:
+            now, later, seen = [], [], set()
+            for item in waiting:
+                (later if id(item[0]) in seen else now).append(item)
+                seen.add(id(item[0]))
+            self._round([item for item in now if item[3]()])
+            waiting = later
 
-    def submit(self, fn, done, alive=lambda: True):
-        self.jobs.put((fn, done, alive))
+    def _round(self, items) -> None:
+        from cslm_jax.speech.stream import run_flows
+
+        batched = []
+        for stream, units, done, _ in items:
+            try:
+                if hasattr(stream, "push_job"):
+                    job = stream.push_job(units) if units is not None else stream.finish_job()
+                    if job is None:
+                        done(np.zeros((0,), np.float32), None)
+                    else:
+                        batched.append((job, done))
+                else:
+                    done(stream.push(units) if units is not None else stream.finish(), None)
+            except Exception as e:
+                done(None, e)
+        if not batched:
+            return
+        self.rounds += 1
+        self.windows += len(batched)
+        try:
+            flows = run_flows([job for job, _ in batched])
+        except Exception as e:
+            for _, done in batched:
+                done(None, e)
+            return
+        for (job, done), (mel, mu) in zip(batched, flows):
+            try:
+                done(job.stream.complete(job, mel, mu), None)
+            except Exception as e:
+                done(None, e)
 
 
 @dataclasses.dataclass
@@ -384,11 +432,15 @@ class Service:
         audio_samples, pending, finish, finished_decoding = 0, 0, None, False
         last_speech = -1
 
-        def speak(fn, index):
+        def speak(units, index):
+            """The chunk's units (None: the answer's end) to the synthesis worker."""
             nonlocal pending
             pending += 1
             self.synth.submit(
-                fn, lambda out, err, i=index: post("audio", i, out, err), lambda: alive[0]
+                stream,
+                units,
+                lambda out, err, i=index: post("audio", i, out, err),
+                lambda: alive[0],
             )
 
         try:
@@ -435,11 +487,11 @@ class Service:
                     elif isinstance(ev, SpeechChunk):
                         last_speech = ev.index
                         if stream is not None:
-                            speak(lambda u=ev.units: stream.push(u), ev.index)
+                            speak(ev.units, ev.index)
                     elif isinstance(ev, End):
                         finish = ev.reason
                         if stream is not None:
-                            speak(stream.finish, max(last_speech, 0))
+                            speak(None, max(last_speech, 0))
             total = time.perf_counter() - t0
             audio_s = audio_samples / self.t2w.sample_rate if self.t2w is not None else 0.0
             timing.update(total_s=total, rtf=total / audio_s if audio_s else None)

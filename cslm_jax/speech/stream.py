@@ -66,6 +66,7 @@ of ever new lengths compile once per bucket, not once per window length.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from pathlib import Path
@@ -91,12 +92,14 @@ def _hamming(n: int) -> np.ndarray:
 
 
 def _flow_window(params, units, unit_len, emb, z, mu_cache, cache_len, mel_len, *, cfg, precision):
-    """One window of the flow with upstream's cache, padded: `units [1, U]` (the first
-    `unit_len [1]` real), `z [1, F, 80]` (its cached frames already in, zero past the window's
-    `mel_len [1]` frames), the first `cache_len` frames of mu replaced by `mu_cache [1, F, 80]`'s
-    -> (mel, mu), both `[1, F, 80]`, the window's frames first. The batched flow's masked
-    functions (`flow.regulate_rows`, `flow.cfm(valid_only=True)`): the padding changes nothing
-    of the window's frames, and every window of one (U, F) bucket runs one compiled program."""
+    """Windows of the flow with upstream's cache, padded, one row per window (B rows, of one
+    answer or of several answers' streams): `units [B, U]` (row b's first `unit_len[b]` real),
+    `emb [B, 192]`, `z [B, F, 80]` (its cached frames already in, zero past the window's
+    `mel_len[b]` frames), the first `cache_len[b]` frames of mu replaced by `mu_cache [B, F,
+    80]`'s -> (mel, mu), both `[B, F, 80]`, each window's frames first. The batched flow's
+    masked functions (`flow.regulate_rows`, `flow.cfm(valid_only=True)`): the padding changes
+    nothing of a window's frames, and every window of one (U, F) bucket runs one compiled
+    program per row count."""
     import jax.numpy as jnp
 
     from cslm_jax.speech.flow import cfm, encoder, regulate_rows
@@ -113,7 +116,7 @@ def _flow_window(params, units, unit_len, emb, z, mu_cache, cache_len, mel_len, 
     h = encoder(params, cfg, units, unit_len, precision)
     mu = regulate_rows(params, cfg, h, none, unit_len, none, mel_len, frames, precision)
     pos = jnp.arange(frames)[None, :]
-    mu = jnp.where(pos[..., None] < cache_len, mu_cache, mu)
+    mu = jnp.where(pos[..., None] < cache_len[:, None, None], mu_cache, mu)
     mask = (pos < mel_len[:, None]).astype(mu.dtype)
     mel = cfm(
         params,
@@ -158,8 +161,9 @@ def compiled_window_programs() -> int:
 
 def _flow_program(cfg, units: int, frames: int, precision: str, args) -> tuple[object, float]:
     """The compiled flow window for the bucket of `units` padded units and `frames` padded mel
-    frames, and the seconds spent compiling it now (0 when compiled before)."""
-    key = (cfg, units, frames, precision)
+    frames (and the rows of `args`), and the seconds spent compiling it now (0 when compiled
+    before)."""
+    key = (cfg, units, frames, precision, args[1].shape[0])
     if key in _FLOW_COMPILED:
         return _FLOW_COMPILED[key], 0.0
     t0 = time.perf_counter()
@@ -328,6 +332,14 @@ class SpeechStream:
         """Upstream's `token2wav(window, finalize=...)` with this answer's caches; returns the
         audio it releases. (`push` / `finish` choose the windows; a test may drive this
         directly with upstream's.)"""
+        job = self.prepare(window, finalize)
+        [(mel, mu)] = run_flows([job])
+        return self.complete(job, mel, mu)
+
+    def prepare(self, window, finalize: bool) -> "WindowJob":
+        """The flow's inputs for the next window (its noise drawn, the flow cache put in): the
+        first half of `step`; `run_flows` runs the flows of many jobs (of any streams) together,
+        then `complete` finishes each."""
         from cslm_jax.speech.flow import check_lengths, check_units
 
         cfg = self.t2w.flow_cfg
@@ -350,38 +362,28 @@ class SpeechStream:
         )
         z, hift_noise = self._noise(k, m, hift_frames)
         nu, nf = window_buckets(len(u), m)
-        tok = np.zeros((1, nu), np.int32)
-        tok[0, : len(u)] = u
-        zp = np.zeros((1, nf, 80), np.float32)
-        zp[0, :m] = z[0]
-        mu_cache = np.zeros((1, nf, 80), np.float32)
+        zp = np.zeros((nf, 80), np.float32)
+        zp[:m] = z[0]
+        mu_cache = np.zeros((nf, 80), np.float32)
         if c:
-            zp[0, :c] = self._flow_cache[0]
-            mu_cache[0, :c] = self._flow_cache[1]
-        args = (
-            self.t2w.flow_params,
-            tok,
-            np.array([len(u)], np.int32),
-            self.emb[None],
-            zp,
-            mu_cache,
-            np.int32(c),
-            np.array([m], np.int32),
-        )
-        fn, secs = _flow_program(cfg, nu, nf, self.precision, args)
-        self._compiling += secs
-        mel, mu = fn(*args)
-        mu = np.asarray(mu)
+            zp[:c] = self._flow_cache[0]
+            mu_cache[:c] = self._flow_cache[1]
+        return WindowJob(self, u, m, c, bool(finalize), hift_noise, zp, mu_cache, nu, nf)
+
+    def complete(self, job: "WindowJob", mel: np.ndarray, mu: np.ndarray) -> np.ndarray:
+        """The second half of `step`: the window's flow output `mel`, `mu` [F, 80] -> the caches
+        for the next window, the mel cross-fade, HiFT with its cache; the audio released."""
+        m = job.m
         self._flow_cache = (
-            zp[0, m - FLOW_CACHE_FRAMES : m].copy(),
-            mu[0, m - FLOW_CACHE_FRAMES : m].copy(),
+            job.z[m - FLOW_CACHE_FRAMES : m].copy(),
+            mu[m - FLOW_CACHE_FRAMES : m].copy(),
         )
-        mel = np.asarray(mel)[0, :m].T  # [80, M]
+        mel = mel[:m].T  # [80, M]
         if self._mel_overlap is not None:
             mel = cross_fade(mel, self._mel_overlap, self.mel_window)
         if self._hift_cache is not None:
             mel = np.concatenate([self._hift_cache[0], mel], 1)
-        if not finalize:
+        if not job.finalize:
             self._mel_overlap = mel[:, -self.overlap :]
             mel = mel[:, : -self.overlap]
         self._compiling += _warm_hift(self.t2w, hift_padded(mel.shape[1]), self.precision)
@@ -392,11 +394,97 @@ class SpeechStream:
             self._hift_cache,
             MEL_CACHE_FRAMES,
             self.speech_window,
-            hift_noise,
-            finalize,
+            job.hift_noise,
+            job.finalize,
             self.precision,
         )
         return speech
+
+    # -- windows of many answers at once (a server's sessions) ----------------------------------
+
+    def push_job(self, units: Iterable[int]) -> "WindowJob | None":
+        """`push` split for batching: the chunk's window as a job (None: too short, its units
+        wait); run it with `run_flows` and `complete`."""
+        from cslm_jax.speech.flow import check_units
+
+        if self.finished:
+            raise Token2WavError("streaming: push after finish (one SpeechStream per answer)")
+        u = check_units(self.t2w.flow_cfg, np.asarray(list(units), np.int64), "speech chunk")
+        self.pending += u.tolist()
+        if len(self.pending) < self.min_window_units:
+            return None
+        window = self.pending
+        self.pending = window[-TOKEN_OVERLAP:]
+        return self.prepare(window, False)
+
+    def finish_job(self) -> "WindowJob | None":
+        """`finish` split for batching: the final window as a job (None: nothing pending)."""
+        if self.finished:
+            return None
+        self.finished = True
+        window, self.pending = self.pending, []
+        return self.prepare(window, True) if window else None
+
+
+@dataclasses.dataclass(eq=False)
+class WindowJob:
+    """One window's flow inputs (`SpeechStream.prepare`): its units `u`, `m` mel frames, `c`
+    cached frames, the noise `z` [F, 80] (cache in) and `mu_cache` [F, 80] padded to the
+    bucket (`nu` units, `nf` frames), HiFT's noise."""
+
+    stream: SpeechStream
+    u: np.ndarray
+    m: int
+    c: int
+    finalize: bool
+    hift_noise: object
+    z: np.ndarray
+    mu_cache: np.ndarray
+    nu: int
+    nf: int
+
+
+ROW_BUCKETS = (1, 2, 4, 8, 16)
+
+
+def run_flows(jobs: list[WindowJob]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The flow of every job, those of one (token2wav, precision, unit bucket, frame bucket)
+    as rows of one call (rows padded to a power of two up to 16, so a few programs serve any
+    number of answers): [(mel, mu) [F, 80] per job], each row as the window alone gives it
+    (the masked batched flow). The compile time is charged to the first job of its group."""
+    out: list = [None] * len(jobs)
+    groups: dict = {}
+    for i, j in enumerate(jobs):
+        s = j.stream
+        key = (id(s.t2w), s.precision, j.nu, j.nf)
+        groups.setdefault(key, []).append(i)
+    for idx in groups.values():
+        for start in range(0, len(idx), ROW_BUCKETS[-1]):
+            part = idx[start : start + ROW_BUCKETS[-1]]
+            rows = next(r for r in ROW_BUCKETS if r >= len(part))
+            first = jobs[part[0]]
+            t2w, nu, nf = first.stream.t2w, first.nu, first.nf
+            tok = np.zeros((rows, nu), np.int32)
+            unit_len = np.zeros(rows, np.int32)
+            mel_len = np.ones(rows, np.int32)  # filler rows: one frame (masked, dropped)
+            cache_len = np.zeros(rows, np.int32)
+            emb = np.zeros((rows, first.stream.emb.shape[0]), np.float32)
+            z = np.zeros((rows, nf, 80), np.float32)
+            mu_cache = np.zeros((rows, nf, 80), np.float32)
+            unit_len[:] = 1
+            for r, i in enumerate(part):
+                j = jobs[i]
+                tok[r, : len(j.u)] = j.u
+                unit_len[r], mel_len[r], cache_len[r] = len(j.u), j.m, j.c
+                emb[r], z[r], mu_cache[r] = j.stream.emb, j.z, j.mu_cache
+            args = (t2w.flow_params, tok, unit_len, emb, z, mu_cache, cache_len, mel_len)
+            fn, secs = _flow_program(t2w.flow_cfg, nu, nf, first.stream.precision, args)
+            first.stream._compiling += secs
+            mel, mu = fn(*args)
+            mel, mu = np.asarray(mel), np.asarray(mu)
+            for r, i in enumerate(part):
+                out[i] = (mel[r], mu[r])
+    return out
 
 
 def speak(events: Iterable, stream: SpeechStream) -> Iterator[tuple[object, np.ndarray]]:
