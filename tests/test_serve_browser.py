@@ -12,13 +12,17 @@ import base64
 import json
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+import uvicorn
 
 from cslm_jax.cli.main import main as cli
+from cslm_jax.serve.app import create_app
 from cslm_jax.serve.service import load_service
 from test_serve import DATA_CONFIG, REPO, Running, bigram, quiet, unit_text  # noqa: F401
 
@@ -253,3 +257,44 @@ def test_page_plays_chunks_back_to_back(browser, page_server):
     # they would all have ended 0.1 s after the wait)
     assert 0.6 <= out["wall_s"] < 3, out
     assert page.eval_on_selector("#audio", "e => e.dataset.audioPlayedChunks") == "5"
+
+
+@pytest.fixture
+def keyed_server(page_server):
+    """A second app on page_server's service that needs the API key "sesame"."""
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(page_server.service, "sesame"),
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    server.should_exit = True
+    thread.join(30)
+
+
+def test_page_with_an_api_key(browser, keyed_server, question_wav):
+    """A server with --api-key: the page opened at /?key=KEY uses it (/healthz as a Bearer
+    token, the WebSocket as ?key=); a wrong key typed in is reported and disables asking."""
+    page = browser.new_page()
+    page.goto(keyed_server + "/?key=sesame")
+    page.wait_for_function("document.body.dataset.phase === 'ready'", timeout=TIMEOUT_MS)
+    page.fill("#key", "wrong")
+    page.press("#key", "Tab")  # change
+    page.wait_for_function("document.body.dataset.phase === 'needs-key'", timeout=TIMEOUT_MS)
+    assert page.inner_text("#status") == "wrong API key"
+    assert page.is_disabled("#file") and page.is_disabled("#record")
+    page.fill("#key", "sesame")
+    page.press("#key", "Tab")
+    page.wait_for_function("document.body.dataset.phase === 'ready'", timeout=TIMEOUT_MS)
+    page.set_input_files("#file", str(question_wav))
+    state = wait_answered(page, [])
+    assert state["answer"] == "The fox" and state["audio"]["playedSamples"] > 0
