@@ -161,6 +161,44 @@ def test_cli_writes_a_wav_per_line(folder, tmp_path, capsys):
     assert not (out2 / "0002.wav").exists()
 
 
+def test_cli_gives_a_text_only_answer_an_empty_wav(folder, tmp_path, capsys):
+    """A responses.jsonl answer without speech is a valid line: an empty wav (as decode
+    --speech-out writes), counted in the summary; the other answers' audio unchanged."""
+    u = _units(N, 1)
+    recs = tmp_path / "responses.jsonl"
+    recs.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in (
+                {"index": 0, "text": "hi", "speech_chunks": []},
+                {"index": 1, "speech_chunks": [u[:7], u[7:]]},
+                {"index": 2, "speech_chunks": [[], []]},
+            )
+        )
+        + "\n"
+    )
+    out = tmp_path / "wavs"
+    args = ["synthesize", "--units", str(recs), "--token2wav", str(folder), "--voice", "random"]
+    assert cli(args + ["--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 3 wav(s) (2 empty: answers without speech)" in printed, printed
+    for i in (0, 2):
+        wave, sr = sf.read(out / f"{i:04d}.wav", dtype="float32")
+        assert sr == RATE and wave.shape == (0,)
+    wave = sf.read(out / "0001.wav", dtype="float32")[0]
+    assert wave.shape == (t2w.mel_frames(N) * 256,) and np.abs(wave).max() > 0
+    report = json.loads((out / "synthesize.json").read_text())
+    assert report["empty_wavs"] == 2
+    assert [w["samples"] for w in report["wavs"]] == [0, len(wave), 0]
+    assert report["wavs"][0]["source"] == f"{recs}:1" and report["wavs"][0]["units"] == 0
+    # a unit file stays strict: its empty line is an error naming the line
+    f = tmp_path / "units.txt"
+    f.write_text(_line(u) + "\n\n")
+    assert cli(args[:2] + [str(f)] + args[3:] + ["--out", str(tmp_path / "o")]) == 2
+    assert "units.txt:2: empty line" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(
     "content,message",
     [

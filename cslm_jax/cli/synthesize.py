@@ -13,7 +13,8 @@ REPORT = "synthesize.json"
 EPILOG = """\
 --units: one unit sequence per line (<12><907>..., optionally inside <sosp> ... <eosp>), or a
 decode responses.jsonl (a .jsonl file, or lines starting with '{'): each record's speech_chunks
-joined in order. One wav per line: OUT/0000.wav, OUT/0001.wav, ... (PCM 16-bit, mono, at the
+joined in order (an answer without speech, text only, gets an empty wav, as decode
+--speech-out writes; a unit file's empty line is an error). One wav per line: OUT/0000.wav, OUT/0001.wav, ... (PCM 16-bit, mono, at the
 token2wav's rate: 22,050 Hz for v1), and OUT/synthesize.json (what was done). Every line is
 checked before anything is synthesised; the folder is written atomically (complete or absent).
 
@@ -95,7 +96,9 @@ def add_parser(sub):
 
 
 def read_requests(path) -> list[tuple[str, list[int]]]:
-    """(FILE:LINE, units) per line of a unit file or a responses.jsonl; errors name the line."""
+    """(FILE:LINE, units) per line of a unit file or a responses.jsonl; errors name the line. A
+    unit file's line must hold units; a responses.jsonl answer without speech (a text-only
+    answer, no speech chunk) gives no units (synthesize writes an empty wav for it)."""
     import json
 
     from cslm_jax.infer.responses import UnitFileError, parse_unit_line
@@ -133,10 +136,9 @@ def read_requests(path) -> list[tuple[str, list[int]]]:
                 f"{where}: no speech_chunks list of unit lists (a decode "
                 f"responses.jsonl record has one)"
             )
-        units = [u for c in chunks for u in c]
-        if not units:
-            raise UnitFileError(f"{where}: the answer has no speech units (no speech chunk)")
-        out.append((where, units))
+        # a text-only answer (no speech chunk) is a valid record: an empty wav, as
+        # decode --speech-out writes for it
+        out.append((where, [u for c in chunks for u in c]))
     return out
 
 
@@ -176,6 +178,7 @@ def run(args) -> int:
     import json
     import time
 
+    import numpy as np
     import soundfile as sf
 
     from cslm_jax.infer.responses import UnitFileError
@@ -190,10 +193,15 @@ def run(args) -> int:
     emb = t2w_mod.voice(t2w, args.voice)
     checked = []
     for where, units in requests:  # every line before any synthesis
+        if not units:  # an answer without speech: an empty wav
+            checked.append((np.zeros((0,), np.int32), 0))
+            continue
         try:
             checked.append(t2w_mod.check_request(t2w, units, args.speech_rate))
         except Token2WavError as e:
             raise UnitFileError(f"{where}: {e}") from None
+    empty = [i for i in range(len(checked)) if not len(checked[i][0])]
+    speech = [i for i in range(len(checked)) if len(checked[i][0])]
     keys = None
     if args.noise == "random":  # one key per line, independent of the others
         import jax
@@ -201,10 +209,29 @@ def run(args) -> int:
         key = jax.random.PRNGKey(args.seed)
         keys = [jax.random.fold_in(key, i) for i in range(len(checked))]
     # batches of lines of similar lengths (less padding); wavs written in line order
-    order = sorted(range(len(checked)), key=lambda i: checked[i][1])
+    order = sorted(speech, key=lambda i: checked[i][1])
     batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
     items, runs, start = [None] * len(checked), [], time.perf_counter()
     with atomic_dir(Path(args.out), force=args.force, tool=TOOL) as tmp:
+        for i in empty:
+            name = f"{i:04d}.wav"
+            sf.write(
+                str(tmp / name),
+                np.zeros((0,), np.float32),
+                t2w.sample_rate,
+                subtype="PCM_16",
+                format="WAV",
+            )
+            items[i] = {
+                "wav": name,
+                "source": requests[i][0],
+                "units": 0,
+                "mel_frames": 0,
+                "samples": 0,
+                "seconds": 0.0,
+                "batch": None,
+                "empty": "the answer has no speech",
+            }
         for b, idx in enumerate(batches):
             t0 = time.perf_counter()
             waves = t2w_mod.synthesize_batch(
@@ -240,12 +267,15 @@ def run(args) -> int:
             "sample_rate": t2w.sample_rate,
             "batch_size": args.batch_size,
             "wavs": items,
+            "empty_wavs": len(empty),
             "batches": runs,
             "total_s": round(time.perf_counter() - start, 3),
         }
         (tmp / REPORT).write_text(json.dumps(report, indent=1) + "\n")
     audio = sum(it["seconds"] for it in items)
+    blank = f" ({len(empty)} empty: answers without speech)" if empty else ""
     print(
-        f"wrote {len(items)} wav(s), {audio:.1f} s of audio at {t2w.sample_rate} Hz, to {args.out}"
+        f"wrote {len(items)} wav(s){blank}, {audio:.1f} s of audio at {t2w.sample_rate} Hz, "
+        f"to {args.out}"
     )
     return 0
