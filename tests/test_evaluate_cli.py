@@ -219,6 +219,19 @@ def test_asr_word_error_rate(setup, capsys):
     assert "WER" in out and "12.5%" in out
 
 
+def test_evaluate_sharded_over_tensor(setup, capsys):
+    """--tensor 2: the weights and cache split over 2 of the 8 fake CPU devices, the same
+    answers and scores."""
+    code, _, err, r = evaluate(setup, capsys, "cslm_sft_asr_en", setup.text, "--tensor", "2")
+    assert code == 0, err
+    assert [e["hypothesis"] for e in r["examples"]] == [TEXT_ANSWER] * 2
+    assert r["metrics"]["error_rate"] == pytest.approx(1 / 8)
+    code, _, err, _ = evaluate(  # (one more argument: another output file)
+        setup, capsys, "cslm_sft_asr_en", setup.text, "--tensor", "3", "--force"
+    )
+    assert code == 2 and "--tensor 3" in err
+
+
 def test_mt_bleu_and_chrf_per_direction(setup, capsys):
     code, out, err, r = evaluate(setup, capsys, "cslm_sft_mt", setup.text, "--max-examples", "3")
     assert code == 0, err

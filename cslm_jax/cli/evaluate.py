@@ -121,6 +121,13 @@ def add_parser(sub):
         "a rerun sends no request for a prompt it holds",
     )
     s.add_argument(
+        "--tensor",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split the weights and the KV cache over N devices of this host (as decode --tensor)",
+    )
+    s.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
@@ -145,6 +152,7 @@ def run(args) -> int:
         language_id_name=args.language_id,
         overrides=args.overrides,
         force=args.force,
+        tensor=args.tensor,
         token2wav=args.token2wav,
         voice=args.voice,
         speech_rate=args.speech_rate,

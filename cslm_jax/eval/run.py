@@ -485,6 +485,7 @@ def evaluate_task(
     judge_scale: str = "1-10",
     judge_concurrency: int = 4,
     judge_cache=None,
+    tensor: int | None = None,
     log=print,
 ) -> dict:
     """The `evaluate` command: decode `task`'s `split` records greedily with the model `ckpt`
@@ -495,7 +496,8 @@ def evaluate_task(
     Audio (`cslm_jax.eval.audio`): with `token2wav` and `voice` the answers are synthesised as
     they are decoded, their wavs kept, time to first audio measured (interleaved and chain);
     `asr` (a spec, `cslm_jax.eval.asr.load_asr`) scores the audio, `mos` (`module:function`)
-    rates it; `judge_url` / `judge_model` (`cslm_jax.eval.judge`) rate spoken-QA answers."""
+    rates it; `judge_url` / `judge_model` (`cslm_jax.eval.judge`) rate spoken-QA answers.
+    `tensor` N: the weights and KV cache split over N devices (`load_for_decoding(tensor=)`)."""
     from cslm_jax.storage.checkpoint import resolve_model_dir
 
     say = log
@@ -549,7 +551,9 @@ def evaluate_task(
 
     t0 = time.perf_counter()
     cfg, params, tok, vocab = load_for_decoding(
-        model_path, tmp_dir=out_path.parent.resolve() if out_path.parent.exists() else None
+        model_path,
+        tmp_dir=out_path.parent.resolve() if out_path.parent.exists() else None,
+        tensor=tensor,
     )
     if spec.kind in SPEECH_KINDS and (not vocab.unit_count or "<sosp>" not in vocab.control_tokens):
         raise EvaluationError(
