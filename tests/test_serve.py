@@ -227,6 +227,23 @@ def test_audio_in_units_equal_extract_units(speech_server, tokdir, tmp_path):
     assert msgs[0]["units"] == unit_text(record["units"])
     assert msgs[0]["seconds"] == pytest.approx(1.3, abs=1e-3)
     assert msgs[-1]["type"] == "end"
+    # POST /v1/s2s with the wav file: the same units
+    with open(tmp_path / "q.wav", "rb") as f:
+        r = httpx.post(
+            speech_server.http + "/v1/s2s",
+            data={"lang": "en", "greedy": "true"},
+            files={"audio": ("q.wav", f, "audio/wav")},
+            timeout=120,
+        )
+    assert r.status_code == 200, r.text
+    assert r.json()["question"]["units"] == unit_text(record["units"])
+    bad = httpx.post(
+        speech_server.http + "/v1/s2s",
+        data={"lang": "en"},
+        files={"audio": ("q.wav", b"not a sound file", "audio/wav")},
+        timeout=30,
+    )
+    assert bad.status_code == 400 and "undecodable audio" in bad.json()["error"]
 
 
 BAD = [
@@ -436,3 +453,10 @@ def test_sigterm_lets_the_answer_in_flight_finish(bigram, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_serve_resolves_a_run_folder(tmp_path, capsys):
+    """--ckpt RUN is the run's model/ as for decode (a run that has not finished says so)."""
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert cli(["serve", "--ckpt", str(tmp_path / "run"), "--data-config", DATA_CONFIG]) == 2
+    assert "this run has no model/ yet" in capsys.readouterr().err
