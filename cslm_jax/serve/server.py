@@ -15,6 +15,7 @@ import numpy as np
 import uvicorn
 
 from cslm_jax.infer.engine import Request
+from cslm_jax.infer.responses import model_folder
 from cslm_jax.serve.app import create_app
 from cslm_jax.serve.service import Service, load_service
 
@@ -70,7 +71,7 @@ class _Server(uvicorn.Server):
 
 def serve(args, api_key: str | None = None, log=lambda m: print(m, flush=True)) -> int:
     service = load_service(
-        model=args.ckpt or args.hf_dir,
+        model=model_folder(args.ckpt, args.hf_dir),  # a run folder: its model/
         data_config=args.data_config,
         speech_tokenizer=args.speech_tokenizer,
         token2wav=args.token2wav,
