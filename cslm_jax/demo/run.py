@@ -11,6 +11,7 @@ every check holds.
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -427,7 +428,24 @@ def run_demo(out: str | Path, force: bool = False) -> int:
         f"demo {'OK' if not failed else 'FAILED: ' + ', '.join(failed)} in {time.time() - t0:.0f}s; "
         f"outputs in {out}"
     )
+    _say(f"talk to the stage-2 model: {serve_command(out)}")
+    _say(
+        f'      questions as units ({{"type": "units", "units": "<12><207>..."}} on '
+        f"ws://127.0.0.1:8000/v1/s2s): the demo has no speech tokenizer for its {UNIT_COUNT} "
+        f"synthetic units; its token2wav has random weights, so the answers' audio is noise"
+    )
     return 0 if not failed else 1
+
+
+def serve_command(out: str | Path) -> str:
+    """The `cslm-jax serve` command line for a demo folder's stage-2 model: its data config
+    (prompts, merging, speech rate), its random token2wav with the random voice."""
+    out = Path(out)
+    return shlex.join(
+        ["cslm-jax", "serve", "--ckpt", str(out / "stage2"),
+         "--data-config", str(out / "data" / "data.yaml"),
+         "--token2wav", str(out / "token2wav"), "--voice", "random"]
+    )  # fmt: skip
 
 
 def _loss_fell(run_dir: Path, name: str) -> bool:
