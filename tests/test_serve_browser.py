@@ -204,6 +204,18 @@ def test_page_records_the_microphone_and_plays_the_answer(
     state = wait_answered(page, logs)
     pcm, rate = check_answer(page, state, tokdir, tmp_path, "microphone")
     assert RECORD_S <= len(pcm) / rate < RECORD_S + 2
+    # a second question on the same page: a fresh turn, shown afresh
+    page.click("#record")
+    page.wait_for_function(
+        "cslmState.phase === 'recording' && cslmState.sent.samples >= 0.5 * cslmState.sent.sampleRate",
+        timeout=TIMEOUT_MS,
+    )
+    page.click("#stop")
+    again = wait_answered(page, logs)
+    assert again["answer"] == "The fox" and again["audio"]["playedSamples"] > 0
+    assert again["question"]["seconds"] == pytest.approx(again["sent"]["samples"] / rate)
+    assert again["question"]["seconds"] < state["question"]["seconds"]
+    assert page.inner_text("#answer") == "The fox"
 
 
 def test_page_sends_a_picked_file(
@@ -214,8 +226,15 @@ def test_page_sends_a_picked_file(
     tmp_path,
 ):
     """A file picked instead of the microphone (decoded by the browser at its own rate),
-    answered in the other language's cross-lingual prompt: the same checks."""
+    answered in the other language's cross-lingual prompt: the same checks; before it, one
+    longer than the server takes gets the server's error on the page."""
     page, logs = open_page(browser, page_server)
+    # longer than the server takes (max_seconds 5): its error is shown, the page stays usable
+    sf.write(str(tmp_path / "long.wav"), np.zeros(6 * 16000, np.int16), 16000, subtype="PCM_16")
+    page.set_input_files("#file", str(tmp_path / "long.wav"))
+    page.wait_for_function("cslmState.phase === 'error'", timeout=TIMEOUT_MS)
+    assert "longer than --max-seconds 5" in page.inner_text("#errors")
+    assert page.is_enabled("#file") and page.is_enabled("#record")
     page.select_option("#answer-lang", "zh")
     page.set_input_files("#file", str(question_wav))
     state = wait_answered(page, logs)
