@@ -783,6 +783,164 @@ def repair_answer_files(out_dir: Path, prior: PriorAnswers, log) -> None:
         )
 
 
+@dataclasses.dataclass
+class DecodePlan:
+    """What `decode` will do, from its arguments alone (`plan_decode`): nothing loaded yet."""
+
+    out_dir: Path
+    unit_file: str
+    fmt: object  # the data config's FormatConfig
+    template: str
+    chunk_unit: str
+    questions: list[list[int]]
+    model_path: Path
+    run: dict  # the run's identity (`run_identity`), stored in each answer record
+    prior: "PriorAnswers"
+    reference: bool
+
+
+def plan_decode(
+    *,
+    unit_file,
+    output_dir,
+    lang: str,
+    data_config,
+    cross_lingual: bool,
+    ckpt,
+    hf_dir,
+    sampling,
+    max_new_tokens: int,
+    batch_size: int,
+    chunk_size: int,
+    compute_dtype,
+    prompt_style: str,
+    append: bool,
+) -> DecodePlan:
+    """decode's checks, before any model loads: the arguments, the output folder, the data
+    config's language, the unit file's syntax, the model folder's CSLM tokens, and the answers
+    an interrupted run left (`prior_answers`)."""
+    from cslm_jax.data.formats import load_data_config
+    from cslm_jax.model.vocab import require_model_cslm_tokens
+
+    if prompt_style not in PROMPT_STYLES:
+        raise ConfigError(
+            f"--prompt-style must be one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}"
+        )
+    check_decode_arguments(
+        sampling, batch_size=batch_size, max_new_tokens=max_new_tokens, chunk_size=chunk_size
+    )
+    out_dir = Path(output_dir)
+    check_decode_output(
+        out_dir,
+        [
+            ("--unit", unit_file),
+            ("--ckpt", ckpt),
+            ("--hf-dir", hf_dir),
+            ("--data-config", data_config),
+        ],
+    )
+    fmt = load_data_config(data_config, check_files=False).format
+    template, chunk_unit = _prompt(fmt, lang, cross_lingual, data_config)
+    questions = read_unit_file(unit_file)  # syntax first: fail before loading a model
+    model_path = model_folder(ckpt, hf_dir)
+    require_model_cslm_tokens(model_path)  # before the weights load
+    run = run_identity(
+        unit_file=unit_file,
+        lang=lang,
+        cross_lingual=cross_lingual,
+        prompt_style=prompt_style,
+        model=model_path,
+        sampling=sampling,
+        max_new_tokens=max_new_tokens,
+        compute_dtype=compute_dtype,
+        data_config=data_config,
+    )
+    prior = prior_answers(out_dir, run, len(questions), append)
+    return DecodePlan(
+        out_dir,
+        str(unit_file),
+        fmt,
+        template,
+        chunk_unit,
+        questions,
+        model_path,
+        run,
+        prior,
+        prompt_style == "reference",
+    )
+
+
+def load_decode_model(plan: DecodePlan, compute_dtype, tensor, speech_out, say):
+    """The model for `plan` (cfg, decoding params, tokenizer, vocab), checked against the
+    questions' codebook and the token2wav's; an HF folder's temporary checkpoint goes near the
+    output."""
+    from cslm_jax.infer.decode import decoding_params, load_for_decoding
+
+    tmp_root = plan.out_dir.absolute()
+    while not tmp_root.exists():
+        tmp_root = tmp_root.parent
+    t_load = time.perf_counter()
+    model_path = plan.model_path
+    cfg, params, tok, vocab = load_for_decoding(
+        model_path, tmp_dir=tmp_root, compute_dtype=compute_dtype, tensor=tensor
+    )
+    if not vocab.unit_count or "<sosp>" not in vocab.control_tokens:
+        raise UnitFileError(
+            f"{model_path}: the model's vocabulary has no speech units "
+            f"(a text-only model); decode a CSLM checkpoint (import-hf with "
+            f"speech units, then train)"
+        )
+    check_codebook(plan.questions, vocab.unit_count, plan.unit_file, model_path)
+    if speech_out is not None and vocab.unit_count > speech_out.t2w.flow_cfg.vocab_size:
+        raise UnitFileError(
+            f"--token2wav {speech_out.t2w.path}: its flow knows {speech_out.t2w.flow_cfg.vocab_size}"
+            f" units, the model {model_path} answers with {vocab.unit_count}: give the token2wav "
+            f"of the speech tokenizer the model was trained on (v1: 4096 units, v2: 6561)"
+        )
+    params = decoding_params(cfg, params)  # once, not per batch (a copy per call)
+    say(
+        f"decode: {len(plan.questions)} question(s) from {plan.unit_file}; model {model_path} "
+        f"({cfg.num_layers} layers x {cfg.hidden_size}, {vocab.unit_count} units) loaded in "
+        f"{time.perf_counter() - t_load:.1f}s; answers in {plan.run['lang']}"
+        f"{' (cross-lingual prompt)' if plan.run['cross_lingual'] else ''}"
+    )
+    import jax
+
+    if jax.default_backend() == "cpu":
+        from cslm_jax.kernels import cpu_matmul as cpu_kernels
+
+        if params["lm_head"].ndim == 3 or not cpu_kernels.available():
+            say(f"decode: {cpu_kernels.status()}")
+        else:
+            say(
+                f"decode: CPU decoding kernel: not used for {cfg.compute_dtype} (float32 only: "
+                f"--compute-dtype float32 uses it)"
+            )
+    return cfg, params, tok, vocab
+
+
+def question_prompt(tok, fmt, template: str, units, where: str, reference: bool = False):
+    """One spoken question's prompt ids, as decode builds it: "training" style, the data
+    config's template with the units merged as it says, rendered as training renders the user
+    turn (`chat_prompt_ids`); `reference`: the reference scripts' prompt with the units as given
+    (`reference_prompt`). `cslm-jax serve` builds its prompts here too."""
+    from cslm_jax.data.formats import merge_repeats, speech
+
+    if reference:
+        return reference_prompt(tok, template.format(speech=speech(units)), where)[1]
+    units = merge_repeats(units) if fmt.merge_repeats else list(units)
+    return chat_prompt_ids(tok, template.format(speech=speech(units)), where, fmt.loss_mask)
+
+
+def write_answers(out_dir: Path, batch: list[dict]) -> None:
+    """A batch's records appended, responses.jsonl first (a rerun resumes from it and lines
+    responses.json up with it): an interrupted run keeps what it finished."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "responses.jsonl", "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in batch))
+    append_results(out_dir / "responses.json", [r["result"] for r in batch])
+
+
 def decode_unit_file(
     *,
     unit_file: str | Path,
@@ -801,8 +959,8 @@ def decode_unit_file(
     prompt_style: str = "training",
     append: bool = False,
     speech_out=None,
-    log: Callable[[str], None] = print,
     tensor: int | None = None,
+    log: Callable[[str], None] = print,
 ) -> dict:
     """The `decode` command: answer every question of `unit_file` in `lang` (a language of
     `data_config`, which gives the prompt, chunk unit and merge_repeats), appending
@@ -831,50 +989,34 @@ def decode_unit_file(
     lines already there, or, resuming, where the interrupted run put it), so each wav is named
     by its answer's line (`SpeechOut.wav_name`) and an --append run's wavs do not replace
     earlier ones; the record's `wav` names it."""
-    from cslm_jax.data.formats import load_data_config
-    from cslm_jax.infer.decode import Sampling, decoding_params, load_for_decoding
+    from cslm_jax.infer.decode import Sampling
 
     sampling = Sampling() if sampling is None else sampling
-    if prompt_style not in PROMPT_STYLES:
-        raise ConfigError(
-            f"--prompt-style must be one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}"
-        )
-    reference = prompt_style == "reference"
-    check_decode_arguments(
-        sampling, batch_size=batch_size, max_new_tokens=max_new_tokens, chunk_size=chunk_size
-    )
-    out_dir = Path(output_dir)
-    check_decode_output(
-        out_dir,
-        [
-            ("--unit", unit_file),
-            ("--ckpt", ckpt),
-            ("--hf-dir", hf_dir),
-            ("--data-config", data_config),
-        ],
-    )
-
     say = log
-    fmt = load_data_config(data_config, check_files=False).format
-    template, chunk_unit = _prompt(fmt, lang, cross_lingual, data_config)
-    merge = fmt.merge_repeats
-    questions = read_unit_file(unit_file)  # syntax first: fail before loading a model
-    model_path = model_folder(ckpt, hf_dir)
-    from cslm_jax.model.vocab import require_model_cslm_tokens
-
-    require_model_cslm_tokens(model_path)  # before the weights load
-    run = run_identity(
+    plan = plan_decode(
         unit_file=unit_file,
+        output_dir=output_dir,
         lang=lang,
+        data_config=data_config,
         cross_lingual=cross_lingual,
-        prompt_style=prompt_style,
-        model=model_path,
+        ckpt=ckpt,
+        hf_dir=hf_dir,
         sampling=sampling,
         max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
         compute_dtype=compute_dtype,
-        data_config=data_config,
+        prompt_style=prompt_style,
+        append=append,
     )
-    prior = prior_answers(out_dir, run, len(questions), append)
+    out_dir, prior, questions = plan.out_dir, plan.prior, plan.questions
+    summary_fields = dict(
+        unit_file=str(unit_file),
+        model=str(plan.model_path),
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        greedy=bool(sampling.greedy),
+    )
     if prior.finish:  # interrupted after its last answer: complete the files
         say(
             f"decode: all {len(questions)} question(s) of {unit_file} are answered already in "
@@ -885,71 +1027,18 @@ def decode_unit_file(
             out_dir,
             prior.done,
             say,
-            unit_file=str(unit_file),
-            model=str(model_path),
-            batch_size=batch_size,
-            chunk_size=chunk_size,
-            greedy=bool(sampling.greedy),
+            **summary_fields,
             decode_s=0.0,
             compile_s=0.0,
             answered_before=len(prior.done),
         )
-    tmp_root = out_dir.absolute()  # an HF folder's temporary checkpoint goes near the output
-    while not tmp_root.exists():
-        tmp_root = tmp_root.parent
-
-    t_load = time.perf_counter()
-    cfg, params, tok, vocab = load_for_decoding(
-        model_path, tmp_dir=tmp_root, compute_dtype=compute_dtype, tensor=tensor
-    )
-    if not vocab.unit_count or "<sosp>" not in vocab.control_tokens:
-        raise UnitFileError(
-            f"{model_path}: the model's vocabulary has no speech units "
-            f"(a text-only model); decode a CSLM checkpoint (import-hf with "
-            f"speech units, then train)"
+    cfg, params, tok, vocab = load_decode_model(plan, compute_dtype, tensor, speech_out, say)
+    prompts = [
+        question_prompt(
+            tok, plan.fmt, plan.template, units, f"{plan.model_path} (line {i + 1})", plan.reference
         )
-    check_codebook(questions, vocab.unit_count, unit_file, model_path)
-    if speech_out is not None and vocab.unit_count > speech_out.t2w.flow_cfg.vocab_size:
-        raise UnitFileError(
-            f"--token2wav {speech_out.t2w.path}: its flow knows {speech_out.t2w.flow_cfg.vocab_size}"
-            f" units, the model {model_path} answers with {vocab.unit_count}: give the token2wav "
-            f"of the speech tokenizer the model was trained on (v1: 4096 units, v2: 6561)"
-        )
-    params = decoding_params(cfg, params)  # once, not per batch (a copy per call)
-    say(
-        f"decode: {len(questions)} question(s) from {unit_file}; model {model_path} "
-        f"({cfg.num_layers} layers x {cfg.hidden_size}, {vocab.unit_count} units) loaded in "
-        f"{time.perf_counter() - t_load:.1f}s; answers in {lang}"
-        f"{' (cross-lingual prompt)' if cross_lingual else ''}"
-    )
-    import jax
-
-    if jax.default_backend() == "cpu":
-        from cslm_jax.kernels import cpu_matmul as cpu_kernels
-
-        if params["lm_head"].ndim == 3 or not cpu_kernels.available():
-            say(f"decode: {cpu_kernels.status()}")
-        else:
-            say(
-                f"decode: CPU decoding kernel: not used for {cfg.compute_dtype} (float32 only: "
-                f"--compute-dtype float32 uses it)"
-            )
-
-    from cslm_jax.data.formats import merge_repeats, speech
-
-    prompts = []
-    for i, units in enumerate(questions):
-        where = f"{model_path} (line {i + 1})"
-        if reference:  # the reference inserts the line's units as given
-            prompts.append(reference_prompt(tok, template.format(speech=speech(units)), where)[1])
-        else:
-            units = merge_repeats(units) if merge else units
-            prompts.append(
-                chat_prompt_ids(tok, template.format(speech=speech(units)), where, fmt.loss_mask)
-            )
-    tag = reference_tag(template)
-    header = tok.encode(ASSISTANT_HEADER, add_special_tokens=False) if reference else ()
-    on_event = (lambda i, ev, s: say(describe_event(i, ev, s))) if stream else None
+        for i, units in enumerate(questions)
+    ]
     first = len(prior.done)
     for i, r in enumerate(prior.done):
         if r.get("input_ids") != prompts[i]:
@@ -968,6 +1057,9 @@ def decode_unit_file(
             f"decode: resuming: {first} of {len(questions)} question(s) answered already in "
             f"{out_dir / 'responses.jsonl'}; answering the other {len(questions) - first}"
         )
+    tag = reference_tag(plan.template)
+    header = tok.encode(ASSISTANT_HEADER, add_special_tokens=False) if plan.reference else ()
+    on_event = (lambda i, ev, s: say(describe_event(i, ev, s))) if stream else None
     records: list[dict] = []
     decode_s = compile_s = 0.0
     for done in decode_questions(
@@ -993,22 +1085,17 @@ def decode_unit_file(
                 a,
                 tok,
                 vocab,
-                chunk_unit,
-                reference_result(a.input_ids, a.output_ids, tok, tag) if reference else None,
+                plan.chunk_unit,
+                reference_result(a.input_ids, a.output_ids, tok, tag) if plan.reference else None,
             )
             for a in done.answers
         ]
         for r in batch:
-            r.update(run, line=r["index"] + 1)
+            r.update(plan.run, line=r["index"] + 1)
             if speech_out is not None:
                 r["timing"].update(speech_out.timing(r["index"]))
                 r["wav"] = speech_out.wav_name(r["index"])
-        # Appended batch by batch, responses.jsonl first (a rerun resumes from it and lines
-        # responses.json up with it): an interrupted run keeps what it finished.
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "responses.jsonl", "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in batch))
-        append_results(out_dir / "responses.json", [r["result"] for r in batch])
+        write_answers(out_dir, batch)
         records += batch
         if not stream:
             for r in batch:
@@ -1022,11 +1109,7 @@ def decode_unit_file(
         out_dir,
         prior.done + records,
         say,
-        unit_file=str(unit_file),
-        model=str(model_path),
-        batch_size=batch_size,
-        chunk_size=chunk_size,
-        greedy=bool(sampling.greedy),
+        **summary_fields,
         decode_s=decode_s,
         compile_s=compile_s,
         answered_before=first,

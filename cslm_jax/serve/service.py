@@ -31,7 +31,6 @@ from typing import AsyncIterator, Callable
 import numpy as np
 
 from cslm_jax.data.audio import AudioError, array_audio
-from cslm_jax.data.formats import merge_repeats, speech
 from cslm_jax.errors import CslmError
 from cslm_jax.infer.decode import (
     End,
@@ -44,7 +43,7 @@ from cslm_jax.infer.decode import (
     start_state,
 )
 from cslm_jax.infer.engine import Engine, Request
-from cslm_jax.infer.responses import chat_prompt_ids, pad_token_id, parse_unit_line
+from cslm_jax.infer.responses import pad_token_id, parse_unit_line, question_prompt
 
 SAMPLE_RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000)
 
@@ -391,10 +390,7 @@ class Service:
         language differs; units merged as the data config says."""
         spec = self.fmt.languages[start.answer_lang]
         template = spec.s2s_prompt if start.answer_lang == start.lang else spec.s2s_cross_prompt
-        units = merge_repeats(units) if self.fmt.merge_repeats else list(units)
-        return chat_prompt_ids(
-            self.tok, template.format(speech=speech(units)), "serve", self.fmt.loss_mask
-        )
+        return question_prompt(self.tok, self.fmt, template, units, "serve")
 
     # -- the answer --
 
