@@ -22,6 +22,7 @@ import soundfile as sf
 import uvicorn
 
 from cslm_jax.cli.main import main as cli
+from cslm_jax.infer.engine import Request
 from cslm_jax.serve.app import create_app
 from cslm_jax.serve.service import load_service
 from test_serve import DATA_CONFIG, REPO, Running, bigram, quiet, unit_text  # noqa: F401
@@ -204,7 +205,9 @@ def test_page_records_the_microphone_and_plays_the_answer(
     state = wait_answered(page, logs)
     pcm, rate = check_answer(page, state, tokdir, tmp_path, "microphone")
     assert RECORD_S <= len(pcm) / rate < RECORD_S + 2
-    # a second question on the same page: a fresh turn, shown afresh
+    assert state["capture"] == "audioworklet"
+    # a second question on the same page, read by the ScriptProcessor older browsers use
+    page.evaluate("cslmPage.forceScriptProcessor = true")
     page.click("#record")
     page.wait_for_function(
         "cslmState.phase === 'recording' && cslmState.sent.samples >= 0.5 * cslmState.sent.sampleRate",
@@ -212,6 +215,7 @@ def test_page_records_the_microphone_and_plays_the_answer(
     )
     page.click("#stop")
     again = wait_answered(page, logs)
+    assert again["capture"] == "scriptprocessor"
     assert again["answer"] == "The fox" and again["audio"]["playedSamples"] > 0
     assert again["question"]["seconds"] == pytest.approx(again["sent"]["samples"] / rate)
     assert again["question"]["seconds"] < state["question"]["seconds"]
@@ -317,3 +321,26 @@ def test_page_with_an_api_key(browser, keyed_server, question_wav):
     page.set_input_files("#file", str(question_wav))
     state = wait_answered(page, [])
     assert state["answer"] == "The fox" and state["audio"]["playedSamples"] > 0
+
+
+def test_page_shows_its_place_in_the_queue(browser, page_server, question_wav):
+    """Every slot busy: the page says where its question waits, then answers when a slot frees."""
+    page, logs = open_page(browser, page_server)
+    engine = page_server.service.engine
+    hold = threading.Event()
+    blockers = [
+        Request([5] * 10, 10_000, on_token=lambda t: hold.wait(60)) for _ in range(engine.slots)
+    ]
+    try:
+        for r in blockers:
+            engine.submit(r)
+        page.set_input_files("#file", str(question_wav))
+        page.wait_for_function("cslmState.queued !== null", timeout=TIMEOUT_MS)
+        assert page.evaluate("cslmState.queued") == 1
+        assert "position 1 in the queue" in page.inner_text("#status")
+    finally:
+        for r in blockers:
+            engine.cancel(r)
+        hold.set()
+    state = wait_answered(page, logs)
+    assert state["answer"] == "The fox" and state["queued"] == 1
