@@ -392,6 +392,26 @@ def _jitted_row_draws(cfg, n: int):
     return jax.jit(run)
 
 
+def _causal_flow_rows(t2w: Token2Wav, units, embs, noise, mel_lens, rows: int, precision: str):
+    """v2's flow for one batch (`causal_flow.causal_flow_batch`, not streamed, as `synthesize`
+    runs it alone): each row's mel resampled to its frames (`mel_lens`, the speech rate's:
+    `causal_flow.stretch`), padded to a multiple of `flow.FRAME_BUCKET` frames, so that HiFT's
+    batches of nearby lengths share a program. Returns (mel [b, 80, F], mel_len [b])."""
+    from cslm_jax.speech import causal_flow
+    from cslm_jax.speech.flow import FRAME_BUCKET
+
+    mel, lens = causal_flow.causal_flow_batch(
+        t2w.flow_params, t2w.flow_cfg, units, embs, noise=noise, rows=rows, precision=precision
+    )
+    mel_lens = np.asarray(mel_lens, np.int32)
+    width = -(-int(mel_lens.max()) // FRAME_BUCKET) * FRAME_BUCKET
+    out = np.zeros((len(units), mel.shape[1], width), np.float32)
+    for i, (got, want) in enumerate(zip(lens, mel_lens)):
+        row = mel[i : i + 1, :, :got]
+        out[i, :, :want] = row[0] if got == want else causal_flow.stretch(row, int(want))[0]
+    return out, mel_lens
+
+
 def synthesize_batch(
     t2w: Token2Wav,
     units_list,
@@ -403,8 +423,8 @@ def synthesize_batch(
 ) -> list:
     """Many utterances -> a list of float32 waveforms (in the order given), row i what
     `synthesize(t2w, units_list[i], voice_i, noise_i, rate_i)` gives (float32 rounding aside):
-    v1's flow batched (`flow.flow_batch`: rows padded to buckets of units and frames, each row
-    masked to its own length), then HiFT batched with each row's mel length. `voice_vec`: one
+    the flow batched (rows padded to buckets of units and frames, each row masked to its own
+    length), then HiFT batched with each row's mel length. `voice_vec`: one
     voice (a name, a .npy, an x-vector) for every row, or a list with one per row;
     `speech_rate`: a number or a list. `noise`: "zero"; a PRNG key, row i then drawing from
     `jax.random.fold_in(key, i)` (so `synthesize_batch(t2w, us, v, key)[i] ==
@@ -412,8 +432,9 @@ def synthesize_batch(
     batch-mates nor the batch size; row 0 is not `synthesize(..., key)` itself); or a list of
     keys, one per row (`synthesize(..., keys[i])`). Rows are sorted by length and cut into
     batches of at most `max_batch` (a smaller last batch padded to a power of two), so that
-    little padding is computed and few programs compile. Errors name the row. v2's causal flow
-    is not batched yet: its rows run one at a time."""
+    little padding is computed and few programs compile. Errors name the row. v1's flow batched
+    by `flow.flow_batch`, v2's causal flow by `causal_flow.causal_flow_batch` (each row then
+    resampled to its speech rate's frames)."""
     import jax
 
     from cslm_jax.speech.flow import flow_batch
@@ -465,18 +486,6 @@ def synthesize_batch(
         except Token2WavError as e:
             raise Token2WavError(f"row {i}: {e}") from None
         rows.append((u, m, emb))
-    if t2w.version != "v1":
-        return [
-            synthesize(
-                t2w,
-                units_list[i],
-                rows[i][2],
-                "zero" if keys[i] is None else keys[i],
-                rates[i],
-                precision,
-            )
-            for i in range(n)
-        ]
     order = sorted(range(n), key=lambda i: rows[i][1])
     out = [None] * n
     for start in range(0, n, max_batch):
@@ -487,16 +496,21 @@ def synthesize_batch(
         else:
             split = [jax.random.split(keys[i]) for i in idx]
             k_flow, k_hift = [s[0] for s in split], [s[1] for s in split]
-        mel, mel_len = flow_batch(
-            t2w.flow_params,
-            t2w.flow_cfg,
-            [rows[i][0] for i in idx],
-            np.stack([rows[i][2] for i in idx]),
-            noise=k_flow,
-            mel_lens=[rows[i][1] for i in idx],
-            rows=r,
-            precision=precision,
-        )  # [b, 80, F], each from 0
+        us, embs = [rows[i][0] for i in idx], np.stack([rows[i][2] for i in idx])
+        mlens = [rows[i][1] for i in idx]
+        if t2w.version == "v2":
+            mel, mel_len = _causal_flow_rows(t2w, us, embs, k_flow, mlens, r, precision)
+        else:
+            mel, mel_len = flow_batch(
+                t2w.flow_params,
+                t2w.flow_cfg,
+                us,
+                embs,
+                noise=k_flow,
+                mel_lens=mlens,
+                rows=r,
+                precision=precision,
+            )  # [b, 80, F], each from 0
         pad = r - len(idx)  # HiFT's rows: as the flow's
         mel = np.concatenate([mel, np.repeat(mel[:1], pad, 0)])
         mel_len = np.concatenate([mel_len, np.repeat(mel_len[:1], pad)])
