@@ -306,7 +306,8 @@ def keyed_server(page_server):
 
 def test_page_with_an_api_key(browser, keyed_server, question_wav):
     """A server with --api-key: the page opened at /?key=KEY uses it (/healthz as a Bearer
-    token, the WebSocket as ?key=); a wrong key typed in is reported and disables asking."""
+    token, the WebSocket as ?key=); a wrong key typed in is reported and disables asking. The
+    question asked with sampling (its fields sent as the server wants them)."""
     page = browser.new_page()
     page.goto(keyed_server + "/?key=sesame")
     page.wait_for_function("document.body.dataset.phase === 'ready'", timeout=TIMEOUT_MS)
@@ -318,6 +319,11 @@ def test_page_with_an_api_key(browser, keyed_server, question_wav):
     page.fill("#key", "sesame")
     page.press("#key", "Tab")
     page.wait_for_function("document.body.dataset.phase === 'ready'", timeout=TIMEOUT_MS)
+    # sampling (the bigram model's answer is the same: its one next token holds p > top_p)
+    page.select_option("#decoding", "sample")
+    page.fill("#temperature", "0.8")
+    page.fill("#top-p", "0.9")
+    page.fill("#seed", "7")
     page.set_input_files("#file", str(question_wav))
     state = wait_answered(page, [])
     assert state["answer"] == "The fox" and state["audio"]["playedSamples"] > 0
