@@ -350,3 +350,15 @@ def test_page_shows_its_place_in_the_queue(browser, page_server, question_wav):
         hold.set()
     state = wait_answered(page, logs)
     assert state["answer"] == "The fox" and state["queued"] == 1
+
+
+def test_page_asks_with_units(browser, page_server):
+    """Speech units typed in (what a server without a speech tokenizer takes): answered."""
+    page, logs = open_page(browser, page_server)
+    page.click("#units-box summary")
+    page.fill("#units", "<1><2><3>")
+    page.press("#units", "Enter")
+    state = wait_answered(page, logs)
+    assert state["question"]["units"] == "<1><2><3>" and state["sent"]["samples"] == 0
+    assert state["transcript"] == "What" and state["answer"] == "The fox"
+    assert state["audio"]["playedSamples"] > 0
