@@ -1,10 +1,10 @@
-"""`cslm-jax import-token2wav`: CosyVoice's flow.pt + hift.pt (+ spk2info.pt) -> a token2wav
+"""`cslm-jax import-token2wav`: CosyVoice's flow.pt + hift.pt (+ spk2info.pt, campplus.onnx) -> a token2wav
 folder (cslm_jax.speech.token2wav) for `cslm-jax synthesize`."""
 
 from pathlib import Path
 
 VERSIONS = ("v1", "v2")
-LOCAL_PATHS = ("flow", "hift", "voices", "out")
+LOCAL_PATHS = ("flow", "hift", "voices", "campplus", "out")
 
 
 def add_parser(sub):
@@ -39,6 +39,14 @@ def add_parser(sub):
         default=None,
         help="spk2info.pt: speaker name -> {'embedding': x-vector, ...} (needs torch)",
     )
+    s.add_argument(
+        "--campplus",
+        metavar="FILE",
+        default=None,
+        help="campplus.onnx (CosyVoice's CAM++ speaker model): copied into the folder, so "
+        "that a prompt recording can be a voice (synthesize --voice prompt.wav; needs "
+        "onnxruntime)",
+    )
     s.add_argument("--out", required=True, help="folder to write (must be empty unless --force)")
     s.add_argument(
         "--force", action="store_true", help="replace an earlier import-token2wav output at --out"
@@ -49,7 +57,12 @@ def add_parser(sub):
 def _inputs(args):
     return [
         (flag, v)
-        for flag, v in (("--flow", args.flow), ("--hift", args.hift), ("--voices", args.voices))
+        for flag, v in (
+            ("--flow", args.flow),
+            ("--hift", args.hift),
+            ("--voices", args.voices),
+            ("--campplus", args.campplus),
+        )
         if v is not None
     ]
 
@@ -132,9 +145,20 @@ def run(args) -> int:
     else:
         # No speaker table: a neutral voice (the zero x-vector, which the flow normalises to 0).
         voices = {"zero": np.zeros(fcfg.spk_embed_dim, np.float32)}
-    out = save_token2wav(args.out, fcfg, fparams, hcfg, hparams, voices, force=args.force)
+    if args.campplus is not None:
+        from cslm_jax.speech.campplus import check_campplus
+
+        try:
+            check_campplus(args.campplus, fcfg.spk_embed_dim)
+        except Token2WavError as e:
+            raise Token2WavError(f"--campplus {e}") from None
+    out = save_token2wav(
+        args.out, fcfg, fparams, hcfg, hparams, voices, force=args.force, campplus=args.campplus
+    )
+    speaker = ", the speaker model campplus.onnx" if args.campplus else ""
     print(
         f"wrote {out}: token2wav {args.version} ({hcfg.sampling_rate} Hz, "
         f"{fcfg.input_frame_rate} units/s, {fcfg.vocab_size} codes), {len(voices)} voice(s)"
+        f"{speaker}"
     )
     return 0

@@ -55,7 +55,9 @@ def add_parser(sub):
         "--voice",
         required=True,
         metavar="V",
-        help="a voice name of the folder's voices.npz, or a .npy x-vector (192 floats)",
+        help="a voice name of the folder's voices.npz, a .npy x-vector (192 floats), or a "
+        "prompt recording (a wav, flac, ...: its x-vector by the folder's campplus.onnx, "
+        "import-token2wav --campplus; needs onnxruntime)",
     )
     s.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
     s.add_argument(
@@ -169,7 +171,7 @@ def check(args, parser):
             f"cslm-jax import-token2wav)"
         )
     inputs = [("--units", args.units), ("--token2wav", args.token2wav)]
-    if args.voice.endswith(".npy"):
+    if args.voice.endswith(".npy") or Path(args.voice).is_file():
         inputs.append(("--voice", args.voice))
     check_output_dir(args.out, args.force, inputs=inputs, tool=TOOL)
 

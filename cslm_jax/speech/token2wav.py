@@ -10,7 +10,10 @@ holds
 - `flow.safetensors`, `hift.safetensors`: the parameters in our naming (the flat dicts of
   `flow.py` / `hift.py`, float32);
 - `voices.npz`: speaker name -> its 192-d x-vector (float32), e.g. from upstream's
-  `spk2info.pt`; `save_random_token2wav` stores one random voice named `random`.
+  `spk2info.pt`; `save_random_token2wav` stores one random voice named `random`;
+- optionally `campplus.onnx`: CosyVoice's CAM++ speaker model (`import-token2wav --campplus`),
+  which turns a prompt recording into an x-vector (`voice(t2w, "prompt.wav")`,
+  `cslm_jax.speech.campplus`).
 
 No JAX at import: `load_token2wav` reads files only; `synthesize` compiles the models (once per
 unit count and mel length).
@@ -33,6 +36,7 @@ CONFIG_FILE = "token2wav.json"
 FLOW_FILE = "flow.safetensors"
 HIFT_FILE = "hift.safetensors"
 VOICES_FILE = "voices.npz"
+CAMPPLUS_FILE = "campplus.onnx"  # optional: prompt-wav voices
 FILES = (CONFIG_FILE, FLOW_FILE, HIFT_FILE, VOICES_FILE)
 VERSIONS = ("v1", "v2")
 TOOL = "import-token2wav"
@@ -89,6 +93,7 @@ class Token2Wav:
     hift_params: dict
     voices: dict  # name -> [192] float32
     path: Path | None = None
+    campplus: Path | None = None  # the folder's campplus.onnx, where it has one
 
     @property
     def sample_rate(self) -> int:
@@ -125,10 +130,19 @@ def _check_voice(name, vec, dim: int, where: str) -> np.ndarray:
 
 
 def save_token2wav(
-    out, flow_cfg, flow_params: dict, hift_cfg, hift_params: dict, voices: dict, force: bool = False
+    out,
+    flow_cfg,
+    flow_params: dict,
+    hift_cfg,
+    hift_params: dict,
+    voices: dict,
+    force: bool = False,
+    campplus=None,
 ) -> Path:
     """Write a token2wav folder atomically (a temporary sibling renamed into place); refuses a
-    non-empty `out` unless `force` and it is an earlier import-token2wav output."""
+    non-empty `out` unless `force` and it is an earlier import-token2wav output. `campplus`: a
+    CAM++ speaker model (CosyVoice's `campplus.onnx`) to copy in, checked
+    (`campplus.check_campplus`), for prompt-wav voices."""
     from safetensors.numpy import save_file
 
     from cslm_jax.speech import hift as _hift
@@ -145,6 +159,12 @@ def save_token2wav(
     if not voices:
         raise Token2WavError("no voices: a token2wav folder needs at least one x-vector")
     vs = {str(k): _check_voice(k, v, flow_cfg.spk_embed_dim, "voices") for k, v in voices.items()}
+    if campplus is not None:
+        from cslm_jax.speech.campplus import check_campplus
+
+        if not Path(campplus).is_file():
+            raise Token2WavError(f"{campplus}: no such speaker model (campplus.onnx)")
+        check_campplus(campplus, flow_cfg.spk_embed_dim)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -166,17 +186,20 @@ def save_token2wav(
         save_file(arrays(hift_params), str(tmp / HIFT_FILE), metadata={"format": FORMAT})
         with open(tmp / VOICES_FILE, "wb") as f:
             np.savez(f, **vs)
+        if campplus is not None:
+            (tmp / CAMPPLUS_FILE).write_bytes(Path(campplus).read_bytes())
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return out
 
 
 def save_random_token2wav(
-    out, version: str = "v1", seed: int = 0, force: bool = False, **sizes
+    out, version: str = "v1", seed: int = 0, force: bool = False, campplus: bool = False, **sizes
 ) -> Path:
     """A random-weight token2wav folder (tests, the demo) at reduced sizes (`SMALL_FLOW`,
     `SMALL_HIFT`; v2 `SMALL_FLOW_V2`); `sizes` override fields of the flow's config or
     `HiFTConfig` (each name goes to the config that has it), plus one random voice named
-    `random`. Random weights give noise, not speech."""
+    `random`; with `campplus`, a random ONNX graph of CAM++'s interface as its speaker model
+    (`campplus.save_random_campplus`). Random weights give noise, not speech."""
     from cslm_jax.speech import hift as _hift
 
     _check_version(version)
@@ -195,7 +218,17 @@ def save_random_token2wav(
     hcfg, hparams = _hift.init_random(version, seed + 1, **hs)
     rng = np.random.default_rng(seed + 2)
     voices = {"random": rng.standard_normal(fcfg.spk_embed_dim).astype(np.float32)}
-    return save_token2wav(out, fcfg, fparams, hcfg, hparams, voices, force=force)
+    if not campplus:
+        return save_token2wav(out, fcfg, fparams, hcfg, hparams, voices, force=force)
+    import tempfile
+
+    from cslm_jax.speech.campplus import save_random_campplus
+
+    with tempfile.TemporaryDirectory() as d:
+        model = save_random_campplus(Path(d) / CAMPPLUS_FILE, seed + 3)
+        return save_token2wav(
+            out, fcfg, fparams, hcfg, hparams, voices, force=force, campplus=model
+        )
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -266,19 +299,45 @@ def load_token2wav(path) -> Token2Wav:
     if not raw:
         raise Token2WavError(f"{vfile}: holds no voices")
     voices = {k: _check_voice(k, v, fcfg.spk_embed_dim, str(vfile)) for k, v in raw.items()}
-    return Token2Wav(version, fcfg, fparams, hcfg, hparams, voices, path)
+    cp = path / CAMPPLUS_FILE
+    return Token2Wav(
+        version, fcfg, fparams, hcfg, hparams, voices, path, cp if cp.is_file() else None
+    )
+
+
+def prompt_voice(t2w: Token2Wav, audio) -> np.ndarray:
+    """The x-vector of a prompt recording (`audio`: a path `data.audio.load_audio` reads) by the
+    folder's CAM++ speaker model, as CosyVoice's frontend computes a zero-shot speaker
+    (`campplus.prompt_xvector`)."""
+    from cslm_jax.speech.campplus import prompt_xvector
+
+    if t2w.campplus is None:
+        raise Token2WavError(
+            f"voice {audio}: a prompt-wav voice needs CosyVoice's speaker model in the "
+            f"token2wav folder {t2w.path or ''}: import it with import-token2wav --campplus "
+            f"campplus.onnx (or give a voice name or a .npy x-vector)"
+        )
+    return _check_voice(
+        str(audio),
+        prompt_xvector(t2w.campplus, audio, t2w.flow_cfg.spk_embed_dim),
+        t2w.flow_cfg.spk_embed_dim,
+        f"voice {audio}",
+    )
 
 
 def voice(t2w: Token2Wav, v) -> np.ndarray:
     """The x-vector `[192]` for `v`: a voice name in the folder's voices.npz, a `.npy` file of
-    192 floats (or [1, 192]), or an array."""
+    192 floats (or [1, 192]), a prompt recording (any other existing file: a wav, flac, ...;
+    its x-vector by the folder's campplus.onnx, `prompt_voice`), or an array."""
     dim = t2w.flow_cfg.spk_embed_dim
     if not isinstance(v, (str, Path)):
         return _check_voice("(array)", v, dim, "voice")
     s = str(v)
     if s in t2w.voices:
         return t2w.voices[s]
-    if s.endswith(".npy") or Path(s).is_file():
+    if not s.endswith(".npy") and Path(s).is_file():
+        return prompt_voice(t2w, s)
+    if s.endswith(".npy"):
         p = Path(s)
         if not p.is_file():
             raise Token2WavError(f"voice {s}: no such file")
@@ -295,7 +354,8 @@ def voice(t2w: Token2Wav, v) -> np.ndarray:
     names = sorted(t2w.voices)
     shown = ", ".join(names[:20]) + (f" (and {len(names) - 20} more)" if len(names) > 20 else "")
     raise Token2WavError(
-        f"voice {s!r}: not a voice of {t2w.path or 'this token2wav'} ({shown}) nor a .npy file"
+        f"voice {s!r}: not a voice of {t2w.path or 'this token2wav'} ({shown}), a .npy "
+        f"file nor a prompt recording"
     )
 
 
@@ -537,6 +597,7 @@ __all__ = [
     "check_request",
     "load_token2wav",
     "mel_frames",
+    "prompt_voice",
     "save_random_token2wav",
     "save_token2wav",
     "synthesize",
