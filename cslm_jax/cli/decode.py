@@ -123,7 +123,8 @@ def add_parser(sub):
         "--voice",
         metavar="V",
         help="with --speech-out: a voice name of the "
-        "token2wav's voices.npz, or a .npy x-vector (192 floats)",
+        "token2wav's voices.npz, a .npy x-vector (192 floats), or a prompt recording "
+        "(its x-vector by the folder's campplus.onnx; as synthesize --voice)",
     )
     s.add_argument(
         "--speech-rate",
