@@ -22,7 +22,9 @@ from cslm_jax.serve.service import Service, load_service
 
 def warm_up(service: Service, log) -> float:
     """Compile what the first questions would otherwise wait for: a prefill and a decoding
-    step, the speech tokenizer on a second of audio, a speech window and the last one."""
+    step, the speech tokenizer on a second of audio, a speech window and the last one, and
+    the flow's rows of several answers' windows (v1, one unit bucket: others compile when
+    first met)."""
     t0 = time.perf_counter()
     done = threading.Event()
     service.engine.submit(Request([service.stop_ids[0]] * 8, 2, on_done=lambda _: done.set()))
@@ -30,11 +32,20 @@ def warm_up(service: Service, log) -> float:
     if service.units is not None:
         service.units.submit(np.zeros(16000, np.float32)).result()
     if service.t2w is not None:
-        from cslm_jax.speech.stream import open_stream
+        from cslm_jax.speech.stream import ROW_BUCKETS, open_stream, run_flows
 
         stream = open_stream(service.t2w, service.voice, "zero", service.speech_rate)
         stream.push(list(range(60)))
         stream.finish()
+        if hasattr(stream, "push_job"):  # the flow's batched rows for concurrent answers
+            for rows in ROW_BUCKETS[1:]:
+                if rows > 2 * service.engine.slots:
+                    break
+                streams = [
+                    open_stream(service.t2w, service.voice, "zero", service.speech_rate)
+                    for _ in range(rows)
+                ]
+                run_flows([s.push_job(list(range(60))) for s in streams])
     seconds = time.perf_counter() - t0
     log(f"serve: warmed up (compiled) in {seconds:.1f}s")
     return seconds
