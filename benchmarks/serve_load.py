@@ -8,12 +8,15 @@ the demo's held-out spoken questions as units (`data/s2s_<q>2<a>.validation.json
 
 1. Reference: one client asks every question in turn; its answers are the single-client
    greedy answers (this also compiles each prompt length and speech window once).
-2. Warm-up: `--warmup` unmeasured passes over the levels (prefill is compiled per number of
-   prompts admitted together, speech synthesis per rows of a batched flow call and bucket).
+2. Warm-up: unmeasured passes over the levels until one compiles nothing (at most
+   `--warmup`): prefill is compiled per number of prompts admitted together, speech synthesis
+   per rows of a batched flow call and bucket, each on first use. The server runs with
+   JAX_LOG_COMPILES=1; every level reports the compiles it waited for (JAX's log lines).
 3. `--rounds` rounds of the levels, the order reversed every other round (1 4 8 16, 16 8 4 1,
    ...), so a level's neighbours in time differ between rounds on this shared machine. At a
-   level of C clients each client asks `--turns` questions in turn (client i's j-th question
-   is question (i + j*C + round) mod Q, so clients ask different questions at once).
+   level of C clients each client asks max(`--turns`, `--answers` / C) questions in turn
+   (client i's j-th question is question (i + j*C + round) mod Q, so clients ask different
+   questions at once).
 
 Every answer is checked: an `end` message with a finish, audio received (samples > 0), the
 transcript and the answer's text chunks equal to the same question's reference answer.
@@ -25,8 +28,9 @@ level's median over rounds, and the issue's ratios per round (8 clients vs 1, me
 apart) with their median: throughput at 8 vs 1 (target >= 4x) and p95 time to first audio at 8
 vs 1 (target <= 2x).
 
-    python benchmarks/serve_load.py [--demo /tmp/demo_bench] [--levels 1,4,8,16] [--turns 3]
-        [--rounds 3] [--per-direction 4] [--slots 8] [--json out.json]
+    cslm-jax demo --out /tmp/demo_bench   # once: the model, its data config, a token2wav
+    python benchmarks/serve_load.py [--demo /tmp/demo_bench] [--levels 1,4,8,16] [--answers 48]
+        [--turns 2] [--rounds 3] [--warmup 6] [--per-direction 4] [--slots 8] [--json out.json]
 
 `--repo DIR`: serve the cslm_jax of another checkout (cwd of `python -m`).
 `--demo`: a `cslm-jax demo --out DIR` folder (its stage2 run, data/data.yaml, token2wav);
@@ -79,9 +83,14 @@ class Server:
             stderr=subprocess.STDOUT,
             text=True,
             cwd=repo,  # `python -m` imports cslm_jax from here
-            env={**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")},
+            env={
+                **os.environ,
+                "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+                "JAX_LOG_COMPILES": "1",  # counted per level: `compiles`
+            },
         )
         self.lines: list[str] = []
+        self.compiles: list[tuple[str, float]] = []  # (function, seconds) as JAX logs them
         self.url: str | None = None
         self.ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -91,6 +100,13 @@ class Server:
 
     def _read(self):
         for line in self.proc.stdout:
+            mark = "Finished XLA compilation of "  # "[logger:]... of jit(f) in 0.5 sec"
+            if mark in line:
+                name, _, secs = line.split(mark, 1)[1].rpartition(" in ")
+                self.compiles.append((name, float(secs.split()[0])))
+                continue
+            if any(m in line for m in ("Finished tracing", "Compiling ", "Finished jaxpr")):
+                continue
             self.lines.append(line)
             if "listening on http://" in line:
                 self.url = line.split("listening on ")[1].split()[0]
@@ -171,6 +187,7 @@ async def run_level(server: Server, questions, clients: int, turns: int, shift: 
     rounds0 = server.metric("cslm_synthesis_rounds_total")
     windows0 = server.metric("cslm_synthesis_windows_total")
     load0 = os.getloadavg()[0]
+    compiles0 = len(server.compiles)
     t0 = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
     wall = time.perf_counter() - t0
@@ -178,6 +195,7 @@ async def run_level(server: Server, questions, clients: int, turns: int, shift: 
     steps = server.metric("cslm_decode_steps_total") - steps0
     rounds = server.metric("cslm_synthesis_rounds_total") - rounds0
     windows = server.metric("cslm_synthesis_windows_total") - windows0
+    compiled = server.compiles[compiles0:]
     bad = [(k, why) for k, a in answers if (why := check(a, refs and refs[k])) is not None]
     ttfa = sorted(a["end"]["timing"]["first_audio_s"] for _, a in answers if not check(a, None))
     return {
@@ -198,6 +216,9 @@ async def run_level(server: Server, questions, clients: int, turns: int, shift: 
         "ttfa_p50": quantile(ttfa, 0.5),
         "ttfa_p95": quantile(ttfa, 0.95),
         "load": (load0, os.getloadavg()[0]),
+        "compiles": len(compiled),
+        "compile_s": sum(t for _, t in compiled),
+        "compiled": sorted({n for n, _ in compiled}),
     }
 
 
@@ -220,7 +241,9 @@ def row(r: dict) -> str:
         f"{r['first_token_p50']:5.2f}s; {r['synthesis_windows'] / max(r['synthesis_rounds'], 1):.1f} "
         f"speech windows a synthesis round; first audio "
         f"p50 {r['ttfa_p50']:5.2f}s p95 {r['ttfa_p95']:5.2f}s; {r['queued']} queued; wrong "
-        f"{len(r['wrong'])}; load {r['load'][0]:.2f} -> {r['load'][1]:.2f}"
+        f"{len(r['wrong'])}; load {r['load'][0]:.2f} -> {r['load'][1]:.2f}; compiled "
+        f"{r['compiles']} ({r['compile_s']:.1f}s{': ' if r['compiled'] else ''}"
+        f"{', '.join(r['compiled'][:4])})"
     )
 
 
@@ -242,9 +265,9 @@ def main(argv=None) -> int:
     p.add_argument(
         "--warmup",
         type=int,
-        default=2,
-        help="unmeasured passes over the levels first (compiling prefill per number of "
-        "prompts admitted together, synthesis per rows and bucket)",
+        default=6,
+        help="unmeasured passes over the levels first, until one compiles nothing (prefill "
+        "compiles per number of prompts admitted together, synthesis per rows and bucket)",
     )
     p.add_argument("--per-direction", type=int, default=4)
     p.add_argument("--slots", type=int, default=8)
@@ -284,10 +307,14 @@ def main(argv=None) -> int:
             f"prompt length and speech window): {time.perf_counter() - t0:.1f}s",
             flush=True,
         )
-        for w in range(args.warmup):
+        for w in range(args.warmup):  # until a pass compiles nothing
+            compiled = 0
             for c in levels:
                 r = asyncio.run(run_level(server, questions, c, turns(c), w + 7, refs))
                 print(f"warm-up {w + 1} {row(r)}", flush=True)
+                compiled += r["compiles"]
+            if not compiled:
+                break
         for rnd in range(args.rounds):
             order = levels if rnd % 2 == 0 else levels[::-1]
             measured = []
@@ -328,8 +355,10 @@ def summary(results: dict, levels: list[int]) -> None:
     rounds = results["rounds"]
     by = {c: [next(r for r in rs if r["clients"] == c) for rs in rounds] for c in levels}
     print(f"\nmedians over {len(rounds)} rounds:")
-    print("| clients | answers/s | tokens/s | first audio p50 | first audio p95 | wrong |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| clients | answers/s | tokens/s | first audio p50 | first audio p95 | wrong | compiles |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for c in levels:
         rs = by[c]
 
@@ -339,7 +368,8 @@ def summary(results: dict, levels: list[int]) -> None:
         print(
             f"| {c} | {med('answers_per_s'):.2f} | {med('tokens_per_s'):.1f} | "
             f"{med('ttfa_p50'):.2f} s | {med('ttfa_p95'):.2f} s | "
-            f"{sum(len(r['wrong']) for r in rs)} of {sum(r['answers'] for r in rs)} |"
+            f"{sum(len(r['wrong']) for r in rs)} of {sum(r['answers'] for r in rs)} | "
+            f"{sum(r['compiles'] for r in rs)} |"
         )
     if 1 in by and 8 in by:
         thr = [b["answers_per_s"] / a["answers_per_s"] for a, b in zip(by[1], by[8])]
