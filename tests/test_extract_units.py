@@ -279,6 +279,8 @@ def test_records_hold_the_tokenizers_codes_and_validate(tmp_path, tokdir, encode
     shapes = []
 
     class Recording:  # the real encoder; remembers the padded shapes it was given
+        packs = False  # batches laid out as on an accelerator: one shape per bucket
+
         def __getattr__(self, name):
             return getattr(encoder, name)
 
@@ -320,6 +322,66 @@ def test_records_hold_the_tokenizers_codes_and_validate(tmp_path, tokdir, encode
     files = [str(out / s) for s in json.loads((out / COMPLETE_FILE).read_text())["shards"]]
     assert cli(["validate-data", *files, "--data-config", str(cfg)]) == 0
     assert (out / SKIPPED_FILE).read_text() == ""
+
+
+def test_packed_batches_on_cpu_give_the_same_files_as_the_bucket_shapes(tmp_path, tokdir, encoder):
+    """On CPUs each device's share of a batch runs on its valid frames packed into rows, the
+    batch cut to its rows and longest utterance (whole seconds), not padded to the bucket: the
+    output files are those of the bucket-shaped batches an accelerator runs, byte for byte."""
+    root = tmp_path / "audio"
+    root.mkdir()
+    # 15 short utterances, one of 1.9 s and 5 of 2.1-2.5 s, the long ones first in the manifest:
+    # shard 0 has a 2 s batch of 10 (shares of 5 rows, mostly padding) and a 4 s batch of 5
+    # (cut to 6 rows of 3 s), shard 1 a batch of 6 under 1 s; wav at 16 kHz and flac at
+    # 44.1 kHz in turn
+    seconds = [0.2 + 0.03 * i for i in range(15)] + [1.9] + [2.1 + 0.1 * i for i in range(5)]
+    lines, waves = [], []
+    for i, sec in enumerate(seconds):
+        name, rate = (f"u{i}.wav", SR) if i % 2 else (f"u{i}.flac", 44100)
+        sf.write(root / name, speechlike(sec, rate, seed=20 + i), rate)
+        lines.append({"id": f"utt{i}", "audio": name, "lang": "en", "text": f"number {i}"})
+        waves.append(load_audio(root / name))
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines[::-1]))  # long ones first
+    lines, waves = lines[::-1], waves[::-1]
+    opts = Options(batch_size=16, shard_size=15, progress=False)
+    assert encoder.packs and encoder.tokenizer.on_cpu
+
+    class Recording:  # the real encoder, asked to pack or not; remembers its batches
+        def __init__(self, packs):
+            self.packs, self.shapes, self.packed_rows = packs, [], []
+
+        def __getattr__(self, name):
+            return getattr(encoder, name)
+
+        def __call__(self, batch, lengths):
+            self.shapes.append(batch.shape)
+            self.packed_rows.append(encoder.tokenizer._packed_rows(lengths, batch.shape[1]))
+            return encoder.tokenizer.encode(batch, lengths, pack=self.packs)
+
+    runs = {}
+    for packs in (False, True):
+        out, rec = tmp_path / f"units_{packs}", Recording(packs)
+        extract(manifest, out, rec, tokenizer_dir=tokdir, opts=opts)
+        runs[packs] = (out, rec.shapes, rec.packed_rows)
+    (bucketed, bucket_shapes, _), (packed, packed_shapes, packed_rows) = runs[False], runs[True]
+    # buckets: 16 rows always, 2 or 4 s; packed: the batch's rows (a multiple of the 2
+    # devices), whole seconds
+    assert sorted(bucket_shapes) == [(16, 32000), (16, 32000), (16, 64000)]
+    assert sorted(packed_shapes) == [(6, 16000), (6, 48000), (10, 32000)]
+    # each device's share packed into its own rows (a multiple of 256 frames) in some batches
+    assert any(packed_rows) and all(r % 256 == 0 for r in packed_rows)
+    assert {r for r in packed_rows if r} <= set(encoder.tokenizer._packed_steps)
+    names = sorted(p.name for p in bucketed.iterdir())
+    assert names == sorted(p.name for p in packed.iterdir())
+    for name in names:
+        a, b = (bucketed / name).read_text(), (packed / name).read_text()
+        if name.endswith(".done.json"):  # the shard's own wall time differs
+            a, b = ({k: v for k, v in json.loads(x).items() if k != "seconds"} for x in (a, b))
+        assert a == b, name
+    records = read_out(packed)
+    for r, codes in zip(records, encoder.tokenizer.encode(waves, pack=False)):
+        assert r["units"] == codes.tolist()
 
 
 def test_long_audio_is_windowed_without_losing_its_tail_or_refused(

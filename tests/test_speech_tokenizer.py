@@ -211,6 +211,34 @@ def test_sharded_over_a_mesh_equals_one_device(waves):
         np.testing.assert_array_equal(a, b)
 
 
+def test_each_device_packs_its_own_share_of_a_padded_batch():
+    """A padded [16, N] batch over a mesh of 2 (fake CPU) devices with `pack=True` (what
+    extract-units asks for on CPUs): each device packs the valid frames of its own 8 rows
+    (rows sized by the fuller share, never the whole batch's), and the codes equal one device's
+    padded layout."""
+    import jax
+    from jax.sharding import Mesh
+
+    from cslm_jax.speech.tokenizer import PACK_MULTIPLE
+
+    rng = np.random.default_rng(7)
+    lengths = np.concatenate([rng.integers(5000, 16000, 8), rng.integers(8000, 96000, 8)])
+    batch = np.zeros((16, 96000), np.float32)
+    for i, w in enumerate(speechlike(lengths.tolist(), seed=11)):
+        batch[i, : len(w)] = w
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    one = random_speech_tokenizer("v1", seed=6, **TINY)
+    sharded = random_speech_tokenizer("v1", seed=6, mesh=mesh, **TINY)
+    frames = sharded.code_lengths(lengths)
+    rows = sharded._packed_rows(lengths, batch.shape[1])
+    fuller = int(max(frames[:8].sum(), frames[8:].sum()))
+    assert rows == -(-fuller // PACK_MULTIPLE) * PACK_MULTIPLE and rows <= 0.85 * 8 * 300
+    packed = sharded.encode(batch, lengths, pack=True)
+    assert list(sharded._packed_steps) == [rows]
+    for a, b in zip(one.encode(batch, lengths, pack=False), packed):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_windows_and_stitching_follow_the_package():
     """The package's loop: windows every 2600 frames while inside; ours stops once one reaches
     the end. Stitching drops 2 s at inner seams."""

@@ -86,6 +86,10 @@ class Encoder(Protocol):
     sample_rate: int
     batch_multiple: int  # batch rows must be a multiple of this (the local devices)
     min_samples: int  # shorter audio cannot be tokenized (a bad file)
+    # True where the encoder packs valid frames (CPUs): padded rows and samples then cost
+    # little but attention, so batches are cut to their rows and longest utterance (a
+    # compiled shape per packed size anyway) instead of the bucket's full shape
+    packs: bool
 
     def __call__(self, waves: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
         """waves [B, N] float32 (zero-padded), lengths [B] -> the codes of each row."""
@@ -510,7 +514,11 @@ def _encode(encoder: Encoder, waves: list[np.ndarray], opts: Options) -> list[np
     longest = max(len(w) for w in waves)
     padded = bucket_length(longest, opts.buckets, sr)
     rows = batch_rows(padded, opts.batch_size, encoder.batch_multiple, sr)
-    rows = max(rows, int(math.ceil(len(waves) / encoder.batch_multiple) * encoder.batch_multiple))
+    enough = int(math.ceil(len(waves) / encoder.batch_multiple) * encoder.batch_multiple)
+    rows = max(rows, enough)
+    if getattr(encoder, "packs", False) and padded <= MAX_SECONDS * sr:
+        # packed: no filler rows past the devices' multiple, samples to the next whole second
+        rows, padded = enough, min(padded, int(math.ceil(longest / sr) * sr))
     batch = np.zeros((rows, padded), np.float32)
     # filler rows: the shortest silence the tokenizer takes (one window if the batch is long);
     # their codes are dropped
@@ -848,7 +856,9 @@ def _finish(
 
 class TokenizerEncoder:
     """A `cslm_jax.speech.SpeechTokenizer` as the Encoder extraction runs: batches sharded over a
-    `data` mesh of this process's devices (every host runs its own batches)."""
+    `data` mesh of this process's devices (every host runs its own batches). On CPUs each
+    device's share of a batch runs its dense layers on its valid frames packed into rows
+    (`SpeechTokenizer.encode(pack=True)`); accelerators keep one compiled shape per bucket."""
 
     def __init__(self, tokenizer, batch_multiple: int):
         self.tokenizer = tokenizer
@@ -859,11 +869,12 @@ class TokenizerEncoder:
         self.min_samples = int(tokenizer.min_samples)
         self.precision = tokenizer.precision
         self.batch_multiple = batch_multiple
+        self.packs = bool(tokenizer.on_cpu)
 
     def __call__(self, waves: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
         # audio over 30 s arrives here only with --long-audio window (refusal happens earlier):
         # the tokenizer windows it (30 s windows every 26 s, stitched, tail kept)
-        return self.tokenizer.encode(waves, lengths, long_audio="window")
+        return self.tokenizer.encode(waves, lengths, long_audio="window", pack=self.packs)
 
 
 def open_tokenizer(

@@ -256,13 +256,15 @@ class SpeechTokenizer:
         naming the utterance. Compiles once per padded shape (and once for the [B, 3000] window
         batch if there are long utterances).
 
-        `pack` (default: True for a list of waveforms on one CPU device; False for a padded
-        array, whose caller chose the padding, e.g. extract-units' length buckets, and on
-        accelerators, where each packed size would be one more slow compile): for a batch of
-        utterances <= 30 s of mixed lengths, the encoder's projections, MLP and quantizer run
-        on the valid frames only, packed into rows (`s3.encoder(packed=...)`), where that cuts
-        those rows by `PACK_GAIN` or more; attention and the convs keep the padded layout. The same codes; one compiled
-        shape per packed size (a multiple of `PACK_MULTIPLE` frames).
+        `pack` (default: True for a list of waveforms on CPU devices; False for a padded array,
+        whose caller chose the padding, and on accelerators, where each packed size would be
+        one more slow compile; extract-units asks for it on CPUs): for a batch of utterances
+        <= 30 s of mixed lengths, the encoder's projections, MLP and quantizer run on the valid
+        frames only, packed into rows (`s3.encoder(packed=...)`), where that cuts those rows by
+        `PACK_GAIN` or more; attention and the convs keep the padded layout. On a mesh each
+        device packs the frames of its own share of the batch (packed rows never cross a
+        shard). The same codes; one compiled shape per packed size (a multiple of
+        `PACK_MULTIPLE` frames per device).
         """
         if long_audio not in LONG_AUDIO_MODES:
             raise SpeechTokenizerError(
@@ -285,7 +287,7 @@ class SpeechTokenizer:
             wave = batch[:, : min(batch.shape[1], _SHORT_MAX_SAMPLES)]
             wave, lens = self._pad_rows(wave, lengths.astype(np.int32), fill_len=melmod.MIN_SAMPLES)
             if pack is None:
-                pack = list_input and self._on_cpu
+                pack = list_input and self.on_cpu
             packed = self._packed_rows(lens, wave.shape[1]) if pack else 0
             step = self._packed_step(packed) if packed else self._wave_step
             codes, code_len = step(self.params, wave, lens)
@@ -294,19 +296,22 @@ class SpeechTokenizer:
         return self._encode_long(batch, lengths, long_audio)
 
     def _packed_rows(self, lengths, width: int) -> int:
-        """Rows of the packed layout for this batch (its valid encoder frames rounded up to
-        `PACK_MULTIPLE`), or 0 where packing does not pay (under `PACK_GAIN` fewer rows than the
-        padded layout) or cannot be used (a mesh: packed rows would cross its shards)."""
-        if self._rows_multiple != 1 or self.mesh is not None:
-            return 0
+        """Rows of the packed layout of each device's share of this batch (the most valid
+        encoder frames of a share, rounded up to `PACK_MULTIPLE`), or 0 where packing does not
+        pay (under `PACK_GAIN` fewer rows than the share's padded layout). `lengths` holds a
+        multiple of the mesh's batch size; device i's share is the i-th contiguous block of
+        rows, as the batch sharding splits it."""
         stride = self.config.stride
-        valid = int(code_lengths(np.asarray(lengths) // melmod.HOP, stride).sum())
-        padded = len(lengths) * int(code_lengths(width // melmod.HOP, stride))
+        m = self._rows_multiple
+        frames = code_lengths(np.asarray(lengths) // melmod.HOP, stride).reshape(m, -1)
+        valid = int(frames.sum(1).max())
+        padded = frames.shape[1] * int(code_lengths(width // melmod.HOP, stride))
         rows = -(-max(valid, 1) // PACK_MULTIPLE) * PACK_MULTIPLE
         return rows if rows <= (1 - PACK_GAIN) * padded else 0
 
     @functools.cached_property
-    def _on_cpu(self) -> bool:
+    def on_cpu(self) -> bool:
+        """Whether the weights live on CPU devices only (where packing pays)."""
         import jax
 
         leaf = jax.tree.leaves(self.params)[0]
@@ -315,7 +320,16 @@ class SpeechTokenizer:
     def _packed_step(self, rows: int):
         steps = self.__dict__.setdefault("_packed_steps", {})
         if rows not in steps:
-            steps[rows] = self._jit(extraction_step(self.config, self.precision, packed=rows), 2, 2)
+            fn = extraction_step(self.config, self.precision, packed=rows)
+            if self.mesh is not None:  # each device packs its own rows: none crosses a shard
+                import jax
+                from jax.sharding import PartitionSpec as P
+
+                share = P(self.batch_axis)
+                fn = jax.shard_map(
+                    fn, mesh=self.mesh, in_specs=(P(), share, share), out_specs=(share, share)
+                )
+            steps[rows] = self._jit(fn, 2, 2)
         return steps[rows]
 
     def _encode_long(self, batch, lengths, mode) -> list[np.ndarray]:
