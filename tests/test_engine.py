@@ -117,6 +117,23 @@ def test_answers_equal_generate_with_arrivals_mid_answer(model):
         assert engine.stop(timeout=60)
 
 
+def test_warm_up_compiles_every_prompt_bucket(model):
+    """warm_up compiles prefill + insert per prompt bucket and the step: answers afterwards
+    are as without it (the warm-up leaves no trace in the slots)."""
+    engine = Engine(model.cfg, model.params, slots=2, max_length=192)
+    assert engine.warm_up(512) == 2  # buckets of 64 and 128 positions (192 - 64 = 128 at most)
+    engine.start()
+    try:
+        got = [Collect() for _ in PROMPTS[:4]]
+        for c, p in zip(got, PROMPTS):
+            engine.submit(c.request(p, 6))
+        for c, p in zip(got, PROMPTS):
+            want = generate(model.cfg, model.params, [p], max_new_tokens=6, sampling=GREEDY)[0]
+            assert c.wait() == want
+    finally:
+        assert engine.stop(timeout=60)
+
+
 def test_sampled_answers_equal_generate_alone(model):
     """Sampling per request (own temperature, top-p and seed) draws what `generate` of that
     prompt alone draws with the same settings, beside a greedy answer."""

@@ -299,6 +299,26 @@ class Engine:
     def waiting(self) -> int:
         return len(self._queue)
 
+    def warm_up(self, max_prompt: int = 512) -> int:
+        """Compile prefill and insert for every prompt bucket up to `max_prompt` tokens (and
+        the step) before serving, so a first question of any such length does not wait for a
+        compile. Call before `start`. Returns the number of buckets."""
+        top = min(max_prompt, self.max_length - self.prompt_bucket)
+        buckets = range(self.prompt_bucket, top + 1, self.prompt_bucket)
+        zero = jnp.int32(0)
+        for p_len in buckets:
+            tokens = np.full((1, p_len), self.pad_id, np.int32)
+            pad = np.zeros(1, np.int32)
+            logits, cache = prefill(self.cfg, self.params, tokens, pad, cache_len=p_len)
+            with on_mesh(self.params):
+                self._state = self._insert(
+                    self._state, zero, cache, zero, logits, zero, jnp.bool_(False)
+                )
+        with on_mesh(self.params):
+            rows = RowSettings(*(jnp.asarray(a) for a in self._rows))  # every row free
+            _, self._state = self._step(self.params, self._state, rows, self._consts)
+        return len(buckets)
+
     def start(self) -> "Engine":
         self._thread = threading.Thread(target=self._run, name="cslm-engine", daemon=True)
         self._thread.start()
@@ -380,14 +400,12 @@ class Engine:
         req.on_done(reason)
 
     def _admit(self, reqs: list[Request]) -> None:
-        """Prefill the new prompts, those of one padded length together (so a prompt's padding,
-        and so its room for an answer, never depends on the company it came with); each into
-        a free slot."""
-        groups: dict[int, list[Request]] = {}
+        """Prefill the new prompts one by one (a prompt's padding, and so its room for an
+        answer, never depends on the company it came with, and prefill compiles once per
+        prompt bucket, not per bucket and count: `warm_up` can compile them all), each into a
+        free slot."""
         for r in reqs:
-            groups.setdefault(-(-len(r.prompt) // self.prompt_bucket), []).append(r)
-        for group in groups.values():
-            self._prefill_insert(group)
+            self._prefill_insert([r])
 
     def _prefill_insert(self, reqs: list[Request]) -> None:
         tokens, pad = left_pad([list(r.prompt) for r in reqs], self.pad_id, self.prompt_bucket)

@@ -8,27 +8,24 @@ to `--grace-seconds`, then stops and exits 0. A second signal stops at once.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import numpy as np
 import uvicorn
 
-from cslm_jax.infer.engine import Request
 from cslm_jax.infer.responses import model_folder
 from cslm_jax.serve.app import create_app
 from cslm_jax.serve.service import Service, load_service
 
 
-def warm_up(service: Service, log) -> float:
-    """Compile what the first questions would otherwise wait for: a prefill and a decoding
-    step, the speech tokenizer on a second of audio, a speech window and the last one, and
-    the flow's rows of several answers' windows (v1, one unit bucket: others compile when
-    first met)."""
+def warm_up(service: Service, log, max_prompt: int = 512) -> float:
+    """Compile what the first questions would otherwise wait for (call it before the service
+    starts): prefill for every prompt bucket up to `max_prompt` tokens and the decoding step,
+    the speech tokenizer on a second of audio, a speech window and the last one, and the
+    flow's rows of several answers' windows (v1, one unit bucket: others compile when first
+    met)."""
     t0 = time.perf_counter()
-    done = threading.Event()
-    service.engine.submit(Request([service.stop_ids[0]] * 8, 2, on_done=lambda _: done.set()))
-    done.wait()
+    buckets = service.engine.warm_up(max_prompt)
     if service.units is not None:
         service.units.submit(np.zeros(16000, np.float32)).result()
     if service.t2w is not None:
@@ -47,7 +44,7 @@ def warm_up(service: Service, log) -> float:
                 ]
                 run_flows([s.push_job(list(range(60))) for s in streams])
     seconds = time.perf_counter() - t0
-    log(f"serve: warmed up (compiled) in {seconds:.1f}s")
+    log(f"serve: warmed up (compiled; prompts in {buckets} bucket(s)) in {seconds:.1f}s")
     return seconds
 
 
@@ -96,7 +93,7 @@ def serve(args, api_key: str | None = None, log=lambda m: print(m, flush=True)) 
         max_new_tokens=args.max_new_tokens,
         max_queue=args.max_queue,
         max_seconds=args.max_seconds,
-    ).start()
+    )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log(
             f"serve: warning: listening on {args.host}, reachable from other machines"
@@ -104,6 +101,7 @@ def serve(args, api_key: str | None = None, log=lambda m: print(m, flush=True)) 
         )
     if not args.no_warmup:
         warm_up(service, log)
+    service.start()
     app = create_app(service, api_key)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level="warning", ws_max_size=16 * 2**20
