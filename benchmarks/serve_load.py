@@ -118,7 +118,7 @@ class Server:
             for line in r.read().decode().splitlines():
                 if line.startswith(name + " "):
                     return float(line.split()[1])
-        raise KeyError(name)
+        return 0.0  # not exported (e.g. synthesis counters without --token2wav)
 
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:
@@ -155,14 +155,14 @@ async def ask(ws, q: dict) -> dict:
             return out
 
 
-def check(answer: dict, ref: dict | None) -> str | None:
-    """Why an answer is wrong, or None."""
+def check(answer: dict, ref: dict | None, speech: bool = True) -> str | None:
+    """Why an answer is wrong, or None (speech: audio expected)."""
     end = answer["end"]
     if end is None or end["type"] != "end":
         return f"no end: {end}"
     if end.get("finish") not in ("eoa", "stop", "length"):
         return f"finish {end.get('finish')!r}"
-    if answer["samples"] <= 0 or end["timing"].get("first_audio_s") is None:
+    if speech and (answer["samples"] <= 0 or end["timing"].get("first_audio_s") is None):
         return "no audio"
     if ref is not None and (answer["texts"], answer["transcript"]) != (
         ref["texts"],
@@ -172,7 +172,10 @@ def check(answer: dict, ref: dict | None) -> str | None:
     return None
 
 
-async def run_level(server: Server, questions, clients: int, turns: int, shift: int, refs):
+async def run_level(
+    server: Server, questions, clients: int, turns: int, shift: int, refs, speech: bool = True
+):
+    """One level: `clients` clients each asking `turns` questions in turn; its figures."""
     ws_url = server.url.replace("http", "ws", 1) + "/v1/s2s"
     answers: list[tuple[int, dict]] = []
 
@@ -196,8 +199,9 @@ async def run_level(server: Server, questions, clients: int, turns: int, shift: 
     rounds = server.metric("cslm_synthesis_rounds_total") - rounds0
     windows = server.metric("cslm_synthesis_windows_total") - windows0
     compiled = server.compiles[compiles0:]
-    bad = [(k, why) for k, a in answers if (why := check(a, refs and refs[k])) is not None]
-    ttfa = sorted(a["end"]["timing"]["first_audio_s"] for _, a in answers if not check(a, None))
+    bad = [(k, why) for k, a in answers if (why := check(a, refs and refs[k], speech))]
+    first = "first_audio_s" if speech else "first_text_s"
+    ttfa = sorted(a["end"]["timing"][first] for _, a in answers if not check(a, None, speech))
     return {
         "clients": clients,
         "answers": len(answers),
@@ -211,7 +215,8 @@ async def run_level(server: Server, questions, clients: int, turns: int, shift: 
         "synthesis_rounds": rounds,
         "synthesis_windows": windows,
         "first_token_p50": quantile(
-            [a["end"]["timing"]["first_token_s"] for _, a in answers if not check(a, None)], 0.5
+            [a["end"]["timing"]["first_token_s"] for _, a in answers if not check(a, None, speech)],
+            0.5,
         ),
         "ttfa_p50": quantile(ttfa, 0.5),
         "ttfa_p95": quantile(ttfa, 0.95),
@@ -274,6 +279,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--json", default=None, help="write every measurement here")
     p.add_argument(
+        "--text-only",
+        action="store_true",
+        help="a diagnostic: serve without --token2wav (decoding alone); the latency "
+        "columns are then time to first text",
+    )
+    p.add_argument(
         "--repo",
         default=str(REPO),
         help="serve the cslm_jax of this checkout (e.g. a `git archive` of a commit)",
@@ -285,7 +296,8 @@ def main(argv=None) -> int:
     serve_argv = [
         "--ckpt", args.ckpt or str(demo / "stage2"),
         "--data-config", args.data_config or str(demo / "data" / "data.yaml"),
-        "--token2wav", args.token2wav or str(demo / "token2wav"), "--voice", "random",
+        *([] if args.text_only else
+          ["--token2wav", args.token2wav or str(demo / "token2wav"), "--voice", "random"]),
         "--slots", str(args.slots), "--max-length", "1024",
         "--max-new-tokens", str(args.max_new_tokens), "--max-queue", "64",
     ]  # fmt: skip
@@ -295,13 +307,15 @@ def main(argv=None) -> int:
 
     print(f"nproc {os.cpu_count()}; load average {os.getloadavg()}", flush=True)
     print(f"serve {' '.join(serve_argv)}", flush=True)
+    if args.text_only:
+        print("text only: the 'first audio' figures below are times to first text", flush=True)
     t_start = time.perf_counter()
     server = Server(serve_argv, Path(args.repo))
     print("".join(server.lines).rstrip(), flush=True)
     results = {"levels": levels, "questions": len(questions), "rounds": []}
     try:
         t0 = time.perf_counter()
-        refs = asyncio.run(_reference(server, questions))
+        refs = asyncio.run(_reference(server, questions, not args.text_only))
         print(
             f"reference: 1 client, each of {len(questions)} questions once (compiling each "
             f"prompt length and speech window): {time.perf_counter() - t0:.1f}s",
@@ -310,7 +324,9 @@ def main(argv=None) -> int:
         for w in range(args.warmup):  # until a pass compiles nothing
             compiled = 0
             for c in levels:
-                r = asyncio.run(run_level(server, questions, c, turns(c), w + 7, refs))
+                r = asyncio.run(
+                    run_level(server, questions, c, turns(c), w + 7, refs, not args.text_only)
+                )
                 print(f"warm-up {w + 1} {row(r)}", flush=True)
                 compiled += r["compiles"]
             if not compiled:
@@ -319,7 +335,9 @@ def main(argv=None) -> int:
             order = levels if rnd % 2 == 0 else levels[::-1]
             measured = []
             for c in order:
-                r = asyncio.run(run_level(server, questions, c, turns(c), rnd, refs))
+                r = asyncio.run(
+                    run_level(server, questions, c, turns(c), rnd, refs, not args.text_only)
+                )
                 print(f"round {rnd + 1} {row(r)}", flush=True)
                 for k, why in r["wrong"]:
                     print(f"  WRONG question {k}: {why}", flush=True)
@@ -338,14 +356,14 @@ def main(argv=None) -> int:
     return 1 if wrong else 0
 
 
-async def _reference(server: Server, questions) -> list[dict]:
+async def _reference(server: Server, questions, speech: bool = True) -> list[dict]:
     """Each question's single-client greedy answer (one client, one question at a time)."""
     ws_url = server.url.replace("http", "ws", 1) + "/v1/s2s"
     out = []
     async with connect(ws_url, max_size=2**26, ping_interval=None) as ws:
         for q in questions:
             a = await ask(ws, q)
-            if (why := check(a, None)) is not None:
+            if (why := check(a, None, speech)) is not None:
                 raise SystemExit(f"reference answer to {q}: {why}")
             out.append(a)
     return out
