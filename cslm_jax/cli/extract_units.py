@@ -258,7 +258,8 @@ def run(args) -> int:
     from cslm_jax.storage import fs
 
     tokenizer = fs.local_dir(args.tokenizer, "speech tokenizer folder")  # gs://: downloaded
-    encoder = open_tokenizer(tokenizer, precision=args.precision)
+    # the weights load while the manifest is indexed and the first batches' audio is read
+    encoder = open_tokenizer(tokenizer, precision=args.precision, background=True)
     source = tfds_source(args) or args.manifest
     summary = extract(
         source,

@@ -858,18 +858,37 @@ class TokenizerEncoder:
     """A `cslm_jax.speech.SpeechTokenizer` as the Encoder extraction runs: batches sharded over a
     `data` mesh of this process's devices (every host runs its own batches). On CPUs each
     device's share of a batch runs its dense layers on its valid frames packed into rows
-    (`SpeechTokenizer.encode(pack=True)`); accelerators keep one compiled shape per bucket."""
+    (`SpeechTokenizer.encode(pack=True)`); accelerators keep one compiled shape per bucket.
+    `tokenizer` may be a future of one (`open_tokenizer(background=True)`): the attributes
+    extraction reads first then come from `meta` (the folder's speech_tokenizer.json), and the
+    first batch waits for the weights."""
 
-    def __init__(self, tokenizer, batch_multiple: int):
-        self.tokenizer = tokenizer
-        self.version = tokenizer.version
-        self.codebook_size = int(tokenizer.codebook_size)
-        self.units_per_second = float(tokenizer.units_per_second)
-        self.sample_rate = int(tokenizer.sample_rate)
-        self.min_samples = int(tokenizer.min_samples)
-        self.precision = tokenizer.precision
+    def __init__(self, tokenizer, batch_multiple: int, *, meta: dict | None = None, packs=None):
+        self._tokenizer = tokenizer
+        src = meta if meta is not None else tokenizer
+        get = src.get if isinstance(src, dict) else lambda k: getattr(src, k)
+        self.version = str(get("version"))
+        self.codebook_size = int(get("codebook_size"))
+        self.units_per_second = float(get("units_per_second"))
+        self.sample_rate = int(get("sample_rate"))
+        self.precision = get("precision")
+        self.min_samples = int(getattr(tokenizer, "min_samples", 0) or _min_samples())
         self.batch_multiple = batch_multiple
-        self.packs = bool(tokenizer.on_cpu)
+        self.packs = bool(tokenizer.on_cpu if packs is None else packs)
+
+    @property
+    def tokenizer(self):
+        """The SpeechTokenizer (waits for a background load; raises its error)."""
+        if isinstance(self._tokenizer, cf.Future):
+            tok = self._tokenizer.result()
+            seen = (tok.version, int(tok.codebook_size), float(tok.units_per_second))
+            if seen != (self.version, self.codebook_size, self.units_per_second):
+                raise ExtractError(
+                    f"the speech tokenizer loaded as {seen}, its JSON said "
+                    f"{(self.version, self.codebook_size, self.units_per_second)}"
+                )
+            self._tokenizer = tok
+        return self._tokenizer
 
     def __call__(self, waves: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
         # audio over 30 s arrives here only with --long-audio window (refusal happens earlier):
@@ -877,11 +896,23 @@ class TokenizerEncoder:
         return self.tokenizer.encode(waves, lengths, long_audio="window", pack=self.packs)
 
 
+def _min_samples() -> int:
+    from cslm_jax.speech.mel import MIN_SAMPLES
+
+    return int(MIN_SAMPLES)
+
+
 def open_tokenizer(
-    tokenizer_dir: str | Path, precision: str = "highest", devices: Sequence | None = None
+    tokenizer_dir: str | Path,
+    precision: str = "highest",
+    devices: Sequence | None = None,
+    background: bool = False,
 ) -> TokenizerEncoder:
     """The speech tokenizer of `tokenizer_dir` (`cslm-jax import-speech-tokenizer` output),
-    data-parallel over a `data` mesh of `devices` (default: `jax.local_devices()`)."""
+    data-parallel over a `data` mesh of `devices` (default: `jax.local_devices()`).
+    `background`: the weights load (and go to the devices) in a thread while extraction reads
+    the manifest, checks the output folder and reads the first batches' audio; a folder that
+    cannot be loaded raises its error at the first batch (or here, where its JSON is bad)."""
     import jax
     from jax.sharding import Mesh
 
@@ -889,5 +920,25 @@ def open_tokenizer(
 
     devices = list(devices if devices is not None else jax.local_devices())
     mesh = Mesh(np.array(devices), ("data",))
-    tok = load_speech_tokenizer(tokenizer_dir, precision=precision, mesh=mesh, batch_axis="data")
-    return TokenizerEncoder(tok, len(devices))
+
+    def load():
+        return load_speech_tokenizer(
+            tokenizer_dir, precision=precision, mesh=mesh, batch_axis="data"
+        )
+
+    if not background:
+        return TokenizerEncoder(load(), len(devices))
+    from cslm_jax.speech.s3 import canonical_version
+    from cslm_jax.speech.weights import CONFIG_FILE
+
+    future = cf.ThreadPoolExecutor(1, thread_name_prefix="tokenizer").submit(load)
+    try:
+        meta = json.loads((Path(tokenizer_dir) / CONFIG_FILE).read_text())
+        meta = {k: meta[k] for k in ("version", "codebook_size", "units_per_second", "sample_rate")}
+        meta["version"] = canonical_version(meta["version"])
+    except Exception:
+        future.result()  # the folder's own error (SpeechTokenizerError names the file)
+        raise
+    meta["precision"] = precision
+    packs = all(d.platform == "cpu" for d in devices)
+    return TokenizerEncoder(future, len(devices), meta=meta, packs=packs)
