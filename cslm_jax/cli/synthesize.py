@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cslm_jax.resources import config_path
 
-LOCAL_PATHS = ("units", "token2wav", "out")
+LOCAL_PATHS = ("units", "token2wav", "out", "prompt_tokenizer")
 TOOL = "synthesize"
 REPORT = "synthesize.json"
 
@@ -58,6 +58,14 @@ def add_parser(sub):
         help="a voice name of the folder's voices.npz, a .npy x-vector (192 floats), or a "
         "prompt recording (a wav, flac, ...: its x-vector by the folder's campplus.onnx, "
         "import-token2wav --campplus; needs onnxruntime)",
+    )
+    s.add_argument(
+        "--prompt-tokenizer",
+        default=None,
+        metavar="DIR",
+        help="with a prompt recording as --voice: also use it as CosyVoice's zero-shot "
+        "prompt (its units by this speech tokenizer folder, of the flow's units, and its mel "
+        "condition the flow), not only its x-vector",
     )
     s.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
     s.add_argument(
@@ -171,8 +179,20 @@ def check(args, parser):
             f"cslm-jax import-token2wav)"
         )
     inputs = [("--units", args.units), ("--token2wav", args.token2wav)]
-    if args.voice.endswith(".npy") or Path(args.voice).is_file():
+    recording = not args.voice.endswith(".npy") and Path(args.voice).is_file()
+    if args.voice.endswith(".npy") or recording:
         inputs.append(("--voice", args.voice))
+    if args.prompt_tokenizer is not None:
+        if not recording:
+            raise Token2WavError(
+                f"--prompt-tokenizer: give a prompt recording as --voice (not {args.voice!r}); "
+                f"its units and mel are the zero-shot prompt"
+            )
+        if not Path(args.prompt_tokenizer).is_dir():
+            raise Token2WavError(
+                f"--prompt-tokenizer {args.prompt_tokenizer}: no such speech tokenizer folder"
+            )
+        inputs.append(("--prompt-tokenizer", args.prompt_tokenizer))
     check_output_dir(args.out, args.force, inputs=inputs, tool=TOOL)
 
 
@@ -193,6 +213,17 @@ def run(args) -> int:
     requests = read_requests(args.units)
     t2w = t2w_mod.load_token2wav(args.token2wav)
     emb = t2w_mod.voice(t2w, args.voice)
+    prompt = None
+    if args.prompt_tokenizer is not None:
+        from cslm_jax.speech import load_speech_tokenizer
+        from cslm_jax.speech.prompt import zero_shot_prompt
+
+        prompt = zero_shot_prompt(t2w, args.voice, load_speech_tokenizer(args.prompt_tokenizer))
+        print(
+            f"zero-shot prompt from {args.voice}: {len(prompt.units)} units, "
+            f"{len(prompt.mel)} mel frames",
+            flush=True,
+        )
     checked = []
     for where, units in requests:  # every line before any synthesis
         if not units:  # an answer without speech: an empty wav
@@ -243,6 +274,7 @@ def run(args) -> int:
                 noise="zero" if keys is None else [keys[i] for i in idx],
                 speech_rate=args.speech_rate,
                 max_batch=args.batch_size,
+                prompt=prompt,
             )
             runs.append({"lines": len(idx), "synthesis_s": round(time.perf_counter() - t0, 3)})
             for i, wave in zip(idx, waves):
@@ -262,6 +294,9 @@ def run(args) -> int:
             "token2wav": str(args.token2wav),
             "version": t2w.version,
             "voice": args.voice,
+            "prompt": None
+            if prompt is None
+            else {"units": len(prompt.units), "mel_frames": len(prompt.mel)},
             "noise": args.noise,
             "seed": args.seed if args.noise == "random" else None,
             "speech_rate": args.speech_rate,

@@ -108,6 +108,52 @@ class Token2Wav:
         return int(self.hift_cfg.samples_per_frame)
 
 
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A zero-shot prompt, as CosyVoice's frontend makes one from a recording
+    (`frontend_zero_shot`): its speech units (`units [Np]`, the flow's vocabulary) and its mel
+    (`mel [Mp, 80]`, frames first, the flow's own mel: `cslm_jax.speech.prompt`). The flow
+    continues from them (the prompt's frames are its condition; only the answer's frames are
+    returned). v2 takes 2 frames per unit (`Mp == 2 Np`, as upstream's frontend truncates)."""
+
+    units: np.ndarray
+    mel: np.ndarray
+
+
+def check_prompt(t2w: Token2Wav, prompt) -> Prompt | None:
+    """`prompt` (a `Prompt`, a (units, mel) pair, or None) checked against the folder's flow."""
+    from cslm_jax.speech.flow import check_utterance
+
+    if prompt is None:
+        return None
+    if not isinstance(prompt, Prompt):
+        try:
+            units, mel = prompt
+        except (TypeError, ValueError):
+            raise Token2WavError(
+                "zero-shot prompt: give a Prompt or a (units, mel [frames, 80]) pair"
+            ) from None
+        prompt = Prompt(units, mel)
+    dim = t2w.flow_cfg.spk_embed_dim
+    try:
+        _, pu, pm, _ = check_utterance(
+            t2w.flow_cfg, [0], np.zeros(dim, np.float32), prompt.units, prompt.mel
+        )
+    except Token2WavError as e:
+        msg = str(e)
+        raise Token2WavError(
+            msg if msg.startswith("zero-shot prompt") else f"zero-shot prompt: {msg}"
+        ) from None
+    if not len(pu):
+        raise Token2WavError("zero-shot prompt: no units (give None for no prompt)")
+    if t2w.version == "v2" and len(pm) != 2 * len(pu):
+        raise Token2WavError(
+            f"zero-shot prompt: {len(pu)} units and {len(pm)} mel frames; v2's flow takes 2 "
+            f"frames per unit (upstream's frontend cuts both to fit)"
+        )
+    return Prompt(pu.astype(np.int32), pm)
+
+
 def _check_version(version: str, where: str = "version") -> None:
     if version not in VERSIONS:
         raise Token2WavError(
@@ -393,16 +439,21 @@ def synthesize(
     noise="zero",
     speech_rate: float = 1.0,
     precision: str = "highest",
+    prompt=None,
 ) -> np.ndarray:
     """One utterance: `units` (ids) -> float32 waveform at `t2w.sample_rate`, of
     (mel frames, `check_request`) x `samples_per_frame` samples. `voice_vec`: an x-vector (see
     `voice`, which also takes names). `noise`: "zero" (deterministic) or a PRNG key (split
-    between the flow's Gaussian start - v2: its noise buffer - and HiFT's source)."""
+    between the flow's Gaussian start - v2: its noise buffer - and HiFT's source). `prompt`: an
+    optional zero-shot `Prompt` (its units and mel condition the flow, as upstream's
+    `inference_zero_shot`; the audio is the answer's alone)."""
     from cslm_jax.speech import causal_flow
     from cslm_jax.speech.flow import flow_inference
     from cslm_jax.speech.hift import vocode
 
     u, m = check_request(t2w, units, speech_rate)
+    pr = check_prompt(t2w, prompt)
+    pu, pm = (None, None) if pr is None else (pr.units, pr.mel)
     emb = (
         voice(t2w, voice_vec)
         if isinstance(voice_vec, (str, Path))
@@ -418,13 +469,21 @@ def synthesize(
         k_flow, k_hift = jax.random.split(noise)
     if t2w.version == "v2":
         mel = causal_flow.causal_flow_inference(
-            t2w.flow_params, t2w.flow_cfg, u, emb, noise=k_flow, precision=precision
+            t2w.flow_params, t2w.flow_cfg, u, emb, pu, pm, noise=k_flow, precision=precision
         )
         if mel.shape[2] != m:
             mel = causal_flow.stretch(mel, m)
     else:
         mel = flow_inference(
-            t2w.flow_params, t2w.flow_cfg, u, emb, noise=k_flow, mel_len=m, precision=precision
+            t2w.flow_params,
+            t2w.flow_cfg,
+            u,
+            emb,
+            pu,
+            pm,
+            noise=k_flow,
+            mel_len=m,
+            precision=precision,
         )  # [1, 80, M]
     wave, wave_len = vocode(
         t2w.hift_params, t2w.hift_cfg, mel, noise=k_hift, precision=precision
@@ -452,7 +511,9 @@ def _jitted_row_draws(cfg, n: int):
     return jax.jit(run)
 
 
-def _causal_flow_rows(t2w: Token2Wav, units, embs, noise, mel_lens, rows: int, precision: str):
+def _causal_flow_rows(
+    t2w: Token2Wav, units, embs, noise, mel_lens, rows: int, precision: str, prompts=None
+):
     """v2's flow for one batch (`causal_flow.causal_flow_batch`, not streamed, as `synthesize`
     runs it alone): each row's mel resampled to its frames (`mel_lens`, the speech rate's:
     `causal_flow.stretch`), padded to a multiple of `flow.FRAME_BUCKET` frames, so that HiFT's
@@ -460,8 +521,17 @@ def _causal_flow_rows(t2w: Token2Wav, units, embs, noise, mel_lens, rows: int, p
     from cslm_jax.speech import causal_flow
     from cslm_jax.speech.flow import FRAME_BUCKET
 
+    prompts = prompts or [None] * len(units)
     mel, lens = causal_flow.causal_flow_batch(
-        t2w.flow_params, t2w.flow_cfg, units, embs, noise=noise, rows=rows, precision=precision
+        t2w.flow_params,
+        t2w.flow_cfg,
+        units,
+        embs,
+        [None if p is None else p.units for p in prompts],
+        [None if p is None else p.mel for p in prompts],
+        noise=noise,
+        rows=rows,
+        precision=precision,
     )
     mel_lens = np.asarray(mel_lens, np.int32)
     width = -(-int(mel_lens.max()) // FRAME_BUCKET) * FRAME_BUCKET
@@ -480,6 +550,7 @@ def synthesize_batch(
     speech_rate=1.0,
     max_batch: int = 8,
     precision: str = "highest",
+    prompt=None,
 ) -> list:
     """Many utterances -> a list of float32 waveforms (in the order given), row i what
     `synthesize(t2w, units_list[i], voice_i, noise_i, rate_i)` gives (float32 rounding aside):
@@ -490,7 +561,8 @@ def synthesize_batch(
     `jax.random.fold_in(key, i)` (so `synthesize_batch(t2w, us, v, key)[i] ==
     synthesize(t2w, us[i], v, jax.random.fold_in(key, i))`: a row's audio depends on neither its
     batch-mates nor the batch size; row 0 is not `synthesize(..., key)` itself); or a list of
-    keys, one per row (`synthesize(..., keys[i])`). Rows are sorted by length and cut into
+    keys, one per row (`synthesize(..., keys[i])`). `prompt`: None, one zero-shot `Prompt` for
+    every row, or a list (None entries for rows without one). Rows are sorted by length and cut into
     batches of at most `max_batch` (a smaller last batch padded to a power of two), so that
     little padding is computed and few programs compile. Errors name the row. v1's flow batched
     by `flow.flow_batch`, v2's causal flow by `causal_flow.causal_flow_batch` (each row then
@@ -523,6 +595,7 @@ def synthesize_batch(
         and (not voice_vec or isinstance(voice_vec[0], (str, Path)) or np.ndim(voice_vec[0]) > 0),
     )
     rates = per_row(speech_rate, "speech rates", isinstance(speech_rate, (list, tuple)))
+    prompts = per_row(prompt, "prompts", isinstance(prompt, list))
     if isinstance(noise, str):
         if noise != "zero":
             raise Token2WavError(f"noise {noise!r}: give 'zero', a PRNG key or one key per row")
@@ -537,6 +610,7 @@ def synthesize_batch(
     for i in range(n):
         try:
             u, m = check_request(t2w, units_list[i], rates[i])
+            prompts[i] = check_prompt(t2w, prompts[i])
             v = voices[i]
             emb = (
                 voice(t2w, v)
@@ -557,15 +631,17 @@ def synthesize_batch(
             split = [jax.random.split(keys[i]) for i in idx]
             k_flow, k_hift = [s[0] for s in split], [s[1] for s in split]
         us, embs = [rows[i][0] for i in idx], np.stack([rows[i][2] for i in idx])
-        mlens = [rows[i][1] for i in idx]
+        mlens, prs = [rows[i][1] for i in idx], [prompts[i] for i in idx]
         if t2w.version == "v2":
-            mel, mel_len = _causal_flow_rows(t2w, us, embs, k_flow, mlens, r, precision)
+            mel, mel_len = _causal_flow_rows(t2w, us, embs, k_flow, mlens, r, precision, prs)
         else:
             mel, mel_len = flow_batch(
                 t2w.flow_params,
                 t2w.flow_cfg,
                 us,
                 embs,
+                [None if p is None else p.units for p in prs],
+                [None if p is None else p.mel for p in prs],
                 noise=k_flow,
                 mel_lens=mlens,
                 rows=r,
@@ -593,7 +669,9 @@ __all__ = [
     "FILES",
     "FORMAT",
     "VERSIONS",
+    "Prompt",
     "Token2Wav",
+    "check_prompt",
     "check_request",
     "load_token2wav",
     "mel_frames",
