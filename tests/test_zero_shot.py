@@ -119,7 +119,10 @@ def test_v1_batched_rows_with_and_without_a_prompt(v1):
     assert np.abs(rows[1] - t2w.synthesize(v1, u2, "random")).max() <= 2e-4
 
 
+@pytest.mark.slow
 def test_v2_synthesis_with_a_prompt_is_the_conditioned_flow(tmp_path):
+    """v2: `synthesize(..., prompt)` is the causal flow on prompt + answer vocoded; batched
+    with a row without a prompt, each row as alone; the 2-frames-a-unit rule. (Slow: ~40 s of compiling.)"""
     model = t2w.load_token2wav(t2w.save_random_token2wav(tmp_path / "v2", version="v2"))
     rng = np.random.default_rng(2)
     u = rng.integers(0, 6561, 8)
@@ -133,11 +136,20 @@ def test_v2_synthesis_with_a_prompt_is_the_conditioned_flow(tmp_path):
     np.testing.assert_allclose(got, want[0, : int(n[0])], atol=1e-6)
     with pytest.raises(Token2WavError, match=r"4 units and 7 mel frames; v2's flow takes 2"):
         t2w.synthesize(model, u, "random", prompt=(p.units, p.mel[:7]))
-    # upstream's frontend cut: min(frames // 2, units) units and twice as many frames
+    # batched with a row without a prompt (the batch's bound: test_causal_flow.py's)
+    u2 = rng.integers(0, 6561, 8)
+    rows = t2w.synthesize_batch(model, [u, u2], "random", prompt=[p, None], max_batch=2)
+    assert np.abs(rows[0] - got).max() <= 1e-3
+    assert np.abs(rows[1] - t2w.synthesize(model, u2, "random")).max() <= 1e-3
+
+
+def test_v2_prompt_cut_is_upstreams():
+    """upstream's frontend cut for v2: min(frames // 2, units) units, twice as many frames."""
     cut = zp.make_prompt("v2", np.arange(10), np.zeros((15, 80)))
     assert len(cut.units) == 7 and cut.mel.shape == (14, 80)
     cut = zp.make_prompt("v2", np.arange(5), np.zeros((15, 80)))
     assert len(cut.units) == 5 and cut.mel.shape == (10, 80)
+    assert len(zp.make_prompt("v1", np.arange(10), np.zeros((15, 80))).units) == 10  # v1: as given
 
 
 @pytest.fixture(scope="module")
