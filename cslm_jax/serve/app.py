@@ -127,44 +127,8 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
                 status_code=503,
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
-        form = await request.form()
-        fields = {k: v for k, v in form.items() if k not in ("audio", "units")}
-        try:
-            start = Start.parse(_form_start(fields), service.fmt.languages)
-            audio = form.get("audio")
-            if audio is not None and hasattr(audio, "read"):
-                units = await _file_units(service, await audio.read())
-            elif form.get("units"):
-                units = service.question_units(str(form.get("units")))
-            else:
-                raise ProtocolError("give the question as a file field 'audio' or a field 'units'")
-            t0 = time.perf_counter()
-            events, chunks = [], []
-            async with contextlib.aclosing(service.answer(start, units, t0)) as answer:
-                async for msg, data in answer:
-                    if msg["type"] != "queued":
-                        events.append(msg)
-                    if data is not None:
-                        chunks.append(data)
-        except QueueFull as e:
-            service.count('errors_total{kind="busy"}')
-            return JSONResponse(
-                {"error": f"busy: {e}"},
-                status_code=503,
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
-        except ProtocolError as e:
-            service.count('errors_total{kind="input"}')
-            return JSONResponse({"error": str(e)}, status_code=400)
-        rate = service.t2w.sample_rate if service.t2w is not None else None
-        body = {
-            "question": {"units": format_unit_line(units)},
-            "events": events,
-            "sample_rate": rate,
-        }
-        if rate is not None:
-            body["wav"] = base64.b64encode(_wav(b"".join(chunks), rate)).decode()
-        return body
+        with service.turn():
+            return await _post(service, request)
 
     @app.websocket("/v1/s2s")
     async def s2s(ws: WebSocket):
@@ -180,6 +144,48 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
             pass
 
     return app
+
+
+async def _post(service: Service, request: Request):
+    """POST /v1/s2s's body (the module docstring)."""
+    form = await request.form()
+    fields = {k: v for k, v in form.items() if k not in ("audio", "units")}
+    try:
+        start = Start.parse(_form_start(fields), service.fmt.languages)
+        audio = form.get("audio")
+        if audio is not None and hasattr(audio, "read"):
+            units = await _file_units(service, await audio.read())
+        elif form.get("units"):
+            units = service.question_units(str(form.get("units")))
+        else:
+            raise ProtocolError("give the question as a file field 'audio' or a field 'units'")
+        t0 = time.perf_counter()
+        events, chunks = [], []
+        async with contextlib.aclosing(service.answer(start, units, t0)) as answer:
+            async for msg, data in answer:
+                if msg["type"] != "queued":
+                    events.append(msg)
+                if data is not None:
+                    chunks.append(data)
+    except QueueFull as e:
+        service.count('errors_total{kind="busy"}')
+        return JSONResponse(
+            {"error": f"busy: {e}"},
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    except ProtocolError as e:
+        service.count('errors_total{kind="input"}')
+        return JSONResponse({"error": str(e)}, status_code=400)
+    rate = service.t2w.sample_rate if service.t2w is not None else None
+    body = {
+        "question": {"units": format_unit_line(units)},
+        "events": events,
+        "sample_rate": rate,
+    }
+    if rate is not None:
+        body["wav"] = base64.b64encode(_wav(b"".join(chunks), rate)).decode()
+    return body
 
 
 def _form_start(fields: dict) -> dict:
@@ -272,13 +278,14 @@ class _Session:
                     await self.error("the server is shutting down", retry_after=RETRY_AFTER_S)
                     await self.ws.close(code=1012)
                     return
-                start = Start.parse(msg, self.service.fmt.languages)
-                units, seconds, t0 = await self.question(start)
-                await self.ws.send_json(
-                    {"type": "question", "units": format_unit_line(units), "seconds": seconds}
-                )
-                if not await self.answer(start, units, t0):
-                    return
+                with self.service.turn():
+                    start = Start.parse(msg, self.service.fmt.languages)
+                    units, seconds, t0 = await self.question(start)
+                    await self.ws.send_json(
+                        {"type": "question", "units": format_unit_line(units), "seconds": seconds}
+                    )
+                    if not await self.answer(start, units, t0):
+                        return
             except ProtocolError as e:
                 await self.error(str(e))
 

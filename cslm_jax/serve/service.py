@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import math
 import queue
@@ -318,13 +319,23 @@ class Service:
         self.units = UnitsWorker(speech_tokenizer) if speech_tokenizer is not None else None
         self.synth = SynthWorker("cslm-synth") if t2w is not None else None
         self.draining = False
-        self.sessions = 0  # answers in flight (queued or decoding or synthesising)
+        self.sessions = 0  # questions in flight: from their start to their answer's end
         self.counters: dict[str, int] = {}
         self.hist = {
             "first_token_seconds": Histogram(),
             "first_audio_seconds": Histogram(),
             "answer_seconds": Histogram(),
         }
+
+    @contextlib.contextmanager
+    def turn(self):
+        """A question in flight, from its start message to its answer's end (a SIGTERM drain
+        waits for these)."""
+        self.sessions += 1
+        try:
+            yield
+        finally:
+            self.sessions -= 1
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -416,7 +427,6 @@ class Service:
             on_done=lambda r: post("done", r),
         )
         position = self.engine.submit(req)
-        self.sessions += 1
         alive = [True]
         stream = None
         if self.t2w is not None:
@@ -499,7 +509,6 @@ class Service:
             yield {"type": "end", "finish": finish, "timing": timing}, None
         finally:
             alive[0] = False
-            self.sessions -= 1
             if not req.done:
                 self.engine.cancel(req)
                 self.count("answers_abandoned_total")
