@@ -606,17 +606,18 @@ def synthesize_batch(
             raise Token2WavError("noise keys: give a PRNG key for every row (or 'zero' for all)")
     else:
         keys = [jax.random.fold_in(noise, i) for i in range(n)]
-    rows = []
+    rows, named = [], {}  # named: each voice name / file resolved once (a recording's x-vector)
     for i in range(n):
         try:
             u, m = check_request(t2w, units_list[i], rates[i])
             prompts[i] = check_prompt(t2w, prompts[i])
             v = voices[i]
-            emb = (
-                voice(t2w, v)
-                if isinstance(v, (str, Path))
-                else _check_voice("(array)", v, dim, "voice")
-            )
+            if isinstance(v, (str, Path)):
+                if str(v) not in named:
+                    named[str(v)] = voice(t2w, v)
+                emb = named[str(v)]
+            else:
+                emb = _check_voice("(array)", v, dim, "voice")
         except Token2WavError as e:
             raise Token2WavError(f"row {i}: {e}") from None
         rows.append((u, m, emb))
