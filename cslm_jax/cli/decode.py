@@ -162,10 +162,10 @@ def speech_out(args):
     missing = [f for f, v in (("--token2wav", args.token2wav), ("--voice", args.voice)) if not v]
     if missing:
         raise ConfigError(f"--speech-out needs {' and '.join(missing)}")
-    from cslm_jax.cli.synthesize import speech_rate
     from cslm_jax.speech.stream import SpeechOut
+    from cslm_jax.speech.token2wav import configured_rate
 
-    rate, rate_from = speech_rate(args.speech_rate, args.data_config)
+    rate, rate_from = configured_rate(args.speech_rate, args.data_config)
     out = SpeechOut.open(
         args.speech_out,
         args.token2wav,

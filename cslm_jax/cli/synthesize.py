@@ -152,17 +152,6 @@ def read_requests(path) -> list[tuple[str, list[int]]]:
     return out
 
 
-def speech_rate(given: float | None, data_config) -> tuple[float, str]:
-    """(rate, where it comes from): `--speech-rate` where given, else the data config's
-    (`FormatConfig.synthesis_rate`: its `format.speech_rate`, or 1.0 with a warning)."""
-    from cslm_jax.data.formats import load_data_config
-
-    if given is not None:
-        return float(given), "--speech-rate"
-    rate, why = load_data_config(data_config, check_files=False).format.synthesis_rate()
-    return rate, f"{data_config}: {why}"
-
-
 def check(args, parser):
     from cslm_jax.speech.hift import Token2WavError
     from cslm_jax.storage.outputs import check_output_dir
@@ -208,7 +197,7 @@ def run(args) -> int:
     from cslm_jax.speech.hift import Token2WavError
     from cslm_jax.storage.checkpoint import atomic_dir
 
-    args.speech_rate, rate_from = speech_rate(args.speech_rate, args.data_config)
+    args.speech_rate, rate_from = t2w_mod.configured_rate(args.speech_rate, args.data_config)
     print(f"speech rate {args.speech_rate:g} ({rate_from})", flush=True)
     requests = read_requests(args.units)
     t2w = t2w_mod.load_token2wav(args.token2wav)

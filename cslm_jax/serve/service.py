@@ -534,7 +534,6 @@ def load_service(
     loads): a model checkpoint, train run's model or HF folder; the data config (prompts,
     merging, speech rate); optional speech tokenizer and token2wav folders; `tensor` N splits
     the weights and the slots' cache over N devices (`load_for_decoding(tensor=)`)."""
-    from cslm_jax.cli.synthesize import speech_rate as default_rate
     from cslm_jax.data.formats import load_data_config
     from cslm_jax.infer.decode import load_for_decoding
     from cslm_jax.model.vocab import require_model_cslm_tokens
@@ -551,7 +550,7 @@ def load_service(
 
         if not Path(token2wav).is_dir():
             raise Token2WavError(f"--token2wav {token2wav}: no such folder")
-        rate, why = default_rate(speech_rate, data_config)
+        rate, why = t2w_mod.configured_rate(speech_rate, data_config)
         t2w = t2w_mod.load_token2wav(token2wav)
         vec = t2w_mod.voice(t2w, voice)
         log(

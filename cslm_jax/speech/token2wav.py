@@ -405,6 +405,18 @@ def voice(t2w: Token2Wav, v) -> np.ndarray:
     )
 
 
+def configured_rate(given: float | None, data_config) -> tuple[float, str]:
+    """(speech rate, where it comes from): `given` (`--speech-rate`) where not None, else the
+    data config's (`FormatConfig.synthesis_rate`: its `format.speech_rate`, or 1.0 with a
+    warning). `synthesize`, `decode --speech-out` and `serve` take it from here."""
+    from cslm_jax.data.formats import load_data_config  # cycle: data.formats -> speech
+
+    if given is not None:
+        return float(given), "--speech-rate"
+    rate, why = load_data_config(data_config, check_files=False).format.synthesis_rate()
+    return rate, f"{data_config}: {why}"
+
+
 def mel_frames(n_units: int, speech_rate: float = 1.0, units_per_second: int = 50) -> int:
     """Mel frames for `n_units` units: upstream's `int(n / 50 * 22050 / 256)` with the count
     scaled by `speech_rate` (for merged units: the corpus's mean run length)."""
