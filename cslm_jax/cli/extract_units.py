@@ -119,7 +119,8 @@ def add_parser(sub):
         default=None,
         metavar="S1,S2,...",
         help="padded lengths in seconds (default 2,4,6,8,10,12,15,20,25,30; longer "
-        "audio pads to multiples of the last): one compiled shape each",
+        "audio pads to multiples of the last): one compiled shape each on accelerators; on "
+        "CPUs a batch is cut to its longest utterance and each device packs its valid frames",
     )
     s.add_argument(
         "--precision",
