@@ -455,6 +455,26 @@ def bad_corpus(root):
     return manifest
 
 
+def test_a_tokenizer_that_cannot_load_is_reported_when_no_batch_needed_it(tmp_path, tokdir):
+    """The weights load in the background; when every line is skipped no batch waits for them,
+    and a folder whose weights cannot load is still an error (exit 2), not a silent success."""
+    import shutil
+
+    from cslm_jax.cli.main import main as cli
+
+    broken = tmp_path / "tokenizer"
+    shutil.copytree(tokdir, broken)
+    for f in broken.iterdir():
+        if f.name != "speech_tokenizer.json":
+            f.write_bytes(b"not weights")
+    (tmp_path / "m.txt").write_text(f"{tmp_path / 'missing.wav'}\n")
+    code = cli(
+        ["extract-units", "--manifest", str(tmp_path / "m.txt"), "--tokenizer", str(broken),
+         "--out", str(tmp_path / "out"), "--on-bad", "skip", "--no-progress"]
+    )  # fmt: skip
+    assert code == 2
+
+
 def test_bad_files_stop_strict_runs_and_are_listed_in_skip_mode(tmp_path, tokdir, encoder):
     from cslm_jax.cli.main import main as cli
 

@@ -272,6 +272,9 @@ def run(args) -> int:
         fmt=fmt,
         tokenizer_source=str(args.tokenizer),
     )
+    # a tokenizer folder that failed to load raises here too when no batch needed it (every
+    # line skipped): loaded in the background, its error would otherwise go unseen
+    _ = encoder.tokenizer
     if primary or summary.shards_done_here:
         for line in summary.lines():
             print(line, flush=True)
