@@ -14,6 +14,7 @@ asks for (the current mesh), whatever mesh wrote the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses as dc
 import json
 import math
 import os
@@ -27,7 +28,9 @@ import numpy as np
 
 from cslm_jax.config import ConfigError, ModelConfig
 from cslm_jax.errors import CslmError
+from cslm_jax.model.schema import is_spec, param_shapes
 from cslm_jax.model.vocab import VocabError, VocabInfo
+from cslm_jax.parallel.distributed import barrier, broadcast_int
 from cslm_jax.storage import fs
 from cslm_jax.storage.outputs import check_output_dir, mark_entries, write_marker
 
@@ -65,8 +68,6 @@ def atomic_dir(
     With `staged` the caller gets a local temporary folder there (for writers that need local
     files), whose files are uploaded on success, `last` at the end.
     """
-    from cslm_jax.parallel.distributed import barrier, broadcast_int
-
     target = fs.path(target)
     check_output_dir(target, force, flag=None, owned=owned, tool=tool)
     tool = tool or "cslm-jax"
@@ -97,8 +98,6 @@ def atomic_dir(
 
 @contextlib.contextmanager
 def _commit_file_dir(target, primary: bool, staged: bool, last: str | None, tool: str):
-    from cslm_jax.parallel.distributed import barrier
-
     if primary:
         if target.exists():  # replacing (force): unmark it first
             if last is not None and (target / last).exists():
@@ -180,7 +179,7 @@ def _array_bytes(a) -> int:
 def _checkpointer(nbytes: int, restore: bool = False):
     """An Orbax PyTree checkpointer whose bytes in flight are bounded (Orbax needs room for the
     largest single array): neither saving nor restoring needs a second copy of the weights."""
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # heavy: orbax (~1 s), kept off the import of this module
 
     limit_gb = max(SAVE_CONCURRENT_GB, math.ceil(nbytes / 1e9))
     key = "restore_concurrent_gb" if restore else "save_concurrent_gb"
@@ -213,7 +212,7 @@ def save_model_checkpoint(
     under params/<name>. A leaf may be an array or a zero-argument function returning one (built
     only when its turn comes and dropped after), so a converter can stream: peak host memory is
     then about one parameter, not one model."""
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # heavy: orbax (~1 s), kept off the import of this module
 
     path = fs.path(path)
     primary = jax.process_index() == 0  # other processes only join the Orbax saves
@@ -281,8 +280,6 @@ def read_metadata(path: str | Path) -> tuple[dict, ModelConfig, VocabInfo]:
 
 
 def _expected_shapes(cfg: ModelConfig) -> dict:
-    from cslm_jax.model.schema import is_spec, param_shapes
-
     return jax.tree.map(lambda spec: tuple(spec[0]), param_shapes(cfg), is_leaf=is_spec)
 
 
@@ -300,7 +297,7 @@ def iter_params(path: str | Path, shardings=None, dtype=None):
     """(name, array) per parameter, restored one at a time: host numpy arrays, or with
     `shardings` (tree matching the schema) jax arrays placed directly in those shardings.
     Shapes are checked against the checkpoint's model config first, naming any mismatch."""
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # heavy: orbax (~1 s), kept off the import of this module
 
     path = fs.path(path)
     _, cfg, _ = read_metadata(path)
@@ -369,9 +366,7 @@ def _data_handler_classes():
     global _DATA_HANDLER
     if _DATA_HANDLER is not None:
         return _DATA_HANDLER
-    import dataclasses as dc
-
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # heavy: orbax (~1 s), kept off the import of this module
 
     class DataPositionHandler(ocp.CheckpointHandler):
         def save(self, directory, args):
@@ -447,7 +442,7 @@ def train_checkpoint_manager(directory, every: int, keep: int, async_save: bool 
     Either way a process killed mid-save leaves the previous checkpoint as the latest complete
     one; `remove_partial_checkpoints` clears such leftovers before a run resumes. Keeping the
     last `keep` deletes older steps wherever they are."""
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # heavy: orbax (~1 s), kept off the import of this module
 
     directory = fs.path(directory)
     handler, _, _ = _data_handler_classes()
@@ -478,7 +473,7 @@ def train_checkpoint_manager(directory, every: int, keep: int, async_save: bool 
 
 
 def train_save_args(state, iterator, config: dict):
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # heavy: orbax (~1 s), kept off the import of this module
 
     _, save, _ = _data_handler_classes()
     return ocp.args.Composite(
@@ -489,7 +484,7 @@ def train_save_args(state, iterator, config: dict):
 def train_restore_args(abstract_state, iterator=None):
     """Restore args: the state straight into `abstract_state`'s shardings (the current mesh,
     whatever mesh wrote it); the data position into `iterator` when given."""
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # heavy: orbax (~1 s), kept off the import of this module
 
     _, _, restore = _data_handler_classes()
     items = {"state": ocp.args.StandardRestore(abstract_state), "config": ocp.args.JsonRestore()}
@@ -499,7 +494,7 @@ def train_restore_args(abstract_state, iterator=None):
 
 
 def read_train_config(manager, step: int) -> dict:
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # heavy: orbax (~1 s), kept off the import of this module
 
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 

@@ -23,12 +23,19 @@ overrides the detection (gcsfuse mounts are found in /proc/mounts).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import fnmatch
+import glob as _glob
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
+
+import fsspec.config
+from etils import epath
+from etils.epath import gpath
 
 from cslm_jax.errors import CslmError
 
@@ -51,13 +58,9 @@ def configure_gcs() -> None:
     _ENV_DONE = True
     os.environ.setdefault("EPATH_USE_TF", "false")
     # epath caches its reading of EPATH_USE_TF on first use of any path, local ones included
-    from etils.epath import gpath
-
     getattr(gpath._is_tf_installed, "cache_clear", lambda: None)()
     # gcsfs caches folder listings per process: another host's (or Orbax's TensorStore) writes
     # would stay invisible (process 1 not seeing process 0's files). Every lookup asks GCS.
-    import fsspec.config
-
     for proto in ("gs", "gcs"):
         fsspec.config.conf.setdefault(proto, {}).setdefault("use_listings_cache", False)
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
@@ -84,8 +87,6 @@ def is_remote(p) -> bool:
 def path(p, flag: str | None = None):
     """An `epath.Path` for `p` (str, pathlib.Path or epath.Path): absolute if local. Raises
     StorageError for a scheme we do not support or a mangled URL, naming `flag` if given."""
-    from etils import epath
-
     if isinstance(p, epath.Path) and not isinstance(p, Path):
         return p
     s = os.fspath(p)
@@ -121,7 +122,7 @@ def check_bucket(p, flag: str | None = None) -> None:
     if not is_remote(p):
         return
     configure_gcs()
-    import gcsfs
+    import gcsfs  # heavy: gcsfs (~1 s), only for a gs:// path
 
     bucket = bucket_of(p)
     where = f"{flag} {p}" if flag else str(p)
@@ -213,8 +214,6 @@ def local_dir(p, what: str = "folder") -> Path:
     if not src.is_dir():
         raise StorageError(f"{p}: no such {what}")
     tmp = Path(tempfile.mkdtemp(prefix="cslm_jax-staged-"))
-    import atexit
-
     atexit.register(shutil.rmtree, tmp, True)
     copytree(src, tmp)
     return tmp
@@ -284,12 +283,8 @@ def glob(pattern: str) -> list[str]:
     """The paths matching `pattern` (wildcards in its last part only), sorted, spelled as the
     pattern is (gs://..., file://...). A plain local pattern is Python's glob (dot files only by
     an explicit dot); a URL's lists the folder (dot files included)."""
-    import fnmatch
-
     local = local_file(pattern)
     if "://" not in pattern:
-        import glob as _glob
-
         return sorted(_glob.glob(pattern))
     folder, name = pattern.rsplit("/", 1)
     if local is not None:
