@@ -26,6 +26,7 @@ RoPE uses HF's rotate-half layout, so conversion is transposes and reshapes only
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -610,7 +611,6 @@ def decoding_params(cfg: ModelConfig, params: dict, mesh=None, rules=None) -> di
 
 def param_shardings(cfg: ModelConfig, mesh, rules=None) -> dict:
     """NamedSharding per parameter from its logical axis names and the rules table."""
-    from cslm_jax.parallel.sharding import named_sharding
 
     def one(path, spec):
         shape, names = spec
@@ -717,8 +717,6 @@ def on_mesh(params: dict):
     """The context to trace and run a decoding program on `params` in: `jax.set_mesh` of their
     mesh (so that the model's `constrain` calls keep activations and the cache sharded), or
     nothing for params on one device."""
-    import contextlib
-
     mesh = params_mesh(params)
     return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 

@@ -9,9 +9,11 @@ This metadata travels with every checkpoint and is trimmed away on export.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from cslm_jax.errors import CslmError
+from cslm_jax.storage import fs
 
 CONTROL_TOKENS = ("<sosp>", "<eosp>", "<eoa>", "[question]", "[answer]")
 VOCAB_FORMAT = 1
@@ -134,9 +136,7 @@ class VocabInfo:
 def load_tokenizer(path: str | Path):
     """A `transformers` fast tokenizer from a folder (tokenizer.json and its config), local or
     gs:// (downloaded once per process: transformers reads local files)."""
-    from transformers import PreTrainedTokenizerFast
-
-    from cslm_jax.storage import fs
+    from transformers import PreTrainedTokenizerFast  # heavy: transformers
 
     if fs.is_remote(path):
         path = fs.local_dir(fs.path(path), "tokenizer folder")
@@ -151,7 +151,7 @@ def load_tokenizer(path: str | Path):
         # registry (which imports torch where it is installed: 1-2 s per process)
         tok = PreTrainedTokenizerFast.from_pretrained(str(path))
     else:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # heavy: transformers
 
         tok = AutoTokenizer.from_pretrained(str(path))
     if not isinstance(tok, PreTrainedTokenizerFast):
@@ -162,8 +162,6 @@ def load_tokenizer(path: str | Path):
 def _generic_fast(path: Path) -> bool:
     """Whether the folder names the generic fast tokenizer class (`PreTrainedTokenizerFast`,
     transformers 5's `TokenizersBackend`), as our folders and Llama-3's do."""
-    import json
-
     config = path / "tokenizer_config.json"
     if not (path / "tokenizer.json").is_file() or not config.is_file():
         return False
@@ -176,8 +174,8 @@ def _generic_fast(path: Path) -> bool:
 
 def _wrap_llama3_style(tokenizer_object, chat_template: str):
     """A PreTrainedTokenizerFast with Llama-3's special-token roles, BOS prepended on encode."""
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import processors  # heavy: tokenizers
+    from transformers import PreTrainedTokenizerFast  # heavy: transformers
 
     bos = "<|begin_of_text|>"
     bos_id = tokenizer_object.token_to_id(bos)
@@ -198,8 +196,8 @@ def _wrap_llama3_style(tokenizer_object, chat_template: str):
 def llama3_tokenizer():
     """The true Llama-3.1 tokenizer (128000 BPE ranks + 256 special tokens), built offline from
     the `llama-models` package's tiktoken file."""
-    import llama_models
-    from transformers.convert_slow_tokenizer import TikTokenConverter
+    import llama_models  # heavy: llama_models
+    from transformers.convert_slow_tokenizer import TikTokenConverter  # heavy: transformers
 
     model_file = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
     if not model_file.is_file():
@@ -215,6 +213,7 @@ def llama3_tokenizer():
 def train_bpe_tokenizer(texts, vocab_size: int = 512):
     """A small byte-level BPE tokenizer trained on `texts`, with Llama-3's pre-tokenizer, its 256
     special tokens after the BPE ranks, and a Llama-3.1-style chat template."""
+    # heavy: tokenizers, only where a tokenizer is built
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -271,7 +270,7 @@ def extend_tokenizer(
     `base_size` is the number of embedding rows of the base model; the tokenizer must have exactly
     that many tokens so the new ids are contiguous after it. Returns the layout (unpadded).
     """
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken  # heavy: tokenizers
 
     if unit_count < 0:
         raise VocabError(f"speech unit count must be >= 0, got {unit_count}")
@@ -332,8 +331,6 @@ def require_cslm_tokens(
 def require_model_cslm_tokens(model_dir: str | Path, unit_count: int | None = None) -> None:
     """`require_cslm_tokens` on a model folder's tokenizer (a checkpoint's tokenizer/, or a
     Hugging Face folder itself), before its weights are loaded."""
-    from cslm_jax.storage import fs
-
     model_dir = fs.path(model_dir)
     is_checkpoint = (model_dir / "cslm_checkpoint.json").is_file()
     tok_dir = model_dir / "tokenizer" if is_checkpoint else model_dir
