@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cslm_jax.errors import CslmError
+from cslm_jax.storage import fs
 
 ENV_COORDINATOR = "CSLM_JAX_COORDINATOR"  # host:port of process 0
 ENV_NUM_PROCESSES = "CSLM_JAX_NUM_PROCESSES"
@@ -115,7 +116,7 @@ def initialize(
 ) -> str:
     """Join the multi-process JAX job if there is one (see `resolve_process_group`); must run
     before anything touches a JAX device. Returns a one-line description."""
-    import jax
+    import jax  # lazy: cli.setup imports this module before JAX may load
 
     group = resolve_process_group(coordinator, num_processes, process_id, environ)
     if group is None:
@@ -133,32 +134,32 @@ def initialize(
 
 def barrier(name: str) -> None:
     """Every process waits here until all have arrived (no-op for one process)."""
-    import jax
+    import jax  # lazy: cli.setup imports this module before JAX may load
 
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+        from jax.experimental import multihost_utils  # lazy, as jax above
 
         multihost_utils.sync_global_devices(name)
 
 
 def broadcast_int(value: int) -> int:
     """Process 0's `value`, on every process."""
-    import jax
+    import jax  # lazy: cli.setup imports this module before JAX may load
 
     if jax.process_count() == 1:
         return int(value)
-    from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils  # lazy, as jax above
 
     return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
 def any_process(flag: bool) -> bool:
     """True on every process if `flag` is true on any."""
-    import jax
+    import jax  # lazy: cli.setup imports this module before JAX may load
 
     if jax.process_count() == 1:
         return bool(flag)
-    from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils  # lazy, as jax above
 
     return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
@@ -168,7 +169,7 @@ def run_together(fn, error: Exception, only_primary: bool = False):
     a CslmError on any process, every process raises, the failed one its own error and the
     others `error` (which says another process failed and where to look). Returns what `fn`
     returned (None where it did not run)."""
-    import jax
+    import jax  # lazy: cli.setup imports this module before JAX may load
 
     result, failed = None, None
     if not only_primary or jax.process_index() == 0:
@@ -184,9 +185,7 @@ def run_together(fn, error: Exception, only_primary: bool = False):
 def check_shared_dir(path: str | Path) -> None:
     """Multi-process runs write one checkpoint together: every process must see the same folder.
     Process 0 writes a token there; every process reads it back; all fail together if one cannot."""
-    import jax
-
-    from cslm_jax.storage import fs
+    import jax  # lazy: cli.setup imports this module before JAX may load
 
     if jax.process_count() == 1:
         return
@@ -281,8 +280,6 @@ class ProcessInput:
     def save(self, directory) -> None:
         """Each shard's tf.data iterator checkpoint into `directory`/shard_<k> (TensorFlow writes
         local files: for a gs:// folder it writes locally first and uploads)."""
-        from cslm_jax.storage import fs
-
         for shard, it in zip(self.shards, self.iterators):
             dst = fs.path(directory) / f"shard_{shard}"
             if not fs.is_remote(dst):
@@ -293,8 +290,6 @@ class ProcessInput:
                 fs.upload_dir(tmp, dst)
 
     def restore(self, directory) -> None:
-        from cslm_jax.storage import fs
-
         for shard, it in zip(self.shards, self.iterators):
             where = fs.path(directory) / f"shard_{shard}"
             if not where.is_dir():
