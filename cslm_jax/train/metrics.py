@@ -6,15 +6,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from cslm_jax.config import ModelConfig
+from cslm_jax.storage import fs
 from cslm_jax.tpu.chips import chip_of_device_kind
 
 
@@ -90,8 +94,6 @@ class MetricsWriter:
         log=print,
         sync_every_s: float = 30.0,
     ):
-        from cslm_jax.storage import fs
-
         self.enabled = jax.process_index() == 0
         self.log = log
         self.run_dir = fs.path(run_dir)
@@ -102,8 +104,6 @@ class MetricsWriter:
         if not self.enabled:
             return
         if self.remote:
-            import tempfile
-
             self._stage = Path(tempfile.mkdtemp(prefix="cslm_jax-metrics-"))
             remote_metrics = self.run_dir / "metrics.jsonl"
             if remote_metrics.exists():
@@ -114,14 +114,12 @@ class MetricsWriter:
         self.path = local_dir / "metrics.jsonl"
         self._truncate_after(start_step)
         self._file = open(self.path, "a", encoding="utf-8")
-        import tensorflow as tf
+        import tensorflow as tf  # heavy: TensorFlow
 
         self._tf = tf
         self._tb = tf.summary.create_file_writer(str(local_dir / "tensorboard"))
         self._last_sync = time.monotonic()
         if progress_bar and sys.stderr.isatty():
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:
@@ -139,7 +137,6 @@ class MetricsWriter:
         """Copy the staged files to a gs:// run folder (a no-op for a local one)."""
         if not (self.enabled and self.remote):
             return
-        from cslm_jax.storage import fs
 
         self._file.flush()
         self._tb.flush()
@@ -175,8 +172,6 @@ class MetricsWriter:
         self.sync()
         self._file.close()
         if self.remote:
-            import shutil
-
             shutil.rmtree(self._stage, ignore_errors=True)
         if self._bar is not None:
             self._bar.close()

@@ -11,6 +11,7 @@ import sys
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 EXIT_ABORTED = 130  # the shell's code for a process ended by Ctrl-C
 
@@ -70,7 +71,6 @@ class PreemptionFlag:
     def agreed(self) -> bool:
         if jax.process_count() == 1:
             return self.raised
-        from jax.experimental import multihost_utils
 
         flags = multihost_utils.process_allgather(np.int32(self.raised))
         return bool(np.max(flags))
