@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cslm_jax.config import ModelConfig
+from cslm_jax.convert.hf import import_hf
 from cslm_jax.errors import CslmError
 from cslm_jax.model.llama import (  # noqa: F401
     NEG,
@@ -57,7 +58,9 @@ from cslm_jax.model.llama import (  # noqa: F401
     on_mesh,
     tensor_mesh,
 )
-from cslm_jax.model.vocab import VocabInfo
+from cslm_jax.model.vocab import VocabInfo, check_layout, existing_layout, load_tokenizer
+from cslm_jax.storage import fs
+from cslm_jax.storage.checkpoint import META_FILE, load_params, read_metadata
 
 
 class DecodeError(CslmError):
@@ -432,11 +435,6 @@ def load_for_decoding(
     (`tensor_mesh`, checked against the model before the weights are read), each device given
     only its shards of the weights (`decoding_params(cfg, params, mesh)`).
     """
-    from cslm_jax.convert.hf import import_hf
-    from cslm_jax.model.vocab import check_layout, existing_layout, load_tokenizer
-    from cslm_jax.storage import fs
-    from cslm_jax.storage.checkpoint import META_FILE, load_params, read_metadata
-
     path = fs.path(path)
 
     mesh = None

@@ -43,8 +43,14 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from cslm_jax.config import ConfigError
+from cslm_jax.data.formats import ChatRenderer, load_data_config, merge_repeats, speech
 from cslm_jax.errors import CslmError
+from cslm_jax.model.vocab import require_model_cslm_tokens
+from cslm_jax.storage import fs
 from cslm_jax.storage.outputs import check_output_place
+
+# JAX-backed modules (infer.decode, storage.checkpoint, kernels) are imported where they are used:
+# importing this module (unit-file parsing, prompts, answer records) does not load JAX.
 
 
 class UnitFileError(CslmError):
@@ -160,8 +166,6 @@ def prompt_template(lang: str, cross_lingual: bool, data_config: str | Path) -> 
     language's `s2s_prompt` / `s2s_cross_prompt` in the data config (configs/data/cslm_en_zh.yaml
     holds the reference recipe's, CSLM.md section 5). An unknown language is a ConfigError naming
     the config's languages."""
-    from cslm_jax.data.formats import load_data_config
-
     fmt = load_data_config(data_config, check_files=False).format
     return _prompt(fmt, lang, cross_lingual, data_config)
 
@@ -181,8 +185,6 @@ def chat_prompt_ids(tokenizer, text: str, where: str, loss_mask: str = "referenc
     tokenized as training tokenizes its examples under the data config's `format.loss_mask`
     (`ChatRenderer.prompt_ids`: "reference" adds the tokenizer's special tokens, as the
     authors' training does) (CSLM.md section 2)."""
-    from cslm_jax.data.formats import ChatRenderer
-
     if not getattr(tokenizer, "chat_template", None):
         raise UnitFileError(
             f"{where}: the tokenizer has no chat template; CSLM prompts are rendered with it"
@@ -300,7 +302,7 @@ def decode_questions(
     sampling: a `cslm_jax.infer.decode.Sampling` (default: its defaults, the reference's top-p);
     reproducible for a seed and batch size (the batch starting at prompt k uses seed + k).
     """
-    from cslm_jax.infer.decode import (
+    from cslm_jax.infer.decode import (  # heavy: jax
         EventParser,
         Sampling,
         SpeechChunk,
@@ -441,7 +443,7 @@ def pad_token_id(tokenizer, cfg) -> int:
 def answer_record(a: Answer, tokenizer, vocab, chunk_unit: str, result: str | None = None) -> dict:
     """The responses.jsonl record of an answer (events split by kind, text chunks joined).
     `result`: responses.json's text for it (default: `result_text` of the generated ids)."""
-    from cslm_jax.infer.decode import End, SpeechChunk, TextChunk, Transcript
+    from cslm_jax.infer.decode import End, SpeechChunk, TextChunk, Transcript  # heavy: jax
 
     texts = [e.text for e in a.events if isinstance(e, TextChunk)]
     end = next((e for e in a.events if isinstance(e, End)), None)
@@ -512,7 +514,7 @@ SPEECH_OUT_TIMINGS = ("time_to_first_audio_s", "speech_rtf")
 
 def describe_event(index: int, ev, seconds: float) -> str:
     """One line per streamed event (for --stream)."""
-    from cslm_jax.infer.decode import End, SpeechChunk, TextChunk, Transcript
+    from cslm_jax.infer.decode import End, SpeechChunk, TextChunk, Transcript  # heavy: jax
 
     head = f"[{index + 1}] {seconds:7.3f}s"
     if isinstance(ev, Transcript):
@@ -535,11 +537,10 @@ def describe_event(index: int, ev, seconds: float) -> str:
 def model_folder(ckpt: str | None, hf_dir: str | None) -> Path:
     """The folder to load: `ckpt` (a model checkpoint or a finished run folder: its model/) or
     `hf_dir` (a Hugging Face folder, export-hf output)."""
-    from cslm_jax.storage.checkpoint import resolve_model_dir
+    from cslm_jax.storage.checkpoint import resolve_model_dir  # heavy: jax
 
     if ckpt is not None:
         return resolve_model_dir(ckpt, flag="--ckpt")
-    from cslm_jax.storage import fs
 
     path = fs.path(hf_dir, "--hf-dir")
     if not (path / "config.json").is_file():
@@ -819,9 +820,6 @@ def plan_decode(
     """decode's checks, before any model loads: the arguments, the output folder, the data
     config's language, the unit file's syntax, the model folder's CSLM tokens, and the answers
     an interrupted run left (`prior_answers`)."""
-    from cslm_jax.data.formats import load_data_config
-    from cslm_jax.model.vocab import require_model_cslm_tokens
-
     if prompt_style not in PROMPT_STYLES:
         raise ConfigError(
             f"--prompt-style must be one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}"
@@ -874,7 +872,7 @@ def load_decode_model(plan: DecodePlan, compute_dtype, tensor, speech_out, say):
     """The model for `plan` (cfg, decoding params, tokenizer, vocab), checked against the
     questions' codebook and the token2wav's; an HF folder's temporary checkpoint goes near the
     output."""
-    from cslm_jax.infer.decode import decoding_params, load_for_decoding
+    from cslm_jax.infer.decode import decoding_params, load_for_decoding  # heavy: jax
 
     tmp_root = plan.out_dir.absolute()
     while not tmp_root.exists():
@@ -904,10 +902,10 @@ def load_decode_model(plan: DecodePlan, compute_dtype, tensor, speech_out, say):
         f"{time.perf_counter() - t_load:.1f}s; answers in {plan.run['lang']}"
         f"{' (cross-lingual prompt)' if plan.run['cross_lingual'] else ''}"
     )
-    import jax
+    import jax  # heavy: jax
 
     if jax.default_backend() == "cpu":
-        from cslm_jax.kernels import cpu_matmul as cpu_kernels
+        from cslm_jax.kernels import cpu_matmul as cpu_kernels  # heavy: jax
 
         if params["lm_head"].ndim == 3 or not cpu_kernels.available():
             say(f"decode: {cpu_kernels.status()}")
@@ -924,8 +922,6 @@ def question_prompt(tok, fmt, template: str, units, where: str, reference: bool 
     config's template with the units merged as it says, rendered as training renders the user
     turn (`chat_prompt_ids`); `reference`: the reference scripts' prompt with the units as given
     (`reference_prompt`). `cslm-jax serve` builds its prompts here too."""
-    from cslm_jax.data.formats import merge_repeats, speech
-
     if reference:
         return reference_prompt(tok, template.format(speech=speech(units)), where)[1]
     units = merge_repeats(units) if fmt.merge_repeats else list(units)
@@ -989,7 +985,7 @@ def decode_unit_file(
     lines already there, or, resuming, where the interrupted run put it), so each wav is named
     by its answer's line (`SpeechOut.wav_name`) and an --append run's wavs do not replace
     earlier ones; the record's `wav` names it."""
-    from cslm_jax.infer.decode import Sampling
+    from cslm_jax.infer.decode import Sampling  # heavy: jax
 
     sampling = Sampling() if sampling is None else sampling
     say = log
