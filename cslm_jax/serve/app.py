@@ -40,9 +40,11 @@ import json
 import time
 from importlib import resources
 
+import numpy as np
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
+from cslm_jax.data.audio import AudioError, array_audio
 from cslm_jax.infer.engine import QueueFull
 from cslm_jax.infer.responses import format_unit_line
 from cslm_jax.serve.service import ProtocolError, Service, Start
@@ -212,10 +214,6 @@ def _form_start(fields: dict) -> dict:
 
 
 async def _file_units(service: Service, data: bytes) -> list[int]:
-    import numpy as np
-
-    from cslm_jax.data.audio import AudioError, array_audio
-
     if service.units is None:
         raise ProtocolError("audio: this server has no speech tokenizer (serve --speech-tokenizer)")
     try:
@@ -227,8 +225,7 @@ async def _file_units(service: Service, data: bytes) -> list[int]:
 
 
 def _wav(pcm: bytes, rate: int) -> bytes:
-    import numpy as np
-    import soundfile as sf
+    import soundfile as sf  # heavy: soundfile
 
     buf = io.BytesIO()
     sf.write(buf, np.frombuffer(pcm, "<i2"), rate, subtype="PCM_16", format="WAV")

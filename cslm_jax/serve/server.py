@@ -16,6 +16,7 @@ import uvicorn
 from cslm_jax.infer.responses import model_folder
 from cslm_jax.serve.app import create_app
 from cslm_jax.serve.service import Service, load_service
+from cslm_jax.speech.stream import ROW_BUCKETS, open_stream, run_flows
 
 
 def warm_up(service: Service, log, max_prompt: int = 512) -> float:
@@ -29,8 +30,6 @@ def warm_up(service: Service, log, max_prompt: int = 512) -> float:
     if service.units is not None:
         service.units.submit(np.zeros(16000, np.float32)).result()
     if service.t2w is not None:
-        from cslm_jax.speech.stream import ROW_BUCKETS, open_stream, run_flows
-
         stream = open_stream(service.t2w, service.voice, "zero", service.speech_rate)
         stream.push(list(range(60)))
         stream.finish()

@@ -32,6 +32,7 @@ from typing import AsyncIterator, Callable
 import numpy as np
 
 from cslm_jax.data.audio import AudioError, array_audio
+from cslm_jax.data.formats import load_data_config
 from cslm_jax.errors import CslmError
 from cslm_jax.infer.decode import (
     End,
@@ -41,10 +42,16 @@ from cslm_jax.infer.decode import (
     TextChunk,
     Transcript,
     default_stop_ids,
+    load_for_decoding,
     start_state,
 )
 from cslm_jax.infer.engine import Engine, Request
 from cslm_jax.infer.responses import pad_token_id, parse_unit_line, question_prompt
+from cslm_jax.model.vocab import require_model_cslm_tokens
+from cslm_jax.speech import token2wav as t2w_mod
+from cslm_jax.speech.hift import Token2WavError
+from cslm_jax.speech.stream import open_stream, run_flows
+from cslm_jax.speech.tokenizer import load_speech_tokenizer
 
 SAMPLE_RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000)
 
@@ -214,8 +221,6 @@ class SynthWorker(_Worker):
             waiting = later
 
     def _round(self, items) -> None:
-        from cslm_jax.speech.stream import run_flows
-
         batched = []
         for stream, units, done, _ in items:
             try:
@@ -430,8 +435,6 @@ class Service:
         alive = [True]
         stream = None
         if self.t2w is not None:
-            from cslm_jax.speech.stream import open_stream
-
             stream = open_stream(self.t2w, self.voice, "zero", self.speech_rate)
         parser = EventParser(self.tok, self.vocab, self.stop_ids, start_state(prompt, self.vocab))
         timing = dict(first_token_s=None, first_text_s=None, first_audio_s=None)
@@ -534,11 +537,6 @@ def load_service(
     loads): a model checkpoint, train run's model or HF folder; the data config (prompts,
     merging, speech rate); optional speech tokenizer and token2wav folders; `tensor` N splits
     the weights and the slots' cache over N devices (`load_for_decoding(tensor=)`)."""
-    from cslm_jax.data.formats import load_data_config
-    from cslm_jax.infer.decode import load_for_decoding
-    from cslm_jax.model.vocab import require_model_cslm_tokens
-    from cslm_jax.speech.hift import Token2WavError
-
     fmt = load_data_config(data_config, check_files=False).format
     require_model_cslm_tokens(Path(model))
     if (token2wav is None) != (voice is None):
@@ -546,8 +544,6 @@ def load_service(
     t2w = vec = None
     rate = 1.0
     if token2wav is not None:
-        from cslm_jax.speech import token2wav as t2w_mod
-
         if not Path(token2wav).is_dir():
             raise Token2WavError(f"--token2wav {token2wav}: no such folder")
         rate, why = t2w_mod.configured_rate(speech_rate, data_config)
@@ -559,8 +555,6 @@ def load_service(
         )
     stok = None
     if speech_tokenizer is not None:
-        from cslm_jax.speech.tokenizer import load_speech_tokenizer
-
         stok = load_speech_tokenizer(speech_tokenizer)
     cfg, params, tok, vocab = load_for_decoding(
         model, compute_dtype=compute_dtype, log=log, tensor=tensor
