@@ -118,7 +118,7 @@ def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
     """`wave` from `rate` to `target` Hz (soxr, its default high quality), float32."""
     if rate == target or wave.size == 0:
         return wave.astype(np.float32, copy=False)
-    import soxr
+    import soxr  # heavy: soxr, only to resample
 
     return soxr.resample(wave, rate, target).astype(np.float32, copy=False)
 
@@ -142,8 +142,8 @@ class WhisperAsr:
             raise EvaluationError(
                 f"--asr whisper:{path}: not a Hugging Face Whisper folder (no config.json)"
             )
-        import torch
-        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+        import torch  # heavy: torch
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor  # heavy
 
         try:
             self.processor = WhisperProcessor.from_pretrained(str(path))
@@ -186,7 +186,7 @@ class WhisperAsr:
         return {"language": language, "task": "transcribe"}
 
     def transcribe(self, waves, rate: int, language: str) -> list[str]:
-        import torch
+        import torch  # heavy: torch
 
         lang = self.language_args(language)
         waves = [resample(check_wave(w, i), rate, self.rate) for i, w in enumerate(waves)]
@@ -238,6 +238,7 @@ register_asr("whisper", WhisperAsr)
 def english_normalizer(asr=None) -> tuple[Callable[[str], str], str]:
     """Whisper's English normaliser with the recogniser's spelling map (if it has one), and a
     description of it for the results."""
+    # heavy: transformers
     from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
     spelling = getattr(asr, "english_spelling", None)
@@ -321,9 +322,9 @@ def save_random_whisper(
     as normalizer.json (Whisper's English spelling map). Its weights are drawn with a large
     `init_std` so the transcript depends on the audio. For tests and the demo; nothing is
     fetched."""
-    import torch
-    from tokenizers import pre_tokenizers
-    from transformers import (
+    import torch  # heavy: torch
+    from tokenizers import pre_tokenizers  # heavy: tokenizers
+    from transformers import (  # heavy: transformers
         WhisperConfig,
         WhisperFeatureExtractor,
         WhisperForConditionalGeneration,

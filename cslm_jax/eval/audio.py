@@ -30,8 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from cslm_jax.eval.asr import load_asr, transcribe, transcript_error_rates
+from cslm_jax.eval.judge import Judge, load_prompt, parse_scale
 from cslm_jax.eval.metrics import EvaluationError
+from cslm_jax.eval.mos import load_mos, predict_mos
+from cslm_jax.infer.responses import decode_questions
+from cslm_jax.speech.hift import Token2WavError
 from cslm_jax.speech.stream import SpeechOut, open_stream
+from cslm_jax.storage.outputs import OutputPathError, foreign_entries, read_marker
 
 AUDIO_KINDS = ("s2s", "tts")
 
@@ -69,8 +74,6 @@ def wav_dir_for(output: Path) -> Path:
 def check_wav_dir(wav_dir: Path, output: Path) -> None:
     """The wav folder of `output` must be new, empty or an earlier evaluate's: never write over
     wavs another tool or the user put there (named as --output's, the flag the user gave)."""
-    from cslm_jax.storage.outputs import OutputPathError, foreign_entries, read_marker
-
     if wav_dir.is_file():
         raise OutputPathError(
             f"--output {output}: its wav folder {wav_dir} is a file; move it or choose another "
@@ -135,8 +138,6 @@ def open_audio_scoring(
         raise EvaluationError(f"--judge-url: the judge rates spoken-QA answers, not {kind}")
     result = AudioScoring()
     if audio:
-        from cslm_jax.speech.hift import Token2WavError
-
         if speech_rate is not None and not (0 < speech_rate < float("inf")):
             raise Token2WavError(f"--speech-rate {speech_rate}: must be a positive number")
         if speech_rate is None:
@@ -151,12 +152,8 @@ def open_audio_scoring(
     if asr is not None:
         result.asr, result.asr_spec = load_asr(asr), asr
     if mos is not None:
-        from cslm_jax.eval.mos import load_mos
-
         result.mos = load_mos(mos)
     if judge_url is not None:
-        from cslm_jax.eval.judge import Judge, load_prompt, parse_scale
-
         template, source = load_prompt(judge_prompt)
         cache = (
             Path(judge_cache) if judge_cache else output.parent / f"{output.stem}_judge_cache.jsonl"
@@ -182,8 +179,7 @@ def decode_answers(
     """Greedy answers (`cslm_jax.infer.responses.Answer`: ids, events, timings) of `prompts`,
     streamed; with `speech_out` each speech chunk synthesised as it closes. The ids are those of
     `generate` (the same compiled loop, one step at a time)."""
-    from cslm_jax.infer.decode import GREEDY
-    from cslm_jax.infer.responses import decode_questions
+    from cslm_jax.infer.decode import GREEDY  # heavy: jax
 
     answers = []
     t0 = time.perf_counter()
@@ -205,7 +201,7 @@ def decode_answers(
 
 
 def speech_units(answer) -> list[int]:
-    from cslm_jax.infer.decode import SpeechChunk
+    from cslm_jax.infer.decode import SpeechChunk  # heavy: jax
 
     return [u for ev in answer.events if isinstance(ev, SpeechChunk) for u in ev.units]
 
@@ -244,7 +240,7 @@ def chain_first_audio(
 
 
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
-    import soundfile as sf
+    import soundfile as sf  # heavy: soundfile
 
     wave, rate = sf.read(str(path), dtype="float32")
     return wave, int(rate)
@@ -345,8 +341,6 @@ def score_audio(
                     audio_transcript=h, consistency_error_rate=e1, speech_answer_error_rate=e2
                 )
     if scoring.mos is not None:
-        from cslm_jax.eval.mos import predict_mos
-
         m = predict_mos(scoring.mos, waves, rate)
         metrics["mos"] = {"mean": m["mean"], "predictor": m["predictor"]}
         for row, s in zip(rows, m["scores"]):

@@ -34,6 +34,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
+
 from cslm_jax.eval.metrics import EvaluationError
 
 API_KEY_ENV = "CSLM_JUDGE_API_KEY"
@@ -196,8 +198,6 @@ class Judge:
         Returns {"scores": [float or None], "replies": [str or None], "mean" (over scored
         answers), "scored", "failed", "requests" (sent), "cached" (answered from the cache),
         "model", "url", "prompt", "scale"}."""
-        import httpx
-
         prompts = [
             self.render(it["question"], it["answer"], it.get("reference", "")) for it in items
         ]
@@ -265,8 +265,6 @@ class Judge:
         return {"model": self.model, "prompt": prompt, "reply": reply, "score": None}
 
     def post(self, client, prompt: str) -> str:
-        import httpx
-
         body = {
             "model": self.model,
             "messages": [{"role": "user", "content": prompt}],

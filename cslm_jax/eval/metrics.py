@@ -11,11 +11,16 @@ corpus and divided by the total reference length (the usual corpus-level rate, a
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import sacrebleu
 
 from cslm_jax.data.formats import merge_repeats
+from cslm_jax.demo.corpus import SILENCE, Pronouncer
 from cslm_jax.errors import CslmError
 
 _PUNCT = re.compile(r"[^\w\s']", re.UNICODE)
@@ -93,8 +98,6 @@ def bleu_tokenize(langs: Sequence[str]) -> str:
 
 def bleu(refs: Sequence[str], hyps: Sequence[str], tokenize: str = "13a") -> float:
     """Corpus BLEU (0-100) of hypotheses against one reference each (sacrebleu)."""
-    import sacrebleu
-
     if len(refs) != len(hyps):
         raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
     return float(sacrebleu.corpus_bleu(list(hyps), [list(refs)], tokenize=tokenize).score)
@@ -102,8 +105,6 @@ def bleu(refs: Sequence[str], hyps: Sequence[str], tokenize: str = "13a") -> flo
 
 def chrf(refs: Sequence[str], hyps: Sequence[str]) -> float:
     """Corpus chrF (0-100, sacrebleu's defaults: character 6-grams, beta 2)."""
-    import sacrebleu
-
     if len(refs) != len(hyps):
         raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
     return float(sacrebleu.corpus_chrf(list(hyps), [list(refs)]).score)
@@ -220,9 +221,6 @@ class UnitLexicon:
     @classmethod
     def from_file(cls, path) -> "UnitLexicon":
         """JSON: {"silence": [0], "table": {"cat": [17], ...}} or just the table."""
-        import json
-        from pathlib import Path
-
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -249,8 +247,6 @@ class UnitLexicon:
     @classmethod
     def demo(cls) -> "UnitLexicon":
         """The demo corpus' pronunciation table (cslm_jax.demo.corpus.Pronouncer), silence unit 0."""
-        from cslm_jax.demo.corpus import SILENCE, Pronouncer
-
         return cls(Pronouncer().table, [SILENCE], name="demo")
 
     def tokens(self, units: Sequence[int]) -> list[str]:

@@ -39,7 +39,14 @@ import json
 import time
 from pathlib import Path
 
-from cslm_jax.data.formats import merge_repeats
+from cslm_jax.config import load_run_config, load_yaml
+from cslm_jax.data.formats import (
+    RECORD_KIND_OF_TASK,
+    examples,
+    load_data_config,
+    merge_repeats,
+    read_jsonl,
+)
 from cslm_jax.eval.audio import (
     audio_table_rows,
     chain_first_audio,
@@ -60,6 +67,8 @@ from cslm_jax.eval.metrics import (
     normalize_tokens,
     off_target,
 )
+from cslm_jax.infer.responses import chat_prompt_ids, pad_token_id
+from cslm_jax.model.vocab import require_model_cslm_tokens
 from cslm_jax.storage.outputs import check_output_file
 
 SUPPORTED = ("asr", "mt", "s2s", "tts")
@@ -82,9 +91,6 @@ def config_file(config: str | Path) -> Path:
 def load_data(config: str | Path, overrides=()):
     """The data config behind `config`: a run config (its data.config; overrides as for train)
     or a data config (overrides of its own fields)."""
-    from cslm_jax.config import load_run_config, load_yaml
-    from cslm_jax.data.formats import load_data_config
-
     path = config_file(config)
     raw = load_yaml(path)
     if isinstance(raw, dict) and "stages" in raw:
@@ -97,7 +103,7 @@ def default_checkpoint(config: str | Path) -> Path:
     """The model a run config stands for, when that is known: the config.yaml that `cslm-jax
     train` writes into its run folder sits beside the run's final model/. Any other config
     does not say which run it trained, so --ckpt is needed."""
-    from cslm_jax.storage.checkpoint import META_FILE, resolve_model_dir
+    from cslm_jax.storage.checkpoint import META_FILE, resolve_model_dir  # heavy: jax
 
     path = config_file(config)
     if path.name == "config.yaml" and (path.parent / "model" / META_FILE).is_file():
@@ -141,8 +147,6 @@ def find_task(data_cfg, name: str, split: str):
 def build_items(spec, files, fmt, max_examples: int | None, skip_bad: bool = False) -> list[dict]:
     """One item per chat example of the split's records: prompt text, reference text, the
     language(s) and unit of scoring, and the record fields the kind needs."""
-    from cslm_jax.data.formats import RECORD_KIND_OF_TASK, examples, read_jsonl
-
     items: list[dict] = []
     for path in files:
         for where, _, record in read_jsonl(path, RECORD_KIND_OF_TASK[spec.kind], fmt, skip_bad):
@@ -223,8 +227,7 @@ def decode_items(
 ) -> list[list[int]]:
     """Greedy generations (ids, stop id included) for every item's prompt (tokenized as training
     tokenizes under `loss_mask`, the data config's), in batches."""
-    from cslm_jax.infer.decode import GREEDY, default_stop_ids, generate
-    from cslm_jax.infer.responses import chat_prompt_ids, pad_token_id
+    from cslm_jax.infer.decode import GREEDY, default_stop_ids, generate  # heavy: jax
 
     stops = default_stop_ids(tok, vocab)
     prompts = [chat_prompt_ids(tok, it["prompt"], it["where"], loss_mask) for it in items]
@@ -266,7 +269,7 @@ def score(
 ) -> tuple[dict, list[dict]]:
     """(metrics, per-example rows). lang_units: language -> "word"|"char" (the data config's
     chunk_unit), for transcripts of spoken questions (default "word")."""
-    from cslm_jax.infer.decode import (
+    from cslm_jax.infer.decode import (  # heavy: jax
         End,
         SpeechChunk,
         TextChunk,
@@ -498,7 +501,7 @@ def evaluate_task(
     `asr` (a spec, `cslm_jax.eval.asr.load_asr`) scores the audio, `mos` (`module:function`)
     rates it; `judge_url` / `judge_model` (`cslm_jax.eval.judge`) rate spoken-QA answers.
     `tensor` N: the weights and KV cache split over N devices (`load_for_decoding(tensor=)`)."""
-    from cslm_jax.storage.checkpoint import resolve_model_dir
+    from cslm_jax.storage.checkpoint import resolve_model_dir  # heavy: jax
 
     say = log
     if batch_size < 1:
@@ -544,10 +547,8 @@ def evaluate_task(
         resolve_model_dir(ckpt, flag="--ckpt", hf=True) if ckpt else default_checkpoint(config)
     )
     if spec.kind in SPEECH_KINDS:  # before the weights load
-        from cslm_jax.model.vocab import require_model_cslm_tokens
-
         require_model_cslm_tokens(model_path)
-    from cslm_jax.infer.decode import decoding_params, load_for_decoding
+    from cslm_jax.infer.decode import decoding_params, load_for_decoding  # heavy: jax
 
     t0 = time.perf_counter()
     cfg, params, tok, vocab = load_for_decoding(
@@ -576,8 +577,6 @@ def evaluate_task(
     t1 = time.perf_counter()
     answers = None
     if scoring.speech_out is not None:
-        from cslm_jax.infer.responses import chat_prompt_ids
-
         say(
             f"evaluate: synthesising the answers as they are decoded into "
             f"{scoring.wav_dir} (speech rate {scoring.speech_rate:g}: "
