@@ -15,11 +15,13 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import hashlib
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 
+from cslm_jax.data.sources import python_value
 from cslm_jax.errors import CslmError, json_error
 from cslm_jax.storage import fs
 
@@ -45,7 +47,7 @@ class ManifestError(CslmError):
 
 
 def _soundfile():
-    import soundfile
+    import soundfile  # heavy: soundfile
 
     return soundfile
 
@@ -116,7 +118,7 @@ def resample(wave: np.ndarray, rate: int, sample_rate: int = SAMPLE_RATE) -> np.
     wave = np.ascontiguousarray(wave, dtype=np.float32)
     if rate == sample_rate:
         return wave
-    import soxr
+    import soxr  # heavy: soxr
 
     return np.ascontiguousarray(
         soxr.resample(wave, rate, sample_rate, quality="HQ"), dtype=np.float32
@@ -278,8 +280,6 @@ def array_seconds(value, rate: int, label: str) -> float:
     """The duration of in-memory audio: samples (1-D, or [frames, channels]) at `rate`, or the
     bytes of an encoded file (a TFDS Audio feature read with lazy decoding)."""
     if isinstance(value, bytes):
-        import io
-
         try:
             info = _soundfile().info(io.BytesIO(value))
         except Exception as e:
@@ -297,8 +297,6 @@ def array_audio(value, rate: int, label: str, sample_rate: int = SAMPLE_RATE) ->
     (int16 / 32768, ...), channels averaged, resampled to `sample_rate`; AudioError naming
     `label` if empty, undecodable or non-finite."""
     if isinstance(value, bytes):
-        import io
-
         try:
             data, rate = _soundfile().read(io.BytesIO(value), dtype="float32", always_2d=True)
         except Exception as e:
@@ -345,7 +343,7 @@ class TfdsAudio:
 
     def index(self, group: int) -> "TfdsIndex":
         """Open the prepared dataset (never downloads) and plan groups of `group` examples."""
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # heavy: tensorflow_datasets
 
         where = f"--tfds {self.name}"
         if ":" not in self.name:
@@ -405,7 +403,7 @@ class TfdsAudio:
 
 def _tfds_fields(features, mapping, where: str) -> tuple[dict, dict]:
     """(record field -> feature, audio field -> sample rate), checked against the features."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy: tensorflow_datasets
 
     top = dict(features.items())
     audio = {k: v for k, v in top.items() if isinstance(v, tfds.features.Audio)}
@@ -478,9 +476,7 @@ class TfdsIndex:
     def read(self, g: int, strict: bool = True) -> list[ManifestEntry]:
         """The examples of group `g` as entries with their audio in memory; a missing or
         undecodable text field is a bad line (strict: ManifestError naming the example)."""
-        import tensorflow_datasets as tfds
-
-        from cslm_jax.data.sources import python_value
+        import tensorflow_datasets as tfds  # heavy: tensorflow_datasets
 
         a = self.start + g * self.group
         b = min(self.start + self.entries, a + self.group)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -48,6 +49,7 @@ from cslm_jax.data.formats import DataConfig
 from cslm_jax.data.prepare import (
     MAX_SKIP_MESSAGES,
     CacheError,
+    Preparer,
     completed_key,
     info_json,
     input_record,
@@ -57,11 +59,15 @@ from cslm_jax.data.prepare import (
     local_tokenizer_dir,
     merge_counts,
     new_counts,
+    numbered_lines,
+    plan_ranges,
     prepare_task_local,
+    record_writer,
     shard_name,
     splits_of,
     stats_json,
     task_key,
+    write_batch,
     write_json,
 )
 from cslm_jax.errors import CslmError, DataError
@@ -94,8 +100,6 @@ class _PrepareUnit:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     def _preparer(self, task: str):
-        from cslm_jax.data.prepare import Preparer
-
         prep = self.preparers.get(task)
         if prep is None:
             with _IMPORT_LOCK:  # transformers' lazy imports are not safe from several threads
@@ -113,8 +117,6 @@ class _PrepareUnit:
                 yield from self._range(unit, job)
 
     def _range(self, unit: int, job):
-        from cslm_jax.data.prepare import numbered_lines, record_writer, write_batch
-
         task, split, file_index, path, start, end, first_line = job
         prep = self._preparer(task)
         counts = new_counts()
@@ -189,8 +191,6 @@ def plan_units(jobs: list, range_bytes: int, units: int | None) -> list[list]:
     DirectRunner's worker count): that many units, unit k holding the k-th contiguous 1/units
     of every file (cut at line starts), so each worker gets an equal share of every task; None:
     one unit per range of about `range_bytes`."""
-    from cslm_jax.data.prepare import plan_ranges
-
     planned: dict = {}
     out: list[list] = [[] for _ in range(units)] if units else []
     for task, split, file_index, path in jobs:
@@ -269,8 +269,6 @@ def quiet_beam_logs():
     by `prepare_data`), and its known-harmless lines dropped from standard error (file
     descriptor 2, which the DirectRunner's worker processes inherit: the only way to reach what
     they print before reading their options)."""
-    import logging
-
     beam_logger = logging.getLogger("apache_beam")
     level = beam_logger.level
     if level == logging.NOTSET:
@@ -317,8 +315,8 @@ def _option_value(args: list, name: str) -> str | None:
 
 def _create_runner(runner: str):
     """The Beam runner named `runner`, or a CslmError naming the choices."""
-    from apache_beam.options.pipeline_options import StandardOptions
-    from apache_beam.runners.runner import create_runner
+    from apache_beam.options.pipeline_options import StandardOptions  # heavy: beam
+    from apache_beam.runners.runner import create_runner  # heavy: beam
 
     try:
         return create_runner(runner)
@@ -337,6 +335,7 @@ def _create_runner(runner: str):
 def _check_runner_options(runner: str, options, runner_obj) -> None:
     """Beam's own validation of the options for the runner (DataflowRunner: project, region, a
     gs:// temp_location), as one CslmError naming what is missing."""
+    # heavy: beam
     from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
 
     errors = [e.strip() for e in PipelineOptionsValidator(options, runner_obj).validate()]
@@ -459,8 +458,8 @@ def _prepare_data(
     force: bool,
     log,
 ) -> dict:
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
+    import apache_beam as beam  # heavy: beam
+    from apache_beam.options.pipeline_options import PipelineOptions  # heavy: beam
 
     if num_shards < 1:
         raise CslmError(f"--num-shards must be >= 1, got {num_shards}")

@@ -18,6 +18,7 @@ from cslm_jax.data.formats import (
     read_jsonl,
 )
 from cslm_jax.errors import DataError
+from cslm_jax.model.vocab import load_tokenizer, require_cslm_tokens
 
 
 def validate_file(
@@ -37,8 +38,6 @@ def jsonl_examples(
 ) -> Iterator[dict]:
     """The first `n` rendered examples of a JSONL file, as `kind` (a task kind, or a record kind:
     every task kind it feeds): {source, text, input_ids, loss_mask, truncated}."""
-    from cslm_jax.model.vocab import load_tokenizer, require_cslm_tokens
-
     task_kinds = (
         [kind] if kind in TASK_KINDS else [t for t, r in RECORD_KIND_OF_TASK.items() if r == kind]
     )
@@ -75,10 +74,9 @@ def task_examples(
 ) -> Iterator[dict]:
     """The first `n` examples a SeqIO task of `data_config` serves (registered with the
     tokenizer): {source, text, input_ids, loss_mask}."""
-    import seqio
+    import seqio  # heavy: seqio, TensorFlow
 
-    from cslm_jax.model.vocab import load_tokenizer, require_cslm_tokens
-    from cslm_jax.tasks.cslm import register
+    from cslm_jax.tasks.cslm import register  # heavy: seqio, TensorFlow
 
     tok = load_tokenizer(tokenizer_dir)
     cfg = load_data_config(data_config)

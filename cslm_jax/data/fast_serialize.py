@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
+
 VARINT_TABLE_MIN = 1 << 14  # the smallest table: every varint of one or two bytes
 VARINT_TABLE_MAX = 1 << 21  # ids at or above go to numpy (a full table holds 2**21 varints)
 SMALL_LENGTH = 1 << 14  # lengths below it have a varint of at most two bytes
@@ -68,8 +70,6 @@ def _length_varint(n: int) -> bytes:
 def packed_varints(values: list) -> list[bytes]:
     """Per list of non-negative ints (< 2**35): its values as concatenated protobuf varints,
     computed for the whole batch at once with numpy; ValueError for a value outside."""
-    import numpy as np
-
     lengths = np.fromiter(map(len, values), np.int64, len(values))
     flat = np.fromiter(itertools.chain.from_iterable(values), np.int64, int(lengths.sum()))
     if flat.size and (flat.min() < 0 or flat.max() >= 1 << 35):

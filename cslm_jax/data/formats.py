@@ -28,8 +28,10 @@ import string
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from cslm_jax.config import ConfigError
+from cslm_jax.config import ConfigError, apply_overrides, load_yaml
 from cslm_jax.errors import CslmError, DataError, json_error
+from cslm_jax.speech.units import ALIASES, UNITS, SpeechUnitsError, speech_units_info
+from cslm_jax.storage import fs
 
 KINDS = ("paired", "translation", "instruction", "spoken_instruction")
 TASK_KINDS = ("asr", "tts", "mt", "instruct", "s2s")
@@ -886,8 +888,6 @@ def read_jsonl(
     """(where, kind, record) for each valid line of a JSONL file. Strict by default: the first bad
     record raises RecordError naming file, line and field. With skip_bad, bad records are
     appended to `skipped` (as RecordErrors) instead."""
-    from cslm_jax.storage import fs
-
     try:
         f = fs.path(path).open("rb") if fs.is_remote(path) else open(path, "rb")
     except OSError as e:
@@ -949,8 +949,6 @@ def format_config_from_dict(data: dict, where: str = "data config", root=None) -
 def _units_from_tokenizer(fmt: dict, where: str, root) -> None:
     """`format.speech_tokenizer` (a version, a tokenizer folder or an extract-units folder) sets
     unit_count and unit_rate; either given as well must agree with it."""
-    from cslm_jax.speech.units import ALIASES, UNITS, SpeechUnitsError, speech_units_info
-
     spec = fmt.pop("speech_tokenizer")
     if not isinstance(spec, str) or not spec:
         raise ConfigError(
@@ -1103,9 +1101,6 @@ def check_stage_files(cfg: DataConfig, stage: str, tasks=None) -> None:
     """The files of `stage`'s tasks (those named in `tasks`, when given) exist: a command
     working on one stage needs no other stage's files. ConfigError naming the field, as
     `load_data_config(check_files=True)` would (and the stages, for an unknown one)."""
-    from cslm_jax.config import ConfigError
-    from cslm_jax.storage import fs
-
     for i, spec in enumerate(cfg.tasks(stage)):
         if tasks and spec.name not in tasks:
             continue
@@ -1122,9 +1117,6 @@ def check_stage_files(cfg: DataConfig, stage: str, tasks=None) -> None:
 def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = True) -> DataConfig:
     """Read a data config (see configs/data/demo.yaml); relative files resolve against
     `data_dir` (itself relative to the config file); with `check_files` every file must exist."""
-    from cslm_jax.config import apply_overrides, load_yaml
-    from cslm_jax.storage import fs
-
     path = fs.path(path, "data config")  # local or gs://; files too
     data = apply_overrides(load_yaml(path), list(overrides), str(path))
     data_dir = data.get("data_dir")
@@ -1225,8 +1217,6 @@ def load_data_config(path, overrides: Sequence[str] = (), check_files: bool = Tr
 
 def _cache_dir(value, root) -> str | None:
     """`cache_dir:` of a data config: a URL (gs://...) as is, a relative path against data_dir."""
-    from pathlib import Path
-
     if value in (None, ""):
         return None
     value = str(value)

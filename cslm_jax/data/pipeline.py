@@ -14,10 +14,14 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import atexit
 import collections
+import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -27,7 +31,9 @@ import tensorflow as tf
 
 from cslm_jax.config import ConfigError
 from cslm_jax.data.formats import DataConfig, TaskSpec
+from cslm_jax.data.prepare import CacheError, completed_key, read_stats, splits_of, task_key
 from cslm_jax.errors import DataError
+from cslm_jax.model.vocab import load_tokenizer
 from cslm_jax.storage import fs
 
 
@@ -65,8 +71,6 @@ class HFVocabulary(seqio.Vocabulary):
     @property
     def tokenizer(self):
         if self._tok is None:
-            from cslm_jax.model.vocab import load_tokenizer
-
             self._tok = load_tokenizer(self.tokenizer_dir)
         return self._tok
 
@@ -143,10 +147,6 @@ def local_cache_dir(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str) -> Path
     """Where the in-process path caches a task (SeqIO layout, one shard per split):
     `<data_dir>/.cslm_cache/<task>.<key>`, keyed by the files (size, mtime), the config and the
     tokenizer, so any change prepares again."""
-    import hashlib
-
-    from cslm_jax.data.prepare import splits_of, task_key
-
     key = task_key(spec, cfg, tokenizer_dir, 1)
     key["stat"] = [(f, *fs.size_and_mtime(f)) for files in splits_of(spec).values() for f in files]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -158,8 +158,6 @@ def cache_root(data_dir) -> Path:
     for data in a bucket a local folder ($CSLM_JAX_DATA_CACHE, default
     ~/.cache/cslm_jax/data/<hash of the data_dir>): each host prepares next to it, never writing
     into the bucket."""
-    import hashlib
-
     if not fs.is_remote(data_dir):
         return Path(data_dir) / ".cslm_cache"
     base = os.environ.get("CSLM_JAX_DATA_CACHE") or os.path.join(
@@ -221,8 +219,6 @@ class CslmTask(seqio.Task):
 
     @property
     def cache_dir(self) -> str:
-        from cslm_jax.data.prepare import completed_key, read_stats
-
         if self._cslm_prepare is not None and completed_key(self._cslm_dir) is None:
             keep_tensorflow_off_accelerators()
             self._cslm_prepare()
@@ -257,10 +253,6 @@ class CslmTask(seqio.Task):
             return self._cslm_dir
         local = self._cslm_staged.get(self._cslm_shard)
         if local is None:
-            import atexit
-            import shutil
-            import tempfile
-
             local = tempfile.mkdtemp(prefix=f"cslm_jax-cache-{self.name}-")
             atexit.register(shutil.rmtree, local, True)
             names = ["COMPLETED"]
@@ -391,8 +383,6 @@ def check_file_sharding(name: str, split: str, num_shards: int) -> None:
     """A prepared cache is read with file-level sharding (each host opens only its own shard
     files): its file count must divide by the data shards. (In-process caches of small corpora
     hold one file per split and are sharded by example, as SeqIO does when files are fewer.)"""
-    from cslm_jax.data.prepare import CacheError
-
     provider = seqio.get_mixture_or_task(name)
     tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
     for task in tasks:

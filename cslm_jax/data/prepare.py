@@ -30,13 +30,19 @@ speech spans as ids, header positions from the template), cslm_jax/data/fast_ser
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import hashlib
 import importlib.metadata
 import json
 import os
+import shutil
 import sys
+import uuid
 from pathlib import Path
+
+import fsspec
+import google_crc32c
 
 from cslm_jax.data.fast_chat import fast_chat_for, fast_examples
 from cslm_jax.data.fast_parse import fast_parse_line
@@ -51,7 +57,9 @@ from cslm_jax.data.formats import (
     parse_line,
     validate_record,
 )
+from cslm_jax.data.sources import task_records, task_splits, tfds_cache_key
 from cslm_jax.errors import DataError
+from cslm_jax.model.vocab import load_tokenizer
 from cslm_jax.storage import fs
 
 PREPARE_VERSION = 2
@@ -78,8 +86,6 @@ def shard_name(split: str, shard: int, num_shards: int) -> str:
 def splits_of(spec: TaskSpec) -> dict[str, tuple]:
     """{split: files}; a TFDS task's splits have no files (its records come from the dataset)."""
     if spec.tfds is not None:
-        from cslm_jax.data.sources import task_splits
-
         return {s: () for s in task_splits(spec)}
     return {
         s: files for s, files in (("train", spec.train), ("validation", spec.validation)) if files
@@ -164,8 +170,6 @@ def task_key(spec: TaskSpec, cfg: DataConfig, tokenizer_dir: str | Path, num_sha
     """What a task's prepared examples depend on (besides the files' contents): checked when
     training reads a prepared cache, so a cache made with another tokenizer, template, length or
     set of files is refused instead of silently trained on."""
-    from cslm_jax.data.sources import tfds_cache_key
-
     key = {
         "version": PREPARE_VERSION,
         "task": spec.name,
@@ -287,8 +291,6 @@ _TOKENIZERS: dict = {}  # folder -> (its files' names, sizes and times; the toke
 def _load_tokenizer(path: str):
     """load_tokenizer(path), once per process while the folder's files are unchanged (the
     Preparers of a job's tasks share it, and with it the fast path's chat plans)."""
-    from cslm_jax.model.vocab import load_tokenizer
-
     stamp = _folder_stamp(path)
     hit = _TOKENIZERS.get(path)
     if hit is None or hit[0] != stamp:
@@ -416,8 +418,6 @@ class Preparer:
         """Lists of (shard, serialized example) for a TFDS task's split: its examples
         (`sources`), mapped to records and validated as JSONL lines are, then prepared as
         `line_batches` prepares them (example i takes the place of line i of file 0)."""
-        from cslm_jax.data.sources import task_records
-
         counts = self.counts if counts is None else counts
         spec, fmt = self.spec, self.cfg.format
         skipped: list = []
@@ -465,7 +465,7 @@ def serialize(ids: list[int], mask: list[int]) -> bytes:
     """The tf.train.Example {targets: ids, loss_weights: mask} (int64 lists), serialized as
     `SerializeToString(deterministic=True)` does (map keys sorted): `serialize_batch` builds the
     same bytes without a protobuf object per example."""
-    import tensorflow as tf
+    import tensorflow as tf  # heavy: TensorFlow
 
     feature = {
         "targets": tf.train.Feature(int64_list=tf.train.Int64List(value=ids)),
@@ -493,8 +493,6 @@ class RecordWriter:
     cslm_jax.storage.fs."""
 
     def __init__(self, path: str):
-        import google_crc32c
-
         self._crc = google_crc32c.value
         self._f = fs.open_file(path, "wb") if _is_url(path) else open(path, "wb")
 
@@ -636,8 +634,6 @@ def input_stamp(path: str) -> dict:
     a gs:// object's generation and md5 (or crc32c) from its metadata instead of the time."""
     s = str(path)
     if s.startswith("gs://"):
-        import fsspec
-
         fs.path(s)  # the one GCS set-up (emulator, caches)
         info = fsspec.filesystem("gs").info(s)
         out = {"size": int(info["size"])}
@@ -665,8 +661,6 @@ COUNT_LINES_UP_TO = 256 << 20  # an input's lines are counted again for a messag
 
 
 def _time(ns: int, other: int) -> str:
-    import datetime
-
     def fmt(v, spec):
         return datetime.datetime.fromtimestamp(v / 1e9).isoformat(" ", spec)
 
@@ -782,9 +776,6 @@ def prepare_task_local(
     folder of its own (unique per process) and renamed into place whole, COMPLETED inside; a
     failure leaves nothing. `tokenizer`: the tokenizer of `tokenizer_dir`, already loaded.
     Returns {split: counts}."""
-    import shutil
-    import uuid
-
     task_dir = Path(task_dir)
     key = task_key(spec, cfg, tokenizer_dir, num_shards)
     tmp = task_dir.with_name(task_dir.name + f".tmp-{uuid.uuid4().hex[:8]}")

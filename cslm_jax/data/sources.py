@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
+import numpy as np
+
 from cslm_jax.data.formats import (
     RECORD_KIND_OF_TASK,
     RecordError,
@@ -49,8 +51,6 @@ def tfds_cache_key(spec, split: str) -> dict | None:
 
 def python_value(value, where: str, field: str):
     """A TFDS (numpy) value as JSON would have it: text, ints, floats, lists."""
-    import numpy as np
-
     if isinstance(value, bytes):
         try:
             return value.decode("utf-8")
@@ -72,7 +72,7 @@ def python_value(value, where: str, field: str):
 def tfds_examples(spec, split: str) -> Iterator[tuple[str, dict]]:
     """(where, example) for each example of a TFDS task split (numpy values), in dataset order,
     read through `seqio.TfdsDataSource`."""
-    import seqio
+    import seqio  # heavy: seqio, TensorFlow
 
     t = spec.tfds
     # read_only: never download and prepare here (seqio would, on every host at once)

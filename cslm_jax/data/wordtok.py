@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 # Llama-3's split pattern (tiktoken's cl100k form, digits in runs of up to three), as the
 # tokenizer.json of Llama-3.x and of our demo tokenizer write it.
@@ -91,9 +92,7 @@ class WordTokens:
     MAX_WORDS = 1 << 20  # cached matches kept (then the cache starts again)
 
     def __init__(self, backend, pattern: str):
-        import re
-
-        import tokenizers
+        import tokenizers  # heavy: tokenizers
 
         self.model = backend.model
         self.pre = backend.pre_tokenizer
