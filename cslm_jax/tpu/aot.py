@@ -16,11 +16,29 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import re
+import time
 from pathlib import Path
 
-from cslm_jax.config import ConfigError, ModelConfig, RunConfig, pad_to_multiple
+import jax
+import jax.numpy as jnp
+
+from cslm_jax.config import (
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    load_model_config,
+    load_run_config,
+    pad_to_multiple,
+)
+from cslm_jax.data.formats import load_data_config
+from cslm_jax.model.vocab import CONTROL_TOKENS, VocabInfo
+from cslm_jax.parallel.sharding import check_batch_split, mesh_sizes
+from cslm_jax.storage.checkpoint import read_metadata, resolve_model_dir
 from cslm_jax.tpu.chips import CHIPS, GIB, Chip
+from cslm_jax.train.metrics import flops_per_token
+from cslm_jax.train.setup import Run, abstract_state, make_train_fn, stage_data_config, train_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,10 +149,8 @@ def topology_devices(topo: Topology) -> list:
             "host: pip install 'libtpu==0.0.42.*' (the version matching jax 0.10.2; "
             "see requirements-dev.txt)"
         )
-    import os
 
-    import jax
-    from jax.experimental import topologies
+    from jax.experimental import topologies  # heavy: libtpu (jax.experimental.topologies)
 
     # describe the slice to libtpu so that it does not look for TPU VM metadata on this host;
     # compiling opens no TPU, so libtpu's one-process-per-host lock (/tmp/libtpu_lockfile) need
@@ -176,13 +192,9 @@ def compile_model_config(
     checkpoint the config's `init_from` names. The run's `model` section applies on top."""
     if model_path:
         if speech_units is None:
-            from cslm_jax.data.formats import load_data_config
-
             speech_units = load_data_config(cfg.data.config, check_files=False).format.unit_count
         model, vocab = cslm_model_config(model_path, speech_units, pad_vocab_multiple)
     elif cfg.init_from:
-        from cslm_jax.storage.checkpoint import read_metadata, resolve_model_dir
-
         _, model, vocab = read_metadata(resolve_model_dir(cfg.init_from, flag="init_from"))
     else:
         raise ConfigError(
@@ -196,9 +208,6 @@ def cslm_model_config(model_path: str, speech_units: int, pad_vocab_multiple: in
     """(ModelConfig, VocabInfo) of the base architecture YAML `model_path` with the CSLM
     vocabulary added as `cslm-jax import-hf` adds it: `speech_units` units and the control
     tokens (none without units), padded to a multiple of `pad_vocab_multiple` rows."""
-    from cslm_jax.config import load_model_config
-    from cslm_jax.model.vocab import CONTROL_TOKENS, VocabInfo
-
     base = load_model_config(model_path)
     controls = CONTROL_TOKENS if speech_units else ()
     size = base.vocab_size + speech_units + len(controls)
@@ -210,8 +219,6 @@ def cslm_model_config(model_path: str, speech_units: int, pad_vocab_multiple: in
 def stage_shape(cfg: RunConfig) -> tuple[int, int]:
     """(number of tasks in the stage's mixture, packed row length), from the data config
     (its corpus files need not exist here)."""
-    from cslm_jax.train.setup import stage_data_config
-
     data_cfg = stage_data_config(cfg, check_files=False)
     return len(data_cfg.tasks(cfg.data.stage)), data_cfg.max_length
 
@@ -220,8 +227,6 @@ def check_mesh(cfg: RunConfig, topo: Topology) -> dict:
     """The mesh the config asks for on this slice, checked against its chip count and the batch
     (before libtpu or the compiler are involved; the same resolution `cslm-jax train` makes over
     its devices). Returns {axis: size}."""
-    from cslm_jax.parallel.sharding import check_batch_split, mesh_sizes
-
     sizes = mesh_sizes(cfg.mesh, topo.chips, topo.name)
     check_batch_split(cfg.train.micro_batch_size or cfg.train.global_batch_size, sizes, topo.name)
     return sizes
@@ -367,17 +372,12 @@ def cost_flops(stage) -> float:
 
 def _run(cfg: RunConfig, model: ModelConfig, vocab, layout, num_tasks: int, seq_len: int):
     """A `cslm_jax.train.setup.Run` for compiling only: no run folder, no data pipeline."""
-    from cslm_jax.train.setup import Run
-
     return Run(
         cfg, None, model, vocab, {}, layout, [f"task{i}" for i in range(num_tasks)], "", seq_len
     )
 
 
 def _abstract_batch(layout, accumulation: int, rows: int, seq_len: int) -> dict:
-    import jax
-    import jax.numpy as jnp
-
     return {
         name: jax.ShapeDtypeStruct(
             (accumulation, rows, seq_len), jnp.int32, sharding=layout.batch_sh
@@ -397,10 +397,6 @@ def xla_step_flops(
     one CPU device with the layers unrolled and the global batch as one micro-batch (the same
     FLOPs: every matmul is linear in rows), and its HLO is counted. Remat recomputation is in the
     HLO (JAX emits it), so it is counted too."""
-    import jax
-
-    from cslm_jax.train.setup import abstract_state, make_train_fn, train_layout
-
     t = cfg.train
     flat_cfg = dataclasses.replace(
         cfg,
@@ -434,13 +430,6 @@ def compile_train_step(
 ) -> CompileReport:
     """Lower and compile `cslm_jax.train.setup`'s step for the topology; memory and FLOPs per chip.
     Mesh and batch errors (ConfigError) come before anything is compiled."""
-    import time
-
-    import jax
-
-    from cslm_jax.train.metrics import flops_per_token
-    from cslm_jax.train.setup import abstract_state, make_train_fn, train_layout
-
     devices = topology_devices(topo)
     hosts = len({d.process_index for d in devices})
     layout = train_layout(cfg, model, devices, hosts)
@@ -490,8 +479,6 @@ def compile_memory(lowered) -> tuple[list[int], str | None]:
     """Compile `lowered`: the per-chip memory figures of the executable (MEMORY_STATS, in that
     order: the reports' argument / output / alias / temp / code / peak bytes) and None; or zeros
     and the compiler's message where it refused for memory (anything else raises)."""
-    import jax
-
     try:
         stats = lowered.compile().memory_analysis()
     except jax.errors.JaxRuntimeError as e:
@@ -515,10 +502,6 @@ def check_fit(
 ) -> CompileReport:
     """Will the run config's train step fit the TPU slice? Input errors (topology, mesh, batch,
     files) are ConfigErrors raised before anything is compiled. `report.fits` says."""
-    import jax
-
-    from cslm_jax.config import load_run_config
-
     topo = parse_topology(topology)  # bad names fail before anything else
     cfg = load_run_config(config, overrides)
     check_mesh(cfg, topo)
@@ -568,8 +551,6 @@ def search_fit(
     even that does not fit, the next policy), then a binary search over the larger ones (memory
     grows with the micro-batch). `fit(overrides) -> CompileReport` compiles one setting
     (default: `check_fit` with these arguments)."""
-    from cslm_jax.config import load_run_config
-
     topo = parse_topology(topology)
     cfg = load_run_config(config, overrides)
     sizes = check_mesh(cfg, topo)

@@ -27,7 +27,22 @@ import dataclasses
 import math
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from cslm_jax.config import ConfigError
+from cslm_jax.model.llama import (
+    KVCache,
+    bind,
+    decoding_shapes,
+    decoding_shardings,
+    kv_cache_sharding,
+)
+from cslm_jax.parallel.sharding import MESH_AXES
+from cslm_jax.resources import config_path
 from cslm_jax.tpu.aot import (
     MemoryFit,
     Topology,
@@ -144,7 +159,6 @@ def decode_mesh_sizes(topo: Topology, tensor: int | None, slots: int, cfg) -> di
 def decode_step_fn(cfg):
     """The step: (params in the decoding layout, KVCache, token [B], index [B], pad [B]) ->
     (logits [B, V] float32, the updated KVCache)."""
-    from cslm_jax.model.llama import bind
 
     def step(params, cache, token, index, pad):
         return bind(cfg, params).decode_step(cache, token, index, pad)
@@ -154,22 +168,9 @@ def decode_step_fn(cfg):
 
 def abstract_args(cfg, slots: int, max_length: int, mesh=None):
     """ShapeDtypeStructs of the step's arguments, in their shardings on `mesh` (if given)."""
-    import jax
-    import jax.numpy as jnp
-
-    from cslm_jax.model.llama import (
-        KVCache,
-        decoding_shapes,
-        decoding_shardings,
-        kv_cache_sharding,
-    )
-
     shapes = decoding_shapes(cfg)
     cache_sh = rows = None
     if mesh is not None:
-        from jax.sharding import NamedSharding
-        from jax.sharding import PartitionSpec as P
-
         shardings = decoding_shardings(cfg, mesh)
         shapes = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
@@ -188,8 +189,6 @@ def abstract_args(cfg, slots: int, max_length: int, mesh=None):
 
 def per_chip_bytes(args) -> int:
     """Bytes of one chip's shards of the ShapeDtypeStructs `args` (in their shardings)."""
-    import jax
-
     total = 0
     for a in jax.tree.leaves(args):
         shard = a.sharding.shard_shape(a.shape) if a.sharding is not None else a.shape
@@ -211,13 +210,6 @@ def compile_decode_step(
     bound. Input errors (topology, tensor, slots, length, model) are ConfigErrors raised before
     libtpu or the compiler are touched. model_path: a base architecture YAML (default: Llama
     3.1 8B, configs/model/llama3_1_8b.yaml, the CSLM 8B's base)."""
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh
-
-    from cslm_jax.parallel.sharding import MESH_AXES
-    from cslm_jax.resources import config_path
-
     topo = parse_topology(topology)
     model_path = model_path or str(config_path("model", "llama3_1_8b.yaml"))
     cfg, _ = cslm_model_config(model_path, speech_units, pad_vocab_multiple)

@@ -20,11 +20,20 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from cslm_jax.config import ConfigError
+from cslm_jax.speech.s3 import PRECISIONS, S3Config, SpeechTokenizerError, param_shapes
+from cslm_jax.speech.tokenizer import extraction_step, jit_step
 from cslm_jax.tpu.aot import (
     MemoryFit,
     Topology,
     compile_memory,
+    cost_flops,
     parse_topology,
     topology_devices,
 )
@@ -126,8 +135,6 @@ class ExtractionReport(MemoryFit):
 def speech_config(version: str, overrides: list[str]):
     """S3Config of `version` with `key=value` size overrides (n_state, n_head, n_layer, n_mels,
     n_ctx); ConfigError for anything else."""
-    from cslm_jax.speech.s3 import S3Config, SpeechTokenizerError
-
     sizes = {}
     fields = {f.name for f in dataclasses.fields(S3Config)} - {"version"}
     for item in overrides:
@@ -148,16 +155,8 @@ def speech_config(version: str, overrides: list[str]):
 
 
 def _abstract(cfg, batch: int, samples: int, mesh=None):
-    import jax
-    import jax.numpy as jnp
-
-    from cslm_jax.speech.s3 import param_shapes
-
     rep = bat = None
     if mesh is not None:
-        from jax.sharding import NamedSharding
-        from jax.sharding import PartitionSpec as P
-
         rep, bat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     params = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=rep),
@@ -174,11 +173,6 @@ def _abstract(cfg, batch: int, samples: int, mesh=None):
 def xla_flops(cfg, batch: int, samples: int, precision: str) -> float:
     """FLOPs of the whole step by XLA's HLO cost analysis: the same step lowered (not compiled)
     for one CPU device with the blocks unrolled, since XLA counts a loop body once."""
-    import jax
-
-    from cslm_jax.speech.tokenizer import extraction_step
-    from cslm_jax.tpu.aot import cost_flops
-
     step = jax.jit(extraction_step(cfg, precision, unroll=True))
     return cost_flops(step.lower(*_abstract(cfg, batch, samples)))
 
@@ -195,13 +189,6 @@ def compile_extraction_step(
     """Lower and compile the extraction step for the topology; memory per chip and FLOPs.
     Input errors (topology, batch, length, precision, sizes) are ConfigErrors raised before
     libtpu or the compiler are touched."""
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh
-
-    from cslm_jax.speech.s3 import PRECISIONS
-    from cslm_jax.speech.tokenizer import extraction_step, jit_step
-
     topo = parse_topology(topology)
     cfg = speech_config(version, list(overrides))
     if precision not in PRECISIONS:

@@ -26,7 +26,17 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from cslm_jax.config import ConfigError
+from cslm_jax.speech import causal_flow, flow, hift
+from cslm_jax.speech.causal_flow import CausalFlowConfig
+from cslm_jax.speech.flow import FlowConfig
+from cslm_jax.speech.hift import HiFTConfig, Token2WavError
 from cslm_jax.tpu.aot import (
     MemoryFit,
     Topology,
@@ -121,20 +131,16 @@ class SynthesisReport(MemoryFit):
 def configs(version: str, overrides: list[str]):
     """(FlowConfig, HiFTConfig) of `version` at the official sizes with `flow.NAME=VALUE` /
     `hift.NAME=VALUE` overrides (integers, tuples as `64,64`; flow.cfg_rate a number); ConfigError for anything else."""
-    from cslm_jax.speech.causal_flow import CausalFlowConfig
-    from cslm_jax.speech.flow import FlowConfig
-    from cslm_jax.speech.hift import HiFTConfig, Token2WavError
-
     if version not in VERSIONS:
         raise ConfigError(f"--token2wav {version!r}: compiles {', '.join(VERSIONS)}")
-    FlowConfig = CausalFlowConfig if version == "v2" else FlowConfig
+    flow_cls = CausalFlowConfig if version == "v2" else FlowConfig
     sizes = {"flow": {}, "hift": {}}
     defaults = {
-        "flow": dataclasses.asdict(FlowConfig(version)),
+        "flow": dataclasses.asdict(flow_cls(version)),
         "hift": dataclasses.asdict(HiFTConfig(version)),
     }
     fields = {
-        "flow": {f.name for f in dataclasses.fields(FlowConfig)} - {"version"},
+        "flow": {f.name for f in dataclasses.fields(flow_cls)} - {"version"},
         "hift": {f.name for f in dataclasses.fields(HiFTConfig)} - {"version"},
     }
     for item in overrides:
@@ -159,7 +165,7 @@ def configs(version: str, overrides: list[str]):
             ) from None
     try:
         return (
-            FlowConfig(version=version, **sizes["flow"]),
+            flow_cls(version=version, **sizes["flow"]),
             HiFTConfig(version=version, **sizes["hift"]),
         )
     except (Token2WavError, TypeError) as e:
@@ -170,10 +176,6 @@ def synthesis_step(flow_cfg, hift_cfg, mel_len: int, precision: str):
     """The batch's synthesis as one traceable function: (flow params, HiFT params, units [B, N],
     x-vectors [B, 192], flow noise [B, M, 80], HiFT phases [B, H], HiFT noise [B, M * R, H])
     -> waveform [B, M * R]."""
-    import jax
-    import jax.numpy as jnp
-
-    from cslm_jax.speech import causal_flow, flow, hift
 
     def step(flow_params, hift_params, units, embedding, noise, phase, source_noise):
         b, n = units.shape
@@ -230,16 +232,8 @@ def synthesis_step(flow_cfg, hift_cfg, mel_len: int, precision: str):
 
 
 def _abstract(flow_cfg, hift_cfg, batch: int, units: int, mel_len: int, mesh=None):
-    import jax
-    import jax.numpy as jnp
-
-    from cslm_jax.speech import causal_flow, flow, hift
-
     rep = bat = None
     if mesh is not None:
-        from jax.sharding import NamedSharding
-        from jax.sharding import PartitionSpec as P
-
         rep, bat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
     def params(shapes):
@@ -265,11 +259,6 @@ def xla_flops(
     """(FLOPs of the whole step, FLOPs of one estimator call on 2 x batch rows) by XLA's HLO
     cost analysis, lowered (not compiled) for one CPU device. XLA counts the CFM's loop body
     once, so the step's count gets `n_timesteps - 1` more estimator calls."""
-    import jax
-    import jax.numpy as jnp
-
-    from cslm_jax.speech import causal_flow, flow
-
     args = _abstract(flow_cfg, hift_cfg, batch, units, mel_len)
     step = cost_flops(jax.jit(synthesis_step(flow_cfg, hift_cfg, mel_len, precision)).lower(*args))
     rows = (2 * batch, mel_len, flow_cfg.output_size)
@@ -308,11 +297,6 @@ def compile_synthesis_step(
     """Lower and compile the synthesis step for the topology; memory per chip and FLOPs. Input
     errors (version, topology, batch, length, precision, sizes) are ConfigErrors raised before
     libtpu or the compiler are touched."""
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     topo = parse_topology(topology)
     flow_cfg, hift_cfg = configs(version, list(overrides))
     if precision not in PRECISIONS:
