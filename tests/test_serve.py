@@ -426,7 +426,7 @@ def test_sigterm_lets_the_answer_in_flight_finish(bigram, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "cslm_jax.cli.main", "serve", "--ckpt", str(ckpt),
          "--data-config", DATA_CONFIG, "--port", "0", "--slots", "1", "--max-length", "256",
-         "--token2wav", str(t2w), "--voice", "random", "--no-warmup"],
+         "--token2wav", str(t2w), "--voice", "random", "--no-warmup", "--grace-seconds", "600"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )  # fmt: skip
