@@ -18,6 +18,11 @@ import random
 import re
 from pathlib import Path
 
+import yaml
+
+from cslm_jax.model.vocab import train_bpe_tokenizer
+from cslm_jax.storage.outputs import check_output_dir, clear_output, mark_entries, write_marker
+
 UNIT_COUNT = 256
 UNIT_RATE = 50.0
 SILENCE = 0
@@ -327,11 +332,6 @@ def make_demo_data(
 ) -> Path:
     """Write the demo corpus, its tokenizer (BPE with Llama-3 special tokens, not yet extended
     with units: `import-hf` does that) and `data.yaml` into `out`."""
-    import yaml
-
-    from cslm_jax.model.vocab import train_bpe_tokenizer
-    from cslm_jax.storage.outputs import check_output_dir, clear_output, mark_entries, write_marker
-
     out = Path(out)
     check_output_dir(out, force, tool="make-demo-data")
     if out.exists():

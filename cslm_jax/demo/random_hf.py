@@ -19,8 +19,8 @@ def llama3_rope_scaling(original_max_positions: int, factor: float = 8.0) -> dic
 def placeholder_tokenizer(vocab_size: int):
     """A word-level tokenizer of exactly `vocab_size` ids (w0 .. w{n-2}, then
     <|begin_of_text|> as BOS/EOS): the right size for a random model that is fed random ids."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models  # heavy: tokenizers
+    from transformers import PreTrainedTokenizerFast  # heavy: transformers
 
     vocab = {f"w{i}": i for i in range(vocab_size - 1)} | {"<|begin_of_text|>": vocab_size - 1}
     return PreTrainedTokenizerFast(
@@ -54,8 +54,8 @@ def write_random_hf_llama(
     Every weight, norms included, is drawn at random (norms around 1) so that a transposed,
     swapped or misplaced tensor changes the logits. Returns the torch model (eval mode).
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import torch  # heavy: torch
+    from transformers import LlamaConfig, LlamaForCausalLM  # heavy: transformers
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(

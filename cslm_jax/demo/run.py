@@ -15,10 +15,36 @@ import shlex
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
 from cslm_jax.config import load_model_config, load_run_config
+from cslm_jax.convert.hf import export_hf, import_hf
+from cslm_jax.data.formats import load_data_config, merge_repeats, speech
+from cslm_jax.demo.corpus import UNIT_COUNT, make_demo_data
+from cslm_jax.demo.random_hf import write_random_hf_llama
+from cslm_jax.eval.metrics import error_rate
+from cslm_jax.infer.decode import (
+    GREEDY,
+    End,
+    EventParser,
+    SpeechChunk,
+    TextChunk,
+    Transcript,
+    default_stop_ids,
+    generate,
+    generate_stream,
+    load_for_decoding,
+)
+from cslm_jax.infer.responses import chat_prompt_ids
+from cslm_jax.model.llama import forward
+from cslm_jax.model.vocab import load_tokenizer
 from cslm_jax.resources import config_path
+from cslm_jax.speech.stream import open_stream
+from cslm_jax.speech.token2wav import load_token2wav, save_random_token2wav
+from cslm_jax.storage.checkpoint import load_params, read_metadata
+from cslm_jax.storage.outputs import check_output_dir, clear_output, mark_entries, write_marker
+from cslm_jax.train.loop import EXIT_OK, train
 
 ASR_EXAMPLES = 24  # held-out utterances per language
 S2S_EXAMPLES = 4  # held-out spoken questions per direction
@@ -38,11 +64,6 @@ def asr_eval(model_dir: Path, data_dir: Path, data_cfg, n: int = ASR_EXAMPLES) -
     """Greedy ASR on the first n held-out utterances of each language: {lang: (rate, chance)},
     rate = WER (en) / CER (zh); chance = the rate of answering with another held-out sentence
     of the same language (fluent, unrelated)."""
-    from cslm_jax.data.formats import merge_repeats, speech
-    from cslm_jax.eval.metrics import error_rate
-    from cslm_jax.infer.decode import GREEDY, default_stop_ids, generate, load_for_decoding
-    from cslm_jax.infer.responses import chat_prompt_ids
-
     cfg, params, tok, vocab = load_for_decoding(model_dir)
     stops = default_stop_ids(tok, vocab)
     out = {}
@@ -92,20 +113,7 @@ def s2s_demo(
     each answer and compare transcript and answer text with the references. With a token2wav
     (`t2w`), each answer's speech chunks are synthesised as they close (`speech.stream`) and
     the answer's audio goes to `speech_dir/<q>2<a>_<i>.wav`."""
-    import soundfile as sf
-
-    from cslm_jax.data.formats import merge_repeats, speech
-    from cslm_jax.infer.decode import (
-        GREEDY,
-        EventParser,
-        SpeechChunk,
-        TextChunk,
-        Transcript,
-        default_stop_ids,
-        generate_stream,
-        load_for_decoding,
-    )
-    from cslm_jax.infer.responses import chat_prompt_ids
+    import soundfile as sf  # heavy: soundfile
 
     cfg, params, tok, vocab = load_for_decoding(model_dir)
     stops = default_stop_ids(tok, vocab)
@@ -221,8 +229,6 @@ class AnswerAudio:
     takes the answer's decode events as they complete, `finish` returns the whole waveform."""
 
     def __init__(self, t2w, speech_rate: float, t0: float):
-        from cslm_jax.speech.stream import open_stream
-
         self.stream = open_stream(t2w, "random", speech_rate=speech_rate)
         self.t0 = t0  # the batch's start (time.perf_counter())
         self.chunks: list[np.ndarray] = []
@@ -233,8 +239,6 @@ class AnswerAudio:
         return sum(a.size for a in self.chunks)
 
     def feed(self, events) -> None:
-        from cslm_jax.infer.decode import End, SpeechChunk
-
         for e in events:
             if isinstance(e, SpeechChunk):
                 self.chunks.append(self.stream.push(e.units))
@@ -253,27 +257,14 @@ def _squash(text: str) -> str:
 
 
 def run_demo(out: str | Path, force: bool = False) -> int:
-    import jax.numpy as jnp
-
     try:
-        import torch
-        from transformers import LlamaForCausalLM
+        import torch  # optional: torch (a dev requirement), the demo's reference model
+        from transformers import LlamaForCausalLM  # heavy: transformers
     except ImportError as e:
         raise SystemExit(
             f"the demo needs PyTorch (CPU) for its reference model: "
             f"pip install -r requirements-dev.txt ({e})"
         ) from None
-    from cslm_jax.convert.hf import export_hf, import_hf
-    from cslm_jax.data.formats import load_data_config
-    from cslm_jax.demo.corpus import UNIT_COUNT, make_demo_data
-    from cslm_jax.demo.random_hf import write_random_hf_llama
-    from cslm_jax.infer.responses import chat_prompt_ids
-    from cslm_jax.model.llama import forward
-    from cslm_jax.model.vocab import load_tokenizer
-    from cslm_jax.speech.token2wav import load_token2wav, save_random_token2wav
-    from cslm_jax.storage.checkpoint import load_params, read_metadata
-    from cslm_jax.storage.outputs import check_output_dir, clear_output, mark_entries, write_marker
-    from cslm_jax.train.loop import EXIT_OK, train
 
     out = Path(out)
     check_output_dir(out, force, tool="demo")
