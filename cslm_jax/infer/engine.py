@@ -405,34 +405,28 @@ class Engine:
         prompt bucket, not per bucket and count: `warm_up` can compile them all), each into a
         free slot."""
         for r in reqs:
-            self._prefill_insert([r])
+            self._prefill_insert(r)
 
-    def _prefill_insert(self, reqs: list[Request]) -> None:
-        tokens, pad = left_pad([list(r.prompt) for r in reqs], self.pad_id, self.prompt_bucket)
+    def _prefill_insert(self, req: Request) -> None:
+        tokens, pad = left_pad([list(req.prompt)], self.pad_id, self.prompt_bucket)
         logits, cache = prefill(self.cfg, self.params, tokens, pad, cache_len=tokens.shape[1])
-        free = [s for s in range(self.slots) if self._owner[s] is None]
-        for i, (req, slot) in enumerate(zip(reqs, free)):
-            in_speech = self.vocab is not None and start_state(req.prompt, self.vocab) == "speech"
-            self._state = self._insert(
-                self._state,
-                jnp.int32(slot),
-                cache,
-                jnp.int32(i),
-                logits,
-                jnp.int32(pad[i]),
-                jnp.bool_(in_speech),
-            )
-            s = req.sampling
-            rows = self._rows
-            rows.active[slot] = True
-            rows.greedy[slot] = bool(s.greedy)
-            rows.temperature[slot] = s.temperature
-            rows.top_p[slot] = s.top_p
-            rows.seed[slot] = np.uint32(s.seed % 2**32)
-            rows.t[slot] = 0
-            req.slot, req.started_at = slot, time.perf_counter()
-            self._owner[slot] = req
-            req.on_start(slot)
+        slot = next(s for s in range(self.slots) if self._owner[s] is None)
+        in_speech = self.vocab is not None and start_state(req.prompt, self.vocab) == "speech"
+        zero = jnp.int32(0)
+        self._state = self._insert(
+            self._state, jnp.int32(slot), cache, zero, logits, jnp.int32(pad[0]),
+            jnp.bool_(in_speech),
+        )  # fmt: skip
+        s, rows = req.sampling, self._rows
+        rows.active[slot] = True
+        rows.greedy[slot] = bool(s.greedy)
+        rows.temperature[slot] = s.temperature
+        rows.top_p[slot] = s.top_p
+        rows.seed[slot] = np.uint32(s.seed % 2**32)
+        rows.t[slot] = 0
+        req.slot, req.started_at = slot, time.perf_counter()
+        self._owner[slot] = req
+        req.on_start(slot)
 
     def _generate(self) -> None:
         for req in list(self._owner):  # cancelled since the last step: free now

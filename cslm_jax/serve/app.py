@@ -47,7 +47,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from cslm_jax.data.audio import AudioError, array_audio
 from cslm_jax.infer.engine import QueueFull
 from cslm_jax.infer.responses import format_unit_line
-from cslm_jax.serve.service import ProtocolError, Service, Start
+from cslm_jax.serve.service import SAMPLE_RATE_IN, ProtocolError, Service, Start
 
 RETRY_AFTER_S = 5
 
@@ -220,7 +220,7 @@ async def _file_units(service: Service, data: bytes) -> list[int]:
         wave = array_audio(data, 0, "field 'audio'")
     except AudioError as e:
         raise ProtocolError(str(e)) from None
-    service.check_audio(2 * len(wave), 16000)
+    service.check_audio(2 * len(wave), SAMPLE_RATE_IN)
     return await asyncio.wrap_future(service.units.submit(np.asarray(wave)))
 
 

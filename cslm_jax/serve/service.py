@@ -53,6 +53,7 @@ from cslm_jax.speech.hift import Token2WavError
 from cslm_jax.speech.stream import open_stream, run_flows
 from cslm_jax.speech.tokenizer import load_speech_tokenizer
 
+SAMPLE_RATE_IN = 16000  # the speech tokenizer's rate: questions are resampled to it
 SAMPLE_RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000)
 
 
@@ -147,6 +148,20 @@ class _Worker:
     def handle(self, job):  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def drain(self, first, limit: int | None = None) -> list:
+        """`first` and every job waiting now (at most `limit` in all): one batch."""
+        batch = [first]
+        while limit is None or len(batch) < limit:
+            try:
+                more = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if more is None:  # closing: leave the sentinel for the loop
+                self.jobs.put(None)
+                break
+            batch.append(more)
+        return batch
+
     def close(self):
         self.jobs.put(None)
 
@@ -165,16 +180,7 @@ class UnitsWorker(_Worker):
         return fut
 
     def handle(self, job):
-        batch = [job]
-        while len(batch) < self.max_batch:
-            try:
-                more = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            if more is None:
-                self.jobs.put(None)
-                break
-            batch.append(more)
+        batch = self.drain(job, self.max_batch)
         try:
             codes = self.tokenizer.encode([w for w, _ in batch])
         except Exception as e:
@@ -202,16 +208,7 @@ class SynthWorker(_Worker):
         self.jobs.put((stream, units, done, alive))
 
     def handle(self, job):
-        waiting = [job]
-        while True:
-            try:
-                more = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            if more is None:
-                self.jobs.put(None)
-                break
-            waiting.append(more)
+        waiting = self.drain(job)
         while waiting:
             now, later, seen = [], [], set()
             for item in waiting:
@@ -515,9 +512,6 @@ class Service:
             if not req.done:
                 self.engine.cancel(req)
                 self.count("answers_abandoned_total")
-
-
-SAMPLE_RATE_IN = 16000  # the speech tokenizer's rate
 
 
 def load_service(

@@ -271,34 +271,21 @@ class SpeechStream:
     def push(self, units: Iterable[int]) -> np.ndarray:
         """A closed speech chunk's units: synthesises the pending window (the 20 units carried
         over plus these) unless it is too short (then they wait). Returns the audio ready."""
-        from cslm_jax.speech.flow import check_units
-
-        if self.finished:
-            raise Token2WavError("streaming: push after finish (one SpeechStream per answer)")
-        u = check_units(self.t2w.flow_cfg, np.asarray(list(units), np.int64), "speech chunk")
-        self.pending += u.tolist()
-        if len(self.pending) < self.min_window_units:
-            return np.zeros((0,), np.float32)
-        window = self.pending
-        self.pending = window[-TOKEN_OVERLAP:]
-        return self._timed(window, False)
+        t0 = time.perf_counter()
+        return self._timed(self.push_job(units), t0)
 
     def finish(self) -> np.ndarray:
         """The answer's end: the units still pending (the 20 carried over and any short chunk's)
         as upstream's final window; returns the rest of the audio (empty if none)."""
-        if self.finished:
-            return np.zeros((0,), np.float32)
-        self.finished = True
-        window, self.pending = self.pending, []
-        if not window:
-            return np.zeros((0,), np.float32)
-        return self._timed(window, True)
-
-    def _timed(self, window, finalize):
         t0 = time.perf_counter()
-        out = self.step(window, finalize)
+        return self._timed(self.finish_job(), t0)
+
+    def _timed(self, job, t0: float) -> np.ndarray:
+        if job is None:
+            return np.zeros((0,), np.float32)
+        [(mel, mu)] = run_flows([job])
+        out = self.complete(job, mel, mu)
         self.synthesis_s += time.perf_counter() - t0 - self._compiling
-        self.samples += len(out)
         return out
 
     def expected_samples(self) -> int:
@@ -398,6 +385,7 @@ class SpeechStream:
             job.finalize,
             self.precision,
         )
+        self.samples += len(speech)
         return speech
 
     # -- windows of many answers at once (a server's sessions) ----------------------------------
